@@ -1,0 +1,29 @@
+# Sieve: two commands do all the set-up.  `make demo` and `make test`.
+# Both create .venv when missing and (re)install only when pyproject.toml changed.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.sieve-installed
+EXTRAS ?= cpu,dev
+DEMO ?= demo
+PYTEST_ARGS ?=
+
+.PHONY: install demo test bench clean-demo
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# compat mode: a plain .pth path, so worktrees and `streamlit run` import the checkout.
+	$(PY) -m pip install -q -e '.[$(EXTRAS)]' --config-settings editable_mode=compat
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	DEMO=$(DEMO) PY=$(PY) bash scripts/demo.sh
+
+clean-demo:
+	rm -rf $(DEMO)

@@ -1,0 +1,169 @@
+"""The collection contract: column names, statuses and on-disk layout, defined once.
+
+Every stage (pipelines, indices, curation, webui, hdit_train) imports names from here
+instead of spelling strings, so the layout in ../shared/DESIGN.md has one source of truth.
+This module imports only the standard library so that it is cheap everywhere.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from dataclasses import dataclass
+
+SCHEMA_VERSION = 1
+
+# ---- metadata columns -------------------------------------------------------------------
+KEY = "key"
+PART = "part"
+ROW = "row"
+EMB_ROW = "emb_row"
+CAPTION = "caption"
+URL = "url"
+SOURCE_SHARD = "source_shard"
+WIDTH = "width"
+HEIGHT = "height"
+SHA256 = "sha256"
+PHASH = "phash"
+CLIP_SIMILARITY = "clip_similarity"
+PUNSAFE = "punsafe"
+PWATERMARK = "pwatermark"
+PTOXIC = "ptoxic"
+LANGUAGE = "language"
+STATUS = "status"
+ERROR = "error"
+
+#: Columns every metadata part has, in this order; the source's own json fields follow.
+METADATA_COLUMNS: tuple[str, ...] = (
+    KEY, PART, ROW, EMB_ROW, CAPTION, URL, SOURCE_SHARD, WIDTH, HEIGHT, SHA256, PHASH,
+    CLIP_SIMILARITY, PUNSAFE, PWATERMARK, PTOXIC, LANGUAGE, STATUS, ERROR,
+)
+
+#: Arrow-compatible type names for the fixed columns (pyarrow type factory names).
+METADATA_TYPES: dict[str, str] = {
+    KEY: "string", PART: "int32", ROW: "int32", EMB_ROW: "int32", CAPTION: "string",
+    URL: "string", SOURCE_SHARD: "string", WIDTH: "int32", HEIGHT: "int32",
+    SHA256: "string", PHASH: "string", CLIP_SIMILARITY: "float32", PUNSAFE: "float32",
+    PWATERMARK: "float32", PTOXIC: "float32", LANGUAGE: "string", STATUS: "string",
+    ERROR: "string",
+}
+
+# ---- statuses ---------------------------------------------------------------------------
+STATUS_OK = "ok"
+STATUS_DECODE_ERROR = "decode_error"        # truncated / garbage image bytes
+STATUS_TOO_LARGE = "too_large"              # over the pixel limit (decompression bomb)
+STATUS_MISSING_IMAGE = "missing_image"      # caption/json without an image member
+STATUS_MISSING_CAPTION = "missing_caption"  # image without a caption
+STATUS_READ_ERROR = "read_error"            # the shard broke mid-member (cut tar, bad row)
+STATUS_ERROR = "error"                      # anything else, message in `error`
+STATUSES: tuple[str, ...] = (
+    STATUS_OK, STATUS_DECODE_ERROR, STATUS_TOO_LARGE, STATUS_MISSING_IMAGE,
+    STATUS_MISSING_CAPTION, STATUS_READ_ERROR, STATUS_ERROR,
+)
+
+# ---- collection layout ------------------------------------------------------------------
+COLLECTION_JSON = "collection.json"
+METADATA_DIR = "metadata"
+IMG_EMB_DIR = "img_emb"
+TEXT_EMB_DIR = "text_emb"
+DONE_DIR = "_done"
+INDICES_DIR = "indices"
+SUBSETS_DIR = "subsets"
+TAKEDOWN_FILE = "takedown.parquet"
+EMB_DTYPE = "float16"
+
+MODALITY_IMAGE = "image"
+MODALITY_TEXT = "text"
+MODALITIES: tuple[str, ...] = (MODALITY_IMAGE, MODALITY_TEXT)
+
+
+def part_name(n: int) -> str:
+    """Zero-padded part id used in every per-part file name (clip-retrieval style)."""
+    return f"{n}"
+
+
+@dataclass(frozen=True)
+class CollectionLayout:
+    """Paths inside one collection folder (a local path or an fsspec URL)."""
+
+    root: str
+
+    def _join(self, *parts: str) -> str:
+        return posixpath.join(self.root.rstrip("/"), *parts)
+
+    @property
+    def collection_json(self) -> str:
+        return self._join(COLLECTION_JSON)
+
+    @property
+    def metadata_dir(self) -> str:
+        return self._join(METADATA_DIR)
+
+    @property
+    def img_emb_dir(self) -> str:
+        return self._join(IMG_EMB_DIR)
+
+    @property
+    def text_emb_dir(self) -> str:
+        return self._join(TEXT_EMB_DIR)
+
+    @property
+    def done_dir(self) -> str:
+        return self._join(DONE_DIR)
+
+    @property
+    def indices_dir(self) -> str:
+        return self._join(INDICES_DIR)
+
+    @property
+    def subsets_dir(self) -> str:
+        return self._join(SUBSETS_DIR)
+
+    @property
+    def takedown(self) -> str:
+        return self._join(TAKEDOWN_FILE)
+
+    def metadata(self, n: int) -> str:
+        return self._join(METADATA_DIR, f"metadata_{part_name(n)}.parquet")
+
+    def img_emb(self, n: int) -> str:
+        return self._join(IMG_EMB_DIR, f"img_emb_{part_name(n)}.npy")
+
+    def text_emb(self, n: int) -> str:
+        return self._join(TEXT_EMB_DIR, f"text_emb_{part_name(n)}.npy")
+
+    def emb(self, modality: str, n: int) -> str:
+        if modality == MODALITY_IMAGE:
+            return self.img_emb(n)
+        if modality == MODALITY_TEXT:
+            return self.text_emb(n)
+        raise ValueError(f"unknown modality {modality!r}; expected one of {MODALITIES}")
+
+    def done(self, n: int) -> str:
+        return self._join(DONE_DIR, f"{part_name(n)}.json")
+
+    def index(self, modality: str) -> str:
+        return self._join(INDICES_DIR, f"{modality}.index")
+
+    def index_json(self, modality: str) -> str:
+        return self._join(INDICES_DIR, f"{modality}.json")
+
+    def subset(self, name: str) -> str:
+        return self._join(SUBSETS_DIR, f"{name}.yaml")
+
+
+# ---- export (training input) ------------------------------------------------------------
+EXPORT_MANIFEST = "manifest.json"
+EXPORT_IMAGE_EXT = "jpg"
+EXPORT_TEXT_EXT = "txt"
+EXPORT_JSON_EXT = "json"
+EXPORT_IMG_EMB_EXT = "img_emb.npy"
+EXPORT_TXT_EMB_EXT = "txt_emb.npy"
+
+
+def shard_name(i: int, ext: str = "tar") -> str:
+    """img2dataset's shard naming: 00000.tar, 00000.parquet, 00000_stats.json."""
+    return f"{i:05d}.{ext}"
+
+
+def stats_name(i: int) -> str:
+    return f"{i:05d}_stats.json"
