@@ -1,0 +1,188 @@
+"""Generate an offline image–text dataset in img2dataset's webdataset output format.
+
+`python -m pipelines.sample --out DIR --n N` writes `00000.tar` ({key}.jpg/.txt/.json),
+`00000.parquet` (every row) and `00000_stats.json` per shard, deterministically per seed:
+the demo, the tests and the bundled models all learn from this data, since nothing can be
+downloaded here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import logging
+import os
+import tarfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+from PIL import Image
+
+from curation.schema import shard_name, stats_name
+from pipelines.scenes import (  # noqa: F401  (re-exported: the public sample API)
+    COLORS, SHAPES, WATERMARK_WORDS, add_watermark, available_fonts, make_caption, matches,
+    random_scene, render_scene,
+)
+
+log = logging.getLogger(__name__)
+URL_TEMPLATE = "http://sample.sieve.invalid/{key}.jpg"  # .invalid never resolves: clearly synthetic
+
+
+@dataclass
+class Sample:
+    """One generated pair: the decoded image, its caption, and the true attributes (the json)."""
+
+    key: str
+    image: Image.Image
+    caption: str
+    attrs: dict[str, Any]
+
+
+def _key(index: int, shard_size: int) -> str:
+    shard, within = divmod(index, shard_size)
+    digits = max(4, len(str(shard_size - 1)))
+    return f"{shard:05d}{within:0{digits}d}"
+
+
+def make_sample(index: int, size: int = 64, seed: int = 0, watermark_fraction: float = 0.0,
+                shard_size: int = 1000) -> Sample:
+    """The sample at `index` for `seed`: identical whatever the sharding or generation order."""
+    rng = np.random.default_rng([seed, index])
+    attrs = random_scene(rng)
+    caption, named = make_caption(attrs, rng)
+    image = render_scene(attrs, size, rng)
+    watermark = bool(rng.random() < watermark_fraction)
+    if watermark:
+        image = add_watermark(image, rng)
+    attrs.update(named=named, watermark=watermark, corrupt=False)
+    return Sample(_key(index, shard_size), image, caption, attrs)
+
+
+def iter_samples(n: int, size: int = 64, seed: int = 0, watermark_fraction: float = 0.0,
+                 start: int = 0, shard_size: int = 1000) -> Iterator[Sample]:
+    """Yield n generated samples in memory (no disk), for training and evaluation scripts."""
+    for index in range(start, start + n):
+        yield make_sample(index, size, seed, watermark_fraction, shard_size)
+
+
+def _jpeg(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=92)
+    return buf.getvalue()
+
+
+def _corrupt(data: bytes, rng: np.random.Generator) -> bytes:
+    """Truncated JPEG bytes or plain garbage: what broken downloads look like."""
+    if rng.random() < 0.5:
+        return data[: max(16, int(len(data) * rng.uniform(0.2, 0.7)))]
+    return rng.integers(0, 256, int(rng.integers(64, 2048)), dtype=np.uint8).tobytes()
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes, mtime: float) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = mtime
+    info.mode = 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_shard(out: Path, shard: int, indices: range, size: int, seed: int,
+                watermark_fraction: float, corrupt_fraction: float, shard_size: int) -> dict[str, Any]:
+    """Write one shard's tar, parquet and stats (stats last: its presence marks completion)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    start = time.time()
+    rows: list[dict[str, Any]] = []
+    tar_path = out / shard_name(shard)
+    tmp = tar_path.with_suffix(".tar.tmp")
+    mtime = 1_700_000_000  # fixed, so shards are byte-identical per seed
+    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for index in indices:
+            sample = make_sample(index, size, seed, watermark_fraction, shard_size)
+            data = _jpeg(sample.image)
+            crng = np.random.default_rng([seed, index, 1])
+            if crng.random() < corrupt_fraction:
+                data = _corrupt(data, crng)
+                sample.attrs["corrupt"] = True
+            row = {
+                "url": URL_TEMPLATE.format(key=sample.key), "caption": sample.caption,
+                "key": sample.key, "status": "success", "error_message": None,
+                "width": size, "height": size, "original_width": size, "original_height": size,
+                "exif": None, "sha256": hashlib.sha256(data).hexdigest(),
+                **{k: v for k, v in sample.attrs.items()},
+            }
+            rows.append(row)
+            _add_member(tar, f"{sample.key}.jpg", data, mtime)
+            _add_member(tar, f"{sample.key}.txt", sample.caption.encode(), mtime)
+            _add_member(tar, f"{sample.key}.json", json.dumps(row).encode(), mtime)
+    os.replace(tmp, tar_path)
+    table = pa.Table.from_pylist(rows)
+    pq.write_table(table, out / shard_name(shard, "parquet"))
+    stats = {
+        "count": len(rows),
+        "successes": len(rows),
+        "failed_to_download": 0,
+        "failed_to_resize": 0,
+        "corrupt": sum(r["corrupt"] for r in rows),
+        "watermarked": sum(r["watermark"] for r in rows),
+        "duration": time.time() - start,
+        "start_time": start,
+        "end_time": time.time(),
+        "status_dict": {"success": len(rows)},
+        "seed": seed, "size": size,
+    }
+    (out / stats_name(shard)).write_text(json.dumps(stats, indent=2))
+    return stats
+
+
+def write_sample_dataset(out: str | Path, n: int, size: int = 64, seed: int = 0,
+                         watermark_fraction: float = 0.1, corrupt_fraction: float = 0.0,
+                         shard_size: int = 1000) -> dict[str, Any]:
+    """Write n generated samples as img2dataset webdataset shards under `out`; return totals."""
+    if n < 0 or shard_size < 1 or size < 8:
+        raise ValueError(f"need n >= 0, shard_size >= 1 and size >= 8; got n={n}, "
+                         f"shard_size={shard_size}, size={size}")
+    for name, frac in (("watermark_fraction", watermark_fraction), ("corrupt_fraction", corrupt_fraction)):
+        if not 0.0 <= frac <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {frac}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    totals = {"count": 0, "corrupt": 0, "watermarked": 0, "shards": 0}
+    from tqdm import tqdm
+
+    n_shards = (n + shard_size - 1) // shard_size
+    for shard in tqdm(range(n_shards), desc="sample shards", unit="shard", disable=n_shards < 2):
+        indices = range(shard * shard_size, min(n, (shard + 1) * shard_size))
+        stats = write_shard(out, shard, indices, size, seed, watermark_fraction, corrupt_fraction, shard_size)
+        for k in ("count", "corrupt", "watermarked"):
+            totals[k] += stats[k]
+        totals["shards"] += 1
+    log.info("wrote %d samples in %d shards to %s", totals["count"], totals["shards"], out)
+    return totals
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.sample", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="output folder for the shards")
+    parser.add_argument("--n", type=int, required=True, help="number of samples")
+    parser.add_argument("--size", type=int, default=64, help="image side in pixels")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--watermark-fraction", type=float, default=0.1)
+    parser.add_argument("--corrupt-fraction", type=float, default=0.0)
+    parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    totals = write_sample_dataset(args.out, args.n, args.size, args.seed, args.watermark_fraction,
+                                  args.corrupt_fraction, args.shard_size)
+    print(json.dumps({"out": str(args.out), **totals}))
+
+
+if __name__ == "__main__":
+    main()
