@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -72,8 +73,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                "spec": a.spec, "n": a.n, "held_out_seed": a.seed,
                                "load_or_train_seconds": round(load_s, 1),
                                "eval_seconds": round(time.time() - t1, 1), "torch_threads": torch.get_num_threads()}
-    if a.spec == "sieve-tiny":
-        payload["training"] = json.loads((tiny_dir() / "train_info.json").read_text())
+    folder = tiny_dir() if a.spec == "sieve-tiny" else Path(a.spec.partition(":")[2])
+    if (folder / "train_info.json").is_file():
+        payload["training"] = json.loads((folder / "train_info.json").read_text())
     path = write_results("clip_tiny", payload)
     print(json.dumps(figures, indent=2), "->", path)
     return payload

@@ -29,7 +29,7 @@ def tiny_config(width: int = 128, layers: int = 3, embed_dim: int = 128) -> dict
     return {
         "embed_dim": embed_dim,
         "vision_cfg": {"image_size": IMAGE_SIZE, "layers": layers, "width": width, "head_width": 32,
-                       "patch_size": 16, "mlp_ratio": 2.0},
+                       "patch_size": 8, "mlp_ratio": 2.0},
         "text_cfg": {"context_length": CONTEXT_LENGTH, "vocab_size": 49408, "width": width,
                      "heads": width // 32, "layers": max(1, layers - 1), "mlp_ratio": 2.0},
     }
@@ -58,7 +58,7 @@ def _normalise(batch_u8, mean, std):
     return (batch_u8.float() / 255.0 - mean) / std
 
 
-def train_clip(out: str | Path | None = None, seed: int = 0, steps: int = 500, batch_size: int = 128,
+def train_clip(out: str | Path | None = None, seed: int = 0, steps: int = 1000, batch_size: int = 128,
                n_samples: int = 20000, lr: float = 2e-3, width: int = 128, layers: int = 3,
                threads: int | None = None) -> Path:
     """Train sieve-tiny contrastively and save it as an open_clip local-dir folder; returns the folder."""
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=None, help="output folder (default: cache_dir()/sieve-tiny)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--n-samples", type=int, default=20000, help="generated training pairs")
     p.add_argument("--lr", type=float, default=2e-3)
