@@ -76,6 +76,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     folder = tiny_dir() if a.spec == "sieve-tiny" else Path(a.spec.partition(":")[2])
     if (folder / "train_info.json").is_file():
         payload["training"] = json.loads((folder / "train_info.json").read_text())
+    if (folder / "open_clip_config.json").is_file():
+        payload["model_cfg"] = json.loads((folder / "open_clip_config.json").read_text())["model_cfg"]
     path = write_results("clip_tiny", payload)
     print(json.dumps(figures, indent=2), "->", path)
     return payload

@@ -122,17 +122,32 @@ def tiny_dir() -> Path:
     return cache_dir() / TINY_NAME
 
 
+def _tiny_ready(folder: Path) -> bool:
+    """True when folder holds a complete sieve-tiny trained with the current default recipe."""
+    import json
+
+    from pipelines.train_clip import recipe
+
+    info = folder / "train_info.json"
+    if not (info.is_file() and (folder / "open_clip_model.safetensors").is_file()):
+        return False
+    if json.loads(info.read_text()).get("recipe") != json.loads(json.dumps(recipe())):
+        log.warning("sieve-tiny in %s was trained with an older recipe: retraining", folder)
+        return False
+    return True
+
+
 def ensure_tiny() -> Path:
-    """Return the sieve-tiny folder, training it first (under a file lock) when it is missing."""
+    """Return the sieve-tiny folder, training it first (under a file lock) when missing or stale."""
     import fcntl
 
     folder = tiny_dir()
-    if (folder / "open_clip_config.json").is_file() and any(folder.glob("*.safetensors")):
+    if _tiny_ready(folder):
         return folder
     lock_path = folder.parent / f"{TINY_NAME}.lock"
     with open(lock_path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # a second process waits here, then finds the model
-        if not (folder / "open_clip_config.json").is_file() or not any(folder.glob("*.safetensors")):
+        if not _tiny_ready(folder):
             from pipelines.train_clip import train_clip
 
             log.warning("sieve-tiny not found in %s: training it now (a few minutes on 2 cores)", folder)

@@ -35,6 +35,13 @@ def tiny_config(width: int = 128, layers: int = 3, embed_dim: int = 128) -> dict
     }
 
 
+def recipe(seed: int = 0, steps: int = 1000, batch_size: int = 128, n_samples: int = 20000, lr: float = 2e-3,
+           width: int = 128, layers: int = 3) -> dict[str, Any]:
+    """Everything that determines the trained weights; a cached model with another recipe is stale."""
+    return {"model_cfg": tiny_config(width=width, layers=layers), "seed": seed, "steps": steps,
+            "batch_size": batch_size, "n_samples": n_samples, "lr": lr, "image_size": IMAGE_SIZE}
+
+
 def _dataset(n: int, seed: int):
     """Generate n scenes once, in memory: a uint8 image tensor and token ids."""
     import numpy as np
@@ -121,9 +128,12 @@ def train_clip(out: str | Path | None = None, seed: int = 0, steps: int = 1000, 
     info = {"seed": seed, "steps": steps, "batch_size": batch_size, "n_samples": n_samples, "lr": lr,
             "generate_seconds": round(gen_s, 1), "train_seconds": round(train_s, 1),
             "final_loss": round(sum(losses[-50:]) / len(losses[-50:]), 4), "torch_threads": torch.get_num_threads(),
-            "params": sum(p.numel() for p in model.parameters())}
-    (out / "train_info.json").write_text(json.dumps(info, indent=2))
-    tmp.replace(out / "open_clip_model.safetensors")  # weights last: their presence means complete
+            "params": sum(p.numel() for p in model.parameters()),
+            "recipe": recipe(seed, steps, batch_size, n_samples, lr, width, layers)}
+    tmp.replace(out / "open_clip_model.safetensors")
+    info_tmp = out / "train_info.json.tmp"
+    info_tmp.write_text(json.dumps(info, indent=2))
+    info_tmp.replace(out / "train_info.json")  # last: its recipe says the folder is complete and current
     log.info("sieve-tiny saved to %s (%s)", out, info)
     return out
 
