@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
-DEFAULT_STEPS = 900
-DEFAULT_POOL = 6144
+DEFAULT_STEPS = 600
+DEFAULT_POOL = 4096
 
 
 def train(out: str | Path | None = None, seed: int = 0, steps: int = DEFAULT_STEPS,
