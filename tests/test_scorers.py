@@ -146,6 +146,8 @@ def test_watermark_odd_images_and_unreadable(watermark) -> None:
 
 
 def test_watermark_laion_checkpoint_missing_is_clear(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="train_watermark"):
+        load_scorer("watermark", model_path=tmp_path / "absent.pt")
     with pytest.raises(FileNotFoundError, match="watermark_model_v1.pt"):
         load_scorer("watermark", laion_checkpoint=tmp_path / "nope.pt")
 

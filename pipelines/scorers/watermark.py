@@ -59,7 +59,14 @@ def default_model_path() -> Path:
 
 def ensure_model(path: Path | None = None, steps: int | None = None) -> Path:
     """The bundled model's path, training it first if missing (one trainer at a time, file lock)."""
-    path = Path(path) if path else default_model_path()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"watermark model not found: {path} (train one with "
+                                    "`python -m pipelines.train_watermark --out DIR`, or omit model_path "
+                                    "to use the cached default)")
+        return path
+    path = default_model_path()
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
