@@ -47,6 +47,11 @@ def test_nsfw_batch_of_odd_images_gives_probabilities(nsfw) -> None:
     assert np.all((scores >= 0) & (scores <= 1))
 
 
+def test_nsfw_single_thread_session_scores_the_same(nsfw) -> None:
+    images = _odd_images()
+    np.testing.assert_allclose(load_scorer("nsfw", threads=1).score(images), nsfw.score(images), atol=1e-5)
+
+
 def test_nsfw_unreadable_item_is_nan_not_a_crash(nsfw) -> None:
     scores = nsfw.score([Image.new("RGB", (8, 8)), b"not an image"])
     assert 0 <= scores[0] <= 1 and np.isnan(scores[1])

@@ -113,14 +113,25 @@ class NsfwScorer:
     kind = "image"
 
     def __init__(self, clip_head_path: str | Path | None = None, batch_size: int = 8,
-                 device: str | None = None) -> None:
+                 threads: int | None = None, device: str | None = None) -> None:
+        """threads: ONNX Runtime intra-op threads (None: its default, all cores); set 1 per Dask worker."""
         self.batch_size = batch_size
         self.head = load_clip_head(clip_head_path) if clip_head_path else None
         self.needs_embeddings = self.head is not None
         self.detector = None
         if self.head is None:
+            import nudenet
             from nudenet import NudeDetector
+
             self.detector = NudeDetector()
+            if threads:
+                import onnxruntime
+
+                opts = onnxruntime.SessionOptions()
+                opts.intra_op_num_threads = opts.inter_op_num_threads = int(threads)
+                model_file = Path(nudenet.__file__).with_name("320n.onnx")  # the wheel's detector
+                self.detector.onnx_session = onnxruntime.InferenceSession(
+                    str(model_file), opts, providers=["CPUExecutionProvider"])
 
     def score(self, items: Sequence[Any], embeddings: np.ndarray | None = None) -> np.ndarray:
         """punsafe in [0, 1] per image (NaN for an item that cannot be read)."""
