@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import warnings
 from typing import Any
 
@@ -20,6 +21,7 @@ DEFAULT_MAX_PIXELS = 89_478_485
 _CONSUMED = (S.KEY, S.CAPTION, S.URL)
 #: prefix for source fields whose names collide with a fixed column (e.g. img2dataset's `status`)
 SOURCE_PREFIX = "src_"
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
 def source_fields(meta: dict[str, Any]) -> dict[str, Any]:
@@ -65,7 +67,8 @@ def decode_image(data: bytes, max_pixels: int):
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         return None, S.STATUS_TOO_LARGE, str(exc)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
-        return None, S.STATUS_DECODE_ERROR, f"{type(exc).__name__}: {exc}"
+        # drop object addresses ("<_io.BytesIO object at 0x..>") so reruns give identical rows
+        return None, S.STATUS_DECODE_ERROR, _ADDRESS.sub("", f"{type(exc).__name__}: {exc}")
     if img.mode != "RGB":
         img = img.convert("RGB")
     return img, None, None
