@@ -215,6 +215,7 @@ def process_shard(shard: Shard, output: str, config: EmbedConfig,
     threads = set_threads(config.threads)
     encoder, cache_hit = get_encoder(config)
     scorers = [get_scorer(name, config.device) for name in config.scores]
+    load_s = time.time() - start
     keep_images = any(s.kind == "image" for s in scorers)
     n = shard.index
     rows: list[dict[str, Any]] = []
@@ -252,7 +253,7 @@ def process_shard(shard: Shard, output: str, config: EmbedConfig,
         "count": len(rows), "ok": n_ok,
         "status_counts": dict(Counter(r[S.STATUS] for r in rows)),
         "emb_dim": dim, "precision": config.precision, "batch_size": config.batch_size,
-        "torch_threads": threads, "model_cache_hit": cache_hit,
+        "torch_threads": threads, "model_cache_hit": cache_hit, "model_load_s": load_s,
         "worker": f"{socket.gethostname()}:{os.getpid()}",
         "start_time": start, "end_time": time.time(), "duration_s": duration,
         "samples_per_s": len(rows) / duration if duration > 0 else None,

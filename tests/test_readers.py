@@ -183,3 +183,14 @@ def test_fingerprint_changes_when_shard_changes(tmp_path):
     before = fingerprint(str(tmp_path / "00000.tar"))
     write_tar(tmp_path / "00000.tar", sample_members(2))
     assert fingerprint(str(tmp_path / "00000.tar")) != before
+
+
+def test_phash_is_bit_identical_to_imagehash():
+    import imagehash
+
+    from pipelines.decode import phash
+
+    images = [s.image for s in iter_samples(60, size=48, watermark_fraction=0.5)]
+    images += [Image.new("RGB", (50, 80), (10, 200, 3)), Image.new("L", (7, 300)),
+               Image.new("RGBA", (33, 33), (1, 2, 3, 4))]
+    assert [phash(im) for im in images] == [str(imagehash.phash(im)) for im in images]
