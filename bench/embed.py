@@ -5,8 +5,9 @@ Parts (run all, or one with `--only`; results merge into bench/results/embed.jso
   (preloaded, preprocessed tensors, same batch size, same threads) -> pipeline_vs_bare_ratio.
 - vitb32: open_clip:ViT-B-32 (random weights) on 1k samples, per speed setting: samples/s,
   speedup_vs_fp32_bare and cosine_vs_fp32 (mean per-sample cosine to the fp32 embeddings).
-Each pipeline run uses the default LocalCluster for this machine (one worker, all cores as
-torch threads); "steady" rates exclude cluster start-up and model loading, "wall" rates don't.
+Each pipeline run uses the default LocalCluster for this machine (on CPU: one single-thread
+worker per core); the bare forward runs in this process on all cores. "steady" rates
+exclude cluster start-up and model loading, "wall" rates don't.
 Run it under `flock /tmp/sieve-cpu.lock` on a shared machine.
 """
 
@@ -28,6 +29,7 @@ from curation import schema as S
 
 log = logging.getLogger("bench.embed")
 TINY = "sieve-tiny"
+SHARD_SIZE = 500
 VITB32 = "open_clip:ViT-B-32"
 
 
@@ -35,7 +37,7 @@ def dataset(n: int, root: Path, shard_size: int = 1000) -> Path:
     """Generated shards of n samples under root (reused when already there)."""
     from pipelines.sample import write_sample_dataset
 
-    out = root / f"data-{n}"
+    out = root / f"data-{n}-s{shard_size}"
     last = out / S.stats_name((n - 1) // shard_size)
     if not last.exists():
         shutil.rmtree(out, ignore_errors=True)
@@ -43,20 +45,25 @@ def dataset(n: int, root: Path, shard_size: int = 1000) -> Path:
     return out
 
 
-def run_pipeline(data: Path, out: Path, clip_model: str, batch_size: int, threads: int,
+def run_pipeline(data: Path, out: Path, clip_model: str, batch_size: int,
                  precision: str = "fp32", clip_options: dict | None = None) -> dict[str, Any]:
-    """One `embed` call on a fresh output; wall and steady (tasks only, minus model load) rates."""
+    """One `embed` call (default cluster for this machine) on a fresh output.
+
+    Wall rate: the whole call. Steady rate: first task start to last task end, minus the
+    model load (workers load in parallel, at their first shard).
+    """
     from pipelines.embed import embed
 
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.time()
-    summary = embed(str(data), str(out), clip_model=clip_model, batch_size=batch_size, workers=1,
-                    threads_per_worker=threads, precision=precision, clip_options=clip_options)
+    summary = embed(str(data), str(out), clip_model=clip_model, batch_size=batch_size,
+                    precision=precision, clip_options=clip_options)
     wall = time.time() - t0
     stats = [json.loads(p.read_text()) for p in (out / S.DONE_DIR).glob("*.json")]
     busy = max(s["end_time"] for s in stats) - min(s["start_time"] for s in stats)
-    load = sum(s["model_load_s"] for s in stats)
+    load = max(s["model_load_s"] for s in stats)
     return {"samples": summary["count"], "shards": len(stats), "wall_s": round(wall, 2),
+            "workers": len({s["worker"] for s in stats}), "torch_threads": stats[0]["torch_threads"],
             "startup_s": round(min(s["start_time"] for s in stats) - t0, 2),
             "model_load_s": round(load, 2),
             "wall_samples_per_s": round(summary["count"] / wall, 1),
@@ -65,26 +72,28 @@ def run_pipeline(data: Path, out: Path, clip_model: str, batch_size: int, thread
 
 def bare_forward(clip_model: str, batch_size: int, threads: int, n: int, precision: str = "fp32",
                  clip_options: dict | None = None) -> dict[str, Any]:
-    """The model alone: image + text towers on preprocessed tensors already in memory."""
+    """The model alone, same settings: image + text towers on tensors and tokens already in memory."""
     import torch
 
+    from pipelines.clip_speed import FastClip
     from pipelines.encoders import load_clip
     from pipelines.sample import iter_samples
 
     torch.set_num_threads(threads)
-    enc = load_clip(clip_model, batch_size=batch_size, precision=precision, **(clip_options or {}))
+    enc = load_clip(clip_model, batch_size=batch_size)
+    fast = FastClip(enc.model, "cpu", precision, **(clip_options or {}))
     samples = list(iter_samples(n, size=64))
     images = torch.stack([enc.preprocess(s.image) for s in samples])
-    captions = [s.caption for s in samples]
-    with torch.inference_mode():
-        enc.encode_image_tensor(images[:batch_size])  # warm-up (allocations, compile)
-        enc.encode_texts(captions[:batch_size])
-        t0 = time.perf_counter()
-        for i in range(0, n, batch_size):
-            enc.encode_image_tensor(images[i:i + batch_size])
-            enc.encode_texts(captions[i:i + batch_size])
-        dt = time.perf_counter() - t0
-    return {"samples": n, "batch_size": batch_size, "torch_threads": torch.get_num_threads(),
+    tokens = enc.tokenizer([s.caption for s in samples])
+    fast.encode_image(images[:batch_size])  # warm-up (allocations, compile)
+    fast.encode_text(tokens[:batch_size])
+    t0 = time.perf_counter()
+    for i in range(0, n, batch_size):
+        fast.encode_image(images[i:i + batch_size])
+        fast.encode_text(tokens[i:i + batch_size])
+    dt = time.perf_counter() - t0
+    return {"samples": n, "batch_size": batch_size, "precision": precision,
+            "options": clip_options or {}, "torch_threads": torch.get_num_threads(),
             "samples_per_s": round(n / dt, 1)}
 
 
@@ -106,14 +115,14 @@ def bench_scale(root: Path, sizes: list[int], batch_size: int, threads: int) -> 
     runs = {}
     for n in sizes:
         log.info("sieve-tiny pipeline on %d samples", n)
-        runs[str(n)] = run_pipeline(dataset(n, root), root / "out", TINY, batch_size, threads)
+        runs[str(n)] = run_pipeline(dataset(n, root, SHARD_SIZE), root / "out", TINY, batch_size)
     bare = bare_forward(TINY, batch_size, threads, n=min(4096, max(sizes)))
     steady = {k: v["steady_samples_per_s"] for k, v in runs.items()}
     per_sample_ms = {k: 1000.0 / v for k, v in steady.items()}
     ref = "10000" if "10000" in runs else max(runs, key=int)
     mid = float(np.median(list(per_sample_ms.values())))
     return {
-        "model": TINY, "batch_size": batch_size, "torch_threads": threads,
+        "model": TINY, "batch_size": batch_size, "bare_torch_threads": threads, "shard_size": SHARD_SIZE,
         "samples_per_s": {k: v["wall_samples_per_s"] for k, v in runs.items()},
         "steady_samples_per_s": steady,
         "cost_per_sample_ms": {k: round(v, 3) for k, v in per_sample_ms.items()},
@@ -126,18 +135,21 @@ def bench_scale(root: Path, sizes: list[int], batch_size: int, threads: int) -> 
 
 
 #: (name, precision, load_clip options, batch-size multiplier)
+PLAIN = {"trim_text": False}
 SETTINGS: list[tuple[str, str, dict[str, Any], int]] = [
-    ("fp32_eager", "fp32", {}, 1),
-    ("fp32_channels_last", "fp32", {"channels_last": True}, 1),
-    ("fp32_compile", "fp32", {"compile": True}, 1),
-    ("bf16", "bf16", {}, 1),
-    ("bf16_larger_batch", "bf16", {}, 4),
+    ("fp32_eager", "fp32", PLAIN, 1),
+    ("fp32_channels_last", "fp32", {**PLAIN, "channels_last": True}, 1),
+    ("fp32_compile", "fp32", {**PLAIN, "compile": True}, 1),
+    ("fp32_trim_text", "fp32", {"trim_text": True}, 1),
+    ("bf16", "bf16", PLAIN, 1),
+    ("bf16_trim_text", "bf16", {"trim_text": True}, 1),
+    ("bf16_trim_text_batch_x4", "bf16", {"trim_text": True}, 4),
 ]
 
 
 def bench_vitb32(root: Path, n: int, batch_size: int, threads: int, settings: list[str] | None) -> dict[str, Any]:
-    data = dataset(n, root)
-    bare = bare_forward(VITB32, batch_size, threads, n=n)
+    data = dataset(n, root, shard_size=max(1, n // 4))  # 4 shards: every worker gets work
+    bare = bare_forward(VITB32, batch_size, threads, n=n, clip_options=PLAIN)
     results: dict[str, Any] = {}
     ref_img = ref_txt = None
     for name, precision, options, mult in SETTINGS:
@@ -145,7 +157,7 @@ def bench_vitb32(root: Path, n: int, batch_size: int, threads: int, settings: li
             continue
         log.info("ViT-B-32 pipeline, %s", name)
         out = root / f"out-vitb32-{name}"
-        run = run_pipeline(data, out, VITB32, batch_size * mult, threads, precision, options)
+        run = run_pipeline(data, out, VITB32, batch_size * mult, precision, options)
         img, txt = _embeddings(out)
         if ref_img is None:
             ref_img, ref_txt = img, txt
@@ -160,7 +172,7 @@ def bench_vitb32(root: Path, n: int, batch_size: int, threads: int, settings: li
         }
         shutil.rmtree(out, ignore_errors=True)
     best = max(results, key=lambda k: results[k]["speedup_vs_fp32_bare"])
-    return {"model": VITB32 + " (random weights)", "samples": n, "torch_threads": threads,
+    return {"model": VITB32 + " (random weights)", "samples": n, "bare_torch_threads": threads,
             "fp32_bare_samples_per_s": bare["samples_per_s"], "bare": bare,
             "settings": results, "best_setting": best,
             "speedup_vs_fp32_bare": results[best]["speedup_vs_fp32_bare"],
@@ -179,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vit-samples", type=int, default=1000)
     parser.add_argument("--settings", default=None, help="comma list of ViT-B-32 settings to run")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
-                        help="torch threads, in the bench process and the one Dask worker")
+                        help="torch threads of the bare forward (the pipeline sizes its own cluster)")
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "sieve-bench-embed"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

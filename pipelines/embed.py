@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 import time
+from dataclasses import replace
 from typing import Any, Sequence
 
 from curation import schema as S
@@ -40,14 +41,34 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
-def default_cluster_size(workers: int | None, threads_per_worker: int | None) -> tuple[int, int]:
-    """Worker processes x torch threads for this machine: up to 4 threads a worker, all cores used."""
+def default_cluster_size(workers: int | None = None, threads_per_worker: int | None = None,
+                         tasks: int | None = None, gpu: bool = False) -> tuple[int, int]:
+    """Worker processes x torch threads per worker, using every core of this machine.
+
+    On CPU one single-threaded worker per core beats fewer multi-threaded ones (each
+    worker's reader thread then overlaps its own model instead of stalling a shared
+    OpenMP team; measured in bench/embed.py), but never more workers than there are
+    shards to give them. On a GPU: one worker driving it, all cores as its threads.
+    """
     cores = _cores()
-    if threads_per_worker is None:
-        threads_per_worker = max(1, cores // workers) if workers else min(cores, 4)
     if workers is None:
-        workers = max(1, cores // threads_per_worker)
+        if gpu:
+            workers = 1
+        else:
+            workers = max(1, cores // (threads_per_worker or 1))
+            if tasks:
+                workers = max(1, min(workers, tasks))
+    if threads_per_worker is None:
+        threads_per_worker = max(1, cores // workers)
     return workers, threads_per_worker
+
+
+def _gpu(device: str | None) -> bool:
+    if device is not None:
+        return device.startswith("cuda")
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def parse_scores(scores: str | Sequence[str] | None) -> tuple[str, ...]:
@@ -94,15 +115,14 @@ def _check_model(output: str, clip_model: str, overwrite: bool) -> dict[str, Any
     return existing
 
 
-def _client(scheduler: str | None, workers: int | None, threads_per_worker: int | None):
+def _client(scheduler: str | None, workers: int):
     """A Dask client: to `scheduler` if given, else to a new LocalCluster; returns (client, cluster)."""
     from distributed import Client, LocalCluster
 
     if scheduler:
         return Client(scheduler), None
-    n, _ = default_cluster_size(workers, threads_per_worker)
     # one task slot per worker process: the model uses the threads, not Dask
-    cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                            dashboard_address=":0", silence_logs=logging.WARNING)
     return Client(cluster), cluster
 
@@ -159,10 +179,8 @@ def embed(input: str | Sequence[str], output: str, clip_model: str = "sieve-tiny
     shards = list_shards(input, input_format)
     if not shards:
         raise ValueError(f"no shards found in {input!r}")
-    _, threads = default_cluster_size(workers, threads_per_worker)
     config = EmbedConfig(clip_model=clip_model, batch_size=batch_size, scores=parse_scores(scores),
-                         precision=precision, threads=threads if (scheduler is None or threads_per_worker)
-                         else None, device=device, max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
+                         precision=precision, device=device, max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
                          clip_options=tuple(sorted((clip_options or {}).items())))
     existing = _check_model(output, clip_model, overwrite)
     if overwrite:
@@ -173,8 +191,13 @@ def embed(input: str | Sequence[str], output: str, clip_model: str = "sieve-tiny
     if todo:
         own = client is None
         cluster = None
+        n_workers, threads = default_cluster_size(workers, threads_per_worker, len(todo),
+                                                  gpu=_gpu(device) if own and not scheduler else False)
+        # on someone else's cluster, threads default to each worker's share of its machine
+        config = replace(config, threads=threads if (own and not scheduler) or threads_per_worker else None)
         if own:
-            client, cluster = _client(scheduler, workers, threads_per_worker)
+            client, cluster = _client(scheduler, n_workers)
+            log.info("LocalCluster: %d worker(s) x %d torch thread(s)", n_workers, threads)
         print(f"Dask dashboard: {client.dashboard_link}", file=sys.stderr, flush=True)
         try:
             results, failed = _run_tasks(client, todo, output, config, prints)
@@ -223,7 +246,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scores", default="", help="comma list of nsfw,watermark,toxicity")
     parser.add_argument("--overwrite", action="store_true", help="redo every part")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                        help="bf16 autocast where the CPU/GPU supports it")
+                        help="bf16 weights where the CPU/GPU has native bf16 (else fp32)")
+    parser.add_argument("--channels-last", action="store_true", help="NHWC layout for the image tower")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the image tower")
+    parser.add_argument("--no-trim-text", action="store_true",
+                        help="run the text tower on the full context (trimming is exact, so rarely useful)")
     parser.add_argument("--input-format", default="auto", choices=("auto", "webdataset", "parquet", "files"))
     parser.add_argument("--max-pixels", type=int, default=None,
                         help="images over this many pixels get status too_large (default PIL's limit)")
@@ -235,7 +262,9 @@ def main(argv: list[str] | None = None) -> int:
                         workers=args.workers, threads_per_worker=args.threads_per_worker,
                         scheduler=args.scheduler, scores=args.scores, overwrite=args.overwrite,
                         precision=args.precision, input_format=args.input_format,
-                        max_pixels=args.max_pixels, device=args.device)
+                        max_pixels=args.max_pixels, device=args.device,
+                        clip_options={"channels_last": args.channels_last, "compile": args.compile,
+                                      "trim_text": not args.no_trim_text})
     except EmbedJobError as exc:
         print(json.dumps(exc.summary, default=str))
         for url, error in sorted(exc.failed.items()):

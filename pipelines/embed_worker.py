@@ -12,6 +12,7 @@ import logging
 import os
 import queue
 import socket
+import sys
 import threading
 import time
 from collections import Counter
@@ -68,18 +69,50 @@ def clear_cache() -> None:
         _CACHE.clear()
 
 
-def get_encoder(config: EmbedConfig) -> tuple[Any, bool]:
-    """The CLIP encoder for this config, loaded once per worker process."""
-    options = dict(config.clip_options)
+class Embedder:
+    """A loaded encoder under the config's speed settings (see pipelines.clip_speed).
 
+    Uses `FastClip` on the encoder's open_clip model when it has one, else the encoder's own
+    `encode_image_tensor` / `encode_texts`. `tokenize` runs in the reader thread.
+    """
+
+    def __init__(self, encoder: Any, config: EmbedConfig):
+        from pipelines.clip_speed import FastClip
+
+        self.encoder = encoder
+        self.preprocess = encoder.preprocess
+        self.dim = int(encoder.dim)
+        self.tokenizer = getattr(encoder, "tokenizer", None)
+        model = getattr(encoder, "model", None)
+        self.fast = None
+        if model is not None and self.tokenizer is not None and hasattr(model, "visual"):
+            device = config.device or getattr(encoder, "device", None) or "cpu"
+            self.fast = FastClip(model, device, config.precision, **dict(config.clip_options))
+
+    def tokenize(self, captions: list[str]) -> Any:
+        return self.tokenizer(captions) if self.fast is not None else None
+
+    def images(self, batch: Any) -> np.ndarray:
+        if self.fast is not None:
+            return _as_numpy(self.fast.encode_image(batch))
+        return _as_numpy(self.encoder.encode_image_tensor(batch))
+
+    def texts(self, captions: list[str], tokens: Any = None) -> np.ndarray:
+        if self.fast is not None:
+            return _as_numpy(self.fast.encode_text(tokens if tokens is not None else self.tokenize(captions)))
+        return _as_numpy(self.encoder.encode_texts(captions))
+
+
+def get_encoder(config: EmbedConfig) -> tuple[Embedder, bool]:
+    """The CLIP encoder for this config, loaded once per worker process."""
     def load():
         from pipelines.encoders import load_clip
 
-        return load_clip(config.clip_model, device=config.device, batch_size=config.batch_size,
-                         precision=config.precision, **options)
+        # speed settings (precision included) are applied by Embedder, on the fp32 model
+        encoder = load_clip(config.clip_model, device=config.device, batch_size=config.batch_size)
+        return Embedder(encoder, config)
 
-    return cached(("clip", config.clip_model, config.device, config.precision,
-                   tuple(sorted(options.items()))), load)
+    return cached(("clip", config.clip_model, config.device, config.precision, config.clip_options), load)
 
 
 def get_scorer(name: str, device: str | None = None) -> Any:
@@ -123,6 +156,32 @@ def set_threads(threads: int | None) -> int:
     return threads
 
 
+_MALLOC_TUNED = False
+
+
+def tune_malloc() -> bool:
+    """Let glibc keep freed tensor memory for reuse in this process (once; glibc only).
+
+    Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536 so idle workers hand
+    memory back. Setting it also freezes glibc's mmap threshold at 128 KiB, so every
+    activation tensor becomes a fresh mmap, page faults and munmap: measured here, that
+    halves CLIP throughput. Raising both thresholds restores it (bench/embed.py).
+    """
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED or not sys.platform.startswith("linux"):
+        return _MALLOC_TUNED
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    ok = bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 256 << 20))
+    _MALLOC_TUNED = ok
+    return ok
+
+
 # ---- the reader thread ------------------------------------------------------------------
 @dataclass
 class Chunk:
@@ -133,6 +192,7 @@ class Chunk:
     tensors: list[Any] = field(default_factory=list)
     images: list[Any] = field(default_factory=list)
     captions: list[str] = field(default_factory=list)
+    tokens: Any = None
 
 
 _END = object()
@@ -148,9 +208,14 @@ def _put(q: queue.Queue, item: Any, stop: threading.Event) -> bool:
     return False
 
 
-def _produce(shard: Shard, config: EmbedConfig, preprocess: Callable, keep_images: bool,
+def _produce(shard: Shard, config: EmbedConfig, embedder: Embedder, keep_images: bool,
              q: queue.Queue, stop: threading.Event) -> None:
-    """Read, decode and preprocess the shard into chunks; errors travel through the queue."""
+    """Read, decode, preprocess and tokenize the shard into chunks; errors travel through the queue."""
+    def ready(chunk: Chunk) -> Chunk:
+        if chunk.captions:
+            chunk.tokens = embedder.tokenize(chunk.captions)
+        return chunk
+
     try:
         chunk = Chunk()
         for raw in read_shard(shard):
@@ -158,7 +223,7 @@ def _produce(shard: Shard, config: EmbedConfig, preprocess: Callable, keep_image
             chunk.rows.append(row)
             if img is not None:
                 try:
-                    tensor = preprocess(img)
+                    tensor = embedder.preprocess(img)
                 except (OSError, ValueError, RuntimeError) as exc:
                     row[S.STATUS], row[S.ERROR] = S.STATUS_DECODE_ERROR, f"preprocess: {exc}"
                     continue
@@ -168,24 +233,24 @@ def _produce(shard: Shard, config: EmbedConfig, preprocess: Callable, keep_image
                 if keep_images:
                     chunk.images.append(img)
                 if len(chunk.ok_rows) >= config.batch_size:
-                    if not _put(q, chunk, stop):
+                    if not _put(q, ready(chunk), stop):
                         return
                     chunk = Chunk()
             if stop.is_set():
                 return
         if chunk.rows:
-            _put(q, chunk, stop)
+            _put(q, ready(chunk), stop)
         _put(q, _END, stop)
     except BaseException as exc:  # noqa: BLE001 - handed to the consuming thread, which re-raises
         _put(q, exc, stop)
 
 
-def _chunks(shard: Shard, config: EmbedConfig, preprocess: Callable, keep_images: bool):
+def _chunks(shard: Shard, config: EmbedConfig, embedder: Embedder, keep_images: bool):
     """Iterate the reader thread's chunks, re-raising its errors here."""
     q: queue.Queue = queue.Queue(maxsize=2)
     stop = threading.Event()
     thread = threading.Thread(target=_produce, name=f"read-{shard.name}", daemon=True,
-                              args=(shard, config, preprocess, keep_images, q, stop))
+                              args=(shard, config, embedder, keep_images, q, stop))
     thread.start()
     try:
         while True:
@@ -212,6 +277,7 @@ def process_shard(shard: Shard, output: str, config: EmbedConfig,
     import torch
 
     start = time.time()
+    tune_malloc()
     threads = set_threads(config.threads)
     encoder, cache_hit = get_encoder(config)
     scorers = [get_scorer(name, config.device) for name in config.scores]
@@ -222,11 +288,11 @@ def process_shard(shard: Shard, output: str, config: EmbedConfig,
     img_parts: list[np.ndarray] = []
     text_parts: list[np.ndarray] = []
     n_ok = 0
-    for chunk in _chunks(shard, config, encoder.preprocess, keep_images):
+    for chunk in _chunks(shard, config, encoder, keep_images):
         if chunk.ok_rows:
             with torch.inference_mode():
-                img = _as_numpy(encoder.encode_image_tensor(torch.stack(chunk.tensors)))
-                txt = _as_numpy(encoder.encode_texts(chunk.captions))
+                img = encoder.images(torch.stack(chunk.tensors))
+                txt = encoder.texts(chunk.captions, chunk.tokens)
             sims = np.einsum("ij,ij->i", img, txt)
             columns = {S.CLIP_SIMILARITY: sims}
             for scorer in scorers:
@@ -243,7 +309,7 @@ def process_shard(shard: Shard, output: str, config: EmbedConfig,
         for row in chunk.rows:
             row[S.PART], row[S.ROW] = n, len(rows)
             rows.append(row)
-    dim = int(encoder.dim)
+    dim = encoder.dim
     img_emb = np.concatenate(img_parts) if img_parts else np.zeros((0, dim), S.EMB_DTYPE)
     text_emb = np.concatenate(text_parts) if text_parts else np.zeros((0, dim), S.EMB_DTYPE)
     duration = time.time() - start
