@@ -111,18 +111,23 @@ def _mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.einsum("ij,ij->i", a, b).mean())
 
 
-def bench_scale(root: Path, sizes: list[int], batch_size: int, threads: int) -> dict[str, Any]:
+def bench_scale(root: Path, sizes: list[int], batch_size: int, threads: int, model: str = TINY,
+                precision: str = "fp32") -> dict[str, Any]:
+    spec = model
+    if model.startswith("open_clip:") and "/" not in model:
+        spec = random_checkpoint(root, model)
     runs = {}
     for n in sizes:
-        log.info("sieve-tiny pipeline on %d samples", n)
-        runs[str(n)] = run_pipeline(dataset(n, root, SHARD_SIZE), root / "out", TINY, batch_size)
-    bare = bare_forward(TINY, batch_size, threads, n=min(4096, max(sizes)))
+        log.info("%s pipeline on %d samples", model, n)
+        runs[str(n)] = run_pipeline(dataset(n, root, SHARD_SIZE), root / "out", spec, batch_size, precision)
+    bare = bare_forward(spec, batch_size, threads, n=min(4096, max(sizes)), precision=precision)
     steady = {k: v["steady_samples_per_s"] for k, v in runs.items()}
     per_sample_ms = {k: 1000.0 / v for k, v in steady.items()}
     ref = "10000" if "10000" in runs else max(runs, key=int)
     mid = float(np.median(list(per_sample_ms.values())))
     return {
-        "model": TINY, "batch_size": batch_size, "bare_torch_threads": threads, "shard_size": SHARD_SIZE,
+        "model": model + (" (random weights)" if spec != model else ""), "precision": precision,
+        "batch_size": batch_size, "bare_torch_threads": threads, "shard_size": SHARD_SIZE,
         "samples_per_s": {k: v["wall_samples_per_s"] for k, v in runs.items()},
         "steady_samples_per_s": steady,
         "cost_per_sample_ms": {k: round(v, 3) for k, v in per_sample_ms.items()},
@@ -147,9 +152,23 @@ SETTINGS: list[tuple[str, str, dict[str, Any], int]] = [
 ]
 
 
+def random_checkpoint(root: Path, spec: str) -> str:
+    """`open_clip:ARCH` with seeded random weights saved once: every worker loads the same model."""
+    import open_clip
+    import torch
+
+    arch = spec.split(":", 1)[1]
+    path = root / f"{arch}-random-seed0.pt"
+    if not path.exists():
+        torch.manual_seed(0)
+        torch.save(open_clip.create_model(arch).state_dict(), path)
+    return f"{spec}/{path}"
+
+
 def bench_vitb32(root: Path, n: int, batch_size: int, threads: int, settings: list[str] | None) -> dict[str, Any]:
     data = dataset(n, root, shard_size=max(1, n // 4))  # 4 shards: every worker gets work
-    bare = bare_forward(VITB32, batch_size, threads, n=n, clip_options=PLAIN)
+    spec = random_checkpoint(root, VITB32)
+    bare = bare_forward(spec, batch_size, threads, n=n, clip_options=PLAIN)
     results: dict[str, Any] = {}
     ref_img = ref_txt = None
     for name, precision, options, mult in SETTINGS:
@@ -157,7 +176,7 @@ def bench_vitb32(root: Path, n: int, batch_size: int, threads: int, settings: li
             continue
         log.info("ViT-B-32 pipeline, %s", name)
         out = root / f"out-vitb32-{name}"
-        run = run_pipeline(data, out, VITB32, batch_size * mult, precision, options)
+        run = run_pipeline(data, out, spec, batch_size * mult, precision, options)
         img, txt = _embeddings(out)
         if ref_img is None:
             ref_img, ref_txt = img, txt
@@ -186,7 +205,10 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=("scale", "vitb32"), default=None)
     parser.add_argument("--sizes", default="1000,10000,100000", help="sample counts for the scale part")
-    parser.add_argument("--batch-size", type=int, default=256, help="sieve-tiny batch size")
+    parser.add_argument("--batch-size", type=int, default=256, help="batch size of the scale part")
+    parser.add_argument("--scale-model", default=TINY, help="CLIP spec of the scale part "
+                        "(open_clip:ARCH without weights: seeded random weights)")
+    parser.add_argument("--scale-precision", default="fp32", choices=("fp32", "bf16"))
     parser.add_argument("--vit-batch-size", type=int, default=64, help="ViT-B-32 batch size")
     parser.add_argument("--vit-samples", type=int, default=1000)
     parser.add_argument("--settings", default=None, help="comma list of ViT-B-32 settings to run")
@@ -201,7 +223,8 @@ def main(argv: list[str] | None = None) -> None:
     payload: dict[str, Any] = {}
     if args.only in (None, "scale"):
         sizes = [int(s) for s in args.sizes.split(",")]
-        payload["scale"] = bench_scale(root, sizes, args.batch_size, args.threads)
+        payload["scale"] = bench_scale(root, sizes, args.batch_size, args.threads, args.scale_model,
+                                       args.scale_precision)
         for key in ("samples_per_s", "pipeline_vs_bare_ratio"):
             payload[key] = payload["scale"][key]
     if args.only in (None, "vitb32"):

@@ -211,13 +211,18 @@ def _stand_in_scorers() -> types.ModuleType:
     return mod
 
 
-def test_scores_fill_their_columns_for_ok_rows(shards, client, tmp_path, monkeypatch):
+@pytest.fixture
+def stand_in_scorers(monkeypatch):
     monkeypatch.setitem(sys.modules, "pipelines.scorers", _stand_in_scorers())
     embed_worker.clear_cache()
+    yield
+    embed_worker.clear_cache()  # drop the fakes from the per-process model cache
+
+
+def test_scores_fill_their_columns_for_ok_rows(shards, client, tmp_path, stand_in_scorers):
     out = tmp_path / "collection"
     embed(str(shards / S.shard_name(0)), str(out), batch_size=BATCH, client=client,
           scores="nsfw,toxicity")
-    embed_worker.clear_cache()
     meta = pd.read_parquet(S.CollectionLayout(str(out)).metadata(0))
     ok = meta[S.STATUS] == S.STATUS_OK
     np.testing.assert_allclose(meta.loc[ok, S.PUNSAFE], 0.32, rtol=1e-6)
@@ -296,3 +301,14 @@ def test_cli_help_is_instant_and_imports_nothing_heavy():
     out = subprocess.run([sys.executable, "-m", "pipelines.embed", "--help"], cwd=ROOT,
                          capture_output=True, text=True, check=True).stdout
     assert "--scheduler" in out and "--precision" in out
+
+
+def test_default_cluster_uses_every_core_without_idle_workers(monkeypatch):
+    from pipelines import embed as E
+
+    monkeypatch.setattr(E, "_cores", lambda: 8)
+    assert E.default_cluster_size() == (8, 1)                 # CPU: a single-thread worker per core
+    assert E.default_cluster_size(tasks=3) == (3, 2)          # no more workers than shards
+    assert E.default_cluster_size(gpu=True) == (1, 8)         # one worker drives the GPU
+    assert E.default_cluster_size(threads_per_worker=4) == (2, 4)
+    assert E.default_cluster_size(workers=2) == (2, 4)
