@@ -27,6 +27,12 @@ N_SHARDS = 3
 BATCH = 5    # small batches so every part spans several of them
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _model(tiny_clip):
+    """sieve-tiny trained and SIEVE_CACHE set before any worker process starts."""
+    return tiny_clip
+
+
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     """Three tar shards of generated pairs, each with one member of every failure kind."""
@@ -312,3 +318,19 @@ def test_default_cluster_uses_every_core_without_idle_workers(monkeypatch):
     assert E.default_cluster_size(gpu=True) == (1, 8)         # one worker drives the GPU
     assert E.default_cluster_size(threads_per_worker=4) == (2, 4)
     assert E.default_cluster_size(workers=2) == (2, 4)
+
+
+def test_cli_exits_nonzero_naming_the_unopenable_shard(shards, tmp_path):
+    src = tmp_path / "shards"
+    src.mkdir()
+    shutil.copy(shards / S.shard_name(0), src / S.shard_name(0))
+    (src / S.shard_name(1)).write_bytes(b"\0" * 10)
+    out = tmp_path / "collection"
+    proc = subprocess.run([sys.executable, "-m", "pipelines.embed", str(src), str(out), "--workers", "1",
+                           "--threads-per-worker", "1", "--batch-size", str(BATCH)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert f"FAILED {src / S.shard_name(1)}" in proc.stderr
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["parts"] == 1 and summary["ok"] == N_GOOD
+    assert (out / S.DONE_DIR / "0.json").exists() and not (out / S.DONE_DIR / "1.json").exists()
