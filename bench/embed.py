@@ -1,0 +1,242 @@
+"""`python -m bench.embed`: pipelines.embed throughput vs the same model's bare forward.
+
+Parts (run all, or one with `--only`; results merge into bench/results/embed.json):
+- scale: sieve-tiny end to end at 1k / 10k / 100k generated samples, and the bare forward
+  (preloaded, preprocessed tensors, same batch size, same threads) -> pipeline_vs_bare_ratio.
+- vitb32: open_clip:ViT-B-32 (random weights) on 1k samples, per speed setting: samples/s,
+  speedup_vs_fp32_bare and cosine_vs_fp32 (mean per-sample cosine to the fp32 embeddings).
+Each pipeline run uses the default LocalCluster for this machine (on CPU: one single-thread
+worker per core); the bare forward runs in this process on all cores. "steady" rates
+exclude cluster start-up and model loading, "wall" rates don't.
+Run it under `flock /tmp/sieve-cpu.lock` on a shared machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from curation import schema as S
+
+log = logging.getLogger("bench.embed")
+TINY = "sieve-tiny"
+SHARD_SIZE = 500
+VITB32 = "open_clip:ViT-B-32"
+
+
+def dataset(n: int, root: Path, shard_size: int = 1000) -> Path:
+    """Generated shards of n samples under root (reused when already there)."""
+    from pipelines.sample import write_sample_dataset
+
+    out = root / f"data-{n}-s{shard_size}"
+    last = out / S.stats_name((n - 1) // shard_size)
+    if not last.exists():
+        shutil.rmtree(out, ignore_errors=True)
+        write_sample_dataset(out, n, size=64, seed=0, watermark_fraction=0.1, shard_size=shard_size)
+    return out
+
+
+def run_pipeline(data: Path, out: Path, clip_model: str, batch_size: int,
+                 precision: str = "fp32", clip_options: dict | None = None) -> dict[str, Any]:
+    """One `embed` call (default cluster for this machine) on a fresh output.
+
+    Wall rate: the whole call. Steady rate: first task start to last task end, minus the
+    model load (workers load in parallel, at their first shard).
+    """
+    from pipelines.embed import embed
+
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.time()
+    summary = embed(str(data), str(out), clip_model=clip_model, batch_size=batch_size,
+                    precision=precision, clip_options=clip_options)
+    wall = time.time() - t0
+    stats = [json.loads(p.read_text()) for p in (out / S.DONE_DIR).glob("*.json")]
+    busy = max(s["end_time"] for s in stats) - min(s["start_time"] for s in stats)
+    load = max(s["model_load_s"] for s in stats)
+    return {"samples": summary["count"], "shards": len(stats), "wall_s": round(wall, 2),
+            "workers": len({s["worker"] for s in stats}), "torch_threads": stats[0]["torch_threads"],
+            "startup_s": round(min(s["start_time"] for s in stats) - t0, 2),
+            "model_load_s": round(load, 2),
+            "wall_samples_per_s": round(summary["count"] / wall, 1),
+            "steady_samples_per_s": round(summary["count"] / (busy - load), 1)}
+
+
+def bare_forward(clip_model: str, batch_size: int, threads: int, n: int, precision: str = "fp32",
+                 clip_options: dict | None = None) -> dict[str, Any]:
+    """The model alone, same settings: image + text towers on tensors and tokens already in memory."""
+    import torch
+
+    from pipelines.clip_speed import FastClip
+    from pipelines.encoders import load_clip
+    from pipelines.sample import iter_samples
+
+    torch.set_num_threads(threads)
+    enc = load_clip(clip_model, batch_size=batch_size)
+    fast = FastClip(enc.model, "cpu", precision, **(clip_options or {}))
+    samples = list(iter_samples(n, size=64))
+    images = torch.stack([enc.preprocess(s.image) for s in samples])
+    tokens = enc.tokenizer([s.caption for s in samples])
+    fast.encode_image(images[:batch_size])  # warm-up (allocations, compile)
+    fast.encode_text(tokens[:batch_size])
+    t0 = time.perf_counter()
+    for i in range(0, n, batch_size):
+        fast.encode_image(images[i:i + batch_size])
+        fast.encode_text(tokens[i:i + batch_size])
+    dt = time.perf_counter() - t0
+    return {"samples": n, "batch_size": batch_size, "precision": precision,
+            "options": clip_options or {}, "torch_threads": torch.get_num_threads(),
+            "samples_per_s": round(n / dt, 1)}
+
+
+def _embeddings(out: Path) -> tuple[np.ndarray, np.ndarray]:
+    layout = S.CollectionLayout(str(out))
+    parts = sorted(int(p.stem) for p in (out / S.DONE_DIR).glob("*.json"))
+    img = np.concatenate([np.load(layout.img_emb(i)) for i in parts]).astype(np.float32)
+    txt = np.concatenate([np.load(layout.text_emb(i)) for i in parts]).astype(np.float32)
+    return img, txt
+
+
+def _mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return float(np.einsum("ij,ij->i", a, b).mean())
+
+
+def bench_scale(root: Path, sizes: list[int], batch_size: int, threads: int, model: str = TINY,
+                precision: str = "fp32") -> dict[str, Any]:
+    spec = model
+    if model.startswith("open_clip:") and "/" not in model:
+        spec = random_checkpoint(root, model)
+    runs = {}
+    for n in sizes:
+        log.info("%s pipeline on %d samples", model, n)
+        runs[str(n)] = run_pipeline(dataset(n, root, SHARD_SIZE), root / "out", spec, batch_size, precision)
+    bare = bare_forward(spec, batch_size, threads, n=min(4096, max(sizes)), precision=precision)
+    steady = {k: v["steady_samples_per_s"] for k, v in runs.items()}
+    per_sample_ms = {k: 1000.0 / v for k, v in steady.items()}
+    ref = "10000" if "10000" in runs else max(runs, key=int)
+    mid = float(np.median(list(per_sample_ms.values())))
+    return {
+        "model": model + (" (random weights)" if spec != model else ""), "precision": precision,
+        "batch_size": batch_size, "bare_torch_threads": threads, "shard_size": SHARD_SIZE,
+        "samples_per_s": {k: v["wall_samples_per_s"] for k, v in runs.items()},
+        "steady_samples_per_s": steady,
+        "cost_per_sample_ms": {k: round(v, 3) for k, v in per_sample_ms.items()},
+        "cost_spread_vs_median": round(max(abs(v / mid - 1) for v in per_sample_ms.values()), 3),
+        "bare_samples_per_s": bare["samples_per_s"],
+        "pipeline_vs_bare_ratio": round(steady[ref] / bare["samples_per_s"], 3),
+        "pipeline_vs_bare_ratio_wall": round(runs[ref]["wall_samples_per_s"] / bare["samples_per_s"], 3),
+        "ratio_measured_at": int(ref), "runs": runs, "bare": bare,
+    }
+
+
+#: (name, precision, load_clip options, batch-size multiplier)
+PLAIN = {"trim_text": False}
+SETTINGS: list[tuple[str, str, dict[str, Any], int]] = [
+    ("fp32_eager", "fp32", PLAIN, 1),
+    ("fp32_channels_last", "fp32", {**PLAIN, "channels_last": True}, 1),
+    ("fp32_compile", "fp32", {**PLAIN, "compile": True}, 1),
+    ("fp32_trim_text", "fp32", {"trim_text": True}, 1),
+    ("bf16", "bf16", PLAIN, 1),
+    ("bf16_trim_text", "bf16", {"trim_text": True}, 1),
+    ("bf16_trim_text_batch_x4", "bf16", {"trim_text": True}, 4),
+]
+
+
+def random_checkpoint(root: Path, spec: str) -> str:
+    """`open_clip:ARCH` with seeded random weights saved once: every worker loads the same model."""
+    import open_clip
+    import torch
+
+    arch = spec.split(":", 1)[1]
+    path = root / f"{arch}-random-seed0.pt"
+    if not path.exists():
+        torch.manual_seed(0)
+        torch.save(open_clip.create_model(arch).state_dict(), path)
+    return f"{spec}/{path}"
+
+
+def bench_vitb32(root: Path, n: int, batch_size: int, threads: int, settings: list[str] | None) -> dict[str, Any]:
+    data = dataset(n, root, shard_size=max(1, n // 4))  # 4 shards: every worker gets work
+    spec = random_checkpoint(root, VITB32)
+    bare = bare_forward(spec, batch_size, threads, n=n, clip_options=PLAIN)
+    results: dict[str, Any] = {}
+    ref_img = ref_txt = None
+    for name, precision, options, mult in SETTINGS:
+        if settings and name not in settings and name != "fp32_eager":
+            continue
+        log.info("ViT-B-32 pipeline, %s", name)
+        out = root / f"out-vitb32-{name}"
+        run = run_pipeline(data, out, spec, batch_size * mult, precision, options)
+        img, txt = _embeddings(out)
+        if ref_img is None:
+            ref_img, ref_txt = img, txt
+        cos_img, cos_txt = _mean_cosine(img, ref_img), _mean_cosine(txt, ref_txt)
+        results[name] = {
+            "precision": precision, "options": options, "batch_size": batch_size * mult,
+            "samples_per_s": run["steady_samples_per_s"], "wall_samples_per_s": run["wall_samples_per_s"],
+            "speedup_vs_fp32_bare": round(run["steady_samples_per_s"] / bare["samples_per_s"], 3),
+            "cosine_vs_fp32": round(min(cos_img, cos_txt), 5),
+            "cosine_vs_fp32_image": round(cos_img, 5), "cosine_vs_fp32_text": round(cos_txt, 5),
+            "run": run,
+        }
+        shutil.rmtree(out, ignore_errors=True)
+    best = max(results, key=lambda k: results[k]["speedup_vs_fp32_bare"])
+    return {"model": VITB32 + " (random weights)", "samples": n, "bare_torch_threads": threads,
+            "fp32_bare_samples_per_s": bare["samples_per_s"], "bare": bare,
+            "settings": results, "best_setting": best,
+            "speedup_vs_fp32_bare": results[best]["speedup_vs_fp32_bare"],
+            "cosine_vs_fp32": results[best]["cosine_vs_fp32"]}
+
+
+def main(argv: list[str] | None = None) -> None:
+    from bench.common import write_results
+
+    parser = argparse.ArgumentParser(prog="python -m bench.embed", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", choices=("scale", "vitb32"), default=None)
+    parser.add_argument("--sizes", default="1000,10000,100000", help="sample counts for the scale part")
+    parser.add_argument("--batch-size", type=int, default=256, help="batch size of the scale part")
+    parser.add_argument("--scale-model", default=TINY, help="CLIP spec of the scale part "
+                        "(open_clip:ARCH without weights: seeded random weights)")
+    parser.add_argument("--scale-precision", default="fp32", choices=("fp32", "bf16"))
+    parser.add_argument("--vit-batch-size", type=int, default=64, help="ViT-B-32 batch size")
+    parser.add_argument("--vit-samples", type=int, default=1000)
+    parser.add_argument("--settings", default=None, help="comma list of ViT-B-32 settings to run")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                        help="torch threads of the bare forward (the pipeline sizes its own cluster)")
+    parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "sieve-bench-embed"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    root = Path(args.workdir)
+    root.mkdir(parents=True, exist_ok=True)
+    payload: dict[str, Any] = {}
+    if args.only in (None, "scale"):
+        sizes = [int(s) for s in args.sizes.split(",")]
+        payload["scale"] = bench_scale(root, sizes, args.batch_size, args.threads, args.scale_model,
+                                       args.scale_precision)
+        for key in ("samples_per_s", "pipeline_vs_bare_ratio"):
+            payload[key] = payload["scale"][key]
+    if args.only in (None, "vitb32"):
+        settings = args.settings.split(",") if args.settings else None
+        payload["vitb32"] = bench_vitb32(root, args.vit_samples, args.vit_batch_size, args.threads, settings)
+        for key in ("speedup_vs_fp32_bare", "cosine_vs_fp32"):
+            payload[key] = payload["vitb32"][key]
+    path = write_results("embed", payload, merge=True)
+    print(json.dumps({k: v for k, v in payload.items() if not isinstance(v, dict) or k == "samples_per_s"},
+                     indent=2))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""Inference speed settings for open_clip models, each measured by `bench/embed.py`.
+
+- `bf16`: weights and activations in bfloat16 where the hardware has bf16 units (CUDA, or
+  CPUs with AVX512-BF16/AMX). Casting the weights once beats autocast on CPU, which re-casts
+  every weight on every call. Outputs come back as float32.
+- `trim_text`: run the text tower only up to the batch's longest caption instead of the full
+  77-token context. Exact: under the causal mask no position sees later ones, and the pooled
+  token (EOT) lies inside the kept span. Captions are short, so this is the big text win.
+- `channels_last`: NHWC memory layout for the image tower's convolutions.
+- `compile`: torch.compile the image tower (pays a one-off compile per worker).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+SPEED_OPTIONS = ("channels_last", "compile", "trim_text")
+
+
+def bf16_supported(device: Any = "cpu") -> bool:
+    """Whether bfloat16 matmuls run natively (not emulated) on `device`."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def model_dtype(precision: str, device: Any = "cpu"):
+    """torch dtype for a precision name; bf16 falls back to fp32 (with a warning) where emulated."""
+    import torch
+
+    if precision == "fp32":
+        return torch.float32
+    if precision == "bf16":
+        if bf16_supported(device):
+            return torch.bfloat16
+        log.warning("bf16 requested but %s has no native bf16 support; using fp32", device)
+        return torch.float32
+    raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
+
+
+def can_trim_text(model: Any) -> bool:
+    """True for open_clip's CLIP text tower with a causal mask and EOT/argmax pooling."""
+    return (all(hasattr(model, a) for a in ("token_embedding", "positional_embedding", "transformer",
+                                             "ln_final", "text_projection", "attn_mask"))
+            and model.attn_mask is not None
+            and getattr(model, "text_pool_type", "argmax") in ("argmax", "eos", "last"))
+
+
+def encode_text_trimmed(model: Any, tokens, pad_id: int = 0):
+    """`model.encode_text(tokens)` computed on the tokens up to the longest caption in the batch."""
+    import torch
+    from open_clip.transformer import text_global_pool
+
+    pool = getattr(model, "text_pool_type", "argmax")
+    length = int((tokens != pad_id).sum(1).max().item()) if pool != "last" else tokens.shape[1]
+    length = max(1, length)
+    tokens = tokens[:, :length]
+    cast = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens).to(cast) + model.positional_embedding[:length].to(cast)
+    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
+    x = model.ln_final(x)
+    x = text_global_pool(x, tokens, pool, eos_token_id=getattr(model, "text_eos_id", None))
+    if isinstance(model.text_projection, torch.nn.Linear):
+        return model.text_projection(x)
+    return x @ model.text_projection if model.text_projection is not None else x
+
+
+class FastClip:
+    """Image/text encoding of an open_clip model under the chosen speed settings.
+
+    `encode_image(batch)` takes preprocessed float images, `encode_text(tokens)` token ids;
+    both return L2-normalised float32 tensors on the CPU.
+    """
+
+    def __init__(self, model: Any, device: Any = "cpu", precision: str = "fp32",
+                 channels_last: bool = False, compile: bool = False, trim_text: bool = True):
+        import torch
+
+        self.device = torch.device(device)
+        self.dtype = model_dtype(precision, self.device)
+        self.model = model.to(self.device, self.dtype).eval()
+        self.channels_last = channels_last
+        if channels_last:
+            self.model.visual.to(memory_format=torch.channels_last)
+        self.visual = torch.compile(self.model.visual) if compile else self.model.visual
+        self.trim_text = trim_text and can_trim_text(self.model)
+        if trim_text and not self.trim_text:
+            log.info("text trimming not applicable to %s; using the full context", type(model).__name__)
+
+    def encode_image(self, images):
+        import torch
+        import torch.nn.functional as F
+
+        x = images.to(self.device, self.dtype, non_blocking=True)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            feats = self.visual(x)
+            if isinstance(feats, (tuple, list)):
+                feats = feats[0]
+            return F.normalize(feats.float(), dim=-1).cpu()
+
+    def encode_text(self, tokens):
+        import torch
+        import torch.nn.functional as F
+
+        tokens = tokens.to(self.device)
+        with torch.inference_mode():
+            feats = encode_text_trimmed(self.model, tokens) if self.trim_text else self.model.encode_text(tokens)
+            return F.normalize(feats.float(), dim=-1).cpu()

@@ -1,0 +1,280 @@
+"""`python -m pipelines.embed INPUT OUTPUT`: embed and score image–text shards into a collection.
+
+One Dask task per input shard (img2dataset webdataset tars, parquet with image bytes, or
+`files` folders, from any fsspec URL, brace patterns allowed). Each task writes part N
+(N = the shard's position in the sorted input list): metadata/metadata_N.parquet,
+img_emb/img_emb_N.npy, text_emb/text_emb_N.npy, then _done/N.json last. A rerun skips parts
+already done from an unchanged shard, so an interrupted job resumes where it stopped.
+Runs on a LocalCluster sized to this machine, or on any cluster via --scheduler.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import replace
+from typing import Any, Sequence
+
+from curation import schema as S
+
+log = logging.getLogger(__name__)
+PRECISIONS = ("fp32", "bf16")
+
+
+class EmbedJobError(RuntimeError):
+    """Some shards could not be processed; the others were committed."""
+
+    def __init__(self, failed: dict[str, str], summary: dict[str, Any]):
+        self.failed, self.summary = failed, summary
+        names = ", ".join(sorted(failed))
+        super().__init__(f"{len(failed)} shard(s) failed: {names}")
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def default_cluster_size(workers: int | None = None, threads_per_worker: int | None = None,
+                         tasks: int | None = None, gpu: bool = False) -> tuple[int, int]:
+    """Worker processes x torch threads per worker, using every core of this machine.
+
+    On CPU one single-threaded worker per core beats fewer multi-threaded ones (each
+    worker's reader thread then overlaps its own model instead of stalling a shared
+    OpenMP team; measured in bench/embed.py), but never more workers than there are
+    shards to give them. On a GPU: one worker driving it, all cores as its threads.
+    """
+    cores = _cores()
+    if workers is None:
+        if gpu:
+            workers = 1
+        else:
+            workers = max(1, cores // (threads_per_worker or 1))
+            if tasks:
+                workers = max(1, min(workers, tasks))
+    if threads_per_worker is None:
+        threads_per_worker = max(1, cores // workers)
+    return workers, threads_per_worker
+
+
+def _gpu(device: str | None) -> bool:
+    if device is not None:
+        return device.startswith("cuda")
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def parse_scores(scores: str | Sequence[str] | None) -> tuple[str, ...]:
+    """'nsfw,watermark' -> ('nsfw', 'watermark'), checked against pipelines.scorers."""
+    if not scores:
+        return ()
+    names = tuple(s.strip() for s in (scores.split(",") if isinstance(scores, str) else scores) if s.strip())
+    try:
+        from pipelines.scorers import SCORER_NAMES
+    except ImportError as exc:
+        raise ValueError(f"--scores {','.join(names)} needs pipelines.scorers, which is not "
+                         f"importable: {exc}") from exc
+    unknown = [n for n in names if n not in SCORER_NAMES]
+    if unknown:
+        raise ValueError(f"unknown score(s) {unknown}; available: {list(SCORER_NAMES)}")
+    return names
+
+
+def _todo(shards, output: str, config, overwrite: bool) -> tuple[list, dict[int, dict], dict[int, dict]]:
+    """Split shards into those to (re)do and those whose committed part is still valid."""
+    from pipelines.readers import fingerprint
+    from pipelines.writer import read_done
+
+    todo, done, prints = [], {}, {}
+    for shard in shards:
+        prints[shard.index] = fingerprint(shard.url)
+        stats = None if overwrite else read_done(output, shard.index)
+        if (stats is not None and stats.get("source_shard") == shard.url
+                and stats.get("input_fingerprint") == prints[shard.index]
+                and stats.get("config") == config.identity()):
+            done[shard.index] = stats
+        else:
+            todo.append(shard)
+    return todo, done, prints
+
+
+def _check_model(output: str, clip_model: str, overwrite: bool) -> dict[str, Any] | None:
+    from pipelines.writer import read_collection_json
+
+    existing = read_collection_json(output)
+    if existing and not overwrite and existing.get("clip_model") not in (None, clip_model):
+        raise ValueError(f"{output} holds embeddings from {existing['clip_model']!r}, not "
+                         f"{clip_model!r}; use another OUTPUT or --overwrite")
+    return existing
+
+
+def _client(scheduler: str | None, workers: int):
+    """A Dask client: to `scheduler` if given, else to a new LocalCluster; returns (client, cluster)."""
+    from distributed import Client, LocalCluster
+
+    if scheduler:
+        return Client(scheduler), None
+    # one task slot per worker process: the model uses the threads, not Dask
+    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                           dashboard_address=":0", silence_logs=logging.WARNING)
+    return Client(cluster), cluster
+
+
+def _run_tasks(client, todo, output, config, prints) -> tuple[dict[int, dict], dict[str, str]]:
+    """Submit one task per shard; show shards done and samples/s; collect stats and failures."""
+    from distributed import as_completed
+    from tqdm import tqdm
+
+    from pipelines.embed_worker import process_shard
+
+    futures = {client.submit(process_shard, shard, output, config, prints[shard.index],
+                             key=f"embed-part-{shard.index}-{time.time_ns()}", pure=False,
+                             retries=0): shard for shard in todo}
+    results, failed = {}, {}
+    samples, start = 0, time.time()
+    with tqdm(total=len(todo), desc="shards", unit="shard", file=sys.stderr) as bar:
+        for fut in as_completed(futures):
+            shard = futures[fut]
+            try:
+                stats = fut.result()
+            except Exception as exc:  # noqa: BLE001 - any task failure is reported per shard
+                failed[shard.url] = f"{type(exc).__name__}: {exc}"
+                log.error("shard %s (part %d) failed: %s", shard.url, shard.index, failed[shard.url])
+            else:
+                results[shard.index] = stats
+                samples += stats["count"]
+            bar.update(1)
+            bar.set_postfix(samples=samples, samples_per_s=f"{samples / max(time.time() - start, 1e-9):.1f}",
+                            failed=len(failed))
+    return results, failed
+
+
+def embed(input: str | Sequence[str], output: str, clip_model: str = "sieve-tiny",
+          batch_size: int = 256, workers: int | None = None, threads_per_worker: int | None = None,
+          scheduler: str | None = None, scores: str | Sequence[str] | None = None,
+          overwrite: bool = False, precision: str = "fp32", input_format: str = "auto",
+          max_pixels: int | None = None, device: str | None = None,
+          clip_options: dict[str, Any] | None = None, client: Any = None) -> dict[str, Any]:
+    """Build (or resume) the collection at `output` from the shards in `input`; return a summary.
+
+    Raises EmbedJobError, after committing every other shard, when some shards failed.
+    `client` (Python API only) reuses an existing distributed.Client.
+    """
+    from pipelines.decode import DEFAULT_MAX_PIXELS
+    from pipelines.embed_worker import EmbedConfig
+    from pipelines.readers import list_shards
+    from pipelines.writer import clear_parts, write_collection_json
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    shards = list_shards(input, input_format)
+    if not shards:
+        raise ValueError(f"no shards found in {input!r}")
+    config = EmbedConfig(clip_model=clip_model, batch_size=batch_size, scores=parse_scores(scores),
+                         precision=precision, device=device, max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
+                         clip_options=tuple(sorted((clip_options or {}).items())))
+    existing = _check_model(output, clip_model, overwrite)
+    if overwrite:
+        log.info("--overwrite: removed %d files of earlier parts", clear_parts(output))
+    todo, done, prints = _todo(shards, output, config, overwrite)
+    log.info("%d shards: %d to do, %d already done", len(shards), len(todo), len(done))
+    failed: dict[str, str] = {}
+    if todo:
+        own = client is None
+        cluster = None
+        n_workers, threads = default_cluster_size(workers, threads_per_worker, len(todo),
+                                                  gpu=_gpu(device) if own and not scheduler else False)
+        # on someone else's cluster, threads default to each worker's share of its machine
+        config = replace(config, threads=threads if (own and not scheduler) or threads_per_worker else None)
+        if own:
+            client, cluster = _client(scheduler, n_workers)
+            log.info("LocalCluster: %d worker(s) x %d torch thread(s)", n_workers, threads)
+        print(f"Dask dashboard: {client.dashboard_link}", file=sys.stderr, flush=True)
+        try:
+            results, failed = _run_tasks(client, todo, output, config, prints)
+        finally:
+            if own:
+                client.close()
+                if cluster is not None:
+                    cluster.close()
+        done.update(results)
+    parts = [done[i] for i in sorted(done)]
+    emb_dim = next((p["emb_dim"] for p in parts), (existing or {}).get("emb_dim"))
+    summary = {
+        "clip_model": clip_model, "emb_dim": emb_dim, "source": input if isinstance(input, str) else list(input),
+        "scores": list(config.scores), "parts": len(parts), "shards": len(shards),
+        "count": sum(p["count"] for p in parts), "ok": sum(p["ok"] for p in parts),
+        "status_counts": _sum_counts(p["status_counts"] for p in parts),
+        "failed_shards": failed, "processed_now": len(todo) - len(failed),
+    }
+    if existing and not overwrite and "created" in existing:
+        summary["created"] = existing["created"]
+    write_collection_json(output, summary)
+    if failed:
+        raise EmbedJobError(failed, summary)
+    return summary
+
+
+def _sum_counts(counts) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for c in counts:
+        for k, v in c.items():
+            total[k] = total.get(k, 0) + v
+    return total
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.embed", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("input", help="shards: folder, file, glob or brace pattern (any fsspec URL)")
+    parser.add_argument("output", help="collection folder (any fsspec URL)")
+    parser.add_argument("--clip-model", default="sieve-tiny",
+                        help="CLIP spec, e.g. sieve-tiny or open_clip:ViT-B-32/laion2b_s34b_b79k")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--workers", type=int, default=None, help="LocalCluster worker processes")
+    parser.add_argument("--threads-per-worker", type=int, default=None, help="torch threads per worker")
+    parser.add_argument("--scheduler", default=None, help="existing Dask scheduler, e.g. tcp://host:8786")
+    parser.add_argument("--scores", default="", help="comma list of nsfw,watermark,toxicity")
+    parser.add_argument("--overwrite", action="store_true", help="redo every part")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                        help="bf16 weights where the CPU/GPU has native bf16 (else fp32)")
+    parser.add_argument("--channels-last", action="store_true", help="NHWC layout for the image tower")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the image tower")
+    parser.add_argument("--no-trim-text", action="store_true",
+                        help="run the text tower on the full context (trimming is exact, so rarely useful)")
+    parser.add_argument("--input-format", default="auto", choices=("auto", "webdataset", "parquet", "files"))
+    parser.add_argument("--max-pixels", type=int, default=None,
+                        help="images over this many pixels get status too_large (default PIL's limit)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        summary = embed(args.input, args.output, clip_model=args.clip_model, batch_size=args.batch_size,
+                        workers=args.workers, threads_per_worker=args.threads_per_worker,
+                        scheduler=args.scheduler, scores=args.scores, overwrite=args.overwrite,
+                        precision=args.precision, input_format=args.input_format,
+                        max_pixels=args.max_pixels, device=args.device,
+                        clip_options={"channels_last": args.channels_last, "compile": args.compile,
+                                      "trim_text": not args.no_trim_text})
+    except EmbedJobError as exc:
+        print(json.dumps(exc.summary, default=str))
+        for url, error in sorted(exc.failed.items()):
+            print(f"FAILED {url}: {error}", file=sys.stderr)
+        return 1
+    except ValueError as exc:
+        parser.error(str(exc))
+    print(json.dumps(summary, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

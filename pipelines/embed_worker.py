@@ -1,0 +1,330 @@
+"""The Dask task: embed and score one input shard and commit it as one collection part.
+
+Inside a task a reader thread reads, decodes, hashes and preprocesses the next batch while
+the calling thread runs the models on the current one, so decoding hides behind inference.
+Models live in a per-process cache keyed by their spec: a worker loads each model once and
+reuses it for every shard it is given.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import socket
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from curation import schema as S
+from pipelines.decode import DEFAULT_MAX_PIXELS, decode_sample
+from pipelines.readers import Shard, read_shard
+from pipelines.writer import write_part
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    """What a task needs to know; `identity()` is what makes a committed part reusable."""
+
+    clip_model: str = "sieve-tiny"
+    batch_size: int = 256
+    scores: tuple[str, ...] = ()
+    precision: str = "fp32"
+    threads: int | None = None
+    device: str | None = None
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    #: extra keyword arguments for `load_clip` (speed settings such as channels_last, compile)
+    clip_options: tuple[tuple[str, Any], ...] = field(default_factory=tuple)
+
+    def identity(self) -> dict[str, Any]:
+        """The settings whose change makes earlier parts stale (speed settings are not)."""
+        return {"clip_model": self.clip_model, "scores": sorted(self.scores),
+                "max_pixels": self.max_pixels}
+
+
+# ---- per-process model cache ------------------------------------------------------------
+_CACHE: dict[tuple, Any] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def cached(key: tuple, factory: Callable[[], Any]) -> tuple[Any, bool]:
+    """The object cached under `key` in this process, built once; returns (object, was_cached)."""
+    with _CACHE_LOCK:
+        if key in _CACHE:
+            return _CACHE[key], True
+        obj = factory()
+        _CACHE[key] = obj
+        return obj, False
+
+
+def clear_cache() -> None:
+    with _CACHE_LOCK:
+        _CACHE.clear()
+
+
+class Embedder:
+    """A loaded encoder under the config's speed settings (see pipelines.clip_speed).
+
+    Uses `FastClip` on the encoder's open_clip model when it has one, else the encoder's own
+    `encode_image_tensor` / `encode_texts`. `tokenize` runs in the reader thread.
+    """
+
+    def __init__(self, encoder: Any, config: EmbedConfig):
+        from pipelines.clip_speed import FastClip
+
+        self.encoder = encoder
+        self.preprocess = encoder.preprocess
+        self.dim = int(encoder.dim)
+        self.tokenizer = getattr(encoder, "tokenizer", None)
+        model = getattr(encoder, "model", None)
+        self.fast = None
+        if model is not None and self.tokenizer is not None and hasattr(model, "visual"):
+            device = config.device or getattr(encoder, "device", None) or "cpu"
+            self.fast = FastClip(model, device, config.precision, **dict(config.clip_options))
+
+    def tokenize(self, captions: list[str]) -> Any:
+        return self.tokenizer(captions) if self.fast is not None else None
+
+    def images(self, batch: Any) -> np.ndarray:
+        if self.fast is not None:
+            return _as_numpy(self.fast.encode_image(batch))
+        return _as_numpy(self.encoder.encode_image_tensor(batch))
+
+    def texts(self, captions: list[str], tokens: Any = None) -> np.ndarray:
+        if self.fast is not None:
+            return _as_numpy(self.fast.encode_text(tokens if tokens is not None else self.tokenize(captions)))
+        return _as_numpy(self.encoder.encode_texts(captions))
+
+
+def get_encoder(config: EmbedConfig) -> tuple[Embedder, bool]:
+    """The CLIP encoder for this config, loaded once per worker process."""
+    def load():
+        from pipelines.encoders import load_clip
+
+        # speed settings (precision included) are applied by Embedder, on the fp32 model
+        encoder = load_clip(config.clip_model, device=config.device, batch_size=config.batch_size)
+        return Embedder(encoder, config)
+
+    return cached(("clip", config.clip_model, config.device, config.precision, config.clip_options), load)
+
+
+def get_scorer(name: str, device: str | None = None) -> Any:
+    """A scorer from `pipelines.scorers`, loaded once per worker process."""
+    def load():
+        from pipelines.scorers import load_scorer
+
+        return load_scorer(name)
+
+    return cached(("scorer", name, device), load)[0]
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _task_slots() -> int:
+    """How many tasks this worker process runs at once (its Dask thread count)."""
+    try:
+        from distributed import get_worker
+
+        return max(1, get_worker().state.nthreads)
+    except (ImportError, ValueError, AttributeError):
+        return 1
+
+
+def set_threads(threads: int | None) -> int:
+    """Give torch `threads` intra-op threads (default: this machine's cores per task slot).
+
+    Dask's nanny starts workers with OMP_NUM_THREADS=1, so without this a worker would
+    run the model on one core whatever the machine has.
+    """
+    import torch
+
+    threads = threads or max(1, _cores() // _task_slots())
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return threads
+
+
+_MALLOC_TUNED = False
+
+
+def tune_malloc() -> bool:
+    """Let glibc keep freed tensor memory for reuse in this process (once; glibc only).
+
+    Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536 so idle workers hand
+    memory back. Setting it also freezes glibc's mmap threshold at 128 KiB, so every
+    activation tensor becomes a fresh mmap, page faults and munmap: measured here, that
+    halves CLIP throughput. Raising both thresholds restores it (bench/embed.py).
+    """
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED or not sys.platform.startswith("linux"):
+        return _MALLOC_TUNED
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    ok = bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 256 << 20))
+    _MALLOC_TUNED = ok
+    return ok
+
+
+# ---- the reader thread ------------------------------------------------------------------
+@dataclass
+class Chunk:
+    """Consecutive rows of a shard holding up to one batch of usable (ok) samples."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    ok_rows: list[int] = field(default_factory=list)
+    tensors: list[Any] = field(default_factory=list)
+    images: list[Any] = field(default_factory=list)
+    captions: list[str] = field(default_factory=list)
+    tokens: Any = None
+
+
+_END = object()
+
+
+def _put(q: queue.Queue, item: Any, stop: threading.Event) -> bool:
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _produce(shard: Shard, config: EmbedConfig, embedder: Embedder, keep_images: bool,
+             q: queue.Queue, stop: threading.Event) -> None:
+    """Read, decode, preprocess and tokenize the shard into chunks; errors travel through the queue."""
+    def ready(chunk: Chunk) -> Chunk:
+        if chunk.captions:
+            chunk.tokens = embedder.tokenize(chunk.captions)
+        return chunk
+
+    try:
+        chunk = Chunk()
+        for raw in read_shard(shard):
+            row, img = decode_sample(raw, shard.url, config.max_pixels)
+            chunk.rows.append(row)
+            if img is not None:
+                try:
+                    tensor = embedder.preprocess(img)
+                except (OSError, ValueError, RuntimeError) as exc:
+                    row[S.STATUS], row[S.ERROR] = S.STATUS_DECODE_ERROR, f"preprocess: {exc}"
+                    continue
+                chunk.ok_rows.append(len(chunk.rows) - 1)
+                chunk.tensors.append(tensor)
+                chunk.captions.append(row[S.CAPTION])
+                if keep_images:
+                    chunk.images.append(img)
+                if len(chunk.ok_rows) >= config.batch_size:
+                    if not _put(q, ready(chunk), stop):
+                        return
+                    chunk = Chunk()
+            if stop.is_set():
+                return
+        if chunk.rows:
+            _put(q, ready(chunk), stop)
+        _put(q, _END, stop)
+    except BaseException as exc:  # noqa: BLE001 - handed to the consuming thread, which re-raises
+        _put(q, exc, stop)
+
+
+def _chunks(shard: Shard, config: EmbedConfig, embedder: Embedder, keep_images: bool):
+    """Iterate the reader thread's chunks, re-raising its errors here."""
+    q: queue.Queue = queue.Queue(maxsize=2)
+    stop = threading.Event()
+    thread = threading.Thread(target=_produce, name=f"read-{shard.name}", daemon=True,
+                              args=(shard, config, embedder, keep_images, q, stop))
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+
+
+def _as_numpy(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().float().cpu().numpy()
+    return np.asarray(x, dtype=np.float32)
+
+
+def process_shard(shard: Shard, output: str, config: EmbedConfig,
+                  input_fingerprint: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Embed and score every sample of `shard`, commit part `shard.index`, return its stats."""
+    import torch
+
+    start = time.time()
+    tune_malloc()
+    threads = set_threads(config.threads)
+    encoder, cache_hit = get_encoder(config)
+    scorers = [get_scorer(name, config.device) for name in config.scores]
+    load_s = time.time() - start
+    keep_images = any(s.kind == "image" for s in scorers)
+    n = shard.index
+    rows: list[dict[str, Any]] = []
+    img_parts: list[np.ndarray] = []
+    text_parts: list[np.ndarray] = []
+    n_ok = 0
+    for chunk in _chunks(shard, config, encoder, keep_images):
+        if chunk.ok_rows:
+            with torch.inference_mode():
+                img = encoder.images(torch.stack(chunk.tensors))
+                txt = encoder.texts(chunk.captions, chunk.tokens)
+            sims = np.einsum("ij,ij->i", img, txt)
+            columns = {S.CLIP_SIMILARITY: sims}
+            for scorer in scorers:
+                items = chunk.images if scorer.kind == "image" else chunk.captions
+                columns[scorer.column] = np.asarray(scorer.score(items), dtype=np.float32)
+            for j, i in enumerate(chunk.ok_rows):
+                row = chunk.rows[i]
+                row[S.EMB_ROW] = n_ok + j
+                for name, values in columns.items():
+                    row[name] = float(values[j])
+            n_ok += len(chunk.ok_rows)
+            img_parts.append(img.astype(S.EMB_DTYPE))
+            text_parts.append(txt.astype(S.EMB_DTYPE))
+        for row in chunk.rows:
+            row[S.PART], row[S.ROW] = n, len(rows)
+            rows.append(row)
+    dim = encoder.dim
+    img_emb = np.concatenate(img_parts) if img_parts else np.zeros((0, dim), S.EMB_DTYPE)
+    text_emb = np.concatenate(text_parts) if text_parts else np.zeros((0, dim), S.EMB_DTYPE)
+    duration = time.time() - start
+    stats = {
+        "part": n, "source_shard": shard.url, "input_format": shard.format,
+        "input_fingerprint": input_fingerprint, "config": config.identity(),
+        "count": len(rows), "ok": n_ok,
+        "status_counts": dict(Counter(r[S.STATUS] for r in rows)),
+        "emb_dim": dim, "precision": config.precision, "batch_size": config.batch_size,
+        "torch_threads": threads, "model_cache_hit": cache_hit, "model_load_s": load_s,
+        "worker": f"{socket.gethostname()}:{os.getpid()}",
+        "start_time": start, "end_time": time.time(), "duration_s": duration,
+        "samples_per_s": len(rows) / duration if duration > 0 else None,
+    }
+    write_part(output, n, rows, img_emb, text_emb, stats)
+    log.info("part %d (%s): %d samples, %d ok, %.1f samples/s", n, shard.name, len(rows), n_ok,
+             stats["samples_per_s"] or 0.0)
+    return stats

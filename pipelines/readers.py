@@ -1,0 +1,315 @@
+"""Readers for img2dataset's three output formats, from any fsspec URL.
+
+`list_shards` turns an input spec (a folder, a file, a glob, a brace pattern such as
+`data/{00000..00099}.tar`, or a list of them) into the sorted shard list whose positions
+are the collection's part numbers. `read_shard` yields one `RawSample` per input sample,
+keys kept from the source. A sample the shard cannot deliver whole (a tar cut mid-member, a
+parquet row group that will not decode) still comes out, with `error` set, so the metadata
+rows always match the input samples; a shard that cannot be opened raises `ShardOpenError`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import posixpath
+import tarfile
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+log = logging.getLogger(__name__)
+
+WEBDATASET = "webdataset"
+PARQUET = "parquet"
+FILES = "files"
+FORMATS = (WEBDATASET, PARQUET, FILES)
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+CAPTION_EXTS = ("txt", "caption", "text")
+#: parquet columns tried, in order, for the image bytes and the caption
+PARQUET_IMAGE_COLUMNS = ("jpg", "jpeg", "png", "webp", "image", "img", "image_bytes")
+PARQUET_CAPTION_COLUMNS = ("txt", "caption", "text", "TEXT")
+_GLOB_CHARS = "*?["
+
+
+class ShardOpenError(RuntimeError):
+    """The shard as a whole cannot be read (missing, unreadable, not the format it claims)."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One input shard: its fsspec URL, its img2dataset format and its part number."""
+
+    url: str
+    format: str
+    index: int = 0
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(self.url.rstrip("/"))
+
+
+@dataclass
+class RawSample:
+    """One input sample before decoding. `error` set means the shard broke inside it."""
+
+    key: str
+    image: bytes | None
+    caption: str | None
+    meta: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+
+def _fs(url: str):
+    import fsspec
+
+    return fsspec.core.url_to_fs(url)
+
+
+def _full_url(fs, path: str) -> str:
+    """Re-attach the protocol for remote filesystems; plain paths stay plain."""
+    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    if "file" in protocols or "local" in protocols:
+        return path
+    return fs.unstrip_protocol(path)
+
+
+def format_of(url: str, is_dir: bool = False) -> str | None:
+    """The img2dataset format a path holds, judged from its name (None: not a shard)."""
+    if is_dir:
+        return FILES
+    lower = url.lower()
+    if lower.endswith(".tar"):
+        return WEBDATASET
+    if lower.endswith(".parquet"):
+        return PARQUET
+    return None
+
+
+def _shards_in_folder(fs, path: str) -> list[tuple[str, bool]]:
+    """A folder of img2dataset output: its tars, else its `files` subfolders, else parquets.
+
+    img2dataset writes a metadata-only parquet beside every tar and every files folder, so
+    parquet files are the shards only when nothing else is there.
+    """
+    entries = fs.ls(path, detail=True)
+    tars = [e["name"] for e in entries if e["type"] == "file" and e["name"].endswith(".tar")]
+    if tars:
+        return [(t, False) for t in tars]
+    dirs = [e["name"] for e in entries if e["type"] == "directory"
+            and not posixpath.basename(e["name"].rstrip("/")).startswith((".", "_"))]
+    if dirs:
+        return [(d, True) for d in dirs]
+    return [(e["name"], False) for e in entries
+            if e["type"] == "file" and e["name"].endswith(".parquet")]
+
+
+def list_shards(input: str | Sequence[str], input_format: str = "auto") -> list[Shard]:
+    """Expand an input spec into shards sorted by URL; a shard's position is its part number.
+
+    Brace patterns are expanded; globs are matched; a folder contributes its shards. Named
+    files are kept even when absent, so a missing shard is reported by name, not skipped.
+    """
+    from braceexpand import braceexpand
+
+    if input_format not in ("auto", *FORMATS):
+        raise ValueError(f"input_format must be auto or one of {FORMATS}, got {input_format!r}")
+    specs = [input] if isinstance(input, str) else list(input)
+    found: dict[str, str] = {}
+    for spec in specs:
+        for pattern in braceexpand(spec):
+            fs, path = _fs(pattern)
+            path = path.rstrip("/") or path
+            if any(c in path for c in _GLOB_CHARS):
+                candidates = [(p, fs.isdir(p)) for p in fs.glob(path)]
+            elif fs.isdir(path):
+                candidates = _shards_in_folder(fs, path)
+            else:
+                candidates = [(path, False)]
+            for p, is_dir in candidates:
+                fmt = input_format if input_format != "auto" else format_of(p, is_dir)
+                if fmt is None:
+                    if not any(c in path for c in _GLOB_CHARS):
+                        raise ValueError(f"{_full_url(fs, p)}: not a .tar, .parquet or folder "
+                                         f"shard; pass --input-format to say what it is")
+                    continue
+                found[_full_url(fs, p)] = fmt
+    return [Shard(url, found[url], i) for i, url in enumerate(sorted(found))]
+
+
+def fingerprint(url: str) -> dict[str, Any]:
+    """Size, mtime and etag of a shard (a folder: totals over its files), to detect changes."""
+    fs, path = _fs(url)
+    try:
+        if fs.isdir(path):
+            infos = list(fs.find(path, detail=True).values())
+        else:
+            infos = [fs.info(path)]
+    except (OSError, ValueError) as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    out: dict[str, Any] = {"size": sum(int(i.get("size") or 0) for i in infos), "files": len(infos)}
+    mtimes = [i.get(k) for i in infos for k in ("mtime", "LastModified", "updated", "last_modified")
+              if i.get(k) is not None]
+    if mtimes:
+        out["mtime"] = str(max(mtimes, key=str))
+    etags = [str(i.get(k)) for i in infos for k in ("ETag", "etag", "md5Hash", "md5")
+             if i.get(k) is not None]
+    if etags:
+        out["etag"] = etags[0] if len(etags) == 1 else sorted(etags)
+    return out
+
+
+def split_member(name: str) -> tuple[str, str]:
+    """webdataset's convention: key = path up to the basename's first dot, ext = the rest."""
+    head, base = posixpath.split(name)
+    stem, dot, ext = base.partition(".")
+    return (posixpath.join(head, stem) if head else stem), ext.lower()
+
+
+def _sample_from_members(key: str, members: dict[str, bytes], error: str | None = None) -> RawSample:
+    """Assemble image bytes, caption and json metadata from one key's members."""
+    meta: dict[str, Any] = {}
+    if "json" in members:
+        try:
+            loaded = json.loads(members["json"].decode("utf-8"))
+            if isinstance(loaded, dict):
+                meta = loaded
+        except (UnicodeDecodeError, ValueError) as exc:
+            log.warning("%s: unreadable json member (%s); metadata fields dropped", key, exc)
+    image = next((members[e] for e in IMAGE_EXTS if e in members), None)
+    caption = None
+    for ext in CAPTION_EXTS:
+        if ext in members:
+            caption = members[ext].decode("utf-8", errors="replace")
+            break
+    if caption is None and isinstance(meta.get("caption"), str):
+        caption = meta["caption"]
+    return RawSample(key, image, caption, meta, error)
+
+
+def read_tar(url: str) -> Iterator[RawSample]:
+    """Stream a webdataset tar, grouping consecutive members by key.
+
+    A member cut short yields its sample with `error` set; whatever follows the cut is
+    unknowable and ends the shard (logged).
+    """
+    fs, path = _fs(url)
+    try:
+        fh = fs.open(path, "rb")
+    except (OSError, ValueError) as exc:
+        raise ShardOpenError(f"cannot open shard {url}: {type(exc).__name__}: {exc}") from exc
+    with fh:
+        try:
+            tar = tarfile.open(fileobj=fh, mode="r|*")
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            raise ShardOpenError(f"cannot open shard {url} as a tar: {exc}") from exc
+        key: str | None = None
+        members: dict[str, bytes] = {}
+        try:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                k, ext = split_member(info.name)
+                if k != key:
+                    if key is not None:
+                        yield _sample_from_members(key, members)
+                    key, members = k, {}
+                try:
+                    members[ext] = tar.extractfile(info).read()
+                except (tarfile.TarError, OSError, EOFError) as exc:
+                    log.warning("%s: tar cut inside member %s: %s", url, info.name, exc)
+                    yield _sample_from_members(key, members, f"tar cut inside member {info.name}: {exc}")
+                    key = None
+                    return
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            log.warning("%s: tar ends abruptly after %s: %s", url, key, exc)
+        if key is not None:
+            yield _sample_from_members(key, members)
+
+
+def _parquet_column(names: Sequence[str], wanted: Sequence[str]) -> str | None:
+    return next((c for c in wanted if c in names), None)
+
+
+def _image_value(value: Any) -> bytes | None:
+    """Image bytes from a binary cell or a Hugging Face style {"bytes": ...} struct."""
+    if isinstance(value, dict):
+        value = value.get("bytes")
+    return bytes(value) if value is not None else None
+
+
+def read_parquet(url: str) -> Iterator[RawSample]:
+    """Read a parquet shard with image bytes (img2dataset's `parquet` output), row group by row group.
+
+    A row group that fails to decode yields one errored sample per row it holds (the footer
+    knows the count), keyed `{shard}_{row}` when the keys themselves are lost.
+    """
+    import pyarrow.parquet as pq
+
+    fs, path = _fs(url)
+    try:
+        fh = fs.open(path, "rb")
+        pf = pq.ParquetFile(fh)
+    except Exception as exc:  # pyarrow raises its own error kinds for a bad footer
+        raise ShardOpenError(f"cannot open shard {url} as parquet: {type(exc).__name__}: {exc}") from exc
+    names = pf.schema_arrow.names
+    image_col = _parquet_column(names, PARQUET_IMAGE_COLUMNS)
+    if image_col is None:
+        fh.close()
+        raise ShardOpenError(f"shard {url} has no image column (tried {PARQUET_IMAGE_COLUMNS}); "
+                             f"columns: {names}")
+    caption_col = _parquet_column(names, PARQUET_CAPTION_COLUMNS)
+    stem = posixpath.splitext(posixpath.basename(path))[0]
+    row = 0
+    with fh:
+        for g in range(pf.num_row_groups):
+            n = pf.metadata.row_group(g).num_rows
+            try:
+                records = pf.read_row_group(g).to_pylist()
+            except Exception as exc:  # a damaged row group: keep the rest of the shard
+                log.warning("%s: row group %d unreadable: %s", url, g, exc)
+                for i in range(n):
+                    yield RawSample(f"{stem}_{row + i:06d}", None, None, {},
+                                    f"parquet row group {g} unreadable: {exc}")
+                row += n
+                continue
+            for rec in records:
+                image = _image_value(rec.pop(image_col))
+                caption = rec.pop(caption_col) if caption_col else None
+                key = rec.get("key")
+                key = str(key) if key not in (None, "") else f"{stem}_{row:06d}"
+                yield RawSample(key, image, caption if isinstance(caption, str) else None, rec)
+                row += 1
+
+
+def read_files(url: str) -> Iterator[RawSample]:
+    """Read a `files` shard: a folder of `{key}.jpg`, `{key}.txt`, `{key}.json`, sorted by key."""
+    fs, path = _fs(url)
+    try:
+        if not fs.isdir(path):
+            raise FileNotFoundError(path)
+        names = sorted(fs.find(path))
+    except (OSError, ValueError) as exc:
+        raise ShardOpenError(f"cannot open shard {url} as a files folder: {type(exc).__name__}: {exc}") from exc
+    groups: dict[str, dict[str, str]] = {}
+    for name in names:
+        key, ext = split_member(posixpath.relpath(name, path))
+        if ext:
+            groups.setdefault(key, {})[ext] = name
+    for key, files in groups.items():
+        members: dict[str, bytes] = {}
+        error = None
+        for ext, name in files.items():
+            try:
+                members[ext] = fs.cat_file(name)
+            except OSError as exc:
+                error = f"cannot read {name}: {exc}"
+        yield _sample_from_members(key, members, error)
+
+
+READERS = {WEBDATASET: read_tar, PARQUET: read_parquet, FILES: read_files}
+
+
+def read_shard(shard: Shard) -> Iterator[RawSample]:
+    """Yield the samples of one shard in source order (see the module doc for failures)."""
+    return READERS[shard.format](shard.url)

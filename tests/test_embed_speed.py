@@ -1,0 +1,53 @@
+"""Speed settings keep the embeddings: trimmed text is exact, bf16 and channels_last stay close."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from pipelines.clip_speed import FastClip, bf16_supported, can_trim_text, encode_text_trimmed
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    import open_clip
+
+    torch.manual_seed(0)
+    model = open_clip.CLIP(embed_dim=32, vision_cfg={"image_size": 32, "layers": 2, "width": 64,
+                                                     "patch_size": 8, "head_width": 32},
+                           text_cfg={"context_length": 77, "vocab_size": 49408, "width": 64,
+                                     "heads": 2, "layers": 2}).eval()
+    tokens = open_clip.get_tokenizer("ViT-B-32")(["a red circle", "two small blue squares on a grey "
+                                                  "background, one of them large", "x"])
+    return model, tokens
+
+
+def _cos(a, b):
+    return torch.nn.functional.cosine_similarity(a.float(), b.float()).min().item()
+
+
+def test_trimmed_text_tower_equals_full_context(tiny):
+    model, tokens = tiny
+    assert can_trim_text(model)
+    with torch.inference_mode():
+        full = model.encode_text(tokens)
+        trimmed = encode_text_trimmed(model, tokens)
+    torch.testing.assert_close(trimmed, full, atol=1e-5, rtol=1e-4)
+
+
+def test_fast_clip_settings_stay_close_to_fp32(tiny):
+    model, tokens = tiny
+    images = torch.randn(4, 3, 32, 32)
+    ref = FastClip(model, trim_text=False)
+    ref_img, ref_txt = ref.encode_image(images), ref.encode_text(tokens)
+    assert ref_img.dtype == torch.float32
+    torch.testing.assert_close(ref_img.norm(dim=-1), torch.ones(4))
+    settings = [{"channels_last": True}, {"trim_text": True}]
+    if bf16_supported():
+        settings.append({"precision": "bf16"})
+    for opts in settings:
+        fast = FastClip(copy.deepcopy(model), **opts)
+        assert _cos(fast.encode_image(images), ref_img) > 0.995, opts
+        assert _cos(fast.encode_text(tokens), ref_txt) > 0.995, opts

@@ -1,0 +1,196 @@
+"""Readers: the three img2dataset formats, fsspec URLs, brace patterns, and broken input."""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import tarfile
+import zlib
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from curation import schema as S
+from pipelines.decode import decode_sample
+from pipelines.readers import (FILES, PARQUET, WEBDATASET, ShardOpenError, fingerprint,
+                               list_shards, read_shard)
+from pipelines.sample import iter_samples
+
+
+# ---- builders shared with tests/test_embed.py -------------------------------------------
+def jpeg_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
+    """A tiny PNG whose header claims a huge canvas: a decompression bomb's calling card."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+            + chunk(b"IEND", b""))
+
+
+def _member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            _member(tar, name, data)
+    path.write_bytes(buf.getvalue())
+    return buf.getvalue()
+
+
+def sample_members(n: int, start: int = 0, prefix: str = "s") -> list[tuple[str, bytes]]:
+    """Good generated samples as webdataset members ({key}.jpg/.txt/.json)."""
+    out = []
+    for i, s in enumerate(iter_samples(n, size=32, start=start)):
+        key = f"{prefix}{start + i:05d}"
+        meta = {"url": f"http://x.invalid/{key}.jpg", "status": "success", "shape": s.attrs["shape"]}
+        out += [(f"{key}.jpg", jpeg_bytes(s.image)), (f"{key}.txt", s.caption.encode()),
+                (f"{key}.json", json.dumps(meta).encode())]
+    return out
+
+
+def tricky_members(prefix: str = "t") -> tuple[list[tuple[str, bytes]], dict[str, str]]:
+    """One sample of each failure kind, and the status each must get."""
+    good = jpeg_bytes(Image.new("RGB", (24, 24), (200, 30, 30)))
+    members = [
+        (f"{prefix}_trunc.jpg", good[: len(good) // 2]), (f"{prefix}_trunc.txt", b"a red square"),
+        (f"{prefix}_garbage.jpg", b"not an image at all" * 10), (f"{prefix}_garbage.txt", b"noise"),
+        (f"{prefix}_bomb.png", bomb_png()), (f"{prefix}_bomb.txt", b"a huge picture"),
+        (f"{prefix}_nocap.jpg", good), (f"{prefix}_nocap.json", b'{"url": "http://x.invalid/n"}'),
+        (f"{prefix}_noimg.txt", b"a caption alone"),
+    ]
+    expected = {f"{prefix}_trunc": S.STATUS_DECODE_ERROR, f"{prefix}_garbage": S.STATUS_DECODE_ERROR,
+                f"{prefix}_bomb": S.STATUS_TOO_LARGE, f"{prefix}_nocap": S.STATUS_MISSING_CAPTION,
+                f"{prefix}_noimg": S.STATUS_MISSING_IMAGE}
+    return members, expected
+
+
+def statuses(shard) -> dict[str, str]:
+    return {row[S.KEY]: row[S.STATUS] for row, _ in (decode_sample(r, shard.url) for r in read_shard(shard))}
+
+
+# ---- tests -------------------------------------------------------------------------------
+def test_tar_keeps_keys_metadata_and_flags_every_failure_kind(tmp_path):
+    tricky, expected = tricky_members()
+    write_tar(tmp_path / "00000.tar", sample_members(3) + tricky)
+    [shard] = list_shards(str(tmp_path))
+    assert shard.format == WEBDATASET
+    raws = list(read_shard(shard))
+    assert [r.key for r in raws[:3]] == ["s00000", "s00001", "s00002"]
+    assert raws[0].meta["shape"] and raws[0].caption
+    got = statuses(shard)
+    assert len(got) == 3 + len(expected)
+    assert {k: got[k] for k in expected} == expected
+    assert all(got[f"s{i:05d}"] == S.STATUS_OK for i in range(3))
+    row, img = decode_sample(raws[0], shard.url)
+    assert row[S.URL] == "http://x.invalid/s00000.jpg" and row["src_status"] == "success"
+    assert (row[S.WIDTH], row[S.HEIGHT]) == (32, 32) and len(row[S.PHASH]) == 16
+    assert len(row[S.SHA256]) == 64 and img.mode == "RGB"
+
+
+def test_tar_cut_mid_member_keeps_earlier_samples_and_flags_the_cut_one(tmp_path):
+    data = write_tar(tmp_path / "full.tar", sample_members(4))
+    jpg_len = len(sample_members(1)[0][1])
+    # cut inside the 3rd sample's image data: header(512) + some bytes
+    offsets = {}
+    with tarfile.open(tmp_path / "full.tar") as tar:
+        for m in tar.getmembers():
+            offsets[m.name] = m.offset_data
+    cut = offsets["s00002.jpg"] + min(100, jpg_len // 2)
+    (tmp_path / "00000.tar").write_bytes(data[:cut])
+    (tmp_path / "full.tar").unlink()
+    [shard] = list_shards(str(tmp_path))
+    got = statuses(shard)
+    assert got == {"s00000": S.STATUS_OK, "s00001": S.STATUS_OK, "s00002": S.STATUS_READ_ERROR}
+
+
+def test_unopenable_shard_raises_with_its_name(tmp_path):
+    (tmp_path / "00000.tar").write_bytes(b"")
+    with pytest.raises(ShardOpenError, match="00000.tar"):
+        list(read_shard(list_shards(str(tmp_path / "00000.tar"))[0]))
+    missing = list_shards(str(tmp_path / "{00000..00001}.tar"))
+    assert [s.name for s in missing] == ["00000.tar", "00001.tar"]
+    with pytest.raises(ShardOpenError, match="00001.tar"):
+        list(read_shard(missing[1]))
+
+
+def test_parquet_with_image_bytes(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    samples = list(iter_samples(5, size=32))
+    table = pa.table({
+        "key": [f"p{i}" for i in range(5)],
+        "jpg": [jpeg_bytes(s.image) for s in samples[:4]] + [None],
+        "txt": [s.caption for s in samples],
+        "url": [f"http://x.invalid/{i}" for i in range(5)],
+        "status": ["success"] * 4 + ["failed_to_download"],
+    })
+    pq.write_table(table, tmp_path / "00000.parquet", row_group_size=2)
+    [shard] = list_shards(str(tmp_path))
+    assert shard.format == PARQUET
+    got = statuses(shard)
+    assert got == {"p0": "ok", "p1": "ok", "p2": "ok", "p3": "ok", "p4": S.STATUS_MISSING_IMAGE}
+    raws = list(read_shard(shard))
+    assert raws[1].caption == samples[1].caption and raws[1].meta["url"] == "http://x.invalid/1"
+
+
+def test_files_folder_format_and_folder_preference(tmp_path):
+    shard_dir = tmp_path / "00000"
+    shard_dir.mkdir()
+    for name, data in sample_members(2):
+        (shard_dir / name).write_bytes(data)
+    (tmp_path / "00000.parquet").write_bytes(b"metadata only, never read as a shard")
+    [shard] = list_shards(str(tmp_path))
+    assert shard.format == FILES and shard.name == "00000"
+    assert statuses(shard) == {"s00000": "ok", "s00001": "ok"}
+
+
+def test_memory_fs_brace_pattern_sorted_part_numbers():
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    for i in (2, 0, 1):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            for name, data in sample_members(2, start=10 * i):
+                _member(tar, name, data)
+        fs.pipe(f"/sieve-test/shards/{i:05d}.tar", buf.getvalue())
+    shards = list_shards("memory://sieve-test/shards/{00000..00002}.tar")
+    assert [s.index for s in shards] == [0, 1, 2]
+    assert [s.url for s in shards] == sorted(s.url for s in shards)
+    assert all(s.url.startswith("memory://") for s in shards)
+    assert [r.key for r in read_shard(shards[2])] == ["s00020", "s00021"]
+    assert fingerprint(shards[0].url)["size"] > 0
+    assert list_shards("memory://sieve-test/shards/*.tar") == shards
+    fs.rm("/sieve-test", recursive=True)
+
+
+def test_fingerprint_changes_when_shard_changes(tmp_path):
+    write_tar(tmp_path / "00000.tar", sample_members(1))
+    before = fingerprint(str(tmp_path / "00000.tar"))
+    write_tar(tmp_path / "00000.tar", sample_members(2))
+    assert fingerprint(str(tmp_path / "00000.tar")) != before
+
+
+def test_phash_is_bit_identical_to_imagehash():
+    import imagehash
+
+    from pipelines.decode import phash
+
+    images = [s.image for s in iter_samples(60, size=48, watermark_fraction=0.5)]
+    images += [Image.new("RGB", (50, 80), (10, 200, 3)), Image.new("L", (7, 300)),
+               Image.new("RGBA", (33, 33), (1, 2, 3, 4))]
+    assert [phash(im) for im in images] == [str(imagehash.phash(im)) for im in images]
