@@ -42,12 +42,13 @@ class Batcher:
     def __init__(self, searcher: Any, executor: ThreadPoolExecutor, max_batch: int = MAX_BATCH) -> None:
         self.searcher, self.executor, self.max_batch = searcher, executor, max_batch
         self.queue: asyncio.Queue | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.batch_sizes: list[int] = []
 
     async def submit(self, job: dict[str, Any]) -> list[dict[str, Any]]:
-        if self.queue is None:
-            self.queue = asyncio.Queue()
-            asyncio.get_running_loop().create_task(self._run())
+        if self.loop is not asyncio.get_running_loop():  # first call, or a new event loop
+            self.loop, self.queue = asyncio.get_running_loop(), asyncio.Queue()
+            self.task = self.loop.create_task(self._run())
         fut = asyncio.get_running_loop().create_future()
         await self.queue.put((job, fut))
         return await fut
