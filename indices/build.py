@@ -1,0 +1,177 @@
+"""Build the collection's FAISS indices: choose, train on a sample, add part by part, tune,
+and write `indices/{modality}.index` + `{modality}.json` atomically.
+
+    python -m indices.build COLLECTION [--max-index-memory 4G] [--max-query-ms 10]
+                            [--modality image,text] [--index-key KEY] [--target-recall 0.95]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import time
+from typing import Any
+
+import numpy as np
+
+from curation import schema as S
+from indices.select import choose_index, estimate_bytes, parse_bytes
+from indices.store import CollectionError, EmbeddingStore
+
+log = logging.getLogger(__name__)
+
+MAX_TRAIN = 2**17
+N_QUERIES = 200
+
+
+def _atomic_write_index(index: Any, path: str) -> None:
+    import faiss
+
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        faiss.write_index(index, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _atomic_write_json(doc: dict[str, Any], path: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as fh:
+        json.dump(doc, fh, indent=2, default=float)
+    os.replace(tmp, path)
+
+
+def load_index(path: str, mmap: bool = True) -> Any:
+    """Read an index; memory-mapped (read-only) where faiss supports it for that type."""
+    import faiss
+
+    if not os.path.exists(path):
+        raise CollectionError(f"{path}: no index; run `python -m indices.build` first")
+    if mmap:
+        try:
+            return faiss.read_index(path, faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+        except RuntimeError as exc:
+            log.warning("%s: memory-mapped read unsupported (%s); loading into RAM", path, exc)
+    return faiss.read_index(path)
+
+
+def _queries(root: str, modality: str, store: EmbeddingStore, n: int, seed: int) -> tuple[np.ndarray, str]:
+    """Held-out queries: the other modality's embeddings when present (text->image is what
+    serving sees), else rows of this modality sampled with a different seed."""
+    other = S.MODALITY_TEXT if modality == S.MODALITY_IMAGE else S.MODALITY_IMAGE
+    try:
+        o = EmbeddingStore.open(root, other)
+        if o.count and o.dim == store.dim:
+            return o.sample(n, seed + 1)[1], f"{other} embeddings ({other}->{modality} queries)"
+    except CollectionError:
+        pass
+    return store.sample(n, seed + 1)[1], f"{modality} embeddings sampled from the collection"
+
+
+def build_one(root: str, modality: str, max_index_memory: int | str = "4G", max_query_ms: float = 10.0,
+              index_key: str | None = None, target_recall: float = 0.95, seed: int = 0,
+              n_queries: int = N_QUERIES) -> dict[str, Any]:
+    """Build, tune and atomically write one modality's index; returns its json record."""
+    import faiss
+
+    from indices.tune import exact_topk, latency_ms, ann_search, tune
+
+    t0 = time.perf_counter()
+    store = EmbeddingStore.open(root, modality)
+    n, dim = store.count, store.dim
+    if n == 0:
+        raise CollectionError(f"{root}: no {modality} embeddings to index")
+    budget = parse_bytes(max_index_memory)
+    choice = choose_index(n, dim, budget)
+    key = index_key or choice.index_key
+    rerank = choice.rerank if index_key is None else "PQ" in key
+    log.info("%s: %d x %d, budget %d B -> %s (%s)", modality, n, dim, budget, key, choice.reason)
+    index = faiss.index_factory(dim, key, faiss.METRIC_INNER_PRODUCT)
+    m = re.search(r"IVF(\d+)", key)
+    nlist = int(m.group(1)) if m else None
+    t_train = time.perf_counter()
+    if not index.is_trained:
+        n_train = min(n, MAX_TRAIN, max(64 * (nlist or 1), 2**15))
+        _, xt = store.sample(n_train, seed)
+        index.train(xt)
+        del xt
+    t_add = time.perf_counter()
+    for start, x in store.iter_parts():  # one part in memory at a time
+        index.add(x)
+    t_tune = time.perf_counter()
+    queries, qsource = _queries(root, modality, store, n_queries, seed)
+    truth = exact_topk(store, queries, 10)
+    params, measured, table = tune(index, key, nlist, rerank, store, queries, truth, max_query_ms, target_recall)
+    layout = S.CollectionLayout(root)
+    os.makedirs(layout.indices_dir, exist_ok=True)
+    path = layout.index(modality)
+    _atomic_write_index(index, path)
+    size = os.path.getsize(path)
+    depth = params.get("rerank_k", 0)
+    doc = {
+        "modality": modality, "index_key": key, "metric": "inner_product", "count": n, "dim": dim,
+        "params": params, "rerank": bool(depth), "rerank_source": f"{modality} float16 embeddings (mmap)" if depth else None,
+        "recall_at_10": measured["recall_at_10"], "p50_ms": measured["p50_ms"], "p99_ms": measured["p99_ms"],
+        "recall_queries": {"n": len(queries), "source": qsource, "truth": "exact inner product over every vector"},
+        "index_bytes": size, "estimated_bytes": estimate_bytes(key, n, dim), "flat_bytes": n * dim * 4,
+        "memory_ratio_vs_flat": size / (n * dim * 4),
+        "bytes_read_per_query": depth * dim * np.dtype(S.EMB_DTYPE).itemsize,
+        "max_index_memory": budget, "max_query_ms": max_query_ms, "target_recall": target_recall,
+        "reason": choice.reason if index_key is None else "index key given by the caller",
+        "train_seconds": t_add - t_train, "add_seconds": t_tune - t_add, "tune_seconds": time.perf_counter() - t_tune,
+        "build_seconds": time.perf_counter() - t0, "parts": store.parts,
+        "faiss_version": faiss.__version__, "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "sweep": table,
+    }
+    _atomic_write_json(doc, layout.index_json(modality))
+    log.info("%s: wrote %s (%d B, recall@10 %.3f, p99 %.2f ms)", modality, path, size,
+             doc["recall_at_10"], doc["p99_ms"])
+    return doc
+
+
+def build(collection: str, max_index_memory: str = "4G", max_query_ms: float = 10.0,
+          modality: str = "image,text", index_key: str | None = None, target_recall: float = 0.95,
+          seed: int = 0) -> dict[str, dict[str, Any]]:
+    """Build every requested modality's index; a modality without embeddings is skipped
+    unless it was the only one asked for."""
+    wanted = [m.strip() for m in modality.split(",") if m.strip()]
+    for m in wanted:
+        if m not in S.MODALITIES:
+            raise ValueError(f"--modality: unknown {m!r}; expected {','.join(S.MODALITIES)}")
+    out = {}
+    for m in wanted:
+        try:
+            out[m] = build_one(collection, m, max_index_memory, max_query_ms, index_key, target_recall, seed)
+        except CollectionError as exc:
+            if len(wanted) == 1:
+                raise
+            log.warning("skipping %s: %s", m, exc)
+    if not out:
+        raise CollectionError(f"{collection}: nothing to index for {modality}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m indices.build", description=__doc__.splitlines()[0])
+    p.add_argument("collection")
+    p.add_argument("--max-index-memory", default="4G", help="resident index budget, e.g. 4G, 100M")
+    p.add_argument("--max-query-ms", type=float, default=10.0, help="p99 single-query latency budget")
+    p.add_argument("--modality", default="image,text")
+    p.add_argument("--index-key", default=None, help="force a faiss index_factory key")
+    p.add_argument("--target-recall", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    docs = build(a.collection, a.max_index_memory, a.max_query_ms, a.modality, a.index_key, a.target_recall, a.seed)
+    for m, d in docs.items():
+        print(f"{m}: {d['index_key']} params={d['params']} recall@10={d['recall_at_10']:.3f} "
+              f"p99={d['p99_ms']:.2f}ms size={d['index_bytes']}B ({d['memory_ratio_vs_flat']:.3f} of flat)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,246 @@
+"""Search a collection: `Searcher(collection).query(text=..., image=..., embedding=...)`.
+
+Results are rows of metadata plus `id` (global vector id) and `similarity`. The takedown
+list is always applied; near-duplicate collapse, safe mode and SQL-style metadata filters
+(a DuckDB WHERE clause over the candidate rows) are options.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import threading
+from typing import Any, Sequence
+
+import numpy as np
+
+from curation import schema as S
+from indices.store import CollectionError, EmbeddingStore, read_collection_json, read_metadata
+
+log = logging.getLogger(__name__)
+
+DEDUP_THRESHOLD = 0.94
+PUNSAFE_MAX = 0.5
+PWATERMARK_MAX = 0.8
+#: Columns returned by default (clip back returns url/caption; we add our scores).
+DEFAULT_COLUMNS = (S.KEY, S.URL, S.CAPTION, S.WIDTH, S.HEIGHT, S.CLIP_SIMILARITY, S.PUNSAFE, S.PWATERMARK)
+
+
+class QueryError(ValueError):
+    """A query the searcher cannot answer (bad filter, wrong dimension, no input)."""
+
+
+def duplicate_ids(vectors: np.ndarray, threshold: float = DEDUP_THRESHOLD) -> set[int]:
+    """Positions to drop: all but the first member of each connected component of the
+    graph linking rows with cosine >= threshold (the first is the best-ranked)."""
+    sims = vectors @ vectors.T
+    n = len(vectors)
+    parent = list(range(n))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, j in zip(*np.nonzero(np.triu(sims >= threshold, 1))):
+        a, b = find(int(i)), find(int(j))
+        if a != b:
+            parent[max(a, b)] = min(a, b)
+    return {i for i in range(n) if find(i) != i}
+
+
+def _json_value(v: Any) -> Any:
+    if isinstance(v, float) and math.isnan(v):
+        return None
+    if isinstance(v, np.generic):
+        return _json_value(v.item())
+    return v
+
+
+class Searcher:
+    """Loads a collection's indices (memory-mapped), metadata and takedown list once."""
+
+    def __init__(self, collection: str, encoder: Any = None, mmap: bool = True,
+                 columns: Sequence[str] | None = DEFAULT_COLUMNS) -> None:
+        self.root = collection
+        self.layout = S.CollectionLayout(collection)
+        self.info = read_collection_json(collection)
+        self._encoder = encoder
+        self._mmap = mmap
+        self._lock = threading.Lock()
+        self._indices: dict[str, tuple[Any, dict[str, Any], EmbeddingStore]] = {}
+        table = read_metadata(collection)
+        self.columns = [c for c in (columns or table.column_names) if c in table.column_names]
+        self.metadata = table.to_pandas()
+        self.count = len(self.metadata)
+        self.blocked = self._takedown_mask()
+
+    # ---- loading -------------------------------------------------------------------------
+    def _takedown_mask(self) -> np.ndarray:
+        mask = np.zeros(self.count, dtype=bool)
+        if not os.path.exists(self.layout.takedown):
+            return mask
+        import pandas as pd
+
+        td = pd.read_parquet(self.layout.takedown)
+        for col in (S.KEY, S.URL, S.SHA256):
+            if col in td.columns and col in self.metadata.columns:
+                mask |= self.metadata[col].isin(set(td[col].dropna())).to_numpy()
+        log.info("%s: takedown list blocks %d rows", self.layout.takedown, int(mask.sum()))
+        return mask
+
+    def modalities(self) -> list[str]:
+        return [m for m in S.MODALITIES if os.path.exists(self.layout.index(m))]
+
+    def index(self, modality: str) -> tuple[Any, dict[str, Any], EmbeddingStore]:
+        """(faiss index, its json, embedding store) for a modality, loaded once."""
+        with self._lock:
+            if modality not in self._indices:
+                from indices.build import load_index
+                from indices.tune import set_search_params
+
+                if modality not in S.MODALITIES:
+                    raise QueryError(f"modality: unknown {modality!r}; expected one of {list(S.MODALITIES)}")
+                idx = load_index(self.layout.index(modality), self._mmap)
+                with open(self.layout.index_json(modality)) as fh:
+                    doc = json.load(fh)
+                set_search_params(idx, doc.get("params", {}))
+                store = EmbeddingStore.open(self.root, modality)
+                if store.count != self.count:
+                    raise CollectionError(f"{self.root}: {store.count} {modality} vectors but {self.count} metadata rows")
+                self._indices[modality] = (idx, doc, store)
+            return self._indices[modality]
+
+    @property
+    def encoder(self) -> Any:
+        """The collection's CLIP model (collection.json's spec), loaded on first text/image query."""
+        if self._encoder is None:
+            from pipelines.encoders import load_clip
+
+            self._encoder = load_clip(self.info.get("clip_model", "sieve-tiny"))
+        return self._encoder
+
+    # ---- querying ------------------------------------------------------------------------
+    def embed(self, text: str | None = None, image: Any = None, embedding: Sequence[float] | None = None) -> np.ndarray:
+        """One L2-normalised float32 query vector from exactly one of text / image / embedding."""
+        given = [x is not None for x in (text, image, embedding)]
+        if sum(given) != 1:
+            raise QueryError("give exactly one of text, image or embedding")
+        if text is not None:
+            v = self.encoder.encode_texts([text])[0]
+        elif image is not None:
+            v = self.encoder.encode_images([image])[0]
+        else:
+            v = np.asarray(embedding, dtype=np.float32).reshape(-1)
+        norm = float(np.linalg.norm(v))
+        if not np.isfinite(norm) or norm == 0:
+            raise QueryError("query embedding is zero or not finite")
+        return (v / norm).astype(np.float32)
+
+    def query(self, text: str | None = None, image: Any = None, embedding: Sequence[float] | None = None,
+              k: int = 10, modality: str = S.MODALITY_IMAGE, filters: str | None = None,
+              deduplicate: bool = True, safe_mode: bool = False, punsafe_max: float = PUNSAFE_MAX,
+              pwatermark_max: float = PWATERMARK_MAX) -> list[dict[str, Any]]:
+        """Top-k rows (metadata + id + similarity) for one query."""
+        return self.search_vectors(self.embed(text, image, embedding)[None, :], k, modality, filters,
+                                   deduplicate, safe_mode, punsafe_max, pwatermark_max)[0]
+
+    def search_vectors(self, queries: np.ndarray, k: int = 10, modality: str = S.MODALITY_IMAGE,
+                       filters: str | None = None, deduplicate: bool = True, safe_mode: bool = False,
+                       punsafe_max: float = PUNSAFE_MAX, pwatermark_max: float = PWATERMARK_MAX) -> list[list[dict[str, Any]]]:
+        """Batched search: one faiss call for all queries, then per-query post-filtering.
+        Fetches more candidates while filters leave fewer than k rows."""
+        index, doc, store = self.index(modality)
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if queries.ndim != 2 or queries.shape[1] != store.dim:
+            raise QueryError(f"query dimension {queries.shape[-1]} does not match the index's {store.dim}")
+        if k < 1:
+            raise QueryError("k must be at least 1")
+        out: list[list[dict[str, Any]] | None] = [None] * len(queries)
+        todo = list(range(len(queries)))
+        depth = max(4 * k, int(doc.get("params", {}).get("rerank_k", 0)), 50)
+        while todo:
+            depth = min(depth, self.count)
+            _, cand = index.search(queries[todo], depth)
+            again = []
+            for r, qi in enumerate(todo):
+                rows = self._post(queries[qi], cand[r], store, k, filters, deduplicate, safe_mode, punsafe_max, pwatermark_max)
+                if len(rows) < k and depth < self.count and depth < 8192:
+                    again.append(qi)
+                else:
+                    out[qi] = rows
+            todo, depth = again, depth * 4
+        return [o or [] for o in out]
+
+    def _post(self, q: np.ndarray, cand: np.ndarray, store: EmbeddingStore, k: int, filters: str | None,
+              deduplicate: bool, safe_mode: bool, punsafe_max: float, pwatermark_max: float) -> list[dict[str, Any]]:
+        cand = cand[cand >= 0]
+        cand = cand[~self.blocked[cand]]  # takedown: always
+        vecs = store.gather(cand)
+        sims = vecs @ q  # exact similarity from the collection's own embeddings
+        order = np.argsort(-sims, kind="stable")
+        cand, sims, vecs = cand[order], sims[order], vecs[order]
+        if safe_mode:
+            meta = self.metadata
+            keep = np.ones(len(cand), dtype=bool)
+            for col, limit in ((S.PUNSAFE, punsafe_max), (S.PWATERMARK, pwatermark_max)):
+                if col in meta.columns:
+                    vals = meta[col].to_numpy(dtype=float, na_value=np.nan)[cand]
+                    keep &= ~(vals > limit)  # unknown scores pass, as clip back does
+            cand, sims, vecs = cand[keep], sims[keep], vecs[keep]
+        if filters:
+            keep = self._filter(cand, filters)
+            cand, sims, vecs = cand[keep], sims[keep], vecs[keep]
+        if deduplicate and len(cand) > 1:
+            drop = duplicate_ids(vecs)
+            keep = np.array([i not in drop for i in range(len(cand))])
+            cand, sims = cand[keep], sims[keep]
+        return [self._row(int(i), float(s)) for i, s in zip(cand[:k], sims[:k])]
+
+    def _filter(self, ids: np.ndarray, where: str) -> np.ndarray:
+        """Boolean mask of ids whose metadata satisfies the SQL WHERE clause (DuckDB, sandboxed:
+        the candidates are the only table, external access and configuration are locked)."""
+        import duckdb
+        import pyarrow as pa
+
+        if ";" in where:
+            raise QueryError("filters: one WHERE expression, no ';'")
+        if not len(ids):
+            return np.zeros(0, dtype=bool)
+        frame = self.metadata.iloc[ids].copy()
+        frame["__pos"] = np.arange(len(ids))
+        con = duckdb.connect()
+        try:
+            con.register("candidates", pa.Table.from_pandas(frame, preserve_index=False))
+            con.execute("SET enable_external_access=false")
+            con.execute("SET lock_configuration=true")
+            try:
+                pos = con.execute(f"SELECT __pos FROM candidates WHERE {where}").fetchnumpy()["__pos"]
+            except duckdb.Error as exc:
+                raise QueryError(f"filters: {exc}") from exc
+        finally:
+            con.close()
+        mask = np.zeros(len(ids), dtype=bool)
+        mask[np.asarray(pos, dtype=np.int64)] = True
+        return mask
+
+    def _row(self, i: int, similarity: float) -> dict[str, Any]:
+        rec = self.metadata.iloc[i]
+        row = {c: _json_value(rec[c]) for c in self.columns}
+        row["id"] = i
+        row["similarity"] = similarity
+        return row
+
+    def metadata_for(self, ids: Sequence[int]) -> list[dict[str, Any]]:
+        """Metadata of given ids; taken-down ids get empty metadata (never served)."""
+        out = []
+        for i in ids:
+            i = int(i)
+            if not 0 <= i < self.count:
+                raise QueryError(f"ids: {i} is out of range 0..{self.count - 1}")
+            meta = {} if self.blocked[i] else {c: _json_value(self.metadata.iloc[i][c]) for c in self.columns}
+            out.append({"id": i, "metadata": meta})
+        return out

@@ -1,0 +1,130 @@
+"""Ground truth, recall and latency measurement, and the search-time parameter sweep.
+
+Used by the builder (to pick nprobe / efSearch / the re-rank depth for a latency budget)
+and by the benchmark (to report every candidate the same way).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from indices.store import EmbeddingStore
+
+log = logging.getLogger(__name__)
+
+NPROBES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+EF_SEARCH = (16, 32, 64, 128, 256, 512)
+RERANK_DEPTHS = (100, 200, 400)
+
+
+def exact_topk(store: EmbeddingStore, queries: np.ndarray, k: int) -> np.ndarray:
+    """Exact inner-product top-k ids, streaming part by part (never all vectors at once)."""
+    best_s = np.full((len(queries), k), -np.inf, dtype=np.float32)
+    best_i = np.full((len(queries), k), -1, dtype=np.int64)
+    for start, x in store.iter_parts():
+        s = queries @ x.T
+        kk = min(k, s.shape[1])
+        top = np.argpartition(-s, kk - 1, axis=1)[:, :kk]
+        cand_s = np.concatenate([best_s, np.take_along_axis(s, top, 1)], axis=1)
+        cand_i = np.concatenate([best_i, top + start], axis=1)
+        order = np.argsort(-cand_s, axis=1)[:, :k]
+        best_s, best_i = np.take_along_axis(cand_s, order, 1), np.take_along_axis(cand_i, order, 1)
+    return best_i
+
+
+def recall_at(found: np.ndarray, truth: np.ndarray, k: int = 10) -> float:
+    """Mean fraction of the true top-k present in the found top-k."""
+    hits = [len(set(f[:k].tolist()) & set(t[:k].tolist())) for f, t in zip(found, truth)]
+    return float(np.mean(hits)) / k
+
+
+def set_search_params(index: Any, params: dict[str, int]) -> None:
+    """Apply nprobe / efSearch / quantizer_efSearch through faiss's ParameterSpace."""
+    import faiss
+
+    text = ",".join(f"{k}={v}" for k, v in params.items() if k in ("nprobe", "efSearch", "quantizer_efSearch"))
+    if text:
+        faiss.ParameterSpace().set_index_parameters(index, text)
+
+
+def ann_search(index: Any, store: EmbeddingStore | None, q: np.ndarray, k: int,
+               rerank_k: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k (scores, ids); with rerank_k, PQ candidates are re-scored exactly from the mmaps."""
+    if not rerank_k or store is None:
+        return index.search(q, k)
+    _, cand = index.search(q, max(rerank_k, k))
+    scores = np.full((len(q), k), -np.inf, dtype=np.float32)
+    ids = np.full((len(q), k), -1, dtype=np.int64)
+    for r in range(len(q)):
+        c = cand[r][cand[r] >= 0]
+        s = store.gather(c) @ q[r]
+        order = np.argsort(-s)[:k]
+        scores[r, :len(order)], ids[r, :len(order)] = s[order], c[order]
+    return scores, ids
+
+
+def latency_ms(fn: Callable[[np.ndarray], Any], queries: np.ndarray, n: int = 200) -> dict[str, float]:
+    """p50/p99 of one-query-at-a-time calls, in milliseconds."""
+    times = []
+    for q in queries[:n]:
+        t = time.perf_counter()
+        fn(q[None, :])
+        times.append((time.perf_counter() - t) * 1e3)
+    return {"p50_ms": float(np.percentile(times, 50)), "p99_ms": float(np.percentile(times, 99))}
+
+
+def sweep_settings(index_key: str, nlist: int | None, rerank: bool) -> list[dict[str, int]]:
+    """Search-time settings to try, cheapest first."""
+    if index_key.startswith("HNSW"):
+        return [{"efSearch": e} for e in EF_SEARCH]
+    if nlist is None:
+        return [{}]
+    out = []
+    for depth in (RERANK_DEPTHS if rerank else (0,)):
+        for p in NPROBES:
+            if p <= nlist:
+                s = {"nprobe": p}
+                if "_HNSW" in index_key:
+                    s["quantizer_efSearch"] = max(2 * p, 16)
+                if rerank:
+                    s["rerank_k"] = depth
+                out.append(s)
+    return out
+
+
+def tune(index: Any, index_key: str, nlist: int | None, rerank: bool, store: EmbeddingStore,
+         queries: np.ndarray, truth: np.ndarray, max_query_ms: float, target_recall: float,
+         k: int = 10) -> tuple[dict[str, int], dict[str, float], list[dict[str, Any]]]:
+    """Cheapest setting reaching target_recall within max_query_ms (p99), else the best
+    recall within the budget. Returns (params, its measurement, the whole sweep table)."""
+    table: list[dict[str, Any]] = []
+    best: tuple[dict[str, int], dict[str, float]] | None = None
+    too_slow: set[int] = set()  # re-rank depths where a smaller nprobe already broke the budget
+    for params in sweep_settings(index_key, nlist, rerank):
+        depth = params.get("rerank_k", 0)
+        if depth in too_slow:
+            continue
+        set_search_params(index, params)
+        _, found = ann_search(index, store, queries, k, depth)
+        row = {"recall_at_10": recall_at(found, truth, k)}
+        row.update(latency_ms(lambda q: ann_search(index, store, q, k, depth), queries, 100))
+        table.append({**params, **row})
+        log.info("%s %s -> recall@10 %.3f p99 %.2f ms", index_key, params, row["recall_at_10"], row["p99_ms"])
+        within = row["p99_ms"] <= max_query_ms
+        if within and (best is None or row["recall_at_10"] > best[1]["recall_at_10"] + 1e-9):
+            best = (params, row)
+        if within and row["recall_at_10"] >= target_recall:
+            break
+        if not within:
+            too_slow.add(depth)
+    if best is None:  # nothing met the latency budget: take the fastest setting
+        fastest = min(table, key=lambda r: r["p99_ms"])
+        params = {k2: v for k2, v in fastest.items() if k2 not in ("recall_at_10", "p50_ms", "p99_ms")}
+        best = (params, {k2: fastest[k2] for k2 in ("recall_at_10", "p50_ms", "p99_ms")})
+        log.warning("no setting of %s meets %.1f ms p99; using the fastest", index_key, max_query_ms)
+    set_search_params(index, best[0])
+    return best[0], best[1], table

@@ -1,0 +1,127 @@
+"""indices.serve: clip back's HTTP contract (the exact requests ClipClient sends), errors."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+
+import numpy as np
+import pytest
+
+from curation import schema as S
+from tests.collection_factory import clustered_vectors, write_collection
+
+DIM = 16
+
+
+class HashEncoder:
+    """Stand-in CLIP: a deterministic vector per text / per image mean colour."""
+
+    dim = DIM
+
+    def encode_texts(self, texts):
+        out = np.stack([np.random.default_rng(abs(hash(t)) % 2**32).standard_normal(DIM) for t in texts])
+        return (out / np.linalg.norm(out, axis=1, keepdims=True)).astype(np.float32)
+
+    def encode_images(self, images):
+        return self.encode_texts([str(np.asarray(im).mean().round(1)) for im in images])
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    from indices.build import build
+    from indices.search import Searcher
+    from indices.serve import App
+
+    root = str(tmp_path_factory.mktemp("srv"))
+    write_collection(root, [clustered_vectors(400, DIM, 10, seed=0)], [clustered_vectors(400, DIM, 10, seed=1)])
+    build(root)
+    return App({}, searchers={"demo": Searcher(root, encoder=HashEncoder())}, max_body=64 * 1024)
+
+
+def clip_client_body(**kw):
+    """Exactly the JSON ClipClient posts (all fields, nulls included, no content type)."""
+    body = {"text": None, "image": None, "image_url": None, "embedding_input": None, "deduplicate": True,
+            "use_safety_model": True, "use_violence_detector": True, "indice_name": "demo", "use_mclip": False,
+            "aesthetic_score": 9, "aesthetic_weight": 0.5, "modality": "image", "num_images": 5,
+            "num_result_ids": 5, "verbose": False}
+    body.update(kw)
+    return json.dumps(body)
+
+
+def run(app, fn):
+    from aiohttp.test_utils import TestClient, TestServer
+
+    async def go():
+        async with TestClient(TestServer(app.make())) as client:
+            return await fn(client)
+    return asyncio.run(go())
+
+
+def test_knn_service_matches_clip_back_shapes(app):
+    async def fn(c):
+        r = await c.post("/knn-service", data=clip_client_body(text="a red circle"))
+        assert r.status == 200
+        res = await r.json()
+        assert isinstance(res, list) and len(res) == 5
+        for row in res:
+            assert isinstance(row["id"], int) and isinstance(row["similarity"], float)
+            assert {"url", "caption"} <= set(row)
+        emb = HashEncoder().encode_texts(["a red circle"])[0].tolist()
+        r2 = await c.post("/knn-service", data=clip_client_body(embedding_input=emb, modality="text"))
+        assert r2.status == 200 and len(await r2.json()) == 5
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8), (200, 10, 10)).save(buf, format="JPEG")
+        r3 = await c.post("/knn-service", data=clip_client_body(image=base64.b64encode(buf.getvalue()).decode()))
+        assert r3.status == 200 and len(await r3.json()) == 5
+        ids = [row["id"] for row in res]
+        m = await c.post("/metadata", data=json.dumps({"ids": ids, "indice_name": "demo"}))
+        meta = await m.json()
+        assert [x["id"] for x in meta] == ids and meta[0]["metadata"]["caption"] == res[0]["caption"]
+        assert await (await c.get("/indices-list")).json() == ["demo"]
+        h = await (await c.get("/health")).json()
+        assert h["status"] == "ok" and "image" in h["indices"]["demo"]
+        metrics = await (await c.get("/metrics")).text()
+        assert "sieve_knn_requests" in metrics
+        # the same query again is served from the cache and is identical
+        again = await (await c.post("/knn-service", data=clip_client_body(text="a red circle"))).json()
+        assert again == res
+        return True
+    assert run(app, fn)
+
+
+@pytest.mark.parametrize("body,status,word", [
+    (clip_client_body(text="x", indice_name="nope"), 404, "unknown index"),
+    (clip_client_body(), 400, "missing field"),
+    (json.dumps({"text": "x"}), 400, "indice_name"),
+    (clip_client_body(image="not base64!!"), 400, "base64"),
+    (clip_client_body(image=base64.b64encode(b"garbage").decode()), 400, "image"),
+    (clip_client_body(image_url="http://example.com/a.jpg"), 403, "image_url"),
+    (clip_client_body(embedding_input=[1.0, 2.0]), 400, "dimension"),
+    (clip_client_body(text="x", modality="audio"), 400, "modality"),
+    ("{not json", 400, "JSON"),
+    (clip_client_body(text="x" * 100_000), 413, "larger"),
+])
+def test_bad_requests_get_json_errors_and_server_keeps_serving(app, body, status, word):
+    async def fn(c):
+        r = await c.post("/knn-service", data=body)
+        assert r.status == status
+        assert word.lower() in (await r.json())["error"].lower()
+        ok = await c.post("/knn-service", data=clip_client_body(text="still alive"))
+        assert ok.status == 200
+        bad = await c.post("/metadata", data=json.dumps({"ids": [10**9], "indice_name": "demo"}))
+        assert bad.status == 400
+        return True
+    assert run(app, fn)
+
+
+def test_concurrent_queries_are_batched(app):
+    async def fn(c):
+        rs = await asyncio.gather(*[c.post("/knn-service", data=clip_client_body(text=f"q{i}")) for i in range(24)])
+        assert all(r.status == 200 for r in rs)
+        return max(app.batchers["demo"].batch_sizes)
+    assert run(app, fn) > 1
