@@ -80,7 +80,7 @@ class Trainer:
         self.model.inner.gradient_checkpointing = bool(t["gradient_checkpointing"])
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.opt = torch.optim.AdamW(self.model.inner.param_groups(t["weight_decay"]), lr=t["lr"],
-                                     betas=tuple(t["betas"]), eps=t["eps"])
+                                     betas=tuple(t["betas"]), eps=t["eps"], fused=True)
         self.gen = torch.Generator(device=self.device).manual_seed(t["seed"] + 1)
         from hdit_train.diffusion import TrainingLoss
 
