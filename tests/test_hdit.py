@@ -260,3 +260,10 @@ def test_trainer_conditions_on_stored_clip_embeddings(tmp_path):
     dropped = (kwargs["mapping_cond"] == 0).all(1)
     assert kwargs["mapping_cond"].shape == (4, 6) and 0 <= int(dropped.sum()) <= 4
     assert np.isfinite(trainer.train_step(batch))
+
+
+def test_demo_colour_scorer_reads_real_scenes():
+    """The bench's prompt-colour metric must name the true colour of generated ground truth."""
+    from bench.hdit import scorer_accuracy
+
+    assert scorer_accuracy(n=60) >= 0.8
