@@ -207,6 +207,13 @@ def test_resume_gives_identical_next_steps(shards, tmp_path):
     assert (resumed / "samples" / "step_000004.png").exists()
     assert len((straight / "loss.jsonl").read_text().splitlines()) == 4
 
+    from PIL import Image
+
+    from hdit_train.sample import main as sample_main
+
+    grid = sample_main(str(resumed), str(tmp_path / "grid.png"), class_label=2, n=4, steps=3, cfg=2.0)
+    assert Image.open(grid).size == (2 * 16 + 3, 2 * 16 + 3)  # 2x2 grid, 1-pixel padding
+
 
 def _export(tmp_path: Path, n: int = 8, dim: int = 6) -> Path:
     """A Sieve-export-shaped shard: jpg/txt/json + img_emb.npy/txt_emb.npy + manifest.json."""
