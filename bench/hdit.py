@@ -168,7 +168,11 @@ def run_flops(sizes: list[int]) -> dict[str, Any]:
         row["dit_over_hdit"] = row["dit_b4_gflops"] / row["hdit_b4_gflops"]
         log.info("flops %d: %s", size, row)
         rows.append(row)
-    return {"flops": rows, "flops_note": "forward pass, batch 1, torch.utils.flop_counter; HDiT neighborhood "
+    pts = [{"pixels": r["size"] ** 2, "h": r["hdit_b4_gflops"], "d": r["dit_b4_gflops"]} for r in rows]
+    return {"flops": rows, "flops_exponent_hdit_b4": _exponent(pts, "h"), "flops_exponent_dit_b4": _exponent(pts, "d"),
+            "flops_exponent_hdit_b4_last_octave": _exponent(pts[-2:], "h") if len(pts) > 1 else None,
+            "flops_exponent_dit_b4_last_octave": _exponent(pts[-2:], "d") if len(pts) > 1 else None,
+            "flops_note": "forward pass, batch 1, torch.utils.flop_counter; HDiT neighborhood "
             "attention counted as computed (query tiles × key halos, masked). " + PAPER_FIG2}
 
 
