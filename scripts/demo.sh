@@ -8,9 +8,36 @@ mkdir -p "$DEMO"
 
 step() { printf '\n== %s\n' "$*"; }
 
-step "1/1 generate sample shards (img2dataset webdataset format)"
+step "1/6 generate sample shards (img2dataset webdataset format)"
 [ -f "$DEMO/shards/00001_stats.json" ] || \
   $PY -m pipelines.sample --out "$DEMO/shards" --n 2000 --shard-size 1000 --corrupt-fraction 0.02
 
+step "2/6 the offline models: sieve-tiny CLIP and the watermark detector (trained once, cached)"
+$PY -c 'from pipelines.encoders import load_clip; e = load_clip("sieve-tiny"); print("sieve-tiny dim", e.dim)'
+$PY -c 'from pipelines.scorers import load_scorer; load_scorer("watermark"); print("watermark detector ready")'
+
+step "3/6 embed + score the shards into a collection (Dask; finished parts are skipped)"
+$PY -m pipelines.embed "$DEMO/shards" "$DEMO/collection" --scores nsfw,watermark,toxicity
+
+step "4/6 build the FAISS indices"
+[ -f "$DEMO/collection/indices/image.json" ] || $PY -m indices.build "$DEMO/collection" --max-index-memory 100M
+
+step "5/6 search"
+$PY - "$DEMO/collection" <<'PYEOF'
+import sys
+from indices.search import Searcher
+for row in Searcher(sys.argv[1]).query(text="a red circle", k=3):
+    print(f"  {row['similarity']:.3f}  {row['key']}  {row['caption']}")
+PYEOF
+
+step "6/6 train a small HDiT on the shards for 2 minutes, then sample from it"
+[ -f "$DEMO/hdit/state.json" ] || \
+  $PY -m hdit_train.train --data "$DEMO/shards" --config hdit_train/configs/demo.yaml --out "$DEMO/hdit" --max-minutes 2
+$PY -m hdit_train.sample --ckpt "$DEMO/hdit" --prompt "a red circle" --n 8 --steps 30 --out "$DEMO/hdit_grid.png"
+
 step "built"
-echo "  shards:      $DEMO/shards   ($(ls "$DEMO"/shards/*.tar | wc -l) tar shards)"
+echo "  shards:      $DEMO/shards      ($(ls "$DEMO"/shards/*.tar | wc -l) tar shards)"
+echo "  collection:  $DEMO/collection  (metadata/, img_emb/, text_emb/, _done/, indices/)"
+echo "  HDiT run:    $DEMO/hdit        (checkpoint.safetensors, loss.jsonl, samples/)"
+echo "  samples:     $DEMO/hdit_grid.png"
+echo "  serve it:    $PY -m indices.serve --collection demo=$DEMO/collection --port 1234"
