@@ -118,9 +118,13 @@ def get_encoder(config: EmbedConfig) -> tuple[Embedder, bool]:
 def get_scorer(name: str, device: str | None = None) -> Any:
     """A scorer from `pipelines.scorers`, loaded once per worker process."""
     def load():
+        import torch
+
         from pipelines.scorers import load_scorer
 
-        return load_scorer(name)
+        # one ONNX session per worker sized like the worker, not one using every core per worker
+        opts = {"threads": torch.get_num_threads()} if name == "nsfw" else {}
+        return load_scorer(name, **opts)
 
     return cached(("scorer", name, device), load)[0]
 
@@ -297,7 +301,8 @@ def process_shard(shard: Shard, output: str, config: EmbedConfig,
             columns = {S.CLIP_SIMILARITY: sims}
             for scorer in scorers:
                 items = chunk.images if scorer.kind == "image" else chunk.captions
-                columns[scorer.column] = np.asarray(scorer.score(items), dtype=np.float32)
+                extra = {"embeddings": img} if getattr(scorer, "needs_embeddings", False) else {}
+                columns[scorer.column] = np.asarray(scorer.score(items, **extra), dtype=np.float32)
             for j, i in enumerate(chunk.ok_rows):
                 row = chunk.rows[i]
                 row[S.EMB_ROW] = n_ok + j
