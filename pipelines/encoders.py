@@ -139,19 +139,17 @@ def _tiny_ready(folder: Path) -> bool:
 
 def ensure_tiny() -> Path:
     """Return the sieve-tiny folder, training it first (under a file lock) when missing or stale."""
-    import fcntl
+    from pipelines.cache import build_once
 
     folder = tiny_dir()
-    if _tiny_ready(folder):
-        return folder
-    lock_path = folder.parent / f"{TINY_NAME}.lock"
-    with open(lock_path, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # a second process waits here, then finds the model
-        if not _tiny_ready(folder):
-            from pipelines.train_clip import train_clip
 
-            log.warning("sieve-tiny not found in %s: training it now (a few minutes on 2 cores)", folder)
-            train_clip(out=folder)
+    def build() -> None:
+        from pipelines.train_clip import train_clip
+
+        log.warning("sieve-tiny not found in %s: training it now (a few minutes on 2 cores)", folder)
+        train_clip(out=folder)
+
+    build_once(lambda: _tiny_ready(folder), build, folder.parent / f"{TINY_NAME}.lock")
     return folder
 
 

@@ -8,7 +8,6 @@ two CPU cores) under a file lock, so parallel workers train it once.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 from pathlib import Path
 from typing import Any, Sequence
@@ -69,14 +68,15 @@ def ensure_model(path: Path | None = None, steps: int | None = None) -> Path:
     path = default_model_path()
     if path.exists():
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.parent / ".train.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not path.exists():  # another process may have trained it while we waited
-            from pipelines.train_watermark import DEFAULT_STEPS, train
+    from pipelines.cache import build_once
 
-            log.warning("watermark model missing at %s: training it now (once; a few minutes on CPU)", path)
-            train(out=path.parent, steps=steps or DEFAULT_STEPS)
+    def build() -> None:
+        from pipelines.train_watermark import DEFAULT_STEPS, train
+
+        log.warning("watermark model missing at %s: training it now (once; a few minutes on CPU)", path)
+        train(out=path.parent, steps=steps or DEFAULT_STEPS)
+
+    build_once(path.exists, build, path.parent / ".train.lock")
     return path
 
 
