@@ -147,14 +147,15 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def _plural(shape: str, count: int) -> str:
+def noun(shape: str, count: int) -> str:
+    """The word a caption uses for `count` of `shape` ("circle", "crosses")."""
     return shape if count == 1 else PLURALS.get(shape, shape + "s")
 
 
 def make_caption(attrs: dict[str, Any], rng: np.random.Generator) -> tuple[str, list[str]]:
     """A natural-language caption and the attribute names it states (always colour and shape)."""
     color, shape, count, size = attrs["color"], attrs["shape"], attrs["count"], attrs["size"]
-    noun = _plural(shape, count)
+    noun_ = noun(shape, count)
     use_count = count > 1 or rng.random() < 0.3
     use_size = rng.random() < 0.4
     use_bg = rng.random() < 0.45
@@ -162,10 +163,10 @@ def make_caption(attrs: dict[str, Any], rng: np.random.Generator) -> tuple[str, 
     named = ["color", "shape"]
     adjectives = ([size] if use_size else []) + [color]
     if use_count:
-        head = f"{COUNT_WORDS[count]} {' '.join(adjectives)} {noun}"
+        head = f"{COUNT_WORDS[count]} {' '.join(adjectives)} {noun_}"
         named.append("count")
     else:
-        head = f"{_article(adjectives[0])} {' '.join(adjectives)} {noun}"
+        head = f"{_article(adjectives[0])} {' '.join(adjectives)} {noun_}"
     if use_size:
         named.append("size")
     tail = []

@@ -149,3 +149,29 @@ def test_tiny_clip_ranks_own_caption_first(tiny_clip):
         captions = [s.caption] + [pool[j].caption for j in picks]
         wins += int(np.argmax(tiny_clip.encode_texts(captions) @ img[i]) == 0)
     assert wins >= 45, f"{wins}/50 images ranked their own caption first"
+
+
+def test_shape_swapped_negative_changes_only_the_shape_noun():
+    """Hard negatives for sieve-tiny training: same caption, another shape, number kept."""
+    from pipelines.train_clip import swap_shape
+
+    attrs = {"shape": "cross", "count": 2}
+    assert swap_shape("two small red crosses on a blue background", attrs, "star") == \
+        "two small red stars on a blue background"
+    assert swap_shape("a photo of a green circle at the top", {"shape": "circle", "count": 1}, "diamond") == \
+        "a photo of a green diamond at the top"
+    with pytest.raises(ValueError, match="does not name its shape"):
+        swap_shape("a red blob", {"shape": "circle", "count": 1}, "star")
+
+
+def test_tiny_clip_tells_shapes_apart_when_colour_is_fixed(tiny_clip):
+    """Captions that differ only in shape: the true one ranks first for most held-out images."""
+    from pipelines.sample import SHAPES
+
+    samples = [s for s in _held_out(200) if s.attrs["size"] != "small"][:60]
+    img = tiny_clip.encode_images([s.image for s in samples])
+    wins = 0
+    for i, s in enumerate(samples):
+        prompts = [f"a {s.attrs['color']} {shape}" for shape in SHAPES]
+        wins += int(SHAPES[int(np.argmax(tiny_clip.encode_texts(prompts) @ img[i]))] == s.attrs["shape"])
+    assert wins >= 0.7 * len(samples), f"{wins}/{len(samples)} shapes named right (chance is 1/{len(SHAPES)})"
