@@ -257,14 +257,14 @@ def run_demo(work: Path, minutes: float, n_images: int, threads: int) -> dict[st
     torch.set_num_threads(threads)
     data, run = work / "shards", work / "run"
     if not (data / "00000.tar").exists():
-        write_sample_dataset(data, n_images, size=32, seed=0, watermark_fraction=0.0, shard_size=1000)
+        write_sample_dataset(data, n_images, size=64, seed=0, watermark_fraction=0.0, shard_size=1000)  # CLIP sees 64², HDiT trains at 32²
     t0 = time.time()
     train(str(data), str(CONFIGS / "demo.yaml"), str(run), max_minutes=minutes)
     train_s = time.time() - t0
     denoiser, state = load_run(run)
     encoder = load_clip(state["clip_spec"])
     prompts = [f"a {c} {SHAPES[i % len(SHAPES)]}" for c in DEMO_COLORS for i in range(64 // len(DEMO_COLORS))]
-    cond, uncond = cond_kwargs(state["config"], len(prompts), encoder, prompts)
+    cond, uncond = cond_kwargs(state["config"], len(prompts), encoder, prompts, clip_gap=state.get("clip_gap"))
     images = generate(denoiser, state["config"], len(prompts), state["config"]["data"]["size"], cond, uncond,
                       steps=30, sampler="dpmpp_2m", cfg_scale=3.0, seed=0)
     grid = save_grid(images, Path(__file__).resolve().parent / "results" / "hdit_demo_grid.png")

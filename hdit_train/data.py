@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+from PIL import Image
 
 log = logging.getLogger(__name__)
 
@@ -103,19 +104,55 @@ def iter_tar_samples(shard: Path) -> Iterator[dict[str, bytes]]:
 
 
 def load_image(raw: bytes, size: int):
-    """Decode, resize the short side to size and centre-crop; float tensor in [-1, 1], CHW."""
+    """Decode, resize the short side to size and centre-crop; float tensor in [-1, 1], CHW, and
+    the decoded image at its stored size (what CLIP embeds, as the embed pipeline does)."""
     import torch
     from PIL import Image
 
-    img = Image.open(io.BytesIO(raw)).convert("RGB")
-    w, h = img.size
+    original = Image.open(io.BytesIO(raw)).convert("RGB")
+    w, h = original.size
     scale = size / min(w, h)
-    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+    img = original.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
     w, h = img.size
     left, top = (w - size) // 2, (h - size) // 2
     img = img.crop((left, top, left + size, top + size))
     arr = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1)
-    return arr / 127.5 - 1, img
+    return arr / 127.5 - 1, original
+
+
+def modality_gap(data: str | Path, encoder, n: int = 1024) -> np.ndarray:
+    """mean(image embedding) - mean(text embedding) over the first n samples of the shards.
+
+    CLIP's image and text embeddings sit in separate cones (the "modality gap"), so a model
+    conditioned on image embeddings sees text embeddings as out of distribution. Adding this
+    vector to a prompt's embedding moves it to where the image embeddings live. Stored
+    embeddings (export shards) are used when present; otherwise `encoder` computes them.
+    """
+    imgs, txts, pixels, captions = [], [], [], []
+    for shard in list_shards(data):
+        for raw in iter_tar_samples(shard):
+            image_ext = next((e for e in IMAGE_EXTS if e in raw), None)
+            if image_ext is None or "txt" not in raw:
+                continue
+            if "img_emb.npy" in raw and "txt_emb.npy" in raw:
+                imgs.append(np.load(io.BytesIO(raw["img_emb.npy"])).astype(np.float32).reshape(-1))
+                txts.append(np.load(io.BytesIO(raw["txt_emb.npy"])).astype(np.float32).reshape(-1))
+            else:
+                try:
+                    pixels.append(Image.open(io.BytesIO(raw[image_ext])).convert("RGB"))
+                except (OSError, SyntaxError, ValueError):
+                    continue
+                captions.append(raw["txt"].decode("utf-8", "replace"))
+            if len(imgs) + len(pixels) >= n:
+                break
+        if len(imgs) + len(pixels) >= n:
+            break
+    if pixels:
+        imgs.extend(encoder.encode_images(pixels))
+        txts.extend(encoder.encode_texts(captions))
+    if not imgs:
+        raise ValueError(f"{data}: no samples with both an image and a caption to measure the modality gap")
+    return np.mean(imgs, axis=0) - np.mean(txts, axis=0)
 
 
 class ShardStream:

@@ -35,8 +35,13 @@ def load_run(run: str | Path, device: str = "cpu", ema: bool = True):
 
 
 def cond_kwargs(cfg: dict[str, Any], n: int, encoder=None, prompts: Sequence[str] | None = None,
-                class_label: int | None = None, device: str = "cpu") -> tuple[dict, dict]:
-    """(conditional, unconditional) model kwargs for n samples."""
+                class_label: int | None = None, device: str = "cpu",
+                clip_gap: Sequence[float] | None = None) -> tuple[dict, dict]:
+    """(conditional, unconditional) model kwargs for n samples.
+
+    A CLIP-conditioned run saw image embeddings; prompts give text embeddings, which are moved
+    by the run's measured modality gap (`clip_gap`, image mean - text mean) and renormalised.
+    """
     import torch
 
     kind = cfg["cond"]["kind"]
@@ -53,6 +58,9 @@ def cond_kwargs(cfg: dict[str, Any], n: int, encoder=None, prompts: Sequence[str
             raise ValueError("CLIP-conditioned sampling needs the CLIP encoder")
         texts = [prompts[i % len(prompts)] for i in range(n)]
         emb = torch.from_numpy(encoder.encode_texts(texts)).to(device)
+        if clip_gap is not None:
+            emb = emb + torch.tensor(clip_gap, dtype=emb.dtype, device=device)
+            emb = emb / emb.norm(dim=1, keepdim=True)
         return {"mapping_cond": emb}, {"mapping_cond": torch.zeros_like(emb)}
     return {}, {}
 
@@ -89,11 +97,12 @@ def save_grid(images, path: str | Path) -> Path:
     return path
 
 
-def save_sample_grid(denoiser, cfg: dict[str, Any], encoder, path: Path, device: str = "cpu") -> Path:
+def save_sample_grid(denoiser, cfg: dict[str, Any], encoder, path: Path, device: str = "cpu",
+                     clip_gap: Sequence[float] | None = None) -> Path:
     """The training loop's periodic grid: config prompts (CLIP) or one class per cell."""
     s = cfg["sample"]
     prompts = s.get("prompts") or ["a red circle", "a blue square", "a green triangle", "a yellow star"]
-    cond, uncond = cond_kwargs(cfg, s["n"], encoder, prompts, device=device)
+    cond, uncond = cond_kwargs(cfg, s["n"], encoder, prompts, device=device, clip_gap=clip_gap)
     images = generate(denoiser, cfg, s["n"], cfg["data"]["size"], cond, uncond, s["steps"],
                       s["sampler"], s["cfg"], device=device)
     log.info("wrote %s", path)
@@ -114,7 +123,7 @@ def main(ckpt: str, out: str = "grid.png", prompt: list[str] | None = None, clas
         from pipelines.encoders import load_clip
 
         encoder = load_clip(state["clip_spec"], device=device)
-    cond, uncond = cond_kwargs(config, n, encoder, prompt, class_label, device)
+    cond, uncond = cond_kwargs(config, n, encoder, prompt, class_label, device, state.get("clip_gap"))
     h = size or config["data"]["size"]
     images = generate(denoiser, config, n, (h, width or h), cond, uncond, steps, sampler, cfg, seed, device)
     return save_grid(images.cpu(), out)

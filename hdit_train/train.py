@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 
 CKPT, STATE = "checkpoint.safetensors", "state.json"
 DEFAULTS: dict[str, Any] = {
-    "cond": {"kind": "none", "class_field": None, "classes": None, "clip_spec": "sieve-tiny", "dropout": 0.1},
+    "cond": {"kind": "none", "class_field": None, "classes": None, "clip_spec": "sieve-tiny", "dropout": 0.1,
+             "noise": 0.0, "text_shift": True},
     "data": {"size": 64, "shuffle_buffer": 1000, "seed": 0},
     "diffusion": {"sigma_data": 0.5, "noise_d_low": 32, "sigma_min": 1e-3, "sigma_max": 1e3},
     "train": {"batch_size": 8, "lr": 5e-4, "weight_decay": 0.01, "betas": [0.9, 0.95], "eps": 1e-8,
@@ -111,6 +112,11 @@ class Trainer:
             return {"class_labels": labels.masked_fill(drop, self.model.inner.cfg.num_classes)}
         if kind == "clip":
             emb = batch["emb"].to(self.device).float()
+            xi = self.cfg["cond"].get("noise", 0.0)
+            if xi:  # LAFITE-style perturbation: robust to the text embeddings used at sampling
+                eps = torch.randn(emb.shape, generator=self.gen, device=self.device)
+                emb = emb + xi * eps / eps.norm(dim=1, keepdim=True) * emb.norm(dim=1, keepdim=True)
+                emb = emb / emb.norm(dim=1, keepdim=True)
             return {"mapping_cond": emb * (~drop)[:, None]}
         return {}
 
@@ -230,7 +236,7 @@ def main(data: str, config: str, out: str, resume: bool = False, max_steps: int 
     """Train (or resume) a run; returns the run folder."""
     import torch
 
-    from hdit_train.data import ShardStream, batches, data_hash, manifest_clip_spec, read_manifest
+    from hdit_train.data import ShardStream, batches, data_hash, manifest_clip_spec, modality_gap, read_manifest
     from hdit_train.sample import save_sample_grid
 
     cfg = load_config(config)
@@ -246,13 +252,15 @@ def main(data: str, config: str, out: str, resume: bool = False, max_steps: int 
     rank, world, device = _dist_setup()
     manifest = read_manifest(data)
     dhash = data_hash(data)
-    encoder, cond_dim, clip_spec = None, 0, None
+    encoder, cond_dim, clip_spec, clip_gap = None, 0, None, None
     if cfg["cond"]["kind"] == "clip":
         from pipelines.encoders import load_clip
 
         clip_spec = manifest_clip_spec(manifest) or cfg["cond"]["clip_spec"]
         encoder = load_clip(clip_spec, device=device)
         cond_dim = encoder.dim
+        if cfg["cond"].get("text_shift", True):
+            clip_gap = [round(float(v), 6) for v in modality_gap(data, encoder)]
     trainer = Trainer(cfg, cond_dim, device)
     consumed = 0
     if resume:
@@ -272,7 +280,7 @@ def main(data: str, config: str, out: str, resume: bool = False, max_steps: int 
                          cfg["cond"]["classes"], encoder.preprocess if encoder else None,
                          cfg["data"]["seed"], cfg["data"]["shuffle_buffer"], rank, world)
     it = batches(stream.iterate(skip=consumed), t["batch_size"])
-    extra = lambda: {"data_hash": dhash, "clip_spec": clip_spec, "cond_dim": cond_dim,  # noqa: E731
+    extra = lambda: {"data_hash": dhash, "clip_spec": clip_spec, "cond_dim": cond_dim, "clip_gap": clip_gap,  # noqa: E731
                      "samples_consumed": stream.consumed, "manifest": manifest, "world_size": world}
     n_params = sum(p.numel() for p in trainer.model.parameters())
     log.info("model: %.2fM parameters; device %s; world %d", n_params / 1e6, device, world)
@@ -296,10 +304,11 @@ def main(data: str, config: str, out: str, resume: bool = False, max_steps: int 
             if rank == 0 and t["ckpt_every"] and s % t["ckpt_every"] == 0:
                 save_checkpoint(trainer, run, extra())
             if rank == 0 and t["sample_every"] and s % t["sample_every"] == 0:
-                save_sample_grid(trainer.ema, cfg, encoder, run / "samples" / f"step_{s:06d}.png", device)
+                save_sample_grid(trainer.ema, cfg, encoder, run / "samples" / f"step_{s:06d}.png", device, clip_gap)
     if rank == 0:
         save_checkpoint(trainer, run, extra())
-        save_sample_grid(trainer.ema, cfg, encoder, run / "samples" / f"step_{trainer.step:06d}.png", device)
+        save_sample_grid(trainer.ema, cfg, encoder, run / "samples" / f"step_{trainer.step:06d}.png", device,
+                         clip_gap)
     if stream.failed:
         log.warning("%d samples could not be decoded and were skipped", stream.failed)
     return run
