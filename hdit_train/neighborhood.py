@@ -5,6 +5,8 @@ centred on it and shifted inwards at the borders, so every query sees exactly ke
 keys. The CPU path tiles the queries into T × T blocks that share one halo of
 (T + kernel_size - 1)² keys, masks the few keys outside each query's own window, and runs
 batched `scaled_dot_product_attention` on the blocks: dense matmuls, cost linear in pixels.
+Halos are strided views of the padded keys when the grid divides into tiles, index gathers
+otherwise.
 """
 
 from __future__ import annotations
@@ -69,6 +71,35 @@ def _tiles(n: int, tile: int, kernel_size: int, device: torch.device):
     return q_pos, k_pos, mask, owner, offset
 
 
+def _padded_axis_mask(n: int, tile: int, kernel_size: int, device: torch.device) -> torch.Tensor:
+    """(tiles, tile, halo) window mask when halos are read from the input padded by kernel_size // 2."""
+    halo = tile + kernel_size - 1
+    q_pos = torch.arange(n, device=device).view(n // tile, tile)
+    k_pos = (torch.arange(n // tile, device=device) * tile)[:, None] + torch.arange(halo, device=device)
+    k_pos = k_pos - kernel_size // 2  # back to unpadded coordinates; pads are never inside a window
+    ws = window_starts(n, kernel_size, device)[q_pos]
+    return (k_pos[:, None, :] >= ws[..., None]) & (k_pos[:, None, :] < ws[..., None] + kernel_size)
+
+
+def _na2d_strided(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: int, scale: float,
+                  tile: int) -> torch.Tensor:
+    """Tiled NA for grids divisible by the tile: query tiles are reshapes and key halos strided
+    windows (unfold) of the padded keys, so neither direction needs an index gather or a
+    scatter-add, which dominate the general path's backward on large grids."""
+    b, nh, h, w, d = q.shape
+    pad, halo, ty, tx = kernel_size // 2, tile + kernel_size - 1, h // tile, w // tile
+
+    def halos(t: torch.Tensor) -> torch.Tensor:
+        t = F.pad(t, (0, 0, pad, pad, pad, pad)).unfold(2, halo, tile).unfold(3, halo, tile)
+        return t.permute(0, 1, 2, 3, 5, 6, 4).reshape(b, nh, ty, tx, halo * halo, d)
+
+    qt = q.reshape(b, nh, ty, tile, tx, tile, d).transpose(3, 4).reshape(b, nh, ty, tx, tile * tile, d)
+    my, mx = _padded_axis_mask(h, tile, kernel_size, q.device), _padded_axis_mask(w, tile, kernel_size, q.device)
+    mask = (my[:, None, :, None, :, None] & mx[None, :, None, :, None, :]).reshape(ty, tx, tile * tile, halo * halo)
+    out = F.scaled_dot_product_attention(qt, halos(k), halos(v), attn_mask=mask, scale=scale)
+    return out.reshape(b, nh, ty, tx, tile, tile, d).transpose(3, 4).reshape(b, nh, h, w, d)
+
+
 def _choose_tile(h: int, w: int, kernel_size: int) -> int | None:
     """Tile edge for the halo formulation, or None when one dense masked block is cheaper."""
     for tile in (8, 6, 4):
@@ -93,6 +124,8 @@ def na2d_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: i
         out = F.scaled_dot_product_attention(q.reshape(b, nh, h * w, d), k.reshape(b, nh, h * w, d),
                                              v.reshape(b, nh, h * w, d), attn_mask=mask, scale=scale)
         return out.reshape(b, nh, h, w, d)
+    if h % tile == 0 and w % tile == 0:
+        return _na2d_strided(q, k, v, kernel_size, scale, tile)
     qy, ky, my, oy, fy = _tiles(h, tile, kernel_size, q.device)
     qx, kx, mx, ox, fx = _tiles(w, tile, kernel_size, q.device)
     ty, tx, halo = qy.shape[0], qx.shape[0], ky.shape[1]
