@@ -64,7 +64,8 @@ def test_untrained_network_outputs_zero():
 
 
 @pytest.mark.parametrize("h,w,k,tile", [(16, 16, 7, None), (16, 16, 7, 4), (20, 13, 5, 4), (24, 24, 7, 8),
-                                        (9, 9, 3, None), (30, 17, 7, 6), (7, 7, 7, None)])
+                                        (9, 9, 3, None), (30, 17, 7, 6), (7, 7, 7, None), (24, 16, 7, 8),
+                                        (32, 40, 5, 8)])
 def test_neighborhood_attention_matches_brute_force(h, w, k, tile):
     g = torch.Generator().manual_seed(h * w + k)
     q, key, v = (torch.randn(2, 3, h, w, 8, generator=g, requires_grad=True) for _ in range(3))
@@ -274,3 +275,43 @@ def test_demo_colour_scorer_reads_real_scenes():
     from bench.hdit import scorer_accuracy
 
     assert scorer_accuracy(n=60) >= 0.8
+
+
+class _StubEncoder:
+    """Image embedding = +e0, text embedding = +e1: the gap is exactly e0 - e1."""
+    dim = 4
+
+    def encode_images(self, images):
+        return np.tile(np.array([1, 0, 0, 0], np.float32), (len(images), 1))
+
+    def encode_texts(self, texts):
+        return np.tile(np.array([0, 1, 0, 0], np.float32), (len(texts), 1))
+
+
+def test_modality_gap_from_plain_shards_and_prompt_shift(shards):
+    from hdit_train.data import modality_gap
+    from hdit_train.sample import cond_kwargs
+
+    gap = modality_gap(shards, _StubEncoder(), n=10)
+    np.testing.assert_allclose(gap, [1, -1, 0, 0])
+    cfg = {"cond": {"kind": "clip"}}
+    plain, _ = cond_kwargs(cfg, 2, _StubEncoder(), ["a red circle"])
+    shifted, uncond = cond_kwargs(cfg, 2, _StubEncoder(), ["a red circle"], clip_gap=gap)
+    assert torch.allclose(plain["mapping_cond"][0], torch.tensor([0., 1, 0, 0]))
+    # text + gap = the image embedding: the prompt lands where training conditions lived
+    assert torch.allclose(shifted["mapping_cond"][0], torch.tensor([1., 0, 0, 0]))
+    assert (uncond["mapping_cond"] == 0).all()
+
+
+def test_condition_noise_perturbs_but_keeps_unit_norm(tmp_path):
+    from hdit_train.data import ShardStream, batches
+    from hdit_train.train import Trainer, load_config
+
+    cfg = load_config(_config(tmp_path))
+    cfg["cond"] = {**cfg["cond"], "kind": "clip", "dropout": 0.0, "noise": 0.5}
+    batch = next(batches(ShardStream(_export(tmp_path), 16, cond="clip").iterate(), 4))
+    out = Trainer(cfg, cond_dim=6)._cond_inputs(batch)["mapping_cond"]
+    emb = batch["emb"] / batch["emb"].norm(dim=1, keepdim=True)
+    cos = (out * emb).sum(1)
+    assert torch.allclose(out.norm(dim=1), torch.ones(4), atol=1e-5)
+    assert (cos < 0.999).all() and (cos > 0.8).all()
