@@ -11,6 +11,7 @@ otherwise.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -81,6 +82,15 @@ def _padded_axis_mask(n: int, tile: int, kernel_size: int, device: torch.device)
     return (k_pos[:, None, :] >= ws[..., None]) & (k_pos[:, None, :] < ws[..., None] + kernel_size)
 
 
+@functools.lru_cache(maxsize=32)
+def _strided_bias(h: int, w: int, kernel_size: int, tile: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask (0 inside each query's window, -inf outside), (1, tiles, tile², halo²); cached."""
+    halo, ty, tx = tile + kernel_size - 1, h // tile, w // tile
+    my, mx = _padded_axis_mask(h, tile, kernel_size, device), _padded_axis_mask(w, tile, kernel_size, device)
+    allowed = (my[:, None, :, None, :, None] & mx[None, :, None, :, None, :]).reshape(1, ty * tx, tile * tile, halo * halo)
+    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, float("-inf"))
+
+
 def _na2d_strided(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: int, scale: float,
                   tile: int) -> torch.Tensor:
     """Tiled NA for grids divisible by the tile: query tiles are reshapes and key halos strided
@@ -93,10 +103,12 @@ def _na2d_strided(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size
         t = F.pad(t, (0, 0, pad, pad, pad, pad)).unfold(2, halo, tile).unfold(3, halo, tile)
         return t.permute(0, 1, 2, 3, 5, 6, 4).reshape(b, nh, ty, tx, halo * halo, d)
 
-    qt = q.reshape(b, nh, ty, tile, tx, tile, d).transpose(3, 4).reshape(b, nh, ty, tx, tile * tile, d)
-    my, mx = _padded_axis_mask(h, tile, kernel_size, q.device), _padded_axis_mask(w, tile, kernel_size, q.device)
-    mask = (my[:, None, :, None, :, None] & mx[None, :, None, :, None, :]).reshape(ty, tx, tile * tile, halo * halo)
-    out = F.scaled_dot_product_attention(qt, halos(k), halos(v), attn_mask=mask, scale=scale)
+    # 4-D (batch·heads, tiles, tokens, d) keeps SDPA on its fused CPU kernel; 6-D inputs fall
+    # back to the math path, which materialises every tile's score matrix (cache-bound at 128²)
+    qt = q.reshape(b, nh, ty, tile, tx, tile, d).transpose(3, 4).reshape(b * nh, ty * tx, tile * tile, d)
+    mask = _strided_bias(h, w, kernel_size, tile, q.device, q.dtype)
+    kt, vt = (halos(t).reshape(b * nh, ty * tx, halo * halo, d) for t in (k, v))
+    out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale)
     return out.reshape(b, nh, ty, tx, tile, tile, d).transpose(3, 4).reshape(b, nh, h, w, d)
 
 
