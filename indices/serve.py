@@ -4,7 +4,9 @@
 
 POST /knn-service, POST /metadata, GET /indices-list (clip back's contract) plus GET /health
 and Prometheus GET /metrics. Concurrent queries are micro-batched (one text encode and one
-faiss call per batch) and repeated queries are answered from an LRU cache. Bad requests get
+faiss call per batch; texts run through the text tower only up to the batch's longest
+prompt, optionally with bf16 weights, see `pipelines.clip_speed`) and repeated queries are
+answered from an LRU cache. Bad requests get
 a 4xx JSON {"error": ...} naming the problem; the server keeps serving.
 """
 
@@ -39,8 +41,11 @@ class BadRequest(Exception):
 class Batcher:
     """Collects concurrent queries and runs them together on one worker thread."""
 
-    def __init__(self, searcher: Any, executor: ThreadPoolExecutor, max_batch: int = MAX_BATCH) -> None:
+    def __init__(self, searcher: Any, executor: ThreadPoolExecutor, max_batch: int = MAX_BATCH,
+                 precision: str = "fp32") -> None:
         self.searcher, self.executor, self.max_batch = searcher, executor, max_batch
+        self.precision = precision
+        self._text: Any = None
         self.queue: asyncio.Queue | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.batch_sizes: list[int] = []
@@ -65,6 +70,21 @@ class Batcher:
                 if not fut.done():
                     (fut.set_exception(res) if isinstance(res, Exception) else fut.set_result(res))
 
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        """Text embeddings for one batch: trimmed context, `precision` weights (a copy of the
+        collection's model, so image queries keep the original fp32 one). Encoders that are
+        not open_clip models (test stand-ins) are called as they are."""
+        enc = self.searcher.encoder
+        if not hasattr(enc, "model") or not hasattr(enc, "tokenizer"):
+            return enc.encode_texts(texts)
+        if self._text is None:
+            import copy
+
+            from pipelines.clip_speed import FastClip
+
+            self._text = FastClip(copy.deepcopy(enc.model), enc.device, self.precision, trim_text=True)
+        return self._text.encode_text(enc.tokenizer(texts)).numpy()
+
     def _work(self, jobs: list[dict[str, Any]]) -> list[Any]:
         """Encode all texts in one call, then search per (modality, options) group."""
         from indices.search import QueryError
@@ -73,7 +93,7 @@ class Batcher:
         texts = [i for i, j in enumerate(jobs) if j.get("text") is not None]
         try:
             if texts:
-                enc = self.searcher.encoder.encode_texts([jobs[i]["text"] for i in texts])
+                enc = self.encode_texts([jobs[i]["text"] for i in texts])
                 for i, v in zip(texts, enc):
                     vecs[i] = v
             for i, j in enumerate(jobs):
@@ -100,14 +120,15 @@ class App:
     """The aiohttp application over named Searchers."""
 
     def __init__(self, collections: dict[str, str], searchers: dict[str, Any] | None = None,
-                 allow_image_url: bool = False, cache_size: int = 4096, max_body: int = MAX_BODY) -> None:
+                 allow_image_url: bool = False, cache_size: int = 4096, max_body: int = MAX_BODY,
+                 precision: str = "fp32", max_batch: int = MAX_BATCH) -> None:
         from prometheus_client import CollectorRegistry, Counter, Histogram
 
         from indices.search import Searcher
 
         self.searchers = searchers or {name: Searcher(path) for name, path in collections.items()}
         self.executor = ThreadPoolExecutor(1)
-        self.batchers = {n: Batcher(s, self.executor) for n, s in self.searchers.items()}
+        self.batchers = {n: Batcher(s, self.executor, max_batch, precision) for n, s in self.searchers.items()}
         self.allow_image_url, self.max_body = allow_image_url, max_body
         self.cache: OrderedDict[str, Any] = OrderedDict()
         self.cache_size = cache_size
@@ -178,7 +199,7 @@ class App:
         body = await self._body(request)
         name = self._searcher_name(body)
         key = json.dumps(body, sort_keys=True)
-        if key in self.cache:
+        if self.cache_size and key in self.cache:
             self.cache.move_to_end(key)
             self.cache_hits.inc()
             return self._json(self.cache[key])
@@ -186,9 +207,10 @@ class App:
         res = await self.batchers[name].submit(job)
         num_images = job["num_images"]
         res = res[:num_images]
-        self.cache[key] = res
-        if len(self.cache) > self.cache_size:
-            self.cache.popitem(last=False)
+        if self.cache_size:
+            self.cache[key] = res
+            if len(self.cache) > self.cache_size:
+                self.cache.popitem(last=False)
         self.latency.observe(time.perf_counter() - t0)
         return self._json(res)
 
@@ -280,9 +302,16 @@ class App:
         return web.Response(body=generate_latest(self.registry), content_type="text/plain")
 
 
-def serve(collection: list[str], port: int = 1234, host: str = "127.0.0.1", allow_image_url: bool = False) -> None:
+def serve(collection: list[str], port: int = 1234, host: str = "127.0.0.1", allow_image_url: bool = False,
+          precision: str = "fp32", cache_size: int = 4096, max_batch: int = MAX_BATCH,
+          threads: int | None = None) -> None:
     """Serve NAME=PATH collections until interrupted."""
     from aiohttp import web
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
     pairs = {}
     for c in collection:
@@ -290,7 +319,8 @@ def serve(collection: list[str], port: int = 1234, host: str = "127.0.0.1", allo
         if not sep or not name or not path:
             raise SystemExit(f"--collection: expected NAME=PATH, got {c!r}")
         pairs[name] = path
-    web.run_app(App(pairs, allow_image_url=allow_image_url).make(), host=host, port=port)
+    app = App(pairs, allow_image_url=allow_image_url, precision=precision, cache_size=cache_size, max_batch=max_batch)
+    web.run_app(app.make(), host=host, port=port)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -299,9 +329,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--port", type=int, default=1234)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--allow-image-url", action="store_true", help="let clients make the server fetch URLs")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="text tower weights; bf16 only where the CPU/GPU has native bf16 (else fp32)")
+    p.add_argument("--cache-size", type=int, default=4096, help="LRU entries of answered queries (0: off)")
+    p.add_argument("--max-batch", type=int, default=MAX_BATCH, help="most concurrent queries encoded together")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    serve(a.collection, a.port, a.host, a.allow_image_url)
+    serve(a.collection, a.port, a.host, a.allow_image_url, a.precision, a.cache_size, a.max_batch, a.threads)
 
 
 if __name__ == "__main__":

@@ -125,3 +125,52 @@ def test_concurrent_queries_are_batched(app):
         assert all(r.status == 200 for r in rs)
         return max(app.batchers["demo"].batch_sizes)
     assert run(app, fn) > 1
+
+
+@pytest.fixture(scope="module")
+def tiny_app(tmp_path_factory, tiny_clip):
+    """A real sieve-tiny collection (generated scenes, image embeddings from the bundled CLIP)
+    served with the bundled CLIP answering text queries."""
+    from indices.build import build
+    from indices.search import Searcher
+    from indices.serve import App
+    from pipelines.sample import iter_samples
+
+    samples = list(iter_samples(420, size=64, seed=7))
+    img = tiny_clip.encode_images([s.image for s in samples])
+    txt = tiny_clip.encode_texts([s.caption for s in samples])
+    root = str(tmp_path_factory.mktemp("tiny"))
+    write_collection(root, [img[:210], img[210:]], [txt[:210], txt[210:]],
+                     columns={S.CAPTION: [s.caption for s in samples]})
+    build(root)
+    app = App({}, searchers={"demo": Searcher(root, encoder=tiny_clip)})
+    return app, [s.attrs for s in samples]
+
+
+@pytest.mark.parametrize("color,shape", [("red", "circle"), ("blue", "square"), ("yellow", "star")])
+def test_real_tiny_clip_text_queries_find_their_attributes(tiny_app, color, shape):
+    app, attrs = tiny_app
+
+    async def fn(c):
+        r = await c.post("/knn-service", data=clip_client_body(text=f"a {color} {shape}", num_images=10,
+                                                               num_result_ids=10, deduplicate=False))
+        assert r.status == 200
+        return await r.json()
+    rows = run(app, fn)
+    assert len(rows) == 10
+    got = [attrs[row["id"]] for row in rows]
+    base_color = np.mean([a["color"] == color for a in attrs])
+    base_shape = np.mean([a["shape"] == shape for a in attrs])
+    hit_color = np.mean([a["color"] == color for a in got])
+    hit_shape = np.mean([a["shape"] == shape for a in got])
+    # chance is ~1/10 for colour and ~1/7 for shape; the bundled CLIP must do far better
+    assert hit_color >= max(0.4, 3 * base_color), (color, hit_color, base_color)
+    assert hit_shape >= max(0.25, 2 * base_shape), (shape, hit_shape, base_shape)
+
+
+def test_batched_trimmed_text_encoding_equals_the_plain_encoder(tiny_app, tiny_clip):
+    """The server's batch path (text tower cut to the longest prompt) is exact in fp32."""
+    app, _ = tiny_app
+    texts = ["a red circle", "three small green stars on a noisy white background", "x"]
+    fast = app.batchers["demo"].encode_texts(texts)
+    np.testing.assert_allclose(fast, tiny_clip.encode_texts(texts), atol=1e-5)
