@@ -214,6 +214,9 @@ class ShardStream:
                 out["clip_pixels"] = self.clip_preprocess(pil)
             else:
                 raise ValueError("no img_emb.npy member and no CLIP encoder to compute one")
+            if "txt_emb.npy" in raw:
+                out["txt_emb"] = np.load(io.BytesIO(raw["txt_emb.npy"])).astype(np.float32).reshape(-1)
+            out["caption"] = raw.get("txt", b"").decode("utf-8", "replace")
         return out
 
     def iterate(self, skip: int = 0) -> Iterator[dict[str, Any]]:
@@ -246,4 +249,8 @@ def batches(stream: Iterator[dict[str, Any]], batch_size: int) -> Iterator[dict[
         elif all("clip_pixels" in it or "emb" in it for it in items) and any("clip_pixels" in it for it in items):
             batch["clip_pixels"] = [it.get("clip_pixels") for it in items]
             batch["emb_partial"] = [it.get("emb") for it in items]
+        if "caption" in items[0]:
+            batch["captions"] = [it["caption"] for it in items]
+            if all("txt_emb" in it for it in items):
+                batch["txt_emb"] = torch.from_numpy(np.stack([it["txt_emb"] for it in items]))
         yield batch

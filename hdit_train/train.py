@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 CKPT, STATE = "checkpoint.safetensors", "state.json"
 DEFAULTS: dict[str, Any] = {
     "cond": {"kind": "none", "class_field": None, "classes": None, "clip_spec": "sieve-tiny", "dropout": 0.1,
-             "noise": 0.0, "text_shift": True},
+             "noise": 0.0, "text_shift": True, "text_prob": 0.0},
     "data": {"size": 64, "shuffle_buffer": 1000, "seed": 0},
     "diffusion": {"sigma_data": 0.5, "noise_d_low": 32, "sigma_min": 1e-3, "sigma_max": 1e3},
     "train": {"batch_size": 8, "lr": 5e-4, "weight_decay": 0.01, "betas": [0.9, 0.95], "eps": 1e-8,
@@ -112,6 +112,10 @@ class Trainer:
             return {"class_labels": labels.masked_fill(drop, self.model.inner.cfg.num_classes)}
         if kind == "clip":
             emb = batch["emb"].to(self.device).float()
+            text_prob = self.cfg["cond"].get("text_prob", 0.0)
+            if text_prob and "txt_emb" in batch:  # some samples conditioned on their caption instead
+                use_text = torch.rand(n, generator=self.gen, device=self.device) < text_prob
+                emb = torch.where(use_text[:, None], batch["txt_emb"].to(self.device).float(), emb)
             xi = self.cfg["cond"].get("noise", 0.0)
             if xi:  # LAFITE-style perturbation: robust to the text embeddings used at sampling
                 eps = torch.randn(emb.shape, generator=self.gen, device=self.device)
@@ -200,11 +204,14 @@ def save_checkpoint(trainer: Trainer, out: Path, extra: dict[str, Any]) -> None:
     (out / (STATE + ".tmp")).replace(out / STATE)
 
 
-def _embed_missing(batch: dict[str, Any], encoder) -> None:
-    """Fill batch['emb'] with CLIP image embeddings computed for samples that had none."""
+def _embed_missing(batch: dict[str, Any], encoder, captions: bool = False) -> None:
+    """Fill batch['emb'] with CLIP image embeddings computed for samples that had none, and
+    batch['txt_emb'] from the captions when `captions` (runs that also condition on text)."""
     import numpy as np
     import torch
 
+    if captions and "txt_emb" not in batch and "captions" in batch:
+        batch["txt_emb"] = torch.from_numpy(encoder.encode_texts(batch["captions"]).astype(np.float32))
     if "emb" in batch or "clip_pixels" not in batch:
         return
     todo = [i for i, px in enumerate(batch["clip_pixels"]) if px is not None]
@@ -259,7 +266,7 @@ def main(data: str, config: str, out: str, resume: bool = False, max_steps: int 
         clip_spec = manifest_clip_spec(manifest) or cfg["cond"]["clip_spec"]
         encoder = load_clip(clip_spec, device=device)
         cond_dim = encoder.dim
-        if cfg["cond"].get("text_shift", True):
+        if cfg["cond"].get("text_shift", True) and not cfg["cond"].get("text_prob"):
             clip_gap = [round(float(v), 6) for v in modality_gap(data, encoder)]
     trainer = Trainer(cfg, cond_dim, device)
     consumed = 0
@@ -290,7 +297,7 @@ def main(data: str, config: str, out: str, resume: bool = False, max_steps: int 
         while trainer.step < t["max_steps"] and time.time() < deadline:
             batch = next(it)
             if encoder is not None:
-                _embed_missing(batch, encoder)
+                _embed_missing(batch, encoder, captions=bool(cfg["cond"].get("text_prob")))
             window.append(trainer.train_step(batch))
             s = trainer.step
             if s % t["log_every"] == 0 or s == t["max_steps"]:

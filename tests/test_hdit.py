@@ -287,6 +287,9 @@ class _StubEncoder:
     def encode_texts(self, texts):
         return np.tile(np.array([0, 1, 0, 0], np.float32), (len(texts), 1))
 
+    def encode_image_tensor(self, batch):
+        return self.encode_images(list(batch))
+
 
 def test_modality_gap_from_plain_shards_and_prompt_shift(shards):
     from hdit_train.data import modality_gap
@@ -315,3 +318,19 @@ def test_condition_noise_perturbs_but_keeps_unit_norm(tmp_path):
     cos = (out * emb).sum(1)
     assert torch.allclose(out.norm(dim=1), torch.ones(4), atol=1e-5)
     assert (cos < 0.999).all() and (cos > 0.8).all()
+
+
+@pytest.mark.parametrize("text_prob,expected", [(0.0, [1., 0, 0, 0]), (1.0, [0., 1, 0, 0])])
+def test_text_prob_conditions_on_caption_embeddings(shards, tmp_path, text_prob, expected):
+    """cond.text_prob: that fraction of samples is conditioned on its caption's text embedding."""
+    from hdit_train.data import ShardStream, batches
+    from hdit_train.train import Trainer, _embed_missing, load_config
+
+    cfg = load_config(_config(tmp_path))
+    cfg["cond"] = {**cfg["cond"], "kind": "clip", "dropout": 0.0, "noise": 0.0, "text_prob": text_prob}
+    stream = ShardStream(shards, 16, cond="clip", clip_preprocess=lambda pil: torch.zeros(3, 4, 4))
+    batch = next(batches(stream.iterate(), 4))
+    assert len(batch["captions"]) == 4 and all(batch["captions"])
+    _embed_missing(batch, _StubEncoder(), captions=text_prob > 0)
+    cond = Trainer(cfg, cond_dim=4)._cond_inputs(batch)["mapping_cond"]
+    assert torch.allclose(cond, torch.tensor(expected).expand(4, 4))
