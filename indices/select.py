@@ -87,8 +87,9 @@ def choose_index(n: int, dim: int, max_memory: int | str = "4G") -> Choice:
     flat = n * dim * 4
     if n <= FLAT_MAX and flat <= budget:
         return Choice("Flat", False, flat, f"{n} vectors: an exact scan is fast enough")
-    if n <= FLAT_MAX:
+    if n <= FLAT_MAX and n * dim <= budget:
         return Choice("SQ8", False, n * dim, f"{n} vectors but flat ({flat} B) exceeds the budget: 8-bit scalar codes")
+    # a small collection under a budget SQ8 misses falls through to IVF+PQ with exact re-ranking
     nlist = nlist_for(n)
     hnsw = estimate_bytes(f"HNSW{HNSW_M}", n, dim)
     if n <= HNSW_MAX and hnsw <= budget:

@@ -17,6 +17,8 @@ DIM = 32
 
 @pytest.mark.parametrize("n,budget,expect", [
     (1_000, "4G", "Flat"),
+    (10_000, "8M", "SQ8"),
+    (10_000, "2M", "IVF256,PQ64x8"),  # SQ8 (5 MB) misses the budget: PQ codes + exact re-rank
     (100_000, "4G", "HNSW32"),
     (1_000_000, "4G", "IVF4096,Flat"),
     (1_000_000, "200M", "IVF4096,PQ128x8"),
