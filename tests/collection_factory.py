@@ -30,6 +30,39 @@ def clustered_vectors(n: int, dim: int, n_clusters: int = 1000, spread: float = 
     return normalise(x)
 
 
+def _clip_like_world(dim: int, n_topics: int, alpha: float, seed: int) -> dict[str, np.ndarray]:
+    """The fixed generative world shared by every part: a rotated power-law spectrum, a
+    two-level topic tree with Zipf popularity, and one offset per modality."""
+    rng = np.random.default_rng(seed)
+    scale = (np.arange(1, dim + 1) ** -alpha).astype(np.float32)
+    scale /= np.linalg.norm(scale)
+    rot = np.linalg.qr(rng.standard_normal((dim, dim)))[0].astype(np.float32)
+    n_super = max(1, int(np.sqrt(n_topics)))
+    supers = rng.standard_normal((n_super, dim)).astype(np.float32) * scale
+    topics = supers[rng.integers(0, n_super, n_topics)] + 0.7 * rng.standard_normal((n_topics, dim)).astype(np.float32) * scale
+    weights = 1.0 / np.arange(1, n_topics + 1) ** 0.8
+    offsets = rng.standard_normal((2, dim)).astype(np.float32)
+    offsets *= 0.6 / np.linalg.norm(offsets, axis=1, keepdims=True)
+    return {"scale": scale, "rot": rot, "topics": topics, "p": weights / weights.sum(), "offsets": offsets}
+
+
+def clip_like_pairs(n: int, dim: int, seed: int = 0, n_topics: int = 4096, within: float = 0.6,
+                    text_noise: float = 1.0, alpha: float = 0.6, world_seed: int = 1234) -> tuple[np.ndarray, np.ndarray]:
+    """n (image, text) pairs of L2-normalised vectors shaped like CLIP embeddings: anisotropic
+    (power-law spectrum of exponent alpha in a random basis), many overlapping topics of Zipf
+    popularity, a modality gap (each modality its own offset), and captions that are noisy
+    views of their image. Harder than `clustered_vectors`: neighbours cross topic borders and
+    the top-10 similarities are close, so IVF probing and PQ error both matter."""
+    w = _clip_like_world(dim, n_topics, alpha, world_seed)
+    rng = np.random.default_rng(seed)
+    z = w["topics"][rng.choice(n_topics, size=n, p=w["p"])]
+    z += within * rng.standard_normal((n, dim)).astype(np.float32) * w["scale"]
+    img = (z + w["offsets"][0]) @ w["rot"]
+    z += text_noise * rng.standard_normal((n, dim)).astype(np.float32) * w["scale"]
+    txt = (z + w["offsets"][1]) @ w["rot"]
+    return normalise(img), normalise(txt)
+
+
 def write_collection(root: str, image_parts: Sequence[np.ndarray], text_parts: Sequence[np.ndarray] | None = None,
                      columns: dict[str, Sequence[Any]] | None = None, failed_per_part: int = 0,
                      clip_model: str = "sieve-tiny") -> str:
