@@ -124,3 +124,40 @@ def decode_sample(raw: RawSample, source_shard: str, max_pixels: int = DEFAULT_M
               else "caption is empty")
         return row, None
     return row, img
+
+
+def batch_normalizer(preprocess: Any):
+    """(size, mean, std) when `preprocess` is open_clip's resize/crop/to-tensor/normalize chain.
+
+    For an RGB image already size x size those steps are identity resize and crop, /255 and
+    normalize, so a whole batch can be done as one tensor op (`normalize_batch`) instead of
+    torchvision per image. Returns None for any other chain (the caller keeps `preprocess`).
+    """
+    names = [type(t).__name__ for t in getattr(preprocess, "transforms", [])]
+    expected = ["Resize", "CenterCrop", "ToTensor", "Normalize"]
+    kept = [n for n in names if n not in ("MaybeConvertMode", "_convert_to_rgb", "function")]
+    kept = ["ToTensor" if n == "MaybeToTensor" else n for n in kept]
+    if kept != expected:
+        return None
+    resize, crop, norm = preprocess.transforms[0], preprocess.transforms[1], preprocess.transforms[-1]
+    size = resize.size if isinstance(resize.size, int) else None
+    if isinstance(resize.size, (list, tuple)) and len(resize.size) == 1:
+        size = resize.size[0]
+    if size is None or tuple(crop.size) != (size, size) or getattr(resize, "max_size", None):
+        return None
+    return size, tuple(float(m) for m in norm.mean), tuple(float(s) for s in norm.std)
+
+
+def fits(img, size: int) -> bool:
+    """Whether `img` can take the batched path: RGB and exactly size x size."""
+    return img.mode == "RGB" and img.size == (size, size)
+
+
+def normalize_batch(arrays: list[np.ndarray], mean, std):
+    """Stacked HWC uint8 arrays -> NCHW float32, the same values as ToTensor + Normalize."""
+    import torch
+
+    batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous().to(torch.float32).div(255)
+    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    return batch.sub_(m).div_(s)

@@ -22,7 +22,7 @@ from typing import Any, Callable
 import numpy as np
 
 from curation import schema as S
-from pipelines.decode import DEFAULT_MAX_PIXELS, decode_sample
+from pipelines.decode import DEFAULT_MAX_PIXELS, batch_normalizer, decode_sample, fits, normalize_batch
 from pipelines.readers import Shard, read_shard
 from pipelines.writer import write_part
 
@@ -81,6 +81,8 @@ class Embedder:
 
         self.encoder = encoder
         self.preprocess = encoder.preprocess
+        #: (size, mean, std) when images already at the model's size can skip per-image torchvision
+        self.batched = batch_normalizer(encoder.preprocess)
         self.dim = int(encoder.dim)
         self.tokenizer = getattr(encoder, "tokenizer", None)
         model = getattr(encoder, "model", None)
@@ -193,7 +195,9 @@ class Chunk:
 
     rows: list[dict[str, Any]] = field(default_factory=list)
     ok_rows: list[int] = field(default_factory=list)
+    #: per usable sample: a preprocessed CHW tensor, or an HWC uint8 array for the batched path
     tensors: list[Any] = field(default_factory=list)
+    batch: Any = None
     images: list[Any] = field(default_factory=list)
     captions: list[str] = field(default_factory=list)
     tokens: Any = None
@@ -218,6 +222,8 @@ def _produce(shard: Shard, config: EmbedConfig, embedder: Embedder, keep_images:
     def ready(chunk: Chunk) -> Chunk:
         if chunk.captions:
             chunk.tokens = embedder.tokenize(chunk.captions)
+            chunk.batch = _stack(chunk.tensors, embedder.batched)
+            chunk.tensors = []
         return chunk
 
     try:
@@ -227,7 +233,8 @@ def _produce(shard: Shard, config: EmbedConfig, embedder: Embedder, keep_images:
             chunk.rows.append(row)
             if img is not None:
                 try:
-                    tensor = embedder.preprocess(img)
+                    fast = embedder.batched is not None and fits(img, embedder.batched[0])
+                    tensor = np.asarray(img) if fast else embedder.preprocess(img)
                 except (OSError, ValueError, RuntimeError) as exc:
                     row[S.STATUS], row[S.ERROR] = S.STATUS_DECODE_ERROR, f"preprocess: {exc}"
                     continue
@@ -247,6 +254,22 @@ def _produce(shard: Shard, config: EmbedConfig, embedder: Embedder, keep_images:
         _put(q, _END, stop)
     except BaseException as exc:  # noqa: BLE001 - handed to the consuming thread, which re-raises
         _put(q, exc, stop)
+
+
+def _stack(items: list[Any], batched: tuple | None) -> Any:
+    """One NCHW batch from preprocessed tensors and uint8 arrays (normalised together, in order)."""
+    import torch
+
+    arrays = [i for i, x in enumerate(items) if isinstance(x, np.ndarray)]
+    if not arrays:
+        return torch.stack(items)
+    fast = normalize_batch([items[i] for i in arrays], batched[1], batched[2])
+    if len(arrays) == len(items):
+        return fast
+    out = list(items)
+    for j, i in enumerate(arrays):
+        out[i] = fast[j]
+    return torch.stack(out)
 
 
 def _chunks(shard: Shard, config: EmbedConfig, embedder: Embedder, keep_images: bool):
@@ -295,7 +318,7 @@ def process_shard(shard: Shard, output: str, config: EmbedConfig,
     for chunk in _chunks(shard, config, encoder, keep_images):
         if chunk.ok_rows:
             with torch.inference_mode():
-                img = encoder.images(torch.stack(chunk.tensors))
+                img = encoder.images(chunk.batch)
                 txt = encoder.texts(chunk.captions, chunk.tokens)
             sims = np.einsum("ij,ij->i", img, txt)
             columns = {S.CLIP_SIMILARITY: sims}
