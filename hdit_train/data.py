@@ -107,7 +107,6 @@ def load_image(raw: bytes, size: int):
     """Decode, resize the short side to size and centre-crop; float tensor in [-1, 1], CHW, and
     the decoded image at its stored size (what CLIP embeds, as the embed pipeline does)."""
     import torch
-    from PIL import Image
 
     original = Image.open(io.BytesIO(raw)).convert("RGB")
     w, h = original.size

@@ -65,10 +65,9 @@ def ensure_model(path: Path | None = None, steps: int | None = None) -> Path:
                                     "`python -m pipelines.train_watermark --out DIR`, or omit model_path "
                                     "to use the cached default)")
         return path
-    path = default_model_path()
-    if path.exists():
-        return path
     from pipelines.cache import build_once
+
+    path = default_model_path()
 
     def build() -> None:
         from pipelines.train_watermark import DEFAULT_STEPS, train
