@@ -104,14 +104,14 @@ def save_sample_grid(denoiser, cfg: dict[str, Any], encoder, path: Path, device:
     prompts = s.get("prompts") or ["a red circle", "a blue square", "a green triangle", "a yellow star"]
     cond, uncond = cond_kwargs(cfg, s["n"], encoder, prompts, device=device, clip_gap=clip_gap)
     images = generate(denoiser, cfg, s["n"], cfg["data"]["size"], cond, uncond, s["steps"],
-                      s["sampler"], s["cfg"], device=device)
+                      s["sampler"], s["cfg"], device=device, sigma_max=s.get("sigma_max", 80.0))
     log.info("wrote %s", path)
     return save_grid(images, path)
 
 
 def main(ckpt: str, out: str = "grid.png", prompt: list[str] | None = None, class_label: int | None = None,
          n: int = 16, steps: int = 50, sampler: str = "dpmpp_2m", cfg: float = 3.0, seed: int = 0,
-         size: int | None = None, width: int | None = None) -> Path:
+         size: int | None = None, width: int | None = None, sigma_max: float = 80.0) -> Path:
     """Sample n images from the run's EMA weights and save a grid."""
     import torch
 
@@ -125,7 +125,8 @@ def main(ckpt: str, out: str = "grid.png", prompt: list[str] | None = None, clas
         encoder = load_clip(state["clip_spec"], device=device)
     cond, uncond = cond_kwargs(config, n, encoder, prompt, class_label, device, state.get("clip_gap"))
     h = size or config["data"]["size"]
-    images = generate(denoiser, config, n, (h, width or h), cond, uncond, steps, sampler, cfg, seed, device)
+    images = generate(denoiser, config, n, (h, width or h), cond, uncond, steps, sampler, cfg, seed, device,
+                      sigma_max=sigma_max)
     return save_grid(images.cpu(), out)
 
 
@@ -143,11 +144,12 @@ def cli(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--size", type=int, default=None, help="height (default: training size)")
     ap.add_argument("--width", type=int, default=None, help="width (default: = height)")
+    ap.add_argument("--sigma-max", type=float, default=80.0, help="noise level sampling starts from")
     ap.add_argument("--out", default="grid.png")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     print(main(args.ckpt, args.out, args.prompt, args.class_label, args.n, args.steps, args.sampler,
-               args.cfg, args.seed, args.size, args.width))
+               args.cfg, args.seed, args.size, args.width, args.sigma_max))
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ DEFAULTS: dict[str, Any] = {
               "warmup_steps": 100, "max_steps": 1000, "max_minutes": None, "grad_clip": 1.0,
               "ema_decay": 0.999, "log_every": 10, "sample_every": 500, "ckpt_every": 500,
               "gradient_checkpointing": False, "compile": True, "bf16": True, "seed": 0},
-    "sample": {"n": 16, "steps": 50, "sampler": "dpmpp_2m", "cfg": 3.0, "prompts": None},
+    "sample": {"n": 16, "steps": 50, "sampler": "dpmpp_2m", "cfg": 3.0, "sigma_max": 80.0, "prompts": None},
 }
 
 

@@ -18,7 +18,7 @@ import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
@@ -50,10 +50,10 @@ def _key(index: int, shard_size: int) -> str:
 
 
 def make_sample(index: int, size: int = 64, seed: int = 0, watermark_fraction: float = 0.0,
-                shard_size: int = 1000) -> Sample:
+                shard_size: int = 1000, object_sizes: Sequence[str] | None = None) -> Sample:
     """The sample at `index` for `seed`: identical whatever the sharding or generation order."""
     rng = np.random.default_rng([seed, index])
-    attrs = random_scene(rng)
+    attrs = random_scene(rng, object_sizes)
     caption, named = make_caption(attrs, rng)
     image = render_scene(attrs, size, rng)
     watermark = bool(rng.random() < watermark_fraction)
@@ -64,10 +64,11 @@ def make_sample(index: int, size: int = 64, seed: int = 0, watermark_fraction: f
 
 
 def iter_samples(n: int, size: int = 64, seed: int = 0, watermark_fraction: float = 0.0,
-                 start: int = 0, shard_size: int = 1000) -> Iterator[Sample]:
+                 start: int = 0, shard_size: int = 1000,
+                 object_sizes: Sequence[str] | None = None) -> Iterator[Sample]:
     """Yield n generated samples in memory (no disk), for training and evaluation scripts."""
     for index in range(start, start + n):
-        yield make_sample(index, size, seed, watermark_fraction, shard_size)
+        yield make_sample(index, size, seed, watermark_fraction, shard_size, object_sizes)
 
 
 def _jpeg(image: Image.Image) -> bytes:
@@ -92,7 +93,8 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes, mtime: float) -> N
 
 
 def write_shard(out: Path, shard: int, indices: range, size: int, seed: int,
-                watermark_fraction: float, corrupt_fraction: float, shard_size: int) -> dict[str, Any]:
+                watermark_fraction: float, corrupt_fraction: float, shard_size: int,
+                object_sizes: Sequence[str] | None = None) -> dict[str, Any]:
     """Write one shard's tar, parquet and stats (stats last: its presence marks completion)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -104,7 +106,7 @@ def write_shard(out: Path, shard: int, indices: range, size: int, seed: int,
     mtime = 1_700_000_000  # fixed, so shards are byte-identical per seed
     with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
         for index in indices:
-            sample = make_sample(index, size, seed, watermark_fraction, shard_size)
+            sample = make_sample(index, size, seed, watermark_fraction, shard_size, object_sizes)
             data = _jpeg(sample.image)
             crng = np.random.default_rng([seed, index, 1])
             if crng.random() < corrupt_fraction:
@@ -143,7 +145,7 @@ def write_shard(out: Path, shard: int, indices: range, size: int, seed: int,
 
 def write_sample_dataset(out: str | Path, n: int, size: int = 64, seed: int = 0,
                          watermark_fraction: float = 0.1, corrupt_fraction: float = 0.0,
-                         shard_size: int = 1000) -> dict[str, Any]:
+                         shard_size: int = 1000, object_sizes: Sequence[str] | None = None) -> dict[str, Any]:
     """Write n generated samples as img2dataset webdataset shards under `out`; return totals."""
     if n < 0 or shard_size < 1 or size < 8:
         raise ValueError(f"need n >= 0, shard_size >= 1 and size >= 8; got n={n}, "
@@ -159,7 +161,8 @@ def write_sample_dataset(out: str | Path, n: int, size: int = 64, seed: int = 0,
     n_shards = (n + shard_size - 1) // shard_size
     for shard in tqdm(range(n_shards), desc="sample shards", unit="shard", disable=n_shards < 2):
         indices = range(shard * shard_size, min(n, (shard + 1) * shard_size))
-        stats = write_shard(out, shard, indices, size, seed, watermark_fraction, corrupt_fraction, shard_size)
+        stats = write_shard(out, shard, indices, size, seed, watermark_fraction, corrupt_fraction, shard_size,
+                            object_sizes)
         for k in ("count", "corrupt", "watermarked"):
             totals[k] += stats[k]
         totals["shards"] += 1
@@ -177,10 +180,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--watermark-fraction", type=float, default=0.1)
     parser.add_argument("--corrupt-fraction", type=float, default=0.0)
     parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    parser.add_argument("--object-sizes", default=None,
+                        help="comma list of object sizes to draw from (small,medium,large; default all)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     totals = write_sample_dataset(args.out, args.n, args.size, args.seed, args.watermark_fraction,
-                                  args.corrupt_fraction, args.shard_size)
+                                  args.corrupt_fraction, args.shard_size,
+                                  args.object_sizes.split(",") if args.object_sizes else None)
     print(json.dumps({"out": str(args.out), **totals}))
 
 

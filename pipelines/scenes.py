@@ -57,12 +57,20 @@ def _distance(a: Sequence[int], b: Sequence[int]) -> float:
     return math.dist(a, b)
 
 
-def random_scene(rng: np.random.Generator) -> dict[str, Any]:
-    """Draw the true attributes of one scene (the json written beside the image)."""
+def random_scene(rng: np.random.Generator, sizes: Sequence[str] | None = None) -> dict[str, Any]:
+    """Draw the true attributes of one scene (the json written beside the image).
+
+    `sizes` restricts the object sizes drawn (default all of SIZES): a 32² demo wants no
+    5-pixel objects. Many objects are never large whatever `sizes` says.
+    """
+    sizes = list(SIZES) if sizes is None else list(sizes)
+    bad = [s for s in sizes if s not in SIZES]
+    if bad or not sizes:
+        raise ValueError(f"object sizes must be a non-empty subset of {list(SIZES)}, got {sizes}")
     shape = SHAPES[rng.integers(len(SHAPES))]
     color = list(COLORS)[rng.integers(len(COLORS))]
     count = int(rng.choice([1, 1, 1, 2, 3, 4]))
-    size = list(SIZES)[rng.integers(len(SIZES))]
+    size = sizes[rng.integers(len(sizes))]
     if count > 2 and size == "large":
         size = "medium"
     position = list(POSITIONS)[rng.integers(len(POSITIONS))] if count == 1 else SCATTERED

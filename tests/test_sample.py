@@ -137,3 +137,12 @@ def test_cli(tmp_path: Path) -> None:
     totals = json.loads(out.stdout.strip().splitlines()[-1])
     assert totals["count"] == 12 and totals["shards"] == 3
     assert (tmp_path / "00002.tar").exists()
+
+
+def test_object_sizes_restrict_the_drawn_sizes():
+    drawn = [s.attrs["size"] for s in sample.iter_samples(200, size=32, object_sizes=("medium", "large"))]
+    assert set(drawn) == {"medium", "large"}
+    every = {s.attrs["size"] for s in sample.iter_samples(200, size=32)}
+    assert every == {"small", "medium", "large"}
+    with pytest.raises(ValueError, match="tiny"):
+        next(sample.iter_samples(1, object_sizes=("tiny",)))
