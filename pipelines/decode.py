@@ -24,21 +24,22 @@ _CONSUMED = (S.KEY, S.CAPTION, S.URL)
 #: prefix for source fields whose names collide with a fixed column (e.g. img2dataset's `status`)
 SOURCE_PREFIX = "src_"
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+#: row key holding a deferred phash thumbnail until `finish_phashes` (never written)
+PHASH_PENDING = "_phash_pending"
+_FIXED = frozenset(S.METADATA_COLUMNS)
+_CONSUMED_SET = frozenset(_CONSUMED)
+_EMPTY_ROW = dict.fromkeys(S.METADATA_COLUMNS)
 
 
 def source_fields(meta: dict[str, Any]) -> dict[str, Any]:
     """The source's own json fields, renamed `src_<name>` where they collide with ours."""
-    out: dict[str, Any] = {}
-    for name, value in meta.items():
-        if name in _CONSUMED:
-            continue
-        out[SOURCE_PREFIX + name if name in S.METADATA_COLUMNS else name] = value
-    return out
+    return {(SOURCE_PREFIX + name if name in _FIXED else name): value
+            for name, value in meta.items() if name not in _CONSUMED_SET}
 
 
 def empty_row(raw: RawSample, source_shard: str) -> dict[str, Any]:
     """A row with every fixed column present (scores and embeddings still unknown)."""
-    row: dict[str, Any] = {c: None for c in S.METADATA_COLUMNS}
+    row: dict[str, Any] = _EMPTY_ROW.copy()
     url = raw.meta.get(S.URL)
     row.update({S.KEY: raw.key, S.CAPTION: raw.caption, S.URL: str(url) if url is not None else None,
                 S.SOURCE_SHARD: source_shard, S.STATUS: S.STATUS_OK})
@@ -51,6 +52,35 @@ def _fail(row: dict[str, Any], status: str, error: str) -> None:
     row[S.ERROR] = error
 
 
+def _fast_jpeg(data: bytes, max_pixels: int):
+    """A colour JPEG decoded by simplejpeg (libjpeg-turbo's TurboJPEG API), or None to use PIL.
+
+    For the small images of a typical shard PIL's per-image set-up costs more than the decode
+    itself: simplejpeg is 2.4x cheaper here (bench/embed_stages.py) and gives PIL's pixels
+    (same library, same accurate IDCT and fancy upsampling; tests/test_readers.py). Only
+    YCbCr files take this path; anything else, and any error, goes to PIL, which then gives
+    the canonical status and message.
+    """
+    if _simplejpeg is None or data[:2] != b"\xff\xd8":
+        return None
+    try:
+        height, width, colorspace, _ = _simplejpeg.decode_jpeg_header(data)
+        if colorspace != "YCbCr" or width * height > max_pixels:
+            return None
+        pixels = _simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=False, fastupsample=False)
+    except ValueError:
+        return None
+    from PIL import Image
+
+    return Image.fromarray(pixels, "RGB")
+
+
+try:  # optional: the `fast` path above; PIL alone decodes everything
+    import simplejpeg as _simplejpeg
+except ImportError:
+    _simplejpeg = None
+
+
 def decode_image(data: bytes, max_pixels: int):
     """Decode to RGB, refusing images over `max_pixels` from their header alone.
 
@@ -58,6 +88,9 @@ def decode_image(data: bytes, max_pixels: int):
     """
     from PIL import Image, UnidentifiedImageError
 
+    fast = _fast_jpeg(data, max_pixels)
+    if fast is not None:
+        return fast, None, None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -84,26 +117,40 @@ def _dct_rows(n: int = 32, k: int = 8) -> np.ndarray:
 _DCT = _dct_rows()
 
 
+def phash_pixels(img) -> np.ndarray:
+    """The 32x32 grey Lanczos thumbnail a perceptual hash is computed from (imagehash's steps)."""
+    from PIL import Image
+
+    return np.asarray(img.convert("L").resize((32, 32), Image.Resampling.LANCZOS), dtype=np.float64)
+
+
+def phash_batch(thumbs: list[np.ndarray]) -> list[str]:
+    """DCT perceptual hashes of `phash_pixels` thumbnails, computed together (one matmul)."""
+    if not thumbs:
+        return []
+    low = np.round(_DCT @ np.stack(thumbs) @ _DCT.T, 6)  # scipy gives exact zeros on symmetric images
+    low = low.reshape(len(thumbs), -1)
+    bits = low > np.median(low, axis=1, keepdims=True)
+    return [row.tobytes().hex() for row in np.packbits(bits, axis=1)]
+
+
 def phash(img) -> str:
     """DCT perceptual hash as 16 hex digits, bit-identical to `str(imagehash.phash(img))`.
 
     Same steps (grey, 32x32 Lanczos, 2-D DCT, low 8x8 block against its median) with a
     precomputed DCT matrix instead of scipy: a fifth of the cost, no scipy import per worker.
     """
-    from PIL import Image
-
-    pixels = np.asarray(img.convert("L").resize((32, 32), Image.Resampling.LANCZOS), dtype=np.float64)
-    low = np.round(_DCT @ pixels @ _DCT.T, 6)  # scipy gives exact zeros on symmetric images
-    bits = (low > np.median(low)).ravel()
-    return np.packbits(bits).tobytes().hex()
+    return phash_batch([phash_pixels(img)])[0]
 
 
-def decode_sample(raw: RawSample, source_shard: str, max_pixels: int = DEFAULT_MAX_PIXELS):
+def decode_sample(raw: RawSample, source_shard: str, max_pixels: int = DEFAULT_MAX_PIXELS,
+                  defer_phash: bool = False):
     """One raw sample -> (row, image or None). The row's status says why there is no image.
 
     Order of checks: the shard broke inside it, no image member, image not decodable or too
     large, no caption. A missing caption still gets width/height/hashes (the image is fine)
-    but no embeddings: the pair is what the collection is about.
+    but no embeddings: the pair is what the collection is about. With `defer_phash` the row
+    holds the hash's thumbnail under PHASH_PENDING for `finish_phashes` to hash in bulk.
     """
     row = empty_row(raw, source_shard)
     if raw.error is not None:
@@ -118,12 +165,22 @@ def decode_sample(raw: RawSample, source_shard: str, max_pixels: int = DEFAULT_M
         _fail(row, status, error)
         return row, None
     row[S.WIDTH], row[S.HEIGHT] = img.size
-    row[S.PHASH] = phash(img)
+    if defer_phash:
+        row[PHASH_PENDING] = phash_pixels(img)
+    else:
+        row[S.PHASH] = phash(img)
     if raw.caption is None or not raw.caption.strip():
         _fail(row, S.STATUS_MISSING_CAPTION, "sample has no caption" if raw.caption is None
               else "caption is empty")
         return row, None
     return row, img
+
+
+def finish_phashes(rows: list[dict[str, Any]]) -> None:
+    """Replace the thumbnails `decode_sample(defer_phash=True)` left in rows with their hashes."""
+    pending = [row for row in rows if PHASH_PENDING in row]
+    for row, value in zip(pending, phash_batch([row.pop(PHASH_PENDING) for row in pending])):
+        row[S.PHASH] = value
 
 
 def batch_normalizer(preprocess: Any):

@@ -194,3 +194,98 @@ def test_phash_is_bit_identical_to_imagehash():
     images += [Image.new("RGB", (50, 80), (10, 200, 3)), Image.new("L", (7, 300)),
                Image.new("RGBA", (33, 33), (1, 2, 3, 4))]
     assert [phash(im) for im in images] == [str(imagehash.phash(im)) for im in images]
+
+
+@pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT, tarfile.USTAR_FORMAT])
+def test_direct_tar_parser_matches_tarfile(tmp_path, fmt):
+    """Long names (GNU and pax), ustar prefixes, non-ASCII names, directories and gzip."""
+    from pipelines.readers import read_tar
+
+    deep = "d/" * 60 if fmt != tarfile.USTAR_FORMAT else "p/" * 40
+    names = [f"{deep}k1.jpg", f"{deep}k1.txt", "k2.jpg", "k2.txt"]
+    if fmt != tarfile.USTAR_FORMAT:
+        names += ["naïve/ü.jpg", "naïve/ü.txt"]
+    members = {n: (f"payload {n}" * (i + 1) * 37).encode() for i, n in enumerate(names)}
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+        tar.addfile(_dir("emptydir"))
+        for n, data in members.items():
+            _member(tar, n, data)
+    plain = tmp_path / "a.tar"
+    plain.write_bytes(buf.getvalue())
+    gz = tmp_path / "b.tar"  # compressed streams go through tarfile: same samples
+    with tarfile.open(gz, mode="w:gz", format=fmt) as tar:
+        for n, data in members.items():
+            _member(tar, n, data)
+    got = [(r.key, r.image, r.caption, r.error) for r in read_tar(str(plain))]
+    assert got == [(r.key, r.image, r.caption, r.error) for r in read_tar(str(gz))]
+    expected_keys = list(dict.fromkeys(n.rsplit(".", 1)[0] for n in names))
+    assert [k for k, *_ in got] == expected_keys
+    assert got[0][1] == members[names[0]] and got[0][2] == members[names[1]].decode()
+    assert all(err is None for *_, err in got)
+
+
+def _dir(name: str) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.DIRTYPE
+    return info
+
+
+def test_bad_header_mid_shard_ends_it_and_garbage_is_not_a_tar(tmp_path):
+    from pipelines.readers import read_tar
+
+    data = write_tar(tmp_path / "x.tar", sample_members(3))
+    # sample 0 and 1 are 3 members of 512-byte header + data; corrupt the header after them
+    with tarfile.open(tmp_path / "x.tar") as tar:
+        third = [m for m in tar.getmembers() if m.name.startswith("s00002")][0].offset
+    broken = bytearray(data)
+    broken[third:third + 20] = b"garbage header bytes"
+    (tmp_path / "y.tar").write_bytes(bytes(broken))
+    assert [r.key for r in read_tar(str(tmp_path / "y.tar"))] == ["s00000", "s00001"]
+    (tmp_path / "z.tar").write_bytes(b"x" * 2048)
+    with pytest.raises(ShardOpenError, match="z.tar"):
+        list(read_tar(str(tmp_path / "z.tar")))
+
+
+def test_deferred_phash_matches_per_image_hash(tmp_path):
+    """The worker hashes a chunk's thumbnails together; the rows must not change."""
+    from pipelines.decode import PHASH_PENDING, finish_phashes
+
+    tricky, _ = tricky_members()
+    write_tar(tmp_path / "00000.tar", sample_members(5) + tricky)
+    [shard] = list_shards(str(tmp_path))
+    raws = list(read_shard(shard))
+    direct = [decode_sample(r, shard.url)[0] for r in raws]
+    deferred = [decode_sample(r, shard.url, defer_phash=True)[0] for r in raws]
+    assert any(PHASH_PENDING in row for row in deferred)
+    finish_phashes(deferred)
+    assert deferred == direct
+    assert sum(row[S.PHASH] is not None for row in direct) == 6  # 5 good + the captionless one
+
+
+def test_fast_jpeg_decode_gives_pil_pixels_and_pil_errors():
+    """The simplejpeg path must hand the model exactly what PIL would, and fail as PIL does."""
+    from pipelines import decode
+    from pipelines.decode import DEFAULT_MAX_PIXELS, decode_image
+
+    assert decode._simplejpeg is not None, "simplejpeg is a dependency: the fast path must be live"
+    images = [s.image for s in iter_samples(30, size=48, watermark_fraction=0.5)]
+    images += [Image.new("RGB", (37, 91), (250, 10, 120)), Image.new("L", (20, 20), 99),
+               Image.new("CMYK", (20, 20), (1, 2, 3, 4))]
+    for img in images:
+        for kwargs in ({"quality": 90}, {"quality": 70, "subsampling": 0}, {"progressive": True}):
+            data = jpeg_bytes_with(img, **kwargs)
+            fast, status, _ = decode_image(data, DEFAULT_MAX_PIXELS)
+            slow = Image.open(io.BytesIO(data)).convert("RGB")
+            assert status is None and fast.mode == "RGB" and fast.size == slow.size
+            assert fast.tobytes() == slow.tobytes()
+    data = jpeg_bytes_with(images[0])
+    for bad in (data[: len(data) * 3 // 4], data[:40]):
+        assert decode_image(bad, DEFAULT_MAX_PIXELS)[1] == S.STATUS_DECODE_ERROR
+    assert decode_image(data, 48 * 48 - 1)[1] == S.STATUS_TOO_LARGE
+
+
+def jpeg_bytes_with(img: Image.Image, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", **kwargs)
+    return buf.getvalue()

@@ -1,0 +1,121 @@
+"""`python -m bench.embed_stages`: per-sample cost of each reader stage of pipelines.embed, one thread.
+
+The pipeline keeps up with the model only if reading, decoding, hashing and preprocessing
+cost a small fraction of the forward. This times each stage on one generated shard, the
+pipeline's way beside the plain way it replaced, and the sieve-tiny forward for scale:
+- tar: direct header parsing (`readers._tar_members`) vs `tarfile` streaming;
+- decode: simplejpeg (libjpeg-turbo's TurboJPEG API) vs PIL, same pixels;
+- phash: thumbnails hashed in one batched DCT vs one hash per image;
+- normalize and tokenize as they are, for the total.
+Run pinned for one-core figures:
+`OMP_NUM_THREADS=1 taskset -c 0 python -m bench.embed_stages`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+log = logging.getLogger("bench.embed_stages")
+
+
+def _best(fn: Callable[[], Any], n: int, reps: int) -> float:
+    """Best-of-reps milliseconds per sample."""
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best * 1e3 / n
+
+
+def _pil_decode(data: bytes):
+    """What decode_image did before the simplejpeg path (PIL for every format)."""
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def measure(shard: Path, batch_size: int = 256, reps: int = 5) -> dict[str, Any]:
+    """Per-sample milliseconds of each stage, new and plain, and the model forward."""
+    import torch
+
+    from pipelines.decode import (DEFAULT_MAX_PIXELS, decode_image, normalize_batch, phash,
+                                  phash_batch, phash_pixels)
+    from pipelines.embed_worker import EmbedConfig, Embedder
+    from pipelines.encoders import load_clip
+    from pipelines.readers import _tar_members, _tarfile_members, read_tar
+
+    url = str(shard)
+    raws = list(read_tar(url))
+    n = len(raws)
+    images = [r.image for r in raws]
+    decoded = [decode_image(b, DEFAULT_MAX_PIXELS)[0] for b in images]
+    arrays = [np.asarray(im) for im in decoded][:batch_size]
+    enc = load_clip("sieve-tiny")
+    emb = Embedder(enc, EmbedConfig())
+    _, mean, std = emb.batched
+    stages = {
+        "tar": (lambda: list(_tar_members(open(url, "rb"), url)),
+                lambda: list(_tarfile_members(open(url, "rb"), url)), n),
+        "decode": (lambda: [decode_image(b, DEFAULT_MAX_PIXELS) for b in images],
+                   lambda: [_pil_decode(b) for b in images], n),
+        "phash": (lambda: phash_batch([phash_pixels(im) for im in decoded]),
+                  lambda: [phash(im) for im in decoded], n),
+    }
+    rows = {}
+    for name, (new, plain, count) in stages.items():
+        rows[name] = {"pipeline_ms": round(_best(new, count, reps), 4),
+                      "plain_ms": round(_best(plain, count, reps), 4)}
+        rows[name]["speedup"] = round(rows[name]["plain_ms"] / rows[name]["pipeline_ms"], 2)
+    rows["normalize"] = {"pipeline_ms": round(_best(lambda: normalize_batch(arrays, mean, std), len(arrays), reps), 4)}
+    captions = [r.caption for r in raws][:batch_size]
+    rows["tokenize"] = {"pipeline_ms": round(_best(lambda: emb.tokenize(captions), len(captions), reps), 4)}
+    batch, tokens = normalize_batch(arrays, mean, std), emb.tokenize(captions)
+    with torch.inference_mode():
+        emb.images(batch), emb.texts(captions, tokens)
+        model_ms = _best(lambda: (emb.images(batch), emb.texts(captions, tokens)), len(arrays), reps)
+    reader_new = sum(r["pipeline_ms"] for r in rows.values())
+    reader_plain = sum(r.get("plain_ms", r["pipeline_ms"]) for r in rows.values())
+    return {"shard": url, "samples": n, "batch_size": batch_size, "stages_ms_per_sample": rows,
+            "reader_ms_per_sample": round(reader_new, 4), "reader_plain_ms_per_sample": round(reader_plain, 4),
+            "model_ms_per_sample": round(model_ms, 4),
+            "reader_over_model": round(reader_new / model_ms, 3),
+            "reader_plain_over_model": round(reader_plain / model_ms, 3),
+            "torch_threads": torch.get_num_threads(),
+            "note": "reader = tar + decode + phash + normalize + tokenize per sample; sha256 and row "
+                    "building are left out (a few microseconds)"}
+
+
+def main(argv: list[str] | None = None) -> None:
+    from bench.common import write_results
+
+    parser = argparse.ArgumentParser(prog="python -m bench.embed_stages", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (pin the process to match)")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "sieve-bench-embed"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from bench.embed import SHARD_SIZE, dataset
+
+    data = dataset(SHARD_SIZE, Path(args.workdir), SHARD_SIZE)
+    path = write_results("embed_stages", measure(data / "00000.tar", args.batch_size))
+    print(path.read_text())
+
+
+if __name__ == "__main__":
+    main()
