@@ -121,9 +121,16 @@ def _client(scheduler: str | None, workers: int):
 
     if scheduler:
         return Client(scheduler), None
+    import dask
+
+    # Dask's statistical profiler walks every thread's stack every 10 ms; with the reader and
+    # model threads busy that was ~10% of the workers' CPU here (bench/embed.py). Off unless
+    # the user's Dask config asks for it (DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=True).
+    profile = os.environ.get("DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED", "False").lower() == "true"
     # one task slot per worker process: the model uses the threads, not Dask
-    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                           dashboard_address=":0", silence_logs=logging.WARNING)
+    with dask.config.set({"distributed.worker.profile.enabled": profile}):
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                               dashboard_address=":0", silence_logs=logging.WARNING)
     return Client(cluster), cluster
 
 

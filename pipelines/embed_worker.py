@@ -22,7 +22,8 @@ from typing import Any, Callable
 import numpy as np
 
 from curation import schema as S
-from pipelines.decode import DEFAULT_MAX_PIXELS, batch_normalizer, decode_sample, fits, normalize_batch
+from pipelines.decode import (DEFAULT_MAX_PIXELS, batch_normalizer, decode_sample, empty_row, finish_phashes,
+                              fits, normalize_batch)
 from pipelines.readers import Shard, read_shard
 from pipelines.writer import write_part
 
@@ -91,6 +92,41 @@ class Embedder:
             device = config.device or getattr(encoder, "device", None) or "cpu"
             self.fast = FastClip(model, device, config.precision, **dict(config.clip_options))
 
+    def warm_up(self, batch_size: int) -> float:
+        """Run one full batch through decode, preprocess, tokenizer and both towers; return seconds.
+
+        The first batch of a process pays for lazy imports, kernel selection and the
+        allocator growing to a batch's working set. Paying it here, at load time, keeps it out
+        of the first shard, so per-sample cost does not depend on how many shards a worker gets.
+        """
+        import io
+
+        import torch
+        from PIL import Image
+
+        from pipelines.readers import RawSample
+
+        start = time.time()
+        side = self.batched[0] if self.batched is not None else 224
+        buf = io.BytesIO()
+        Image.new("RGB", (side, side), (127, 64, 32)).save(buf, format="JPEG")
+        _, img = decode_sample(RawSample("warm-up", buf.getvalue(), "a warm-up caption"), "warm-up")
+        fast = self.batched is not None and fits(img, self.batched[0])
+        item = np.asarray(img) if fast else self.preprocess(img)
+        batch = _stack([item] * batch_size, self.batched)
+        captions = ["a warm-up caption"] * batch_size
+        with torch.inference_mode():
+            self.images(batch)
+            self.texts(captions, self.tokenize(captions))
+        import fsspec
+        import pyarrow.parquet as pq
+
+        from pipelines.writer import metadata_table
+
+        fsspec.filesystem("file")  # the reader's and writer's first use otherwise lands in shard one
+        pq.write_table(metadata_table([empty_row(RawSample("warm-up", None, "x"), "warm-up")]), io.BytesIO())
+        return time.time() - start
+
     def tokenize(self, captions: list[str]) -> Any:
         return self.tokenizer(captions) if self.fast is not None else None
 
@@ -112,7 +148,9 @@ def get_encoder(config: EmbedConfig) -> tuple[Embedder, bool]:
 
         # speed settings (precision included) are applied by Embedder, on the fp32 model
         encoder = load_clip(config.clip_model, device=config.device, batch_size=config.batch_size)
-        return Embedder(encoder, config)
+        embedder = Embedder(encoder, config)
+        log.info("warm-up: %.2f s", embedder.warm_up(config.batch_size))
+        return embedder
 
     return cached(("clip", config.clip_model, config.device, config.precision, config.clip_options), load)
 
@@ -220,6 +258,7 @@ def _produce(shard: Shard, config: EmbedConfig, embedder: Embedder, keep_images:
              q: queue.Queue, stop: threading.Event) -> None:
     """Read, decode, preprocess and tokenize the shard into chunks; errors travel through the queue."""
     def ready(chunk: Chunk) -> Chunk:
+        finish_phashes(chunk.rows)
         if chunk.captions:
             chunk.tokens = embedder.tokenize(chunk.captions)
             chunk.batch = _stack(chunk.tensors, embedder.batched)
@@ -229,7 +268,7 @@ def _produce(shard: Shard, config: EmbedConfig, embedder: Embedder, keep_images:
     try:
         chunk = Chunk()
         for raw in read_shard(shard):
-            row, img = decode_sample(raw, shard.url, config.max_pixels)
+            row, img = decode_sample(raw, shard.url, config.max_pixels, defer_phash=True)
             chunk.rows.append(row)
             if img is not None:
                 try:
