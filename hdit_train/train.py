@@ -257,6 +257,10 @@ def main(data: str, config: str, out: str, resume: bool = False, max_steps: int 
     if max_minutes is not None:
         cfg["train"]["max_minutes"] = max_minutes
     rank, world, device = _dist_setup()
+    if device == "cpu":
+        from pipelines.malloc import keep_freed_memory
+
+        keep_freed_memory(no_mmap=True)  # large activations reuse freed memory instead of page-faulting
     manifest = read_manifest(data)
     dhash = data_hash(data)
     encoder, cond_dim, clip_spec, clip_gap = None, 0, None, None

@@ -12,7 +12,6 @@ import logging
 import os
 import queue
 import socket
-import sys
 import threading
 import time
 from collections import Counter
@@ -24,6 +23,7 @@ import numpy as np
 from curation import schema as S
 from pipelines.decode import (DEFAULT_MAX_PIXELS, batch_normalizer, decode_sample, empty_row, finish_phashes,
                               fits, normalize_batch)
+from pipelines.malloc import keep_freed_memory
 from pipelines.readers import Shard, read_shard
 from pipelines.writer import write_part
 
@@ -200,32 +200,6 @@ def set_threads(threads: int | None) -> int:
     return threads
 
 
-_MALLOC_TUNED = False
-
-
-def tune_malloc() -> bool:
-    """Let glibc keep freed tensor memory for reuse in this process (once; glibc only).
-
-    Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536 so idle workers hand
-    memory back. Setting it also freezes glibc's mmap threshold at 128 KiB, so every
-    activation tensor becomes a fresh mmap, page faults and munmap: measured here, that
-    halves CLIP throughput. Raising both thresholds restores it (bench/embed.py).
-    """
-    global _MALLOC_TUNED
-    if _MALLOC_TUNED or not sys.platform.startswith("linux"):
-        return _MALLOC_TUNED
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    ok = bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 256 << 20))
-    _MALLOC_TUNED = ok
-    return ok
-
-
 # ---- the reader thread ------------------------------------------------------------------
 @dataclass
 class Chunk:
@@ -254,9 +228,8 @@ def _put(q: queue.Queue, item: Any, stop: threading.Event) -> bool:
     return False
 
 
-def _produce(shard: Shard, config: EmbedConfig, embedder: Embedder, keep_images: bool,
-             q: queue.Queue, stop: threading.Event) -> None:
-    """Read, decode, preprocess and tokenize the shard into chunks; errors travel through the queue."""
+def _read_chunks(shard: Shard, config: EmbedConfig, embedder: Embedder, keep_images: bool):
+    """Read, decode, preprocess and tokenize the shard into chunks of up to one batch of usable samples."""
     def ready(chunk: Chunk) -> Chunk:
         finish_phashes(chunk.rows)
         if chunk.captions:
@@ -265,31 +238,36 @@ def _produce(shard: Shard, config: EmbedConfig, embedder: Embedder, keep_images:
             chunk.tensors = []
         return chunk
 
+    chunk = Chunk()
+    for raw in read_shard(shard):
+        row, img = decode_sample(raw, shard.url, config.max_pixels, defer_phash=True)
+        chunk.rows.append(row)
+        if img is not None:
+            try:
+                fast = embedder.batched is not None and fits(img, embedder.batched[0])
+                tensor = np.asarray(img) if fast else embedder.preprocess(img)
+            except (OSError, ValueError, RuntimeError) as exc:
+                row[S.STATUS], row[S.ERROR] = S.STATUS_DECODE_ERROR, f"preprocess: {exc}"
+                continue
+            chunk.ok_rows.append(len(chunk.rows) - 1)
+            chunk.tensors.append(tensor)
+            chunk.captions.append(row[S.CAPTION])
+            if keep_images:
+                chunk.images.append(img)
+            if len(chunk.ok_rows) >= config.batch_size:
+                yield ready(chunk)
+                chunk = Chunk()
+    if chunk.rows:
+        yield ready(chunk)
+
+
+def _produce(shard: Shard, config: EmbedConfig, embedder: Embedder, keep_images: bool,
+             q: queue.Queue, stop: threading.Event) -> None:
+    """The reader thread: `_read_chunks` into the queue; errors travel through the queue."""
     try:
-        chunk = Chunk()
-        for raw in read_shard(shard):
-            row, img = decode_sample(raw, shard.url, config.max_pixels, defer_phash=True)
-            chunk.rows.append(row)
-            if img is not None:
-                try:
-                    fast = embedder.batched is not None and fits(img, embedder.batched[0])
-                    tensor = np.asarray(img) if fast else embedder.preprocess(img)
-                except (OSError, ValueError, RuntimeError) as exc:
-                    row[S.STATUS], row[S.ERROR] = S.STATUS_DECODE_ERROR, f"preprocess: {exc}"
-                    continue
-                chunk.ok_rows.append(len(chunk.rows) - 1)
-                chunk.tensors.append(tensor)
-                chunk.captions.append(row[S.CAPTION])
-                if keep_images:
-                    chunk.images.append(img)
-                if len(chunk.ok_rows) >= config.batch_size:
-                    if not _put(q, ready(chunk), stop):
-                        return
-                    chunk = Chunk()
-            if stop.is_set():
+        for chunk in _read_chunks(shard, config, embedder, keep_images):
+            if not _put(q, chunk, stop) or stop.is_set():
                 return
-        if chunk.rows:
-            _put(q, ready(chunk), stop)
         _put(q, _END, stop)
     except BaseException as exc:  # noqa: BLE001 - handed to the consuming thread, which re-raises
         _put(q, exc, stop)
@@ -343,7 +321,7 @@ def process_shard(shard: Shard, output: str, config: EmbedConfig,
     import torch
 
     start = time.time()
-    tune_malloc()
+    keep_freed_memory()  # Dask's nanny froze glibc's mmap threshold at 128 KiB (pipelines/malloc.py)
     threads = set_threads(config.threads)
     encoder, cache_hit = get_encoder(config)
     scorers = [get_scorer(name, config.device) for name in config.scores]
