@@ -33,7 +33,7 @@ PYEOF
 step "6/6 train a small HDiT on the shards for 2 minutes, then sample from it"
 [ -f "$DEMO/hdit/state.json" ] || \
   $PY -m hdit_train.train --data "$DEMO/shards" --config hdit_train/configs/demo.yaml --out "$DEMO/hdit" --max-minutes 2
-$PY -m hdit_train.sample --ckpt "$DEMO/hdit" --prompt "a red circle" --n 8 --steps 30 --out "$DEMO/hdit_grid.png"
+$PY -m hdit_train.sample --ckpt "$DEMO/hdit" --prompt "a red circle" --n 8 --steps 50 --sampler dpmpp_2m_sde --cfg 4 --sigma-max 20 --out "$DEMO/hdit_grid.png"
 
 step "built"
 echo "  shards:      $DEMO/shards      ($(ls "$DEMO"/shards/*.tar | wc -l) tar shards)"
