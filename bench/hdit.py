@@ -297,7 +297,7 @@ def run_demo(work: Path, minutes: float, n_images: int, threads: int,
     for seed in DEMO_SEEDS:
         images = generate(denoiser, state["config"], len(prompts), state["config"]["data"]["size"], cond, uncond,
                           steps=s["steps"], sampler=s["sampler"], cfg_scale=s["cfg"], seed=seed,
-                          sigma_max=s.get("sigma_max", 80.0))
+                          sigma_max=s["sigma_max"])
         if seed == DEMO_SEEDS[0]:
             grid = save_grid(images, Path(__file__).resolve().parent / "results" / "hdit_demo_grid.png")
         pixels = ((images.permute(0, 2, 3, 1).numpy() + 1) * 127.5).clip(0, 255)
@@ -313,7 +313,7 @@ def run_demo(work: Path, minutes: float, n_images: int, threads: int,
         "train_minutes": train_minutes, "reused_run": reused, "steps": state["step"],
         "images": n_images, "object_sizes": list(object_sizes), "size": state["config"]["data"]["size"],
         "threads": threads, "clip": state["clip_spec"],
-        "sampler": f"{s['sampler']}, {s['steps']} steps, cfg {s['cfg']}, sigma_max {s.get('sigma_max', 80.0)}",
+        "sampler": f"{s['sampler']}, {s['steps']} steps, cfg {s['cfg']}, sigma_max {s['sigma_max']}",
         "sampler_chosen_on_seeds": list(DEMO_SELECTION_SEEDS), "samples_per_seed": len(prompts),
         "grid": str(grid.name),
         "loss_curve": [[r["step"], round(r["loss"], 4)] for r in losses[::stride]],

@@ -17,6 +17,11 @@ import numpy as np
 from curation import schema as S
 from pipelines.readers import RawSample
 
+try:  # a dependency, but only a speed-up: PIL alone decodes everything (see _fast_jpeg)
+    import simplejpeg as _simplejpeg
+except ImportError:
+    _simplejpeg = None
+
 #: default pixel limit: PIL's own bomb threshold, checked from the header before decoding
 DEFAULT_MAX_PIXELS = 89_478_485
 #: source fields consumed into fixed columns instead of being kept under their own names
@@ -56,7 +61,7 @@ def _fast_jpeg(data: bytes, max_pixels: int):
     """A colour JPEG decoded by simplejpeg (libjpeg-turbo's TurboJPEG API), or None to use PIL.
 
     For the small images of a typical shard PIL's per-image set-up costs more than the decode
-    itself: simplejpeg is 2.4x cheaper here (bench/embed_stages.py) and gives PIL's pixels
+    itself: simplejpeg is about 2.7x cheaper here (bench/embed_stages.py) and gives PIL's pixels
     (same library, same accurate IDCT and fancy upsampling; tests/test_readers.py). Only
     YCbCr files take this path; anything else, and any error, goes to PIL, which then gives
     the canonical status and message.
@@ -73,12 +78,6 @@ def _fast_jpeg(data: bytes, max_pixels: int):
     from PIL import Image
 
     return Image.fromarray(pixels, "RGB")
-
-
-try:  # optional: the `fast` path above; PIL alone decodes everything
-    import simplejpeg as _simplejpeg
-except ImportError:
-    _simplejpeg = None
 
 
 def decode_image(data: bytes, max_pixels: int):

@@ -125,10 +125,10 @@ def _client(scheduler: str | None, workers: int):
 
     # Dask's statistical profiler walks every thread's stack every 10 ms; with the reader and
     # model threads busy that was ~10% of the workers' CPU here (bench/embed.py). Off unless
-    # the user's Dask config asks for it (DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=True).
-    profile = os.environ.get("DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED", "False").lower() == "true"
+    # the environment sets it (DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED, read by Dask itself).
+    chosen = "DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED" in os.environ
     # one task slot per worker process: the model uses the threads, not Dask
-    with dask.config.set({"distributed.worker.profile.enabled": profile}):
+    with dask.config.set({} if chosen else {"distributed.worker.profile.enabled": False}):
         cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                dashboard_address=":0", silence_logs=logging.WARNING)
     return Client(cluster), cluster
