@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from curation import schema as S
+from pipelines.phash import numpy_path, phash, phash_batch, phash_pixels, thumbnails_of  # noqa: F401
 from pipelines.readers import RawSample
 
 try:  # a dependency, but only a speed-up: PIL alone decodes everything (see _fast_jpeg)
@@ -57,7 +58,7 @@ def _fail(row: dict[str, Any], status: str, error: str) -> None:
     row[S.ERROR] = error
 
 
-def _fast_jpeg(data: bytes, max_pixels: int):
+def _fast_jpeg(data: bytes, max_pixels: int) -> np.ndarray | None:
     """A colour JPEG decoded by simplejpeg (libjpeg-turbo's TurboJPEG API), or None to use PIL.
 
     For the small images of a typical shard PIL's per-image set-up costs more than the decode
@@ -72,24 +73,38 @@ def _fast_jpeg(data: bytes, max_pixels: int):
         height, width, colorspace, _ = _simplejpeg.decode_jpeg_header(data)
         if colorspace != "YCbCr" or width * height > max_pixels:
             return None
-        pixels = _simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=False, fastupsample=False)
+        return _simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=False, fastupsample=False)
     except ValueError:
         return None
-    from PIL import Image
-
-    return Image.fromarray(pixels, "RGB")
 
 
-def decode_image(data: bytes, max_pixels: int):
-    """Decode to RGB, refusing images over `max_pixels` from their header alone.
+def decode_pixels(data: bytes, max_pixels: int):
+    """Decode to an RGB HWC uint8 array, refusing images over `max_pixels` from their header alone.
 
-    Returns (image, None, None) or (None, status, message).
+    The worker batches arrays (normalise, hash thumbnails), so a JPEG on the fast path never
+    becomes a PIL image. Returns (array, None, None) or (None, status, message).
     """
-    from PIL import Image, UnidentifiedImageError
-
     fast = _fast_jpeg(data, max_pixels)
     if fast is not None:
         return fast, None, None
+    img, status, error = _pil_decode(data, max_pixels)
+    return (None, status, error) if img is None else (np.asarray(img), None, None)
+
+
+def decode_image(data: bytes, max_pixels: int):
+    """`decode_pixels` as a PIL RGB image: (image, None, None) or (None, status, message)."""
+    from PIL import Image
+
+    fast = _fast_jpeg(data, max_pixels)
+    if fast is not None:
+        return Image.fromarray(fast, "RGB"), None, None
+    return _pil_decode(data, max_pixels)
+
+
+def _pil_decode(data: bytes, max_pixels: int):
+    """PIL for every format the fast path does not take; the source of every error message."""
+    from PIL import Image, UnidentifiedImageError
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -108,48 +123,15 @@ def decode_image(data: bytes, max_pixels: int):
     return img, None, None
 
 
-def _dct_rows(n: int = 32, k: int = 8) -> np.ndarray:
-    """First k rows of the unnormalised DCT-II matrix on n points (scipy.fftpack's default)."""
-    return 2.0 * np.cos(np.pi * np.arange(k)[:, None] * (2 * np.arange(n)[None, :] + 1) / (2 * n))
-
-
-_DCT = _dct_rows()
-
-
-def phash_pixels(img) -> np.ndarray:
-    """The 32x32 grey Lanczos thumbnail a perceptual hash is computed from (imagehash's steps)."""
-    from PIL import Image
-
-    return np.asarray(img.convert("L").resize((32, 32), Image.Resampling.LANCZOS), dtype=np.float64)
-
-
-def phash_batch(thumbs: list[np.ndarray]) -> list[str]:
-    """DCT perceptual hashes of `phash_pixels` thumbnails, computed together (one matmul)."""
-    if not thumbs:
-        return []
-    low = np.round(_DCT @ np.stack(thumbs) @ _DCT.T, 6)  # scipy gives exact zeros on symmetric images
-    low = low.reshape(len(thumbs), -1)
-    bits = low > np.median(low, axis=1, keepdims=True)
-    return [row.tobytes().hex() for row in np.packbits(bits, axis=1)]
-
-
-def phash(img) -> str:
-    """DCT perceptual hash as 16 hex digits, bit-identical to `str(imagehash.phash(img))`.
-
-    Same steps (grey, 32x32 Lanczos, 2-D DCT, low 8x8 block against its median) with a
-    precomputed DCT matrix instead of scipy: a fifth of the cost, no scipy import per worker.
-    """
-    return phash_batch([phash_pixels(img)])[0]
-
-
 def decode_sample(raw: RawSample, source_shard: str, max_pixels: int = DEFAULT_MAX_PIXELS,
                   defer_phash: bool = False):
-    """One raw sample -> (row, image or None). The row's status says why there is no image.
+    """One raw sample -> (row, RGB HWC uint8 array or None). The row's status says why there is none.
 
     Order of checks: the shard broke inside it, no image member, image not decodable or too
     large, no caption. A missing caption still gets width/height/hashes (the image is fine)
     but no embeddings: the pair is what the collection is about. With `defer_phash` the row
-    holds the hash's thumbnail under PHASH_PENDING for `finish_phashes` to hash in bulk.
+    holds the image (or, off the numpy path, its thumbnail) under PHASH_PENDING for
+    `finish_phashes` to hash a chunk at a time.
     """
     row = empty_row(raw, source_shard)
     if raw.error is not None:
@@ -159,26 +141,32 @@ def decode_sample(raw: RawSample, source_shard: str, max_pixels: int = DEFAULT_M
         _fail(row, S.STATUS_MISSING_IMAGE, "sample has no image")
         return row, None
     row[S.SHA256] = hashlib.sha256(raw.image).hexdigest()
-    img, status, error = decode_image(raw.image, max_pixels)
-    if img is None:
+    pixels, status, error = decode_pixels(raw.image, max_pixels)
+    if pixels is None:
         _fail(row, status, error)
         return row, None
-    row[S.WIDTH], row[S.HEIGHT] = img.size
-    if defer_phash:
-        row[PHASH_PENDING] = phash_pixels(img)
+    row[S.HEIGHT], row[S.WIDTH] = pixels.shape[:2]
+    if not defer_phash:
+        row[S.PHASH] = phash(pixels)
+    elif numpy_path(pixels.shape):
+        row[PHASH_PENDING] = pixels  # thumbnailed with the chunk's other small images
     else:
-        row[S.PHASH] = phash(img)
+        row[PHASH_PENDING] = phash_pixels(pixels)  # by PIL, now: a large image is not held until the chunk ends
     if raw.caption is None or not raw.caption.strip():
         _fail(row, S.STATUS_MISSING_CAPTION, "sample has no caption" if raw.caption is None
               else "caption is empty")
         return row, None
-    return row, img
+    return row, pixels
 
 
 def finish_phashes(rows: list[dict[str, Any]]) -> None:
-    """Replace the thumbnails `decode_sample(defer_phash=True)` left in rows with their hashes."""
+    """Replace what `decode_sample(defer_phash=True)` left under PHASH_PENDING with the hashes."""
     pending = [row for row in rows if PHASH_PENDING in row]
-    for row, value in zip(pending, phash_batch([row.pop(PHASH_PENDING) for row in pending])):
+    held = [row.pop(PHASH_PENDING) for row in pending]
+    small = [i for i, x in enumerate(held) if x.ndim == 3]
+    for i, thumb in zip(small, thumbnails_of([held[i] for i in small])):
+        held[i] = thumb
+    for row, value in zip(pending, phash_batch(held)):
         row[S.PHASH] = value
 
 
@@ -204,8 +192,10 @@ def batch_normalizer(preprocess: Any):
     return size, tuple(float(m) for m in norm.mean), tuple(float(s) for s in norm.std)
 
 
-def fits(img, size: int) -> bool:
-    """Whether `img` can take the batched path: RGB and exactly size x size."""
+def fits(img: Any, size: int) -> bool:
+    """Whether `img` (an RGB HWC array or a PIL image) can take the batched path: RGB, size x size."""
+    if isinstance(img, np.ndarray):
+        return img.shape == (size, size, 3)
     return img.mode == "RGB" and img.size == (size, size)
 
 

@@ -115,10 +115,10 @@ class Embedder:
         made: dict[str, Any] = {}
 
         def read_side() -> None:  # in a thread, as the reader runs: its malloc arena grows here
-            _, img = decode_sample(RawSample("warm-up", buf.getvalue(), captions[0]), "warm-up")
-            fast = self.batched is not None and fits(img, self.batched[0])
-            item = np.asarray(img) if fast else self.preprocess(img)
-            made["batch"] = _stack([item] * batch_size, self.batched)
+            row, pixels = decode_sample(RawSample("warm-up", buf.getvalue(), captions[0]), "warm-up",
+                                        defer_phash=True)
+            finish_phashes([row])
+            made["batch"] = _stack([self.model_input(pixels)] * batch_size, self.batched)
             made["tokens"] = self.tokenize(captions)
 
         reader = threading.Thread(target=read_side, name="warm-up-read")
@@ -138,6 +138,14 @@ class Embedder:
         fsspec.filesystem("file")  # the reader's and writer's first use otherwise lands in shard one
         pq.write_table(metadata_table([empty_row(RawSample("warm-up", None, "x"), "warm-up")]), io.BytesIO())
         return time.time() - start
+
+    def model_input(self, pixels: np.ndarray) -> Any:
+        """The array itself when the batched normaliser takes it, else the preprocessed tensor."""
+        if self.batched is not None and fits(pixels, self.batched[0]):
+            return pixels
+        from PIL import Image
+
+        return self.preprocess(Image.fromarray(pixels, "RGB"))
 
     def tokenize(self, captions: list[str]) -> Any:
         return self.tokenizer(captions) if self.fast is not None else None
@@ -256,12 +264,11 @@ def _read_chunks(shard: Shard, config: EmbedConfig, embedder: Embedder, keep_ima
 
     chunk = Chunk()
     for raw in read_shard(shard):
-        row, img = decode_sample(raw, shard.url, config.max_pixels, defer_phash=True)
+        row, pixels = decode_sample(raw, shard.url, config.max_pixels, defer_phash=True)
         chunk.rows.append(row)
-        if img is not None:
+        if pixels is not None:
             try:
-                fast = embedder.batched is not None and fits(img, embedder.batched[0])
-                tensor = np.asarray(img) if fast else embedder.preprocess(img)
+                tensor = embedder.model_input(pixels)
             except (OSError, ValueError, RuntimeError) as exc:
                 row[S.STATUS], row[S.ERROR] = S.STATUS_DECODE_ERROR, f"preprocess: {exc}"
                 continue
@@ -269,7 +276,9 @@ def _read_chunks(shard: Shard, config: EmbedConfig, embedder: Embedder, keep_ima
             chunk.tensors.append(tensor)
             chunk.captions.append(row[S.CAPTION])
             if keep_images:
-                chunk.images.append(img)
+                from PIL import Image
+
+                chunk.images.append(Image.fromarray(pixels, "RGB"))
             if len(chunk.ok_rows) >= config.batch_size:
                 yield ready(chunk)
                 chunk = Chunk()

@@ -320,6 +320,27 @@ def test_default_cluster_uses_every_core_without_idle_workers(monkeypatch):
     assert E.default_cluster_size(workers=2) == (2, 4)
 
 
+def test_local_cluster_workers_run_quiet_unless_the_environment_says_otherwise(monkeypatch):
+    """The LocalCluster's workers get QUIET_CLUSTER; a DASK_... variable the user set wins."""
+    from pipelines import embed as E
+
+    monkeypatch.setenv("DASK_DISTRIBUTED__WORKER__MEMORY__MONITOR_INTERVAL", "250ms")
+    chosen = E._quiet_cluster_config()
+    assert "distributed.worker.memory.monitor-interval" not in chosen
+    assert chosen["distributed.worker.profile.enabled"] is False
+    client, cluster = E._client(None, 1)
+    try:
+        import dask
+
+        keys = list(E.QUIET_CLUSTER)
+        seen = list(client.run(lambda: [dask.config.get(k) for k in keys]).values())[0]
+        assert dict(zip(keys, seen)) == {**E.QUIET_CLUSTER,
+                                         "distributed.worker.memory.monitor-interval": "250ms"}
+    finally:
+        client.close()
+        cluster.close()
+
+
 def test_cli_exits_nonzero_naming_the_unopenable_shard(shards, tmp_path):
     src = tmp_path / "shards"
     src.mkdir()

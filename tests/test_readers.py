@@ -9,6 +9,7 @@ import tarfile
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -97,7 +98,7 @@ def test_tar_keeps_keys_metadata_and_flags_every_failure_kind(tmp_path):
     row, img = decode_sample(raws[0], shard.url)
     assert row[S.URL] == "http://x.invalid/s00000.jpg" and row["src_status"] == "success"
     assert (row[S.WIDTH], row[S.HEIGHT]) == (32, 32) and len(row[S.PHASH]) == 16
-    assert len(row[S.SHA256]) == 64 and img.mode == "RGB"
+    assert len(row[S.SHA256]) == 64 and img.shape == (32, 32, 3) and img.dtype == np.uint8
 
 
 def test_tar_cut_mid_member_keeps_earlier_samples_and_flags_the_cut_one(tmp_path):
@@ -194,6 +195,27 @@ def test_phash_is_bit_identical_to_imagehash():
     images += [Image.new("RGB", (50, 80), (10, 200, 3)), Image.new("L", (7, 300)),
                Image.new("RGBA", (33, 33), (1, 2, 3, 4))]
     assert [phash(im) for im in images] == [str(imagehash.phash(im)) for im in images]
+
+
+def test_numpy_thumbnails_equal_pillows_on_every_shape_and_pass_order():
+    """Grey + 32x32 Lanczos done in numpy must give Pillow's exact bytes: down, up, mixed, equal."""
+    from pipelines.phash import numpy_path, phash, phash_pixels, thumbnails, thumbnails_of
+
+    rng = np.random.default_rng(0)
+    shapes = [(64, 64), (32, 32), (48, 48), (1, 1), (7, 300), (31, 33), (20, 40), (300, 400), (224, 224),
+              (32, 100), (13, 97), (45, 62), (20, 27)]
+    for h, w in shapes:
+        batch = rng.integers(0, 256, (4, h, w, 3), dtype=np.uint8)
+        batch[0], batch[1, :, ::2] = 255, 0  # saturated and striped: the clipping paths
+        expected = np.stack([np.asarray(Image.fromarray(a).convert("L").resize((32, 32), Image.Resampling.LANCZOS),
+                                        np.float64) for a in batch])
+        assert np.array_equal(thumbnails(batch), expected), (h, w)
+    # PIL's path: large, and taller than wide; stacked groups of the numpy path in between
+    others = [rng.integers(0, 256, shape + (3,), dtype=np.uint8) for shape in [(600, 520), (300, 7), (64, 40)]]
+    assert not any(numpy_path(a.shape) for a in others)
+    mixed = [others[0], batch[0], rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), others[1], batch[1], others[2]]
+    assert all(np.array_equal(t, phash_pixels(Image.fromarray(a))) for t, a in zip(thumbnails_of(mixed), mixed))
+    assert [phash(a) for a in mixed] == [phash(Image.fromarray(a)) for a in mixed]
 
 
 @pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT, tarfile.USTAR_FORMAT])
