@@ -1,7 +1,9 @@
 """The Dask task: embed and score one input shard and commit it as one collection part.
 
-Inside a task a reader thread reads, decodes, hashes and preprocesses the next batch while
-the calling thread runs the models on the current one, so decoding hides behind inference.
+On a GPU (or a multi-threaded CPU worker) a reader thread reads, decodes, hashes and
+preprocesses the next batch while the calling thread runs the models on the current one, so
+decoding hides behind inference; a single-thread CPU worker reads between batches instead
+(`read_ahead`).
 Models live in a per-process cache keyed by their spec: a worker loads each model once and
 reuses it for every shard it is given.
 """
@@ -88,10 +90,10 @@ class Embedder:
         self.dim = int(encoder.dim)
         self.tokenizer = getattr(encoder, "tokenizer", None)
         model = getattr(encoder, "model", None)
+        self.device = str(config.device or getattr(encoder, "device", None) or "cpu")
         self.fast = None
         if model is not None and self.tokenizer is not None and hasattr(model, "visual"):
-            device = config.device or getattr(encoder, "device", None) or "cpu"
-            self.fast = FastClip(model, device, config.precision, **dict(config.clip_options))
+            self.fast = FastClip(model, self.device, config.precision, **dict(config.clip_options))
 
     def warm_up(self, batch_size: int) -> float:
         """Run one full batch through decode, preprocess, tokenizer and both towers; return seconds.
@@ -114,16 +116,19 @@ class Embedder:
         captions = ["a warm-up caption"] * batch_size
         made: dict[str, Any] = {}
 
-        def read_side() -> None:  # in a thread, as the reader runs: its malloc arena grows here
+        def read_side() -> None:
             row, pixels = decode_sample(RawSample("warm-up", buf.getvalue(), captions[0]), "warm-up",
                                         defer_phash=True)
             finish_phashes([row])
             made["batch"] = _stack([self.model_input(pixels)] * batch_size, self.batched)
             made["tokens"] = self.tokenize(captions)
 
-        reader = threading.Thread(target=read_side, name="warm-up-read")
-        reader.start()
-        reader.join()
+        if read_ahead(self, torch.get_num_threads()):  # the reader thread's malloc arena grows here
+            reader = threading.Thread(target=read_side, name="warm-up-read")
+            reader.start()
+            reader.join()
+        else:
+            read_side()
         if "batch" not in made:
             raise RuntimeError("warm-up: the reader side failed (see the thread's traceback above)")
         batch = made["batch"]
@@ -314,8 +319,23 @@ def _stack(items: list[Any], batched: tuple | None) -> Any:
     return torch.stack(out)
 
 
-def _chunks(shard: Shard, config: EmbedConfig, embedder: Embedder, keep_images: bool):
-    """Iterate the reader thread's chunks, re-raising its errors here."""
+def read_ahead(embedder: Embedder, threads: int) -> bool:
+    """Whether to read in a thread beside the model, or between its batches.
+
+    A thread pays where the model leaves a resource idle: a GPU, or a CPU worker with several
+    torch threads (whose team would otherwise wait on decoding). A single-thread CPU worker,
+    the default layout (one per core), has nothing to overlap with: a reader thread there only
+    interleaves with the forward on the same core, which cost the forward ~8% more CPU
+    (evicted caches) and the pipeline ~6% of its throughput (bench/embed.py, alternating runs).
+    """
+    return not embedder.device.startswith("cpu") or threads > 1
+
+
+def _chunks(shard: Shard, config: EmbedConfig, embedder: Embedder, keep_images: bool, ahead: bool = True):
+    """The shard's chunks, read ahead by a thread (errors re-raised here) or inline."""
+    if not ahead:
+        yield from _read_chunks(shard, config, embedder, keep_images)
+        return
     q: queue.Queue = queue.Queue(maxsize=2)
     stop = threading.Event()
     thread = threading.Thread(target=_produce, name=f"read-{shard.name}", daemon=True,
@@ -357,11 +377,14 @@ def process_shard(shard: Shard, output: str, config: EmbedConfig,
     img_parts: list[np.ndarray] = []
     text_parts: list[np.ndarray] = []
     n_ok = 0
-    for chunk in _chunks(shard, config, encoder, keep_images):
+    model_s = 0.0
+    for chunk in _chunks(shard, config, encoder, keep_images, read_ahead(encoder, threads)):
         if chunk.ok_rows:
+            t_model = time.perf_counter()
             with torch.inference_mode():
                 img = encoder.images(chunk.batch)
                 txt = encoder.texts(chunk.captions, chunk.tokens)
+            model_s += time.perf_counter() - t_model
             sims = np.einsum("ij,ij->i", img, txt)
             columns = {S.CLIP_SIMILARITY: sims}
             for scorer in scorers:
@@ -393,6 +416,8 @@ def process_shard(shard: Shard, output: str, config: EmbedConfig,
         "worker": f"{socket.gethostname()}:{os.getpid()}",
         "start_time": start, "end_time": time.time(), "duration_s": duration,
         "samples_per_s": len(rows) / duration if duration > 0 else None,
+        #: wall seconds inside the CLIP forward; the rest of duration_s is reading, scoring and writing
+        "clip_forward_s": model_s,
     }
     write_part(output, n, rows, img_emb, text_emb, stats)
     log.info("part %d (%s): %d samples, %d ok, %.1f samples/s", n, shard.name, len(rows), n_ok,

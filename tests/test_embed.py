@@ -320,18 +320,57 @@ def test_default_cluster_uses_every_core_without_idle_workers(monkeypatch):
     assert E.default_cluster_size(workers=2) == (2, 4)
 
 
+@pytest.mark.parametrize("broken", [False, True])
+def test_reading_ahead_in_a_thread_and_inline_give_the_same_part(shards, tmp_path, monkeypatch, broken):
+    """Both read paths commit identical parts, and a reader error surfaces from either."""
+    from pipelines import readers
+    from pipelines.readers import list_shards
+
+    shard = list_shards(str(shards))[1]
+    if broken:
+        real = readers.read_shard
+
+        def failing(s):
+            for i, raw in enumerate(real(s)):
+                if i == 7:
+                    raise OSError("disk went away")
+                yield raw
+
+        monkeypatch.setattr(embed_worker, "read_shard", failing)
+    parts = {}
+    for ahead in (True, False):
+        monkeypatch.setattr(embed_worker, "read_ahead", lambda embedder, threads, a=ahead: a)
+        out = tmp_path / f"ahead-{ahead}"
+        if broken:
+            with pytest.raises(OSError, match="disk went away"):
+                embed_worker.process_shard(shard, str(out), embed_worker.EmbedConfig(batch_size=BATCH))
+            continue
+        embed_worker.process_shard(shard, str(out), embed_worker.EmbedConfig(batch_size=BATCH))
+        parts[ahead] = _part(out, shard.index)
+    if not broken:
+        (meta_a, img_a, txt_a), (meta_b, img_b, txt_b) = parts[True], parts[False]
+        pd.testing.assert_frame_equal(meta_a, meta_b)
+        assert np.array_equal(img_a, img_b) and np.array_equal(txt_a, txt_b) and len(img_a) == N_GOOD
+
+
+def _part(out: Path, n: int):
+    layout = S.CollectionLayout(str(out))
+    return pd.read_parquet(layout.metadata(n)), np.load(layout.img_emb(n)), np.load(layout.text_emb(n))
+
+
 def test_local_cluster_workers_run_quiet_unless_the_environment_says_otherwise(monkeypatch):
     """The LocalCluster's workers get QUIET_CLUSTER; a DASK_... variable the user set wins."""
     from pipelines import embed as E
 
+    import dask
+
     monkeypatch.setenv("DASK_DISTRIBUTED__WORKER__MEMORY__MONITOR_INTERVAL", "250ms")
+    dask.config.refresh()  # as if set before this process started (Dask reads the environment once)
     chosen = E._quiet_cluster_config()
     assert "distributed.worker.memory.monitor-interval" not in chosen
     assert chosen["distributed.worker.profile.enabled"] is False
     client, cluster = E._client(None, 1)
     try:
-        import dask
-
         keys = list(E.QUIET_CLUSTER)
         seen = list(client.run(lambda: [dask.config.get(k) for k in keys]).values())[0]
         assert dict(zip(keys, seen)) == {**E.QUIET_CLUSTER,
@@ -339,6 +378,8 @@ def test_local_cluster_workers_run_quiet_unless_the_environment_says_otherwise(m
     finally:
         client.close()
         cluster.close()
+        monkeypatch.delenv("DASK_DISTRIBUTED__WORKER__MEMORY__MONITOR_INTERVAL")
+        dask.config.refresh()
 
 
 def test_cli_exits_nonzero_naming_the_unopenable_shard(shards, tmp_path):
