@@ -84,67 +84,104 @@ def run_pipeline(data: Path, out: Path, clip_model: str, batch_size: int,
             "steady_global_samples_per_s": round(summary["count"] / (busy - load), 1)}
 
 
-def bare_forward(clip_model: str, batch_size: int, threads: int, n: int, precision: str = "fp32",
-                 clip_options: dict | None = None, passes: int = 3, barrier: Any = None) -> dict[str, Any]:
-    """The model alone, same settings: image + text towers on tensors and tokens already in memory.
+class BareModel:
+    """The model alone, same settings, on image tensors and tokens already in memory.
 
-    With `barrier`, waits on it after loading and warm-up, so sibling processes time together.
+    Prepared once (load, generate, preprocess, warm up) so it can be timed many times,
+    between pipeline runs, without paying that set-up each time.
     """
-    import torch
 
-    from pipelines.clip_speed import FastClip
-    from pipelines.encoders import load_clip
-    from pipelines.sample import iter_samples
+    def __init__(self, clip_model: str, batch_size: int, threads: int, n: int, precision: str = "fp32",
+                 clip_options: dict | None = None):
+        import torch
 
-    torch.set_num_threads(threads)
-    enc = load_clip(clip_model, batch_size=batch_size)
-    fast = FastClip(enc.model, "cpu", precision, **(clip_options or {}))
-    samples = list(iter_samples(n, size=64))
-    images = torch.stack([enc.preprocess(s.image) for s in samples])
-    tokens = enc.tokenizer([s.caption for s in samples])
-    fast.encode_image(images[:batch_size])  # warm-up (allocations, compile)
-    fast.encode_text(tokens[:batch_size])
-    if barrier is not None:
-        barrier.wait()
-    rates = []
-    for _ in range(passes):  # the 2-thread forward varies by ±10% pass to pass here: take the median
-        t0 = time.perf_counter()
-        for i in range(0, n, batch_size):
-            fast.encode_image(images[i:i + batch_size])
-            fast.encode_text(tokens[i:i + batch_size])
-        rates.append(n / (time.perf_counter() - t0))
-    return {"samples": n, "batch_size": batch_size, "precision": precision,
-            "options": clip_options or {}, "torch_threads": torch.get_num_threads(),
+        from pipelines.clip_speed import FastClip
+        from pipelines.encoders import load_clip
+        from pipelines.sample import iter_samples
+
+        torch.set_num_threads(threads)
+        enc = load_clip(clip_model, batch_size=batch_size)
+        self.fast = FastClip(enc.model, "cpu", precision, **(clip_options or {}))
+        samples = list(iter_samples(n, size=64))
+        self.images = torch.stack([enc.preprocess(s.image) for s in samples])
+        self.tokens = enc.tokenizer([s.caption for s in samples])
+        self.n, self.batch_size, self.threads = n, batch_size, threads
+        self.info = {"samples": n, "batch_size": batch_size, "precision": precision,
+                     "options": clip_options or {}, "torch_threads": torch.get_num_threads()}
+        self.fast.encode_image(self.images[:batch_size])  # warm-up (allocations, compile)
+        self.fast.encode_text(self.tokens[:batch_size])
+
+    def run(self, passes: int) -> list[float]:
+        """Samples/s of each pass over the n samples."""
+        rates = []
+        for _ in range(passes):
+            t0 = time.perf_counter()
+            for i in range(0, self.n, self.batch_size):
+                self.fast.encode_image(self.images[i:i + self.batch_size])
+                self.fast.encode_text(self.tokens[i:i + self.batch_size])
+            rates.append(self.n / (time.perf_counter() - t0))
+        return rates
+
+
+def bare_forward(clip_model: str, batch_size: int, threads: int, n: int, precision: str = "fp32",
+                 clip_options: dict | None = None, passes: int = 3) -> dict[str, Any]:
+    """One prepared `BareModel` timed once: the median of `passes` passes."""
+    rates = BareModel(clip_model, batch_size, threads, n, precision, clip_options).run(passes)
+    return {"samples": n, "batch_size": batch_size,
+            "precision": precision, "options": clip_options or {}, "torch_threads": threads,
             "samples_per_s": round(statistics.median(rates), 1),
             "passes_samples_per_s": [round(r, 1) for r in rates]}
 
 
-def _bare_child(args: tuple, start: Any, out: Any) -> None:
-    """One single-thread bare forward in its own process, started with its siblings."""
-    clip_model, batch_size, n, passes = args
-    out.put(bare_forward(clip_model, batch_size, 1, n, passes=passes, barrier=start)["samples_per_s"])
+def _bare_child(args: tuple, start: Any, conn: Any) -> None:
+    """A single-thread `BareModel` in its own process: on each command, wait for the siblings, run."""
+    model = BareModel(*args)
+    conn.send("ready")
+    while (passes := conn.recv()) is not None:
+        start.wait()
+        conn.send(statistics.median(model.run(passes)))
 
 
-def bare_forward_processes(clip_model: str, batch_size: int, processes: int, n: int,
-                           passes: int = 3) -> dict[str, Any]:
-    """The model alone laid out as the pipeline lays it out: one 1-thread process per core, at once."""
-    import multiprocessing as mp
+class BarePool:
+    """The model alone laid out as the pipeline lays it out: one 1-thread process per core.
 
-    ctx = mp.get_context("spawn")
-    start, out = ctx.Barrier(processes), ctx.Queue()
-    procs = [ctx.Process(target=_bare_child, args=((clip_model, batch_size, n, passes), start, out))
-             for _ in range(processes)]
-    for p in procs:
-        p.start()
-    rates = [out.get(timeout=600) for _ in procs]
-    for p in procs:
-        p.join()
-    return {"samples": n, "batch_size": batch_size, "processes": processes, "torch_threads": 1,
-            "samples_per_s": round(sum(rates), 1), "per_process_samples_per_s": rates}
+    The processes stay up between measurements (idle on a pipe) and are timed together.
+    """
+
+    def __init__(self, clip_model: str, batch_size: int, processes: int, n: int):
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        start = ctx.Barrier(processes)
+        self.conns, self.procs = [], []
+        for _ in range(processes):
+            here, there = ctx.Pipe()
+            self.procs.append(ctx.Process(target=_bare_child, daemon=True,
+                                          args=((clip_model, batch_size, 1, n), start, there)))
+            self.conns.append(here)
+        for p in self.procs:
+            p.start()
+        for c in self.conns:
+            if c.recv() != "ready":
+                raise RuntimeError("bare forward process failed to start")
+        self.n, self.batch_size = n, batch_size
+
+    def run(self, passes: int) -> dict[str, Any]:
+        for c in self.conns:
+            c.send(passes)
+        rates = [round(c.recv(), 1) for c in self.conns]
+        return {"samples": self.n, "batch_size": self.batch_size, "processes": len(rates),
+                "torch_threads": 1, "samples_per_s": round(sum(rates), 1), "per_process_samples_per_s": rates}
+
+    def close(self) -> None:
+        for c in self.conns:
+            c.send(None)
+        for p in self.procs:
+            p.join(timeout=30)
 
 
 def wait_until_quiet(limit_s: float = 60.0, busy_below: float = 0.15) -> float:
-    """Wait until this process has no children left and the machine is idle; return seconds waited.
+    """Wait until the machine is idle (under `busy_below` of its CPU for a second); return seconds waited.
 
     A LocalCluster's workers can still be exiting when `embed` returns; a bare forward timed
     beside them measured up to half its speed here.
@@ -152,24 +189,23 @@ def wait_until_quiet(limit_s: float = 60.0, busy_below: float = 0.15) -> float:
     import psutil
 
     start = time.time()
-    me = psutil.Process()
     while time.time() - start < limit_s:
-        if not me.children(recursive=True) and psutil.cpu_percent(interval=1.0) / 100 < busy_below:
+        if psutil.cpu_percent(interval=1.0) / 100 < busy_below:
             break
     return round(time.time() - start, 1)
 
 
-def bare_reference(clip_model: str, batch_size: int, threads: int, n: int) -> dict[str, Any]:
+def bare_reference(here: BareModel, pool: BarePool, passes: int = 2) -> dict[str, Any]:
     """The bare forward both ways (one process on every core; one 1-thread process per core).
 
     The faster is the reference: the pipeline is held to the best this machine does with the
     model alone, whichever layout that takes.
     """
     waited = wait_until_quiet()
-    one = bare_forward(clip_model, batch_size, threads, n, passes=2)
-    per_core = bare_forward_processes(clip_model, batch_size, threads, n, passes=2)
-    best = max(one["samples_per_s"], per_core["samples_per_s"])
-    return {"samples_per_s": best, "one_process": one, "process_per_core": per_core, "waited_for_quiet_s": waited}
+    one = round(statistics.median(here.run(passes)), 1)
+    per_core = pool.run(passes)
+    return {"samples_per_s": max(one, per_core["samples_per_s"]), "one_process_samples_per_s": one,
+            "process_per_core": per_core, "waited_for_quiet_s": waited}
 
 
 def _embeddings(out: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -187,7 +223,7 @@ def _mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def bench_scale(root: Path, sizes: list[int], batch_size: int, threads: int, model: str = TINY,
-                precision: str = "fp32", ratio_repeats: int = 3) -> dict[str, Any]:
+                precision: str = "fp32", ratio_repeats: int = 5) -> dict[str, Any]:
     """Cost per sample across sizes, then pipeline_vs_bare_ratio measured side by side.
 
     This machine's speed drifts by 10-20% over minutes (shared host), so the ratio is not one
@@ -207,17 +243,19 @@ def bench_scale(root: Path, sizes: list[int], batch_size: int, threads: int, mod
     ref = 10000 if 10000 in sizes else max(sizes)
     mid = float(np.median(list(per_sample_ms.values())))
     bare_n = min(4096, max(sizes))
-    bares = [bare_reference(spec, batch_size, threads, bare_n)]
+    here, pool = BareModel(spec, batch_size, threads, bare_n, precision), BarePool(spec, batch_size, threads, bare_n)
+    bares = [bare_reference(here, pool)]
     pairs = []
     for i in range(ratio_repeats):
         log.info("ratio run %d/%d: %d samples between two bare measurements", i + 1, ratio_repeats, ref)
         run = run_pipeline(dataset(ref, root, SHARD_SIZE), root / "out", spec, batch_size, precision)
-        bares.append(bare_reference(spec, batch_size, threads, bare_n))
+        bares.append(bare_reference(here, pool))
         around = (bares[-2]["samples_per_s"] + bares[-1]["samples_per_s"]) / 2
         pairs.append({"pipeline_samples_per_s": run["steady_samples_per_s"],
                       "bare_samples_per_s_before_after": [bares[-2]["samples_per_s"], bares[-1]["samples_per_s"]],
                       "ratio": round(run["steady_samples_per_s"] / around, 3),
                       "ratio_wall": round(run["wall_samples_per_s"] / around, 3), "run": run})
+    pool.close()
     ratio = float(np.median([p["ratio"] for p in pairs]))
     return {
         "model": model + (" (random weights)" if spec != model else ""), "precision": precision,
@@ -301,7 +339,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", choices=("scale", "vitb32"), default=None)
     parser.add_argument("--sizes", default="1000,10000,100000", help="sample counts for the scale part")
     parser.add_argument("--batch-size", type=int, default=256, help="batch size of the scale part")
-    parser.add_argument("--ratio-repeats", type=int, default=3,
+    parser.add_argument("--ratio-repeats", type=int, default=5,
                         help="10k pipeline runs, each between two bare measurements")
     parser.add_argument("--scale-model", default=TINY, help="CLIP spec of the scale part "
                         "(open_clip:ARCH without weights: seeded random weights)")
