@@ -203,7 +203,10 @@ def normalize_batch(arrays: list[np.ndarray], mean, std):
     """Stacked HWC uint8 arrays -> NCHW float32, the same values as ToTensor + Normalize."""
     import torch
 
-    batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous().to(torch.float32).div(255)
+    hwc = torch.from_numpy(np.stack(arrays))
+    n, h, w, c = hwc.shape
+    batch = torch.empty((n, c, h, w), dtype=torch.float32)
+    batch.copy_(hwc.permute(0, 3, 1, 2))  # layout and dtype in one pass, no uint8 NCHW copy
     m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-    return batch.sub_(m).div_(s)
+    return batch.div_(255).sub_(m).div_(s)

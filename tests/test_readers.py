@@ -253,6 +253,15 @@ def _dir(name: str) -> tarfile.TarInfo:
     return info
 
 
+def test_chunked_reads_equal_plain_reads_across_chunk_edges():
+    from pipelines.readers import _Chunked
+
+    data = bytes(range(256)) * 40
+    sizes = [1, 7, 512, 0, 3000, 13, 512, 5000, 100]  # spans several 64-byte chunks, and past the end
+    plain, chunked = io.BytesIO(data), _Chunked(io.BytesIO(data), size=64)
+    assert [chunked.read(n) for n in sizes] == [plain.read(n) for n in sizes]
+
+
 def test_bad_header_mid_shard_ends_it_and_garbage_is_not_a_tar(tmp_path):
     from pipelines.readers import read_tar
 
