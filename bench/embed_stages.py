@@ -4,9 +4,10 @@ The pipeline keeps up with the model only if reading, decoding, hashing and prep
 cost a small fraction of the forward. This times each stage on one generated shard, the
 pipeline's way beside the plain way it replaced, and the sieve-tiny forward for scale:
 - tar: direct header parsing (`readers._tar_members`) vs `tarfile` streaming;
-- decode: simplejpeg (libjpeg-turbo's TurboJPEG API) vs PIL, same pixels;
-- phash: thumbnails hashed in one batched DCT vs one hash per image;
-- normalize and tokenize as they are, for the total.
+- decode: simplejpeg (libjpeg-turbo's TurboJPEG API) to a numpy array vs PIL, same pixels;
+- phash: numpy thumbnails and one batched DCT per chunk vs PIL and a hash per image;
+- tokenize: pipelines.tokens vs open_clip's SimpleTokenizer, same ids;
+- normalize as it is, for the total.
 Run pinned for one-core figures:
 `OMP_NUM_THREADS=1 taskset -c 0 python -m bench.embed_stages`.
 """
@@ -50,8 +51,8 @@ def measure(shard: Path, batch_size: int = 256, reps: int = 5) -> dict[str, Any]
     """Per-sample milliseconds of each stage, new and plain, and the model forward."""
     import torch
 
-    from pipelines.decode import (DEFAULT_MAX_PIXELS, decode_image, normalize_batch, phash,
-                                  phash_batch, phash_pixels)
+    from pipelines.decode import DEFAULT_MAX_PIXELS, decode_pixels, normalize_batch
+    from pipelines.phash import phash, phash_batch, thumbnails_of
     from pipelines.embed_worker import EmbedConfig, Embedder
     from pipelines.encoders import load_clip
     from pipelines.readers import _tar_members, _tarfile_members, read_tar
@@ -60,27 +61,28 @@ def measure(shard: Path, batch_size: int = 256, reps: int = 5) -> dict[str, Any]
     raws = list(read_tar(url))
     n = len(raws)
     images = [r.image for r in raws]
-    decoded = [decode_image(b, DEFAULT_MAX_PIXELS)[0] for b in images]
-    arrays = [np.asarray(im) for im in decoded][:batch_size]
+    pixels = [decode_pixels(b, DEFAULT_MAX_PIXELS)[0] for b in images]
+    decoded = [_pil_decode(b) for b in images]
+    arrays = pixels[:batch_size]
     enc = load_clip("sieve-tiny")
     emb = Embedder(enc, EmbedConfig())
     _, mean, std = emb.batched
     stages = {
         "tar": (lambda: list(_tar_members(open(url, "rb"), url)),
                 lambda: list(_tarfile_members(open(url, "rb"), url)), n),
-        "decode": (lambda: [decode_image(b, DEFAULT_MAX_PIXELS) for b in images],
+        "decode": (lambda: [decode_pixels(b, DEFAULT_MAX_PIXELS) for b in images],
                    lambda: [_pil_decode(b) for b in images], n),
-        "phash": (lambda: phash_batch([phash_pixels(im) for im in decoded]),
+        "phash": (lambda: phash_batch(thumbnails_of(pixels)),
                   lambda: [phash(im) for im in decoded], n),
     }
+    captions = [r.caption for r in raws][:batch_size]
+    stages["tokenize"] = (lambda: emb.tokenize(captions), lambda: enc.tokenizer(captions), len(captions))
     rows = {}
     for name, (new, plain, count) in stages.items():
         rows[name] = {"pipeline_ms": round(_best(new, count, reps), 4),
                       "plain_ms": round(_best(plain, count, reps), 4)}
         rows[name]["speedup"] = round(rows[name]["plain_ms"] / rows[name]["pipeline_ms"], 2)
     rows["normalize"] = {"pipeline_ms": round(_best(lambda: normalize_batch(arrays, mean, std), len(arrays), reps), 4)}
-    captions = [r.caption for r in raws][:batch_size]
-    rows["tokenize"] = {"pipeline_ms": round(_best(lambda: emb.tokenize(captions), len(captions), reps), 4)}
     batch, tokens = normalize_batch(arrays, mean, std), emb.tokenize(captions)
     with torch.inference_mode():
         emb.images(batch), emb.texts(captions, tokens)
