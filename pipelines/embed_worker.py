@@ -363,16 +363,27 @@ def _as_numpy(x: Any) -> np.ndarray:
     return np.asarray(x, dtype=np.float32)
 
 
+def prepare(config: EmbedConfig) -> tuple[Embedder, list[Any], int, bool]:
+    """Set this worker up for `config`: allocator, threads, models (loaded once per process).
+
+    Returns (encoder, scorers, torch threads, whether the encoder was already loaded). `embed`
+    runs it once on every LocalCluster worker before the first shard, so no worker's model
+    load overlaps another worker's shards.
+    """
+    keep_freed_memory()  # Dask's nanny froze glibc's mmap threshold at 128 KiB (pipelines/malloc.py)
+    threads = set_threads(config.threads)
+    encoder, cache_hit = get_encoder(config)
+    scorers = [get_scorer(name, config.device) for name in config.scores]
+    return encoder, scorers, threads, cache_hit
+
+
 def process_shard(shard: Shard, output: str, config: EmbedConfig,
                   input_fingerprint: dict[str, Any] | None = None) -> dict[str, Any]:
     """Embed and score every sample of `shard`, commit part `shard.index`, return its stats."""
     import torch
 
     start = time.time()
-    keep_freed_memory()  # Dask's nanny froze glibc's mmap threshold at 128 KiB (pipelines/malloc.py)
-    threads = set_threads(config.threads)
-    encoder, cache_hit = get_encoder(config)
-    scorers = [get_scorer(name, config.device) for name in config.scores]
+    encoder, scorers, threads, cache_hit = prepare(config)
     load_s = time.time() - start
     keep_images = any(s.kind == "image" for s in scorers)
     n = shard.index
