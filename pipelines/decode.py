@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from curation import schema as S
-from pipelines.phash import numpy_path, phash, phash_batch, phash_pixels, thumbnails_of  # noqa: F401
+from pipelines.phash import numpy_path, phash, phash_batch, phash_pixels, thumbnails_of
 from pipelines.readers import RawSample
 
 try:  # a dependency, but only a speed-up: PIL alone decodes everything (see _fast_jpeg)

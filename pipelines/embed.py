@@ -160,18 +160,18 @@ def _prepare_workers(client, config) -> None:
     loading: on a small job that start-up overlap is most of what a shard costs. A load that
     fails here is left for the shard tasks to report, shard by shard, as before.
     """
-    from pipelines.embed_worker import prepare
-
     start = time.time()
-    futures = [client.submit(_prepared, prepare, config, workers=[address], allow_other_workers=False,
+    futures = [client.submit(_prepared, config, workers=[address], allow_other_workers=False,
                              pure=False, key=f"embed-prepare-{i}-{time.time_ns()}")
                for i, address in enumerate(client.scheduler_info()["workers"])]
     errors = [str(e) for e in client.gather(futures, errors="skip") if e]
     log.info("workers prepared in %.1f s%s", time.time() - start, f" ({errors[0]})" if errors else "")
 
 
-def _prepared(prepare, config) -> str | None:
-    """Run `prepare` in a worker's task thread (as its shards will run); an error comes back as text."""
+def _prepared(config) -> str | None:
+    """`embed_worker.prepare` in a worker's task thread (as its shards will run); an error comes back as text."""
+    from pipelines.embed_worker import prepare
+
     try:
         prepare(config)
     except Exception as exc:  # noqa: BLE001 - reported by each shard's own task

@@ -21,7 +21,6 @@ THUMB = 32
 NUMPY_MAX_PIXELS = 512 * 512
 _GREY = np.array([19595, 38470, 7471], np.float32)  # Pillow's rgb2l: (R, G, B) . w + 2^15 >> 16
 _BITS = 22  # Pillow's PRECISION_BITS for 8-bit resampling: 32 - 8 - 2
-_BLOCK_PIXELS = 64 * 64 * 32  # pixels per block: ~1.5 MB of float32 RGB, within a core's L2
 
 
 def _dct_rows(n: int = THUMB, k: int = 8) -> np.ndarray:
@@ -94,9 +93,6 @@ def thumbnails(rgb: np.ndarray) -> np.ndarray:
     n, h, w, _ = rgb.shape
     if not numpy_path(rgb.shape[1:]):
         raise ValueError(f"thumbnails: {h}x{w} images go through PIL (see numpy_path)")
-    step = max(1, _BLOCK_PIXELS // (h * w))
-    if n > step:  # a block at a time, so every intermediate stays in cache
-        return np.concatenate([thumbnails(rgb[i:i + step]) for i in range(0, n, step)])
     # every partial sum is an integer below 2^24: exact in float32
     grey = rgb.reshape(-1, 3).astype(np.float32) @ _GREY
     grey += 32768
@@ -111,13 +107,12 @@ def thumbnails(rgb: np.ndarray) -> np.ndarray:
 
 def phash_pixels(img: Any) -> np.ndarray:
     """The 32x32 thumbnail of one image (PIL image of any mode, or an RGB HWC uint8 array)."""
+    from PIL import Image
+
     if isinstance(img, np.ndarray):
         if numpy_path(img.shape):
             return thumbnails(img[None])[0]
-        from PIL import Image
-
         img = Image.fromarray(img, "RGB")
-    from PIL import Image
 
     return np.asarray(img.convert("L").resize((THUMB, THUMB), Image.Resampling.LANCZOS), dtype=np.float64)
 

@@ -10,6 +10,7 @@ rows always match the input samples; a shard that cannot be opened raises `Shard
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import posixpath
@@ -238,34 +239,13 @@ def _pax_path(data: bytes) -> str | None:
     return None
 
 
-class _Chunked:
-    """`read(n)` served from 1 MiB reads of `fh`.
+def _buffered(fh, size: int = 1 << 20):
+    """`fh` behind a 1 MiB read buffer.
 
     A shard of small samples is three reads per member (header, data, padding); through
     fsspec's file wrapper each was a Python call chain and a syscall, 40% of the tar parse.
     """
-
-    def __init__(self, fh, size: int = 1 << 20):
-        self.fh, self.size, self.buf, self.pos = fh, size, b"", 0
-
-    def read(self, n: int) -> bytes:
-        buf, pos = self.buf, self.pos
-        if pos + n <= len(buf):
-            self.pos = pos + n
-            return buf[pos:pos + n]
-        parts = [buf[pos:]]
-        have = len(parts[0])
-        self.buf, self.pos = b"", 0
-        while have < n:
-            chunk = self.fh.read(max(self.size, n - have))
-            if not chunk:
-                break
-            take = min(len(chunk), n - have)
-            parts.append(chunk[:take])
-            have += take
-            if take < len(chunk):
-                self.buf, self.pos = chunk, take
-        return b"".join(parts)
+    return io.BufferedReader(fh, buffer_size=size)
 
 
 def _tar_members(fh, url: str) -> Iterator[tuple[str, bytes]]:
@@ -279,7 +259,7 @@ def _tar_members(fh, url: str) -> Iterator[tuple[str, bytes]]:
     """
     first = True
     long_name: str | None = None
-    fh = _Chunked(fh)
+    fh = _buffered(fh)
     while True:
         block = fh.read(_BLOCK)
         if len(block) < _BLOCK or block.count(0) == _BLOCK or not _header_ok(block):

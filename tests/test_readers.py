@@ -254,11 +254,11 @@ def _dir(name: str) -> tarfile.TarInfo:
 
 
 def test_chunked_reads_equal_plain_reads_across_chunk_edges():
-    from pipelines.readers import _Chunked
+    from pipelines.readers import _buffered
 
     data = bytes(range(256)) * 40
     sizes = [1, 7, 512, 0, 3000, 13, 512, 5000, 100]  # spans several 64-byte chunks, and past the end
-    plain, chunked = io.BytesIO(data), _Chunked(io.BytesIO(data), size=64)
+    plain, chunked = io.BytesIO(data), _buffered(io.BytesIO(data), size=64)
     assert [chunked.read(n) for n in sizes] == [plain.read(n) for n in sizes]
 
 
