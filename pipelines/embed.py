@@ -138,16 +138,34 @@ def _quiet_cluster_config() -> dict[str, Any]:
     return {k: v for k, v in QUIET_CLUSTER.items() if env_name(k) not in os.environ}
 
 
-def _client(scheduler: str | None, workers: int):
-    """A Dask client: to `scheduler` if given, else to a new LocalCluster; returns (client, cluster)."""
+#: Environment of single-thread CPU LocalCluster workers, set before each worker process starts
+#: (glibc reads it only then). Dask runs tasks in a pool thread, and glibc gives each thread its
+#: own malloc arena: a thread arena's heaps are capped at 64 MiB, so the forward's large
+#: activation buffers kept going back to the kernel and page-faulting in again (20-120 faults
+#: a sample), and its forward ran 5-20% slower than the same model in a main thread. With one
+#: arena the task thread uses the main heap, as the bare forward does (bench/embed.py). Workers
+#: with more threads (a reader thread beside the model) keep glibc's per-thread arenas.
+SINGLE_THREAD_WORKER_ENV = {"MALLOC_ARENA_MAX": "1"}
+
+
+def _client(scheduler: str | None, workers: int, threads: int = 1, gpu: bool = False):
+    """A Dask client: to `scheduler` if given, else to a new LocalCluster; returns (client, cluster).
+
+    A variable of SINGLE_THREAD_WORKER_ENV that the environment already sets keeps its value
+    (Dask's rule for nanny environments).
+    """
     from distributed import Client, LocalCluster
 
     if scheduler:
         return Client(scheduler), None
     import dask
 
+    settings = _quiet_cluster_config()
+    if threads == 1 and not gpu:
+        spawn_env = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}))
+        settings["distributed.nanny.pre-spawn-environ"] = {**spawn_env, **SINGLE_THREAD_WORKER_ENV}
     # one task slot per worker process: the model uses the threads, not Dask
-    with dask.config.set(_quiet_cluster_config()):
+    with dask.config.set(settings):
         cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                dashboard_address=":0", silence_logs=logging.WARNING)
     return Client(cluster), cluster
@@ -243,12 +261,14 @@ def embed(input: str | Sequence[str], output: str, clip_model: str = "sieve-tiny
     if todo:
         own = client is None
         cluster = None
-        n_workers, threads = default_cluster_size(workers, threads_per_worker, len(todo),
-                                                  gpu=_gpu(device) if own and not scheduler else False)
+        gpu = _gpu(device) if own and not scheduler else False
+        n_workers, threads = default_cluster_size(workers, threads_per_worker, len(todo), gpu=gpu)
         # on someone else's cluster, threads default to each worker's share of its machine
         config = replace(config, threads=threads if (own and not scheduler) or threads_per_worker else None)
         if own:
-            client, cluster = _client(scheduler, n_workers)
+            # Dask's nanny copies its worker environment into this process: undo that afterwards
+            env_before = {k: os.environ.get(k) for k in SINGLE_THREAD_WORKER_ENV}
+            client, cluster = _client(scheduler, n_workers, threads, gpu=gpu)
             log.info("LocalCluster: %d worker(s) x %d torch thread(s)", n_workers, threads)
         print(f"Dask dashboard: {client.dashboard_link}", file=sys.stderr, flush=True)
         try:
@@ -260,6 +280,7 @@ def embed(input: str | Sequence[str], output: str, clip_model: str = "sieve-tiny
                 client.close()
                 if cluster is not None:
                     cluster.close()
+                _restore_env(env_before)
         done.update(results)
     parts = [done[i] for i in sorted(done)]
     emb_dim = next((p["emb_dim"] for p in parts), (existing or {}).get("emb_dim"))
@@ -276,6 +297,14 @@ def embed(input: str | Sequence[str], output: str, clip_model: str = "sieve-tiny
     if failed:
         raise EmbedJobError(failed, summary)
     return summary
+
+
+def _restore_env(values: dict[str, str | None]) -> None:
+    for key, value in values.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def _sum_counts(counts) -> dict[str, int]:

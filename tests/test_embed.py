@@ -382,6 +382,37 @@ def test_local_cluster_workers_run_quiet_unless_the_environment_says_otherwise(m
         dask.config.refresh()
 
 
+def test_single_thread_cpu_workers_share_one_malloc_arena(monkeypatch):
+    """CPU workers of one thread start with MALLOC_ARENA_MAX=1 (a user's value wins); GPU ones don't."""
+    from pipelines import embed as E
+
+    def arena_max():
+        return os.environ.get("MALLOC_ARENA_MAX")
+
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    for kwargs, expected in (({}, "1"), ({"gpu": True}, None)):
+        client, cluster = E._client(None, 1, **kwargs)
+        try:
+            assert set(client.run(arena_max).values()) == {expected}, kwargs
+        finally:
+            client.close()
+            cluster.close()
+        monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)  # the nanny copies it here too
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    client, cluster = E._client(None, 1)
+    try:
+        assert set(client.run(arena_max).values()) == {"4"}
+    finally:
+        client.close()
+        cluster.close()
+
+
+def test_embed_leaves_the_callers_environment_as_it_was(shards, tmp_path, monkeypatch):
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    embed(str(shards), str(tmp_path / "c"), workers=1, threads_per_worker=1, batch_size=BATCH)
+    assert "MALLOC_ARENA_MAX" not in os.environ
+
+
 def test_cli_exits_nonzero_naming_the_unopenable_shard(shards, tmp_path):
     src = tmp_path / "shards"
     src.mkdir()
