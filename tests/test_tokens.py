@@ -35,3 +35,20 @@ def test_other_tokenizers_are_used_as_they_are():
     assert fast_tokenizer(masked) is masked
     plain = object()
     assert fast_tokenizer(plain) is plain
+
+
+def test_word_cache_gives_the_same_ids_when_warm_and_when_it_starts_over(monkeypatch):
+    from open_clip.tokenizer import SimpleTokenizer
+
+    from pipelines import tokens
+
+    tok = SimpleTokenizer()
+    fast = fast_tokenizer(tok)
+    captions = [s.caption for s in iter_samples(300, size=16)] + TRICKY
+    cold = fast(captions)
+    assert fast.words  # words were cached
+    assert torch.equal(fast(captions), cold)  # served from the cache
+    monkeypatch.setattr(tokens, "WORD_CACHE_SIZE", 5)
+    fresh = fast_tokenizer(tok)
+    assert torch.equal(fresh(captions), tok(captions))
+    assert len(fresh.words) <= 5
