@@ -127,16 +127,6 @@ class BareModel:
         return rates
 
 
-def bare_forward(clip_model: str, batch_size: int, threads: int, n: int, precision: str = "fp32",
-                 clip_options: dict | None = None, passes: int = 3) -> dict[str, Any]:
-    """One prepared `BareModel` timed once: the median of `passes` passes."""
-    rates = BareModel(clip_model, batch_size, threads, n, precision, clip_options).run(passes)
-    return {"samples": n, "batch_size": batch_size,
-            "precision": precision, "options": clip_options or {}, "torch_threads": threads,
-            "samples_per_s": round(statistics.median(rates), 1),
-            "passes_samples_per_s": [round(r, 1) for r in rates]}
-
-
 def _bare_child(args: tuple, start: Any, conn: Any) -> None:
     """A single-thread `BareModel` in its own process: on each command, wait for the siblings, run."""
     model = BareModel(*args)
@@ -152,7 +142,8 @@ class BarePool:
     The processes stay up between measurements (idle on a pipe) and are timed together.
     """
 
-    def __init__(self, clip_model: str, batch_size: int, processes: int, n: int):
+    def __init__(self, clip_model: str, batch_size: int, processes: int, n: int, precision: str = "fp32",
+                 clip_options: dict | None = None):
         import multiprocessing as mp
 
         ctx = mp.get_context("spawn")
@@ -161,7 +152,8 @@ class BarePool:
         for _ in range(processes):
             here, there = ctx.Pipe()
             self.procs.append(ctx.Process(target=_bare_child, daemon=True,
-                                          args=((clip_model, batch_size, 1, n), start, there)))
+                                          args=((clip_model, batch_size, 1, n, precision, clip_options), start,
+                                                there)))
             self.conns.append(here)
         for p in self.procs:
             p.start()
@@ -308,10 +300,26 @@ def random_checkpoint(root: Path, spec: str) -> str:
     return f"{spec}/{path}"
 
 
-def bench_vitb32(root: Path, n: int, batch_size: int, threads: int, settings: list[str] | None) -> dict[str, Any]:
+def bench_vitb32(root: Path, n: int, batch_size: int, threads: int, settings: list[str] | None,
+                 bare_samples: int = 256) -> dict[str, Any]:
+    """ViT-B-32 end to end per speed setting, each divided by fp32 bare forwards taken just before and after it.
+
+    One bare measurement at the start would be minutes away from the later settings, and this
+    machine's speed drifts by 10-40% in that time; the bare models stay loaded and are re-timed
+    between settings instead. As in the scale part, the bare figure is the faster layout (one
+    process on every core, or one 1-thread process per core as the pipeline runs).
+    """
     data = dataset(n, root, shard_size=max(1, n // 4))  # 4 shards: every worker gets work
     spec = random_checkpoint(root, VITB32)
-    bare = bare_forward(spec, batch_size, threads, n=n, clip_options=PLAIN, passes=1)
+    here = BareModel(spec, batch_size, threads, bare_samples, "fp32", PLAIN)
+    pool = BarePool(spec, batch_size, threads, bare_samples, "fp32", PLAIN)
+    layouts = []
+
+    def bare() -> float:
+        layouts.append(bare_reference(here, pool, passes=1))
+        return layouts[-1]["samples_per_s"]
+
+    bares = [bare()]
     results: dict[str, Any] = {}
     ref_img = ref_txt = None
     for name, precision, options, mult in SETTINGS:
@@ -320,6 +328,8 @@ def bench_vitb32(root: Path, n: int, batch_size: int, threads: int, settings: li
         log.info("ViT-B-32 pipeline, %s", name)
         out = root / f"out-vitb32-{name}"
         run = run_pipeline(data, out, spec, batch_size * mult, precision, options)
+        bares.append(bare())
+        around = (bares[-2] + bares[-1]) / 2
         img, txt = _embeddings(out)
         if ref_img is None:
             ref_img, ref_txt = img, txt
@@ -327,18 +337,33 @@ def bench_vitb32(root: Path, n: int, batch_size: int, threads: int, settings: li
         results[name] = {
             "precision": precision, "options": options, "batch_size": batch_size * mult,
             "samples_per_s": run["steady_samples_per_s"], "wall_samples_per_s": run["wall_samples_per_s"],
-            "speedup_vs_fp32_bare": round(run["steady_samples_per_s"] / bare["samples_per_s"], 3),
+            "fp32_bare_samples_per_s_before_after": bares[-2:],
+            "speedup_vs_fp32_bare": round(run["steady_samples_per_s"] / around, 3),
             "cosine_vs_fp32": round(min(cos_img, cos_txt), 5),
             "cosine_vs_fp32_image": round(cos_img, 5), "cosine_vs_fp32_text": round(cos_txt, 5),
             "run": run,
         }
         shutil.rmtree(out, ignore_errors=True)
+    pool.close()
     best = max(results, key=lambda k: results[k]["speedup_vs_fp32_bare"])
+    import torch
+
     return {"model": VITB32 + " (random weights)", "samples": n, "bare_torch_threads": threads,
-            "fp32_bare_samples_per_s": bare["samples_per_s"], "bare": bare,
+            "fp32_bare_samples_per_s": round(float(np.median(bares)), 1), "fp32_bare_measurements": bares,
+            "bare": {**here.info, "samples_per_measurement": bare_samples, "passes": 1,
+                     "layouts": "the faster of one process on every core and one 1-thread process per core"},
+            "bare_measurements": layouts,
+            "cpu_bf16": {"mkldnn_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+                         "amx": _amx()},
             "settings": results, "best_setting": best,
             "speedup_vs_fp32_bare": results[best]["speedup_vs_fp32_bare"],
             "cosine_vs_fp32": results[best]["cosine_vs_fp32"]}
+
+
+def _amx() -> bool | None:
+    from pipelines.clip_speed import cpu_has_amx
+
+    return cpu_has_amx()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -51,3 +51,14 @@ def test_fast_clip_settings_stay_close_to_fp32(tiny):
         fast = FastClip(copy.deepcopy(model), **opts)
         assert _cos(fast.encode_image(images), ref_img) > 0.995, opts
         assert _cos(fast.encode_text(tokens), ref_txt) > 0.995, opts
+
+
+@pytest.mark.parametrize("amx, warns", [(False, True), (True, False), (None, False)])
+def test_bf16_on_a_cpu_without_amx_warns_that_fp32_is_likely_faster(monkeypatch, caplog, amx, warns):
+    from pipelines import clip_speed
+
+    monkeypatch.setattr(clip_speed, "bf16_supported", lambda device="cpu": True)
+    monkeypatch.setattr(clip_speed, "cpu_has_amx", lambda: amx)
+    with caplog.at_level("WARNING", logger="pipelines.clip_speed"):
+        assert clip_speed.model_dtype("bf16", "cpu") == torch.bfloat16
+    assert ("without AMX" in caplog.text) == warns
