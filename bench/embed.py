@@ -49,8 +49,9 @@ def dataset(n: int, root: Path, shard_size: int = 1000) -> Path:
 
 
 def run_pipeline(data: Path, out: Path, clip_model: str, batch_size: int,
-                 precision: str = "fp32", clip_options: dict | None = None) -> dict[str, Any]:
-    """One `embed` call (default cluster for this machine) on a fresh output.
+                 precision: str = "fp32", clip_options: dict | None = None,
+                 device: str | None = None) -> dict[str, Any]:
+    """One `embed` call (default cluster for this machine and `device`) on a fresh output.
 
     Wall rate: the whole call. Steady rate: each worker's samples over its own span (first
     task start to last task end, minus its model load and warm-up), summed over workers: what
@@ -64,7 +65,7 @@ def run_pipeline(data: Path, out: Path, clip_model: str, batch_size: int,
     wait_until_quiet()
     t0 = time.time()
     summary = embed(str(data), str(out), clip_model=clip_model, batch_size=batch_size,
-                    precision=precision, clip_options=clip_options)
+                    precision=precision, clip_options=clip_options, device=device)
     wall = time.time() - t0
     stats = [json.loads(p.read_text()) for p in (out / S.DONE_DIR).glob("*.json")]
     busy = max(s["end_time"] for s in stats) - min(s["start_time"] for s in stats)
@@ -75,13 +76,15 @@ def run_pipeline(data: Path, out: Path, clip_model: str, batch_size: int,
     steady = sum(sum(s["count"] for s in ws) / (max(s["end_time"] for s in ws) - min(s["start_time"] for s in ws)
                                                 - sum(s["model_load_s"] for s in ws))
                  for ws in per_worker.values())
-    return {"samples": summary["count"], "shards": len(stats), "wall_s": round(wall, 2),
+    shard_s = sum(s["duration_s"] for s in stats)
+    return {"samples": summary["count"], "ok": summary["ok"], "shards": len(stats), "wall_s": round(wall, 2),
             "workers": len({s["worker"] for s in stats}), "torch_threads": stats[0]["torch_threads"],
             "startup_s": round(min(s["start_time"] for s in stats) - t0, 2),
             "model_load_s": round(load, 2),
             "wall_samples_per_s": round(summary["count"] / wall, 1),
             "steady_samples_per_s": round(steady, 1),
-            "steady_global_samples_per_s": round(summary["count"] / (busy - load), 1)}
+            "steady_global_samples_per_s": round(summary["count"] / (busy - load), 1),
+            "clip_forward_share": round(sum(s["clip_forward_s"] for s in stats) / shard_s, 3) if shard_s else None}
 
 
 class BareModel:
@@ -309,6 +312,8 @@ def bench_vitb32(root: Path, n: int, batch_size: int, threads: int, settings: li
     between settings instead. As in the scale part, the bare figure is the faster layout (one
     process on every core, or one 1-thread process per core as the pipeline runs).
     """
+    from pipelines.clip_speed import bf16_supported, cpu_has_amx
+
     data = dataset(n, root, shard_size=max(1, n // 4))  # 4 shards: every worker gets work
     spec = random_checkpoint(root, VITB32)
     here = BareModel(spec, batch_size, threads, bare_samples, "fp32", PLAIN)
@@ -346,24 +351,15 @@ def bench_vitb32(root: Path, n: int, batch_size: int, threads: int, settings: li
         shutil.rmtree(out, ignore_errors=True)
     pool.close()
     best = max(results, key=lambda k: results[k]["speedup_vs_fp32_bare"])
-    import torch
-
     return {"model": VITB32 + " (random weights)", "samples": n, "bare_torch_threads": threads,
             "fp32_bare_samples_per_s": round(float(np.median(bares)), 1), "fp32_bare_measurements": bares,
             "bare": {**here.info, "samples_per_measurement": bare_samples, "passes": 1,
                      "layouts": "the faster of one process on every core and one 1-thread process per core"},
             "bare_measurements": layouts,
-            "cpu_bf16": {"mkldnn_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
-                         "amx": _amx()},
+            "cpu_bf16": {"mkldnn_bf16": bf16_supported("cpu"), "amx": cpu_has_amx()},
             "settings": results, "best_setting": best,
             "speedup_vs_fp32_bare": results[best]["speedup_vs_fp32_bare"],
             "cosine_vs_fp32": results[best]["cosine_vs_fp32"]}
-
-
-def _amx() -> bool | None:
-    from pipelines.clip_speed import cpu_has_amx
-
-    return cpu_has_amx()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -131,32 +131,6 @@ def bench_bare(spec: str, device: str, n: int, batch_size: int, passes: int, set
     return out
 
 
-def run_pipeline(data: Path, out: Path, spec: str, batch_size: int, precision: str, device: str) -> dict[str, Any]:
-    """One `embed` call on the default cluster for `device`; rates as in bench/embed.py."""
-    from curation import schema as S
-    from pipelines.embed import embed
-
-    shutil.rmtree(out, ignore_errors=True)
-    t0 = time.time()
-    summary = embed(str(data), str(out), clip_model=spec, batch_size=batch_size, precision=precision, device=device)
-    wall = time.time() - t0
-    stats = [json.loads(p.read_text()) for p in (out / S.DONE_DIR).glob("*.json")]
-    per_worker: dict[str, list[dict]] = {}
-    for s in stats:
-        per_worker.setdefault(s["worker"], []).append(s)
-    steady = sum(sum(s["count"] for s in ws) / (max(s["end_time"] for s in ws) - min(s["start_time"] for s in ws)
-                                                - sum(s["model_load_s"] for s in ws))
-                 for ws in per_worker.values())
-    shard_s = sum(s["duration_s"] for s in stats)
-    return {"samples": summary["count"], "ok": summary["ok"], "shards": len(stats), "workers": len(per_worker),
-            "torch_threads": stats[0]["torch_threads"], "wall_s": round(wall, 2),
-            "startup_s": round(min(s["start_time"] for s in stats) - t0, 2),
-            "model_load_s": round(max(s["model_load_s"] for s in stats), 2),
-            "wall_samples_per_s": round(summary["count"] / wall, 1),
-            "steady_samples_per_s": round(steady, 1),
-            "clip_forward_share": round(sum(s["clip_forward_s"] for s in stats) / shard_s, 3) if shard_s else None}
-
-
 def bench_pipeline(root: Path, models: dict[str, str], n: int, batch_size: int, device: str,
                    deadline: float) -> dict[str, Any]:
     from bench import embed as bench_embed
@@ -173,7 +147,7 @@ def bench_pipeline(root: Path, models: dict[str, str], n: int, batch_size: int, 
                 continue
             log.info("pipeline %s %s on %d samples", name, precision, n)
             out = root / f"out-{name}-{precision}"
-            runs[precision] = run_pipeline(data, out, spec, batch_size, precision, device)
+            runs[precision] = bench_embed.run_pipeline(data, out, spec, batch_size, precision, device=device)
             img, txt = bench_embed._embeddings(out)
             if ref is None:
                 ref = (img, txt)
