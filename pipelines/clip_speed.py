@@ -95,7 +95,8 @@ def encode_text_trimmed(model: Any, tokens, pad_id: int = 0):
 class FastClip:
     """Image/text encoding of an open_clip model under the chosen speed settings.
 
-    `encode_image(batch)` takes preprocessed float images, `encode_text(tokens)` token ids;
+    `encode_image(batch)` takes preprocessed float images (or uint8 ones with their
+    normalisation), `encode_text(tokens)` token ids;
     both return L2-normalised float32 tensors on the CPU.
     """
 
@@ -114,10 +115,20 @@ class FastClip:
         if trim_text and not self.trim_text:
             log.info("text trimming not applicable to %s; using the full context", type(model).__name__)
 
-    def encode_image(self, images):
+    def encode_image(self, images, normalize: tuple | None = None):
+        """Embed a float NCHW batch, or with `normalize=(mean, std)` a uint8 NHWC one.
+
+        The uint8 batch is a quarter of the bytes to move and is scaled on the device, with
+        the same operations (and so the same values) as `pipelines.decode.normalize_batch`.
+        """
         import torch
         import torch.nn.functional as F
 
+        if normalize is not None:
+            mean, std = (torch.tensor(v, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+                         for v in normalize)
+            x = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().contiguous()
+            images = x.div_(255).sub_(mean).div_(std)
         x = images.to(self.device, self.dtype, non_blocking=True)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from curation import schema as S
-from pipelines.phash import numpy_path, phash, phash_batch, phash_pixels, thumbnails_of
+from pipelines.phash import batchable, phash, phash_batch, phash_pixels, thumbnails_of
 from pipelines.readers import RawSample
 
 try:  # a dependency, but only a speed-up: PIL alone decodes everything (see _fast_jpeg)
@@ -148,10 +148,10 @@ def decode_sample(raw: RawSample, source_shard: str, max_pixels: int = DEFAULT_M
     row[S.HEIGHT], row[S.WIDTH] = pixels.shape[:2]
     if not defer_phash:
         row[S.PHASH] = phash(pixels)
-    elif numpy_path(pixels.shape):
+    elif batchable(pixels.shape):
         row[PHASH_PENDING] = pixels  # thumbnailed with the chunk's other small images
     else:
-        row[PHASH_PENDING] = phash_pixels(pixels)  # by PIL, now: a large image is not held until the chunk ends
+        row[PHASH_PENDING] = phash_pixels(pixels)  # now: a larger image is not held until the chunk ends
     if raw.caption is None or not raw.caption.strip():
         _fail(row, S.STATUS_MISSING_CAPTION, "sample has no caption" if raw.caption is None
               else "caption is empty")
@@ -190,6 +190,21 @@ def batch_normalizer(preprocess: Any):
     if size is None or tuple(crop.size) != (size, size) or getattr(resize, "max_size", None):
         return None
     return size, tuple(float(m) for m in norm.mean), tuple(float(s) for s in norm.std)
+
+
+def resize_crop(preprocess: Any):
+    """The chain's Resize then CenterCrop as one PIL -> PIL callable, when `batch_normalizer` takes the chain.
+
+    An RGB image of any other size then goes through these two PIL steps and joins the
+    batched normalisation as a uint8 array: the same values as the whole chain (ToTensor is
+    /255 of those pixels), without torchvision's per-image tensor ops, which cost about as
+    much again as the resize (bench.embed_gpu). Returns None for any other chain.
+    """
+    if batch_normalizer(preprocess) is None:
+        return None
+    steps = {type(t).__name__: t for t in preprocess.transforms}
+    resize, crop = steps["Resize"], steps["CenterCrop"]
+    return lambda img: crop(resize(img))
 
 
 def fits(img: Any, size: int) -> bool:

@@ -3,7 +3,8 @@
 On a GPU (or a multi-threaded CPU worker) a reader thread reads, decodes, hashes and
 preprocesses the next batch while the calling thread runs the models on the current one, so
 decoding hides behind inference; a single-thread CPU worker reads between batches instead
-(`read_ahead`).
+(`read_ahead`). On a GPU the reader hands decoding and resizing to a pool of threads
+(`decode_threads`), since one thread decodes far slower than the GPU embeds.
 Models live in a per-process cache keyed by their spec: a worker loads each model once and
 reuses it for every shard it is given.
 """
@@ -18,14 +19,14 @@ import socket
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import numpy as np
 
 from curation import schema as S
 from pipelines.decode import (DEFAULT_MAX_PIXELS, batch_normalizer, decode_sample, empty_row, finish_phashes,
-                              fits, normalize_batch)
+                              fits, normalize_batch, resize_crop)
 from pipelines.malloc import keep_freed_memory
 from pipelines.readers import Shard, read_shard
 from pipelines.tokens import fast_tokenizer
@@ -45,6 +46,8 @@ class EmbedConfig:
     threads: int | None = None
     device: str | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
+    #: threads decoding and preprocessing images beside the reader; None: `decode_threads()` decides
+    decode_threads: int | None = None
     #: extra keyword arguments for `load_clip` (speed settings such as channels_last, compile)
     clip_options: tuple[tuple[str, Any], ...] = field(default_factory=tuple)
 
@@ -88,6 +91,8 @@ class Embedder:
         self.preprocess = encoder.preprocess
         #: (size, mean, std) when images already at the model's size can skip per-image torchvision
         self.batched = batch_normalizer(encoder.preprocess)
+        #: PIL resize + crop to the model's size, so other-sized images take the batched path too
+        self.resize_crop = resize_crop(encoder.preprocess)
         self.dim = int(encoder.dim)
         self.tokenizer = getattr(encoder, "tokenizer", None)
         #: same ids as `tokenizer`, cheaper per caption for open_clip's SimpleTokenizer
@@ -97,6 +102,10 @@ class Embedder:
         self.fast = None
         if model is not None and self.tokenizer is not None and hasattr(model, "visual"):
             self.fast = FastClip(model, self.device, config.precision, **dict(config.clip_options))
+        #: hand FastClip uint8 NHWC batches to normalise on its device: on a GPU the CPU-side
+        #: normalisation of 224 px batches (~0.5 ms a sample on one core) would cap the reader
+        self.normalize_on_device = (self.fast is not None and self.batched is not None
+                                    and not self.device.startswith("cpu"))
 
     def warm_up(self, batch_size: int) -> float:
         """Run one full batch through decode, preprocess, tokenizer and both towers; return seconds.
@@ -123,7 +132,7 @@ class Embedder:
             row, pixels = decode_sample(RawSample("warm-up", buf.getvalue(), captions[0]), "warm-up",
                                         defer_phash=True)
             finish_phashes([row])
-            made["batch"] = _stack([self.model_input(pixels)] * batch_size, self.batched)
+            made["batch"] = self.stack([self.model_input(pixels)] * batch_size)
             made["tokens"] = self.tokenize(captions)
 
         if read_ahead(self, torch.get_num_threads()):  # the reader thread's malloc arena grows here
@@ -153,14 +162,29 @@ class Embedder:
             return pixels
         from PIL import Image
 
-        return self.preprocess(Image.fromarray(pixels, "RGB"))
+        image = Image.fromarray(pixels, "RGB")
+        if self.resize_crop is not None:
+            resized = np.asarray(self.resize_crop(image))
+            if fits(resized, self.batched[0]):
+                return resized
+        return self.preprocess(image)
 
     def tokenize(self, captions: list[str]) -> Any:
         return self.fast_tokens(captions) if self.fast is not None else None
 
+    def stack(self, items: list[Any]) -> Any:
+        """One batch from `model_input` results: NCHW float, or uint8 NHWC for `normalize_on_device`."""
+        if self.normalize_on_device and all(isinstance(x, np.ndarray) for x in items):
+            import torch
+
+            return torch.from_numpy(np.stack(items))
+        return _stack(items, self.batched)
+
     def images(self, batch: Any) -> np.ndarray:
         if self.fast is not None:
-            return _as_numpy(self.fast.encode_image(batch))
+            if batch.dtype.is_floating_point:
+                return _as_numpy(self.fast.encode_image(batch))
+            return _as_numpy(self.fast.encode_image(batch, normalize=self.batched[1:]))
         return _as_numpy(self.encoder.encode_image_tensor(batch))
 
     def texts(self, captions: list[str], tokens: Any = None) -> np.ndarray:
@@ -260,45 +284,97 @@ def _put(q: queue.Queue, item: Any, stop: threading.Event) -> bool:
     return False
 
 
-def _read_chunks(shard: Shard, config: EmbedConfig, embedder: Embedder, keep_images: bool):
+def decode_threads(embedder: Embedder, threads: int, requested: int | None = None) -> int:
+    """How many threads decode and preprocess images (1: the reader itself, no pool).
+
+    On a GPU one reader thread cannot keep up: ViT-B-32 forwards 2,500 samples/s in fp32 and
+    15,000 in bf16 on an H200, while one thread decodes and resizes a few hundred (measured
+    by bench.embed_gpu). JPEG decoding (simplejpeg) and PIL's resize release the GIL, so
+    threads scale; a GPU worker gets one per torch thread but one. A CPU worker's cores are
+    busy with its own forward, so it keeps the single reader.
+    """
+    if requested is not None:
+        if requested < 1:
+            raise ValueError(f"decode_threads must be >= 1, got {requested}")
+        return requested
+    return max(1, threads - 1) if not embedder.device.startswith("cpu") else 1
+
+
+def _decode_one(raw: Any, url: str, config: EmbedConfig, embedder: Embedder,
+                defer_phash: bool = True) -> tuple[dict, Any, Any]:
+    """(row, model input or None, pixels or None) for one raw sample; a preprocess failure is a status."""
+    row, pixels = decode_sample(raw, url, config.max_pixels, defer_phash=defer_phash)
+    if pixels is None:
+        return row, None, None
+    try:
+        return row, embedder.model_input(pixels), pixels
+    except (OSError, ValueError, RuntimeError) as exc:
+        row[S.STATUS], row[S.ERROR] = S.STATUS_DECODE_ERROR, f"preprocess: {exc}"
+        return row, None, None
+
+
+def _decoded(shard: Shard, config: EmbedConfig, embedder: Embedder, threads: int):
+    """`_decode_one` of every sample of the shard, in shard order, by `threads` threads.
+
+    The pool also hashes each image: batched phash thumbnails (cheapest per image on one
+    thread) would leave ~1 ms a 256 px sample on the reader, which then caps the pool.
+    """
+    if threads <= 1:
+        for raw in read_shard(shard):
+            yield _decode_one(raw, shard.url, config, embedder)
+        return
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    window = 4 * threads  # samples in flight: bounded, so a shard of large images is never all in memory
+    pending: deque = deque()
+    with ThreadPoolExecutor(threads, thread_name_prefix=f"decode-{shard.name}") as pool:
+        try:
+            for raw in read_shard(shard):
+                pending.append(pool.submit(_decode_one, raw, shard.url, config, embedder, False))
+                if len(pending) >= window:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
+
+
+def _read_chunks(shard: Shard, config: EmbedConfig, embedder: Embedder, keep_images: bool, threads: int = 1):
     """Read, decode, preprocess and tokenize the shard into chunks of up to one batch of usable samples."""
     def ready(chunk: Chunk) -> Chunk:
         finish_phashes(chunk.rows)
         if chunk.captions:
             chunk.tokens = embedder.tokenize(chunk.captions)
-            chunk.batch = _stack(chunk.tensors, embedder.batched)
+            chunk.batch = embedder.stack(chunk.tensors)
             chunk.tensors = []
         return chunk
 
     chunk = Chunk()
-    for raw in read_shard(shard):
-        row, pixels = decode_sample(raw, shard.url, config.max_pixels, defer_phash=True)
+    for row, tensor, pixels in _decoded(shard, config, embedder, threads):
         chunk.rows.append(row)
-        if pixels is not None:
-            try:
-                tensor = embedder.model_input(pixels)
-            except (OSError, ValueError, RuntimeError) as exc:
-                row[S.STATUS], row[S.ERROR] = S.STATUS_DECODE_ERROR, f"preprocess: {exc}"
-                continue
-            chunk.ok_rows.append(len(chunk.rows) - 1)
-            chunk.tensors.append(tensor)
-            chunk.captions.append(row[S.CAPTION])
-            if keep_images:
-                from PIL import Image
+        if tensor is None:
+            continue
+        chunk.ok_rows.append(len(chunk.rows) - 1)
+        chunk.tensors.append(tensor)
+        chunk.captions.append(row[S.CAPTION])
+        if keep_images:
+            from PIL import Image
 
-                chunk.images.append(Image.fromarray(pixels, "RGB"))
-            if len(chunk.ok_rows) >= config.batch_size:
-                yield ready(chunk)
-                chunk = Chunk()
+            chunk.images.append(Image.fromarray(pixels, "RGB"))
+        if len(chunk.ok_rows) >= config.batch_size:
+            yield ready(chunk)
+            chunk = Chunk()
     if chunk.rows:
         yield ready(chunk)
 
 
 def _produce(shard: Shard, config: EmbedConfig, embedder: Embedder, keep_images: bool,
-             q: queue.Queue, stop: threading.Event) -> None:
+             q: queue.Queue, stop: threading.Event, threads: int = 1) -> None:
     """The reader thread: `_read_chunks` into the queue; errors travel through the queue."""
     try:
-        for chunk in _read_chunks(shard, config, embedder, keep_images):
+        for chunk in _read_chunks(shard, config, embedder, keep_images, threads):
             if not _put(q, chunk, stop) or stop.is_set():
                 return
         _put(q, _END, stop)
@@ -334,15 +410,16 @@ def read_ahead(embedder: Embedder, threads: int) -> bool:
     return not embedder.device.startswith("cpu") or threads > 1
 
 
-def _chunks(shard: Shard, config: EmbedConfig, embedder: Embedder, keep_images: bool, ahead: bool = True):
-    """The shard's chunks, read ahead by a thread (errors re-raised here) or inline."""
+def _chunks(shard: Shard, config: EmbedConfig, embedder: Embedder, keep_images: bool, ahead: bool = True,
+            threads: int = 1):
+    """The shard's chunks, read ahead by a thread (errors re-raised here) or inline; `threads` decode."""
     if not ahead:
-        yield from _read_chunks(shard, config, embedder, keep_images)
+        yield from _read_chunks(shard, config, embedder, keep_images, threads)
         return
     q: queue.Queue = queue.Queue(maxsize=2)
     stop = threading.Event()
     thread = threading.Thread(target=_produce, name=f"read-{shard.name}", daemon=True,
-                              args=(shard, config, embedder, keep_images, q, stop))
+                              args=(shard, config, embedder, keep_images, q, stop, threads))
     thread.start()
     try:
         while True:
@@ -363,6 +440,29 @@ def _as_numpy(x: Any) -> np.ndarray:
     return np.asarray(x, dtype=np.float32)
 
 
+def worker_device(device: str | None) -> str | None:
+    """The device this worker uses: with several GPUs visible, LocalCluster worker i takes GPU i mod count.
+
+    Workers that each see one GPU (dask-cuda's LocalCUDACluster sets CUDA_VISIBLE_DEVICES
+    per worker) and any explicit device index keep `device` as given.
+    """
+    if device not in (None, "cuda"):
+        return device
+    import torch
+
+    if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+        return device
+    try:
+        from distributed import get_worker
+
+        name = get_worker().name
+    except (ImportError, ValueError):
+        return device
+    if isinstance(name, str) and name.isdigit():
+        name = int(name)
+    return f"cuda:{name % torch.cuda.device_count()}" if isinstance(name, int) else device
+
+
 def prepare(config: EmbedConfig) -> tuple[Embedder, list[Any], int, bool]:
     """Set this worker up for `config`: allocator, threads, models (loaded once per process).
 
@@ -371,6 +471,7 @@ def prepare(config: EmbedConfig) -> tuple[Embedder, list[Any], int, bool]:
     load overlaps another worker's shards.
     """
     keep_freed_memory()  # Dask's nanny froze glibc's mmap threshold at 128 KiB (pipelines/malloc.py)
+    config = replace(config, device=worker_device(config.device))
     threads = set_threads(config.threads)
     encoder, cache_hit = get_encoder(config)
     scorers = [get_scorer(name, config.device) for name in config.scores]
@@ -392,7 +493,8 @@ def process_shard(shard: Shard, output: str, config: EmbedConfig,
     text_parts: list[np.ndarray] = []
     n_ok = 0
     model_s = 0.0
-    for chunk in _chunks(shard, config, encoder, keep_images, read_ahead(encoder, threads)):
+    decoders = decode_threads(encoder, threads, config.decode_threads)
+    for chunk in _chunks(shard, config, encoder, keep_images, read_ahead(encoder, threads), decoders):
         if chunk.ok_rows:
             t_model = time.perf_counter()
             with torch.inference_mode():
@@ -426,7 +528,8 @@ def process_shard(shard: Shard, output: str, config: EmbedConfig,
         "count": len(rows), "ok": n_ok,
         "status_counts": dict(Counter(r[S.STATUS] for r in rows)),
         "emb_dim": dim, "precision": config.precision, "batch_size": config.batch_size,
-        "torch_threads": threads, "model_cache_hit": cache_hit, "model_load_s": load_s,
+        "torch_threads": threads, "decode_threads": decoders,
+        "model_cache_hit": cache_hit, "model_load_s": load_s,
         "worker": f"{socket.gethostname()}:{os.getpid()}",
         "start_time": start, "end_time": time.time(), "duration_s": duration,
         "samples_per_s": len(rows) / duration if duration > 0 else None,

@@ -19,6 +19,9 @@ import numpy as np
 THUMB = 32
 #: arrays up to this many pixels may be thumbnailed in numpy (stacked by shape); larger ones by PIL
 NUMPY_MAX_PIXELS = 512 * 512
+#: up to this many pixels stacking pays (one grey matmul for the chunk); above it one image at a
+#: time with PIL's grey is cheaper: 220 vs 420 us at 224 px, 55 vs 80 us at 64 px stacked 256 deep
+BATCH_MAX_PIXELS = 96 * 96
 _GREY = np.array([19595, 38470, 7471], np.float32)  # Pillow's rgb2l: (R, G, B) . w + 2^15 >> 16
 _BITS = 22  # Pillow's PRECISION_BITS for 8-bit resampling: 32 - 8 - 2
 
@@ -105,24 +108,42 @@ def thumbnails(rgb: np.ndarray) -> np.ndarray:
     return g
 
 
+def batchable(shape: tuple[int, ...]) -> bool:
+    """Whether an RGB array of this shape is best thumbnailed stacked with others (`thumbnails_of`)."""
+    return numpy_path(shape) and shape[0] * shape[1] <= BATCH_MAX_PIXELS
+
+
+def _lanczos_grey(grey: np.ndarray) -> np.ndarray:
+    """`thumbnails`' two Lanczos passes on one (H, W) grey image (float64 of Pillow's L bytes)."""
+    h, w = grey.shape
+    if w != THUMB:
+        grey = _fixed_point(grey @ lanczos_matrix(w))
+    if h != THUMB:
+        grey = _fixed_point(lanczos_matrix(h).T @ grey)
+    return grey
+
+
 def phash_pixels(img: Any) -> np.ndarray:
     """The 32x32 thumbnail of one image (PIL image of any mode, or an RGB HWC uint8 array)."""
     from PIL import Image
 
     if isinstance(img, np.ndarray):
         if numpy_path(img.shape):
-            return thumbnails(img[None])[0]
+            if img.shape[0] * img.shape[1] <= BATCH_MAX_PIXELS:
+                return thumbnails(img[None])[0]
+            # PIL's grey is Pillow's rgb2l itself, several times cheaper than the float matmul here
+            return _lanczos_grey(np.asarray(Image.fromarray(img, "RGB").convert("L"), dtype=np.float64))
         img = Image.fromarray(img, "RGB")
 
     return np.asarray(img.convert("L").resize((THUMB, THUMB), Image.Resampling.LANCZOS), dtype=np.float64)
 
 
 def thumbnails_of(arrays: list[np.ndarray]) -> list[np.ndarray]:
-    """`phash_pixels` of many RGB arrays: those on the numpy path stacked by shape, one call each."""
+    """`phash_pixels` of many RGB arrays: small ones (`batchable`) stacked by shape, one call each."""
     out: list[Any] = [None] * len(arrays)
     groups: dict[tuple, list[int]] = {}
     for i, a in enumerate(arrays):
-        if numpy_path(a.shape):
+        if batchable(a.shape):
             groups.setdefault(a.shape, []).append(i)
         else:
             out[i] = phash_pixels(a)

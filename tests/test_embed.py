@@ -315,14 +315,16 @@ def test_default_cluster_uses_every_core_without_idle_workers(monkeypatch):
     monkeypatch.setattr(E, "_cores", lambda: 8)
     assert E.default_cluster_size() == (8, 1)                 # CPU: a single-thread worker per core
     assert E.default_cluster_size(tasks=3) == (3, 2)          # no more workers than shards
-    assert E.default_cluster_size(gpu=True) == (1, 8)         # one worker drives the GPU
+    assert E.default_cluster_size(gpu=True) == (2, 4)         # GPU: a worker per 4 cores, sharing it
+    assert E.default_cluster_size(gpu=True, tasks=1) == (1, 8)
     assert E.default_cluster_size(threads_per_worker=4) == (2, 4)
     assert E.default_cluster_size(workers=2) == (2, 4)
 
 
 @pytest.mark.parametrize("broken", [False, True])
-def test_reading_ahead_in_a_thread_and_inline_give_the_same_part(shards, tmp_path, monkeypatch, broken):
-    """Both read paths commit identical parts, and a reader error surfaces from either."""
+def test_reading_ahead_inline_and_by_a_decode_pool_give_the_same_part(shards, tmp_path, monkeypatch, broken):
+    """The read paths (reader thread, inline, reader thread with 3 decode threads) commit
+    identical parts, in shard order, and a reader error surfaces from each."""
     from pipelines import readers
     from pipelines.readers import list_shards
 
@@ -338,19 +340,53 @@ def test_reading_ahead_in_a_thread_and_inline_give_the_same_part(shards, tmp_pat
 
         monkeypatch.setattr(embed_worker, "read_shard", failing)
     parts = {}
-    for ahead in (True, False):
+    for name, ahead, decoders in (("thread", True, None), ("inline", False, None), ("pool", True, 3)):
         monkeypatch.setattr(embed_worker, "read_ahead", lambda embedder, threads, a=ahead: a)
-        out = tmp_path / f"ahead-{ahead}"
+        out = tmp_path / name
+        config = embed_worker.EmbedConfig(batch_size=BATCH, decode_threads=decoders)
         if broken:
             with pytest.raises(OSError, match="disk went away"):
-                embed_worker.process_shard(shard, str(out), embed_worker.EmbedConfig(batch_size=BATCH))
+                embed_worker.process_shard(shard, str(out), config)
             continue
-        embed_worker.process_shard(shard, str(out), embed_worker.EmbedConfig(batch_size=BATCH))
-        parts[ahead] = _part(out, shard.index)
+        stats = embed_worker.process_shard(shard, str(out), config)
+        assert stats["decode_threads"] == (decoders or 1)  # a CPU worker decodes in its reader
+        parts[name] = _part(out, shard.index)
     if not broken:
-        (meta_a, img_a, txt_a), (meta_b, img_b, txt_b) = parts[True], parts[False]
-        pd.testing.assert_frame_equal(meta_a, meta_b)
-        assert np.array_equal(img_a, img_b) and np.array_equal(txt_a, txt_b) and len(img_a) == N_GOOD
+        meta, img, txt = parts["thread"]
+        assert len(img) == N_GOOD
+        for other in ("inline", "pool"):
+            meta_b, img_b, txt_b = parts[other]
+            pd.testing.assert_frame_equal(meta, meta_b)
+            assert np.array_equal(img, img_b) and np.array_equal(txt, txt_b)
+
+
+def test_workers_spread_over_several_gpus(monkeypatch):
+    import distributed
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    for name, expected in ((0, "cuda:0"), (3, "cuda:1"), ("2", "cuda:0")):
+        monkeypatch.setattr(distributed, "get_worker", lambda n=name: types.SimpleNamespace(name=n))
+        assert embed_worker.worker_device(None) == embed_worker.worker_device("cuda") == expected
+    # a worker named otherwise keeps the device it was given
+    monkeypatch.setattr(distributed, "get_worker", lambda: types.SimpleNamespace(name="gpu-a"))
+    assert embed_worker.worker_device("cuda") == "cuda" and embed_worker.worker_device(None) is None
+    assert embed_worker.worker_device("cuda:1") == "cuda:1" and embed_worker.worker_device("cpu") == "cpu"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert embed_worker.worker_device(None) is None
+
+
+def test_decode_threads_default_and_validation():
+    fake = types.SimpleNamespace(device="cuda:0")
+    assert embed_worker.decode_threads(fake, 16) == 15
+    assert embed_worker.decode_threads(fake, 1) == 1
+    assert embed_worker.decode_threads(types.SimpleNamespace(device="cpu"), 8) == 1
+    assert embed_worker.decode_threads(types.SimpleNamespace(device="cpu"), 8, requested=4) == 4
+    with pytest.raises(ValueError, match="decode_threads"):
+        embed_worker.decode_threads(fake, 16, requested=0)
+    with pytest.raises(ValueError, match="decode_threads"):
+        embed("unused", "unused", decode_threads=0)
 
 
 def _part(out: Path, n: int):

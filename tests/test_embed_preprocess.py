@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.decode import batch_normalizer, fits
+from pipelines.decode import batch_normalizer, fits, resize_crop
 from pipelines.embed_worker import _stack
 
 
@@ -51,3 +51,55 @@ def test_all_fast_batch_equals_per_image_preprocess(preprocess):
     imgs = _images(size, 5, 3)
     got = _stack([np.asarray(i) for i in imgs], batch_normalizer(preprocess))
     assert torch.equal(got, torch.stack([preprocess(i) for i in imgs]))
+
+
+@pytest.mark.parametrize("chain", ["sieve-tiny", "ViT-B-32"])
+def test_resized_images_join_the_batch_with_identical_values(preprocess, chain):
+    """Other-sized images, resized and cropped by PIL then normalised in the batch, equal the chain."""
+    if chain == "ViT-B-32":  # open_clip's own eval transform, no model needed
+        import open_clip
+
+        preprocess = open_clip.image_transform(224, is_train=False)
+    size, _, _ = batch_normalizer(preprocess)
+    imgs = _images(size // 3, 2) + _images(size * 2, 1, 1)
+    imgs.append(Image.fromarray(np.random.default_rng(4).integers(0, 256, (size + 9, size // 2, 3), np.uint8)))
+    arrays = [np.asarray(resize_crop(preprocess)(i)) for i in imgs]
+    assert all(fits(a, size) for a in arrays)
+    got = _stack(arrays, batch_normalizer(preprocess))
+    assert torch.equal(got, torch.stack([preprocess(i) for i in imgs]))
+
+
+def test_resize_crop_only_for_recognised_chains():
+    from torchvision import transforms as T
+
+    assert resize_crop(T.Compose([T.Resize(64), T.ToTensor()])) is None
+
+
+def test_worker_model_input_resizes_into_the_batched_path(preprocess):
+    from pipelines.embed_worker import EmbedConfig, Embedder
+    from pipelines.encoders import load_clip
+
+    embedder = Embedder(load_clip("sieve-tiny"), EmbedConfig())
+    size = embedder.batched[0]
+    pixels = np.asarray(_images(size + 13, 1, 5)[0])
+    got = embedder.model_input(pixels)
+    assert isinstance(got, np.ndarray) and got.shape == (size, size, 3)
+    expected = preprocess(Image.fromarray(pixels))
+    assert torch.equal(_stack([got], embedder.batched)[0], expected)
+
+
+def test_uint8_batches_normalised_by_the_model_give_the_same_embeddings(preprocess):
+    """The GPU path (uint8 NHWC batch, normalised where the model runs) equals the CPU path."""
+    from pipelines.embed_worker import EmbedConfig, Embedder
+    from pipelines.encoders import load_clip
+
+    embedder = Embedder(load_clip("sieve-tiny"), EmbedConfig())
+    assert not embedder.normalize_on_device  # a CPU worker normalises in its reader
+    size = embedder.batched[0]
+    items = [np.asarray(i) for i in _images(size, 4, 6)]
+    floats = embedder.stack(items)
+    embedder.normalize_on_device = True
+    raw = embedder.stack(items)
+    assert raw.dtype == torch.uint8 and raw.shape == (4, size, size, 3)
+    with torch.inference_mode():
+        assert np.array_equal(embedder.images(raw), embedder.images(floats))

@@ -12,9 +12,11 @@ cpu). Thresholds are for the GPU.
 
 - FastClip (the embed worker's encoder) and ClipEncoder on the device: bf16 within 0.995 mean
   cosine of fp32 for sieve-tiny and seeded random ViT-B-32; channels_last, compile and
-  trim_text within 0.999 of fp32 eager; the device's fp32 within 0.999 of the CPU's.
-- `pipelines.embed.embed` on the default GPU cluster vs on CPU: same rows, statuses and parts,
-  embeddings within 0.999 (fp32) / 0.99 (bf16) mean cosine.
+  trim_text within 0.999 of fp32 eager; the device's fp32 within 0.999 of the CPU's; uint8
+  batches normalised on the device as CPU-normalised ones.
+- `pipelines.embed.embed` on the default GPU cluster (workers sharing the GPU, each with a
+  decode pool, uint8 batches) vs on CPU:
+  same rows, statuses and parts, embeddings within 0.999 (fp32) / 0.99 (bf16) mean cosine.
 - `na2d_torch` vs brute force, values and gradients, fp32 and bf16, square, non-square and
   non-divisible grids (strided, gather and dense paths); natten vs na2d_torch when natten is
   installed; an HDiT training step under bf16 autocast, eager and torch.compile (as
@@ -338,6 +340,23 @@ def test_fast_clip_precision_and_speed_options_on_device(clip_case):
     assert not failures, failures
 
 
+def test_fast_clip_normalises_uint8_batches_on_device(clip_case):
+    """The embed worker's GPU path: uint8 NHWC batches scaled on the device equal CPU-normalised ones."""
+    from pipelines.decode import batch_normalizer, normalize_batch
+    from pipelines.encoders import load_clip
+
+    name, spec, model, images, _ = clip_case
+    size, mean, std = batch_normalizer(load_clip(spec, device="cpu").preprocess)
+    rng = np.random.default_rng(3)
+    arrays = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(8)]
+    fast = _fast(model, trim_text=False)
+    ref = fast.encode_image(normalize_batch(arrays, mean, std))
+    got = fast.encode_image(torch.from_numpy(np.stack(arrays)), normalize=(mean, std))
+    _sync()
+    mean_cos, low = _rows_cos(got, ref)
+    assert low >= 0.99999, (name, mean_cos, low)
+
+
 class FastClipOnCpu:
     """FastClip on the CPU in fp32, the reference for the device's fp32."""
 
@@ -416,7 +435,7 @@ def cpu_collection(e2e_shards, tiny_ready, tmp_path_factory):
 @pytest.mark.parametrize("precision,floor", [("fp32", 0.999), ("bf16", 0.99)])
 def test_embed_job_on_default_gpu_cluster_matches_cpu(e2e_shards, cpu_collection, tmp_path, precision, floor):
     from curation import schema as S
-    from pipelines.embed import _cores, embed
+    from pipelines.embed import default_cluster_size, embed
 
     out = tmp_path / "collection"
     summary = embed(str(e2e_shards), str(out), batch_size=64, device=DEVICE, precision=precision)
@@ -429,9 +448,11 @@ def test_embed_job_on_default_gpu_cluster_matches_cpu(e2e_shards, cpu_collection
     cols = [S.KEY, S.PART, S.ROW, S.STATUS, S.EMB_ROW, S.CAPTION, S.WIDTH, S.HEIGHT, S.SHA256, S.PHASH]
     assert meta[cols].equals(cpu_meta[cols])
     assert img.shape == cpu_img.shape == txt.shape == cpu_txt.shape == (summary["ok"], summary["emb_dim"])
-    if DEVICE.startswith("cuda"):  # the default GPU cluster: one worker driving the GPU on every core
-        assert {s["worker"] for s in stats} == {stats[0]["worker"]}
-        assert all(s["torch_threads"] == _cores() for s in stats)
+    if DEVICE.startswith("cuda"):  # the default GPU cluster: a worker per 4 cores, sharing the GPU
+        workers, threads = default_cluster_size(tasks=summary["shards"], gpu=True)
+        assert len({s["worker"] for s in stats}) <= workers
+        assert all(s["torch_threads"] == threads for s in stats)
+        assert all(s["decode_threads"] == max(1, threads - 1) for s in stats)  # a decode pool beside the GPU
         assert all(s["precision"] == precision for s in stats)
     for what, a, b in (("image", img, cpu_img), ("text", txt, cpu_txt)):
         mean, low = _rows_cos(a, b)

@@ -210,6 +210,8 @@ def test_numpy_thumbnails_equal_pillows_on_every_shape_and_pass_order():
         expected = np.stack([np.asarray(Image.fromarray(a).convert("L").resize((32, 32), Image.Resampling.LANCZOS),
                                         np.float64) for a in batch])
         assert np.array_equal(thumbnails(batch), expected), (h, w)
+        # one at a time (PIL's grey above BATCH_MAX_PIXELS) gives the same bytes
+        assert all(np.array_equal(phash_pixels(a), e) for a, e in zip(batch, expected)), (h, w)
     # PIL's path: large, and taller than wide; stacked groups of the numpy path in between
     others = [rng.integers(0, 256, shape + (3,), dtype=np.uint8) for shape in [(600, 520), (300, 7), (64, 40)]]
     assert not any(numpy_path(a.shape) for a in others)
