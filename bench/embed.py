@@ -36,21 +36,22 @@ SHARD_SIZE = 500
 VITB32 = "open_clip:ViT-B-32"
 
 
-def dataset(n: int, root: Path, shard_size: int = 1000) -> Path:
-    """Generated shards of n samples under root (reused when already there)."""
+def dataset(n: int, root: Path, shard_size: int = 1000, size: int = 64) -> Path:
+    """Generated shards of n samples of `size` px under root (reused when already there)."""
     from pipelines.sample import write_sample_dataset
 
-    out = root / f"data-{n}-s{shard_size}"
+    out = root / (f"data-{n}-s{shard_size}" + (f"-px{size}" if size != 64 else ""))
     last = out / S.stats_name((n - 1) // shard_size)
     if not last.exists():
         shutil.rmtree(out, ignore_errors=True)
-        write_sample_dataset(out, n, size=64, seed=0, watermark_fraction=0.1, shard_size=shard_size)
+        write_sample_dataset(out, n, size=size, seed=0, watermark_fraction=0.1, shard_size=shard_size)
     return out
 
 
 def run_pipeline(data: Path, out: Path, clip_model: str, batch_size: int,
                  precision: str = "fp32", clip_options: dict | None = None,
-                 device: str | None = None) -> dict[str, Any]:
+                 device: str | None = None, decode_threads: int | None = None,
+                 workers: int | None = None) -> dict[str, Any]:
     """One `embed` call (default cluster for this machine and `device`) on a fresh output.
 
     Wall rate: the whole call. Steady rate: each worker's samples over its own span (first
@@ -65,7 +66,8 @@ def run_pipeline(data: Path, out: Path, clip_model: str, batch_size: int,
     wait_until_quiet()
     t0 = time.time()
     summary = embed(str(data), str(out), clip_model=clip_model, batch_size=batch_size,
-                    precision=precision, clip_options=clip_options, device=device)
+                    precision=precision, clip_options=clip_options, device=device,
+                    decode_threads=decode_threads, workers=workers)
     wall = time.time() - t0
     stats = [json.loads(p.read_text()) for p in (out / S.DONE_DIR).glob("*.json")]
     busy = max(s["end_time"] for s in stats) - min(s["start_time"] for s in stats)
@@ -79,6 +81,7 @@ def run_pipeline(data: Path, out: Path, clip_model: str, batch_size: int,
     shard_s = sum(s["duration_s"] for s in stats)
     return {"samples": summary["count"], "ok": summary["ok"], "shards": len(stats), "wall_s": round(wall, 2),
             "workers": len({s["worker"] for s in stats}), "torch_threads": stats[0]["torch_threads"],
+            "decode_threads": stats[0].get("decode_threads"),
             "startup_s": round(min(s["start_time"] for s in stats) - t0, 2),
             "model_load_s": round(load, 2),
             "wall_samples_per_s": round(summary["count"] / wall, 1),

@@ -5,11 +5,15 @@ Parts (results in bench/results/embed_gpu.json):
   and token ids already on the GPU, image + text tower per sample, batch 256: fp32, bf16 and
   bf16 + trim_text (`--settings`); samples/s (median of `--passes`), image and text tower rates
   apart, and mean/min per-sample cosine to the fp32 embeddings.
-- pipeline: `pipelines.embed` on the default GPU cluster (one worker on every core) on
-  `--samples` generated 64 px samples in 4 shards, fp32 and bf16, for ViT-B-32 (same random
-  weights) and sieve-tiny (`--models`): wall samples/s (the whole call: cluster start, model
-  load, warm-up), steady samples/s (per worker, without start-up and model load), the share
-  of the shards' time spent in the CLIP forward, and cosine of bf16 to fp32.
+- pipeline: `pipelines.embed` on `--samples` generated `--image-size` px samples (default
+  256, as img2dataset writes) in 4 shards, for ViT-B-32 (same random weights) and sieve-tiny
+  (`--models`). Runs (`--runs`, from `PIPELINE_RUNS`): fp32 and bf16 on the default GPU
+  cluster (a worker per 4 cores sharing the GPU, each decoding on its threads but one), and
+  fp32 on one worker with its decode pool and with one decode thread, side by side
+  (`layout_speedup_fp32`, `decode_pool_speedup_fp32`). Each: wall samples/s (the whole call:
+  cluster start, model load, warm-up), steady samples/s (per worker, without start-up and
+  model load), the share of the shards' time spent in the CLIP forward, cosine to fp32; and
+  `vitb32_pipeline_fp32_vs_bare_fp32`, the job's fp32 rate over the bare fp32 forward.
 Stops starting new measurements after `--budget-s` seconds (what was skipped is recorded).
 `--device cpu` with small `--samples/--bare-samples` smoke-tests the script without a GPU.
 """
@@ -131,32 +135,50 @@ def bench_bare(spec: str, device: str, n: int, batch_size: int, passes: int, set
     return out
 
 
+#: pipeline runs per model: name -> (precision, decode_threads, workers); None is the default
+#: (a worker per 4 cores sharing the GPU, each decoding on its threads but one)
+PIPELINE_RUNS: dict[str, tuple[str, int | None, int | None]] = {
+    "fp32": ("fp32", None, None), "bf16": ("bf16", None, None),
+    "fp32_w1": ("fp32", None, 1), "bf16_w1": ("bf16", None, 1),
+    "fp32_w1_decode1": ("fp32", 1, 1), "fp32_w1_decode6": ("fp32", 6, 1),
+    "fp32_w2": ("fp32", None, 2), "fp32_w4": ("fp32", None, 4), "bf16_w4": ("bf16", None, 4)}
+DEFAULT_RUNS = "fp32,bf16,fp32_w1,fp32_w1_decode1"
+#: derived ratios: name -> (numerator run, denominator run)
+RATIOS = {"layout_speedup_fp32": ("fp32", "fp32_w1"), "decode_pool_speedup_fp32": ("fp32_w1", "fp32_w1_decode1")}
+
+
 def bench_pipeline(root: Path, models: dict[str, str], n: int, batch_size: int, device: str,
-                   deadline: float) -> dict[str, Any]:
+                   deadline: float, image_size: int = 256, runs_wanted: list[str] | None = None) -> dict[str, Any]:
     from bench import embed as bench_embed
     from bench.embed import dataset
 
-    data = dataset(n, root, shard_size=max(1, -(-n // 4)))
-    results: dict[str, Any] = {"samples": n, "shards": 4, "image_size": 64, "batch_size": batch_size}
+    data = dataset(n, root, shard_size=max(1, -(-n // 4)), size=image_size)
+    results: dict[str, Any] = {"samples": n, "shards": 4, "image_size": image_size, "batch_size": batch_size}
     for name, spec in models.items():
         runs: dict[str, Any] = {}
         ref = None
-        for precision in ("fp32", "bf16"):
+        for label in runs_wanted or list(PIPELINE_RUNS):
+            precision, decoders, workers = PIPELINE_RUNS[label]
             if time.time() > deadline:
-                runs[precision] = "skipped: time budget"
+                runs[label] = "skipped: time budget"
                 continue
-            log.info("pipeline %s %s on %d samples", name, precision, n)
-            out = root / f"out-{name}-{precision}"
-            runs[precision] = bench_embed.run_pipeline(data, out, spec, batch_size, precision, device=device)
+            log.info("pipeline %s %s on %d samples", name, label, n)
+            out = root / f"out-{name}-{label}"
+            runs[label] = bench_embed.run_pipeline(data, out, spec, batch_size, precision, device=device,
+                                                   decode_threads=decoders, workers=workers)
             img, txt = bench_embed._embeddings(out)
-            if ref is None:
+            if ref is None and precision == "fp32":
                 ref = (img, txt)
-            else:
-                runs[precision]["cosine_vs_fp32_image"] = _cos(img, ref[0])
-                runs[precision]["cosine_vs_fp32_text"] = _cos(txt, ref[1])
+            elif ref is not None:
+                runs[label]["cosine_vs_fp32_image"] = _cos(img, ref[0])
+                runs[label]["cosine_vs_fp32_text"] = _cos(txt, ref[1])
             shutil.rmtree(out, ignore_errors=True)
-            log.info("pipeline %s %s: %s samples/s steady, %s wall", name, precision,
-                     runs[precision]["steady_samples_per_s"], runs[precision]["wall_samples_per_s"])
+            log.info("pipeline %s %s: %s samples/s steady, %s wall", name, label,
+                     runs[label]["steady_samples_per_s"], runs[label]["wall_samples_per_s"])
+        for ratio, (top, bottom) in RATIOS.items():
+            a, b = runs.get(top), runs.get(bottom)
+            if isinstance(a, dict) and isinstance(b, dict) and b["steady_samples_per_s"]:
+                runs[ratio] = round(a["steady_samples_per_s"] / b["steady_samples_per_s"], 3)
         results[name] = runs
     return results
 
@@ -171,6 +193,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--settings", default=DEFAULT_BARE, help=f"bare settings, from {','.join(BARE_SETTINGS)}")
     parser.add_argument("--samples", type=int, default=4096, help="generated samples for the pipeline part")
     parser.add_argument("--models", default="vitb32,tiny", help="pipeline models: vitb32, tiny")
+    parser.add_argument("--runs", default=DEFAULT_RUNS,
+                        help=f"pipeline runs per model, from {','.join(PIPELINE_RUNS)}")
+    parser.add_argument("--image-size", type=int, default=256, help="side of the generated images (px)")
     parser.add_argument("--only", choices=("bare", "pipeline"), default=None)
     parser.add_argument("--budget-s", type=float, default=150.0, help="start no new measurement after this")
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "sieve-bench-embed-gpu"))
@@ -200,10 +225,15 @@ def main(argv: list[str] | None = None) -> None:
             torch.cuda.empty_cache()
         models = {"vitb32": spec, "tiny": TINY}
         chosen = {k: models[k] for k in args.models.split(",") if k}
-        payload["pipeline"] = bench_pipeline(root, chosen, args.samples, args.batch_size, args.device, deadline)
+        payload["pipeline"] = bench_pipeline(root, chosen, args.samples, args.batch_size, args.device, deadline,
+                                             args.image_size, [r for r in args.runs.split(",") if r])
         payload["pipeline_steady_samples_per_s"] = {
             f"{m}_{p}": r["steady_samples_per_s"] for m in chosen for p, r in payload["pipeline"][m].items()
             if isinstance(r, dict)}
+        bare_fp32 = payload.get("bare_samples_per_s", {}).get("fp32")
+        steady = payload["pipeline_steady_samples_per_s"]
+        if bare_fp32 and "vitb32_fp32" in steady:  # the GPU counterpart of the CPU pipeline_vs_bare_ratio
+            payload["vitb32_pipeline_fp32_vs_bare_fp32"] = round(steady["vitb32_fp32"] / bare_fp32, 3)
     payload["elapsed_s"] = round(time.time() - start, 1)
     if args.no_save:
         print(json.dumps(payload, indent=2))

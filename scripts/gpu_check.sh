@@ -6,6 +6,7 @@
 # phases are capped at 260 s (tests) and 150 s (benchmark).
 #
 #   bash scripts/gpu_check.sh            # needs .whl/ and .cache/sieve in the working tree
+#   TESTS_K="embed_job or uint8" BENCH_ARGS="--models vitb32" bash scripts/gpu_check.sh   # a subset
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/sieve-gpu-out}
@@ -54,13 +55,13 @@ for name in ("open_clip", "ftfy", "simplejpeg", "braceexpand", "dask", "distribu
 EOF
 
 stamp "tests/test_gpu.py" | tee "$OUT/gpu_tests.log"
-timeout -k 10 260 $PY -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider --timeout 150 \
+timeout -k 10 260 $PY -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider --timeout 150 ${TESTS_K:+-k "$TESTS_K"} \
   --durations=15 --junitxml="$OUT/gpu_tests.xml" 2>&1 | tee -a "$OUT/gpu_tests.log"
 TESTS_RC=${PIPESTATUS[0]}
 
 stamp "bench.embed_gpu" | tee "$OUT/bench.log"
 rm -f bench/results/embed_gpu.json
-timeout -k 10 150 $PY -m bench.embed_gpu --budget-s 90 2>&1 | tee -a "$OUT/bench.log"
+timeout -k 10 ${BENCH_TIMEOUT:-150} $PY -m bench.embed_gpu --budget-s 90 ${BENCH_ARGS:-} 2>&1 | tee -a "$OUT/bench.log"
 BENCH_RC=${PIPESTATUS[0]}
 cp bench/results/embed_gpu.json "$OUT/" 2>/dev/null || echo "no bench/results/embed_gpu.json" | tee -a "$OUT/bench.log"
 
