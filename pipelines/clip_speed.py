@@ -8,7 +8,10 @@
   77-token context. Exact: under the causal mask no position sees later ones, and the pooled
   token (EOT) lies inside the kept span. Captions are short, so this is the big text win.
 - `channels_last`: NHWC memory layout for the image tower's convolutions.
-- `compile`: torch.compile the image tower (pays a one-off compile per worker).
+- `compile`: torch.compile the image tower (pays a one-off compile per worker); batches are
+  padded to the first batch's size so a shard's short last batch does not recompile. On
+  this CPU it did not pay for ViT-B-32 (0.94x of eager; with inductor's weight freezing
+  6-11% faster in one process, but 0.92x of plain trim_text in the two-worker job).
 """
 
 from __future__ import annotations
@@ -110,7 +113,10 @@ class FastClip:
         self.channels_last = channels_last
         if channels_last:
             self.model.visual.to(memory_format=torch.channels_last)
-        self.visual = torch.compile(self.model.visual) if compile else self.model.visual
+        self.visual = torch.compile(self.model.visual, dynamic=False) if compile else self.model.visual
+        #: a compiled tower's batch size (its first batch's): smaller batches are padded to it
+        self.pad_to: int | None = None
+        self.compiled = compile
         self.trim_text = trim_text and can_trim_text(self.model)
         if trim_text and not self.trim_text:
             log.info("text trimming not applicable to %s; using the full context", type(model).__name__)
@@ -132,11 +138,16 @@ class FastClip:
         x = images.to(self.device, self.dtype, non_blocking=True)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        n = x.shape[0]
+        if self.compiled:
+            self.pad_to = self.pad_to or n
+            if n < self.pad_to:  # one graph for every batch: a shard's last batch is usually short
+                x = torch.cat([x, x.new_zeros((self.pad_to - n,) + tuple(x.shape[1:]))])
         with torch.inference_mode():
             feats = self.visual(x)
             if isinstance(feats, (tuple, list)):
                 feats = feats[0]
-            return F.normalize(feats.float(), dim=-1).cpu()
+            return F.normalize(feats[:n].float(), dim=-1).cpu()
 
     def encode_text(self, tokens):
         import torch

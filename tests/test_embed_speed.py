@@ -62,3 +62,20 @@ def test_bf16_on_a_cpu_without_amx_warns_that_fp32_is_likely_faster(monkeypatch,
     with caplog.at_level("WARNING", logger="pipelines.clip_speed"):
         assert clip_speed.model_dtype("bf16", "cpu") == torch.bfloat16
     assert ("without AMX" in caplog.text) == warns
+
+
+def test_compiled_image_tower_pads_short_batches_to_one_graph(tiny):
+    """compile: same embeddings as eager; a short batch reuses the first batch's graph."""
+    from torch._dynamo.utils import counters
+
+    model, _ = tiny
+    images = torch.randn(6, 3, 32, 32)
+    ref = FastClip(copy.deepcopy(model), trim_text=False).encode_image(images)
+    fast = FastClip(copy.deepcopy(model), compile=True)
+    torch._dynamo.reset()
+    counters.clear()
+    full = fast.encode_image(images[:4])
+    short = fast.encode_image(images[4:])
+    assert fast.pad_to == 4 and short.shape == (2, ref.shape[1])
+    assert counters["stats"]["unique_graphs"] == 1  # the 2-image batch ran the 4-image graph
+    assert _cos(torch.cat([full, short]), ref) > 0.9999
