@@ -100,12 +100,7 @@ def thumbnails(rgb: np.ndarray) -> np.ndarray:
     grey = rgb.reshape(-1, 3).astype(np.float32) @ _GREY
     grey += 32768
     grey *= 1 / 65536
-    g = np.floor(grey, out=grey).reshape(n, h, w).astype(np.float64)
-    if w != THUMB:
-        g = _fixed_point(g @ lanczos_matrix(w))
-    if h != THUMB:
-        g = _fixed_point(lanczos_matrix(h).T @ g)
-    return g
+    return _lanczos_grey(np.floor(grey, out=grey).reshape(n, h, w).astype(np.float64))
 
 
 def batchable(shape: tuple[int, ...]) -> bool:
@@ -114,8 +109,8 @@ def batchable(shape: tuple[int, ...]) -> bool:
 
 
 def _lanczos_grey(grey: np.ndarray) -> np.ndarray:
-    """`thumbnails`' two Lanczos passes on one (H, W) grey image (float64 of Pillow's L bytes)."""
-    h, w = grey.shape
+    """The two Lanczos passes on (..., H, W) grey images (float64 of Pillow's L bytes), one or a stack."""
+    h, w = grey.shape[-2:]
     if w != THUMB:
         grey = _fixed_point(grey @ lanczos_matrix(w))
     if h != THUMB:
@@ -128,9 +123,9 @@ def phash_pixels(img: Any) -> np.ndarray:
     from PIL import Image
 
     if isinstance(img, np.ndarray):
+        if batchable(img.shape):
+            return thumbnails(img[None])[0]
         if numpy_path(img.shape):
-            if img.shape[0] * img.shape[1] <= BATCH_MAX_PIXELS:
-                return thumbnails(img[None])[0]
             # PIL's grey is Pillow's rgb2l itself, several times cheaper than the float matmul here
             return _lanczos_grey(np.asarray(Image.fromarray(img, "RGB").convert("L"), dtype=np.float64))
         img = Image.fromarray(img, "RGB")
