@@ -6,7 +6,9 @@ Parts (run all, or one with `--only`; results merge into bench/results/embed.jso
   the faster of one process on every core and one 1-thread process per core)
   -> pipeline_vs_bare_ratio, the median of the side-by-side ratios.
 - vitb32: open_clip:ViT-B-32 (random weights) on 1k samples, per speed setting: samples/s,
-  speedup_vs_fp32_bare and cosine_vs_fp32 (mean per-sample cosine to the fp32 embeddings).
+  speedup_vs_fp32_bare and cosine_vs_fp32 (mean per-sample cosine to the fp32 embeddings;
+  the headline keys are the fastest setting's). Settings: fp32 eager, channels_last,
+  compile, trimmed text, bf16, int8 (dynamically quantized Linear layers).
 Each pipeline run uses the default LocalCluster for this machine (on CPU: one single-thread
 worker per core); the bare forward runs in this process on all cores. "steady" rates
 exclude cluster start-up and model loading, "wall" rates don't.
@@ -29,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from curation import schema as S
+from pipelines.clip_speed import PRECISIONS
 
 log = logging.getLogger("bench.embed")
 TINY = "sieve-tiny"
@@ -290,6 +293,8 @@ SETTINGS: list[tuple[str, str, dict[str, Any], int]] = [
     ("bf16", "bf16", PLAIN, 1),
     ("bf16_trim_text", "bf16", {"trim_text": True}, 1),
     ("bf16_trim_text_batch_x4", "bf16", {"trim_text": True}, 4),
+    ("int8", "int8", PLAIN, 1),
+    ("int8_trim_text", "int8", {"trim_text": True}, 1),
 ]
 
 
@@ -316,6 +321,7 @@ def bench_vitb32(root: Path, n: int, batch_size: int, threads: int, settings: li
     process on every core, or one 1-thread process per core as the pipeline runs).
     """
     from pipelines.clip_speed import bf16_supported, cpu_has_amx
+    from pipelines.int8 import int8_supported
 
     data = dataset(n, root, shard_size=max(1, n // 4))  # 4 shards: every worker gets work
     spec = random_checkpoint(root, VITB32)
@@ -360,9 +366,26 @@ def bench_vitb32(root: Path, n: int, batch_size: int, threads: int, settings: li
                      "layouts": "the faster of one process on every core and one 1-thread process per core"},
             "bare_measurements": layouts,
             "cpu_bf16": {"mkldnn_bf16": bf16_supported("cpu"), "amx": cpu_has_amx()},
+            "cpu_int8": {"engine": _int8_engine(), "supported": int8_supported("cpu"),
+                         "avx512_vnni": _cpu_flag("avx512_vnni")},
             "settings": results, "best_setting": best,
             "speedup_vs_fp32_bare": results[best]["speedup_vs_fp32_bare"],
             "cosine_vs_fp32": results[best]["cosine_vs_fp32"]}
+
+
+def _int8_engine() -> str:
+    import torch
+
+    return str(torch.backends.quantized.engine)
+
+
+def _cpu_flag(flag: str) -> bool | None:
+    """Whether /proc/cpuinfo lists `flag` (None where there is no /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(flag in line.split() for line in f if line.startswith("flags"))
+    except OSError:
+        return None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -377,7 +400,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="10k pipeline runs, each between two bare measurements")
     parser.add_argument("--scale-model", default=TINY, help="CLIP spec of the scale part "
                         "(open_clip:ARCH without weights: seeded random weights)")
-    parser.add_argument("--scale-precision", default="fp32", choices=("fp32", "bf16"))
+    parser.add_argument("--scale-precision", default="fp32", choices=PRECISIONS)
     parser.add_argument("--vit-batch-size", type=int, default=64, help="ViT-B-32 batch size")
     parser.add_argument("--vit-samples", type=int, default=1000)
     parser.add_argument("--settings", default=None, help="comma list of ViT-B-32 settings to run")

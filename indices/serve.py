@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from pipelines.clip_speed import PRECISIONS
+
 log = logging.getLogger(__name__)
 
 MAX_BODY = 8 * 2**20
@@ -82,7 +84,9 @@ class Batcher:
 
             from pipelines.clip_speed import FastClip
 
-            self._text = FastClip(copy.deepcopy(enc.model), enc.device, self.precision, trim_text=True)
+            # int8 kernels are CPU ones: an int8 text tower runs on the CPU whatever the images use
+            device = "cpu" if self.precision == "int8" else enc.device
+            self._text = FastClip(copy.deepcopy(enc.model).to(device), device, self.precision, trim_text=True)
         return self._text.encode_text(enc.tokenizer(texts)).numpy()
 
     def _work(self, jobs: list[dict[str, Any]]) -> list[Any]:
@@ -329,8 +333,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--port", type=int, default=1234)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--allow-image-url", action="store_true", help="let clients make the server fetch URLs")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                   help="text tower weights; bf16 only where the CPU/GPU has native bf16 (else fp32)")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="text tower weights; bf16 only where the CPU/GPU has native bf16 (else fp32); "
+                        "int8 quantized, on the CPU")
     p.add_argument("--cache-size", type=int, default=4096, help="LRU entries of answered queries (0: off)")
     p.add_argument("--max-batch", type=int, default=MAX_BATCH, help="most concurrent queries encoded together")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
+from pipelines.clip_speed import PRECISIONS
+
 if TYPE_CHECKING:  # pragma: no cover
     import torch
     from PIL import Image
@@ -25,7 +27,6 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 TINY_NAME = "sieve-tiny"
-PRECISIONS = ("fp32", "bf16")
 ACCEPTED = (
     "'open_clip:ARCH/PRETRAINED_TAG' (e.g. open_clip:ViT-B-32/laion2b_s34b_b79k), "
     "'open_clip:ARCH/path/to/checkpoint.pt', 'open_clip:ARCH' (random init), "
@@ -197,7 +198,11 @@ def _load_local_dir(spec: str, folder: str, device: str) -> tuple[Any, Any, Any]
 
 def load_clip(spec: str = TINY_NAME, device: str | None = None, batch_size: int = 256,
               precision: str = "fp32") -> ClipEncoder:
-    """Load a CLIP model by spec (see module doc); device defaults to cuda when available."""
+    """Load a CLIP model by spec (see module doc); device defaults to cuda when available.
+
+    precision bf16 runs under autocast; int8 quantizes the Linear layers (CPU only, so it is
+    also the default device then).
+    """
     if not isinstance(spec, str) or not spec.strip():
         raise _bad_spec(str(spec), "empty spec")
     if precision not in PRECISIONS:
@@ -205,7 +210,9 @@ def load_clip(spec: str = TINY_NAME, device: str | None = None, batch_size: int 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     spec = spec.strip()
-    device = device or default_device()
+    device = device or ("cpu" if precision == "int8" else default_device())
+    if precision == "int8" and not device.startswith("cpu"):
+        raise ValueError(f"precision int8 runs on the CPU only, not {device}; use bf16 on a GPU")
     if spec == TINY_NAME:
         model, preprocess, tokenizer = _load_local_dir(spec, str(ensure_tiny()), device)
     elif spec.startswith("open_clip:"):
@@ -217,5 +224,9 @@ def load_clip(spec: str = TINY_NAME, device: str | None = None, batch_size: int 
         model, preprocess, tokenizer = _load_local_dir(spec, folder, device)
     else:
         raise _bad_spec(spec, "unknown scheme")
+    if precision == "int8":
+        from pipelines.int8 import quantize_int8
+
+        model = quantize_int8(model)
     return ClipEncoder(spec=spec, model=model, preprocess=preprocess, tokenizer=tokenizer,
                        device=device, batch_size=batch_size, precision=precision)

@@ -19,6 +19,7 @@ import pytest
 from curation import schema as S
 from pipelines import embed_worker
 from pipelines.embed import EmbedJobError, embed
+from pipelines.int8 import int8_supported
 from tests.test_readers import sample_members, tricky_members, write_tar
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -113,6 +114,22 @@ def test_each_worker_loads_the_model_once(clean):
     hits = sorted(s["model_cache_hit"] for s in stats)
     # one worker in this cluster: at most one part paid for loading (none if an earlier test did)
     assert hits.count(False) <= 1 and len(hits) == N_SHARDS
+
+
+@pytest.mark.skipif(not int8_supported(), reason="torch has no x86/fbgemm int8 engine")
+def test_int8_job_gives_the_fp32_collection_within_quantization_error(shards, client, clean, tmp_path):
+    """sieve-tiny's ResNet image tower stays fp32 under int8; its text blocks are quantized."""
+    out = tmp_path / "int8"
+    embed(str(shards), str(out), batch_size=BATCH, client=client, precision="int8")
+    meta, img, txt = load_collection(out)
+    ref_meta, ref_img, ref_txt = load_collection(clean[0])
+    assert meta[[S.KEY, S.STATUS]].equals(ref_meta[[S.KEY, S.STATUS]])
+    for i in range(N_SHARDS):
+        np.testing.assert_array_equal(img[i], ref_img[i])
+        cos = np.einsum("ij,ij->i", txt[i].astype(np.float32), ref_txt[i].astype(np.float32))
+        assert cos.min() > 0.999 and not np.array_equal(txt[i], ref_txt[i])
+    stats = [json.loads(p.read_text()) for p in (out / S.DONE_DIR).glob("*.json")]
+    assert [s["precision"] for s in stats] == ["int8"] * N_SHARDS
 
 
 def test_killed_part_way_then_rerun_matches_clean_run(shards, client, clean, tmp_path, monkeypatch):

@@ -8,20 +8,12 @@ import pytest
 import torch
 
 from pipelines.clip_speed import FastClip, bf16_supported, can_trim_text, encode_text_trimmed
+from tests.tiny_models import random_vit_clip
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    import open_clip
-
-    torch.manual_seed(0)
-    model = open_clip.CLIP(embed_dim=32, vision_cfg={"image_size": 32, "layers": 2, "width": 64,
-                                                     "patch_size": 8, "head_width": 32},
-                           text_cfg={"context_length": 77, "vocab_size": 49408, "width": 64,
-                                     "heads": 2, "layers": 2}).eval()
-    tokens = open_clip.get_tokenizer("ViT-B-32")(["a red circle", "two small blue squares on a grey "
-                                                  "background, one of them large", "x"])
-    return model, tokens
+    return random_vit_clip(width=64, image_size=32, patch_size=8, embed_dim=32)
 
 
 def _cos(a, b):

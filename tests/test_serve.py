@@ -174,3 +174,20 @@ def test_batched_trimmed_text_encoding_equals_the_plain_encoder(tiny_app, tiny_c
     texts = ["a red circle", "three small green stars on a noisy white background", "x"]
     fast = app.batchers["demo"].encode_texts(texts)
     np.testing.assert_allclose(fast, tiny_clip.encode_texts(texts), atol=1e-5)
+
+
+def test_int8_server_text_tower_is_quantized_and_close(tiny_app, tiny_clip):
+    """`--precision int8`: the server's own text copy is quantized; the collection's model is not."""
+    from indices.serve import Batcher
+    from pipelines.int8 import int8_supported
+
+    if not int8_supported():
+        pytest.skip("torch has no x86/fbgemm int8 engine")
+    app, _ = tiny_app
+    plain = app.batchers["demo"]
+    int8 = Batcher(plain.searcher, app.executor, 8, "int8")
+    texts = ["a red circle", "three small green stars on a noisy white background", "x"]
+    got, want = int8.encode_texts(texts), tiny_clip.encode_texts(texts)
+    assert (got * want).sum(1).min() > 0.999 and not np.allclose(got, want, atol=1e-5)
+    assert "DynamicQuantizedLinear" in repr(int8._text.model.transformer)
+    assert "DynamicQuantizedLinear" not in repr(tiny_clip.model)
