@@ -312,7 +312,7 @@ def random_checkpoint(root: Path, spec: str) -> str:
 
 
 def bench_vitb32(root: Path, n: int, batch_size: int, threads: int, settings: list[str] | None,
-                 bare_samples: int = 256) -> dict[str, Any]:
+                 bare_samples: int = 256, model: str = VITB32) -> dict[str, Any]:
     """ViT-B-32 end to end per speed setting, each divided by fp32 bare forwards taken just before and after it.
 
     One bare measurement at the start would be minutes away from the later settings, and this
@@ -324,7 +324,8 @@ def bench_vitb32(root: Path, n: int, batch_size: int, threads: int, settings: li
     from pipelines.int8 import int8_supported
 
     data = dataset(n, root, shard_size=max(1, n // 4))  # 4 shards: every worker gets work
-    spec = random_checkpoint(root, VITB32)
+    random = model.startswith("open_clip:") and "/" not in model
+    spec = random_checkpoint(root, model) if random else model
     here = BareModel(spec, batch_size, threads, bare_samples, "fp32", PLAIN)
     pool = BarePool(spec, batch_size, threads, bare_samples, "fp32", PLAIN)
     layouts = []
@@ -360,7 +361,7 @@ def bench_vitb32(root: Path, n: int, batch_size: int, threads: int, settings: li
         shutil.rmtree(out, ignore_errors=True)
     pool.close()
     best = max(results, key=lambda k: results[k]["speedup_vs_fp32_bare"])
-    return {"model": VITB32 + " (random weights)", "samples": n, "bare_torch_threads": threads,
+    return {"model": model + (" (random weights)" if random else ""), "samples": n, "bare_torch_threads": threads,
             "fp32_bare_samples_per_s": round(float(np.median(bares)), 1), "fp32_bare_measurements": bares,
             "bare": {**here.info, "samples_per_measurement": bare_samples, "passes": 1,
                      "layouts": "the faster of one process on every core and one 1-thread process per core"},
@@ -401,6 +402,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scale-model", default=TINY, help="CLIP spec of the scale part "
                         "(open_clip:ARCH without weights: seeded random weights)")
     parser.add_argument("--scale-precision", default="fp32", choices=PRECISIONS)
+    parser.add_argument("--vit-model", default=VITB32, help="CLIP spec of the vitb32 part: open_clip:ARCH "
+                        "for seeded random weights, or real ones (e.g. open_clip:ViT-B-32/laion2b_s34b_b79k) "
+                        "to see each setting's cosine on trained weights")
     parser.add_argument("--vit-batch-size", type=int, default=64, help="ViT-B-32 batch size")
     parser.add_argument("--vit-samples", type=int, default=1000)
     parser.add_argument("--settings", default=None, help="comma list of ViT-B-32 settings to run")
@@ -421,7 +425,8 @@ def main(argv: list[str] | None = None) -> None:
             payload[key] = payload["scale"][key]
     if args.only in (None, "vitb32"):
         settings = args.settings.split(",") if args.settings else None
-        payload["vitb32"] = bench_vitb32(root, args.vit_samples, args.vit_batch_size, args.threads, settings)
+        payload["vitb32"] = bench_vitb32(root, args.vit_samples, args.vit_batch_size, args.threads, settings,
+                                         model=args.vit_model)
         for key in ("speedup_vs_fp32_bare", "cosine_vs_fp32"):
             payload[key] = payload["vitb32"][key]
     path = write_results("embed", payload, merge=True)
