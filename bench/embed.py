@@ -236,9 +236,7 @@ def bench_scale(root: Path, sizes: list[int], batch_size: int, threads: int, mod
     each run between two bare measurements, and each run is divided by the mean of its two
     neighbours. The figure is the median of those ratios.
     """
-    spec = model
-    if model.startswith("open_clip:") and "/" not in model:
-        spec = random_checkpoint(root, model)
+    spec = loadable_spec(root, model)
     runs = {}
     for n in sizes:
         # below 10k each worker gets one or two shards, a second or so of work: one swing of
@@ -298,17 +296,20 @@ SETTINGS: list[tuple[str, str, dict[str, Any], int]] = [
 ]
 
 
-def random_checkpoint(root: Path, spec: str) -> str:
-    """`open_clip:ARCH` with seeded random weights saved once: every worker loads the same model."""
+def loadable_spec(root: Path, model: str) -> str:
+    """`model` itself, or for `open_clip:ARCH` (no weights) a checkpoint of seeded random weights,
+    saved once so that every worker loads the same model."""
+    if not model.startswith("open_clip:") or "/" in model:
+        return model
     import open_clip
     import torch
 
-    arch = spec.split(":", 1)[1]
+    arch = model.split(":", 1)[1]
     path = root / f"{arch}-random-seed0.pt"
     if not path.exists():
         torch.manual_seed(0)
         torch.save(open_clip.create_model(arch).state_dict(), path)
-    return f"{spec}/{path}"
+    return f"{model}/{path}"
 
 
 def bench_vitb32(root: Path, n: int, batch_size: int, threads: int, settings: list[str] | None,
@@ -324,8 +325,7 @@ def bench_vitb32(root: Path, n: int, batch_size: int, threads: int, settings: li
     from pipelines.int8 import int8_supported
 
     data = dataset(n, root, shard_size=max(1, n // 4))  # 4 shards: every worker gets work
-    random = model.startswith("open_clip:") and "/" not in model
-    spec = random_checkpoint(root, model) if random else model
+    spec = loadable_spec(root, model)
     here = BareModel(spec, batch_size, threads, bare_samples, "fp32", PLAIN)
     pool = BarePool(spec, batch_size, threads, bare_samples, "fp32", PLAIN)
     layouts = []
@@ -361,7 +361,7 @@ def bench_vitb32(root: Path, n: int, batch_size: int, threads: int, settings: li
         shutil.rmtree(out, ignore_errors=True)
     pool.close()
     best = max(results, key=lambda k: results[k]["speedup_vs_fp32_bare"])
-    return {"model": model + (" (random weights)" if random else ""), "samples": n, "bare_torch_threads": threads,
+    return {"model": model + (" (random weights)" if spec != model else ""), "samples": n, "bare_torch_threads": threads,
             "fp32_bare_samples_per_s": round(float(np.median(bares)), 1), "fp32_bare_measurements": bares,
             "bare": {**here.info, "samples_per_measurement": bare_samples, "passes": 1,
                      "layouts": "the faster of one process on every core and one 1-thread process per core"},

@@ -207,13 +207,13 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from bench.common import write_results
-    from bench.embed import random_checkpoint
+    from bench.embed import loadable_spec
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("bench.embed_gpu: CUDA is not available (use --device cpu for a smoke test)")
     root = Path(args.workdir)
     root.mkdir(parents=True, exist_ok=True)
-    spec = random_checkpoint(root, VITB32)
+    spec = loadable_spec(root, VITB32)
     payload: dict[str, Any] = {"device_info": device_info(args.device)}
     if args.only in (None, "bare"):
         payload["bare"] = bench_bare(spec, args.device, args.bare_samples, args.batch_size, args.passes,

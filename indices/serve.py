@@ -86,7 +86,7 @@ class Batcher:
 
             # int8 kernels are CPU ones: an int8 text tower runs on the CPU whatever the images use
             device = "cpu" if self.precision == "int8" else enc.device
-            self._text = FastClip(copy.deepcopy(enc.model).to(device), device, self.precision, trim_text=True)
+            self._text = FastClip(copy.deepcopy(enc.model), device, self.precision, trim_text=True)
         return self._text.encode_text(enc.tokenizer(texts)).numpy()
 
     def _work(self, jobs: list[dict[str, Any]]) -> list[Any]:

@@ -56,6 +56,15 @@ def cpu_has_amx() -> bool | None:
         return None
 
 
+def int8_device(device: Any = None) -> str:
+    """The device int8 runs on: quantized kernels are CPU ones, so the CPU when none is given;
+    any other device is refused."""
+    device = str(device or "cpu")
+    if not device.startswith("cpu"):
+        raise ValueError(f"precision int8 runs on the CPU only, not {device}; use bf16 on a GPU")
+    return device
+
+
 def model_dtype(precision: str, device: Any = "cpu"):
     """torch dtype for a precision name; bf16 falls back to fp32 (with a warning) where emulated.
 
@@ -66,8 +75,7 @@ def model_dtype(precision: str, device: Any = "cpu"):
     if precision == "fp32":
         return torch.float32
     if precision == "int8":
-        if torch.device(device).type != "cpu":
-            raise ValueError(f"precision int8 runs on the CPU only, not {device}; use bf16 on a GPU")
+        int8_device(device)
         return torch.float32
     if precision == "bf16":
         if bf16_supported(device):

@@ -20,7 +20,7 @@ from dataclasses import replace
 from typing import Any, Sequence
 
 from curation import schema as S
-from pipelines.clip_speed import PRECISIONS
+from pipelines.clip_speed import PRECISIONS, int8_device
 
 log = logging.getLogger(__name__)
 
@@ -249,10 +249,8 @@ def embed(input: str | Sequence[str], output: str, clip_model: str = "sieve-tiny
 
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision == "int8":  # quantized kernels are CPU ones: int8 picks the CPU, refuses a GPU
-        device = device or "cpu"
-        if not device.startswith("cpu"):
-            raise ValueError(f"precision int8 runs on the CPU only, not {device}; use bf16 on a GPU")
+    if precision == "int8":
+        device = int8_device(device)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if decode_threads is not None and decode_threads < 1:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
-from pipelines.clip_speed import PRECISIONS
+from pipelines.clip_speed import PRECISIONS, int8_device
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -210,9 +210,7 @@ def load_clip(spec: str = TINY_NAME, device: str | None = None, batch_size: int 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     spec = spec.strip()
-    device = device or ("cpu" if precision == "int8" else default_device())
-    if precision == "int8" and not device.startswith("cpu"):
-        raise ValueError(f"precision int8 runs on the CPU only, not {device}; use bf16 on a GPU")
+    device = int8_device(device) if precision == "int8" else device or default_device()
     if spec == TINY_NAME:
         model, preprocess, tokenizer = _load_local_dir(spec, str(ensure_tiny()), device)
     elif spec.startswith("open_clip:"):

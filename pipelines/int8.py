@@ -17,6 +17,7 @@ turns False (with a clear error from `quantize_int8`) should a later torch drop 
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -36,7 +37,9 @@ def int8_supported(device: Any = "cpu") -> bool:
     return any(e in torch.backends.quantized.supported_engines for e in ("x86", "fbgemm"))
 
 
+@functools.cache
 def _self_attention_class():
+    """The SelfAttention class, defined on first use so that importing this module stays light."""
     import torch
     import torch.nn.functional as F
     from torch import nn
@@ -106,13 +109,12 @@ def quantizable_linears(model: Any) -> list[str]:
     from open_clip.transformer import ResidualAttentionBlock
     from torch import nn
 
-    self_attention = _self_attention_class()
     names = []
     for name, block in model.named_modules():
         if not isinstance(block, ResidualAttentionBlock):
             continue
         parts = [("mlp", block.mlp)]
-        if type(block.attn).__name__ == self_attention.__name__:
+        if isinstance(block.attn, _self_attention_class()):
             parts.append(("attn", block.attn))
         for part, module in parts:
             prefix = f"{name}.{part}" if name else part
