@@ -19,6 +19,8 @@ import re
 from typing import Any, Callable, Sequence
 
 import numpy as np
+import torch
+from open_clip import tokenizer as oc
 
 #: printable ASCII, tab and newline, no '&': text ftfy.fix_text and html.unescape leave as is
 _PLAIN = re.compile(r"[\t\n\x20-\x25\x27-\x7e]*")
@@ -26,10 +28,6 @@ _PLAIN = re.compile(r"[\t\n\x20-\x25\x27-\x7e]*")
 
 def fast_tokenizer(tokenizer: Any) -> Callable[[Sequence[str]], Any]:
     """A drop-in for `tokenizer(texts)` giving the same LongTensor, or the tokenizer itself."""
-    try:
-        from open_clip import tokenizer as oc
-    except ImportError:
-        return tokenizer
     plain_clean = {oc._clean_lower: lambda s: oc.whitespace_clean(s).lower(),
                    oc._clean_whitespace: oc.whitespace_clean,
                    oc._clean_canonicalize: oc.canonicalize_text}
@@ -70,8 +68,6 @@ class _SimpleTokens:
         return ids
 
     def __call__(self, texts: str | Sequence[str], context_length: int | None = None) -> Any:
-        import torch
-
         texts = [texts] if isinstance(texts, str) else texts
         ctx = context_length or self.tok.context_length
         sot, eot = self.tok.sot_token_id, self.tok.eot_token_id
