@@ -83,11 +83,7 @@ class Trainer:
 
     def train_step(self, batch: dict[str, Any]) -> float:
         """One optimiser step on a batch; returns the mean loss."""
-        import torch
-
         t, d = self.cfg["train"], self.cfg["diffusion"]
-        from hdit_train.diffusion import rand_cosine_interpolated
-
         x = batch["image"].to(self.device)
         cond = self._cond_inputs(batch)
         sigma = rand_cosine_interpolated(x.shape[0], x.shape[-1], d["noise_d_low"], None, d["sigma_data"],
@@ -109,8 +105,6 @@ class Trainer:
         return float(loss.detach())
 
     def _update_ema(self) -> None:
-        import torch
-
         decay = min(self.cfg["train"]["ema_decay"], (1 + self.step) / (10 + self.step))
         with torch.no_grad():
             for e, p in zip(self.ema.parameters(), self.model.parameters()):
@@ -120,8 +114,6 @@ class Trainer:
 
     def state_tensors(self) -> dict[str, Any]:
         """Everything with tensors, flat, for safetensors."""
-        import torch
-
         out = {f"model.{k}": v for k, v in self.model.state_dict().items()}
         out.update({f"ema.{k}": v for k, v in self.ema.state_dict().items()})
         for i, st in self.opt.state_dict()["state"].items():

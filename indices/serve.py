@@ -24,10 +24,11 @@ def serve(collection: list[str], port: int = 1234, host: str = "127.0.0.1", allo
         if not sep or not name or not path:
             raise ValueError(f"--collection: expected NAME=PATH, got {c!r}")
         pairs[name] = path
-    import torch  # heavy (with the app's aiohttp, faiss): after argument parsing, so --help answers at once
+    # heavy (torch, aiohttp, faiss): imported after argument parsing, so --help answers at once
+    import torch
     from aiohttp import web
 
-    from indices.app import App
+    from indices.app import App  # same reason
 
     if threads:
         torch.set_num_threads(threads)

@@ -128,7 +128,7 @@ def isolated_torch(threads: int | None = None, deterministic: bool = False) -> I
             torch.set_num_threads(threads)
         if deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
-            torch.utils.deterministic.fill_uninitialized_memory = False  # NaN-filling every empty() costs ~40%
+            torch.utils.deterministic.fill_uninitialized_memory = False  # NaN-filling every empty() is costly
         yield
     finally:
         torch.set_num_threads(saved[0])

@@ -1,6 +1,7 @@
-"""open_clip's SimpleTokenizer with the same token ids at about half the cost per caption.
+"""open_clip's SimpleTokenizer with the same token ids at a fraction of the cost per caption.
 
-In the embed worker the tokenizer is part of the per-sample reader cost (bench/embed_stages.py).
+In the embed worker the tokenizer is part of the per-sample reader cost
+(bench/results/embed_stages.json, `stages_ms_per_sample.tokenize`).
 Two things in `SimpleTokenizer.__call__` cost more than the BPE itself on short captions:
 - `ftfy.fix_text`, which returns plain text unchanged. Plain here means printable ASCII, tab
   and newline, with no '&': nothing for ftfy to repair (no mojibake, curly quotes, control
@@ -9,7 +10,7 @@ Two things in `SimpleTokenizer.__call__` cost more than the BPE itself on short 
   compares whole token tensors. Any other caption goes through open_clip's own cleaning.
 - one `torch.tensor` per caption; the rows are filled into one numpy array instead.
 And each word's ids are cached: captions repeat their words (Zipf), and a cached word skips
-the byte-to-unicode mapping, the BPE lookup and the vocabulary lookups (16 -> 5 us a caption).
+the byte-to-unicode mapping, the BPE lookup and the vocabulary lookups.
 Other tokenizers (Hugging Face ones, reduction masks) are used as they are.
 """
 

@@ -32,9 +32,8 @@ def default_cluster_size(workers: int | None = None, threads_per_worker: int | N
     worker's reader thread then overlaps its own model instead of stalling a shared
     OpenMP team; measured in bench/embed.py). On a GPU, one worker process per
     GPU_WORKER_CORES cores, all sharing the GPU: one process's decode threads contend for
-    its GIL with the thread launching the kernels, so on an H200 with 16 cores one worker
-    embedded ViT-B-32 at 610 samples/s and four at 2,410, 0.94 of the bare forward
-    (bench.embed_gpu). Never more workers than there are shards to give them.
+    its GIL with the thread launching the kernels, so several processes keep a GPU busier than
+    one (bench/results/embed_gpu.json, `pipeline`). Never more workers than there are shards.
     """
     n_cores = cores()
     if workers is None:
@@ -56,9 +55,9 @@ def uses_gpu(device: str | None) -> bool:
 #: LocalCluster settings (Dask key -> value) that keep the cluster's housekeeping off the cores
 #: the models run on. With one busy single-threaded worker per core, every wake-up of a
 #: worker's event loop competes with its reader and model threads:
-#: - the statistical profiler walks every thread's stack every 10 ms: ~10% of worker CPU;
+#: - the statistical profiler walks every thread's stack every 10 ms;
 #: - the memory monitor (100 ms), the system monitor (500 ms) and the event-loop health tick
-#:   (20 ms) together cost ~8% of steady throughput (bench/embed.py, alternating runs).
+#:   (20 ms) wake it between batches (measured side by side with `python -m bench.embed`).
 #: The memory limits are still enforced, once a second instead of ten times.
 QUIET_CLUSTER = {
     "distributed.worker.profile.enabled": False,
@@ -79,9 +78,9 @@ def _quiet_cluster_config() -> dict[str, Any]:
 #: Environment of single-thread CPU LocalCluster workers, set before each worker process starts
 #: (glibc reads it only then). Dask runs tasks in a pool thread, and glibc gives each thread its
 #: own malloc arena: a thread arena's heaps are capped at 64 MiB, so the forward's large
-#: activation buffers kept going back to the kernel and page-faulting in again (20-120 faults
-#: a sample), and its forward ran 5-20% slower than the same model in a main thread. With one
-#: arena the task thread uses the main heap, as the bare forward does (bench/embed.py). Workers
+#: activation buffers kept going back to the kernel and page-faulting in again, and its forward
+#: ran slower than the same model in a main thread. With one arena the task thread uses the
+#: main heap, as the bare forward does (`python -m bench.embed`, scale part). Workers
 #: with more threads (a reader thread beside the model) keep glibc's per-thread arenas.
 SINGLE_THREAD_WORKER_ENV = {"MALLOC_ARENA_MAX": "1"}
 

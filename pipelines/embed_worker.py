@@ -87,8 +87,7 @@ def clear_cache() -> None:
 def device_normalises(clip: Clip) -> bool:
     """Whether the reader hands `clip` uint8 NHWC batches to normalise on its device.
 
-    On a GPU the CPU-side normalisation of 224 px batches (~0.5 ms a sample on one core)
-    would cap the reader; a CPU worker normalises in the reader, off the forward's thread.
+    On a GPU the CPU-side normalisation of 224 px batches would cap the reader; a CPU worker normalises in the reader, off the forward's thread.
     """
     return clip.prep.batched is not None and not clip.device.startswith("cpu")
 
@@ -147,7 +146,7 @@ def get_encoder(config: EmbedConfig) -> tuple[Clip, bool]:
                          precision=config.precision, **dict(config.clip_options))
         log.info("warm-up: %.2f s", warm_up(clip))
         # the model, torch and every import are long-lived: keep them out of the cyclic GC, whose
-        # full passes over them cost ~0.17 s each inside a shard (seen in the first shard's tokenizer)
+        # full passes over them cost a visible pause inside a shard (seen in the first shard's tokenizer)
         gc.collect()
         gc.freeze()
         return clip
@@ -216,9 +215,8 @@ def _put(q: queue.Queue, item: Any, stop: threading.Event) -> bool:
 def decode_threads(clip: Clip, threads: int, requested: int | None = None) -> int:
     """How many threads decode and preprocess images (1: the reader itself, no pool).
 
-    On a GPU one reader thread cannot keep up: ViT-B-32 forwards 2,500 samples/s in fp32 and
-    15,000 in bf16 on an H200, while one thread decodes and resizes a few hundred (measured
-    by bench.embed_gpu). JPEG decoding (simplejpeg) and PIL's resize release the GIL, so
+    On a GPU one reader thread cannot keep up: an H200 forwards ViT-B-32 many times faster than
+    one thread decodes and resizes (bench/results/embed_gpu.json, `pipeline_decode_pool`). JPEG decoding (simplejpeg) and PIL's resize release the GIL, so
     threads scale; a GPU worker gets one per torch thread but one. A CPU worker's cores are
     busy with its own forward, so it keeps the single reader.
     """
@@ -246,7 +244,7 @@ def _decoded(shard: Shard, config: EmbedConfig, clip: Clip, threads: int):
     """`_decode_one` of every sample of the shard, in shard order, by `threads` threads.
 
     The pool also hashes each image: batched phash thumbnails (cheapest per image on one
-    thread) would leave ~1 ms a 256 px sample on the reader, which then caps the pool.
+    thread) would leave the reader the hashing of every large image, which then caps the pool.
     """
     if threads <= 1:
         for raw in read_shard(shard):
@@ -312,8 +310,8 @@ def read_ahead(clip: Clip, threads: int) -> bool:
     A thread pays where the model leaves a resource idle: a GPU, or a CPU worker with several
     torch threads (whose team would otherwise wait on decoding). A single-thread CPU worker,
     the default layout (one per core), has nothing to overlap with: a reader thread there only
-    interleaves with the forward on the same core, which cost the forward ~8% more CPU
-    (evicted caches) and the pipeline ~6% of its throughput (bench/embed.py, alternating runs).
+    interleaves with the forward on the same core, which cost the forward more CPU (evicted
+    caches) and the pipeline throughput (measured side by side with `python -m bench.embed`).
     """
     return not clip.device.startswith("cpu") or threads > 1
 

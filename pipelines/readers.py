@@ -240,7 +240,7 @@ def _buffered(fh, size: int = 1 << 20):
     """`fh` behind a 1 MiB read buffer.
 
     A shard of small samples is three reads per member (header, data, padding); through
-    fsspec's file wrapper each was a Python call chain and a syscall, 40% of the tar parse.
+    fsspec's file wrapper each was a Python call chain and a syscall, much of the tar parse.
     """
     return io.BufferedReader(fh, buffer_size=size)
 
