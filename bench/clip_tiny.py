@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import torch
 
 from bench.common import write_results
 from models.clip import Clip, load_clip, tiny_dir
+from models.runtime import setup_logging
 from models.scenes import COLORS, SHAPES, iter_samples, matches
 
 GOALS = {"color_acc": 0.9, "shape_acc": 0.9, "t2i_recall_at_10": 0.8}
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--n", type=int, default=2000)
     p.add_argument("--seed", type=int, default=HELD_OUT_SEED)
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
+    setup_logging()
     t0 = time.time()
     enc = load_clip(a.spec, device="cpu")
     load_s = time.time() - t0

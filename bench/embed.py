@@ -38,7 +38,7 @@ from bench.common import write_results
 from curation import schema as S
 from models.clip import load_clip
 from models.int8 import int8_supported
-from models.runtime import keep_freed_memory
+from models.runtime import keep_freed_memory, setup_logging
 from models.scenes import iter_samples
 from models.specs import PRECISIONS
 from models.speed import bf16_supported, cpu_has_amx
@@ -228,11 +228,11 @@ def bench_scale(root: Path, sizes: list[int], batch_size: int, threads: int, mod
                 precision: str = "fp32", ratio_repeats: int = 5) -> dict[str, Any]:
     """Cost per sample across sizes, then pipeline_vs_bare_ratio measured side by side.
 
-    This machine's speed drifts over minutes (shared host; compare the entries of `bare_measurements`
-    in bench/results/embed.json, `scale`), so the ratio is not one
-    pipeline run against one bare run taken minutes apart: the 10k pipeline run is repeated,
-    each run between two bare measurements, and each run is divided by the mean of its two
-    neighbours. The figure is the median of those ratios.
+    This machine's speed drifts over minutes (shared host; compare the entries of
+    `bare_measurements` in bench/results/embed.json, `scale`), so the ratio is not one pipeline
+    run against one bare run taken minutes apart: the 10k pipeline run is repeated, each run
+    between two bare measurements, and each run is divided by the mean of its two neighbours.
+    The figure is the median of those ratios.
     """
     spec = loadable_spec(root, model)
     runs = {}
@@ -312,10 +312,10 @@ def bench_vitb32(root: Path, n: int, batch_size: int, threads: int, settings: li
     """ViT-B-32 end to end per speed setting, each divided by fp32 bare forwards taken just before and after it.
 
     One bare measurement at the start would be minutes away from the later settings, and this
-    machine's speed drifts in that time (`vitb32.fp32_bare_measurements` in bench/results/embed.json);
-    the bare models stay loaded and are re-timed
-    between settings instead. As in the scale part, the bare figure is the faster layout (one
-    process on every core, or one 1-thread process per core as the pipeline runs).
+    machine's speed drifts in that time (bench/results/embed.json, `vitb32.fp32_bare_measurements`);
+    the bare models stay loaded and are re-timed between settings instead. As in the scale part,
+    the bare figure is the faster layout (one process on every core, or one 1-thread process per
+    core as the pipeline runs).
     """
     data = dataset(n, root, shard_size=max(1, n // 4))  # 4 shards: every worker gets work
     spec = loadable_spec(root, model)
@@ -401,7 +401,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="torch threads of the bare forward (the pipeline sizes its own cluster)")
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "sieve-bench-embed"))
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     root = Path(args.workdir)
     root.mkdir(parents=True, exist_ok=True)

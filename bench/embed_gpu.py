@@ -37,6 +37,7 @@ import torch
 from bench import embed as bench_embed
 from bench.common import write_results
 from models.clip import load_clip
+from models.runtime import setup_logging
 from models.scenes import iter_samples
 
 log = logging.getLogger("bench.embed_gpu")
@@ -193,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "sieve-bench-embed-gpu"))
     parser.add_argument("--no-save", action="store_true", help="print the results, do not write the json")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     start = time.time()
     deadline = start + args.budget_s
     if args.device.startswith("cuda") and not torch.cuda.is_available():

@@ -30,6 +30,7 @@ from bench.common import write_results
 from bench.embed import SHARD_SIZE, dataset
 from models.clip import load_clip
 from models.preprocess import normalize_batch
+from models.runtime import setup_logging
 from pipelines.decode import DEFAULT_MAX_PIXELS, decode_pixels
 from pipelines.phash import phash, phash_batch, thumbnails_of
 from pipelines.readers import _tar_members, _tarfile_members, read_tar
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "sieve-bench-embed"))
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     torch.set_num_threads(args.threads)
     data = dataset(SHARD_SIZE, Path(args.workdir), SHARD_SIZE)
     path = write_results("embed_stages", measure(data / "00000.tar", args.batch_size))

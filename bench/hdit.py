@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench.common import pin_one_core, write_results
+from bench.common import RESULTS_DIR, pin_one_core, write_results
 from hdit_train.diffusion import Denoiser
 from hdit_train.model import HDiT, HDiTConfig
 from hdit_train.run import load_config, load_run
@@ -34,7 +34,7 @@ from hdit_train.sampling import cond_kwargs, generate, save_grid
 from hdit_train.train import train
 from hdit_train.trainer import Trainer
 from models.clip import load_clip
-from models.runtime import keep_freed_memory
+from models.runtime import keep_freed_memory, setup_logging
 from models.scenes import COLORS, SHAPES, iter_samples
 from pipelines.sample import write_sample_dataset
 
@@ -277,7 +277,7 @@ def run_demo(work: Path, minutes: float, n_images: int, threads: int,
                           steps=s["steps"], sampler=s["sampler"], cfg_scale=s["cfg"], seed=seed,
                           sigma_max=s["sigma_max"])
         if seed == DEMO_SEEDS[0]:
-            grid = save_grid(images, Path(__file__).resolve().parent / "results" / "hdit_demo_grid.png")
+            grid = save_grid(images, RESULTS_DIR / "hdit_demo_grid.png")
         pixels = ((images.permute(0, 2, 3, 1).numpy() + 1) * 127.5).clip(0, 255)
         hits = [dominant_color(p, COLORS) == w for p, w in zip(pixels, wanted)]
         per_seed[seed] = float(np.mean(hits))
@@ -343,7 +343,7 @@ def cli(argv: list[str] | None = None) -> None:
     ap.add_argument("--demo-reuse", action="store_true",
                     help="score the finished run already in --work instead of training again")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    setup_logging()
     print(main(args.only, args.sizes, args.baseline_max, args.flop_sizes, args.threads, args.demo_minutes,
                args.demo_images, args.work, args.demo_object_sizes, args.demo_reuse))
 

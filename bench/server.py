@@ -32,6 +32,7 @@ from typing import Any
 import aiohttp
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from bench.common import write_results
 from bench.synthetic import clustered_vectors, write_collection
@@ -39,6 +40,7 @@ from curation.storage import read_collection_json
 from indices.build import build
 from indices.search import Searcher
 from models.clip import load_clip
+from models.runtime import setup_logging
 from models.scenes import make_caption, random_scene
 from models.speed import bf16_supported
 
@@ -188,11 +190,14 @@ def sequential(collection: str, spec: str, queries: list[str], seconds: float, n
     """Plain loop (runs pinned, in its own process): fp32 full-context encode of one text, then
     the same search the server does (dedup + safety, k=num_images), no batching, no cache."""
     torch.set_num_threads(1)
-    enc = load_clip(spec, device="cpu", trim_text=False)
+    enc = load_clip(spec, device="cpu")
     searcher = Searcher(collection, encoder=enc)
 
     def one(q: str) -> None:
-        searcher.search_vectors(enc.encode_texts([q]), num_images, "image", None, True, True)
+        # the bare open_clip model, not Sieve's Clip: its own tokenizer, the full 77-token context
+        with torch.inference_mode():
+            vec = F.normalize(enc.model.encode_text(enc.tokenizer([q])).float(), dim=-1).numpy()
+        searcher.search_vectors(vec, num_images, "image", None, True, True)
 
     for q in queries[:5]:
         one(q)
@@ -293,7 +298,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--vitb32-n", type=int, default=20000)
     p.add_argument("--work", default=None, help="scratch folder for the synthetic ViT-B-32 collection")
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    setup_logging()
     print(json.dumps(run(a.collection, a.only, a.seconds, a.clients, a.pool, a.zipf_s, a.num_images,
                          vitb32_n=a.vitb32_n, work=a.work), indent=2, default=float))
 

@@ -10,7 +10,6 @@ overlays, and the sample generator's own watermarked shards side by side, and wr
 from __future__ import annotations
 
 import argparse
-import logging
 import tempfile
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 from bench.common import write_results
 from models.cache import BUNDLED
 from models.overlays import HELDOUT_WORDS, REGIONS, make_example, regime_fonts, regime_words
+from models.runtime import setup_logging
 from models.scenes import iter_samples
 from models.watermark_cnn import MODEL_FILE, train
 from pipelines.scorers import load_scorer
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default=None, help="score an existing model file instead of training")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     result = run(args.steps, args.n_eval, args.model, args.seed)
     path = write_results("watermark", result)
     print(f"auroc (held-out) {result['auroc']}  in-distribution {result['in_distribution']['auroc']}  "
