@@ -83,6 +83,14 @@ class _Lines:
         self.stream.flush()
 
 
+class _LogBar(tqdm):
+    """tqdm for a log: `set_postfix` shows on the next scheduled line instead of forcing one
+    (tqdm's default redraws at once, which made a line per training step)."""
+
+    def set_postfix(self, ordered_dict: Any = None, refresh: bool = True, **kwargs: Any) -> None:
+        super().set_postfix(ordered_dict, refresh=False, **kwargs)
+
+
 def progress(iterable: Iterable | None = None, **kwargs: Any) -> tqdm:
     """A tqdm bar on stderr; where stderr is not a terminal, plain lines every PROGRESS_EVERY_S."""
     stream = kwargs.pop("file", None) or sys.stderr
@@ -90,7 +98,7 @@ def progress(iterable: Iterable | None = None, **kwargs: Any) -> tqdm:
         kwargs.setdefault("mininterval", PROGRESS_EVERY_S)
         kwargs.setdefault("ascii", True)
         kwargs.setdefault("ncols", 100)
-        stream = _Lines(stream)
+        return _LogBar(iterable, file=_Lines(stream), **kwargs)
     return tqdm(iterable, file=stream, **kwargs)
 
 

@@ -13,19 +13,18 @@ import hashlib
 import io
 import json
 import logging
-import os
 import tarfile
 import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
-from PIL import Image
-
 import pyarrow as pa
 import pyarrow.parquet as pq
+from PIL import Image
 
 from curation.schema import shard_name, stats_name
+from curation.storage import atomic_path, write_json
 from models.runtime import progress, setup_logging
 from models.scenes import make_sample
 
@@ -60,10 +59,8 @@ def write_shard(out: Path, shard: int, indices: range, size: int, seed: int,
     """Write one shard's tar, parquet and stats (stats last: its presence marks completion)."""
     start = time.time()
     rows: list[dict[str, Any]] = []
-    tar_path = out / shard_name(shard)
-    tmp = tar_path.with_suffix(".tar.tmp")
     mtime = 1_700_000_000  # fixed, so shards are byte-identical per seed
-    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+    with atomic_path(out / shard_name(shard)) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
         for index in indices:
             sample = make_sample(index, size, seed, watermark_fraction, shard_size, object_sizes)
             data = _jpeg(sample.image)
@@ -82,9 +79,8 @@ def write_shard(out: Path, shard: int, indices: range, size: int, seed: int,
             _add_member(tar, f"{sample.key}.jpg", data, mtime)
             _add_member(tar, f"{sample.key}.txt", sample.caption.encode(), mtime)
             _add_member(tar, f"{sample.key}.json", json.dumps(row).encode(), mtime)
-    os.replace(tmp, tar_path)
-    table = pa.Table.from_pylist(rows)
-    pq.write_table(table, out / shard_name(shard, "parquet"))
+    with atomic_path(out / shard_name(shard, "parquet")) as tmp:
+        pq.write_table(pa.Table.from_pylist(rows), tmp)
     stats = {
         "count": len(rows),
         "successes": len(rows),
@@ -98,7 +94,7 @@ def write_shard(out: Path, shard: int, indices: range, size: int, seed: int,
         "status_dict": {"success": len(rows)},
         "seed": seed, "size": size,
     }
-    (out / stats_name(shard)).write_text(json.dumps(stats, indent=2))
+    write_json(out / stats_name(shard), stats)
     return stats
 
 
