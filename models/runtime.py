@@ -117,6 +117,9 @@ def setup_logging(level: int = logging.INFO) -> None:
                         datefmt="%H:%M:%S")
     for name, floor in _QUIET_LOGGERS.items():
         logging.getLogger(name).setLevel(max(floor, level))
+    # Dask sets its own loggers' levels from its config when `distributed` is first imported,
+    # which commands do after this call; the environment is where that config is read from
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", logging.getLevelName(max(logging.WARNING, level)).lower())
 
 
 @contextlib.contextmanager
