@@ -25,5 +25,17 @@ test: $(STAMP)
 demo: $(STAMP)
 	DEMO=$(DEMO) PY=$(PY) bash scripts/demo.sh
 
+# Every benchmark, each writing bench/results/NAME.json, then the README's figure table.
+# Hours on 2 cores; bench.server measures the demo collection (run `make demo` first).
+bench: $(STAMP)
+	$(PY) -m bench.clip_tiny
+	$(PY) -m bench.watermark
+	OMP_NUM_THREADS=1 taskset -c 0 $(PY) -m bench.embed_stages
+	$(PY) -m bench.embed
+	$(PY) -m bench.index
+	$(PY) -m bench.server --collection $(DEMO)/collection
+	$(PY) -m bench.hdit --only scaling,flops,throughput,demo
+	$(PY) -m bench.figures --write
+
 clean-demo:
 	rm -rf $(DEMO)

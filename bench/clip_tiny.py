@@ -10,18 +10,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+
+from bench.common import write_results
+from models.clip import Clip, load_clip, tiny_dir
+from models.runtime import setup_logging
+from models.scenes import COLORS, SHAPES, iter_samples, matches
 
 GOALS = {"color_acc": 0.9, "shape_acc": 0.9, "t2i_recall_at_10": 0.8}
 HELD_OUT_SEED = 777  # training draws from seed 1000 + its own seed: disjoint scenes
 
 
-def _class_embeddings(enc: Any, classes: list[str], others: list[str], template: str, first: str) -> np.ndarray:
+def _class_embeddings(enc: Clip, classes: list[str], others: list[str], template: str, first: str) -> np.ndarray:
     """One embedding per class: the normalised mean over prompts naming each value of the other attribute."""
     out = []
     for c in classes:
@@ -31,11 +36,8 @@ def _class_embeddings(enc: Any, classes: list[str], others: list[str], template:
     return np.stack(out)
 
 
-def evaluate(enc: Any, n: int = 2000, seed: int = HELD_OUT_SEED) -> dict[str, float]:
+def evaluate(enc: Clip, n: int = 2000, seed: int = HELD_OUT_SEED) -> dict[str, float]:
     """Colour / shape zero-shot accuracy and t2i recall@10 of encoder `enc` on n held-out pairs."""
-    from pipelines.sample import COLORS, SHAPES, iter_samples
-    from pipelines.scenes import matches
-
     samples = list(iter_samples(n, size=64, seed=seed))
     img = enc.encode_images([s.image for s in samples])
     txt = enc.encode_texts([s.caption for s in samples])
@@ -57,12 +59,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--n", type=int, default=2000)
     p.add_argument("--seed", type=int, default=HELD_OUT_SEED)
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
-    import torch
-
-    from bench.common import write_results
-    from pipelines.encoders import load_clip, tiny_dir
-
+    setup_logging()
     t0 = time.time()
     enc = load_clip(a.spec, device="cpu")
     load_s = time.time() - t0

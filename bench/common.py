@@ -11,6 +11,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from curation.storage import write_json
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 _LIBS = ("torch", "torchvision", "open_clip_torch", "numpy", "faiss-cpu", "faiss-gpu-cu12",
          "dask", "distributed", "duckdb", "pyarrow", "pandas", "pillow", "onnxruntime",
@@ -71,9 +73,7 @@ def write_results(name: str, payload: dict[str, Any], merge: bool = False) -> Pa
         "versions": library_versions(),
     })
     data["runs"] = runs
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=float) + "\n")
-    tmp.replace(path)
+    write_json(path, data)
     return path
 
 

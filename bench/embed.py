@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import multiprocessing as mp
 import os
 import shutil
 import statistics
@@ -29,9 +30,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import open_clip
+import psutil
+import torch
 
+from bench.common import write_results
 from curation import schema as S
-from pipelines.clip_speed import PRECISIONS
+from models.clip import load_clip
+from models.int8 import int8_supported
+from models.runtime import keep_freed_memory, setup_logging
+from models.scenes import iter_samples
+from models.specs import PRECISIONS
+from models.speed import bf16_supported, cpu_has_amx
+from pipelines.embed import embed
+from pipelines.sample import write_sample_dataset
 
 log = logging.getLogger("bench.embed")
 TINY = "sieve-tiny"
@@ -41,8 +53,6 @@ VITB32 = "open_clip:ViT-B-32"
 
 def dataset(n: int, root: Path, shard_size: int = 1000, size: int = 64) -> Path:
     """Generated shards of n samples of `size` px under root (reused when already there)."""
-    from pipelines.sample import write_sample_dataset
-
     out = root / (f"data-{n}-s{shard_size}" + (f"-px{size}" if size != 64 else ""))
     last = out / S.stats_name((n - 1) // shard_size)
     if not last.exists():
@@ -63,8 +73,6 @@ def run_pipeline(data: Path, out: Path, clip_model: str, batch_size: int,
     a cold machine, so one global span would count one worker's start-up as the other's
     processing time; that global figure is kept as `steady_global_samples_per_s`.
     """
-    from pipelines.embed import embed
-
     shutil.rmtree(out, ignore_errors=True)
     wait_until_quiet()
     t0 = time.time()
@@ -102,27 +110,20 @@ class BareModel:
 
     def __init__(self, clip_model: str, batch_size: int, threads: int, n: int, precision: str = "fp32",
                  clip_options: dict | None = None):
-        import torch
-
-        from pipelines.clip_speed import FastClip
-        from pipelines.encoders import load_clip
-        from pipelines.malloc import keep_freed_memory
-        from pipelines.sample import iter_samples
-
-        # the allocator setting the pipeline's workers run with: without it a 2-thread forward
-        # here page-faults ~40 times a sample and runs up to 25% slower
+        # the allocator setting the pipeline's workers run with (models/runtime.py): without it
+        # the forward page-faults on every batch, and the reference would be slower than the model
         keep_freed_memory()
         torch.set_num_threads(threads)
-        enc = load_clip(clip_model, batch_size=batch_size)
-        self.fast = FastClip(enc.model, "cpu", precision, **(clip_options or {}))
+        self.clip = load_clip(clip_model, device="cpu", batch_size=batch_size, precision=precision,
+                              **(clip_options or {}))
         samples = list(iter_samples(n, size=64))
-        self.images = torch.stack([enc.preprocess(s.image) for s in samples])
-        self.tokens = enc.tokenizer([s.caption for s in samples])
+        self.images = torch.stack([self.clip.preprocess(s.image) for s in samples])
+        self.tokens = self.clip.tokenizer([s.caption for s in samples])
         self.n, self.batch_size, self.threads = n, batch_size, threads
         self.info = {"samples": n, "batch_size": batch_size, "precision": precision,
                      "options": clip_options or {}, "torch_threads": torch.get_num_threads()}
-        self.fast.encode_image(self.images[:batch_size])  # warm-up (allocations, compile)
-        self.fast.encode_text(self.tokens[:batch_size])
+        self.clip.encode_image_tensor(self.images[:batch_size])  # warm-up (allocations, compile)
+        self.clip.encode_text_tokens(self.tokens[:batch_size])
 
     def run(self, passes: int) -> list[float]:
         """Samples/s of each pass over the n samples."""
@@ -130,8 +131,8 @@ class BareModel:
         for _ in range(passes):
             t0 = time.perf_counter()
             for i in range(0, self.n, self.batch_size):
-                self.fast.encode_image(self.images[i:i + self.batch_size])
-                self.fast.encode_text(self.tokens[i:i + self.batch_size])
+                self.clip.encode_image_tensor(self.images[i:i + self.batch_size])
+                self.clip.encode_text_tokens(self.tokens[i:i + self.batch_size])
             rates.append(self.n / (time.perf_counter() - t0))
         return rates
 
@@ -153,8 +154,6 @@ class BarePool:
 
     def __init__(self, clip_model: str, batch_size: int, processes: int, n: int, precision: str = "fp32",
                  clip_options: dict | None = None):
-        import multiprocessing as mp
-
         ctx = mp.get_context("spawn")
         start = ctx.Barrier(processes)
         self.conns, self.procs = [], []
@@ -189,10 +188,8 @@ def wait_until_quiet(limit_s: float = 60.0, busy_below: float = 0.15) -> float:
     """Wait until the machine is idle (under `busy_below` of its CPU for a second); return seconds waited.
 
     A LocalCluster's workers can still be exiting when `embed` returns; a bare forward timed
-    beside them measured up to half its speed here.
+    beside them shares the cores with them and measures slow.
     """
-    import psutil
-
     start = time.time()
     while time.time() - start < limit_s:
         if psutil.cpu_percent(interval=1.0) / 100 < busy_below:
@@ -231,16 +228,17 @@ def bench_scale(root: Path, sizes: list[int], batch_size: int, threads: int, mod
                 precision: str = "fp32", ratio_repeats: int = 5) -> dict[str, Any]:
     """Cost per sample across sizes, then pipeline_vs_bare_ratio measured side by side.
 
-    This machine's speed drifts by 10-20% over minutes (shared host), so the ratio is not one
-    pipeline run against one bare run taken minutes apart: the 10k pipeline run is repeated,
-    each run between two bare measurements, and each run is divided by the mean of its two
-    neighbours. The figure is the median of those ratios.
+    This machine's speed drifts over minutes (shared host; compare the entries of
+    `bare_measurements` in bench/results/embed.json, `scale`), so the ratio is not one pipeline
+    run against one bare run taken minutes apart: the 10k pipeline run is repeated, each run
+    between two bare measurements, and each run is divided by the mean of its two neighbours.
+    The figure is the median of those ratios.
     """
     spec = loadable_spec(root, model)
     runs = {}
     for n in sizes:
-        # below 10k each worker gets one or two shards, a second or so of work: one swing of
-        # this machine's speed is the whole figure, so take the median of three runs
+        # below 10k each worker gets one or two shards, too little work to average out one swing
+        # of this machine's speed, so take the median of three runs
         reps = 3 if n < 10000 else 1
         log.info("%s pipeline on %d samples (%d run(s))", model, n, reps)
         tries = [run_pipeline(dataset(n, root, SHARD_SIZE), root / "out", spec, batch_size, precision)
@@ -301,9 +299,6 @@ def loadable_spec(root: Path, model: str) -> str:
     saved once so that every worker loads the same model."""
     if not model.startswith("open_clip:") or "/" in model:
         return model
-    import open_clip
-    import torch
-
     arch = model.split(":", 1)[1]
     path = root / f"{arch}-random-seed0.pt"
     if not path.exists():
@@ -317,13 +312,11 @@ def bench_vitb32(root: Path, n: int, batch_size: int, threads: int, settings: li
     """ViT-B-32 end to end per speed setting, each divided by fp32 bare forwards taken just before and after it.
 
     One bare measurement at the start would be minutes away from the later settings, and this
-    machine's speed drifts by 10-40% in that time; the bare models stay loaded and are re-timed
-    between settings instead. As in the scale part, the bare figure is the faster layout (one
-    process on every core, or one 1-thread process per core as the pipeline runs).
+    machine's speed drifts in that time (bench/results/embed.json, `vitb32.fp32_bare_measurements`);
+    the bare models stay loaded and are re-timed between settings instead. As in the scale part,
+    the bare figure is the faster layout (one process on every core, or one 1-thread process per
+    core as the pipeline runs).
     """
-    from pipelines.clip_speed import bf16_supported, cpu_has_amx
-    from pipelines.int8 import int8_supported
-
     data = dataset(n, root, shard_size=max(1, n // 4))  # 4 shards: every worker gets work
     spec = loadable_spec(root, model)
     here = BareModel(spec, batch_size, threads, bare_samples, "fp32", PLAIN)
@@ -375,8 +368,6 @@ def bench_vitb32(root: Path, n: int, batch_size: int, threads: int, settings: li
 
 
 def _int8_engine() -> str:
-    import torch
-
     return str(torch.backends.quantized.engine)
 
 
@@ -390,8 +381,6 @@ def _cpu_flag(flag: str) -> bool | None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from bench.common import write_results
-
     parser = argparse.ArgumentParser(prog="python -m bench.embed", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=("scale", "vitb32"), default=None)
@@ -412,7 +401,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="torch threads of the bare forward (the pipeline sizes its own cluster)")
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "sieve-bench-embed"))
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     root = Path(args.workdir)
     root.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """`python -m bench.embed_gpu`: CLIP embedding speed on a CUDA GPU, bare forward and the embed job.
 
 Parts (results in bench/results/embed_gpu.json):
-- bare: open_clip ViT-B-32 (seeded random weights) through FastClip on preprocessed images
+- bare: open_clip ViT-B-32 (seeded random weights) through models.clip.Clip on preprocessed images
   and token ids already on the GPU, image + text tower per sample, batch 256: fp32, bf16 and
   bf16 + trim_text (`--settings`); samples/s (median of `--passes`), image and text tower rates
   apart, and mean/min per-sample cosine to the fp32 embeddings.
@@ -21,7 +21,6 @@ Stops starting new measurements after `--budget-s` seconds (what was skipped is 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import os
@@ -33,11 +32,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+
+from bench import embed as bench_embed
+from bench.common import write_results
+from models.clip import load_clip
+from models.runtime import setup_logging
+from models.scenes import iter_samples
 
 log = logging.getLogger("bench.embed_gpu")
 VITB32 = "open_clip:ViT-B-32"
 TINY = "sieve-tiny"
-#: name -> (precision, FastClip options)
+#: name -> (precision, Clip speed options)
 BARE_SETTINGS: dict[str, tuple[str, dict[str, Any]]] = {
     "fp32": ("fp32", {"trim_text": False}),
     "bf16": ("bf16", {"trim_text": False}),
@@ -48,8 +54,6 @@ DEFAULT_BARE = "fp32,bf16,bf16_trim_text"
 
 
 def _sync(device: str) -> None:
-    import torch
-
     if device.startswith("cuda"):
         torch.cuda.synchronize()
 
@@ -62,8 +66,6 @@ def _cos(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
 
 
 def device_info(device: str) -> dict[str, Any]:
-    import torch
-
     info: dict[str, Any] = {"device": device, "torch": torch.__version__, "torch_cuda": torch.version.cuda,
                             "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
                             "cuda_available": torch.cuda.is_available()}
@@ -77,48 +79,42 @@ def device_info(device: str) -> dict[str, Any]:
 
 
 def bench_bare(spec: str, device: str, n: int, batch_size: int, passes: int, settings: list[str]) -> dict[str, Any]:
-    """FastClip on preloaded, preprocessed tensors on the device, one setting after another."""
-    import torch
-
-    from pipelines.clip_speed import FastClip
-    from pipelines.encoders import load_clip
-    from pipelines.sample import iter_samples
-
+    """models.clip.Clip on preloaded, preprocessed tensors on the device, one setting after another."""
     enc = load_clip(spec, device="cpu", batch_size=batch_size)
     samples = list(iter_samples(n, size=64, seed=1))
     images = torch.stack([enc.preprocess(s.image) for s in samples]).to(device)
     tokens = enc.tokenizer([s.caption for s in samples]).to(device)
-    model = enc.model.eval()
     out: dict[str, Any] = {"model": VITB32 + " (random weights)", "samples": n, "batch_size": batch_size,
                            "passes": passes, "image_shape": list(images.shape[1:]),
                            "context_length": int(tokens.shape[1]), "settings": {}}
     ref: tuple[np.ndarray, np.ndarray] | None = None
     for name in settings:
         precision, opts = BARE_SETTINGS[name]
-        fast = FastClip(copy.deepcopy(model), device, precision, **opts)
-        fast.encode_image(images[:batch_size])  # warm-up: kernels, allocator
-        fast.encode_text(tokens[:batch_size])
+        # a copy of the fp32 CPU model under this setting, moved to the device
+        clip = enc.variant(device=device, precision=precision, **opts)
+        clip.encode_image_tensor(images[:batch_size])  # warm-up: kernels, allocator
+        clip.encode_text_tokens(tokens[:batch_size])
         _sync(device)
         img_s, txt_s, rates = [], [], []
         embs: tuple[np.ndarray, np.ndarray] | None = None
         for p in range(passes):
             t0 = time.perf_counter()
-            img = [fast.encode_image(images[i:i + batch_size]) for i in range(0, n, batch_size)]
+            img = [clip.encode_image_tensor(images[i:i + batch_size]) for i in range(0, n, batch_size)]
             _sync(device)
             t1 = time.perf_counter()
-            txt = [fast.encode_text(tokens[i:i + batch_size]) for i in range(0, n, batch_size)]
+            txt = [clip.encode_text_tokens(tokens[i:i + batch_size]) for i in range(0, n, batch_size)]
             _sync(device)
             t2 = time.perf_counter()
             img_s.append(t1 - t0)
             txt_s.append(t2 - t1)
             rates.append(n / (t2 - t0))
             if p == 0:
-                embs = (torch.cat(img).numpy(), torch.cat(txt).numpy())
+                embs = (np.concatenate(img), np.concatenate(txt))
         assert embs is not None
         if ref is None:
             ref = embs
         out["settings"][name] = {
-            "precision": precision, "options": opts, "weights_dtype": str(fast.dtype).replace("torch.", ""),
+            "precision": precision, "options": opts, "weights_dtype": str(clip.dtype).replace("torch.", ""),
             "samples_per_s": round(statistics.median(rates), 1),
             "passes_samples_per_s": [round(r, 1) for r in rates],
             "image_samples_per_s": round(n / statistics.median(img_s), 1),
@@ -126,7 +122,7 @@ def bench_bare(spec: str, device: str, n: int, batch_size: int, passes: int, set
             "cosine_vs_fp32_image": _cos(embs[0], ref[0]), "cosine_vs_fp32_text": _cos(embs[1], ref[1]),
         }
         log.info("bare %s: %.1f samples/s", name, out["settings"][name]["samples_per_s"])
-        del fast
+        del clip
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
     base = out["settings"].get("fp32", {}).get("samples_per_s")
@@ -149,10 +145,7 @@ RATIOS = {"layout_speedup_fp32": ("fp32", "fp32_w1"), "decode_pool_speedup_fp32"
 
 def bench_pipeline(root: Path, models: dict[str, str], n: int, batch_size: int, device: str,
                    deadline: float, image_size: int = 256, runs_wanted: list[str] | None = None) -> dict[str, Any]:
-    from bench import embed as bench_embed
-    from bench.embed import dataset
-
-    data = dataset(n, root, shard_size=max(1, -(-n // 4)), size=image_size)
+    data = bench_embed.dataset(n, root, shard_size=max(1, -(-n // 4)), size=image_size)
     results: dict[str, Any] = {"samples": n, "shards": 4, "image_size": image_size, "batch_size": batch_size}
     for name, spec in models.items():
         runs: dict[str, Any] = {}
@@ -201,19 +194,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "sieve-bench-embed-gpu"))
     parser.add_argument("--no-save", action="store_true", help="print the results, do not write the json")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     start = time.time()
     deadline = start + args.budget_s
-    import torch
-
-    from bench.common import write_results
-    from bench.embed import loadable_spec
-
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("bench.embed_gpu: CUDA is not available (use --device cpu for a smoke test)")
     root = Path(args.workdir)
     root.mkdir(parents=True, exist_ok=True)
-    spec = loadable_spec(root, VITB32)
+    spec = bench_embed.loadable_spec(root, VITB32)
     payload: dict[str, Any] = {"device_info": device_info(args.device)}
     if args.only in (None, "bare"):
         payload["bare"] = bench_bare(spec, args.device, args.bare_samples, args.batch_size, args.passes,

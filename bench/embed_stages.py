@@ -6,7 +6,7 @@ pipeline's way beside the plain way it replaced, and the sieve-tiny forward for 
 - tar: direct header parsing (`readers._tar_members`) vs `tarfile` streaming;
 - decode: simplejpeg (libjpeg-turbo's TurboJPEG API) to a numpy array vs PIL, same pixels;
 - phash: numpy thumbnails and one batched DCT per chunk vs PIL and a hash per image;
-- tokenize: pipelines.tokens vs open_clip's SimpleTokenizer, same ids;
+- tokenize: models.tokens vs open_clip's SimpleTokenizer, same ids;
 - normalize as it is, for the total.
 Run pinned for one-core figures:
 `OMP_NUM_THREADS=1 taskset -c 0 python -m bench.embed_stages`.
@@ -23,7 +23,17 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
+import torch
+from PIL import Image
+
+from bench.common import write_results
+from bench.embed import SHARD_SIZE, dataset
+from models.clip import load_clip
+from models.preprocess import normalize_batch
+from models.runtime import setup_logging
+from pipelines.decode import DEFAULT_MAX_PIXELS, decode_pixels
+from pipelines.phash import phash, phash_batch, thumbnails_of
+from pipelines.readers import _tar_members, _tarfile_members, read_tar
 
 log = logging.getLogger("bench.embed_stages")
 
@@ -40,8 +50,6 @@ def _best(fn: Callable[[], Any], n: int, reps: int) -> float:
 
 def _pil_decode(data: bytes):
     """What decode_image did before the simplejpeg path (PIL for every format)."""
-    from PIL import Image
-
     img = Image.open(io.BytesIO(data))
     img.load()
     return img.convert("RGB") if img.mode != "RGB" else img
@@ -49,14 +57,6 @@ def _pil_decode(data: bytes):
 
 def measure(shard: Path, batch_size: int = 256, reps: int = 5) -> dict[str, Any]:
     """Per-sample milliseconds of each stage, new and plain, and the model forward."""
-    import torch
-
-    from pipelines.decode import DEFAULT_MAX_PIXELS, decode_pixels, normalize_batch
-    from pipelines.phash import phash, phash_batch, thumbnails_of
-    from pipelines.embed_worker import EmbedConfig, Embedder
-    from pipelines.encoders import load_clip
-    from pipelines.readers import _tar_members, _tarfile_members, read_tar
-
     url = str(shard)
     raws = list(read_tar(url))
     n = len(raws)
@@ -64,9 +64,8 @@ def measure(shard: Path, batch_size: int = 256, reps: int = 5) -> dict[str, Any]
     pixels = [decode_pixels(b, DEFAULT_MAX_PIXELS)[0] for b in images]
     decoded = [_pil_decode(b) for b in images]
     arrays = pixels[:batch_size]
-    enc = load_clip("sieve-tiny")
-    emb = Embedder(enc, EmbedConfig())
-    _, mean, std = emb.batched
+    clip = load_clip("sieve-tiny", batch_size=batch_size)
+    _, mean, std = clip.prep.batched
     stages = {
         "tar": (lambda: list(_tar_members(open(url, "rb"), url)),
                 lambda: list(_tarfile_members(open(url, "rb"), url)), n),
@@ -76,17 +75,18 @@ def measure(shard: Path, batch_size: int = 256, reps: int = 5) -> dict[str, Any]
                   lambda: [phash(im) for im in decoded], n),
     }
     captions = [r.caption for r in raws][:batch_size]
-    stages["tokenize"] = (lambda: emb.tokenize(captions), lambda: enc.tokenizer(captions), len(captions))
+    stages["tokenize"] = (lambda: clip.tokenize(captions), lambda: clip.tokenizer(captions), len(captions))
     rows = {}
     for name, (new, plain, count) in stages.items():
         rows[name] = {"pipeline_ms": round(_best(new, count, reps), 4),
                       "plain_ms": round(_best(plain, count, reps), 4)}
         rows[name]["speedup"] = round(rows[name]["plain_ms"] / rows[name]["pipeline_ms"], 2)
     rows["normalize"] = {"pipeline_ms": round(_best(lambda: normalize_batch(arrays, mean, std), len(arrays), reps), 4)}
-    batch, tokens = normalize_batch(arrays, mean, std), emb.tokenize(captions)
+    batch, tokens = normalize_batch(arrays, mean, std), clip.tokenize(captions)
     with torch.inference_mode():
-        emb.images(batch), emb.texts(captions, tokens)
-        model_ms = _best(lambda: (emb.images(batch), emb.texts(captions, tokens)), len(arrays), reps)
+        clip.encode_image_tensor(batch), clip.encode_text_tokens(tokens)
+        model_ms = _best(lambda: (clip.encode_image_tensor(batch), clip.encode_text_tokens(tokens)),
+                         len(arrays), reps)
     reader_new = sum(r["pipeline_ms"] for r in rows.values())
     reader_plain = sum(r.get("plain_ms", r["pipeline_ms"]) for r in rows.values())
     return {"shard": url, "samples": n, "batch_size": batch_size, "stages_ms_per_sample": rows,
@@ -100,20 +100,14 @@ def measure(shard: Path, batch_size: int = 256, reps: int = 5) -> dict[str, Any]
 
 
 def main(argv: list[str] | None = None) -> None:
-    from bench.common import write_results
-
     parser = argparse.ArgumentParser(prog="python -m bench.embed_stages", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (pin the process to match)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "sieve-bench-embed"))
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    import torch
-
+    setup_logging()
     torch.set_num_threads(args.threads)
-    from bench.embed import SHARD_SIZE, dataset
-
     data = dataset(SHARD_SIZE, Path(args.workdir), SHARD_SIZE)
     path = write_results("embed_stages", measure(data / "00000.tar", args.batch_size))
     print(path.read_text())

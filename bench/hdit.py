@@ -22,6 +22,22 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from bench.common import RESULTS_DIR, pin_one_core, write_results
+from hdit_train.diffusion import Denoiser
+from hdit_train.model import HDiT, HDiTConfig
+from hdit_train.run import load_config, load_run
+from hdit_train.sampling import cond_kwargs, generate, save_grid
+from hdit_train.train import train
+from hdit_train.trainer import Trainer
+from models.clip import load_clip
+from models.runtime import keep_freed_memory, setup_logging
+from models.scenes import COLORS, SHAPES, iter_samples
+from pipelines.sample import write_sample_dataset
+
 log = logging.getLogger(__name__)
 
 PARTS = ("scaling", "flops", "throughput", "demo")
@@ -62,17 +78,12 @@ def dit_model(patch: int = 4, width: int = 256, depth: int = 8) -> dict[str, Any
 
 
 def _build(model_cfg: dict[str, Any], device: str = "cpu"):
-    from hdit_train.diffusion import Denoiser
-    from hdit_train.model import HDiT, HDiTConfig
-
-    with __import__("torch").device(device):
+    with torch.device(device):
         return Denoiser(HDiT(HDiTConfig.from_dict(model_cfg)))
 
 
 def _activation_bytes(fn) -> int:
     """Bytes of distinct tensors autograd saves for backward during fn(): activation memory."""
-    import torch
-
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor):
@@ -86,8 +97,6 @@ def _activation_bytes(fn) -> int:
 
 
 def _fwd_bwd(model_cfg: dict[str, Any], size: int, batch: int, reps: int) -> dict[str, float]:
-    import torch
-
     torch.manual_seed(0)
     den = _build(model_cfg)
     x = torch.randn(batch, 3, size, size)
@@ -118,12 +127,8 @@ def _exponent(rows: list[dict[str, Any]], key: str) -> float:
 
 def run_scaling(sizes: list[int], baseline_max: int, threads: int) -> dict[str, Any]:
     """HDiT vs DiT-like baseline, fwd+bwd per image, side by side at each size."""
-    import torch
-
-    from pipelines.malloc import keep_freed_memory
-
     torch.set_num_threads(threads)
-    keep_freed_memory(no_mmap=True)  # as hdit_train.train does on CPU: no per-step page faults
+    keep_freed_memory(no_mmap=True)  # as hdit_train's trainer does on CPU: no per-step page faults
     rows, hdit_rows, base_rows = [], [], []
     for size in sizes:
         batch = 4 if size <= 64 else (2 if size <= 128 else 1)
@@ -150,7 +155,7 @@ def run_scaling(sizes: list[int], baseline_max: int, threads: int) -> dict[str, 
         "sizes": rows,
         "scaling_setup": {"threads": threads, "hdit": "patch 4, width 256, NA levels (depth 2, kernel 7) "
                           "down to an 8x8 global level (depth 4)", "baseline": "patch 4, width 256, "
-                          "8 global-attention blocks (DiT-like)", "malloc": "glibc mmap off (pipelines/malloc.py), as "
+                          "8 global-attention blocks (DiT-like)", "malloc": "glibc mmap off (models/runtime.py), as "
                           "hdit_train.train on CPU", "memory": "bytes autograd saves for "
                           "backward (CPU has no allocator peak counter); SDPA on CPU saves no N^2 matrix"},
     }
@@ -164,9 +169,6 @@ def hdit_b4(size: int) -> dict[str, Any]:
 
 def run_flops(sizes: list[int]) -> dict[str, Any]:
     """Forward GFLOPs per image on the meta device (no real compute, so 1024² is fine)."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
     rows = []
     for size in sizes:
         row: dict[str, Any] = {"size": size}
@@ -189,15 +191,8 @@ def run_flops(sizes: list[int]) -> dict[str, Any]:
 
 def run_throughput(steps: int = 10) -> dict[str, Any]:
     """Training img/s of the flowers-shaped model at 64², batch 8, fused AdamW, one pinned core."""
-    from bench.common import pin_one_core
-
-    import torch
-
     pin_one_core(1)
-    from hdit_train.train import Trainer, load_config
-    from pipelines.malloc import keep_freed_memory
-
-    keep_freed_memory(no_mmap=True)  # as hdit_train.train does on CPU
+    keep_freed_memory(no_mmap=True)  # as hdit_train's trainer does on CPU
 
     cfg = load_config(CONFIGS / "flowers.yaml")
     trainer = Trainer(cfg)
@@ -225,8 +220,6 @@ def dominant_color(img, palette: dict[str, tuple[int, int, int]], radius: float 
     `radius` of a palette colour count (gradients and anti-aliasing do not), and the shapes'
     black outline is ignored.
     """
-    import numpy as np
-
     arr = np.asarray(img, dtype=np.float32)
     h, w = arr.shape[:2]
     names = list(palette)
@@ -247,11 +240,6 @@ def dominant_color(img, palette: dict[str, tuple[int, int, int]], radius: float 
 
 def scorer_accuracy(n: int = 200, size: int = 32, object_sizes: tuple[str, ...] | None = None) -> float:
     """How often dominant_color names the true colour of real generated scenes (its ceiling)."""
-    from pipelines.sample import iter_samples
-    from pipelines.scenes import COLORS
-
-    import numpy as np
-
     drawn = iter_samples(n * 3, size=size, seed=123, object_sizes=object_sizes)
     samples = [s for s in drawn if s.attrs["color"] in DEMO_COLORS][:n]
     return float(np.mean([dominant_color(np.asarray(s.image.convert("RGB")), COLORS) == s.attrs["color"]
@@ -265,16 +253,6 @@ def run_demo(work: Path, minutes: float, n_images: int, threads: int,
     The sampler settings are the demo config's `sample` section, chosen on seeds 1 and 2
     (DEMO_SELECTION_SEEDS); the reported figure is the mean over the other seeds.
     """
-    import numpy as np
-    import torch
-
-    from hdit_train.sample import cond_kwargs, generate, load_run, save_grid
-    from hdit_train.train import load_config
-    from hdit_train.train import main as train
-    from pipelines.encoders import load_clip
-    from pipelines.sample import SHAPES, write_sample_dataset
-    from pipelines.scenes import COLORS
-
     torch.set_num_threads(threads)
     data, run = work / f"shards-{n_images}-{'-'.join(object_sizes)}", work / "run"
     if not (data / "00000.tar").exists():
@@ -299,7 +277,7 @@ def run_demo(work: Path, minutes: float, n_images: int, threads: int,
                           steps=s["steps"], sampler=s["sampler"], cfg_scale=s["cfg"], seed=seed,
                           sigma_max=s["sigma_max"])
         if seed == DEMO_SEEDS[0]:
-            grid = save_grid(images, Path(__file__).resolve().parent / "results" / "hdit_demo_grid.png")
+            grid = save_grid(images, RESULTS_DIR / "hdit_demo_grid.png")
         pixels = ((images.permute(0, 2, 3, 1).numpy() + 1) * 127.5).clip(0, 255)
         hits = [dominant_color(p, COLORS) == w for p, w in zip(pixels, wanted)]
         per_seed[seed] = float(np.mean(hits))
@@ -329,8 +307,6 @@ def main(only: str = "scaling,flops,throughput", sizes: str = "64,128,256,512", 
          demo_images: int = 6000, work: str = "/tmp/sieve-hdit-demo",
          demo_object_sizes: str = ",".join(DEMO_OBJECT_SIZES), demo_reuse: bool = False) -> Path:
     """Run the chosen parts and merge their figures into bench/results/hdit.json."""
-    from bench.common import write_results
-
     parts = [p.strip() for p in only.split(",") if p.strip()]
     bad = set(parts) - set(PARTS)
     if bad:
@@ -367,7 +343,7 @@ def cli(argv: list[str] | None = None) -> None:
     ap.add_argument("--demo-reuse", action="store_true",
                     help="score the finished run already in --work instead of training again")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    setup_logging()
     print(main(args.only, args.sizes, args.baseline_max, args.flop_sizes, args.threads, args.demo_minutes,
                args.demo_images, args.work, args.demo_object_sizes, args.demo_reuse))
 

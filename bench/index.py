@@ -6,7 +6,7 @@ builder's choice, on generated vectors written as a collection and on a real col
 
 `--data clip_like` (default) draws CLIP-shaped (image, text) pairs: anisotropic, thousands of
 overlapping topics, a modality gap, text queries that are noisy views of their images (see
-`tests.collection_factory.clip_like_pairs`); `clustered` is the older, much easier generator.
+`bench.synthetic.clip_like_pairs`); `clustered` is the older, much easier generator.
 Runs with the same --work folder reuse the written collection, and rows of keys not re-run
 are kept, so each candidate can be built in its own (CPU-locked) run.
 """
@@ -21,6 +21,12 @@ import tempfile
 import time
 from typing import Any
 
+from bench.common import RESULTS_DIR, write_results
+from bench.synthetic import clip_like_pairs, clustered_vectors, write_collection
+from curation.storage import read_collection_json
+from indices.build import build_one
+from indices.store import EmbeddingStore
+
 PART = 100_000
 #: sweep columns kept per candidate: enough to see what nprobe and the re-rank depth buy
 SWEEP_COLUMNS = ("nprobe", "efSearch", "rerank_k", "recall_at_10", "p99_ms")
@@ -28,8 +34,6 @@ SWEEP_COLUMNS = ("nprobe", "efSearch", "rerank_k", "recall_at_10", "p99_ms")
 
 def write_vectors(root: str, n: int, dim: int, data: str) -> None:
     """The generated collection (image vectors indexed, text vectors as queries), part by part."""
-    from tests.collection_factory import clip_like_pairs, clustered_vectors, write_collection
-
     if os.path.exists(os.path.join(root, "collection.json")):
         return
     if data == "clip_like":
@@ -45,8 +49,6 @@ def write_vectors(root: str, n: int, dim: int, data: str) -> None:
 
 def measure(root: str, modality: str, budget: int, key: str | None, max_query_ms: float) -> dict[str, Any]:
     """Build one index (key None: the builder's own choice) and report it."""
-    from indices.build import build_one
-
     t = time.perf_counter()
     doc = build_one(root, modality, budget, max_query_ms, index_key=key)
     return {"index_key": doc["index_key"], "recall_at_10": doc["recall_at_10"],
@@ -86,24 +88,19 @@ def vectors(n: int, dim: int, budget_ratio: float, keys: list[str], workdir: str
 def real(collection: str, budget: str, keys: list[str], max_query_ms: float) -> dict[str, Any]:
     """The builder's choice and candidates on a real collection's image embeddings, text queries.
     Builds into a copy so the collection's own index is left alone."""
-    from indices.store import EmbeddingStore
-
     with tempfile.TemporaryDirectory(prefix="sieve-bench-real-") as tmp:
         root = os.path.join(tmp, "c")
         shutil.copytree(collection, root, ignore=shutil.ignore_patterns("indices"))
         store = EmbeddingStore.open(root, "image")
         chosen = measure(root, "image", budget, None, max_query_ms)
         rows = [measure(root, "image", budget, k, max_query_ms) for k in keys if k != "chosen"]
-        with open(os.path.join(root, "collection.json")) as fh:
-            info = json.load(fh)
+        info = read_collection_json(root)
     return {"chosen": chosen, "candidates": rows,
             "data": {"collection": collection, "n": store.count, "dim": store.dim, "clip_model": info.get("clip_model"),
                      "max_index_memory": budget, "queries": "text embeddings of the collection's captions"}}
 
 
 def main(argv: list[str] | None = None) -> None:
-    from bench.common import RESULTS_DIR, write_results
-
     p = argparse.ArgumentParser(prog="python -m bench.index", description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=1_000_000)
     p.add_argument("--dim", type=int, default=512)

@@ -4,7 +4,7 @@ Runs `python -m indices.serve` as a subprocess pinned to core 0 (one torch threa
 drives it from this process, pinned to core 1, with CLIENTS concurrent clients posting
 clip-retrieval ClipClient's exact /knn-service body for SECONDS on loopback.
 
-Query mix: a pool of distinct generated captions (`pipelines.scenes`), drawn Zipf-like
+Query mix: a pool of distinct generated captions (`models.scenes`), drawn Zipf-like
 (rank r with weight 1/r^s), so some queries repeat as in real query logs; the cache hit
 rate is reported, and every server figure is also measured with the cache off.
 
@@ -29,7 +29,20 @@ import tempfile
 import time
 from typing import Any
 
+import aiohttp
 import numpy as np
+import torch
+import torch.nn.functional as F
+
+from bench.common import write_results
+from bench.synthetic import clustered_vectors, write_collection
+from curation.storage import read_collection_json
+from indices.build import build
+from indices.search import Searcher
+from models.clip import load_clip
+from models.runtime import setup_logging
+from models.scenes import make_caption, random_scene
+from models.speed import bf16_supported
 
 log = logging.getLogger("bench.server")
 
@@ -39,8 +52,6 @@ SERVER_CORE, CLIENT_CORE = 0, 1
 
 def caption_pool(n: int, seed: int = 0) -> list[str]:
     """Up to n distinct captions from the sample generator's caption grammar."""
-    from pipelines.scenes import make_caption, random_scene
-
     rng = np.random.default_rng(seed)
     seen: dict[str, None] = {}
     for _ in range(n * 20):
@@ -113,8 +124,6 @@ async def _cache_hits(session: Any, url: str) -> float:
 
 async def _load(port: int, queries: list[str], clients: int, seconds: float, warmup: float,
                 num_images: int) -> dict[str, Any]:
-    import aiohttp
-
     url = f"http://127.0.0.1:{port}"
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
         for _ in range(600):  # wait for the server to listen
@@ -180,17 +189,15 @@ def load_run(collection: str, queries: list[str], precision: str, cache_size: in
 def sequential(collection: str, spec: str, queries: list[str], seconds: float, num_images: int) -> dict[str, Any]:
     """Plain loop (runs pinned, in its own process): fp32 full-context encode of one text, then
     the same search the server does (dedup + safety, k=num_images), no batching, no cache."""
-    import torch
-
-    from indices.search import Searcher
-    from pipelines.encoders import load_clip
-
     torch.set_num_threads(1)
     enc = load_clip(spec, device="cpu")
     searcher = Searcher(collection, encoder=enc)
 
     def one(q: str) -> None:
-        searcher.search_vectors(enc.encode_texts([q]), num_images, "image", None, True, True)
+        # the bare open_clip model, not Sieve's Clip: its own tokenizer, the full 77-token context
+        with torch.inference_mode():
+            vec = F.normalize(enc.model.encode_text(enc.tokenizer([q])).float(), dim=-1).numpy()
+        searcher.search_vectors(vec, num_images, "image", None, True, True)
 
     for q in queries[:5]:
         one(q)
@@ -213,19 +220,12 @@ def _sequential_pinned(collection: str, spec: str, queries: list[str], seconds: 
 def precision_check(spec: str, texts: list[str]) -> dict[str, Any]:
     """Trimmed-context fp32 vs the full 77-token fp32 encoder (max abs diff), and bf16
     trimmed vs fp32 full (min / mean cosine), on the benchmark's own queries."""
-    import copy
-
-    import torch
-
-    from pipelines.clip_speed import FastClip, bf16_supported
-    from pipelines.encoders import load_clip
-
     torch.manual_seed(0)
-    enc = load_clip(spec, device="cpu")
+    enc = load_clip(spec, device="cpu", trim_text=False)
     full = enc.encode_texts(texts)
     tokens = enc.tokenizer(texts)
-    trim = FastClip(copy.deepcopy(enc.model), "cpu", "fp32", trim_text=True).encode_text(tokens).numpy()
-    bf16 = FastClip(copy.deepcopy(enc.model), "cpu", "bf16", trim_text=True).encode_text(tokens).numpy()
+    trim = enc.variant(trim_text=True).encode_text_tokens(tokens)
+    bf16 = enc.variant(precision="bf16", trim_text=True).encode_text_tokens(tokens)
     cos = (full * bf16).sum(1)
     lengths = (tokens != 0).sum(1)
     return {"trim_vs_full_max_abs_diff": float(np.abs(full - trim).max()),
@@ -236,9 +236,6 @@ def precision_check(spec: str, texts: list[str]) -> dict[str, Any]:
 
 def vitb32_collection(root: str, n: int) -> str:
     """A synthetic n x 512 collection naming ViT-B-32 as its CLIP model, with its index."""
-    from indices.build import build
-    from tests.collection_factory import clustered_vectors, write_collection
-
     if not os.path.exists(os.path.join(root, "indices", "image.index")):
         write_collection(root, [clustered_vectors(n, 512, 200, seed=0)], [clustered_vectors(n, 512, 200, seed=1)],
                          clip_model=VITB32)
@@ -250,13 +247,11 @@ def run(collection: str | None = None, only: str = "server,server_vitb32", secon
         clients: int = 16, pool: int = 2000, zipf_s: float = 1.0, num_images: int = 10,
         warmup: float = 5.0, vitb32_n: int = 20000, work: str | None = None) -> dict[str, Any]:
     """Run the parts and merge them into bench/results/index.json."""
-    from bench.common import write_results
-
     parts = set(only.split(","))
     captions = caption_pool(pool)
     queries = zipf_draws(captions, 200_000, zipf_s)
     mix = {"distinct_captions": len(captions), "zipf_s": zipf_s, "distinct_in_first_1000": len(set(queries[:1000])),
-           "source": "pipelines.scenes caption grammar", "request": "ClipClient /knn-service body, "
+           "source": "models.scenes caption grammar", "request": "ClipClient /knn-service body, "
            f"num_images={num_images}, deduplicate and use_safety_model on, modality image",
            "server_core": SERVER_CORE, "client_core": CLIENT_CORE, "server_threads": 1, "clients": clients,
            "seconds": seconds}
@@ -265,8 +260,7 @@ def run(collection: str | None = None, only: str = "server,server_vitb32", secon
     if "server" in parts:
         if not collection:
             raise SystemExit("--collection: a sieve-tiny collection with an image index is needed for part 'server'")
-        with open(os.path.join(collection, "collection.json")) as fh:
-            spec = json.load(fh).get("clip_model", "sieve-tiny")
+        spec = read_collection_json(collection).get("clip_model", "sieve-tiny")
         cached = load_run(collection, queries, "fp32", 4096, clients, seconds, warmup, num_images)
         nocache = load_run(collection, queries, "fp32", 0, clients, seconds, warmup, num_images)
         payload["server"] = {**{k: cached[k] for k in ("qps", "p50_ms", "p99_ms", "errors")},
@@ -304,7 +298,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--vitb32-n", type=int, default=20000)
     p.add_argument("--work", default=None, help="scratch folder for the synthetic ViT-B-32 collection")
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    setup_logging()
     print(json.dumps(run(a.collection, a.only, a.seconds, a.clients, a.pool, a.zipf_s, a.num_images,
                          vitb32_n=a.vitb32_n, work=a.work), indent=2, default=float))
 

@@ -1,5 +1,5 @@
 """Watermark detector benchmark: AUROC on overlays whose words, fonts and positions the
-detector never saw in training (`pipelines.scorers.overlays` "heldout" regime).
+detector never saw in training (`models.overlays` "heldout" regime).
 
 `python -m bench.watermark [--steps N] [--n-eval N] [--model PATH]` trains the bundled CNN
 from scratch (unless --model is given), then scores held-out overlays, in-distribution
@@ -10,13 +10,21 @@ overlays, and the sample generator's own watermarked shards side by side, and wr
 from __future__ import annotations
 
 import argparse
-import logging
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+
+from bench.common import write_results
+from models.cache import BUNDLED
+from models.overlays import HELDOUT_WORDS, REGIONS, make_example, regime_fonts, regime_words
+from models.runtime import setup_logging
+from models.scenes import iter_samples
+from models.watermark_cnn import MODEL_FILE, train
+from pipelines.scorers import load_scorer
 
 
 def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -50,18 +58,15 @@ def _evaluate(scorer: Any, images: list, labels: list[int]) -> dict[str, float]:
 
 
 def run(steps: int | None = None, n_eval: int = 2000, model: str | None = None, seed: int = 0) -> dict[str, Any]:
-    import torch
-
-    from pipelines.sample import iter_samples
-    from pipelines.scorers import load_scorer
-    from pipelines.scorers.overlays import HELDOUT_WORDS, REGIONS, make_example, regime_fonts, regime_words
-    from pipelines.train_watermark import DEFAULT_STEPS, train
-
+    """Train (unless `model` names a watermark_cnn.pt file) and score the three evaluation sets."""
     result: dict[str, Any] = {}
     if model is None:
         tmp = tempfile.mkdtemp(prefix="sieve-wm-bench-")
         start = time.time()
-        model = str(train(out=tmp, seed=seed, steps=steps or DEFAULT_STEPS))
+        recipe = {**BUNDLED["watermark"].defaults, "seed": seed}
+        if steps:
+            recipe["steps"] = steps
+        model = str(train(tmp, **recipe) / MODEL_FILE)
         result["train_seconds"] = round(time.time() - start, 1)
     blob = torch.load(model, map_location="cpu", weights_only=True)
     result["model_meta"] = blob.get("meta", {})
@@ -79,7 +84,7 @@ def run(steps: int | None = None, n_eval: int = 2000, model: str | None = None, 
                   "regions_xyxy": REGIONS["train"]},
         "heldout": {"words": HELDOUT_WORDS, "fonts": [Path(f).name for f in regime_fonts("heldout")],
                     "regions_xyxy": REGIONS["heldout"]},
-        "sample_shards": "pipelines.sample defaults: WATERMARK_WORDS, default font, anywhere",
+        "sample_shards": "models.scenes defaults: WATERMARK_WORDS, default font, anywhere",
     }
     result["note"] = ("held-out words, fonts and anchor regions are disjoint from training; "
                       "in_distribution and sample_shards are for comparison only")
@@ -89,14 +94,13 @@ def run(steps: int | None = None, n_eval: int = 2000, model: str | None = None, 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.watermark", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=None, help="training steps (default: the CLI's)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="training steps (default: the bundled recipe's, models.cache.BUNDLED['watermark'])")
     parser.add_argument("--n-eval", type=int, default=2000)
     parser.add_argument("--model", default=None, help="score an existing model file instead of training")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from bench.common import write_results
-
+    setup_logging()
     result = run(args.steps, args.n_eval, args.model, args.seed)
     path = write_results("watermark", result)
     print(f"auroc (held-out) {result['auroc']}  in-distribution {result['in_distribution']['auroc']}  "

@@ -8,34 +8,34 @@ exactly the samples already consumed.
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import io
 import json
 import logging
+import posixpath
 import random
-import tarfile
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+import torch
 from PIL import Image
+
+from curation import schema as S
+from curation.storage import read_json
+from pipelines.readers import WEBDATASET, RawSample, Shard, ShardOpenError, fingerprint, list_shards, read_tar
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+IMG_EMB, TXT_EMB = S.EXPORT_IMG_EMB_EXT, S.EXPORT_TXT_EMB_EXT
 
 
-def list_shards(data: str | Path) -> list[Path]:
-    """Tar shards of a folder, a single tar, or a glob pattern, sorted."""
-    p = Path(data)
-    if p.is_dir():
-        shards = sorted(p.glob("*.tar"))
-    elif p.is_file():
-        shards = [p]
-    else:
-        shards = sorted(Path(s) for s in glob.glob(str(data)))
+def training_shards(data: str | Path) -> list[Shard]:
+    """The webdataset tars of a folder, a single tar, a glob or a brace pattern, sorted."""
+    try:
+        shards = [s for s in list_shards(str(data)) if s.format == WEBDATASET]
+    except (FileNotFoundError, ValueError):
+        shards = []
     if not shards:
         raise FileNotFoundError(f"no webdataset .tar shards found at {data}")
     return shards
@@ -43,13 +43,10 @@ def list_shards(data: str | Path) -> list[Path]:
 
 def read_manifest(data: str | Path) -> dict[str, Any] | None:
     """The export's manifest.json next to the shards, or None for plain img2dataset shards."""
-    p = Path(data)
-    folder = p if p.is_dir() else list_shards(data)[0].parent
-    path = folder / MANIFEST
-    if not path.exists():
-        return None
+    folder = str(data) if Path(data).is_dir() else posixpath.dirname(training_shards(data)[0].url)
+    path = posixpath.join(folder, S.EXPORT_MANIFEST)
     try:
-        return json.loads(path.read_text())
+        return read_json(path)
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from err
 
@@ -63,8 +60,8 @@ def data_hash(data: str | Path) -> str:
                 return manifest[key]
         return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
     h = hashlib.sha256()
-    for shard in list_shards(data):
-        h.update(f"{shard.name}:{shard.stat().st_size}\n".encode())
+    for shard in training_shards(data):
+        h.update(f"{shard.name}:{fingerprint(shard.url).get('size')}\n".encode())
     return h.hexdigest()[:16]
 
 
@@ -78,36 +75,22 @@ def manifest_clip_spec(manifest: dict[str, Any] | None) -> str | None:
     return None
 
 
-def iter_tar_samples(shard: Path) -> Iterator[dict[str, bytes]]:
-    """Raw samples of one tar: {"__key__", "__shard__", ext: bytes} per adjacent key group."""
-    current: dict[str, Any] = {}
+def shard_samples(shard: Shard) -> Iterator[RawSample]:
+    """The samples of one training shard; a shard that cannot be opened is logged and skipped."""
     try:
-        with tarfile.open(shard) as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                name = member.name.rsplit("/", 1)[-1]
-                if "." not in name or name.startswith("."):
-                    continue
-                key, ext = name.split(".", 1)
-                if current and current["__key__"] != key:
-                    yield current
-                    current = {}
-                current.setdefault("__key__", key)
-                current["__shard__"] = shard.name
-                current[ext.lower()] = tar.extractfile(member).read()
-    except (tarfile.TarError, OSError, EOFError) as err:
-        log.warning("%s: unreadable tar after %s (%s); skipping the rest of this shard",
-                    shard, current.get("__key__", "start"), err)
-    if current:
-        yield current
+        yield from read_tar(shard.url)
+    except ShardOpenError as err:
+        log.warning("%s: %s; skipping this shard", shard.url, err)
+
+
+def _vector(npy: bytes) -> np.ndarray:
+    """A stored embedding member (`.npy` bytes) as a float32 vector."""
+    return np.load(io.BytesIO(npy)).astype(np.float32).reshape(-1)
 
 
 def load_image(raw: bytes, size: int):
     """Decode, resize the short side to size and centre-crop; float tensor in [-1, 1], CHW, and
     the decoded image at its stored size (what CLIP embeds, as the embed pipeline does)."""
-    import torch
-
     original = Image.open(io.BytesIO(raw)).convert("RGB")
     w, h = original.size
     scale = size / min(w, h)
@@ -128,20 +111,19 @@ def modality_gap(data: str | Path, encoder, n: int = 1024) -> np.ndarray:
     embeddings (export shards) are used when present; otherwise `encoder` computes them.
     """
     imgs, txts, pixels, captions = [], [], [], []
-    for shard in list_shards(data):
-        for raw in iter_tar_samples(shard):
-            image_ext = next((e for e in IMAGE_EXTS if e in raw), None)
-            if image_ext is None or "txt" not in raw:
+    for shard in training_shards(data):
+        for raw in shard_samples(shard):
+            if raw.image is None or raw.caption is None or raw.error:
                 continue
-            if "img_emb.npy" in raw and "txt_emb.npy" in raw:
-                imgs.append(np.load(io.BytesIO(raw["img_emb.npy"])).astype(np.float32).reshape(-1))
-                txts.append(np.load(io.BytesIO(raw["txt_emb.npy"])).astype(np.float32).reshape(-1))
+            if IMG_EMB in raw.other and TXT_EMB in raw.other:
+                imgs.append(_vector(raw.other[IMG_EMB]))
+                txts.append(_vector(raw.other[TXT_EMB]))
             else:
                 try:
-                    pixels.append(Image.open(io.BytesIO(raw[image_ext])).convert("RGB"))
+                    pixels.append(Image.open(io.BytesIO(raw.image)).convert("RGB"))
                 except (OSError, SyntaxError, ValueError):
                     continue
-                captions.append(raw["txt"].decode("utf-8", "replace"))
+                captions.append(raw.caption)
             if len(imgs) + len(pixels) >= n:
                 break
         if len(imgs) + len(pixels) >= n:
@@ -164,7 +146,7 @@ class ShardStream:
     def __init__(self, data: str | Path, size: int, cond: str = "none", class_field: str | None = None,
                  classes: list[str] | None = None, clip_preprocess=None, seed: int = 0,
                  shuffle_buffer: int = 1000, rank: int = 0, world: int = 1):
-        self.shards = list_shards(data)
+        self.shards = training_shards(data)
         self.size, self.cond, self.class_field, self.classes = size, cond, class_field, classes
         self.clip_preprocess = clip_preprocess
         self.seed, self.shuffle_buffer, self.rank, self.world = seed, shuffle_buffer, rank, world
@@ -173,16 +155,16 @@ class ShardStream:
         if cond == "class" and not class_field:
             raise ValueError("cond 'class' needs cond.class_field (a field of each sample's json)")
 
-    def _raw(self) -> Iterator[dict[str, Any]]:
+    def _raw(self) -> Iterator[RawSample]:
         epoch = 0
         while True:
             order = list(self.shards)
             random.Random(self.seed + epoch).shuffle(order)
             mine = order[self.rank::self.world] or order  # fewer shards than ranks: everyone reads all
-            buffer: list[dict[str, Any]] = []
+            buffer: list[RawSample] = []
             rng = random.Random(self.seed * 1000 + epoch * 7 + self.rank)
             for shard in mine:
-                for raw in iter_tar_samples(shard):
+                for raw in shard_samples(shard):
                     buffer.append(raw)
                     if len(buffer) >= self.shuffle_buffer:
                         yield buffer.pop(rng.randrange(len(buffer)))
@@ -190,14 +172,15 @@ class ShardStream:
             yield from buffer
             epoch += 1
 
-    def _decode(self, raw: dict[str, Any]) -> dict[str, Any]:
-        image_ext = next((e for e in IMAGE_EXTS if e in raw), None)
-        if image_ext is None:
+    def _decode(self, raw: RawSample) -> dict[str, Any]:
+        if raw.error:
+            raise ValueError(raw.error)
+        if raw.image is None:
             raise ValueError("no image member")
-        pixels, pil = load_image(raw[image_ext], self.size)
-        out: dict[str, Any] = {"image": pixels, "key": raw["__key__"]}
+        pixels, pil = load_image(raw.image, self.size)
+        out: dict[str, Any] = {"image": pixels, "key": raw.key}
         if self.cond == "class":
-            meta = json.loads(raw.get("json", b"{}"))
+            meta = raw.meta
             if self.class_field not in meta:
                 raise ValueError(f"json has no class field {self.class_field!r}")
             value = meta[self.class_field]
@@ -207,15 +190,15 @@ class ShardStream:
                 value = self.classes.index(value)
             out["class"] = int(value)
         elif self.cond == "clip":
-            if "img_emb.npy" in raw:
-                out["emb"] = np.load(io.BytesIO(raw["img_emb.npy"])).astype(np.float32).reshape(-1)
+            if IMG_EMB in raw.other:
+                out["emb"] = _vector(raw.other[IMG_EMB])
             elif self.clip_preprocess is not None:
                 out["clip_pixels"] = self.clip_preprocess(pil)
             else:
-                raise ValueError("no img_emb.npy member and no CLIP encoder to compute one")
-            if "txt_emb.npy" in raw:
-                out["txt_emb"] = np.load(io.BytesIO(raw["txt_emb.npy"])).astype(np.float32).reshape(-1)
-            out["caption"] = raw.get("txt", b"").decode("utf-8", "replace")
+                raise ValueError(f"no {IMG_EMB} member and no CLIP encoder to compute one")
+            if TXT_EMB in raw.other:
+                out["txt_emb"] = _vector(raw.other[TXT_EMB])
+            out["caption"] = raw.caption or ""
         return out
 
     def iterate(self, skip: int = 0) -> Iterator[dict[str, Any]]:
@@ -225,10 +208,9 @@ class ShardStream:
                 continue
             try:
                 sample = self._decode(raw)
-            except (OSError, ValueError, json.JSONDecodeError, SyntaxError) as err:
+            except (OSError, ValueError, SyntaxError) as err:
                 self.failed += 1
-                log.warning("%s/%s: skipped sample (%s); %d skipped so far",
-                            raw.get("__shard__"), raw.get("__key__"), err, self.failed)
+                log.warning("%s: skipped sample (%s); %d skipped so far", raw.key, err, self.failed)
                 continue
             self.consumed = i + 1
             yield sample
@@ -236,8 +218,6 @@ class ShardStream:
 
 def batches(stream: Iterator[dict[str, Any]], batch_size: int) -> Iterator[dict[str, Any]]:
     """Collate consecutive samples into batches of tensors."""
-    import torch
-
     while True:
         items = [next(stream) for _ in range(batch_size)]
         batch: dict[str, Any] = {"image": torch.stack([it["image"] for it in items])}

@@ -1,333 +1,29 @@
 """Train an HDiT on webdataset shards: `python -m hdit_train.train --data D --config C --out RUN`.
 
-One script for a CPU demo, one GPU (bf16 autocast, torch.compile) and many (`torchrun`; DDP is
-set up only when WORLD_SIZE > 1). A run folder holds `config.yaml`, `checkpoint.safetensors`
-(model, EMA, optimizer moments, RNG) + `state.json` (step, data hash, CLIP spec, ...),
-`loss.jsonl` and `samples/step_N.png`; `--resume` continues bit-for-bit from the checkpoint.
+`--data` is a curation export (its manifest names the subset spec and CLIP model), plain
+img2dataset shards, a .tar or a glob. The run folder is described in `hdit_train.run`;
+`--resume` continues bit-for-bit from the checkpoint. The loop is `hdit_train.trainer`.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
-import json
-import logging
-import math
-import os
-import time
 from pathlib import Path
-from typing import Any
 
-import yaml
-
-log = logging.getLogger(__name__)
-
-CKPT, STATE = "checkpoint.safetensors", "state.json"
-DEFAULTS: dict[str, Any] = {
-    "cond": {"kind": "none", "class_field": None, "classes": None, "clip_spec": "sieve-tiny", "dropout": 0.1,
-             "noise": 0.0, "text_shift": True, "text_prob": 0.0},
-    "data": {"size": 64, "shuffle_buffer": 1000, "seed": 0},
-    "diffusion": {"sigma_data": 0.5, "noise_d_low": 32, "sigma_min": 1e-3, "sigma_max": 1e3},
-    "train": {"batch_size": 8, "lr": 5e-4, "weight_decay": 0.01, "betas": [0.9, 0.95], "eps": 1e-8,
-              "warmup_steps": 100, "max_steps": 1000, "max_minutes": None, "grad_clip": 1.0,
-              "ema_decay": 0.999, "log_every": 10, "sample_every": 500, "ckpt_every": 500,
-              "gradient_checkpointing": False, "compile": True, "bf16": True, "seed": 0},
-    "sample": {"n": 16, "steps": 50, "sampler": "dpmpp_2m", "cfg": 3.0, "sigma_max": 80.0, "prompts": None},
-}
+from models.runtime import setup_logging
 
 
-def load_config(path: str | Path) -> dict[str, Any]:
-    """A YAML config merged over DEFAULTS (section by section); `model` is required."""
-    raw = yaml.safe_load(Path(path).read_text()) or {}
-    if "model" not in raw:
-        raise ValueError(f"{path}: config needs a 'model' section (patch_size, levels, mapping)")
-    cfg = {k: {**v, **(raw.get(k) or {})} for k, v in DEFAULTS.items()}
-    cfg["model"] = raw["model"]
-    unknown = set(raw) - set(cfg)
-    if unknown:
-        raise ValueError(f"{path}: unknown config sections {sorted(unknown)}")
-    return cfg
-
-
-def build_model(cfg: dict[str, Any], cond_dim: int = 0):
-    """The HDiT for a config; the conditioning inputs follow cfg['cond']."""
-    from hdit_train.diffusion import Denoiser
-    from hdit_train.model import HDiT, HDiTConfig
-
-    model_cfg = dict(cfg["model"])
-    kind = cfg["cond"]["kind"]
-    if kind == "class":
-        classes = cfg["cond"].get("classes")
-        model_cfg.setdefault("num_classes", len(classes) if classes else cfg["cond"].get("num_classes", 0))
-        if not model_cfg["num_classes"]:
-            raise ValueError("class conditioning needs cond.classes (a list) or model.num_classes")
-    elif kind == "clip":
-        model_cfg["mapping_cond_dim"] = cond_dim
-    elif kind != "none":
-        raise ValueError(f"cond.kind must be none, class or clip, not {kind!r}")
-    return Denoiser(HDiT(HDiTConfig.from_dict(model_cfg)), cfg["diffusion"]["sigma_data"])
-
-
-class Trainer:
-    """Model, EMA copy, AdamW and the RNG that draws σ, noise and condition dropout."""
-
-    def __init__(self, cfg: dict[str, Any], cond_dim: int = 0, device: str = "cpu"):
-        import torch
-
-        self.cfg, self.device, self.step = cfg, torch.device(device), 0
-        t = cfg["train"]
-        torch.manual_seed(t["seed"])
-        self.model = build_model(cfg, cond_dim).to(self.device)
-        self.model.inner.gradient_checkpointing = bool(t["gradient_checkpointing"])
-        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
-        self.opt = torch.optim.AdamW(self.model.inner.param_groups(t["weight_decay"]), lr=t["lr"],
-                                     betas=tuple(t["betas"]), eps=t["eps"], fused=True)
-        self.gen = torch.Generator(device=self.device).manual_seed(t["seed"] + 1)
-        from hdit_train.diffusion import TrainingLoss
-
-        self.train_model = TrainingLoss(self.model)
-        cuda = self.device.type == "cuda"
-        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and bool(t["bf16"]))
-        if cuda and t["compile"]:
-            self.train_model = torch.compile(self.train_model)
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
-            self.train_model = DistributedDataParallel(self.train_model, device_ids=[self.device] if cuda else None)
-
-    def lr(self) -> float:
-        """Linear warm-up to the peak rate, then constant."""
-        t = self.cfg["train"]
-        return t["lr"] * min(1.0, (self.step + 1) / max(1, t["warmup_steps"]))
-
-    def _cond_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """Model kwargs for a batch, with condition dropout (the CFG unconditional slot)."""
-        import torch
-
-        kind, p = self.cfg["cond"]["kind"], self.cfg["cond"]["dropout"]
-        n = batch["image"].shape[0]
-        drop = torch.rand(n, generator=self.gen, device=self.device) < p
-        if kind == "class":
-            labels = batch["class"].to(self.device)
-            return {"class_labels": labels.masked_fill(drop, self.model.inner.cfg.num_classes)}
-        if kind == "clip":
-            emb = batch["emb"].to(self.device).float()
-            text_prob = self.cfg["cond"].get("text_prob", 0.0)
-            if text_prob and "txt_emb" in batch:  # some samples conditioned on their caption instead
-                use_text = torch.rand(n, generator=self.gen, device=self.device) < text_prob
-                emb = torch.where(use_text[:, None], batch["txt_emb"].to(self.device).float(), emb)
-            xi = self.cfg["cond"].get("noise", 0.0)
-            if xi:  # LAFITE-style perturbation: robust to the text embeddings used at sampling
-                eps = torch.randn(emb.shape, generator=self.gen, device=self.device)
-                emb = emb + xi * eps / eps.norm(dim=1, keepdim=True) * emb.norm(dim=1, keepdim=True)
-                emb = emb / emb.norm(dim=1, keepdim=True)
-            return {"mapping_cond": emb * (~drop)[:, None]}
-        return {}
-
-    def train_step(self, batch: dict[str, Any]) -> float:
-        """One optimiser step on a batch; returns the mean loss."""
-        import torch
-
-        t, d = self.cfg["train"], self.cfg["diffusion"]
-        from hdit_train.diffusion import rand_cosine_interpolated
-
-        x = batch["image"].to(self.device)
-        cond = self._cond_inputs(batch)
-        sigma = rand_cosine_interpolated(x.shape[0], x.shape[-1], d["noise_d_low"], None, d["sigma_data"],
-                                         d["sigma_min"], d["sigma_max"], generator=self.gen,
-                                         device=self.device)
-        noise = torch.randn(x.shape, generator=self.gen, device=self.device)
-        for group in self.opt.param_groups:
-            group["lr"] = self.lr()
-        self.model.train()
-        with self.autocast:
-            loss = self.train_model(x, noise, sigma, cond).mean()
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if t["grad_clip"]:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), t["grad_clip"])
-        self.opt.step()
-        self.step += 1
-        self._update_ema()
-        return float(loss.detach())
-
-    def _update_ema(self) -> None:
-        import torch
-
-        decay = min(self.cfg["train"]["ema_decay"], (1 + self.step) / (10 + self.step))
-        with torch.no_grad():
-            for e, p in zip(self.ema.parameters(), self.model.parameters()):
-                e.lerp_(p, 1 - decay)
-            for e, b in zip(self.ema.buffers(), self.model.buffers()):
-                e.copy_(b)
-
-    def state_tensors(self) -> dict[str, Any]:
-        """Everything with tensors, flat, for safetensors."""
-        import torch
-
-        out = {f"model.{k}": v for k, v in self.model.state_dict().items()}
-        out.update({f"ema.{k}": v for k, v in self.ema.state_dict().items()})
-        for i, st in self.opt.state_dict()["state"].items():
-            for name, v in st.items():
-                out[f"opt.{i}.{name}"] = v if torch.is_tensor(v) else torch.tensor(v)
-        out["rng.gen"] = self.gen.get_state()
-        out["rng.torch"] = torch.get_rng_state()
-        return {k: v.detach().contiguous().cpu() for k, v in out.items()}
-
-    def load_tensors(self, tensors: dict[str, Any]) -> None:
-        """Inverse of state_tensors."""
-        self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        self.ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
-        opt_sd = self.opt.state_dict()
-        state: dict[int, dict[str, Any]] = {}
-        for k, v in tensors.items():
-            if k.startswith("opt."):
-                _, i, name = k.split(".", 2)
-                state.setdefault(int(i), {})[name] = v.to(self.device) if name != "step" else v
-        opt_sd["state"] = state
-        self.opt.load_state_dict(opt_sd)
-        self.gen.set_state(tensors["rng.gen"])
-        import torch
-
-        torch.set_rng_state(tensors["rng.torch"])
-
-
-def save_checkpoint(trainer: Trainer, out: Path, extra: dict[str, Any]) -> None:
-    """Write checkpoint.safetensors + state.json atomically (tmp file, then rename)."""
-    from safetensors.torch import save_file
-
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(trainer.state_tensors(), str(out / (CKPT + ".tmp")))
-    (out / (CKPT + ".tmp")).replace(out / CKPT)
-    state = {"step": trainer.step, "config": trainer.cfg, **extra}
-    (out / (STATE + ".tmp")).write_text(json.dumps(state, indent=2))
-    (out / (STATE + ".tmp")).replace(out / STATE)
-
-
-def _embed_missing(batch: dict[str, Any], encoder, captions: bool = False) -> None:
-    """Fill batch['emb'] with CLIP image embeddings computed for samples that had none, and
-    batch['txt_emb'] from the captions when `captions` (runs that also condition on text)."""
-    import numpy as np
-    import torch
-
-    if captions and "txt_emb" not in batch and "captions" in batch:
-        batch["txt_emb"] = torch.from_numpy(encoder.encode_texts(batch["captions"]).astype(np.float32))
-    if "emb" in batch or "clip_pixels" not in batch:
-        return
-    todo = [i for i, px in enumerate(batch["clip_pixels"]) if px is not None]
-    computed = encoder.encode_image_tensor(torch.stack([batch["clip_pixels"][i] for i in todo]))
-    embs = list(batch["emb_partial"])
-    for row, i in enumerate(todo):
-        embs[i] = computed[row]
-    batch["emb"] = torch.from_numpy(np.stack(embs).astype(np.float32))
-
-
-def _dist_setup() -> tuple[int, int, str]:
-    """(rank, world, device); initialises the process group only under torchrun with WORLD_SIZE>1."""
-    import torch
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
-    if world > 1:
-        import torch.distributed as dist
-
-        if device.startswith("cuda"):
-            torch.cuda.set_device(local)
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return rank, world, device
-
-
-def main(data: str, config: str, out: str, resume: bool = False, max_steps: int | None = None,
-         max_minutes: float | None = None) -> Path:
+def train(data: str, config: str, out: str, resume: bool = False, max_steps: int | None = None,
+          max_minutes: float | None = None) -> Path:
     """Train (or resume) a run; returns the run folder."""
-    import torch
+    from hdit_train.trainer import fit  # heavy (torch): after argument parsing, so --help answers at once
 
-    from hdit_train.data import ShardStream, batches, data_hash, manifest_clip_spec, modality_gap, read_manifest
-    from hdit_train.sample import save_sample_grid
-
-    cfg = load_config(config)
-    run = Path(out)
-    if resume:
-        if not (run / STATE).exists():
-            raise FileNotFoundError(f"--resume: no {STATE} in {run}")
-        cfg = json.loads((run / STATE).read_text())["config"]
-    if max_steps is not None:
-        cfg["train"]["max_steps"] = max_steps
-    if max_minutes is not None:
-        cfg["train"]["max_minutes"] = max_minutes
-    rank, world, device = _dist_setup()
-    if device == "cpu":
-        from pipelines.malloc import keep_freed_memory
-
-        keep_freed_memory(no_mmap=True)  # large activations reuse freed memory instead of page-faulting
-    manifest = read_manifest(data)
-    dhash = data_hash(data)
-    encoder, cond_dim, clip_spec, clip_gap = None, 0, None, None
-    if cfg["cond"]["kind"] == "clip":
-        from pipelines.encoders import load_clip
-
-        clip_spec = manifest_clip_spec(manifest) or cfg["cond"]["clip_spec"]
-        encoder = load_clip(clip_spec, device=device)
-        cond_dim = encoder.dim
-        if cfg["cond"].get("text_shift", True) and not cfg["cond"].get("text_prob"):
-            clip_gap = [round(float(v), 6) for v in modality_gap(data, encoder)]
-    trainer = Trainer(cfg, cond_dim, device)
-    consumed = 0
-    if resume:
-        from safetensors.torch import load_file
-
-        state = json.loads((run / STATE).read_text())
-        if state.get("data_hash") != dhash:
-            log.warning("resuming on different data: checkpoint hash %s, data hash %s", state.get("data_hash"), dhash)
-        trainer.load_tensors(load_file(str(run / CKPT), device="cpu"))
-        trainer.step, consumed = state["step"], state.get("samples_consumed", 0)
-        log.info("resumed %s at step %d", run, trainer.step)
-    if rank == 0:
-        run.mkdir(parents=True, exist_ok=True)
-        (run / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    t = cfg["train"]
-    stream = ShardStream(data, cfg["data"]["size"], cfg["cond"]["kind"], cfg["cond"]["class_field"],
-                         cfg["cond"]["classes"], encoder.preprocess if encoder else None,
-                         cfg["data"]["seed"], cfg["data"]["shuffle_buffer"], rank, world)
-    it = batches(stream.iterate(skip=consumed), t["batch_size"])
-    extra = lambda: {"data_hash": dhash, "clip_spec": clip_spec, "cond_dim": cond_dim, "clip_gap": clip_gap,  # noqa: E731
-                     "samples_consumed": stream.consumed, "manifest": manifest, "world_size": world}
-    n_params = sum(p.numel() for p in trainer.model.parameters())
-    log.info("model: %.2fM parameters; device %s; world %d", n_params / 1e6, device, world)
-    start, deadline = time.time(), (time.time() + 60 * t["max_minutes"]) if t["max_minutes"] else math.inf
-    window, t_win = [], time.time()
-    with open(run / "loss.jsonl", "a") if rank == 0 else open(os.devnull, "w") as loss_log:
-        while trainer.step < t["max_steps"] and time.time() < deadline:
-            batch = next(it)
-            if encoder is not None:
-                _embed_missing(batch, encoder, captions=bool(cfg["cond"].get("text_prob")))
-            window.append(trainer.train_step(batch))
-            s = trainer.step
-            if s % t["log_every"] == 0 or s == t["max_steps"]:
-                rate = len(window) * t["batch_size"] * world / (time.time() - t_win)
-                row = {"step": s, "loss": sum(window) / len(window), "lr": trainer.lr(),
-                       "img_per_s": rate, "elapsed_s": time.time() - start}
-                loss_log.write(json.dumps(row) + "\n")
-                loss_log.flush()
-                log.info("step %d loss %.4f %.1f img/s", s, row["loss"], rate)
-                window, t_win = [], time.time()
-            if rank == 0 and t["ckpt_every"] and s % t["ckpt_every"] == 0:
-                save_checkpoint(trainer, run, extra())
-            if rank == 0 and t["sample_every"] and s % t["sample_every"] == 0:
-                save_sample_grid(trainer.ema, cfg, encoder, run / "samples" / f"step_{s:06d}.png", device, clip_gap)
-    if rank == 0:
-        save_checkpoint(trainer, run, extra())
-        save_sample_grid(trainer.ema, cfg, encoder, run / "samples" / f"step_{trainer.step:06d}.png", device,
-                         clip_gap)
-    if stream.failed:
-        log.warning("%d samples could not be decoded and were skipped", stream.failed)
-    return run
+    return fit(data, config, out, resume, max_steps, max_minutes)
 
 
-def cli(argv: list[str] | None = None) -> None:
-    """Parse the command line and call main()."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    """The command line: parse it, then `train`."""
+    ap = argparse.ArgumentParser(prog="python -m hdit_train.train", description=__doc__.splitlines()[0])
     ap.add_argument("--data", required=True, help="export folder, shard folder, a .tar or a glob")
     ap.add_argument("--config", required=True, help="YAML config (see hdit_train/configs/)")
     ap.add_argument("--out", required=True, help="run folder")
@@ -335,9 +31,9 @@ def cli(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-steps", type=int, default=None, help="override train.max_steps")
     ap.add_argument("--max-minutes", type=float, default=None, help="stop after this wall time")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    main(args.data, args.config, args.out, args.resume, args.max_steps, args.max_minutes)
+    setup_logging()
+    print(train(args.data, args.config, args.out, args.resume, args.max_steps, args.max_minutes))
 
 
 if __name__ == "__main__":
-    cli()
+    main()

@@ -8,18 +8,21 @@ and write `indices/{modality}.index` + `{modality}.json` atomically.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import re
 import time
 from typing import Any
 
+import faiss
 import numpy as np
 
 from curation import schema as S
+from curation.storage import atomic_path, write_json
 from indices.select import choose_index, estimate_bytes, parse_bytes
 from indices.store import CollectionError, EmbeddingStore
+from indices.tune import exact_topk, tune
+from models.runtime import setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -27,29 +30,8 @@ MAX_TRAIN = 2**17
 N_QUERIES = 200
 
 
-def _atomic_write_index(index: Any, path: str) -> None:
-    import faiss
-
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        faiss.write_index(index, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _atomic_write_json(doc: dict[str, Any], path: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as fh:
-        json.dump(doc, fh, indent=2, default=float)
-    os.replace(tmp, path)
-
-
 def load_index(path: str, mmap: bool = True) -> Any:
     """Read an index; memory-mapped (read-only) where faiss supports it for that type."""
-    import faiss
-
     if not os.path.exists(path):
         raise CollectionError(f"{path}: no index; run `python -m indices.build` first")
     if mmap:
@@ -77,10 +59,6 @@ def build_one(root: str, modality: str, max_index_memory: int | str = "4G", max_
               index_key: str | None = None, target_recall: float = 0.95, seed: int = 0,
               n_queries: int = N_QUERIES) -> dict[str, Any]:
     """Build, tune and atomically write one modality's index; returns its json record."""
-    import faiss
-
-    from indices.tune import exact_topk, latency_ms, ann_search, tune
-
     t0 = time.perf_counter()
     store = EmbeddingStore.open(root, modality)
     n, dim = store.count, store.dim
@@ -110,7 +88,8 @@ def build_one(root: str, modality: str, max_index_memory: int | str = "4G", max_
     layout = S.CollectionLayout(root)
     os.makedirs(layout.indices_dir, exist_ok=True)
     path = layout.index(modality)
-    _atomic_write_index(index, path)
+    with atomic_path(path) as tmp:
+        faiss.write_index(index, tmp)
     size = os.path.getsize(path)
     depth = params.get("rerank_k", 0)
     doc = {
@@ -128,7 +107,7 @@ def build_one(root: str, modality: str, max_index_memory: int | str = "4G", max_
         "faiss_version": faiss.__version__, "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "sweep": table,
     }
-    _atomic_write_json(doc, layout.index_json(modality))
+    write_json(layout.index_json(modality), doc)
     log.info("%s: wrote %s (%d B, recall@10 %.3f, p99 %.2f ms)", modality, path, size,
              doc["recall_at_10"], doc["p99_ms"])
     return doc
@@ -166,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--target-recall", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    setup_logging()
     docs = build(a.collection, a.max_index_memory, a.max_query_ms, a.modality, a.index_key, a.target_recall, a.seed)
     for m, d in docs.items():
         print(f"{m}: {d['index_key']} params={d['params']} recall@10={d['recall_at_10']:.3f} "

@@ -14,10 +14,17 @@ import os
 import threading
 from typing import Any, Sequence
 
+import duckdb
 import numpy as np
+import pandas as pd
+import pyarrow as pa
 
 from curation import schema as S
-from indices.store import CollectionError, EmbeddingStore, read_collection_json, read_metadata
+from curation.storage import read_collection_json
+from indices.build import load_index
+from indices.store import CollectionError, EmbeddingStore, read_metadata
+from indices.tune import set_search_params
+from models.clip import load_clip
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +90,6 @@ class Searcher:
         mask = np.zeros(self.count, dtype=bool)
         if not os.path.exists(self.layout.takedown):
             return mask
-        import pandas as pd
-
         td = pd.read_parquet(self.layout.takedown)
         for col in (S.KEY, S.URL, S.SHA256):
             if col in td.columns and col in self.metadata.columns:
@@ -99,9 +104,6 @@ class Searcher:
         """(faiss index, its json, embedding store) for a modality, loaded once."""
         with self._lock:
             if modality not in self._indices:
-                from indices.build import load_index
-                from indices.tune import set_search_params
-
                 if modality not in S.MODALITIES:
                     raise QueryError(f"modality: unknown {modality!r}; expected one of {list(S.MODALITIES)}")
                 idx = load_index(self.layout.index(modality), self._mmap)
@@ -118,8 +120,6 @@ class Searcher:
     def encoder(self) -> Any:
         """The collection's CLIP model (collection.json's spec), loaded on first text/image query."""
         if self._encoder is None:
-            from pipelines.encoders import load_clip
-
             self._encoder = load_clip(self.info.get("clip_model", "sieve-tiny"))
         return self._encoder
 
@@ -203,9 +203,6 @@ class Searcher:
     def _filter(self, ids: np.ndarray, where: str) -> np.ndarray:
         """Boolean mask of ids whose metadata satisfies the SQL WHERE clause (DuckDB, sandboxed:
         the candidates are the only table, external access and configuration are locked)."""
-        import duckdb
-        import pyarrow as pa
-
         if ";" in where:
             raise QueryError("filters: one WHERE expression, no ';'")
         if not len(ids):

@@ -1,334 +1,45 @@
-"""HTTP kNN server wire-compatible with clip-retrieval's `clip back`.
+"""`python -m indices.serve --collection NAME=PATH [--collection ...] [--port 1234]`: the kNN server.
 
-    python -m indices.serve --collection NAME=PATH [--collection ...] [--port 1234]
-
-POST /knn-service, POST /metadata, GET /indices-list (clip back's contract) plus GET /health
-and Prometheus GET /metrics. Concurrent queries are micro-batched (one text encode and one
-faiss call per batch; texts run through the text tower only up to the batch's longest
-prompt, optionally with bf16 weights, see `pipelines.clip_speed`) and repeated queries are
-answered from an LRU cache. Bad requests get
-a 4xx JSON {"error": ...} naming the problem; the server keeps serving.
+HTTP, wire-compatible with clip-retrieval's `clip back` (its ClipClient works unchanged):
+POST /knn-service, POST /metadata, GET /indices-list, plus GET /health and Prometheus
+GET /metrics. The application is `indices.app.App`.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import base64
-import binascii
-import io
-import json
-import logging
-import time
-from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
-import numpy as np
-
-from pipelines.clip_speed import PRECISIONS
-
-log = logging.getLogger(__name__)
-
-MAX_BODY = 8 * 2**20
-MAX_BATCH = 64
-
-
-class BadRequest(Exception):
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-class Batcher:
-    """Collects concurrent queries and runs them together on one worker thread."""
-
-    def __init__(self, searcher: Any, executor: ThreadPoolExecutor, max_batch: int = MAX_BATCH,
-                 precision: str = "fp32") -> None:
-        self.searcher, self.executor, self.max_batch = searcher, executor, max_batch
-        self.precision = precision
-        self._text: Any = None
-        self.queue: asyncio.Queue | None = None
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self.batch_sizes: list[int] = []
-
-    async def submit(self, job: dict[str, Any]) -> list[dict[str, Any]]:
-        if self.loop is not asyncio.get_running_loop():  # first call, or a new event loop
-            self.loop, self.queue = asyncio.get_running_loop(), asyncio.Queue()
-            self.task = self.loop.create_task(self._run())
-        fut = asyncio.get_running_loop().create_future()
-        await self.queue.put((job, fut))
-        return await fut
-
-    async def _run(self) -> None:
-        assert self.queue is not None
-        while True:
-            batch = [await self.queue.get()]
-            while len(batch) < self.max_batch and not self.queue.empty():
-                batch.append(self.queue.get_nowait())
-            self.batch_sizes.append(len(batch))
-            results = await asyncio.get_running_loop().run_in_executor(self.executor, self._work, [b[0] for b in batch])
-            for (_, fut), res in zip(batch, results):
-                if not fut.done():
-                    (fut.set_exception(res) if isinstance(res, Exception) else fut.set_result(res))
-
-    def encode_texts(self, texts: list[str]) -> np.ndarray:
-        """Text embeddings for one batch: trimmed context, `precision` weights (a copy of the
-        collection's model, so image queries keep the original fp32 one). Encoders that are
-        not open_clip models (test stand-ins) are called as they are."""
-        enc = self.searcher.encoder
-        if not hasattr(enc, "model") or not hasattr(enc, "tokenizer"):
-            return enc.encode_texts(texts)
-        if self._text is None:
-            import copy
-
-            from pipelines.clip_speed import FastClip
-
-            # int8 kernels are CPU ones: an int8 text tower runs on the CPU whatever the images use
-            device = "cpu" if self.precision == "int8" else enc.device
-            self._text = FastClip(copy.deepcopy(enc.model), device, self.precision, trim_text=True)
-        return self._text.encode_text(enc.tokenizer(texts)).numpy()
-
-    def _work(self, jobs: list[dict[str, Any]]) -> list[Any]:
-        """Encode all texts in one call, then search per (modality, options) group."""
-        from indices.search import QueryError
-
-        vecs: list[Any] = [None] * len(jobs)
-        texts = [i for i, j in enumerate(jobs) if j.get("text") is not None]
-        try:
-            if texts:
-                enc = self.encode_texts([jobs[i]["text"] for i in texts])
-                for i, v in zip(texts, enc):
-                    vecs[i] = v
-            for i, j in enumerate(jobs):
-                if vecs[i] is None:
-                    vecs[i] = self.searcher.embed(image=j.get("image"), embedding=j.get("embedding"))
-        except (QueryError, ValueError, OSError) as exc:
-            return [BadRequest(str(exc))] * len(jobs)
-        out: list[Any] = [None] * len(jobs)
-        groups: dict[tuple, list[int]] = {}
-        for i, j in enumerate(jobs):
-            groups.setdefault((j["modality"], j["k"], j["deduplicate"], j["safe"]), []).append(i)
-        for (modality, k, dedup, safe), idx in groups.items():
-            q = np.stack([vecs[i] / max(np.linalg.norm(vecs[i]), 1e-12) for i in idx]).astype(np.float32)
-            try:
-                res = self.searcher.search_vectors(q, k, modality, None, dedup, safe)
-            except (QueryError, ValueError) as exc:
-                res = [BadRequest(str(exc))] * len(idx)
-            for i, r in zip(idx, res):
-                out[i] = r
-        return out
-
-
-class App:
-    """The aiohttp application over named Searchers."""
-
-    def __init__(self, collections: dict[str, str], searchers: dict[str, Any] | None = None,
-                 allow_image_url: bool = False, cache_size: int = 4096, max_body: int = MAX_BODY,
-                 precision: str = "fp32", max_batch: int = MAX_BATCH) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Histogram
-
-        from indices.search import Searcher
-
-        self.searchers = searchers or {name: Searcher(path) for name, path in collections.items()}
-        self.executor = ThreadPoolExecutor(1)
-        self.batchers = {n: Batcher(s, self.executor, max_batch, precision) for n, s in self.searchers.items()}
-        self.allow_image_url, self.max_body = allow_image_url, max_body
-        self.cache: OrderedDict[str, Any] = OrderedDict()
-        self.cache_size = cache_size
-        self.registry = CollectorRegistry()
-        self.requests = Counter("sieve_knn_requests", "requests by endpoint and status", ["endpoint", "status"], registry=self.registry)
-        self.latency = Histogram("sieve_knn_seconds", "knn-service latency", registry=self.registry)
-        self.cache_hits = Counter("sieve_knn_cache_hits", "knn queries answered from the cache", registry=self.registry)
-
-    def make(self) -> Any:
-        from aiohttp import web
-
-        app = web.Application(client_max_size=self.max_body, middlewares=[self._errors])
-        app.router.add_post("/knn-service", self.knn)
-        app.router.add_post("/metadata", self.metadata)
-        app.router.add_get("/indices-list", self.indices_list)
-        app.router.add_get("/health", self.health)
-        app.router.add_get("/metrics", self.metrics)
-        return app
-
-    @staticmethod
-    def _json(data: Any, status: int = 200) -> Any:
-        from aiohttp import web
-
-        return web.json_response(data, status=status, dumps=lambda d: json.dumps(d, allow_nan=False, default=float))
-
-    def _middleware_error(self, request: Any, status: int, message: str) -> Any:
-        self.requests.labels(request.path, str(status)).inc()
-        return self._json({"error": message}, status)
-
-    @property
-    def _errors(self) -> Any:
-        from aiohttp import web
-
-        @web.middleware
-        async def mw(request: Any, handler: Any) -> Any:
-            try:
-                resp = await handler(request)
-            except BadRequest as exc:
-                return self._middleware_error(request, exc.status, str(exc))
-            except web.HTTPRequestEntityTooLarge:
-                return self._middleware_error(request, 413, f"body larger than {self.max_body} bytes")
-            except web.HTTPException as exc:
-                return self._middleware_error(request, exc.status, exc.reason)
-            self.requests.labels(request.path, str(resp.status)).inc()
-            return resp
-        return mw
-
-    async def _body(self, request: Any) -> dict[str, Any]:
-        raw = await request.read()  # ClipClient sends JSON without a content type
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise BadRequest(f"body is not JSON: {exc}") from exc
-        if not isinstance(body, dict):
-            raise BadRequest("body must be a JSON object")
-        return body
-
-    def _searcher_name(self, body: dict[str, Any]) -> str:
-        name = body.get("indice_name")
-        if name is None:
-            raise BadRequest("missing field: indice_name")
-        if name not in self.searchers:
-            raise BadRequest(f"unknown index {name!r}; known: {sorted(self.searchers)}", 404)
-        return name
-
-    async def knn(self, request: Any) -> Any:
-        t0 = time.perf_counter()
-        body = await self._body(request)
-        name = self._searcher_name(body)
-        key = json.dumps(body, sort_keys=True)
-        if self.cache_size and key in self.cache:
-            self.cache.move_to_end(key)
-            self.cache_hits.inc()
-            return self._json(self.cache[key])
-        job = await self._job(body)
-        res = await self.batchers[name].submit(job)
-        num_images = job["num_images"]
-        res = res[:num_images]
-        if self.cache_size:
-            self.cache[key] = res
-            if len(self.cache) > self.cache_size:
-                self.cache.popitem(last=False)
-        self.latency.observe(time.perf_counter() - t0)
-        return self._json(res)
-
-    async def _job(self, body: dict[str, Any]) -> dict[str, Any]:
-        inputs = [f for f in ("text", "image", "image_url", "embedding_input") if body.get(f) not in (None, "")]
-        if not inputs:
-            raise BadRequest("missing field: one of text, image, image_url, embedding_input")
-        if len(inputs) > 1:
-            raise BadRequest(f"give one query input, got {inputs}")
-        modality = body.get("modality", "image")
-        if modality not in ("image", "text"):
-            raise BadRequest(f"modality: unknown {modality!r}; expected image or text")
-        try:
-            num_images = int(body.get("num_images", 40))
-            k = int(body.get("num_result_ids") or num_images)
-        except (TypeError, ValueError) as exc:
-            raise BadRequest(f"num_images / num_result_ids must be integers: {exc}") from exc
-        if not 1 <= num_images <= 10000 or not 1 <= k <= 10000:
-            raise BadRequest("num_images and num_result_ids must be within 1..10000")
-        job: dict[str, Any] = {"modality": modality, "num_images": num_images, "k": max(k, num_images),
-                               "deduplicate": bool(body.get("deduplicate", False)),
-                               "safe": bool(body.get("use_safety_model", False))}
-        # use_violence_detector, use_mclip, aesthetic_score/weight are accepted; Sieve has no
-        # violence prompts, multilingual CLIP or aesthetic embeddings, so they change nothing.
-        if "text" in inputs:
-            if not isinstance(body["text"], str):
-                raise BadRequest("text must be a string")
-            job["text"] = body["text"]
-        elif "embedding_input" in inputs:
-            emb = body["embedding_input"]
-            try:
-                job["embedding"] = np.asarray(emb, dtype=np.float32).reshape(-1)
-            except (TypeError, ValueError) as exc:
-                raise BadRequest(f"embedding_input must be a list of numbers: {exc}") from exc
-        else:
-            raw = await self._image_bytes(body, inputs[0])
-            from PIL import Image, UnidentifiedImageError
-
-            try:
-                img = Image.open(io.BytesIO(raw))
-                img.load()
-            except (UnidentifiedImageError, OSError) as exc:
-                raise BadRequest(f"{inputs[0]}: not a decodable image: {exc}") from exc
-            job["image"] = img.convert("RGB")
-        return job
-
-    async def _image_bytes(self, body: dict[str, Any], field: str) -> bytes:
-        if field == "image":
-            try:
-                return base64.b64decode(body["image"], validate=True)
-            except (binascii.Error, TypeError, ValueError) as exc:
-                raise BadRequest(f"image: bad base64: {exc}") from exc
-        if not self.allow_image_url:
-            raise BadRequest("image_url: fetching URLs is disabled on this server (start it with --allow-image-url)", 403)
-        import aiohttp
-
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:
-            try:
-                async with s.get(body["image_url"]) as r:
-                    if r.status != 200:
-                        raise BadRequest(f"image_url: HTTP {r.status}")
-                    return await r.content.read(self.max_body)
-            except aiohttp.ClientError as exc:
-                raise BadRequest(f"image_url: {exc}") from exc
-
-    async def metadata(self, request: Any) -> Any:
-        from indices.search import QueryError
-
-        body = await self._body(request)
-        name = self._searcher_name(body)
-        ids = body.get("ids")
-        if not isinstance(ids, list):
-            raise BadRequest("missing field: ids (a list of integers)")
-        try:
-            return self._json(self.searchers[name].metadata_for([int(i) for i in ids]))
-        except (QueryError, TypeError, ValueError) as exc:
-            raise BadRequest(str(exc)) from exc
-
-    async def indices_list(self, request: Any) -> Any:
-        return self._json(list(self.searchers))
-
-    async def health(self, request: Any) -> Any:
-        return self._json({"status": "ok", "indices": {n: s.modalities() for n, s in self.searchers.items()}})
-
-    async def metrics(self, request: Any) -> Any:
-        from aiohttp import web
-        from prometheus_client import generate_latest
-
-        return web.Response(body=generate_latest(self.registry), content_type="text/plain")
+from models.runtime import setup_logging
+from models.specs import PRECISIONS, check_precision
 
 
 def serve(collection: list[str], port: int = 1234, host: str = "127.0.0.1", allow_image_url: bool = False,
-          precision: str = "fp32", cache_size: int = 4096, max_batch: int = MAX_BATCH,
+          precision: str = "fp32", cache_size: int = 4096, max_batch: int | None = None,
           threads: int | None = None) -> None:
-    """Serve NAME=PATH collections until interrupted."""
-    from aiohttp import web
-
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
-
+    """Serve NAME=PATH collections until interrupted; max_batch None: the app's default."""
+    check_precision(precision)
     pairs = {}
     for c in collection:
         name, sep, path = c.partition("=")
         if not sep or not name or not path:
-            raise SystemExit(f"--collection: expected NAME=PATH, got {c!r}")
+            raise ValueError(f"--collection: expected NAME=PATH, got {c!r}")
         pairs[name] = path
-    app = App(pairs, allow_image_url=allow_image_url, precision=precision, cache_size=cache_size, max_batch=max_batch)
+    # heavy (torch, aiohttp, faiss): imported after argument parsing, so --help answers at once
+    import torch
+    from aiohttp import web
+
+    from indices.app import App  # same reason
+
+    if threads:
+        torch.set_num_threads(threads)
+    batching = {"max_batch": max_batch} if max_batch else {}
+    app = App(pairs, allow_image_url=allow_image_url, precision=precision, cache_size=cache_size, **batching)
     web.run_app(app.make(), host=host, port=port)
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m indices.serve", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m indices.serve", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--collection", action="append", required=True, help="NAME=PATH, repeatable")
     p.add_argument("--port", type=int, default=1234)
     p.add_argument("--host", default="127.0.0.1")
@@ -337,11 +48,15 @@ def main(argv: list[str] | None = None) -> None:
                    help="text tower weights; bf16 only where the CPU/GPU has native bf16 (else fp32); "
                         "int8 quantized, on the CPU")
     p.add_argument("--cache-size", type=int, default=4096, help="LRU entries of answered queries (0: off)")
-    p.add_argument("--max-batch", type=int, default=MAX_BATCH, help="most concurrent queries encoded together")
+    p.add_argument("--max-batch", type=int, default=None,
+                   help="most concurrent queries encoded together (default: indices.app.MAX_BATCH)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
-    serve(a.collection, a.port, a.host, a.allow_image_url, a.precision, a.cache_size, a.max_batch, a.threads)
+    setup_logging()
+    try:
+        serve(a.collection, a.port, a.host, a.allow_image_url, a.precision, a.cache_size, a.max_batch, a.threads)
+    except ValueError as exc:
+        p.error(str(exc))
 
 
 if __name__ == "__main__":

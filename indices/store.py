@@ -6,27 +6,20 @@ N (DESIGN.md), so every reader here walks parts in that order and never loads th
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from curation import schema as S
 
 
 class CollectionError(ValueError):
     """The collection folder is missing a file or field this stage needs."""
-
-
-def read_collection_json(root: str) -> dict[str, Any]:
-    """collection.json as a dict ({} when absent: tests and clip-retrieval folders lack it)."""
-    path = S.CollectionLayout(root).collection_json
-    if not os.path.exists(path):
-        return {}
-    with open(path) as fh:
-        return json.load(fh)
 
 
 def complete_parts(root: str) -> list[int]:
@@ -111,10 +104,6 @@ class EmbeddingStore:
 
 def read_metadata(root: str, columns: list[str] | None = None):
     """pyarrow Table of the successful rows of every complete part, in global-id order."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
     layout = S.CollectionLayout(root)
     tables = []
     for n in complete_parts(root):

@@ -10,6 +10,7 @@ import logging
 import time
 from typing import Any, Callable
 
+import faiss
 import numpy as np
 
 from indices.store import EmbeddingStore
@@ -44,8 +45,6 @@ def recall_at(found: np.ndarray, truth: np.ndarray, k: int = 10) -> float:
 
 def set_search_params(index: Any, params: dict[str, int]) -> None:
     """Apply nprobe / efSearch / quantizer_efSearch through faiss's ParameterSpace."""
-    import faiss
-
     text = ",".join(f"{k}={v}" for k, v in params.items() if k in ("nprobe", "efSearch", "quantizer_efSearch"))
     if text:
         faiss.ParameterSpace().set_index_parameters(index, text)

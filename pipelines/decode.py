@@ -13,6 +13,7 @@ import warnings
 from typing import Any
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from curation import schema as S
 from pipelines.phash import batchable, phash, phash_batch, phash_pixels, thumbnails_of
@@ -62,7 +63,7 @@ def _fast_jpeg(data: bytes, max_pixels: int) -> np.ndarray | None:
     """A colour JPEG decoded by simplejpeg (libjpeg-turbo's TurboJPEG API), or None to use PIL.
 
     For the small images of a typical shard PIL's per-image set-up costs more than the decode
-    itself: simplejpeg is about 2.7x cheaper here (bench/embed_stages.py) and gives PIL's pixels
+    itself: simplejpeg is cheaper (bench/results/embed_stages.json) and gives PIL's pixels
     (same library, same accurate IDCT and fancy upsampling; tests/test_readers.py). Only
     YCbCr files take this path; anything else, and any error, goes to PIL, which then gives
     the canonical status and message.
@@ -93,8 +94,6 @@ def decode_pixels(data: bytes, max_pixels: int):
 
 def decode_image(data: bytes, max_pixels: int):
     """`decode_pixels` as a PIL RGB image: (image, None, None) or (None, status, message)."""
-    from PIL import Image
-
     fast = _fast_jpeg(data, max_pixels)
     if fast is not None:
         return Image.fromarray(fast, "RGB"), None, None
@@ -103,8 +102,6 @@ def decode_image(data: bytes, max_pixels: int):
 
 def _pil_decode(data: bytes, max_pixels: int):
     """PIL for every format the fast path does not take; the source of every error message."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -168,60 +165,3 @@ def finish_phashes(rows: list[dict[str, Any]]) -> None:
         held[i] = thumb
     for row, value in zip(pending, phash_batch(held)):
         row[S.PHASH] = value
-
-
-def batch_normalizer(preprocess: Any):
-    """(size, mean, std) when `preprocess` is open_clip's resize/crop/to-tensor/normalize chain.
-
-    For an RGB image already size x size those steps are identity resize and crop, /255 and
-    normalize, so a whole batch can be done as one tensor op (`normalize_batch`) instead of
-    torchvision per image. Returns None for any other chain (the caller keeps `preprocess`).
-    """
-    names = [type(t).__name__ for t in getattr(preprocess, "transforms", [])]
-    expected = ["Resize", "CenterCrop", "ToTensor", "Normalize"]
-    kept = [n for n in names if n not in ("MaybeConvertMode", "_convert_to_rgb", "function")]
-    kept = ["ToTensor" if n == "MaybeToTensor" else n for n in kept]
-    if kept != expected:
-        return None
-    resize, crop, norm = preprocess.transforms[0], preprocess.transforms[1], preprocess.transforms[-1]
-    size = resize.size if isinstance(resize.size, int) else None
-    if isinstance(resize.size, (list, tuple)) and len(resize.size) == 1:
-        size = resize.size[0]
-    if size is None or tuple(crop.size) != (size, size) or getattr(resize, "max_size", None):
-        return None
-    return size, tuple(float(m) for m in norm.mean), tuple(float(s) for s in norm.std)
-
-
-def resize_crop(preprocess: Any):
-    """The chain's Resize then CenterCrop as one PIL -> PIL callable, when `batch_normalizer` takes the chain.
-
-    An RGB image of any other size then goes through these two PIL steps and joins the
-    batched normalisation as a uint8 array: the same values as the whole chain (ToTensor is
-    /255 of those pixels), without torchvision's per-image tensor ops, which cost about as
-    much again as the resize (bench.embed_gpu). Returns None for any other chain.
-    """
-    if batch_normalizer(preprocess) is None:
-        return None
-    steps = {type(t).__name__: t for t in preprocess.transforms}
-    resize, crop = steps["Resize"], steps["CenterCrop"]
-    return lambda img: crop(resize(img))
-
-
-def fits(img: Any, size: int) -> bool:
-    """Whether `img` (an RGB HWC array or a PIL image) can take the batched path: RGB, size x size."""
-    if isinstance(img, np.ndarray):
-        return img.shape == (size, size, 3)
-    return img.mode == "RGB" and img.size == (size, size)
-
-
-def normalize_batch(arrays: list[np.ndarray], mean, std):
-    """Stacked HWC uint8 arrays -> NCHW float32, the same values as ToTensor + Normalize."""
-    import torch
-
-    hwc = torch.from_numpy(np.stack(arrays))
-    n, h, w, c = hwc.shape
-    batch = torch.empty((n, c, h, w), dtype=torch.float32)
-    batch.copy_(hwc.permute(0, 3, 1, 2))  # layout and dtype in one pass, no uint8 NCHW copy
-    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-    return batch.div_(255).sub_(m).div_(s)

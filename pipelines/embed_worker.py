@@ -12,25 +12,32 @@ reuses it for every shard it is given.
 from __future__ import annotations
 
 import gc
+import io
 import logging
 import os
 import queue
 import socket
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
+import fsspec
 import numpy as np
+import pyarrow.parquet as pq
+import torch
+from distributed import get_worker
+from PIL import Image
 
 from curation import schema as S
-from pipelines.decode import (DEFAULT_MAX_PIXELS, batch_normalizer, decode_sample, empty_row, finish_phashes,
-                              fits, normalize_batch, resize_crop)
-from pipelines.malloc import keep_freed_memory
-from pipelines.readers import Shard, read_shard
-from pipelines.tokens import fast_tokenizer
-from pipelines.writer import write_part
+from models.clip import Clip, load_clip
+from models.runtime import cores, keep_freed_memory
+from pipelines.decode import DEFAULT_MAX_PIXELS, decode_sample, empty_row, finish_phashes
+from pipelines.readers import RawSample, Shard, read_shard
+from pipelines.scorers import load_scorer
+from pipelines.writer import metadata_table, write_part
 
 log = logging.getLogger(__name__)
 
@@ -77,147 +84,79 @@ def clear_cache() -> None:
         _CACHE.clear()
 
 
-class Embedder:
-    """A loaded encoder under the config's speed settings (see pipelines.clip_speed).
+def device_normalises(clip: Clip) -> bool:
+    """Whether the reader hands `clip` uint8 NHWC batches to normalise on its device.
 
-    Uses `FastClip` on the encoder's open_clip model when it has one, else the encoder's own
-    `encode_image_tensor` / `encode_texts`. `tokenize` runs in the reader thread.
+    On a GPU the CPU-side normalisation of 224 px batches would cap the reader; a CPU worker normalises in the reader, off the forward's thread.
     """
-
-    def __init__(self, encoder: Any, config: EmbedConfig):
-        from pipelines.clip_speed import FastClip
-
-        self.encoder = encoder
-        self.preprocess = encoder.preprocess
-        #: (size, mean, std) when images already at the model's size can skip per-image torchvision
-        self.batched = batch_normalizer(encoder.preprocess)
-        #: PIL resize + crop to the model's size, so other-sized images take the batched path too
-        self.resize_crop = resize_crop(encoder.preprocess)
-        self.dim = int(encoder.dim)
-        self.tokenizer = getattr(encoder, "tokenizer", None)
-        #: same ids as `tokenizer`, cheaper per caption for open_clip's SimpleTokenizer
-        self.fast_tokens = fast_tokenizer(self.tokenizer) if self.tokenizer is not None else None
-        model = getattr(encoder, "model", None)
-        self.device = str(config.device or getattr(encoder, "device", None) or "cpu")
-        self.fast = None
-        if model is not None and self.tokenizer is not None and hasattr(model, "visual"):
-            self.fast = FastClip(model, self.device, config.precision, **dict(config.clip_options))
-        #: hand FastClip uint8 NHWC batches to normalise on its device: on a GPU the CPU-side
-        #: normalisation of 224 px batches (~0.5 ms a sample on one core) would cap the reader
-        self.normalize_on_device = (self.fast is not None and self.batched is not None
-                                    and not self.device.startswith("cpu"))
-
-    def warm_up(self, batch_size: int) -> float:
-        """Run one full batch through decode, preprocess, tokenizer and both towers; return seconds.
-
-        The first batch of a process pays for lazy imports, kernel selection and the
-        allocator growing to a batch's working set. Paying it here, at load time, keeps it out
-        of the first shard, so per-sample cost does not depend on how many shards a worker gets.
-        """
-        import io
-
-        import torch
-        from PIL import Image
-
-        from pipelines.readers import RawSample
-
-        start = time.time()
-        side = self.batched[0] if self.batched is not None else 224
-        buf = io.BytesIO()
-        Image.new("RGB", (side, side), (127, 64, 32)).save(buf, format="JPEG")
-        captions = ["a warm-up caption"] * batch_size
-        made: dict[str, Any] = {}
-
-        def read_side() -> None:
-            row, pixels = decode_sample(RawSample("warm-up", buf.getvalue(), captions[0]), "warm-up",
-                                        defer_phash=True)
-            finish_phashes([row])
-            made["batch"] = self.stack([self.model_input(pixels)] * batch_size)
-            made["tokens"] = self.tokenize(captions)
-
-        if read_ahead(self, torch.get_num_threads()):  # the reader thread's malloc arena grows here
-            reader = threading.Thread(target=read_side, name="warm-up-read")
-            reader.start()
-            reader.join()
-        else:
-            read_side()
-        if "batch" not in made:
-            raise RuntimeError("warm-up: the reader side failed (see the thread's traceback above)")
-        batch = made["batch"]
-        with torch.inference_mode():
-            self.images(batch)
-            self.texts(captions, made["tokens"])
-        import fsspec
-        import pyarrow.parquet as pq
-
-        from pipelines.writer import metadata_table
-
-        fsspec.filesystem("file")  # the reader's and writer's first use otherwise lands in shard one
-        pq.write_table(metadata_table([empty_row(RawSample("warm-up", None, "x"), "warm-up")]), io.BytesIO())
-        return time.time() - start
-
-    def model_input(self, pixels: np.ndarray) -> Any:
-        """The array itself when the batched normaliser takes it, else the preprocessed tensor."""
-        if self.batched is not None and fits(pixels, self.batched[0]):
-            return pixels
-        from PIL import Image
-
-        image = Image.fromarray(pixels, "RGB")
-        if self.resize_crop is not None:
-            resized = np.asarray(self.resize_crop(image))
-            if fits(resized, self.batched[0]):
-                return resized
-        return self.preprocess(image)
-
-    def tokenize(self, captions: list[str]) -> Any:
-        return self.fast_tokens(captions) if self.fast is not None else None
-
-    def stack(self, items: list[Any]) -> Any:
-        """One batch from `model_input` results: NCHW float, or uint8 NHWC for `normalize_on_device`."""
-        if self.normalize_on_device and all(isinstance(x, np.ndarray) for x in items):
-            import torch
-
-            return torch.from_numpy(np.stack(items))
-        return _stack(items, self.batched)
-
-    def images(self, batch: Any) -> np.ndarray:
-        if self.fast is not None:
-            if batch.dtype.is_floating_point:
-                return _as_numpy(self.fast.encode_image(batch))
-            return _as_numpy(self.fast.encode_image(batch, normalize=self.batched[1:]))
-        return _as_numpy(self.encoder.encode_image_tensor(batch))
-
-    def texts(self, captions: list[str], tokens: Any = None) -> np.ndarray:
-        if self.fast is not None:
-            return _as_numpy(self.fast.encode_text(tokens if tokens is not None else self.tokenize(captions)))
-        return _as_numpy(self.encoder.encode_texts(captions))
+    return clip.prep.batched is not None and not clip.device.startswith("cpu")
 
 
-def get_encoder(config: EmbedConfig) -> tuple[Embedder, bool]:
-    """The CLIP encoder for this config, loaded once per worker process."""
-    def load():
-        from pipelines.encoders import load_clip
+def stack(clip: Clip, items: list[Any]) -> torch.Tensor:
+    """The batch the reader hands the model: uint8 NHWC for `device_normalises`, else float NCHW."""
+    return clip.prep.stack(items, keep_uint8=device_normalises(clip))
 
-        # speed settings (precision included) are applied by Embedder, on the fp32 model
-        encoder = load_clip(config.clip_model, device=config.device, batch_size=config.batch_size)
-        embedder = Embedder(encoder, config)
-        log.info("warm-up: %.2f s", embedder.warm_up(config.batch_size))
+
+#: samples in the warm-up batch: enough to load every kernel and thread pool once
+WARM_UP_BATCH = 16
+
+
+def warm_up(clip: Clip, batch_size: int = WARM_UP_BATCH) -> float:
+    """Run one small batch through decode, preprocess, tokenizer and both towers; return seconds.
+
+    The first batch of a process pays for lazy imports, kernel and thread-pool set-up. Paying
+    it here, at load time, keeps it out of the first shard, so per-sample cost does not depend
+    on how many shards a worker gets. The batch is small: a full one (256 samples of ViT-B-32
+    on one core) cost half a minute that a small job never got back, while the allocator
+    grows to a full batch's working set in the first real batch, doing real work.
+    """
+    start = time.time()
+    side = clip.prep.batched[0] if clip.prep.batched is not None else 224
+    buf = io.BytesIO()
+    Image.new("RGB", (side, side), (127, 64, 32)).save(buf, format="JPEG")
+    captions = ["a warm-up caption"] * batch_size
+    made: dict[str, Any] = {}
+
+    def read_side() -> None:
+        row, pixels = decode_sample(RawSample("warm-up", buf.getvalue(), captions[0]), "warm-up",
+                                    defer_phash=True)
+        finish_phashes([row])
+        made["batch"] = stack(clip, [clip.prep.model_input(pixels)] * batch_size)
+        made["tokens"] = clip.tokenize(captions)
+
+    if read_ahead(clip, torch.get_num_threads()):  # the reader thread's malloc arena grows here
+        reader = threading.Thread(target=read_side, name="warm-up-read")
+        reader.start()
+        reader.join()
+    else:
+        read_side()
+    if "batch" not in made:
+        raise RuntimeError("warm-up: the reader side failed (see the thread's traceback above)")
+    clip.encode_image_tensor(made["batch"])
+    clip.encode_text_tokens(made["tokens"])
+    fsspec.filesystem("file")  # the reader's and writer's first use otherwise lands in shard one
+    pq.write_table(metadata_table([empty_row(RawSample("warm-up", None, "x"), "warm-up")]), io.BytesIO())
+    return time.time() - start
+
+
+def get_encoder(config: EmbedConfig) -> tuple[Clip, bool]:
+    """The CLIP model under this config's speed settings, loaded (and warmed up) once per worker process."""
+    def load() -> Clip:
+        clip = load_clip(config.clip_model, device=config.device, batch_size=config.batch_size,
+                         precision=config.precision, **dict(config.clip_options))
+        log.info("warm-up: %.2f s", warm_up(clip))
         # the model, torch and every import are long-lived: keep them out of the cyclic GC, whose
-        # full passes over them cost ~0.17 s each inside a shard (seen in the first shard's tokenizer)
+        # full passes over them cost a visible pause inside a shard (seen in the first shard's tokenizer)
         gc.collect()
         gc.freeze()
-        return embedder
+        return clip
 
     return cached(("clip", config.clip_model, config.device, config.precision, config.clip_options), load)
 
 
 def get_scorer(name: str, device: str | None = None) -> Any:
     """A scorer from `pipelines.scorers`, loaded once per worker process."""
-    def load():
-        import torch
-
-        from pipelines.scorers import load_scorer
-
+    def load() -> Any:
         # one ONNX session per worker sized like the worker, not one using every core per worker
         opts = {"threads": torch.get_num_threads()} if name == "nsfw" else {}
         return load_scorer(name, **opts)
@@ -225,20 +164,11 @@ def get_scorer(name: str, device: str | None = None) -> Any:
     return cached(("scorer", name, device), load)[0]
 
 
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
 def _task_slots() -> int:
     """How many tasks this worker process runs at once (its Dask thread count)."""
     try:
-        from distributed import get_worker
-
         return max(1, get_worker().state.nthreads)
-    except (ImportError, ValueError, AttributeError):
+    except (ValueError, AttributeError):  # not inside a Dask worker
         return 1
 
 
@@ -248,9 +178,7 @@ def set_threads(threads: int | None) -> int:
     Dask's nanny starts workers with OMP_NUM_THREADS=1, so without this a worker would
     run the model on one core whatever the machine has.
     """
-    import torch
-
-    threads = threads or max(1, _cores() // _task_slots())
+    threads = threads or max(1, cores() // _task_slots())
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     return threads
@@ -284,12 +212,11 @@ def _put(q: queue.Queue, item: Any, stop: threading.Event) -> bool:
     return False
 
 
-def decode_threads(embedder: Embedder, threads: int, requested: int | None = None) -> int:
+def decode_threads(clip: Clip, threads: int, requested: int | None = None) -> int:
     """How many threads decode and preprocess images (1: the reader itself, no pool).
 
-    On a GPU one reader thread cannot keep up: ViT-B-32 forwards 2,500 samples/s in fp32 and
-    15,000 in bf16 on an H200, while one thread decodes and resizes a few hundred (measured
-    by bench.embed_gpu). JPEG decoding (simplejpeg) and PIL's resize release the GIL, so
+    On a GPU one reader thread cannot keep up: an H200 forwards ViT-B-32 many times faster than
+    one thread decodes and resizes (bench/results/embed_gpu.json, `pipeline_decode_pool`). JPEG decoding (simplejpeg) and PIL's resize release the GIL, so
     threads scale; a GPU worker gets one per torch thread but one. A CPU worker's cores are
     busy with its own forward, so it keeps the single reader.
     """
@@ -297,41 +224,38 @@ def decode_threads(embedder: Embedder, threads: int, requested: int | None = Non
         if requested < 1:
             raise ValueError(f"decode_threads must be >= 1, got {requested}")
         return requested
-    return max(1, threads - 1) if not embedder.device.startswith("cpu") else 1
+    return max(1, threads - 1) if not clip.device.startswith("cpu") else 1
 
 
-def _decode_one(raw: Any, url: str, config: EmbedConfig, embedder: Embedder,
+def _decode_one(raw: Any, url: str, config: EmbedConfig, clip: Clip,
                 defer_phash: bool = True) -> tuple[dict, Any, Any]:
     """(row, model input or None, pixels or None) for one raw sample; a preprocess failure is a status."""
     row, pixels = decode_sample(raw, url, config.max_pixels, defer_phash=defer_phash)
     if pixels is None:
         return row, None, None
     try:
-        return row, embedder.model_input(pixels), pixels
+        return row, clip.prep.model_input(pixels), pixels
     except (OSError, ValueError, RuntimeError) as exc:
         row[S.STATUS], row[S.ERROR] = S.STATUS_DECODE_ERROR, f"preprocess: {exc}"
         return row, None, None
 
 
-def _decoded(shard: Shard, config: EmbedConfig, embedder: Embedder, threads: int):
+def _decoded(shard: Shard, config: EmbedConfig, clip: Clip, threads: int):
     """`_decode_one` of every sample of the shard, in shard order, by `threads` threads.
 
     The pool also hashes each image: batched phash thumbnails (cheapest per image on one
-    thread) would leave ~1 ms a 256 px sample on the reader, which then caps the pool.
+    thread) would leave the reader the hashing of every large image, which then caps the pool.
     """
     if threads <= 1:
         for raw in read_shard(shard):
-            yield _decode_one(raw, shard.url, config, embedder)
+            yield _decode_one(raw, shard.url, config, clip)
         return
-    from collections import deque
-    from concurrent.futures import ThreadPoolExecutor
-
     window = 4 * threads  # samples in flight: bounded, so a shard of large images is never all in memory
     pending: deque = deque()
     with ThreadPoolExecutor(threads, thread_name_prefix=f"decode-{shard.name}") as pool:
         try:
             for raw in read_shard(shard):
-                pending.append(pool.submit(_decode_one, raw, shard.url, config, embedder, False))
+                pending.append(pool.submit(_decode_one, raw, shard.url, config, clip, False))
                 if len(pending) >= window:
                     yield pending.popleft().result()
             while pending:
@@ -341,18 +265,18 @@ def _decoded(shard: Shard, config: EmbedConfig, embedder: Embedder, threads: int
                 future.cancel()
 
 
-def _read_chunks(shard: Shard, config: EmbedConfig, embedder: Embedder, keep_images: bool, threads: int = 1):
+def _read_chunks(shard: Shard, config: EmbedConfig, clip: Clip, keep_images: bool, threads: int = 1):
     """Read, decode, preprocess and tokenize the shard into chunks of up to one batch of usable samples."""
     def ready(chunk: Chunk) -> Chunk:
         finish_phashes(chunk.rows)
         if chunk.captions:
-            chunk.tokens = embedder.tokenize(chunk.captions)
-            chunk.batch = embedder.stack(chunk.tensors)
+            chunk.tokens = clip.tokenize(chunk.captions)
+            chunk.batch = stack(clip, chunk.tensors)
             chunk.tensors = []
         return chunk
 
     chunk = Chunk()
-    for row, tensor, pixels in _decoded(shard, config, embedder, threads):
+    for row, tensor, pixels in _decoded(shard, config, clip, threads):
         chunk.rows.append(row)
         if tensor is None:
             continue
@@ -360,8 +284,6 @@ def _read_chunks(shard: Shard, config: EmbedConfig, embedder: Embedder, keep_ima
         chunk.tensors.append(tensor)
         chunk.captions.append(row[S.CAPTION])
         if keep_images:
-            from PIL import Image
-
             chunk.images.append(Image.fromarray(pixels, "RGB"))
         if len(chunk.ok_rows) >= config.batch_size:
             yield ready(chunk)
@@ -370,11 +292,11 @@ def _read_chunks(shard: Shard, config: EmbedConfig, embedder: Embedder, keep_ima
         yield ready(chunk)
 
 
-def _produce(shard: Shard, config: EmbedConfig, embedder: Embedder, keep_images: bool,
+def _produce(shard: Shard, config: EmbedConfig, clip: Clip, keep_images: bool,
              q: queue.Queue, stop: threading.Event, threads: int = 1) -> None:
     """The reader thread: `_read_chunks` into the queue; errors travel through the queue."""
     try:
-        for chunk in _read_chunks(shard, config, embedder, keep_images, threads):
+        for chunk in _read_chunks(shard, config, clip, keep_images, threads):
             if not _put(q, chunk, stop) or stop.is_set():
                 return
         _put(q, _END, stop)
@@ -382,44 +304,28 @@ def _produce(shard: Shard, config: EmbedConfig, embedder: Embedder, keep_images:
         _put(q, exc, stop)
 
 
-def _stack(items: list[Any], batched: tuple | None) -> Any:
-    """One NCHW batch from preprocessed tensors and uint8 arrays (normalised together, in order)."""
-    import torch
-
-    arrays = [i for i, x in enumerate(items) if isinstance(x, np.ndarray)]
-    if not arrays:
-        return torch.stack(items)
-    fast = normalize_batch([items[i] for i in arrays], batched[1], batched[2])
-    if len(arrays) == len(items):
-        return fast
-    out = list(items)
-    for j, i in enumerate(arrays):
-        out[i] = fast[j]
-    return torch.stack(out)
-
-
-def read_ahead(embedder: Embedder, threads: int) -> bool:
+def read_ahead(clip: Clip, threads: int) -> bool:
     """Whether to read in a thread beside the model, or between its batches.
 
     A thread pays where the model leaves a resource idle: a GPU, or a CPU worker with several
     torch threads (whose team would otherwise wait on decoding). A single-thread CPU worker,
     the default layout (one per core), has nothing to overlap with: a reader thread there only
-    interleaves with the forward on the same core, which cost the forward ~8% more CPU
-    (evicted caches) and the pipeline ~6% of its throughput (bench/embed.py, alternating runs).
+    interleaves with the forward on the same core, which cost the forward more CPU (evicted
+    caches) and the pipeline throughput (measured side by side with `python -m bench.embed`).
     """
-    return not embedder.device.startswith("cpu") or threads > 1
+    return not clip.device.startswith("cpu") or threads > 1
 
 
-def _chunks(shard: Shard, config: EmbedConfig, embedder: Embedder, keep_images: bool, ahead: bool = True,
+def _chunks(shard: Shard, config: EmbedConfig, clip: Clip, keep_images: bool, ahead: bool = True,
             threads: int = 1):
     """The shard's chunks, read ahead by a thread (errors re-raised here) or inline; `threads` decode."""
     if not ahead:
-        yield from _read_chunks(shard, config, embedder, keep_images, threads)
+        yield from _read_chunks(shard, config, clip, keep_images, threads)
         return
     q: queue.Queue = queue.Queue(maxsize=2)
     stop = threading.Event()
     thread = threading.Thread(target=_produce, name=f"read-{shard.name}", daemon=True,
-                              args=(shard, config, embedder, keep_images, q, stop, threads))
+                              args=(shard, config, clip, keep_images, q, stop, threads))
     thread.start()
     try:
         while True:
@@ -434,12 +340,6 @@ def _chunks(shard: Shard, config: EmbedConfig, embedder: Embedder, keep_images: 
         thread.join(timeout=30)
 
 
-def _as_numpy(x: Any) -> np.ndarray:
-    if hasattr(x, "detach"):
-        x = x.detach().float().cpu().numpy()
-    return np.asarray(x, dtype=np.float32)
-
-
 def worker_device(device: str | None) -> str | None:
     """The device this worker uses: with several GPUs visible, LocalCluster worker i takes GPU i mod count.
 
@@ -448,29 +348,25 @@ def worker_device(device: str | None) -> str | None:
     """
     if device not in (None, "cuda"):
         return device
-    import torch
-
     if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
         return device
     try:
-        from distributed import get_worker
-
         name = get_worker().name
-    except (ImportError, ValueError):
+    except ValueError:  # not inside a Dask worker
         return device
     if isinstance(name, str) and name.isdigit():
         name = int(name)
     return f"cuda:{name % torch.cuda.device_count()}" if isinstance(name, int) else device
 
 
-def prepare(config: EmbedConfig) -> tuple[Embedder, list[Any], int, bool]:
+def prepare(config: EmbedConfig) -> tuple[Clip, list[Any], int, bool]:
     """Set this worker up for `config`: allocator, threads, models (loaded once per process).
 
     Returns (encoder, scorers, torch threads, whether the encoder was already loaded). `embed`
     runs it once on every LocalCluster worker before the first shard, so no worker's model
     load overlaps another worker's shards.
     """
-    keep_freed_memory()  # Dask's nanny froze glibc's mmap threshold at 128 KiB (pipelines/malloc.py)
+    keep_freed_memory()  # Dask's nanny froze glibc's mmap threshold at 128 KiB (models/runtime.py)
     config = replace(config, device=worker_device(config.device))
     threads = set_threads(config.threads)
     encoder, cache_hit = get_encoder(config)
@@ -481,8 +377,6 @@ def prepare(config: EmbedConfig) -> tuple[Embedder, list[Any], int, bool]:
 def process_shard(shard: Shard, output: str, config: EmbedConfig,
                   input_fingerprint: dict[str, Any] | None = None) -> dict[str, Any]:
     """Embed and score every sample of `shard`, commit part `shard.index`, return its stats."""
-    import torch
-
     start = time.time()
     encoder, scorers, threads, cache_hit = prepare(config)
     load_s = time.time() - start
@@ -497,9 +391,8 @@ def process_shard(shard: Shard, output: str, config: EmbedConfig,
     for chunk in _chunks(shard, config, encoder, keep_images, read_ahead(encoder, threads), decoders):
         if chunk.ok_rows:
             t_model = time.perf_counter()
-            with torch.inference_mode():
-                img = encoder.images(chunk.batch)
-                txt = encoder.texts(chunk.captions, chunk.tokens)
+            img = encoder.encode_image_tensor(chunk.batch)
+            txt = encoder.encode_text_tokens(chunk.tokens)
             model_s += time.perf_counter() - t_model
             sims = np.einsum("ij,ij->i", img, txt)
             columns = {S.CLIP_SIMILARITY: sims}

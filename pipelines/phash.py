@@ -15,12 +15,13 @@ import math
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 THUMB = 32
 #: arrays up to this many pixels may be thumbnailed in numpy (stacked by shape); larger ones by PIL
 NUMPY_MAX_PIXELS = 512 * 512
 #: up to this many pixels stacking pays (one grey matmul for the chunk); above it one image at a
-#: time with PIL's grey is cheaper: 220 vs 420 us at 224 px, 55 vs 80 us at 64 px stacked 256 deep
+#: time with PIL's grey is cheaper (timed at 64 and 224 px with `python -m bench.embed_stages`)
 BATCH_MAX_PIXELS = 96 * 96
 _GREY = np.array([19595, 38470, 7471], np.float32)  # Pillow's rgb2l: (R, G, B) . w + 2^15 >> 16
 _BITS = 22  # Pillow's PRECISION_BITS for 8-bit resampling: 32 - 8 - 2
@@ -120,8 +121,6 @@ def _lanczos_grey(grey: np.ndarray) -> np.ndarray:
 
 def phash_pixels(img: Any) -> np.ndarray:
     """The 32x32 thumbnail of one image (PIL image of any mode, or an RGB HWC uint8 array)."""
-    from PIL import Image
-
     if isinstance(img, np.ndarray):
         if batchable(img.shape):
             return thumbnails(img[None])[0]

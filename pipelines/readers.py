@@ -18,6 +18,11 @@ import tarfile
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
+import pyarrow.parquet as pq
+from braceexpand import braceexpand
+
+from curation.storage import url_to_fs as _fs
+
 log = logging.getLogger(__name__)
 
 WEBDATASET = "webdataset"
@@ -59,12 +64,8 @@ class RawSample:
     caption: str | None
     meta: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
-
-
-def _fs(url: str):
-    import fsspec
-
-    return fsspec.core.url_to_fs(url)
+    #: the sample's other members by extension (an export's `img_emb.npy`, say), as bytes
+    other: dict[str, bytes] = field(default_factory=dict)
 
 
 def _full_url(fs, path: str) -> str:
@@ -111,8 +112,6 @@ def list_shards(input: str | Sequence[str], input_format: str = "auto") -> list[
     Brace patterns are expanded; globs are matched; a folder contributes its shards. Named
     files are kept even when absent, so a missing shard is reported by name, not skipped.
     """
-    from braceexpand import braceexpand
-
     if input_format not in ("auto", *FORMATS):
         raise ValueError(f"input_format must be auto or one of {FORMATS}, got {input_format!r}")
     specs = [input] if isinstance(input, str) else list(input)
@@ -168,7 +167,7 @@ def split_member(name: str) -> tuple[str, str]:
 
 
 def _sample_from_members(key: str, members: dict[str, bytes], error: str | None = None) -> RawSample:
-    """Assemble image bytes, caption and json metadata from one key's members."""
+    """Assemble image bytes, caption, json metadata and the other members from one key's members."""
     meta: dict[str, Any] = {}
     if "json" in members:
         try:
@@ -177,15 +176,13 @@ def _sample_from_members(key: str, members: dict[str, bytes], error: str | None 
                 meta = loaded
         except (UnicodeDecodeError, ValueError) as exc:
             log.warning("%s: unreadable json member (%s); metadata fields dropped", key, exc)
-    image = next((members[e] for e in IMAGE_EXTS if e in members), None)
-    caption = None
-    for ext in CAPTION_EXTS:
-        if ext in members:
-            caption = members[ext].decode("utf-8", errors="replace")
-            break
+    image_ext = next((e for e in IMAGE_EXTS if e in members), None)
+    caption_ext = next((e for e in CAPTION_EXTS if e in members), None)
+    caption = members[caption_ext].decode("utf-8", errors="replace") if caption_ext else None
     if caption is None and isinstance(meta.get("caption"), str):
         caption = meta["caption"]
-    return RawSample(key, image, caption, meta, error)
+    other = {ext: data for ext, data in members.items() if ext not in (image_ext, caption_ext, "json")}
+    return RawSample(key, members[image_ext] if image_ext else None, caption, meta, error, other)
 
 
 class TarCut(Exception):
@@ -243,7 +240,7 @@ def _buffered(fh, size: int = 1 << 20):
     """`fh` behind a 1 MiB read buffer.
 
     A shard of small samples is three reads per member (header, data, padding); through
-    fsspec's file wrapper each was a Python call chain and a syscall, 40% of the tar parse.
+    fsspec's file wrapper each was a Python call chain and a syscall, much of the tar parse.
     """
     return io.BufferedReader(fh, buffer_size=size)
 
@@ -364,8 +361,6 @@ def read_parquet(url: str) -> Iterator[RawSample]:
     A row group that fails to decode yields one errored sample per row it holds (the footer
     knows the count), keyed `{shard}_{row}` when the keys themselves are lost.
     """
-    import pyarrow.parquet as pq
-
     fs, path = _fs(url)
     try:
         fh = fs.open(path, "rb")

@@ -13,62 +13,23 @@ import hashlib
 import io
 import json
 import logging
-import os
 import tarfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 from PIL import Image
 
 from curation.schema import shard_name, stats_name
-from pipelines.scenes import (  # noqa: F401  (re-exported: the public sample API)
-    COLORS, SHAPES, WATERMARK_WORDS, add_watermark, available_fonts, make_caption, matches,
-    random_scene, render_scene,
-)
+from curation.storage import atomic_path, write_json
+from models.runtime import progress, setup_logging
+from models.scenes import make_sample
 
 log = logging.getLogger(__name__)
 URL_TEMPLATE = "http://sample.sieve.invalid/{key}.jpg"  # .invalid never resolves: clearly synthetic
-
-
-@dataclass
-class Sample:
-    """One generated pair: the decoded image, its caption, and the true attributes (the json)."""
-
-    key: str
-    image: Image.Image
-    caption: str
-    attrs: dict[str, Any]
-
-
-def _key(index: int, shard_size: int) -> str:
-    shard, within = divmod(index, shard_size)
-    digits = max(4, len(str(shard_size - 1)))
-    return f"{shard:05d}{within:0{digits}d}"
-
-
-def make_sample(index: int, size: int = 64, seed: int = 0, watermark_fraction: float = 0.0,
-                shard_size: int = 1000, object_sizes: Sequence[str] | None = None) -> Sample:
-    """The sample at `index` for `seed`: identical whatever the sharding or generation order."""
-    rng = np.random.default_rng([seed, index])
-    attrs = random_scene(rng, object_sizes)
-    caption, named = make_caption(attrs, rng)
-    image = render_scene(attrs, size, rng)
-    watermark = bool(rng.random() < watermark_fraction)
-    if watermark:
-        image = add_watermark(image, rng)
-    attrs.update(named=named, watermark=watermark, corrupt=False)
-    return Sample(_key(index, shard_size), image, caption, attrs)
-
-
-def iter_samples(n: int, size: int = 64, seed: int = 0, watermark_fraction: float = 0.0,
-                 start: int = 0, shard_size: int = 1000,
-                 object_sizes: Sequence[str] | None = None) -> Iterator[Sample]:
-    """Yield n generated samples in memory (no disk), for training and evaluation scripts."""
-    for index in range(start, start + n):
-        yield make_sample(index, size, seed, watermark_fraction, shard_size, object_sizes)
 
 
 def _jpeg(image: Image.Image) -> bytes:
@@ -96,15 +57,10 @@ def write_shard(out: Path, shard: int, indices: range, size: int, seed: int,
                 watermark_fraction: float, corrupt_fraction: float, shard_size: int,
                 object_sizes: Sequence[str] | None = None) -> dict[str, Any]:
     """Write one shard's tar, parquet and stats (stats last: its presence marks completion)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     start = time.time()
     rows: list[dict[str, Any]] = []
-    tar_path = out / shard_name(shard)
-    tmp = tar_path.with_suffix(".tar.tmp")
     mtime = 1_700_000_000  # fixed, so shards are byte-identical per seed
-    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+    with atomic_path(out / shard_name(shard)) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
         for index in indices:
             sample = make_sample(index, size, seed, watermark_fraction, shard_size, object_sizes)
             data = _jpeg(sample.image)
@@ -123,9 +79,8 @@ def write_shard(out: Path, shard: int, indices: range, size: int, seed: int,
             _add_member(tar, f"{sample.key}.jpg", data, mtime)
             _add_member(tar, f"{sample.key}.txt", sample.caption.encode(), mtime)
             _add_member(tar, f"{sample.key}.json", json.dumps(row).encode(), mtime)
-    os.replace(tmp, tar_path)
-    table = pa.Table.from_pylist(rows)
-    pq.write_table(table, out / shard_name(shard, "parquet"))
+    with atomic_path(out / shard_name(shard, "parquet")) as tmp:
+        pq.write_table(pa.Table.from_pylist(rows), tmp)
     stats = {
         "count": len(rows),
         "successes": len(rows),
@@ -139,7 +94,7 @@ def write_shard(out: Path, shard: int, indices: range, size: int, seed: int,
         "status_dict": {"success": len(rows)},
         "seed": seed, "size": size,
     }
-    (out / stats_name(shard)).write_text(json.dumps(stats, indent=2))
+    write_json(out / stats_name(shard), stats)
     return stats
 
 
@@ -156,10 +111,8 @@ def write_sample_dataset(out: str | Path, n: int, size: int = 64, seed: int = 0,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     totals = {"count": 0, "corrupt": 0, "watermarked": 0, "shards": 0}
-    from tqdm import tqdm
-
     n_shards = (n + shard_size - 1) // shard_size
-    for shard in tqdm(range(n_shards), desc="sample shards", unit="shard", disable=n_shards < 2):
+    for shard in progress(range(n_shards), desc="sample shards", unit="shard", disable=n_shards < 2):
         indices = range(shard * shard_size, min(n, (shard + 1) * shard_size))
         stats = write_shard(out, shard, indices, size, seed, watermark_fraction, corrupt_fraction, shard_size,
                             object_sizes)
@@ -183,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--object-sizes", default=None,
                         help="comma list of object sizes to draw from (small,medium,large; default all)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     totals = write_sample_dataset(args.out, args.n, args.size, args.seed, args.watermark_fraction,
                                   args.corrupt_fraction, args.shard_size,
                                   args.object_sizes.split(",") if args.object_sizes else None)

@@ -1,20 +1,28 @@
 #!/usr/bin/env bash
 # `make demo`: the whole Sieve flow on generated data, on a laptop, offline.
-# Each step is the same CLI a user runs by hand; reruns reuse what is already built.
+# Each step is the same command a user runs by hand; reruns reuse what is already built.
 set -euo pipefail
 DEMO=${DEMO:-demo}
 PY=${PY:-.venv/bin/python}
 mkdir -p "$DEMO"
 
-step() { printf '\n== %s\n' "$*"; }
+started=$SECONDS
+last=$SECONDS
+step() {
+  if [ "$last" != "$SECONDS" ] || [ "$started" != "$SECONDS" ]; then
+    printf '   (%d s)\n' $((SECONDS - last))
+  fi
+  last=$SECONDS
+  printf '\n== %s\n' "$*"
+}
 
 step "1/6 generate sample shards (img2dataset webdataset format)"
 [ -f "$DEMO/shards/00001_stats.json" ] || \
   $PY -m pipelines.sample --out "$DEMO/shards" --n 2000 --shard-size 1000 --corrupt-fraction 0.02
 
-step "2/6 the offline models: sieve-tiny CLIP and the watermark detector (trained once, cached)"
-$PY -c 'from pipelines.encoders import load_clip; e = load_clip("sieve-tiny"); print("sieve-tiny dim", e.dim)'
-$PY -c 'from pipelines.scorers import load_scorer; load_scorer("watermark"); print("watermark detector ready")'
+step "2/6 the bundled models: sieve-tiny CLIP and the watermark detector (trained once, cached)"
+$PY -m models.train sieve-tiny --if-missing
+$PY -m models.train watermark --if-missing
 
 step "3/6 embed + score the shards into a collection (Dask; finished parts are skipped)"
 $PY -m pipelines.embed "$DEMO/shards" "$DEMO/collection" --scores nsfw,watermark,toxicity
@@ -35,7 +43,7 @@ step "6/6 train a small HDiT on the shards for 2 minutes, then sample from it"
   $PY -m hdit_train.train --data "$DEMO/shards" --config hdit_train/configs/demo.yaml --out "$DEMO/hdit" --max-minutes 2
 $PY -m hdit_train.sample --ckpt "$DEMO/hdit" --prompt "a red circle" --n 8 --steps 50 --sampler dpmpp_2m_sde --cfg 4 --sigma-max 20 --out "$DEMO/hdit_grid.png"
 
-step "built"
+step "built in $((SECONDS - started)) s"
 echo "  shards:      $DEMO/shards      ($(ls "$DEMO"/shards/*.tar | wc -l) tar shards)"
 echo "  collection:  $DEMO/collection  (metadata/, img_emb/, text_emb/, _done/, indices/)"
 echo "  HDiT run:    $DEMO/hdit        (checkpoint.safetensors, loss.jsonl, samples/)"

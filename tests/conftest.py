@@ -1,19 +1,17 @@
-"""Shared fixtures: the bundled tiny CLIP, trained once per cache and reused across sessions."""
+"""Shared fixtures: the bundled tiny CLIP, trained once into the shared cache and reused across sessions.
+
+The tests use the same cache as the demo (`$SIEVE_CACHE`, else ~/.cache/sieve): a cached model
+is current only when it was trained with today's recipe (models.cache), so sharing is safe.
+"""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="session")
 def tiny_clip():
-    """`load_clip("sieve-tiny")` on CPU, with SIEVE_CACHE at <repo>/.cache/sieve unless already set."""
-    os.environ.setdefault("SIEVE_CACHE", str(REPO / ".cache" / "sieve"))
-    from pipelines.encoders import load_clip
+    """`load_clip("sieve-tiny")` on CPU (trained first, in a child process, if the cache lacks it)."""
+    from models.clip import load_clip
 
     return load_clip("sieve-tiny", device="cpu")

@@ -17,9 +17,9 @@ import pandas as pd
 import pytest
 
 from curation import schema as S
+from models.int8 import int8_supported
 from pipelines import embed_worker
 from pipelines.embed import EmbedJobError, embed
-from pipelines.int8 import int8_supported
 from tests.test_readers import sample_members, tricky_members, write_tar
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -105,7 +105,7 @@ def test_collection_rows_statuses_and_aligned_embeddings(clean):
     doc = json.loads((out / S.COLLECTION_JSON).read_text())
     assert doc["clip_model"] == "sieve-tiny" and doc["emb_dim"] == img[0].shape[1]
     assert doc["schema_version"] == S.SCHEMA_VERSION
-    assert not list(out.rglob("*.tmp"))
+    assert not list(out.rglob("*.tmp*"))  # temporary names are <file>.tmp<pid> (curation.storage)
 
 
 def test_each_worker_loads_the_model_once(clean):
@@ -138,8 +138,9 @@ def test_killed_part_way_then_rerun_matches_clean_run(shards, client, clean, tmp
 
     def dying_write(output, n, rows, img_emb, text_emb, stats):
         if n == 1:  # die mid-commit: embeddings written, metadata and marker not
-            from pipelines.writer import _npy_bytes, _put_bytes
-            _put_bytes(S.CollectionLayout(output).img_emb(n), _npy_bytes(img_emb))
+            from curation.storage import write_bytes
+            from pipelines.writer import npy_bytes
+            write_bytes(S.CollectionLayout(output).img_emb(n), npy_bytes(img_emb))
             raise RuntimeError("worker killed")
         real_write(output, n, rows, img_emb, text_emb, stats)
 
@@ -214,9 +215,9 @@ def test_fsspec_memory_input_and_output(client):
         fs.rm("/embed-test", recursive=True)
 
 
-def _stand_in_scorers() -> types.ModuleType:
+def _stand_in_scorers() -> types.SimpleNamespace:
     """A fake pipelines.scorers with the agreed interface, for the plumbing test."""
-    mod = types.ModuleType("pipelines.scorers")
+    mod = types.SimpleNamespace()
 
     class Fake:
         def __init__(self, name, column, kind):
@@ -236,7 +237,12 @@ def _stand_in_scorers() -> types.ModuleType:
 
 @pytest.fixture
 def stand_in_scorers(monkeypatch):
-    monkeypatch.setitem(sys.modules, "pipelines.scorers", _stand_in_scorers())
+    """The worker's `load_scorer` (imported from pipelines.scorers) replaced; the in-process cluster sees it."""
+    from pipelines.scorers import SCORER_NAMES
+
+    fake = _stand_in_scorers()
+    assert fake.SCORER_NAMES == SCORER_NAMES  # pipelines.embed checks --scores against the real names
+    monkeypatch.setattr(embed_worker, "load_scorer", fake.load_scorer)
     embed_worker.clear_cache()
     yield
     embed_worker.clear_cache()  # drop the fakes from the per-process model cache
@@ -327,9 +333,9 @@ def test_cli_help_is_instant_and_imports_nothing_heavy():
 
 
 def test_default_cluster_uses_every_core_without_idle_workers(monkeypatch):
-    from pipelines import embed as E
+    from pipelines import cluster as E
 
-    monkeypatch.setattr(E, "_cores", lambda: 8)
+    monkeypatch.setattr(E, "cores", lambda: 8)
     assert E.default_cluster_size() == (8, 1)                 # CPU: a single-thread worker per core
     assert E.default_cluster_size(tasks=3) == (3, 2)          # no more workers than shards
     assert E.default_cluster_size(gpu=True) == (2, 4)         # GPU: a worker per 4 cores, sharing it
@@ -358,7 +364,7 @@ def test_reading_ahead_inline_and_by_a_decode_pool_give_the_same_part(shards, tm
         monkeypatch.setattr(embed_worker, "read_shard", failing)
     parts = {}
     for name, ahead, decoders in (("thread", True, None), ("inline", False, None), ("pool", True, 3)):
-        monkeypatch.setattr(embed_worker, "read_ahead", lambda embedder, threads, a=ahead: a)
+        monkeypatch.setattr(embed_worker, "read_ahead", lambda clip, threads, a=ahead: a)
         out = tmp_path / name
         config = embed_worker.EmbedConfig(batch_size=BATCH, decode_threads=decoders)
         if broken:
@@ -378,16 +384,16 @@ def test_reading_ahead_inline_and_by_a_decode_pool_give_the_same_part(shards, tm
 
 
 def test_workers_spread_over_several_gpus(monkeypatch):
-    import distributed
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     for name, expected in ((0, "cuda:0"), (3, "cuda:1"), ("2", "cuda:0")):
-        monkeypatch.setattr(distributed, "get_worker", lambda n=name: types.SimpleNamespace(name=n))
+        # the worker module's own name for distributed.get_worker (imported at its top)
+        monkeypatch.setattr(embed_worker, "get_worker", lambda n=name: types.SimpleNamespace(name=n))
         assert embed_worker.worker_device(None) == embed_worker.worker_device("cuda") == expected
     # a worker named otherwise keeps the device it was given
-    monkeypatch.setattr(distributed, "get_worker", lambda: types.SimpleNamespace(name="gpu-a"))
+    monkeypatch.setattr(embed_worker, "get_worker", lambda: types.SimpleNamespace(name="gpu-a"))
     assert embed_worker.worker_device("cuda") == "cuda" and embed_worker.worker_device(None) is None
     assert embed_worker.worker_device("cuda:1") == "cuda:1" and embed_worker.worker_device("cpu") == "cpu"
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
@@ -413,7 +419,7 @@ def _part(out: Path, n: int):
 
 def test_local_cluster_workers_run_quiet_unless_the_environment_says_otherwise(monkeypatch):
     """The LocalCluster's workers get QUIET_CLUSTER; a DASK_... variable the user set wins."""
-    from pipelines import embed as E
+    from pipelines import cluster as E
 
     import dask
 
@@ -422,7 +428,7 @@ def test_local_cluster_workers_run_quiet_unless_the_environment_says_otherwise(m
     chosen = E._quiet_cluster_config()
     assert "distributed.worker.memory.monitor-interval" not in chosen
     assert chosen["distributed.worker.profile.enabled"] is False
-    client, cluster = E._client(None, 1)
+    client, cluster = E.start_client(None, 1)
     try:
         keys = list(E.QUIET_CLUSTER)
         seen = list(client.run(lambda: [dask.config.get(k) for k in keys]).values())[0]
@@ -437,14 +443,14 @@ def test_local_cluster_workers_run_quiet_unless_the_environment_says_otherwise(m
 
 def test_single_thread_cpu_workers_share_one_malloc_arena(monkeypatch):
     """CPU workers of one thread start with MALLOC_ARENA_MAX=1 (a user's value wins); GPU ones don't."""
-    from pipelines import embed as E
+    from pipelines import cluster as E
 
     def arena_max():
         return os.environ.get("MALLOC_ARENA_MAX")
 
     monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
     for kwargs, expected in (({}, "1"), ({"gpu": True}, None)):
-        client, cluster = E._client(None, 1, **kwargs)
+        client, cluster = E.start_client(None, 1, **kwargs)
         try:
             assert set(client.run(arena_max).values()) == {expected}, kwargs
         finally:
@@ -452,7 +458,7 @@ def test_single_thread_cpu_workers_share_one_malloc_arena(monkeypatch):
             cluster.close()
         monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)  # the nanny copies it here too
     monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
-    client, cluster = E._client(None, 1)
+    client, cluster = E.start_client(None, 1)
     try:
         assert set(client.run(arena_max).values()) == {"4"}
     finally:

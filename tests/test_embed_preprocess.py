@@ -1,19 +1,28 @@
 """The batched preprocess fast path gives the same tensors as open_clip's per-image preprocess."""
 
+import types
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from pipelines.decode import batch_normalizer, fits, resize_crop
-from pipelines.embed_worker import _stack
+from models.preprocess import Preprocessor, batch_normalizer, fits, resize_crop
+
+
+def _stack(items, preprocess):
+    """The batch `Preprocessor.stack` makes of `model_input` results (was embed_worker._stack)."""
+    return Preprocessor(preprocess).stack(items)
 
 
 @pytest.fixture(scope="module")
-def preprocess():
-    from pipelines.encoders import load_clip
+def clip(tiny_clip):
+    return tiny_clip
 
-    return load_clip("sieve-tiny").preprocess
+
+@pytest.fixture(scope="module")
+def preprocess(clip):
+    return clip.preprocess
 
 
 def _images(size: int, n: int, seed: int = 0) -> list[Image.Image]:
@@ -43,13 +52,13 @@ def test_mixed_batch_equals_per_image_preprocess(preprocess):
     items = [np.asarray(i) if fits(i, size) else preprocess(i) for i in imgs]
     assert sum(isinstance(x, np.ndarray) for x in items) == 3
     expected = torch.stack([preprocess(i) for i in imgs])
-    assert torch.equal(_stack(items, batch_normalizer(preprocess)), expected)
+    assert torch.equal(_stack(items, preprocess), expected)
 
 
 def test_all_fast_batch_equals_per_image_preprocess(preprocess):
     size, _, _ = batch_normalizer(preprocess)
     imgs = _images(size, 5, 3)
-    got = _stack([np.asarray(i) for i in imgs], batch_normalizer(preprocess))
+    got = _stack([np.asarray(i) for i in imgs], preprocess)
     assert torch.equal(got, torch.stack([preprocess(i) for i in imgs]))
 
 
@@ -65,7 +74,7 @@ def test_resized_images_join_the_batch_with_identical_values(preprocess, chain):
     imgs.append(Image.fromarray(np.random.default_rng(4).integers(0, 256, (size + 9, size // 2, 3), np.uint8)))
     arrays = [np.asarray(resize_crop(preprocess)(i)) for i in imgs]
     assert all(fits(a, size) for a in arrays)
-    got = _stack(arrays, batch_normalizer(preprocess))
+    got = _stack(arrays, preprocess)
     assert torch.equal(got, torch.stack([preprocess(i) for i in imgs]))
 
 
@@ -75,31 +84,27 @@ def test_resize_crop_only_for_recognised_chains():
     assert resize_crop(T.Compose([T.Resize(64), T.ToTensor()])) is None
 
 
-def test_worker_model_input_resizes_into_the_batched_path(preprocess):
-    from pipelines.embed_worker import EmbedConfig, Embedder
-    from pipelines.encoders import load_clip
-
-    embedder = Embedder(load_clip("sieve-tiny"), EmbedConfig())
-    size = embedder.batched[0]
+def test_worker_model_input_resizes_into_the_batched_path(clip, preprocess):
+    size = clip.prep.batched[0]
     pixels = np.asarray(_images(size + 13, 1, 5)[0])
-    got = embedder.model_input(pixels)
+    got = clip.prep.model_input(pixels)
     assert isinstance(got, np.ndarray) and got.shape == (size, size, 3)
     expected = preprocess(Image.fromarray(pixels))
-    assert torch.equal(_stack([got], embedder.batched)[0], expected)
+    assert torch.equal(clip.prep.stack([got])[0], expected)
 
 
-def test_uint8_batches_normalised_by_the_model_give_the_same_embeddings(preprocess):
+def test_uint8_batches_normalised_by_the_model_give_the_same_embeddings(clip):
     """The GPU path (uint8 NHWC batch, normalised where the model runs) equals the CPU path."""
-    from pipelines.embed_worker import EmbedConfig, Embedder
-    from pipelines.encoders import load_clip
+    from pipelines import embed_worker
 
-    embedder = Embedder(load_clip("sieve-tiny"), EmbedConfig())
-    assert not embedder.normalize_on_device  # a CPU worker normalises in its reader
-    size = embedder.batched[0]
+    assert not embed_worker.device_normalises(clip)  # a CPU worker normalises in its reader
+    size = clip.prep.batched[0]
     items = [np.asarray(i) for i in _images(size, 4, 6)]
-    floats = embedder.stack(items)
-    embedder.normalize_on_device = True
-    raw = embedder.stack(items)
+    floats = embed_worker.stack(clip, items)
+    assert floats.dtype == torch.float32 and floats.shape == (4, 3, size, size)
+    on_gpu = types.SimpleNamespace(device="cuda:0", prep=clip.prep)  # the same model as a GPU worker holds it
+    assert embed_worker.device_normalises(on_gpu)
+    raw = embed_worker.stack(on_gpu, items)
     assert raw.dtype == torch.uint8 and raw.shape == (4, size, size, 3)
     with torch.inference_mode():
-        assert np.array_equal(embedder.images(raw), embedder.images(floats))
+        assert np.array_equal(clip.encode_image_tensor(raw), clip.encode_image_tensor(floats))

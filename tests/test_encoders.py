@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.cache import cache_dir
-from pipelines.encoders import load_clip
+from models.cache import cache_dir
+from models.clip import load_clip
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -53,7 +53,7 @@ def test_bad_precision_and_batch_size():
 
 def test_hub_spec_offline_fails_fast_with_instructions():
     """A real pretrained tag cannot be fetched here: the error says so and how to pass a checkpoint."""
-    code = ("from pipelines.encoders import load_clip\n"
+    code = ("from models.clip import load_clip\n"
             "try:\n    load_clip('open_clip:ViT-B-32/laion2b_s34b_b79k', device='cpu')\n"
             "except RuntimeError as e:\n    print('ERR', e)\n")
     env = dict(os.environ, HF_HUB_OFFLINE="1")
@@ -65,7 +65,7 @@ def test_hub_spec_offline_fails_fast_with_instructions():
 
 
 def _held_out(n, seed=4242):
-    from pipelines.sample import iter_samples
+    from models.scenes import iter_samples
 
     return list(iter_samples(n, size=64, seed=seed))
 
@@ -105,7 +105,7 @@ def test_bf16_is_close_to_fp32(tiny_clip):
 
 
 def tiny_clip_dir() -> Path:
-    from pipelines.encoders import tiny_dir
+    from models.clip import tiny_dir
 
     return tiny_dir()
 
@@ -153,7 +153,7 @@ def test_tiny_clip_ranks_own_caption_first(tiny_clip):
 
 def test_shape_swapped_negative_changes_only_the_shape_noun():
     """Hard negatives for sieve-tiny training: same caption, another shape, number kept."""
-    from pipelines.train_clip import swap_shape
+    from models.tiny_clip import swap_shape
 
     attrs = {"shape": "cross", "count": 2}
     assert swap_shape("two small red crosses on a blue background", attrs, "star") == \
@@ -166,7 +166,7 @@ def test_shape_swapped_negative_changes_only_the_shape_noun():
 
 def test_tiny_clip_tells_shapes_apart_when_colour_is_fixed(tiny_clip):
     """Captions that differ only in shape: the true one ranks first for most held-out images."""
-    from pipelines.sample import SHAPES
+    from models.scenes import SHAPES
 
     samples = [s for s in _held_out(200) if s.attrs["size"] != "small"][:60]
     img = tiny_clip.encode_images([s.image for s in samples])

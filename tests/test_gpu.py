@@ -10,10 +10,10 @@ the carried sieve-tiny):
 dry-run the file's logic on a machine without a GPU (slow; every comparison is then cpu vs
 cpu). Thresholds are for the GPU.
 
-- FastClip (the embed worker's encoder) and ClipEncoder on the device: bf16 within 0.995 mean
-  cosine of fp32 for sieve-tiny and seeded random ViT-B-32; channels_last, compile and
-  trim_text within 0.999 of fp32 eager; the device's fp32 within 0.999 of the CPU's; uint8
-  batches normalised on the device as CPU-normalised ones.
+- `models.clip.Clip` (the one encoder: the embed worker's, search's, the server's) on the
+  device: bf16 within 0.995 mean cosine of fp32 for sieve-tiny and seeded random ViT-B-32;
+  channels_last, compile and trim_text within 0.999 of fp32 eager; the device's fp32 within
+  0.999 of the CPU's; uint8 batches normalised on the device as CPU-normalised ones.
 - `pipelines.embed.embed` on the default GPU cluster (workers sharing the GPU, each with a
   decode pool, uint8 batches) vs on CPU:
   same rows, statuses and parts, embeddings within 0.999 (fp32) / 0.99 (bf16) mean cosine.
@@ -37,7 +37,6 @@ import numpy as np
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
 DEVICE = os.environ.get("SIEVE_GPU_TEST_DEVICE", "cuda")
 _AVAILABLE = torch.cuda.is_available() if DEVICE.startswith("cuda") else True
 
@@ -82,28 +81,23 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _cache_env():
-    """SIEVE_CACHE defaults to <repo>/.cache/sieve (as tests/conftest.py does), before any worker starts."""
-    os.environ.setdefault("SIEVE_CACHE", str(REPO / ".cache" / "sieve"))
-    yield
-
-
 @pytest.fixture(scope="module")
-def tiny_ready(_cache_env):
-    """sieve-tiny must already be in SIEVE_CACHE: training it here would take minutes."""
-    from pipelines.encoders import _tiny_ready, tiny_dir
+def tiny_ready():
+    """sieve-tiny (today's recipe) must already be in the cache ($SIEVE_CACHE, else ~/.cache/sieve):
+    training it here would take minutes."""
+    from models.cache import BUNDLED
+    from models.specs import TINY_NAME
 
-    folder = tiny_dir()
-    if not _tiny_ready(folder):
-        pytest.fail(f"sieve-tiny is not trained in {folder} (carry .cache/sieve, or run "
-                    "`python -m pipelines.train_clip` first)")
-    return folder
+    tiny = BUNDLED[TINY_NAME]
+    if not tiny.ready():
+        pytest.fail(f"sieve-tiny is not trained in {tiny.folder} (carry .cache/sieve and set SIEVE_CACHE, "
+                    "or run `python -m models.train sieve-tiny` first)")
+    return tiny.folder
 
 
 @pytest.fixture(scope="module")
 def samples():
-    from pipelines.sample import iter_samples
+    from models.scenes import iter_samples
 
     return list(iter_samples(N_IMAGES, size=64, seed=123, start=50_000))
 
@@ -120,13 +114,13 @@ def vitb32_ckpt(tmp_path_factory) -> str:
 
 
 def _model_inputs(spec: str, samples):
-    """(cpu fp32 open_clip model, preprocessed image batch, token ids) for a CLIP spec."""
-    from pipelines.encoders import load_clip
+    """(cpu fp32 Clip, preprocessed image batch, token ids) for a CLIP spec."""
+    from models.clip import load_clip
 
-    enc = load_clip(spec, device="cpu")
-    images = torch.stack([enc.preprocess(s.image) for s in samples])
-    tokens = enc.tokenizer([s.caption for s in samples])
-    return enc.model.eval(), images, tokens
+    clip = load_clip(spec, device="cpu")
+    images = torch.stack([clip.preprocess(s.image) for s in samples])
+    tokens = clip.tokenizer([s.caption for s in samples])
+    return clip, images, tokens
 
 
 @pytest.fixture(scope="module", params=["sieve-tiny", VITB32])
@@ -136,8 +130,8 @@ def clip_case(request, samples):
         spec = "sieve-tiny"
     else:
         spec = request.getfixturevalue("vitb32_ckpt")
-    model, images, tokens = _model_inputs(spec, samples)
-    return request.param, spec, model, images, tokens
+    clip, images, tokens = _model_inputs(spec, samples)
+    return request.param, spec, clip, images, tokens
 
 
 # ---- neighborhood attention and HDiT on the device (first: cheap, no model loads) ----------
@@ -256,7 +250,7 @@ def test_hdit_training_step_under_bf16_autocast():
 
 
 def _trainer_cfg(compile_: bool) -> dict:
-    from hdit_train.train import DEFAULTS
+    from hdit_train.run import DEFAULTS
 
     cfg = {k: dict(v) for k, v in DEFAULTS.items()}
     cfg["model"] = copy.deepcopy(HDIT_MODEL)
@@ -266,8 +260,8 @@ def _trainer_cfg(compile_: bool) -> dict:
 
 
 def _trainer_losses(compile_: bool, steps: int = 3) -> list[float]:
-    """`hdit_train.train.Trainer` steps on one batch: finite losses, weights and EMA, every weight moved."""
-    from hdit_train.train import Trainer
+    """`hdit_train.trainer.Trainer` steps on one batch: finite losses, weights and EMA, every weight moved."""
+    from hdit_train.trainer import Trainer
 
     g = torch.Generator().manual_seed(0)
     # 128x128 px -> 32x32 tokens: the strided (tile 8) path of na2d_torch
@@ -293,30 +287,29 @@ def test_hdit_trainer_steps_on_device_eager():
 
 
 # ---- the encoders on the device -------------------------------------------------------------
-def _fast(model, **opts):
-    from pipelines.clip_speed import FastClip
-
-    return FastClip(copy.deepcopy(model), DEVICE, **opts)
+def _fast(clip, **opts):
+    """A copy of the CPU fp32 `clip` on the device under these settings (`Clip.variant`)."""
+    return clip.variant(device=DEVICE, **opts)
 
 
 def _encode(fast, images, tokens):
-    img, txt = fast.encode_image(images), fast.encode_text(tokens)
+    img, txt = fast.encode_image_tensor(images), fast.encode_text_tokens(tokens)
     _sync()
-    assert img.dtype == torch.float32 and txt.dtype == torch.float32
-    assert torch.isfinite(img).all() and torch.isfinite(txt).all()
+    assert img.dtype == np.float32 and txt.dtype == np.float32  # Clip gives numpy (FastClip gave tensors)
+    assert np.isfinite(img).all() and np.isfinite(txt).all()
     return img, txt
 
 
 def test_fast_clip_precision_and_speed_options_on_device(clip_case):
-    """FastClip, the path the embed worker uses: bf16 weights and every speed option stay close to fp32."""
-    from pipelines.clip_speed import bf16_supported
+    """`Clip`, the path the embed worker uses: bf16 weights and every speed option stay close to fp32."""
+    from models.speed import bf16_supported
 
-    name, _, model, images, tokens = clip_case
-    ref_img, ref_txt = _encode(_fast(model, trim_text=False), images, tokens)
-    torch.testing.assert_close(ref_img.norm(dim=-1), torch.ones(len(images)), atol=1e-4, rtol=0)
+    name, _, clip, images, tokens = clip_case
+    ref_img, ref_txt = _encode(_fast(clip, trim_text=False), images, tokens)
+    torch.testing.assert_close(torch.from_numpy(ref_img).norm(dim=-1), torch.ones(len(images)), atol=1e-4, rtol=0)
     # the device's fp32 agrees with the CPU's fp32
-    cpu = FastClipOnCpu(model)
-    cpu_img, cpu_txt = cpu.encode_image(images), cpu.encode_text(tokens)
+    cpu = clip.variant(device="cpu", trim_text=False)
+    cpu_img, cpu_txt = cpu.encode_image_tensor(images), cpu.encode_text_tokens(tokens)
     for what, a, b in (("image", ref_img, cpu_img), ("text", ref_txt, cpu_txt)):
         mean, low = _rows_cos(a, b)
         assert mean >= 0.999 and low >= 0.99, (name, what, "device fp32 vs cpu fp32", mean, low)
@@ -329,7 +322,7 @@ def test_fast_clip_precision_and_speed_options_on_device(clip_case):
         assert bf16_supported(DEVICE), "CUDA device without bf16 support"
     failures = []
     for label, precision, opts, floor in cases:
-        fast = _fast(model, precision=precision, **opts)
+        fast = _fast(clip, precision=precision, **opts)
         if precision == "bf16" and DEVICE.startswith("cuda"):
             assert next(fast.model.parameters()).dtype == torch.bfloat16, label
         img, txt = _encode(fast, images, tokens)
@@ -342,39 +335,23 @@ def test_fast_clip_precision_and_speed_options_on_device(clip_case):
 
 def test_fast_clip_normalises_uint8_batches_on_device(clip_case):
     """The embed worker's GPU path: uint8 NHWC batches scaled on the device equal CPU-normalised ones."""
-    from pipelines.decode import batch_normalizer, normalize_batch
-    from pipelines.encoders import load_clip
+    from models.preprocess import batch_normalizer, normalize_batch
 
-    name, spec, model, images, _ = clip_case
-    size, mean, std = batch_normalizer(load_clip(spec, device="cpu").preprocess)
+    name, spec, clip, images, _ = clip_case
+    size, mean, std = batch_normalizer(clip.preprocess)
     rng = np.random.default_rng(3)
     arrays = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(8)]
-    fast = _fast(model, trim_text=False)
-    ref = fast.encode_image(normalize_batch(arrays, mean, std))
-    got = fast.encode_image(torch.from_numpy(np.stack(arrays)), normalize=(mean, std))
+    fast = _fast(clip, trim_text=False)
+    ref = fast.encode_image_tensor(normalize_batch(arrays, mean, std))
+    got = fast.encode_image_tensor(torch.from_numpy(np.stack(arrays)))  # uint8: normalised by the Clip itself
     _sync()
     mean_cos, low = _rows_cos(got, ref)
     assert low >= 0.99999, (name, mean_cos, low)
 
 
-class FastClipOnCpu:
-    """FastClip on the CPU in fp32, the reference for the device's fp32."""
-
-    def __init__(self, model):
-        from pipelines.clip_speed import FastClip
-
-        self.fast = FastClip(copy.deepcopy(model), "cpu", trim_text=False)
-
-    def encode_image(self, images):
-        return self.fast.encode_image(images)
-
-    def encode_text(self, tokens):
-        return self.fast.encode_text(tokens)
-
-
 def test_clip_encoder_bf16_autocast_on_device(clip_case, samples):
-    """`load_clip(..., precision='bf16')` (autocast) vs fp32 on the device: images from PIL and captions."""
-    from pipelines.encoders import load_clip
+    """`load_clip(..., precision='bf16')` (bf16 weights) vs fp32 on the device: images from PIL and captions."""
+    from models.clip import load_clip
 
     name, spec, _, _, _ = clip_case
     fp32 = load_clip(spec, device=DEVICE)
@@ -388,7 +365,7 @@ def test_clip_encoder_bf16_autocast_on_device(clip_case, samples):
         assert b.dtype == np.float32 and np.isfinite(b).all()
         np.testing.assert_allclose(np.linalg.norm(b, axis=1), 1, atol=1e-3)
         mean, low = _rows_cos(a, b)
-        assert mean >= 0.995, (name, what, "autocast bf16 vs fp32", mean, low)
+        assert mean >= 0.995, (name, what, "bf16 vs fp32", mean, low)
     if name == "sieve-tiny":  # the trained model still tells matching captions from shuffled ones in bf16
         matched = np.einsum("ij,ij->i", b_img, b_txt).mean()
         shuffled = np.einsum("ij,ij->i", b_img, np.roll(b_txt, 7, axis=0)).mean()
@@ -435,7 +412,8 @@ def cpu_collection(e2e_shards, tiny_ready, tmp_path_factory):
 @pytest.mark.parametrize("precision,floor", [("fp32", 0.999), ("bf16", 0.99)])
 def test_embed_job_on_default_gpu_cluster_matches_cpu(e2e_shards, cpu_collection, tmp_path, precision, floor):
     from curation import schema as S
-    from pipelines.embed import default_cluster_size, embed
+    from pipelines.cluster import default_cluster_size
+    from pipelines.embed import embed
 
     out = tmp_path / "collection"
     summary = embed(str(e2e_shards), str(out), batch_size=64, device=DEVICE, precision=precision)
@@ -491,11 +469,11 @@ def test_fast_clip_compile_on_device(name, samples, request):
         spec = "sieve-tiny"
     else:
         spec = request.getfixturevalue("vitb32_ckpt")
-    model, images, tokens = _model_inputs(spec, samples)
-    ref_img, _ = _encode(_fast(model, trim_text=False), images, tokens)
-    fast = _fast(model, compile=True, trim_text=False)
-    img = fast.encode_image(images)  # compiles here
-    img = fast.encode_image(images)  # and runs compiled
+    clip, images, tokens = _model_inputs(spec, samples)
+    ref_img, _ = _encode(_fast(clip, trim_text=False), images, tokens)
+    fast = _fast(clip, compile=True, trim_text=False)
+    img = fast.encode_image_tensor(images)  # compiles here
+    img = fast.encode_image_tensor(images)  # and runs compiled
     _sync()
     mean, low = _rows_cos(img, ref_img)
     assert mean >= 0.999, (name, "compile", mean, low)

@@ -123,7 +123,7 @@ def test_sigma_sampling_and_schedule_ranges():
 
 @pytest.mark.parametrize("sampler", ["euler", "heun", "dpmpp_2m", "dpmpp_2m_sde"])
 def test_sampler_is_deterministic_for_a_seed(sampler):
-    from hdit_train.sample import generate
+    from hdit_train.sampling import generate
 
     den = Denoiser(tiny()).eval()
     randomize(den)
@@ -191,12 +191,12 @@ def shards(tmp_path_factory) -> Path:
 def test_resume_gives_identical_next_steps(shards, tmp_path):
     from safetensors.torch import load_file
 
-    from hdit_train.train import main
+    from hdit_train.train import train
 
     cfg = _config(tmp_path)
-    straight = main(str(shards), str(cfg), str(tmp_path / "a"), max_steps=4)
-    main(str(shards), str(cfg), str(tmp_path / "b"), max_steps=2)
-    resumed = main(str(shards), str(cfg), str(tmp_path / "b"), resume=True, max_steps=4)
+    straight = train(str(shards), str(cfg), str(tmp_path / "a"), max_steps=4)
+    train(str(shards), str(cfg), str(tmp_path / "b"), max_steps=2)
+    resumed = train(str(shards), str(cfg), str(tmp_path / "b"), resume=True, max_steps=4)
     a = load_file(str(straight / "checkpoint.safetensors"))
     b = load_file(str(resumed / "checkpoint.safetensors"))
     assert a.keys() == b.keys()
@@ -210,9 +210,9 @@ def test_resume_gives_identical_next_steps(shards, tmp_path):
 
     from PIL import Image
 
-    from hdit_train.sample import main as sample_main
+    from hdit_train.sample import sample as sample_run
 
-    grid = sample_main(str(resumed), str(tmp_path / "grid.png"), class_label=2, n=4, steps=3, cfg=2.0)
+    grid = sample_run(str(resumed), str(tmp_path / "grid.png"), class_label=2, n=4, steps=3, cfg=2.0)
     assert Image.open(grid).size == (2 * 16 + 3, 2 * 16 + 3)  # 2x2 grid, 1-pixel padding
 
 
@@ -257,8 +257,9 @@ def test_export_format_reads_embeddings_and_skips_bad_samples(tmp_path):
 
 
 def test_trainer_conditions_on_stored_clip_embeddings(tmp_path):
-    from hdit_train.train import Trainer, load_config
     from hdit_train.data import ShardStream, batches
+    from hdit_train.run import load_config
+    from hdit_train.trainer import Trainer
 
     cfg = load_config(_config(tmp_path))
     cfg["cond"] = {**cfg["cond"], "kind": "clip", "dropout": 0.5}
@@ -293,7 +294,7 @@ class _StubEncoder:
 
 def test_modality_gap_from_plain_shards_and_prompt_shift(shards):
     from hdit_train.data import modality_gap
-    from hdit_train.sample import cond_kwargs
+    from hdit_train.sampling import cond_kwargs
 
     gap = modality_gap(shards, _StubEncoder(), n=10)
     np.testing.assert_allclose(gap, [1, -1, 0, 0])
@@ -308,7 +309,8 @@ def test_modality_gap_from_plain_shards_and_prompt_shift(shards):
 
 def test_condition_noise_perturbs_but_keeps_unit_norm(tmp_path):
     from hdit_train.data import ShardStream, batches
-    from hdit_train.train import Trainer, load_config
+    from hdit_train.run import load_config
+    from hdit_train.trainer import Trainer
 
     cfg = load_config(_config(tmp_path))
     cfg["cond"] = {**cfg["cond"], "kind": "clip", "dropout": 0.0, "noise": 0.5}
@@ -324,7 +326,8 @@ def test_condition_noise_perturbs_but_keeps_unit_norm(tmp_path):
 def test_text_prob_conditions_on_caption_embeddings(shards, tmp_path, text_prob, expected):
     """cond.text_prob: that fraction of samples is conditioned on its caption's text embedding."""
     from hdit_train.data import ShardStream, batches
-    from hdit_train.train import Trainer, _embed_missing, load_config
+    from hdit_train.run import load_config
+    from hdit_train.trainer import Trainer, _embed_missing
 
     cfg = load_config(_config(tmp_path))
     cfg["cond"] = {**cfg["cond"], "kind": "clip", "dropout": 0.0, "noise": 0.0, "text_prob": text_prob}

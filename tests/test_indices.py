@@ -8,9 +8,9 @@ import os
 import numpy as np
 import pytest
 
+from bench.synthetic import clustered_vectors, write_collection, write_takedown
 from curation import schema as S
 from indices.select import choose_index, parse_bytes
-from tests.collection_factory import clustered_vectors, write_collection, write_takedown
 
 DIM = 32
 

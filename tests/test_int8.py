@@ -5,12 +5,13 @@ from __future__ import annotations
 import copy
 import logging
 
+import numpy as np
 import pytest
 import torch
 
-from pipelines.clip_speed import FastClip, model_dtype
-from pipelines.int8 import int8_supported, quantize_int8, split_self_attention
-from tests.tiny_models import random_vit_clip
+from models.int8 import SelfAttention, int8_supported, quantize_int8, split_self_attention
+from models.speed import model_dtype
+from tests.tiny_models import as_clip, random_vit_clip
 
 needs_int8 = pytest.mark.skipif(not int8_supported("cpu"), reason="torch has no x86/fbgemm int8 engine")
 
@@ -21,6 +22,7 @@ def vit():
 
 
 def _cos(a, b):
+    a, b = torch.as_tensor(np.asarray(a)), torch.as_tensor(np.asarray(b))
     return torch.nn.functional.cosine_similarity(a.float(), b.float()).min().item()
 
 
@@ -28,8 +30,6 @@ def _cos(a, b):
 @pytest.mark.parametrize("mask", [None, "float", "bool"])
 def test_rebuilt_self_attention_equals_multihead_attention(batch_first, mask):
     from torch import nn
-
-    from pipelines.int8 import _self_attention_class
 
     torch.manual_seed(1)
     mha = nn.MultiheadAttention(64, 4, batch_first=batch_first).eval()
@@ -40,7 +40,7 @@ def test_rebuilt_self_attention_equals_multihead_attention(batch_first, mask):
     causal = torch.ones(7, 7, dtype=torch.bool).triu(1)  # True: may not attend
     attn_mask = {None: None, "bool": causal,
                  "float": torch.zeros(7, 7).masked_fill(causal, float("-inf"))}[mask]
-    rebuilt = _self_attention_class()(mha)
+    rebuilt = SelfAttention(mha)
     with torch.inference_mode():
         want = mha(x, x, x, need_weights=False, attn_mask=attn_mask)[0]
         got, weights = rebuilt(x, x, x, need_weights=False, attn_mask=attn_mask)
@@ -67,16 +67,16 @@ def test_int8_quantizes_every_block_linear_and_stays_close_to_fp32(vit):
 
     model, tokens = vit
     images = torch.randn(4, 3, 64, 64)
-    ref = FastClip(copy.deepcopy(model), trim_text=False)
-    ref_img, ref_txt = ref.encode_image(images), ref.encode_text(tokens)
-    fast = FastClip(copy.deepcopy(model), precision="int8")
+    ref = as_clip(copy.deepcopy(model), trim_text=False)
+    ref_img, ref_txt = ref.encode_image_tensor(images), ref.encode_text_tokens(tokens)
+    fast = as_clip(copy.deepcopy(model), precision="int8")
     quantized = [m for m in fast.model.modules() if isinstance(m, DynamicLinear)]
     assert len(quantized) == 4 * 4  # in_proj, out_proj, c_fc, c_proj in each of 2 + 2 blocks
     assert not any(isinstance(m, torch.nn.MultiheadAttention) for m in fast.model.modules())
     assert fast.trim_text
-    img, txt = fast.encode_image(images), fast.encode_text(tokens)
-    assert img.dtype == torch.float32 and img.shape == ref_img.shape
-    torch.testing.assert_close(img.norm(dim=-1), torch.ones(4))
+    img, txt = fast.encode_image_tensor(images), fast.encode_text_tokens(tokens)
+    assert img.dtype == np.float32 and img.shape == ref_img.shape  # numpy now (FastClip gave tensors)
+    torch.testing.assert_close(torch.from_numpy(img).norm(dim=-1), torch.ones(4))
     assert _cos(img, ref_img) > 0.99 and _cos(txt, ref_txt) > 0.99
     assert _cos(img, ref_img) < 1.0 - 1e-7  # quantized, not a no-op
     with torch.inference_mode():  # the full context too (trimming changes the activation scales a little)
@@ -86,11 +86,11 @@ def test_int8_quantizes_every_block_linear_and_stays_close_to_fp32(vit):
 @needs_int8
 def test_int8_resnet_tower_stays_fp32_and_says_so(tiny_clip, caplog):
     """sieve-tiny's image tower is a ResNet: only its text blocks are quantized."""
-    from pipelines.encoders import load_clip
-    from pipelines.sample import iter_samples
+    from models.clip import load_clip
+    from models.scenes import iter_samples
 
     samples = list(iter_samples(16, seed=99))
-    with caplog.at_level(logging.WARNING, logger="pipelines.int8"):
+    with caplog.at_level(logging.WARNING, logger="models.int8"):
         q = load_clip("sieve-tiny", precision="int8")
     assert q.device == "cpu" and "image tower has no transformer blocks" in caplog.text
     images, captions = [s.image for s in samples], [s.caption for s in samples]
@@ -100,8 +100,8 @@ def test_int8_resnet_tower_stays_fp32_and_says_so(tiny_clip, caplog):
 
 
 def test_int8_refuses_a_gpu_and_compile(vit):
+    from models.clip import load_clip
     from pipelines.embed import embed
-    from pipelines.encoders import load_clip
 
     for call in (lambda: model_dtype("int8", "cuda"),
                  lambda: load_clip("sieve-tiny", device="cuda", precision="int8"),
@@ -109,13 +109,13 @@ def test_int8_refuses_a_gpu_and_compile(vit):
         with pytest.raises(ValueError, match="CPU only"):
             call()
     with pytest.raises(ValueError, match="compile"):
-        FastClip(copy.deepcopy(vit[0]), precision="int8", compile=True)
+        as_clip(copy.deepcopy(vit[0]), precision="int8", compile=True)
     assert model_dtype("int8", "cpu") == torch.float32
 
 
 @needs_int8
 def test_quantize_int8_reports_a_torch_without_the_engine(vit, monkeypatch):
-    from pipelines import int8
+    from models import int8
 
     monkeypatch.setattr(int8, "int8_supported", lambda device="cpu": False)
     with pytest.raises(ValueError, match="fp32"):

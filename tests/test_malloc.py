@@ -1,4 +1,4 @@
-"""pipelines.malloc: with mmap off, big activations reuse freed memory instead of page-faulting."""
+"""models.runtime.keep_freed_memory: with mmap off, big activations reuse freed memory instead of page-faulting."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 SCRIPT = r"""
 import resource, sys, torch
-from pipelines.malloc import keep_freed_memory
+from models.runtime import keep_freed_memory
 if sys.argv[1] == "tuned":
     assert keep_freed_memory(no_mmap=True)
 torch.manual_seed(0)

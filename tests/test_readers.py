@@ -14,10 +14,10 @@ import pytest
 from PIL import Image
 
 from curation import schema as S
+from models.scenes import iter_samples
 from pipelines.decode import decode_sample
 from pipelines.readers import (FILES, PARQUET, WEBDATASET, ShardOpenError, fingerprint,
                                list_shards, read_shard)
-from pipelines.sample import iter_samples
 
 
 # ---- builders shared with tests/test_embed.py -------------------------------------------

@@ -14,8 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from models import scenes
+from models.scenes import COLORS, SHAPES, matches
 from pipelines import sample
-from pipelines.scenes import COLORS, SHAPES, matches
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -105,20 +106,20 @@ def test_deterministic_per_seed_and_independent_of_sharding(tmp_path: Path) -> N
     sample.write_sample_dataset(c, n=20, seed=2, shard_size=20)
     assert (a / "00000.tar").read_bytes() == (b / "00000.tar").read_bytes()
     assert (a / "00000.tar").read_bytes() != (c / "00000.tar").read_bytes()
-    in_memory = [s.caption for s in sample.iter_samples(20, seed=1, shard_size=20)]
+    in_memory = [s.caption for s in scenes.iter_samples(20, seed=1, shard_size=20)]
     assert in_memory == [r["caption"] for r in pq.read_table(a / "00000.parquet").to_pylist()]
 
 
 def test_watermark_changes_pixels() -> None:
     rng = np.random.default_rng(0)
-    img = sample.render_scene(sample.random_scene(rng), 64, rng)
-    marked = sample.add_watermark(img, np.random.default_rng(1), words=["HELDOUT"])
+    img = scenes.render_scene(scenes.random_scene(rng), 64, rng)
+    marked = scenes.add_watermark(img, np.random.default_rng(1), words=["HELDOUT"])
     diff = np.abs(np.asarray(marked, dtype=int) - np.asarray(img, dtype=int))
     assert diff.max() > 40
 
 
 def test_caption_names_true_attributes() -> None:
-    for s in sample.iter_samples(200, seed=5):
+    for s in scenes.iter_samples(200, seed=5):
         assert {"color", "shape"} <= set(s.attrs["named"])
         assert matches(s.attrs, s.attrs["named"], s.attrs)
         assert s.attrs["color"] in s.caption
@@ -140,9 +141,9 @@ def test_cli(tmp_path: Path) -> None:
 
 
 def test_object_sizes_restrict_the_drawn_sizes():
-    drawn = [s.attrs["size"] for s in sample.iter_samples(200, size=32, object_sizes=("medium", "large"))]
+    drawn = [s.attrs["size"] for s in scenes.iter_samples(200, size=32, object_sizes=("medium", "large"))]
     assert set(drawn) == {"medium", "large"}
-    every = {s.attrs["size"] for s in sample.iter_samples(200, size=32)}
+    every = {s.attrs["size"] for s in scenes.iter_samples(200, size=32)}
     assert every == {"small", "medium", "large"}
     with pytest.raises(ValueError, match="tiny"):
-        next(sample.iter_samples(1, object_sizes=("tiny",)))
+        next(scenes.iter_samples(1, object_sizes=("tiny",)))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -126,10 +128,12 @@ def test_toxicity_missing_detoxify_falls_back(monkeypatch) -> None:
 @pytest.fixture(scope="module")
 def watermark(tmp_path_factory):
     """A quickly trained detector (few steps): enough to separate in-distribution overlays."""
-    from pipelines.train_watermark import train
+    from models.cache import BUNDLED
+    from models.watermark_cnn import MODEL_FILE, train
 
-    path = train(out=tmp_path_factory.mktemp("wm"), steps=TEST_STEPS, pool=768, seed=0)
-    return load_scorer("watermark", model_path=path)
+    recipe = {**BUNDLED["watermark"].defaults, "steps": TEST_STEPS, "pool": 768, "seed": 0}
+    folder = train(tmp_path_factory.mktemp("wm"), **recipe)
+    return load_scorer("watermark", model_path=folder / MODEL_FILE)
 
 
 TEST_STEPS = 120
@@ -137,7 +141,7 @@ TEST_STEPS = 120
 
 def test_watermark_separates_watermarked_from_clean(watermark) -> None:
     from bench.watermark import auroc
-    from pipelines.scorers.overlays import make_example
+    from models.overlays import make_example
 
     examples = [make_example(i, "train", seed=99) for i in range(200)]
     scores = watermark.score([x for x, _ in examples])
@@ -151,21 +155,36 @@ def test_watermark_odd_images_and_unreadable(watermark) -> None:
 
 
 def test_watermark_laion_checkpoint_missing_is_clear(tmp_path) -> None:
-    with pytest.raises(FileNotFoundError, match="train_watermark"):
+    with pytest.raises(FileNotFoundError, match="python -m models.train watermark"):
         load_scorer("watermark", model_path=tmp_path / "absent.pt")
     with pytest.raises(FileNotFoundError, match="watermark_model_v1.pt"):
         load_scorer("watermark", laion_checkpoint=tmp_path / "nope.pt")
 
 
 def test_watermark_trains_on_first_use_into_cache(monkeypatch, tmp_path) -> None:
-    import pipelines.train_watermark as tw
-    from pipelines.scorers import watermark as wm
+    """No cached detector: load_scorer trains one (child process) into the cache, then reuses it.
+
+    A cheap recipe stands in for the default one: the cache's entry is swapped for one whose
+    defaults are that recipe, and it trains the child with the same knobs."""
+    import dataclasses
+
+    from models import cache, watermark_cnn
+
+    real = cache.BUNDLED["watermark"]
+    quick = {"steps": 2, "pool": 64}
+    trained: list[Path] = []
+
+    class Quick(cache.Bundled):
+        def train_into(self, folder, **overrides):
+            trained.append(Path(folder))
+            return super().train_into(folder, **{**quick, **overrides})
 
     monkeypatch.setenv("SIEVE_CACHE", str(tmp_path))
-    monkeypatch.setattr(tw, "DEFAULT_STEPS", 2)
-    monkeypatch.setattr(tw, "DEFAULT_POOL", 64)
-    real_train = tw.train
-    monkeypatch.setattr(tw, "train", lambda out, steps: real_train(out=out, steps=steps, pool=64))
-    path = wm.ensure_model()
-    assert path == tmp_path / "watermark" / wm.MODEL_FILE and path.exists()
-    assert wm.ensure_model() == path  # second call reuses, does not retrain
+    fields = {f.name: getattr(real, f.name) for f in dataclasses.fields(real)}
+    monkeypatch.setitem(cache.BUNDLED, "watermark", Quick(**{**fields, "defaults": {**real.defaults, **quick}}))
+    path = watermark_cnn.model_path()
+    assert path == tmp_path / "watermark" / watermark_cnn.MODEL_FILE and path.exists()
+    assert trained == [tmp_path / "watermark"]
+    assert load_scorer("watermark").score([Image.new("RGB", (64, 64))]).shape == (1,)
+    assert watermark_cnn.model_path() == path  # second call reuses, does not retrain
+    assert trained == [tmp_path / "watermark"]

@@ -1,4 +1,5 @@
-"""indices.serve: clip back's HTTP contract (the exact requests ClipClient sends), errors."""
+"""indices.app (served by `python -m indices.serve`): clip back's HTTP contract (the exact requests
+ClipClient sends), errors."""
 
 from __future__ import annotations
 
@@ -6,12 +7,14 @@ import asyncio
 import base64
 import io
 import json
+import struct
+import zlib
 
 import numpy as np
 import pytest
 
+from bench.synthetic import clustered_vectors, write_collection
 from curation import schema as S
-from tests.collection_factory import clustered_vectors, write_collection
 
 DIM = 16
 
@@ -31,9 +34,9 @@ class HashEncoder:
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
+    from indices.app import App
     from indices.build import build
     from indices.search import Searcher
-    from indices.serve import App
 
     root = str(tmp_path_factory.mktemp("srv"))
     write_collection(root, [clustered_vectors(400, DIM, 10, seed=0)], [clustered_vectors(400, DIM, 10, seed=1)])
@@ -119,6 +122,63 @@ def test_bad_requests_get_json_errors_and_server_keeps_serving(app, body, status
     assert run(app, fn)
 
 
+def bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
+    """A tiny PNG whose header claims a huge canvas: signature, IHDR, a small IDAT, IEND."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+            + chunk(b"IEND", b""))
+
+
+def _nested(levels: int) -> dict:
+    value: dict = {}
+    for _ in range(levels):
+        value = {"a": value}
+    return value
+
+
+@pytest.mark.parametrize("body,status,word", [
+    ("[" * 100_000 + "]" * 100_000, 400, "nests"),
+    (clip_client_body(text="x", extra=_nested(50)), 400, "nests"),
+    (clip_client_body(image=base64.b64encode(bomb_png()).decode()), 413, "too large"),
+], ids=["deep-list-body", "deep-object-field", "png-bomb"])
+def test_hostile_requests_are_refused_with_a_reason_and_server_keeps_serving(app, body, status, word):
+    """Bodies that once gave HTTP 500: a JSON nesting past the parser's recursion limit, a deeply
+    nested field inside a valid request, and an image whose header claims 10^10 pixels. Served
+    with the default body limit (8 MiB), which the 200 kB list body is well within."""
+    from indices.app import App
+
+    roomy = App({}, searchers=app.searchers)
+    assert len(body) < roomy.max_body
+
+    async def fn(c):
+        for _ in range(2):  # the same attack again gets the same answer
+            r = await c.post("/knn-service", data=body)
+            assert r.status == status
+            assert word in (await r.json())["error"].lower()
+            ok = await c.post("/knn-service", data=clip_client_body(text="still alive"))
+            assert ok.status == 200 and len(await ok.json()) == 5
+        m = await c.post("/metadata", data=body)
+        assert 400 <= m.status < 500
+        return True
+    assert run(roomy, fn)
+
+
+def test_the_png_bomb_header_really_claims_a_huge_image(monkeypatch):
+    """The bomb is a well-formed PNG (valid CRCs): PIL refuses it as a bomb, and reads its
+    100,000 x 100,000 header when the check is off, so the server's 413 is about its size."""
+    from PIL import Image
+
+    data = bomb_png()
+    assert zlib.crc32(data[12:29]) == struct.unpack(">I", data[29:33])[0]  # IHDR's CRC
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(io.BytesIO(data))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+    with Image.open(io.BytesIO(data)) as img:
+        assert img.size == (100_000, 100_000) and img.format == "PNG"
+
+
 def test_concurrent_queries_are_batched(app):
     async def fn(c):
         rs = await asyncio.gather(*[c.post("/knn-service", data=clip_client_body(text=f"q{i}")) for i in range(24)])
@@ -131,10 +191,10 @@ def test_concurrent_queries_are_batched(app):
 def tiny_app(tmp_path_factory, tiny_clip):
     """A real sieve-tiny collection (generated scenes, image embeddings from the bundled CLIP)
     served with the bundled CLIP answering text queries."""
+    from indices.app import App
     from indices.build import build
     from indices.search import Searcher
-    from indices.serve import App
-    from pipelines.sample import iter_samples
+    from models.scenes import iter_samples
 
     samples = list(iter_samples(420, size=64, seed=7))
     img = tiny_clip.encode_images([s.image for s in samples])
@@ -178,8 +238,8 @@ def test_batched_trimmed_text_encoding_equals_the_plain_encoder(tiny_app, tiny_c
 
 def test_int8_server_text_tower_is_quantized_and_close(tiny_app, tiny_clip):
     """`--precision int8`: the server's own text copy is quantized; the collection's model is not."""
-    from indices.serve import Batcher
-    from pipelines.int8 import int8_supported
+    from indices.app import Batcher
+    from models.int8 import int8_supported
 
     if not int8_supported():
         pytest.skip("torch has no x86/fbgemm int8 engine")

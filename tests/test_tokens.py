@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from pipelines.sample import iter_samples
-from pipelines.tokens import fast_tokenizer
+from models.scenes import iter_samples
+from models.tokens import fast_tokenizer
 
 TRICKY = [
     "", "   ", "A Red CIRCLE  on\ta blue\nbackground ", "fish &amp; chips", "R&D", "&lt;b&gt;bold",
@@ -40,7 +40,7 @@ def test_other_tokenizers_are_used_as_they_are():
 def test_word_cache_gives_the_same_ids_when_warm_and_when_it_starts_over(monkeypatch):
     from open_clip.tokenizer import SimpleTokenizer
 
-    from pipelines import tokens
+    from models import tokens
 
     tok = SimpleTokenizer()
     fast = fast_tokenizer(tok)

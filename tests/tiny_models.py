@@ -17,3 +17,16 @@ def random_vit_clip(width: int, image_size: int, patch_size: int, embed_dim: int
                            text_cfg={"context_length": 77, "vocab_size": 49408, "width": width,
                                      "heads": width // 32, "layers": 2}).eval()
     return model, open_clip.get_tokenizer("ViT-B-32")(CAPTIONS[:captions])
+
+
+def as_clip(model, device: str = "cpu", **settings):
+    """`models.clip.Clip` around `model` (moved and cast in place, as load_clip's are) under `settings`,
+    with open_clip's eval preprocess at the model's image size and ViT-B-32's tokenizer."""
+    import open_clip
+
+    from models.clip import Clip
+
+    size = model.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    return Clip("random-vit", model, open_clip.image_transform(size, is_train=False),
+                open_clip.get_tokenizer("ViT-B-32"), device=device, **settings)

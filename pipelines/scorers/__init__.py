@@ -32,14 +32,15 @@ class Scorer(Protocol):
 
 def load_scorer(name: str, **opts: Any) -> Scorer:
     """Build the scorer called `name` (one of SCORER_NAMES) with its options; loads its model once."""
+    # each scorer's module is imported only when asked for: each pulls a heavy runtime (onnxruntime, torch)
     if name == "nsfw":
-        from pipelines.scorers.nsfw import NsfwScorer
+        from pipelines.scorers.nsfw import NsfwScorer  # onnxruntime, nudenet
         return NsfwScorer(**opts)
     if name == "watermark":
-        from pipelines.scorers.watermark import WatermarkScorer
+        from pipelines.scorers.watermark import WatermarkScorer  # torch
         return WatermarkScorer(**opts)
     if name == "toxicity":
-        from pipelines.scorers.toxicity import ToxicityScorer
+        from pipelines.scorers.toxicity import ToxicityScorer  # light, but imported like its siblings
         return ToxicityScorer(**opts)
     raise ValueError(f"unknown scorer {name!r}; valid names: {', '.join(SCORER_NAMES)}")
 

@@ -23,7 +23,12 @@ import re
 from pathlib import Path
 from typing import Any, Sequence
 
+import nudenet
 import numpy as np
+import onnxruntime
+import torch
+from nudenet import NudeDetector
+from PIL import Image
 
 from curation.schema import PUNSAFE
 
@@ -71,7 +76,6 @@ def load_clip_head(path: str | Path) -> list[tuple[np.ndarray, np.ndarray]]:
         with np.load(path) as data:
             weights = {k: data[k] for k in data.files}
     else:
-        import torch
         state = torch.load(path, map_location="cpu", weights_only=True)
         state = state.get("state_dict", state) if isinstance(state, dict) else state
         weights = {k: v.float().numpy() for k, v in state.items()}
@@ -97,8 +101,6 @@ def _mlp_unsafe(layers: list[tuple[np.ndarray, np.ndarray]], x: np.ndarray) -> n
 
 def _to_array(image: Any) -> np.ndarray:
     """PIL image of any mode -> RGBA uint8 array (the layout NudeNet's reader converts from)."""
-    from PIL import Image
-
     if not isinstance(image, Image.Image):
         raise TypeError(f"expected a PIL image, got {type(image).__name__}")
     if image.mode not in ("RGB", "RGBA"):
@@ -120,13 +122,8 @@ class NsfwScorer:
         self.needs_embeddings = self.head is not None
         self.detector = None
         if self.head is None:
-            import nudenet
-            from nudenet import NudeDetector
-
             self.detector = NudeDetector()
             if threads:
-                import onnxruntime
-
                 opts = onnxruntime.SessionOptions()
                 opts.intra_op_num_threads = opts.inter_op_num_threads = int(threads)
                 model_file = Path(nudenet.__file__).with_name("320n.onnx")  # the wheel's detector

@@ -137,7 +137,7 @@ class LexiconToxicity:
 def _load_detoxify(model: str, checkpoint: str | None, timeout_s: float) -> Any | None:
     """Detoxify if installed and loadable within timeout_s (its weights download); else None."""
     try:
-        from detoxify import Detoxify
+        from detoxify import Detoxify  # optional, and it imports transformers (seconds): tried only when asked
     except ImportError:
         return None
     box: dict[str, Any] = {}

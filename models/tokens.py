@@ -1,6 +1,7 @@
-"""open_clip's SimpleTokenizer with the same token ids at about half the cost per caption.
+"""open_clip's SimpleTokenizer with the same token ids at a fraction of the cost per caption.
 
-In the embed worker the tokenizer is part of the per-sample reader cost (bench/embed_stages.py).
+In the embed worker the tokenizer is part of the per-sample reader cost
+(bench/results/embed_stages.json, `stages_ms_per_sample.tokenize`).
 Two things in `SimpleTokenizer.__call__` cost more than the BPE itself on short captions:
 - `ftfy.fix_text`, which returns plain text unchanged. Plain here means printable ASCII, tab
   and newline, with no '&': nothing for ftfy to repair (no mojibake, curly quotes, control
@@ -9,7 +10,7 @@ Two things in `SimpleTokenizer.__call__` cost more than the BPE itself on short 
   compares whole token tensors. Any other caption goes through open_clip's own cleaning.
 - one `torch.tensor` per caption; the rows are filled into one numpy array instead.
 And each word's ids are cached: captions repeat their words (Zipf), and a cached word skips
-the byte-to-unicode mapping, the BPE lookup and the vocabulary lookups (16 -> 5 us a caption).
+the byte-to-unicode mapping, the BPE lookup and the vocabulary lookups.
 Other tokenizers (Hugging Face ones, reduction masks) are used as they are.
 """
 
@@ -19,6 +20,8 @@ import re
 from typing import Any, Callable, Sequence
 
 import numpy as np
+import torch
+from open_clip import tokenizer as oc
 
 #: printable ASCII, tab and newline, no '&': text ftfy.fix_text and html.unescape leave as is
 _PLAIN = re.compile(r"[\t\n\x20-\x25\x27-\x7e]*")
@@ -26,10 +29,6 @@ _PLAIN = re.compile(r"[\t\n\x20-\x25\x27-\x7e]*")
 
 def fast_tokenizer(tokenizer: Any) -> Callable[[Sequence[str]], Any]:
     """A drop-in for `tokenizer(texts)` giving the same LongTensor, or the tokenizer itself."""
-    try:
-        from open_clip import tokenizer as oc
-    except ImportError:
-        return tokenizer
     plain_clean = {oc._clean_lower: lambda s: oc.whitespace_clean(s).lower(),
                    oc._clean_whitespace: oc.whitespace_clean,
                    oc._clean_canonicalize: oc.canonicalize_text}
@@ -70,8 +69,6 @@ class _SimpleTokens:
         return ids
 
     def __call__(self, texts: str | Sequence[str], context_length: int | None = None) -> Any:
-        import torch
-
         texts = [texts] if isinstance(texts, str) else texts
         ctx = context_length or self.tok.context_length
         sot, eot = self.tok.sot_token_id, self.tok.eot_token_id

@@ -1,19 +1,23 @@
-"""A tiny writer of the DESIGN.md collection layout, for tests and benchmarks.
+"""Generated collections in the DESIGN.md layout, for tests and benchmarks.
 
-The embed pipeline writes real collections; this writes the same files from given vectors
-(float16, L2-normalised, one npy per part, metadata parquet with the schema columns, failed
-rows without embeddings, `_done` markers last, collection.json).
+The embed pipeline writes real collections from images; this writes the same files from
+given vectors through the same writer (`pipelines.writer.write_part`: float16 embeddings,
+metadata parquet with the schema columns, failed rows without embeddings, the `_done` marker
+last; `curation.storage.write_collection_json` for collection.json).
 """
 
 from __future__ import annotations
 
-import json
-import os
+import io
 from typing import Any, Sequence
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from curation import schema as S
+from curation.storage import write_bytes, write_collection_json, write_json
+from pipelines.writer import metadata_table, npy_bytes, write_part
 
 
 def normalise(x: np.ndarray) -> np.ndarray:
@@ -66,57 +70,47 @@ def clip_like_pairs(n: int, dim: int, seed: int = 0, n_topics: int = 4096, withi
 def write_collection(root: str, image_parts: Sequence[np.ndarray], text_parts: Sequence[np.ndarray] | None = None,
                      columns: dict[str, Sequence[Any]] | None = None, failed_per_part: int = 0,
                      clip_model: str = "sieve-tiny") -> str:
-    """Write a collection; columns override metadata values (one list over all ok rows)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    """Write a collection; columns override metadata values (one list over all ok rows).
 
-    layout = S.CollectionLayout(root)
-    for d in (layout.metadata_dir, layout.img_emb_dir, layout.text_emb_dir, layout.done_dir):
-        os.makedirs(d, exist_ok=True)
+    Without text_parts the parts have image embeddings only (as clip-retrieval folders may).
+    """
     gid = 0
     for n, img in enumerate(image_parts):
-        img = normalise(img)
         k = len(img)
-        np.save(layout.img_emb(n), img.astype(S.EMB_DTYPE))
-        if text_parts is not None:
-            np.save(layout.text_emb(n), normalise(text_parts[n]).astype(S.EMB_DTYPE))
-        rows = k + failed_per_part
-        ok = np.arange(rows) < k
-        ids = gid + np.arange(k)
-        data: dict[str, Any] = {
-            S.KEY: [f"{n:03d}{r:06d}" for r in range(rows)],
-            S.PART: [n] * rows, S.ROW: list(range(rows)),
-            S.EMB_ROW: [int(r) if o else None for r, o in zip(range(rows), ok)],
-            S.CAPTION: [f"caption {gid + r}" if o else None for r, o in zip(range(rows), ok)],
-            S.URL: [f"https://example.com/{n}/{r}.jpg" for r in range(rows)],
-            S.SOURCE_SHARD: [S.shard_name(n)] * rows, S.WIDTH: [64] * rows, S.HEIGHT: [64] * rows,
-            S.SHA256: [f"{n:08x}{r:056x}" for r in range(rows)], S.PHASH: ["0" * 16] * rows,
-            S.CLIP_SIMILARITY: [0.3] * rows, S.PUNSAFE: [0.01] * rows, S.PWATERMARK: [0.01] * rows,
-            S.PTOXIC: [0.0] * rows, S.LANGUAGE: ["en"] * rows,
-            S.STATUS: [S.STATUS_OK if o else S.STATUS_DECODE_ERROR for o in ok],
-            S.ERROR: [None if o else "planted failure" for o in ok],
-        }
+        rows = [_row(n, r, gid + r if r < k else None) for r in range(k + failed_per_part)]
         for col, values in (columns or {}).items():
-            vals = list(values[gid:gid + k]) + [None] * failed_per_part
-            data[col] = vals
-        arrays = {c: pa.array(data[c], type=getattr(pa, S.METADATA_TYPES[c])()) if c in S.METADATA_TYPES
-                  else pa.array(data[c]) for c in data}
-        pq.write_table(pa.table(arrays), layout.metadata(n))
-        with open(layout.done(n), "w") as fh:
-            json.dump({"count": rows, "ok": k}, fh)
+            for r, value in enumerate(list(values[gid:gid + k]) + [None] * failed_per_part):
+                rows[r][col] = value
+        img16 = normalise(img).astype(S.EMB_DTYPE)
+        done = {"count": len(rows), "ok": k}
+        if text_parts is not None:
+            write_part(root, n, rows, img16, normalise(text_parts[n]).astype(S.EMB_DTYPE), done)
+        else:  # write_part commits both modalities: the same files in the same order, less text_emb
+            layout = S.CollectionLayout(root)
+            write_bytes(layout.img_emb(n), npy_bytes(img16))
+            buf = io.BytesIO()
+            pq.write_table(metadata_table(rows), buf)
+            write_bytes(layout.metadata(n), buf.getvalue())
+            write_json(layout.done(n), done)
         gid += k
-    dim = int(image_parts[0].shape[1])
-    with open(layout.collection_json, "w") as fh:
-        json.dump({"schema_version": S.SCHEMA_VERSION, "clip_model": clip_model, "emb_dim": dim,
-                   "parts": len(image_parts), "ok": gid}, fh)
+    write_collection_json(root, {"clip_model": clip_model, "emb_dim": int(image_parts[0].shape[1]),
+                                 "parts": len(image_parts), "ok": gid})
     return root
+
+
+def _row(n: int, r: int, ok_id: int | None) -> dict[str, Any]:
+    """Row r of part n: an embedded sample (`ok_id`, its id over the collection) or a planted failure."""
+    ok = ok_id is not None
+    return {S.KEY: f"{n:03d}{r:06d}", S.PART: n, S.ROW: r, S.EMB_ROW: r if ok else None,
+            S.CAPTION: f"caption {ok_id}" if ok else None, S.URL: f"https://example.com/{n}/{r}.jpg",
+            S.SOURCE_SHARD: S.shard_name(n), S.WIDTH: 64, S.HEIGHT: 64, S.SHA256: f"{n:08x}{r:056x}",
+            S.PHASH: "0" * 16, S.CLIP_SIMILARITY: 0.3, S.PUNSAFE: 0.01, S.PWATERMARK: 0.01, S.PTOXIC: 0.0,
+            S.LANGUAGE: "en", S.STATUS: S.STATUS_OK if ok else S.STATUS_DECODE_ERROR,
+            S.ERROR: None if ok else "planted failure"}
 
 
 def write_takedown(root: str, keys: Sequence[str] = (), urls: Sequence[str] = (), sha256: Sequence[str] = ()) -> None:
     """takedown.parquet with key / url / sha256 columns (one entry per row, others null)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     n = len(keys) + len(urls) + len(sha256)
     col = lambda vals, off: [None] * off + list(vals) + [None] * (n - off - len(vals))  # noqa: E731
     pq.write_table(pa.table({S.KEY: pa.array(col(keys, 0), pa.string()),

@@ -13,10 +13,11 @@ detector cannot learn compression or smoothing as a shortcut.
 from __future__ import annotations
 
 import io
-from typing import Any
 
 import numpy as np
 from PIL import Image, ImageFilter
+
+from models.scenes import WATERMARK_WORDS, add_watermark, available_fonts, make_sample
 
 HELDOUT_WORDS = ["adobestock", "pixabay", "unsplash", "watermark", "photo by jo", "proof",
                  "licensed", "www.pics.net", "draft", "(c) 2024", "bigstock", "fotolia", "PREVIEW ONLY"]
@@ -28,8 +29,6 @@ REGIONS = {
 
 def regime_fonts(regime: str) -> list[str]:
     """Fonts of a regime (see module doc); the two lists are disjoint when TTFs are installed."""
-    from pipelines.scenes import available_fonts
-
     ttfs = [f for f in available_fonts() if f != "default"]
     train = ["default"] + [f for f in ttfs if "/DejaVuSans" in f and "Mono" not in f]
     held = [f for f in ttfs if f not in train]
@@ -41,8 +40,7 @@ def regime_fonts(regime: str) -> list[str]:
 
 
 def regime_words(regime: str) -> list[str]:
-    from pipelines.scenes import WATERMARK_WORDS
-
+    """Overlay words of a regime: the generator's own for training, HELDOUT_WORDS otherwise."""
     return list(WATERMARK_WORDS) if regime == "train" else list(HELDOUT_WORDS)
 
 
@@ -55,9 +53,6 @@ def _jpeg(img: Image.Image, quality: int) -> Image.Image:
 
 def make_example(index: int, regime: str, seed: int, size: int = 64) -> tuple[Image.Image, int]:
     """Example `index` of a regime: (image, label); even-odd label split keeps classes balanced."""
-    from pipelines.sample import make_sample
-    from pipelines.scenes import add_watermark
-
     rng = np.random.default_rng([seed, index, 7])
     img = make_sample(index, size=size, seed=seed).image
     label = index % 2
@@ -68,12 +63,3 @@ def make_example(index: int, regime: str, seed: int, size: int = 64) -> tuple[Im
     elif rng.random() < 0.2:
         img = img.filter(ImageFilter.SMOOTH)
     return _jpeg(img, int(rng.integers(60, 96))), label
-
-
-def make_batch(start: int, n: int, regime: str, seed: int, size: int = 64) -> tuple[Any, Any]:
-    """n consecutive examples as (float tensor (n, 3, size, size) in [0, 1], float labels (n,))."""
-    import torch
-
-    images, labels = zip(*(make_example(i, regime, seed, size) for i in range(start, start + n)))
-    x = torch.from_numpy(np.stack([np.asarray(im, np.float32) / 255.0 for im in images]))
-    return x.permute(0, 3, 1, 2).contiguous(), torch.tensor(labels, dtype=torch.float32)

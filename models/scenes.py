@@ -1,14 +1,17 @@
 """Procedural image–text scenes: shapes × colours × count × position × size × background.
 
-Pure functions of a numpy Generator so that every sample is reproducible from (seed, index).
-`pipelines.sample` writes them as img2dataset shards; training scripts use them in memory.
+Nothing can be downloaded here, so this is the world Sieve's bundled models learn from and
+the demo, tests and benchmarks are made of. Pure functions of a numpy Generator, so every
+sample is reproducible from (seed, index): `make_sample` / `iter_samples` give pairs in
+memory, `pipelines.sample` writes them as img2dataset shards.
 """
 
 from __future__ import annotations
 
 import glob
 import math
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
@@ -248,3 +251,42 @@ def add_watermark(img: Image.Image, rng: np.random.Generator, words: Sequence[st
         draw.text((cx, cy), text[:2].upper(), font=small, fill=colour, anchor="mm")
     out = Image.alpha_composite(img.convert("RGBA"), layer).convert("RGB")
     return out.filter(ImageFilter.SMOOTH) if rng.random() < 0.2 else out
+
+
+@dataclass
+class Sample:
+    """One generated pair: the decoded image, its caption, and the true attributes (the json)."""
+
+    key: str
+    image: Image.Image
+    caption: str
+    attrs: dict[str, Any]
+
+
+def sample_key(index: int, shard_size: int) -> str:
+    """img2dataset's key for sample `index`: shard number then position, zero-padded."""
+    shard, within = divmod(index, shard_size)
+    digits = max(4, len(str(shard_size - 1)))
+    return f"{shard:05d}{within:0{digits}d}"
+
+
+def make_sample(index: int, size: int = 64, seed: int = 0, watermark_fraction: float = 0.0,
+                shard_size: int = 1000, object_sizes: Sequence[str] | None = None) -> Sample:
+    """The sample at `index` for `seed`: identical whatever the sharding or generation order."""
+    rng = np.random.default_rng([seed, index])
+    attrs = random_scene(rng, object_sizes)
+    caption, named = make_caption(attrs, rng)
+    image = render_scene(attrs, size, rng)
+    watermark = bool(rng.random() < watermark_fraction)
+    if watermark:
+        image = add_watermark(image, rng)
+    attrs.update(named=named, watermark=watermark, corrupt=False)
+    return Sample(sample_key(index, shard_size), image, caption, attrs)
+
+
+def iter_samples(n: int, size: int = 64, seed: int = 0, watermark_fraction: float = 0.0,
+                 start: int = 0, shard_size: int = 1000,
+                 object_sizes: Sequence[str] | None = None) -> Iterator[Sample]:
+    """Yield n generated samples in memory (no disk), for training and evaluation scripts."""
+    for index in range(start, start + n):
+        yield make_sample(index, size, seed, watermark_fraction, shard_size, object_sizes)

@@ -17,68 +17,65 @@ turns False (with a clear error from `quantize_int8`) should a later torch drop 
 
 from __future__ import annotations
 
-import functools
 import logging
+import warnings
 from typing import Any
+
+import torch
+import torch.nn.functional as F
+from open_clip.transformer import ResidualAttentionBlock
+from torch import nn
+
+with warnings.catch_warnings():  # deprecated in favour of torchao, yet shipped by the torch we pin
+    warnings.simplefilter("ignore")
+    try:
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+    except ImportError:  # a later torch without it: int8_supported() turns False
+        per_channel_dynamic_qconfig = quantize_dynamic = None
 
 log = logging.getLogger(__name__)
 
 
 def int8_supported(device: Any = "cpu") -> bool:
     """Whether dynamic int8 quantization runs on `device` (CPU with an x86/fbgemm engine)."""
-    import torch
-
-    if torch.device(device).type != "cpu":
-        return False
-    try:
-        from torch.ao.quantization import quantize_dynamic  # noqa: F401
-    except ImportError:
+    if torch.device(device).type != "cpu" or quantize_dynamic is None:
         return False
     return any(e in torch.backends.quantized.supported_engines for e in ("x86", "fbgemm"))
 
 
-@functools.cache
-def _self_attention_class():
-    """The SelfAttention class, defined on first use so that importing this module stays light."""
-    import torch
-    import torch.nn.functional as F
-    from torch import nn
+class SelfAttention(nn.Module):
+    """`nn.MultiheadAttention` for self-attention only, with its projections as nn.Linear."""
 
-    class SelfAttention(nn.Module):
-        """`nn.MultiheadAttention` for self-attention only, with its projections as nn.Linear."""
+    def __init__(self, mha: nn.MultiheadAttention) -> None:
+        super().__init__()
+        dim = mha.embed_dim
+        self.heads = mha.num_heads
+        self.batch_first = mha.batch_first
+        self.dropout = mha.dropout
+        has_bias = mha.in_proj_bias is not None
+        self.in_proj = nn.Linear(dim, 3 * dim, bias=has_bias)
+        self.out_proj = nn.Linear(dim, dim, bias=mha.out_proj.bias is not None)
+        with torch.no_grad():
+            self.in_proj.weight.copy_(mha.in_proj_weight)
+            if has_bias:
+                self.in_proj.bias.copy_(mha.in_proj_bias)
+            self.out_proj.load_state_dict(mha.out_proj.state_dict())
 
-        def __init__(self, mha: nn.MultiheadAttention) -> None:
-            super().__init__()
-            dim = mha.embed_dim
-            self.heads = mha.num_heads
-            self.batch_first = mha.batch_first
-            self.dropout = mha.dropout
-            has_bias = mha.in_proj_bias is not None
-            self.in_proj = nn.Linear(dim, 3 * dim, bias=has_bias)
-            self.out_proj = nn.Linear(dim, dim, bias=mha.out_proj.bias is not None)
-            with torch.no_grad():
-                self.in_proj.weight.copy_(mha.in_proj_weight)
-                if has_bias:
-                    self.in_proj.bias.copy_(mha.in_proj_bias)
-                self.out_proj.load_state_dict(mha.out_proj.state_dict())
-
-        def forward(self, query, key=None, value=None, key_padding_mask=None, need_weights: bool = False,
-                    attn_mask=None, **kwargs: Any):
-            if (key is not None and key is not query) or (value is not None and value is not query):
-                raise ValueError("SelfAttention takes one input (query is key is value)")
-            if key_padding_mask is not None or need_weights or kwargs:
-                raise ValueError("SelfAttention supports neither key_padding_mask nor attention weights")
-            x = query if self.batch_first else query.transpose(0, 1)
-            n, length, dim = x.shape
-            qkv = self.in_proj(x).view(n, length, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
-            if attn_mask is not None and attn_mask.dtype == torch.bool:
-                attn_mask = ~attn_mask  # MultiheadAttention: True = masked; SDPA: True = attend
-            drop = self.dropout if self.training else 0.0
-            out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=attn_mask, dropout_p=drop)
-            out = self.out_proj(out.transpose(1, 2).reshape(n, length, dim))
-            return (out if self.batch_first else out.transpose(0, 1)), None
-
-    return SelfAttention
+    def forward(self, query, key=None, value=None, key_padding_mask=None, need_weights: bool = False,
+                attn_mask=None, **kwargs: Any):
+        if (key is not None and key is not query) or (value is not None and value is not query):
+            raise ValueError("SelfAttention takes one input (query is key is value)")
+        if key_padding_mask is not None or need_weights or kwargs:
+            raise ValueError("SelfAttention supports neither key_padding_mask nor attention weights")
+        x = query if self.batch_first else query.transpose(0, 1)
+        n, length, dim = x.shape
+        qkv = self.in_proj(x).view(n, length, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+        if attn_mask is not None and attn_mask.dtype == torch.bool:
+            attn_mask = ~attn_mask  # MultiheadAttention: True = masked; SDPA: True = attend
+        drop = self.dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=attn_mask, dropout_p=drop)
+        out = self.out_proj(out.transpose(1, 2).reshape(n, length, dim))
+        return (out if self.batch_first else out.transpose(0, 1)), None
 
 
 def split_self_attention(model: Any) -> int:
@@ -86,15 +83,11 @@ def split_self_attention(model: Any) -> int:
 
     Cross-attention blocks and attentional poolers are left alone. Returns how many were rebuilt.
     """
-    from open_clip.transformer import ResidualAttentionBlock
-    from torch import nn
-
-    self_attention = _self_attention_class()
     count = 0
     for block in model.modules():
         if (isinstance(block, ResidualAttentionBlock) and not hasattr(block, "ln_1_kv")
                 and isinstance(block.attn, nn.MultiheadAttention) and block.attn._qkv_same_embed_dim):
-            block.attn = self_attention(block.attn)
+            block.attn = SelfAttention(block.attn)
             count += 1
     return count
 
@@ -106,15 +99,12 @@ def quantizable_linears(model: Any) -> list[str]:
     Only these: other open_clip code reads some Linear layers' `.weight` as a tensor (the
     ResNet tower's attention pool, MultiheadAttention's out_proj), which a quantized layer lacks.
     """
-    from open_clip.transformer import ResidualAttentionBlock
-    from torch import nn
-
     names = []
     for name, block in model.named_modules():
         if not isinstance(block, ResidualAttentionBlock):
             continue
         parts = [("mlp", block.mlp)]
-        if isinstance(block.attn, _self_attention_class()):
+        if isinstance(block.attn, SelfAttention):
             parts.append(("attn", block.attn))
         for part, module in parts:
             prefix = f"{name}.{part}" if name else part
@@ -128,18 +118,12 @@ def quantize_int8(model: Any) -> Any:
     Modifies and returns `model`. Raises ValueError when this torch build has no int8 engine.
     Towers without such blocks (open_clip's ResNets) stay fp32, and a warning says so.
     """
-    import warnings
-
-    import torch
-
     if not int8_supported("cpu"):
         raise ValueError("int8 needs torch.ao.quantization with an x86/fbgemm engine, which this torch "
                          "lacks; use --precision fp32")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*deprecated.*", category=UserWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
-        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
         model = model.float().eval()
         rebuilt = split_self_attention(model)
         names = quantizable_linears(model)

@@ -1,0 +1,124 @@
+"""How Sieve writes and reads its files, on a local path or any fsspec URL.
+
+Every file another process may read is written to a temporary name beside it and renamed
+into place, so a reader sees the old file or the new one, never half of one; a job killed
+mid-write leaves only a `*.tmp*` file that the next run overwrites. This is the one
+implementation of that rule (collection parts, indices, checkpoints, bundled models,
+benchmark results); collection.json is read and written here too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import posixpath
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import fsspec
+
+from curation import schema as S
+
+TMP_MARK = ".tmp"
+
+
+def url_to_fs(url: str | os.PathLike) -> tuple[Any, str]:
+    """(fsspec filesystem, path within it) for a local path or a URL."""
+    return fsspec.core.url_to_fs(str(url))
+
+
+def is_local(url: str | os.PathLike) -> bool:
+    """Whether `url` is on the local filesystem (plain path or file://)."""
+    fs, _ = url_to_fs(url)
+    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    return "file" in protocols or "local" in protocols
+
+
+def _tmp_name(path: str) -> str:
+    # the pid keeps two writers of one file (two Dask workers, say) off each other's temp file
+    return f"{path}{TMP_MARK}{os.getpid()}"
+
+
+def write_bytes(url: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `url` atomically: a temporary name beside it, then a rename."""
+    fs, path = url_to_fs(url)
+    fs.makedirs(posixpath.dirname(path) or ".", exist_ok=True)
+    tmp = _tmp_name(path)
+    try:
+        with fs.open(tmp, "wb") as fh:
+            fh.write(data)
+        fs.mv(tmp, path)
+    finally:
+        if fs.exists(tmp):
+            fs.rm(tmp)
+
+
+def write_json(url: str | os.PathLike, doc: Any, indent: int | None = 2) -> None:
+    """`write_bytes` of a JSON document (numpy scalars and other odd values as numbers/text)."""
+    write_bytes(url, (json.dumps(doc, indent=indent, default=_json_default) + "\n").encode())
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "item"):  # numpy scalar
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    return str(value)
+
+
+def read_json(url: str | os.PathLike, missing: Any = None) -> Any:
+    """The JSON document at `url`, or `missing` when there is no such file."""
+    fs, path = url_to_fs(url)
+    try:
+        with fs.open(path, "rb") as fh:
+            return json.loads(fh.read())
+    except FileNotFoundError:
+        return missing
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[str]:
+    """A local temporary path to write a file (or a folder) into; renamed to `path` on success.
+
+    For writers that want a file name rather than bytes (faiss.write_index, torch.save,
+    safetensors, a training run's output folder). On an error the temporary is removed and
+    `path` is left as it was. A folder replaces an existing folder of the same name.
+    """
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = _tmp_name(path)
+    _remove(tmp)
+    try:
+        yield tmp
+        if os.path.isdir(tmp) and os.path.isdir(path):
+            old = f"{tmp}.old"
+            os.replace(path, old)  # a folder cannot be renamed over a non-empty one
+            os.replace(tmp, path)
+            _remove(old)
+        else:
+            os.replace(tmp, path)
+    finally:
+        _remove(tmp)
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
+def write_collection_json(root: str, info: dict[str, Any]) -> dict[str, Any]:
+    """Write collection.json (schema version, creation time, then `info`) atomically; return it."""
+    doc = {"schema_version": S.SCHEMA_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+           **info}
+    write_json(S.CollectionLayout(root).collection_json, doc)
+    return doc
+
+
+def read_collection_json(root: str) -> dict[str, Any]:
+    """collection.json as a dict; {} when absent (clip-retrieval's folders and test fixtures lack it)."""
+    return read_json(S.CollectionLayout(root).collection_json, missing={})

@@ -1,0 +1,137 @@
+"""The models Sieve trains for itself, and the cache that holds them (`$SIEVE_CACHE`, ~/.cache/sieve).
+
+Nothing can be downloaded here, so the offline defaults (the `sieve-tiny` CLIP, the watermark
+detector) are trained on generated scenes on first use. Each is a `Bundled` entry: a cache
+folder, the module that trains it, and its recipe (everything that decides the weights). A
+cached folder is current when its `train_info.json`, written last by the trainer, holds the
+same recipe; otherwise it is retrained. One cache can therefore serve the demo, the tests and
+every Dask worker. Training runs in a child process (`python -m models.train NAME --out DIR`),
+so the caller's torch settings (threads, deterministic mode) are never touched, and its
+output folder is renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from curation.storage import atomic_path, read_json, write_json
+
+log = logging.getLogger(__name__)
+
+#: written last by every trainer: its recipe says the folder is complete and which weights it holds
+INFO_FILE = "train_info.json"
+_REPO = Path(__file__).resolve().parent.parent
+
+
+def cache_dir() -> Path:
+    """The cache folder (`$SIEVE_CACHE`, else `~/.cache/sieve`), created on demand."""
+    root = Path(os.environ.get("SIEVE_CACHE") or Path.home() / ".cache" / "sieve").expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def build_once(ready: Callable[[], bool], build: Callable[[], None], lock_path: Path) -> None:
+    """Run `build` unless `ready()`; one process at a time (file lock), re-checking after the wait.
+
+    When several Dask workers or test processes ask at once, one builds and the others wait,
+    then find the result.
+    """
+    if ready():
+        return
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not ready():
+            build()
+
+
+def _plain(value: Any) -> Any:
+    """The value as JSON gives it back (tuples become lists), so recipes compare equal after a round trip."""
+    return json.loads(json.dumps(value))
+
+
+@dataclass(frozen=True)
+class Bundled:
+    """A model Sieve trains for itself: cache folder `name`, trained by `module.train(out, **recipe)`.
+
+    `defaults` are the recipe's knobs (each also a `python -m models.train NAME --KNOB` option).
+    Bump `version` when the training code changes what a recipe produces.
+    """
+
+    name: str
+    module: str
+    defaults: dict[str, Any] = field(default_factory=dict)
+    version: int = 1
+    about: str = ""
+
+    @property
+    def folder(self) -> Path:
+        return cache_dir() / self.name
+
+    def recipe(self, **overrides: Any) -> dict[str, Any]:
+        """The full recipe: defaults with `overrides`, plus the name and code version."""
+        unknown = sorted(set(overrides) - set(self.defaults))
+        if unknown:
+            raise ValueError(f"{self.name}: unknown recipe option(s) {unknown}; known: {sorted(self.defaults)}")
+        return _plain({"model": self.name, "version": self.version, **self.defaults, **overrides})
+
+    def trained_recipe(self, folder: Path | None = None) -> dict[str, Any] | None:
+        """The recipe a folder was trained with, or None when it holds no complete training."""
+        info = read_json((folder or self.folder) / INFO_FILE)
+        return info.get("recipe") if isinstance(info, dict) else None
+
+    def ready(self, folder: Path | None = None) -> bool:
+        """Whether `folder` (default: the cache's) holds this model trained with the default recipe."""
+        found = self.trained_recipe(folder)
+        if found is None:
+            return False
+        if found != self.recipe():
+            log.warning("%s in %s was trained with another recipe: retraining", self.name, folder or self.folder)
+            return False
+        return True
+
+    def ensure(self) -> Path:
+        """The cache folder, trained first (in a child process, under a file lock) when missing or stale."""
+        folder = self.folder
+        build_once(self.ready, lambda: self.train_into(folder), folder.parent / f".{self.name}.lock")
+        return folder
+
+    def train_into(self, folder: Path, **overrides: Any) -> Path:
+        """Train with the recipe (defaults + overrides) in a child process; `folder` appears only when done."""
+        log.warning("%s: training it into %s (once; %s)", self.name, folder, self.about or "a few minutes")
+        args = [f"--{k.replace('_', '-')}={v}" for k, v in overrides.items()]
+        env = dict(os.environ)
+        # the child imports this checkout even when the caller found it through its own sys.path
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_REPO), env.get("PYTHONPATH", "")) if p)
+        with atomic_path(folder) as tmp:
+            done = subprocess.run([sys.executable, "-m", "models.train", self.name, "--out", tmp, *args], env=env)
+            if done.returncode != 0:
+                raise RuntimeError(f"training {self.name} failed (exit {done.returncode}); its output is above. "
+                                   f"Run `python -m models.train {self.name}` to retry.")
+        return folder
+
+
+def write_info(folder: str | Path, recipe: dict[str, Any], **facts: Any) -> None:
+    """A trainer's last write: `train_info.json` with its recipe (the completion mark) and facts."""
+    write_json(Path(folder) / INFO_FILE, {**facts, "recipe": _plain(recipe)})
+
+
+#: Every bundled model, by the name `python -m models.train NAME` and the cache folder use. The
+#: defaults are each model's recipe knobs: its module's `train(out, **recipe)` takes exactly these.
+BUNDLED: dict[str, Bundled] = {b.name: b for b in (
+    Bundled("sieve-tiny", "models.tiny_clip",
+            {"seed": 0, "steps": 1400, "batch_size": 128, "n_samples": 30000, "lr": 1e-3, "width": 128,
+             "layers": 3, "vision": "resnet", "hard_negatives": 2},
+            version=1, about="the offline CLIP; a few minutes on 2 cores"),
+    Bundled("watermark", "models.watermark_cnn",
+            {"seed": 0, "steps": 600, "batch_size": 64, "pool": 4096, "lr": 3e-3, "width": 32, "size": 64},
+            version=1, about="the watermark detector; about a minute on 2 cores"),
+)}

@@ -1,0 +1,64 @@
+"""`python -m models.train NAME [--out DIR | --if-missing] [--KNOB VALUE ...]`: train a bundled model.
+
+NAME is `sieve-tiny` (the offline CLIP) or `watermark` (the watermark detector); each one's
+options are its recipe's knobs (`python -m models.train NAME --help`). Without --out the
+model (default recipe only) goes into the cache, where `load_clip` / `load_scorer` find it;
+they run this command themselves, in a child process, when their model is missing or was
+trained with another recipe. `--if-missing` trains only then.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from pathlib import Path
+
+from curation.storage import atomic_path
+from models.cache import BUNDLED, build_once
+from models.runtime import setup_logging
+
+
+def parser() -> argparse.ArgumentParser:
+    """One sub-command per bundled model, its options generated from the model's recipe knobs."""
+    p = argparse.ArgumentParser(prog="python -m models.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="name", required=True, metavar="NAME")
+    for b in BUNDLED.values():
+        sp = sub.add_parser(b.name, help=b.about, description=f"Train {b.name} ({b.about}).")
+        sp.add_argument("--out", default=None, help="output folder (default: the cache)")
+        sp.add_argument("--if-missing", action="store_true",
+                        help="into the cache, only when it lacks this model or holds another recipe")
+        for knob, default in b.defaults.items():
+            sp.add_argument(f"--{knob.replace('_', '-')}", dest=knob, type=type(default), default=default,
+                            help=f"recipe knob (default {default})")
+    return p
+
+
+def main(argv: list[str] | None = None) -> Path:
+    p = parser()
+    args = p.parse_args(argv)
+    setup_logging()
+    bundled = BUNDLED[args.name]
+    knobs = {k: getattr(args, k) for k in bundled.defaults}
+    if args.out is None and knobs != bundled.defaults:
+        p.error(f"the cache holds {bundled.name}'s default recipe; pass --out DIR to train with other knobs")
+    if args.out is None and args.if_missing:
+        out = bundled.ensure()
+    else:
+        module = importlib.import_module(bundled.module)  # heavy (torch): after parsing, so --help answers at once
+        if args.out:
+            out = Path(module.train(args.out, **knobs))
+        else:
+            out = bundled.folder
+
+            def build() -> None:
+                with atomic_path(out) as tmp:
+                    module.train(tmp, **knobs)
+
+            build_once(lambda: False, build, out.parent / f".{bundled.name}.lock")
+    print(out)
+    return out
+
+
+if __name__ == "__main__":
+    main()
