@@ -166,6 +166,11 @@ class Catalog:
             raise SqlError("an untrusted catalog has no in-process connection")
         return self._con
 
+    @property
+    def worker_pid(self) -> int | None:
+        """Untrusted: the sandbox worker's process id (None before it starts or when trusted)."""
+        return self._sandbox.pid if self._sandbox is not None else None
+
     def start(self) -> "Catalog":
         """Untrusted: start the worker now instead of at the first query."""
         if self._sandbox is not None:

@@ -277,7 +277,11 @@ def read_entry_file(path: str, reason: str | None = None) -> list[tuple[str, str
                     raise TakedownError(f"{path}:{n}: {exc}") from None
         return out
     try:
-        table = pq.read_table(path) if path.endswith(".parquet") else pacsv.read_csv(path)
+        if path.endswith(".parquet"):
+            table = pq.read_table(path)
+        else:  # every value as text: keys such as 000123 are not numbers
+            table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(
+                column_types={c: pa.string() for c in (*S.TAKEDOWN_MATCH_COLUMNS, S.TAKEDOWN_REASON)}))
     except (OSError, pa.ArrowInvalid) as exc:
         raise TakedownError(f"{path}: unreadable: {exc}") from exc
     cols = [c for c in S.TAKEDOWN_MATCH_COLUMNS if c in table.column_names]
