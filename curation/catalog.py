@@ -139,6 +139,7 @@ class Catalog:
             self._sandbox = Sandbox([self._source()], self.limits, label="catalog")
         else:
             self._con = duckdb.connect(":memory:")
+            self._con.execute("SET enable_progress_bar=false")  # results may go to stdout (python -m curation.sql)
             files = ", ".join("'" + f.replace("'", "''") + "'" for f in self.parts.files)
             self._con.execute(f"CREATE VIEW {TABLE} AS SELECT {self.parts.select()} "
                               f"FROM read_parquet([{files}], union_by_name=true)")

@@ -145,6 +145,7 @@ def _locked_connection(sources: Sequence[Source], limits: Limits) -> tuple[Any, 
         view.create_view(src.name)
         alive += [rel, view]
     for statement in (
+        "SET enable_progress_bar=false",  # it would draw on the caller's terminal
         "SET enable_external_access=false",
         "SET autoload_known_extensions=false",
         "SET autoinstall_known_extensions=false",
@@ -426,5 +427,5 @@ class Sandbox:
     def __del__(self) -> None:
         try:
             self._stop()
-        except (OSError, ValueError, AttributeError):  # interpreter shutdown: best effort only
+        except (OSError, ValueError, AttributeError, TypeError):  # interpreter shutdown: best effort only
             pass

@@ -38,7 +38,8 @@ def scored(tmp_path_factory) -> tuple[str, pd.DataFrame]:
 
 def test_laion_preset_renders_the_recipe():
     assert F.render() == F.render("laion", clip_model="sieve-tiny") == (
-        "(status = 'ok') AND (clip_similarity >= 0.57) AND (length(caption) >= 5) AND "
+        "(status = 'ok') AND (clip_similarity >= 0.57) AND "
+        "(strlen(caption) >= 5 AND (strlen(caption) >= 20 OR length(caption) >= 5)) AND "
         "(punsafe IS NULL OR punsafe < 0.5) AND (pwatermark IS NULL OR pwatermark < 0.8) AND "
         "(ptoxic IS NULL OR ptoxic < 0.5)")
     vit = F.render(clip_model="open_clip:ViT-B-32/laion2b_s34b_b79k", max_punsafe=None, keep_unscored=False)
@@ -159,3 +160,13 @@ def test_calibrated_similarity_filter_removes_swapped_captions(swapped):
     by = {r["mismatched"]: r["n"] for r in kept}
     assert 1 - by.get(True, 0) / n_swapped >= 0.85   # swapped captions removed (bench: filter_mismatch_removed)
     assert by.get(False, 0) / n_matched >= 0.9        # matched pairs kept (bench: filter_match_kept)
+
+
+def test_caption_length_counts_characters_not_bytes():
+    import duckdb
+    import pyarrow as pa
+
+    captions = ["abcd", "abcde", "日本語", "日本語です", "héllo", "😀😀😀😀", "😀😀😀😀😀", None]
+    samples = pa.table({S.CAPTION: captions})  # noqa: F841 - read by DuckDB's replacement scan
+    kept = duckdb.sql(f"SELECT caption FROM samples WHERE {F.render('none', min_caption_length=5)}").fetchall()
+    assert [r[0] for r in kept] == ["abcde", "日本語です", "héllo", "😀😀😀😀😀"]
