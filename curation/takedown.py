@@ -66,7 +66,8 @@ class Takedown:
         if table is None:
             return cls(path=path)
         sets = {c: frozenset(v for v in table.column(c).to_pylist() if v) for c in S.TAKEDOWN_MATCH_COLUMNS}
-        return cls(sets[S.KEY], sets[S.URL], sets[S.SHA256], path, signature)
+        shas = frozenset(v.lower() for v in sets[S.SHA256])  # hashes are lower-case hex in the metadata
+        return cls(sets[S.KEY], sets[S.URL], shas, path, signature)
 
     def __len__(self) -> int:
         return len(self.keys) + len(self.urls) + len(self.sha256)

@@ -26,6 +26,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
 from curation import schema as S
+from curation.takedown import TakedownError
 from indices.search import QueryError, Searcher
 from models.clip import Clip
 from pipelines.decode import DEFAULT_MAX_PIXELS, decode_image
@@ -226,7 +227,10 @@ class App:
         refresh = getattr(searcher, "refresh_takedown", None)
         if refresh is None:  # a stand-in searcher (tests) without a takedown list
             return
-        refresh()
+        try:
+            refresh()
+        except TakedownError as exc:  # fail closed: answer nothing rather than ignore the list
+            raise BadRequest(f"takedown list unreadable, not serving {name!r}: {exc}", 503) from None
         if searcher.takedown_version != self._takedown_seen.get(name):
             self._takedown_seen[name] = searcher.takedown_version
             self.cache.clear()
@@ -294,6 +298,7 @@ class App:
     async def metadata(self, request: Any) -> Any:
         body = await self._body(request)
         name = self._searcher_name(body)
+        self._refresh_takedown(name)
         ids = body.get("ids")
         if not isinstance(ids, list):
             raise BadRequest("missing field: ids (a list of integers)")

@@ -175,3 +175,25 @@ def test_running_server_picks_up_a_changed_list_and_drops_its_cached_answers(col
     banned, again, meta = asyncio.run(go())
     assert banned["id"] not in [r["id"] for r in again] and len(again) == 5
     assert meta == [{"id": banned["id"], "metadata": {}}]
+
+
+def test_an_unreadable_list_stops_serving_with_a_reason(coll):
+    """Fail closed: a list the server cannot read means no answers (503), not answers without it."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from indices.app import App
+    from indices.search import Searcher
+
+    app = App({}, searchers={"c": Searcher(coll)})
+    q = np.load(S.CollectionLayout(coll).img_emb(0), mmap_mode="r")[7].astype(np.float32).tolist()
+    body = json.dumps({"embedding_input": q, "indice_name": "c", "num_images": 3})
+
+    async def go():
+        async with TestClient(TestServer(app.make())) as c:
+            assert (await c.post("/knn-service", data=body)).status == 200
+            Path(S.CollectionLayout(coll).takedown).write_bytes(b"garbage")
+            await asyncio.sleep(1.2)
+            r = await c.post("/knn-service", data=body)
+            return r.status, (await r.json())["error"]
+    status, error = asyncio.run(go())
+    assert status == 503 and "takedown" in error
