@@ -18,6 +18,7 @@ Used by `curation.catalog.Catalog(untrusted=True)` (the UI's query box) and by
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import re
@@ -248,6 +249,17 @@ def _run(con: Any, sql: str, row_cap: int | None, tables: Mapping[str, bytes], t
             con.unregister(name)
 
 
+def _reply(conn: Any, message: tuple) -> None:
+    """Worker → parent: a JSON header, then for results the Arrow IPC bytes. Never a pickle: the
+    parent must not run code a compromised worker chose."""
+    if message[0] == "ok":
+        _, data, truncated, seconds = message
+        conn.send_bytes(json.dumps({"status": "ok", "truncated": truncated, "seconds": seconds}).encode())
+        conn.send_bytes(data)
+    else:
+        conn.send_bytes(json.dumps({"status": message[0], "detail": message[1]}).encode())
+
+
 def worker_main(fd: int) -> None:
     """The worker process (`python -c`, given its socket's fd): read its sources and limits,
     cap the address space, build the locked connection, answer queries until told to stop."""
@@ -262,9 +274,9 @@ def worker_main(fd: int) -> None:
         resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
         con, alive = _locked_connection(sources, limits)
     except (duckdb.Error, pa.ArrowException, OSError, ValueError, MemoryError) as exc:
-        conn.send(("error", one_line(exc)))
+        _reply(conn, ("error", one_line(exc)))
         return
-    conn.send(("ready", os.getpid()))
+    _reply(conn, ("ready", os.getpid()))
     reserved = {s.name for s in sources}
     while True:
         try:
@@ -274,7 +286,7 @@ def worker_main(fd: int) -> None:
         if msg[0] == "close":
             return
         _, sql, row_cap, tables = msg
-        conn.send(_run(con, sql, row_cap, tables, limits.timeout_s, reserved))
+        _reply(conn, _run(con, sql, row_cap, tables, limits.timeout_s, reserved))
 
 
 # ---- the parent side --------------------------------------------------------------------
@@ -330,16 +342,16 @@ class Sandbox:
         try:
             if not self._conn.poll(START_TIMEOUT_S):
                 raise SqlError(f"SQL worker did not start within {START_TIMEOUT_S:g} s")
-            reply = self._conn.recv()
-        except (EOFError, OSError):
+            reply = self._receive()
+        except (EOFError, OSError, ValueError):
             code = self._stop()
             raise SqlError(f"SQL worker failed to start ({_describe_exit(code)}; its stderr says why)") from None
         except SqlError:
             self._stop()
             raise
-        if reply[0] != "ready":
+        if reply["status"] != "ready":
             self._stop()
-            raise SqlError(f"SQL worker could not load its data: {reply[1]}")
+            raise SqlError(f"SQL worker could not load its data: {reply['detail']}")
         self._ready = True
 
     def _stop(self) -> int | None:
@@ -389,19 +401,34 @@ class Sandbox:
             wait = self.limits.timeout_s + self.limits.grace_s
             try:
                 answered = self._conn.poll(wait)
-                reply = self._conn.recv() if answered else None
-            except (EOFError, OSError):
+                reply = self._receive() if answered else None
+            except (EOFError, OSError, ValueError):
                 code = self._replace()
-                raise SqlError(f"query stopped: the SQL worker died ({_describe_exit(code)}), most likely out of "
-                               f"memory under its {self.limits.memory_limit} limit; a new worker was started") from None
+                raise SqlError(f"query stopped: the SQL worker died ({_describe_exit(code)}); running out of "
+                               f"memory under its {self.limits.memory_limit} limit is the usual cause; "
+                               "a new worker was started") from None
             if reply is None:
                 self._replace()
                 raise SqlError(f"query ran past the {self.limits.timeout_s:g} s time limit and did not stop; "
                                "its worker was killed and a new one started")
-        if reply[0] == "error":
-            raise SqlError(reply[1])
-        _, data, truncated, seconds = reply
-        return _from_ipc(data), bool(truncated), float(seconds)
+        if reply["status"] != "ok":
+            raise SqlError(str(reply.get("detail", reply["status"])))
+        return reply["table"], bool(reply["truncated"]), float(reply["seconds"])
+
+    def _receive(self) -> dict[str, Any]:
+        """One reply from the worker (header, and a checked Arrow table for results); ValueError
+        or EOFError when the worker sent something malformed or is gone."""
+        header = json.loads(self._conn.recv_bytes(2**20))
+        if not isinstance(header, dict) or "status" not in header:
+            raise ValueError("malformed reply from the SQL worker")
+        if header["status"] == "ok":
+            try:
+                table = _from_ipc(self._conn.recv_bytes(MAX_RESULT_BYTES + 2**20))
+                table.validate(full=True)
+            except pa.ArrowException as exc:
+                raise ValueError(f"malformed result from the SQL worker: {exc}") from None
+            header["table"] = table
+        return header
 
     def close(self) -> None:
         """Stop the worker (a later query starts a new one)."""
