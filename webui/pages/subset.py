@@ -1,0 +1,8 @@
+"""Subset: placeholder until its curation API lands on main."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+st.title("Subset")
+st.info("Not yet available.")
