@@ -6,6 +6,7 @@ the thumbnails from `webui.thumbs`.
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any, Callable, Sequence
 
@@ -14,11 +15,51 @@ import pandas as pd
 import streamlit as st
 
 from curation import schema as S
+from webui import state
 from webui.thumbs import THUMB_SIZE, Thumb, thumbnails
 
 #: score columns shown on a card, with their short labels
 CARD_SCORES = ((S.CLIP_SIMILARITY, "clip"), (S.PUNSAFE, "nsfw"), (S.PWATERMARK, "wm"), (S.PTOXIC, "toxic"))
 _MARKDOWN = re.compile(r"([\\`*_\[\]#|<>~$])")
+
+
+def _open_another() -> None:
+    typed = st.session_state.get("open_path", "").strip()
+    if not typed:
+        return
+    path = os.path.abspath(os.path.expanduser(typed))
+    if not os.path.isdir(path):
+        st.session_state["open_error"] = f"{path}: no such folder"
+        return
+    st.session_state.pop("open_error", None)
+    if path not in st.session_state[state.COLLECTIONS]:
+        st.session_state[state.COLLECTIONS].append(path)
+    st.session_state[state.CURRENT] = path
+    st.session_state["open_path"] = ""
+
+
+def _label(path: str) -> str:
+    parent, name = os.path.split(path.rstrip("/"))
+    return f"{os.path.basename(parent)}/{name}" if parent else name
+
+
+def collection_sidebar() -> state.Current:
+    """The sidebar every page starts with (pick a collection, open another, what it holds);
+    returns the chosen collection."""
+    state.open_collections([])
+    paths = st.session_state[state.COLLECTIONS]
+    if st.session_state.get(state.CURRENT) not in paths:
+        st.session_state[state.CURRENT] = paths[0]
+    with st.sidebar:
+        st.selectbox("Collection", paths, key=state.CURRENT, format_func=_label)
+        st.text_input("Open another collection", key="open_path", placeholder="/path/to/collection",
+                      on_change=_open_another)
+        if st.session_state.get("open_error"):
+            st.error(st.session_state["open_error"])
+        cur = state.current()
+        if cur.health.parts:
+            st.caption(f"{cur.health.parts} part(s) · indices: {', '.join(cur.health.indices) or 'none'}")
+    return cur
 
 
 def escape(text: Any) -> str:

@@ -28,7 +28,7 @@ def _histogram(path: str, signature: tuple, column: str, bins: int) -> dict[str,
 
 def render() -> None:
     st.title("Explore")
-    cur = state.current()
+    cur = components.collection_sidebar()
     if not cur.health.queryable:
         state.show_problems(cur.health)
         return

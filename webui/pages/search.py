@@ -96,7 +96,7 @@ def _downloads(cur: state.Current, run: dict[str, Any], rows: list[dict[str, Any
 
 def render() -> None:
     st.title("Search")
-    cur = state.current()
+    cur = components.collection_sidebar()
     if not cur.health.searchable:
         state.show_problems(cur.health, "Search needs an index; the SQL and Explore pages work on metadata alone."
                             if cur.health.queryable else "")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import streamlit as st
 
 from curation.sql import format_result
-from webui import state
+from webui import components, state
 
 EXAMPLE = "SELECT status, count(*) AS n FROM samples GROUP BY status ORDER BY n DESC"
 RESULT = "sql_result"
@@ -24,7 +24,7 @@ def _run(cur: state.Current, sql: str) -> None:
 
 def render() -> None:
     st.title("SQL")
-    cur = state.current()
+    cur = components.collection_sidebar()
     if not cur.health.queryable:
         state.show_problems(cur.health)
         return
