@@ -75,9 +75,9 @@ def test_thumbnails_come_from_the_source_shards(search, coll):
 
     rows = results(search)[:3]
     thumbs = thumbnails(rows)
-    assert all(t.png and t.png.startswith(b"\x89PNG") for t in thumbs)
+    assert all(t.jpeg and t.jpeg.startswith(b"\xff\xd8") for t in thumbs)
     gone = thumbnails([dict(rows[0], source_shard=rows[0]["source_shard"] + ".missing")])
-    assert gone[0].png is None and "gone" in gone[0].why
+    assert gone[0].jpeg is None and "gone" in gone[0].why
 
 
 def test_toggles_change_the_results(search):

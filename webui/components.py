@@ -99,8 +99,8 @@ def result_grid(rows: Sequence[dict[str, Any]], key: str, columns: int = 5,
         cells = st.columns(columns)
         for cell, row, thumb in zip(cells, rows[start:start + columns], thumbs[start:start + columns]):
             with cell.container(border=True):
-                if thumb.png is not None:
-                    st.image(thumb.png, width="stretch")
+                if thumb.jpeg is not None:
+                    st.image(thumb.jpeg, width="stretch")
                 else:
                     st.caption(f"no image: {escape(thumb.why)}")
                 st.markdown(escape(row.get(S.CAPTION) or "(no caption)"))

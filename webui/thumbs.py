@@ -29,13 +29,13 @@ THUMB_SIZE = 160
 
 @dataclass(frozen=True)
 class Thumb:
-    """A thumbnail's PNG bytes, or why there is none."""
+    """A thumbnail's JPEG bytes, or why there is none."""
 
-    png: bytes | None
+    jpeg: bytes | None
     why: str = ""
 
 
-def _png(data: bytes, size: int) -> Thumb:
+def _jpeg(data: bytes, size: int) -> Thumb:
     image, _, error = decode_image(data, DEFAULT_MAX_PIXELS)
     if image is None:
         return Thumb(None, f"undecodable: {error}")
@@ -45,7 +45,7 @@ def _png(data: bytes, size: int) -> Thumb:
         image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
                              Image.Resampling.NEAREST)
     buf = io.BytesIO()
-    image.save(buf, format="PNG")
+    image.save(buf, format="JPEG", quality=90)
     return Thumb(buf.getvalue())
 
 
@@ -82,5 +82,5 @@ def thumbnails(rows: Sequence[dict[str, Any]], size: int = THUMB_SIZE) -> list[T
         found, why = _scan(url, {str(rows[i][S.KEY]) for i in idx})
         for i in idx:
             data = found.get(str(rows[i][S.KEY]))
-            out[i] = _png(data, size) if data is not None else Thumb(None, why)
+            out[i] = _jpeg(data, size) if data is not None else Thumb(None, why)
     return out
