@@ -17,6 +17,8 @@ import pyarrow.parquet as pq
 
 from curation import schema as S
 from curation.storage import write_bytes, write_collection_json, write_json
+from pipelines.decode import decode_sample
+from pipelines.readers import list_shards, read_shard
 from pipelines.writer import metadata_table, npy_bytes, write_part
 
 
@@ -117,3 +119,29 @@ def write_takedown(root: str, keys: Sequence[str] = (), urls: Sequence[str] = ()
                              S.URL: pa.array(col(urls, len(keys)), pa.string()),
                              S.SHA256: pa.array(col(sha256, len(keys) + len(urls)), pa.string())}),
                    S.CollectionLayout(root).takedown)
+
+
+def collection_from_shards(shards: str, root: str, dim: int = 64, seed: int = 0,
+                           clip_model: str = "sieve-tiny") -> str:
+    """A collection over real img2dataset shards without running CLIP: each sample's row is what
+    the embed job records (`pipelines.decode.decode_sample`: status, sizes, hashes, the image's
+    byte offset in its tar), its embeddings CLIP-shaped random pairs. For tests and benchmarks
+    of what reads the source shards back (export)."""
+    ok = count = 0
+    shard_list = list_shards(shards)
+    for shard in shard_list:
+        rows, n_ok = [], 0
+        for raw in read_shard(shard):
+            row, pixels = decode_sample(raw, shard.url)
+            row[S.PART], row[S.ROW] = shard.index, len(rows)
+            if pixels is not None:
+                row[S.EMB_ROW], row[S.CLIP_SIMILARITY] = n_ok, 0.3
+                n_ok += 1
+            rows.append(row)
+        img, txt = clip_like_pairs(n_ok, dim, seed=seed * 100_003 + shard.index, n_topics=64)
+        write_part(root, shard.index, rows, img.astype(S.EMB_DTYPE), txt.astype(S.EMB_DTYPE),
+                   {"count": len(rows), "ok": n_ok})
+        ok, count = ok + n_ok, count + len(rows)
+    write_collection_json(root, {"clip_model": clip_model, "emb_dim": dim, "source": shards,
+                                 "parts": len(shard_list), "count": count, "ok": ok})
+    return root
