@@ -65,16 +65,12 @@ def check_writable(out: str) -> None:
         raise ExportError(f"--out {out}: not writable ({type(exc).__name__}: {exc})") from None
 
 
-def gather_rows(collection: str, ids: np.ndarray) -> pa.Table:
+def gather_rows(collection: str, ids: np.ndarray, store: EmbeddingStore) -> pa.Table:
     """Metadata rows (every column, plus `id`) of the given global ids, in the order given.
 
     Reads only the parts holding those ids; an id's part and row come from the parts' vector
-    counts, the rule that defines global ids.
+    counts (`store`), the rule that defines global ids.
     """
-    try:
-        store = EmbeddingStore.open(collection, S.MODALITY_IMAGE)
-    except CollectionError as exc:
-        raise ExportError(str(exc)) from None
     layout = S.CollectionLayout(collection)
     which = np.searchsorted(store.offsets, ids, side="right") - 1
     tables, order = [], []
@@ -178,10 +174,15 @@ def run_export(collection: str, spec: str | dict[str, Any], out: str, shard_size
     check_writable(out)
     res = resolution or resolve(collection, spec)
     info = read_collection_json(collection)
-    opts = ExportOptions(collection, out.rstrip("/") or out, format, image_size, resize, res.spec_hash)
+    try:
+        store = EmbeddingStore.open(collection, S.MODALITY_IMAGE)
+    except CollectionError as exc:
+        raise ExportError(str(exc)) from None
+    opts = ExportOptions(collection, out.rstrip("/") or out, format, image_size, resize, res.spec_hash,
+                         parts=tuple(store.parts), offsets=tuple(int(o) for o in store.offsets))
     if format != S.EXPORT_URLS:
         opts = replace(opts, embeddings=tuple(m for m in S.MODALITIES if _has(collection, m)))
-    rows = gather_rows(collection, res.ids)
+    rows = gather_rows(collection, res.ids, store)
     n_shards = (len(rows) + shard_size - 1) // shard_size
     reusable = _prepare_out(out, res.spec_hash, n_shards, overwrite)
     tasks, done = [], {}

@@ -19,25 +19,21 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
-import math
-import tarfile
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
+import pyarrow.compute as pc
 from PIL import Image
 
 from curation import schema as S
 from curation import takedown
-from curation.storage import atomic_open, url_to_fs, write_json
-from indices.store import CollectionError, EmbeddingStore
+from curation.shard_writer import json_lines, write_parquet, write_webdataset
+from curation.storage import url_to_fs, write_json
 from pipelines.readers import Shard, ShardOpenError, format_of, read_shard
-from pipelines.writer import npy_bytes
 
 #: neighbouring byte ranges closer than this are read as one request (the members between
 #: them, caption and json, are small next to a request's cost on object stores)
@@ -46,8 +42,6 @@ MERGE_GAP = 1 << 20
 MAX_SPAN = 64 << 20
 #: JPEG quality of re-encoded images (resized, or not JPEG at the source)
 JPEG_QUALITY = 95
-#: tar member times: fixed, so a rerun writes byte-identical shards
-MTIME = 1_700_000_000
 #: metadata columns that locate a row inside the collection or its source, not describe the sample
 INTERNAL_COLUMNS = (S.PART, S.ROW, S.EMB_ROW, S.SOURCE_SHARD, S.SOURCE_OFFSET, S.SOURCE_SIZE, S.STATUS, S.ERROR)
 
@@ -67,6 +61,10 @@ class ExportOptions:
     resize: str = "none"
     spec_hash: str = ""
     embeddings: tuple[str, ...] = S.MODALITIES
+    #: complete parts and the global id each starts at (plus the total): where a task finds a
+    #: row's vectors without opening every part of a large collection
+    parts: tuple[int, ...] = ()
+    offsets: tuple[int, ...] = (0,)
 
     def identity(self) -> dict[str, Any]:
         return {"format": self.format, "image_size": self.image_size, "resize": self.resize,
@@ -82,15 +80,15 @@ def json_columns(names: list[str]) -> list[str]:
 def _spans(offsets: list[int], sizes: list[int]) -> list[tuple[int, int, list[int]]]:
     """(start, end, member positions) per request: members sorted by offset, neighbours merged."""
     order = sorted(range(len(offsets)), key=lambda i: offsets[i])
-    spans: list[tuple[int, int, list[int]]] = []
+    spans: list[list[Any]] = []
     for i in order:
         start, end = offsets[i], offsets[i] + sizes[i]
         if spans and start - spans[-1][1] <= MERGE_GAP and end - spans[-1][0] <= MAX_SPAN:
-            s, e, members = spans[-1]
-            spans[-1] = (s, max(e, end), members + [i])
+            spans[-1][1] = max(spans[-1][1], end)
+            spans[-1][2].append(i)
         else:
-            spans.append((start, end, [i]))
-    return spans
+            spans.append([start, end, [i]])
+    return [(s, e, members) for s, e, members in spans]
 
 
 def _read_ranges(url: str, offsets: list[int], sizes: list[int], shard: int) -> list[bytes]:
@@ -204,146 +202,42 @@ def transform(data: bytes, size: int | None, mode: str, key: str) -> tuple[bytes
 
 
 # ---- writing ---------------------------------------------------------------------------------
-def tar_header(name: str, size: int) -> bytes:
-    """A ustar header (mode 644, fixed time, no owner): built directly, a tarfile.TarInfo per
-    member being much of a shard's writing time; long names go through tarfile's pax form."""
-    raw = name.encode("utf-8")
-    if len(raw) > 100:
-        info = tarfile.TarInfo(name)
-        info.size, info.mtime, info.mode = size, MTIME, 0o644
-        return info.tobuf(format=tarfile.PAX_FORMAT)
-    block = bytearray(512)
-    block[0:len(raw)] = raw
-    block[100:108] = b"0000644\0"
-    block[108:116] = b"0000000\0"
-    block[116:124] = b"0000000\0"
-    block[124:136] = b"%011o\0" % size
-    block[136:148] = b"%011o\0" % MTIME
-    block[148:156] = b"        "
-    block[156:157] = b"0"
-    block[257:265] = b"ustar\x0000"
-    block[148:156] = b"%06o\0 " % sum(block)
-    return bytes(block)
-
-
-class TarWriter:
-    """Members appended to a binary stream in webdataset's layout, written a few MiB at a time
-    (one file write per member was most of the cost for small members); `close` ends the tar."""
-
-    FLUSH = 4 << 20
-
-    def __init__(self, fh: BinaryIO) -> None:
-        self.fh = fh
-        self.buf = bytearray()
-        self.bytes = 0
-
-    def add(self, name: str, data: bytes) -> None:
-        buf = self.buf
-        buf += tar_header(name, len(data))
-        buf += data
-        pad = -len(data) % 512
-        if pad:
-            buf += b"\0" * pad
-        if len(buf) >= self.FLUSH:
-            self._flush()
-
-    def _flush(self) -> None:
-        self.fh.write(self.buf)
-        self.bytes += len(self.buf)
-        self.buf = bytearray()
-
-    def close(self) -> None:
-        self.buf += b"\0" * 1024
-        self._flush()
-
-
-class NpyWriter:
-    """`.npy` bytes of equal-shaped vectors: the header made once (np.save formats it per call)."""
-
-    def __init__(self, dim: int, dtype: str = S.EMB_DTYPE) -> None:
-        empty = np.zeros(dim, dtype=dtype)
-        full = npy_bytes(empty)
-        self.header = full[:len(full) - empty.nbytes]
-        self.dtype = np.dtype(dtype)
-
-    def __call__(self, vec: np.ndarray) -> bytes:
-        return self.header + np.ascontiguousarray(vec, dtype=self.dtype).tobytes()
-
-
-def _plain(value: Any) -> Any:
-    """A JSON-safe value (NaN as null, bytes as text)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    return value
-
-
-def _records(rows: pa.Table, columns: list[str], dims: list[tuple[int | None, int | None]]) -> list[dict[str, Any]]:
-    """Each row's json: its columns, the written image's size and the source's (img2dataset's names)."""
-    data = {c: rows[c].to_pylist() for c in columns}
-    out = []
-    for i, (w, h) in enumerate(dims):
-        rec = {c: _plain(data[c][i]) for c in columns}
-        ow, oh = rec.get(S.WIDTH), rec.get(S.HEIGHT)
-        if w is not None:
-            rec[S.WIDTH], rec[S.HEIGHT] = w, h
-        rec["original_width"], rec["original_height"] = ow, oh
-        out.append(rec)
-    return out
+def export_table(rows: pa.Table, columns: list[str], dims: list[tuple[int | None, int | None]]) -> pa.Table:
+    """The exported fields of each row (its json, or its parquet row): our columns, the written
+    image's width/height, and the source's as original_width/original_height (img2dataset's names)."""
+    table = rows.select(columns)
+    originals = {"original_width": rows[S.WIDTH], "original_height": rows[S.HEIGHT]}
+    for axis, name in enumerate((S.WIDTH, S.HEIGHT)):
+        if any(d[axis] is not None for d in dims) and name in columns:
+            fresh = pa.array([d[axis] for d in dims], pa.int32())
+            table = table.set_column(columns.index(name), name, pc.coalesce(fresh, rows[name].cast(pa.int32())))
+    for name, values in originals.items():  # a source may carry these columns already: ours win
+        values = values.cast(pa.int32())
+        table = (table.set_column(table.column_names.index(name), name, values) if name in table.column_names
+                 else table.append_column(name, values))
+    return table
 
 
 def _embeddings(opts: ExportOptions, ids: np.ndarray) -> dict[str, np.ndarray]:
-    """The rows' stored embeddings per modality, float16 as stored."""
+    """The rows' stored embeddings per modality, float16 as stored, from the parts they live in."""
+    layout = S.CollectionLayout(opts.collection)
+    offsets = np.asarray(opts.offsets, dtype=np.int64)
+    which = np.searchsorted(offsets, ids, side="right") - 1
     out = {}
     for modality in opts.embeddings:
-        try:
-            store = EmbeddingStore.open(opts.collection, modality)
-        except CollectionError as exc:
-            raise ExportError(f"{opts.collection}: {exc}") from None
-        out[modality] = store.gather(ids).astype(S.EMB_DTYPE)
+        vectors: np.ndarray | None = None
+        for p in np.unique(which):
+            path = layout.emb(modality, opts.parts[p])
+            try:
+                part = np.load(path, mmap_mode="r")
+            except (OSError, ValueError) as exc:
+                raise ExportError(f"{path}: cannot read the {modality} embeddings ({exc})") from None
+            if vectors is None:
+                vectors = np.empty((len(ids), part.shape[1]), dtype=S.EMB_DTYPE)
+            sel = np.nonzero(which == p)[0]
+            vectors[sel] = part[ids[sel] - offsets[p]]
+        out[modality] = vectors if vectors is not None else np.zeros((0, 0), S.EMB_DTYPE)
     return out
-
-
-def _write_webdataset(path: str, keys: list[str], images: list[bytes], captions: list[str],
-                      records: list[dict[str, Any]], embs: dict[str, np.ndarray]) -> int:
-    writers = {m: NpyWriter(v.shape[1]) for m, v in embs.items() if v.ndim == 2}
-    ext = {S.MODALITY_IMAGE: S.EXPORT_IMG_EMB_EXT, S.MODALITY_TEXT: S.EXPORT_TXT_EMB_EXT}
-    with atomic_open(path) as fh:
-        tar = TarWriter(fh)
-        for i, key in enumerate(keys):
-            tar.add(f"{key}.{S.EXPORT_IMAGE_EXT}", images[i])
-            tar.add(f"{key}.{S.EXPORT_TEXT_EXT}", (captions[i] or "").encode("utf-8"))
-            tar.add(f"{key}.{S.EXPORT_JSON_EXT}", json.dumps(records[i], ensure_ascii=False).encode("utf-8"))
-            for modality, vectors in embs.items():
-                tar.add(f"{key}.{ext[modality]}", writers[modality](vectors[i]))
-        tar.close()
-    return tar.bytes
-
-
-def _write_parquet(path: str, rows: pa.Table, columns: list[str], records: list[dict[str, Any]],
-                   images: list[bytes] | None, embs: dict[str, np.ndarray]) -> int:
-    """img2dataset's parquet output (image bytes under `jpg`) plus our columns and embeddings;
-    `urls` exports (no images) are the url + caption table img2dataset can download again."""
-    table = rows.select(columns)
-    for name in (S.WIDTH, S.HEIGHT):
-        if name in columns:
-            table = table.set_column(columns.index(name), name, pa.array([r[name] for r in records], pa.int32()))
-    for name in ("original_width", "original_height"):  # img2dataset's columns; a source may have them already
-        values = pa.array([r[name] for r in records], pa.int32())
-        table = (table.set_column(table.column_names.index(name), name, values) if name in table.column_names
-                 else table.append_column(name, values))
-    if images is not None:
-        table = table.append_column(S.EXPORT_IMAGE_COLUMN, pa.array(images, pa.binary()))
-    names = {S.MODALITY_IMAGE: S.EXPORT_IMG_EMB_COLUMN, S.MODALITY_TEXT: S.EXPORT_TXT_EMB_COLUMN}
-    for modality, vectors in embs.items():
-        flat = pa.array(vectors.astype(np.float32).reshape(-1), pa.float32())
-        table = table.append_column(names[modality], pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1]))
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    with atomic_open(path) as fh:
-        fh.write(buf.getvalue())
-    return buf.tell()
 
 
 def write_shard(index: int, rows: pa.Table, identity: str, opts: ExportOptions) -> dict[str, Any]:
@@ -370,13 +264,13 @@ def write_shard(index: int, rows: pa.Table, identity: str, opts: ExportOptions) 
         images = [m[0] for m in made]
         dims = [(m[1], m[2]) for m in made]
     embs = _embeddings(opts, rows[S.ID].to_numpy()) if opts.format != S.EXPORT_URLS else {}
-    records = _records(rows, columns, dims)
+    table = export_table(rows, columns, dims)
     if opts.format == S.EXPORT_WEBDATASET:
         path = f"{opts.out.rstrip('/')}/{S.shard_name(index)}"
-        written = _write_webdataset(path, keys, images or [], captions, records, embs)
+        written = write_webdataset(path, keys, images or [], captions, json_lines(table), embs)
     else:
         path = f"{opts.out.rstrip('/')}/{S.shard_name(index, 'parquet')}"
-        written = _write_parquet(path, rows, columns, records, images, embs)
+        written = write_parquet(path, table, images, embs)
     end = time.time()
     stats = {
         "shard": index, "count": len(rows), "successes": len(rows), "failed_to_download": 0,
