@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 import sys
 import time
@@ -30,7 +31,7 @@ from curation.spec import stable_hash
 from curation.storage import TMP_MARK, read_collection_json, read_json, url_to_fs, write_bytes, write_json
 from indices.store import CollectionError, EmbeddingStore
 from models.runtime import cores, progress
-from pipelines.cluster import start_client
+from pipelines.cluster import SINGLE_THREAD_WORKER_ENV, restore_env, start_client
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +200,8 @@ def run_export(collection: str, spec: str | dict[str, Any], out: str, shard_size
         own = client is None
         cluster = None
         if own:
+            # Dask's nanny copies its workers' environment into this process: undone afterwards
+            env_before = {k: os.environ.get(k) for k in SINGLE_THREAD_WORKER_ENV}
             client, cluster = start_client(scheduler, workers or max(1, min(cores(), len(tasks))))
         print(f"Dask dashboard: {client.dashboard_link}", file=sys.stderr, flush=True)
         try:
@@ -208,6 +211,7 @@ def run_export(collection: str, spec: str | dict[str, Any], out: str, shard_size
                 client.close()
                 if cluster is not None:
                     cluster.close()
+                restore_env(env_before)
     manifest = {
         S.MANIFEST_FORMAT: format, S.MANIFEST_SPEC: res.spec, S.MANIFEST_SPEC_HASH: res.spec_hash,
         S.MANIFEST_COLLECTION: collection, S.MANIFEST_COLLECTION_ID: res.collection_id,

@@ -187,12 +187,18 @@ def test_vanished_source_shard_is_named_and_a_rerun_continues(made, client, tmp_
     assert _tars(out) == _tars(tmp_path / "whole") and (out / S.EXPORT_MANIFEST).exists()
 
 
-def test_bad_output_and_another_spec_in_the_same_output(made, client, tmp_path):
+def test_bad_output_and_another_spec_in_the_same_output(made, client, tmp_path, capsys):
     (tmp_path / "a-file").write_text("x")
     with pytest.raises(ExportError, match=r"--out .*a-file/out: not writable"):
         export(made["coll"], SPEC, str(tmp_path / "a-file" / "out"), client=client)
     with pytest.raises(ValueError, match="--resize center_crop needs --image-size"):
         export(made["coll"], SPEC, str(tmp_path / "o"), resize="center_crop", client=client)
+    from curation.export import main
+
+    assert main([made["coll"], "no-such-spec", "--out", str(tmp_path / "o2")]) == 1
+    assert main([made["coll"], "no-such-spec", "--out", str(tmp_path / "a-file" / "o")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: --out ") and "no subset named 'no-such-spec'" in err[-2]
     out = str(tmp_path / "out")
     export(made["coll"], SPEC, out, client=client)
     with pytest.raises(ExportError, match="holds an export of another spec"):

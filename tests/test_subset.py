@@ -75,6 +75,11 @@ def test_same_spec_gives_same_keys_in_same_order_and_hash(coll):
     assert other_seed.keys != a.keys and other_seed.spec_hash != a.spec_hash
 
 
+def test_untrusted_specs_run_their_sql_sandboxed_with_the_same_result(coll):
+    spec = {"where": "width >= 48", "filters": "laion", "limit": 30}
+    assert resolve(coll, spec, untrusted=True).keys == resolve(coll, spec).keys
+
+
 def test_spec_hash_covers_clauses_and_collection_not_name(coll, tmp_path):
     base = {"name": "a", "description": "x", "where": "width >= 48"}
     h = spec_hash(parse_spec(base, coll), coll)
