@@ -125,7 +125,11 @@ def _prepare_out(out: str, spec_hash: str, n_shards: int, overwrite: bool) -> di
     """Clear what cannot be reused; return the stats of shards that may be. Refuses to mix specs."""
     fs, path = url_to_fs(out)
     stats, files, temps = _existing(out)
-    other = sorted({s.get("spec_hash") for s in stats.values()} - {spec_hash})
+    hashes = {s.get("spec_hash") for s in stats.values()}
+    if None in hashes and not overwrite:
+        raise ExportError(f"--out {out} holds shards that are not a Sieve export (img2dataset's own output?); "
+                          f"use another --out")
+    other = sorted(h for h in hashes - {spec_hash} if h)
     if other and not overwrite:
         raise ExportError(f"--out {out} holds an export of another spec (spec_hash {other[0]}); "
                           f"use another --out or --overwrite")

@@ -204,6 +204,9 @@ def test_bad_output_and_another_spec_in_the_same_output(made, client, tmp_path, 
     with pytest.raises(ExportError, match="holds an export of another spec"):
         export(made["coll"], {"where": "true"}, out, client=client)
     assert export(made["coll"], {"where": "true"}, out, overwrite=True, client=client)[S.MANIFEST_SPEC] is not None
+    with pytest.raises(ExportError, match="holds shards that are not a Sieve export"):
+        export(made["coll"], SPEC, made["shards"], client=client)  # the source shards themselves
+    assert (Path(made["shards"]) / "00000.tar").exists()
 
 
 KILLABLE = """
