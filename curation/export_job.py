@@ -121,8 +121,9 @@ def _existing(out: str) -> tuple[dict[int, dict[str, Any]], dict[int, list[str]]
     return stats, files, temps
 
 
-def _prepare_out(out: str, spec_hash: str, n_shards: int, overwrite: bool) -> dict[int, dict[str, Any]]:
-    """Clear what cannot be reused; return the stats of shards that may be. Refuses to mix specs."""
+def _prepare_out(out: str, spec_hash: str, n_shards: int, overwrite: bool, format: str) -> dict[int, dict[str, Any]]:
+    """Clear what cannot be reused (beyond the last shard, or of the other file format); return the
+    stats of shards that may be. Refuses to mix specs."""
     fs, path = url_to_fs(out)
     stats, files, temps = _existing(out)
     hashes = {s.get("spec_hash") for s in stats.values()}
@@ -135,10 +136,13 @@ def _prepare_out(out: str, spec_hash: str, n_shards: int, overwrite: bool) -> di
                           f"use another --out or --overwrite")
     manifest = f"{path.rstrip('/')}/{S.EXPORT_MANIFEST}"
     doomed = list(temps) + ([manifest] if fs.exists(manifest) else [])
+    other_ext = ".parquet" if format == S.EXPORT_WEBDATASET else ".tar"
     for i, names in files.items():
         if overwrite or i >= n_shards:
             doomed.extend(names)
             stats.pop(i, None)
+        else:
+            doomed.extend(n for n in names if n.endswith(other_ext))
     for name in doomed:
         fs.rm(name)
     return stats
@@ -189,7 +193,7 @@ def run_export(collection: str, spec: str | dict[str, Any], out: str, shard_size
         opts = replace(opts, embeddings=tuple(m for m in S.MODALITIES if _has(collection, m)))
     rows = gather_rows(collection, res.ids, store)
     n_shards = (len(rows) + shard_size - 1) // shard_size
-    reusable = _prepare_out(out, res.spec_hash, n_shards, overwrite)
+    reusable = _prepare_out(out, res.spec_hash, n_shards, overwrite, format)
     tasks, done = [], {}
     for i in range(n_shards):
         # take, not slice: a pickled slice would carry the whole table's buffers to the worker

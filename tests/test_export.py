@@ -141,6 +141,8 @@ def test_parquet_and_urls_formats(made, client, tmp_path):
     urls = _parquets(tmp_path / "urls")
     assert manifest[S.MANIFEST_FORMAT] == "urls" and urls["url"].to_pylist()[0].startswith("http://sample.sieve.invalid/")
     assert urls["caption"].to_pylist() == table["caption"].to_pylist() and S.EXPORT_IMAGE_COLUMN not in urls.column_names
+    export(made["coll"], SPEC, str(tmp_path / "pq"), shard_size=30, client=client)  # now as webdataset, same place
+    assert not list((tmp_path / "pq").glob("*.parquet")) and list((tmp_path / "pq").glob("*.tar"))
 
 
 def test_rows_without_byte_offsets_are_read_from_their_shard(made, client, tmp_path):
