@@ -55,7 +55,9 @@ PRESET = "preset"
 
 
 def parse_filters(value: Any, src: SpecSource) -> dict[str, Any]:
-    """`filters: laion` or `filters: {preset: laion, clip_similarity: 0.3, ...}`."""
+    """`filters: laion` or `filters: {preset: laion, max_punsafe: 0.2, ...}` (`curation.filters`'
+    field names; the similarity threshold follows the collection's CLIP unless `clip_model` or
+    `min_similarity` is given)."""
     if isinstance(value, str):
         value = {PRESET: value}
     if not isinstance(value, dict) or not isinstance(value.get(PRESET, "laion"), str):
@@ -63,7 +65,8 @@ def parse_filters(value: Any, src: SpecSource) -> dict[str, Any]:
     doc = {PRESET: "laion", **value}
     overrides = {k: v for k, v in doc.items() if k != PRESET}
     try:
-        filters.render(doc[PRESET], **overrides)
+        # names and values checked now; the similarity threshold waits for the collection's CLIP
+        filters.spec(doc[PRESET], **{"min_similarity": None, **overrides}).clauses()
     except (ValueError, TypeError, KeyError) as exc:
         raise SpecError(f"{src.source}: filters: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
     return doc
@@ -71,10 +74,13 @@ def parse_filters(value: Any, src: SpecSource) -> dict[str, Any]:
 
 def filters_steps(doc: dict[str, Any]) -> list[tuple[str, Step]]:
     overrides = {k: v for k, v in doc.items() if k != PRESET}
-    sql = filters.render(doc[PRESET], **overrides)
     label = f"filters {doc[PRESET]}" + "".join(f" {k}={v}" for k, v in sorted(overrides.items()))
 
     def run(ctx: Context, ids: np.ndarray) -> np.ndarray:
+        try:
+            sql = filters.render(doc[PRESET], **{"clip_model": ctx.clip_model, **overrides})
+        except ValueError as exc:  # e.g. no calibrated similarity threshold for this collection's CLIP
+            raise SpecError(f"{ctx.source}: filters: {exc}") from None
         return np.intersect1d(ids, ctx.where_ids(sql, "filters"), assume_unique=True)
 
     return [(label, run)]

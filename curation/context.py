@@ -17,10 +17,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from curation import schema as S
-from curation import takedown
 from curation.catalog import Catalog, SqlError
 from curation.spec import SpecError
 from curation.storage import read_collection_json, url_to_fs
+from curation.takedown import Takedown
 from indices.build import load_index
 from indices.store import CollectionError, EmbeddingStore, complete_parts
 from indices.tune import set_search_params
@@ -60,9 +60,9 @@ class Context:
     # ---- SQL -----------------------------------------------------------------------------
     @property
     def catalog(self) -> Catalog:
-        """The trusted catalog, without a row cap: Sieve's own queries (ids, keys, captions)."""
+        """The trusted catalog (every row: no cap unless a query asks): Sieve's own queries."""
         if self._catalog is None:
-            self._catalog = Catalog(self.collection, row_cap=None)
+            self._catalog = Catalog(self.collection)
         return self._catalog
 
     def query(self, sql: str, what: str) -> pa.Table:
@@ -96,7 +96,7 @@ class Context:
         if self._base is None:
             table = self.query(f"SELECT {S.ID}, {S.KEY}, {S.URL}, {S.SHA256} FROM samples "
                                f"WHERE {S.ID} IS NOT NULL ORDER BY {S.ID}", "collection")
-            blocked = takedown.load(self.collection).blocked_mask(table)
+            blocked = Takedown.load(self.collection).blocked_mask(table)
             self._blocked = int(np.count_nonzero(blocked))
             self._base = table.filter(pa.array(~np.asarray(blocked, dtype=bool)))
         return self._base
@@ -141,10 +141,15 @@ class Context:
         return [by_id.get(i) or "" for i in head]
 
     # ---- vectors -------------------------------------------------------------------------
+    @property
+    def clip_model(self) -> str:
+        """The collection's CLIP spec (collection.json; sieve-tiny, the embed default, when absent)."""
+        return self.info.get("clip_model", "sieve-tiny")
+
     def clip(self) -> Clip:
         """The collection's CLIP model (collection.json's spec), loaded on first use."""
         if self.encoder is None:
-            self.encoder = load_clip(self.info.get("clip_model", "sieve-tiny"))
+            self.encoder = load_clip(self.clip_model)
         return self.encoder
 
     def index(self, modality: str, what: str) -> tuple[Any, dict[str, Any], EmbeddingStore]:

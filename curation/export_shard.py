@@ -30,9 +30,9 @@ import pyarrow.compute as pc
 from PIL import Image
 
 from curation import schema as S
-from curation import takedown
 from curation.shard_writer import json_lines, write_parquet, write_webdataset
 from curation.storage import url_to_fs, write_json
+from curation.takedown import Takedown
 from pipelines.readers import Shard, ShardOpenError, format_of, read_shard
 
 #: neighbouring byte ranges closer than this are read as one request (the members between
@@ -247,7 +247,7 @@ def write_shard(index: int, rows: pa.Table, identity: str, opts: ExportOptions) 
     left out. The stats file is written last: its presence (with this `identity`) means done.
     """
     start = time.time()
-    blocked = np.asarray(takedown.load(opts.collection).blocked_mask(rows), dtype=bool)
+    blocked = np.asarray(Takedown.load(opts.collection).blocked_mask(rows), dtype=bool)
     if blocked.any():
         rows = rows.filter(pa.array(~blocked))
     keys = rows[S.KEY].to_pylist()

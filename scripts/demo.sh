@@ -20,7 +20,7 @@ step "1/9 generate sample shards (img2dataset webdataset format)"
 [ -f "$DEMO/shards/00001_stats.json" ] || \
   $PY -m pipelines.sample --out "$DEMO/shards" --n 2000 --shard-size 1000 --corrupt-fraction 0.02
 
-step "2/9 the bundled models: sieve-tiny CLIP and the watermark detector (trained once, cached)"
+step "2/9 the bundled models: sieve-tiny CLIP and the watermark detector (unpacked into the cache once)"
 $PY -m models.train sieve-tiny --if-missing
 $PY -m models.train watermark --if-missing
 

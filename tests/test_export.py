@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import tarfile
-import textwrap
 import time
 from pathlib import Path
 
@@ -22,17 +21,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.curation_standins import install
-
-install()  # until curation.catalog / filters / takedown land from issue 13's first half
-
-from bench.synthetic import collection_from_shards, write_takedown  # noqa: E402
-from curation import schema as S  # noqa: E402
-from curation.export import export  # noqa: E402
-from curation.export_shard import ExportError  # noqa: E402
-from curation.resolve import resolve  # noqa: E402
-from indices.store import EmbeddingStore, read_metadata  # noqa: E402
-from models.scenes import COLORS  # noqa: E402
+from bench.synthetic import collection_from_shards, write_takedown
+from curation import schema as S
+from curation.export import export
+from curation.export_shard import ExportError
+from curation.resolve import resolve
+from indices.store import EmbeddingStore, read_metadata
+from models.scenes import COLORS
 
 REPO = Path(__file__).resolve().parent.parent
 SPEC = {"name": "big", "where": "size != 'small'"}
@@ -211,26 +206,13 @@ def test_bad_output_and_another_spec_in_the_same_output(made, client, tmp_path, 
     assert (Path(made["shards"]) / "00000.tar").exists()
 
 
-KILLABLE = """
-import sys
-sys.path.insert(0, {repo!r})
-from tests.curation_standins import install
-install()  # in the Dask workers too: they re-import this script
-if __name__ == "__main__":
-    from curation.export import main
-    sys.exit(main(sys.argv[1:]))
-"""
-
-
 def test_killed_export_resumes_to_byte_identical_shards(made, client, tmp_path):
-    script = tmp_path / "run_export.py"
-    script.write_text(textwrap.dedent(KILLABLE.format(repo=str(REPO))))
     spec = tmp_path / "spec.yaml"
     spec.write_text("name: all\nwhere: 'true'\n")
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, str(script), made["coll"], str(spec), "--out", str(out),
+    proc = subprocess.Popen([sys.executable, "-m", "curation.export", made["coll"], str(spec), "--out", str(out),
                              "--shard-size", "3", "--workers", "1"],
-                            env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+                            env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}, cwd=REPO,
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 240

@@ -8,17 +8,13 @@ import zlib
 import numpy as np
 import pytest
 
-from tests.curation_standins import install
-
-install()  # until curation.catalog / filters / takedown land from issue 13's first half
-
-from bench.synthetic import clustered_vectors, write_collection, write_takedown  # noqa: E402
-from curation import schema as S  # noqa: E402
-from curation.catalog import Catalog  # noqa: E402
-from curation.filters import render  # noqa: E402
-from curation.resolve import parse_spec, resolve, spec_hash  # noqa: E402
-from curation.spec import SpecError  # noqa: E402
-from indices.store import EmbeddingStore  # noqa: E402
+from bench.synthetic import clustered_vectors, write_collection, write_takedown
+from curation import schema as S
+from curation.catalog import Catalog
+from curation.filters import render
+from curation.resolve import parse_spec, resolve, spec_hash
+from curation.spec import SpecError
+from indices.store import EmbeddingStore
 
 DIM = 16
 N = 400  # per part, two parts
@@ -76,7 +72,7 @@ def test_same_spec_gives_same_keys_in_same_order_and_hash(coll):
 
 
 def test_untrusted_specs_run_their_sql_sandboxed_with_the_same_result(coll):
-    spec = {"where": "width >= 48", "filters": "laion", "limit": 30}
+    spec = {"where": "width >= 48", "filters": {"preset": "laion", "min_similarity": 0.25}, "limit": 30}
     assert resolve(coll, spec, untrusted=True).keys == resolve(coll, spec).keys
 
 
@@ -96,9 +92,9 @@ def test_where_and_filters_count_what_sql_selects(coll):
     res = resolve(coll, {"where": ["width >= 48", "width < 80"]})
     assert res.ids.tolist() == np.nonzero((widths >= 48) & (widths < 80))[0].tolist()
     assert [s.count for s in res.steps] == [2 * N, int((widths >= 48).sum()), len(res)]
-    res = resolve(coll, {"where": "width >= 48", "filters": {"preset": "laion", "clip_similarity": 0.3}})
-    with Catalog(coll, row_cap=None) as cat:
-        passing = cat.query(f"SELECT id FROM samples WHERE id IS NOT NULL AND {render('laion', clip_similarity=0.3)}")
+    res = resolve(coll, {"where": "width >= 48", "filters": {"preset": "laion", "min_similarity": 0.3}})
+    with Catalog(coll) as cat:
+        passing = cat.query(f"SELECT id FROM samples WHERE id IS NOT NULL AND {render('laion', min_similarity=0.3)}")
     expected = sorted(set(passing.table["id"].to_pylist()) & set(np.nonzero(widths >= 48)[0].tolist()))
     assert res.ids.tolist() == expected and 0 < len(expected) < int((widths >= 48).sum())
 
