@@ -26,7 +26,7 @@ from PIL import Image
 from curation.schema import shard_name, stats_name
 from curation.storage import atomic_path, write_json
 from models.runtime import progress, setup_logging
-from models.scenes import Sample, make_caption, make_sample, sample_key
+from models.scenes import NOISE_TEXTURES, Sample, make_caption, make_sample, sample_key
 from pipelines.near_duplicates import make_copy
 
 log = logging.getLogger(__name__)
@@ -68,13 +68,14 @@ def copy_of(index: int, seed: int, fraction: float) -> int | None:
 
 
 def planted_copy(index: int, original: int, size: int, seed: int, watermark_fraction: float,
-                 shard_size: int, object_sizes: Sequence[str] | None) -> tuple[Sample, bytes]:
+                 shard_size: int, object_sizes: Sequence[str] | None,
+                 noise_texture: str = "fine") -> tuple[Sample, bytes]:
     """Sample `index` as a transformed copy of sample `original`: (sample, JPEG bytes).
 
     Its caption is drawn afresh for the same scene (a re-upload has its own alt text); its json
     says `dup_of` (the original's key) and `transform`; an overlaid copy counts as watermarked.
     """
-    source = make_sample(original, size, seed, watermark_fraction, shard_size, object_sizes)
+    source = make_sample(original, size, seed, watermark_fraction, shard_size, object_sizes, noise_texture)
     rng = np.random.default_rng([seed, index, 3])
     data, transform, _ = make_copy(_jpeg(source.image), rng)
     caption, named = make_caption(source.attrs, rng)
@@ -86,7 +87,8 @@ def planted_copy(index: int, original: int, size: int, seed: int, watermark_frac
 
 def write_shard(out: Path, shard: int, indices: range, size: int, seed: int,
                 watermark_fraction: float, corrupt_fraction: float, shard_size: int,
-                object_sizes: Sequence[str] | None = None, near_duplicate_fraction: float = 0.0) -> dict[str, Any]:
+                object_sizes: Sequence[str] | None = None, near_duplicate_fraction: float = 0.0,
+                noise_texture: str = "fine") -> dict[str, Any]:
     """Write one shard's tar, parquet and stats (stats last: its presence marks completion)."""
     start = time.time()
     rows: list[dict[str, Any]] = []
@@ -95,13 +97,13 @@ def write_shard(out: Path, shard: int, indices: range, size: int, seed: int,
         for index in indices:
             original = copy_of(index, seed, near_duplicate_fraction)
             if original is None:
-                sample = make_sample(index, size, seed, watermark_fraction, shard_size, object_sizes)
+                sample = make_sample(index, size, seed, watermark_fraction, shard_size, object_sizes, noise_texture)
                 data = _jpeg(sample.image)
                 if near_duplicate_fraction > 0:  # the columns exist only when copies may be planted
                     sample.attrs.update(dup_of=None, transform=None)
             else:
                 sample, data = planted_copy(index, original, size, seed, watermark_fraction, shard_size,
-                                            object_sizes)
+                                            object_sizes, noise_texture)
             crng = np.random.default_rng([seed, index, 1])
             if crng.random() < corrupt_fraction:
                 data = _corrupt(data, crng)
@@ -132,7 +134,7 @@ def write_shard(out: Path, shard: int, indices: range, size: int, seed: int,
         "start_time": start,
         "end_time": time.time(),
         "status_dict": {"success": len(rows)},
-        "seed": seed, "size": size,
+        "seed": seed, "size": size, "noise_texture": noise_texture,
     }
     write_json(out / stats_name(shard), stats)
     return stats
@@ -141,11 +143,12 @@ def write_shard(out: Path, shard: int, indices: range, size: int, seed: int,
 def write_sample_dataset(out: str | Path, n: int, size: int = 64, seed: int = 0,
                          watermark_fraction: float = 0.1, corrupt_fraction: float = 0.0,
                          shard_size: int = 1000, object_sizes: Sequence[str] | None = None,
-                         near_duplicate_fraction: float = 0.0) -> dict[str, Any]:
+                         near_duplicate_fraction: float = 0.0, noise_texture: str = "fine") -> dict[str, Any]:
     """Write n generated samples as img2dataset webdataset shards under `out`; return totals.
 
     `near_duplicate_fraction` of the samples are transformed copies of earlier ones
-    (`pipelines.near_duplicates`; their json names the original in `dup_of`).
+    (`pipelines.near_duplicates`; their json names the original in `dup_of`). `noise_texture`
+    picks the noisy background's texture (`models.scenes.NOISE_TEXTURES`).
     """
     if n < 0 or shard_size < 1 or size < 8:
         raise ValueError(f"need n >= 0, shard_size >= 1 and size >= 8; got n={n}, "
@@ -161,7 +164,7 @@ def write_sample_dataset(out: str | Path, n: int, size: int = 64, seed: int = 0,
     for shard in progress(range(n_shards), desc="sample shards", unit="shard", disable=n_shards < 2):
         indices = range(shard * shard_size, min(n, (shard + 1) * shard_size))
         stats = write_shard(out, shard, indices, size, seed, watermark_fraction, corrupt_fraction, shard_size,
-                            object_sizes, near_duplicate_fraction)
+                            object_sizes, near_duplicate_fraction, noise_texture)
         for k in ("count", "corrupt", "watermarked", "near_duplicates"):
             totals[k] += stats[k]
         totals["shards"] += 1
@@ -184,12 +187,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--near-duplicate-fraction", type=float, default=0.0,
                         help="fraction of samples that are transformed copies of earlier ones (exact, re-encoded, "
                              "resized, cropped, colour-shifted, overlaid); their json says dup_of and transform")
+    parser.add_argument("--noise-texture", default="fine", choices=sorted(NOISE_TEXTURES),
+                        help="texture of noisy backgrounds: fine (per-pixel, what the bundled models learnt) or coarse")
     args = parser.parse_args(argv)
     setup_logging()
     totals = write_sample_dataset(args.out, args.n, args.size, args.seed, args.watermark_fraction,
                                   args.corrupt_fraction, args.shard_size,
                                   args.object_sizes.split(",") if args.object_sizes else None,
-                                  args.near_duplicate_fraction)
+                                  args.near_duplicate_fraction, args.noise_texture)
     print(json.dumps({"out": str(args.out), **totals}))
 
 
