@@ -47,6 +47,26 @@ METADATA_TYPES: dict[str, str] = {
     ERROR: "string",
 }
 
+# ---- catalog, language and takedown (issue 13: SQL, filters, takedown) -------------------
+#: The global vector id: position among the ok rows of all complete parts in part order
+#: (clip-retrieval's rule); the catalog's `samples` table and search results carry it.
+ID = "id"
+#: CLD3's probability for `language` (filled at embed time for every row with a caption)
+LANGUAGE_SCORE = "language_score"
+#: `language` when CLD3 cannot tell reliably (CLD3's and BCP 47's "undetermined")
+LANGUAGE_UNDETERMINED = "und"
+LANGUAGE_ENGLISH = "en"
+METADATA_COLUMNS = METADATA_COLUMNS + (LANGUAGE_SCORE,)
+METADATA_TYPES[LANGUAGE_SCORE] = "float32"
+#: Names a source json field may not keep (renamed `src_<name>` by the embed job).
+RESERVED_COLUMNS: frozenset[str] = frozenset(METADATA_COLUMNS) | {ID}
+
+#: takedown.parquet: one entry per row, exactly one of key / url / sha256 set, why and when
+TAKEDOWN_REASON = "reason"
+TAKEDOWN_ADDED = "added"
+TAKEDOWN_MATCH_COLUMNS: tuple[str, ...] = (KEY, URL, SHA256)
+TAKEDOWN_COLUMNS: tuple[str, ...] = (KEY, URL, SHA256, TAKEDOWN_REASON, TAKEDOWN_ADDED)
+
 # ---- statuses ---------------------------------------------------------------------------
 STATUS_OK = "ok"
 STATUS_DECODE_ERROR = "decode_error"        # truncated / garbage image bytes

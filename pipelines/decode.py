@@ -33,7 +33,7 @@ SOURCE_PREFIX = "src_"
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 #: row key holding a deferred phash thumbnail until `finish_phashes` (never written)
 PHASH_PENDING = "_phash_pending"
-_FIXED = frozenset(S.METADATA_COLUMNS)
+_FIXED = S.RESERVED_COLUMNS
 _CONSUMED_SET = frozenset(_CONSUMED)
 _EMPTY_ROW = dict.fromkeys(S.METADATA_COLUMNS)
 
