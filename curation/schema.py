@@ -217,10 +217,10 @@ LEVEL_COPIES = "copies"
 LEVEL_SEMANTIC = "semantic"
 DEDUP_LEVELS: tuple[str, ...] = (LEVEL_EXACT, LEVEL_COPIES, LEVEL_SEMANTIC)
 
-#: uniqueness.parquet columns (joinable on key)
+#: uniqueness.parquet columns (joinable on key or id)
 UNIQUENESS = "uniqueness"
 KTH_DISTANCE = "kth_distance"
-UNIQUENESS_COLUMNS: tuple[str, ...] = (KEY, UNIQUENESS, KTH_DISTANCE)
+UNIQUENESS_COLUMNS: tuple[str, ...] = (KEY, ID, UNIQUENESS, KTH_DISTANCE)
 
 #: map/{modality}.parquet columns
 MAP_X = "x"
