@@ -362,8 +362,15 @@ def score_vectors(concept: Concept, image: Sequence[np.ndarray] = (), text: Sequ
 
 def score_collection(collection: str, concept: Concept) -> np.ndarray:
     """Every embedded sample's probability of the concept, in global-id order."""
-    image = open_store(collection, S.MODALITY_IMAGE).arrays if concept.image_weights is not None else ()
-    text = open_store(collection, S.MODALITY_TEXT).arrays if concept.text_weights is not None else ()
+    stores = {}
+    for modality, weights in ((S.MODALITY_IMAGE, concept.image_weights), (S.MODALITY_TEXT, concept.text_weights)):
+        if weights is not None:
+            stores[modality] = open_store(collection, modality)
+            if stores[modality].dim != len(weights):
+                raise CollectionError(f"concept {concept.name}: fit on {len(weights)}-dim {modality} embeddings "
+                                      f"({concept.clip_model}), but {collection} has {stores[modality].dim}-dim ones")
+    image = stores[S.MODALITY_IMAGE].arrays if S.MODALITY_IMAGE in stores else ()
+    text = stores[S.MODALITY_TEXT].arrays if S.MODALITY_TEXT in stores else ()
     columns = None
     if concept.columns:
         meta = read_metadata(collection, list(concept.columns))

@@ -137,8 +137,8 @@ def copy_candidates(collection: str, meta: pa.Table, alive: np.ndarray, store: A
     cols, sims = nb_ids.ravel(), nb_sims.ravel()
     ok = (cols >= 0) & (np.nan_to_num(sims, nan=-1.0) >= COPY_MIN_COSINE)
     pairs = [np.stack([rows[ok], cols[ok]], 1)]
-    hashes = meta.column(S.PHASH).to_pylist()
-    known = np.array([bool(h) for h in hashes])
+    hashes = meta.column(S.PHASH).to_pylist() if S.PHASH in meta.column_names else [None] * meta.num_rows
+    known = np.array([bool(h) for h in hashes], dtype=bool)
     if known.any():
         hid = np.nonzero(known)[0]
         bits = phash_bits([hashes[i] for i in hid])
@@ -169,6 +169,9 @@ def check_pairs(pairs: np.ndarray, thumbs: dict[int, np.ndarray]) -> np.ndarray:
 def copies_stage(collection: str, meta: pa.Table, ranks: np.ndarray, links: Links, store: Any,
                  run: Runner, tasks: int) -> dict[str, int]:
     """Link verified copies to the kept sample of their group (through the verified pairs)."""
+    if S.SOURCE_SHARD not in meta.column_names:
+        raise CollectionError(f"{collection}: metadata has no {S.SOURCE_SHARD!r} column; the copies level re-reads "
+                              "pictures from the source shards")
     pairs = copy_candidates(collection, meta, links.alive, store)
     keys = np.asarray(meta.column(S.KEY).to_pylist(), dtype=object)
     shards = np.asarray(meta.column(S.SOURCE_SHARD).to_pylist(), dtype=object)
