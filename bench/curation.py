@@ -1,4 +1,4 @@
-"""`python -m bench.curation [--only sql,filter] [--work DIR]` → bench/results/curation.json.
+"""`python -m bench.curation [--only sql,filter,export] [--work DIR]` → bench/results/curation.json.
 
 - sql: the LAION filter (`curation.filters.render("laion")`, ViT-B/32's threshold) + GROUP BY
   language + count over `--rows` (default 10M) generated metadata rows (`bench.synthetic.
@@ -11,6 +11,13 @@
   re-derives the threshold the way `curation.filters` records it (equal error rate); held-out
   seeds measure the threshold in `curation.filters` (`filter_mismatch_removed`, goal ≥ 0.95;
   `filter_match_kept`, goal ≥ 0.9).
+- export: `curation.export` of `--export-n` (50k) generated samples (no resize, webdataset with
+  both embeddings) against a plain copy of the same source tars, both on the same Dask
+  LocalCluster (one worker per core), alternated `--export-repeats` times after one warm-up
+  export: `export_samples_per_s`, `export_vs_tar_copy_ratio` (median of the side-by-side
+  ratios; goal ≥ 0.5). The collection is the generated shards with the rows the embed job
+  records (byte offsets included) and random CLIP-shaped vectors of sieve-tiny's dimension
+  (`bench.synthetic.collection_from_shards`), so the figure is the export's own cost, not CLIP's.
 
 One function per part (`PARTS`); parts merge into the one results file, so each runs alone.
 """
@@ -20,19 +27,25 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import statistics
 import tempfile
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+from distributed import Client, LocalCluster
 
 from bench.common import write_results
-from bench.synthetic import write_metadata_parts
+from bench.synthetic import collection_from_shards, write_metadata_parts
 from curation import filters as F
 from curation.catalog import Catalog
-from models.runtime import setup_logging
+from curation.export import export
+from curation.storage import atomic_path
+from models.runtime import cores, setup_logging
 from pipelines.embed import embed
+from pipelines.readers import list_shards
 from pipelines.sample import write_sample_dataset
 
 log = logging.getLogger("bench.curation")
@@ -146,7 +159,67 @@ def run_filter(work: str, n: int = 3000, fraction: float = 0.1, calibration_seed
     }
 
 
-PARTS: dict[str, Callable[..., dict[str, Any]]] = {"sql": run_sql, "filter": run_filter}
+def copy_file(src: str, dst: str) -> int:
+    """The export's baseline: read a source tar and write it elsewhere, as plainly as Python can."""
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        shutil.copyfileobj(fin, fout, 1 << 20)
+    return os.path.getsize(dst)
+
+
+def _export_data(work: Path, n: int, shard_size: int, dim: int, size: int = 64) -> tuple[str, list[str]]:
+    """(collection, source tars) of n generated samples under `work`, reused when already there."""
+    shards = work / f"export-shards-{n}-{size}-{shard_size}"
+    coll = work / f"export-coll-{n}-{size}-{shard_size}-{dim}"
+    if not (shards / "_complete").exists():
+        write_sample_dataset(shards, n, size=size, shard_size=shard_size, watermark_fraction=0.0)
+        (shards / "_complete").write_text("")
+    if not (coll / "collection.json").exists():
+        with atomic_path(coll) as tmp:
+            collection_from_shards(str(shards), tmp, dim=dim)
+    return str(coll), [s.url for s in list_shards(str(shards))]
+
+
+def run_export(work: str, n: int = 50_000, shard_size: int = 10_000, dim: int = 128,
+               repeats: int = 3) -> dict[str, Any]:
+    """Export vs a plain copy of the source tars, side by side on one LocalCluster."""
+    root = Path(work)
+    coll, tars = _export_data(root, n, shard_size, dim)
+    workers = cores()
+    spec = {"name": "everything", "where": "true"}
+    runs = []
+    with LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=":0",
+                      silence_logs=logging.WARNING) as cluster, Client(cluster) as client:
+        export(coll, spec, str(root / "export-warm-up"), shard_size=shard_size, overwrite=True, client=client)
+        for r in range(repeats):
+            out, copy = root / "export-out", root / "export-copy"
+            for d in (out, copy):
+                shutil.rmtree(d, ignore_errors=True)
+            copy.mkdir(parents=True)
+            t = time.perf_counter()
+            copied = sum(client.gather(client.map(copy_file, tars, [str(copy / Path(x).name) for x in tars],
+                                                  pure=False)))
+            copy_s = time.perf_counter() - t
+            t = time.perf_counter()
+            manifest = export(coll, spec, str(out), shard_size=shard_size, client=client)
+            export_s = time.perf_counter() - t
+            runs.append({"copy_s": round(copy_s, 4), "export_s": round(export_s, 4), "samples": manifest["count"],
+                         "copy_bytes": copied, "export_bytes": sum(p.stat().st_size for p in out.glob("*.tar")),
+                         "ratio": round(copy_s / export_s, 4)})
+            log.info("export run %d: export %.2f s, copy %.2f s, ratio %.3f", r, export_s, copy_s, runs[-1]["ratio"])
+    samples = runs[0]["samples"]
+    return {
+        "export_samples_per_s": round(statistics.median(samples / r["export_s"] for r in runs), 1),
+        "export_vs_tar_copy_ratio": round(statistics.median(r["ratio"] for r in runs), 4),
+        "export": {"n": n, "samples": samples, "image_px": 64, "dim": dim, "shard_size": shard_size,
+                   "workers": workers, "repeats": repeats, "runs": runs,
+                   "tar_copy_samples_per_s": round(statistics.median(samples / r["copy_s"] for r in runs), 1),
+                   "note": "the same samples per second, so the ratio is copy seconds / export seconds; the "
+                           "export writes more bytes than it reads (tar headers of five members per sample, "
+                           "two .npy embeddings, a longer json)"},
+    }
+
+
+PARTS: dict[str, Callable[..., dict[str, Any]]] = {"sql": run_sql, "filter": run_filter, "export": run_export}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -159,6 +232,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--parts", type=int, default=100, help="sql: Parquet parts")
     p.add_argument("--repeats", type=int, default=5, help="sql: timed runs per path (median reported)")
     p.add_argument("--filter-n", type=int, default=3000, help="filter: generated pairs per seed")
+    p.add_argument("--export-n", type=int, default=50_000, help="export: generated samples")
+    p.add_argument("--export-shard-size", type=int, default=10_000, help="export: samples per shard, in and out")
+    p.add_argument("--export-repeats", type=int, default=3, help="export: side-by-side runs (median reported)")
     a = p.parse_args(argv)
     setup_logging()
     only = [x.strip() for x in a.only.split(",") if x.strip()]
@@ -171,8 +247,10 @@ def main(argv: list[str] | None = None) -> None:
         payload.update(run_sql(a.work, a.rows, a.parts, a.repeats))
     if "filter" in only:
         payload.update(run_filter(a.work, a.filter_n))
+    if "export" in only:
+        payload.update(run_export(a.work, a.export_n, a.export_shard_size, repeats=a.export_repeats))
     for name in only:
-        if name not in ("sql", "filter"):
+        if name not in ("sql", "filter", "export"):
             payload.update(PARTS[name](a.work))
     path = write_results("curation", payload, merge=True)
     print(path.read_text())

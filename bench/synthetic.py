@@ -19,6 +19,8 @@ import pyarrow.parquet as pq
 
 from curation import schema as S
 from curation.storage import write_bytes, write_collection_json, write_json
+from pipelines.decode import decode_sample
+from pipelines.readers import list_shards, read_shard
 from pipelines.writer import metadata_table, npy_bytes, write_part
 
 
@@ -155,6 +157,8 @@ def metadata_part(part: int, rows: int, seed: int = 0, failed: float = 0.02) -> 
         S.STATUS: pa.array(np.where(ok, S.STATUS_OK, S.STATUS_DECODE_ERROR)),
         S.ERROR: pa.array(np.where(ok, None, "planted failure"), pa.string()),
         S.LANGUAGE_SCORE: f32(rng.uniform(0.3, 1.0, rows)),
+        S.SOURCE_OFFSET: pa.array(512 + 4096 * np.arange(rows, dtype=np.int64)),
+        S.SOURCE_SIZE: pa.array(rng.integers(1024, 3584, rows).astype(np.int64)),
     }
     arrays = [t[c].cast(getattr(pa, S.METADATA_TYPES[c])()) for c in S.METADATA_COLUMNS]
     arrays.append(pa.array(rng.integers(0, 5, rows).astype(np.int64)))  # a source column, as img2dataset's
@@ -178,4 +182,30 @@ def write_metadata_parts(root: str, n: int, parts: int, seed: int = 0,
         write_bytes(layout.metadata(part), buf.getvalue())
         write_json(layout.done(part), {"count": rows, "ok": int(pc.sum(table[S.EMB_ROW].is_valid()).as_py())})
     write_collection_json(root, {"clip_model": clip_model, "parts": parts, "count": n})
+
+
+# ---- collections over real shards (export benchmarks and tests) ----------------------------
+def collection_from_shards(shards: str, root: str, dim: int = 64, seed: int = 0,
+                           clip_model: str = "sieve-tiny") -> str:
+    """A collection over real img2dataset shards without running CLIP: each sample's row is what
+    the embed job records (`pipelines.decode.decode_sample`: status, sizes, hashes, the image's
+    byte offset in its tar), its embeddings CLIP-shaped random pairs. For tests and benchmarks
+    of what reads the source shards back (export)."""
+    ok = count = 0
+    shard_list = list_shards(shards)
+    for shard in shard_list:
+        rows, n_ok = [], 0
+        for raw in read_shard(shard):
+            row, pixels = decode_sample(raw, shard.url)
+            row[S.PART], row[S.ROW] = shard.index, len(rows)
+            if pixels is not None:
+                row[S.EMB_ROW], row[S.CLIP_SIMILARITY] = n_ok, 0.3
+                n_ok += 1
+            rows.append(row)
+        img, txt = clip_like_pairs(n_ok, dim, seed=seed * 100_003 + shard.index, n_topics=64)
+        write_part(root, shard.index, rows, img.astype(S.EMB_DTYPE), txt.astype(S.EMB_DTYPE),
+                   {"count": len(rows), "ok": n_ok})
+        ok, count = ok + n_ok, count + len(rows)
+    write_collection_json(root, {"clip_model": clip_model, "emb_dim": dim, "source": shards,
+                                 "parts": len(shard_list), "count": count, "ok": ok})
     return root

@@ -29,6 +29,7 @@ from curation import schema as S
 from curation.takedown import TakedownError
 from indices.search import QueryError, Searcher
 from models.clip import Clip
+from models.prompts import PromptError, combine, parse_prompts
 from pipelines.decode import DEFAULT_MAX_PIXELS, decode_image
 
 log = logging.getLogger(__name__)
@@ -94,12 +95,15 @@ class Batcher:
     def _work(self, jobs: list[dict[str, Any]]) -> list[Any]:
         """Encode all texts in one call, then search per (modality, options) group."""
         vecs: list[Any] = [None] * len(jobs)
-        texts = [i for i, j in enumerate(jobs) if j.get("text") is not None]
+        texts = [i for i, j in enumerate(jobs) if j.get("prompts") is not None]
         try:
-            if texts:
-                enc = self.encode_texts([jobs[i]["text"] for i in texts])
-                for i, v in zip(texts, enc):
-                    vecs[i] = v
+            if texts:  # every prompt of every weighted query in one encode, then each query's combination
+                enc = self.encode_texts([p.text for i in texts for p in jobs[i]["prompts"]])
+                start = 0
+                for i in texts:
+                    n = len(jobs[i]["prompts"])
+                    vecs[i] = combine(enc[start:start + n], jobs[i]["prompts"])
+                    start += n
             for i, j in enumerate(jobs):
                 if vecs[i] is None:
                     vecs[i] = self.searcher.embed(image=j.get("image"), embedding=j.get("embedding"))
@@ -260,7 +264,10 @@ class App:
         if "text" in inputs:
             if not isinstance(body["text"], str):
                 raise BadRequest("text must be a string")
-            job["text"] = body["text"]
+            try:  # "a red star:1|blurry:-0.5": weighted prompts, as everywhere in Sieve
+                job["prompts"] = parse_prompts(body["text"])
+            except PromptError as exc:
+                raise BadRequest(f"text: {exc}") from exc
         elif "embedding_input" in inputs:
             emb = body["embedding_input"]
             try:

@@ -27,6 +27,7 @@ from indices.build import load_index
 from indices.store import CollectionError, EmbeddingStore, read_metadata
 from indices.tune import set_search_params
 from models.clip import load_clip
+from models.prompts import PromptError, combine, parse_prompts
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +142,11 @@ class Searcher:
         if sum(given) != 1:
             raise QueryError("give exactly one of text, image or embedding")
         if text is not None:
-            v = self.encoder.encode_texts([text])[0]
+            try:  # "a red star:1|blurry:-0.5": weighted prompts, parsed as subset specs and guidance parse them
+                prompts = parse_prompts(text)
+                v = combine(self.encoder.encode_texts([p.text for p in prompts]), prompts)
+            except PromptError as exc:
+                raise QueryError(f"text: {exc}") from None
         elif image is not None:
             v = self.encoder.encode_images([image])[0]
         else:

@@ -14,6 +14,11 @@ from sklearn.metrics import roc_auc_score
 from curation import schema as S
 from curation.concepts import (Concept, fit_concept, load_concept, save_concept, score_collection, score_vectors,
                                subset_clause, suggest)
+from curation.dedup import dedup
+from curation.dedup import subset_clause as dedup_clause
+from curation.map import compute_map, region_clause
+from curation.resolve import resolve
+from curation.spec import SpecError
 from curation.vectors import read_keys
 from indices.store import read_metadata
 
@@ -138,3 +143,28 @@ def test_a_collection_without_embeddings_is_refused(tmp_path, labelled):
         fit_concept(str(tmp_path / "empty"), "x", ["a"], ["b"])
     with pytest.raises(ValueError, match="concept name"):
         fit_concept(labelled["collection"], "../escape", labelled["pos"], labelled["neg"])
+
+
+def test_subset_specs_use_concept_region_and_dedup_clauses(labelled, watermark_concept):
+    """The resolver runs the insight clauses in the clause table's order, each on what the previous kept."""
+    coll = labelled["collection"]
+    save_concept(coll, watermark_concept)
+    compute_map(coll, sample=200, clusters=4)
+    dedup(coll, S.LEVEL_EXACT, workers=0)
+    rect = [-1e9, -1e9, 1e9, 1e9]
+    res = resolve(coll, {"concept": {"name": "watermarked"}, "region": {"rect": rect}, "dedup": "exact"})
+    scores = score_collection(coll, watermark_concept)
+    base = np.nonzero(scores >= watermark_concept.threshold)[0]
+    expected = dedup_clause(coll, region_clause(coll, base, rect=rect), S.LEVEL_EXACT)
+    assert res.ids.tolist() == expected.tolist() and 0 < len(res) < len(scores)
+    assert [s.label.split()[0] for s in res.steps[1:]] == ["concept", "region", "dedup"]
+    tight = resolve(coll, {"concept": [{"name": "watermarked", "min_score": 0.99}]})
+    assert set(tight.ids) <= set(res.ids) | set(base)
+    for spec, message in [({"concept": {"name": "nothing"}}, "no concept 'nothing'"),
+                          ({"concept": {"name": "watermarked", "min_score": 2}}, r"min_score must be a number in \[0, 1\]"),
+                          ({"region": {"rect": [0, 1]}}, "rect needs 4 numbers"),
+                          ({"region": {"rect": rect, "polygon": [[0, 0], [1, 0], [1, 1]]}}, "exactly one of"),
+                          ({"dedup": {"level": "fuzzy"}}, "level must be one of"),
+                          ({"dedup": {"level": "semantic", "eps": 1.5}}, r"eps must be a number in \(0, 1\)")]:
+        with pytest.raises(SpecError, match=message):
+            resolve(coll, spec)
