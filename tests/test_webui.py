@@ -4,7 +4,6 @@ SQL, Explore's figures. The real-browser test is tests/test_webui_browser.py."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
@@ -14,31 +13,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from curation import schema as S
-
-REPO = Path(__file__).resolve().parent.parent
-APP = str(REPO / "webui" / "app.py")
-TIMEOUT = 300  # the first run in a process loads CLIP and FAISS in the background
-
-
-def run_app(collection: str | None, page: str | None = None, **session) -> AppTest:
-    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
-    if collection is not None:
-        at.session_state["collections"] = [collection]
-    for k, v in session.items():
-        at.session_state[k] = v
-    at.run()
-    if page:
-        at.switch_page(page).run()
-    return at
-
-
-def results(at: AppTest) -> list[dict]:
-    """The result rows on the page, in grid order (each card's Details holds its row as JSON)."""
-    return [json.loads(j.value) for j in at.json]
-
-
-def messages(at: AppTest) -> str:
-    return " | ".join([e.value for e in at.error] + [w.value for w in at.warning] + [i.value for i in at.info])
+from tests.webui_app import APP, TIMEOUT, messages, results, run_app
 
 
 def files_under(root: str) -> list[str]:

@@ -21,6 +21,7 @@ import streamlit as st
 
 from curation import schema as S
 from curation.storage import read_collection_json
+from models.runtime import cores
 from models.specs import TINY_NAME
 
 if TYPE_CHECKING:  # for annotations only: the modules themselves load in the loading thread
@@ -117,6 +118,27 @@ def encoder(spec: str) -> Any:
         if spec not in _ENCODERS:
             _ENCODERS[spec] = load_clip(spec)
         return _ENCODERS[spec]
+
+
+def collection_encoder(path: str) -> Any:
+    """The CLIP model a collection was embedded with (collection.json's spec), shared per process."""
+    return encoder(read_collection_json(path).get("clip_model", TINY_NAME))
+
+
+_CLIENT: list[Any] = []
+
+
+def export_client() -> Any:
+    """A Dask client for exports started from the app, kept for the process: workers are threads
+    in this process, so the page's server never forks (and starts no second copy of itself).
+    (Not st.cache_resource: a Client is awaitable, which Streamlit's cache refuses.)"""
+    from distributed import Client, LocalCluster  # Dask (a second): only once an export is asked for
+
+    with _ENCODERS_LOCK:
+        if not _CLIENT or _CLIENT[0].status in ("closed", "closing"):
+            cluster = LocalCluster(n_workers=1, threads_per_worker=cores(), processes=False, dashboard_address=":0")
+            _CLIENT[:] = [Client(cluster)]
+        return _CLIENT[0]
 
 
 @dataclass
