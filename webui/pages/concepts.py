@@ -23,6 +23,7 @@ from webui import components, state
 LABELS = "concept_labels"   # {collection path: {key: 1 (shows the concept) | 0 (does not)}}
 FIT = "concept_fit"         # {collection path: {"concept": Concept, "scores": array}}
 NOTE = "concept_note"
+UP, DOWN = ":material/thumb_up:", ":material/thumb_down:"
 GRID = 5
 SHOWN = 10
 
@@ -61,7 +62,7 @@ def _load(path: str) -> None:
     st.session_state["concept_name"] = concept.name
     st.session_state["concept_prompt"] = concept.prompt or ""
     st.session_state.get(FIT, {}).pop(path, None)
-    st.session_state[NOTE] = ("info", f"Loaded {name}: {len(concept.positives)} 👍, {len(concept.negatives)} 👎")
+    st.session_state[NOTE] = ("info", f"Loaded {name}: {len(concept.positives)} {UP}, {len(concept.negatives)} {DOWN}")
 
 
 def label_buttons(path: str):
@@ -69,10 +70,11 @@ def label_buttons(path: str):
     def draw(row: dict[str, Any], key: str) -> None:
         mark = labels_of(path).get(row["key"])
         c1, c2 = st.columns(2)
-        c1.button("👍", key=f"{key}-pos", on_click=_label, args=(path, row["key"], 1), width="stretch",
-                  type="primary" if mark == 1 else "secondary")
-        c2.button("👎", key=f"{key}-neg", on_click=_label, args=(path, row["key"], 0), width="stretch",
-                  type="primary" if mark == 0 else "secondary")
+        # Material icons: the font ships with Streamlit, where an emoji needs the system's emoji font
+        c1.button("", key=f"{key}-pos", icon=UP, on_click=_label, args=(path, row["key"], 1), width="stretch",
+                  type="primary" if mark == 1 else "secondary", help="shows the concept (👍)")
+        c2.button("", key=f"{key}-neg", icon=DOWN, on_click=_label, args=(path, row["key"], 0), width="stretch",
+                  type="primary" if mark == 0 else "secondary", help="does not show it (👎)")
     return draw
 
 
@@ -91,7 +93,7 @@ def find_examples(cur: state.Current) -> None:
                          help="A search (weighted prompts as on the Search page) whose results you label below.")
     k = c2.number_input("Results", 5, 100, 20, key="concept_k")
     if not text.strip():
-        st.caption("Search for samples, then mark each 👍 (shows the concept) or 👎 (does not).")
+        st.caption(f"Search for samples, then mark each {UP} (shows the concept) or {DOWN} (does not).")
         return
     try:
         rows = query(cur.path, text=text.strip(), k=int(k), safe_mode=False, hide_watermarked=False,
@@ -180,7 +182,7 @@ def render() -> None:
     find_examples(cur)
     n_pos = sum(v == 1 for v in labels.values())
     b1, b2, b3 = st.columns([2, 1, 1], vertical_alignment="center")
-    b1.markdown(f"**{n_pos} 👍 · {len(labels) - n_pos} 👎** labelled")
+    b1.markdown(f"**{n_pos}** {UP} · **{len(labels) - n_pos}** {DOWN} labelled")
     if b2.button("Train", key="concept_train", type="primary", disabled=len(labels) < 2):
         train(cur, name.strip(), prompt.strip(), modality)
         note = st.session_state.pop(NOTE, None)

@@ -156,9 +156,11 @@ def clause_list(path: str, spec: dict[str, Any]) -> None:
             continue
         values = list(enumerate(spec[kind])) if kind in LISTS else [(None, spec[kind])]
         for i, value in values:
-            c1, c2 = st.columns([6, 1], vertical_alignment="center")
-            c1.code(yaml.safe_dump({kind: value}, default_flow_style=True, sort_keys=False).strip(), language="yaml")
-            c2.button("Remove", key=f"subset_remove_{kind}_{i}", on_click=remove_clause, args=(path, kind, i))
+            c1, c2 = st.columns([8, 1], vertical_alignment="center")
+            c1.code(yaml.safe_dump({kind: value}, default_flow_style=True, sort_keys=False, width=10**6).strip(),
+                    language="yaml", wrap_lines=True)
+            c2.button("", key=f"subset_remove_{kind}_{i}", icon=":material/close:", help="Remove this clause",
+                      on_click=remove_clause, args=(path, kind, i))
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
@@ -175,7 +177,8 @@ def _resolve(path: str, signature: tuple, spec_yaml: str) -> dict[str, Any]:
 
 
 def counts(cur: state.Current, spec: dict[str, Any]) -> dict[str, Any] | None:
-    """The dry run on the page: one line per clause with its count, then a sample grid."""
+    """The dry run on the page: one line per clause with its count (None when it failed: the
+    error is shown)."""
     doc = {"name": st.session_state.get("subset_name") or "subset", **spec}
     try:
         with st.spinner("Counting…"):
@@ -184,13 +187,19 @@ def counts(cur: state.Current, spec: dict[str, Any]) -> dict[str, Any] | None:
         st.error(str(exc).replace("<spec>: ", ""))
         return None
     st.dataframe([{"clause": label, "rows": n} for label, n in dry["steps"]], hide_index=True, width="stretch")
+    st.caption(f"{dry['count']:,} rows · spec hash {dry['spec_hash']}")
+    return dry
+
+
+def sample_grid(cur: state.Current, dry: dict[str, Any] | None) -> None:
+    """A seeded sample of the rows the spec names."""
+    if dry is None:
+        return
     if not dry["count"]:
         st.info("No rows left: loosen or remove a clause.")
-        return dry
-    st.caption(f"{dry['count']:,} rows · spec hash {dry['spec_hash']} · a sample:")
-    if cur.health.searchable:
+    elif cur.health.searchable:
+        st.subheader("A sample")
         components.result_grid(cur.searcher().records(dry["sample"]), key="subset", columns=5)
-    return dry
 
 
 def save_form(cur: state.Current, spec: dict[str, Any]) -> None:
@@ -269,7 +278,7 @@ def render() -> None:
         state.show_problems(cur.health)
         return
     spec = spec_of(cur.path)
-    left, right = st.columns([2, 3])
+    left, right = st.columns([3, 2])
     with left:
         clause_form(cur)
         st.subheader("Clauses")
@@ -279,7 +288,8 @@ def render() -> None:
             st.caption("No clauses yet: the subset is every embedded row the takedown list allows.")
     with right:
         st.subheader("Rows after each clause")
-        counts(cur, spec)
+        dry = counts(cur, spec)
+    sample_grid(cur, dry)
     st.divider()
     st.subheader("Save")
     save_form(cur, spec)
