@@ -1,6 +1,7 @@
 """The web UI in a real browser: `streamlit run webui/app.py` on 127.0.0.1, driven by Playwright
 through Debian's chromium (`.ci/run` installs both). Types a query, waits for the grid, checks
-the captions against the search API, runs a query on the SQL page, saves screenshots.
+the captions against the search API, runs a query on the SQL page, adds a clause on the
+Subset page, saves screenshots.
 
 Skipped, with the reason, where chromium or Playwright is missing, except under CI, where that
 is a failure. `SIEVE_UI_SCREENSHOTS=docs` also writes the screenshots the README shows."""
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from curation.catalog import Catalog
 from indices.query import query
 
 REPO = Path(__file__).resolve().parent.parent
@@ -88,12 +90,17 @@ def page(server):
         browser.close()
 
 
-def _shots(tmp_path: Path) -> list[Path]:
-    """Where screenshots go: the test's folder, and docs/ when SIEVE_UI_SCREENSHOTS=docs."""
-    out = [tmp_path]
-    if os.environ.get("SIEVE_UI_SCREENSHOTS") == "docs":
-        out.append(REPO / "docs")
-    return out
+#: the screenshots the README shows (docs/), refreshed with SIEVE_UI_SCREENSHOTS=docs
+DOCS = ("webui_search.png", "webui_subset.png")
+
+
+def _shoot(page, tmp_path: Path, name: str) -> Path:
+    """A screenshot in the test's folder, and in docs/ when it is one the README shows and
+    SIEVE_UI_SCREENSHOTS=docs."""
+    page.screenshot(path=str(tmp_path / name))
+    if name in DOCS and os.environ.get("SIEVE_UI_SCREENSHOTS") == "docs":
+        page.screenshot(path=str(REPO / "docs" / name))
+    return tmp_path / name
 
 
 def test_search_shows_the_grid_with_the_captions_search_returns(page, demo_collection, tmp_path):
@@ -110,9 +117,7 @@ def test_search_shows_the_grid_with_the_captions_search_returns(page, demo_colle
     assert text.index(captions[0]) < text.index(captions[5])  # in rank order
     page.wait_for_function("() => [...document.querySelectorAll('[data-testid=stMain] img')]"
                            ".filter(i => i.complete && i.naturalWidth > 0).length >= 20", timeout=60_000)
-    for folder in _shots(tmp_path):
-        page.screenshot(path=str(folder / "webui_search.png"))
-    assert (tmp_path / "webui_search.png").stat().st_size > 10_000
+    assert _shoot(page, tmp_path, "webui_search.png").stat().st_size > 10_000
 
 
 def test_sql_page_runs_a_query_and_shows_errors(page, tmp_path):
@@ -125,10 +130,25 @@ def test_sql_page_runs_a_query_and_shows_errors(page, tmp_path):
     page.get_by_text("2 rows in").wait_for(timeout=120_000)
     page.locator("[data-testid=stDataFrame]").wait_for(timeout=60_000)
     page.wait_for_timeout(1500)  # the grid is drawn on a canvas after it is attached
-    for folder in _shots(tmp_path):
-        page.screenshot(path=str(folder / "webui_sql.png"))
+    _shoot(page, tmp_path, "webui_sql.png")
     area.fill("SELEC status FROM samples")
     page.get_by_role("button", name="Run").click()
     alert = page.locator("[data-testid=stAlert]").filter(has_text="syntax")
     alert.wait_for(timeout=60_000)
     assert "syntax" in alert.inner_text().lower()
+
+
+def test_subset_page_counts_a_clause_and_shows_a_sample(page, demo_collection, tmp_path):
+    page.get_by_role("link", name="Subset").click()
+    box = page.get_by_label("SQL condition on `samples`")
+    box.wait_for(timeout=60_000)
+    box.fill("size != 'small'")
+    box.press("Enter")
+    page.get_by_role("button", name="Add", exact=True).click()
+    with Catalog(demo_collection["demo/collection"]) as cat:
+        n = cat.count("size != 'small' AND id IS NOT NULL")
+    page.get_by_text(f"{n:,} rows · spec hash").wait_for(timeout=120_000)
+    page.wait_for_function("() => [...document.querySelectorAll('[data-testid=stMain] img')]"
+                           ".filter(i => i.complete && i.naturalWidth > 0).length >= 10", timeout=60_000)
+    page.wait_for_timeout(1500)  # the counts table is drawn on a canvas after it is attached
+    assert _shoot(page, tmp_path, "webui_subset.png").stat().st_size > 10_000
