@@ -21,6 +21,7 @@ Each collection is measured in its own child process so one's memory never count
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -133,7 +134,8 @@ def build_million(args: argparse.Namespace) -> str:
     for shard in list_shards(str(shards)):
         for raw in read_shard(shard):
             if raw.image is not None and raw.offset is not None:
-                rows.append({S.SOURCE_SHARD: shard.url, S.SOURCE_OFFSET: raw.offset, S.SOURCE_SIZE: raw.size})
+                rows.append({S.SOURCE_SHARD: shard.url, S.SOURCE_OFFSET: raw.offset, S.SOURCE_SIZE: raw.size,
+                             S.SHA256: hashlib.sha256(raw.image).hexdigest()})  # thumbnails check it
     write_vector_collection(root, args.n, args.parts, args.dim, sources=pa.Table.from_pylist(rows))
     layout = S.CollectionLayout(root)
     if not os.path.exists(layout.index_json(S.MODALITY_IMAGE)):

@@ -45,13 +45,20 @@ def test_a_red_circle_puts_red_circles_first(search):
     assert len(search.image) == 20  # one thumbnail per card, read from the shard
 
 
-def test_thumbnails_come_from_the_source_shards(search, coll):
-    from webui.thumbs import thumbnails
+def test_thumbnails_come_from_the_source_shards(search, coll, monkeypatch):
+    from webui import thumbs as T
 
     rows = results(search)[:3]
-    thumbs = thumbnails(rows)
-    assert all(t.jpeg and t.jpeg.startswith(b"\xff\xd8") for t in thumbs)
-    gone = thumbnails([dict(rows[0], source_shard=rows[0]["source_shard"] + ".missing")])
+    assert all(r[S.SOURCE_OFFSET] is not None for r in rows)
+    scanned = []
+    monkeypatch.setattr(T, "_scan", lambda url, keys, scan=T._scan: scanned.append(keys) or scan(url, keys))
+    ranged = T.thumbnails(rows)
+    assert all(t.jpeg and t.jpeg.startswith(b"\xff\xd8") for t in ranged) and not scanned  # by byte range
+    moved = [dict(r, source_offset=r[S.SOURCE_OFFSET] + 1) for r in rows]  # bytes that fail the sha256
+    unranged = [dict(r, source_offset=None) for r in rows]
+    assert [t.jpeg for t in T.thumbnails(moved)] == [t.jpeg for t in T.thumbnails(unranged)] == \
+        [t.jpeg for t in ranged] and len(scanned) == 2  # found by key instead, the same pictures
+    gone = T.thumbnails([dict(rows[0], source_shard=rows[0]["source_shard"] + ".missing")])
     assert gone[0].jpeg is None and "gone" in gone[0].why
 
 
@@ -93,7 +100,7 @@ def test_sql_filter_errors_and_empty_answers_are_messages(search, coll):
     rows = results(search)
     assert rows and all(r["id"] % 2 == 0 for r in rows)
     search.text_input(key="search_filter").input("").run()
-    search.text_input(key="search_text").input("a red circle:1|red:-2").run()
+    search.text_input(key="search_text").input("blurry:-1").run()
     assert "positive weight" in messages(search)
     search.text_input(key="search_text").input("a red circle").run()
     assert files_under(coll) == before

@@ -70,13 +70,14 @@ def escape(text: Any) -> str:
 @st.cache_data(max_entries=256, show_spinner=False)
 def cached_thumbnails(cells: tuple[tuple[Any, ...], ...], size: int = THUMB_SIZE) -> list[Thumb]:
     """Thumbnails of (source_shard, key, source_offset, source_size, sha256) cells, cached per set."""
-    names = (S.SOURCE_SHARD, S.KEY, "source_offset", "source_size", S.SHA256)
+    names = (S.SOURCE_SHARD, S.KEY, S.SOURCE_OFFSET, S.SOURCE_SIZE, S.SHA256)
     return thumbnails([dict(zip(names, c)) for c in cells], size)
 
 
 def row_thumbnails(rows: Sequence[dict[str, Any]]) -> list[Thumb]:
     """The grid's thumbnails of result rows (read from their source shards, cached)."""
-    cells = tuple((r.get(S.SOURCE_SHARD), r.get(S.KEY), r.get("source_offset"), r.get("source_size"), r.get(S.SHA256))
+    cells = tuple((r.get(S.SOURCE_SHARD), r.get(S.KEY), r.get(S.SOURCE_OFFSET), r.get(S.SOURCE_SIZE),
+                   r.get(S.SHA256))
                   for r in rows)
     return cached_thumbnails(cells)
 
