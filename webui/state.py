@@ -98,6 +98,15 @@ def inspect(path: str) -> Health:
     return Health(path, True, len(done), embeddings, indices, tuple(problems), signature)
 
 
+def insight_version(path: str) -> tuple:
+    """Changes whenever a concept, the map, a duplicates run or the takedown list is (re)written:
+    cached answers that read them are keyed on it."""
+    insight = S.InsightLayout(path)
+    dedup_runs = sorted(os.path.join(insight.dedup_dir, d) for d in _listdir(insight.dedup_dir))
+    return tuple(_mtime(p) for p in (insight.concepts_dir, os.path.dirname(insight.map(S.MODALITY_IMAGE)),
+                                     insight.dedup_dir, *dedup_runs, S.CollectionLayout(path).takedown))
+
+
 def _listdir(path: str) -> list[str]:
     try:
         return os.listdir(path)

@@ -28,9 +28,10 @@ GRID = 5
 SHOWN = 10
 
 
-@st.cache_data(max_entries=8, show_spinner=False)
+@st.cache_resource(max_entries=8, show_spinner=False)
 def _keys(path: str, signature: tuple) -> np.ndarray:
-    """Every embedded row's key, in global-id order (a key's id is its position)."""
+    """Every embedded row's key, in global-id order (a key's id is its position); shared, not
+    copied per rerun (a million keys)."""
     return read_keys(path)
 
 
@@ -152,8 +153,9 @@ def show_fit(cur: state.Current, concept: Concept, scores: np.ndarray) -> None:
         components.result_grid(_rows(cur, order.tolist(), scores), key="concept-top", columns=GRID,
                                actions=label_buttons(cur.path))
     with nxt:
-        ids_of = {k: i for i, k in enumerate(keys)}
-        ids = [ids_of[k] for k in suggest(concept, keys, scores, SHOWN)]
+        wanted = suggest(concept, keys, scores, SHOWN)
+        rank = {k: r for r, k in enumerate(wanted)}
+        ids = sorted(np.flatnonzero(np.isin(keys, wanted)).tolist(), key=lambda i: rank[keys[i]])
         st.caption("Label these and train again: each answer teaches the probe where it is unsure.")
         components.result_grid(_rows(cur, ids, scores), key="concept-next", columns=GRID,
                                actions=label_buttons(cur.path))

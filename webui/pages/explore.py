@@ -44,8 +44,9 @@ def _histogram(path: str, signature: tuple, column: str, bins: int) -> dict[str,
 
 
 @st.cache_data(max_entries=16, show_spinner=False)
-def _map_points(path: str, signature: tuple, modality: str, colour: str) -> pd.DataFrame:
-    """A seeded sample of the map's points (id, key, x, y, the colour column)."""
+def _map_points(path: str, signature: tuple, insight: tuple, modality: str, colour: str) -> pd.DataFrame:
+    """A seeded sample of the map's points (id, key, x, y, the colour column), read anew when the
+    map is remade (`insight`)."""
     table = read_map(path, modality)
     n = table.num_rows
     ids = np.arange(n) if n <= MAP_POINTS else np.sort(np.random.default_rng(0).choice(n, MAP_POINTS, replace=False))
@@ -92,7 +93,7 @@ def map_section(cur: state.Current) -> None:
     modality = c1.radio("Embeddings", made, key="explore_map_modality", horizontal=True)
     colour = c2.selectbox("Colour by", [S.MAP_CLUSTER, *(c for c in MAP_COLOURS if c in columns)], key="explore_colour")
     with st.spinner("Reading the map…"):
-        points = _map_points(cur.path, cur.health.signature, modality, colour)
+        points = _map_points(cur.path, cur.health.signature, state.insight_version(cur.path), modality, colour)
     fig = px.scatter(points, x=S.MAP_X, y=S.MAP_Y, color=colour, hover_data={"id": True, S.KEY: True},
                      render_mode="webgl", height=520)
     fig.update_traces(marker={"size": 5})

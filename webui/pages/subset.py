@@ -164,8 +164,9 @@ def clause_list(path: str, spec: dict[str, Any]) -> None:
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
-def _resolve(path: str, signature: tuple, spec_yaml: str) -> dict[str, Any]:
-    """A dry run: rows after each clause and a sample of ids, cached per spec."""
+def _resolve(path: str, signature: tuple, insight: tuple, spec_yaml: str) -> dict[str, Any]:
+    """A dry run: rows after each clause and a sample of ids, cached per spec and per version of
+    the collection and of its concepts, map, duplicates and takedown list."""
     spec = yaml.safe_load(spec_yaml)
     # a loaded CLIP only when a kNN clause needs one (the process's, shared with search)
     encoder = state.collection_encoder(path) if spec.get("knn") else None
@@ -182,7 +183,8 @@ def counts(cur: state.Current, spec: dict[str, Any]) -> dict[str, Any] | None:
     doc = {"name": st.session_state.get("subset_name") or "subset", **spec}
     try:
         with st.spinner("Counting…"):
-            dry = _resolve(cur.path, cur.health.signature, yaml.safe_dump(doc, sort_keys=False))
+            dry = _resolve(cur.path, cur.health.signature, state.insight_version(cur.path),
+                           yaml.safe_dump(doc, sort_keys=False))
     except (SpecError, ValueError, FileNotFoundError) as exc:
         st.error(str(exc).replace("<spec>: ", ""))
         return None
