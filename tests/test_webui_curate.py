@@ -157,3 +157,5 @@ def test_subset_page_counts_each_clause_saves_and_exports(coll, tmp_path):
     assert manifest[S.MANIFEST_COUNT] == count and sorted(p.name for p in out.glob("*.tar")) == ["00000.tar"]
     code = " ".join(c.value for c in at.code)
     assert f"python -m hdit_train.train --data {out} --config" in code and "curation.export" in code
+    at.button(key="subset_remove_knn_0").click().run()
+    assert "changed since reds was saved" in messages(at) and not at.exception

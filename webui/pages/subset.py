@@ -29,7 +29,7 @@ from curation.subset import save_subset
 from webui import components, state
 from webui.draft import LISTS, REGION, add_clause, region_label, remove_clause, spec_of
 
-SAVED = "subset_saved"        # {collection path: (name, the YAML saved)}
+SAVED = "subset_saved"        # {collection path: (name, the clauses saved)}
 EXPORTED = "subset_exported"  # {collection path: the last export's manifest summary}
 ERROR = "subset_error"        # the last refused clause, shown once
 KINDS = [k.name for k in CLAUSES]
@@ -217,20 +217,23 @@ def save_form(cur: state.Current, spec: dict[str, Any]) -> None:
         except SpecError as exc:
             st.error(str(exc).replace("<spec>: ", ""))
             return
-        st.session_state.setdefault(SAVED, {})[cur.path] = (doc["name"], yaml.safe_dump(doc, sort_keys=False))
+        st.session_state.setdefault(SAVED, {})[cur.path] = (doc["name"], dict(spec))
         st.success(f"Saved {saved}")
     saved = st.session_state.get(SAVED, {}).get(cur.path)
     if saved:
         st.code(f"python -m curation.subset {shlex.quote(cur.path)} {saved[0]} --dry-run --untrusted", language="bash")
 
 
-def export_form(cur: state.Current) -> None:
+def export_form(cur: state.Current, spec: dict[str, Any]) -> None:
     """Export the saved subset: folder, format, image size; a progress bar; the training command."""
     saved = st.session_state.get(SAVED, {}).get(cur.path)
     if not saved:
         st.caption("Save the subset to export it.")
         return
     name = saved[0]
+    if saved[1] != spec:
+        st.warning(f"The clauses changed since {name} was saved: the export is of the saved {name}. "
+                   "Save again to export these.")
     default = os.path.join(os.path.dirname(cur.path.rstrip("/")), f"export-{name}")
     c1, c2, c3, c4 = st.columns([3, 1, 1, 1], vertical_alignment="bottom")
     out = c1.text_input("Export to", value=default, key=f"subset_out_{name}").strip()
@@ -296,7 +299,7 @@ def render() -> None:
     st.subheader("Save")
     save_form(cur, spec)
     st.subheader("Export")
-    export_form(cur)
+    export_form(cur, spec)
 
 
 render()
