@@ -89,13 +89,13 @@ def test_explore_map_selection_lists_samples_and_becomes_a_region(coll, tmp_path
     x = _red_x(coll)
     region = {"modality": "image", "rect": [x - 0.5, -1.0, x + 0.5, 10.0]}
     at = run_app(coll, "pages/explore.py", explore_region=region)
-    assert not at.exception and not at.error
+    assert not at.exception and not at.error, (at.exception, messages(at))
     charts = [e for e in at.main if type(e).__name__ == "UnknownElement" and e.type == "plotly_chart"]
     assert len(charts) == 1
     listed = results(at)
-    assert listed and all(r["color"] == "red" for r in listed)
+    assert listed and all(r["color"] == "red" for r in listed), [r["color"] for r in listed]
     at.button(key="explore_use_region").click().run()
-    assert at.session_state["subset_spec"][coll]["region"] == region and "Added" in messages(at)
+    assert at.session_state["subset_spec"][coll]["region"] == region and "Added" in messages(at), messages(at)
 
 
 def test_subset_page_counts_each_clause_saves_and_exports(coll, tmp_path):
