@@ -221,7 +221,8 @@ def save_form(cur: state.Current, spec: dict[str, Any]) -> None:
         st.success(f"Saved {saved}")
     saved = st.session_state.get(SAVED, {}).get(cur.path)
     if saved:
-        st.code(f"python -m curation.subset {shlex.quote(cur.path)} {saved[0]} --dry-run --untrusted", language="bash")
+        st.code(f"python -m curation.subset {shlex.quote(cur.path)} {saved[0]} --dry-run --untrusted",
+                language="bash", wrap_lines=True)
 
 
 def export_form(cur: state.Current, spec: dict[str, Any]) -> None:
@@ -264,10 +265,10 @@ def export_form(cur: state.Current, spec: dict[str, Any]) -> None:
                    f"(spec hash {done['spec_hash']})")
         size_arg = f" --image-size {int(size)}" if size else ""
         st.code(f"python -m curation.export {shlex.quote(cur.path)} {done['name']} --out {shlex.quote(done['out'])} "
-                f"--format {done['format']}{size_arg} --untrusted", language="bash")
+                f"--format {done['format']}{size_arg} --untrusted", language="bash", wrap_lines=True)
         if done["format"] == S.EXPORT_WEBDATASET:
             st.caption("Train an HDiT on it:")
-            st.code(train_command(done["out"], done["name"]), language="bash")
+            st.code(train_command(done["out"], done["name"]), language="bash", wrap_lines=True)
 
 
 def train_command(out: str, name: str) -> str:
