@@ -233,3 +233,21 @@ def test_several_collections_can_be_opened_and_switched(coll, tmp_path):
     assert at.session_state["collection"] == other
     at.sidebar.selectbox(key="collection").select_index(1).run()
     assert at.session_state["collection"] == coll and len(results(at)) == 20
+
+
+def test_ast_parse_is_serialised_while_the_app_loads_in_threads():
+    import ast
+    import threading
+
+    from webui import ast_guard, state  # noqa: F401 - state installs the guard
+
+    if sys.version_info >= (3, 13):
+        pytest.skip("CPython 3.13 keeps the AST converter's depth per thread")
+    assert ast.parse is ast_guard.locked_parse and ast.literal_eval("{'shape': (2, 3)}") == {"shape": (2, 3)}
+    inside = threading.Event()
+    with ast_guard._LOCK:  # another thread's parse waits for the lock holder
+        t = threading.Thread(target=lambda: (ast.parse("x = 1"), inside.set()))
+        t.start()
+        assert not inside.wait(0.2)
+    t.join(5)
+    assert inside.is_set()

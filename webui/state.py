@@ -21,6 +21,7 @@ import streamlit as st
 
 from curation import schema as S
 from curation.storage import read_collection_json
+from webui import ast_guard  # noqa: F401 - imported for its effect: ast.parse serialised (CPython < 3.13 threads)
 from models.runtime import cores
 from models.specs import TINY_NAME
 
