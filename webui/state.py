@@ -9,6 +9,7 @@ no index) is found by looking at its folder, and each lack comes with the comman
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import threading
@@ -148,7 +149,18 @@ def export_client() -> Any:
         if not _CLIENT or _CLIENT[0].status in ("closed", "closing"):
             cluster = LocalCluster(n_workers=1, threads_per_worker=cores(), processes=False, dashboard_address=":0")
             _CLIENT[:] = [Client(cluster)]
+            # closed before the interpreter finalises: its event-loop and worker threads would
+            # otherwise be torn down mid-call at exit
+            atexit.register(_close_client, _CLIENT[0], cluster)
         return _CLIENT[0]
+
+
+def _close_client(client: Any, cluster: Any) -> None:
+    try:
+        client.close(timeout=10)
+        cluster.close(timeout=10)
+    except (OSError, RuntimeError, TimeoutError) as exc:  # exiting anyway: say so, do not mask the exit
+        log.warning("closing the export cluster at exit: %s", exc)
 
 
 @dataclass
