@@ -64,17 +64,18 @@ def parse_prompt(part: str) -> WeightedPrompt:
     return WeightedPrompt(text, weight, stop)
 
 
-def parse_prompts(spec: str | Sequence[str]) -> list[WeightedPrompt]:
+def parse_prompts(spec: str | Sequence[str], require_positive: bool = True) -> list[WeightedPrompt]:
     """`"a:1|b:-0.5"` (or a list of such strings) -> prompts; PromptError names a malformed part.
 
     At least one prompt must have a positive weight: a query made only of what to avoid has
-    no direction to go.
+    no direction to go. Guidance, which also takes image prompts, checks that over both kinds
+    together (`require_positive=False` here).
     """
     parts = spec.split("|") if isinstance(spec, str) else [p for s in spec for p in s.split("|")]
     if not parts or not any(p.strip() for p in parts):
         raise PromptError("empty prompt: give text such as 'a red star' or 'a red star:1|blurry:-0.5'")
     prompts = [parse_prompt(p) for p in parts]
-    if not any(p.weight > 0 for p in prompts):
+    if require_positive and not any(p.weight > 0 for p in prompts):
         raise PromptError(f"prompts {spec!r}: at least one needs a positive weight")
     return prompts
 
