@@ -33,7 +33,7 @@ def guide(prompts: str | None = None, image_prompts: str | None = None, generato
           vqgan_ckpt: str | None = None, hdit_ckpt: str | None = None, clip_model: str = "sieve-tiny",
           size: int | None = None, steps: int = 100, seed: Sequence[int] = (0,), save_every: int = 0,
           step_size: float | None = None, cutn: int = 16, cut_pow: float = 1.0, augment: bool = True,
-          pixel_param: str = "fourier", clip_scale: float = 500.0, tv_scale: float = 50.0,
+          pixel_param: str = "fourier", clip_scale: float = 1000.0, tv_scale: float = 50.0,
           range_scale: float = 50.0, sampler: str = "dpmpp_2m_sde", cfg: float = 3.0, cond: bool = True,
           init_skip: float = 0.5, sigma_max: float = 20.0, device: str | None = None) -> Path:
     """Guide `generator` to the prompts for each seed; write the image (a grid for several seeds) to `out`."""
@@ -97,7 +97,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-augment", dest="augment", action="store_false", help="cutouts without augmentations")
     ap.add_argument("--pixel-param", default="fourier", choices=["raw", "fourier", "pyramid"])
     hd = ap.add_argument_group("hdit (CLIP-guided diffusion)")
-    hd.add_argument("--clip-scale", type=float, default=500.0, help="CLIP loss gradient scale")
+    hd.add_argument("--clip-scale", type=float, default=1000.0, help="CLIP loss gradient scale")
     hd.add_argument("--tv-scale", type=float, default=50.0, help="total variation scale")
     hd.add_argument("--range-scale", type=float, default=50.0, help="out-of-range penalty scale")
     hd.add_argument("--sampler", default="dpmpp_2m_sde", choices=["euler", "heun", "dpmpp_2m", "dpmpp_2m_sde"])

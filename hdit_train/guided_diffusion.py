@@ -27,11 +27,15 @@ from models.runtime import progress
 
 @dataclass
 class HDiTGuidance:
-    """The settings of one guided sampling (the reference's scales, adapted to EDM σ)."""
+    """The settings of one guided sampling (the reference's scales, adapted to EDM σ).
+
+    `init_weight` weighs the squared pixel distance (in [0, 1] units, halved) to the init image
+    against the CLIP loss, as the init-weight term of the other generators does.
+    """
 
     steps: int = 50
     sampler: str = "dpmpp_2m_sde"
-    clip_scale: float = 500.0
+    clip_scale: float = 1000.0
     tv_scale: float = 50.0
     range_scale: float = 50.0
     init_weight: float = 0.0
@@ -106,8 +110,9 @@ def clip_guided_sample(denoiser: Callable, state: dict[str, Any], clip: Clip, ob
             loss = (tv_loss(x_in).sum() * settings.tv_scale + range_loss(denoised).sum() * settings.range_scale)
             if objective is not None:
                 loss = loss + objective.loss(x_in.add(1).div(2), cut_gen).sum() * settings.clip_scale
-            if target is not None and settings.init_weight:
-                loss = loss + (x_in - target).pow(2).mean() * settings.init_weight
+            if target is not None and settings.init_weight:  # relative to the CLIP term, as for the other generators
+                loss = loss + (x_in.add(1).div(2) - target.add(1).div(2)).pow(2).mean() * settings.init_weight / 2 \
+                    * settings.clip_scale
             grad = -torch.autograd.grad(loss, x)[0]
         _step(denoised.detach(), float(loss))
         return denoised.detach() + grad * s ** 2

@@ -1,8 +1,9 @@
 """`python -m models.train NAME [--out DIR | --if-missing] [--KNOB VALUE ...]`: train a bundled model.
 
-NAME is `sieve-tiny` (the offline CLIP) or `watermark` (the watermark detector); each one's
-options are its recipe's knobs (`python -m models.train NAME --help`). Without --out the
-model (default recipe only) goes into the cache, where `load_clip` / `load_scorer` find it;
+NAME is `sieve-tiny` (the offline CLIP), `watermark` (the watermark detector) or `sieve-vqgan`
+(the offline VQGAN CLIP guidance steers); each one's options are its recipe's knobs
+(`python -m models.train NAME --help`). Without --out the model (default recipe only) goes
+into the cache, where `load_clip` / `load_scorer` / `models.vqgan.bundled_vqgan` find it;
 they run this command themselves, in a child process, when their model is missing or was
 trained with another recipe. `--if-missing` trains only then.
 """

@@ -16,21 +16,21 @@ step() {
   printf '\n== %s\n' "$*"
 }
 
-step "1/6 generate sample shards (img2dataset webdataset format)"
+step "1/7 generate sample shards (img2dataset webdataset format)"
 [ -f "$DEMO/shards/00001_stats.json" ] || \
   $PY -m pipelines.sample --out "$DEMO/shards" --n 2000 --shard-size 1000 --corrupt-fraction 0.02
 
-step "2/6 the bundled models: sieve-tiny CLIP and the watermark detector (trained once, cached)"
+step "2/7 the bundled models: sieve-tiny CLIP and the watermark detector (trained once, cached)"
 $PY -m models.train sieve-tiny --if-missing
 $PY -m models.train watermark --if-missing
 
-step "3/6 embed + score the shards into a collection (Dask; finished parts are skipped)"
+step "3/7 embed + score the shards into a collection (Dask; finished parts are skipped)"
 $PY -m pipelines.embed "$DEMO/shards" "$DEMO/collection" --scores nsfw,watermark,toxicity
 
-step "4/6 build the FAISS indices"
+step "4/7 build the FAISS indices"
 [ -f "$DEMO/collection/indices/image.json" ] || $PY -m indices.build "$DEMO/collection" --max-index-memory 100M
 
-step "5/6 search"
+step "5/7 search"
 $PY - "$DEMO/collection" <<'PYEOF'
 import sys
 from indices.search import Searcher
@@ -38,14 +38,31 @@ for row in Searcher(sys.argv[1]).query(text="a red circle", k=3):
     print(f"  {row['similarity']:.3f}  {row['key']}  {row['caption']}")
 PYEOF
 
-step "6/6 train a small HDiT on the shards for 2 minutes, then sample from it"
+step "6/7 train a small HDiT on the shards for 2 minutes, sample from it, audit the samples for copies"
 [ -f "$DEMO/hdit/state.json" ] || \
   $PY -m hdit_train.train --data "$DEMO/shards" --config hdit_train/configs/demo.yaml --out "$DEMO/hdit" --max-minutes 2
-$PY -m hdit_train.sample --ckpt "$DEMO/hdit" --prompt "a red circle" --n 8 --steps 50 --sampler dpmpp_2m_sde --cfg 4 --sigma-max 20 --out "$DEMO/hdit_grid.png"
+$PY -m hdit_train.sample --ckpt "$DEMO/hdit" --prompt "a red circle" --n 8 --steps 50 --sampler dpmpp_2m_sde --cfg 4 --sigma-max 20 \
+  --out "$DEMO/hdit_grid.png" --audit "$DEMO/collection"
+
+step "7/7 CLIP-guided generation and an edit (VQGAN-CLIP on the bundled sieve-vqgan, trained once, cached)"
+$PY -m models.train sieve-vqgan --if-missing
+$PY -m hdit_train.guide --prompts "a red star:1|a blue star:-0.5" --generator vqgan --size 64 --steps 40 --cutn 8 \
+  --seed 0 --out "$DEMO/guided.png"
+[ -f "$DEMO/edit_me.png" ] || $PY - "$DEMO" <<'PYEOF'
+import io, sys
+from PIL import Image
+from pipelines.readers import list_shards, read_shard
+raw = next(s for s in read_shard(list_shards(sys.argv[1] + "/shards")[0]) if s.image)
+Image.open(io.BytesIO(raw.image)).convert("RGB").save(sys.argv[1] + "/edit_me.png")
+print(f"  editing training sample {raw.key}: {raw.caption!r}")
+PYEOF
+$PY -m hdit_train.guide --prompts "a yellow star" --init "$DEMO/edit_me.png" --init-weight 1 --generator vqgan \
+  --size 64 --steps 30 --cutn 8 --seed 0 --out "$DEMO/edited.png"
 
 step "built in $((SECONDS - started)) s"
 echo "  shards:      $DEMO/shards      ($(ls "$DEMO"/shards/*.tar | wc -l) tar shards)"
 echo "  collection:  $DEMO/collection  (metadata/, img_emb/, text_emb/, _done/, indices/)"
 echo "  HDiT run:    $DEMO/hdit        (checkpoint.safetensors, loss.jsonl, samples/)"
-echo "  samples:     $DEMO/hdit_grid.png"
+echo "  samples:     $DEMO/hdit_grid.png  (memorisation audit: $DEMO/hdit_grid_audit/)"
+echo "  guidance:    $DEMO/guided.png, $DEMO/edit_me.png -> $DEMO/edited.png"
 echo "  serve it:    $PY -m indices.serve --collection demo=$DEMO/collection --port 1234"

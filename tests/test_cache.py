@@ -98,7 +98,8 @@ def test_failed_child_training_leaves_no_folder(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("name, knobs", [("sieve-tiny", {"steps": 2, "n_samples": 64, "batch_size": 8}),
-                                         ("watermark", QUICK_WATERMARK)])
+                                         ("watermark", QUICK_WATERMARK),
+                                         ("sieve-vqgan", {"steps": 2, "n_samples": 8, "batch_size": 2, "crop": 16})])
 def test_in_process_training_restores_torch_settings_and_rng(name: str, knobs: dict, tmp_path: Path) -> None:
     bundled = BUNDLED[name]
     train = importlib.import_module(bundled.module).train
