@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -55,13 +55,13 @@ def range_loss(x: torch.Tensor) -> torch.Tensor:
 
 class _ClampWithGrad(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:  # noqa: ANN001
+    def forward(ctx: Any, x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
         ctx.lo, ctx.hi = lo, hi
         ctx.save_for_backward(x)
         return x.clamp(lo, hi)
 
     @staticmethod
-    def backward(ctx, grad_in: torch.Tensor):  # noqa: ANN001, ANN205
+    def backward(ctx: Any, grad_in: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         (x,) = ctx.saved_tensors
         return grad_in * (grad_in * (x - x.clamp(ctx.lo, ctx.hi)) >= 0), None, None
 

@@ -87,12 +87,6 @@ class Guide:
             return (size, size)
         return (64, 64)
 
-    def objective(self, prompts: str | Sequence[str] | None, image_prompts: str | Sequence[str] | None,
-                  settings: GuideSettings, seed: int = 0) -> ClipObjective:
-        texts, images = parse_guidance_prompts(prompts, image_prompts)
-        return ClipObjective.build(self.clip, texts, images, settings.cutn, settings.cut_pow, settings.augment,
-                                   generator=torch.Generator(device=self.device).manual_seed(seed))
-
     def run(self, prompts: str | Sequence[str] | None, image_prompts: str | Sequence[str] | None = None,
             seed: int = 0, size: int | tuple[int, int] | None = None, init: str | Path | Image.Image | None = None,
             settings: GuideSettings | None = None, guided: bool = True,
@@ -102,7 +96,9 @@ class Guide:
         hw = self.default_size() if size is None else (size, size) if isinstance(size, int) else tuple(size)
         if min(hw) < 1:
             raise GuidanceError(f"size {hw[0]}x{hw[1]}: sides must be positive")
-        objective = self.objective(prompts, image_prompts, settings, seed)
+        texts, images = parse_guidance_prompts(prompts, image_prompts)
+        objective = ClipObjective.build(self.clip, texts, images, settings.cutn, settings.cut_pow, settings.augment,
+                                        generator=torch.Generator(device=self.device).manual_seed(seed))
         init_t = None
         if init is not None:
             init_t = to_tensor(init if isinstance(init, Image.Image) else load_image(init), hw).to(self.device)
@@ -111,7 +107,6 @@ class Guide:
             hs = settings.hdit
             if init_t is not None:
                 hs = HDiTGuidance(**{**vars(hs), "init_weight": settings.init_weight})
-            texts = parse_guidance_prompts(prompts, image_prompts)[0]
             image, losses = clip_guided_sample(self.denoiser, self.state, self.clip, objective if guided else None,
                                                texts, hw, hs, seed, init_t, self.device, on_step)
         else:

@@ -164,7 +164,7 @@ def write_pair_grid(images: Sequence[tuple[str, Image.Image]], entries: Sequence
     if not order:
         return None
     train = training_images([entries[i]["neighbours"][0] for i in order])
-    side = max(im.size[0] for _, im in images)
+    side = max([images[i][1].size[0] for i in order] + [im.size[0] for im in train.values()])
     tiles = []
     for i in order:
         key = entries[i]["neighbours"][0]["key"]
