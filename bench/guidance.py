@@ -110,8 +110,9 @@ def _rms(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def run_edit(guides: dict[str, Guide], judge: Clip, n: int, steps: int, hdit_steps: int, cutn: int,
-             init_weight: float) -> dict[str, Any]:
-    out: dict[str, Any] = {"distance": "pixel RMS in [0, 1] units", "init_weight": init_weight, "edits": n}
+             init_weight: float, step_size: float) -> dict[str, Any]:
+    out: dict[str, Any] = {"distance": "pixel RMS in [0, 1] units", "init_weight": init_weight, "edits": n,
+                           "steps": steps, "step_size": step_size}
     names = list(COLORS)
     for name, g in guides.items():
         rises, closer_unanchored, closer_scratch, d_edit = [], [], [], []
@@ -124,8 +125,8 @@ def run_edit(guides: dict[str, Guide], judge: Clip, n: int, steps: int, hdit_ste
             init = scene.image.convert("RGB").resize((size[1], size[0]), Image.LANCZOS)
             start = torch.from_numpy(np.asarray(init, np.float32) / 255).permute(2, 0, 1)[None]
             anchored = _settings(name, steps, hdit_steps, cutn)
-            anchored.init_weight = init_weight
             loose = _settings(name, steps, hdit_steps, cutn)
+            anchored.init_weight, anchored.step_size, loose.step_size = init_weight, step_size, step_size
             edit = g.run(prompt, seed=i, size=size, init=init, settings=anchored).image
             free = g.run(prompt, seed=i, size=size, init=init, settings=loose).image
             scratch = g.run(prompt, seed=i, size=size, settings=loose).image
@@ -173,6 +174,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--cutn", type=int, default=16)
     ap.add_argument("--edits", type=int, default=10)
     ap.add_argument("--init-weight", type=float, default=1.0)
+    ap.add_argument("--edit-steps", type=int, default=30, help="optimiser steps of an edit (vqgan, pixels)")
+    ap.add_argument("--edit-step-size", type=float, default=0.02, help="an edit's Adam step size (vqgan, pixels)")
     ap.add_argument("--speed-steps", type=int, default=20)
     ap.add_argument("--audit-samples", type=int, default=64)
     ap.add_argument("--hdit-run", default="demo/hdit", help="a trained run (make demo builds demo/hdit)")
@@ -205,8 +208,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if "win" in parts:
             results.update(run_win(guides, judges, prompts_for(args.prompts), args.steps, args.hdit_steps, args.cutn))
         if "edit" in parts:
-            results.update(run_edit(guides, judges["independent"], args.edits, args.steps, args.hdit_steps,
-                                    args.cutn, args.init_weight))
+            results.update(run_edit(guides, judges["independent"], args.edits, args.edit_steps, args.hdit_steps,
+                                    args.cutn, args.init_weight, args.edit_step_size))
         if "speed" in parts:
             results.update(run_speed(guides, args.speed_steps, args.cutn))
     if "audit" in parts:

@@ -116,14 +116,9 @@ def main(argv: list[str] | None = None) -> Path:
     if not args.prompts and not args.image_prompts:
         ap.error("give --prompts and/or --image-prompts")
     setup_logging()
-    # heavy (torch): the error types bad input raises, imported after parsing like the work itself
-    from hdit_train.guidance import GuidanceError
-    from models.prompts import PromptError
-    from models.vqgan import VQGANError
-
     try:
         out = guide(**vars(args))
-    except (GuidanceError, PromptError, VQGANError) as exc:
+    except (ValueError, FileNotFoundError) as exc:  # bad input (prompts, images, sizes, model files): one line naming it
         ap.exit(2, f"{ap.prog}: error: {exc}\n")
     print(out)
     return out

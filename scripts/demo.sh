@@ -57,7 +57,7 @@ Image.open(io.BytesIO(raw.image)).convert("RGB").save(sys.argv[1] + "/edit_me.pn
 print(f"  editing training sample {raw.key}: {raw.caption!r}")
 PYEOF
 $PY -m hdit_train.guide --prompts "a yellow star" --init "$DEMO/edit_me.png" --init-weight 1 --generator vqgan \
-  --size 64 --steps 30 --cutn 8 --seed 0 --out "$DEMO/edited.png"
+  --size 64 --steps 30 --step-size 0.02 --cutn 8 --seed 0 --out "$DEMO/edited.png"
 
 step "built in $((SECONDS - started)) s"
 echo "  shards:      $DEMO/shards      ($(ls "$DEMO"/shards/*.tar | wc -l) tar shards)"
