@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(PY) -m bench.index
 	$(PY) -m bench.server --collection $(DEMO)/collection
 	$(PY) -m bench.hdit --only scaling,flops,throughput,demo
+	$(PY) -m bench.curation
 	$(PY) -m bench.guidance --hdit-run $(DEMO)/hdit --collection $(DEMO)/collection
 	$(PY) -m bench.figures --write
 

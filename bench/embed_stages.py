@@ -7,7 +7,7 @@ pipeline's way beside the plain way it replaced, and the sieve-tiny forward for 
 - decode: simplejpeg (libjpeg-turbo's TurboJPEG API) to a numpy array vs PIL, same pixels;
 - phash: numpy thumbnails and one batched DCT per chunk vs PIL and a hash per image;
 - tokenize: models.tokens vs open_clip's SimpleTokenizer, same ids;
-- normalize as it is, for the total.
+- normalize and language (CLD3 per caption) as they are, for the total.
 Run pinned for one-core figures:
 `OMP_NUM_THREADS=1 taskset -c 0 python -m bench.embed_stages`.
 """
@@ -28,10 +28,12 @@ from PIL import Image
 
 from bench.common import write_results
 from bench.embed import SHARD_SIZE, dataset
+from curation import schema as S
 from models.clip import load_clip
 from models.preprocess import normalize_batch
 from models.runtime import setup_logging
 from pipelines.decode import DEFAULT_MAX_PIXELS, decode_pixels
+from pipelines.language import detect_languages
 from pipelines.phash import phash, phash_batch, thumbnails_of
 from pipelines.readers import _tar_members, _tarfile_members, read_tar
 
@@ -82,6 +84,8 @@ def measure(shard: Path, batch_size: int = 256, reps: int = 5) -> dict[str, Any]
                       "plain_ms": round(_best(plain, count, reps), 4)}
         rows[name]["speedup"] = round(rows[name]["plain_ms"] / rows[name]["pipeline_ms"], 2)
     rows["normalize"] = {"pipeline_ms": round(_best(lambda: normalize_batch(arrays, mean, std), len(arrays), reps), 4)}
+    caption_rows = [{S.CAPTION: c} for c in captions]
+    rows["language"] = {"pipeline_ms": round(_best(lambda: detect_languages(caption_rows), len(caption_rows), reps), 4)}
     batch, tokens = normalize_batch(arrays, mean, std), clip.tokenize(captions)
     with torch.inference_mode():
         clip.encode_image_tensor(batch), clip.encode_text_tokens(tokens)
@@ -95,7 +99,7 @@ def measure(shard: Path, batch_size: int = 256, reps: int = 5) -> dict[str, Any]
             "reader_over_model": round(reader_new / model_ms, 3),
             "reader_plain_over_model": round(reader_plain / model_ms, 3),
             "torch_threads": torch.get_num_threads(),
-            "note": "reader = tar + decode + phash + normalize + tokenize per sample; sha256 and row "
+            "note": "reader = tar + decode + phash + normalize + tokenize + language per sample; sha256 and row "
                     "building are left out (a few microseconds)"}
 
 

@@ -22,8 +22,6 @@ FIGURES: list[tuple[str, str, str, str, str]] = [
     ("sieve-tiny zero-shot colour accuracy", "clip_tiny.json", "color_acc", "{:.3f}", "goal 0.9"),
     ("sieve-tiny zero-shot shape accuracy", "clip_tiny.json", "shape_acc", "{:.3f}", "goal 0.9"),
     ("sieve-tiny text→image recall@10", "clip_tiny.json", "t2i_recall_at_10", "{:.3f}", "goal 0.8"),
-    ("sieve-tiny training, seconds on 2 cores", "clip_tiny.json", "training.train_seconds", "{:.0f}",
-     "plus scene generation"),
     ("embed job / bare forward, 2 CPU cores", "embed.json", "scale.pipeline_vs_bare_ratio", "{:.3f}",
      "goal ≥ 0.8"),
     ("embed cost per sample, spread vs median (1k–100k)", "embed.json", "scale.cost_spread_vs_median", "{:.3f}",

@@ -9,14 +9,18 @@ last; `curation.storage.write_collection_json` for collection.json).
 from __future__ import annotations
 
 import io
+import os
 from typing import Any, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curation import schema as S
 from curation.storage import write_bytes, write_collection_json, write_json
+from pipelines.decode import decode_sample
+from pipelines.readers import list_shards, read_shard
 from pipelines.writer import metadata_table, npy_bytes, write_part
 
 
@@ -117,3 +121,91 @@ def write_takedown(root: str, keys: Sequence[str] = (), urls: Sequence[str] = ()
                              S.URL: pa.array(col(urls, len(keys)), pa.string()),
                              S.SHA256: pa.array(col(sha256, len(keys) + len(urls)), pa.string())}),
                    S.CollectionLayout(root).takedown)
+
+
+# ---- metadata-only collections (SQL benchmarks) -------------------------------------------
+_WORDS = ("a", "photo", "of", "red", "blue", "green", "small", "large", "two", "three", "circle", "star",
+          "square", "on", "white", "background", "the", "in", "corner", "stock", "image", "vintage")
+_LANGUAGES = ("en",) * 5 + ("de", "fr", "es", "zh", "ja", "und", "und")
+
+
+def metadata_part(part: int, rows: int, seed: int = 0, failed: float = 0.02) -> pa.Table:
+    """One LAION-shaped metadata part as an Arrow table: every schema column (schema types), varied
+    captions, urls, hashes, sizes, scores and languages, about `failed` of the rows failed; built
+    with numpy and pyarrow compute so ten million rows take seconds, not minutes."""
+    rng = np.random.default_rng([seed, part])
+    ok = rng.random(rows) >= failed
+    emb_row = np.where(ok, np.cumsum(ok) - 1, 0).astype(np.int32)
+    words = np.array(_WORDS)
+    caption = pa.array(words[rng.integers(0, len(words), rows)])
+    for _ in range(int(rng.integers(3, 9))):  # 3-11 words, varying per part
+        caption = pc.binary_join_element_wise(caption, pa.array(words[rng.integers(0, len(words), rows)]), " ")
+    keys = pa.array(np.char.add(f"{part:06d}", np.char.zfill(np.arange(rows).astype(str), 6)))
+    sha = pa.array(np.char.add(np.char.zfill(rng.integers(0, 2**62, rows).astype(str), 32), "f" * 32))
+    f32 = lambda x: pa.array(x.astype(np.float32))  # noqa: E731
+    t = {
+        S.KEY: keys, S.PART: pa.array(np.full(rows, part, np.int32)), S.ROW: pa.array(np.arange(rows, dtype=np.int32)),
+        S.EMB_ROW: pa.array(emb_row, mask=~ok), S.CAPTION: caption,
+        S.URL: pc.binary_join_element_wise("https://img.example.com/", keys, ".jpg", ""),
+        S.SOURCE_SHARD: pa.array(np.full(rows, f"s3://bucket/laion/{part:05d}.tar")),
+        S.WIDTH: pa.array(rng.integers(32, 2048, rows).astype(np.int32)),
+        S.HEIGHT: pa.array(rng.integers(32, 2048, rows).astype(np.int32)),
+        S.SHA256: sha, S.PHASH: pa.array(np.char.zfill(rng.integers(0, 2**62, rows).astype(str), 16)),
+        S.CLIP_SIMILARITY: f32(rng.normal(0.3, 0.06, rows)), S.PUNSAFE: f32(rng.beta(0.5, 8, rows)),
+        S.PWATERMARK: f32(rng.beta(0.8, 3, rows)), S.PTOXIC: f32(rng.beta(0.3, 12, rows)),
+        S.LANGUAGE: pa.array(np.array(_LANGUAGES)[rng.integers(0, len(_LANGUAGES), rows)]),
+        S.STATUS: pa.array(np.where(ok, S.STATUS_OK, S.STATUS_DECODE_ERROR)),
+        S.ERROR: pa.array(np.where(ok, None, "planted failure"), pa.string()),
+        S.LANGUAGE_SCORE: f32(rng.uniform(0.3, 1.0, rows)),
+        S.SOURCE_OFFSET: pa.array(512 + 4096 * np.arange(rows, dtype=np.int64)),
+        S.SOURCE_SIZE: pa.array(rng.integers(1024, 3584, rows).astype(np.int64)),
+    }
+    arrays = [t[c].cast(getattr(pa, S.METADATA_TYPES[c])()) for c in S.METADATA_COLUMNS]
+    arrays.append(pa.array(rng.integers(0, 5, rows).astype(np.int64)))  # a source column, as img2dataset's
+    return pa.Table.from_arrays(arrays, names=[*S.METADATA_COLUMNS, "src_aesthetic"])
+
+
+def write_metadata_parts(root: str, n: int, parts: int, seed: int = 0,
+                         clip_model: str = "open_clip:ViT-B-32/laion2b_s34b_b79k") -> str:
+    """A metadata-only collection (no embeddings) of n rows in `parts` parts, scored as if by
+    `clip_model` (similarities around LAION's ViT-B/32 threshold); parts already written are
+    kept, so a benchmark's work folder is reused across runs."""
+    layout = S.CollectionLayout(root)
+    per = -(-n // parts)
+    for part in range(parts):
+        if os.path.exists(layout.done(part)):
+            continue
+        rows = min(per, n - part * per)
+        table = metadata_part(part, rows, seed)
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        write_bytes(layout.metadata(part), buf.getvalue())
+        write_json(layout.done(part), {"count": rows, "ok": int(pc.sum(table[S.EMB_ROW].is_valid()).as_py())})
+    write_collection_json(root, {"clip_model": clip_model, "parts": parts, "count": n})
+
+
+# ---- collections over real shards (export benchmarks and tests) ----------------------------
+def collection_from_shards(shards: str, root: str, dim: int = 64, seed: int = 0,
+                           clip_model: str = "sieve-tiny") -> str:
+    """A collection over real img2dataset shards without running CLIP: each sample's row is what
+    the embed job records (`pipelines.decode.decode_sample`: status, sizes, hashes, the image's
+    byte offset in its tar), its embeddings CLIP-shaped random pairs. For tests and benchmarks
+    of what reads the source shards back (export)."""
+    ok = count = 0
+    shard_list = list_shards(shards)
+    for shard in shard_list:
+        rows, n_ok = [], 0
+        for raw in read_shard(shard):
+            row, pixels = decode_sample(raw, shard.url)
+            row[S.PART], row[S.ROW] = shard.index, len(rows)
+            if pixels is not None:
+                row[S.EMB_ROW], row[S.CLIP_SIMILARITY] = n_ok, 0.3
+                n_ok += 1
+            rows.append(row)
+        img, txt = clip_like_pairs(n_ok, dim, seed=seed * 100_003 + shard.index, n_topics=64)
+        write_part(root, shard.index, rows, img.astype(S.EMB_DTYPE), txt.astype(S.EMB_DTYPE),
+                   {"count": len(rows), "ok": n_ok})
+        ok, count = ok + n_ok, count + len(rows)
+    write_collection_json(root, {"clip_model": clip_model, "emb_dim": dim, "source": shards,
+                                 "parts": len(shard_list), "count": count, "ok": ok})
+    return root

@@ -20,6 +20,10 @@ EMB_ROW = "emb_row"
 CAPTION = "caption"
 URL = "url"
 SOURCE_SHARD = "source_shard"
+#: where the image member's bytes start inside its source tar, and how many there are: export reads
+#: exactly those bytes by range; NULL where the source is not a plain tar (parquet, files, .tar.gz)
+SOURCE_OFFSET = "source_offset"
+SOURCE_SIZE = "source_size"
 WIDTH = "width"
 HEIGHT = "height"
 SHA256 = "sha256"
@@ -32,10 +36,15 @@ LANGUAGE = "language"
 STATUS = "status"
 ERROR = "error"
 
+#: a vector's global id (position over all complete parts, in order of N): a column of the
+#: catalog's `samples` table and of subset resolutions, never stored in a part
+ID = "id"
+
 #: Columns every metadata part has, in this order; the source's own json fields follow.
 METADATA_COLUMNS: tuple[str, ...] = (
     KEY, PART, ROW, EMB_ROW, CAPTION, URL, SOURCE_SHARD, WIDTH, HEIGHT, SHA256, PHASH,
     CLIP_SIMILARITY, PUNSAFE, PWATERMARK, PTOXIC, LANGUAGE, STATUS, ERROR,
+    SOURCE_OFFSET, SOURCE_SIZE,
 )
 
 #: Arrow-compatible type names for the fixed columns (pyarrow type factory names).
@@ -44,8 +53,28 @@ METADATA_TYPES: dict[str, str] = {
     URL: "string", SOURCE_SHARD: "string", WIDTH: "int32", HEIGHT: "int32",
     SHA256: "string", PHASH: "string", CLIP_SIMILARITY: "float32", PUNSAFE: "float32",
     PWATERMARK: "float32", PTOXIC: "float32", LANGUAGE: "string", STATUS: "string",
-    ERROR: "string",
+    ERROR: "string", SOURCE_OFFSET: "int64", SOURCE_SIZE: "int64",
 }
+
+# ---- catalog, language and takedown (issue 13: SQL, filters, takedown) -------------------
+#: The global vector id: position among the ok rows of all complete parts in part order
+#: (clip-retrieval's rule); the catalog's `samples` table and search results carry it.
+ID = "id"
+#: CLD3's probability for `language` (filled at embed time for every row with a caption)
+LANGUAGE_SCORE = "language_score"
+#: `language` when CLD3 cannot tell reliably (CLD3's and BCP 47's "undetermined")
+LANGUAGE_UNDETERMINED = "und"
+LANGUAGE_ENGLISH = "en"
+METADATA_COLUMNS = METADATA_COLUMNS + (LANGUAGE_SCORE,)
+METADATA_TYPES[LANGUAGE_SCORE] = "float32"
+#: Names a source json field may not keep (renamed `src_<name>` by the embed job).
+RESERVED_COLUMNS: frozenset[str] = frozenset(METADATA_COLUMNS) | {ID}
+
+#: takedown.parquet: one entry per row, exactly one of key / url / sha256 set, why and when
+TAKEDOWN_REASON = "reason"
+TAKEDOWN_ADDED = "added"
+TAKEDOWN_MATCH_COLUMNS: tuple[str, ...] = (KEY, URL, SHA256)
+TAKEDOWN_COLUMNS: tuple[str, ...] = (KEY, URL, SHA256, TAKEDOWN_REASON, TAKEDOWN_ADDED)
 
 # ---- statuses ---------------------------------------------------------------------------
 STATUS_OK = "ok"
@@ -158,6 +187,30 @@ EXPORT_TEXT_EXT = "txt"
 EXPORT_JSON_EXT = "json"
 EXPORT_IMG_EMB_EXT = "img_emb.npy"
 EXPORT_TXT_EMB_EXT = "txt_emb.npy"
+#: parquet/urls exports: the image bytes and embedding columns (img2dataset names the bytes `jpg`)
+EXPORT_IMAGE_COLUMN = "jpg"
+EXPORT_IMG_EMB_COLUMN = "img_emb"
+EXPORT_TXT_EMB_COLUMN = "txt_emb"
+EXPORT_WEBDATASET = "webdataset"
+EXPORT_PARQUET = "parquet"
+EXPORT_URLS = "urls"
+EXPORT_FORMATS: tuple[str, ...] = (EXPORT_WEBDATASET, EXPORT_PARQUET, EXPORT_URLS)
+RESIZE_MODES: tuple[str, ...] = ("none", "center_crop", "keep_ratio")
+
+# manifest.json keys: what `curation.export` writes and `hdit_train.data` reads
+MANIFEST_FORMAT = "format"
+MANIFEST_SPEC = "spec"                    # the normalised subset spec
+MANIFEST_SPEC_HASH = "spec_hash"          # identifies the query (spec + collection id)
+MANIFEST_COLLECTION = "collection"        # where the collection was
+MANIFEST_COLLECTION_ID = "collection_id"
+MANIFEST_CLIP_MODEL = "clip_model"        # the CLIP spec the embeddings came from
+MANIFEST_DIM = "dim"                      # embedding dimension
+MANIFEST_COUNT = "count"                  # samples written
+MANIFEST_SHARDS = "shards"
+MANIFEST_COLUMNS = "columns"              # the fields of each sample's json / parquet row
+MANIFEST_CREATED = "created"
+MANIFEST_REQUIRED: tuple[str, ...] = (MANIFEST_FORMAT, MANIFEST_SPEC_HASH, MANIFEST_CLIP_MODEL, MANIFEST_DIM,
+                                      MANIFEST_COUNT)
 
 
 def shard_name(i: int, ext: str = "tar") -> str:

@@ -16,7 +16,7 @@ import posixpath
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Iterator
 
 import fsspec
 
@@ -42,18 +42,26 @@ def _tmp_name(path: str) -> str:
     return f"{path}{TMP_MARK}{os.getpid()}"
 
 
-def write_bytes(url: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `url` atomically: a temporary name beside it, then a rename."""
+@contextlib.contextmanager
+def atomic_open(url: str | os.PathLike) -> Iterator[BinaryIO]:
+    """A binary file to write `url` through, on a temporary name beside it; renamed into place
+    when the block ends without an error, removed otherwise (streams files too big to hold)."""
     fs, path = url_to_fs(url)
     fs.makedirs(posixpath.dirname(path) or ".", exist_ok=True)
     tmp = _tmp_name(path)
     try:
         with fs.open(tmp, "wb") as fh:
-            fh.write(data)
+            yield fh
         fs.mv(tmp, path)
     finally:
         if fs.exists(tmp):
             fs.rm(tmp)
+
+
+def write_bytes(url: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `url` atomically: a temporary name beside it, then a rename."""
+    with atomic_open(url) as fh:
+        fh.write(data)
 
 
 def write_json(url: str | os.PathLike, doc: Any, indent: int | None = 2) -> None:

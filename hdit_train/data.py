@@ -42,23 +42,26 @@ def training_shards(data: str | Path) -> list[Shard]:
 
 
 def read_manifest(data: str | Path) -> dict[str, Any] | None:
-    """The export's manifest.json next to the shards, or None for plain img2dataset shards."""
+    """The export's manifest.json next to the shards (keys: `curation.schema.MANIFEST_*`), or None
+    for plain img2dataset shards."""
     folder = str(data) if Path(data).is_dir() else posixpath.dirname(training_shards(data)[0].url)
     path = posixpath.join(folder, S.EXPORT_MANIFEST)
     try:
-        return read_json(path)
+        manifest = read_json(path)
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from err
+    if manifest is None:
+        return None
+    missing = [k for k in S.MANIFEST_REQUIRED if not isinstance(manifest, dict) or k not in manifest]
+    if missing:
+        raise ValueError(f"{path}: not a curation.export manifest (no {missing[0]!r})")
+    if manifest[S.MANIFEST_FORMAT] != S.EXPORT_WEBDATASET:
+        raise ValueError(f"{path}: a {manifest[S.MANIFEST_FORMAT]} export; training reads webdataset exports")
+    return manifest
 
 
 def data_hash(data: str | Path) -> str:
-    """The export manifest's own hash if it has one, else a hash of shard names and sizes."""
-    manifest = read_manifest(data)
-    if manifest:
-        for key in ("hash", "spec_hash", "subset_hash", "manifest_hash"):
-            if isinstance(manifest.get(key), str):
-                return manifest[key]
-        return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
+    """A hash of the shards' names and sizes: what a resumed run checks it still trains on."""
     h = hashlib.sha256()
     for shard in training_shards(data):
         h.update(f"{shard.name}:{fingerprint(shard.url).get('size')}\n".encode())
@@ -66,13 +69,13 @@ def data_hash(data: str | Path) -> str:
 
 
 def manifest_clip_spec(manifest: dict[str, Any] | None) -> str | None:
-    """The CLIP model an export's embeddings came from, if the manifest names one."""
-    if not manifest:
-        return None
-    for key in ("clip_model", "clip_spec", "clip"):
-        if isinstance(manifest.get(key), str):
-            return manifest[key]
-    return None
+    """The CLIP model an export's embeddings came from (None for plain shards)."""
+    return manifest[S.MANIFEST_CLIP_MODEL] if manifest else None
+
+
+def manifest_spec_hash(manifest: dict[str, Any] | None) -> str | None:
+    """The export's spec hash: names the exact subset query a run trained on (None for plain shards)."""
+    return manifest[S.MANIFEST_SPEC_HASH] if manifest else None
 
 
 def shard_samples(shard: Shard) -> Iterator[RawSample]:

@@ -23,7 +23,8 @@ from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel
 
 from curation.storage import write_bytes
-from hdit_train.data import ShardStream, batches, data_hash, manifest_clip_spec, modality_gap, read_manifest
+from hdit_train.data import (ShardStream, batches, data_hash, manifest_clip_spec, manifest_spec_hash, modality_gap,
+                             read_manifest)
 from hdit_train.diffusion import TrainingLoss, rand_cosine_interpolated
 from hdit_train.run import CKPT, STATE, build_model, load_config, save_checkpoint
 from hdit_train.sampling import save_sample_grid
@@ -208,8 +209,9 @@ def fit(data: str, config: str, out: str, resume: bool = False, max_steps: int |
                          cfg["cond"]["classes"], encoder.preprocess if encoder else None,
                          cfg["data"]["seed"], cfg["data"]["shuffle_buffer"], rank, world)
     it = batches(stream.iterate(skip=consumed), t["batch_size"])
-    extra = lambda: {"data_hash": dhash, "clip_spec": clip_spec, "cond_dim": cond_dim, "clip_gap": clip_gap,  # noqa: E731
-                     "samples_consumed": stream.consumed, "manifest": manifest, "world_size": world}
+    extra = lambda: {"data_hash": dhash, "spec_hash": manifest_spec_hash(manifest), "clip_spec": clip_spec,  # noqa: E731
+                     "cond_dim": cond_dim, "clip_gap": clip_gap, "samples_consumed": stream.consumed,
+                     "manifest": manifest, "world_size": world}
     n_params = sum(p.numel() for p in trainer.model.parameters())
     log.info("model: %.2fM parameters; device %s; world %d", n_params / 1e6, device, world)
     start, deadline = time.time(), (time.time() + 60 * t["max_minutes"]) if t["max_minutes"] else math.inf

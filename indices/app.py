@@ -26,8 +26,10 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
 from curation import schema as S
+from curation.takedown import TakedownError
 from indices.search import QueryError, Searcher
 from models.clip import Clip
+from models.prompts import PromptError, combine, parse_prompts
 from pipelines.decode import DEFAULT_MAX_PIXELS, decode_image
 
 log = logging.getLogger(__name__)
@@ -93,12 +95,15 @@ class Batcher:
     def _work(self, jobs: list[dict[str, Any]]) -> list[Any]:
         """Encode all texts in one call, then search per (modality, options) group."""
         vecs: list[Any] = [None] * len(jobs)
-        texts = [i for i, j in enumerate(jobs) if j.get("text") is not None]
+        texts = [i for i, j in enumerate(jobs) if j.get("prompts") is not None]
         try:
-            if texts:
-                enc = self.encode_texts([jobs[i]["text"] for i in texts])
-                for i, v in zip(texts, enc):
-                    vecs[i] = v
+            if texts:  # every prompt of every weighted query in one encode, then each query's combination
+                enc = self.encode_texts([p.text for i in texts for p in jobs[i]["prompts"]])
+                start = 0
+                for i in texts:
+                    n = len(jobs[i]["prompts"])
+                    vecs[i] = combine(enc[start:start + n], jobs[i]["prompts"])
+                    start += n
             for i, j in enumerate(jobs):
                 if vecs[i] is None:
                     vecs[i] = self.searcher.embed(image=j.get("image"), embedding=j.get("embedding"))
@@ -132,6 +137,8 @@ class App:
         self.allow_image_url, self.max_body, self.max_pixels = allow_image_url, max_body, max_pixels
         self.cache: OrderedDict[str, Any] = OrderedDict()
         self.cache_size = cache_size
+        #: each searcher's takedown version the cached answers were made under
+        self._takedown_seen = {n: getattr(s, "takedown_version", 0) for n, s in self.searchers.items()}
         self.registry = CollectorRegistry()
         self.requests = Counter("sieve_knn_requests", "requests by endpoint and status", ["endpoint", "status"], registry=self.registry)
         self.latency = Histogram("sieve_knn_seconds", "knn-service latency", registry=self.registry)
@@ -196,21 +203,42 @@ class App:
         t0 = time.perf_counter()
         body = await self._body(request)
         name = self._searcher_name(body)
+        self._refresh_takedown(name)
         key = json.dumps(body, sort_keys=True)
         if self.cache_size and key in self.cache:
             self.cache.move_to_end(key)
             self.cache_hits.inc()
             return self._json(self.cache[key])
+        version = getattr(self.searchers[name], "takedown_version", 0)
         job = await self._job(body)
         res = await self.batchers[name].submit(job)
         num_images = job["num_images"]
         res = res[:num_images]
-        if self.cache_size:
+        if version != getattr(self.searchers[name], "takedown_version", 0):  # the list changed while this query ran
+            blocked = self.searchers[name].blocked
+            res = [r for r in res if not blocked[r["id"]]]
+        elif self.cache_size:
             self.cache[key] = res
             if len(self.cache) > self.cache_size:
                 self.cache.popitem(last=False)
         self.latency.observe(time.perf_counter() - t0)
         return self._json(res)
+
+    def _refresh_takedown(self, name: str) -> None:
+        """Pick up a changed takedown list (the searcher checks at most once a second) and drop
+        every cached answer made before it, so no cached result shows a newly listed row."""
+        searcher = self.searchers[name]
+        refresh = getattr(searcher, "refresh_takedown", None)
+        if refresh is None:  # a stand-in searcher (tests) without a takedown list
+            return
+        try:
+            refresh()
+        except TakedownError as exc:  # fail closed: answer nothing rather than ignore the list
+            raise BadRequest(f"takedown list unreadable, not serving {name!r}: {exc}", 503) from None
+        if searcher.takedown_version != self._takedown_seen.get(name):
+            self._takedown_seen[name] = searcher.takedown_version
+            self.cache.clear()
+            log.info("%s: takedown list changed; result cache cleared", name)
 
     async def _job(self, body: dict[str, Any]) -> dict[str, Any]:
         inputs = [f for f in ("text", "image", "image_url", "embedding_input") if body.get(f) not in (None, "")]
@@ -236,7 +264,10 @@ class App:
         if "text" in inputs:
             if not isinstance(body["text"], str):
                 raise BadRequest("text must be a string")
-            job["text"] = body["text"]
+            try:  # "a red star:1|blurry:-0.5": weighted prompts, as everywhere in Sieve
+                job["prompts"] = parse_prompts(body["text"])
+            except PromptError as exc:
+                raise BadRequest(f"text: {exc}") from exc
         elif "embedding_input" in inputs:
             emb = body["embedding_input"]
             try:
@@ -274,6 +305,7 @@ class App:
     async def metadata(self, request: Any) -> Any:
         body = await self._body(request)
         name = self._searcher_name(body)
+        self._refresh_takedown(name)
         ids = body.get("ids")
         if not isinstance(ids, list):
             raise BadRequest("missing field: ids (a list of integers)")

@@ -1,8 +1,10 @@
 """Search a collection: `Searcher(collection).query(text=..., image=..., embedding=...)`.
 
 Results are rows of metadata plus `id` (global vector id) and `similarity`. The takedown
-list is always applied; near-duplicate collapse, safe mode and SQL-style metadata filters
-(a DuckDB WHERE clause over the candidate rows) are options.
+list is always applied, and re-read within about a second of a change (`refresh_takedown`);
+near-duplicate collapse, safe mode and SQL-style metadata filters (a DuckDB WHERE clause
+over the candidate rows, run in `curation.sandbox`'s locked worker process with time and
+memory limits) are options.
 """
 
 from __future__ import annotations
@@ -14,17 +16,18 @@ import os
 import threading
 from typing import Any, Sequence
 
-import duckdb
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 
 from curation import schema as S
+from curation.sandbox import Limits, Sandbox, SqlError
 from curation.storage import read_collection_json
+from curation.takedown import TakedownWatch
 from indices.build import load_index
 from indices.store import CollectionError, EmbeddingStore, read_metadata
 from indices.tune import set_search_params
 from models.clip import load_clip
+from models.prompts import PromptError, combine, parse_prompts
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +36,10 @@ PUNSAFE_MAX = 0.5
 PWATERMARK_MAX = 0.8
 #: Columns returned by default (clip back returns url/caption; we add our scores).
 DEFAULT_COLUMNS = (S.KEY, S.URL, S.CAPTION, S.WIDTH, S.HEIGHT, S.CLIP_SIMILARITY, S.PUNSAFE, S.PWATERMARK)
+#: what one `filters=` WHERE clause may use: the candidates of one query are a few thousand rows at most
+FILTER_LIMITS = Limits(timeout_s=5.0, memory_limit="256MB", threads=1)
+#: the table a filter's WHERE clause reads; `__pos` is the candidate's position
+FILTER_TABLE = "candidates"
 
 
 class QueryError(ValueError):
@@ -71,7 +78,7 @@ class Searcher:
     """Loads a collection's indices (memory-mapped), metadata and takedown list once."""
 
     def __init__(self, collection: str, encoder: Any = None, mmap: bool = True,
-                 columns: Sequence[str] | None = DEFAULT_COLUMNS) -> None:
+                 columns: Sequence[str] | None = DEFAULT_COLUMNS, filter_limits: Limits = FILTER_LIMITS) -> None:
         self.root = collection
         self.layout = S.CollectionLayout(collection)
         self.info = read_collection_json(collection)
@@ -83,19 +90,24 @@ class Searcher:
         self.columns = [c for c in (columns or table.column_names) if c in table.column_names]
         self.metadata = table.to_pandas()
         self.count = len(self.metadata)
-        self.blocked = self._takedown_mask()
+        self._watch = TakedownWatch(collection)
+        self.blocked = self._watch.takedown.blocked_mask(self.metadata)
+        #: bumped whenever the takedown list changes (the server drops its result cache then)
+        self.takedown_version = 0
+        self._filter_limits = filter_limits
+        self._sandbox: Sandbox | None = None
+        if self.blocked.any():
+            log.info("%s: takedown list blocks %d rows", self.layout.takedown, int(self.blocked.sum()))
 
     # ---- loading -------------------------------------------------------------------------
-    def _takedown_mask(self) -> np.ndarray:
-        mask = np.zeros(self.count, dtype=bool)
-        if not os.path.exists(self.layout.takedown):
-            return mask
-        td = pd.read_parquet(self.layout.takedown)
-        for col in (S.KEY, S.URL, S.SHA256):
-            if col in td.columns and col in self.metadata.columns:
-                mask |= self.metadata[col].isin(set(td[col].dropna())).to_numpy()
-        log.info("%s: takedown list blocks %d rows", self.layout.takedown, int(mask.sum()))
-        return mask
+    def refresh_takedown(self) -> bool:
+        """Re-read takedown.parquet if it changed (checked at most once a second); whether it did."""
+        takedown, changed = self._watch.poll()
+        if changed:
+            self.blocked = takedown.blocked_mask(self.metadata)
+            self.takedown_version += 1
+            log.info("%s: takedown list now blocks %d rows", self.layout.takedown, int(self.blocked.sum()))
+        return changed
 
     def modalities(self) -> list[str]:
         return [m for m in S.MODALITIES if os.path.exists(self.layout.index(m))]
@@ -130,7 +142,11 @@ class Searcher:
         if sum(given) != 1:
             raise QueryError("give exactly one of text, image or embedding")
         if text is not None:
-            v = self.encoder.encode_texts([text])[0]
+            try:  # "a red star:1|blurry:-0.5": weighted prompts, parsed as subset specs and guidance parse them
+                prompts = parse_prompts(text)
+                v = combine(self.encoder.encode_texts([p.text for p in prompts]), prompts)
+            except PromptError as exc:
+                raise QueryError(f"text: {exc}") from None
         elif image is not None:
             v = self.encoder.encode_images([image])[0]
         else:
@@ -153,6 +169,7 @@ class Searcher:
                        punsafe_max: float = PUNSAFE_MAX, pwatermark_max: float = PWATERMARK_MAX) -> list[list[dict[str, Any]]]:
         """Batched search: one faiss call for all queries, then per-query post-filtering.
         Fetches more candidates while filters leave fewer than k rows."""
+        self.refresh_takedown()
         index, doc, store = self.index(modality)
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != store.dim:
@@ -201,28 +218,35 @@ class Searcher:
         return [self._row(int(i), float(s)) for i, s in zip(cand[:k], sims[:k])]
 
     def _filter(self, ids: np.ndarray, where: str) -> np.ndarray:
-        """Boolean mask of ids whose metadata satisfies the SQL WHERE clause (DuckDB, sandboxed:
-        the candidates are the only table, external access and configuration are locked)."""
-        if ";" in where:
-            raise QueryError("filters: one WHERE expression, no ';'")
+        """Boolean mask of ids whose metadata (and `id`) satisfies the SQL WHERE clause.
+
+        Untrusted SQL: it runs in `curation.sandbox`'s worker process (one SELECT, locked
+        connection, time and memory limits), where the candidates are the only data there is.
+        """
         if not len(ids):
             return np.zeros(0, dtype=bool)
         frame = self.metadata.iloc[ids].copy()
+        frame[S.ID] = np.asarray(ids, dtype=np.int64)
         frame["__pos"] = np.arange(len(ids))
-        con = duckdb.connect()
+        if self._sandbox is None:
+            self._sandbox = Sandbox(limits=self._filter_limits, label="filters")
         try:
-            con.register("candidates", pa.Table.from_pandas(frame, preserve_index=False))
-            con.execute("SET enable_external_access=false")
-            con.execute("SET lock_configuration=true")
-            try:
-                pos = con.execute(f"SELECT __pos FROM candidates WHERE {where}").fetchnumpy()["__pos"]
-            except duckdb.Error as exc:
-                raise QueryError(f"filters: {exc}") from exc
-        finally:
-            con.close()
+            table, _, _ = self._sandbox.query(f"SELECT __pos FROM {FILTER_TABLE} WHERE {where}", row_cap=None,
+                                              tables={FILTER_TABLE: pa.Table.from_pandas(frame, preserve_index=False)})
+        except SqlError as exc:
+            raise QueryError(f"filters: {exc}") from None
+        try:
+            pos = table.column(0).drop_null().cast(pa.int64()).to_numpy()
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, IndexError) as exc:
+            raise QueryError(f"filters: the clause changed what the filter selects: {exc}") from None
         mask = np.zeros(len(ids), dtype=bool)
-        mask[np.asarray(pos, dtype=np.int64)] = True
+        mask[pos[(pos >= 0) & (pos < len(ids))]] = True  # a UNION in the clause cannot add rows
         return mask
+
+    def close(self) -> None:
+        """Stop the filters' worker process (a later filtered query starts another)."""
+        if self._sandbox is not None:
+            self._sandbox.close()
 
     def _row(self, i: int, similarity: float) -> dict[str, Any]:
         rec = self.metadata.iloc[i]
@@ -233,6 +257,7 @@ class Searcher:
 
     def metadata_for(self, ids: Sequence[int]) -> list[dict[str, Any]]:
         """Metadata of given ids; taken-down ids get empty metadata (never served)."""
+        self.refresh_takedown()
         out = []
         for i in ids:
             i = int(i)

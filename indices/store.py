@@ -80,10 +80,11 @@ class EmbeddingStore:
             if arr.shape[0]:
                 yield int(start), np.ascontiguousarray(arr, dtype=dtype)
 
-    def gather(self, ids: np.ndarray) -> np.ndarray:
-        """float32 vectors of the given global ids (reads only those rows from the mmaps)."""
+    def gather(self, ids: np.ndarray, dtype: Any = np.float32) -> np.ndarray:
+        """Vectors of the given global ids (reads only those rows from the mmaps); float32 for
+        arithmetic, or the stored float16 (`dtype=S.EMB_DTYPE`) to copy them elsewhere."""
         ids = np.asarray(ids, dtype=np.int64)
-        out = np.empty((len(ids), self.dim), dtype=np.float32)
+        out = np.empty((len(ids), self.dim), dtype=dtype)
         if not len(ids):
             return out
         which = np.searchsorted(self.offsets, ids, side="right") - 1

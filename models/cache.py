@@ -1,13 +1,18 @@
 """The models Sieve trains for itself, and the cache that holds them (`$SIEVE_CACHE`, ~/.cache/sieve).
 
 Nothing can be downloaded here, so the offline defaults (the `sieve-tiny` CLIP, the watermark
-detector) are trained on generated scenes on first use. Each is a `Bundled` entry: a cache
-folder, the module that trains it, and its recipe (everything that decides the weights). A
-cached folder is current when its `train_info.json`, written last by the trainer, holds the
-same recipe; otherwise it is retrained. One cache can therefore serve the demo, the tests and
-every Dask worker. Training runs in a child process (`python -m models.train NAME --out DIR`),
-so the caller's torch settings (threads, deterministic mode) are never touched, and its
-output folder is renamed into place only when complete.
+detector) are trained by the project's own scripts on generated scenes. Each is a `Bundled`
+entry: a cache folder, the module that trains it, and its recipe (everything that decides the
+weights). A cached folder is current when its `train_info.json`, written last, holds the same
+recipe; otherwise it is rebuilt. One cache serves the demo, the tests and every Dask worker.
+
+Training takes minutes on two cores, so the repository also carries a packed copy of each
+small bundled model (`models/weights/NAME.safetensors` + `NAME.json`: float16 tensors and the
+recipe that made them, written by `python -m models.train NAME --pack`). On first use the
+cache is filled from the packed copy when its recipe is the current one, and trained from
+scratch otherwise. Both run in a child process (`python -m models.train NAME --out DIR`), so
+the caller's torch settings are never touched, and the folder is renamed into place only
+when complete.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ log = logging.getLogger(__name__)
 #: written last by every trainer: its recipe says the folder is complete and which weights it holds
 INFO_FILE = "train_info.json"
 _REPO = Path(__file__).resolve().parent.parent
+#: packed copies of the bundled models, kept in the repository (float16; a few MB in all)
+SHIPPED_DIR = Path(__file__).resolve().parent / "weights"
 
 
 def cache_dir() -> Path:
@@ -76,6 +83,17 @@ class Bundled:
     def folder(self) -> Path:
         return cache_dir() / self.name
 
+    @property
+    def shipped(self) -> tuple[Path, Path]:
+        """(tensors, description) of the packed copy in the repository."""
+        return SHIPPED_DIR / f"{self.name}.safetensors", SHIPPED_DIR / f"{self.name}.json"
+
+    def shipped_current(self) -> bool:
+        """Whether the repository's packed copy was made with the current default recipe."""
+        tensors, about = self.shipped
+        doc = read_json(about)
+        return tensors.is_file() and isinstance(doc, dict) and doc.get("recipe") == self.recipe()
+
     def recipe(self, **overrides: Any) -> dict[str, Any]:
         """The full recipe: defaults with `overrides`, plus the name and code version."""
         unknown = sorted(set(overrides) - set(self.defaults))
@@ -99,20 +117,24 @@ class Bundled:
         return True
 
     def ensure(self) -> Path:
-        """The cache folder, trained first (in a child process, under a file lock) when missing or stale."""
+        """The cache folder, filled first (in a child process, under a file lock) when missing or stale."""
         folder = self.folder
         build_once(self.ready, lambda: self.train_into(folder), folder.parent / f".{self.name}.lock")
         return folder
 
-    def train_into(self, folder: Path, **overrides: Any) -> Path:
-        """Train with the recipe (defaults + overrides) in a child process; `folder` appears only when done."""
-        log.warning("%s: training it into %s (once; %s)", self.name, folder, self.about or "a few minutes")
-        args = [f"--{k.replace('_', '-')}={v}" for k, v in overrides.items()]
+    def train_into(self, folder: Path, retrain: bool = False, **overrides: Any) -> Path:
+        """Build the model with the recipe (defaults + overrides) in a child process, from the packed
+        copy when it matches, else by training; `folder` appears only when done."""
+        from_shipped = not retrain and not overrides and self.shipped_current()
+        log.warning("%s: %s into %s (once)", self.name, "unpacking the repository's copy" if from_shipped
+                    else f"training it ({self.about or 'a few minutes'})", folder)
+        args = [f"--{k.replace('_', '-')}={v}" for k, v in overrides.items()] + (["--retrain"] if retrain else [])
         env = dict(os.environ)
         # the child imports this checkout even when the caller found it through its own sys.path
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_REPO), env.get("PYTHONPATH", "")) if p)
         with atomic_path(folder) as tmp:
-            done = subprocess.run([sys.executable, "-m", "models.train", self.name, "--out", tmp, *args], env=env)
+            done = subprocess.run([sys.executable, "-m", "models.train", self.name, "--out", tmp, *args], env=env,
+                                  stdout=subprocess.DEVNULL)  # it prints the folder, which the caller knows
             if done.returncode != 0:
                 raise RuntimeError(f"training {self.name} failed (exit {done.returncode}); its output is above. "
                                    f"Run `python -m models.train {self.name}` to retry.")
@@ -122,6 +144,11 @@ class Bundled:
 def write_info(folder: str | Path, recipe: dict[str, Any], **facts: Any) -> None:
     """A trainer's last write: `train_info.json` with its recipe (the completion mark) and facts."""
     write_json(Path(folder) / INFO_FILE, {**facts, "recipe": _plain(recipe)})
+
+
+def read_info(folder: str | Path) -> dict[str, Any]:
+    """A built folder's `train_info.json` ({} when absent)."""
+    return read_json(Path(folder) / INFO_FILE, missing={})
 
 
 #: Every bundled model, by the name `python -m models.train NAME` and the cache folder use. The

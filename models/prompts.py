@@ -68,8 +68,9 @@ def parse_prompts(spec: str | Sequence[str], require_positive: bool = True) -> l
     """`"a:1|b:-0.5"` (or a list of such strings) -> prompts; PromptError names a malformed part.
 
     At least one prompt must have a positive weight: a query made only of what to avoid has
-    no direction to go. Guidance, which also takes image prompts, checks that over both kinds
-    together (`require_positive=False` here).
+    no direction to go. A caller that mixes these prompts with other weighted parts (a subset
+    kNN clause's images, keys and embeddings; guidance's image prompts) passes
+    `require_positive=False` and checks the whole mix itself.
     """
     parts = spec.split("|") if isinstance(spec, str) else [p for s in spec for p in s.split("|")]
     if not parts or not any(p.strip() for p in parts):

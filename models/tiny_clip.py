@@ -25,10 +25,11 @@ from typing import Any
 import numpy as np
 import open_clip
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from curation.storage import write_json
-from models.cache import BUNDLED, write_info
+from models.cache import BUNDLED, read_info, write_info
+from models.packing import read_packed, write_packed
 from models.runtime import isolated_torch, progress
 from models.scenes import SHAPES, iter_samples, noun
 
@@ -38,6 +39,9 @@ IMAGE_SIZE = 64
 CONTEXT_LENGTH = 20
 MEAN = (0.5, 0.5, 0.5)
 STD = (0.25, 0.25, 0.25)
+PREPROCESS_CFG = {"mean": list(MEAN), "std": list(STD), "interpolation": "bicubic", "resize_mode": "shortest"}
+WEIGHTS = "open_clip_model.safetensors"
+EMBEDDING = "token_embedding.weight"
 
 
 def tiny_config(width: int = 128, layers: int = 3, embed_dim: int = 128, vision: str = "resnet") -> dict[str, Any]:
@@ -133,16 +137,60 @@ def train(out: str | Path, seed: int, steps: int, batch_size: int, n_samples: in
         losses = _fit(model, images, tokens, shapes, swap_tokens, steps, batch_size, lr, hard_negatives, seed)
         train_s = time.time() - t1
         threads = torch.get_num_threads()
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "open_clip_model.safetensors"))
-    write_json(out / "open_clip_config.json",
-               {"model_cfg": cfg, "preprocess_cfg": {"mean": list(MEAN), "std": list(STD),
-                                                     "interpolation": "bicubic", "resize_mode": "shortest"}})
-    write_info(out, recipe, generate_seconds=round(gen_s, 1), train_seconds=round(train_s, 1),
-               final_loss=round(sum(losses[-50:]) / len(losses[-50:]), 4), torch_threads=threads,
-               params=sum(p.numel() for p in model.parameters()))
+    _save(out, model, cfg, recipe, generate_seconds=round(gen_s, 1), train_seconds=round(train_s, 1),
+          final_loss=round(sum(losses[-50:]) / len(losses[-50:]), 4), torch_threads=threads,
+          params=sum(p.numel() for p in model.parameters()))
     log.info("sieve-tiny saved to %s", out)
     return out
+
+
+def _save(out: Path, model: Any, cfg: dict[str, Any], recipe: dict[str, Any], **facts: Any) -> None:
+    """An open_clip local-dir folder: weights, config, then train_info.json (the completion mark)."""
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / WEIGHTS))
+    write_json(out / "open_clip_config.json", {"model_cfg": cfg, "preprocess_cfg": PREPROCESS_CFG})
+    write_info(out, recipe, **facts)
+
+
+def _initial(cfg: dict[str, Any], seed: int) -> Any:
+    """The untrained model exactly as `train` draws it: the first use of torch's RNG after the seed."""
+    with isolated_torch():
+        torch.manual_seed(seed)
+        return open_clip.CLIP(**cfg)
+
+
+def pack(folder: str | Path) -> Path:
+    """Write a trained folder as the repository's packed copy.
+
+    The token embedding has 49408 rows but captions use a few dozen: the rows training never
+    touched still hold the seeded initial values, so only the touched rows are stored and the
+    rest are drawn again from the seed when unpacking.
+    """
+    folder = Path(folder)
+    info = read_info(folder)
+    recipe = info.get("recipe") or {}
+    cfg = tiny_config(width=recipe["width"], layers=recipe["layers"], vision=recipe["vision"])
+    state = load_file(str(folder / WEIGHTS))
+    initial = _initial(cfg, recipe["seed"]).state_dict()[EMBEDDING]
+    rows = torch.nonzero((state[EMBEDDING] != initial).any(dim=1)).flatten()
+    tensors = {k: v for k, v in state.items() if k != EMBEDDING}
+    tensors[f"{EMBEDDING}.rows"], tensors[f"{EMBEDDING}.values"] = rows, state[EMBEDDING][rows]
+    facts = {k: v for k, v in info.items() if k != "recipe"}
+    return write_packed(BUNDLED["sieve-tiny"], tensors, {"recipe": recipe, "model_cfg": cfg, "trained": facts})
+
+
+def unpack(out: str | Path) -> Path:
+    """Build the cache folder from the repository's packed copy (float16 weights, seeded embedding rows)."""
+    tensors, about = read_packed(BUNDLED["sieve-tiny"])
+    recipe, cfg = about["recipe"], about["model_cfg"]
+    model = _initial(cfg, recipe["seed"])
+    rows, values = tensors.pop(f"{EMBEDDING}.rows"), tensors.pop(f"{EMBEDDING}.values")
+    embedding = model.state_dict()[EMBEDDING].clone()
+    embedding[rows] = values
+    model.load_state_dict({**tensors, EMBEDDING: embedding})
+    _save(Path(out), model, cfg, recipe, unpacked_from="models/weights/sieve-tiny.safetensors (float16)",
+          **about.get("trained", {}))
+    return Path(out)
 
 
 def _fit(model: Any, images: torch.Tensor, tokens: torch.Tensor, shapes: torch.Tensor, swap_tokens: torch.Tensor,

@@ -23,10 +23,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.cache import BUNDLED, write_info
+from models.cache import BUNDLED, read_info, write_info
+from models.packing import read_packed, write_packed
 from models.runtime import isolated_torch, progress
 from models.scenes import iter_samples
-from models.vqgan import BUNDLED_NAME, VQGAN, save_taming
+from models.vqgan import BUNDLED_NAME, CKPT_FILE, CONFIG_FILE, VQGAN, load_vqgan, save_taming
 
 log = logging.getLogger(__name__)
 IMAGE_SIZE = 64
@@ -84,6 +85,27 @@ def train(out: str | Path, seed: int, steps: int, batch_size: int, crop: int, n_
                final_loss=round(float(np.mean(losses[-20:])), 4), held_out_psnr=round(psnr, 2),
                codes_used=used, torch_threads=threads, params=sum(p.numel() for p in model.parameters()))
     log.info("sieve-vqgan saved to %s (held-out PSNR %.1f dB, %d of %d codes used)", out, psnr, used, n_embed)
+    return out
+
+
+def pack(folder: str | Path) -> Path:
+    """Write a trained folder as the repository's packed copy (float16 weights, recipe and facts)."""
+    folder = Path(folder)
+    model = load_vqgan(folder / CONFIG_FILE, folder / CKPT_FILE)
+    info = read_info(folder)
+    about = {"recipe": info["recipe"], "meta": {k: v for k, v in info.items() if k != "recipe"}}
+    return write_packed(BUNDLED[BUNDLED_NAME], model.state_dict(), about)
+
+
+def unpack(out: str | Path) -> Path:
+    """Build the cache folder (taming's model.yaml + last.ckpt) from the repository's packed copy."""
+    tensors, about = read_packed(BUNDLED[BUNDLED_NAME])
+    r = about["recipe"]
+    model = VQGAN(ddconfig(r["ch"], r["z_channels"], r["levels"]), r["n_embed"], r["embed_dim"])
+    model.load_state_dict(tensors)
+    out = Path(out)
+    save_taming(model, out, global_step=r["steps"], epoch=0)
+    write_info(out, r, **about["meta"], unpacked_from=f"models/weights/{BUNDLED_NAME}.safetensors (float16)")
     return out
 
 

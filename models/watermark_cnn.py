@@ -17,8 +17,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.cache import BUNDLED, write_info
+from models.cache import BUNDLED, read_info, write_info
 from models.overlays import make_example, regime_fonts
+from models.packing import read_packed, write_packed
 from models.runtime import isolated_torch, progress
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,27 @@ def train(out: str | Path, seed: int, steps: int, batch_size: int, pool: int, lr
     torch.save({"state_dict": model.state_dict(), "meta": meta}, out / MODEL_FILE)
     write_info(out, recipe, **meta)
     log.info("watermark model written to %s", out / MODEL_FILE)
+    return out
+
+
+def pack(folder: str | Path) -> Path:
+    """Write a trained folder as the repository's packed copy (float16 weights, its recipe and facts)."""
+    folder = Path(folder)
+    blob = torch.load(folder / MODEL_FILE, map_location="cpu", weights_only=True)
+    info = read_info(folder)
+    return write_packed(BUNDLED["watermark"], blob["state_dict"], {"recipe": info["recipe"], "meta": blob["meta"]})
+
+
+def unpack(out: str | Path) -> Path:
+    """Build the cache folder from the repository's packed copy."""
+    tensors, about = read_packed(BUNDLED["watermark"])
+    model = WatermarkCNN(int(about["meta"]["width"]))
+    model.load_state_dict(tensors)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {**about["meta"], "unpacked_from": "models/weights/watermark.safetensors (float16)"}
+    torch.save({"state_dict": model.state_dict(), "meta": meta}, out / MODEL_FILE)
+    write_info(out, about["recipe"], **meta)
     return out
 
 

@@ -33,7 +33,7 @@ SOURCE_PREFIX = "src_"
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 #: row key holding a deferred phash thumbnail until `finish_phashes` (never written)
 PHASH_PENDING = "_phash_pending"
-_FIXED = frozenset(S.METADATA_COLUMNS)
+_FIXED = S.RESERVED_COLUMNS
 _CONSUMED_SET = frozenset(_CONSUMED)
 _EMPTY_ROW = dict.fromkeys(S.METADATA_COLUMNS)
 
@@ -49,7 +49,8 @@ def empty_row(raw: RawSample, source_shard: str) -> dict[str, Any]:
     row: dict[str, Any] = _EMPTY_ROW.copy()
     url = raw.meta.get(S.URL)
     row.update({S.KEY: raw.key, S.CAPTION: raw.caption, S.URL: str(url) if url is not None else None,
-                S.SOURCE_SHARD: source_shard, S.STATUS: S.STATUS_OK})
+                S.SOURCE_SHARD: source_shard, S.SOURCE_OFFSET: raw.offset, S.SOURCE_SIZE: raw.size,
+                S.STATUS: S.STATUS_OK})
     row.update(source_fields(raw.meta))
     return row
 

@@ -35,6 +35,7 @@ from curation import schema as S
 from models.clip import Clip, load_clip
 from models.runtime import cores, keep_freed_memory
 from pipelines.decode import DEFAULT_MAX_PIXELS, decode_sample, empty_row, finish_phashes
+from pipelines.language import detect_languages
 from pipelines.readers import RawSample, Shard, read_shard
 from pipelines.scorers import load_scorer
 from pipelines.writer import metadata_table, write_part
@@ -121,6 +122,7 @@ def warm_up(clip: Clip, batch_size: int = WARM_UP_BATCH) -> float:
         row, pixels = decode_sample(RawSample("warm-up", buf.getvalue(), captions[0]), "warm-up",
                                     defer_phash=True)
         finish_phashes([row])
+        detect_languages([row])
         made["batch"] = stack(clip, [clip.prep.model_input(pixels)] * batch_size)
         made["tokens"] = clip.tokenize(captions)
 
@@ -269,6 +271,7 @@ def _read_chunks(shard: Shard, config: EmbedConfig, clip: Clip, keep_images: boo
     """Read, decode, preprocess and tokenize the shard into chunks of up to one batch of usable samples."""
     def ready(chunk: Chunk) -> Chunk:
         finish_phashes(chunk.rows)
+        detect_languages(chunk.rows)  # on the reader's side: off the forward's path where it overlaps
         if chunk.captions:
             chunk.tokens = clip.tokenize(chunk.captions)
             chunk.batch = stack(clip, chunk.tensors)

@@ -66,6 +66,10 @@ class RawSample:
     error: str | None = None
     #: the sample's other members by extension (an export's `img_emb.npy`, say), as bytes
     other: dict[str, bytes] = field(default_factory=dict)
+    #: where the image member's data starts in an uncompressed tar, and its size: export reads
+    #: those bytes back by range (None from parquet, files and compressed tars)
+    offset: int | None = None
+    size: int | None = None
 
 
 def _full_url(fs, path: str) -> str:
@@ -166,8 +170,10 @@ def split_member(name: str) -> tuple[str, str]:
     return (posixpath.join(head, stem) if head else stem), ext.lower()
 
 
-def _sample_from_members(key: str, members: dict[str, bytes], error: str | None = None) -> RawSample:
-    """Assemble image bytes, caption, json metadata and the other members from one key's members."""
+def _sample_from_members(key: str, members: dict[str, bytes], error: str | None = None,
+                         offsets: dict[str, int] | None = None) -> RawSample:
+    """Assemble image bytes, caption, json metadata and the other members from one key's members
+    (`offsets`: each member's data offset in its tar, where known)."""
     meta: dict[str, Any] = {}
     if "json" in members:
         try:
@@ -182,7 +188,10 @@ def _sample_from_members(key: str, members: dict[str, bytes], error: str | None 
     if caption is None and isinstance(meta.get("caption"), str):
         caption = meta["caption"]
     other = {ext: data for ext, data in members.items() if ext not in (image_ext, caption_ext, "json")}
-    return RawSample(key, members[image_ext] if image_ext else None, caption, meta, error, other)
+    image = members[image_ext] if image_ext else None
+    offset = offsets.get(image_ext) if offsets and image_ext else None
+    return RawSample(key, image, caption, meta, error, other, offset,
+                     len(image) if offset is not None else None)
 
 
 class TarCut(Exception):
@@ -245,8 +254,9 @@ def _buffered(fh, size: int = 1 << 20):
     return io.BufferedReader(fh, buffer_size=size)
 
 
-def _tar_members(fh, url: str) -> Iterator[tuple[str, bytes]]:
-    """(name, data) of each regular file in an uncompressed tar stream, parsed directly.
+def _tar_members(fh, url: str) -> Iterator[tuple[str, bytes, int | None]]:
+    """(name, data, data offset in the file) of each regular file in an uncompressed tar stream,
+    parsed directly.
 
     tarfile builds a TarInfo and a file object per member and re-reads headers through
     several layers; for shards of small members that is a fifth of the reader's time. This
@@ -257,8 +267,10 @@ def _tar_members(fh, url: str) -> Iterator[tuple[str, bytes]]:
     first = True
     long_name: str | None = None
     fh = _buffered(fh)
+    pos = 0  # bytes consumed so far: headers and data are read in order, so this is the file offset
     while True:
         block = fh.read(_BLOCK)
+        pos += _BLOCK
         if len(block) < _BLOCK or block.count(0) == _BLOCK or not _header_ok(block):
             if first:
                 why = "empty file" if not block else "not a tar header"
@@ -275,21 +287,25 @@ def _tar_members(fh, url: str) -> Iterator[tuple[str, bytes]]:
         data = fh.read(size) if size else b""
         if len(data) < size:
             raise TarCut(long_name or name, f"unexpected end of data: {len(data)} of {size} bytes")
+        offset = pos
+        pos += size
         if size % _BLOCK:
             fh.read(_BLOCK - size % _BLOCK)
+            pos += _BLOCK - size % _BLOCK
         if kind == b"L":
             long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
         elif kind == b"x":
             long_name = _pax_path(data) or long_name
         elif kind in _REGULAR:
-            yield (long_name or name), data
+            yield (long_name or name), data, offset
             long_name = None
         elif kind != b"g":
             long_name = None
 
 
-def _tarfile_members(fh, url: str) -> Iterator[tuple[str, bytes]]:
-    """The same stream through tarfile: used for compressed tars (.tar.gz and the like)."""
+def _tarfile_members(fh, url: str) -> Iterator[tuple[str, bytes, int | None]]:
+    """The same stream through tarfile: used for compressed tars (.tar.gz and the like), whose
+    members cannot be read back by byte range (offset None)."""
     try:
         tar = tarfile.open(fileobj=fh, mode="r|*")
     except (tarfile.TarError, OSError, EOFError) as exc:
@@ -299,7 +315,7 @@ def _tarfile_members(fh, url: str) -> Iterator[tuple[str, bytes]]:
             if not info.isfile():
                 continue
             try:
-                yield info.name, tar.extractfile(info).read()
+                yield info.name, tar.extractfile(info).read(), None
             except (tarfile.TarError, OSError, EOFError) as exc:
                 raise TarCut(info.name, str(exc)) from exc
     except (tarfile.TarError, OSError, EOFError) as exc:
@@ -323,25 +339,28 @@ def read_tar(url: str) -> Iterator[RawSample]:
         parse = _tarfile_members if head.startswith(_COMPRESSED_MAGIC) else _tar_members
         key: str | None = None
         members: dict[str, bytes] = {}
+        offsets: dict[str, int] = {}
         try:
-            for name, data in parse(fh, url):
+            for name, data, offset in parse(fh, url):
                 k, ext = split_member(name)
                 if k != key:
                     if key is not None:
-                        yield _sample_from_members(key, members)
-                    key, members = k, {}
+                        yield _sample_from_members(key, members, offsets=offsets)
+                    key, members, offsets = k, {}, {}
                 members[ext] = data
+                if offset is not None:
+                    offsets[ext] = offset
         except TarCut as cut:
             log.warning("%s: tar cut inside member %s: %s", url, cut.name, cut)
             k, _ = split_member(cut.name)
             if k != key:
                 if key is not None:
-                    yield _sample_from_members(key, members)
-                key, members = k, {}
+                    yield _sample_from_members(key, members, offsets=offsets)
+                key, members, offsets = k, {}, {}
             yield _sample_from_members(key, members, f"tar cut inside member {cut.name}: {cut}")
             return
         if key is not None:
-            yield _sample_from_members(key, members)
+            yield _sample_from_members(key, members, offsets=offsets)
 
 
 def _parquet_column(names: Sequence[str], wanted: Sequence[str]) -> str | None:

@@ -53,16 +53,43 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes, mtime: float) -> N
     tar.addfile(info, io.BytesIO(data))
 
 
+def mismatched_caption(index: int, n: int, seed: int, shard_size: int,
+                       object_sizes: Sequence[str] | None, attrs: dict[str, Any]) -> tuple[str, str]:
+    """(caption, key) of another sample of the dataset to swap in for sample `index`: drawn per
+    (seed, index), and naming another colour or shape, so the swapped caption is wrong about the
+    image (a caption of a same-coloured, same-shaped scene would still describe it)."""
+    rng = np.random.default_rng([seed, index, 2])
+    other = None
+    for _ in range(16):
+        j = int(rng.integers(0, n - 1))
+        j += j >= index  # any sample but this one
+        # the caption only: rendering at 8 px costs a fraction of the real image
+        other = make_sample(j, 8, seed, 0.0, shard_size, object_sizes)
+        if (other.attrs["color"], other.attrs["shape"]) != (attrs["color"], attrs["shape"]):
+            break
+    assert other is not None
+    return other.caption, other.key
+
+
 def write_shard(out: Path, shard: int, indices: range, size: int, seed: int,
                 watermark_fraction: float, corrupt_fraction: float, shard_size: int,
-                object_sizes: Sequence[str] | None = None) -> dict[str, Any]:
-    """Write one shard's tar, parquet and stats (stats last: its presence marks completion)."""
+                object_sizes: Sequence[str] | None = None, mismatch_fraction: float = 0.0,
+                n: int | None = None) -> dict[str, Any]:
+    """Write one shard's tar, parquet and stats (stats last: its presence marks completion).
+    `n`: the dataset's size, which mismatched captions are drawn from (default: this shard's end)."""
     start = time.time()
     rows: list[dict[str, Any]] = []
     mtime = 1_700_000_000  # fixed, so shards are byte-identical per seed
+    n = n if n is not None else indices.stop
     with atomic_path(out / shard_name(shard)) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
         for index in indices:
             sample = make_sample(index, size, seed, watermark_fraction, shard_size, object_sizes)
+            if mismatch_fraction > 0:  # only then: datasets without swaps stay byte-identical to before
+                swap = n > 1 and np.random.default_rng([seed, index, 3]).random() < mismatch_fraction
+                sample.attrs["mismatched"], sample.attrs["caption_of"] = bool(swap), None
+                if swap:  # the image keeps its true attributes; the caption is another sample's
+                    sample.caption, sample.attrs["caption_of"] = mismatched_caption(
+                        index, n, seed, shard_size, object_sizes, sample.attrs)
             data = _jpeg(sample.image)
             crng = np.random.default_rng([seed, index, 1])
             if crng.random() < corrupt_fraction:
@@ -88,6 +115,7 @@ def write_shard(out: Path, shard: int, indices: range, size: int, seed: int,
         "failed_to_resize": 0,
         "corrupt": sum(r["corrupt"] for r in rows),
         "watermarked": sum(r["watermark"] for r in rows),
+        "mismatched": sum(bool(r.get("mismatched")) for r in rows),
         "duration": time.time() - start,
         "start_time": start,
         "end_time": time.time(),
@@ -100,23 +128,28 @@ def write_shard(out: Path, shard: int, indices: range, size: int, seed: int,
 
 def write_sample_dataset(out: str | Path, n: int, size: int = 64, seed: int = 0,
                          watermark_fraction: float = 0.1, corrupt_fraction: float = 0.0,
-                         shard_size: int = 1000, object_sizes: Sequence[str] | None = None) -> dict[str, Any]:
-    """Write n generated samples as img2dataset webdataset shards under `out`; return totals."""
+                         shard_size: int = 1000, object_sizes: Sequence[str] | None = None,
+                         mismatch_fraction: float = 0.0) -> dict[str, Any]:
+    """Write n generated samples as img2dataset webdataset shards under `out`; return totals.
+
+    `mismatch_fraction` of the samples get another sample's caption (json: `mismatched`,
+    `caption_of` = that sample's key): pairs the LAION similarity filter should remove."""
     if n < 0 or shard_size < 1 or size < 8:
         raise ValueError(f"need n >= 0, shard_size >= 1 and size >= 8; got n={n}, "
                          f"shard_size={shard_size}, size={size}")
-    for name, frac in (("watermark_fraction", watermark_fraction), ("corrupt_fraction", corrupt_fraction)):
+    for name, frac in (("watermark_fraction", watermark_fraction), ("corrupt_fraction", corrupt_fraction),
+                       ("mismatch_fraction", mismatch_fraction)):
         if not 0.0 <= frac <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {frac}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    totals = {"count": 0, "corrupt": 0, "watermarked": 0, "shards": 0}
+    totals = {"count": 0, "corrupt": 0, "watermarked": 0, "mismatched": 0, "shards": 0}
     n_shards = (n + shard_size - 1) // shard_size
     for shard in progress(range(n_shards), desc="sample shards", unit="shard", disable=n_shards < 2):
         indices = range(shard * shard_size, min(n, (shard + 1) * shard_size))
         stats = write_shard(out, shard, indices, size, seed, watermark_fraction, corrupt_fraction, shard_size,
-                            object_sizes)
-        for k in ("count", "corrupt", "watermarked"):
+                            object_sizes, mismatch_fraction, n)
+        for k in ("count", "corrupt", "watermarked", "mismatched"):
             totals[k] += stats[k]
         totals["shards"] += 1
     log.info("wrote %d samples in %d shards to %s", totals["count"], totals["shards"], out)
@@ -133,13 +166,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--watermark-fraction", type=float, default=0.1)
     parser.add_argument("--corrupt-fraction", type=float, default=0.0)
     parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    parser.add_argument("--mismatch-fraction", type=float, default=0.0,
+                        help="samples whose caption is swapped for another sample's (json: mismatched, caption_of)")
     parser.add_argument("--object-sizes", default=None,
                         help="comma list of object sizes to draw from (small,medium,large; default all)")
     args = parser.parse_args(argv)
     setup_logging()
     totals = write_sample_dataset(args.out, args.n, args.size, args.seed, args.watermark_fraction,
                                   args.corrupt_fraction, args.shard_size,
-                                  args.object_sizes.split(",") if args.object_sizes else None)
+                                  args.object_sizes.split(",") if args.object_sizes else None,
+                                  args.mismatch_fraction)
     print(json.dumps({"out": str(args.out), **totals}))
 
 

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from models.cache import BUNDLED, INFO_FILE, build_once, write_info
+from models.cache import BUNDLED, INFO_FILE, build_once, read_info, write_info
 
 
 def test_build_once_builds_only_when_missing(tmp_path: Path) -> None:
@@ -111,3 +112,45 @@ def test_in_process_training_restores_torch_settings_and_rng(name: str, knobs: d
     assert _torch_settings() == settings
     assert torch.equal(torch.get_rng_state(), rng)
     assert bundled.trained_recipe(tmp_path / name) == bundled.recipe(**knobs)
+
+
+@pytest.mark.parametrize("name", sorted(BUNDLED))
+def test_the_repository_carries_each_model_for_its_current_recipe(name: str) -> None:
+    """Change a recipe and this fails until `python -m models.train NAME --retrain --pack` is committed."""
+    bundled = BUNDLED[name]
+    tensors, about = bundled.shipped
+    assert tensors.is_file() and about.is_file(), f"no packed copy of {name} in models/weights"
+    assert bundled.shipped_current(), f"models/weights/{name}.json was made with another recipe"
+    assert sum(p.stat().st_size for p in tensors.parent.glob("*.safetensors")) < 10 * 2**20
+
+
+@pytest.mark.parametrize("name, knobs", [("sieve-tiny", {"steps": 2, "n_samples": 64, "batch_size": 8}),
+                                         ("watermark", QUICK_WATERMARK),
+                                         ("sieve-vqgan", {"steps": 2, "n_samples": 8, "batch_size": 2, "crop": 16})])
+def test_pack_then_unpack_gives_back_the_trained_model(name: str, knobs: dict, tmp_path: Path, monkeypatch) -> None:
+    """float16 round trip; sieve-tiny's untouched embedding rows come back bit for bit from the seed."""
+    monkeypatch.setattr("models.cache.SHIPPED_DIR", tmp_path / "weights")
+    bundled = BUNDLED[name]
+    module = importlib.import_module(bundled.module)
+    module.train(tmp_path / "trained", **{**bundled.defaults, **knobs})
+    module.pack(tmp_path / "trained")
+    module.unpack(tmp_path / "unpacked")
+    assert bundled.trained_recipe(tmp_path / "unpacked") == bundled.recipe(**knobs)
+    weights = {"sieve-tiny": "open_clip_model.safetensors", "watermark": "watermark_cnn.pt",
+               "sieve-vqgan": "last.ckpt"}[name]
+    load = (lambda p: load_file(str(p))) if name == "sieve-tiny" else (
+        lambda p: torch.load(p, weights_only=True)["state_dict"])
+    before, after = load(tmp_path / "trained" / weights), load(tmp_path / "unpacked" / weights)
+    assert before.keys() == after.keys()
+    for key in before:
+        torch.testing.assert_close(after[key], before[key], rtol=2e-3, atol=1e-4)
+    if name == "sieve-tiny":
+        rows_equal = (before["token_embedding.weight"] == after["token_embedding.weight"]).all(dim=1)
+        assert rows_equal.sum() > 49000  # only the rows training touched were stored
+
+
+def test_first_use_unpacks_the_repository_copy_instead_of_training(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("SIEVE_CACHE", str(tmp_path))
+    folder = BUNDLED["watermark"].ensure()
+    info = read_info(folder)
+    assert "unpacked_from" in info and info["recipe"] == BUNDLED["watermark"].recipe()

@@ -94,6 +94,13 @@ def test_collection_rows_statuses_and_aligned_embeddings(clean):
         sims = np.einsum("ij,ij->i", img[i].astype(np.float32), txt[i].astype(np.float32))
         np.testing.assert_allclose(ok[S.CLIP_SIMILARITY].to_numpy(), sims, atol=5e-3)
         assert ok[S.WIDTH].eq(32).all() and ok[S.PHASH].str.len().eq(16).all()
+    # CLD3 at embed time: the generated captions are English (CLD3 is unsure of some short ones,
+    # `und`, as it was of LAION's); rows without a caption have no language
+    has_caption = meta[S.CAPTION].fillna("").str.strip().ne("")
+    assert meta.loc[meta[S.STATUS] == S.STATUS_OK, S.LANGUAGE].value_counts().index[0] == "en"
+    assert meta.loc[has_caption, S.LANGUAGE].notna().all()
+    assert meta.loc[has_caption, S.LANGUAGE_SCORE].between(0, 1).all()
+    assert meta.loc[~has_caption, S.LANGUAGE].isna().all()
     # source json fields are kept; colliding names get the src_ prefix
     assert set(meta.loc[meta[S.STATUS] == S.STATUS_OK, "shape"]) and "src_status" in meta
     # the model understands the pairs: matching captions score above shuffled ones

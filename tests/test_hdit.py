@@ -240,20 +240,31 @@ def _export(tmp_path: Path, n: int = 8, dim: int = 6) -> Path:
                 info = tarfile.TarInfo(f"{key}.{ext}")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
-    (out / "manifest.json").write_text(json.dumps({"hash": "abc123", "clip_model": "sieve-tiny", "dim": dim}))
+    (out / "manifest.json").write_text(json.dumps({"format": "webdataset", "spec_hash": "abc123",
+                                                   "clip_model": "sieve-tiny", "dim": dim, "count": n}))
     return out
 
 
 def test_export_format_reads_embeddings_and_skips_bad_samples(tmp_path):
-    from hdit_train.data import ShardStream, batches, data_hash
+    from hdit_train.data import ShardStream, batches, manifest_clip_spec, manifest_spec_hash, read_manifest
 
     export = _export(tmp_path)
-    assert data_hash(export) == "abc123"
+    manifest = read_manifest(export)
+    assert manifest_spec_hash(manifest) == "abc123" and manifest_clip_spec(manifest) == "sieve-tiny"
     stream = ShardStream(export, 16, cond="clip", shuffle_buffer=1)
     batch = next(batches(stream.iterate(), 7))
     assert batch["image"].shape == (7, 3, 16, 16) and batch["emb"].shape == (7, 6)
     assert batch["image"].min() >= -1 and batch["image"].max() <= 1
     assert stream.failed == 1  # the corrupt jpeg is counted, not fatal
+
+
+def test_a_manifest_without_the_export_keys_is_named_not_guessed(tmp_path):
+    from hdit_train.data import read_manifest
+
+    export = _export(tmp_path)
+    (export / "manifest.json").write_text(json.dumps({"hash": "abc123", "clip": "sieve-tiny"}))
+    with pytest.raises(ValueError, match="manifest.json: not a curation.export manifest"):
+        read_manifest(export)
 
 
 def test_trainer_conditions_on_stored_clip_embeddings(tmp_path):

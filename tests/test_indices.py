@@ -142,3 +142,24 @@ def test_takedown_never_returned(coll, tmp_path):
     assert not ids & {before[0]["id"], before[1]["id"], before[2]["id"]} and len(after) == 10
     meta_rows = s.metadata_for([before[0]["id"], before[3]["id"]])
     assert meta_rows[0]["metadata"] == {} and meta_rows[1]["metadata"][S.KEY] == before[3][S.KEY]
+
+
+def test_filters_run_sandboxed_with_a_time_limit(coll):
+    """filters= goes through curation.sandbox: `id` is a column, a runaway clause is stopped by
+    the time limit, a second statement is refused, and searching carries on with one worker."""
+    from curation.sandbox import Limits
+    from indices.search import QueryError, Searcher
+
+    s = Searcher(coll, filter_limits=Limits(timeout_s=1.0, memory_limit="128MB", threads=1, grace_s=3.0))
+    q = np.load(S.CollectionLayout(coll).img_emb(0), mmap_mode="r")[11].astype(np.float32)
+    rows = s.query(embedding=q, k=10, filters="id % 3 = 0", deduplicate=False)
+    assert len(rows) == 10 and all(r["id"] % 3 == 0 for r in rows)
+    pid = s._sandbox.pid
+    with pytest.raises(QueryError, match="time limit"):
+        s.query(embedding=q, filters="(SELECT sum(a.range * b.range) FROM range(1000000) a, range(1000000) b) > 0")
+    with pytest.raises(QueryError, match="one statement"):
+        s.query(embedding=q, filters="TRUE; SELECT 1")
+    rows = s.query(embedding=q, k=5, filters="part = 0", deduplicate=False)
+    assert len(rows) == 5 and all(r["id"] < 1500 for r in rows)
+    assert s._sandbox.pid is not None and (s._sandbox.pid == pid or s._sandbox.restarts >= 1)
+    s.close()

@@ -249,6 +249,30 @@ def test_direct_tar_parser_matches_tarfile(tmp_path, fmt):
     assert all(err is None for *_, err in got)
 
 
+@pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT, tarfile.USTAR_FORMAT])
+def test_tar_samples_carry_their_images_byte_range(tmp_path, fmt):
+    """Export reads images back by range: offset and size must address exactly the image bytes."""
+    from pipelines.readers import read_tar
+
+    deep = "d/" * 60 if fmt != tarfile.USTAR_FORMAT else ""  # GNU and pax long names: extra headers first
+    names = [f"{deep}k1.jpg", f"{deep}k1.txt", "k2.png", "k2.txt", "k3.txt"]
+    members = {n: (f"payload {n}" * (i + 3) * 37).encode() for i, n in enumerate(names)}
+    path = tmp_path / "a.tar"
+    with tarfile.open(path, mode="w", format=fmt) as tar:
+        for n, data in members.items():
+            _member(tar, n, data)
+    raw = path.read_bytes()
+    samples = list(read_tar(str(path)))
+    assert [s.image == raw[s.offset:s.offset + s.size] for s in samples[:2]] == [True, True]
+    assert samples[2].image is None and samples[2].offset is None
+    row, _ = decode_sample(samples[1], str(path))
+    assert (row[S.SOURCE_OFFSET], row[S.SOURCE_SIZE]) == (samples[1].offset, len(members["k2.png"]))
+    gz = tmp_path / "b.tar"
+    with tarfile.open(gz, mode="w:gz", format=fmt) as tar:
+        _member(tar, "k1.jpg", b"x" * 10)
+    assert [(s.offset, s.size) for s in read_tar(str(gz))] == [(None, None)]  # no byte ranges in a stream
+
+
 def _dir(name: str) -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
     info.type = tarfile.DIRTYPE

@@ -147,3 +147,36 @@ def test_object_sizes_restrict_the_drawn_sizes():
     assert every == {"small", "medium", "large"}
     with pytest.raises(ValueError, match="tiny"):
         next(scenes.iter_samples(1, object_sizes=("tiny",)))
+
+
+def test_mismatched_captions_are_swapped_and_marked(tmp_path: Path) -> None:
+    """`--mismatch-fraction`: another sample's caption, naming another colour or shape, marked in
+    the json; deterministic per seed; without it the shards are unchanged."""
+    out = tmp_path / "swapped"
+    done = subprocess.run([sys.executable, "-m", "pipelines.sample", "--out", str(out), "--n", "200", "--size", "16",
+                           "--seed", "3", "--mismatch-fraction", "0.25", "--shard-size", "100"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert 30 < json.loads(done.stdout)["mismatched"] < 70
+    rows = pq.read_table(out / "00000.parquet").to_pylist() + pq.read_table(out / "00001.parquet").to_pylist()
+    by_key = {r["key"]: r for r in rows}
+    members = _read_tar(out / "00001.tar")
+    for row in rows:
+        own = scenes.make_sample(int(row["key"][:5]) * 100 + int(row["key"][5:]), 16, 3, 0.1, 100)
+        if row["mismatched"]:
+            other = by_key[row["caption_of"]]
+            assert row["caption"] == scenes.make_sample(int(other["key"][:5]) * 100 + int(other["key"][5:]),
+                                                        16, 3, 0.1, 100).caption
+            assert (other["color"], other["shape"]) != (row["color"], row["shape"])
+            assert (row["color"], row["shape"]) == (own.attrs["color"], own.attrs["shape"])  # the image's truth
+        else:
+            assert row["caption"] == own.caption and row["caption_of"] is None
+        if row["key"] in members:
+            assert members[row["key"]]["txt"].decode() == row["caption"]
+            assert json.loads(members[row["key"]]["json"])["mismatched"] == row["mismatched"]
+    again = tmp_path / "again"
+    sample.write_sample_dataset(again, n=200, size=16, seed=3, mismatch_fraction=0.25, shard_size=100)
+    assert (again / "00001.tar").read_bytes() == (out / "00001.tar").read_bytes()
+    plain = tmp_path / "plain"
+    sample.write_sample_dataset(plain, n=100, size=16, seed=3, shard_size=100)
+    assert "mismatched" not in pq.read_table(plain / "00000.parquet").column_names

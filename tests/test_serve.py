@@ -97,6 +97,23 @@ def test_knn_service_matches_clip_back_shapes(app):
     assert run(app, fn)
 
 
+def test_weighted_prompts_query_their_combined_embedding(app):
+    """The server and `Searcher.query` read "a:1|b:-0.5" as subset specs do (models.prompts)."""
+    from models.prompts import combine, parse_prompts
+
+    prompts = parse_prompts("a red star:1|blurry:-0.5")
+    q = combine(HashEncoder().encode_texts([p.text for p in prompts]), prompts)
+    searcher = app.searchers["demo"]
+    expected = [r["id"] for r in searcher.query(embedding=q, k=5, deduplicate=False)]
+    assert [r["id"] for r in searcher.query(text="a red star:1|blurry:-0.5", k=5, deduplicate=False)] == expected
+
+    async def fn(c):
+        r = await c.post("/knn-service", data=clip_client_body(text="a red star:1|blurry:-0.5", deduplicate=False,
+                                                               use_safety_model=False))
+        return [row["id"] for row in await r.json()]
+    assert run(app, fn) == expected
+
+
 @pytest.mark.parametrize("body,status,word", [
     (clip_client_body(text="x", indice_name="nope"), 404, "unknown index"),
     (clip_client_body(), 400, "missing field"),
@@ -108,6 +125,7 @@ def test_knn_service_matches_clip_back_shapes(app):
     (clip_client_body(text="x", modality="audio"), 400, "modality"),
     ("{not json", 400, "JSON"),
     (clip_client_body(text="x" * 100_000), 413, "larger"),
+    (clip_client_body(text="blurry:-1"), 400, "positive weight"),
 ])
 def test_bad_requests_get_json_errors_and_server_keeps_serving(app, body, status, word):
     async def fn(c):

@@ -1,0 +1,243 @@
+"""SQL over a collection's metadata: `Catalog(collection).query("SELECT ... FROM samples")`.
+
+Table `samples` is every complete metadata part (all `curation.schema` columns plus the
+source's own columns) and `id`, the global vector id (position among the ok rows of all
+complete parts in part order, as the indices number them; NULL for failed rows).
+
+- Trusted (the owner's own queries, `python -m curation.sql`): an in-process DuckDB
+  connection over the Parquet parts with DuckDB's own reader; no limits, no row cap unless
+  `query(..., row_cap=N)` asks for one.
+- Untrusted (`untrusted=True`, what the UI's query box runs): `curation.sandbox` — a separate
+  worker process, locked connection, one SELECT, time / memory / row caps, every refusal a
+  `SqlError`. Taken-down rows are filtered out at the scan, so no query can see them; a
+  changed takedown list restarts the worker within a second or so.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from curation import schema as S
+from curation.sandbox import Limits, Sandbox, Source, SqlError, one_line
+from curation.storage import read_collection_json
+from curation.takedown import TakedownWatch
+from indices.store import CollectionError, complete_parts
+
+__all__ = ["Catalog", "CollectionError", "SqlError", "SqlResult", "TABLE"]
+
+#: the table every query reads
+TABLE = "samples"
+
+
+@dataclass
+class SqlResult:
+    """A query's rows, whether the row cap cut them short, and the seconds it took."""
+
+    table: pa.Table
+    truncated: bool
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Parts:
+    """What the `samples` table is made of: files in part order, their unified schema, and the
+    SQL expression that computes `id` from `part` and `emb_row`."""
+
+    files: tuple[str, ...]
+    schema: pa.Schema
+    id_expr: str
+    ok_rows: int
+
+    def select(self) -> str:
+        """The projection adding `id` (replacing a source column of that name in older collections)."""
+        if S.ID in self.schema.names:
+            return f"* REPLACE ({self.id_expr} AS {S.ID})"
+        return f"*, {self.id_expr} AS {S.ID}"
+
+
+def _ok_rows(path: str, meta: Any) -> int:
+    """Rows of a part with an embedding: from the footer's null counts of `emb_row` when written."""
+    names = meta.schema.to_arrow_schema().names
+    if S.EMB_ROW not in names:
+        raise CollectionError(f"{path}: no {S.EMB_ROW!r} column")
+    j = meta.schema.to_arrow_schema().get_field_index(S.EMB_ROW)
+    nulls = 0
+    for g in range(meta.num_row_groups):
+        stats = meta.row_group(g).column(j).statistics
+        if stats is None or not stats.has_null_count:
+            return int(pq.read_table(path, columns=[S.EMB_ROW]).column(0).is_valid().to_numpy(zero_copy_only=False).sum())
+        nulls += stats.null_count
+    return meta.num_rows - nulls
+
+
+def _check_part_column(path: str, n: int, meta: Any) -> None:
+    """`id` is computed from the `part` column: it must hold N in metadata_N (footer statistics)."""
+    schema = meta.schema.to_arrow_schema()
+    if S.PART not in schema.names:
+        raise CollectionError(f"{path}: no {S.PART!r} column")
+    j = schema.get_field_index(S.PART)
+    for g in range(meta.num_row_groups):
+        stats = meta.row_group(g).column(j).statistics
+        if stats is not None and stats.has_min_max and (stats.min != n or stats.max != n):
+            raise CollectionError(f"{path}: column {S.PART!r} holds {stats.min}..{stats.max}, expected {n}")
+
+
+def read_parts(collection: str) -> Parts:
+    """The complete parts' files, unified schema and `id` expression (footers only, no rows read)."""
+    layout = S.CollectionLayout(collection)
+    parts = complete_parts(collection)
+    files, schemas, offsets = [], [], {}
+    total = 0
+    for n in parts:
+        path = layout.metadata(n)
+        if not os.path.exists(path):
+            raise CollectionError(f"{path}: missing metadata of part {n}")
+        try:
+            meta = pq.ParquetFile(path).metadata
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise CollectionError(f"{path}: unreadable metadata part: {one_line(exc)}") from exc
+        _check_part_column(path, n, meta)
+        offsets[n] = total
+        total += _ok_rows(path, meta)
+        files.append(path)
+        schemas.append(meta.schema.to_arrow_schema())
+    try:
+        schema = pa.unify_schemas(schemas, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise CollectionError(f"{collection}: metadata parts disagree on a column's type: {one_line(exc)}") from exc
+    listed = ", ".join(str(offsets[n]) if n in offsets else "NULL" for n in range(max(parts) + 1))
+    id_expr = f"CAST(([{listed}]::BIGINT[])[{S.PART} + 1] + {S.EMB_ROW} AS BIGINT)"
+    return Parts(tuple(files), schema, id_expr, total)
+
+
+class Catalog:
+    """A DuckDB connection (trusted, in-process) or a sandboxed worker (untrusted) whose table
+    `samples` holds the collection's metadata plus `id`."""
+
+    def __init__(self, collection: str, untrusted: bool = False, row_cap: int = 10_000,
+                 timeout_s: float = 10.0, memory_limit: str = "1GB") -> None:
+        self.root = collection
+        self.untrusted = untrusted
+        self.row_cap = row_cap
+        self.limits = Limits(timeout_s=timeout_s, memory_limit=memory_limit)
+        self.info = read_collection_json(collection)
+        self.parts = read_parts(collection)
+        self._lock = threading.Lock()
+        self._con: Any = None
+        self._sandbox: Sandbox | None = None
+        self._watch: TakedownWatch | None = None
+        if untrusted:
+            self._watch = TakedownWatch(collection)
+            self._sandbox = Sandbox([self._source()], self.limits, label="catalog")
+        else:
+            self._con = duckdb.connect(":memory:")
+            self._con.execute("SET enable_progress_bar=false")  # results may go to stdout (python -m curation.sql)
+            files = ", ".join("'" + f.replace("'", "''") + "'" for f in self.parts.files)
+            self._con.execute(f"CREATE VIEW {TABLE} AS SELECT {self.parts.select()} "
+                              f"FROM read_parquet([{files}], union_by_name=true)")
+
+    def _source(self) -> Source:
+        assert self._watch is not None
+        keep = self._watch.takedown.arrow_filter(self.parts.schema.names)
+        return Source(TABLE, self.parts.files, self.parts.schema, keep, self.parts.select())
+
+    @property
+    def columns(self) -> list[str]:
+        """Column names of `samples`, `id` included."""
+        names = list(self.parts.schema.names)
+        return names if S.ID in names else names + [S.ID]
+
+    @property
+    def clip_model(self) -> str:
+        """The collection's CLIP spec (collection.json; sieve-tiny, the embed default, when absent)."""
+        return self.info.get("clip_model", "sieve-tiny")
+
+    @property
+    def connection(self) -> Any:
+        """The trusted DuckDB connection (for callers that build relations themselves)."""
+        if self._con is None:
+            raise SqlError("an untrusted catalog has no in-process connection")
+        return self._con
+
+    @property
+    def worker_pid(self) -> int | None:
+        """Untrusted: the sandbox worker's process id (None before it starts or when trusted)."""
+        return self._sandbox.pid if self._sandbox is not None else None
+
+    def start(self) -> "Catalog":
+        """Untrusted: start the worker now instead of at the first query."""
+        if self._sandbox is not None:
+            self._sandbox.start()
+        return self
+
+    def query(self, sql: str, row_cap: int | None = None) -> SqlResult:
+        """Run `sql`. Untrusted: one SELECT, capped at min(row_cap, the catalog's row_cap) rows.
+        Trusted: every row unless row_cap is given. Failures raise SqlError."""
+        if self._sandbox is not None:
+            return self._query_untrusted(sql, row_cap)
+        start = time.perf_counter()
+        with self._lock:
+            try:
+                rel = self._con.sql(sql)
+                if rel is None:  # a statement without rows (CREATE, SET, ...): the owner may run those
+                    return SqlResult(pa.table({}), False, time.perf_counter() - start)
+                if row_cap is None:
+                    table, truncated = rel.to_arrow_table(), False
+                else:
+                    table, truncated = _capped(rel, row_cap)
+            except duckdb.Error as exc:
+                raise SqlError(one_line(exc)) from None
+        return SqlResult(table, truncated, time.perf_counter() - start)
+
+    def _query_untrusted(self, sql: str, row_cap: int | None) -> SqlResult:
+        assert self._sandbox is not None and self._watch is not None
+        cap = self.row_cap if row_cap is None else min(row_cap, self.row_cap)
+        start = time.perf_counter()
+        with self._lock:  # one query at a time: a takedown change never races a query on the old worker
+            _, changed = self._watch.poll()
+            if changed:  # the worker's scan filter is fixed at its start: a new list needs a new worker
+                self._sandbox.close()
+                self._sandbox = Sandbox([self._source()], self.limits, label="catalog")
+            table, truncated, _ = self._sandbox.query(sql, cap)
+        return SqlResult(table, truncated, time.perf_counter() - start)
+
+    def count(self, where: str = "TRUE") -> int:
+        """Rows of `samples` satisfying a WHERE clause."""
+        return int(self.query(f"SELECT count(*) AS n FROM {TABLE} WHERE {where}").table.column(0)[0].as_py())
+
+    def close(self) -> None:
+        if self._con is not None:
+            self._con.close()
+            self._con = None
+        if self._sandbox is not None:
+            self._sandbox.close()
+
+    def __enter__(self) -> "Catalog":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _capped(rel: Any, row_cap: int) -> tuple[pa.Table, bool]:
+    """At most row_cap rows of a relation, streamed (the rest is never computed), and whether it had more."""
+    reader = rel.to_arrow_reader(max(1, min(row_cap + 1, 65536)))
+    try:
+        batches, rows = [], 0
+        for batch in reader:
+            if rows + batch.num_rows > row_cap:
+                batches.append(batch.slice(0, row_cap - rows))
+                return pa.Table.from_batches(batches, schema=reader.schema), True
+            batches.append(batch)
+            rows += batch.num_rows
+        return pa.Table.from_batches(batches, schema=reader.schema), False
+    finally:
+        reader.close()

@@ -1,0 +1,247 @@
+"""The work behind `python -m curation.export`: resolve, plan the shards, skip what an earlier run
+finished, run one Dask task per remaining shard, then write `manifest.json`.
+
+The plan is the resolved rows cut into consecutive shards of `shard_size`. A shard is done when
+its `_stats.json` holds the identity of its rows and options, so a rerun after a kill writes
+only the missing shards, and writes them byte for byte as an uninterrupted run would. The
+manifest is written last: an export without one is incomplete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import sys
+import time
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from distributed import Client, as_completed
+
+from curation import schema as S
+from curation.export_shard import ExportError, ExportOptions, json_columns, write_shard
+from curation.resolve import Resolution, resolve
+from curation.spec import stable_hash
+from curation.storage import TMP_MARK, read_collection_json, read_json, url_to_fs, write_bytes, write_json
+from indices.store import CollectionError, EmbeddingStore
+from models.runtime import cores, progress
+from pipelines.cluster import SINGLE_THREAD_WORKER_ENV, restore_env, start_client
+
+log = logging.getLogger(__name__)
+
+_OURS = re.compile(r"^(\d{5})(\.tar|\.parquet|_stats\.json)$")
+
+
+def check_options(format: str, shard_size: int, image_size: int | None, resize: str | None) -> str:
+    """The resize mode to use; ValueError naming the option when the combination cannot work."""
+    if format not in S.EXPORT_FORMATS:
+        raise ValueError(f"--format must be one of {', '.join(S.EXPORT_FORMATS)}, got {format!r}")
+    if shard_size < 1:
+        raise ValueError(f"--shard-size must be at least 1, got {shard_size}")
+    if image_size is not None and image_size < 1:
+        raise ValueError(f"--image-size must be a positive number of pixels, got {image_size}")
+    resize = resize or ("center_crop" if image_size else "none")
+    if resize not in S.RESIZE_MODES:
+        raise ValueError(f"--resize must be one of {', '.join(S.RESIZE_MODES)}, got {resize!r}")
+    if resize != "none" and not image_size:
+        raise ValueError(f"--resize {resize} needs --image-size")
+    return resize
+
+
+def check_writable(out: str) -> None:
+    """Create `out` and write a probe file there: an unwritable --out fails before any work."""
+    fs, path = url_to_fs(out)
+    probe = f"{out.rstrip('/')}/.sieve-write-probe"
+    try:
+        fs.makedirs(path, exist_ok=True)
+        write_bytes(probe, b"")
+        fs.rm(url_to_fs(probe)[1])
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"--out {out}: not writable ({type(exc).__name__}: {exc})") from None
+
+
+def gather_rows(collection: str, ids: np.ndarray, store: EmbeddingStore) -> pa.Table:
+    """Metadata rows (every column, plus `id`) of the given global ids, in the order given.
+
+    Reads only the parts holding those ids; an id's part and row come from the parts' vector
+    counts (`store`), the rule that defines global ids.
+    """
+    layout = S.CollectionLayout(collection)
+    which = np.searchsorted(store.offsets, ids, side="right") - 1
+    tables, order = [], []
+    for p in np.unique(which):
+        sel = np.nonzero(which == p)[0]
+        t = pq.read_table(layout.metadata(store.parts[p]))
+        t = t.filter(pc.is_valid(t[S.EMB_ROW]))
+        pos = np.full(len(t), -1, dtype=np.int64)
+        pos[t[S.EMB_ROW].to_numpy()] = np.arange(len(t))
+        local = ids[sel] - store.offsets[p]
+        t = t.take(pa.array(pos[local]))
+        tables.append(t.append_column(S.ID, pa.array(ids[sel], pa.int64())))
+        order.append(sel)
+    if not tables:
+        return pa.table({S.ID: pa.array([], pa.int64())})
+    table = pa.concat_tables(tables, promote_options="default")
+    back = np.empty(len(ids), dtype=np.int64)
+    back[np.concatenate(order)] = np.arange(len(ids))
+    return table.take(pa.array(back))
+
+
+def shard_identity(opts: ExportOptions, ids: np.ndarray) -> str:
+    """What a written shard must match to be reused: the options and exactly its rows."""
+    rows = hashlib.sha256(np.ascontiguousarray(ids, dtype=np.int64).tobytes()).hexdigest()
+    return stable_hash({**opts.identity(), "ids": rows})
+
+
+def _existing(out: str) -> tuple[dict[int, dict[str, Any]], dict[int, list[str]], list[str]]:
+    """(stats by shard, our files by shard, leftover temporaries) already in `out`."""
+    fs, path = url_to_fs(out)
+    stats: dict[int, dict[str, Any]] = {}
+    files: dict[int, list[str]] = {}
+    temps = []
+    for name in fs.ls(path, detail=False):
+        base = name.rstrip("/").rsplit("/", 1)[-1]
+        m = _OURS.match(base)
+        if m:
+            files.setdefault(int(m.group(1)), []).append(name)
+            if m.group(2) == "_stats.json":
+                doc = read_json(fs.unstrip_protocol(name) if "://" in out else name)
+                if isinstance(doc, dict):
+                    stats[int(m.group(1))] = doc
+        elif TMP_MARK in base:
+            final = base.split(TMP_MARK)[0]
+            if _OURS.match(final) or final == S.EXPORT_MANIFEST:
+                temps.append(name)  # a killed run's half-written file
+    return stats, files, temps
+
+
+def _prepare_out(out: str, spec_hash: str, n_shards: int, overwrite: bool, format: str) -> dict[int, dict[str, Any]]:
+    """Clear what cannot be reused (beyond the last shard, or of the other file format); return the
+    stats of shards that may be. Refuses to mix specs."""
+    fs, path = url_to_fs(out)
+    stats, files, temps = _existing(out)
+    hashes = {s.get("spec_hash") for s in stats.values()}
+    if None in hashes and not overwrite:
+        raise ExportError(f"--out {out} holds shards that are not a Sieve export (img2dataset's own output?); "
+                          f"use another --out")
+    other = sorted(h for h in hashes - {spec_hash} if h)
+    if other and not overwrite:
+        raise ExportError(f"--out {out} holds an export of another spec (spec_hash {other[0]}); "
+                          f"use another --out or --overwrite")
+    manifest = f"{path.rstrip('/')}/{S.EXPORT_MANIFEST}"
+    doomed = list(temps) + ([manifest] if fs.exists(manifest) else [])
+    other_ext = ".parquet" if format == S.EXPORT_WEBDATASET else ".tar"
+    for i, names in files.items():
+        if overwrite or i >= n_shards:
+            doomed.extend(names)
+            stats.pop(i, None)
+        else:
+            doomed.extend(n for n in names if n.endswith(other_ext))
+    for name in doomed:
+        fs.rm(name)
+    return stats
+
+
+def _run(client: Client, tasks: list[tuple[int, pa.Table, str]], opts: ExportOptions) -> dict[int, dict[str, Any]]:
+    """One task per shard; a progress bar of shards, samples and samples/s; failures gathered."""
+    futures = {client.submit(write_shard, i, rows, identity, opts, key=f"export-{i:05d}-{time.time_ns()}",
+                             pure=False, retries=0): i for i, rows, identity in tasks}
+    done: dict[int, dict[str, Any]] = {}
+    failed: dict[int, str] = {}
+    samples, start = 0, time.time()
+    with progress(total=len(tasks), desc="export shards", unit="shard") as bar:
+        for fut in as_completed(futures):
+            i = futures[fut]
+            try:
+                done[i] = fut.result()
+                samples += done[i]["count"]
+            except Exception as exc:  # noqa: BLE001 - every task failure is reported by shard
+                failed[i] = str(exc) if isinstance(exc, ExportError) else f"{type(exc).__name__}: {exc}"
+                log.error("shard %05d failed: %s", i, failed[i])
+            bar.update(1)
+            bar.set_postfix(samples=samples, samples_per_s=f"{samples / max(time.time() - start, 1e-9):.0f}",
+                            failed=len(failed))
+    if failed:
+        first = min(failed)
+        raise ExportError(f"{len(failed)} of {len(tasks)} shard(s) failed; the others are written and a rerun "
+                          f"continues. Shard {first:05d}: {failed[first]}")
+    return done
+
+
+def run_export(collection: str, spec: str | dict[str, Any], out: str, shard_size: int = 10_000,
+               image_size: int | None = None, resize: str | None = None, format: str = S.EXPORT_WEBDATASET,
+               scheduler: str | None = None, workers: int | None = None, overwrite: bool = False,
+               client: Client | None = None, resolution: Resolution | None = None) -> dict[str, Any]:
+    """`curation.export.export`'s work; returns the manifest."""
+    resize = check_options(format, shard_size, image_size, resize)
+    check_writable(out)
+    res = resolution or resolve(collection, spec)
+    info = read_collection_json(collection)
+    try:
+        store = EmbeddingStore.open(collection, S.MODALITY_IMAGE)
+    except CollectionError as exc:
+        raise ExportError(str(exc)) from None
+    opts = ExportOptions(collection, out.rstrip("/") or out, format, image_size, resize, res.spec_hash,
+                         parts=tuple(store.parts), offsets=tuple(int(o) for o in store.offsets))
+    if format != S.EXPORT_URLS:
+        opts = replace(opts, embeddings=tuple(m for m in S.MODALITIES if _has(collection, m)))
+    rows = gather_rows(collection, res.ids, store)
+    n_shards = (len(rows) + shard_size - 1) // shard_size
+    reusable = _prepare_out(out, res.spec_hash, n_shards, overwrite, format)
+    tasks, done = [], {}
+    for i in range(n_shards):
+        # take, not slice: a pickled slice would carry the whole table's buffers to the worker
+        part = rows.take(pa.array(np.arange(i * shard_size, min(len(rows), (i + 1) * shard_size))))
+        identity = shard_identity(opts, part[S.ID].to_numpy())
+        if reusable.get(i, {}).get("identity") == identity and _shard_exists(out, i, format):
+            done[i] = reusable[i]
+        else:
+            tasks.append((i, part, identity))
+    log.info("%d rows -> %d shards: %d to write, %d already written", len(rows), n_shards, len(tasks), len(done))
+    if tasks:
+        own = client is None
+        cluster = None
+        if own:
+            # Dask's nanny copies its workers' environment into this process: undone afterwards
+            env_before = {k: os.environ.get(k) for k in SINGLE_THREAD_WORKER_ENV}
+            client, cluster = start_client(scheduler, workers or max(1, min(cores(), len(tasks))))
+        print(f"Dask dashboard: {client.dashboard_link}", file=sys.stderr, flush=True)
+        try:
+            done.update(_run(client, tasks, opts))
+        finally:
+            if own:
+                client.close()
+                if cluster is not None:
+                    cluster.close()
+                restore_env(env_before)
+    manifest = {
+        S.MANIFEST_FORMAT: format, S.MANIFEST_SPEC: res.spec, S.MANIFEST_SPEC_HASH: res.spec_hash,
+        S.MANIFEST_COLLECTION: collection, S.MANIFEST_COLLECTION_ID: res.collection_id,
+        S.MANIFEST_CLIP_MODEL: info.get("clip_model"), S.MANIFEST_DIM: info.get("emb_dim"),
+        S.MANIFEST_COUNT: sum(s["count"] for s in done.values()), S.MANIFEST_SHARDS: n_shards,
+        "resolved": len(rows), "taken_down_at_export": sum(s.get("taken_down", 0) for s in done.values()),
+        "shard_size": shard_size, "image_size": image_size, "resize": resize,
+        "embeddings": list(opts.embeddings), S.MANIFEST_COLUMNS: json_columns(rows.column_names),
+        S.MANIFEST_CREATED: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "schema_version": S.SCHEMA_VERSION,
+    }
+    write_json(f"{out.rstrip('/')}/{S.EXPORT_MANIFEST}", manifest)
+    return manifest
+
+
+def _has(collection: str, modality: str) -> bool:
+    try:
+        return EmbeddingStore.open(collection, modality).count > 0
+    except CollectionError:
+        return False
+
+
+def _shard_exists(out: str, i: int, format: str) -> bool:
+    fs, path = url_to_fs(f"{out.rstrip('/')}/{S.shard_name(i, 'tar' if format == S.EXPORT_WEBDATASET else 'parquet')}")
+    return fs.exists(path)
