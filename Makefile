@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(PY) -m bench.server --collection $(DEMO)/collection
 	$(PY) -m bench.hdit --only scaling,flops,throughput,demo
 	$(PY) -m bench.curation
+	$(PY) -m bench.insight
 	$(PY) -m bench.guidance --hdit-run $(DEMO)/hdit --collection $(DEMO)/collection
 	$(PY) -m bench.figures --write
 

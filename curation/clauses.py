@@ -14,7 +14,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from curation import filters, knn
+from curation import concepts, dedup, filters, knn
+from curation import map as layout_map
+from curation import schema as S
 from curation.context import Context
 from curation.spec import SpecError, SpecSource
 
@@ -86,6 +88,101 @@ def filters_steps(doc: dict[str, Any]) -> list[tuple[str, Step]]:
     return [(label, run)]
 
 
+# ---- concept / region / dedup: the insight results (issue 14) ----------------------------
+def _mapping(value: Any, field_name: str, src: SpecSource, allowed: set[str]) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise SpecError(f"{src.source}: {field_name}: give a mapping, got {value!r}")
+    unknown = sorted(set(value) - allowed)
+    if unknown:
+        raise SpecError(f"{src.source}: {field_name}: unknown field{'s' if len(unknown) > 1 else ''} {unknown}; "
+                        f"expected {sorted(allowed)}")
+    return dict(value)
+
+
+def parse_concept(value: Any, src: SpecSource) -> list[dict[str, Any]]:
+    """`concept: {name, min_score}` or a list of them (all must hold); min_score defaults to the
+    concept's cross-validated threshold."""
+    items = value if isinstance(value, list) else [value]
+    out = []
+    for item in items:
+        doc = _mapping({"name": item} if isinstance(item, str) else item, "concept", src, {"name", "min_score"})
+        if not isinstance(doc.get("name"), str) or not doc["name"]:
+            raise SpecError(f"{src.source}: concept: `name` (a concept saved under concepts/) is required")
+        score = doc.get("min_score")
+        if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float)) or not 0 <= score <= 1):
+            raise SpecError(f"{src.source}: concept: min_score must be a number in [0, 1], got {score!r}")
+        out.append({"name": doc["name"], "min_score": None if score is None else float(score)})
+    return out
+
+
+def concept_steps(items: list[dict[str, Any]]) -> list[tuple[str, Step]]:
+    def run(ctx: Context, ids: np.ndarray, name: str, score: float | None) -> np.ndarray:
+        try:
+            return concepts.subset_clause(ctx.collection, ids, name, score)
+        except (ValueError, FileNotFoundError) as exc:
+            raise SpecError(f"{ctx.source}: concept {name}: {str(exc).splitlines()[0]}") from None
+
+    return [(f"concept {it['name']} score >= {'its threshold' if it['min_score'] is None else it['min_score']}",
+             lambda ctx, ids, it=it: run(ctx, ids, it["name"], it["min_score"])) for it in items]
+
+
+def parse_region(value: Any, src: SpecSource) -> dict[str, Any]:
+    """`region: {modality: image, rect: [x0, y0, x1, y1]}` or `{polygon: [[x, y], ...]}` on the map."""
+    doc = _mapping(value, "region", src, {"modality", "rect", "polygon"})
+    modality = doc.get("modality", S.MODALITY_IMAGE)
+    if modality not in (S.MODALITY_IMAGE, S.MODALITY_TEXT):
+        raise SpecError(f"{src.source}: region: modality must be image or text, got {modality!r}")
+    rect, polygon = doc.get("rect"), doc.get("polygon")
+    if (rect is None) == (polygon is None):
+        raise SpecError(f"{src.source}: region: give exactly one of rect: [x0, y0, x1, y1] or polygon: [[x, y], ...]")
+    try:
+        if rect is not None:
+            rect = [float(v) for v in rect]
+            if len(rect) != 4:
+                raise ValueError
+        else:
+            polygon = [[float(x), float(y)] for x, y in polygon]
+            if len(polygon) < 3:
+                raise ValueError
+    except (TypeError, ValueError):
+        raise SpecError(f"{src.source}: region: rect needs 4 numbers, polygon at least 3 [x, y] points") from None
+    return {"modality": modality, "rect": rect, "polygon": polygon}
+
+
+def region_steps(doc: dict[str, Any]) -> list[tuple[str, Step]]:
+    shape = f"rect {doc['rect']}" if doc["rect"] is not None else f"polygon of {len(doc['polygon'])} points"
+
+    def run(ctx: Context, ids: np.ndarray) -> np.ndarray:
+        try:
+            return layout_map.region_clause(ctx.collection, ids, doc["modality"], doc["rect"], doc["polygon"])
+        except (ValueError, FileNotFoundError) as exc:
+            raise SpecError(f"{ctx.source}: region: {str(exc).splitlines()[0]}") from None
+
+    return [(f"region of the {doc['modality']} map: {shape}", run)]
+
+
+def parse_dedup(value: Any, src: SpecSource) -> dict[str, Any]:
+    """`dedup: copies` or `dedup: {level: exact|copies|semantic, eps: 0.05}` (one member per group)."""
+    doc = _mapping({"level": value} if isinstance(value, str) else value, "dedup", src, {"level", "eps"})
+    level, eps = doc.get("level", S.LEVEL_COPIES), doc.get("eps", 0.05)
+    if level not in S.DEDUP_LEVELS:
+        raise SpecError(f"{src.source}: dedup: level must be one of {list(S.DEDUP_LEVELS)}, got {level!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+        raise SpecError(f"{src.source}: dedup: eps must be a number in (0, 1), got {eps!r}")
+    return {"level": level, "eps": float(eps)}
+
+
+def dedup_steps(doc: dict[str, Any]) -> list[tuple[str, Step]]:
+    def run(ctx: Context, ids: np.ndarray) -> np.ndarray:
+        try:
+            return dedup.subset_clause(ctx.collection, ids, doc["level"], doc["eps"])
+        except (ValueError, FileNotFoundError) as exc:
+            raise SpecError(f"{ctx.source}: dedup: {str(exc).splitlines()[0]}") from None
+
+    eps = f" eps {doc['eps']:g}" if doc["level"] == S.LEVEL_SEMANTIC else ""
+    return [(f"dedup {doc['level']}{eps} (one sample per duplicate group)", run)]
+
+
 # ---- limit: a seeded sample ---------------------------------------------------------------
 def parse_limit(value: Any, src: SpecSource) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -107,6 +204,9 @@ def limit_steps(n: int) -> list[tuple[str, Step]]:
 CLAUSES: list[ClauseKind] = [
     ClauseKind("where", parse_where, where_steps),
     ClauseKind("filters", parse_filters, filters_steps),
+    ClauseKind("concept", parse_concept, concept_steps),
+    ClauseKind("region", parse_region, region_steps),
+    ClauseKind("dedup", parse_dedup, dedup_steps),
     ClauseKind("knn", knn.parse, knn.steps, knn.hashable),
     ClauseKind("limit", parse_limit, limit_steps),
 ]

@@ -220,3 +220,91 @@ def shard_name(i: int, ext: str = "tar") -> str:
 
 def stats_name(i: int) -> str:
     return f"{i:05d}_stats.json"
+
+
+# ---- insight: duplicates, concepts, uniqueness, the embedding map ------------------------
+# (kept in one block, apart from the layout above, so that parallel additions merge cleanly)
+DEDUP_DIR = "dedup"
+DUPLICATES_FILE = "duplicates.parquet"
+DEDUP_REPORT_FILE = "report.json"
+CONCEPTS_DIR = "concepts"
+MAP_DIR = "map"
+UNIQUENESS_FILE = "uniqueness.parquet"
+
+#: duplicates.parquet columns: one row per member of a duplicate group (the kept one included)
+DUP_KEY = KEY
+DUP_GROUP = "group"
+DUP_KEPT = "kept"
+DUP_REASON = "reason"
+DUP_NEAREST = "nearest_key"
+DUP_SIMILARITY = "similarity"
+DUPLICATES_COLUMNS: tuple[str, ...] = (DUP_KEY, DUP_GROUP, DUP_KEPT, DUP_REASON, DUP_NEAREST, DUP_SIMILARITY)
+#: why a row is in its group: same bytes, the same picture transformed, or SemDeDup's rule
+REASON_EXACT = "exact"
+REASON_COPY = "copy"
+REASON_SEMANTIC = "semantic"
+DUP_REASONS: tuple[str, ...] = (REASON_EXACT, REASON_COPY, REASON_SEMANTIC)
+#: `curation.dedup --level`: each level includes the ones before it
+LEVEL_EXACT = "exact"
+LEVEL_COPIES = "copies"
+LEVEL_SEMANTIC = "semantic"
+DEDUP_LEVELS: tuple[str, ...] = (LEVEL_EXACT, LEVEL_COPIES, LEVEL_SEMANTIC)
+
+#: uniqueness.parquet columns (joinable on key or id)
+UNIQUENESS = "uniqueness"
+KTH_DISTANCE = "kth_distance"
+UNIQUENESS_COLUMNS: tuple[str, ...] = (KEY, ID, UNIQUENESS, KTH_DISTANCE)
+
+#: map/{modality}.parquet columns
+MAP_X = "x"
+MAP_Y = "y"
+MAP_CLUSTER = "cluster"
+MAP_COLUMNS: tuple[str, ...] = (KEY, MAP_X, MAP_Y, MAP_CLUSTER)
+
+#: concepts/{name}.parquet columns (a concept's score of every sample)
+CONCEPT_SCORE = "score"
+
+
+def dedup_run_name(level: str, eps: float | None = None) -> str:
+    """The default run folder of a level (and ε for semantic): `copies`, `semantic-eps0.05`."""
+    return f"{level}-eps{eps:g}" if level == LEVEL_SEMANTIC else level
+
+
+@dataclass(frozen=True)
+class InsightLayout:
+    """Paths of the duplicates, concepts, uniqueness and map files inside one collection."""
+
+    root: str
+
+    def _join(self, *parts: str) -> str:
+        return posixpath.join(self.root.rstrip("/"), *parts)
+
+    @property
+    def dedup_dir(self) -> str:
+        return self._join(DEDUP_DIR)
+
+    def dedup_run(self, run: str) -> str:
+        return self._join(DEDUP_DIR, run)
+
+    def duplicates(self, run: str) -> str:
+        return self._join(DEDUP_DIR, run, DUPLICATES_FILE)
+
+    def dedup_report(self, run: str) -> str:
+        return self._join(DEDUP_DIR, run, DEDUP_REPORT_FILE)
+
+    @property
+    def concepts_dir(self) -> str:
+        return self._join(CONCEPTS_DIR)
+
+    def concept(self, name: str) -> str:
+        return self._join(CONCEPTS_DIR, f"{name}.json")
+
+    def concept_scores(self, name: str) -> str:
+        return self._join(CONCEPTS_DIR, f"{name}.parquet")
+
+    @property
+    def uniqueness(self) -> str:
+        return self._join(UNIQUENESS_FILE)
+
+    def map(self, modality: str) -> str:
+        return self._join(MAP_DIR, f"{modality}.parquet")

@@ -48,6 +48,11 @@ POSITION_PHRASES = {
     "left": "on the left", "right": "on the right",
 }
 BACKGROUNDS = ["solid", "gradient", "noise"]
+#: the noisy background's texture: (pixels per noise cell, standard deviation in grey levels).
+#: "fine" is the default every bundled model learnt from; "coarse" is a blotchy texture that a
+#: small CLIP can see (fine per-pixel noise is averaged away by its first layers), for
+#: benchmarks of concepts that captions rarely name (`python -m bench.insight`).
+NOISE_TEXTURES: dict[str, tuple[int, float]] = {"fine": (1, 28.0), "coarse": (4, 40.0)}
 BACKGROUND_WORDS = {"solid": "plain", "gradient": "gradient", "noise": "noisy"}
 SCATTERED = "scattered"
 
@@ -109,7 +114,8 @@ def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[t
     raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
 
 
-def _background(attrs: dict[str, Any], size: int, rng: np.random.Generator) -> Image.Image:
+def _background(attrs: dict[str, Any], size: int, rng: np.random.Generator,
+                noise_texture: str = "fine") -> Image.Image:
     base = np.array(COLORS[attrs["bg_color"]], dtype=np.float32)
     kind = attrs["background"]
     if kind == "solid":
@@ -119,7 +125,14 @@ def _background(attrs: dict[str, Any], size: int, rng: np.random.Generator) -> I
         ramp = (0.55 + 0.45 * t)[:, None] if rng.random() < 0.5 else (0.55 + 0.45 * t)[None, :]
         arr = base[None, None, :] * ramp[..., None] + (1 - ramp[..., None]) * 0.35 * 255 * (base.mean() < 128)
     elif kind == "noise":
-        arr = base[None, None, :] + rng.normal(0, 28, (size, size, 1)).astype(np.float32)
+        if noise_texture not in NOISE_TEXTURES:
+            raise ValueError(f"unknown noise texture {noise_texture!r}; expected one of {list(NOISE_TEXTURES)}")
+        grain, sd = NOISE_TEXTURES[noise_texture]
+        cells = -(-size // grain)
+        noise = rng.normal(0, sd, (cells, cells, 1)).astype(np.float32)
+        if grain > 1:
+            noise = np.repeat(np.repeat(noise, grain, axis=0), grain, axis=1)[:size, :size]
+        arr = base[None, None, :] + noise
     else:
         raise ValueError(f"unknown background {kind!r}; expected one of {BACKGROUNDS}")
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
@@ -136,10 +149,11 @@ def _centres(attrs: dict[str, Any], rng: np.random.Generator) -> list[tuple[floa
     return [(cells[i][0] + rng.uniform(-0.05, 0.05), cells[i][1] + rng.uniform(-0.05, 0.05)) for i in order]
 
 
-def render_scene(attrs: dict[str, Any], size: int, rng: np.random.Generator) -> Image.Image:
+def render_scene(attrs: dict[str, Any], size: int, rng: np.random.Generator,
+                 noise_texture: str = "fine") -> Image.Image:
     """Render the scene described by attrs at size×size pixels (anti-aliased by 2× supersampling)."""
     ss = 2
-    img = _background(attrs, size, rng).resize((size * ss, size * ss), Image.NEAREST)
+    img = _background(attrs, size, rng, noise_texture).resize((size * ss, size * ss), Image.NEAREST)
     draw = ImageDraw.Draw(img)
     fill = COLORS[attrs["color"]]
     outline = (0, 0, 0) if attrs["color"] != "black" else (90, 90, 90)
@@ -271,12 +285,13 @@ def sample_key(index: int, shard_size: int) -> str:
 
 
 def make_sample(index: int, size: int = 64, seed: int = 0, watermark_fraction: float = 0.0,
-                shard_size: int = 1000, object_sizes: Sequence[str] | None = None) -> Sample:
+                shard_size: int = 1000, object_sizes: Sequence[str] | None = None,
+                noise_texture: str = "fine") -> Sample:
     """The sample at `index` for `seed`: identical whatever the sharding or generation order."""
     rng = np.random.default_rng([seed, index])
     attrs = random_scene(rng, object_sizes)
     caption, named = make_caption(attrs, rng)
-    image = render_scene(attrs, size, rng)
+    image = render_scene(attrs, size, rng, noise_texture)
     watermark = bool(rng.random() < watermark_fraction)
     if watermark:
         image = add_watermark(image, rng)
@@ -286,7 +301,7 @@ def make_sample(index: int, size: int = 64, seed: int = 0, watermark_fraction: f
 
 def iter_samples(n: int, size: int = 64, seed: int = 0, watermark_fraction: float = 0.0,
                  start: int = 0, shard_size: int = 1000,
-                 object_sizes: Sequence[str] | None = None) -> Iterator[Sample]:
+                 object_sizes: Sequence[str] | None = None, noise_texture: str = "fine") -> Iterator[Sample]:
     """Yield n generated samples in memory (no disk), for training and evaluation scripts."""
     for index in range(start, start + n):
-        yield make_sample(index, size, seed, watermark_fraction, shard_size, object_sizes)
+        yield make_sample(index, size, seed, watermark_fraction, shard_size, object_sizes, noise_texture)

@@ -15,3 +15,22 @@ def tiny_clip():
     from models.clip import load_clip
 
     return load_clip("sieve-tiny", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def insight_collection(tmp_path_factory) -> dict:
+    """A small embedded collection with planted copies and an image index, for the duplicates,
+    concepts, uniqueness and map tests: 300 generated samples (small and medium objects, coarse
+    noisy backgrounds, a fifth watermarked, a tenth planted copies), embedded with the watermark
+    score. Tests that write into it use their own run / concept names."""
+    from indices.build import build
+    from pipelines.embed import embed
+    from pipelines.sample import write_sample_dataset
+
+    root = tmp_path_factory.mktemp("insight")
+    shards, collection = root / "shards", root / "collection"
+    write_sample_dataset(shards, 300, shard_size=150, seed=11, watermark_fraction=0.2, near_duplicate_fraction=0.1,
+                         object_sizes=["small", "medium"], noise_texture="coarse")
+    embed(str(shards), str(collection), workers=1, scores="watermark")
+    build(str(collection), max_index_memory="100M", modality="image")
+    return {"shards": str(shards), "collection": str(collection)}

@@ -1,0 +1,280 @@
+"""The copy rule: is picture B the same picture as A, re-encoded, resized, cropped, colour-shifted
+or overlaid? One rule for `curation.dedup --level copies` and for anything else that needs a
+copy verdict (the memorisation audit of generated images).
+
+Embedding neighbours and perceptual hashes only propose candidates: neither alone separates a
+copy from a distinct picture of the same kind (a tiny CLIP moves a lot under an overlay, a
+perceptual hash under a crop; `python -m bench.insight`, keys `copies.*`). The verdict is a
+pixel check on small thumbnails:
+
+1. align: the two frames resized to a common size, and, when one side is a plausible crop of
+   the other (each side at least MIN_CROP of the other's), the smaller slid over the larger at
+   native scale to the best offset;
+2. fit a colour change of the family brightness x contrast x saturation (grey level affine,
+   chroma scaled), excluding pixels it cannot explain (an overlay) from the fit;
+3. copy when most pixels agree (MIN_INLIERS) and the image structure (gradient energy above
+   EDGE_FLOOR) agrees where the pictures were not overlaid (MIN_STRUCTURE), in at least one
+   of the raw or lightly smoothed versions (JPEG re-encoding and overlay filters blur edges).
+
+Distinct renders of one description differ along their edges (a shape a pixel away), so step
+3 rejects them even on identical flat backgrounds. The thresholds were chosen on generated
+pairs (seed 1, every transform of `pipelines.near_duplicates`) and are measured on other data
+by `python -m bench.insight` (`copies.sieve`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+from PIL import Image, ImageFilter
+
+#: thumbnails' longer side: the check costs the same whatever the source resolution
+CHECK_SIDE = 64
+#: a pixel agrees when the colour model explains it within this many levels (max over RGB)
+INLIER_LEVEL = 20.0
+#: residual above which a pixel counts as changed (an overlay) and leaves the colour fit
+OUTLIER_LEVEL = 40.0
+#: gradient magnitude (RGB norm of central differences) that counts as structure
+EDGE_FLOOR = 24.0
+#: fraction of pixels that must agree
+MIN_INLIERS = 0.7
+#: fraction of the structure's gradient energy that must agree outside changed regions
+MIN_STRUCTURE = 0.8
+#: a crop keeps at least this fraction of each side
+MIN_CROP = 0.75
+#: a crop's colour statistics must come from this many pixels at least
+_MIN_FIT_PIXELS = 50
+#: how far below MIN_INLIERS a view may be and still be worth a smoothed second look
+_NEAR = 0.2
+_GREY = np.array([0.299, 0.587, 0.114], np.float32)
+
+
+def thumbnail(image: Any) -> np.ndarray:
+    """RGB uint8 array of `image` (PIL image or HxWx3 array) with its longer side <= CHECK_SIDE."""
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"copy check: expected an HxWx3 RGB array, got shape {image.shape}")
+        if max(image.shape[:2]) <= CHECK_SIDE and image.dtype == np.uint8:
+            return image
+        image = Image.fromarray(np.clip(image, 0, 255).astype(np.uint8), "RGB")
+    image = image.convert("RGB")
+    w, h = image.size
+    scale = CHECK_SIDE / max(w, h)
+    if scale < 1:
+        image = image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.LANCZOS)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def _resize(a: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    if a.shape[:2] == shape:
+        return a
+    img = Image.fromarray(a, "RGB").resize((shape[1], shape[0]), Image.Resampling.LANCZOS)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def _best_window(big: np.ndarray, small: np.ndarray) -> np.ndarray:
+    """The window of `big` (small's shape) whose grey pattern best matches `small` (means removed)."""
+    gb, gs = big.astype(np.float32) @ _GREY, small.astype(np.float32) @ _GREY
+    h, w = gs.shape
+    n = h * w
+    sc = gs - gs.mean()
+    windows = sliding_window_view(gb, gs.shape)
+    cross = np.tensordot(windows, sc, axes=([2, 3], [0, 1]))  # sum(window * sc): sc has zero mean
+    ii = np.pad(gb, ((1, 0), (1, 0))).cumsum(0).cumsum(1)  # integral images of the values and squares
+    ii2 = np.pad(gb * gb, ((1, 0), (1, 0))).cumsum(0).cumsum(1)
+
+    def box(t: np.ndarray) -> np.ndarray:
+        return t[h:, w:] - t[:-h, w:] - t[h:, :-w] + t[:-h, :-w]
+
+    sums = box(ii)
+    ssd = box(ii2) - sums * sums / n - 2 * cross  # + sum(sc^2), the same for every window
+    oy, ox = np.unravel_index(int(np.argmin(ssd)), ssd.shape)
+    return big[oy:oy + h, ox:ox + w]
+
+
+def _views(a: np.ndarray, b: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Aligned (a-part, b-part) pairs of equal shape: the whole frames, and b as a crop of a or a of b."""
+    shape = (min(a.shape[0], b.shape[0]), min(a.shape[1], b.shape[1]))
+    out = [(_resize(a, shape), _resize(b, shape))]
+    for big, small, flip in ((a, b, False), (b, a, True)):
+        fits = small.shape[0] <= big.shape[0] and small.shape[1] <= big.shape[1] and small.shape != big.shape
+        if fits and small.shape[0] >= MIN_CROP * big.shape[0] and small.shape[1] >= MIN_CROP * big.shape[1]:
+            window = _best_window(big, small)
+            out.append((small, window) if flip else (window, small))
+    return out
+
+
+def _planes(x: np.ndarray) -> np.ndarray:
+    """HxWx3 -> contiguous float32 (3, H, W): numpy reduces over a length-3 last axis slowly."""
+    return np.ascontiguousarray(np.moveaxis(x, -1, 0), dtype=np.float32)
+
+
+def _grey(p: np.ndarray) -> np.ndarray:
+    return _GREY[0] * p[0] + _GREY[1] * p[1] + _GREY[2] * p[2]
+
+
+def _colour_fit(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Per-pixel residual (max over RGB) of v against the best brightness/contrast/saturation change of u.
+
+    u and v are (3, H, W) planes. The family is closed under composition: grey levels change
+    affinely, chroma (colour minus grey) scales. Pixels over OUTLIER_LEVEL leave the fit (an
+    overlay must not bend it).
+    """
+    gu, gv = _grey(u), _grey(v)
+    cu, cv = u - gu, v - gv
+    cuu = cu[0] * cu[0] + cu[1] * cu[1] + cu[2] * cu[2]
+    cuv = cu[0] * cv[0] + cu[1] * cv[1] + cu[2] * cv[2]
+    weight = np.ones(gu.shape, np.float32)
+    residual = np.zeros(gu.shape, np.float32)
+    for _ in range(3):
+        n = float(weight.sum())
+        mx, my = float((weight * gu).sum()) / n, float((weight * gv).sum()) / n
+        dx = (gu - mx) * weight
+        slope = float(np.clip((dx * (gv - my)).sum() / max(float((dx * (gu - mx)).sum()), 1e-6), 0.5, 2.0))
+        cc = float((weight * cuu).sum())
+        chroma = float(np.clip((weight * cuv).sum() / cc, 0.3, 2.0)) if cc > 1e-3 else 1.0
+        base = my + slope * (gu - mx)
+        residual = np.abs(v[0] - base - chroma * cu[0])
+        np.maximum(residual, np.abs(v[1] - base - chroma * cu[1]), out=residual)
+        np.maximum(residual, np.abs(v[2] - base - chroma * cu[2]), out=residual)
+        again = residual < OUTLIER_LEVEL
+        if again.sum() < _MIN_FIT_PIXELS:
+            break
+        weight = again.astype(np.float32)
+    return residual
+
+
+def _gradient(x: np.ndarray) -> list[np.ndarray]:
+    """Central differences of (3, H, W) planes: six (H, W) arrays."""
+    out = []
+    for plane in x:
+        gy, gx = np.gradient(plane)
+        out += [gx, gy]
+    return out
+
+
+def _norm(parts: list[np.ndarray]) -> np.ndarray:
+    total = parts[0] * parts[0]
+    for p in parts[1:]:
+        total += p * p
+    return np.sqrt(total)
+
+
+def _dilate(mask: np.ndarray, steps: int = 2) -> np.ndarray:
+    out = mask.copy()
+    for _ in range(steps):
+        grown = out.copy()
+        grown[1:] |= out[:-1]
+        grown[:-1] |= out[1:]
+        grown[:, 1:] |= out[:, :-1]
+        grown[:, :-1] |= out[:, 1:]
+        out = grown
+    return out
+
+
+def _structure(u: np.ndarray, v: np.ndarray, residual: np.ndarray) -> float:
+    """Fraction of structure (gradient energy) that agrees between two aligned views.
+
+    One picture's structure must survive in the other; the other's may be hidden where the
+    colour model failed (an overlay), so the two directions are taken both ways.
+    """
+    gu, gv = _gradient(u), _gradient(v)
+    err = _norm([b - a for a, b in zip(gu, gv)])
+    mu, mv = _norm(gu), _norm(gv)
+    mu *= mu >= EDGE_FLOOR
+    mv *= mv >= EDGE_FLOOR
+    changed = _dilate(residual >= OUTLIER_LEVEL)
+
+    def agree(m: np.ndarray, mask: np.ndarray | None = None) -> float:
+        if mask is not None:
+            m = m * ~mask
+        total = float(m.sum())
+        return float((m * (err < 0.5 * m + 8)).sum()) / total if total > 1e-6 else 0.0
+
+    return max(min(agree(mu), agree(mv, changed)), min(agree(mv), agree(mu, changed)))
+
+
+def _features(u: np.ndarray, v: np.ndarray) -> tuple[float, float]:
+    """(fraction of agreeing pixels, structure agreement) of one aligned view ((3, H, W) planes); structure 0 when
+    so few pixels agree that no smoothing could make a copy of it."""
+    residual = _colour_fit(u, v)
+    inliers = float((residual < INLIER_LEVEL).mean())
+    if inliers < MIN_INLIERS - _NEAR:
+        return inliers, 0.0
+    return inliers, _structure(u, v, residual)
+
+
+def _smooth(x: np.ndarray) -> np.ndarray:
+    """PIL's SMOOTH filter on (3, H, W) planes."""
+    img = Image.fromarray(np.clip(np.moveaxis(x, 0, -1), 0, 255).astype(np.uint8), "RGB").filter(ImageFilter.SMOOTH)
+    return _planes(np.asarray(img))
+
+
+def copy_score(a: Any, b: Any) -> tuple[float, float]:
+    """(inlier fraction, structure agreement) of the best alignment of two pictures (PIL or RGB arrays).
+
+    A copy scores at least (MIN_INLIERS, MIN_STRUCTURE); `is_copy` applies the thresholds.
+    """
+    ta, tb = thumbnail(a), thumbnail(b)
+    if ta.shape == tb.shape and np.array_equal(ta, tb):
+        return 1.0, 1.0
+    best = (0.0, 0.0)
+    views = []
+    for u8, v8 in _views(ta, tb):
+        u, v = _planes(u8), _planes(v8)
+        score = _features(u, v)
+        views.append((score, u, v))
+        best = max(best, score, key=min)
+    if best[0] >= MIN_INLIERS and best[1] >= MIN_STRUCTURE:
+        return best
+    # JPEG re-encoding and an overlay's smoothing filter blur edges: try lightly smoothed versions
+    # of the best-aligned view, unless even its pixels disagree outright
+    score, u, v = max(views, key=lambda t: t[0][0])
+    if score[0] < MIN_INLIERS - _NEAR:
+        return best
+    for uu, vv in ((_smooth(u), v), (u, _smooth(v)), (_smooth(u), _smooth(v))):
+        best = max(best, _features(uu, vv), key=min)
+    return best
+
+
+def is_copy(a: Any, b: Any) -> bool:
+    """Whether picture `b` is a copy of picture `a` (or `a` of `b`): the copies level's rule."""
+    inliers, structure = copy_score(a, b)
+    return inliers >= MIN_INLIERS and structure >= MIN_STRUCTURE
+
+
+def copy_verdict(query: Any, candidates: Sequence[Any], similarities: Sequence[float] | None = None,
+                 min_similarity: float | None = None) -> list[bool]:
+    """For each candidate picture: is it a copy of `query`? (The rule of `curation.dedup --level copies`.)
+
+    `query` and `candidates` are PIL images or HxWx3 RGB arrays of any size (compared as
+    thumbnails). `similarities` (CLIP cosine of each candidate to the query) with
+    `min_similarity` skips the pixel check for candidates below it (verdict False); without
+    them every candidate is checked. Typical use: a generated image and its nearest training
+    images from a kNN search.
+    """
+    if similarities is not None and len(similarities) != len(candidates):
+        raise ValueError(f"copy_verdict: {len(similarities)} similarities for {len(candidates)} candidates")
+    q = thumbnail(query)
+    out = []
+    for i, cand in enumerate(candidates):
+        if min_similarity is not None and similarities is not None and similarities[i] < min_similarity:
+            out.append(False)
+            continue
+        out.append(is_copy(q, cand))
+    return out
+
+
+def phash_bits(hashes: Sequence[str]) -> np.ndarray:
+    """(n, 8) uint8 array of 16-hex-digit perceptual hashes (the collection's `phash` column)."""
+    try:
+        return np.frombuffer(b"".join(bytes.fromhex(h) for h in hashes), dtype=np.uint8).reshape(-1, 8)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"phash: expected 16 hex digits per hash ({exc})") from exc
+
+
+def phash_distance(a: str, b: str) -> int:
+    """Hamming distance between two 16-hex-digit perceptual hashes."""
+    return int(np.unpackbits(np.bitwise_xor(phash_bits([a])[0], phash_bits([b])[0])).sum())

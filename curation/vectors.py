@@ -1,0 +1,121 @@
+"""What the insight modules (dedup, concepts, uniqueness, map) read from a collection: keys,
+embeddings, the index and every vector's nearest neighbours, each missing piece reported in
+one line that says which command makes it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from curation import schema as S
+from curation.storage import url_to_fs, write_bytes
+from indices.build import load_index
+from indices.store import CollectionError, EmbeddingStore, read_metadata
+from indices.tune import set_search_params
+
+
+def open_store(collection: str, modality: str = S.MODALITY_IMAGE) -> EmbeddingStore:
+    """The collection's memory-mapped embeddings of one modality (CollectionError when absent)."""
+    if modality not in S.MODALITIES:
+        raise ValueError(f"modality: unknown {modality!r}; expected one of {list(S.MODALITIES)}")
+    if not os.path.isdir(collection):
+        raise CollectionError(f"{collection}: no such collection folder")
+    layout = S.CollectionLayout(collection)
+    folder = layout.img_emb_dir if modality == S.MODALITY_IMAGE else layout.text_emb_dir
+    if not os.path.isdir(folder):
+        raise CollectionError(f"{collection}: no {modality} embeddings ({folder}); run `python -m pipelines.embed` first")
+    store = EmbeddingStore.open(collection, modality)
+    if store.count == 0:
+        raise CollectionError(f"{collection}: no {modality} embeddings to work on")
+    return store
+
+
+def read_keys(collection: str) -> np.ndarray:
+    """Keys of the embedded samples in global-id order (position = the vector's id)."""
+    return np.asarray(read_metadata(collection, [S.KEY]).column(S.KEY).to_pylist(), dtype=object)
+
+
+def ids_of(keys: np.ndarray, wanted: Sequence[str], what: str) -> np.ndarray:
+    """Global ids of `wanted` keys; an unknown key is a ValueError naming it (and `what` they are)."""
+    index = {k: i for i, k in enumerate(keys)}
+    missing = [k for k in wanted if k not in index]
+    if missing:
+        shown = ", ".join(map(str, missing[:5])) + (f" (and {len(missing) - 5} more)" if len(missing) > 5 else "")
+        raise ValueError(f"{what}: unknown key{'s' if len(missing) > 1 else ''} {shown}")
+    return np.array([index[k] for k in wanted], dtype=np.int64)
+
+
+def load_collection_index(collection: str, modality: str = S.MODALITY_IMAGE) -> tuple[Any, dict[str, Any]]:
+    """(faiss index with its tuned search parameters, its json); CollectionError naming the build command."""
+    layout = S.CollectionLayout(collection)
+    path = layout.index(modality)
+    if not os.path.exists(path) or not os.path.exists(layout.index_json(modality)):
+        raise CollectionError(f"{collection}: no {modality} index ({path}); run `python -m indices.build {collection}` first")
+    index = load_index(path)
+    with open(layout.index_json(modality)) as fh:
+        doc = json.load(fh)
+    set_search_params(index, doc.get("params", {}))
+    return index, doc
+
+
+def neighbours(collection: str, k: int, modality: str = S.MODALITY_IMAGE, store: EmbeddingStore | None = None,
+               batch: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """Every vector's k nearest other vectors through the collection's index: (ids, cosines), (n, k).
+
+    Candidates come from the index (searched at its tuned parameters, as deep as its re-rank
+    depth), similarities are recomputed exactly from the embeddings and sorted; a vector is
+    never its own neighbour. Rows with fewer than k others hold -1 and NaN.
+    """
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    store = store or open_store(collection, modality)
+    index, doc = load_collection_index(collection, modality)
+    if index.ntotal != store.count:
+        raise CollectionError(f"{collection}: the {modality} index holds {index.ntotal} vectors but the collection "
+                              f"{store.count}; rebuild it with `python -m indices.build {collection}`")
+    depth = min(store.count, max(k + 1, int(doc.get("params", {}).get("rerank_k", 0)), 2 * k + 2))
+    out_ids = np.full((store.count, k), -1, dtype=np.int64)
+    out_sims = np.full((store.count, k), np.nan, dtype=np.float32)
+    for start, part in store.iter_parts():
+        for lo in range(0, len(part), batch):
+            q = np.ascontiguousarray(part[lo:lo + batch], dtype=np.float32)
+            qids = np.arange(start + lo, start + lo + len(q))
+            _, cand = index.search(q, depth)
+            cand = np.where(cand == qids[:, None], -1, cand)  # never one's own neighbour
+            flat = np.unique(cand[cand >= 0])
+            if not len(flat):  # a one-vector collection has no neighbours
+                continue
+            vecs = store.gather(flat)
+            pos = np.searchsorted(flat, np.maximum(cand, 0))
+            sims = np.einsum("qd,qkd->qk", q, vecs[pos])
+            sims[cand < 0] = -np.inf
+            order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+            top_ids = np.take_along_axis(cand, order, axis=1)
+            top_sims = np.take_along_axis(sims, order, axis=1)
+            top_sims[top_ids < 0] = np.nan
+            out_ids[start + lo:start + lo + len(q), :order.shape[1]] = top_ids
+            out_sims[start + lo:start + lo + len(q), :order.shape[1]] = top_sims
+    return out_ids, out_sims
+
+
+def write_table(path: str, table: pa.Table) -> None:
+    """A parquet file written atomically (curation.storage) on any fsspec URL."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    write_bytes(path, buf.getvalue())
+
+
+def read_table(path: str, what: str) -> pa.Table:
+    """A parquet file; FileNotFoundError naming `what` (the command that writes it) when absent."""
+    fs, p = url_to_fs(path)
+    if not fs.exists(p):
+        raise FileNotFoundError(f"{path}: no {what}")
+    with fs.open(p, "rb") as fh:
+        return pq.read_table(fh)
