@@ -5,9 +5,11 @@ image index (`indices.search.Searcher`); its nearest training samples, their sim
 a copy verdict per neighbour go into `audit.json`, with the fraction of generations that copy
 a training image and a grid of the closest pairs (`closest_pairs.png`: generated | training).
 
-The verdict must follow the duplicates issue's `copies` rule. `copy_verdicts` is the single
-place that decides it; until `curation.dedup` exposes that rule it applies the rule this
-stand-in documents (an image-embedding neighbour confirmed by perceptual hash).
+The verdict is the rule of `curation.dedup --level copies`, called through
+`curation.copies.copy_verdict`: the neighbours' pictures are read back from their source
+shards and a pixel check decides (re-encoded, resized, cropped, colour-shifted or overlaid
+copies count; another picture of the same kind does not), so the audit and the duplicates
+report can never disagree about what a copy is.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from PIL import Image
 from torchvision.utils import make_grid
 
 from curation import schema as S
+from curation.copies import copy_verdict
+from curation.dedup import COPY_MIN_COSINE
 from curation.storage import write_bytes, write_json
 from indices.search import DEFAULT_COLUMNS, Searcher
 from pipelines.phash import phash
@@ -34,29 +38,23 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 REPORT_FILE, GRID_FILE = "audit.json", "closest_pairs.png"
 
-#: Stand-in copy rule (until `curation.dedup.copy_verdict` lands): the neighbour is at least this
-#: similar in the collection's CLIP image space (clip back's near-duplicate cosine)...
-COPY_MIN_SIMILARITY = 0.94
-#: ...and its perceptual hash is within this many of 64 bits (re-encoding and resizing move a few bits)
-COPY_MAX_PHASH_BITS = 10
-
-
 def phash_bits(a: str, b: str) -> int:
     """Hamming distance between two 16-hex-digit perceptual hashes."""
     return bin(int(a, 16) ^ int(b, 16)).count("1")
 
 
-def copy_verdicts(query_phash: str, neighbours: Sequence[dict[str, Any]]) -> list[bool]:
-    """Whether each neighbour (a search row with `similarity` and `phash`) is a copy of the query.
+def copy_verdicts(query: Image.Image, neighbours: Sequence[dict[str, Any]],
+                  pictures: dict[str, Image.Image]) -> list[bool]:
+    """Whether each neighbour (a search row with `key` and `similarity`) is a copy of the query image.
 
-    THE single call site of the copy rule: switch its body to `curation.dedup.copy_verdict`
-    (the duplicates issue's `copies` level) when that lands, and every report follows.
+    The duplicates rule (`curation.copies.copy_verdict`) on the neighbours' pictures; one whose
+    picture cannot be read back is not called a copy (the report marks it `picture: false`).
     """
-    out = []
-    for row in neighbours:
-        near = row.get(S.PHASH) is not None and phash_bits(query_phash, row[S.PHASH]) <= COPY_MAX_PHASH_BITS
-        out.append(bool(row["similarity"] >= COPY_MIN_SIMILARITY and near))
-    return out
+    have = [r for r in neighbours if r.get(S.KEY) in pictures]
+    verdicts = copy_verdict(query, [pictures[r[S.KEY]] for r in have], [float(r["similarity"]) for r in have],
+                            min_similarity=COPY_MIN_COSINE)
+    found = {id(r): v for r, v in zip(have, verdicts)}
+    return [bool(found.get(id(r), False)) for r in neighbours]
 
 
 @dataclass
@@ -109,21 +107,24 @@ def audit(images: Sequence[tuple[str, Image.Image]], collection: str, k: int = 5
         raise ValueError(f"{collection}: no image index; build it with `python -m indices.build {collection}`")
     vectors = searcher.encoder.encode_images([im for _, im in images])
     found = searcher.search_vectors(vectors, k=k, deduplicate=False)
+    pictures = training_images([{"key": r.get(S.KEY), "source_shard": r.get(S.SOURCE_SHARD)}
+                                for rows in found for r in rows])
     entries = []
     for (name, im), rows in zip(images, found):
         q = phash(im)
-        verdicts = copy_verdicts(q, rows)
+        verdicts = copy_verdicts(im, rows, pictures)
         neighbours = [{"key": r.get(S.KEY), "caption": r.get(S.CAPTION), "similarity": round(float(r["similarity"]), 5),
                        "phash_bits": phash_bits(q, r[S.PHASH]) if r.get(S.PHASH) else None, "copy": v,
-                       "source_shard": r.get(S.SOURCE_SHARD)} for r, v in zip(rows, verdicts)]
+                       "picture": r.get(S.KEY) in pictures, "source_shard": r.get(S.SOURCE_SHARD)}
+                      for r, v in zip(rows, verdicts)]
         entries.append({"image": name, "phash": q, "copy": any(verdicts),
                         "nearest_similarity": neighbours[0]["similarity"] if neighbours else None,
                         "neighbours": neighbours})
     copies = sum(e["copy"] for e in entries)
     report = {"collection": str(collection), "clip_model": searcher.encoder.spec, "k": k, "n_images": len(entries),
               "n_copies": copies, "copy_fraction": copies / len(entries),
-              "rule": {"source": "stand-in for curation.dedup copies level",
-                       "min_similarity": COPY_MIN_SIMILARITY, "max_phash_bits": COPY_MAX_PHASH_BITS},
+              "rule": {"source": "curation.copies.copy_verdict (the dedup copies level)",
+                       "min_similarity": COPY_MIN_COSINE},
               "nearest_similarity_mean": float(np.mean([e["nearest_similarity"] or 0.0 for e in entries])),
               "images": entries}
     report_path = grid_path = None

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from PIL import Image
+from PIL import Image, ImageEnhance
 
-from hdit_train.memorisation import COPY_MAX_PHASH_BITS, COPY_MIN_SIMILARITY, audit, copy_verdicts, read_images
+from curation.dedup import COPY_MIN_COSINE
+from hdit_train.memorisation import audit, copy_verdicts, read_images
 from models.scenes import make_sample
 from pipelines.readers import list_shards, read_shard
 from tests.test_hdit import TINY_MODEL
@@ -34,11 +35,13 @@ def collection(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def generated(collection, tmp_path_factory) -> tuple[Path, str]:
-    """A folder of 'generations': one planted copy of a training image (re-encoded as PNG) and two
-    scenes drawn with another seed; returns (folder, the copied training key)."""
+    """A folder of 'generations': a planted copy of a training image (re-encoded as PNG), a
+    brightened copy, and two scenes drawn with another seed; returns (folder, the copied training key)."""
     folder = tmp_path_factory.mktemp("generated")
     raw = next(s for s in read_shard(list_shards(str(collection["shards"]))[1]) if s.image)
-    Image.open(io.BytesIO(raw.image)).convert("RGB").save(folder / "b_copy.png")
+    original = Image.open(io.BytesIO(raw.image)).convert("RGB")
+    original.save(folder / "b_copy.png")
+    ImageEnhance.Brightness(original).enhance(1.25).save(folder / "c_brighter.png")
     for i in range(2):
         make_sample(i, seed=999).image.convert("RGB").save(folder / f"a_fresh{i}.png")
     return folder, raw.key
@@ -48,24 +51,28 @@ def test_the_audit_flags_a_planted_copy_and_only_it(collection, generated, tmp_p
     folder, key = generated
     result = audit(read_images(folder), str(collection["collection"]), k=3, out=tmp_path / "report")
     entries = {e["image"]: e for e in result.report["images"]}
-    assert sorted(entries) == ["a_fresh0.png", "a_fresh1.png", "b_copy.png"]
-    copy = entries["b_copy.png"]
-    assert copy["copy"] and copy["neighbours"][0]["key"] == key and copy["neighbours"][0]["copy"]
-    assert copy["nearest_similarity"] > 0.97 and copy["neighbours"][0]["phash_bits"] <= COPY_MAX_PHASH_BITS
-    assert len(copy["neighbours"]) == 3 and not any(n["copy"] for n in copy["neighbours"][1:])
+    assert sorted(entries) == ["a_fresh0.png", "a_fresh1.png", "b_copy.png", "c_brighter.png"]
+    for name in ("b_copy.png", "c_brighter.png"):
+        copy = entries[name]
+        assert copy["copy"] and copy["neighbours"][0]["key"] == key and copy["neighbours"][0]["copy"], name
+        assert len(copy["neighbours"]) == 3 and not any(n["copy"] for n in copy["neighbours"][1:])
+        assert all(n["picture"] for n in copy["neighbours"])
     assert not entries["a_fresh0.png"]["copy"] and not entries["a_fresh1.png"]["copy"]
-    assert result.copy_fraction == pytest.approx(1 / 3)
-    assert json.loads(result.report_path.read_text())["n_copies"] == 1
+    assert result.copy_fraction == pytest.approx(2 / 4)
+    assert json.loads(result.report_path.read_text())["n_copies"] == 2
+    assert result.report["rule"]["source"].startswith("curation.copies.copy_verdict")
     grid = Image.open(result.grid_path)
-    assert grid.size == (6 * 64 + 7 * 2, 64 + 2 * 2)  # three [generated | training] pairs in a row
+    assert grid.size == (8 * 64 + 9 * 2, 64 + 2 * 2)  # four [generated | training] pairs in a row
 
 
-def test_the_copy_rule_needs_both_the_embedding_and_the_hash():
-    h = "8f373714acfcf4d0"
-    far = f"{int(h, 16) ^ ((1 << (COPY_MAX_PHASH_BITS + 1)) - 1):016x}"  # COPY_MAX_PHASH_BITS + 1 bits flipped
-    rows = [{"similarity": 0.99, "phash": h}, {"similarity": 0.99, "phash": far},
-            {"similarity": COPY_MIN_SIMILARITY - 0.01, "phash": h}, {"similarity": 0.99, "phash": None}]
-    assert copy_verdicts(h, rows) == [True, False, False, False]
+def test_the_copy_rule_is_the_duplicates_rule_on_the_pictures():
+    """A resized copy is a copy; another scene of the same kind is not, however similar its
+    embedding; a neighbour below the cosine floor or without a readable picture is not called one."""
+    scene, other = make_sample(3, seed=5).image.convert("RGB"), make_sample(4, seed=5).image.convert("RGB")
+    pictures = {"same": scene.resize((48, 48)), "other": other}
+    rows = [{"key": "same", "similarity": 0.9}, {"key": "other", "similarity": 0.99},
+            {"key": "same", "similarity": COPY_MIN_COSINE - 0.01}, {"key": "gone", "similarity": 0.99}]
+    assert copy_verdicts(scene, rows, pictures) == [True, False, False, False]
 
 
 def test_the_command_and_its_bad_input(collection, generated, tmp_path, capsys):
@@ -73,7 +80,7 @@ def test_the_command_and_its_bad_input(collection, generated, tmp_path, capsys):
 
     folder, _ = generated
     report = main(["--images", str(folder), "--collection", str(collection["collection"]), "--k", "2"])
-    assert report == folder / "audit" / "audit.json" and "1 of 3 generated images copy" in capsys.readouterr().out
+    assert report == folder / "audit" / "audit.json" and "2 of 4 generated images copy" in capsys.readouterr().out
     (tmp_path / "empty").mkdir()
     no_index = tmp_path / "no_index"
     shutil.copytree(collection["collection"], no_index, ignore=shutil.ignore_patterns("indices"))
