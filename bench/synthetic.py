@@ -192,6 +192,7 @@ def metadata_part(part: int, rows: int, seed: int = 0, failed: float = 0.02) -> 
         S.STATUS: pa.array(np.where(ok, S.STATUS_OK, S.STATUS_DECODE_ERROR)),
         S.ERROR: pa.array(np.where(ok, None, "planted failure"), pa.string()),
         S.LANGUAGE_SCORE: f32(rng.uniform(0.3, 1.0, rows)),
+        S.CAPTION_LENGTH: pc.utf8_length(caption),
         S.SOURCE_OFFSET: pa.array(512 + 4096 * np.arange(rows, dtype=np.int64)),
         S.SOURCE_SIZE: pa.array(rng.integers(1024, 3584, rows).astype(np.int64)),
     }

@@ -57,10 +57,12 @@ class Parts:
     ok_rows: int
 
     def select(self) -> str:
-        """The projection adding `id` (replacing a source column of that name in older collections)."""
+        """The projection adding `id` (replacing a source column of that name in older collections),
+        and `caption_length` where the parts predate it (measured here, so filters read one column)."""
+        length = "" if S.CAPTION_LENGTH in self.schema.names else f", length({S.CAPTION}) AS {S.CAPTION_LENGTH}"
         if S.ID in self.schema.names:
-            return f"* REPLACE ({self.id_expr} AS {S.ID})"
-        return f"*, {self.id_expr} AS {S.ID}"
+            return f"* REPLACE ({self.id_expr} AS {S.ID}){length}"
+        return f"*, {self.id_expr} AS {S.ID}{length}"
 
 
 def _ok_rows(path: str, meta: Any) -> int:

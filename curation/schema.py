@@ -65,8 +65,12 @@ LANGUAGE_SCORE = "language_score"
 #: `language` when CLD3 cannot tell reliably (CLD3's and BCP 47's "undetermined")
 LANGUAGE_UNDETERMINED = "und"
 LANGUAGE_ENGLISH = "en"
-METADATA_COLUMNS = METADATA_COLUMNS + (LANGUAGE_SCORE,)
+#: characters in the caption (null without one): LAION's caption-length filter reads this
+#: integer instead of measuring every caption's string at query time
+CAPTION_LENGTH = "caption_length"
+METADATA_COLUMNS = METADATA_COLUMNS + (LANGUAGE_SCORE, CAPTION_LENGTH)
 METADATA_TYPES[LANGUAGE_SCORE] = "float32"
+METADATA_TYPES[CAPTION_LENGTH] = "int32"
 #: Names a source json field may not keep (renamed `src_<name>` by the embed job).
 RESERVED_COLUMNS: frozenset[str] = frozenset(METADATA_COLUMNS) | {ID}
 

@@ -1,7 +1,9 @@
 """Sample from a trained run: `python -m hdit_train.sample --ckpt RUN --prompt "..." --out grid.png`.
 
 Prompts are embedded with the CLIP text tower of the model named in the run; `--class N`
-picks a class of a class-conditioned run. Guidance is classifier-free. The work is in
+picks a class of a class-conditioned run. Guidance is classifier-free. `--audit COLL` then
+runs the memorisation audit of the samples against the training collection (report and
+closest pairs in OUT's stem + `_audit/`; see `hdit_train.audit`). The work is in
 `hdit_train.sampling`.
 """
 
@@ -15,11 +17,20 @@ from models.runtime import setup_logging
 
 def sample(ckpt: str, out: str = "grid.png", prompt: list[str] | None = None, class_label: int | None = None,
            n: int = 16, steps: int = 50, sampler: str = "dpmpp_2m", cfg: float = 3.0, seed: int = 0,
-           size: int | None = None, width: int | None = None, sigma_max: float = 80.0) -> Path:
-    """Sample n images from the run's EMA weights and save a grid."""
-    from hdit_train.sampling import sample_grid  # heavy (torch): after argument parsing, so --help answers at once
+           size: int | None = None, width: int | None = None, sigma_max: float = 80.0,
+           audit: str | None = None) -> Path:
+    """Sample n images from the run's EMA weights and save a grid; with `audit`, audit them against that collection."""
+    # heavy (torch, faiss): after argument parsing, so --help answers at once
+    from hdit_train.memorisation import audit as run_audit, tensor_images
+    from hdit_train.sampling import sample_images, save_grid
 
-    return sample_grid(ckpt, out, prompt, class_label, n, steps, sampler, cfg, seed, size, width, sigma_max)
+    images = sample_images(ckpt, prompt, class_label, n, steps, sampler, cfg, seed, size, width, sigma_max)
+    path = save_grid(images, out)
+    if audit:
+        result = run_audit(tensor_images(images), audit, out=f"{Path(out).with_suffix('')}_audit")
+        print(f"audit: {result.report['n_copies']} of {len(images)} samples copy a training image; "
+              f"report {result.report_path}")
+    return path
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -39,10 +50,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--width", type=int, default=None, help="width (default: = height)")
     ap.add_argument("--sigma-max", type=float, default=80.0, help="noise level sampling starts from")
     ap.add_argument("--out", default="grid.png")
+    ap.add_argument("--audit", metavar="COLL", default=None,
+                    help="memorisation audit of the samples against this training collection")
     args = ap.parse_args(argv)
     setup_logging()
     print(sample(args.ckpt, args.out, args.prompt, args.class_label, args.n, args.steps, args.sampler,
-               args.cfg, args.seed, args.size, args.width, args.sigma_max))
+               args.cfg, args.seed, args.size, args.width, args.sigma_max, args.audit))
 
 
 if __name__ == "__main__":

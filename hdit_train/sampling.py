@@ -43,12 +43,17 @@ def cond_kwargs(cfg: dict[str, Any], n: int, encoder=None, prompts: Sequence[str
         if encoder is None:
             raise ValueError("CLIP-conditioned sampling needs the CLIP encoder")
         texts = [prompts[i % len(prompts)] for i in range(n)]
-        emb = torch.from_numpy(encoder.encode_texts(texts)).to(device)
-        if clip_gap is not None:
-            emb = emb + torch.tensor(clip_gap, dtype=emb.dtype, device=device)
-            emb = emb / emb.norm(dim=1, keepdim=True)
+        emb = shift_by_gap(torch.from_numpy(encoder.encode_texts(texts)).to(device), clip_gap)
         return {"mapping_cond": emb}, {"mapping_cond": torch.zeros_like(emb)}
     return {}, {}
+
+
+def shift_by_gap(emb: torch.Tensor, clip_gap: Sequence[float] | None) -> torch.Tensor:
+    """Text embeddings (n, dim) moved by the run's measured modality gap and renormalised (unchanged without one)."""
+    if clip_gap is None:
+        return emb
+    emb = emb + torch.tensor(clip_gap, dtype=emb.dtype, device=emb.device)
+    return emb / emb.norm(dim=1, keepdim=True)
 
 
 def _num_classes(cfg: dict[str, Any]) -> int:
@@ -87,10 +92,10 @@ def save_sample_grid(denoiser, cfg: dict[str, Any], encoder, path: Path, device:
     return save_grid(images, path)
 
 
-def sample_grid(ckpt: str, out: str = "grid.png", prompt: list[str] | None = None, class_label: int | None = None,
-         n: int = 16, steps: int = 50, sampler: str = "dpmpp_2m", cfg: float = 3.0, seed: int = 0,
-         size: int | None = None, width: int | None = None, sigma_max: float = 80.0) -> Path:
-    """Sample n images from the run's EMA weights and save a grid."""
+def sample_images(ckpt: str, prompt: list[str] | None = None, class_label: int | None = None, n: int = 16,
+                  steps: int = 50, sampler: str = "dpmpp_2m", cfg: float = 3.0, seed: int = 0, size: int | None = None,
+                  width: int | None = None, sigma_max: float = 80.0) -> torch.Tensor:
+    """n images in [-1, 1] (n, 3, H, W, on the CPU) from the run's EMA weights."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     denoiser, state = load_run(ckpt, device)
     config = state["config"]
@@ -101,4 +106,12 @@ def sample_grid(ckpt: str, out: str = "grid.png", prompt: list[str] | None = Non
     h = size or config["data"]["size"]
     images = generate(denoiser, config, n, (h, width or h), cond, uncond, steps, sampler, cfg, seed, device,
                       sigma_max=sigma_max)
-    return save_grid(images.cpu(), out)
+    return images.cpu()
+
+
+def sample_grid(ckpt: str, out: str = "grid.png", prompt: list[str] | None = None, class_label: int | None = None,
+         n: int = 16, steps: int = 50, sampler: str = "dpmpp_2m", cfg: float = 3.0, seed: int = 0,
+         size: int | None = None, width: int | None = None, sigma_max: float = 80.0) -> Path:
+    """Sample n images from the run's EMA weights and save a grid."""
+    images = sample_images(ckpt, prompt, class_label, n, steps, sampler, cfg, seed, size, width, sigma_max)
+    return save_grid(images, out)

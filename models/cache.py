@@ -161,4 +161,8 @@ BUNDLED: dict[str, Bundled] = {b.name: b for b in (
     Bundled("watermark", "models.watermark_cnn",
             {"seed": 0, "steps": 600, "batch_size": 64, "pool": 4096, "lr": 3e-3, "width": 32, "size": 64},
             version=1, about="the watermark detector; about a minute on 2 cores"),
+    Bundled("sieve-vqgan", "models.vqgan_train",
+            {"seed": 0, "steps": 300, "batch_size": 16, "crop": 32, "n_samples": 3000, "lr": 2e-3, "ch": 32,
+             "z_channels": 64, "levels": 3, "n_embed": 256, "embed_dim": 64},
+            version=1, about="the offline VQGAN for CLIP guidance; a few minutes on 2 cores"),
 )}

@@ -69,8 +69,8 @@ def parse_prompts(spec: str | Sequence[str], require_positive: bool = True) -> l
 
     At least one prompt must have a positive weight: a query made only of what to avoid has
     no direction to go. A caller that mixes these prompts with other weighted parts (a subset
-    kNN clause's images, keys and embeddings) passes `require_positive=False` and checks the
-    whole mix itself.
+    kNN clause's images, keys and embeddings; guidance's image prompts) passes
+    `require_positive=False` and checks the whole mix itself.
     """
     parts = spec.split("|") if isinstance(spec, str) else [p for s in spec for p in s.split("|")]
     if not parts or not any(p.strip() for p in parts):

@@ -111,12 +111,23 @@ _QUIET_LOGGERS = {
 }
 
 
+class _QuietOpenClip(logging.Filter):
+    """Drops open_clip's INFO lines: it logs through the root logger (no name to quiet), about ten
+    lines per model load, which buried a command's own progress."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or f"{os.sep}open_clip{os.sep}" not in record.pathname
+
+
 def setup_logging(level: int = logging.INFO) -> None:
     """The logging every `python -m` command of Sieve starts with: one line per record, on stderr."""
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     for name, floor in _QUIET_LOGGERS.items():
         logging.getLogger(name).setLevel(max(floor, level))
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _QuietOpenClip) for f in handler.filters):
+            handler.addFilter(_QuietOpenClip())
     # Dask sets its own loggers' levels from its config when `distributed` is first imported,
     # which commands do after this call; the environment is where that config is read from
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", logging.getLevelName(max(logging.WARNING, level)).lower())

@@ -1,10 +1,11 @@
 """`python -m models.train NAME [--out DIR | --if-missing] [--retrain] [--pack] [--KNOB VALUE ...]`.
 
-Builds one of Sieve's bundled models: `sieve-tiny` (the offline CLIP) or `watermark` (the
-watermark detector); each one's options are its recipe's knobs (`python -m models.train NAME
---help`). Without --out the model (default recipe only) goes into the cache, where
-`load_clip` / `load_scorer` find it; they run this command themselves, in a child process, when
-their model is missing or was made with another recipe. `--if-missing` builds only then.
+Builds one of Sieve's bundled models: `sieve-tiny` (the offline CLIP), `watermark` (the
+watermark detector) or `sieve-vqgan` (the offline VQGAN CLIP guidance steers); each one's
+options are its recipe's knobs (`python -m models.train NAME --help`). Without --out the model
+(default recipe only) goes into the cache, where `load_clip` / `load_scorer` /
+`models.vqgan.bundled_vqgan` find it; they run this command themselves, in a child process,
+when their model is missing or was made with another recipe. `--if-missing` builds only then.
 
 With the default recipe the model is unpacked from the repository's packed copy
 (`models/weights/`) when that copy was made with the same recipe; `--retrain` trains from

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curation import schema as S
@@ -33,10 +34,14 @@ def _column(name: str, values: list[Any]):
 
 
 def metadata_table(rows: Sequence[dict[str, Any]]):
-    """Rows -> arrow table: fixed columns typed per the schema, then source fields in order."""
+    """Rows -> arrow table: fixed columns typed per the schema, then source fields in order.
+    `caption_length` is always the caption's length in characters, counted here for every writer."""
     arrays, names = [], []
     for name in S.METADATA_COLUMNS:
-        arrays.append(pa.array([r.get(name) for r in rows], getattr(pa, S.METADATA_TYPES[name])()))
+        if name == S.CAPTION_LENGTH:
+            arrays.append(pc.utf8_length(arrays[names.index(S.CAPTION)]).cast(pa.int32()))
+        else:
+            arrays.append(pa.array([r.get(name) for r in rows], getattr(pa, S.METADATA_TYPES[name])()))
         names.append(name)
     extra: dict[str, None] = {}
     for r in rows:

@@ -99,7 +99,8 @@ def test_failed_child_training_leaves_no_folder(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("name, knobs", [("sieve-tiny", {"steps": 2, "n_samples": 64, "batch_size": 8}),
-                                         ("watermark", QUICK_WATERMARK)])
+                                         ("watermark", QUICK_WATERMARK),
+                                         ("sieve-vqgan", {"steps": 2, "n_samples": 8, "batch_size": 2, "crop": 16})])
 def test_in_process_training_restores_torch_settings_and_rng(name: str, knobs: dict, tmp_path: Path) -> None:
     bundled = BUNDLED[name]
     train = importlib.import_module(bundled.module).train
@@ -124,7 +125,8 @@ def test_the_repository_carries_each_model_for_its_current_recipe(name: str) -> 
 
 
 @pytest.mark.parametrize("name, knobs", [("sieve-tiny", {"steps": 2, "n_samples": 64, "batch_size": 8}),
-                                         ("watermark", QUICK_WATERMARK)])
+                                         ("watermark", QUICK_WATERMARK),
+                                         ("sieve-vqgan", {"steps": 2, "n_samples": 8, "batch_size": 2, "crop": 16})])
 def test_pack_then_unpack_gives_back_the_trained_model(name: str, knobs: dict, tmp_path: Path, monkeypatch) -> None:
     """float16 round trip; sieve-tiny's untouched embedding rows come back bit for bit from the seed."""
     monkeypatch.setattr("models.cache.SHIPPED_DIR", tmp_path / "weights")
@@ -134,7 +136,8 @@ def test_pack_then_unpack_gives_back_the_trained_model(name: str, knobs: dict, t
     module.pack(tmp_path / "trained")
     module.unpack(tmp_path / "unpacked")
     assert bundled.trained_recipe(tmp_path / "unpacked") == bundled.recipe(**knobs)
-    weights = {"sieve-tiny": "open_clip_model.safetensors", "watermark": "watermark_cnn.pt"}[name]
+    weights = {"sieve-tiny": "open_clip_model.safetensors", "watermark": "watermark_cnn.pt",
+               "sieve-vqgan": "last.ckpt"}[name]
     load = (lambda p: load_file(str(p))) if name == "sieve-tiny" else (
         lambda p: torch.load(p, weights_only=True)["state_dict"])
     before, after = load(tmp_path / "trained" / weights), load(tmp_path / "unpacked" / weights)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
 from bench.synthetic import clustered_vectors, write_collection
@@ -39,7 +40,7 @@ def scored(tmp_path_factory) -> tuple[str, pd.DataFrame]:
 def test_laion_preset_renders_the_recipe():
     assert F.render() == F.render("laion", clip_model="sieve-tiny") == (
         "(status = 'ok') AND (clip_similarity >= 0.57) AND "
-        "(strlen(caption) >= 5 AND (strlen(caption) >= 20 OR length(caption) >= 5)) AND "
+        "(caption_length >= 5) AND "
         "(punsafe IS NULL OR punsafe < 0.5) AND (pwatermark IS NULL OR pwatermark < 0.8) AND "
         "(ptoxic IS NULL OR ptoxic < 0.5)")
     vit = F.render(clip_model="open_clip:ViT-B-32/laion2b_s34b_b79k", max_punsafe=None, keep_unscored=False)
@@ -162,11 +163,21 @@ def test_calibrated_similarity_filter_removes_swapped_captions(swapped):
     assert by.get(False, 0) / n_matched >= 0.9        # matched pairs kept (bench: filter_match_kept)
 
 
-def test_caption_length_counts_characters_not_bytes():
-    import duckdb
-    import pyarrow as pa
+CAPTIONS = ["abcd", "abcde", "日本語", "日本語です", "héllo", "😀😀😀😀", "😀😀😀😀😀", None]
+LONG_ENOUGH = ["abcde", "日本語です", "héllo", "😀😀😀😀😀"]
 
-    captions = ["abcd", "abcde", "日本語", "日本語です", "héllo", "😀😀😀😀", "😀😀😀😀😀", None]
-    samples = pa.table({S.CAPTION: captions})  # noqa: F841 - read by DuckDB's replacement scan
-    kept = duckdb.sql(f"SELECT caption FROM samples WHERE {F.render('none', min_caption_length=5)}").fetchall()
-    assert [r[0] for r in kept] == ["abcde", "日本語です", "héllo", "😀😀😀😀😀"]
+
+def test_caption_length_counts_characters_not_bytes(tmp_path):
+    """Written with every part (pipelines.writer), and measured by the catalog for parts older than the column."""
+    root = str(tmp_path / "c")
+    write_collection(root, [clustered_vectors(len(CAPTIONS), 8, 2, seed=0)], columns={S.CAPTION: CAPTIONS})
+    part = pq.read_table(S.CollectionLayout(root).metadata(0))
+    assert part.column(S.CAPTION_LENGTH).to_pylist() == [4, 5, 3, 5, 5, 4, 5, None]
+    where = F.render("none", min_caption_length=5)
+    with Catalog(root) as cat:
+        assert cat.query(f"SELECT caption FROM samples WHERE {where} ORDER BY id").table.column(0).to_pylist() == LONG_ENOUGH
+    pq.write_table(part.drop_columns([S.CAPTION_LENGTH]), S.CollectionLayout(root).metadata(0))  # an older part
+    with Catalog(root) as cat:
+        assert cat.query(f"SELECT caption FROM samples WHERE {where} ORDER BY id").table.column(0).to_pylist() == LONG_ENOUGH
+    with Catalog(root, untrusted=True) as cat:
+        assert cat.query(f"SELECT caption FROM samples WHERE {where} ORDER BY id").table.column(0).to_pylist() == LONG_ENOUGH

@@ -42,3 +42,9 @@ def test_combine_pulls_toward_positive_and_away_from_negative():
     assert np.isclose(np.linalg.norm(v), 1.0) and v[0] > 0 > v[1]
     with pytest.raises(PromptError, match="cancel"):
         combine(np.stack([e[0], e[0]]), [WeightedPrompt("a", 1.0), WeightedPrompt("b", -1.0)])
+
+
+def test_negative_only_parts_parse_when_the_caller_checks_positivity_itself():
+    assert parse_prompts("blurry:-1", require_positive=False) == [WeightedPrompt("blurry", -1.0)]
+    with pytest.raises(PromptError, match="empty text"):
+        parse_prompts(":-1", require_positive=False)

@@ -60,6 +60,22 @@ def test_setup_logging_quiets_faiss_loader():
         logger.setLevel(before)
 
 
+def test_open_clip_info_lines_are_dropped_but_its_warnings_kept():
+    """open_clip logs through the root logger: its INFO records are filtered at the handler by source file."""
+    setup_logging()
+    handlers = logging.getLogger().handlers
+    assert handlers
+
+    def shown(level: int, path: str) -> bool:
+        record = logging.LogRecord("root", level, path, 1, "message", None, None)
+        return all(all(f.filter(record) for f in h.filters) for h in handlers)
+
+    chatter = os.path.join(os.sep, "venv", "site-packages", "open_clip", "factory.py")
+    assert not shown(logging.INFO, chatter)
+    assert shown(logging.WARNING, chatter)
+    assert shown(logging.INFO, os.path.join(os.sep, "repo", "pipelines", "embed.py"))
+
+
 def _leftovers(folder: Path, name: str) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name != name)
 
