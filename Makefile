@@ -26,7 +26,7 @@ demo: $(STAMP)
 	DEMO=$(DEMO) PY=$(PY) bash scripts/demo.sh
 
 # Every benchmark, each writing bench/results/NAME.json, then the README's figure table.
-# Hours on 2 cores; bench.server and bench.guidance measure the demo's collection and HDiT (run `make demo` first).
+# Hours on 2 cores; bench.server, bench.guidance and bench.webui measure the demo's collection and HDiT (run `make demo` first).
 bench: $(STAMP)
 	$(PY) -m bench.clip_tiny
 	$(PY) -m bench.watermark
@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(PY) -m bench.curation
 	$(PY) -m bench.insight
 	$(PY) -m bench.guidance --hdit-run $(DEMO)/hdit --collection $(DEMO)/collection
+	$(PY) -m bench.webui --demo $(DEMO)/collection
 	$(PY) -m bench.figures --write
 
 clean-demo:

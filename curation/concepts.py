@@ -36,7 +36,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold
 
 from curation import schema as S
-from curation.storage import read_collection_json, read_json, write_json
+from curation.storage import read_collection_json, read_json, url_to_fs, write_json
 from curation.vectors import ids_of, open_store, read_keys, write_table
 from indices.store import CollectionError, read_metadata
 from models.clip import load_clip
@@ -414,6 +414,15 @@ def load_concept(collection: str, name: str) -> Concept:
         raise FileNotFoundError(f"{collection}: no concept {name!r}; make it with "
                                 f"`python -m curation.concept {collection} {name} --pos KEYS --neg KEYS`")
     return Concept.from_json(doc)
+
+
+def saved_concepts(collection: str) -> list[str]:
+    """Names of the concepts saved in the collection (concepts/NAME.json), sorted."""
+    fs, folder = url_to_fs(S.InsightLayout(collection).concepts_dir)
+    if not fs.isdir(folder):
+        return []
+    names = (p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False))
+    return sorted(n[:-5] for n in names if n.endswith(".json") and not n.startswith("."))
 
 
 def subset_clause(collection: str, ids: Sequence[int] | np.ndarray, name: str,

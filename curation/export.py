@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
+from typing import Any, Callable
 
 from curation import schema as S
 from curation.spec import SpecError
@@ -31,16 +31,20 @@ from models.runtime import setup_logging
 def export(collection: str, spec: str | dict[str, Any], out: str, shard_size: int = 10_000,
            image_size: int | None = None, resize: str | None = None, format: str = S.EXPORT_WEBDATASET,
            scheduler: str | None = None, workers: int | None = None, overwrite: bool = False,
-           client: Any = None) -> dict[str, Any]:
+           client: Any = None, untrusted: bool = False,
+           on_progress: Callable[[dict[str, int]], None] | None = None) -> dict[str, Any]:
     """Export the rows `spec` names on `collection` to `out`; returns the manifest.
 
     `resize` defaults to center_crop when `image_size` is given, else none. `client` (Python
-    API only) reuses a distributed.Client. Raises SpecError or ExportError (one line each).
+    API only) reuses a distributed.Client. `untrusted` runs the spec's SQL sandboxed (specs made
+    in the web UI). `on_progress` is called with {shards_done, shards, samples, failed} once the
+    plan is known and after each shard (the web UI's progress bar). Raises SpecError or
+    ExportError (one line each).
     """
     from curation.export_job import run_export  # heavy (Dask, DuckDB, faiss): after argument parsing, so --help answers at once
 
     return run_export(collection, spec, out, shard_size, image_size, resize, format, scheduler, workers,
-                      overwrite, client)
+                      overwrite, client, untrusted=untrusted, on_progress=on_progress)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,13 +61,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scheduler", default=None, help="existing Dask scheduler, e.g. tcp://host:8786")
     parser.add_argument("--workers", type=int, default=None, help="LocalCluster worker processes")
     parser.add_argument("--overwrite", action="store_true", help="replace an export of another spec in --out")
+    parser.add_argument("--untrusted", action="store_true",
+                        help="run the spec's SQL sandboxed (for specs you did not write)")
     args = parser.parse_args(argv)
     setup_logging()
     from curation.export_shard import ExportError  # with the work it reports on: after parsing
 
     try:
         manifest = export(args.collection, args.spec, args.out, args.shard_size, args.image_size, args.resize,
-                          args.format, args.scheduler, args.workers, args.overwrite)
+                          args.format, args.scheduler, args.workers, args.overwrite, untrusted=args.untrusted)
     except (SpecError, ExportError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -16,7 +16,7 @@ import re
 import sys
 import time
 from dataclasses import replace
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -148,7 +148,12 @@ def _prepare_out(out: str, spec_hash: str, n_shards: int, overwrite: bool, forma
     return stats
 
 
-def _run(client: Client, tasks: list[tuple[int, pa.Table, str]], opts: ExportOptions) -> dict[int, dict[str, Any]]:
+#: what `on_progress` is told after each shard: shards done and in all, samples written, shards failed
+Progress = Callable[[dict[str, int]], None]
+
+
+def _run(client: Client, tasks: list[tuple[int, pa.Table, str]], opts: ExportOptions,
+         on_progress: Progress | None = None, already: int = 0) -> dict[int, dict[str, Any]]:
     """One task per shard; a progress bar of shards, samples and samples/s; failures gathered."""
     futures = {client.submit(write_shard, i, rows, identity, opts, key=f"export-{i:05d}-{time.time_ns()}",
                              pure=False, retries=0): i for i, rows, identity in tasks}
@@ -167,6 +172,9 @@ def _run(client: Client, tasks: list[tuple[int, pa.Table, str]], opts: ExportOpt
             bar.update(1)
             bar.set_postfix(samples=samples, samples_per_s=f"{samples / max(time.time() - start, 1e-9):.0f}",
                             failed=len(failed))
+            if on_progress is not None:
+                on_progress({"shards_done": already + len(done) + len(failed), "shards": already + len(tasks),
+                             "samples": samples, "failed": len(failed)})
     if failed:
         first = min(failed)
         raise ExportError(f"{len(failed)} of {len(tasks)} shard(s) failed; the others are written and a rerun "
@@ -177,11 +185,12 @@ def _run(client: Client, tasks: list[tuple[int, pa.Table, str]], opts: ExportOpt
 def run_export(collection: str, spec: str | dict[str, Any], out: str, shard_size: int = 10_000,
                image_size: int | None = None, resize: str | None = None, format: str = S.EXPORT_WEBDATASET,
                scheduler: str | None = None, workers: int | None = None, overwrite: bool = False,
-               client: Client | None = None, resolution: Resolution | None = None) -> dict[str, Any]:
+               client: Client | None = None, resolution: Resolution | None = None, untrusted: bool = False,
+               on_progress: Progress | None = None) -> dict[str, Any]:
     """`curation.export.export`'s work; returns the manifest."""
     resize = check_options(format, shard_size, image_size, resize)
     check_writable(out)
-    res = resolution or resolve(collection, spec)
+    res = resolution or resolve(collection, spec, untrusted=untrusted)
     info = read_collection_json(collection)
     try:
         store = EmbeddingStore.open(collection, S.MODALITY_IMAGE)
@@ -204,6 +213,8 @@ def run_export(collection: str, spec: str | dict[str, Any], out: str, shard_size
         else:
             tasks.append((i, part, identity))
     log.info("%d rows -> %d shards: %d to write, %d already written", len(rows), n_shards, len(tasks), len(done))
+    if on_progress is not None:
+        on_progress({"shards_done": len(done), "shards": n_shards, "samples": 0, "failed": 0})
     if tasks:
         own = client is None
         cluster = None
@@ -213,7 +224,7 @@ def run_export(collection: str, spec: str | dict[str, Any], out: str, shard_size
             client, cluster = start_client(scheduler, workers or max(1, min(cores(), len(tasks))))
         print(f"Dask dashboard: {client.dashboard_link}", file=sys.stderr, flush=True)
         try:
-            done.update(_run(client, tasks, opts))
+            done.update(_run(client, tasks, opts, on_progress, len(done)))
         finally:
             if own:
                 client.close()

@@ -100,6 +100,8 @@ IMG_EMB_DIR = "img_emb"
 TEXT_EMB_DIR = "text_emb"
 DONE_DIR = "_done"
 INDICES_DIR = "indices"
+#: under indices/: each part's embedded rows as memory-mapped Arrow (a cache of the parquet, indices.rows)
+ROWS_DIR = "rows"
 SUBSETS_DIR = "subsets"
 TAKEDOWN_FILE = "takedown.parquet"
 EMB_DTYPE = "float16"
@@ -112,6 +114,11 @@ MODALITIES: tuple[str, ...] = (MODALITY_IMAGE, MODALITY_TEXT)
 def part_name(n: int) -> str:
     """Zero-padded part id used in every per-part file name (clip-retrieval style)."""
     return f"{n}"
+
+
+def rows_name(n: int) -> str:
+    """File name of part n's rows file under `indices/rows/` (indices.rows)."""
+    return f"rows_{part_name(n)}.arrow"
 
 
 @dataclass(frozen=True)
@@ -146,6 +153,10 @@ class CollectionLayout:
     @property
     def indices_dir(self) -> str:
         return self._join(INDICES_DIR)
+
+    @property
+    def rows_dir(self) -> str:
+        return self._join(INDICES_DIR, ROWS_DIR)
 
     @property
     def subsets_dir(self) -> str:

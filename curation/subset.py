@@ -17,6 +17,8 @@ applied in order: `where` (SQL over the catalog's `samples`), `filters` (a prese
 
 --dry-run prints the rows left after each clause with a few of their captions; otherwise the
 resolution is summarised (and written with --out as a parquet of id and key, in order).
+--save keeps a checked copy of the spec as COLLECTION/subsets/NAME.yaml (what the web UI's
+Subset page writes), so later commands can name it.
 """
 
 from __future__ import annotations
@@ -29,10 +31,11 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import yaml
 
 from curation import schema as S
-from curation.spec import SpecError
-from curation.storage import write_bytes
+from curation.spec import NAME, SpecError, read_spec
+from curation.storage import url_to_fs, write_bytes
 from models.runtime import setup_logging
 
 
@@ -53,6 +56,29 @@ def subset(collection: str, spec: str | dict[str, Any], dry_run: bool = False, o
         write_keys(out, res)
         summary["out"] = out
     return summary
+
+
+def save_subset(collection: str, spec: str | dict[str, Any], overwrite: bool = True) -> str:
+    """Check `spec` and write it as COLLECTION/subsets/NAME.yaml (atomically); returns the path.
+
+    The name (the spec's `name`, else the file's stem) must be a plain file name; with
+    `overwrite` false an existing subset of that name is an error. Nothing is written when the
+    spec does not parse.
+    """
+    from curation.resolve import parse_spec  # heavy (the clause table imports faiss and torch): after argument parsing
+
+    parsed = parse_spec(spec, collection)
+    name = parsed.meta[NAME]
+    if not all(c.isalnum() or c in "-_." for c in name) or name.startswith("."):
+        raise SpecError(f"{parsed.source.source}: name: {name!r} must be a file name (letters, digits, '-', '_', '.')")
+    path = S.CollectionLayout(collection).subset(name)
+    fs, fpath = url_to_fs(path)
+    if not overwrite and fs.exists(fpath):
+        raise SpecError(f"{path}: a subset named {name!r} exists already")
+    doc = dict(read_spec(spec, collection).doc)
+    doc[NAME] = name
+    write_bytes(path, yaml.safe_dump(doc, sort_keys=False, allow_unicode=True).encode("utf-8"))
+    return path
 
 
 def write_keys(out: str, res: Any) -> None:
@@ -83,15 +109,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--untrusted", action="store_true",
                         help="run the spec's SQL sandboxed (for specs you did not write)")
     parser.add_argument("--examples", type=int, default=3, help="captions shown per clause in a dry run")
+    parser.add_argument("--save", action="store_true", help="also keep the spec as COLLECTION/subsets/NAME.yaml")
     args = parser.parse_args(argv)
     setup_logging()
     try:
         summary = subset(args.collection, args.spec, args.dry_run, args.out, args.untrusted, args.examples)
+        if args.save:
+            summary["saved"] = save_subset(args.collection, args.spec)
     except SpecError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.dry_run:
         print_dry_run(summary)
+        if "saved" in summary:
+            print(f"saved as {summary['saved']}")
     else:
         print(json.dumps(summary))
     return 0

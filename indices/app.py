@@ -215,8 +215,8 @@ class App:
         num_images = job["num_images"]
         res = res[:num_images]
         if version != getattr(self.searchers[name], "takedown_version", 0):  # the list changed while this query ran
-            blocked = self.searchers[name].blocked
-            res = [r for r in res if not blocked[r["id"]]]
+            blocked = self.searchers[name].is_blocked([r["id"] for r in res])
+            res = [r for r, b in zip(res, blocked) if not b]
         elif self.cache_size:
             self.cache[key] = res
             if len(self.cache) > self.cache_size:

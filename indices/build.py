@@ -19,6 +19,7 @@ import numpy as np
 
 from curation import schema as S
 from curation.storage import atomic_path, write_json
+from indices.rows import RowStore
 from indices.select import choose_index, estimate_bytes, parse_bytes
 from indices.store import CollectionError, EmbeddingStore
 from indices.tune import exact_topk, tune
@@ -132,6 +133,7 @@ def build(collection: str, max_index_memory: str = "4G", max_query_ms: float = 1
             log.warning("skipping %s: %s", m, exc)
     if not out:
         raise CollectionError(f"{collection}: nothing to index for {modality}")
+    RowStore.open(collection)  # the searcher's memory-mapped rows, written now rather than at its first start
     return out
 
 

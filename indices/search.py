@@ -2,9 +2,13 @@
 
 Results are rows of metadata plus `id` (global vector id) and `similarity`. The takedown
 list is always applied, and re-read within about a second of a change (`refresh_takedown`);
-near-duplicate collapse, safe mode and SQL-style metadata filters (a DuckDB WHERE clause
-over the candidate rows, run in `curation.sandbox`'s locked worker process with time and
-memory limits) are options.
+near-duplicate collapse, safe mode, hiding watermarked images and SQL-style metadata filters
+(a DuckDB WHERE clause over the candidate rows, run in `curation.sandbox`'s locked worker
+process with time and memory limits) are options.
+
+Metadata rows are never all in memory: they are looked up by id from memory-mapped Arrow
+files (`indices.rows.RowStore`, as clip back memory-maps its metadata), so a searcher over
+millions of rows stays small.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from curation.sandbox import Limits, Sandbox, SqlError
 from curation.storage import read_collection_json
 from curation.takedown import TakedownWatch
 from indices.build import load_index
-from indices.store import CollectionError, EmbeddingStore, read_metadata
+from indices.rows import RowStore
+from indices.store import CollectionError, EmbeddingStore
 from indices.tune import set_search_params
 from models.clip import load_clip
 from models.prompts import PromptError, combine, parse_prompts
@@ -71,11 +76,13 @@ def _json_value(v: Any) -> Any:
         return None
     if isinstance(v, np.generic):
         return _json_value(v.item())
+    if hasattr(v, "isoformat"):  # dates and times (a source's own columns) as ISO text, as JSON holds them
+        return v.isoformat()
     return v
 
 
 class Searcher:
-    """Loads a collection's indices (memory-mapped), metadata and takedown list once."""
+    """Loads a collection's indices and metadata rows (both memory-mapped) and takedown list once."""
 
     def __init__(self, collection: str, encoder: Any = None, mmap: bool = True,
                  columns: Sequence[str] | None = DEFAULT_COLUMNS, filter_limits: Limits = FILTER_LIMITS) -> None:
@@ -86,28 +93,44 @@ class Searcher:
         self._mmap = mmap
         self._lock = threading.Lock()
         self._indices: dict[str, tuple[Any, dict[str, Any], EmbeddingStore]] = {}
-        table = read_metadata(collection)
-        self.columns = [c for c in (columns or table.column_names) if c in table.column_names]
-        self.metadata = table.to_pandas()
-        self.count = len(self.metadata)
+        #: every embedded row's metadata, memory-mapped, by global id
+        self.rows = RowStore.open(collection)
+        names = self.rows.column_names
+        self.columns = [c for c in (columns or names) if c in names]
+        self.count = self.rows.count
         self._watch = TakedownWatch(collection)
-        self.blocked = self._watch.takedown.blocked_mask(self.metadata)
         #: bumped whenever the takedown list changes (the server drops its result cache then)
         self.takedown_version = 0
         self._filter_limits = filter_limits
         self._sandbox: Sandbox | None = None
-        if self.blocked.any():
-            log.info("%s: takedown list blocks %d rows", self.layout.takedown, int(self.blocked.sum()))
+        if len(self._watch.takedown):
+            log.info("%s: takedown list has %d entries", self.layout.takedown, len(self._watch.takedown))
 
     # ---- loading -------------------------------------------------------------------------
     def refresh_takedown(self) -> bool:
         """Re-read takedown.parquet if it changed (checked at most once a second); whether it did."""
         takedown, changed = self._watch.poll()
         if changed:
-            self.blocked = takedown.blocked_mask(self.metadata)
             self.takedown_version += 1
-            log.info("%s: takedown list now blocks %d rows", self.layout.takedown, int(self.blocked.sum()))
+            log.info("%s: takedown list now has %d entries", self.layout.takedown, len(takedown))
         return changed
+
+    def is_blocked(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Per id: whether the takedown list names its key, url or sha256 (checked on the rows
+        asked about, so the list's size and the collection's never cost memory)."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        takedown = self._watch.takedown
+        mask = np.zeros(len(ids), dtype=bool)
+        if not len(takedown) or not len(ids):
+            return mask
+        listed = {S.KEY: takedown.keys, S.URL: takedown.urls, S.SHA256: takedown.sha256}
+        cols = [c for c, values in listed.items() if values and c in self.rows.column_names]
+        table = self.rows.take(ids, cols)
+        for c in cols:
+            values = table.column(c).to_pylist()
+            mask |= np.fromiter((v is not None and (v.lower() if c == S.SHA256 else v) in listed[c] for v in values),
+                                dtype=bool, count=len(values))
+        return mask
 
     def modalities(self) -> list[str]:
         return [m for m in S.MODALITIES if os.path.exists(self.layout.index(m))]
@@ -159,16 +182,30 @@ class Searcher:
     def query(self, text: str | None = None, image: Any = None, embedding: Sequence[float] | None = None,
               k: int = 10, modality: str = S.MODALITY_IMAGE, filters: str | None = None,
               deduplicate: bool = True, safe_mode: bool = False, punsafe_max: float = PUNSAFE_MAX,
-              pwatermark_max: float = PWATERMARK_MAX) -> list[dict[str, Any]]:
+              pwatermark_max: float = PWATERMARK_MAX, hide_watermarked: bool | None = None) -> list[dict[str, Any]]:
         """Top-k rows (metadata + id + similarity) for one query."""
         return self.search_vectors(self.embed(text, image, embedding)[None, :], k, modality, filters,
-                                   deduplicate, safe_mode, punsafe_max, pwatermark_max)[0]
+                                   deduplicate, safe_mode, punsafe_max, pwatermark_max, hide_watermarked)[0]
+
+    def vector(self, ids: Sequence[int] | np.ndarray, modality: str = S.MODALITY_IMAGE) -> np.ndarray:
+        """The stored float32 embeddings of given ids ("more like this" queries with one of them)."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if len(ids) and (ids.min() < 0 or ids.max() >= self.count):
+            raise QueryError(f"ids: out of range 0..{self.count - 1}")
+        if len(ids) and self.is_blocked(ids).any():
+            raise QueryError("ids: a requested row is on the takedown list")
+        return self.index(modality)[2].gather(ids)
 
     def search_vectors(self, queries: np.ndarray, k: int = 10, modality: str = S.MODALITY_IMAGE,
                        filters: str | None = None, deduplicate: bool = True, safe_mode: bool = False,
-                       punsafe_max: float = PUNSAFE_MAX, pwatermark_max: float = PWATERMARK_MAX) -> list[list[dict[str, Any]]]:
+                       punsafe_max: float = PUNSAFE_MAX, pwatermark_max: float = PWATERMARK_MAX,
+                       hide_watermarked: bool | None = None) -> list[list[dict[str, Any]]]:
         """Batched search: one faiss call for all queries, then per-query post-filtering.
-        Fetches more candidates while filters leave fewer than k rows."""
+        Fetches more candidates while filters leave fewer than k rows.
+
+        `safe_mode` drops rows with `punsafe` above `punsafe_max`, and `hide_watermarked` rows
+        with `pwatermark` above `pwatermark_max`; `hide_watermarked=None` follows `safe_mode`
+        (clip back's safe mode, as the server uses it). Unscored rows pass both."""
         self.refresh_takedown()
         index, doc, store = self.index(modality)
         queries = np.ascontiguousarray(queries, dtype=np.float32)
@@ -176,6 +213,10 @@ class Searcher:
             raise QueryError(f"query dimension {queries.shape[-1]} does not match the index's {store.dim}")
         if k < 1:
             raise QueryError("k must be at least 1")
+        if hide_watermarked is None:
+            hide_watermarked = safe_mode
+        limits = [(col, limit) for col, limit, on in ((S.PUNSAFE, punsafe_max, safe_mode),
+                                                      (S.PWATERMARK, pwatermark_max, hide_watermarked)) if on]
         out: list[list[dict[str, Any]] | None] = [None] * len(queries)
         todo = list(range(len(queries)))
         depth = max(4 * k, int(doc.get("params", {}).get("rerank_k", 0)), 50)
@@ -184,7 +225,7 @@ class Searcher:
             _, cand = index.search(queries[todo], depth)
             again = []
             for r, qi in enumerate(todo):
-                rows = self._post(queries[qi], cand[r], store, k, filters, deduplicate, safe_mode, punsafe_max, pwatermark_max)
+                rows = self._post(queries[qi], cand[r], store, k, filters, deduplicate, limits)
                 if len(rows) < k and depth < self.count and depth < 8192:
                     again.append(qi)
                 else:
@@ -193,20 +234,17 @@ class Searcher:
         return [o or [] for o in out]
 
     def _post(self, q: np.ndarray, cand: np.ndarray, store: EmbeddingStore, k: int, filters: str | None,
-              deduplicate: bool, safe_mode: bool, punsafe_max: float, pwatermark_max: float) -> list[dict[str, Any]]:
+              deduplicate: bool, limits: list[tuple[str, float]]) -> list[dict[str, Any]]:
         cand = cand[cand >= 0]
-        cand = cand[~self.blocked[cand]]  # takedown: always
+        cand = cand[~self.is_blocked(cand)]  # takedown: always
         vecs = store.gather(cand)
         sims = vecs @ q  # exact similarity from the collection's own embeddings
         order = np.argsort(-sims, kind="stable")
         cand, sims, vecs = cand[order], sims[order], vecs[order]
-        if safe_mode:
-            meta = self.metadata
+        if limits:
             keep = np.ones(len(cand), dtype=bool)
-            for col, limit in ((S.PUNSAFE, punsafe_max), (S.PWATERMARK, pwatermark_max)):
-                if col in meta.columns:
-                    vals = meta[col].to_numpy(dtype=float, na_value=np.nan)[cand]
-                    keep &= ~(vals > limit)  # unknown scores pass, as clip back does
+            for col, limit in limits:
+                keep &= ~(self.rows.values(cand, col) > limit)  # unknown scores pass, as clip back does
             cand, sims, vecs = cand[keep], sims[keep], vecs[keep]
         if filters:
             keep = self._filter(cand, filters)
@@ -215,7 +253,7 @@ class Searcher:
             drop = duplicate_ids(vecs)
             keep = np.array([i not in drop for i in range(len(cand))])
             cand, sims = cand[keep], sims[keep]
-        return [self._row(int(i), float(s)) for i, s in zip(cand[:k], sims[:k])]
+        return self._rows(cand[:k], sims[:k])
 
     def _filter(self, ids: np.ndarray, where: str) -> np.ndarray:
         """Boolean mask of ids whose metadata (and `id`) satisfies the SQL WHERE clause.
@@ -225,14 +263,16 @@ class Searcher:
         """
         if not len(ids):
             return np.zeros(0, dtype=bool)
-        frame = self.metadata.iloc[ids].copy()
-        frame[S.ID] = np.asarray(ids, dtype=np.int64)
-        frame["__pos"] = np.arange(len(ids))
+        frame = self.rows.take(ids)
+        if S.ID in frame.column_names:  # a source column of that name: the global id wins, as in the catalog
+            frame = frame.drop_columns([S.ID])
+        frame = frame.append_column(S.ID, pa.array(np.asarray(ids, dtype=np.int64)))
+        frame = frame.append_column("__pos", pa.array(np.arange(len(ids), dtype=np.int64)))
         if self._sandbox is None:
             self._sandbox = Sandbox(limits=self._filter_limits, label="filters")
         try:
             table, _, _ = self._sandbox.query(f"SELECT __pos FROM {FILTER_TABLE} WHERE {where}", row_cap=None,
-                                              tables={FILTER_TABLE: pa.Table.from_pandas(frame, preserve_index=False)})
+                                              tables={FILTER_TABLE: frame})
         except SqlError as exc:
             raise QueryError(f"filters: {exc}") from None
         try:
@@ -248,21 +288,32 @@ class Searcher:
         if self._sandbox is not None:
             self._sandbox.close()
 
-    def _row(self, i: int, similarity: float) -> dict[str, Any]:
-        rec = self.metadata.iloc[i]
-        row = {c: _json_value(rec[c]) for c in self.columns}
-        row["id"] = i
-        row["similarity"] = similarity
-        return row
-
-    def metadata_for(self, ids: Sequence[int]) -> list[dict[str, Any]]:
-        """Metadata of given ids; taken-down ids get empty metadata (never served)."""
-        self.refresh_takedown()
+    def _rows(self, ids: np.ndarray, sims: np.ndarray) -> list[dict[str, Any]]:
+        """Result rows: the searcher's columns, then `id` and `similarity`."""
+        records = self.rows.take(ids, self.columns).to_pylist()
         out = []
+        for i, s, rec in zip(ids, sims, records):
+            row = {c: _json_value(rec.get(c)) for c in self.columns}
+            row["id"] = int(i)
+            row["similarity"] = float(s)
+            out.append(row)
+        return out
+
+    def metadata_for(self, ids: Sequence[int], columns: Sequence[str] | None = None) -> list[dict[str, Any]]:
+        """Metadata of given ids (the searcher's columns, or the named ones); taken-down ids get
+        empty metadata (never served)."""
+        self.refresh_takedown()
+        ids = [int(i) for i in ids]
         for i in ids:
-            i = int(i)
             if not 0 <= i < self.count:
                 raise QueryError(f"ids: {i} is out of range 0..{self.count - 1}")
-            meta = {} if self.blocked[i] else {c: _json_value(self.metadata.iloc[i][c]) for c in self.columns}
-            out.append({"id": i, "metadata": meta})
-        return out
+        blocked = self.is_blocked(ids)
+        cols = list(self.columns if columns is None else columns)
+        records = self.rows.take(ids, cols).to_pylist()
+        return [{"id": i, "metadata": {} if b else {c: _json_value(rec.get(c)) for c in cols if c in rec}}
+                for i, b, rec in zip(ids, blocked, records)]
+
+    def records(self, ids: Sequence[int]) -> list[dict[str, Any]]:
+        """Every metadata column of given ids (what a result's detail view shows); taken-down
+        ids are left out."""
+        return [dict(m["metadata"], id=m["id"]) for m in self.metadata_for(ids, self.rows.column_names) if m["metadata"]]

@@ -18,6 +18,23 @@ def tiny_clip():
 
 
 @pytest.fixture(scope="session")
+def demo_collection(tmp_path_factory) -> dict[str, str]:
+    """What `make demo` builds, smaller: 300 generated samples in one shard, embedded with the
+    watermark and toxicity scores, indexed. Shared by the README and web UI tests; tests that
+    write into a collection copy it first."""
+    from indices.build import build
+    from pipelines.embed import embed
+    from pipelines.sample import write_sample_dataset
+
+    root = tmp_path_factory.mktemp("demo")
+    shards, collection = root / "shards", root / "collection"
+    write_sample_dataset(shards, 300, shard_size=300, corrupt_fraction=0.02)
+    embed(str(shards), str(collection), workers=1, scores="watermark,toxicity")
+    build(str(collection), max_index_memory="100M")
+    return {"demo/shards": str(shards), "demo/collection": str(collection)}
+
+
+@pytest.fixture(scope="session")
 def insight_collection(tmp_path_factory) -> dict:
     """A small embedded collection with planted copies and an image index, for the duplicates,
     concepts, uniqueness and map tests: 300 generated samples (small and medium objects, coarse

@@ -206,6 +206,19 @@ def test_bad_output_and_another_spec_in_the_same_output(made, client, tmp_path, 
     assert (Path(made["shards"]) / "00000.tar").exists()
 
 
+def test_progress_is_reported_per_shard_and_untrusted_specs_match(made, client, tmp_path):
+    seen = []
+    manifest = export(made["coll"], SPEC, str(tmp_path / "p"), shard_size=10, client=client, untrusted=True,
+                      on_progress=seen.append)
+    shards = manifest[S.MANIFEST_SHARDS]
+    assert seen[0] == {"shards_done": 0, "shards": shards, "samples": 0, "failed": 0}
+    assert [p["shards_done"] for p in seen] == list(range(shards + 1))
+    assert seen[-1]["samples"] == manifest[S.MANIFEST_COUNT] == len(resolve(made["coll"], SPEC))
+    again = []  # a rerun reuses every shard: told so once, nothing after
+    export(made["coll"], SPEC, str(tmp_path / "p"), shard_size=10, client=client, on_progress=again.append)
+    assert again == [{"shards_done": shards, "shards": shards, "samples": 0, "failed": 0}]
+
+
 def test_killed_export_resumes_to_byte_identical_shards(made, client, tmp_path):
     spec = tmp_path / "spec.yaml"
     spec.write_text("name: all\nwhere: 'true'\n")

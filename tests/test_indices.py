@@ -134,7 +134,7 @@ def test_takedown_never_returned(coll, tmp_path):
     s0 = Searcher(root)
     before = s0.query(embedding=q, k=10, deduplicate=False)
     banned_key, banned_url = before[0][S.KEY], before[1][S.URL]
-    banned_sha = s0.metadata.iloc[before[2]["id"]][S.SHA256]
+    banned_sha = s0.records([before[2]["id"]])[0][S.SHA256]
     write_takedown(root, keys=[banned_key], urls=[banned_url], sha256=[banned_sha])
     s = Searcher(root)
     after = s.query(embedding=q, k=10, deduplicate=False)

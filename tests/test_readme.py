@@ -55,18 +55,9 @@ def test_links_stay_inside_the_repository():
 
 
 @pytest.fixture(scope="module")
-def demo_sized(tmp_path_factory) -> dict[str, str]:
-    """What `make demo` builds, smaller: shards, an embedded collection with indices."""
-    from indices.build import build
-    from pipelines.embed import embed
-    from pipelines.sample import write_sample_dataset
-
-    root = tmp_path_factory.mktemp("demo")
-    shards, collection = root / "shards", root / "collection"
-    write_sample_dataset(shards, 300, shard_size=300, corrupt_fraction=0.02)
-    embed(str(shards), str(collection), workers=1, scores="toxicity")
-    build(str(collection), max_index_memory="100M")
-    return {"demo/shards": str(shards), "demo/collection": str(collection)}
+def demo_sized(demo_collection) -> dict[str, str]:
+    """What `make demo` builds, smaller (conftest's session-wide collection)."""
+    return demo_collection
 
 
 SNIPPETS = re.findall(r"```python\n(.*?)```", README, re.S)

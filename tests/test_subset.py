@@ -3,6 +3,7 @@ takedown, the dry run, and one-line errors for bad specs."""
 
 from __future__ import annotations
 
+import os
 import zlib
 
 import numpy as np
@@ -196,3 +197,24 @@ def test_dry_run_prints_each_clause_count_and_captions(coll, capsys):
     assert counts == [2 * N, N, 50]
     assert main([coll, "nothing-by-this-name"]) == 2
     assert "no subset named 'nothing-by-this-name'" in capsys.readouterr().err
+
+
+def test_save_subset_writes_a_checked_spec_by_name(coll, tmp_path, capsys):
+    from curation.subset import main, save_subset
+
+    layout = S.CollectionLayout(coll)
+    path = save_subset(coll, {"name": "saved-wide", "where": "width >= 64", "limit": 7})
+    assert path == layout.subset("saved-wide")
+    assert len(resolve(coll, "saved-wide")) == 7
+    with pytest.raises(SpecError, match="exists already"):
+        save_subset(coll, {"name": "saved-wide", "limit": 3}, overwrite=False)
+    with pytest.raises(SpecError, match="must be a file name"):
+        save_subset(coll, {"name": "../escape", "limit": 3})
+    with pytest.raises(SpecError, match="limit"):
+        save_subset(coll, {"name": "bad-limit", "limit": 0})
+    assert not os.path.exists(layout.subset("bad-limit")) and not (tmp_path.parent / "escape.yaml").exists()
+    spec = tmp_path / "from-file.yaml"
+    spec.write_text("where: width >= 64\n")
+    assert main([coll, str(spec), "--dry-run", "--save"]) == 0
+    assert f"saved as {layout.subset('from-file')}" in capsys.readouterr().out
+    assert resolve(coll, "from-file").keys == resolve(coll, str(spec)).keys

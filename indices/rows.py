@@ -1,0 +1,194 @@
+"""Result rows looked up by global id from memory-mapped Arrow files, as clip back does.
+
+A searcher answering over a LAION-sized collection cannot hold every metadata row in memory
+(strings make a pandas frame of a million rows weigh about a gigabyte). `RowStore` keeps, per
+complete part, an uncompressed Arrow IPC file of that part's embedded rows in `emb_row` order
+(`indices/rows/rows_{N}.arrow`) and memory-maps it: looking up k rows touches only the pages
+holding them, and the process's memory does not grow with the collection.
+
+The Arrow files are a cache of the Parquet parts, rebuilt whenever a part's size or mtime
+changes (recorded in each file's schema metadata). `indices.build` writes them; a searcher
+writes any that are missing. A collection that cannot be written to (read-only, or on an
+object store) gets them in the bundled-model cache instead (`$SIEVE_CACHE/rows/...`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from curation import schema as S
+from curation.storage import atomic_path, is_local, url_to_fs
+from indices.store import CollectionError, complete_parts
+from models.cache import cache_dir
+
+log = logging.getLogger(__name__)
+
+#: bumped when the files' content rules change, so old caches are rebuilt
+ROWS_VERSION = 1
+_META_KEY = b"sieve.rows"
+
+
+def _source_signature(path: str) -> dict[str, Any]:
+    """What changes when a metadata part is rewritten: its size and modification time."""
+    fs, p = url_to_fs(path)
+    try:
+        info = fs.info(p)
+    except FileNotFoundError:
+        raise CollectionError(f"{path}: missing metadata part") from None
+    mtime = info.get("mtime", info.get("LastModified", info.get("updated")))
+    return {"version": ROWS_VERSION, "size": info.get("size"), "mtime": str(mtime)}
+
+
+def _ok_rows(path: str) -> pa.Table:
+    """A part's embedded rows (non-null `emb_row`) sorted by `emb_row`: row i is vector i."""
+    fs, p = url_to_fs(path)
+    try:
+        with fs.open(p, "rb") as fh:
+            table = pq.read_table(fh)
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise CollectionError(f"{path}: unreadable metadata part: {exc}") from None
+    if S.EMB_ROW not in table.column_names:
+        raise CollectionError(f"{path}: no {S.EMB_ROW!r} column")
+    table = table.filter(pc.is_valid(table[S.EMB_ROW]))
+    return table.take(pc.sort_indices(table, sort_keys=[(S.EMB_ROW, "ascending")]))
+
+
+def _open_ipc(path: str) -> tuple[pa.Table, dict[str, Any] | None]:
+    """(memory-mapped table, its recorded source signature) of a rows file."""
+    reader = pa.ipc.open_file(pa.memory_map(path, "r"))
+    meta = reader.schema.metadata or {}
+    signature = json.loads(meta[_META_KEY]) if _META_KEY in meta else None
+    return reader.read_all(), signature
+
+
+def _write_ipc(path: str, table: pa.Table, signature: dict[str, Any]) -> None:
+    schema = table.schema.with_metadata({**(table.schema.metadata or {}), _META_KEY: json.dumps(signature).encode()})
+    with atomic_path(path) as tmp:
+        with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+            # uncompressed, one batch: a memory-mapped read is then zero-copy
+            writer.write_table(table.cast(schema).combine_chunks())
+
+
+def rows_dirs(root: str) -> list[str]:
+    """Where a collection's rows files may live, in order of preference: inside the collection
+    (local only), then the cache folder named after the collection's location."""
+    out = []
+    if is_local(root):
+        out.append(S.CollectionLayout(url_to_fs(root)[1]).rows_dir)
+    where = os.path.abspath(root) if is_local(root) else root
+    out.append(str(cache_dir() / "rows" / hashlib.sha1(where.encode()).hexdigest()[:16]))
+    return out
+
+
+@dataclass
+class RowStore:
+    """The embedded rows of every complete part, memory-mapped, addressed by global id."""
+
+    root: str
+    parts: list[int]
+    tables: list[pa.Table]
+    offsets: np.ndarray
+    schema: pa.Schema
+
+    @classmethod
+    def open(cls, root: str) -> "RowStore":
+        """Map each complete part's rows file, writing the ones missing or stale first."""
+        layout = S.CollectionLayout(root)
+        parts = complete_parts(root)
+        dirs = rows_dirs(root)
+        tables = []
+        for n in parts:
+            src = layout.metadata(n)
+            tables.append(_part_table(src, n, dirs))
+        offsets = np.concatenate([[0], np.cumsum([t.num_rows for t in tables])]).astype(np.int64)
+        try:
+            schema = pa.unify_schemas([t.schema.remove_metadata() for t in tables], promote_options="permissive")
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+            raise CollectionError(f"{root}: metadata parts disagree on a column's type: {exc}") from None
+        return cls(root, parts, tables, offsets, schema)
+
+    @property
+    def count(self) -> int:
+        """Embedded rows: the number of vectors each index holds."""
+        return int(self.offsets[-1])
+
+    @property
+    def column_names(self) -> list[str]:
+        return list(self.schema.names)
+
+    def take(self, ids: Sequence[int] | np.ndarray, columns: Sequence[str] | None = None) -> pa.Table:
+        """Rows of the given global ids, in that order (columns a part lacks are null).
+
+        Reads per part (like `EmbeddingStore.gather`): a take on one table spanning many
+        memory-mapped chunks would concatenate whole columns first.
+        """
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        names = [c for c in (columns if columns is not None else self.schema.names) if c in self.schema.names]
+        schema = pa.schema([self.schema.field(c) for c in names])
+        if not len(ids):
+            return schema.empty_table()
+        if ids.min() < 0 or ids.max() >= self.count:
+            bad = int(ids[(ids < 0) | (ids >= self.count)][0])
+            raise IndexError(f"row id {bad} is out of range 0..{self.count - 1}")
+        which = np.searchsorted(self.offsets, ids, side="right") - 1
+        pieces, order = [], []
+        for p in np.unique(which):
+            sel = np.nonzero(which == p)[0]
+            table = self.tables[p]
+            local = pa.array(ids[sel] - self.offsets[p])
+            cols = [table.column(c).take(local) if c in table.column_names else pa.nulls(len(sel), schema.field(c).type)
+                    for c in names]
+            pieces.append(pa.Table.from_arrays([_cast(c, schema.field(n).type) for c, n in zip(cols, names)],
+                                               schema=schema))
+            order.append(sel)
+        out = pa.concat_tables(pieces) if len(pieces) > 1 else pieces[0]
+        pos = np.empty(len(ids), dtype=np.int64)
+        pos[np.concatenate(order)] = np.arange(len(ids))
+        return out.take(pa.array(pos))
+
+    def values(self, ids: Sequence[int] | np.ndarray, column: str) -> np.ndarray:
+        """float64 values of one numeric column for the given ids (NaN where null or absent)."""
+        if column not in self.schema.names:
+            return np.full(len(ids), np.nan)
+        col = self.take(ids, [column]).column(0).cast(pa.float64())
+        return pc.fill_null(col, np.nan).to_numpy()
+
+
+def _cast(col: Any, type_: pa.DataType) -> Any:
+    return col if col.type == type_ else col.cast(type_)
+
+
+def _part_table(src: str, n: int, dirs: list[str]) -> pa.Table:
+    """Part n's rows, memory-mapped from the first current rows file; written when none is."""
+    signature = _source_signature(src)
+    name = S.rows_name(n)
+    for d in dirs:
+        path = os.path.join(d, name)
+        if os.path.exists(path):
+            try:
+                table, recorded = _open_ipc(path)
+            except (OSError, pa.ArrowInvalid) as exc:
+                log.warning("%s: unreadable rows file, rebuilding: %s", path, exc)
+                continue
+            if recorded == signature:
+                return table
+    table = _ok_rows(src)
+    for d in dirs:
+        path = os.path.join(d, name)
+        try:
+            _write_ipc(path, table, signature)
+        except OSError as exc:  # a read-only collection: the next place (the cache) will do
+            log.info("%s: cannot write rows file (%s); trying the next place", path, exc)
+            continue
+        return _open_ipc(path)[0]
+    raise CollectionError(f"{src}: could not write its rows file in any of {dirs}")

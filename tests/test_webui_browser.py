@@ -1,0 +1,155 @@
+"""The web UI in a real browser: `streamlit run webui/app.py` on 127.0.0.1, driven by Playwright
+through Debian's chromium (`.ci/run` installs both). Types a query, waits for the grid, checks
+the captions against the search API, runs a query on the SQL page, adds a clause on the
+Subset page, saves screenshots.
+
+Skipped, with the reason, where chromium or Playwright is missing, except under CI, where that
+is a failure. `SIEVE_UI_SCREENSHOTS=docs` also writes the screenshots the README shows."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from curation.catalog import Catalog
+from indices.query import query
+
+REPO = Path(__file__).resolve().parent.parent
+#: Debian's chromium; SIEVE_CHROMIUM points elsewhere (or at nothing, to see the skip)
+CHROMIUM = os.environ.get("SIEVE_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+
+
+def _missing() -> str | None:
+    try:
+        import playwright.sync_api  # noqa: F401  (optional: the ui-test extra)
+    except ImportError:
+        return "Playwright is not installed (pip install -e '.[ui-test]')"
+    if not os.path.exists(CHROMIUM):
+        return f"Debian's chromium is not at {CHROMIUM} (apt-get install -y chromium)"
+    return None
+
+
+MISSING = _missing()
+if MISSING and os.environ.get("CI"):
+    pytest.fail(f"the browser test must run in CI: {MISSING}", pytrace=False)
+pytestmark = pytest.mark.skipif(MISSING is not None, reason=MISSING or "")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(demo_collection, tmp_path_factory):
+    """`streamlit run webui/app.py -- --collection DEMO` on a free port; its log kept for failures."""
+    port = _free_port()
+    log = tmp_path_factory.mktemp("streamlit") / "server.log"
+    cmd = [sys.executable, "-m", "streamlit", "run", str(REPO / "webui" / "app.py"), "--server.headless", "true",
+           "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false",
+           "--", "--collection", demo_collection["demo/collection"]]
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONPATH": str(REPO)})
+    yield f"http://127.0.0.1:{port}/", proc, log
+    proc.terminate()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    from playwright.sync_api import sync_playwright  # optional (the ui-test extra): the module skips without it
+
+    url, proc, log = server
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        pg = browser.new_page(viewport={"width": 1400, "height": 1000})
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                pg.goto(url, timeout=5000)
+                break
+            except Exception as exc:  # playwright's Error: not listening yet
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError(f"streamlit did not start: {exc}\n{log.read_text()[-2000:]}") from None
+                time.sleep(0.5)
+        yield pg
+        browser.close()
+
+
+#: the screenshots the README shows (docs/), refreshed with SIEVE_UI_SCREENSHOTS=docs
+DOCS = ("webui_search.png", "webui_subset.png")
+
+
+def _shoot(page, tmp_path: Path, name: str) -> Path:
+    """A screenshot in the test's folder, and in docs/ when it is one the README shows and
+    SIEVE_UI_SCREENSHOTS=docs."""
+    page.screenshot(path=str(tmp_path / name))
+    if name in DOCS and os.environ.get("SIEVE_UI_SCREENSHOTS") == "docs":
+        page.screenshot(path=str(REPO / "docs" / name))
+    return tmp_path / name
+
+
+def test_search_shows_the_grid_with_the_captions_search_returns(page, demo_collection, tmp_path):
+    page.get_by_role("heading", name="Search").wait_for(timeout=120_000)
+    box = page.get_by_role("textbox", name="Text query")
+    box.fill("a red circle")
+    box.press("Enter")
+    page.get_by_text("20 results from the image index").wait_for(timeout=300_000)
+    expected = query(demo_collection["demo/collection"], text="a red circle", k=20, safe_mode=True,
+                     hide_watermarked=False, deduplicate=True)
+    # the cards stream in after the count: read the page once all twenty thumbnails are drawn
+    page.wait_for_function("() => [...document.querySelectorAll('[data-testid=stMain] img')]"
+                           ".filter(i => i.complete && i.naturalWidth > 0).length >= 20", timeout=60_000)
+    text = page.locator("section.main, [data-testid='stMain']").first.inner_text()
+    captions = [r["caption"] for r in expected]
+    assert [c for c in captions[:10] if c not in text] == [], text[:2000]
+    assert text.index(captions[0]) < text.index(captions[5])  # in rank order
+    assert _shoot(page, tmp_path, "webui_search.png").stat().st_size > 10_000
+
+
+def test_sql_page_runs_a_query_and_shows_errors(page, tmp_path):
+    page.get_by_role("link", name="SQL").click()
+    area = page.get_by_role("textbox", name="Query")
+    area.wait_for(timeout=60_000)
+    area.fill("SELECT status, count(*) AS n, round(avg(clip_similarity), 3) AS mean_similarity "
+              "FROM samples GROUP BY status ORDER BY n DESC")
+    page.get_by_role("button", name="Run").click()
+    page.get_by_text("2 rows in").wait_for(timeout=120_000)
+    page.locator("[data-testid=stDataFrame]").wait_for(timeout=60_000)
+    page.wait_for_timeout(1500)  # the grid is drawn on a canvas after it is attached
+    _shoot(page, tmp_path, "webui_sql.png")
+    area.fill("SELEC status FROM samples")
+    page.get_by_role("button", name="Run").click()
+    alert = page.locator("[data-testid=stAlert]").filter(has_text="syntax")
+    alert.wait_for(timeout=60_000)
+    assert "syntax" in alert.inner_text().lower()
+
+
+def test_subset_page_counts_a_clause_and_shows_a_sample(page, demo_collection, tmp_path):
+    page.get_by_role("link", name="Subset").click()
+    box = page.get_by_label("SQL condition on `samples`")
+    box.wait_for(timeout=60_000)
+    box.fill("size != 'small'")
+    box.press("Enter")
+    page.get_by_role("button", name="Add", exact=True).click()
+    with Catalog(demo_collection["demo/collection"]) as cat:
+        n = cat.count("size != 'small' AND id IS NOT NULL")
+    page.get_by_text(f"{n:,} rows · spec hash").wait_for(timeout=120_000)
+    page.wait_for_function("() => [...document.querySelectorAll('[data-testid=stMain] img')]"
+                           ".filter(i => i.complete && i.naturalWidth > 0).length >= 10", timeout=60_000)
+    page.wait_for_timeout(1500)  # the counts table is drawn on a canvas after it is attached
+    assert _shoot(page, tmp_path, "webui_subset.png").stat().st_size > 10_000

@@ -1,0 +1,184 @@
+"""Explore: rows and failures by status, histograms of the scores, sizes and caption length, and
+the embedding map.
+
+Every count and histogram is one aggregate query in DuckDB through the sandboxed catalog
+(`curation.stats`, also `python -m curation.stats`): no row is loaded into the page. The map
+(`python -m curation.map`) is drawn from a sample of its points, coloured by a chosen column;
+a box or lasso selection lists the samples inside (`curation.map.region_mask`, over every
+point) and can become the Subset page's region clause."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import plotly.express as px
+import streamlit as st
+
+from curation import schema as S
+from curation import stats
+from curation.map import read_map, region_mask
+from webui import components, state
+from webui.draft import REGION, add_clause, region_label
+
+#: points drawn on the map at most (a seeded sample); a selection counts every point
+MAP_POINTS = 20_000
+#: samples listed from a selection
+LISTED = 20
+#: columns worth colouring by, besides the cluster (those the collection has)
+MAP_COLOURS = (S.CLIP_SIMILARITY, S.PWATERMARK, S.PUNSAFE, S.PTOXIC, S.WIDTH, S.HEIGHT, S.LANGUAGE)
+
+
+@st.cache_data(max_entries=64, show_spinner=False, ttl=60)
+def _status(path: str, signature: tuple) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    cat = state.loaded(path, signature).catalog()
+    return stats.status_counts(cat), stats.failures(cat)
+
+
+@st.cache_data(max_entries=256, show_spinner=False, ttl=60)
+def _histogram(path: str, signature: tuple, column: str, bins: int) -> dict[str, Any]:
+    return asdict(stats.histogram(state.loaded(path, signature).catalog(), column, bins))
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def _map_points(path: str, signature: tuple, insight: tuple, modality: str, colour: str) -> pd.DataFrame:
+    """A seeded sample of the map's points (id, key, x, y, the colour column), read anew when the
+    map is remade (`insight`)."""
+    table = read_map(path, modality)
+    n = table.num_rows
+    ids = np.arange(n) if n <= MAP_POINTS else np.sort(np.random.default_rng(0).choice(n, MAP_POINTS, replace=False))
+    frame = table.take(ids).to_pandas()
+    frame.insert(0, "id", ids)
+    if colour != S.MAP_CLUSTER:
+        rows = state.loaded(path, signature).searcher().rows
+        frame[colour] = rows.take(ids, [colour]).column(colour).to_numpy(zero_copy_only=False)
+    else:
+        frame[colour] = frame[colour].astype(str)
+    return frame
+
+
+def _selected(event: Any, modality: str) -> dict[str, Any] | None:
+    """The map region of a plotly selection event: its box as a rect, its lasso as a polygon."""
+    sel = (event or {}).get("selection") or {}
+    if sel.get("box"):
+        box = sel["box"][0]
+        return {"modality": modality, "rect": [min(box["x"]), min(box["y"]), max(box["x"]), max(box["y"])]}
+    if sel.get("lasso"):
+        lasso = sel["lasso"][0]
+        return {"modality": modality, "polygon": [[float(x), float(y)] for x, y in zip(lasso["x"], lasso["y"])]}
+    return None
+
+
+def _use_region(path: str, region: dict[str, Any]) -> None:
+    error = add_clause(path, "region", region)
+    st.session_state["explore_region_note"] = error or "Added to the Subset page's clauses."
+
+
+def map_section(cur: state.Current) -> None:
+    """The embedding map with box/lasso selection, or the command that makes it."""
+    st.subheader("Map")
+    made = [m for m in cur.health.embeddings if os.path.exists(S.InsightLayout(cur.path).map(m))]
+    if not made:
+        st.info(f"No map yet. Make it with `python -m curation.map {cur.path}` "
+                "(UMAP of the image embeddings; `--modality text` for the captions').")
+        return
+    if not cur.health.searchable:
+        state.show_problems(cur.health, "The map's samples are listed from the search index's rows.")
+        return
+    columns = cur.searcher().rows.column_names
+    c1, c2 = st.columns([1, 2])
+    modality = c1.radio("Embeddings", made, key="explore_map_modality", horizontal=True)
+    colour = c2.selectbox("Colour by", [S.MAP_CLUSTER, *(c for c in MAP_COLOURS if c in columns)], key="explore_colour")
+    with st.spinner("Reading the map…"):
+        points = _map_points(cur.path, cur.health.signature, state.insight_version(cur.path), modality, colour)
+    fig = px.scatter(points, x=S.MAP_X, y=S.MAP_Y, color=colour, hover_data={"id": True, S.KEY: True},
+                     render_mode="webgl", height=520)
+    fig.update_traces(marker={"size": 5})
+    fig.update_layout(dragmode="lasso", margin={"l": 0, "r": 0, "t": 10, "b": 0})
+    event = st.plotly_chart(fig, key="explore_map", on_select="rerun", selection_mode=("box", "lasso"))
+    region = _selected(event, modality)
+    if region is not None:
+        st.session_state[REGION] = region
+    region = st.session_state.get(REGION)
+    if not region or region.get("modality") != modality:
+        st.caption("Draw a box or a lasso on the map to list the samples inside.")
+        return
+    table = read_map(cur.path, modality)
+    try:
+        inside = np.nonzero(region_mask(table, region.get("rect"), region.get("polygon")))[0]
+    except ValueError as exc:
+        st.error(f"map selection: {exc}")
+        return
+    c1, c2, c3 = st.columns([3, 1, 1], vertical_alignment="center")
+    c1.markdown(f"**{len(inside):,} samples** in the {region_label(region)}")
+    c2.button("Use as a region clause", key="explore_use_region", on_click=_use_region, args=(cur.path, region),
+              disabled=not len(inside))
+    c3.button("Clear selection", key="explore_clear_region", on_click=lambda: st.session_state.pop(REGION, None))
+    if st.session_state.get("explore_region_note"):
+        st.info(st.session_state.pop("explore_region_note"))
+    if len(inside):
+        components.result_grid(cur.searcher().records(inside[:LISTED].tolist()), key="explore", columns=5)
+
+
+def render() -> None:
+    st.title("Explore")
+    cur = components.collection_sidebar()
+    if not cur.health.queryable:
+        state.show_problems(cur.health)
+        return
+    sig = cur.health.signature
+    with st.spinner("Counting…"):
+        try:
+            counts, failed = _status(cur.path, sig)
+        except ValueError as exc:  # SqlError: the sandbox refused or timed out
+            st.error(str(exc))
+            return
+    total = sum(r["n"] for r in counts)
+    ok = sum(r["n"] for r in counts if r["status"] == S.STATUS_OK)
+    m1, m2, m3 = st.columns(3)
+    m1.metric("Rows", f"{total:,}")
+    m2.metric("Embedded (ok)", f"{ok:,}")
+    m3.metric("Failed", f"{total - ok:,}")
+    c1, c2 = st.columns([1, 2])
+    c1.dataframe(pd.DataFrame(counts), hide_index=True)
+    if failed:
+        c2.dataframe(pd.DataFrame(failed), hide_index=True)
+    else:
+        c2.caption("No failed rows.")
+
+    st.subheader("Histograms")
+    columns = cur.catalog().columns
+    available = []
+    for name in stats.HISTOGRAMS:
+        try:
+            stats.expression(name, columns)
+            available.append(name)
+        except ValueError:  # an unscored collection has no punsafe column, say
+            continue
+    h1, h2 = st.columns([3, 1])
+    chosen = h1.multiselect("Columns", available, default=available, key="explore_columns")
+    bins = h2.slider("Bins", 5, 100, 30, key="explore_bins")
+    missing = [n for n in stats.HISTOGRAMS if n not in available]
+    if missing:
+        st.caption(f"Not in this collection: {', '.join(missing)}")
+    grid = st.columns(2)
+    for i, name in enumerate(chosen):
+        try:
+            hist = _histogram(cur.path, sig, name, bins)
+        except ValueError as exc:
+            grid[i % 2].error(f"{name}: {exc}")
+            continue
+        with grid[i % 2]:
+            if not hist["counts"]:
+                st.caption(f"{name}: no values")
+                continue
+            st.altair_chart(components.histogram_chart(hist, name), width="stretch")
+            if hist["missing"]:
+                st.caption(f"{hist['missing']:,} rows without a value")
+    map_section(cur)
+
+
+render()

@@ -1,0 +1,58 @@
+"""SQL: a query box on the collection's sandboxed catalog (table `samples`). One SELECT, time,
+memory and row limits, taken-down rows invisible; errors are shown as they are. The same
+query runs as `python -m curation.sql COLLECTION "..." --untrusted`."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from curation.sql import format_result
+from webui import components, state
+
+EXAMPLE = "SELECT status, count(*) AS n FROM samples GROUP BY status ORDER BY n DESC"
+RESULT = "sql_result"
+
+
+def _run(cur: state.Current, sql: str) -> None:
+    try:
+        result = cur.catalog().query(sql)
+    except ValueError as exc:  # SqlError: a refused or failed statement, one line
+        st.session_state[RESULT] = {"path": cur.path, "sql": sql, "error": str(exc)}
+        return
+    st.session_state[RESULT] = {"path": cur.path, "sql": sql, "result": result}
+
+
+def render() -> None:
+    st.title("SQL")
+    cur = components.collection_sidebar()
+    if not cur.health.queryable:
+        state.show_problems(cur.health)
+        return
+    st.caption("Table `samples`: every metadata column and `id`, the vector's global id. Sandboxed: one SELECT, "
+               f"a time and memory limit, at most {cur.catalog().row_cap:,} rows back.")
+    with st.expander("Columns"):
+        st.code(", ".join(cur.catalog().columns), language=None, wrap_lines=True)
+    sql = st.text_area("Query", value=EXAMPLE, key="sql_text", height=120)
+    if st.button("Run", key="sql_run", type="primary"):
+        _run(cur, sql)
+    shown = st.session_state.get(RESULT)
+    if not shown or shown["path"] != cur.path:
+        return
+    if "error" in shown:
+        st.error(shown["error"])
+        return
+    result = shown["result"]
+    table = result.table
+    note = f"{table.num_rows:,} rows in {result.seconds * 1000:.0f} ms"
+    if result.truncated:
+        note += " (cut at the row cap: add a LIMIT or aggregate)"
+    st.caption(note)
+    st.dataframe(table.to_pandas(), hide_index=True)
+    c1, c2 = st.columns(2)
+    c1.download_button("CSV", data=lambda: format_result(table, "csv"), file_name="query.csv", mime="text/csv",
+                       key="sql_download_csv")
+    c2.download_button("parquet", data=lambda: format_result(table, "parquet"), file_name="query.parquet",
+                       mime="application/octet-stream", key="sql_download_parquet")
+
+
+render()

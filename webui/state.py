@@ -1,0 +1,260 @@
+"""The app's process-wide resources and per-session state: which collections are open, what
+each has been built up to, and the searcher, catalog and CLIP model loaded once per process.
+
+Loading is started in a background thread when a collection is first opened, so the first
+page renders while FAISS, the metadata rows, CLIP and the SQL sandbox load; a page that needs
+one of them waits for it under a spinner. What a collection lacks (not built, not embedded,
+no index) is found by looking at its folder, and each lack comes with the command that fixes it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import streamlit as st
+
+from curation import schema as S
+from curation.storage import read_collection_json
+from webui import ast_guard  # noqa: F401 - imported for its effect: ast.parse serialised (CPython < 3.13 threads)
+from models.runtime import cores
+from models.specs import TINY_NAME
+
+if TYPE_CHECKING:  # for annotations only: the modules themselves load in the loading thread
+    from curation.catalog import Catalog
+    from indices.search import Searcher
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parent.parent
+#: what `make demo` builds (DEMO=demo), opened when the app is started without --collection
+DEFAULT_COLLECTION = str(REPO / "demo" / "collection")
+BUILD_COMMAND = "make demo"
+#: session-state keys shared by the pages
+COLLECTIONS = "collections"
+CURRENT = "collection"
+
+
+@dataclass(frozen=True)
+class Health:
+    """How far a collection folder has been built, read off its files (no data loaded)."""
+
+    path: str
+    exists: bool
+    parts: int = 0
+    embeddings: tuple[str, ...] = ()
+    indices: tuple[str, ...] = ()
+    problems: tuple[str, ...] = ()
+    #: changes whenever a stage finishes (a new part, a new index): the resources are reloaded then
+    signature: tuple = ()
+
+    @property
+    def queryable(self) -> bool:
+        """SQL, counts and histograms work: there are complete metadata parts."""
+        return self.parts > 0
+
+    @property
+    def searchable(self) -> bool:
+        return bool(self.indices)
+
+
+def _mtime(path: str) -> float:
+    try:
+        return os.stat(path).st_mtime
+    except OSError:
+        return 0.0
+
+
+def inspect(path: str) -> Health:
+    """What `path` holds, and for each missing stage the one command that builds it."""
+    layout = S.CollectionLayout(path)
+    if not os.path.isdir(path):
+        fix = f"`{BUILD_COMMAND}`" if os.path.abspath(path) == DEFAULT_COLLECTION else \
+            f"`python -m pipelines.embed SHARDS {path}` (then `python -m indices.build {path}`)"
+        return Health(path, False, problems=(f"{path} does not exist yet. Build it with {fix}.",))
+    done = sorted(int(f[:-5]) for f in _listdir(layout.done_dir) if f.endswith(".json") and f[:-5].isdigit())
+    problems = []
+    if not done:
+        problems.append(f"{path} has no complete parts (nothing in _done/): embed shards into it with "
+                        f"`python -m pipelines.embed SHARDS {path}`.")
+    missing_meta = [n for n in done if not os.path.exists(layout.metadata(n))]
+    if missing_meta:
+        problems.append(f"{path}: metadata of part(s) {missing_meta} is missing although marked done; "
+                        f"re-embed with `python -m pipelines.embed SHARDS {path} --overwrite`.")
+        done = []
+    embeddings = tuple(m for m in S.MODALITIES if done and all(os.path.exists(layout.emb(m, n)) for n in done))
+    if done and not embeddings:
+        problems.append(f"{path} has metadata but no embeddings; re-embed with "
+                        f"`python -m pipelines.embed SHARDS {path} --overwrite`.")
+    indices = tuple(m for m in embeddings if os.path.exists(layout.index(m)) and os.path.exists(layout.index_json(m)))
+    if embeddings and not indices:
+        problems.append(f"{path} has no index yet, so it cannot be searched: `python -m indices.build {path}`.")
+    signature = (tuple(done), indices, _mtime(layout.done_dir), _mtime(layout.indices_dir),
+                 *(_mtime(layout.index(m)) for m in indices))
+    return Health(path, True, len(done), embeddings, indices, tuple(problems), signature)
+
+
+def insight_version(path: str) -> tuple:
+    """Changes whenever a concept, the map, a duplicates run or the takedown list is (re)written:
+    cached answers that read them are keyed on it."""
+    insight = S.InsightLayout(path)
+    dedup_runs = sorted(os.path.join(insight.dedup_dir, d) for d in _listdir(insight.dedup_dir))
+    return tuple(_mtime(p) for p in (insight.concepts_dir, os.path.dirname(insight.map(S.MODALITY_IMAGE)),
+                                     insight.dedup_dir, *dedup_runs, S.CollectionLayout(path).takedown))
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
+
+
+# ---- resources: loaded once per process ----------------------------------------------------
+_ENCODERS: dict[str, Any] = {}
+_ENCODERS_LOCK = threading.Lock()
+
+
+def encoder(spec: str) -> Any:
+    """The CLIP model of a spec, one per process whatever the number of collections using it."""
+    from models.clip import load_clip  # torch and open_clip (seconds): in the loading thread, after the first page
+
+    with _ENCODERS_LOCK:
+        if spec not in _ENCODERS:
+            _ENCODERS[spec] = load_clip(spec)
+        return _ENCODERS[spec]
+
+
+def collection_encoder(path: str) -> Any:
+    """The CLIP model a collection was embedded with (collection.json's spec), shared per process."""
+    return encoder(read_collection_json(path).get("clip_model", TINY_NAME))
+
+
+_CLIENT: list[Any] = []
+
+
+def export_client() -> Any:
+    """A Dask client for exports started from the app, kept for the process: workers are threads
+    in this process, so the page's server never forks (and starts no second copy of itself).
+    (Not st.cache_resource: a Client is awaitable, which Streamlit's cache refuses.)"""
+    from distributed import Client, LocalCluster  # Dask (a second): only once an export is asked for
+
+    with _ENCODERS_LOCK:
+        if not _CLIENT or _CLIENT[0].status in ("closed", "closing"):
+            cluster = LocalCluster(n_workers=1, threads_per_worker=cores(), processes=False, dashboard_address=":0")
+            _CLIENT[:] = [Client(cluster)]
+            # closed before the interpreter finalises: its event-loop and worker threads would
+            # otherwise be torn down mid-call at exit
+            atexit.register(_close_client, _CLIENT[0], cluster)
+        return _CLIENT[0]
+
+
+def _close_client(client: Any, cluster: Any) -> None:
+    try:
+        client.close(timeout=10)
+        cluster.close(timeout=10)
+    except (OSError, RuntimeError, TimeoutError) as exc:  # exiting anyway: say so, do not mask the exit
+        log.warning("closing the export cluster at exit: %s", exc)
+
+
+@dataclass
+class Loaded:
+    """One collection's searcher and sandboxed catalog, loading in the background from creation."""
+
+    health: Health
+    _searcher: Future | None = None
+    _catalog: Future | None = None
+    _pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(2, thread_name_prefix="sieve-load"))
+
+    def __post_init__(self) -> None:
+        if self.health.searchable:
+            self._searcher = self._pool.submit(self._load_searcher)
+        if self.health.queryable:
+            self._catalog = self._pool.submit(self._load_catalog)
+
+    def _load_searcher(self) -> Searcher:
+        from indices.search import Searcher  # faiss, torch, open_clip: imported by this thread so the first page shows first
+
+        path = self.health.path
+        spec = read_collection_json(path).get("clip_model", TINY_NAME)
+        searcher = Searcher(path, encoder=encoder(spec), columns=None)
+        for m in searcher.modalities():  # FAISS indices and embedding stores, now rather than at the first query
+            searcher.index(m)
+        return searcher
+
+    def _load_catalog(self) -> Catalog:
+        from curation.catalog import Catalog  # DuckDB and pandas: imported by this thread so the first page shows first
+
+        return Catalog(self.health.path, untrusted=True).start()
+
+    def searcher_ready(self) -> bool:
+        return self._searcher is not None and self._searcher.done()
+
+    def searcher(self) -> Searcher:
+        """The searcher (waits for it); ValueError when the collection has no index."""
+        if self._searcher is None:
+            raise ValueError("; ".join(self.health.problems) or f"{self.health.path}: no index")
+        return self._searcher.result()
+
+    def catalog(self) -> Catalog:
+        """The sandboxed catalog (waits for it): every query the pages run goes through it."""
+        if self._catalog is None:
+            raise ValueError("; ".join(self.health.problems) or f"{self.health.path}: no metadata")
+        return self._catalog.result()
+
+
+@st.cache_resource(show_spinner=False, max_entries=16)
+def loaded(path: str, signature: tuple) -> Loaded:
+    """The resources of a collection as built now (a new signature after a rebuild loads anew)."""
+    return Loaded(inspect(path))
+
+
+# ---- per session ---------------------------------------------------------------------------
+@dataclass
+class Current:
+    """What a page works on: the chosen collection, what it has, and its resources."""
+
+    path: str
+    health: Health
+    resources: Loaded | None
+
+    def searcher(self) -> Searcher:
+        assert self.resources is not None
+        if not self.resources.searcher_ready():
+            with st.spinner("Loading the index, metadata rows and CLIP model…"):
+                return self.resources.searcher()
+        return self.resources.searcher()
+
+    def catalog(self) -> Catalog:
+        assert self.resources is not None
+        with st.spinner("Starting the SQL sandbox…"):
+            return self.resources.catalog()
+
+
+def open_collections(paths: list[str]) -> None:
+    """Session start: the collections given on the command line (or the demo's)."""
+    if COLLECTIONS not in st.session_state:
+        st.session_state[COLLECTIONS] = [os.path.abspath(p) for p in paths] or [DEFAULT_COLLECTION]
+
+
+def current() -> Current:
+    """The collection chosen in the sidebar, inspected now, its resources loading or loaded."""
+    paths = st.session_state.get(COLLECTIONS) or [DEFAULT_COLLECTION]
+    path = st.session_state.get(CURRENT) or paths[0]
+    health = inspect(path)
+    resources = loaded(path, health.signature) if (health.queryable or health.searchable) else None
+    return Current(path, health, resources)
+
+
+def show_problems(health: Health, need: str = "") -> None:
+    """The collection's missing stages, each with its command, as messages on the page."""
+    for p in health.problems:
+        (st.error if not health.exists or not health.queryable else st.warning)(p)
+    if need:
+        st.info(need)
