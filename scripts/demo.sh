@@ -84,3 +84,4 @@ echo "  HDiT run:    $DEMO/hdit        (checkpoint.safetensors, loss.jsonl, samp
 echo "  samples:     $DEMO/hdit_grid.png  (memorisation audit: $DEMO/hdit_grid_audit/)"
 echo "  guidance:    $DEMO/guided.png, $DEMO/edit_me.png -> $DEMO/edited.png"
 echo "  serve it:    $PY -m indices.serve --collection demo=$DEMO/collection --port 1234"
+echo "  explore it:  $(dirname "$PY")/streamlit run webui/app.py -- --collection $DEMO/collection   (then open http://localhost:8501)"
