@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from curation.storage import write_json
+from models.runtime import process_status_kib
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 _LIBS = ("torch", "torchvision", "open_clip_torch", "numpy", "faiss-cpu", "faiss-gpu-cu12",
@@ -86,3 +87,9 @@ def pin_one_core(threads: int = 1) -> None:
         pass
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(threads)
+
+
+def rss_mb(pid: int | str = "self", field: str = "VmRSS") -> float:
+    """A process's memory field (VmRSS, VmHWM, ...) in MB; NaN where the kernel does not report it."""
+    kib = process_status_kib(field, pid)
+    return float("nan") if kib is None else kib / 1024

@@ -37,7 +37,7 @@ from typing import Any, Callable
 import numpy as np
 from distributed import Client, LocalCluster
 
-from bench.common import write_results
+from bench.common import rss_mb, write_results
 from bench.synthetic import collection_from_shards, write_metadata_parts
 from curation import filters as F
 from curation.catalog import Catalog
@@ -53,14 +53,6 @@ log = logging.getLogger("bench.curation")
 #: the query timed by the sql part: LAION's recipe, then a GROUP BY and counts
 SQL_QUERY = ("SELECT language, count(*) AS n, avg(clip_similarity) AS mean_similarity FROM samples "
              "WHERE {where} GROUP BY language ORDER BY n DESC")
-
-
-def _rss_mb(pid: int | str = "self", field: str = "VmRSS") -> float:
-    with open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def _timed(fn: Callable[[], Any], repeats: int) -> tuple[float, list[float], Any]:
@@ -80,15 +72,15 @@ def run_sql(work: str, rows: int = 10_000_000, parts: int = 100, repeats: int = 
     t = time.perf_counter()
     write_metadata_parts(root, rows, parts)
     generate_s = time.perf_counter() - t
-    rss_before = _rss_mb()
+    rss_before = rss_mb()
     with Catalog(root) as cat:
         query = SQL_QUERY.format(where=F.render("laion", clip_model=cat.clip_model))
         trusted_s, trusted_runs, result = _timed(lambda: cat.query(query).table, repeats)
-        rss_after = _rss_mb()
+        rss_after = rss_mb()
     with Catalog(root, untrusted=True, timeout_s=120.0) as cat:
         cat.start()
         untrusted_s, untrusted_runs, same = _timed(lambda: cat.query(query).table, repeats)
-        worker_peak = _rss_mb(cat.worker_pid, "VmHWM")
+        worker_peak = rss_mb(cat.worker_pid, "VmHWM")
     if same.to_pylist() != result.to_pylist():
         raise RuntimeError("the untrusted path answered the benchmark query differently from the trusted one")
     scale = f"{rows // 1_000_000}m" if rows % 1_000_000 == 0 else str(rows)

@@ -36,7 +36,7 @@ from typing import Any
 import pyarrow as pa
 from streamlit.testing.v1 import AppTest
 
-from bench.common import write_results
+from bench.common import rss_mb, write_results
 from bench.synthetic import write_vector_collection
 from curation import schema as S
 from indices.build import build
@@ -54,14 +54,6 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
 PARTS = ("demo", "1m", "first_page")
-
-
-def _rss_mb(pid: int | str = "self", field: str = "VmRSS") -> float:
-    with open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def queries(n: int, seed: int = 7) -> list[str]:
@@ -102,8 +94,8 @@ def measure_reruns(collection: str, reruns: int) -> dict[str, Any]:
     worker = state.loaded(collection, health.signature).catalog().worker_pid
     return {"rerun_ms": statistics.median(times), "rerun_ms_p90": sorted(times)[int(0.9 * (len(times) - 1))],
             "reruns": len(times), "first_run_s": first_page, "warm_up_s": warm_up, "thumbnails": thumbs,
-            "results": len(at.json), "rss_mb": _rss_mb(), "rss_peak_mb": _rss_mb(field="VmHWM"),
-            "sandbox_rss_mb": _rss_mb(worker) if worker else None}
+            "results": len(at.json), "rss_mb": rss_mb(), "rss_peak_mb": rss_mb(field="VmHWM"),
+            "sandbox_rss_mb": rss_mb(worker) if worker else None}
 
 
 def _child(collection: str, reruns: int) -> dict[str, Any]:

@@ -39,6 +39,8 @@ from multiprocessing.connection import Connection
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
+from models.runtime import process_status_kib
+
 log = logging.getLogger(__name__)
 
 #: how long a new worker may take to import, register its data and lock its connection
@@ -116,11 +118,10 @@ def _from_ipc(data: bytes) -> pa.Table:
 # ---- the worker process -----------------------------------------------------------------
 def _vm_size() -> int:
     """Bytes of address space this process maps now (Linux)."""
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmSize:"):
-                return int(line.split()[1]) * 1024
-    raise OSError("no VmSize in /proc/self/status")
+    kib = process_status_kib("VmSize")
+    if kib is None:
+        raise OSError("no VmSize in /proc/self/status")
+    return kib * 1024
 
 
 def _locked_connection(sources: Sequence[Source], limits: Limits) -> tuple[Any, list[Any]]:

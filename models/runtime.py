@@ -111,6 +111,15 @@ _QUIET_LOGGERS = {
 }
 
 
+def process_status_kib(field: str, pid: int | str = "self") -> int | None:
+    """A memory field of /proc/PID/status (VmRSS, VmHWM, VmSize...) in KiB; None where absent."""
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return None
+
+
 class _QuietOpenClip(logging.Filter):
     """Drops open_clip's INFO lines: it logs through the root logger (no name to quiet), about ten
     lines per model load, which buried a command's own progress."""
