@@ -132,7 +132,7 @@ def audit(images: Sequence[tuple[str, Image.Image]], collection: str, k: int = 5
         out = Path(out)
         report_path = out / REPORT_FILE
         write_json(report_path, report)
-        grid_path = write_pair_grid(images, entries, out / GRID_FILE, grid_pairs)
+        grid_path = write_pair_grid(images, entries, out / GRID_FILE, grid_pairs, pictures)
     log.info("audit: %d of %d generations copy a training image (fraction %.3f)", copies, len(entries),
              report["copy_fraction"])
     return AuditResult(report, report_path, grid_path)
@@ -158,13 +158,17 @@ def training_images(rows: Sequence[dict[str, Any]]) -> dict[str, Image.Image]:
 
 
 def write_pair_grid(images: Sequence[tuple[str, Image.Image]], entries: Sequence[dict[str, Any]],
-                    path: Path, pairs: int = 16) -> Path | None:
-    """Closest pairs first, each [generated | nearest training sample]; a grey tile where a training image is gone."""
+                    path: Path, pairs: int = 16, pictures: dict[str, Image.Image] | None = None) -> Path | None:
+    """Closest pairs first, each [generated | nearest training sample]; a grey tile where a training image is gone.
+    `pictures` (by key) are the training images already read; only the others are read here."""
     order = sorted(range(len(entries)), key=lambda i: -(entries[i]["nearest_similarity"] or -1.0))[:pairs]
     order = [i for i in order if entries[i]["neighbours"]]
     if not order:
         return None
-    train = training_images([entries[i]["neighbours"][0] for i in order])
+    nearest = [entries[i]["neighbours"][0] for i in order]
+    pictures = pictures or {}
+    train = {**training_images([n for n in nearest if n["key"] not in pictures]),
+             **{n["key"]: pictures[n["key"]] for n in nearest if n["key"] in pictures}}
     side = max([images[i][1].size[0] for i in order] + [im.size[0] for im in train.values()])
     tiles = []
     for i in order:
