@@ -3,12 +3,14 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.sieve-installed
 EXTRAS ?= cpu,dev
+comma := ,
+# one stamp per set of extras: `make demo` then `make test EXTRAS=cpu,dev,ui-test` installs the extra
+STAMP := $(VENV)/.sieve-installed-$(subst $(comma),-,$(EXTRAS))
 DEMO ?= demo
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench clean-demo
+.PHONY: install demo test lint format bench clean-demo
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -18,6 +20,15 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 install: $(STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+
+# rewrites the tree: the formatter, then the linter's safe fixes
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

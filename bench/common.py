@@ -11,13 +11,28 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from curation.storage import write_json
-from models.runtime import process_status_kib
+from collection.procfs import process_status_kib
+from collection.storage import write_json
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-_LIBS = ("torch", "torchvision", "open_clip_torch", "numpy", "faiss-cpu", "faiss-gpu-cu12",
-         "dask", "distributed", "duckdb", "pyarrow", "pandas", "pillow", "onnxruntime",
-         "nudenet", "natten", "streamlit")
+_LIBS = (
+    "torch",
+    "torchvision",
+    "open_clip_torch",
+    "numpy",
+    "faiss-cpu",
+    "faiss-gpu-cu12",
+    "dask",
+    "distributed",
+    "duckdb",
+    "pyarrow",
+    "pandas",
+    "pillow",
+    "onnxruntime",
+    "nudenet",
+    "natten",
+    "streamlit",
+)
 
 
 def library_versions() -> dict[str, str]:
@@ -66,13 +81,17 @@ def write_results(name: str, payload: dict[str, Any], merge: bool = False) -> Pa
         data = json.loads(path.read_text())
     data.update(payload)
     runs = data.get("runs", []) if merge else []
-    runs.append({
-        "command": "python -m bench." + name + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else ""),
-        "parts": sorted(payload),
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "environment": environment(),
-        "versions": library_versions(),
-    })
+    runs.append(
+        {
+            "command": "python -m bench."
+            + name
+            + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else ""),
+            "parts": sorted(payload),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "environment": environment(),
+            "versions": library_versions(),
+        }
+    )
     data["runs"] = runs
     write_json(path, data)
     return path

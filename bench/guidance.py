@@ -71,15 +71,26 @@ def _settings(generator: str, steps: int, hdit_steps: int, cutn: int) -> GuideSe
 
 def _sims(judge: Clip, images: list[torch.Tensor], texts: list[str]) -> np.ndarray:
     """(images × texts) cosine similarities under `judge`."""
-    pil = [Image.fromarray(im[0].clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).numpy()) for im in images]
+    pil = [
+        Image.fromarray(im[0].clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).numpy())
+        for im in images
+    ]
     return judge.encode_images(pil) @ judge.encode_texts(texts).T
 
 
-def run_win(guides: dict[str, Guide], judges: dict[str, Clip], prompts: list[str], steps: int, hdit_steps: int,
-            cutn: int) -> dict[str, Any]:
+def run_win(
+    guides: dict[str, Guide],
+    judges: dict[str, Clip],
+    prompts: list[str],
+    steps: int,
+    hdit_steps: int,
+    cutn: int,
+) -> dict[str, Any]:
     rng = random.Random(0)
     others = [rng.choice([j for j in range(len(prompts)) if j != i]) for i in range(len(prompts))]
-    by_judge: dict[str, dict[str, dict[str, float]]] = {j: {"vs_unguided": {}, "vs_random_prompt": {}} for j in judges}
+    by_judge: dict[str, dict[str, dict[str, float]]] = {
+        j: {"vs_unguided": {}, "vs_random_prompt": {}} for j in judges
+    }
     detail: dict[str, Any] = {}
     for name, g in guides.items():
         settings = _settings(name, steps, hdit_steps, cutn)
@@ -95,24 +106,48 @@ def run_win(guides: dict[str, Guide], judges: dict[str, Clip], prompts: list[str
             vs_r = np.array([own[i] > s_g[others[i], i] for i in range(len(prompts))])
             by_judge[jname]["vs_unguided"][name] = round(float(vs_u.mean()), 3)
             by_judge[jname]["vs_random_prompt"][name] = round(float(vs_r.mean()), 3)
-            detail.setdefault(name, {})[jname] = {"guided_similarity_mean": round(float(own.mean()), 4),
-                                                  "unguided_similarity_mean": round(float(np.diag(s_u).mean()), 4)}
+            detail.setdefault(name, {})[jname] = {
+                "guided_similarity_mean": round(float(own.mean()), 4),
+                "unguided_similarity_mean": round(float(np.diag(s_u).mean()), 4),
+            }
     headline = "independent" if "independent" in judges else "guide"
-    return {"win_rate_vs_unguided": by_judge[headline]["vs_unguided"],
-            "win_rate_vs_random_prompt": by_judge[headline]["vs_random_prompt"],
-            "win_judge": headline, "by_judge": by_judge, "win_detail": detail,
-            "win_setup": {"prompts": len(prompts), "steps": steps, "hdit_steps": hdit_steps, "cutn": cutn,
-                          "random_prompt_pairs": others}}
+    return {
+        "win_rate_vs_unguided": by_judge[headline]["vs_unguided"],
+        "win_rate_vs_random_prompt": by_judge[headline]["vs_random_prompt"],
+        "win_judge": headline,
+        "by_judge": by_judge,
+        "win_detail": detail,
+        "win_setup": {
+            "prompts": len(prompts),
+            "steps": steps,
+            "hdit_steps": hdit_steps,
+            "cutn": cutn,
+            "random_prompt_pairs": others,
+        },
+    }
 
 
 def _rms(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).pow(2).mean().sqrt())
 
 
-def run_edit(guides: dict[str, Guide], judge: Clip, n: int, steps: int, hdit_steps: int, cutn: int,
-             init_weight: float, step_size: float) -> dict[str, Any]:
-    out: dict[str, Any] = {"distance": "pixel RMS in [0, 1] units", "init_weight": init_weight, "edits": n,
-                           "steps": steps, "step_size": step_size}
+def run_edit(
+    guides: dict[str, Guide],
+    judge: Clip,
+    n: int,
+    steps: int,
+    hdit_steps: int,
+    cutn: int,
+    init_weight: float,
+    step_size: float,
+) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "distance": "pixel RMS in [0, 1] units",
+        "init_weight": init_weight,
+        "edits": n,
+        "steps": steps,
+        "step_size": step_size,
+    }
     names = list(COLORS)
     for name, g in guides.items():
         rises, closer_unanchored, closer_scratch, d_edit = [], [], [], []
@@ -126,7 +161,11 @@ def run_edit(guides: dict[str, Guide], judge: Clip, n: int, steps: int, hdit_ste
             start = torch.from_numpy(np.asarray(init, np.float32) / 255).permute(2, 0, 1)[None]
             anchored = _settings(name, steps, hdit_steps, cutn)
             loose = _settings(name, steps, hdit_steps, cutn)
-            anchored.init_weight, anchored.step_size, loose.step_size = init_weight, step_size, step_size
+            anchored.init_weight, anchored.step_size, loose.step_size = (
+                init_weight,
+                step_size,
+                step_size,
+            )
             edit = g.run(prompt, seed=i, size=size, init=init, settings=anchored).image
             free = g.run(prompt, seed=i, size=size, init=init, settings=loose).image
             scratch = g.run(prompt, seed=i, size=size, settings=loose).image
@@ -136,10 +175,12 @@ def run_edit(guides: dict[str, Guide], judge: Clip, n: int, steps: int, hdit_ste
             d_edit.append(d)
             closer_unanchored.append(d < _rms(free, start))
             closer_scratch.append(d < _rms(scratch, start))
-        out[name] = {"similarity_rise_rate": round(float(np.mean(rises)), 3),
-                     "closer_than_unanchored_edit_rate": round(float(np.mean(closer_unanchored)), 3),
-                     "closer_than_from_scratch_rate": round(float(np.mean(closer_scratch)), 3),
-                     "edit_distance_mean": round(float(np.mean(d_edit)), 4)}
+        out[name] = {
+            "similarity_rise_rate": round(float(np.mean(rises)), 3),
+            "closer_than_unanchored_edit_rate": round(float(np.mean(closer_unanchored)), 3),
+            "closer_than_from_scratch_rate": round(float(np.mean(closer_scratch)), 3),
+            "edit_distance_mean": round(float(np.mean(d_edit)), 4),
+        }
     return {"edit": out}
 
 
@@ -147,26 +188,57 @@ def run_speed(guides: dict[str, Guide], steps: int, cutn: int) -> dict[str, Any]
     out = {}
     for name, g in guides.items():
         settings = _settings(name, steps, steps, cutn)
-        g.run("a red circle", seed=0, size=64, settings=GuideSettings(steps=1, cutn=cutn, hdit=HDiTGuidance(steps=2)))
+        g.run(
+            "a red circle",
+            seed=0,
+            size=64,
+            settings=GuideSettings(steps=1, cutn=cutn, hdit=HDiTGuidance(steps=2)),
+        )
         t = time.perf_counter()
         g.run("a red circle", seed=0, size=64, settings=settings)
         out[name] = round(steps / (time.perf_counter() - t), 3)
-    return {"steps_per_second_64": out, "speed_setup": {"steps": steps, "cutn": cutn, "size": 64,
-                                                        "threads": torch.get_num_threads()}}
+    return {
+        "steps_per_second_64": out,
+        "speed_setup": {
+            "steps": steps,
+            "cutn": cutn,
+            "size": 64,
+            "threads": torch.get_num_threads(),
+        },
+    }
 
 
 def run_audit(run: str, collection: str, n: int, work: Path) -> dict[str, Any]:
-    images = torch.cat([sample_images(run, [p], n=n // len(DEMO_PROMPTS), steps=50, sampler="dpmpp_2m_sde", cfg=4.0,
-                                      seed=k, sigma_max=20.0) for k, p in enumerate(DEMO_PROMPTS)])
+    images = torch.cat(
+        [
+            sample_images(
+                run,
+                [p],
+                n=n // len(DEMO_PROMPTS),
+                steps=50,
+                sampler="dpmpp_2m_sde",
+                cfg=4.0,
+                seed=k,
+                sigma_max=20.0,
+            )
+            for k, p in enumerate(DEMO_PROMPTS)
+        ]
+    )
     result = audit(tensor_images(images), collection, out=work / "audit")
-    return {"audit_copy_fraction": round(result.copy_fraction, 4), "audit_samples": len(images),
-            "audit_nearest_similarity_mean": round(result.report["nearest_similarity_mean"], 4),
-            "audit_rule": result.report["rule"]}
+    return {
+        "audit_copy_fraction": round(result.copy_fraction, 4),
+        "audit_samples": len(images),
+        "audit_nearest_similarity_mean": round(result.report["nearest_similarity_mean"], 4),
+        "audit_rule": result.report["rule"],
+    }
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(prog="python -m bench.guidance", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.guidance",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--only", default=",".join(PARTS), help=f"comma list of {PARTS}")
     ap.add_argument("--prompts", type=int, default=20, help="generated-scene prompts (win)")
     ap.add_argument("--steps", type=int, default=100, help="optimiser steps for vqgan and pixels")
@@ -174,16 +246,36 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--cutn", type=int, default=16)
     ap.add_argument("--edits", type=int, default=10)
     ap.add_argument("--init-weight", type=float, default=1.0)
-    ap.add_argument("--edit-steps", type=int, default=30, help="optimiser steps of an edit (vqgan, pixels)")
-    ap.add_argument("--edit-step-size", type=float, default=0.02, help="an edit's Adam step size (vqgan, pixels)")
+    ap.add_argument(
+        "--edit-steps", type=int, default=30, help="optimiser steps of an edit (vqgan, pixels)"
+    )
+    ap.add_argument(
+        "--edit-step-size",
+        type=float,
+        default=0.02,
+        help="an edit's Adam step size (vqgan, pixels)",
+    )
     ap.add_argument("--speed-steps", type=int, default=20)
     ap.add_argument("--audit-samples", type=int, default=64)
-    ap.add_argument("--hdit-run", default="demo/hdit", help="a trained run (make demo builds demo/hdit)")
-    ap.add_argument("--collection", default="demo/collection", help="the collection the run was trained from")
+    ap.add_argument(
+        "--hdit-run", default="demo/hdit", help="a trained run (make demo builds demo/hdit)"
+    )
+    ap.add_argument(
+        "--collection", default="demo/collection", help="the collection the run was trained from"
+    )
     ap.add_argument("--generators", default=",".join(GENERATORS))
-    ap.add_argument("--judge-steps", type=int, default=None, help="train the judge CLIP shorter (quick checks only)")
-    ap.add_argument("--work", default="/tmp/sieve-guidance-bench", help="judge CLIP and audit report")
-    ap.add_argument("--no-write", action="store_true", help="print the results instead of writing guidance.json")
+    ap.add_argument(
+        "--judge-steps",
+        type=int,
+        default=None,
+        help="train the judge CLIP shorter (quick checks only)",
+    )
+    ap.add_argument(
+        "--work", default="/tmp/sieve-guidance-bench", help="judge CLIP and audit report"
+    )
+    ap.add_argument(
+        "--no-write", action="store_true", help="print the results instead of writing guidance.json"
+    )
     args = ap.parse_args(argv)
     setup_logging()
     parts = [p for p in args.only.split(",") if p]
@@ -201,15 +293,36 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         guides = {}
         for name in args.generators.split(","):
             kind = "hdit" if name.startswith("hdit") else name
-            guides[name] = Guide(kind, clip, hdit_ckpt=args.hdit_run if kind == "hdit" else None, device="cpu")
+            guides[name] = Guide(
+                kind, clip, hdit_ckpt=args.hdit_run if kind == "hdit" else None, device="cpu"
+            )
         judges = {"guide": clip}
         if "win" in parts or "edit" in parts:
             judges["independent"] = judge_clip(work, args.judge_steps)
         if "win" in parts:
-            results.update(run_win(guides, judges, prompts_for(args.prompts), args.steps, args.hdit_steps, args.cutn))
+            results.update(
+                run_win(
+                    guides,
+                    judges,
+                    prompts_for(args.prompts),
+                    args.steps,
+                    args.hdit_steps,
+                    args.cutn,
+                )
+            )
         if "edit" in parts:
-            results.update(run_edit(guides, judges["independent"], args.edits, args.edit_steps, args.hdit_steps,
-                                    args.cutn, args.init_weight, args.edit_step_size))
+            results.update(
+                run_edit(
+                    guides,
+                    judges["independent"],
+                    args.edits,
+                    args.edit_steps,
+                    args.hdit_steps,
+                    args.cutn,
+                    args.init_weight,
+                    args.edit_step_size,
+                )
+            )
         if "speed" in parts:
             results.update(run_speed(guides, args.speed_steps, args.cutn))
     if "audit" in parts:

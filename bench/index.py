@@ -23,9 +23,9 @@ from typing import Any
 
 from bench.common import RESULTS_DIR, write_results
 from bench.synthetic import clip_like_pairs, clustered_vectors, write_collection
-from curation.storage import read_collection_json
+from collection.embeddings import EmbeddingStore
+from collection.storage import read_collection_json
 from indices.build import build_one
-from indices.store import EmbeddingStore
 
 PART = 100_000
 #: sweep columns kept per candidate: enough to see what nprobe and the re-rank depth buy
@@ -41,45 +41,83 @@ def write_vectors(root: str, n: int, dim: int, data: str) -> None:
         imgs, txts = [p[0] for p in pairs], [p[1] for p in pairs]
     elif data == "clustered":
         imgs = [clustered_vectors(min(PART, n - s), dim, 1000, seed=s) for s in range(0, n, PART)]
-        txts = [clustered_vectors(len(x), dim, 1000, seed=10**6 + s, spread=0.9) for s, x in zip(range(0, n, PART), imgs)]
+        txts = [
+            clustered_vectors(len(x), dim, 1000, seed=10**6 + s, spread=0.9)
+            for s, x in zip(range(0, n, PART), imgs)
+        ]
     else:
         raise ValueError(f"--data: unknown {data!r}; expected clip_like or clustered")
     write_collection(root, imgs, txts)
 
 
-def measure(root: str, modality: str, budget: int, key: str | None, max_query_ms: float) -> dict[str, Any]:
+def measure(
+    root: str, modality: str, budget: int, key: str | None, max_query_ms: float
+) -> dict[str, Any]:
     """Build one index (key None: the builder's own choice) and report it."""
     t = time.perf_counter()
     doc = build_one(root, modality, budget, max_query_ms, index_key=key)
-    return {"index_key": doc["index_key"], "recall_at_10": doc["recall_at_10"],
-            "memory_ratio_vs_flat": doc["memory_ratio_vs_flat"], "p50_ms": doc["p50_ms"],
-            "p99_ms": doc["p99_ms"], "params": doc["params"], "index_bytes": doc["index_bytes"],
-            "bytes_read_per_query": doc["bytes_read_per_query"], "build_seconds": time.perf_counter() - t,
-            "sweep": [{c: r[c] for c in SWEEP_COLUMNS if c in r} for r in doc.get("sweep", [])]}
+    return {
+        "index_key": doc["index_key"],
+        "recall_at_10": doc["recall_at_10"],
+        "memory_ratio_vs_flat": doc["memory_ratio_vs_flat"],
+        "p50_ms": doc["p50_ms"],
+        "p99_ms": doc["p99_ms"],
+        "params": doc["params"],
+        "index_bytes": doc["index_bytes"],
+        "bytes_read_per_query": doc["bytes_read_per_query"],
+        "build_seconds": time.perf_counter() - t,
+        "sweep": [{c: r[c] for c in SWEEP_COLUMNS if c in r} for r in doc.get("sweep", [])],
+    }
 
 
-def _merge(old: dict[str, Any] | None, same_data: bool, chosen: dict | None, rows: list[dict]) -> dict[str, Any]:
+def _merge(
+    old: dict[str, Any] | None, same_data: bool, chosen: dict | None, rows: list[dict]
+) -> dict[str, Any]:
     """New rows replace old ones of the same key; old rows of other keys stay if the data match."""
-    keep = [r for r in (old or {}).get("candidates", []) if same_data and r["index_key"] not in {x["index_key"] for x in rows}]
+    keep = [
+        r
+        for r in (old or {}).get("candidates", [])
+        if same_data and r["index_key"] not in {x["index_key"] for x in rows}
+    ]
     out = {"candidates": keep + rows}
-    out["chosen"] = chosen if chosen is not None else ((old or {}).get("chosen") if same_data else None)
+    out["chosen"] = (
+        chosen if chosen is not None else ((old or {}).get("chosen") if same_data else None)
+    )
     return out
 
 
-def vectors(n: int, dim: int, budget_ratio: float, keys: list[str], workdir: str, data: str,
-            max_query_ms: float, previous: dict[str, Any]) -> dict[str, Any]:
+def vectors(
+    n: int,
+    dim: int,
+    budget_ratio: float,
+    keys: list[str],
+    workdir: str,
+    data: str,
+    max_query_ms: float,
+    previous: dict[str, Any],
+) -> dict[str, Any]:
     """The chosen index and each candidate on the same generated collection, side by side."""
     root = os.path.join(workdir, f"{data}-{n}x{dim}")
     write_vectors(root, n, dim, data)
     budget = int(n * dim * 4 * budget_ratio)
-    meta = {"n": n, "dim": dim, "generator": data, "budget_bytes": budget, "budget_ratio_vs_flat": budget_ratio,
-            "max_query_ms": max_query_ms,
-            "queries": "200 text vectors of indexed pairs (the other modality), truth = exact inner product over all n"}
+    meta = {
+        "n": n,
+        "dim": dim,
+        "generator": data,
+        "budget_bytes": budget,
+        "budget_ratio_vs_flat": budget_ratio,
+        "max_query_ms": max_query_ms,
+        "queries": "200 text vectors of indexed pairs (the other modality), truth = exact inner product over all n",
+    }
     if data == "clip_like":
-        meta["shape"] = ("4096 topics under 64 super-topics, Zipf(0.8) popularity, power-law spectrum (exponent 0.6) "
-                         "in a random basis, modality offsets, text = image latent + noise")
+        meta["shape"] = (
+            "4096 topics under 64 super-topics, Zipf(0.8) popularity, power-law spectrum (exponent 0.6) "
+            "in a random basis, modality offsets, text = image latent + noise"
+        )
     old = previous.get("data")
-    same = bool(old) and all(old.get(k) == meta[k] for k in ("n", "dim", "generator", "budget_bytes"))
+    same = bool(old) and all(
+        old.get(k) == meta[k] for k in ("n", "dim", "generator", "budget_bytes")
+    )
     chosen = measure(root, "image", budget, None, max_query_ms) if "chosen" in keys else None
     rows = [measure(root, "image", budget, k, max_query_ms) for k in keys if k != "chosen"]
     return {**_merge(previous if same else None, same, chosen, rows), "data": meta}
@@ -95,9 +133,18 @@ def real(collection: str, budget: str, keys: list[str], max_query_ms: float) -> 
         chosen = measure(root, "image", budget, None, max_query_ms)
         rows = [measure(root, "image", budget, k, max_query_ms) for k in keys if k != "chosen"]
         info = read_collection_json(root)
-    return {"chosen": chosen, "candidates": rows,
-            "data": {"collection": collection, "n": store.count, "dim": store.dim, "clip_model": info.get("clip_model"),
-                     "max_index_memory": budget, "queries": "text embeddings of the collection's captions"}}
+    return {
+        "chosen": chosen,
+        "candidates": rows,
+        "data": {
+            "collection": collection,
+            "n": store.count,
+            "dim": store.dim,
+            "clip_model": info.get("clip_model"),
+            "max_index_memory": budget,
+            "queries": "text embeddings of the collection's captions",
+        },
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -106,10 +153,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--budget-ratio", type=float, default=0.1)
     p.add_argument("--data", default="clip_like", choices=("clip_like", "clustered"))
-    p.add_argument("--keys", default="chosen;OPQ64_256,IVF4096,PQ64x8",
-                   help="';'-separated faiss keys to measure; 'chosen' is the builder's pick")
+    p.add_argument(
+        "--keys",
+        default="chosen;OPQ64_256,IVF4096,PQ64x8",
+        help="';'-separated faiss keys to measure; 'chosen' is the builder's pick",
+    )
     p.add_argument("--max-query-ms", type=float, default=10.0)
-    p.add_argument("--work", default=None, help="keep the generated collection here (reused by later runs)")
+    p.add_argument(
+        "--work", default=None, help="keep the generated collection here (reused by later runs)"
+    )
     p.add_argument("--only", default="vectors", help="vectors and/or real")
     p.add_argument("--collection", help="a real collection (part 'real')")
     p.add_argument("--real-budget", default="4G")
@@ -122,11 +174,18 @@ def main(argv: list[str] | None = None) -> None:
     try:
         payload: dict[str, Any] = {}
         if "vectors" in a.only:
-            payload.update(vectors(a.n, a.dim, a.budget_ratio, keys, work, a.data, a.max_query_ms, previous))
+            payload.update(
+                vectors(a.n, a.dim, a.budget_ratio, keys, work, a.data, a.max_query_ms, previous)
+            )
         if "real" in a.only:
             if not a.collection:
                 raise SystemExit("--collection is needed for part 'real'")
-            payload["real_collection"] = real(a.collection, a.real_budget, [k for k in a.real_keys.split(";") if k], a.max_query_ms)
+            payload["real_collection"] = real(
+                a.collection,
+                a.real_budget,
+                [k for k in a.real_keys.split(";") if k],
+                a.max_query_ms,
+            )
         print(write_results("index", payload, merge=True))
     finally:
         if not a.work:

@@ -49,7 +49,9 @@ from sklearn.metrics import roc_auc_score
 
 from bench.common import write_results
 from bench.synthetic import clip_like_pairs, clustered_vectors, write_collection
-from curation import schema as S
+from collection import schema as S
+from collection.embeddings import EmbeddingStore
+from collection.parts import read_metadata
 from curation.concepts import Concept, fit_concept, score_collection, score_vectors
 from curation.copies import phash_bits
 from curation.dedup import dedup, read_duplicates
@@ -57,7 +59,6 @@ from curation.map import compute_map
 from curation.semdedup import EPS_TABLE, ArrayVectors, SemanticParams, group_links, root_groups
 from indices.build import build
 from indices.search import DEDUP_THRESHOLD
-from indices.store import EmbeddingStore, read_metadata
 from models.clip import load_clip
 from models.runtime import cores, setup_logging
 from pipelines.embed import embed
@@ -77,9 +78,16 @@ def data(work: str, n: int, copy_fraction: float, workers: int | None) -> str:
     """The shared generated collection (built once)."""
     shards, collection = os.path.join(work, "shards"), os.path.join(work, "collection")
     if not os.path.exists(os.path.join(shards, S.stats_name((n - 1) // 1000))):
-        write_sample_dataset(shards, n, seed=0, watermark_fraction=0.1, shard_size=1000,
-                             object_sizes=["small", "medium"], near_duplicate_fraction=copy_fraction,
-                             noise_texture="coarse")
+        write_sample_dataset(
+            shards,
+            n,
+            seed=0,
+            watermark_fraction=0.1,
+            shard_size=1000,
+            object_sizes=["small", "medium"],
+            near_duplicate_fraction=copy_fraction,
+            noise_texture="coarse",
+        )
     embed(shards, collection, workers=workers, scores="watermark")
     if not os.path.exists(S.CollectionLayout(collection).index_json(S.MODALITY_IMAGE)):
         build(collection, max_index_memory="1G", modality="image")
@@ -96,8 +104,13 @@ def removal_scores(pred_root: np.ndarray, true_root: np.ndarray) -> dict[str, fl
     correct, removed, expected = int((both - 1).sum()), int((pred - 1).sum()), int((true - 1).sum())
     precision = correct / removed if removed else 1.0
     recall = correct / expected if expected else 1.0
-    return {"precision": round(precision, 4), "recall": round(recall, 4), "removed": removed,
-            "correct": correct, "expected": expected}
+    return {
+        "precision": round(precision, 4),
+        "recall": round(recall, 4),
+        "removed": removed,
+        "correct": correct,
+        "expected": expected,
+    }
 
 
 def _components(n: int, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
@@ -112,7 +125,9 @@ def _truth(collection: str) -> tuple[np.ndarray, Any]:
     return root, meta
 
 
-def run_copies(work: str, n: int = 20_000, copy_fraction: float = 0.05, workers: int | None = None) -> dict[str, Any]:
+def run_copies(
+    work: str, n: int = 20_000, copy_fraction: float = 0.05, workers: int | None = None
+) -> dict[str, Any]:
     collection = data(work, n, copy_fraction, workers)
     true_root, meta = _truth(collection)
     t = time.perf_counter()
@@ -125,9 +140,13 @@ def run_copies(work: str, n: int = 20_000, copy_fraction: float = 0.05, workers:
     sieve = removal_scores(pred, true_root)
     found = set(table[S.DUP_KEY])
     transforms = meta["transform"].fillna("")
-    per_transform = {t: round(float(np.mean([k in found for k in meta[S.KEY][transforms == t]])), 4)
-                     for t in sorted(set(transforms) - {""})}
-    x = np.concatenate([a for _, a in EmbeddingStore.open(collection, S.MODALITY_IMAGE).iter_parts()])
+    per_transform = {
+        t: round(float(np.mean([k in found for k in meta[S.KEY][transforms == t]])), 4)
+        for t in sorted(set(transforms) - {""})
+    }
+    x = np.concatenate(
+        [a for _, a in EmbeddingStore.open(collection, S.MODALITY_IMAGE).iter_parts()]
+    )
     index_ip = faiss.IndexFlatIP(x.shape[1])
     index_ip.add(x)
     lims, _, ids = index_ip.range_search(x, DEDUP_THRESHOLD)
@@ -141,24 +160,48 @@ def run_copies(work: str, n: int = 20_000, copy_fraction: float = 0.05, workers:
         lims, _, ids = binary.range_search(bits, limit + 1)  # strictly below the radius
         rows = np.repeat(np.arange(len(bits)), np.diff(lims.astype(np.int64)))
         phash[str(limit)] = removal_scores(_components(len(bits), rows, ids), true_root)
-    best = max(phash, key=lambda k: 2 * phash[k]["precision"] * phash[k]["recall"] /
-               max(phash[k]["precision"] + phash[k]["recall"], 1e-9))
+    best = max(
+        phash,
+        key=lambda k: (
+            2
+            * phash[k]["precision"]
+            * phash[k]["recall"]
+            / max(phash[k]["precision"] + phash[k]["recall"], 1e-9)
+        ),
+    )
     return {
-        "copies_precision": sieve["precision"], "copies_recall": sieve["recall"],
-        "copies": {"sieve": {**sieve, "recall_by_transform": per_transform, "seconds": round(seconds, 1),
-                             "candidate_pairs": report["copies"]["candidate_pairs"],
-                             "verified_pairs": report["copies"]["verified_pairs"]},
-                   "clip_back_cosine_0.94": clip_back, "phash_by_max_distance": phash, "phash_best_distance": int(best),
-                   "data": {"samples": len(meta), "planted": int((true_root != np.arange(len(meta))).sum()),
-                            "object_sizes": "small,medium", "noise_texture": "coarse"}},
+        "copies_precision": sieve["precision"],
+        "copies_recall": sieve["recall"],
+        "copies": {
+            "sieve": {
+                **sieve,
+                "recall_by_transform": per_transform,
+                "seconds": round(seconds, 1),
+                "candidate_pairs": report["copies"]["candidate_pairs"],
+                "verified_pairs": report["copies"]["verified_pairs"],
+            },
+            "clip_back_cosine_0.94": clip_back,
+            "phash_by_max_distance": phash,
+            "phash_best_distance": int(best),
+            "data": {
+                "samples": len(meta),
+                "planted": int((true_root != np.arange(len(meta))).sum()),
+                "object_sizes": "small,medium",
+                "noise_texture": "coarse",
+            },
+        },
     }
 
 
 def _semantic_seconds(n: int, dim: int, seed: int = 0) -> float:
     x = np.empty((n, dim), np.float16)
-    for lo in range(0, n, 1 << 17):  # generated in slices: float32 of the whole would double the memory
+    for lo in range(
+        0, n, 1 << 17
+    ):  # generated in slices: float32 of the whole would double the memory
         hi = min(n, lo + (1 << 17))
-        x[lo:hi] = clustered_vectors(hi - lo, dim, n_clusters=10_000, seed=seed + lo).astype(np.float16)
+        x[lo:hi] = clustered_vectors(hi - lo, dim, n_clusters=10_000, seed=seed + lo).astype(
+            np.float16
+        )
     vectors, ranks, params = ArrayVectors(x), np.arange(n), SemanticParams()
     t = time.perf_counter()
     for g in root_groups(vectors, np.arange(n), params):
@@ -166,20 +209,37 @@ def _semantic_seconds(n: int, dim: int, seed: int = 0) -> float:
     return time.perf_counter() - t
 
 
-def run_semantic(work: str, n: int = 20_000, copy_fraction: float = 0.05, workers: int | None = None,
-                 sizes: tuple[int, ...] = (100_000, 1_000_000), dim: int = 512) -> dict[str, Any]:
+def run_semantic(
+    work: str,
+    n: int = 20_000,
+    copy_fraction: float = 0.05,
+    workers: int | None = None,
+    sizes: tuple[int, ...] = (100_000, 1_000_000),
+    dim: int = 512,
+) -> dict[str, Any]:
     collection = data(work, n, copy_fraction, workers)
     store = EmbeddingStore.open(collection, S.MODALITY_IMAGE)
     params = SemanticParams()
     ids = np.arange(store.count)
-    sims = np.concatenate([group_links(store, g, ids[g], params)[1] for g in root_groups(store, ids, params)])
+    sims = np.concatenate(
+        [group_links(store, g, ids[g], params)[1] for g in root_groups(store, ids, params)]
+    )
     fractions = {f"{e:g}": round(float((sims > 1 - e).mean()), 4) for e in EPS_TABLE}
     seconds = {str(s): round(_semantic_seconds(s, dim), 2) for s in sizes}
-    out: dict[str, Any] = {"semantic_removed_fraction": fractions, "semantic_seconds": seconds,
-                           "semantic_setup": {"dim": dim, "vectors": "bench.synthetic.clustered_vectors, 10k centres",
-                                              "params": vars(params), "in_process": True}}
+    out: dict[str, Any] = {
+        "semantic_removed_fraction": fractions,
+        "semantic_seconds": seconds,
+        "semantic_setup": {
+            "dim": dim,
+            "vectors": "bench.synthetic.clustered_vectors, 10k centres",
+            "params": vars(params),
+            "in_process": True,
+        },
+    }
     if len(sizes) >= 2:
-        out["semantic_cost_ratio_1m_vs_100k"] = round(seconds[str(sizes[-1])] / seconds[str(sizes[0])], 2)
+        out["semantic_cost_ratio_1m_vs_100k"] = round(
+            seconds[str(sizes[-1])] / seconds[str(sizes[0])], 2
+        )
         out["semantic_sizes_ratio"] = sizes[-1] / sizes[0]
     return out
 
@@ -191,15 +251,26 @@ def _truth_mask(meta: Any, rule: str) -> np.ndarray:
     return (meta[column] == value.strip("'")).to_numpy()
 
 
-def run_concepts(work: str, n: int = 20_000, copy_fraction: float = 0.05, workers: int | None = None,
-                 draws: int = 5) -> dict[str, Any]:
+def run_concepts(
+    work: str,
+    n: int = 20_000,
+    copy_fraction: float = 0.05,
+    workers: int | None = None,
+    draws: int = 5,
+) -> dict[str, Any]:
     collection = data(work, n, copy_fraction, workers)
     meta = read_metadata(collection).to_pandas()
     keys = meta[S.KEY].to_numpy()
-    img = np.concatenate([a for _, a in EmbeddingStore.open(collection, S.MODALITY_IMAGE).iter_parts()])
-    txt = np.concatenate([a for _, a in EmbeddingStore.open(collection, S.MODALITY_TEXT).iter_parts()])
+    img = np.concatenate(
+        [a for _, a in EmbeddingStore.open(collection, S.MODALITY_IMAGE).iter_parts()]
+    )
+    txt = np.concatenate(
+        [a for _, a in EmbeddingStore.open(collection, S.MODALITY_TEXT).iter_parts()]
+    )
     clip = load_clip("sieve-tiny", device="cpu")
-    results: dict[str, dict[str, list[float]]] = {m: {} for m in ("zero_shot", "lilac", "lilac_image", "sieve")}
+    results: dict[str, dict[str, list[float]]] = {
+        m: {} for m in ("zero_shot", "lilac", "lilac_image", "sieve")
+    }
     for name, (prompt, rule) in CONCEPTS.items():
         truth = _truth_mask(meta, rule)
         t = clip.encode_texts([prompt])[0]
@@ -216,17 +287,35 @@ def run_concepts(work: str, n: int = 20_000, copy_fraction: float = 0.05, worker
 
             results["zero_shot"].setdefault(name, []).append(auroc(img @ t))
             for method, x in (("lilac", txt), ("lilac_image", img)):
-                model = LogisticRegression(class_weight="balanced", max_iter=5000).fit(x[labelled], y)
+                model = LogisticRegression(class_weight="balanced", max_iter=5000).fit(
+                    x[labelled], y
+                )
                 results[method].setdefault(name, []).append(auroc(x @ model.coef_[0]))
-            concept = fit_concept(collection, f"bench-{name}", list(keys[pos]), list(keys[neg]), prompt=prompt,
-                                  clip=clip, seed=draw)
-            results["sieve"].setdefault(name, []).append(auroc(score_collection(collection, concept)))
+            concept = fit_concept(
+                collection,
+                f"bench-{name}",
+                list(keys[pos]),
+                list(keys[neg]),
+                prompt=prompt,
+                clip=clip,
+                seed=draw,
+            )
+            results["sieve"].setdefault(name, []).append(
+                auroc(score_collection(collection, concept))
+            )
         log.info("%s: %s", name, {m: round(float(np.mean(r[name])), 3) for m, r in results.items()})
     means = {m: {c: round(float(np.mean(v)), 4) for c, v in r.items()} for m, r in results.items()}
-    return {"concept_auroc_20_labels": {**means, "draws": draws, "labels": "10 positive + 10 negative",
-                                        "prompts": {c: p for c, (p, _) in CONCEPTS.items()},
-                                        "per_draw": {m: {c: [round(v, 4) for v in vs] for c, vs in r.items()}
-                                                     for m, r in results.items()}}}
+    return {
+        "concept_auroc_20_labels": {
+            **means,
+            "draws": draws,
+            "labels": "10 positive + 10 negative",
+            "prompts": {c: p for c, (p, _) in CONCEPTS.items()},
+            "per_draw": {
+                m: {c: [round(v, 4) for v in vs] for c, vs in r.items()} for m, r in results.items()
+            },
+        }
+    }
 
 
 def _timed(fn: Callable[[], Any], repeats: int) -> tuple[float, list[float]]:
@@ -239,7 +328,9 @@ def _timed(fn: Callable[[], Any], repeats: int) -> tuple[float, list[float]]:
     return statistics.median(runs), runs
 
 
-def run_score(work: str, n: int = 10_000_000, dim: int = 128, parts: int = 10, repeats: int = 3) -> dict[str, Any]:
+def run_score(
+    work: str, n: int = 10_000_000, dim: int = 128, parts: int = 10, repeats: int = 3
+) -> dict[str, Any]:
     folder = os.path.join(work, f"score-{n}x{dim}")
     os.makedirs(folder, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -254,18 +345,34 @@ def run_score(work: str, n: int = 10_000_000, dim: int = 128, parts: int = 10, r
                 out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(rows, dim))
                 for lo in range(0, rows, 1 << 18):
                     hi = min(rows, lo + (1 << 18))
-                    out[lo:hi] = clustered_vectors(hi - lo, dim, seed=p * 1000 + lo).astype(np.float16)
+                    out[lo:hi] = clustered_vectors(hi - lo, dim, seed=p * 1000 + lo).astype(
+                        np.float16
+                    )
                 out.flush()
                 del out
                 os.replace(tmp, path)
             arrays[m].append(np.load(path, mmap_mode="r"))
-    concept = Concept("bench", [], [], image_weights=list(rng.standard_normal(dim)),
-                      text_weights=list(rng.standard_normal(dim)), bias=0.1)
+    concept = Concept(
+        "bench",
+        [],
+        [],
+        image_weights=list(rng.standard_normal(dim)),
+        text_weights=list(rng.standard_normal(dim)),
+        bias=0.1,
+    )
     median, runs = _timed(lambda: score_vectors(concept, arrays["img"], arrays["txt"]), repeats)
     key = "concept_score_10m_seconds" if n == 10_000_000 else f"concept_score_{n}_seconds"
-    return {key: round(median, 3), "concept_score": {"samples": n, "dim": dim, "modalities": 2,
-                                                     "vectors_read": 2 * n, "threads": cores(),
-                                                     "runs": [round(r, 3) for r in runs]}}
+    return {
+        key: round(median, 3),
+        "concept_score": {
+            "samples": n,
+            "dim": dim,
+            "modalities": 2,
+            "vectors_read": 2 * n,
+            "threads": cores(),
+            "runs": [round(r, 3) for r in runs],
+        },
+    }
 
 
 def run_map(work: str, n: int = 100_000, dim: int = 512) -> dict[str, Any]:
@@ -278,23 +385,44 @@ def run_map(work: str, n: int = 100_000, dim: int = 512) -> dict[str, Any]:
     report = compute_map(folder, sample=n)
     seconds = time.perf_counter() - t
     key = "map_100k_seconds" if n == 100_000 else f"map_{n}_seconds"
-    return {key: round(seconds, 1), "map": {"samples": n, "dim": dim, "layout_seconds": report["layout_seconds"],
-                                            "note": "includes numba's compile on a fresh process"}}
+    return {
+        key: round(seconds, 1),
+        "map": {
+            "samples": n,
+            "dim": dim,
+            "layout_seconds": report["layout_seconds"],
+            "note": "includes numba's compile on a fresh process",
+        },
+    }
 
 
 PARTS = ("copies", "semantic", "concepts", "score", "map")
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m bench.insight", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", default=",".join(PARTS), help=f"comma list of parts: {','.join(PARTS)}")
-    p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "sieve-bench-insight"),
-                   help="folder for generated data (reused between runs)")
-    p.add_argument("--n", type=int, default=20_000, help="generated samples (copies, semantic, concepts)")
+    p = argparse.ArgumentParser(
+        prog="python -m bench.insight",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--only", default=",".join(PARTS), help=f"comma list of parts: {','.join(PARTS)}"
+    )
+    p.add_argument(
+        "--work",
+        default=os.path.join(tempfile.gettempdir(), "sieve-bench-insight"),
+        help="folder for generated data (reused between runs)",
+    )
+    p.add_argument(
+        "--n", type=int, default=20_000, help="generated samples (copies, semantic, concepts)"
+    )
     p.add_argument("--copy-fraction", type=float, default=0.05, help="planted copies")
-    p.add_argument("--workers", type=int, default=None, help="Dask workers for embed and dedup (0: in process)")
-    p.add_argument("--semantic-sizes", default="100000,1000000", help="semantic timing sizes, comma list")
+    p.add_argument(
+        "--workers", type=int, default=None, help="Dask workers for embed and dedup (0: in process)"
+    )
+    p.add_argument(
+        "--semantic-sizes", default="100000,1000000", help="semantic timing sizes, comma list"
+    )
     p.add_argument("--semantic-dim", type=int, default=512)
     p.add_argument("--draws", type=int, default=5, help="concepts: random draws of the 20 labels")
     p.add_argument("--score-n", type=int, default=10_000_000, help="score: vectors per modality")
@@ -311,8 +439,14 @@ def main(argv: list[str] | None = None) -> None:
     os.makedirs(a.work, exist_ok=True)
     runs: dict[str, Callable[[], dict[str, Any]]] = {
         "copies": lambda: run_copies(a.work, a.n, a.copy_fraction, a.workers),
-        "semantic": lambda: run_semantic(a.work, a.n, a.copy_fraction, a.workers,
-                                         tuple(int(s) for s in a.semantic_sizes.split(",")), a.semantic_dim),
+        "semantic": lambda: run_semantic(
+            a.work,
+            a.n,
+            a.copy_fraction,
+            a.workers,
+            tuple(int(s) for s in a.semantic_sizes.split(",")),
+            a.semantic_dim,
+        ),
         "concepts": lambda: run_concepts(a.work, a.n, a.copy_fraction, a.workers, a.draws),
         "score": lambda: run_score(a.work, a.score_n, a.score_dim, repeats=a.repeats),
         "map": lambda: run_map(a.work, a.map_n, a.map_dim),
@@ -321,7 +455,12 @@ def main(argv: list[str] | None = None) -> None:
         log.info("part %s", part)
         payload = runs[part]()
         path = write_results("insight", payload, merge=True)
-        log.info("%s -> %s: %s", part, path, {k: v for k, v in payload.items() if not isinstance(v, dict)})
+        log.info(
+            "%s -> %s: %s",
+            part,
+            path,
+            {k: v for k, v in payload.items() if not isinstance(v, dict)},
+        )
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from bench.common import write_results
 from bench.synthetic import clustered_vectors, write_collection
-from curation.storage import read_collection_json
+from collection.storage import read_collection_json
 from indices.build import build
 from indices.search import Searcher
 from models.clip import load_clip
@@ -70,11 +70,24 @@ def zipf_draws(pool: list[str], n: int, s: float, seed: int = 1) -> list[str]:
 
 def clip_client_body(text: str, indice_name: str, num_images: int) -> str:
     """clip-retrieval ClipClient's /knn-service JSON (its default options)."""
-    return json.dumps({"text": text, "image": None, "image_url": None, "embedding_input": None,
-                       "deduplicate": True, "use_safety_model": True, "use_violence_detector": True,
-                       "indice_name": indice_name, "use_mclip": False, "aesthetic_score": 9,
-                       "aesthetic_weight": 0.5, "modality": "image", "num_images": num_images,
-                       "num_result_ids": num_images})
+    return json.dumps(
+        {
+            "text": text,
+            "image": None,
+            "image_url": None,
+            "embedding_input": None,
+            "deduplicate": True,
+            "use_safety_model": True,
+            "use_violence_detector": True,
+            "indice_name": indice_name,
+            "use_mclip": False,
+            "aesthetic_score": 9,
+            "aesthetic_weight": 0.5,
+            "modality": "image",
+            "num_images": num_images,
+            "num_result_ids": num_images,
+        }
+    )
 
 
 def _free_port() -> int:
@@ -92,13 +105,30 @@ class Server:
 
     def __init__(self, collection: str, precision: str, cache_size: int) -> None:
         self.port = _free_port()
-        self.cmd = ["taskset", "-c", str(SERVER_CORE), sys.executable, "-m", "indices.serve",
-                    "--collection", f"bench={collection}", "--port", str(self.port), "--threads", "1",
-                    "--precision", precision, "--cache-size", str(cache_size)]
+        self.cmd = [
+            "taskset",
+            "-c",
+            str(SERVER_CORE),
+            sys.executable,
+            "-m",
+            "indices.serve",
+            "--collection",
+            f"bench={collection}",
+            "--port",
+            str(self.port),
+            "--threads",
+            "1",
+            "--precision",
+            precision,
+            "--cache-size",
+            str(cache_size),
+        ]
 
     def __enter__(self) -> "Server":
         self.log = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen(self.cmd, env=_pinned_env(), stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            self.cmd, env=_pinned_env(), stdout=self.log, stderr=subprocess.STDOUT
+        )
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -122,8 +152,9 @@ async def _cache_hits(session: Any, url: str) -> float:
     return 0.0
 
 
-async def _load(port: int, queries: list[str], clients: int, seconds: float, warmup: float,
-                num_images: int) -> dict[str, Any]:
+async def _load(
+    port: int, queries: list[str], clients: int, seconds: float, warmup: float, num_images: int
+) -> dict[str, Any]:
     url = f"http://127.0.0.1:{port}"
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
         for _ in range(600):  # wait for the server to listen
@@ -138,12 +169,25 @@ async def _load(port: int, queries: list[str], clients: int, seconds: float, war
             raise RuntimeError("server did not come up")
         # warm-up with texts outside the pool: loads the model and index, fills no cache entry
         # that the measured run could hit
-        await asyncio.gather(*[session.post(url + "/knn-service", data=clip_client_body(f"warm up {i}", "bench", num_images))
-                               for i in range(2 * clients)])
+        await asyncio.gather(
+            *[
+                session.post(
+                    url + "/knn-service", data=clip_client_body(f"warm up {i}", "bench", num_images)
+                )
+                for i in range(2 * clients)
+            ]
+        )
         t_end = time.perf_counter() + warmup
         while time.perf_counter() < t_end:
-            await asyncio.gather(*[session.post(url + "/knn-service", data=clip_client_body(f"warm {i} {time.time()}", "bench", num_images))
-                                   for i in range(clients)])
+            await asyncio.gather(
+                *[
+                    session.post(
+                        url + "/knn-service",
+                        data=clip_client_body(f"warm {i} {time.time()}", "bench", num_images),
+                    )
+                    for i in range(clients)
+                ]
+            )
         hits0 = await _cache_hits(session, url)
         lat: list[float] = []
         errors = 0
@@ -156,7 +200,9 @@ async def _load(port: int, queries: list[str], clients: int, seconds: float, war
                 q = queries[next(cursor) % len(queries)]
                 t0 = time.perf_counter()
                 try:
-                    async with session.post(url + "/knn-service", data=clip_client_body(q, "bench", num_images)) as r:
+                    async with session.post(
+                        url + "/knn-service", data=clip_client_body(q, "bench", num_images)
+                    ) as r:
                         body = await r.read()
                         ok = r.status == 200 and len(json.loads(body)) > 0
                 except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
@@ -169,24 +215,42 @@ async def _load(port: int, queries: list[str], clients: int, seconds: float, war
         wall = time.perf_counter() - t0
         hits = await _cache_hits(session, url) - hits0
     ms = np.array(lat) * 1000
-    return {"qps": len(lat) / wall, "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
-            "errors": int(errors), "requests": len(lat), "cache_hit_rate": hits / max(len(lat), 1)}
+    return {
+        "qps": len(lat) / wall,
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "errors": int(errors),
+        "requests": len(lat),
+        "cache_hit_rate": hits / max(len(lat), 1),
+    }
 
 
-def load_run(collection: str, queries: list[str], precision: str, cache_size: int, clients: int,
-             seconds: float, warmup: float, num_images: int) -> dict[str, Any]:
+def load_run(
+    collection: str,
+    queries: list[str],
+    precision: str,
+    cache_size: int,
+    clients: int,
+    seconds: float,
+    warmup: float,
+    num_images: int,
+) -> dict[str, Any]:
     """One server process, one load run; returns qps / p50 / p99 / errors / cache hit rate."""
     with Server(collection, precision, cache_size) as srv:
         try:
             out = asyncio.run(_load(srv.port, queries, clients, seconds, warmup, num_images))
         except RuntimeError:
             raise RuntimeError(f"server failed: {srv.output()}") from None
-    out.update({"precision": precision, "cache_size": cache_size, "clients": clients, "seconds": seconds})
+    out.update(
+        {"precision": precision, "cache_size": cache_size, "clients": clients, "seconds": seconds}
+    )
     log.info("load %s: %s", collection, out)
     return out
 
 
-def sequential(collection: str, spec: str, queries: list[str], seconds: float, num_images: int) -> dict[str, Any]:
+def sequential(
+    collection: str, spec: str, queries: list[str], seconds: float, num_images: int
+) -> dict[str, Any]:
     """Plain loop (runs pinned, in its own process): fp32 full-context encode of one text, then
     the same search the server does (dedup + safety, k=num_images), no batching, no cache."""
     torch.set_num_threads(1)
@@ -208,12 +272,30 @@ def sequential(collection: str, spec: str, queries: list[str], seconds: float, n
     return {"sequential_qps": n / (time.perf_counter() - t0), "sequential_queries": n}
 
 
-def _sequential_pinned(collection: str, spec: str, queries: list[str], seconds: float, num_images: int) -> dict[str, Any]:
-    code = ("import json,sys; from bench.server import sequential; a=json.loads(sys.stdin.read()); "
-            "print(json.dumps(sequential(**a)))")
-    arg = json.dumps({"collection": collection, "spec": spec, "queries": queries, "seconds": seconds, "num_images": num_images})
-    out = subprocess.run(["taskset", "-c", str(SERVER_CORE), sys.executable, "-c", code], input=arg, text=True,
-                         capture_output=True, env=_pinned_env(), check=True)
+def _sequential_pinned(
+    collection: str, spec: str, queries: list[str], seconds: float, num_images: int
+) -> dict[str, Any]:
+    code = (
+        "import json,sys; from bench.server import sequential; a=json.loads(sys.stdin.read()); "
+        "print(json.dumps(sequential(**a)))"
+    )
+    arg = json.dumps(
+        {
+            "collection": collection,
+            "spec": spec,
+            "queries": queries,
+            "seconds": seconds,
+            "num_images": num_images,
+        }
+    )
+    out = subprocess.run(
+        ["taskset", "-c", str(SERVER_CORE), sys.executable, "-c", code],
+        input=arg,
+        text=True,
+        capture_output=True,
+        env=_pinned_env(),
+        check=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -228,60 +310,104 @@ def precision_check(spec: str, texts: list[str]) -> dict[str, Any]:
     bf16 = enc.variant(precision="bf16", trim_text=True).encode_text_tokens(tokens)
     cos = (full * bf16).sum(1)
     lengths = (tokens != 0).sum(1)
-    return {"trim_vs_full_max_abs_diff": float(np.abs(full - trim).max()),
-            "bf16_vs_fp32_cosine_min": float(cos.min()), "bf16_vs_fp32_cosine_mean": float(cos.mean()),
-            "bf16_native": bf16_supported("cpu"), "context_length": int(tokens.shape[1]),
-            "prompt_tokens_mean": float(lengths.float().mean()), "prompt_tokens_max": int(lengths.max())}
+    return {
+        "trim_vs_full_max_abs_diff": float(np.abs(full - trim).max()),
+        "bf16_vs_fp32_cosine_min": float(cos.min()),
+        "bf16_vs_fp32_cosine_mean": float(cos.mean()),
+        "bf16_native": bf16_supported("cpu"),
+        "context_length": int(tokens.shape[1]),
+        "prompt_tokens_mean": float(lengths.float().mean()),
+        "prompt_tokens_max": int(lengths.max()),
+    }
 
 
 def vitb32_collection(root: str, n: int) -> str:
     """A synthetic n x 512 collection naming ViT-B-32 as its CLIP model, with its index."""
     if not os.path.exists(os.path.join(root, "indices", "image.index")):
-        write_collection(root, [clustered_vectors(n, 512, 200, seed=0)], [clustered_vectors(n, 512, 200, seed=1)],
-                         clip_model=VITB32)
+        write_collection(
+            root,
+            [clustered_vectors(n, 512, 200, seed=0)],
+            [clustered_vectors(n, 512, 200, seed=1)],
+            clip_model=VITB32,
+        )
         build(root, modality="image")
     return root
 
 
-def run(collection: str | None = None, only: str = "server,server_vitb32", seconds: float = 30.0,
-        clients: int = 16, pool: int = 2000, zipf_s: float = 1.0, num_images: int = 10,
-        warmup: float = 5.0, vitb32_n: int = 20000, work: str | None = None) -> dict[str, Any]:
+def run(
+    collection: str | None = None,
+    only: str = "server,server_vitb32",
+    seconds: float = 30.0,
+    clients: int = 16,
+    pool: int = 2000,
+    zipf_s: float = 1.0,
+    num_images: int = 10,
+    warmup: float = 5.0,
+    vitb32_n: int = 20000,
+    work: str | None = None,
+) -> dict[str, Any]:
     """Run the parts and merge them into bench/results/index.json."""
     parts = set(only.split(","))
     captions = caption_pool(pool)
     queries = zipf_draws(captions, 200_000, zipf_s)
-    mix = {"distinct_captions": len(captions), "zipf_s": zipf_s, "distinct_in_first_1000": len(set(queries[:1000])),
-           "source": "models.scenes caption grammar", "request": "ClipClient /knn-service body, "
-           f"num_images={num_images}, deduplicate and use_safety_model on, modality image",
-           "server_core": SERVER_CORE, "client_core": CLIENT_CORE, "server_threads": 1, "clients": clients,
-           "seconds": seconds}
+    mix = {
+        "distinct_captions": len(captions),
+        "zipf_s": zipf_s,
+        "distinct_in_first_1000": len(set(queries[:1000])),
+        "source": "models.scenes caption grammar",
+        "request": "ClipClient /knn-service body, "
+        f"num_images={num_images}, deduplicate and use_safety_model on, modality image",
+        "server_core": SERVER_CORE,
+        "client_core": CLIENT_CORE,
+        "server_threads": 1,
+        "clients": clients,
+        "seconds": seconds,
+    }
     os.sched_setaffinity(0, {CLIENT_CORE})
     payload: dict[str, Any] = {}
     if "server" in parts:
         if not collection:
-            raise SystemExit("--collection: a sieve-tiny collection with an image index is needed for part 'server'")
+            raise SystemExit(
+                "--collection: a sieve-tiny collection with an image index is needed for part 'server'"
+            )
         spec = read_collection_json(collection).get("clip_model", "sieve-tiny")
         cached = load_run(collection, queries, "fp32", 4096, clients, seconds, warmup, num_images)
         nocache = load_run(collection, queries, "fp32", 0, clients, seconds, warmup, num_images)
-        payload["server"] = {**{k: cached[k] for k in ("qps", "p50_ms", "p99_ms", "errors")},
-                             "cache_hit_rate": cached["cache_hit_rate"], "requests": cached["requests"],
-                             "no_cache": nocache, "clip_model": spec, "collection": collection, "query_mix": mix}
+        payload["server"] = {
+            **{k: cached[k] for k in ("qps", "p50_ms", "p99_ms", "errors")},
+            "cache_hit_rate": cached["cache_hit_rate"],
+            "requests": cached["requests"],
+            "no_cache": nocache,
+            "clip_model": spec,
+            "collection": collection,
+            "query_mix": mix,
+        }
     if "server_vitb32" in parts:
         work = work or os.path.join(tempfile.gettempdir(), "sieve-bench-server")
         coll = vitb32_collection(os.path.join(work, "vitb32"), vitb32_n)
         check = precision_check(VITB32, captions[:256])
-        precision = "bf16" if check["bf16_native"] and check["bf16_vs_fp32_cosine_min"] >= 0.995 else "fp32"
+        precision = (
+            "bf16" if check["bf16_native"] and check["bf16_vs_fp32_cosine_min"] >= 0.995 else "fp32"
+        )
         seq = _sequential_pinned(coll, VITB32, queries, seconds, num_images)
         cached = load_run(coll, queries, precision, 4096, clients, seconds, warmup, num_images)
         nocache = load_run(coll, queries, precision, 0, clients, seconds, warmup, num_images)
         payload["server_vitb32"] = {
-            "qps": cached["qps"], "p99_ms": cached["p99_ms"], **seq, "speedup": cached["qps"] / seq["sequential_qps"],
-            "p50_ms": cached["p50_ms"], "errors": cached["errors"], "cache_hit_rate": cached["cache_hit_rate"],
+            "qps": cached["qps"],
+            "p99_ms": cached["p99_ms"],
+            **seq,
+            "speedup": cached["qps"] / seq["sequential_qps"],
+            "p50_ms": cached["p50_ms"],
+            "errors": cached["errors"],
+            "cache_hit_rate": cached["cache_hit_rate"],
             "no_cache": {**nocache, "speedup": nocache["qps"] / seq["sequential_qps"]},
-            "precision": precision, "precision_check": check, "collection": f"synthetic {vitb32_n} x 512, clustered",
+            "precision": precision,
+            "precision_check": check,
+            "collection": f"synthetic {vitb32_n} x 512, clustered",
             "query_mix": mix,
             "how": "server: micro-batched concurrent queries, text tower trimmed to the batch's longest prompt, "
-                   f"{precision} weights, LRU cache; baseline: fp32, full 77-token context, one query at a time"}
+            f"{precision} weights, LRU cache; baseline: fp32, full 77-token context, one query at a time",
+        }
     write_results("index", payload, merge=True)
     return payload
 
@@ -293,14 +419,33 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seconds", type=float, default=30.0)
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--pool", type=int, default=2000, help="distinct captions in the query pool")
-    p.add_argument("--zipf-s", type=float, default=1.0, help="Zipf exponent of query popularity (0: uniform)")
+    p.add_argument(
+        "--zipf-s", type=float, default=1.0, help="Zipf exponent of query popularity (0: uniform)"
+    )
     p.add_argument("--num-images", type=int, default=10)
     p.add_argument("--vitb32-n", type=int, default=20000)
-    p.add_argument("--work", default=None, help="scratch folder for the synthetic ViT-B-32 collection")
+    p.add_argument(
+        "--work", default=None, help="scratch folder for the synthetic ViT-B-32 collection"
+    )
     a = p.parse_args(argv)
     setup_logging()
-    print(json.dumps(run(a.collection, a.only, a.seconds, a.clients, a.pool, a.zipf_s, a.num_images,
-                         vitb32_n=a.vitb32_n, work=a.work), indent=2, default=float))
+    print(
+        json.dumps(
+            run(
+                a.collection,
+                a.only,
+                a.seconds,
+                a.clients,
+                a.pool,
+                a.zipf_s,
+                a.num_images,
+                vitb32_n=a.vitb32_n,
+                work=a.work,
+            ),
+            indent=2,
+            default=float,
+        )
+    )
 
 
 if __name__ == "__main__":

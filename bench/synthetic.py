@@ -3,7 +3,7 @@
 The embed pipeline writes real collections from images; this writes the same files from
 given vectors through the same writer (`pipelines.writer.write_part`: float16 embeddings,
 metadata parquet with the schema columns, failed rows without embeddings, the `_done` marker
-last; `curation.storage.write_collection_json` for collection.json).
+last; `collection.storage.write_collection_json` for collection.json).
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curation import schema as S
-from curation.storage import write_bytes, write_collection_json, write_json
+from collection import schema as S
+from collection.shards import list_shards, read_shard
+from collection.storage import write_bytes, write_collection_json, write_json
 from pipelines.decode import decode_sample
-from pipelines.readers import list_shards, read_shard
 from pipelines.writer import metadata_table, npy_bytes, write_part
 
 
@@ -29,12 +29,20 @@ def normalise(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def clustered_vectors(n: int, dim: int, n_clusters: int = 1000, spread: float = 0.6,
-                      seed: int = 0, centers_seed: int = 1234) -> np.ndarray:
+def clustered_vectors(
+    n: int,
+    dim: int,
+    n_clusters: int = 1000,
+    spread: float = 0.6,
+    seed: int = 0,
+    centers_seed: int = 1234,
+) -> np.ndarray:
     """n L2-normalised vectors around n_clusters random centres (CLIP-like clumps)."""
     centres = normalise(np.random.default_rng(centers_seed).standard_normal((n_clusters, dim)))
     rng = np.random.default_rng(seed)
-    x = centres[rng.integers(0, n_clusters, n)] + rng.standard_normal((n, dim)).astype(np.float32) * (spread / np.sqrt(dim))
+    x = centres[rng.integers(0, n_clusters, n)] + rng.standard_normal((n, dim)).astype(
+        np.float32
+    ) * (spread / np.sqrt(dim))
     return normalise(x)
 
 
@@ -47,15 +55,32 @@ def _clip_like_world(dim: int, n_topics: int, alpha: float, seed: int) -> dict[s
     rot = np.linalg.qr(rng.standard_normal((dim, dim)))[0].astype(np.float32)
     n_super = max(1, int(np.sqrt(n_topics)))
     supers = rng.standard_normal((n_super, dim)).astype(np.float32) * scale
-    topics = supers[rng.integers(0, n_super, n_topics)] + 0.7 * rng.standard_normal((n_topics, dim)).astype(np.float32) * scale
+    topics = (
+        supers[rng.integers(0, n_super, n_topics)]
+        + 0.7 * rng.standard_normal((n_topics, dim)).astype(np.float32) * scale
+    )
     weights = 1.0 / np.arange(1, n_topics + 1) ** 0.8
     offsets = rng.standard_normal((2, dim)).astype(np.float32)
     offsets *= 0.6 / np.linalg.norm(offsets, axis=1, keepdims=True)
-    return {"scale": scale, "rot": rot, "topics": topics, "p": weights / weights.sum(), "offsets": offsets}
+    return {
+        "scale": scale,
+        "rot": rot,
+        "topics": topics,
+        "p": weights / weights.sum(),
+        "offsets": offsets,
+    }
 
 
-def clip_like_pairs(n: int, dim: int, seed: int = 0, n_topics: int = 4096, within: float = 0.6,
-                    text_noise: float = 1.0, alpha: float = 0.6, world_seed: int = 1234) -> tuple[np.ndarray, np.ndarray]:
+def clip_like_pairs(
+    n: int,
+    dim: int,
+    seed: int = 0,
+    n_topics: int = 4096,
+    within: float = 0.6,
+    text_noise: float = 1.0,
+    alpha: float = 0.6,
+    world_seed: int = 1234,
+) -> tuple[np.ndarray, np.ndarray]:
     """n (image, text) pairs of L2-normalised vectors shaped like CLIP embeddings: anisotropic
     (power-law spectrum of exponent alpha in a random basis), many overlapping topics of Zipf
     popularity, a modality gap (each modality its own offset), and captions that are noisy
@@ -71,9 +96,14 @@ def clip_like_pairs(n: int, dim: int, seed: int = 0, n_topics: int = 4096, withi
     return normalise(img), normalise(txt)
 
 
-def write_collection(root: str, image_parts: Sequence[np.ndarray], text_parts: Sequence[np.ndarray] | None = None,
-                     columns: dict[str, Sequence[Any]] | None = None, failed_per_part: int = 0,
-                     clip_model: str = "sieve-tiny") -> str:
+def write_collection(
+    root: str,
+    image_parts: Sequence[np.ndarray],
+    text_parts: Sequence[np.ndarray] | None = None,
+    columns: dict[str, Sequence[Any]] | None = None,
+    failed_per_part: int = 0,
+    clip_model: str = "sieve-tiny",
+) -> str:
     """Write a collection; columns override metadata values (one list over all ok rows).
 
     Without text_parts the parts have image embeddings only (as clip-retrieval folders may).
@@ -83,7 +113,7 @@ def write_collection(root: str, image_parts: Sequence[np.ndarray], text_parts: S
         k = len(img)
         rows = [_row(n, r, gid + r if r < k else None) for r in range(k + failed_per_part)]
         for col, values in (columns or {}).items():
-            for r, value in enumerate(list(values[gid:gid + k]) + [None] * failed_per_part):
+            for r, value in enumerate(list(values[gid : gid + k]) + [None] * failed_per_part):
                 rows[r][col] = value
         img16 = normalise(img).astype(S.EMB_DTYPE)
         done = {"count": len(rows), "ok": k}
@@ -97,35 +127,72 @@ def write_collection(root: str, image_parts: Sequence[np.ndarray], text_parts: S
             write_bytes(layout.metadata(n), buf.getvalue())
             write_json(layout.done(n), done)
         gid += k
-    write_collection_json(root, {"clip_model": clip_model, "emb_dim": int(image_parts[0].shape[1]),
-                                 "parts": len(image_parts), "ok": gid})
+    write_collection_json(
+        root,
+        {
+            "clip_model": clip_model,
+            "emb_dim": int(image_parts[0].shape[1]),
+            "parts": len(image_parts),
+            "ok": gid,
+        },
+    )
     return root
 
 
 def _row(n: int, r: int, ok_id: int | None) -> dict[str, Any]:
     """Row r of part n: an embedded sample (`ok_id`, its id over the collection) or a planted failure."""
     ok = ok_id is not None
-    return {S.KEY: f"{n:03d}{r:06d}", S.PART: n, S.ROW: r, S.EMB_ROW: r if ok else None,
-            S.CAPTION: f"caption {ok_id}" if ok else None, S.URL: f"https://example.com/{n}/{r}.jpg",
-            S.SOURCE_SHARD: S.shard_name(n), S.WIDTH: 64, S.HEIGHT: 64, S.SHA256: f"{n:08x}{r:056x}",
-            S.PHASH: "0" * 16, S.CLIP_SIMILARITY: 0.3, S.PUNSAFE: 0.01, S.PWATERMARK: 0.01, S.PTOXIC: 0.0,
-            S.LANGUAGE: "en", S.STATUS: S.STATUS_OK if ok else S.STATUS_DECODE_ERROR,
-            S.ERROR: None if ok else "planted failure"}
+    return {
+        S.KEY: f"{n:03d}{r:06d}",
+        S.PART: n,
+        S.ROW: r,
+        S.EMB_ROW: r if ok else None,
+        S.CAPTION: f"caption {ok_id}" if ok else None,
+        S.URL: f"https://example.com/{n}/{r}.jpg",
+        S.SOURCE_SHARD: S.shard_name(n),
+        S.WIDTH: 64,
+        S.HEIGHT: 64,
+        S.SHA256: f"{n:08x}{r:056x}",
+        S.PHASH: "0" * 16,
+        S.CLIP_SIMILARITY: 0.3,
+        S.PUNSAFE: 0.01,
+        S.PWATERMARK: 0.01,
+        S.PTOXIC: 0.0,
+        S.LANGUAGE: "en",
+        S.STATUS: S.STATUS_OK if ok else S.STATUS_DECODE_ERROR,
+        S.ERROR: None if ok else "planted failure",
+    }
 
 
-def write_takedown(root: str, keys: Sequence[str] = (), urls: Sequence[str] = (), sha256: Sequence[str] = ()) -> None:
+def write_takedown(
+    root: str, keys: Sequence[str] = (), urls: Sequence[str] = (), sha256: Sequence[str] = ()
+) -> None:
     """takedown.parquet with key / url / sha256 columns (one entry per row, others null)."""
     n = len(keys) + len(urls) + len(sha256)
     col = lambda vals, off: [None] * off + list(vals) + [None] * (n - off - len(vals))  # noqa: E731
-    pq.write_table(pa.table({S.KEY: pa.array(col(keys, 0), pa.string()),
-                             S.URL: pa.array(col(urls, len(keys)), pa.string()),
-                             S.SHA256: pa.array(col(sha256, len(keys) + len(urls)), pa.string())}),
-                   S.CollectionLayout(root).takedown)
+    pq.write_table(
+        pa.table(
+            {
+                S.KEY: pa.array(col(keys, 0), pa.string()),
+                S.URL: pa.array(col(urls, len(keys)), pa.string()),
+                S.SHA256: pa.array(col(sha256, len(keys) + len(urls)), pa.string()),
+            }
+        ),
+        S.CollectionLayout(root).takedown,
+    )
 
 
 # ---- LAION-sized collections with vectors (UI and search benchmarks) -----------------------
-def write_vector_collection(root: str, n: int, parts: int, dim: int, seed: int = 0, n_clusters: int = 1000,
-                            clip_model: str = "sieve-tiny", sources: pa.Table | None = None) -> str:
+def write_vector_collection(
+    root: str,
+    n: int,
+    parts: int,
+    dim: int,
+    seed: int = 0,
+    n_clusters: int = 1000,
+    clip_model: str = "sieve-tiny",
+    sources: pa.Table | None = None,
+) -> str:
     """n LAION-shaped rows in `parts` parts (`metadata_part`'s columns) with clustered image and
     text vectors of `dim`, written straight from Arrow and numpy (a million rows in a minute,
     where `write_collection`'s per-row dicts would take many). `sources`: columns such as
@@ -143,8 +210,11 @@ def write_vector_collection(root: str, n: int, parts: int, dim: int, seed: int =
             for name in sources.column_names:
                 col = sources.column(name).take(idx)
                 i = table.schema.get_field_index(name)
-                table = table.set_column(i, name, col.cast(table.schema.field(i).type)) if i >= 0 else \
-                    table.append_column(name, col)
+                table = (
+                    table.set_column(i, name, col.cast(table.schema.field(i).type))
+                    if i >= 0
+                    else table.append_column(name, col)
+                )
         ok = int(pc.sum(table[S.EMB_ROW].is_valid()).as_py())
         img = clustered_vectors(ok, dim, n_clusters, seed=seed * 100_003 + 2 * part)
         txt = clustered_vectors(ok, dim, n_clusters, spread=0.8, seed=seed * 100_003 + 2 * part + 1)
@@ -154,13 +224,37 @@ def write_vector_collection(root: str, n: int, parts: int, dim: int, seed: int =
         pq.write_table(table, buf)
         write_bytes(layout.metadata(part), buf.getvalue())
         write_json(layout.done(part), {"count": rows, "ok": ok})  # last: the part is complete
-    write_collection_json(root, {"clip_model": clip_model, "emb_dim": dim, "parts": parts, "count": n})
+    write_collection_json(
+        root, {"clip_model": clip_model, "emb_dim": dim, "parts": parts, "count": n}
+    )
     return root
 
 
 # ---- metadata-only collections (SQL benchmarks) -------------------------------------------
-_WORDS = ("a", "photo", "of", "red", "blue", "green", "small", "large", "two", "three", "circle", "star",
-          "square", "on", "white", "background", "the", "in", "corner", "stock", "image", "vintage")
+_WORDS = (
+    "a",
+    "photo",
+    "of",
+    "red",
+    "blue",
+    "green",
+    "small",
+    "large",
+    "two",
+    "three",
+    "circle",
+    "star",
+    "square",
+    "on",
+    "white",
+    "background",
+    "the",
+    "in",
+    "corner",
+    "stock",
+    "image",
+    "vintage",
+)
 _LANGUAGES = ("en",) * 5 + ("de", "fr", "es", "zh", "ja", "und", "und")
 
 
@@ -174,20 +268,30 @@ def metadata_part(part: int, rows: int, seed: int = 0, failed: float = 0.02) -> 
     words = np.array(_WORDS)
     caption = pa.array(words[rng.integers(0, len(words), rows)])
     for _ in range(int(rng.integers(3, 9))):  # 3-11 words, varying per part
-        caption = pc.binary_join_element_wise(caption, pa.array(words[rng.integers(0, len(words), rows)]), " ")
+        caption = pc.binary_join_element_wise(
+            caption, pa.array(words[rng.integers(0, len(words), rows)]), " "
+        )
     keys = pa.array(np.char.add(f"{part:06d}", np.char.zfill(np.arange(rows).astype(str), 6)))
-    sha = pa.array(np.char.add(np.char.zfill(rng.integers(0, 2**62, rows).astype(str), 32), "f" * 32))
+    sha = pa.array(
+        np.char.add(np.char.zfill(rng.integers(0, 2**62, rows).astype(str), 32), "f" * 32)
+    )
     f32 = lambda x: pa.array(x.astype(np.float32))  # noqa: E731
     t = {
-        S.KEY: keys, S.PART: pa.array(np.full(rows, part, np.int32)), S.ROW: pa.array(np.arange(rows, dtype=np.int32)),
-        S.EMB_ROW: pa.array(emb_row, mask=~ok), S.CAPTION: caption,
+        S.KEY: keys,
+        S.PART: pa.array(np.full(rows, part, np.int32)),
+        S.ROW: pa.array(np.arange(rows, dtype=np.int32)),
+        S.EMB_ROW: pa.array(emb_row, mask=~ok),
+        S.CAPTION: caption,
         S.URL: pc.binary_join_element_wise("https://img.example.com/", keys, ".jpg", ""),
         S.SOURCE_SHARD: pa.array(np.full(rows, f"s3://bucket/laion/{part:05d}.tar")),
         S.WIDTH: pa.array(rng.integers(32, 2048, rows).astype(np.int32)),
         S.HEIGHT: pa.array(rng.integers(32, 2048, rows).astype(np.int32)),
-        S.SHA256: sha, S.PHASH: pa.array(np.char.zfill(rng.integers(0, 2**62, rows).astype(str), 16)),
-        S.CLIP_SIMILARITY: f32(rng.normal(0.3, 0.06, rows)), S.PUNSAFE: f32(rng.beta(0.5, 8, rows)),
-        S.PWATERMARK: f32(rng.beta(0.8, 3, rows)), S.PTOXIC: f32(rng.beta(0.3, 12, rows)),
+        S.SHA256: sha,
+        S.PHASH: pa.array(np.char.zfill(rng.integers(0, 2**62, rows).astype(str), 16)),
+        S.CLIP_SIMILARITY: f32(rng.normal(0.3, 0.06, rows)),
+        S.PUNSAFE: f32(rng.beta(0.5, 8, rows)),
+        S.PWATERMARK: f32(rng.beta(0.8, 3, rows)),
+        S.PTOXIC: f32(rng.beta(0.3, 12, rows)),
         S.LANGUAGE: pa.array(np.array(_LANGUAGES)[rng.integers(0, len(_LANGUAGES), rows)]),
         S.STATUS: pa.array(np.where(ok, S.STATUS_OK, S.STATUS_DECODE_ERROR)),
         S.ERROR: pa.array(np.where(ok, None, "planted failure"), pa.string()),
@@ -197,12 +301,19 @@ def metadata_part(part: int, rows: int, seed: int = 0, failed: float = 0.02) -> 
         S.SOURCE_SIZE: pa.array(rng.integers(1024, 3584, rows).astype(np.int64)),
     }
     arrays = [t[c].cast(getattr(pa, S.METADATA_TYPES[c])()) for c in S.METADATA_COLUMNS]
-    arrays.append(pa.array(rng.integers(0, 5, rows).astype(np.int64)))  # a source column, as img2dataset's
+    arrays.append(
+        pa.array(rng.integers(0, 5, rows).astype(np.int64))
+    )  # a source column, as img2dataset's
     return pa.Table.from_arrays(arrays, names=[*S.METADATA_COLUMNS, "src_aesthetic"])
 
 
-def write_metadata_parts(root: str, n: int, parts: int, seed: int = 0,
-                         clip_model: str = "open_clip:ViT-B-32/laion2b_s34b_b79k") -> str:
+def write_metadata_parts(
+    root: str,
+    n: int,
+    parts: int,
+    seed: int = 0,
+    clip_model: str = "open_clip:ViT-B-32/laion2b_s34b_b79k",
+) -> str:
     """A metadata-only collection (no embeddings) of n rows in `parts` parts, scored as if by
     `clip_model` (similarities around LAION's ViT-B/32 threshold); parts already written are
     kept, so a benchmark's work folder is reused across runs."""
@@ -216,13 +327,17 @@ def write_metadata_parts(root: str, n: int, parts: int, seed: int = 0,
         buf = io.BytesIO()
         pq.write_table(table, buf)
         write_bytes(layout.metadata(part), buf.getvalue())
-        write_json(layout.done(part), {"count": rows, "ok": int(pc.sum(table[S.EMB_ROW].is_valid()).as_py())})
+        write_json(
+            layout.done(part),
+            {"count": rows, "ok": int(pc.sum(table[S.EMB_ROW].is_valid()).as_py())},
+        )
     write_collection_json(root, {"clip_model": clip_model, "parts": parts, "count": n})
 
 
 # ---- collections over real shards (export benchmarks and tests) ----------------------------
-def collection_from_shards(shards: str, root: str, dim: int = 64, seed: int = 0,
-                           clip_model: str = "sieve-tiny") -> str:
+def collection_from_shards(
+    shards: str, root: str, dim: int = 64, seed: int = 0, clip_model: str = "sieve-tiny"
+) -> str:
     """A collection over real img2dataset shards without running CLIP: each sample's row is what
     the embed job records (`pipelines.decode.decode_sample`: status, sizes, hashes, the image's
     byte offset in its tar), its embeddings CLIP-shaped random pairs. For tests and benchmarks
@@ -239,9 +354,24 @@ def collection_from_shards(shards: str, root: str, dim: int = 64, seed: int = 0,
                 n_ok += 1
             rows.append(row)
         img, txt = clip_like_pairs(n_ok, dim, seed=seed * 100_003 + shard.index, n_topics=64)
-        write_part(root, shard.index, rows, img.astype(S.EMB_DTYPE), txt.astype(S.EMB_DTYPE),
-                   {"count": len(rows), "ok": n_ok})
+        write_part(
+            root,
+            shard.index,
+            rows,
+            img.astype(S.EMB_DTYPE),
+            txt.astype(S.EMB_DTYPE),
+            {"count": len(rows), "ok": n_ok},
+        )
         ok, count = ok + n_ok, count + len(rows)
-    write_collection_json(root, {"clip_model": clip_model, "emb_dim": dim, "source": shards,
-                                 "parts": len(shard_list), "count": count, "ok": ok})
+    write_collection_json(
+        root,
+        {
+            "clip_model": clip_model,
+            "emb_dim": dim,
+            "source": shards,
+            "parts": len(shard_list),
+            "count": count,
+            "ok": ok,
+        },
+    )
     return root

@@ -38,11 +38,11 @@ from streamlit.testing.v1 import AppTest
 
 from bench.common import rss_mb, write_results
 from bench.synthetic import write_vector_collection
-from curation import schema as S
+from collection import schema as S
+from collection.shards import list_shards, read_shard
 from indices.build import build
 from models.runtime import setup_logging
 from models.scenes import make_sample
-from pipelines.readers import list_shards, read_shard
 from pipelines.sample import write_sample_dataset
 from webui import state
 
@@ -51,8 +51,14 @@ log = logging.getLogger("bench.webui")
 REPO = Path(__file__).resolve().parent.parent
 APP = str(REPO / "webui" / "app.py")
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 PARTS = ("demo", "1m", "first_page")
 
 
@@ -92,16 +98,30 @@ def measure_reruns(collection: str, reruns: int) -> dict[str, Any]:
     thumbs = len(at.image)
     health = state.inspect(collection)
     worker = state.loaded(collection, health.signature).catalog().worker_pid
-    return {"rerun_ms": statistics.median(times), "rerun_ms_p90": sorted(times)[int(0.9 * (len(times) - 1))],
-            "reruns": len(times), "first_run_s": first_page, "warm_up_s": warm_up, "thumbnails": thumbs,
-            "results": len(at.json), "rss_mb": rss_mb(), "rss_peak_mb": rss_mb(field="VmHWM"),
-            "sandbox_rss_mb": rss_mb(worker) if worker else None}
+    return {
+        "rerun_ms": statistics.median(times),
+        "rerun_ms_p90": sorted(times)[int(0.9 * (len(times) - 1))],
+        "reruns": len(times),
+        "first_run_s": first_page,
+        "warm_up_s": warm_up,
+        "thumbnails": thumbs,
+        "results": len(at.json),
+        "rss_mb": rss_mb(),
+        "rss_peak_mb": rss_mb(field="VmHWM"),
+        "sandbox_rss_mb": rss_mb(worker) if worker else None,
+    }
 
 
 def _child(collection: str, reruns: int) -> dict[str, Any]:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-m", "bench.webui", "--child", collection, "--reruns", str(reruns)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=3600)
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.webui", "--child", collection, "--reruns", str(reruns)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
     if done.returncode != 0:
         raise RuntimeError(f"child on {collection} failed: {done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -126,8 +146,14 @@ def build_million(args: argparse.Namespace) -> str:
     for shard in list_shards(str(shards)):
         for raw in read_shard(shard):
             if raw.image is not None and raw.offset is not None:
-                rows.append({S.SOURCE_SHARD: shard.url, S.SOURCE_OFFSET: raw.offset, S.SOURCE_SIZE: raw.size,
-                             S.SHA256: hashlib.sha256(raw.image).hexdigest()})  # thumbnails check it
+                rows.append(
+                    {
+                        S.SOURCE_SHARD: shard.url,
+                        S.SOURCE_OFFSET: raw.offset,
+                        S.SOURCE_SIZE: raw.size,
+                        S.SHA256: hashlib.sha256(raw.image).hexdigest(),
+                    }
+                )  # thumbnails check it
     write_vector_collection(root, args.n, args.parts, args.dim, sources=pa.Table.from_pylist(rows))
     layout = S.CollectionLayout(root)
     if not os.path.exists(layout.index_json(S.MODALITY_IMAGE)):
@@ -138,9 +164,18 @@ def build_million(args: argparse.Namespace) -> str:
 def million(args: argparse.Namespace) -> dict[str, Any]:
     root = build_million(args)
     res = _child(root, args.reruns)
-    return {"search_rerun_ms_1m": round(res["rerun_ms"], 1), "rss_mb_1m": round(res["rss_mb"], 1),
-            "sandbox_rss_mb_1m": round(res["sandbox_rss_mb"], 1) if res["sandbox_rss_mb"] else None,
-            "1m": {"collection": root, "rows": args.n, "parts": args.parts, "index_key": args.index_key, **res}}
+    return {
+        "search_rerun_ms_1m": round(res["rerun_ms"], 1),
+        "rss_mb_1m": round(res["rss_mb"], 1),
+        "sandbox_rss_mb_1m": round(res["sandbox_rss_mb"], 1) if res["sandbox_rss_mb"] else None,
+        "1m": {
+            "collection": root,
+            "rows": args.n,
+            "parts": args.parts,
+            "index_key": args.index_key,
+            **res,
+        },
+    }
 
 
 def _free_port() -> int:
@@ -154,18 +189,40 @@ def first_page(args: argparse.Namespace) -> dict[str, Any]:
     try:
         from playwright.sync_api import sync_playwright  # optional: the ui-test extra
     except ImportError:
-        raise SystemExit("first_page needs Playwright (pip install -e '.[ui-test]') and Debian's chromium") from None
+        raise SystemExit(
+            "first_page needs Playwright (pip install -e '.[ui-test]') and Debian's chromium"
+        ) from None
     if not os.path.exists(CHROMIUM):
-        raise SystemExit(f"first_page needs Debian's chromium at {CHROMIUM} (apt-get install -y chromium)")
+        raise SystemExit(
+            f"first_page needs Debian's chromium at {CHROMIUM} (apt-get install -y chromium)"
+        )
     port = _free_port()
-    cmd = [sys.executable, "-m", "streamlit", "run", APP, "--server.headless", "true", "--server.port", str(port),
-           "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false", "--", "--collection", args.demo]
+    cmd = [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        APP,
+        "--server.headless",
+        "true",
+        "--server.port",
+        str(port),
+        "--server.address",
+        "127.0.0.1",
+        "--browser.gatherUsageStats",
+        "false",
+        "--",
+        "--collection",
+        args.demo,
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page()
         t0 = time.perf_counter()
-        server = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        server = subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         try:
             while True:
                 try:
@@ -191,26 +248,41 @@ def first_page(args: argparse.Namespace) -> dict[str, Any]:
             except subprocess.TimeoutExpired:  # still loading CLIP in its background thread, say
                 server.kill()
                 server.wait()
-    return {"first_page_s": round(first, 2), "first_search_s": round(search, 2),
-            "first_page": {"collection": args.demo, "method": "streamlit run + headless chromium (playwright)"}}
+    return {
+        "first_page_s": round(first, 2),
+        "first_search_s": round(search, 2),
+        "first_page": {
+            "collection": args.demo,
+            "method": "streamlit run + headless chromium (playwright)",
+        },
+    }
 
 
 RUNNERS = {"demo": demo, "1m": million, "first_page": first_page}
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m bench.webui", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.webui",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts of {PARTS}")
     p.add_argument("--demo", default=str(REPO / "demo" / "collection"), help="the demo collection")
     p.add_argument("--n", type=int, default=1_000_000, help="rows of the generated collection")
     p.add_argument("--parts", type=int, default=100)
     p.add_argument("--dim", type=int, default=128, help="vector dimension (sieve-tiny's: 128)")
     p.add_argument("--index-key", default="IVF1024,PQ32x8")
-    p.add_argument("--work", default=str(REPO / "bench" / "work" / "webui"), help="where generated data is kept")
+    p.add_argument(
+        "--work",
+        default=str(REPO / "bench" / "work" / "webui"),
+        help="where generated data is kept",
+    )
     p.add_argument("--reruns", type=int, default=20)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--no-write", action="store_true", help="print the figures, leave bench/results alone")
+    p.add_argument(
+        "--no-write", action="store_true", help="print the figures, leave bench/results alone"
+    )
     a = p.parse_args(argv)
     setup_logging(logging.WARNING if a.child else logging.INFO)
     if a.child:

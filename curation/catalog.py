@@ -1,13 +1,13 @@
 """SQL over a collection's metadata: `Catalog(collection).query("SELECT ... FROM samples")`.
 
-Table `samples` is every complete metadata part (all `curation.schema` columns plus the
+Table `samples` is every complete metadata part (all `collection.schema` columns plus the
 source's own columns) and `id`, the global vector id (position among the ok rows of all
 complete parts in part order, as the indices number them; NULL for failed rows).
 
 - Trusted (the owner's own queries, `python -m curation.sql`): an in-process DuckDB
   connection over the Parquet parts with DuckDB's own reader; no limits, no row cap unless
   `query(..., row_cap=N)` asks for one.
-- Untrusted (`untrusted=True`, what the UI's query box runs): `curation.sandbox` — a separate
+- Untrusted (`untrusted=True`, what the UI's query box runs): `collection.sandbox` — a separate
   worker process, locked connection, one SELECT, time / memory / row caps, every refusal a
   `SqlError`. Taken-down rows are filtered out at the scan, so no query can see them; a
   changed takedown list restarts the worker within a second or so.
@@ -25,11 +25,11 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curation import schema as S
-from curation.sandbox import Limits, Sandbox, Source, SqlError, one_line
-from curation.storage import read_collection_json
-from curation.takedown import TakedownWatch
-from indices.store import CollectionError, complete_parts
+from collection import schema as S
+from collection.parts import CollectionError, complete_parts
+from collection.sandbox import Limits, Sandbox, Source, SqlError, one_line
+from collection.storage import read_collection_json
+from collection.takedown import TakedownWatch
 
 __all__ = ["Catalog", "CollectionError", "SqlError", "SqlResult", "TABLE"]
 
@@ -59,7 +59,11 @@ class Parts:
     def select(self) -> str:
         """The projection adding `id` (replacing a source column of that name in older collections),
         and `caption_length` where the parts predate it (measured here, so filters read one column)."""
-        length = "" if S.CAPTION_LENGTH in self.schema.names else f", length({S.CAPTION}) AS {S.CAPTION_LENGTH}"
+        length = (
+            ""
+            if S.CAPTION_LENGTH in self.schema.names
+            else f", length({S.CAPTION}) AS {S.CAPTION_LENGTH}"
+        )
         if S.ID in self.schema.names:
             return f"* REPLACE ({self.id_expr} AS {S.ID}){length}"
         return f"*, {self.id_expr} AS {S.ID}{length}"
@@ -75,7 +79,13 @@ def _ok_rows(path: str, meta: Any) -> int:
     for g in range(meta.num_row_groups):
         stats = meta.row_group(g).column(j).statistics
         if stats is None or not stats.has_null_count:
-            return int(pq.read_table(path, columns=[S.EMB_ROW]).column(0).is_valid().to_numpy(zero_copy_only=False).sum())
+            return int(
+                pq.read_table(path, columns=[S.EMB_ROW])
+                .column(0)
+                .is_valid()
+                .to_numpy(zero_copy_only=False)
+                .sum()
+            )
         nulls += stats.null_count
     return meta.num_rows - nulls
 
@@ -89,7 +99,9 @@ def _check_part_column(path: str, n: int, meta: Any) -> None:
     for g in range(meta.num_row_groups):
         stats = meta.row_group(g).column(j).statistics
         if stats is not None and stats.has_min_max and (stats.min != n or stats.max != n):
-            raise CollectionError(f"{path}: column {S.PART!r} holds {stats.min}..{stats.max}, expected {n}")
+            raise CollectionError(
+                f"{path}: column {S.PART!r} holds {stats.min}..{stats.max}, expected {n}"
+            )
 
 
 def read_parts(collection: str) -> Parts:
@@ -114,7 +126,9 @@ def read_parts(collection: str) -> Parts:
     try:
         schema = pa.unify_schemas(schemas, promote_options="permissive")
     except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-        raise CollectionError(f"{collection}: metadata parts disagree on a column's type: {one_line(exc)}") from exc
+        raise CollectionError(
+            f"{collection}: metadata parts disagree on a column's type: {one_line(exc)}"
+        ) from exc
     listed = ", ".join(str(offsets[n]) if n in offsets else "NULL" for n in range(max(parts) + 1))
     id_expr = f"CAST(([{listed}]::BIGINT[])[{S.PART} + 1] + {S.EMB_ROW} AS BIGINT)"
     return Parts(tuple(files), schema, id_expr, total)
@@ -124,8 +138,14 @@ class Catalog:
     """A DuckDB connection (trusted, in-process) or a sandboxed worker (untrusted) whose table
     `samples` holds the collection's metadata plus `id`."""
 
-    def __init__(self, collection: str, untrusted: bool = False, row_cap: int = 10_000,
-                 timeout_s: float = 10.0, memory_limit: str = "1GB") -> None:
+    def __init__(
+        self,
+        collection: str,
+        untrusted: bool = False,
+        row_cap: int = 10_000,
+        timeout_s: float = 10.0,
+        memory_limit: str = "1GB",
+    ) -> None:
         self.root = collection
         self.untrusted = untrusted
         self.row_cap = row_cap
@@ -141,10 +161,14 @@ class Catalog:
             self._sandbox = Sandbox([self._source()], self.limits, label="catalog")
         else:
             self._con = duckdb.connect(":memory:")
-            self._con.execute("SET enable_progress_bar=false")  # results may go to stdout (python -m curation.sql)
+            self._con.execute(
+                "SET enable_progress_bar=false"
+            )  # results may go to stdout (python -m curation.sql)
             files = ", ".join("'" + f.replace("'", "''") + "'" for f in self.parts.files)
-            self._con.execute(f"CREATE VIEW {TABLE} AS SELECT {self.parts.select()} "
-                              f"FROM read_parquet([{files}], union_by_name=true)")
+            self._con.execute(
+                f"CREATE VIEW {TABLE} AS SELECT {self.parts.select()} "
+                f"FROM read_parquet([{files}], union_by_name=true)"
+            )
 
     def _source(self) -> Source:
         assert self._watch is not None
@@ -189,7 +213,9 @@ class Catalog:
         with self._lock:
             try:
                 rel = self._con.sql(sql)
-                if rel is None:  # a statement without rows (CREATE, SET, ...): the owner may run those
+                if (
+                    rel is None
+                ):  # a statement without rows (CREATE, SET, ...): the owner may run those
                     return SqlResult(pa.table({}), False, time.perf_counter() - start)
                 if row_cap is None:
                     table, truncated = rel.to_arrow_table(), False
@@ -203,9 +229,13 @@ class Catalog:
         assert self._sandbox is not None and self._watch is not None
         cap = self.row_cap if row_cap is None else min(row_cap, self.row_cap)
         start = time.perf_counter()
-        with self._lock:  # one query at a time: a takedown change never races a query on the old worker
+        with (
+            self._lock
+        ):  # one query at a time: a takedown change never races a query on the old worker
             _, changed = self._watch.poll()
-            if changed:  # the worker's scan filter is fixed at its start: a new list needs a new worker
+            if (
+                changed
+            ):  # the worker's scan filter is fixed at its start: a new list needs a new worker
                 self._sandbox.close()
                 self._sandbox = Sandbox([self._source()], self.limits, label="catalog")
             table, truncated, _ = self._sandbox.query(sql, cap)
@@ -213,7 +243,11 @@ class Catalog:
 
     def count(self, where: str = "TRUE") -> int:
         """Rows of `samples` satisfying a WHERE clause."""
-        return int(self.query(f"SELECT count(*) AS n FROM {TABLE} WHERE {where}").table.column(0)[0].as_py())
+        return int(
+            self.query(f"SELECT count(*) AS n FROM {TABLE} WHERE {where}")
+            .table.column(0)[0]
+            .as_py()
+        )
 
     def close(self) -> None:
         if self._con is not None:

@@ -14,9 +14,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from curation import concepts, dedup, filters, knn
-from curation import map as layout_map
-from curation import schema as S
+from collection import schema as S
+from curation import concepts, dedup, filters, knn, map as layout_map
 from curation.context import Context
 from curation.spec import SpecError, SpecSource
 
@@ -37,8 +36,14 @@ class ClauseKind:
 def parse_where(value: Any, src: SpecSource) -> list[str]:
     """One SQL boolean expression over `samples`, or a list of them (all must hold)."""
     values = [value] if isinstance(value, str) else value
-    if not isinstance(values, list) or not values or not all(isinstance(v, str) and v.strip() for v in values):
-        raise SpecError(f"{src.source}: where: give a SQL condition or a list of them, got {value!r}")
+    if (
+        not isinstance(values, list)
+        or not values
+        or not all(isinstance(v, str) and v.strip() for v in values)
+    ):
+        raise SpecError(
+            f"{src.source}: where: give a SQL condition or a list of them, got {value!r}"
+        )
     for v in values:
         if ";" in v:
             raise SpecError(f"{src.source}: where: one SQL condition per entry, no ';' ({v!r})")
@@ -63,14 +68,18 @@ def parse_filters(value: Any, src: SpecSource) -> dict[str, Any]:
     if isinstance(value, str):
         value = {PRESET: value}
     if not isinstance(value, dict) or not isinstance(value.get(PRESET, "laion"), str):
-        raise SpecError(f"{src.source}: filters: give a preset name or a mapping with `preset:` and overrides")
+        raise SpecError(
+            f"{src.source}: filters: give a preset name or a mapping with `preset:` and overrides"
+        )
     doc = {PRESET: "laion", **value}
     overrides = {k: v for k, v in doc.items() if k != PRESET}
     try:
         # names and values checked now; the similarity threshold waits for the collection's CLIP
         filters.spec(doc[PRESET], **{"min_similarity": None, **overrides}).clauses()
     except (ValueError, TypeError, KeyError) as exc:
-        raise SpecError(f"{src.source}: filters: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
+        raise SpecError(
+            f"{src.source}: filters: {str(exc).splitlines()[0] if str(exc) else exc!r}"
+        ) from None
     return doc
 
 
@@ -81,7 +90,9 @@ def filters_steps(doc: dict[str, Any]) -> list[tuple[str, Step]]:
     def run(ctx: Context, ids: np.ndarray) -> np.ndarray:
         try:
             sql = filters.render(doc[PRESET], **{"clip_model": ctx.clip_model, **overrides})
-        except ValueError as exc:  # e.g. no calibrated similarity threshold for this collection's CLIP
+        except (
+            ValueError
+        ) as exc:  # e.g. no calibrated similarity threshold for this collection's CLIP
             raise SpecError(f"{ctx.source}: filters: {exc}") from None
         return np.intersect1d(ids, ctx.where_ids(sql, "filters"), assume_unique=True)
 
@@ -94,8 +105,10 @@ def _mapping(value: Any, field_name: str, src: SpecSource, allowed: set[str]) ->
         raise SpecError(f"{src.source}: {field_name}: give a mapping, got {value!r}")
     unknown = sorted(set(value) - allowed)
     if unknown:
-        raise SpecError(f"{src.source}: {field_name}: unknown field{'s' if len(unknown) > 1 else ''} {unknown}; "
-                        f"expected {sorted(allowed)}")
+        raise SpecError(
+            f"{src.source}: {field_name}: unknown field{'s' if len(unknown) > 1 else ''} {unknown}; "
+            f"expected {sorted(allowed)}"
+        )
     return dict(value)
 
 
@@ -105,12 +118,20 @@ def parse_concept(value: Any, src: SpecSource) -> list[dict[str, Any]]:
     items = value if isinstance(value, list) else [value]
     out = []
     for item in items:
-        doc = _mapping({"name": item} if isinstance(item, str) else item, "concept", src, {"name", "min_score"})
+        doc = _mapping(
+            {"name": item} if isinstance(item, str) else item, "concept", src, {"name", "min_score"}
+        )
         if not isinstance(doc.get("name"), str) or not doc["name"]:
-            raise SpecError(f"{src.source}: concept: `name` (a concept saved under concepts/) is required")
+            raise SpecError(
+                f"{src.source}: concept: `name` (a concept saved under concepts/) is required"
+            )
         score = doc.get("min_score")
-        if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float)) or not 0 <= score <= 1):
-            raise SpecError(f"{src.source}: concept: min_score must be a number in [0, 1], got {score!r}")
+        if score is not None and (
+            isinstance(score, bool) or not isinstance(score, (int, float)) or not 0 <= score <= 1
+        ):
+            raise SpecError(
+                f"{src.source}: concept: min_score must be a number in [0, 1], got {score!r}"
+            )
         out.append({"name": doc["name"], "min_score": None if score is None else float(score)})
     return out
 
@@ -122,8 +143,13 @@ def concept_steps(items: list[dict[str, Any]]) -> list[tuple[str, Step]]:
         except (ValueError, FileNotFoundError) as exc:
             raise SpecError(f"{ctx.source}: concept {name}: {str(exc).splitlines()[0]}") from None
 
-    return [(f"concept {it['name']} score >= {'its threshold' if it['min_score'] is None else it['min_score']}",
-             lambda ctx, ids, it=it: run(ctx, ids, it["name"], it["min_score"])) for it in items]
+    return [
+        (
+            f"concept {it['name']} score >= {'its threshold' if it['min_score'] is None else it['min_score']}",
+            lambda ctx, ids, it=it: run(ctx, ids, it["name"], it["min_score"]),
+        )
+        for it in items
+    ]
 
 
 def parse_region(value: Any, src: SpecSource) -> dict[str, Any]:
@@ -134,7 +160,9 @@ def parse_region(value: Any, src: SpecSource) -> dict[str, Any]:
         raise SpecError(f"{src.source}: region: modality must be image or text, got {modality!r}")
     rect, polygon = doc.get("rect"), doc.get("polygon")
     if (rect is None) == (polygon is None):
-        raise SpecError(f"{src.source}: region: give exactly one of rect: [x0, y0, x1, y1] or polygon: [[x, y], ...]")
+        raise SpecError(
+            f"{src.source}: region: give exactly one of rect: [x0, y0, x1, y1] or polygon: [[x, y], ...]"
+        )
     try:
         if rect is not None:
             rect = [float(v) for v in rect]
@@ -145,16 +173,24 @@ def parse_region(value: Any, src: SpecSource) -> dict[str, Any]:
             if len(polygon) < 3:
                 raise ValueError
     except (TypeError, ValueError):
-        raise SpecError(f"{src.source}: region: rect needs 4 numbers, polygon at least 3 [x, y] points") from None
+        raise SpecError(
+            f"{src.source}: region: rect needs 4 numbers, polygon at least 3 [x, y] points"
+        ) from None
     return {"modality": modality, "rect": rect, "polygon": polygon}
 
 
 def region_steps(doc: dict[str, Any]) -> list[tuple[str, Step]]:
-    shape = f"rect {doc['rect']}" if doc["rect"] is not None else f"polygon of {len(doc['polygon'])} points"
+    shape = (
+        f"rect {doc['rect']}"
+        if doc["rect"] is not None
+        else f"polygon of {len(doc['polygon'])} points"
+    )
 
     def run(ctx: Context, ids: np.ndarray) -> np.ndarray:
         try:
-            return layout_map.region_clause(ctx.collection, ids, doc["modality"], doc["rect"], doc["polygon"])
+            return layout_map.region_clause(
+                ctx.collection, ids, doc["modality"], doc["rect"], doc["polygon"]
+            )
         except (ValueError, FileNotFoundError) as exc:
             raise SpecError(f"{ctx.source}: region: {str(exc).splitlines()[0]}") from None
 
@@ -163,10 +199,14 @@ def region_steps(doc: dict[str, Any]) -> list[tuple[str, Step]]:
 
 def parse_dedup(value: Any, src: SpecSource) -> dict[str, Any]:
     """`dedup: copies` or `dedup: {level: exact|copies|semantic, eps: 0.05}` (one member per group)."""
-    doc = _mapping({"level": value} if isinstance(value, str) else value, "dedup", src, {"level", "eps"})
+    doc = _mapping(
+        {"level": value} if isinstance(value, str) else value, "dedup", src, {"level", "eps"}
+    )
     level, eps = doc.get("level", S.LEVEL_COPIES), doc.get("eps", 0.05)
     if level not in S.DEDUP_LEVELS:
-        raise SpecError(f"{src.source}: dedup: level must be one of {list(S.DEDUP_LEVELS)}, got {level!r}")
+        raise SpecError(
+            f"{src.source}: dedup: level must be one of {list(S.DEDUP_LEVELS)}, got {level!r}"
+        )
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
         raise SpecError(f"{src.source}: dedup: eps must be a number in (0, 1), got {eps!r}")
     return {"level": level, "eps": float(eps)}

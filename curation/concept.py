@@ -23,23 +23,45 @@ def _keys(text: str | None) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m curation.concept", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m curation.concept",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("collection")
     p.add_argument("name", help="concept name (letters, digits, - _ .)")
-    p.add_argument("--pos", default="", help="comma-separated keys of samples that show the concept")
+    p.add_argument(
+        "--pos", default="", help="comma-separated keys of samples that show the concept"
+    )
     p.add_argument("--neg", default="", help="comma-separated keys of samples that do not")
     p.add_argument("--prompt", default=None, help="a text describing the concept, used as a prior")
-    p.add_argument("--modality", default="both", choices=("image", "text", "both"),
-                   help="which CLIP embeddings the probe reads (text: the captions)")
-    p.add_argument("--add", action="store_true", help="add the keys to the saved concept's examples")
-    p.add_argument("--suggest", type=int, default=10, help="how many samples to suggest labelling next")
-    p.add_argument("--no-columns", action="store_true", help="embeddings (and prompt) only; no score columns")
+    p.add_argument(
+        "--modality",
+        default="both",
+        choices=("image", "text", "both"),
+        help="which CLIP embeddings the probe reads (text: the captions)",
+    )
+    p.add_argument(
+        "--add", action="store_true", help="add the keys to the saved concept's examples"
+    )
+    p.add_argument(
+        "--suggest", type=int, default=10, help="how many samples to suggest labelling next"
+    )
+    p.add_argument(
+        "--no-columns", action="store_true", help="embeddings (and prompt) only; no score columns"
+    )
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     setup_logging()
     # the probe needs sklearn and the collection's CLIP (torch): imported once the arguments are read
-    from curation.concepts import SCORE_COLUMNS, fit_concept, load_concept, save_concept, score_collection, suggest  # noqa: E402
+    from curation.concepts import (
+        SCORE_COLUMNS,
+        fit_concept,
+        load_concept,
+        save_concept,
+        score_collection,
+        suggest,
+    )  # noqa: E402
     from curation.vectors import read_keys  # noqa: E402
 
     try:
@@ -49,16 +71,34 @@ def main(argv: list[str] | None = None) -> None:
             pos = list(dict.fromkeys(old.positives + pos))
             neg = list(dict.fromkeys(old.negatives + neg))
             prompt = prompt if prompt is not None else old.prompt
-        concept = fit_concept(a.collection, a.name, pos, neg, prompt, a.modality,
-                              () if a.no_columns else SCORE_COLUMNS, seed=a.seed)
+        concept = fit_concept(
+            a.collection,
+            a.name,
+            pos,
+            neg,
+            prompt,
+            a.modality,
+            () if a.no_columns else SCORE_COLUMNS,
+            seed=a.seed,
+        )
         keys = read_keys(a.collection)
         scores = score_collection(a.collection, concept)
         path = save_concept(a.collection, concept, scores, keys)
     except (ValueError, FileNotFoundError) as exc:  # bad input: one line, no traceback
         p.error(str(exc))
-    print(json.dumps({"concept": path, "threshold": round(concept.threshold, 4), "quality": concept.quality,
-                      "signals": concept.signals, "above_threshold": int((scores >= concept.threshold).sum()),
-                      "samples": len(keys), "label_next": suggest(concept, keys, scores, a.suggest)}))
+    print(
+        json.dumps(
+            {
+                "concept": path,
+                "threshold": round(concept.threshold, 4),
+                "quality": concept.quality,
+                "signals": concept.signals,
+                "above_threshold": int((scores >= concept.threshold).sum()),
+                "samples": len(keys),
+                "label_next": suggest(concept, keys, scores, a.suggest),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -35,10 +35,10 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold
 
-from curation import schema as S
-from curation.storage import read_collection_json, read_json, url_to_fs, write_json
+from collection import schema as S
+from collection.parts import CollectionError, read_metadata
+from collection.storage import read_collection_json, read_json, url_to_fs, write_json
 from curation.vectors import ids_of, open_store, read_keys, write_table
-from indices.store import CollectionError, read_metadata
 from models.clip import load_clip
 from models.runtime import cores
 
@@ -55,7 +55,12 @@ MIN_SIGNAL_AUROC = 0.75
 #: cross-validation folds at most (fewer when a class has fewer labels)
 MAX_FOLDS = 5
 #: quality grades by cross-validated AUROC, best first
-GRADES: tuple[tuple[float, str], ...] = ((0.95, "excellent"), (0.85, "good"), (0.7, "fair"), (0.0, "poor"))
+GRADES: tuple[tuple[float, str], ...] = (
+    (0.95, "excellent"),
+    (0.85, "good"),
+    (0.7, "fair"),
+    (0.0, "poor"),
+)
 #: rows per chunk of the scoring pass
 SCORE_CHUNK = 1 << 18
 
@@ -97,7 +102,9 @@ def _check_name(name: str) -> None:
 def check_examples(positives: Sequence[str], negatives: Sequence[str]) -> None:
     """Enough labels of both kinds, no key labelled both ways (ValueError naming the problem)."""
     if len(positives) + len(negatives) < 2:
-        raise ValueError(f"a concept needs at least 2 labelled samples, got {len(positives) + len(negatives)}")
+        raise ValueError(
+            f"a concept needs at least 2 labelled samples, got {len(positives) + len(negatives)}"
+        )
     if not positives or not negatives:
         kind = "positive" if not positives else "negative"
         raise ValueError(f"a concept needs positive and negative examples; no {kind} example given")
@@ -112,10 +119,16 @@ def _block_probe(x: np.ndarray, y: np.ndarray, c: float = BLOCK_C) -> tuple[np.n
     return model.coef_[0].astype(np.float64), float(model.intercept_[0])
 
 
-def _stack(x: np.ndarray, y: np.ndarray, bounds: list[tuple[float | None, float | None]],
-           c: float = STACK_C) -> tuple[np.ndarray, float]:
+def _stack(
+    x: np.ndarray,
+    y: np.ndarray,
+    bounds: list[tuple[float | None, float | None]],
+    c: float = STACK_C,
+) -> tuple[np.ndarray, float]:
     """Class-balanced, L2-regularised logistic regression with bounds on the weights (not the bias)."""
-    w_class = np.where(y == 1, len(y) / (2.0 * max(y.sum(), 1)), len(y) / (2.0 * max(len(y) - y.sum(), 1)))
+    w_class = np.where(
+        y == 1, len(y) / (2.0 * max(y.sum(), 1)), len(y) / (2.0 * max(len(y) - y.sum(), 1))
+    )
     sign = 2.0 * y - 1.0
 
     def loss(theta: np.ndarray) -> tuple[float, np.ndarray]:
@@ -126,7 +139,9 @@ def _stack(x: np.ndarray, y: np.ndarray, bounds: list[tuple[float | None, float 
         return value, np.concatenate([x.T @ g + w / c, [g.sum()]])
 
     theta0 = np.zeros(x.shape[1] + 1)
-    result = minimize(loss, theta0, jac=True, method="L-BFGS-B", bounds=list(bounds) + [(None, None)])
+    result = minimize(
+        loss, theta0, jac=True, method="L-BFGS-B", bounds=list(bounds) + [(None, None)]
+    )
     return result.x[:-1], float(result.x[-1])
 
 
@@ -134,7 +149,9 @@ def _folds(y: np.ndarray, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
     k = min(MAX_FOLDS, int(min(y.sum(), len(y) - y.sum())))
     if k < 2:
         return []
-    return list(StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
+    return list(
+        StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y)
+    )
 
 
 @dataclass
@@ -151,12 +168,20 @@ def _evident(values: np.ndarray, y: np.ndarray, either_sign: bool) -> bool:
     return max(auc, 1.0 - auc) >= MIN_SIGNAL_AUROC if either_sign else auc >= MIN_SIGNAL_AUROC
 
 
-def _fit_linear(feats: _Features, y: np.ndarray, seed: int) -> tuple[dict[str, Any], dict[str, float]]:
+def _fit_linear(
+    feats: _Features, y: np.ndarray, seed: int
+) -> tuple[dict[str, Any], dict[str, float]]:
     """Stacked probe on labelled features -> linear model {block: (w, b), signal: (weight, mean, std)}."""
     # a fixed signal (prompt similarity, score column) that does not separate the labels is left
     # out: with twenty labels the stacker would otherwise fit its chance correlations
-    feats = _Features(feats.blocks, {f: v for f, v in feats.fixed.items()
-                                     if _evident(v, y, either_sign=f.startswith("column:"))})
+    feats = _Features(
+        feats.blocks,
+        {
+            f: v
+            for f, v in feats.fixed.items()
+            if _evident(v, y, either_sign=f.startswith("column:"))
+        },
+    )
     names = list(feats.blocks) + list(feats.fixed)
     oof = {b: np.zeros(len(y)) for b in feats.blocks}
     folds = _folds(y, seed)
@@ -182,12 +207,18 @@ def _fit_linear(feats: _Features, y: np.ndarray, seed: int) -> tuple[dict[str, A
     return model, {name: float(s[k]) for k, name in enumerate(names)}
 
 
-def _labelled_features(collection: str, ids: np.ndarray, modality: str, prompt_vec: np.ndarray | None,
-                       columns: Sequence[str], meta: pa.Table) -> tuple[_Features, dict[str, np.ndarray]]:
+def _labelled_features(
+    collection: str,
+    ids: np.ndarray,
+    modality: str,
+    prompt_vec: np.ndarray | None,
+    columns: Sequence[str],
+    meta: pa.Table,
+) -> tuple[_Features, dict[str, np.ndarray]]:
     """Features of the labelled ids and the raw prompt-similarity inputs (for folding into weights)."""
     blocks: dict[str, np.ndarray] = {}
     fixed: dict[str, np.ndarray] = {}
-    for m in (("image", "text") if modality == "both" else (modality,)):
+    for m in ("image", "text") if modality == "both" else (modality,):
         x = open_store(collection, m).gather(ids).astype(np.float64)
         blocks[m] = x
         if prompt_vec is not None:
@@ -200,7 +231,9 @@ def _labelled_features(collection: str, ids: np.ndarray, modality: str, prompt_v
     return _Features(blocks, fixed), blocks
 
 
-def _to_concept_weights(model: dict[str, Any], dim: int, prompt_vec: np.ndarray | None) -> dict[str, Any]:
+def _to_concept_weights(
+    model: dict[str, Any], dim: int, prompt_vec: np.ndarray | None
+) -> dict[str, Any]:
     """Fold the stacked model into one weight vector per modality, column weights and a bias."""
     bias = model["bias"]
     weights = {m: np.zeros(dim) for m in ("image", "text")}
@@ -220,9 +253,12 @@ def _to_concept_weights(model: dict[str, Any], dim: int, prompt_vec: np.ndarray 
     for name in [k for k in model if k.startswith("column:")]:
         s, mu, sd = model[name]
         columns[name.split(":", 1)[1]] = {"mean": mu, "std": sd, "weight": s}
-    return {"image_weights": weights["image"].tolist() if "image" in used else None,
-            "text_weights": weights["text"].tolist() if "text" in used else None,
-            "columns": columns, "bias": float(bias)}
+    return {
+        "image_weights": weights["image"].tolist() if "image" in used else None,
+        "text_weights": weights["text"].tolist() if "text" in used else None,
+        "columns": columns,
+        "bias": float(bias),
+    }
 
 
 def _prompt_vector(collection: str, prompt: str | None, clip: Any) -> np.ndarray | None:
@@ -249,7 +285,9 @@ def _linear_scores(model: dict[str, Any], feats: _Features) -> np.ndarray:
 
 
 def _subset(feats: _Features, rows: np.ndarray) -> _Features:
-    return _Features({k: v[rows] for k, v in feats.blocks.items()}, {k: v[rows] for k, v in feats.fixed.items()})
+    return _Features(
+        {k: v[rows] for k, v in feats.blocks.items()}, {k: v[rows] for k, v in feats.fixed.items()}
+    )
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -260,8 +298,12 @@ def _quality(feats: _Features, y: np.ndarray, seed: int) -> tuple[float, dict[st
     """Threshold (best F1 on cross-validated probabilities) and the quality they show."""
     folds = _folds(y, seed + 1)
     if not folds:
-        return 0.5, {"grade": "unknown", "reason": "fewer than 2 labels of a kind: nothing to hold out",
-                     "n_positive": int(y.sum()), "n_negative": int(len(y) - y.sum())}
+        return 0.5, {
+            "grade": "unknown",
+            "reason": "fewer than 2 labels of a kind: nothing to hold out",
+            "n_positive": int(y.sum()),
+            "n_negative": int(len(y) - y.sum()),
+        }
     prob = np.zeros(len(y))
     for train, test in folds:
         model, _ = _fit_linear(_subset(feats, train), y[train], seed)
@@ -277,13 +319,27 @@ def _quality(feats: _Features, y: np.ndarray, seed: int) -> tuple[float, dict[st
         if f1 > best_f1:
             best_f1, threshold = f1, float(t)
     grade = next(g for limit, g in GRADES if auroc >= limit)
-    return threshold, {"grade": grade, "cv_auroc": round(auroc, 4), "cv_f1": round(best_f1, 4), "cv_folds": len(folds),
-                       "n_positive": int(y.sum()), "n_negative": int(len(y) - y.sum())}
+    return threshold, {
+        "grade": grade,
+        "cv_auroc": round(auroc, 4),
+        "cv_f1": round(best_f1, 4),
+        "cv_folds": len(folds),
+        "n_positive": int(y.sum()),
+        "n_negative": int(len(y) - y.sum()),
+    }
 
 
-def fit_concept(collection: str, name: str, positives: Sequence[str], negatives: Sequence[str],
-                prompt: str | None = None, modality: str = "both", columns: Sequence[str] = SCORE_COLUMNS,
-                clip: Any = None, seed: int = 0) -> Concept:
+def fit_concept(
+    collection: str,
+    name: str,
+    positives: Sequence[str],
+    negatives: Sequence[str],
+    prompt: str | None = None,
+    modality: str = "both",
+    columns: Sequence[str] = SCORE_COLUMNS,
+    clip: Any = None,
+    seed: int = 0,
+) -> Concept:
     """Fit a concept from labelled keys (and a prompt as prior); see the module doc for the model."""
     _check_name(name)
     if modality not in MODALITIES:
@@ -300,12 +356,27 @@ def fit_concept(collection: str, name: str, positives: Sequence[str], negatives:
     linear = _to_concept_weights(model, dim, prompt_vec)
     threshold, quality = _quality(feats, y, seed)
     info = read_collection_json(collection)
-    concept = Concept(name=name, positives=positives, negatives=negatives, prompt=prompt, modality=modality,
-                      clip_model=info.get("clip_model", "sieve-tiny"), threshold=threshold, quality=quality,
-                      signals={k: round(v, 4) for k, v in signals.items()},
-                      created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **linear)
-    log.info("concept %s: %s (cv AUROC %s) from %d+/%d- labels", name, quality.get("grade"),
-             quality.get("cv_auroc"), len(positives), len(negatives))
+    concept = Concept(
+        name=name,
+        positives=positives,
+        negatives=negatives,
+        prompt=prompt,
+        modality=modality,
+        clip_model=info.get("clip_model", "sieve-tiny"),
+        threshold=threshold,
+        quality=quality,
+        signals={k: round(v, 4) for k, v in signals.items()},
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **linear,
+    )
+    log.info(
+        "concept %s: %s (cv AUROC %s) from %d+/%d- labels",
+        name,
+        quality.get("grade"),
+        quality.get("cv_auroc"),
+        len(positives),
+        len(negatives),
+    )
     return concept
 
 
@@ -314,19 +385,34 @@ def _half_dot(chunk: np.ndarray, w: torch.Tensor) -> np.ndarray:
     CPU half-precision kernel: several times cheaper than converting the rows to float32 in numpy
     first (`python -m bench.insight`, concept scoring)."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # read-only mmap: torch is never asked to write to it
+        warnings.simplefilter(
+            "ignore", UserWarning
+        )  # read-only mmap: torch is never asked to write to it
         rows = torch.from_numpy(np.ascontiguousarray(chunk))
     if rows.dtype != torch.float16:
         return (rows.float() @ w.float()).numpy()
     return (rows @ w).float().numpy()
 
 
-def score_vectors(concept: Concept, image: Sequence[np.ndarray] = (), text: Sequence[np.ndarray] = (),
-                  columns: dict[str, np.ndarray] | None = None, threads: int | None = None) -> np.ndarray:
+def score_vectors(
+    concept: Concept,
+    image: Sequence[np.ndarray] = (),
+    text: Sequence[np.ndarray] = (),
+    columns: dict[str, np.ndarray] | None = None,
+    threads: int | None = None,
+) -> np.ndarray:
     """Probabilities for parts of (memory-mapped float16) embeddings: one pass in chunks, on
     parallel threads (torch releases the GIL in its kernels)."""
-    w_img = None if concept.image_weights is None else torch.tensor(concept.image_weights, dtype=torch.float16)
-    w_txt = None if concept.text_weights is None else torch.tensor(concept.text_weights, dtype=torch.float16)
+    w_img = (
+        None
+        if concept.image_weights is None
+        else torch.tensor(concept.image_weights, dtype=torch.float16)
+    )
+    w_txt = (
+        None
+        if concept.text_weights is None
+        else torch.tensor(concept.text_weights, dtype=torch.float16)
+    )
     if w_img is not None and not image:
         raise CollectionError(f"concept {concept.name}: needs image embeddings")
     if w_txt is not None and not text:
@@ -344,9 +430,9 @@ def score_vectors(concept: Concept, image: Sequence[np.ndarray] = (), text: Sequ
     def run(job: tuple[int, int, int, int]) -> None:
         p, lo, hi, out = job
         if w_img is not None:
-            logit[out:out + hi - lo] += _half_dot(image[p][lo:hi], w_img)
+            logit[out : out + hi - lo] += _half_dot(image[p][lo:hi], w_img)
         if w_txt is not None:
-            logit[out:out + hi - lo] += _half_dot(text[p][lo:hi], w_txt)
+            logit[out : out + hi - lo] += _half_dot(text[p][lo:hi], w_txt)
 
     with ThreadPoolExecutor(threads or cores()) as pool:
         list(pool.map(run, jobs))
@@ -363,27 +449,39 @@ def score_vectors(concept: Concept, image: Sequence[np.ndarray] = (), text: Sequ
 def score_collection(collection: str, concept: Concept) -> np.ndarray:
     """Every embedded sample's probability of the concept, in global-id order."""
     stores = {}
-    for modality, weights in ((S.MODALITY_IMAGE, concept.image_weights), (S.MODALITY_TEXT, concept.text_weights)):
+    for modality, weights in (
+        (S.MODALITY_IMAGE, concept.image_weights),
+        (S.MODALITY_TEXT, concept.text_weights),
+    ):
         if weights is not None:
             stores[modality] = open_store(collection, modality)
             if stores[modality].dim != len(weights):
-                raise CollectionError(f"concept {concept.name}: fit on {len(weights)}-dim {modality} embeddings "
-                                      f"({concept.clip_model}), but {collection} has {stores[modality].dim}-dim ones")
+                raise CollectionError(
+                    f"concept {concept.name}: fit on {len(weights)}-dim {modality} embeddings "
+                    f"({concept.clip_model}), but {collection} has {stores[modality].dim}-dim ones"
+                )
     image = stores[S.MODALITY_IMAGE].arrays if S.MODALITY_IMAGE in stores else ()
     text = stores[S.MODALITY_TEXT].arrays if S.MODALITY_TEXT in stores else ()
     columns = None
     if concept.columns:
         meta = read_metadata(collection, list(concept.columns))
-        columns = {c: np.asarray(meta.column(c).to_pylist(), dtype=float) for c in concept.columns
-                   if c in meta.column_names}
-    return score_vectors(concept, [a for a in image if len(a)], [a for a in text if len(a)], columns)
+        columns = {
+            c: np.asarray(meta.column(c).to_pylist(), dtype=float)
+            for c in concept.columns
+            if c in meta.column_names
+        }
+    return score_vectors(
+        concept, [a for a in image if len(a)], [a for a in text if len(a)], columns
+    )
 
 
 def suggest(concept: Concept, keys: np.ndarray, scores: np.ndarray, n: int = 10) -> list[str]:
     """The n unlabelled samples the probe is least sure of (score closest to its threshold)."""
     labelled = set(concept.positives) | set(concept.negatives)
     t = min(max(concept.threshold, 1e-6), 1 - 1e-6)
-    margin = np.abs(np.log(np.maximum(scores, 1e-9) / np.maximum(1 - scores, 1e-9)) - math.log(t / (1 - t)))
+    margin = np.abs(
+        np.log(np.maximum(scores, 1e-9) / np.maximum(1 - scores, 1e-9)) - math.log(t / (1 - t))
+    )
     out = []
     for i in np.argsort(margin, kind="stable"):
         if keys[i] not in labelled:
@@ -393,16 +491,27 @@ def suggest(concept: Concept, keys: np.ndarray, scores: np.ndarray, n: int = 10)
     return out
 
 
-def save_concept(collection: str, concept: Concept, scores: np.ndarray | None = None,
-                 keys: np.ndarray | None = None) -> str:
+def save_concept(
+    collection: str,
+    concept: Concept,
+    scores: np.ndarray | None = None,
+    keys: np.ndarray | None = None,
+) -> str:
     """Write concepts/{name}.json (and, given scores, concepts/{name}.parquet: key, score); return the json path."""
     layout = S.InsightLayout(collection)
     path = layout.concept(concept.name)
     write_json(path, concept.to_json())
     if scores is not None:
         keys = read_keys(collection) if keys is None else keys
-        write_table(layout.concept_scores(concept.name),
-                    pa.table({S.KEY: pa.array(list(keys), pa.string()), S.CONCEPT_SCORE: pa.array(scores, pa.float32())}))
+        write_table(
+            layout.concept_scores(concept.name),
+            pa.table(
+                {
+                    S.KEY: pa.array(list(keys), pa.string()),
+                    S.CONCEPT_SCORE: pa.array(scores, pa.float32()),
+                }
+            ),
+        )
     return path
 
 
@@ -411,8 +520,10 @@ def load_concept(collection: str, name: str) -> Concept:
     _check_name(name)
     doc = read_json(S.InsightLayout(collection).concept(name))
     if doc is None:
-        raise FileNotFoundError(f"{collection}: no concept {name!r}; make it with "
-                                f"`python -m curation.concept {collection} {name} --pos KEYS --neg KEYS`")
+        raise FileNotFoundError(
+            f"{collection}: no concept {name!r}; make it with "
+            f"`python -m curation.concept {collection} {name} --pos KEYS --neg KEYS`"
+        )
     return Concept.from_json(doc)
 
 
@@ -425,8 +536,9 @@ def saved_concepts(collection: str) -> list[str]:
     return sorted(n[:-5] for n in names if n.endswith(".json") and not n.startswith("."))
 
 
-def subset_clause(collection: str, ids: Sequence[int] | np.ndarray, name: str,
-                  min_score: float | None = None) -> np.ndarray:
+def subset_clause(
+    collection: str, ids: Sequence[int] | np.ndarray, name: str, min_score: float | None = None
+) -> np.ndarray:
     """A subset spec's `concept: {name, min_score}` clause: the ids whose score is at least min_score
     (default: the concept's cross-validated threshold)."""
     concept = load_concept(collection, name)

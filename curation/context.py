@@ -2,7 +2,7 @@
 collection's catalog (SQL), the embedded rows that survive the takedown list, the FAISS
 indices and embeddings, and the CLIP model that embeds query texts and images.
 
-Row sets travel between clauses as sorted arrays of unique global ids (`curation.schema.ID`).
+Row sets travel between clauses as sorted arrays of unique global ids (`collection.schema.ID`).
 """
 
 from __future__ import annotations
@@ -16,13 +16,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curation import schema as S
+from collection import schema as S
+from collection.embeddings import EmbeddingStore
+from collection.parts import CollectionError, complete_parts
+from collection.storage import read_collection_json, url_to_fs
+from collection.takedown import Takedown
 from curation.catalog import Catalog, SqlError
 from curation.spec import SpecError
-from curation.storage import read_collection_json, url_to_fs
-from curation.takedown import Takedown
 from indices.build import load_index
-from indices.store import CollectionError, EmbeddingStore, complete_parts
 from indices.tune import set_search_params
 from models.clip import Clip, load_clip
 
@@ -86,7 +87,9 @@ class Context:
         except SqlError as exc:
             raise SpecError(f"{self.source}: {what}: {exc}") from None
         if result.truncated:
-            raise SpecError(f"{self.source}: {what}: more rows than the collection has embedded ones")
+            raise SpecError(
+                f"{self.source}: {what}: more rows than the collection has embedded ones"
+            )
         return ids_array(result.table[S.ID].to_numpy(zero_copy_only=False))
 
     # ---- the rows a spec starts from -----------------------------------------------------
@@ -94,8 +97,11 @@ class Context:
     def base(self) -> pa.Table:
         """id, key, url, sha256 of every embedded row, by id; the takedown list is applied at once."""
         if self._base is None:
-            table = self.query(f"SELECT {S.ID}, {S.KEY}, {S.URL}, {S.SHA256} FROM samples "
-                               f"WHERE {S.ID} IS NOT NULL ORDER BY {S.ID}", "collection")
+            table = self.query(
+                f"SELECT {S.ID}, {S.KEY}, {S.URL}, {S.SHA256} FROM samples "
+                f"WHERE {S.ID} IS NOT NULL ORDER BY {S.ID}",
+                "collection",
+            )
             blocked = Takedown.load(self.collection).blocked_mask(table)
             self._blocked = int(np.count_nonzero(blocked))
             self._base = table.filter(pa.array(~np.asarray(blocked, dtype=bool)))
@@ -119,14 +125,18 @@ class Context:
         pos = pc.index_in(pa.array(keys, pa.string()), value_set=self.base[S.KEY].combine_chunks())
         if pos.null_count:
             missing = keys[pos.is_null().to_pylist().index(True)]
-            raise SpecError(f"{self.source}: {what}: key {missing!r} is not an embedded, visible row of "
-                            f"{self.collection}")
+            raise SpecError(
+                f"{self.source}: {what}: key {missing!r} is not an embedded, visible row of "
+                f"{self.collection}"
+            )
         return self.base[S.ID].to_numpy()[pos.to_numpy()]
 
     def _take(self, ids: np.ndarray, column: str) -> list[Any]:
         all_ids = self.base[S.ID].to_numpy(zero_copy_only=False)
         pos = np.searchsorted(all_ids, ids)
-        if len(ids) and (pos.max(initial=0) >= len(all_ids) or not np.array_equal(all_ids[pos], ids)):
+        if len(ids) and (
+            pos.max(initial=0) >= len(all_ids) or not np.array_equal(all_ids[pos], ids)
+        ):
             raise SpecError(f"{self.source}: ids outside the collection's visible rows")
         return self.base[column].take(pa.array(pos)).to_pylist()
 
@@ -135,8 +145,10 @@ class Context:
         head = [int(i) for i in ids[:n]]
         if not head:
             return []
-        table = self.query(f"SELECT {S.ID}, {S.CAPTION} FROM samples WHERE {S.ID} IN ({', '.join(map(str, head))})",
-                           "captions")
+        table = self.query(
+            f"SELECT {S.ID}, {S.CAPTION} FROM samples WHERE {S.ID} IN ({', '.join(map(str, head))})",
+            "captions",
+        )
         by_id = dict(zip(table[S.ID].to_pylist(), table[S.CAPTION].to_pylist()))
         return [by_id.get(i) or "" for i in head]
 
@@ -158,8 +170,10 @@ class Context:
             layout = S.CollectionLayout(self.collection)
             fs, path = url_to_fs(layout.index_json(modality))
             if not fs.exists(path):
-                raise SpecError(f"{self.source}: {what}: {self.collection} has no {modality} index; build it "
-                                f"with `python -m indices.build {self.collection}`")
+                raise SpecError(
+                    f"{self.source}: {what}: {self.collection} has no {modality} index; build it "
+                    f"with `python -m indices.build {self.collection}`"
+                )
             with fs.open(path, "rb") as fh:
                 doc = json.loads(fh.read())
             index = load_index(layout.index(modality))
@@ -169,8 +183,10 @@ class Context:
             except CollectionError as exc:
                 raise SpecError(f"{self.source}: {what}: {exc}") from None
             if store.count != index.ntotal:
-                raise SpecError(f"{self.source}: {what}: the {modality} index holds {index.ntotal} vectors but the "
-                                f"collection {store.count}; rebuild it with `python -m indices.build`")
+                raise SpecError(
+                    f"{self.source}: {what}: the {modality} index holds {index.ntotal} vectors but the "
+                    f"collection {store.count}; rebuild it with `python -m indices.build`"
+                )
             self._indices[modality] = (index, doc, store)
         return self._indices[modality]
 

@@ -63,7 +63,9 @@ def thumbnail(image: Any) -> np.ndarray:
     w, h = image.size
     scale = CHECK_SIDE / max(w, h)
     if scale < 1:
-        image = image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.LANCZOS)
+        image = image.resize(
+            (max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.LANCZOS
+        )
     return np.asarray(image, dtype=np.uint8)
 
 
@@ -82,7 +84,9 @@ def _best_window(big: np.ndarray, small: np.ndarray) -> np.ndarray:
     sc = gs - gs.mean()
     windows = sliding_window_view(gb, gs.shape)
     cross = np.tensordot(windows, sc, axes=([2, 3], [0, 1]))  # sum(window * sc): sc has zero mean
-    ii = np.pad(gb, ((1, 0), (1, 0))).cumsum(0).cumsum(1)  # integral images of the values and squares
+    ii = (
+        np.pad(gb, ((1, 0), (1, 0))).cumsum(0).cumsum(1)
+    )  # integral images of the values and squares
     ii2 = np.pad(gb * gb, ((1, 0), (1, 0))).cumsum(0).cumsum(1)
 
     def box(t: np.ndarray) -> np.ndarray:
@@ -91,7 +95,7 @@ def _best_window(big: np.ndarray, small: np.ndarray) -> np.ndarray:
     sums = box(ii)
     ssd = box(ii2) - sums * sums / n - 2 * cross  # + sum(sc^2), the same for every window
     oy, ox = np.unravel_index(int(np.argmin(ssd)), ssd.shape)
-    return big[oy:oy + h, ox:ox + w]
+    return big[oy : oy + h, ox : ox + w]
 
 
 def _views(a: np.ndarray, b: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -99,8 +103,16 @@ def _views(a: np.ndarray, b: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
     shape = (min(a.shape[0], b.shape[0]), min(a.shape[1], b.shape[1]))
     out = [(_resize(a, shape), _resize(b, shape))]
     for big, small, flip in ((a, b, False), (b, a, True)):
-        fits = small.shape[0] <= big.shape[0] and small.shape[1] <= big.shape[1] and small.shape != big.shape
-        if fits and small.shape[0] >= MIN_CROP * big.shape[0] and small.shape[1] >= MIN_CROP * big.shape[1]:
+        fits = (
+            small.shape[0] <= big.shape[0]
+            and small.shape[1] <= big.shape[1]
+            and small.shape != big.shape
+        )
+        if (
+            fits
+            and small.shape[0] >= MIN_CROP * big.shape[0]
+            and small.shape[1] >= MIN_CROP * big.shape[1]
+        ):
             window = _best_window(big, small)
             out.append((small, window) if flip else (window, small))
     return out
@@ -132,7 +144,9 @@ def _colour_fit(u: np.ndarray, v: np.ndarray) -> np.ndarray:
         n = float(weight.sum())
         mx, my = float((weight * gu).sum()) / n, float((weight * gv).sum()) / n
         dx = (gu - mx) * weight
-        slope = float(np.clip((dx * (gv - my)).sum() / max(float((dx * (gu - mx)).sum()), 1e-6), 0.5, 2.0))
+        slope = float(
+            np.clip((dx * (gv - my)).sum() / max(float((dx * (gu - mx)).sum()), 1e-6), 0.5, 2.0)
+        )
         cc = float((weight * cuu).sum())
         chroma = float(np.clip((weight * cuv).sum() / cc, 0.3, 2.0)) if cc > 1e-3 else 1.0
         base = my + slope * (gu - mx)
@@ -208,7 +222,9 @@ def _features(u: np.ndarray, v: np.ndarray) -> tuple[float, float]:
 
 def _smooth(x: np.ndarray) -> np.ndarray:
     """PIL's SMOOTH filter on (3, H, W) planes."""
-    img = Image.fromarray(np.clip(np.moveaxis(x, 0, -1), 0, 255).astype(np.uint8), "RGB").filter(ImageFilter.SMOOTH)
+    img = Image.fromarray(np.clip(np.moveaxis(x, 0, -1), 0, 255).astype(np.uint8), "RGB").filter(
+        ImageFilter.SMOOTH
+    )
     return _planes(np.asarray(img))
 
 
@@ -245,8 +261,12 @@ def is_copy(a: Any, b: Any) -> bool:
     return inliers >= MIN_INLIERS and structure >= MIN_STRUCTURE
 
 
-def copy_verdict(query: Any, candidates: Sequence[Any], similarities: Sequence[float] | None = None,
-                 min_similarity: float | None = None) -> list[bool]:
+def copy_verdict(
+    query: Any,
+    candidates: Sequence[Any],
+    similarities: Sequence[float] | None = None,
+    min_similarity: float | None = None,
+) -> list[bool]:
     """For each candidate picture: is it a copy of `query`? (The rule of `curation.dedup --level copies`.)
 
     `query` and `candidates` are PIL images or HxWx3 RGB arrays of any size (compared as
@@ -256,11 +276,17 @@ def copy_verdict(query: Any, candidates: Sequence[Any], similarities: Sequence[f
     images from a kNN search.
     """
     if similarities is not None and len(similarities) != len(candidates):
-        raise ValueError(f"copy_verdict: {len(similarities)} similarities for {len(candidates)} candidates")
+        raise ValueError(
+            f"copy_verdict: {len(similarities)} similarities for {len(candidates)} candidates"
+        )
     q = thumbnail(query)
     out = []
     for i, cand in enumerate(candidates):
-        if min_similarity is not None and similarities is not None and similarities[i] < min_similarity:
+        if (
+            min_similarity is not None
+            and similarities is not None
+            and similarities[i] < min_similarity
+        ):
             out.append(False)
             continue
         out.append(is_copy(q, cand))
@@ -270,7 +296,9 @@ def copy_verdict(query: Any, candidates: Sequence[Any], similarities: Sequence[f
 def phash_bits(hashes: Sequence[str]) -> np.ndarray:
     """(n, 8) uint8 array of 16-hex-digit perceptual hashes (the collection's `phash` column)."""
     try:
-        return np.frombuffer(b"".join(bytes.fromhex(h) for h in hashes), dtype=np.uint8).reshape(-1, 8)
+        return np.frombuffer(b"".join(bytes.fromhex(h) for h in hashes), dtype=np.uint8).reshape(
+            -1, 8
+        )
     except (TypeError, ValueError) as exc:
         raise ValueError(f"phash: expected 16 hex digits per hash ({exc})") from exc
 

@@ -33,14 +33,14 @@ import faiss
 import numpy as np
 import pyarrow as pa
 
-from curation import schema as S
+from collection import schema as S
+from collection.parts import CollectionError, read_metadata
+from collection.shards import ShardOpenError
+from collection.storage import write_json
 from curation.copies import copy_verdict, is_copy, phash_bits  # noqa: F401 - copy_verdict: the audit's entry point
 from curation.pictures import load_thumbnails
 from curation.semdedup import EPS_TABLE, SemanticParams, check_eps, group_links, root_groups
-from curation.storage import write_json
 from curation.vectors import ids_of, neighbours, open_store, read_keys, read_table, write_table
-from indices.store import CollectionError, read_metadata
-from pipelines.readers import ShardOpenError
 from models.runtime import cores, progress, setup_logging
 
 log = logging.getLogger(__name__)
@@ -137,7 +137,9 @@ def copy_candidates(collection: str, meta: pa.Table, alive: np.ndarray, store: A
     cols, sims = nb_ids.ravel(), nb_sims.ravel()
     ok = (cols >= 0) & (np.nan_to_num(sims, nan=-1.0) >= COPY_MIN_COSINE)
     pairs = [np.stack([rows[ok], cols[ok]], 1)]
-    hashes = meta.column(S.PHASH).to_pylist() if S.PHASH in meta.column_names else [None] * meta.num_rows
+    hashes = (
+        meta.column(S.PHASH).to_pylist() if S.PHASH in meta.column_names else [None] * meta.num_rows
+    )
     known = np.array([bool(h) for h in hashes], dtype=bool)
     if known.any():
         hid = np.nonzero(known)[0]
@@ -166,21 +168,35 @@ def check_pairs(pairs: np.ndarray, thumbs: dict[int, np.ndarray]) -> np.ndarray:
     return out
 
 
-def copies_stage(collection: str, meta: pa.Table, ranks: np.ndarray, links: Links, store: Any,
-                 run: Runner, tasks: int) -> dict[str, int]:
+def copies_stage(
+    collection: str,
+    meta: pa.Table,
+    ranks: np.ndarray,
+    links: Links,
+    store: Any,
+    run: Runner,
+    tasks: int,
+) -> dict[str, int]:
     """Link verified copies to the kept sample of their group (through the verified pairs)."""
     if S.SOURCE_SHARD not in meta.column_names:
-        raise CollectionError(f"{collection}: metadata has no {S.SOURCE_SHARD!r} column; the copies level re-reads "
-                              "pictures from the source shards")
+        raise CollectionError(
+            f"{collection}: metadata has no {S.SOURCE_SHARD!r} column; the copies level re-reads "
+            "pictures from the source shards"
+        )
     pairs = copy_candidates(collection, meta, links.alive, store)
     keys = np.asarray(meta.column(S.KEY).to_pylist(), dtype=object)
     shards = np.asarray(meta.column(S.SOURCE_SHARD).to_pylist(), dtype=object)
     try:
         thumbs = load_thumbnails(keys, shards, np.unique(pairs), run) if len(pairs) else {}
     except ShardOpenError as exc:
-        raise CollectionError(f"{collection}: the copies level re-reads pictures from the source shards: {exc}") from exc
+        raise CollectionError(
+            f"{collection}: the copies level re-reads pictures from the source shards: {exc}"
+        ) from exc
     chunks = np.array_split(np.arange(len(pairs)), max(1, min(len(pairs), tasks)))
-    args = [(pairs[c], {int(i): thumbs[int(i)] for i in np.unique(pairs[c]) if int(i) in thumbs}) for c in chunks]
+    args = [
+        (pairs[c], {int(i): thumbs[int(i)] for i in np.unique(pairs[c]) if int(i) in thumbs})
+        for c in chunks
+    ]
     verdict = np.concatenate(run(check_pairs, args)) if len(pairs) else np.zeros(0, bool)
     edges = pairs[verdict]
     adjacency: dict[int, list[int]] = {}
@@ -218,16 +234,29 @@ def copies_stage(collection: str, meta: pa.Table, ranks: np.ndarray, links: Link
         for c, p, s in zip(children, parents, _cosine(store, children, parents)):
             links.link(int(c), int(p), S.REASON_COPY, float(s))
         removed += len(children)
-    return {"candidate_pairs": int(len(pairs)), "verified_pairs": int(len(edges)),
-            "pictures_read": len(thumbs), "removed": removed}
+    return {
+        "candidate_pairs": int(len(pairs)),
+        "verified_pairs": int(len(edges)),
+        "pictures_read": len(thumbs),
+        "removed": removed,
+    }
 
 
-def semantic_stage(collection: str, ranks: np.ndarray, links: Links, store: Any, eps: float, run: Runner,
-                   params: SemanticParams) -> dict[str, Any]:
+def semantic_stage(
+    collection: str,
+    ranks: np.ndarray,
+    links: Links,
+    store: Any,
+    eps: float,
+    run: Runner,
+    params: SemanticParams,
+) -> dict[str, Any]:
     """SemDeDup on what earlier levels kept; links removed samples to their most similar preferred one."""
     alive = links.alive
     groups = root_groups(store, alive, params)
-    results = run(group_links, [((collection, S.MODALITY_IMAGE), g, ranks[g], params) for g in groups])
+    results = run(
+        group_links, [((collection, S.MODALITY_IMAGE), g, ranks[g], params) for g in groups]
+    )
     ids = np.concatenate([r[0] for r in results]) if results else np.zeros(0, np.int64)
     sims = np.concatenate([r[1] for r in results]) if results else np.zeros(0, np.float32)
     nearest = np.concatenate([r[2] for r in results]) if results else np.zeros(0, np.int64)
@@ -235,8 +264,15 @@ def semantic_stage(collection: str, ranks: np.ndarray, links: Links, store: Any,
     for i, p, s in zip(ids[gone], nearest[gone], sims[gone]):
         links.link(int(i), int(p), S.REASON_SEMANTIC, float(s))
     n = max(len(ranks), 1)
-    table = {f"{e:g}": round(float((sims > 1.0 - e).sum()) / n, 6) for e in sorted(set(EPS_TABLE) | {eps})}
-    return {"cluster_groups": len(groups), "removed": int(gone.sum()), "removed_fraction_by_eps": table}
+    table = {
+        f"{e:g}": round(float((sims > 1.0 - e).sum()) / n, 6)
+        for e in sorted(set(EPS_TABLE) | {eps})
+    }
+    return {
+        "cluster_groups": len(groups),
+        "removed": int(gone.sum()),
+        "removed_fraction_by_eps": table,
+    }
 
 
 def duplicate_rows(links: Links, keys: np.ndarray) -> pa.Table:
@@ -256,24 +292,40 @@ def duplicate_rows(links: Links, keys: np.ndarray) -> pa.Table:
     for i in np.sort(np.concatenate([members, kept_ids])):
         i = int(i)
         if links.parent[i] >= 0:
-            rows.append((keys[i], group_of[int(roots[i])], False, links.reason[i], keys[int(links.parent[i])],
-                         float(links.similarity[i])))
+            rows.append(
+                (
+                    keys[i],
+                    group_of[int(roots[i])],
+                    False,
+                    links.reason[i],
+                    keys[int(links.parent[i])],
+                    float(links.similarity[i]),
+                )
+            )
         else:
             sim, child, reason = best_child[i]
             rows.append((keys[i], group_of[i], True, reason, keys[-child], sim))
     cols = list(zip(*rows)) if rows else [[]] * 6
-    return pa.table({
-        S.DUP_KEY: pa.array(cols[0], pa.string()), S.DUP_GROUP: pa.array(cols[1], pa.int64()),
-        S.DUP_KEPT: pa.array(cols[2], pa.bool_()), S.DUP_REASON: pa.array(cols[3], pa.string()),
-        S.DUP_NEAREST: pa.array(cols[4], pa.string()), S.DUP_SIMILARITY: pa.array(cols[5], pa.float32()),
-    })
+    return pa.table(
+        {
+            S.DUP_KEY: pa.array(cols[0], pa.string()),
+            S.DUP_GROUP: pa.array(cols[1], pa.int64()),
+            S.DUP_KEPT: pa.array(cols[2], pa.bool_()),
+            S.DUP_REASON: pa.array(cols[3], pa.string()),
+            S.DUP_NEAREST: pa.array(cols[4], pa.string()),
+            S.DUP_SIMILARITY: pa.array(cols[5], pa.float32()),
+        }
+    )
 
 
 def _runner(scheduler: str | None, workers: int | None) -> tuple[Runner, int, Callable[[], None]]:
     """(run tasks, how many task slots, close) on a Dask cluster, or in this process when workers == 0."""
     if workers == 0 and not scheduler:
+
         def local(fn: Callable[..., Any], args: list[tuple]) -> list[Any]:
-            return [fn(*a) for a in progress(args, desc=fn.__name__, unit="task", disable=len(args) < 2)]
+            return [
+                fn(*a) for a in progress(args, desc=fn.__name__, unit="task", disable=len(args) < 2)
+            ]
 
         return local, 1, lambda: None
     from pipelines.cluster import start_client  # noqa: E402 - Dask (and torch behind it) only when tasks run
@@ -296,9 +348,15 @@ def _runner(scheduler: str | None, workers: int | None) -> tuple[Runner, int, Ca
     return remote, max(1, sum(client.nthreads().values())), close
 
 
-def dedup(collection: str, level: str = S.LEVEL_COPIES, eps: float = 0.05, scheduler: str | None = None,
-          workers: int | None = None, run: str | None = None,
-          params: SemanticParams = SemanticParams()) -> dict[str, Any]:
+def dedup(
+    collection: str,
+    level: str = S.LEVEL_COPIES,
+    eps: float = 0.05,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    run: str | None = None,
+    params: SemanticParams = SemanticParams(),
+) -> dict[str, Any]:
     """Find duplicates up to `level`; write dedup/{run}/duplicates.parquet and report.json; return the report.
 
     `workers=0` runs every task in this process (small collections, tests); otherwise a Dask
@@ -310,30 +368,48 @@ def dedup(collection: str, level: str = S.LEVEL_COPIES, eps: float = 0.05, sched
     run = run or S.dedup_run_name(level, eps)
     started = time.time()
     store = open_store(collection, S.MODALITY_IMAGE)
-    meta = read_metadata(collection, [S.KEY, S.SHA256, S.PHASH, S.WIDTH, S.HEIGHT, S.CLIP_SIMILARITY, S.SOURCE_SHARD])
+    meta = read_metadata(
+        collection, [S.KEY, S.SHA256, S.PHASH, S.WIDTH, S.HEIGHT, S.CLIP_SIMILARITY, S.SOURCE_SHARD]
+    )
     if meta.num_rows != store.count:
-        raise CollectionError(f"{collection}: {meta.num_rows} embedded rows but {store.count} image vectors")
+        raise CollectionError(
+            f"{collection}: {meta.num_rows} embedded rows but {store.count} image vectors"
+        )
     for col in (S.KEY, S.SHA256):
         if col not in meta.column_names:
             raise CollectionError(f"{collection}: metadata has no {col!r} column")
     keys = np.asarray(meta.column(S.KEY).to_pylist(), dtype=object)
     ranks = keep_ranks(meta)
     links = Links(meta.num_rows)
-    report: dict[str, Any] = {"collection": collection, "level": level, "eps": eps, "run": run,
-                              "samples": meta.num_rows, "keep_rule": "most pixels, best clip_similarity, earliest"}
+    report: dict[str, Any] = {
+        "collection": collection,
+        "level": level,
+        "eps": eps,
+        "run": run,
+        "samples": meta.num_rows,
+        "keep_rule": "most pixels, best clip_similarity, earliest",
+    }
     t0 = time.time()
-    report["exact"] = {"removed": exact_stage(meta, ranks, links, store), "seconds": round(time.time() - t0, 3)}
+    report["exact"] = {
+        "removed": exact_stage(meta, ranks, links, store),
+        "seconds": round(time.time() - t0, 3),
+    }
     runner, slots, close = (None, 1, lambda: None)
     try:
         if level != S.LEVEL_EXACT:
             runner, slots, close = _runner(scheduler, workers)
             t0 = time.time()
-            report["copies"] = {**copies_stage(collection, meta, ranks, links, store, runner, 4 * slots),
-                                "seconds": round(time.time() - t0, 3)}
+            report["copies"] = {
+                **copies_stage(collection, meta, ranks, links, store, runner, 4 * slots),
+                "seconds": round(time.time() - t0, 3),
+            }
         if level == S.LEVEL_SEMANTIC:
             t0 = time.time()
-            report["semantic"] = {**semantic_stage(collection, ranks, links, store, eps, runner, params),
-                                  "seconds": round(time.time() - t0, 3), "params": vars(params)}
+            report["semantic"] = {
+                **semantic_stage(collection, ranks, links, store, eps, runner, params),
+                "seconds": round(time.time() - t0, 3),
+                "params": vars(params),
+            }
     finally:
         close()
     table = duplicate_rows(links, keys)
@@ -341,37 +417,58 @@ def dedup(collection: str, level: str = S.LEVEL_COPIES, eps: float = 0.05, sched
     write_table(layout.duplicates(run), table)
     removed = int((links.parent >= 0).sum())
     reasons = {r: int(np.sum(links.reason == r)) for r in S.DUP_REASONS}
-    report.update(removed=removed, removed_fraction=removed / max(meta.num_rows, 1), removed_by_reason=reasons,
-                  groups=int(len(np.unique(table.column(S.DUP_GROUP).to_numpy()))) if table.num_rows else 0,
-                  seconds=round(time.time() - started, 3), finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    report.update(
+        removed=removed,
+        removed_fraction=removed / max(meta.num_rows, 1),
+        removed_by_reason=reasons,
+        groups=int(len(np.unique(table.column(S.DUP_GROUP).to_numpy()))) if table.num_rows else 0,
+        seconds=round(time.time() - started, 3),
+        finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    )
     write_json(layout.dedup_report(run), report)
-    log.info("%s: %s removes %d of %d samples (%s) -> %s", collection, level, removed, meta.num_rows, reasons,
-             layout.duplicates(run))
+    log.info(
+        "%s: %s removes %d of %d samples (%s) -> %s",
+        collection,
+        level,
+        removed,
+        meta.num_rows,
+        reasons,
+        layout.duplicates(run),
+    )
     return report
 
 
-def read_duplicates(collection: str, level: str = S.LEVEL_COPIES, eps: float = 0.05, run: str | None = None) -> pa.Table:
+def read_duplicates(
+    collection: str, level: str = S.LEVEL_COPIES, eps: float = 0.05, run: str | None = None
+) -> pa.Table:
     """The duplicates table of a run (FileNotFoundError naming the command that writes it)."""
     run = run or S.dedup_run_name(level, eps)
-    return read_table(S.InsightLayout(collection).duplicates(run),
-                      f"duplicates for {run}; run `python -m curation.dedup {collection} --level {level} --eps {eps}`")
+    return read_table(
+        S.InsightLayout(collection).duplicates(run),
+        f"duplicates for {run}; run `python -m curation.dedup {collection} --level {level} --eps {eps}`",
+    )
 
 
-def subset_clause(collection: str, ids: Sequence[int] | np.ndarray, level: str = S.LEVEL_COPIES,
-                  eps: float = 0.05) -> np.ndarray:
+def subset_clause(
+    collection: str, ids: Sequence[int] | np.ndarray, level: str = S.LEVEL_COPIES, eps: float = 0.05
+) -> np.ndarray:
     """A subset spec's `dedup: {level, eps}` clause: `ids` less all but one member of each duplicate group.
 
     Within the subset each group keeps its kept sample when present, else its earliest member
     present. The run is computed first (in this process) when it does not exist yet.
     """
     if level not in S.DEDUP_LEVELS:
-        raise ValueError(f"dedup clause: level must be one of {list(S.DEDUP_LEVELS)}, got {level!r}")
+        raise ValueError(
+            f"dedup clause: level must be one of {list(S.DEDUP_LEVELS)}, got {level!r}"
+        )
     check_eps(eps)
     ids = np.asarray(ids, dtype=np.int64)
     try:
         table = read_duplicates(collection, level, eps)
     except FileNotFoundError:
-        log.info("%s: no %s duplicates yet; finding them now", collection, S.dedup_run_name(level, eps))
+        log.info(
+            "%s: no %s duplicates yet; finding them now", collection, S.dedup_run_name(level, eps)
+        )
         dedup(collection, level, eps, workers=0)
         table = read_duplicates(collection, level, eps)
     if not table.num_rows:
@@ -393,20 +490,50 @@ def subset_clause(collection: str, ids: Sequence[int] | np.ndarray, level: str =
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m curation.dedup", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m curation.dedup",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("collection")
-    p.add_argument("--level", default=S.LEVEL_COPIES, choices=S.DEDUP_LEVELS,
-                   help="exact: same bytes; copies: + the same picture transformed; semantic: + SemDeDup")
-    p.add_argument("--eps", type=float, default=0.05,
-                   help="semantic only: a cosine distance in (0, 1); a sample is removed when its cosine similarity "
-                        "to a sample kept before it in its cluster exceeds 1 - eps (SemDeDup's code; its README's "
-                        "'lower eps prunes more' is backwards): larger eps removes more")
-    p.add_argument("--scheduler", default=None, help="Dask scheduler address (default: a LocalCluster)")
-    p.add_argument("--workers", type=int, default=None, help="LocalCluster workers (default: one per core; 0: no Dask)")
-    p.add_argument("--run", default=None, help="name of the dedup/{run} folder (default: the level, and eps)")
-    p.add_argument("--group-size", type=int, default=SemanticParams.group_size, help="vectors per semantic cluster group (one task)")
-    p.add_argument("--leaf-size", type=int, default=SemanticParams.leaf_size, help="vectors per compared cluster")
+    p.add_argument(
+        "--level",
+        default=S.LEVEL_COPIES,
+        choices=S.DEDUP_LEVELS,
+        help="exact: same bytes; copies: + the same picture transformed; semantic: + SemDeDup",
+    )
+    p.add_argument(
+        "--eps",
+        type=float,
+        default=0.05,
+        help="semantic only: a cosine distance in (0, 1); a sample is removed when its cosine similarity "
+        "to a sample kept before it in its cluster exceeds 1 - eps (SemDeDup's code; its README's "
+        "'lower eps prunes more' is backwards): larger eps removes more",
+    )
+    p.add_argument(
+        "--scheduler", default=None, help="Dask scheduler address (default: a LocalCluster)"
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="LocalCluster workers (default: one per core; 0: no Dask)",
+    )
+    p.add_argument(
+        "--run", default=None, help="name of the dedup/{run} folder (default: the level, and eps)"
+    )
+    p.add_argument(
+        "--group-size",
+        type=int,
+        default=SemanticParams.group_size,
+        help="vectors per semantic cluster group (one task)",
+    )
+    p.add_argument(
+        "--leaf-size",
+        type=int,
+        default=SemanticParams.leaf_size,
+        help="vectors per compared cluster",
+    )
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     setup_logging()
@@ -415,8 +542,22 @@ def main(argv: list[str] | None = None) -> None:
         report = dedup(a.collection, a.level, a.eps, a.scheduler, a.workers, a.run, params)
     except (ValueError, FileNotFoundError) as exc:  # bad input: one line, no traceback
         p.error(str(exc))
-    print(json.dumps({k: report[k] for k in ("run", "samples", "removed", "removed_fraction", "removed_by_reason",
-                                             "groups", "seconds")}))
+    print(
+        json.dumps(
+            {
+                k: report[k]
+                for k in (
+                    "run",
+                    "samples",
+                    "removed",
+                    "removed_fraction",
+                    "removed_by_reason",
+                    "groups",
+                    "seconds",
+                )
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -23,16 +23,26 @@ import json
 import sys
 from typing import Any, Callable
 
-from curation import schema as S
+from collection import schema as S
 from curation.spec import SpecError
 from models.runtime import setup_logging
 
 
-def export(collection: str, spec: str | dict[str, Any], out: str, shard_size: int = 10_000,
-           image_size: int | None = None, resize: str | None = None, format: str = S.EXPORT_WEBDATASET,
-           scheduler: str | None = None, workers: int | None = None, overwrite: bool = False,
-           client: Any = None, untrusted: bool = False,
-           on_progress: Callable[[dict[str, int]], None] | None = None) -> dict[str, Any]:
+def export(
+    collection: str,
+    spec: str | dict[str, Any],
+    out: str,
+    shard_size: int = 10_000,
+    image_size: int | None = None,
+    resize: str | None = None,
+    format: str = S.EXPORT_WEBDATASET,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    overwrite: bool = False,
+    client: Any = None,
+    untrusted: bool = False,
+    on_progress: Callable[[dict[str, int]], None] | None = None,
+) -> dict[str, Any]:
     """Export the rows `spec` names on `collection` to `out`; returns the manifest.
 
     `resize` defaults to center_crop when `image_size` is given, else none. `client` (Python
@@ -41,40 +51,94 @@ def export(collection: str, spec: str | dict[str, Any], out: str, shard_size: in
     plan is known and after each shard (the web UI's progress bar). Raises SpecError or
     ExportError (one line each).
     """
-    from curation.export_job import run_export  # heavy (Dask, DuckDB, faiss): after argument parsing, so --help answers at once
+    from curation.export_job import (
+        run_export,
+    )  # heavy (Dask, DuckDB, faiss): after argument parsing, so --help answers at once
 
-    return run_export(collection, spec, out, shard_size, image_size, resize, format, scheduler, workers,
-                      overwrite, client, untrusted=untrusted, on_progress=on_progress)
+    return run_export(
+        collection,
+        spec,
+        out,
+        shard_size,
+        image_size,
+        resize,
+        format,
+        scheduler,
+        workers,
+        overwrite,
+        client,
+        untrusted=untrusted,
+        on_progress=on_progress,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m curation.export", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m curation.export",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("collection", help="collection folder")
     parser.add_argument("spec", help="subset spec: a YAML file, or a name in COLLECTION/subsets/")
     parser.add_argument("--out", required=True, help="output folder (any fsspec URL)")
     parser.add_argument("--shard-size", type=int, default=10_000, help="samples per output shard")
-    parser.add_argument("--image-size", type=int, default=None, help="resize images to this many pixels")
-    parser.add_argument("--resize", choices=S.RESIZE_MODES, default=None,
-                        help="how to resize (default center_crop with --image-size, else none)")
+    parser.add_argument(
+        "--image-size", type=int, default=None, help="resize images to this many pixels"
+    )
+    parser.add_argument(
+        "--resize",
+        choices=S.RESIZE_MODES,
+        default=None,
+        help="how to resize (default center_crop with --image-size, else none)",
+    )
     parser.add_argument("--format", choices=S.EXPORT_FORMATS, default=S.EXPORT_WEBDATASET)
-    parser.add_argument("--scheduler", default=None, help="existing Dask scheduler, e.g. tcp://host:8786")
+    parser.add_argument(
+        "--scheduler", default=None, help="existing Dask scheduler, e.g. tcp://host:8786"
+    )
     parser.add_argument("--workers", type=int, default=None, help="LocalCluster worker processes")
-    parser.add_argument("--overwrite", action="store_true", help="replace an export of another spec in --out")
-    parser.add_argument("--untrusted", action="store_true",
-                        help="run the spec's SQL sandboxed (for specs you did not write)")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an export of another spec in --out"
+    )
+    parser.add_argument(
+        "--untrusted",
+        action="store_true",
+        help="run the spec's SQL sandboxed (for specs you did not write)",
+    )
     args = parser.parse_args(argv)
     setup_logging()
     from curation.export_shard import ExportError  # with the work it reports on: after parsing
 
     try:
-        manifest = export(args.collection, args.spec, args.out, args.shard_size, args.image_size, args.resize,
-                          args.format, args.scheduler, args.workers, args.overwrite, untrusted=args.untrusted)
+        manifest = export(
+            args.collection,
+            args.spec,
+            args.out,
+            args.shard_size,
+            args.image_size,
+            args.resize,
+            args.format,
+            args.scheduler,
+            args.workers,
+            args.overwrite,
+            untrusted=args.untrusted,
+        )
     except (SpecError, ExportError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps({k: manifest[k] for k in (S.MANIFEST_SPEC_HASH, S.MANIFEST_COUNT, S.MANIFEST_SHARDS,
-                                               S.MANIFEST_FORMAT)} | {"out": args.out}))
+    print(
+        json.dumps(
+            {
+                k: manifest[k]
+                for k in (
+                    S.MANIFEST_SPEC_HASH,
+                    S.MANIFEST_COUNT,
+                    S.MANIFEST_SHARDS,
+                    S.MANIFEST_FORMAT,
+                )
+            }
+            | {"out": args.out}
+        )
+    )
     return 0
 
 

@@ -24,12 +24,20 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from distributed import Client, as_completed
 
-from curation import schema as S
+from collection import schema as S
+from collection.embeddings import EmbeddingStore
+from collection.parts import CollectionError
+from collection.storage import (
+    TMP_MARK,
+    read_collection_json,
+    read_json,
+    url_to_fs,
+    write_bytes,
+    write_json,
+)
 from curation.export_shard import ExportError, ExportOptions, json_columns, write_shard
 from curation.resolve import Resolution, resolve
 from curation.spec import stable_hash
-from curation.storage import TMP_MARK, read_collection_json, read_json, url_to_fs, write_bytes, write_json
-from indices.store import CollectionError, EmbeddingStore
 from models.runtime import cores, progress
 from pipelines.cluster import SINGLE_THREAD_WORKER_ENV, restore_env, start_client
 
@@ -121,19 +129,25 @@ def _existing(out: str) -> tuple[dict[int, dict[str, Any]], dict[int, list[str]]
     return stats, files, temps
 
 
-def _prepare_out(out: str, spec_hash: str, n_shards: int, overwrite: bool, format: str) -> dict[int, dict[str, Any]]:
+def _prepare_out(
+    out: str, spec_hash: str, n_shards: int, overwrite: bool, format: str
+) -> dict[int, dict[str, Any]]:
     """Clear what cannot be reused (beyond the last shard, or of the other file format); return the
     stats of shards that may be. Refuses to mix specs."""
     fs, path = url_to_fs(out)
     stats, files, temps = _existing(out)
     hashes = {s.get("spec_hash") for s in stats.values()}
     if None in hashes and not overwrite:
-        raise ExportError(f"--out {out} holds shards that are not a Sieve export (img2dataset's own output?); "
-                          f"use another --out")
+        raise ExportError(
+            f"--out {out} holds shards that are not a Sieve export (img2dataset's own output?); "
+            f"use another --out"
+        )
     other = sorted(h for h in hashes - {spec_hash} if h)
     if other and not overwrite:
-        raise ExportError(f"--out {out} holds an export of another spec (spec_hash {other[0]}); "
-                          f"use another --out or --overwrite")
+        raise ExportError(
+            f"--out {out} holds an export of another spec (spec_hash {other[0]}); "
+            f"use another --out or --overwrite"
+        )
     manifest = f"{path.rstrip('/')}/{S.EXPORT_MANIFEST}"
     doomed = list(temps) + ([manifest] if fs.exists(manifest) else [])
     other_ext = ".parquet" if format == S.EXPORT_WEBDATASET else ".tar"
@@ -152,11 +166,27 @@ def _prepare_out(out: str, spec_hash: str, n_shards: int, overwrite: bool, forma
 Progress = Callable[[dict[str, int]], None]
 
 
-def _run(client: Client, tasks: list[tuple[int, pa.Table, str]], opts: ExportOptions,
-         on_progress: Progress | None = None, already: int = 0) -> dict[int, dict[str, Any]]:
+def _run(
+    client: Client,
+    tasks: list[tuple[int, pa.Table, str]],
+    opts: ExportOptions,
+    on_progress: Progress | None = None,
+    already: int = 0,
+) -> dict[int, dict[str, Any]]:
     """One task per shard; a progress bar of shards, samples and samples/s; failures gathered."""
-    futures = {client.submit(write_shard, i, rows, identity, opts, key=f"export-{i:05d}-{time.time_ns()}",
-                             pure=False, retries=0): i for i, rows, identity in tasks}
+    futures = {
+        client.submit(
+            write_shard,
+            i,
+            rows,
+            identity,
+            opts,
+            key=f"export-{i:05d}-{time.time_ns()}",
+            pure=False,
+            retries=0,
+        ): i
+        for i, rows, identity in tasks
+    }
     done: dict[int, dict[str, Any]] = {}
     failed: dict[int, str] = {}
     samples, start = 0, time.time()
@@ -167,26 +197,50 @@ def _run(client: Client, tasks: list[tuple[int, pa.Table, str]], opts: ExportOpt
                 done[i] = fut.result()
                 samples += done[i]["count"]
             except Exception as exc:  # noqa: BLE001 - every task failure is reported by shard
-                failed[i] = str(exc) if isinstance(exc, ExportError) else f"{type(exc).__name__}: {exc}"
+                failed[i] = (
+                    str(exc) if isinstance(exc, ExportError) else f"{type(exc).__name__}: {exc}"
+                )
                 log.error("shard %05d failed: %s", i, failed[i])
             bar.update(1)
-            bar.set_postfix(samples=samples, samples_per_s=f"{samples / max(time.time() - start, 1e-9):.0f}",
-                            failed=len(failed))
+            bar.set_postfix(
+                samples=samples,
+                samples_per_s=f"{samples / max(time.time() - start, 1e-9):.0f}",
+                failed=len(failed),
+            )
             if on_progress is not None:
-                on_progress({"shards_done": already + len(done) + len(failed), "shards": already + len(tasks),
-                             "samples": samples, "failed": len(failed)})
+                on_progress(
+                    {
+                        "shards_done": already + len(done) + len(failed),
+                        "shards": already + len(tasks),
+                        "samples": samples,
+                        "failed": len(failed),
+                    }
+                )
     if failed:
         first = min(failed)
-        raise ExportError(f"{len(failed)} of {len(tasks)} shard(s) failed; the others are written and a rerun "
-                          f"continues. Shard {first:05d}: {failed[first]}")
+        raise ExportError(
+            f"{len(failed)} of {len(tasks)} shard(s) failed; the others are written and a rerun "
+            f"continues. Shard {first:05d}: {failed[first]}"
+        )
     return done
 
 
-def run_export(collection: str, spec: str | dict[str, Any], out: str, shard_size: int = 10_000,
-               image_size: int | None = None, resize: str | None = None, format: str = S.EXPORT_WEBDATASET,
-               scheduler: str | None = None, workers: int | None = None, overwrite: bool = False,
-               client: Client | None = None, resolution: Resolution | None = None, untrusted: bool = False,
-               on_progress: Progress | None = None) -> dict[str, Any]:
+def run_export(
+    collection: str,
+    spec: str | dict[str, Any],
+    out: str,
+    shard_size: int = 10_000,
+    image_size: int | None = None,
+    resize: str | None = None,
+    format: str = S.EXPORT_WEBDATASET,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    overwrite: bool = False,
+    client: Client | None = None,
+    resolution: Resolution | None = None,
+    untrusted: bool = False,
+    on_progress: Progress | None = None,
+) -> dict[str, Any]:
     """`curation.export.export`'s work; returns the manifest."""
     resize = check_options(format, shard_size, image_size, resize)
     check_writable(out)
@@ -196,8 +250,16 @@ def run_export(collection: str, spec: str | dict[str, Any], out: str, shard_size
         store = EmbeddingStore.open(collection, S.MODALITY_IMAGE)
     except CollectionError as exc:
         raise ExportError(str(exc)) from None
-    opts = ExportOptions(collection, out.rstrip("/") or out, format, image_size, resize, res.spec_hash,
-                         parts=tuple(store.parts), offsets=tuple(int(o) for o in store.offsets))
+    opts = ExportOptions(
+        collection,
+        out.rstrip("/") or out,
+        format,
+        image_size,
+        resize,
+        res.spec_hash,
+        parts=tuple(store.parts),
+        offsets=tuple(int(o) for o in store.offsets),
+    )
     if format != S.EXPORT_URLS:
         opts = replace(opts, embeddings=tuple(m for m in S.MODALITIES if _has(collection, m)))
     rows = gather_rows(collection, res.ids, store)
@@ -212,7 +274,13 @@ def run_export(collection: str, spec: str | dict[str, Any], out: str, shard_size
             done[i] = reusable[i]
         else:
             tasks.append((i, part, identity))
-    log.info("%d rows -> %d shards: %d to write, %d already written", len(rows), n_shards, len(tasks), len(done))
+    log.info(
+        "%d rows -> %d shards: %d to write, %d already written",
+        len(rows),
+        n_shards,
+        len(tasks),
+        len(done),
+    )
     if on_progress is not None:
         on_progress({"shards_done": len(done), "shards": n_shards, "samples": 0, "failed": 0})
     if tasks:
@@ -232,13 +300,22 @@ def run_export(collection: str, spec: str | dict[str, Any], out: str, shard_size
                     cluster.close()
                 restore_env(env_before)
     manifest = {
-        S.MANIFEST_FORMAT: format, S.MANIFEST_SPEC: res.spec, S.MANIFEST_SPEC_HASH: res.spec_hash,
-        S.MANIFEST_COLLECTION: collection, S.MANIFEST_COLLECTION_ID: res.collection_id,
-        S.MANIFEST_CLIP_MODEL: info.get("clip_model"), S.MANIFEST_DIM: info.get("emb_dim"),
-        S.MANIFEST_COUNT: sum(s["count"] for s in done.values()), S.MANIFEST_SHARDS: n_shards,
-        "resolved": len(rows), "taken_down_at_export": sum(s.get("taken_down", 0) for s in done.values()),
-        "shard_size": shard_size, "image_size": image_size, "resize": resize,
-        "embeddings": list(opts.embeddings), S.MANIFEST_COLUMNS: json_columns(rows.column_names),
+        S.MANIFEST_FORMAT: format,
+        S.MANIFEST_SPEC: res.spec,
+        S.MANIFEST_SPEC_HASH: res.spec_hash,
+        S.MANIFEST_COLLECTION: collection,
+        S.MANIFEST_COLLECTION_ID: res.collection_id,
+        S.MANIFEST_CLIP_MODEL: info.get("clip_model"),
+        S.MANIFEST_DIM: info.get("emb_dim"),
+        S.MANIFEST_COUNT: sum(s["count"] for s in done.values()),
+        S.MANIFEST_SHARDS: n_shards,
+        "resolved": len(rows),
+        "taken_down_at_export": sum(s.get("taken_down", 0) for s in done.values()),
+        "shard_size": shard_size,
+        "image_size": image_size,
+        "resize": resize,
+        "embeddings": list(opts.embeddings),
+        S.MANIFEST_COLUMNS: json_columns(rows.column_names),
         S.MANIFEST_CREATED: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "schema_version": S.SCHEMA_VERSION,
     }
@@ -254,5 +331,7 @@ def _has(collection: str, modality: str) -> bool:
 
 
 def _shard_exists(out: str, i: int, format: str) -> bool:
-    fs, path = url_to_fs(f"{out.rstrip('/')}/{S.shard_name(i, 'tar' if format == S.EXPORT_WEBDATASET else 'parquet')}")
+    fs, path = url_to_fs(
+        f"{out.rstrip('/')}/{S.shard_name(i, 'tar' if format == S.EXPORT_WEBDATASET else 'parquet')}"
+    )
     return fs.exists(path)

@@ -6,11 +6,11 @@ embeddings, and writes the shard under a temporary name renamed into place, then
 `_stats.json` (img2dataset's completion mark). Its output depends only on its rows and the
 options, so a rerun writes the same bytes.
 
-Images are read by byte range: at embed time `pipelines.readers` records where each image
+Images are read by byte range: at embed time `collection.shards` records where each image
 member's data sits in its tar (`source_offset`, `source_size`), so a task reads those ranges,
 neighbours merged into one request, and never the rest of the tar. Rows without offsets
 (parquet or files sources, compressed tars, collections embedded before offsets existed)
-are found by reading their source shard through `pipelines.readers`. Bytes are checked
+are found by reading their source shard through `collection.shards`. Bytes are checked
 against the `sha256` recorded at embed time: a shard rewritten since is an error, not a
 silent swap of images.
 """
@@ -29,11 +29,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
-from curation import schema as S
+from collection import schema as S
+from collection.shards import Shard, ShardOpenError, format_of, read_shard
+from collection.storage import url_to_fs, write_json
+from collection.takedown import Takedown
 from curation.shard_writer import json_lines, write_parquet, write_webdataset
-from curation.storage import url_to_fs, write_json
-from curation.takedown import Takedown
-from pipelines.readers import Shard, ShardOpenError, format_of, read_shard
 
 #: neighbouring byte ranges closer than this are read as one request (the members between
 #: them, caption and json, are small next to a request's cost on object stores)
@@ -43,7 +43,16 @@ MAX_SPAN = 64 << 20
 #: JPEG quality of re-encoded images (resized, or not JPEG at the source)
 JPEG_QUALITY = 95
 #: metadata columns that locate a row inside the collection or its source, not describe the sample
-INTERNAL_COLUMNS = (S.PART, S.ROW, S.EMB_ROW, S.SOURCE_SHARD, S.SOURCE_OFFSET, S.SOURCE_SIZE, S.STATUS, S.ERROR)
+INTERNAL_COLUMNS = (
+    S.PART,
+    S.ROW,
+    S.EMB_ROW,
+    S.SOURCE_SHARD,
+    S.SOURCE_OFFSET,
+    S.SOURCE_SIZE,
+    S.STATUS,
+    S.ERROR,
+)
 
 
 class ExportError(RuntimeError):
@@ -67,8 +76,13 @@ class ExportOptions:
     offsets: tuple[int, ...] = (0,)
 
     def identity(self) -> dict[str, Any]:
-        return {"format": self.format, "image_size": self.image_size, "resize": self.resize,
-                "spec_hash": self.spec_hash, "embeddings": list(self.embeddings)}
+        return {
+            "format": self.format,
+            "image_size": self.image_size,
+            "resize": self.resize,
+            "spec_hash": self.spec_hash,
+            "embeddings": list(self.embeddings),
+        }
 
 
 def json_columns(names: list[str]) -> list[str]:
@@ -96,21 +110,31 @@ def _read_ranges(url: str, offsets: list[int], sizes: list[int], shard: int) -> 
     fs, path = url_to_fs(url)
     spans = _spans(offsets, sizes)
     try:
-        blobs = fs.cat_ranges([path] * len(spans), [s for s, _, _ in spans], [e for _, e, _ in spans],
-                              on_error="raise")
+        blobs = fs.cat_ranges(
+            [path] * len(spans),
+            [s for s, _, _ in spans],
+            [e for _, e, _ in spans],
+            on_error="raise",
+        )
     except FileNotFoundError:
-        raise ExportError(f"{url}: source shard has vanished since embedding (output shard {shard:05d} needs "
-                          f"{len(offsets)} images from it)") from None
+        raise ExportError(
+            f"{url}: source shard has vanished since embedding (output shard {shard:05d} needs "
+            f"{len(offsets)} images from it)"
+        ) from None
     except OSError as exc:
-        raise ExportError(f"{url}: cannot read the source shard ({type(exc).__name__}: {exc})") from None
+        raise ExportError(
+            f"{url}: cannot read the source shard ({type(exc).__name__}: {exc})"
+        ) from None
     out: list[bytes] = [b""] * len(offsets)
     for (start, end, members), blob in zip(spans, blobs):
         if len(blob) < end - start:
-            raise ExportError(f"{url}: source shard is shorter than when it was embedded "
-                              f"(needed bytes {start}-{end}, got {len(blob)})")
+            raise ExportError(
+                f"{url}: source shard is shorter than when it was embedded "
+                f"(needed bytes {start}-{end}, got {len(blob)})"
+            )
         view = memoryview(blob)
         for i in members:
-            out[i] = bytes(view[offsets[i] - start:offsets[i] - start + sizes[i]])
+            out[i] = bytes(view[offsets[i] - start : offsets[i] - start + sizes[i]])
     return out
 
 
@@ -132,8 +156,10 @@ def _scan(url: str, keys: list[str], shard: int) -> list[bytes]:
                     break
     except ShardOpenError as exc:
         if not fs.exists(path):
-            raise ExportError(f"{url}: source shard has vanished since embedding (output shard {shard:05d} needs "
-                              f"{len(keys)} images from it)") from None
+            raise ExportError(
+                f"{url}: source shard has vanished since embedding (output shard {shard:05d} needs "
+                f"{len(keys)} images from it)"
+            ) from None
         raise ExportError(f"{url}: cannot read the source shard ({exc})") from None
     missing = [k for k in keys if k not in found]
     if missing:
@@ -156,16 +182,20 @@ def read_images(rows: pa.Table, shard: int) -> list[bytes]:
         ranged = [i for i in members if offsets[i] is not None and sizes[i] is not None]
         scanned = [i for i in members if offsets[i] is None or sizes[i] is None]
         if ranged:
-            for i, data in zip(ranged, _read_ranges(url, [offsets[i] for i in ranged],
-                                                    [sizes[i] for i in ranged], shard)):
+            for i, data in zip(
+                ranged,
+                _read_ranges(url, [offsets[i] for i in ranged], [sizes[i] for i in ranged], shard),
+            ):
                 out[i] = data
         if scanned:
             for i, data in zip(scanned, _scan(url, [keys[i] for i in scanned], shard)):
                 out[i] = data
     for key, data, digest, url in zip(keys, out, rows[S.SHA256].to_pylist(), urls):
         if digest and hashlib.sha256(data).hexdigest() != digest:
-            raise ExportError(f"{url}: the image of key {key!r} differs from the one embedded (sha256); "
-                              f"the source shard changed since embedding")
+            raise ExportError(
+                f"{url}: the image of key {key!r} differs from the one embedded (sha256); "
+                f"the source shard changed since embedding"
+            )
     return out
 
 
@@ -176,7 +206,9 @@ def _jpeg(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def transform(data: bytes, size: int | None, mode: str, key: str) -> tuple[bytes, int | None, int | None]:
+def transform(
+    data: bytes, size: int | None, mode: str, key: str
+) -> tuple[bytes, int | None, int | None]:
     """(JPEG bytes, width, height) of one image as the export writes it.
 
     `none` keeps JPEG bytes as they are (width/height None: unchanged); other formats are
@@ -202,7 +234,9 @@ def transform(data: bytes, size: int | None, mode: str, key: str) -> tuple[bytes
 
 
 # ---- writing ---------------------------------------------------------------------------------
-def export_table(rows: pa.Table, columns: list[str], dims: list[tuple[int | None, int | None]]) -> pa.Table:
+def export_table(
+    rows: pa.Table, columns: list[str], dims: list[tuple[int | None, int | None]]
+) -> pa.Table:
     """The exported fields of each row (its json, or its parquet row): our columns, the written
     image's width/height, and the source's as original_width/original_height (img2dataset's names)."""
     table = rows.select(columns)
@@ -210,11 +244,16 @@ def export_table(rows: pa.Table, columns: list[str], dims: list[tuple[int | None
     for axis, name in enumerate((S.WIDTH, S.HEIGHT)):
         if any(d[axis] is not None for d in dims) and name in columns:
             fresh = pa.array([d[axis] for d in dims], pa.int32())
-            table = table.set_column(columns.index(name), name, pc.coalesce(fresh, rows[name].cast(pa.int32())))
+            table = table.set_column(
+                columns.index(name), name, pc.coalesce(fresh, rows[name].cast(pa.int32()))
+            )
     for name, values in originals.items():  # a source may carry these columns already: ours win
         values = values.cast(pa.int32())
-        table = (table.set_column(table.column_names.index(name), name, values) if name in table.column_names
-                 else table.append_column(name, values))
+        table = (
+            table.set_column(table.column_names.index(name), name, values)
+            if name in table.column_names
+            else table.append_column(name, values)
+        )
     return table
 
 
@@ -231,7 +270,9 @@ def _embeddings(opts: ExportOptions, ids: np.ndarray) -> dict[str, np.ndarray]:
             try:
                 part = np.load(path, mmap_mode="r")
             except (OSError, ValueError) as exc:
-                raise ExportError(f"{path}: cannot read the {modality} embeddings ({exc})") from None
+                raise ExportError(
+                    f"{path}: cannot read the {modality} embeddings ({exc})"
+                ) from None
             if vectors is None:
                 vectors = np.empty((len(ids), part.shape[1]), dtype=S.EMB_DTYPE)
             sel = np.nonzero(which == p)[0]
@@ -260,7 +301,9 @@ def write_shard(index: int, rows: pa.Table, identity: str, opts: ExportOptions) 
         t_read = time.time()
         images = read_images(rows, index)
         read_s = time.time() - t_read
-        made = [transform(data, opts.image_size, opts.resize, key) for data, key in zip(images, keys)]
+        made = [
+            transform(data, opts.image_size, opts.resize, key) for data, key in zip(images, keys)
+        ]
         images = [m[0] for m in made]
         dims = [(m[1], m[2]) for m in made]
     embs = _embeddings(opts, rows[S.ID].to_numpy()) if opts.format != S.EXPORT_URLS else {}
@@ -273,10 +316,20 @@ def write_shard(index: int, rows: pa.Table, identity: str, opts: ExportOptions) 
         written = write_parquet(path, table, images, embs)
     end = time.time()
     stats = {
-        "shard": index, "count": len(rows), "successes": len(rows), "failed_to_download": 0,
-        "status_dict": {"success": len(rows)}, "taken_down": int(blocked.sum()),
-        "identity": identity, "spec_hash": opts.spec_hash, "format": opts.format, "bytes": written,
-        "start_time": start, "end_time": end, "duration": end - start, "read_s": read_s,
+        "shard": index,
+        "count": len(rows),
+        "successes": len(rows),
+        "failed_to_download": 0,
+        "status_dict": {"success": len(rows)},
+        "taken_down": int(blocked.sum()),
+        "identity": identity,
+        "spec_hash": opts.spec_hash,
+        "format": opts.format,
+        "bytes": written,
+        "start_time": start,
+        "end_time": end,
+        "duration": end - start,
+        "read_s": read_s,
     }
     write_json(f"{opts.out.rstrip('/')}/{S.stats_name(index)}", stats)
     return stats

@@ -20,7 +20,7 @@ import re
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from curation import schema as S
+from collection import schema as S
 from models.specs import TINY_NAME, parse_spec
 
 #: `language` values of LAION's split (CLD3 codes are accepted too, comma-separated: "de,fr")
@@ -48,9 +48,11 @@ def similarity_threshold(clip_model: str) -> float:
     arch = _ARCH_ALIASES.get(spec.arch, spec.arch)
     if spec.kind == "open_clip" and spec.weights and arch in SIMILARITY_THRESHOLDS:
         return SIMILARITY_THRESHOLDS[arch]
-    raise ValueError(f"no calibrated image-text similarity threshold for CLIP {clip_model!r} "
-                     f"(known: sieve-tiny and trained {sorted(a for a in SIMILARITY_THRESHOLDS if a != TINY_NAME)}); "
-                     "pass min_similarity=... or min_similarity=None")
+    raise ValueError(
+        f"no calibrated image-text similarity threshold for CLIP {clip_model!r} "
+        f"(known: sieve-tiny and trained {sorted(a for a in SIMILARITY_THRESHOLDS if a != TINY_NAME)}); "
+        "pass min_similarity=... or min_similarity=None"
+    )
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,11 @@ class FilterSpec:
         out = []
         if self.status is not None:
             out.append(f"{S.STATUS} = {_literal(self.status)}")
-        sim = similarity_threshold(self.clip_model) if self.min_similarity == "auto" else self.min_similarity
+        sim = (
+            similarity_threshold(self.clip_model)
+            if self.min_similarity == "auto"
+            else self.min_similarity
+        )
         if sim is not None:
             out.append(f"{S.CLIP_SIMILARITY} >= {_number('min_similarity', sim)}")
         if self.min_caption_length is not None:
@@ -85,8 +91,11 @@ class FilterSpec:
             # them for older parts), since measuring every caption per query costs more than the
             # rest of the filter (bench/results/curation.json, `sql`)
             out.append(f"{S.CAPTION_LENGTH} >= {n}")
-        for col, limit in ((S.PUNSAFE, self.max_punsafe), (S.PWATERMARK, self.max_pwatermark),
-                           (S.PTOXIC, self.max_ptoxic)):
+        for col, limit in (
+            (S.PUNSAFE, self.max_punsafe),
+            (S.PWATERMARK, self.max_pwatermark),
+            (S.PTOXIC, self.max_ptoxic),
+        ):
             if limit is not None:
                 term = f"{col} < {_number('max_' + col, limit)}"
                 out.append(f"{col} IS NULL OR {term}" if self.keep_unscored else term)
@@ -118,13 +127,17 @@ def _language_clause(language: str) -> str:
         return f"{col} = '{S.LANGUAGE_ENGLISH}'"
     if language == "multilingual":
         return f"{col} IS NOT NULL AND {col} NOT IN ('{S.LANGUAGE_ENGLISH}', '{S.LANGUAGE_UNDETERMINED}')"
-    if language == "nolang":  # not reliably detected, or never detected (no caption, older collections)
+    if (
+        language == "nolang"
+    ):  # not reliably detected, or never detected (no caption, older collections)
         return f"coalesce({col}, '{S.LANGUAGE_UNDETERMINED}') = '{S.LANGUAGE_UNDETERMINED}'"
     codes = [c.strip() for c in str(language).split(",") if c.strip()]
     bad = [c for c in codes if not _CODE.match(c)]
     if not codes or bad:
-        raise ValueError(f"filter language {language!r}: expected one of {list(LANGUAGE_SPLITS)} "
-                         "or CLD3 codes such as 'en' or 'de,fr'")
+        raise ValueError(
+            f"filter language {language!r}: expected one of {list(LANGUAGE_SPLITS)} "
+            "or CLD3 codes such as 'en' or 'de,fr'"
+        )
     return f"{col} IN ({', '.join(_literal(c) for c in codes)})"
 
 

@@ -29,11 +29,11 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image
 
-from curation import schema as S
+from collection import schema as S
+from collection.embeddings import EmbeddingStore
+from collection.storage import url_to_fs
 from curation.context import Context, ids_array
 from curation.spec import SpecError, SpecSource
-from curation.storage import url_to_fs
-from indices.store import EmbeddingStore
 from models.prompts import PromptError, WeightedPrompt, combine, parse_prompt, parse_prompts
 
 TEXT, IMAGE, KEY, EMBEDDING = "text", "image", "key", "embedding"
@@ -55,7 +55,11 @@ EPS = 1e-6
 # ---- parsing -----------------------------------------------------------------------------
 def _strings(value: Any, what: str) -> list[str]:
     values = [value] if isinstance(value, str) else value
-    if not isinstance(values, list) or not values or not all(isinstance(v, str) and v.strip() for v in values):
+    if (
+        not isinstance(values, list)
+        or not values
+        or not all(isinstance(v, str) and v.strip() for v in values)
+    ):
         raise SpecError(f"{what}: give a string or a list of non-empty strings, got {value!r}")
     return values
 
@@ -80,7 +84,11 @@ def _file(path: str, base_dir: str, what: str) -> tuple[str, bytes]:
 
 
 def _embedding_items(value: Any, src: SpecSource, what: str) -> list[dict[str, Any]]:
-    if isinstance(value, list) and value and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+    if (
+        isinstance(value, list)
+        and value
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    ):
         vec = np.asarray(value, dtype=np.float64)
         if not np.all(np.isfinite(vec)) or not np.any(vec):
             raise SpecError(f"{what}: the embedding must be finite and non-zero")
@@ -88,7 +96,14 @@ def _embedding_items(value: Any, src: SpecSource, what: str) -> list[dict[str, A
     out = []
     for p in _weighted(value, what):
         full, data = _file(p.text, src.base_dir, what)
-        out.append({"path": p.text, "weight": p.weight, "sha256": hashlib.sha256(data).hexdigest(), "_full": full})
+        out.append(
+            {
+                "path": p.text,
+                "weight": p.weight,
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "_full": full,
+            }
+        )
     return out
 
 
@@ -96,7 +111,9 @@ def parse_clause(clause: Any, i: int, src: SpecSource) -> dict[str, Any]:
     """One kNN clause checked and normalised (defaults filled; files named with their sha256)."""
     what = f"{src.source}: knn[{i}]"
     if not isinstance(clause, dict):
-        raise SpecError(f"{what}: a kNN clause is a mapping (text:, k:, ...), got {type(clause).__name__}")
+        raise SpecError(
+            f"{what}: a kNN clause is a mapping (text:, k:, ...), got {type(clause).__name__}"
+        )
     unknown = sorted(set(clause) - set(FIELDS))
     if unknown:
         raise SpecError(f"{what}: unknown field {unknown[0]!r}; known: {', '.join(FIELDS)}")
@@ -110,33 +127,54 @@ def parse_clause(clause: Any, i: int, src: SpecSource) -> dict[str, Any]:
     if clause.get(IMAGE) is not None:
         for p in _weighted(clause[IMAGE], f"{what}: image"):
             full, data = _file(p.text, src.base_dir, f"{what}: image")
-            out[IMAGE].append({"path": p.text, "weight": p.weight, "sha256": hashlib.sha256(data).hexdigest(),
-                               "_full": full})
+            out[IMAGE].append(
+                {
+                    "path": p.text,
+                    "weight": p.weight,
+                    "sha256": hashlib.sha256(data).hexdigest(),
+                    "_full": full,
+                }
+            )
     if clause.get(KEY) is not None:
-        out[KEY] = [{"key": p.text, "weight": p.weight} for p in _weighted(clause[KEY], f"{what}: key")]
+        out[KEY] = [
+            {"key": p.text, "weight": p.weight} for p in _weighted(clause[KEY], f"{what}: key")
+        ]
     if clause.get(EMBEDDING) is not None:
         out[EMBEDDING] = _embedding_items(clause[EMBEDDING], src, f"{what}: embedding")
     weights = [item["weight"] for name in ITEMS for item in out[name]]
     if not weights:
         raise SpecError(f"{what}: give at least one of {', '.join(ITEMS)}")
     if not any(w > 0 for w in weights):
-        raise SpecError(f"{what}: at least one text, image, key or embedding needs a positive weight")
+        raise SpecError(
+            f"{what}: at least one text, image, key or embedding needs a positive weight"
+        )
     k, threshold = clause.get(K), clause.get(MIN_SIMILARITY)
     if (k is None) == (threshold is None):
         raise SpecError(f"{what}: give exactly one of k or min_similarity")
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
         raise SpecError(f"{what}: k must be a positive integer, got {k!r}")
-    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
-                                  or not -1.0 <= threshold <= 1.0):
+    if threshold is not None and (
+        isinstance(threshold, bool)
+        or not isinstance(threshold, (int, float))
+        or not -1.0 <= threshold <= 1.0
+    ):
         raise SpecError(f"{what}: min_similarity must be a number in [-1, 1], got {threshold!r}")
     modality = clause.get(MODALITY, S.MODALITY_IMAGE)
     if modality not in S.MODALITIES:
-        raise SpecError(f"{what}: modality must be one of {', '.join(S.MODALITIES)}, got {modality!r}")
+        raise SpecError(
+            f"{what}: modality must be one of {', '.join(S.MODALITIES)}, got {modality!r}"
+        )
     exclude = clause.get(EXCLUDE, False)
     if not isinstance(exclude, bool):
         raise SpecError(f"{what}: exclude must be true or false, got {exclude!r}")
-    out.update({K: k, MIN_SIMILARITY: None if threshold is None else float(threshold), MODALITY: modality,
-                EXCLUDE: exclude})
+    out.update(
+        {
+            K: k,
+            MIN_SIMILARITY: None if threshold is None else float(threshold),
+            MODALITY: modality,
+            EXCLUDE: exclude,
+        }
+    )
     return out
 
 
@@ -160,7 +198,9 @@ def describe(clause: dict[str, Any], i: int) -> str:
 
 
 # ---- resolving ---------------------------------------------------------------------------
-def query_vector(ctx: Context, clause: dict[str, Any], dim: int, store: EmbeddingStore, what: str) -> np.ndarray:
+def query_vector(
+    ctx: Context, clause: dict[str, Any], dim: int, store: EmbeddingStore, what: str
+) -> np.ndarray:
     """The clause's single query: the weighted sum of its items' normalised embeddings, renormalised."""
     vectors: list[np.ndarray] = []
     weights: list[WeightedPrompt] = []
@@ -192,7 +232,9 @@ def query_vector(ctx: Context, clause: dict[str, Any], dim: int, store: Embeddin
         weights.extend(WeightedPrompt(name, item["weight"]) for item in clause[name])
     bad = [v.shape for v in vectors if v.shape != (dim,)]
     if bad:
-        raise SpecError(f"{what}: an embedding has shape {bad[0]}, the {clause[MODALITY]} index's dimension is {dim}")
+        raise SpecError(
+            f"{what}: an embedding has shape {bad[0]}, the {clause[MODALITY]} index's dimension is {dim}"
+        )
     unit = [v / max(float(np.linalg.norm(v)), 1e-12) for v in vectors]
     try:
         return combine(np.stack(unit), weights).astype(np.float32)
@@ -207,7 +249,9 @@ def exact_similarities(store: EmbeddingStore, ids: np.ndarray, q: np.ndarray) ->
     """
     out = np.empty(len(ids), dtype=np.float32)
     for start in range(0, len(ids), CHUNK):
-        out[start:start + CHUNK] = np.einsum("ij,j->i", store.gather(ids[start:start + CHUNK]), q)
+        out[start : start + CHUNK] = np.einsum(
+            "ij,j->i", store.gather(ids[start : start + CHUNK]), q
+        )
     return out
 
 
@@ -222,8 +266,9 @@ def _members(ids: np.ndarray, cand: np.ndarray) -> np.ndarray:
     return (ids[pos] == cand) if len(ids) else np.zeros(len(cand), dtype=bool)
 
 
-def top_k_within(index: Any, doc: dict[str, Any], store: EmbeddingStore, q: np.ndarray, ids: np.ndarray,
-                 k: int) -> np.ndarray:
+def top_k_within(
+    index: Any, doc: dict[str, Any], store: EmbeddingStore, q: np.ndarray, ids: np.ndarray, k: int
+) -> np.ndarray:
     """The k rows of `ids` nearest q: an exact scan of few rows, else index candidates re-ranked exactly."""
     if len(ids) <= EXACT_SCAN_MAX:
         return _top(ids, exact_similarities(store, ids, q), k)
@@ -239,13 +284,19 @@ def top_k_within(index: Any, doc: dict[str, Any], store: EmbeddingStore, q: np.n
     return _top(cand, exact_similarities(store, cand, q), k)
 
 
-def range_within(index: Any, doc: dict[str, Any], store: EmbeddingStore, q: np.ndarray, ids: np.ndarray,
-                 threshold: float) -> np.ndarray:
+def range_within(
+    index: Any,
+    doc: dict[str, Any],
+    store: EmbeddingStore,
+    q: np.ndarray,
+    ids: np.ndarray,
+    threshold: float,
+) -> np.ndarray:
     """Rows of `ids` whose exact similarity to q is at least `threshold`, found by range search."""
     key = str(doc.get("index_key", ""))
     margin = RANGE_MARGIN if ("PQ" in key or "SQ" in key) else 0.0
     lims, _, found = index.range_search(q[None, :], threshold - margin - EPS)
-    cand = np.unique(found[lims[0]:lims[1]].astype(np.int64))
+    cand = np.unique(found[lims[0] : lims[1]].astype(np.int64))
     cand = cand[_members(ids, cand)]
     sims = exact_similarities(store, cand, q)
     return cand[sims >= threshold]
@@ -253,6 +304,7 @@ def range_within(index: Any, doc: dict[str, Any], store: EmbeddingStore, q: np.n
 
 def step(clause: dict[str, Any], i: int) -> tuple[str, Callable[[Context, np.ndarray], np.ndarray]]:
     """(label, function of the kept ids) for one clause: the resolver's unit of work."""
+
     def run(ctx: Context, ids: np.ndarray) -> np.ndarray:
         what = f"{ctx.source}: knn[{i}]"
         index, doc, store = ctx.index(clause[MODALITY], what)
@@ -267,11 +319,22 @@ def step(clause: dict[str, Any], i: int) -> tuple[str, Callable[[Context, np.nda
     return describe(clause, i), run
 
 
-def steps(clauses: list[dict[str, Any]]) -> list[tuple[str, Callable[[Context, np.ndarray], np.ndarray]]]:
+def steps(
+    clauses: list[dict[str, Any]],
+) -> list[tuple[str, Callable[[Context, np.ndarray], np.ndarray]]]:
     return [step(c, i) for i, c in enumerate(clauses)]
 
 
 def hashable(clauses: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The clauses without their resolved local paths (a spec hashes the same on every machine)."""
-    return [{name: ([{k: v for k, v in item.items() if not k.startswith("_")} for item in value]
-                    if name in ITEMS else value) for name, value in c.items()} for c in clauses]
+    return [
+        {
+            name: (
+                [{k: v for k, v in item.items() if not k.startswith("_")} for item in value]
+                if name in ITEMS
+                else value
+            )
+            for name, value in c.items()
+        }
+        for c in clauses
+    ]

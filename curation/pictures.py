@@ -12,9 +12,9 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from collection.shards import ShardOpenError, list_shards, read_shard
 from curation.copies import thumbnail
 from pipelines.decode import decode_image
-from pipelines.readers import ShardOpenError, list_shards, read_shard
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +42,12 @@ def shard_thumbnails(shard_url: str, wanted: dict[str, int]) -> dict[int, np.nda
     return out
 
 
-def load_thumbnails(keys: np.ndarray, shards: np.ndarray, ids: Iterable[int],
-                    run: Callable[[Callable[..., Any], list[tuple]], list[Any]]) -> dict[int, np.ndarray]:
+def load_thumbnails(
+    keys: np.ndarray,
+    shards: np.ndarray,
+    ids: Iterable[int],
+    run: Callable[[Callable[..., Any], list[tuple]], list[Any]],
+) -> dict[int, np.ndarray]:
     """Thumbnails of the samples `ids` (global ids into `keys` / `shards`), one task per source shard.
 
     `run(fn, argument tuples)` runs the tasks (in this process or on a Dask cluster).
@@ -56,6 +60,10 @@ def load_thumbnails(keys: np.ndarray, shards: np.ndarray, ids: Iterable[int],
         out.update(part)
     missing = sum(len(v) for v in by_shard.values()) - len(out)
     if missing:
-        log.warning("%d of %d pictures could not be re-read from their source shards; their pairs are not "
-                    "checked", missing, missing + len(out))
+        log.warning(
+            "%d of %d pictures could not be re-read from their source shards; their pairs are not "
+            "checked",
+            missing,
+            missing + len(out),
+        )
     return out

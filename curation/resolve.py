@@ -19,8 +19,18 @@ import numpy as np
 
 from curation.clauses import CLAUSES
 from curation.context import Context
-from curation.spec import DESCRIPTION, META_FIELDS, NAME, SEED, SpecError, SpecSource, check_meta, collection_id, \
-    read_spec, stable_hash
+from curation.spec import (
+    DESCRIPTION,
+    META_FIELDS,
+    NAME,
+    SEED,
+    SpecError,
+    SpecSource,
+    check_meta,
+    collection_id,
+    read_spec,
+    stable_hash,
+)
 from models.clip import Clip
 
 log = logging.getLogger(__name__)
@@ -38,7 +48,9 @@ class ParsedSpec:
         """The spec with defaults filled (absent clauses as null), as recorded in manifests."""
         doc = dict(self.meta)
         for kind in CLAUSES:
-            doc[kind.name] = kind.hashable(self.clauses[kind.name]) if kind.name in self.clauses else None
+            doc[kind.name] = (
+                kind.hashable(self.clauses[kind.name]) if kind.name in self.clauses else None
+            )
         return doc
 
 
@@ -48,9 +60,14 @@ def parse_spec(spec: str | dict[str, Any], collection: str) -> ParsedSpec:
     known = [*META_FIELDS, *(k.name for k in CLAUSES)]
     unknown = sorted(str(k) for k in set(src.doc) - set(known))
     if unknown:
-        raise SpecError(f"{src.source}: unknown field {unknown[0]!r}; a spec has {', '.join(known)}")
-    clauses = {kind.name: kind.parse(src.doc[kind.name], src) for kind in CLAUSES
-               if src.doc.get(kind.name) is not None}
+        raise SpecError(
+            f"{src.source}: unknown field {unknown[0]!r}; a spec has {', '.join(known)}"
+        )
+    clauses = {
+        kind.name: kind.parse(src.doc[kind.name], src)
+        for kind in CLAUSES
+        if src.doc.get(kind.name) is not None
+    }
     return ParsedSpec(check_meta(src), clauses, src)
 
 
@@ -87,9 +104,14 @@ class Resolution:
         return len(self.ids)
 
 
-def resolve(collection: str, spec: str | dict[str, Any] | ParsedSpec, untrusted: bool = False,
-            examples: int = 0, encoder: Clip | None = None,
-            on_step: Callable[[Step], None] | None = None) -> Resolution:
+def resolve(
+    collection: str,
+    spec: str | dict[str, Any] | ParsedSpec,
+    untrusted: bool = False,
+    examples: int = 0,
+    encoder: Clip | None = None,
+    on_step: Callable[[Step], None] | None = None,
+) -> Resolution:
     """The rows `spec` names on `collection`; SpecError (one line, naming spec and field) if it cannot.
 
     `untrusted` runs the spec's own SQL sandboxed (`Catalog(untrusted=True)`), for specs that
@@ -98,7 +120,14 @@ def resolve(collection: str, spec: str | dict[str, Any] | ParsedSpec, untrusted:
     """
     parsed = spec if isinstance(spec, ParsedSpec) else parse_spec(spec, collection)
     cid = collection_id(collection)
-    ctx = Context(collection, parsed.source.source, parsed.source.base_dir, parsed.meta[SEED], untrusted, encoder)
+    ctx = Context(
+        collection,
+        parsed.source.source,
+        parsed.source.base_dir,
+        parsed.meta[SEED],
+        untrusted,
+        encoder,
+    )
     steps: list[Step] = []
 
     def record(label: str, ids: np.ndarray) -> None:
@@ -119,5 +148,14 @@ def resolve(collection: str, spec: str | dict[str, Any] | ParsedSpec, untrusted:
         keys = ctx.keys(ids)
     finally:
         ctx.close()
-    return Resolution(parsed.meta[NAME], parsed.normalised(), spec_hash(parsed, collection), collection, cid,
-                      ids, keys, steps, ctx.blocked)
+    return Resolution(
+        parsed.meta[NAME],
+        parsed.normalised(),
+        spec_hash(parsed, collection),
+        collection,
+        cid,
+        ids,
+        keys,
+        steps,
+        ctx.blocked,
+    )

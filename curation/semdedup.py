@@ -25,7 +25,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from indices.store import EmbeddingStore
+from collection.embeddings import EmbeddingStore
 
 #: ε values whose removed fractions every semantic run reports (a cheap table: one pass gives all)
 EPS_TABLE: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3)
@@ -74,8 +74,16 @@ def open_vectors(source: Any) -> Any:
 
 def _kmeans(x: np.ndarray, k: int, params: SemanticParams) -> np.ndarray:
     """Spherical k-means centroids (faiss), trained on at most k * points_per_centroid of x."""
-    km = faiss.Kmeans(x.shape[1], k, niter=params.niter, spherical=True, seed=params.seed, verbose=False,
-                      max_points_per_centroid=params.points_per_centroid, min_points_per_centroid=1)
+    km = faiss.Kmeans(
+        x.shape[1],
+        k,
+        niter=params.niter,
+        spherical=True,
+        seed=params.seed,
+        verbose=False,
+        max_points_per_centroid=params.points_per_centroid,
+        min_points_per_centroid=1,
+    )
     km.train(np.ascontiguousarray(x, dtype=np.float32))
     return km.centroids
 
@@ -86,18 +94,25 @@ def _assign(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     return index.search(np.ascontiguousarray(x, dtype=np.float32), 1)[1][:, 0]
 
 
-def root_groups(vectors: Any, ids: np.ndarray, params: SemanticParams = SemanticParams(),
-                batch: int = 65536) -> list[np.ndarray]:
+def root_groups(
+    vectors: Any, ids: np.ndarray, params: SemanticParams = SemanticParams(), batch: int = 65536
+) -> list[np.ndarray]:
     """Split `ids` into cluster groups of about `group_size` (global ids, sorted, none empty)."""
     ids = np.sort(np.asarray(ids, dtype=np.int64))
     k = math.ceil(len(ids) / params.group_size)
     if k <= 1:
         return [ids] if len(ids) else []
     rng = np.random.default_rng(params.seed)
-    sample = np.sort(rng.choice(ids, size=min(len(ids), k * params.points_per_centroid), replace=False))
+    sample = np.sort(
+        rng.choice(ids, size=min(len(ids), k * params.points_per_centroid), replace=False)
+    )
     centroids = _kmeans(vectors.gather(sample), k, params)
-    labels = np.concatenate([_assign(vectors.gather(ids[lo:lo + batch]), centroids)
-                             for lo in range(0, len(ids), batch)])
+    labels = np.concatenate(
+        [
+            _assign(vectors.gather(ids[lo : lo + batch]), centroids)
+            for lo in range(0, len(ids), batch)
+        ]
+    )
     return [ids[labels == c] for c in range(k) if np.any(labels == c)]
 
 
@@ -125,14 +140,17 @@ def leaf_links(x: np.ndarray, block: int = 1024) -> tuple[np.ndarray, np.ndarray
     for j0 in range(1, n, block):
         j1 = min(n, j0 + block)
         sims = x[:j1] @ x[j0:j1].T
-        sims[np.arange(j1)[:, None] >= np.arange(j0, j1)[None, :]] = -np.inf  # only earlier rows count
+        sims[
+            np.arange(j1)[:, None] >= np.arange(j0, j1)[None, :]
+        ] = -np.inf  # only earlier rows count
         arg[j0:j1] = sims.argmax(axis=0)
         best[j0:j1] = sims.max(axis=0)
     return best, arg
 
 
-def group_links(source: Any, ids: np.ndarray, ranks: np.ndarray,
-                params: SemanticParams = SemanticParams()) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def group_links(
+    source: Any, ids: np.ndarray, ranks: np.ndarray, params: SemanticParams = SemanticParams()
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One cluster group (one task): (ids, each id's largest cosine to a preferred member of its
     leaf, that member's global id or -1). `ranks` orders the keep preference (lower is kept)."""
     ids = np.asarray(ids, dtype=np.int64)
@@ -157,5 +175,6 @@ def removed_mask(similarity: np.ndarray, eps: float) -> np.ndarray:
 def check_eps(eps: float) -> None:
     """ε is a cosine distance in (0, 1); anything else is a ValueError naming it."""
     if not (isinstance(eps, (int, float)) and 0.0 < float(eps) < 1.0):
-        raise ValueError(f"eps must be in (0, 1) (a cosine distance: removed when similarity > 1 - eps), got {eps!r}")
-
+        raise ValueError(
+            f"eps must be in (0, 1) (a cosine distance: removed when similarity > 1 - eps), got {eps!r}"
+        )

@@ -22,8 +22,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curation import schema as S
-from curation.storage import atomic_open
+from collection import schema as S
+from collection.storage import atomic_open
 from pipelines.writer import npy_bytes
 
 #: tar member times: fixed, so a rerun writes byte-identical shards
@@ -42,9 +42,15 @@ def _octal(values: np.ndarray, digits: int) -> np.ndarray:
 
 def _fixed_header() -> np.ndarray:
     block = np.zeros(512, np.uint8)
-    for start, text in ((100, b"0000644\0"), (108, b"0000000\0"), (116, b"0000000\0"), (156, b"0"),
-                        (257, b"ustar\x0000"), (136, b"%011o\0" % MTIME)):
-        block[start:start + len(text)] = np.frombuffer(text, np.uint8)
+    for start, text in (
+        (100, b"0000644\0"),
+        (108, b"0000000\0"),
+        (116, b"0000000\0"),
+        (156, b"0"),
+        (257, b"ustar\x0000"),
+        (136, b"%011o\0" % MTIME),
+    ):
+        block[start : start + len(text)] = np.frombuffer(text, np.uint8)
     return block
 
 
@@ -65,7 +71,7 @@ def tar_headers(names: list[bytes], sizes: np.ndarray) -> list[bytes]:
     h[:, 148:154] = _octal(h.sum(axis=1, dtype=np.int64), 6)
     h[:, 154] = 0
     raw = h.tobytes()
-    out = [raw[i * 512:(i + 1) * 512] for i in range(n)]
+    out = [raw[i * 512 : (i + 1) * 512] for i in range(n)]
     for i, name in enumerate(names):
         if len(name) > _NAME:
             info = tarfile.TarInfo(name.decode("utf-8", "surrogateescape"))
@@ -77,13 +83,15 @@ def tar_headers(names: list[bytes], sizes: np.ndarray) -> list[bytes]:
 def npy_members(vectors: np.ndarray) -> list[memoryview]:
     """`.npy` bytes of each row of a 2-d array: np.save's header, made once, before each row."""
     empty = np.zeros(vectors.shape[1], dtype=vectors.dtype)
-    head = np.frombuffer(npy_bytes(empty)[:-empty.nbytes] if empty.nbytes else npy_bytes(empty), np.uint8)
+    head = np.frombuffer(
+        npy_bytes(empty)[: -empty.nbytes] if empty.nbytes else npy_bytes(empty), np.uint8
+    )
     rows = np.empty((len(vectors), len(head) + empty.nbytes), np.uint8)
-    rows[:, :len(head)] = head
-    rows[:, len(head):] = np.ascontiguousarray(vectors).view(np.uint8).reshape(len(vectors), -1)
+    rows[:, : len(head)] = head
+    rows[:, len(head) :] = np.ascontiguousarray(vectors).view(np.uint8).reshape(len(vectors), -1)
     view = memoryview(rows.tobytes())
     width = rows.shape[1]
-    return [view[i * width:(i + 1) * width] for i in range(len(vectors))]
+    return [view[i * width : (i + 1) * width] for i in range(len(vectors))]
 
 
 def json_lines(table: pa.Table) -> list[bytes]:
@@ -114,24 +122,42 @@ def _connection() -> duckdb.DuckDBPyConnection:
     return _LOCAL.con
 
 
-def write_webdataset(path: str, keys: list[str], images: list[bytes], captions: list[str | None],
-                     records: list[bytes], embeddings: dict[str, np.ndarray]) -> int:
+def write_webdataset(
+    path: str,
+    keys: list[str],
+    images: list[bytes],
+    captions: list[str | None],
+    records: list[bytes],
+    embeddings: dict[str, np.ndarray],
+) -> int:
     """Write the tar atomically: per sample jpg, txt, json, then each modality's `.npy`; returns bytes."""
     ext = {S.MODALITY_IMAGE: S.EXPORT_IMG_EMB_EXT, S.MODALITY_TEXT: S.EXPORT_TXT_EMB_EXT}
-    suffixes = [S.EXPORT_IMAGE_EXT, S.EXPORT_TEXT_EXT, S.EXPORT_JSON_EXT] + [ext[m] for m in embeddings]
+    suffixes = [S.EXPORT_IMAGE_EXT, S.EXPORT_TEXT_EXT, S.EXPORT_JSON_EXT] + [
+        ext[m] for m in embeddings
+    ]
     written = 0
     with atomic_open(path) as fh:
         for start in range(0, len(keys), BLOCK):
             stop = min(start + BLOCK, len(keys))
-            written += _write_block(fh, keys[start:stop], suffixes, [
-                images[start:stop], [(c or "").encode("utf-8") for c in captions[start:stop]],
-                records[start:stop], *(npy_members(v[start:stop]) for v in embeddings.values())])
+            written += _write_block(
+                fh,
+                keys[start:stop],
+                suffixes,
+                [
+                    images[start:stop],
+                    [(c or "").encode("utf-8") for c in captions[start:stop]],
+                    records[start:stop],
+                    *(npy_members(v[start:stop]) for v in embeddings.values()),
+                ],
+            )
         fh.write(b"\0" * 1024)  # two zero blocks end a tar
         written += 1024
     return written
 
 
-def _write_block(fh: BinaryIO, keys: list[str], suffixes: list[str], members: list[list[Any]]) -> int:
+def _write_block(
+    fh: BinaryIO, keys: list[str], suffixes: list[str], members: list[list[Any]]
+) -> int:
     names = [f"{k}.{s}".encode("utf-8") for k in keys for s in suffixes]
     sizes = np.array([len(m[i]) for i in range(len(keys)) for m in members], dtype=np.int64)
     headers = tar_headers(names, sizes)
@@ -147,7 +173,9 @@ def _write_block(fh: BinaryIO, keys: list[str], suffixes: list[str], members: li
     return len(blob)
 
 
-def write_parquet(path: str, table: pa.Table, images: list[bytes] | None, embeddings: dict[str, np.ndarray]) -> int:
+def write_parquet(
+    path: str, table: pa.Table, images: list[bytes] | None, embeddings: dict[str, np.ndarray]
+) -> int:
     """img2dataset's parquet output (image bytes under `jpg`) plus our columns and embeddings, atomically;
     without images, the url + caption table img2dataset can download again."""
     if images is not None:
@@ -155,7 +183,9 @@ def write_parquet(path: str, table: pa.Table, images: list[bytes] | None, embedd
     names = {S.MODALITY_IMAGE: S.EXPORT_IMG_EMB_COLUMN, S.MODALITY_TEXT: S.EXPORT_TXT_EMB_COLUMN}
     for modality, vectors in embeddings.items():
         flat = pa.array(vectors.astype(np.float32).reshape(-1), pa.float32())
-        table = table.append_column(names[modality], pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1]))
+        table = table.append_column(
+            names[modality], pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1])
+        )
     buf = io.BytesIO()
     pq.write_table(table, buf)
     with atomic_open(path) as fh:

@@ -16,8 +16,8 @@ from typing import Any
 
 import yaml
 
-from curation import schema as S
-from curation.storage import read_collection_json, url_to_fs
+from collection import schema as S
+from collection.storage import read_collection_json, url_to_fs
 
 #: top-level fields that describe a spec rather than select rows
 NAME, DESCRIPTION, SEED = "name", "description", "seed"
@@ -46,7 +46,9 @@ def find_spec(spec: str, collection: str) -> str:
     fs, path = url_to_fs(named)
     if "/" not in spec and not spec.endswith((".yaml", ".yml")) and fs.exists(path):
         return named
-    raise SpecError(f"{spec}: no such spec file, and no subset named {spec!r} in {S.CollectionLayout(collection).subsets_dir}")
+    raise SpecError(
+        f"{spec}: no such spec file, and no subset named {spec!r} in {S.CollectionLayout(collection).subsets_dir}"
+    )
 
 
 def read_spec(spec: str | dict[str, Any], collection: str) -> SpecSource:
@@ -68,7 +70,9 @@ def read_spec(spec: str | dict[str, Any], collection: str) -> SpecSource:
     if doc is None:
         doc = {}
     if not isinstance(doc, dict):
-        raise SpecError(f"{path}: a spec is a YAML mapping (name:, where:, knn:, ...), not a {type(doc).__name__}")
+        raise SpecError(
+            f"{path}: a spec is a YAML mapping (name:, where:, knn:, ...), not a {type(doc).__name__}"
+        )
     base = posixpath.dirname(path) if "://" in path else os.path.dirname(os.path.abspath(path))
     return SpecSource(doc, path, base)
 
@@ -82,7 +86,9 @@ def check_meta(src: SpecSource) -> dict[str, Any]:
         raise SpecError(f"{src.source}: name: must be a non-empty string, got {name!r}")
     description = doc.get(DESCRIPTION) or ""
     if not isinstance(description, str):
-        raise SpecError(f"{src.source}: description: must be text, got {type(description).__name__}")
+        raise SpecError(
+            f"{src.source}: description: must be text, got {type(description).__name__}"
+        )
     seed = doc.get(SEED, DEFAULT_SEED)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise SpecError(f"{src.source}: seed: must be a non-negative integer, got {seed!r}")
@@ -91,7 +97,9 @@ def check_meta(src: SpecSource) -> dict[str, Any]:
 
 def stable_hash(obj: Any, n: int = 16) -> str:
     """A hex digest of `obj` as canonical JSON (sorted keys, no spaces): equal values, equal hashes."""
-    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    text = json.dumps(
+        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+    )
     return hashlib.sha256(text.encode()).hexdigest()[:n]
 
 
@@ -103,5 +111,9 @@ def collection_id(collection: str) -> str:
     """
     info = read_collection_json(collection)
     if not info:
-        raise SpecError(f"{collection}: no {S.COLLECTION_JSON}; is this a collection (python -m pipelines.embed)?")
-    return stable_hash({k: info.get(k) for k in ("created", "clip_model", "emb_dim", "parts", "count", "ok")})
+        raise SpecError(
+            f"{collection}: no {S.COLLECTION_JSON}; is this a collection (python -m pipelines.embed)?"
+        )
+    return stable_hash(
+        {k: info.get(k) for k in ("created", "clip_model", "emb_dim", "parts", "count", "ok")}
+    )

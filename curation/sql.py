@@ -18,7 +18,7 @@ from typing import Any
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from curation.storage import write_bytes
+from collection.storage import write_bytes
 from models.runtime import setup_logging
 
 FORMATS = ("table", "csv", "parquet", "json")
@@ -38,19 +38,33 @@ def format_result(table: Any, fmt: str, max_rows: int | None = None) -> bytes:
         return (json.dumps(table.to_pylist(), default=str, indent=1) + "\n").encode()
     if fmt == "table":
         frame = table.to_pandas()
-        text = frame.to_string(index=False, max_rows=max_rows) if len(frame.columns) else "(no columns)"
+        text = (
+            frame.to_string(index=False, max_rows=max_rows)
+            if len(frame.columns)
+            else "(no columns)"
+        )
         return (text + f"\n({table.num_rows} rows)\n").encode()
     raise ValueError(f"--format: unknown {fmt!r}; expected one of {FORMATS}")
 
 
-def sql(collection: str, query: str, format: str = "table", out: str | None = None, untrusted: bool = False,
-        row_cap: int | None = None, timeout_s: float = 10.0, memory_limit: str = "1GB") -> dict[str, Any]:
+def sql(
+    collection: str,
+    query: str,
+    format: str = "table",
+    out: str | None = None,
+    untrusted: bool = False,
+    row_cap: int | None = None,
+    timeout_s: float = 10.0,
+    memory_limit: str = "1GB",
+) -> dict[str, Any]:
     """Run one query over `samples` and write its result; returns rows, truncated, seconds."""
     if format not in FORMATS:
         raise ValueError(f"--format: unknown {format!r}; expected one of {FORMATS}")
     if format == "parquet" and not out:
         raise ValueError("--format parquet needs --out FILE")
-    from curation.catalog import Catalog  # DuckDB and pyarrow: imported after parsing, so --help answers at once
+    from curation.catalog import (
+        Catalog,
+    )  # DuckDB and pyarrow: imported after parsing, so --help answers at once
 
     kwargs: dict[str, Any] = {"timeout_s": timeout_s, "memory_limit": memory_limit}
     if untrusted and row_cap is not None:
@@ -66,24 +80,52 @@ def sql(collection: str, query: str, format: str = "table", out: str | None = No
     else:
         sys.stdout.buffer.write(data)
         sys.stdout.flush()
-    return {"rows": result.table.num_rows, "truncated": result.truncated, "seconds": round(result.seconds, 4)}
+    return {
+        "rows": result.table.num_rows,
+        "truncated": result.truncated,
+        "seconds": round(result.seconds, 4),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m curation.sql", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m curation.sql",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("collection")
-    p.add_argument("query", help='SQL over table `samples`, e.g. "SELECT language, count(*) FROM samples GROUP BY 1"')
+    p.add_argument(
+        "query",
+        help='SQL over table `samples`, e.g. "SELECT language, count(*) FROM samples GROUP BY 1"',
+    )
     p.add_argument("--format", choices=FORMATS, default="table")
-    p.add_argument("--out", default=None, help="write the result here (atomically) instead of stdout")
-    p.add_argument("--untrusted", action="store_true", help="run sandboxed, as the UI's query box does")
-    p.add_argument("--row-cap", type=int, default=None, help="at most this many rows (untrusted default: 10000)")
+    p.add_argument(
+        "--out", default=None, help="write the result here (atomically) instead of stdout"
+    )
+    p.add_argument(
+        "--untrusted", action="store_true", help="run sandboxed, as the UI's query box does"
+    )
+    p.add_argument(
+        "--row-cap",
+        type=int,
+        default=None,
+        help="at most this many rows (untrusted default: 10000)",
+    )
     p.add_argument("--timeout", type=float, default=10.0, help="untrusted: seconds a query may run")
     p.add_argument("--memory-limit", default="1GB", help="untrusted: DuckDB memory limit")
     a = p.parse_args(argv)
     setup_logging()
     try:
-        info = sql(a.collection, a.query, a.format, a.out, a.untrusted, a.row_cap, a.timeout, a.memory_limit)
+        info = sql(
+            a.collection,
+            a.query,
+            a.format,
+            a.out,
+            a.untrusted,
+            a.row_cap,
+            a.timeout,
+            a.memory_limit,
+        )
     except ValueError as exc:  # SqlError and CollectionError included: one line, no traceback
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

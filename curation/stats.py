@@ -16,7 +16,7 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
-from curation import schema as S
+from collection import schema as S
 from models.runtime import setup_logging
 
 #: what can be plotted: a name, and the SQL expression over `samples` it is
@@ -68,7 +68,9 @@ def histogram(catalog: Any, column: str, bins: int = 30, where: str | None = Non
     expr = expression(column, catalog.columns)
     cond = f"({where})" if where else "TRUE"
     low, high, present, total = _scalar(
-        catalog, f"SELECT min({expr})::DOUBLE, max({expr})::DOUBLE, count({expr}), count(*) FROM {TABLE} WHERE {cond}")
+        catalog,
+        f"SELECT min({expr})::DOUBLE, max({expr})::DOUBLE, count({expr}), count(*) FROM {TABLE} WHERE {cond}",
+    )
     if column in UNIT_RANGE:
         low, high = 0.0, 1.0
     if not present:
@@ -78,7 +80,8 @@ def histogram(catalog: Any, column: str, bins: int = 30, where: str | None = Non
     width = (high - low) / bins
     rows = catalog.query(
         f"SELECT least(greatest(floor(({expr} - {low!r}) / {width!r}), 0), {bins - 1})::INTEGER AS b, count(*) AS n "
-        f"FROM {TABLE} WHERE {cond} AND {expr} IS NOT NULL GROUP BY b ORDER BY b").table.to_pylist()
+        f"FROM {TABLE} WHERE {cond} AND {expr} IS NOT NULL GROUP BY b ORDER BY b"
+    ).table.to_pylist()
     counts = [0] * bins
     for r in rows:
         counts[r["b"]] += int(r["n"])
@@ -88,8 +91,10 @@ def histogram(catalog: Any, column: str, bins: int = 30, where: str | None = Non
 
 def status_counts(catalog: Any) -> list[dict[str, Any]]:
     """[{status, n}] for every status present, commonest first (`ok` for the embedded rows)."""
-    return catalog.query(f"SELECT {S.STATUS} AS status, count(*) AS n FROM {TABLE} "
-                         f"GROUP BY 1 ORDER BY n DESC, status").table.to_pylist()
+    return catalog.query(
+        f"SELECT {S.STATUS} AS status, count(*) AS n FROM {TABLE} "
+        f"GROUP BY 1 ORDER BY n DESC, status"
+    ).table.to_pylist()
 
 
 def failures(catalog: Any, limit: int = 20) -> list[dict[str, Any]]:
@@ -97,25 +102,40 @@ def failures(catalog: Any, limit: int = 20) -> list[dict[str, Any]]:
     return catalog.query(
         f"SELECT {S.STATUS} AS status, {S.ERROR} AS error, count(*) AS n, min({S.KEY}) AS example_key "
         f"FROM {TABLE} WHERE {S.STATUS} IS DISTINCT FROM '{S.STATUS_OK}' GROUP BY 1, 2 "
-        f"ORDER BY n DESC, status LIMIT {int(limit)}").table.to_pylist()
+        f"ORDER BY n DESC, status LIMIT {int(limit)}"
+    ).table.to_pylist()
 
 
-def stats(collection: str, columns: Sequence[str] = tuple(HISTOGRAMS), bins: int = 30,
-          where: str | None = None, untrusted: bool = False) -> dict[str, Any]:
+def stats(
+    collection: str,
+    columns: Sequence[str] = tuple(HISTOGRAMS),
+    bins: int = 30,
+    where: str | None = None,
+    untrusted: bool = False,
+) -> dict[str, Any]:
     """The command: status counts, failures and the named histograms as one JSON-able dict."""
-    from curation.catalog import Catalog  # DuckDB: imported after parsing, so --help answers at once
+    from curation.catalog import (
+        Catalog,
+    )  # DuckDB: imported after parsing, so --help answers at once
 
     with Catalog(collection, untrusted=untrusted) as catalog:
         hists, skipped = [], []
         for c in columns:
             try:
                 expression(c, catalog.columns)
-            except ValueError as exc:  # an unscored collection has no punsafe column, say: said, not plotted
+            except (
+                ValueError
+            ) as exc:  # an unscored collection has no punsafe column, say: said, not plotted
                 skipped.append({"column": c, "why": str(exc)})
                 continue
             hists.append(asdict(histogram(catalog, c, bins, where)))
-        return {"collection": collection, "status": status_counts(catalog), "failures": failures(catalog),
-                "histograms": hists, "skipped": skipped}
+        return {
+            "collection": collection,
+            "status": status_counts(catalog),
+            "failures": failures(catalog),
+            "histograms": hists,
+            "skipped": skipped,
+        }
 
 
 def _bar(n: int, most: int, width: int = 40) -> str:
@@ -130,7 +150,9 @@ def render_text(doc: dict[str, Any]) -> str:
     for skip in doc.get("skipped", []):
         lines.append(f"(no histogram: {skip['why']})")
     for h in doc["histograms"]:
-        lines.append(f"\n{h['column']} ({h['total'] - h['missing']} values, {h['missing']} missing)")
+        lines.append(
+            f"\n{h['column']} ({h['total'] - h['missing']} values, {h['missing']} missing)"
+        )
         most = max(h["counts"], default=0)
         for lo, n in zip(h["edges"], h["counts"]):
             lines.append(f"  {lo:>10.4g}  {n:>9}  {_bar(n, most)}")
@@ -138,11 +160,19 @@ def render_text(doc: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m curation.stats", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m curation.stats",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("collection")
-    p.add_argument("--column", action="append", choices=sorted(HISTOGRAMS), default=None,
-                   help="a histogram to compute (repeatable; default: all)")
+    p.add_argument(
+        "--column",
+        action="append",
+        choices=sorted(HISTOGRAMS),
+        default=None,
+        help="a histogram to compute (repeatable; default: all)",
+    )
     p.add_argument("--bins", type=int, default=30)
     p.add_argument("--where", default=None, help="only rows matching this SQL condition")
     p.add_argument("--untrusted", action="store_true", help="run sandboxed, as the UI does")
@@ -154,7 +184,9 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as exc:  # SqlError and CollectionError included: one line, no traceback
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    sys.stdout.write(json.dumps(doc, indent=1, default=str) + "\n" if a.format == "json" else render_text(doc))
+    sys.stdout.write(
+        json.dumps(doc, indent=1, default=str) + "\n" if a.format == "json" else render_text(doc)
+    )
 
 
 if __name__ == "__main__":

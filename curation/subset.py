@@ -33,25 +33,41 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from curation import schema as S
+from collection import schema as S
+from collection.storage import url_to_fs, write_bytes
 from curation.spec import NAME, SpecError, read_spec
-from curation.storage import url_to_fs, write_bytes
 from models.runtime import setup_logging
 
 
-def subset(collection: str, spec: str | dict[str, Any], dry_run: bool = False, out: str | None = None,
-           untrusted: bool = False, examples: int = 3) -> dict[str, Any]:
+def subset(
+    collection: str,
+    spec: str | dict[str, Any],
+    dry_run: bool = False,
+    out: str | None = None,
+    untrusted: bool = False,
+    examples: int = 3,
+) -> dict[str, Any]:
     """Resolve `spec` on `collection`; returns a summary (name, spec_hash, count, steps).
 
     With `out`, the resolved (id, key) rows are written there as parquet, atomically.
     """
-    from curation.resolve import resolve  # heavy (DuckDB, faiss, torch): after argument parsing, so --help answers at once
+    from curation.resolve import (
+        resolve,
+    )  # heavy (DuckDB, faiss, torch): after argument parsing, so --help answers at once
 
     res = resolve(collection, spec, untrusted=untrusted, examples=examples if dry_run else 0)
-    summary = {"name": res.name, "spec_hash": res.spec_hash, "collection": collection,
-               "collection_id": res.collection_id, "count": len(res), "taken_down": res.blocked,
-               "steps": [{"clause": s.label, "rows": s.count, **({"captions": s.captions} if dry_run else {})}
-                         for s in res.steps]}
+    summary = {
+        "name": res.name,
+        "spec_hash": res.spec_hash,
+        "collection": collection,
+        "collection_id": res.collection_id,
+        "count": len(res),
+        "taken_down": res.blocked,
+        "steps": [
+            {"clause": s.label, "rows": s.count, **({"captions": s.captions} if dry_run else {})}
+            for s in res.steps
+        ],
+    }
     if out and not dry_run:
         write_keys(out, res)
         summary["out"] = out
@@ -65,12 +81,16 @@ def save_subset(collection: str, spec: str | dict[str, Any], overwrite: bool = T
     `overwrite` false an existing subset of that name is an error. Nothing is written when the
     spec does not parse.
     """
-    from curation.resolve import parse_spec  # heavy (the clause table imports faiss and torch): after argument parsing
+    from curation.resolve import (
+        parse_spec,
+    )  # heavy (the clause table imports faiss and torch): after argument parsing
 
     parsed = parse_spec(spec, collection)
     name = parsed.meta[NAME]
     if not all(c.isalnum() or c in "-_." for c in name) or name.startswith("."):
-        raise SpecError(f"{parsed.source.source}: name: {name!r} must be a file name (letters, digits, '-', '_', '.')")
+        raise SpecError(
+            f"{parsed.source.source}: name: {name!r} must be a file name (letters, digits, '-', '_', '.')"
+        )
     path = S.CollectionLayout(collection).subset(name)
     fs, fpath = url_to_fs(path)
     if not overwrite and fs.exists(fpath):
@@ -84,7 +104,9 @@ def save_subset(collection: str, spec: str | dict[str, Any], overwrite: bool = T
 def write_keys(out: str, res: Any) -> None:
     """The resolution's (id, key) rows, in order, as parquet (atomically)."""
     buf = io.BytesIO()
-    pq.write_table(pa.table({S.ID: pa.array(res.ids, pa.int64()), S.KEY: pa.array(res.keys, pa.string())}), buf)
+    pq.write_table(
+        pa.table({S.ID: pa.array(res.ids, pa.int64()), S.KEY: pa.array(res.keys, pa.string())}), buf
+    )
     write_bytes(out, buf.getvalue())
 
 
@@ -100,20 +122,36 @@ def print_dry_run(summary: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m curation.subset", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m curation.subset",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("collection", help="collection folder")
     parser.add_argument("spec", help="subset spec: a YAML file, or a name in COLLECTION/subsets/")
-    parser.add_argument("--dry-run", action="store_true", help="print the rows left after each clause")
-    parser.add_argument("--out", default=None, help="write the resolved (id, key) rows here as parquet")
-    parser.add_argument("--untrusted", action="store_true",
-                        help="run the spec's SQL sandboxed (for specs you did not write)")
-    parser.add_argument("--examples", type=int, default=3, help="captions shown per clause in a dry run")
-    parser.add_argument("--save", action="store_true", help="also keep the spec as COLLECTION/subsets/NAME.yaml")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print the rows left after each clause"
+    )
+    parser.add_argument(
+        "--out", default=None, help="write the resolved (id, key) rows here as parquet"
+    )
+    parser.add_argument(
+        "--untrusted",
+        action="store_true",
+        help="run the spec's SQL sandboxed (for specs you did not write)",
+    )
+    parser.add_argument(
+        "--examples", type=int, default=3, help="captions shown per clause in a dry run"
+    )
+    parser.add_argument(
+        "--save", action="store_true", help="also keep the spec as COLLECTION/subsets/NAME.yaml"
+    )
     args = parser.parse_args(argv)
     setup_logging()
     try:
-        summary = subset(args.collection, args.spec, args.dry_run, args.out, args.untrusted, args.examples)
+        summary = subset(
+            args.collection, args.spec, args.dry_run, args.out, args.untrusted, args.examples
+        )
         if args.save:
             summary["saved"] = save_subset(args.collection, args.spec)
     except SpecError as exc:

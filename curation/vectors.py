@@ -14,10 +14,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curation import schema as S
-from curation.storage import url_to_fs, write_bytes
+from collection import schema as S
+from collection.embeddings import EmbeddingStore
+from collection.parts import CollectionError, read_metadata
+from collection.storage import url_to_fs, write_bytes
 from indices.build import load_index
-from indices.store import CollectionError, EmbeddingStore, read_metadata
 from indices.tune import set_search_params
 
 
@@ -30,7 +31,9 @@ def open_store(collection: str, modality: str = S.MODALITY_IMAGE) -> EmbeddingSt
     layout = S.CollectionLayout(collection)
     folder = layout.img_emb_dir if modality == S.MODALITY_IMAGE else layout.text_emb_dir
     if not os.path.isdir(folder):
-        raise CollectionError(f"{collection}: no {modality} embeddings ({folder}); run `python -m pipelines.embed` first")
+        raise CollectionError(
+            f"{collection}: no {modality} embeddings ({folder}); run `python -m pipelines.embed` first"
+        )
     store = EmbeddingStore.open(collection, modality)
     if store.count == 0:
         raise CollectionError(f"{collection}: no {modality} embeddings to work on")
@@ -47,17 +50,23 @@ def ids_of(keys: np.ndarray, wanted: Sequence[str], what: str) -> np.ndarray:
     index = {k: i for i, k in enumerate(keys)}
     missing = [k for k in wanted if k not in index]
     if missing:
-        shown = ", ".join(map(str, missing[:5])) + (f" (and {len(missing) - 5} more)" if len(missing) > 5 else "")
+        shown = ", ".join(map(str, missing[:5])) + (
+            f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        )
         raise ValueError(f"{what}: unknown key{'s' if len(missing) > 1 else ''} {shown}")
     return np.array([index[k] for k in wanted], dtype=np.int64)
 
 
-def load_collection_index(collection: str, modality: str = S.MODALITY_IMAGE) -> tuple[Any, dict[str, Any]]:
+def load_collection_index(
+    collection: str, modality: str = S.MODALITY_IMAGE
+) -> tuple[Any, dict[str, Any]]:
     """(faiss index with its tuned search parameters, its json); CollectionError naming the build command."""
     layout = S.CollectionLayout(collection)
     path = layout.index(modality)
     if not os.path.exists(path) or not os.path.exists(layout.index_json(modality)):
-        raise CollectionError(f"{collection}: no {modality} index ({path}); run `python -m indices.build {collection}` first")
+        raise CollectionError(
+            f"{collection}: no {modality} index ({path}); run `python -m indices.build {collection}` first"
+        )
     index = load_index(path)
     with open(layout.index_json(modality)) as fh:
         doc = json.load(fh)
@@ -65,8 +74,13 @@ def load_collection_index(collection: str, modality: str = S.MODALITY_IMAGE) -> 
     return index, doc
 
 
-def neighbours(collection: str, k: int, modality: str = S.MODALITY_IMAGE, store: EmbeddingStore | None = None,
-               batch: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+def neighbours(
+    collection: str,
+    k: int,
+    modality: str = S.MODALITY_IMAGE,
+    store: EmbeddingStore | None = None,
+    batch: int = 2048,
+) -> tuple[np.ndarray, np.ndarray]:
     """Every vector's k nearest other vectors through the collection's index: (ids, cosines), (n, k).
 
     Candidates come from the index (searched at its tuned parameters, as deep as its re-rank
@@ -78,14 +92,16 @@ def neighbours(collection: str, k: int, modality: str = S.MODALITY_IMAGE, store:
     store = store or open_store(collection, modality)
     index, doc = load_collection_index(collection, modality)
     if index.ntotal != store.count:
-        raise CollectionError(f"{collection}: the {modality} index holds {index.ntotal} vectors but the collection "
-                              f"{store.count}; rebuild it with `python -m indices.build {collection}`")
+        raise CollectionError(
+            f"{collection}: the {modality} index holds {index.ntotal} vectors but the collection "
+            f"{store.count}; rebuild it with `python -m indices.build {collection}`"
+        )
     depth = min(store.count, max(k + 1, int(doc.get("params", {}).get("rerank_k", 0)), 2 * k + 2))
     out_ids = np.full((store.count, k), -1, dtype=np.int64)
     out_sims = np.full((store.count, k), np.nan, dtype=np.float32)
     for start, part in store.iter_parts():
         for lo in range(0, len(part), batch):
-            q = np.ascontiguousarray(part[lo:lo + batch], dtype=np.float32)
+            q = np.ascontiguousarray(part[lo : lo + batch], dtype=np.float32)
             qids = np.arange(start + lo, start + lo + len(q))
             _, cand = index.search(q, depth)
             cand = np.where(cand == qids[:, None], -1, cand)  # never one's own neighbour
@@ -100,13 +116,13 @@ def neighbours(collection: str, k: int, modality: str = S.MODALITY_IMAGE, store:
             top_ids = np.take_along_axis(cand, order, axis=1)
             top_sims = np.take_along_axis(sims, order, axis=1)
             top_sims[top_ids < 0] = np.nan
-            out_ids[start + lo:start + lo + len(q), :order.shape[1]] = top_ids
-            out_sims[start + lo:start + lo + len(q), :order.shape[1]] = top_sims
+            out_ids[start + lo : start + lo + len(q), : order.shape[1]] = top_ids
+            out_sims[start + lo : start + lo + len(q), : order.shape[1]] = top_sims
     return out_ids, out_sims
 
 
 def write_table(path: str, table: pa.Table) -> None:
-    """A parquet file written atomically (curation.storage) on any fsspec URL."""
+    """A parquet file written atomically (collection.storage) on any fsspec URL."""
     buf = io.BytesIO()
     pq.write_table(table, buf)
     write_bytes(path, buf.getvalue())

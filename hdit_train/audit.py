@@ -15,22 +15,36 @@ from pathlib import Path
 from models.runtime import setup_logging
 
 
-def audit(images: str, collection: str, out: str | None = None, k: int = 5, pairs: int = 16) -> Path:
+def audit(
+    images: str, collection: str, out: str | None = None, k: int = 5, pairs: int = 16
+) -> Path:
     """Audit the image files in `images` against `collection`; returns the report's path."""
-    from hdit_train.memorisation import audit as run_audit, read_images  # heavy (torch, faiss): after parsing
+    from hdit_train.memorisation import (
+        audit as run_audit,
+        read_images,
+    )  # heavy (torch, faiss): after parsing
 
-    result = run_audit(read_images(images), collection, k=k, out=out or Path(images) / "audit", grid_pairs=pairs)
-    print(f"{result.report['n_copies']} of {result.report['n_images']} generated images copy a training image "
-          f"(fraction {result.copy_fraction:.3f}); report {result.report_path}, pairs {result.grid_path}")
+    result = run_audit(
+        read_images(images), collection, k=k, out=out or Path(images) / "audit", grid_pairs=pairs
+    )
+    print(
+        f"{result.report['n_copies']} of {result.report['n_images']} generated images copy a training image "
+        f"(fraction {result.copy_fraction:.3f}); report {result.report_path}, pairs {result.grid_path}"
+    )
     return result.report_path
 
 
 def main(argv: list[str] | None = None) -> Path:
     """The command line: parse it, then `audit`."""
-    ap = argparse.ArgumentParser(prog="python -m hdit_train.audit", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m hdit_train.audit",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--images", required=True, help="folder of generated images (png, jpg, webp)")
-    ap.add_argument("--collection", required=True, help="the training collection (with an image index)")
+    ap.add_argument(
+        "--collection", required=True, help="the training collection (with an image index)"
+    )
     ap.add_argument("--out", default=None, help="report folder (default: IMAGES/audit)")
     ap.add_argument("--k", type=int, default=5, help="nearest training samples per image")
     ap.add_argument("--pairs", type=int, default=16, help="closest pairs shown in the grid")

@@ -21,9 +21,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from curation import schema as S
-from curation.storage import read_json
-from pipelines.readers import WEBDATASET, RawSample, Shard, ShardOpenError, fingerprint, list_shards, read_tar
+from collection import schema as S
+from collection.shards import (
+    WEBDATASET,
+    RawSample,
+    Shard,
+    ShardOpenError,
+    fingerprint,
+    list_shards,
+    read_tar,
+)
+from collection.storage import read_json
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +50,7 @@ def training_shards(data: str | Path) -> list[Shard]:
 
 
 def read_manifest(data: str | Path) -> dict[str, Any] | None:
-    """The export's manifest.json next to the shards (keys: `curation.schema.MANIFEST_*`), or None
+    """The export's manifest.json next to the shards (keys: `collection.schema.MANIFEST_*`), or None
     for plain img2dataset shards."""
     folder = str(data) if Path(data).is_dir() else posixpath.dirname(training_shards(data)[0].url)
     path = posixpath.join(folder, S.EXPORT_MANIFEST)
@@ -52,11 +60,15 @@ def read_manifest(data: str | Path) -> dict[str, Any] | None:
         raise ValueError(f"{path}: not valid JSON ({err})") from err
     if manifest is None:
         return None
-    missing = [k for k in S.MANIFEST_REQUIRED if not isinstance(manifest, dict) or k not in manifest]
+    missing = [
+        k for k in S.MANIFEST_REQUIRED if not isinstance(manifest, dict) or k not in manifest
+    ]
     if missing:
         raise ValueError(f"{path}: not a curation.export manifest (no {missing[0]!r})")
     if manifest[S.MANIFEST_FORMAT] != S.EXPORT_WEBDATASET:
-        raise ValueError(f"{path}: a {manifest[S.MANIFEST_FORMAT]} export; training reads webdataset exports")
+        raise ValueError(
+            f"{path}: a {manifest[S.MANIFEST_FORMAT]} export; training reads webdataset exports"
+        )
     return manifest
 
 
@@ -135,7 +147,9 @@ def modality_gap(data: str | Path, encoder, n: int = 1024) -> np.ndarray:
         imgs.extend(encoder.encode_images(pixels))
         txts.extend(encoder.encode_texts(captions))
     if not imgs:
-        raise ValueError(f"{data}: no samples with both an image and a caption to measure the modality gap")
+        raise ValueError(
+            f"{data}: no samples with both an image and a caption to measure the modality gap"
+        )
     return np.mean(imgs, axis=0) - np.mean(txts, axis=0)
 
 
@@ -146,9 +160,19 @@ class ShardStream:
     "clip" (stored img_emb.npy, else the CLIP-preprocessed pixels for the trainer to embed).
     """
 
-    def __init__(self, data: str | Path, size: int, cond: str = "none", class_field: str | None = None,
-                 classes: list[str] | None = None, clip_preprocess=None, seed: int = 0,
-                 shuffle_buffer: int = 1000, rank: int = 0, world: int = 1):
+    def __init__(
+        self,
+        data: str | Path,
+        size: int,
+        cond: str = "none",
+        class_field: str | None = None,
+        classes: list[str] | None = None,
+        clip_preprocess=None,
+        seed: int = 0,
+        shuffle_buffer: int = 1000,
+        rank: int = 0,
+        world: int = 1,
+    ):
         self.shards = training_shards(data)
         self.size, self.cond, self.class_field, self.classes = size, cond, class_field, classes
         self.clip_preprocess = clip_preprocess
@@ -163,7 +187,9 @@ class ShardStream:
         while True:
             order = list(self.shards)
             random.Random(self.seed + epoch).shuffle(order)
-            mine = order[self.rank::self.world] or order  # fewer shards than ranks: everyone reads all
+            mine = (
+                order[self.rank :: self.world] or order
+            )  # fewer shards than ranks: everyone reads all
             buffer: list[RawSample] = []
             rng = random.Random(self.seed * 1000 + epoch * 7 + self.rank)
             for shard in mine:
@@ -228,7 +254,9 @@ def batches(stream: Iterator[dict[str, Any]], batch_size: int) -> Iterator[dict[
             batch["class"] = torch.tensor([it["class"] for it in items])
         if all("emb" in it for it in items):
             batch["emb"] = torch.from_numpy(np.stack([it["emb"] for it in items]))
-        elif all("clip_pixels" in it or "emb" in it for it in items) and any("clip_pixels" in it for it in items):
+        elif all("clip_pixels" in it or "emb" in it for it in items) and any(
+            "clip_pixels" in it for it in items
+        ):
             batch["clip_pixels"] = [it.get("clip_pixels") for it in items]
             batch["emb_partial"] = [it.get("emb") for it in items]
         if "caption" in items[0]:

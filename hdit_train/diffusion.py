@@ -27,10 +27,10 @@ class Denoiser(nn.Module):
 
     def scalings(self, sigma: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(c_skip, c_out, c_in) for each σ."""
-        sd2 = self.sigma_data ** 2
-        c_skip = sd2 / (sigma ** 2 + sd2)
-        c_out = sigma * self.sigma_data / (sigma ** 2 + sd2).sqrt()
-        c_in = 1 / (sigma ** 2 + sd2).sqrt()
+        sd2 = self.sigma_data**2
+        c_skip = sd2 / (sigma**2 + sd2)
+        c_out = sigma * self.sigma_data / (sigma**2 + sd2).sqrt()
+        c_in = 1 / (sigma**2 + sd2).sqrt()
         return c_skip, c_out, c_in
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
@@ -38,13 +38,17 @@ class Denoiser(nn.Module):
         out = self.inner(x * c_in, sigma.log() / 4, **cond)
         return c_skip * x + c_out * out.float()
 
-    def loss(self, x: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
+    def loss(
+        self, x: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor, **cond
+    ) -> torch.Tensor:
         """Per-sample loss on the network output's target, weighted by soft-min-SNR."""
         c_skip, c_out, c_in = (s[:, None, None, None] for s in self.scalings(sigma))
         noised = x + noise * sigma[:, None, None, None]
         out = self.inner(noised * c_in, sigma.log() / 4, **cond).float()
         target = (x - c_skip * noised) / c_out
-        return (out - target).pow(2).flatten(1).mean(1) * soft_min_snr_weight(sigma, self.sigma_data)
+        return (out - target).pow(2).flatten(1).mean(1) * soft_min_snr_weight(
+            sigma, self.sigma_data
+        )
 
 
 class TrainingLoss(nn.Module):
@@ -54,7 +58,9 @@ class TrainingLoss(nn.Module):
         super().__init__()
         self.denoiser = denoiser
 
-    def forward(self, x: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor, cond: dict) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor, cond: dict
+    ) -> torch.Tensor:
         return self.denoiser.loss(x, noise, sigma, **cond)
 
 
@@ -65,17 +71,25 @@ def soft_min_snr_weight(sigma: torch.Tensor, sigma_data: float = 0.5) -> torch.T
     is the image error over c_out, so its weight is that times c_out²:
     σ²·σ_data² / (σ² + σ_data²)², scaled by 4 so the peak (at σ = σ_data) is 1.
     """
-    sd2 = sigma_data ** 2
-    return (sigma ** 2 * sd2) / (sigma ** 2 + sd2) ** 2 * 4
+    sd2 = sigma_data**2
+    return (sigma**2 * sd2) / (sigma**2 + sd2) ** 2 * 4
 
 
 def _logsnr_cosine_shifted(t: torch.Tensor, image_d: float, noise_d: float) -> torch.Tensor:
     return -2 * torch.log(torch.tan(math.pi * t / 2)) + 2 * math.log(noise_d / image_d)
 
 
-def rand_cosine_interpolated(n: int, image_d: float, noise_d_low: float = 32, noise_d_high: float | None = None,
-                             sigma_data: float = 0.5, sigma_min: float = 1e-3, sigma_max: float = 1e3,
-                             generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+def rand_cosine_interpolated(
+    n: int,
+    image_d: float,
+    noise_d_low: float = 32,
+    noise_d_high: float | None = None,
+    sigma_data: float = 0.5,
+    sigma_min: float = 1e-3,
+    sigma_max: float = 1e3,
+    generator: torch.Generator | None = None,
+    device=None,
+) -> torch.Tensor:
     """σ from the cosine log-SNR schedule, its resolution shift interpolated between a
     low-resolution shift (noise_d_low, used at low noise) and a high one (at high noise)."""
     noise_d_high = noise_d_high or image_d
@@ -91,8 +105,9 @@ def rand_cosine_interpolated(n: int, image_d: float, noise_d_low: float = 32, no
     return (sigma_data * torch.exp(-logsnr / 2)).float()
 
 
-def karras_sigmas(n: int, sigma_min: float = 1e-2, sigma_max: float = 80.0, rho: float = 7.0,
-                  device=None) -> torch.Tensor:
+def karras_sigmas(
+    n: int, sigma_min: float = 1e-2, sigma_max: float = 80.0, rho: float = 7.0, device=None
+) -> torch.Tensor:
     """n σ levels from σ_max to σ_min spaced uniformly in σ^(1/ρ), followed by 0."""
     ramp = torch.linspace(0, 1, n, device=device, dtype=torch.float64)
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
@@ -102,6 +117,7 @@ def karras_sigmas(n: int, sigma_min: float = 1e-2, sigma_max: float = 80.0, rho:
 
 def guided(denoiser: Callable, cfg_scale: float, cond: dict, uncond: dict) -> Callable:
     """Classifier-free guidance: D_u + s·(D_c − D_u), both halves in one batch."""
+
     def fn(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         if not uncond:  # unconditional model: nothing to guide
             return denoiser(x, sigma, **cond)
@@ -109,12 +125,19 @@ def guided(denoiser: Callable, cfg_scale: float, cond: dict, uncond: dict) -> Ca
         d = denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), **both)
         d_cond, d_uncond = d.chunk(2)
         return d_uncond + (d_cond - d_uncond) * cfg_scale
+
     return fn
 
 
 @torch.no_grad()
-def sample(denoise: Callable, x: torch.Tensor, sigmas: torch.Tensor, sampler: str = "dpmpp_2m",
-           generator: torch.Generator | None = None, eta: float = 1.0) -> torch.Tensor:
+def sample(
+    denoise: Callable,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    sampler: str = "dpmpp_2m",
+    generator: torch.Generator | None = None,
+    eta: float = 1.0,
+) -> torch.Tensor:
     """Integrate from x (noise already scaled by sigmas[0]) down the schedule."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")

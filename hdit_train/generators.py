@@ -27,18 +27,30 @@ PIXEL_PARAMS = ("raw", "fourier", "pyramid")
 class VQGANGenerator:
     """A VQGAN latent (1, e_dim, H/f, W/f) that decodes to the image."""
 
-    def __init__(self, model: VQGAN, size: tuple[int, int], init: torch.Tensor | None = None,
-                 init_weight: float = 0.0, generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self,
+        model: VQGAN,
+        size: tuple[int, int],
+        init: torch.Tensor | None = None,
+        init_weight: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> None:
         f = model.factor
         if size[0] % f or size[1] % f or min(size) < f:
-            raise GuidanceError(f"size {size[0]}x{size[1]}: the VQGAN makes sides that are multiples of {f}")
+            raise GuidanceError(
+                f"size {size[0]}x{size[1]}: the VQGAN makes sides that are multiples of {f}"
+            )
         self.model, self.init_weight = model, init_weight
         codebook = model.codebook
         dev = codebook.device
         th, tw = size[0] // f, size[1] // f
         if init is None:
             tokens = torch.randint(codebook.shape[0], (th * tw,), generator=generator, device=dev)
-            z = (F.one_hot(tokens, codebook.shape[0]).float() @ codebook).view(1, th, tw, -1).permute(0, 3, 1, 2)
+            z = (
+                (F.one_hot(tokens, codebook.shape[0]).float() @ codebook)
+                .view(1, th, tw, -1)
+                .permute(0, 3, 1, 2)
+            )
         else:
             with torch.no_grad():
                 z = model.encode(init.to(dev) * 2 - 1)[0]
@@ -73,8 +85,15 @@ def _logit(x: torch.Tensor) -> torch.Tensor:
 class PixelGenerator:
     """The image as free parameters, through a sigmoid so values stay in (0, 1)."""
 
-    def __init__(self, size: tuple[int, int], param: str = "fourier", init: torch.Tensor | None = None,
-                 init_weight: float = 0.0, generator: torch.Generator | None = None, device: str = "cpu") -> None:
+    def __init__(
+        self,
+        size: tuple[int, int],
+        param: str = "fourier",
+        init: torch.Tensor | None = None,
+        init_weight: float = 0.0,
+        generator: torch.Generator | None = None,
+        device: str = "cpu",
+    ) -> None:
         if param not in PIXEL_PARAMS:
             raise GuidanceError(f"pixel parameterisation {param!r}: choose one of {PIXEL_PARAMS}")
         h, w = size
@@ -82,20 +101,27 @@ class PixelGenerator:
             raise GuidanceError(f"size {h}x{w}: pixels need sides of at least 8")
         self.size, self.param, self.init_weight = (h, w), param, init_weight
         self.init = None if init is None else init.to(device)
-        base = _logit(self.init) if self.init is not None else \
-            0.5 * torch.randn((1, 3, h, w), generator=generator, device=device)
+        base = (
+            _logit(self.init)
+            if self.init is not None
+            else 0.5 * torch.randn((1, 3, h, w), generator=generator, device=device)
+        )
         if param == "raw":
             self.params = [base.clone().requires_grad_(True)]
         elif param == "fourier":
             fy = torch.fft.fftfreq(h, device=device)[:, None]
             fx = torch.fft.rfftfreq(w, device=device)[None, :]
-            self.scale = 1.0 / torch.sqrt(fx ** 2 + fy ** 2).clamp(min=1.0 / max(h, w))
+            self.scale = 1.0 / torch.sqrt(fx**2 + fy**2).clamp(min=1.0 / max(h, w))
             spec = torch.fft.rfft2(base, norm="ortho") / self.scale
             self.params = [torch.view_as_real(spec).contiguous().requires_grad_(True)]
         else:
             self.scales = [s for s in (1, 2, 4, 8) if min(h, w) // s >= 4]
-            self.params = [(base if s == 1 else torch.zeros((1, 3, h // s, w // s), device=device)).clone()
-                           .requires_grad_(True) for s in self.scales]
+            self.params = [
+                (base if s == 1 else torch.zeros((1, 3, h // s, w // s), device=device))
+                .clone()
+                .requires_grad_(True)
+                for s in self.scales
+            ]
 
     def parameters(self) -> list[torch.Tensor]:
         return self.params
@@ -106,8 +132,10 @@ class PixelGenerator:
         if self.param == "fourier":
             spec = torch.view_as_complex(self.params[0]) * self.scale
             return torch.fft.irfft2(spec, s=self.size, norm="ortho")
-        return sum(p if s == 1 else F.interpolate(p, self.size, mode="bilinear", align_corners=False)
-                   for s, p in zip(self.scales, self.params))
+        return sum(
+            p if s == 1 else F.interpolate(p, self.size, mode="bilinear", align_corners=False)
+            for s, p in zip(self.scales, self.params)
+        )
 
     def image(self) -> torch.Tensor:
         return torch.sigmoid(self.logits())
@@ -121,9 +149,15 @@ class PixelGenerator:
         """Nothing to clamp: the sigmoid keeps every parameter value a valid image."""
 
 
-def optimise(gen: VQGANGenerator | PixelGenerator, objective: ClipObjective, steps: int, step_size: float,
-             generator: torch.Generator | None = None, on_step: Callable[[int, torch.Tensor], None] | None = None,
-             desc: str = "guiding") -> tuple[torch.Tensor, list[float]]:
+def optimise(
+    gen: VQGANGenerator | PixelGenerator,
+    objective: ClipObjective,
+    steps: int,
+    step_size: float,
+    generator: torch.Generator | None = None,
+    on_step: Callable[[int, torch.Tensor], None] | None = None,
+    desc: str = "guiding",
+) -> tuple[torch.Tensor, list[float]]:
     """VQGAN-CLIP's loop: Adam on the generator's parameters against the prompts' loss (plus the
     init-weight term); `on_step(i, image)` sees each step's image. Returns (final image, losses)."""
     opt = torch.optim.Adam(gen.parameters(), lr=step_size)
@@ -146,5 +180,7 @@ def optimise(gen: VQGANGenerator | PixelGenerator, objective: ClipObjective, ste
     with torch.no_grad():
         final = gen.image().detach()
     if not all(math.isfinite(v) for v in losses):
-        raise FloatingPointError("guidance diverged (a loss is not finite); try a smaller --step-size")
+        raise FloatingPointError(
+            "guidance diverged (a loss is not finite); try a smaller --step-size"
+        )
     return final, losses

@@ -27,7 +27,10 @@ from models.prompts import PromptError, WeightedPrompt, parse_prompts
 from models.vqgan import replace_grad
 
 #: open_clip's default normalisation, for a CLIP whose preprocess chain is not the standard one
-_OPENAI_MEAN, _OPENAI_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+_OPENAI_MEAN, _OPENAI_STD = (
+    (0.48145466, 0.4578275, 0.40821073),
+    (0.26862954, 0.26130258, 0.27577711),
+)
 
 
 class GuidanceError(ValueError):
@@ -45,7 +48,7 @@ def tv_loss(x: torch.Tensor) -> torch.Tensor:
     """Total variation per image (L2 form, as the CLIP-guided diffusion reference): smooth images score low."""
     x = F.pad(x, (0, 1, 0, 1), "replicate")
     dx, dy = x[..., :-1, 1:] - x[..., :-1, :-1], x[..., 1:, :-1] - x[..., :-1, :-1]
-    return (dx ** 2 + dy ** 2).mean([1, 2, 3])
+    return (dx**2 + dy**2).mean([1, 2, 3])
 
 
 def range_loss(x: torch.Tensor) -> torch.Tensor:
@@ -82,7 +85,9 @@ class Prompt(nn.Module):
 
     def forward(self, image_embeds: torch.Tensor) -> torch.Tensor:
         """Loss per image for (cutn, n, dim) cutout embeddings -> (n,)."""
-        dists = spherical_dist_loss(image_embeds.unsqueeze(2), self.embed.view(1, 1, -1, self.embed.shape[-1]))
+        dists = spherical_dist_loss(
+            image_embeds.unsqueeze(2), self.embed.view(1, 1, -1, self.embed.shape[-1])
+        )
         dists = dists * self.weight.sign()
         # below `stop` the loss is flat: the gradient stops there, the value does not
         return self.weight.abs() * replace_grad(dists, torch.maximum(dists, self.stop)).mean([0, 2])
@@ -95,25 +100,42 @@ class MakeCutouts(nn.Module):
     jitter, erasing, noise; VQGAN-CLIP's default augment list) so CLIP sees the image, not one
     adversarial rendering of it."""
 
-    def __init__(self, cut_size: int, cutn: int, cut_pow: float = 1.0, augment: bool = True,
-                 noise_fac: float = 0.1) -> None:
+    def __init__(
+        self,
+        cut_size: int,
+        cutn: int,
+        cut_pow: float = 1.0,
+        augment: bool = True,
+        noise_fac: float = 0.1,
+    ) -> None:
         super().__init__()
         self.cut_size, self.cutn, self.cut_pow = cut_size, cutn, cut_pow
         self.augment, self.noise_fac = augment, noise_fac
 
-    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def forward(
+        self, images: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """(n, 3, H, W) in [0, 1] -> (cutn * n, 3, cut, cut), cutout-major (cut 0 of every image first)."""
         n, _, h, w = images.shape
         max_size, min_size = min(h, w), min(h, w, self.cut_size)
         g = {"generator": generator, "device": images.device}
         cutouts = []
         for _ in range(self.cutn):
-            size = int(float(torch.rand([], **g)) ** self.cut_pow * (max_size - min_size) + min_size)
+            size = int(
+                float(torch.rand([], **g)) ** self.cut_pow * (max_size - min_size) + min_size
+            )
             oy = int(torch.randint(0, h - size + 1, (), **g))
             ox = int(torch.randint(0, w - size + 1, (), **g))
-            cut = images[:, :, oy:oy + size, ox:ox + size]
-            cutouts.append(F.interpolate(cut, (self.cut_size, self.cut_size), mode="bilinear", align_corners=False,
-                                         antialias=size > self.cut_size))
+            cut = images[:, :, oy : oy + size, ox : ox + size]
+            cutouts.append(
+                F.interpolate(
+                    cut,
+                    (self.cut_size, self.cut_size),
+                    mode="bilinear",
+                    align_corners=False,
+                    antialias=size > self.cut_size,
+                )
+            )
         batch = torch.cat(cutouts)
         if self.augment:
             batch = _augment(batch, generator)
@@ -134,25 +156,44 @@ def _augment(x: torch.Tensor, generator: torch.Generator | None, p: float = 0.7)
     shear = (torch.rand(n, **g) * 2 - 1) * math.radians(5) * on
     shift = (torch.rand(n, 2, **g) * 2 - 1) * 0.2 * on[:, None]  # 10% of the side, in [-1, 1] units
     cos, sin = torch.cos(angle), torch.sin(angle)
-    theta = torch.stack([torch.stack([cos, -sin + torch.tan(shear), shift[:, 0]], 1),
-                         torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    theta = torch.stack(
+        [
+            torch.stack([cos, -sin + torch.tan(shear), shift[:, 0]], 1),
+            torch.stack([sin, cos, shift[:, 1]], 1),
+        ],
+        1,
+    )
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     jitter = (torch.rand(n, **g) < p).float()[:, None, None, None]
     grey = x.mean(1, keepdim=True)
     sat = 1 + (torch.rand(n, 1, 1, 1, **g) * 2 - 1) * 0.1 * jitter
     x = grey + (x - grey) * sat
-    hue = (torch.rand(n, 1, 1, 1, **g) * 2 - 1) * 0.1 * jitter  # a small rotation of the chroma plane
-    x = grey + (x - grey) * torch.cos(hue * 2 * math.pi) + _chroma_turn(x - grey) * torch.sin(hue * 2 * math.pi)
+    hue = (
+        (torch.rand(n, 1, 1, 1, **g) * 2 - 1) * 0.1 * jitter
+    )  # a small rotation of the chroma plane
+    x = (
+        grey
+        + (x - grey) * torch.cos(hue * 2 * math.pi)
+        + _chroma_turn(x - grey) * torch.sin(hue * 2 * math.pi)
+    )
     erase = torch.rand(n, **g) < p
     h, w = x.shape[-2:]
     frac = torch.rand(n, **g) * 0.3 + 0.1
     eh, ew = (frac.sqrt() * h).long().clamp(1, h), (frac.sqrt() * w).long().clamp(1, w)
     ys = (torch.rand(n, **g) * (h - eh + 1).float()).long()
     xs = (torch.rand(n, **g) * (w - ew + 1).float()).long()
-    rows, cols = torch.arange(h, device=dev)[None, :, None], torch.arange(w, device=dev)[None, None, :]
-    box = ((rows >= ys[:, None, None]) & (rows < (ys + eh)[:, None, None]) & (cols >= xs[:, None, None])
-           & (cols < (xs + ew)[:, None, None]) & erase[:, None, None])
+    rows, cols = (
+        torch.arange(h, device=dev)[None, :, None],
+        torch.arange(w, device=dev)[None, None, :],
+    )
+    box = (
+        (rows >= ys[:, None, None])
+        & (rows < (ys + eh)[:, None, None])
+        & (cols >= xs[:, None, None])
+        & (cols < (xs + ew)[:, None, None])
+        & erase[:, None, None]
+    )
     return x * ~box[:, None]
 
 
@@ -181,8 +222,9 @@ def to_tensor(img: Image.Image, size: tuple[int, int] | None = None) -> torch.Te
     return torch.from_numpy(np.asarray(img, np.float32) / 255).permute(2, 0, 1)[None].contiguous()
 
 
-def parse_guidance_prompts(prompts: str | Sequence[str] | None,
-                           image_prompts: str | Sequence[str] | None) -> tuple[list[WeightedPrompt], list[WeightedPrompt]]:
+def parse_guidance_prompts(
+    prompts: str | Sequence[str] | None, image_prompts: str | Sequence[str] | None
+) -> tuple[list[WeightedPrompt], list[WeightedPrompt]]:
     """(text prompts, image prompts) in the one weighted-prompt syntax; image prompts name files.
 
     At least one prompt of either kind must pull (a positive weight): a goal made only of what
@@ -191,7 +233,9 @@ def parse_guidance_prompts(prompts: str | Sequence[str] | None,
     texts = parse_prompts(prompts, require_positive=False) if prompts else []
     images = parse_prompts(image_prompts, require_positive=False) if image_prompts else []
     if not texts and not images:
-        raise PromptError("no prompt: give --prompts 'a red star' (and/or --image-prompts a.png:0.5)")
+        raise PromptError(
+            "no prompt: give --prompts 'a red star' (and/or --image-prompts a.png:0.5)"
+        )
     if not any(p.weight > 0 for p in texts + images):
         raise PromptError("prompts: at least one needs a positive weight")
     return texts, images
@@ -213,9 +257,16 @@ class ClipObjective:
     target: torch.Tensor
 
     @classmethod
-    def build(cls, clip: Clip, texts: Sequence[WeightedPrompt], images: Sequence[WeightedPrompt] = (),
-              cutn: int = 16, cut_pow: float = 1.0, augment: bool = True,
-              generator: torch.Generator | None = None) -> "ClipObjective":
+    def build(
+        cls,
+        clip: Clip,
+        texts: Sequence[WeightedPrompt],
+        images: Sequence[WeightedPrompt] = (),
+        cutn: int = 16,
+        cut_pow: float = 1.0,
+        augment: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> "ClipObjective":
         model = clip.model
         model.requires_grad_(False)
         visual_size = model.visual.image_size
@@ -223,9 +274,14 @@ class ClipObjective:
         norm = batch_normalizer(clip.preprocess)
         mean, std = (norm[1], norm[2]) if norm else (_OPENAI_MEAN, _OPENAI_STD)
         dev = clip.device
-        obj = cls(clip, [], MakeCutouts(cut_size, cutn, cut_pow, augment),
-                  torch.tensor(mean, device=dev).view(1, 3, 1, 1), torch.tensor(std, device=dev).view(1, 3, 1, 1),
-                  torch.zeros(0))
+        obj = cls(
+            clip,
+            [],
+            MakeCutouts(cut_size, cutn, cut_pow, augment),
+            torch.tensor(mean, device=dev).view(1, 3, 1, 1),
+            torch.tensor(std, device=dev).view(1, 3, 1, 1),
+            torch.zeros(0),
+        )
         pulls = []
         if texts:
             embeds = torch.from_numpy(clip.encode_texts([p.text for p in texts])).to(dev)
@@ -236,7 +292,9 @@ class ClipObjective:
             img = to_tensor(load_image(p.text)).to(dev)
             with torch.no_grad():
                 e = obj.embed(img, generator=generator)[:, 0]
-            obj.prompts.append(Prompt(e, p.weight, p.stop))  # every cutout's embedding, as the reference
+            obj.prompts.append(
+                Prompt(e, p.weight, p.stop)
+            )  # every cutout's embedding, as the reference
             pulls.append(F.normalize(e.mean(0), dim=-1) * p.weight)
         target = torch.stack(pulls).sum(0)
         obj.target = F.normalize(target, dim=-1)
@@ -257,7 +315,14 @@ class ClipObjective:
     def similarity(self, images: torch.Tensor) -> torch.Tensor:
         """Cosine of each whole image's CLIP embedding to the combined prompt target (n,)."""
         size = self.make_cutouts.cut_size
-        x = F.interpolate(images.clamp(0, 1), (size, size), mode="bilinear", align_corners=False,
-                          antialias=images.shape[-1] > size)
-        feats = F.normalize(self.clip.model.encode_image((x - self.mean) / self.std).float(), dim=-1)
+        x = F.interpolate(
+            images.clamp(0, 1),
+            (size, size),
+            mode="bilinear",
+            align_corners=False,
+            antialias=images.shape[-1] > size,
+        )
+        feats = F.normalize(
+            self.clip.model.encode_image((x - self.mean) / self.std).float(), dim=-1
+        )
         return feats @ self.target

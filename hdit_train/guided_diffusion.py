@@ -51,11 +51,14 @@ def check_size(cfg: dict[str, Any], size: tuple[int, int]) -> None:
     m = cfg["model"]
     p = m.get("patch_size", 4) * 2 ** (len(m["levels"]) - 1)
     if size[0] % p or size[1] % p:
-        raise GuidanceError(f"size {size[0]}x{size[1]}: this HDiT run makes sides that are multiples of {p}")
+        raise GuidanceError(
+            f"size {size[0]}x{size[1]}: this HDiT run makes sides that are multiples of {p}"
+        )
 
 
-def run_condition(state: dict[str, Any], clip: Clip, texts: list[WeightedPrompt], use_cond: bool,
-                  device: str) -> tuple[dict, dict]:
+def run_condition(
+    state: dict[str, Any], clip: Clip, texts: list[WeightedPrompt], use_cond: bool, device: str
+) -> tuple[dict, dict]:
     """(cond, uncond) model kwargs for one sample, as `diffusion.guided` takes them: the weighted text
     prompts' combined embedding against the dropped-condition slot when the run is CLIP-conditioned
     and `use_cond`; else the unconditional slot alone (uncond empty: no classifier-free guidance)."""
@@ -70,16 +73,29 @@ def run_condition(state: dict[str, Any], clip: Clip, texts: list[WeightedPrompt]
     if not use_cond or not texts:
         return zero, {}
     if state.get("clip_spec") and state["clip_spec"] != clip.spec:
-        raise GuidanceError(f"the run is conditioned on {state['clip_spec']} embeddings; guide it with that "
-                            f"CLIP (--clip-model {state['clip_spec']}) or without its conditioning (--no-cond)")
-    emb = torch.from_numpy(combine(clip.encode_texts([p.text for p in texts]), texts)).to(device)[None]
+        raise GuidanceError(
+            f"the run is conditioned on {state['clip_spec']} embeddings; guide it with that "
+            f"CLIP (--clip-model {state['clip_spec']}) or without its conditioning (--no-cond)"
+        )
+    emb = torch.from_numpy(combine(clip.encode_texts([p.text for p in texts]), texts)).to(device)[
+        None
+    ]
     return {"mapping_cond": shift_by_gap(emb, state.get("clip_gap"))}, zero
 
 
-def clip_guided_sample(denoiser: Callable, state: dict[str, Any], clip: Clip, objective: ClipObjective | None,
-                       texts: list[WeightedPrompt], size: tuple[int, int], settings: HDiTGuidance, seed: int = 0,
-                       init: torch.Tensor | None = None, device: str = "cpu",
-                       on_step: Callable[[int, torch.Tensor], None] | None = None) -> tuple[torch.Tensor, list[float]]:
+def clip_guided_sample(
+    denoiser: Callable,
+    state: dict[str, Any],
+    clip: Clip,
+    objective: ClipObjective | None,
+    texts: list[WeightedPrompt],
+    size: tuple[int, int],
+    settings: HDiTGuidance,
+    seed: int = 0,
+    init: torch.Tensor | None = None,
+    device: str = "cpu",
+    on_step: Callable[[int, torch.Tensor], None] | None = None,
+) -> tuple[torch.Tensor, list[float]]:
     """One image in [0, 1] (1, 3, H, W) and the guidance loss per step; `objective=None` samples unguided."""
     check_size(state["config"], size)
     cond, uncond = run_condition(state, clip, texts, settings.use_cond, device)
@@ -90,7 +106,7 @@ def clip_guided_sample(denoiser: Callable, state: dict[str, Any], clip: Clip, ob
     target = None
     if init is not None:
         target = init.to(device) * 2 - 1
-        sigmas = sigmas[min(int(settings.steps * settings.init_skip), settings.steps - 1):]
+        sigmas = sigmas[min(int(settings.steps * settings.init_skip), settings.steps - 1) :]
     noise = torch.randn((1, 3, *size), generator=gen, device=device)
     x = noise * sigmas[0] if target is None else target + noise * sigmas[0]
     losses: list[float] = []
@@ -105,17 +121,29 @@ def clip_guided_sample(denoiser: Callable, state: dict[str, Any], clip: Clip, ob
             x = x.detach().requires_grad_()
             denoised = fn(x, sigma)
             s = sigma.view(-1, 1, 1, 1)
-            fac = s / (1 + s ** 2).sqrt()  # sqrt(1 - ᾱ) of the variance-preserving view
-            x_in = denoised * fac + x / (1 + s ** 2).sqrt() * (1 - fac)
-            loss = (tv_loss(x_in).sum() * settings.tv_scale + range_loss(denoised).sum() * settings.range_scale)
+            fac = s / (1 + s**2).sqrt()  # sqrt(1 - ᾱ) of the variance-preserving view
+            x_in = denoised * fac + x / (1 + s**2).sqrt() * (1 - fac)
+            loss = (
+                tv_loss(x_in).sum() * settings.tv_scale
+                + range_loss(denoised).sum() * settings.range_scale
+            )
             if objective is not None:
-                loss = loss + objective.loss(x_in.add(1).div(2), cut_gen).sum() * settings.clip_scale
-            if target is not None and settings.init_weight:  # relative to the CLIP term, as for the other generators
-                loss = loss + (x_in.add(1).div(2) - target.add(1).div(2)).pow(2).mean() * settings.init_weight / 2 \
+                loss = (
+                    loss + objective.loss(x_in.add(1).div(2), cut_gen).sum() * settings.clip_scale
+                )
+            if (
+                target is not None and settings.init_weight
+            ):  # relative to the CLIP term, as for the other generators
+                loss = (
+                    loss
+                    + (x_in.add(1).div(2) - target.add(1).div(2)).pow(2).mean()
+                    * settings.init_weight
+                    / 2
                     * settings.clip_scale
+                )
             grad = -torch.autograd.grad(loss, x)[0]
         _step(denoised.detach(), float(loss))
-        return denoised.detach() + grad * s ** 2
+        return denoised.detach() + grad * s**2
 
     def _step(denoised: torch.Tensor, loss: float | None) -> None:
         if loss is not None:

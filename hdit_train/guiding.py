@@ -16,9 +16,15 @@ from typing import Callable, Sequence
 import torch
 from PIL import Image
 
-from curation.storage import write_bytes
+from collection.storage import write_bytes
 from hdit_train.generators import PixelGenerator, VQGANGenerator, optimise
-from hdit_train.guidance import ClipObjective, GuidanceError, load_image, parse_guidance_prompts, to_tensor
+from hdit_train.guidance import (
+    ClipObjective,
+    GuidanceError,
+    load_image,
+    parse_guidance_prompts,
+    to_tensor,
+)
 from hdit_train.guided_diffusion import HDiTGuidance, clip_guided_sample
 from hdit_train.run import load_run
 from models.clip import Clip, default_device, load_clip
@@ -59,17 +65,31 @@ class GuideResult:
 class Guide:
     """A generator and a CLIP, loaded once; `run` makes one guided (or unguided) image."""
 
-    def __init__(self, generator: str = "vqgan", clip_model: str | Clip = "sieve-tiny",
-                 vqgan_config: str | Path | None = None, vqgan_ckpt: str | Path | None = None,
-                 hdit_ckpt: str | Path | None = None, device: str | None = None) -> None:
+    def __init__(
+        self,
+        generator: str = "vqgan",
+        clip_model: str | Clip = "sieve-tiny",
+        vqgan_config: str | Path | None = None,
+        vqgan_ckpt: str | Path | None = None,
+        hdit_ckpt: str | Path | None = None,
+        device: str | None = None,
+    ) -> None:
         if generator not in GENERATORS:
             raise GuidanceError(f"generator {generator!r}: choose one of {GENERATORS}")
         if (vqgan_config is None) != (vqgan_ckpt is None):
-            raise GuidanceError("give both --vqgan-config and --vqgan-ckpt (or neither, for the bundled sieve-vqgan)")
+            raise GuidanceError(
+                "give both --vqgan-config and --vqgan-ckpt (or neither, for the bundled sieve-vqgan)"
+            )
         if generator == "hdit" and hdit_ckpt is None:
-            raise GuidanceError("generator hdit needs --hdit-ckpt RUN (a hdit_train.train run folder)")
+            raise GuidanceError(
+                "generator hdit needs --hdit-ckpt RUN (a hdit_train.train run folder)"
+            )
         self.generator, self.device = generator, device or default_device()
-        self.clip = clip_model if isinstance(clip_model, Clip) else load_clip(clip_model, device=self.device)
+        self.clip = (
+            clip_model
+            if isinstance(clip_model, Clip)
+            else load_clip(clip_model, device=self.device)
+        )
         self.vqgan: VQGAN | None = None
         self.denoiser, self.state = None, None
         if generator == "vqgan":
@@ -87,37 +107,81 @@ class Guide:
             return (size, size)
         return (64, 64)
 
-    def run(self, prompts: str | Sequence[str] | None, image_prompts: str | Sequence[str] | None = None,
-            seed: int = 0, size: int | tuple[int, int] | None = None, init: str | Path | Image.Image | None = None,
-            settings: GuideSettings | None = None, guided: bool = True,
-            on_step: Callable[[int, torch.Tensor], None] | None = None) -> GuideResult:
+    def run(
+        self,
+        prompts: str | Sequence[str] | None,
+        image_prompts: str | Sequence[str] | None = None,
+        seed: int = 0,
+        size: int | tuple[int, int] | None = None,
+        init: str | Path | Image.Image | None = None,
+        settings: GuideSettings | None = None,
+        guided: bool = True,
+        on_step: Callable[[int, torch.Tensor], None] | None = None,
+    ) -> GuideResult:
         """One image for `seed`; `guided=False` gives the same seed's output without CLIP guidance."""
         settings = settings or GuideSettings()
-        hw = self.default_size() if size is None else (size, size) if isinstance(size, int) else tuple(size)
+        hw = (
+            self.default_size()
+            if size is None
+            else (size, size)
+            if isinstance(size, int)
+            else tuple(size)
+        )
         if min(hw) < 1:
             raise GuidanceError(f"size {hw[0]}x{hw[1]}: sides must be positive")
         texts, images = parse_guidance_prompts(prompts, image_prompts)
-        objective = ClipObjective.build(self.clip, texts, images, settings.cutn, settings.cut_pow, settings.augment,
-                                        generator=torch.Generator(device=self.device).manual_seed(seed))
+        objective = ClipObjective.build(
+            self.clip,
+            texts,
+            images,
+            settings.cutn,
+            settings.cut_pow,
+            settings.augment,
+            generator=torch.Generator(device=self.device).manual_seed(seed),
+        )
         init_t = None
         if init is not None:
-            init_t = to_tensor(init if isinstance(init, Image.Image) else load_image(init), hw).to(self.device)
+            init_t = to_tensor(init if isinstance(init, Image.Image) else load_image(init), hw).to(
+                self.device
+            )
         gen = torch.Generator(device=self.device).manual_seed(seed)
         if self.generator == "hdit":
             hs = settings.hdit
             if init_t is not None:
                 hs = HDiTGuidance(**{**vars(hs), "init_weight": settings.init_weight})
-            image, losses = clip_guided_sample(self.denoiser, self.state, self.clip, objective if guided else None,
-                                               texts, hw, hs, seed, init_t, self.device, on_step)
+            image, losses = clip_guided_sample(
+                self.denoiser,
+                self.state,
+                self.clip,
+                objective if guided else None,
+                texts,
+                hw,
+                hs,
+                seed,
+                init_t,
+                self.device,
+                on_step,
+            )
         else:
             if self.generator == "vqgan":
                 g = VQGANGenerator(self.vqgan, hw, init_t, settings.init_weight, gen)
             else:
-                g = PixelGenerator(hw, settings.pixel_param, init_t, settings.init_weight, gen, self.device)
+                g = PixelGenerator(
+                    hw, settings.pixel_param, init_t, settings.init_weight, gen, self.device
+                )
             step_size = settings.step_size or DEFAULT_STEP_SIZE[self.generator]
-            image, losses = optimise(g, objective, settings.steps if guided else 0, step_size, gen, on_step,
-                                     desc=f"{self.generator} seed {seed}")
-        return GuideResult(seed, image.cpu(), losses, float(objective.similarity(image.to(self.device))[0]))
+            image, losses = optimise(
+                g,
+                objective,
+                settings.steps if guided else 0,
+                step_size,
+                gen,
+                on_step,
+                desc=f"{self.generator} seed {seed}",
+            )
+        return GuideResult(
+            seed, image.cpu(), losses, float(objective.similarity(image.to(self.device))[0])
+        )
 
 
 def png_bytes(image: torch.Tensor) -> bytes:

@@ -25,34 +25,40 @@ import torch
 from PIL import Image
 from torchvision.utils import make_grid
 
-from curation import schema as S
+from collection import schema as S
+from collection.shards import list_shards, read_shard
+from collection.storage import write_bytes, write_json
 from curation.copies import copy_verdict
 from curation.dedup import COPY_MIN_COSINE
-from curation.storage import write_bytes, write_json
 from indices.search import DEFAULT_COLUMNS, Searcher
 from pipelines.phash import phash
-from pipelines.readers import list_shards, read_shard
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 REPORT_FILE, GRID_FILE = "audit.json", "closest_pairs.png"
 
+
 def phash_bits(a: str, b: str) -> int:
     """Hamming distance between two 16-hex-digit perceptual hashes."""
     return bin(int(a, 16) ^ int(b, 16)).count("1")
 
 
-def copy_verdicts(query: Image.Image, neighbours: Sequence[dict[str, Any]],
-                  pictures: dict[str, Image.Image]) -> list[bool]:
+def copy_verdicts(
+    query: Image.Image, neighbours: Sequence[dict[str, Any]], pictures: dict[str, Image.Image]
+) -> list[bool]:
     """Whether each neighbour (a search row with `key` and `similarity`) is a copy of the query image.
 
     The duplicates rule (`curation.copies.copy_verdict`) on the neighbours' pictures; one whose
     picture cannot be read back is not called a copy (the report marks it `picture: false`).
     """
     have = [r for r in neighbours if r.get(S.KEY) in pictures]
-    verdicts = copy_verdict(query, [pictures[r[S.KEY]] for r in have], [float(r["similarity"]) for r in have],
-                            min_similarity=COPY_MIN_COSINE)
+    verdicts = copy_verdict(
+        query,
+        [pictures[r[S.KEY]] for r in have],
+        [float(r["similarity"]) for r in have],
+        min_similarity=COPY_MIN_COSINE,
+    )
     found = {id(r): v for r, v in zip(have, verdicts)}
     return [bool(found.get(id(r), False)) for r in neighbours]
 
@@ -90,12 +96,28 @@ def read_images(folder: str | Path) -> list[tuple[str, Image.Image]]:
 
 def tensor_images(images: torch.Tensor, prefix: str = "sample") -> list[tuple[str, Image.Image]]:
     """(name, RGB image) for a (n, 3, H, W) batch in [-1, 1] (what the HDiT samplers return)."""
-    arr = images.detach().clamp(-1, 1).add(1).mul(127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    arr = (
+        images.detach()
+        .clamp(-1, 1)
+        .add(1)
+        .mul(127.5)
+        .round()
+        .byte()
+        .permute(0, 2, 3, 1)
+        .cpu()
+        .numpy()
+    )
     return [(f"{prefix}_{i:04d}", Image.fromarray(a)) for i, a in enumerate(arr)]
 
 
-def audit(images: Sequence[tuple[str, Image.Image]], collection: str, k: int = 5, out: str | Path | None = None,
-          grid_pairs: int = 16, searcher: Searcher | None = None) -> AuditResult:
+def audit(
+    images: Sequence[tuple[str, Image.Image]],
+    collection: str,
+    k: int = 5,
+    out: str | Path | None = None,
+    grid_pairs: int = 16,
+    searcher: Searcher | None = None,
+) -> AuditResult:
     """Audit generated images against a collection: nearest training samples, copy verdicts, the copy
     fraction; with `out`, write audit.json and closest_pairs.png there."""
     if not images:
@@ -104,37 +126,72 @@ def audit(images: Sequence[tuple[str, Image.Image]], collection: str, k: int = 5
         raise ValueError(f"audit: k must be >= 1, got {k}")
     searcher = searcher or Searcher(collection, columns=(*DEFAULT_COLUMNS, S.PHASH, S.SOURCE_SHARD))
     if S.MODALITY_IMAGE not in searcher.modalities():
-        raise ValueError(f"{collection}: no image index; build it with `python -m indices.build {collection}`")
+        raise ValueError(
+            f"{collection}: no image index; build it with `python -m indices.build {collection}`"
+        )
     vectors = searcher.encoder.encode_images([im for _, im in images])
     found = searcher.search_vectors(vectors, k=k, deduplicate=False)
-    pictures = training_images([{"key": r.get(S.KEY), "source_shard": r.get(S.SOURCE_SHARD)}
-                                for rows in found for r in rows])
+    pictures = training_images(
+        [
+            {"key": r.get(S.KEY), "source_shard": r.get(S.SOURCE_SHARD)}
+            for rows in found
+            for r in rows
+        ]
+    )
     entries = []
     for (name, im), rows in zip(images, found):
         q = phash(im)
         verdicts = copy_verdicts(im, rows, pictures)
-        neighbours = [{"key": r.get(S.KEY), "caption": r.get(S.CAPTION), "similarity": round(float(r["similarity"]), 5),
-                       "phash_bits": phash_bits(q, r[S.PHASH]) if r.get(S.PHASH) else None, "copy": v,
-                       "picture": r.get(S.KEY) in pictures, "source_shard": r.get(S.SOURCE_SHARD)}
-                      for r, v in zip(rows, verdicts)]
-        entries.append({"image": name, "phash": q, "copy": any(verdicts),
-                        "nearest_similarity": neighbours[0]["similarity"] if neighbours else None,
-                        "neighbours": neighbours})
+        neighbours = [
+            {
+                "key": r.get(S.KEY),
+                "caption": r.get(S.CAPTION),
+                "similarity": round(float(r["similarity"]), 5),
+                "phash_bits": phash_bits(q, r[S.PHASH]) if r.get(S.PHASH) else None,
+                "copy": v,
+                "picture": r.get(S.KEY) in pictures,
+                "source_shard": r.get(S.SOURCE_SHARD),
+            }
+            for r, v in zip(rows, verdicts)
+        ]
+        entries.append(
+            {
+                "image": name,
+                "phash": q,
+                "copy": any(verdicts),
+                "nearest_similarity": neighbours[0]["similarity"] if neighbours else None,
+                "neighbours": neighbours,
+            }
+        )
     copies = sum(e["copy"] for e in entries)
-    report = {"collection": str(collection), "clip_model": searcher.encoder.spec, "k": k, "n_images": len(entries),
-              "n_copies": copies, "copy_fraction": copies / len(entries),
-              "rule": {"source": "curation.copies.copy_verdict (the dedup copies level)",
-                       "min_similarity": COPY_MIN_COSINE},
-              "nearest_similarity_mean": float(np.mean([e["nearest_similarity"] or 0.0 for e in entries])),
-              "images": entries}
+    report = {
+        "collection": str(collection),
+        "clip_model": searcher.encoder.spec,
+        "k": k,
+        "n_images": len(entries),
+        "n_copies": copies,
+        "copy_fraction": copies / len(entries),
+        "rule": {
+            "source": "curation.copies.copy_verdict (the dedup copies level)",
+            "min_similarity": COPY_MIN_COSINE,
+        },
+        "nearest_similarity_mean": float(
+            np.mean([e["nearest_similarity"] or 0.0 for e in entries])
+        ),
+        "images": entries,
+    }
     report_path = grid_path = None
     if out is not None:
         out = Path(out)
         report_path = out / REPORT_FILE
         write_json(report_path, report)
         grid_path = write_pair_grid(images, entries, out / GRID_FILE, grid_pairs, pictures)
-    log.info("audit: %d of %d generations copy a training image (fraction %.3f)", copies, len(entries),
-             report["copy_fraction"])
+    log.info(
+        "audit: %d of %d generations copy a training image (fraction %.3f)",
+        copies,
+        len(entries),
+        report["copy_fraction"],
+    )
     return AuditResult(report, report_path, grid_path)
 
 
@@ -152,23 +209,35 @@ def training_images(rows: Sequence[dict[str, Any]]) -> dict[str, Image.Image]:
                 if raw.key in keys and raw.image is not None:
                     with Image.open(io.BytesIO(raw.image)) as im:
                         found[raw.key] = im.convert("RGB")
-        except (OSError, ValueError) as exc:  # a moved or unreadable shard: the grid shows a blank, the report is complete
+        except (
+            OSError,
+            ValueError,
+        ) as exc:  # a moved or unreadable shard: the grid shows a blank, the report is complete
             log.warning("audit grid: cannot read training images from %s (%s)", url, exc)
     return found
 
 
-def write_pair_grid(images: Sequence[tuple[str, Image.Image]], entries: Sequence[dict[str, Any]],
-                    path: Path, pairs: int = 16, pictures: dict[str, Image.Image] | None = None) -> Path | None:
+def write_pair_grid(
+    images: Sequence[tuple[str, Image.Image]],
+    entries: Sequence[dict[str, Any]],
+    path: Path,
+    pairs: int = 16,
+    pictures: dict[str, Image.Image] | None = None,
+) -> Path | None:
     """Closest pairs first, each [generated | nearest training sample]; a grey tile where a training image is gone.
     `pictures` (by key) are the training images already read; only the others are read here."""
-    order = sorted(range(len(entries)), key=lambda i: -(entries[i]["nearest_similarity"] or -1.0))[:pairs]
+    order = sorted(range(len(entries)), key=lambda i: -(entries[i]["nearest_similarity"] or -1.0))[
+        :pairs
+    ]
     order = [i for i in order if entries[i]["neighbours"]]
     if not order:
         return None
     nearest = [entries[i]["neighbours"][0] for i in order]
     pictures = pictures or {}
-    train = {**training_images([n for n in nearest if n["key"] not in pictures]),
-             **{n["key"]: pictures[n["key"]] for n in nearest if n["key"] in pictures}}
+    train = {
+        **training_images([n for n in nearest if n["key"] not in pictures]),
+        **{n["key"]: pictures[n["key"]] for n in nearest if n["key"] in pictures},
+    }
     side = max([images[i][1].size[0] for i in order] + [im.size[0] for im in train.values()])
     tiles = []
     for i in order:
@@ -176,7 +245,9 @@ def write_pair_grid(images: Sequence[tuple[str, Image.Image]], entries: Sequence
         gen_im = images[i][1]
         train_im = train.get(key, Image.new("RGB", (side, side), (128, 128, 128)))
         tiles += [_tile(gen_im, side), _tile(train_im, side)]
-    grid = make_grid(torch.stack(tiles), nrow=2 * max(1, min(4, len(order))), padding=2, pad_value=1.0)
+    grid = make_grid(
+        torch.stack(tiles), nrow=2 * max(1, min(4, len(order))), padding=2, pad_value=1.0
+    )
     arr = grid.mul(255).round().byte().permute(1, 2, 0).numpy()
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")

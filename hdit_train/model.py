@@ -149,7 +149,7 @@ class AxialRoPE(nn.Module):
         fy = fy[:, :, None, :].expand(-1, h, w, -1)
         fx = fx[:, None, :, :].expand(-1, h, w, -1)
         theta = torch.cat([fy, fx], dim=-1)  # (heads, H, W, n_rot/2)
-        x_rot, x_pass = x[..., : self.n_rot], x[..., self.n_rot:]
+        x_rot, x_pass = x[..., : self.n_rot], x[..., self.n_rot :]
         x1, x2 = x_rot.chunk(2, dim=-1)
         cos, sin = theta.cos(), theta.sin()
         rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
@@ -177,7 +177,9 @@ class Attention(nn.Module):
         qkv = self.qkv(self.norm(x, cond)).view(b, h, w, 3, self.n_heads, self.spec.d_head)
         q, k, v = qkv.permute(3, 0, 4, 1, 2, 5)  # each (B, heads, H, W, d)
         sqrt_scale = self.scale.sqrt()[:, None, None, None].to(q.dtype)
-        qk = self.rope(F.normalize(qkv[..., :2, :, :].permute(3, 0, 4, 1, 2, 5), dim=-1, eps=1e-6) * sqrt_scale)
+        qk = self.rope(
+            F.normalize(qkv[..., :2, :, :].permute(3, 0, 4, 1, 2, 5), dim=-1, eps=1e-6) * sqrt_scale
+        )
         q, k = qk[0], qk[1]  # normalised, scaled and rotated together: half the elementwise calls
         if self.spec.attn == "global":
             flat = [t.reshape(b, self.n_heads, h * w, -1) for t in (q, k, v)]
@@ -228,7 +230,11 @@ class TokenMerge(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, h, w, c = x.shape
         p = self.patch
-        x = x.view(b, h // p, p, w // p, p, c).permute(0, 1, 3, 2, 4, 5).reshape(b, h // p, w // p, -1)
+        x = (
+            x.view(b, h // p, p, w // p, p, c)
+            .permute(0, 1, 3, 2, 4, 5)
+            .reshape(b, h // p, w // p, -1)
+        )
         return self.proj(x)
 
 
@@ -244,7 +250,12 @@ class TokenSplit(nn.Module):
     def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
         b, h, w, _ = x.shape
         p = self.patch
-        x = self.proj(x).view(b, h, w, p, p, -1).permute(0, 1, 3, 2, 4, 5).reshape(b, h * p, w * p, -1)
+        x = (
+            self.proj(x)
+            .view(b, h, w, p, p, -1)
+            .permute(0, 1, 3, 2, 4, 5)
+            .reshape(b, h * p, w * p, -1)
+        )
         if self.fac is not None and skip is not None:
             x = torch.lerp(skip, x, self.fac.to(x.dtype))
         return x
@@ -258,9 +269,15 @@ class MappingNetwork(nn.Module):
         self.in_norm = RMSNorm(spec.width)
         self.blocks = nn.ModuleList()
         for _ in range(spec.depth):
-            self.blocks.append(nn.ModuleDict({
-                "norm": RMSNorm(spec.width), "up": GEGLU(spec.width, spec.d_ff),
-                "down": zero_init(nn.Linear(spec.d_ff, spec.width, bias=False))}))
+            self.blocks.append(
+                nn.ModuleDict(
+                    {
+                        "norm": RMSNorm(spec.width),
+                        "up": GEGLU(spec.width, spec.d_ff),
+                        "down": zero_init(nn.Linear(spec.d_ff, spec.width, bias=False)),
+                    }
+                )
+            )
         self.out_norm = RMSNorm(spec.width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -282,16 +299,28 @@ class HDiT(nn.Module):
         self.time_emb = FourierFeatures(mw)
         self.time_in = nn.Linear(mw, mw, bias=False)
         self.class_emb = nn.Embedding(cfg.num_classes + 1, mw) if cfg.num_classes else None
-        self.cond_in = nn.Linear(cfg.mapping_cond_dim, mw, bias=False) if cfg.mapping_cond_dim else None
+        self.cond_in = (
+            nn.Linear(cfg.mapping_cond_dim, mw, bias=False) if cfg.mapping_cond_dim else None
+        )
         self.mapping = MappingNetwork(cfg.mapping)
         *upper, bottom = cfg.levels
-        self.down_levels = nn.ModuleList([nn.ModuleList([Block(s, mw) for _ in range(s.depth)]) for s in upper])
+        self.down_levels = nn.ModuleList(
+            [nn.ModuleList([Block(s, mw) for _ in range(s.depth)]) for s in upper]
+        )
         self.mid_level = nn.ModuleList([Block(bottom, mw) for _ in range(bottom.depth)])
-        self.up_levels = nn.ModuleList([nn.ModuleList([Block(s, mw) for _ in range(s.depth)]) for s in upper])
-        self.merges = nn.ModuleList([TokenMerge(a.width, b.width) for a, b in zip(cfg.levels, cfg.levels[1:])])
-        self.splits = nn.ModuleList([TokenSplit(b.width, a.width) for a, b in zip(cfg.levels, cfg.levels[1:])])
+        self.up_levels = nn.ModuleList(
+            [nn.ModuleList([Block(s, mw) for _ in range(s.depth)]) for s in upper]
+        )
+        self.merges = nn.ModuleList(
+            [TokenMerge(a.width, b.width) for a, b in zip(cfg.levels, cfg.levels[1:])]
+        )
+        self.splits = nn.ModuleList(
+            [TokenSplit(b.width, a.width) for a, b in zip(cfg.levels, cfg.levels[1:])]
+        )
         self.out_norm = RMSNorm(cfg.levels[0].width)
-        self.patch_out = TokenSplit(cfg.levels[0].width, cfg.in_channels, cfg.patch_size, skip=False)
+        self.patch_out = TokenSplit(
+            cfg.levels[0].width, cfg.in_channels, cfg.patch_size, skip=False
+        )
         zero_init(self.patch_out.proj)
 
     def _run(self, blocks: nn.ModuleList, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
@@ -302,8 +331,12 @@ class HDiT(nn.Module):
                 x = blk(x, cond)
         return x
 
-    def condition(self, c_noise: torch.Tensor, class_labels: torch.Tensor | None = None,
-                  mapping_cond: torch.Tensor | None = None) -> torch.Tensor:
+    def condition(
+        self,
+        c_noise: torch.Tensor,
+        class_labels: torch.Tensor | None = None,
+        mapping_cond: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The mapping network's output for a batch: noise level + class + vector embeddings."""
         emb = self.time_in(self.time_emb(c_noise.float()))
         if self.class_emb is not None:
@@ -316,12 +349,19 @@ class HDiT(nn.Module):
             emb = emb + self.cond_in(mapping_cond.float())
         return self.mapping(emb)
 
-    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, class_labels: torch.Tensor | None = None,
-                mapping_cond: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        c_noise: torch.Tensor,
+        class_labels: torch.Tensor | None = None,
+        mapping_cond: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         p = self.cfg.patch_size * 2 ** (len(self.cfg.levels) - 1)
         if x.shape[-2] % p or x.shape[-1] % p:
-            raise ValueError(f"image size {tuple(x.shape[-2:])} must be a multiple of {p} "
-                             f"(patch {self.cfg.patch_size} × 2^{len(self.cfg.levels) - 1} merges)")
+            raise ValueError(
+                f"image size {tuple(x.shape[-2:])} must be a multiple of {p} "
+                f"(patch {self.cfg.patch_size} × 2^{len(self.cfg.levels) - 1} merges)"
+            )
         cond = self.condition(c_noise, class_labels, mapping_cond)
         h = self.patch_in(x.movedim(1, -1))
         skips = []
@@ -341,6 +381,11 @@ class HDiT(nn.Module):
         for name, param in self.named_parameters():
             if not param.requires_grad:
                 continue
-            is_matrix = param.ndim >= 2 and not any(s in name for s in ("class_emb", "rope", "time_emb"))
+            is_matrix = param.ndim >= 2 and not any(
+                s in name for s in ("class_emb", "rope", "time_emb")
+            )
             (decay if is_matrix else no_decay).append(param)
-        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]

@@ -38,19 +38,25 @@ def _axis_mask(n: int, kernel_size: int, device: torch.device) -> torch.Tensor:
     return (key >= start) & (key < start + kernel_size)
 
 
-def neighborhood_mask(h: int, w: int, kernel_size: int, device: torch.device | None = None) -> torch.Tensor:
+def neighborhood_mask(
+    h: int, w: int, kernel_size: int, device: torch.device | None = None
+) -> torch.Tensor:
     """(h*w, h*w) bool mask of allowed query→key pairs; the brute-force definition."""
     device = device or torch.device("cpu")
     my, mx = _axis_mask(h, kernel_size, device), _axis_mask(w, kernel_size, device)
     return (my[:, None, :, None] & mx[None, :, None, :]).reshape(h * w, h * w)
 
 
-def brute_force_na2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: int,
-                     scale: float = 1.0) -> torch.Tensor:
+def brute_force_na2d(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: int, scale: float = 1.0
+) -> torch.Tensor:
     """Reference: full attention with the neighborhood mask. Layout (B, heads, H, W, D)."""
     b, nh, h, w, d = q.shape
     mask = neighborhood_mask(h, w, kernel_size, q.device)
-    scores = torch.einsum("bnqd,bnkd->bnqk", q.reshape(b, nh, h * w, d), k.reshape(b, nh, h * w, d)) * scale
+    scores = (
+        torch.einsum("bnqd,bnkd->bnqk", q.reshape(b, nh, h * w, d), k.reshape(b, nh, h * w, d))
+        * scale
+    )
     scores = scores.masked_fill(~mask, float("-inf"))
     out = scores.softmax(-1) @ v.reshape(b, nh, h * w, d)
     return out.reshape(b, nh, h, w, d)
@@ -76,23 +82,35 @@ def _padded_axis_mask(n: int, tile: int, kernel_size: int, device: torch.device)
     """(tiles, tile, halo) window mask when halos are read from the input padded by kernel_size // 2."""
     halo = tile + kernel_size - 1
     q_pos = torch.arange(n, device=device).view(n // tile, tile)
-    k_pos = (torch.arange(n // tile, device=device) * tile)[:, None] + torch.arange(halo, device=device)
+    k_pos = (torch.arange(n // tile, device=device) * tile)[:, None] + torch.arange(
+        halo, device=device
+    )
     k_pos = k_pos - kernel_size // 2  # back to unpadded coordinates; pads are never inside a window
     ws = window_starts(n, kernel_size, device)[q_pos]
     return (k_pos[:, None, :] >= ws[..., None]) & (k_pos[:, None, :] < ws[..., None] + kernel_size)
 
 
 @functools.lru_cache(maxsize=32)
-def _strided_bias(h: int, w: int, kernel_size: int, tile: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def _strided_bias(
+    h: int, w: int, kernel_size: int, tile: int, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
     """Additive mask (0 inside each query's window, -inf outside), (1, tiles, tile², halo²); cached."""
     halo, ty, tx = tile + kernel_size - 1, h // tile, w // tile
-    my, mx = _padded_axis_mask(h, tile, kernel_size, device), _padded_axis_mask(w, tile, kernel_size, device)
-    allowed = (my[:, None, :, None, :, None] & mx[None, :, None, :, None, :]).reshape(1, ty * tx, tile * tile, halo * halo)
-    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, float("-inf"))
+    my, mx = (
+        _padded_axis_mask(h, tile, kernel_size, device),
+        _padded_axis_mask(w, tile, kernel_size, device),
+    )
+    allowed = (my[:, None, :, None, :, None] & mx[None, :, None, :, None, :]).reshape(
+        1, ty * tx, tile * tile, halo * halo
+    )
+    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(
+        ~allowed, float("-inf")
+    )
 
 
-def _na2d_strided(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: int, scale: float,
-                  tile: int) -> torch.Tensor:
+def _na2d_strided(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: int, scale: float, tile: int
+) -> torch.Tensor:
     """Tiled NA for grids divisible by the tile: query tiles are reshapes and key halos strided
     windows (unfold) of the padded keys, so neither direction needs an index gather or a
     scatter-add, which dominate the general path's backward on large grids."""
@@ -105,7 +123,11 @@ def _na2d_strided(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size
 
     # 4-D (batch·heads, tiles, tokens, d) keeps SDPA on its fused CPU kernel; 6-D inputs fall
     # back to the math path, which materialises every tile's score matrix (cache-bound at 128²)
-    qt = q.reshape(b, nh, ty, tile, tx, tile, d).transpose(3, 4).reshape(b * nh, ty * tx, tile * tile, d)
+    qt = (
+        q.reshape(b, nh, ty, tile, tx, tile, d)
+        .transpose(3, 4)
+        .reshape(b * nh, ty * tx, tile * tile, d)
+    )
     mask = _strided_bias(h, w, kernel_size, tile, q.device, q.dtype)
     kt, vt = (halos(t).reshape(b * nh, ty * tx, halo * halo, d) for t in (k, v))
     out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale)
@@ -119,13 +141,21 @@ def _choose_tile(h: int, w: int, kernel_size: int) -> int | None:
         if halo > min(h, w):
             continue
         n_tiles = -(-h // tile) * -(-w // tile)
-        if n_tiles * tile * tile * halo * halo < 0.25 * (h * w) ** 2:  # gathers cost: tile only for big wins
+        if (
+            n_tiles * tile * tile * halo * halo < 0.25 * (h * w) ** 2
+        ):  # gathers cost: tile only for big wins
             return tile
     return None
 
 
-def na2d_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: int,
-               scale: float = 1.0, tile: int | None = None) -> torch.Tensor:
+def na2d_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kernel_size: int,
+    scale: float = 1.0,
+    tile: int | None = None,
+) -> torch.Tensor:
     """Neighborhood attention in PyTorch (autograd-friendly). Layout (B, heads, H, W, D)."""
     b, nh, h, w, d = q.shape
     if kernel_size > h or kernel_size > w:
@@ -133,8 +163,13 @@ def na2d_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: i
     tile = tile if tile is not None else _choose_tile(h, w, kernel_size)
     if tile is None:  # small grid: one dense block with the exact mask
         mask = neighborhood_mask(h, w, kernel_size, q.device)
-        out = F.scaled_dot_product_attention(q.reshape(b, nh, h * w, d), k.reshape(b, nh, h * w, d),
-                                             v.reshape(b, nh, h * w, d), attn_mask=mask, scale=scale)
+        out = F.scaled_dot_product_attention(
+            q.reshape(b, nh, h * w, d),
+            k.reshape(b, nh, h * w, d),
+            v.reshape(b, nh, h * w, d),
+            attn_mask=mask,
+            scale=scale,
+        )
         return out.reshape(b, nh, h, w, d)
     if h % tile == 0 and w % tile == 0:
         return _na2d_strided(q, k, v, kernel_size, scale, tile)
@@ -145,20 +180,26 @@ def na2d_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: i
     qt = q[:, :, qy[:, None, :, None], qx[None, :, None, :]].reshape(b, nh, ty, tx, tile * tile, d)
     kt = k[:, :, ky[:, None, :, None], kx[None, :, None, :]].reshape(b, nh, ty, tx, halo * halo, d)
     vt = v[:, :, ky[:, None, :, None], kx[None, :, None, :]].reshape(b, nh, ty, tx, halo * halo, d)
-    mask = (my[:, None, :, None, :, None] & mx[None, :, None, :, None, :])
+    mask = my[:, None, :, None, :, None] & mx[None, :, None, :, None, :]
     mask = mask.reshape(ty, tx, tile * tile, halo * halo)
     out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale)
     out = out.reshape(b, nh, ty, tx, tile, tile, d)
     return out[:, :, oy[:, None], ox[None, :], fy[:, None], fx[None, :]]
 
 
-def na2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: int,
-         scale: float = 1.0) -> torch.Tensor:
+def na2d(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: int, scale: float = 1.0
+) -> torch.Tensor:
     """Neighborhood attention, layout (B, heads, H, W, D): natten on CUDA if present, else PyTorch."""
     if _natten_na2d is not None and q.is_cuda:
         try:
-            out = _natten_na2d(q.permute(0, 2, 3, 1, 4), k.permute(0, 2, 3, 1, 4),
-                               v.permute(0, 2, 3, 1, 4), kernel_size=kernel_size, scale=scale)
+            out = _natten_na2d(
+                q.permute(0, 2, 3, 1, 4),
+                k.permute(0, 2, 3, 1, 4),
+                v.permute(0, 2, 3, 1, 4),
+                kernel_size=kernel_size,
+                scale=scale,
+            )
             return out.permute(0, 3, 1, 2, 4)
         except (TypeError, RuntimeError, NotImplementedError) as err:  # API or dtype mismatch
             log.warning("natten na2d failed (%s); using the PyTorch neighborhood attention", err)

@@ -14,21 +14,51 @@ from typing import Any
 import yaml
 from safetensors.torch import load_file, save_file
 
-from curation.storage import atomic_path, write_json
+from collection.storage import atomic_path, write_json
 from hdit_train.diffusion import Denoiser
 from hdit_train.model import HDiT, HDiTConfig
 
 CKPT, STATE = "checkpoint.safetensors", "state.json"
 DEFAULTS: dict[str, Any] = {
-    "cond": {"kind": "none", "class_field": None, "classes": None, "clip_spec": "sieve-tiny", "dropout": 0.1,
-             "noise": 0.0, "text_shift": True, "text_prob": 0.0},
+    "cond": {
+        "kind": "none",
+        "class_field": None,
+        "classes": None,
+        "clip_spec": "sieve-tiny",
+        "dropout": 0.1,
+        "noise": 0.0,
+        "text_shift": True,
+        "text_prob": 0.0,
+    },
     "data": {"size": 64, "shuffle_buffer": 1000, "seed": 0},
     "diffusion": {"sigma_data": 0.5, "noise_d_low": 32, "sigma_min": 1e-3, "sigma_max": 1e3},
-    "train": {"batch_size": 8, "lr": 5e-4, "weight_decay": 0.01, "betas": [0.9, 0.95], "eps": 1e-8,
-              "warmup_steps": 100, "max_steps": 1000, "max_minutes": None, "grad_clip": 1.0,
-              "ema_decay": 0.999, "log_every": 10, "sample_every": 500, "ckpt_every": 500,
-              "gradient_checkpointing": False, "compile": True, "bf16": True, "seed": 0},
-    "sample": {"n": 16, "steps": 50, "sampler": "dpmpp_2m", "cfg": 3.0, "sigma_max": 80.0, "prompts": None},
+    "train": {
+        "batch_size": 8,
+        "lr": 5e-4,
+        "weight_decay": 0.01,
+        "betas": [0.9, 0.95],
+        "eps": 1e-8,
+        "warmup_steps": 100,
+        "max_steps": 1000,
+        "max_minutes": None,
+        "grad_clip": 1.0,
+        "ema_decay": 0.999,
+        "log_every": 10,
+        "sample_every": 500,
+        "ckpt_every": 500,
+        "gradient_checkpointing": False,
+        "compile": True,
+        "bf16": True,
+        "seed": 0,
+    },
+    "sample": {
+        "n": 16,
+        "steps": 50,
+        "sampler": "dpmpp_2m",
+        "cfg": 3.0,
+        "sigma_max": 80.0,
+        "prompts": None,
+    },
 }
 
 
@@ -51,7 +81,9 @@ def build_model(cfg: dict[str, Any], cond_dim: int = 0):
     kind = cfg["cond"]["kind"]
     if kind == "class":
         classes = cfg["cond"].get("classes")
-        model_cfg.setdefault("num_classes", len(classes) if classes else cfg["cond"].get("num_classes", 0))
+        model_cfg.setdefault(
+            "num_classes", len(classes) if classes else cfg["cond"].get("num_classes", 0)
+        )
         if not model_cfg["num_classes"]:
             raise ValueError("class conditioning needs cond.classes (a list) or model.num_classes")
     elif kind == "clip":
@@ -78,5 +110,5 @@ def load_run(run: str | Path, device: str = "cpu", ema: bool = True):
     model = build_model(state["config"], state.get("cond_dim", 0))
     prefix = "ema." if ema else "model."
     tensors = load_file(str(run / CKPT), device="cpu")
-    model.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    model.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
     return model.to(device).eval(), state

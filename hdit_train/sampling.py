@@ -22,9 +22,15 @@ from models.clip import load_clip
 log = logging.getLogger(__name__)
 
 
-def cond_kwargs(cfg: dict[str, Any], n: int, encoder=None, prompts: Sequence[str] | None = None,
-                class_label: int | None = None, device: str = "cpu",
-                clip_gap: Sequence[float] | None = None) -> tuple[dict, dict]:
+def cond_kwargs(
+    cfg: dict[str, Any],
+    n: int,
+    encoder=None,
+    prompts: Sequence[str] | None = None,
+    class_label: int | None = None,
+    device: str = "cpu",
+    clip_gap: Sequence[float] | None = None,
+) -> tuple[dict, dict]:
     """(conditional, unconditional) model kwargs for n samples.
 
     A CLIP-conditioned run saw image embeddings; prompts give text embeddings, which are moved
@@ -36,7 +42,9 @@ def cond_kwargs(cfg: dict[str, Any], n: int, encoder=None, prompts: Sequence[str
             labels = torch.arange(n, device=device) % _num_classes(cfg)
         else:
             labels = torch.full((n,), int(class_label), device=device)
-        return {"class_labels": labels}, {"class_labels": torch.full((n,), _num_classes(cfg), device=device)}
+        return {"class_labels": labels}, {
+            "class_labels": torch.full((n,), _num_classes(cfg), device=device)
+        }
     if kind == "clip":
         if not prompts:
             raise ValueError("this run is CLIP-conditioned: give --prompt")
@@ -60,9 +68,21 @@ def _num_classes(cfg: dict[str, Any]) -> int:
     return cfg["model"].get("num_classes") or len(cfg["cond"]["classes"])
 
 
-def generate(denoiser, cfg: dict[str, Any], n: int, size: int | tuple[int, int], cond: dict, uncond: dict,
-             steps: int = 50, sampler: str = "dpmpp_2m", cfg_scale: float = 3.0, seed: int = 0,
-             device: str = "cpu", sigma_min: float = 1e-2, sigma_max: float = 80.0):
+def generate(
+    denoiser,
+    cfg: dict[str, Any],
+    n: int,
+    size: int | tuple[int, int],
+    cond: dict,
+    uncond: dict,
+    steps: int = 50,
+    sampler: str = "dpmpp_2m",
+    cfg_scale: float = 3.0,
+    seed: int = 0,
+    device: str = "cpu",
+    sigma_min: float = 1e-2,
+    sigma_max: float = 80.0,
+):
     """n images in [-1, 1], (n, 3, H, W), deterministic for a seed."""
     h, w = (size, size) if isinstance(size, int) else size
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -76,25 +96,59 @@ def save_grid(images, path: str | Path) -> Path:
     """Write a square-ish grid PNG of images in [-1, 1]."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_image((images + 1) / 2, str(path), nrow=max(1, int(math.ceil(math.sqrt(len(images))))), padding=1)
+    save_image(
+        (images + 1) / 2, str(path), nrow=max(1, int(math.ceil(math.sqrt(len(images))))), padding=1
+    )
     return path
 
 
-def save_sample_grid(denoiser, cfg: dict[str, Any], encoder, path: Path, device: str = "cpu",
-                     clip_gap: Sequence[float] | None = None) -> Path:
+def save_sample_grid(
+    denoiser,
+    cfg: dict[str, Any],
+    encoder,
+    path: Path,
+    device: str = "cpu",
+    clip_gap: Sequence[float] | None = None,
+) -> Path:
     """The training loop's periodic grid: config prompts (CLIP) or one class per cell."""
     s = cfg["sample"]
-    prompts = s.get("prompts") or ["a red circle", "a blue square", "a green triangle", "a yellow star"]
+    prompts = s.get("prompts") or [
+        "a red circle",
+        "a blue square",
+        "a green triangle",
+        "a yellow star",
+    ]
     cond, uncond = cond_kwargs(cfg, s["n"], encoder, prompts, device=device, clip_gap=clip_gap)
-    images = generate(denoiser, cfg, s["n"], cfg["data"]["size"], cond, uncond, s["steps"],
-                      s["sampler"], s["cfg"], device=device, sigma_max=s.get("sigma_max", 80.0))
+    images = generate(
+        denoiser,
+        cfg,
+        s["n"],
+        cfg["data"]["size"],
+        cond,
+        uncond,
+        s["steps"],
+        s["sampler"],
+        s["cfg"],
+        device=device,
+        sigma_max=s.get("sigma_max", 80.0),
+    )
     log.info("wrote %s", path)
     return save_grid(images, path)
 
 
-def sample_images(ckpt: str, prompt: list[str] | None = None, class_label: int | None = None, n: int = 16,
-                  steps: int = 50, sampler: str = "dpmpp_2m", cfg: float = 3.0, seed: int = 0, size: int | None = None,
-                  width: int | None = None, sigma_max: float = 80.0) -> torch.Tensor:
+def sample_images(
+    ckpt: str,
+    prompt: list[str] | None = None,
+    class_label: int | None = None,
+    n: int = 16,
+    steps: int = 50,
+    sampler: str = "dpmpp_2m",
+    cfg: float = 3.0,
+    seed: int = 0,
+    size: int | None = None,
+    width: int | None = None,
+    sigma_max: float = 80.0,
+) -> torch.Tensor:
     """n images in [-1, 1] (n, 3, H, W, on the CPU) from the run's EMA weights."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     denoiser, state = load_run(ckpt, device)
@@ -102,16 +156,43 @@ def sample_images(ckpt: str, prompt: list[str] | None = None, class_label: int |
     encoder = None
     if config["cond"]["kind"] == "clip":
         encoder = load_clip(state["clip_spec"], device=device)
-    cond, uncond = cond_kwargs(config, n, encoder, prompt, class_label, device, state.get("clip_gap"))
+    cond, uncond = cond_kwargs(
+        config, n, encoder, prompt, class_label, device, state.get("clip_gap")
+    )
     h = size or config["data"]["size"]
-    images = generate(denoiser, config, n, (h, width or h), cond, uncond, steps, sampler, cfg, seed, device,
-                      sigma_max=sigma_max)
+    images = generate(
+        denoiser,
+        config,
+        n,
+        (h, width or h),
+        cond,
+        uncond,
+        steps,
+        sampler,
+        cfg,
+        seed,
+        device,
+        sigma_max=sigma_max,
+    )
     return images.cpu()
 
 
-def sample_grid(ckpt: str, out: str = "grid.png", prompt: list[str] | None = None, class_label: int | None = None,
-         n: int = 16, steps: int = 50, sampler: str = "dpmpp_2m", cfg: float = 3.0, seed: int = 0,
-         size: int | None = None, width: int | None = None, sigma_max: float = 80.0) -> Path:
+def sample_grid(
+    ckpt: str,
+    out: str = "grid.png",
+    prompt: list[str] | None = None,
+    class_label: int | None = None,
+    n: int = 16,
+    steps: int = 50,
+    sampler: str = "dpmpp_2m",
+    cfg: float = 3.0,
+    seed: int = 0,
+    size: int | None = None,
+    width: int | None = None,
+    sigma_max: float = 80.0,
+) -> Path:
     """Sample n images from the run's EMA weights and save a grid."""
-    images = sample_images(ckpt, prompt, class_label, n, steps, sampler, cfg, seed, size, width, sigma_max)
+    images = sample_images(
+        ckpt, prompt, class_label, n, steps, sampler, cfg, seed, size, width, sigma_max
+    )
     return save_grid(images, out)

@@ -22,9 +22,16 @@ import yaml
 from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel
 
-from curation.storage import write_bytes
-from hdit_train.data import (ShardStream, batches, data_hash, manifest_clip_spec, manifest_spec_hash, modality_gap,
-                             read_manifest)
+from collection.storage import write_bytes
+from hdit_train.data import (
+    ShardStream,
+    batches,
+    data_hash,
+    manifest_clip_spec,
+    manifest_spec_hash,
+    modality_gap,
+    read_manifest,
+)
 from hdit_train.diffusion import TrainingLoss, rand_cosine_interpolated
 from hdit_train.run import CKPT, STATE, build_model, load_config, save_checkpoint
 from hdit_train.sampling import save_sample_grid
@@ -44,16 +51,25 @@ class Trainer:
         self.model = build_model(cfg, cond_dim).to(self.device)
         self.model.inner.gradient_checkpointing = bool(t["gradient_checkpointing"])
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
-        self.opt = torch.optim.AdamW(self.model.inner.param_groups(t["weight_decay"]), lr=t["lr"],
-                                     betas=tuple(t["betas"]), eps=t["eps"], fused=True)
+        self.opt = torch.optim.AdamW(
+            self.model.inner.param_groups(t["weight_decay"]),
+            lr=t["lr"],
+            betas=tuple(t["betas"]),
+            eps=t["eps"],
+            fused=True,
+        )
         self.gen = torch.Generator(device=self.device).manual_seed(t["seed"] + 1)
         self.train_model = TrainingLoss(self.model)
         cuda = self.device.type == "cuda"
-        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and bool(t["bf16"]))
+        self.autocast = torch.autocast(
+            "cuda", dtype=torch.bfloat16, enabled=cuda and bool(t["bf16"])
+        )
         if cuda and t["compile"]:
             self.train_model = torch.compile(self.train_model)
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            self.train_model = DistributedDataParallel(self.train_model, device_ids=[self.device] if cuda else None)
+            self.train_model = DistributedDataParallel(
+                self.train_model, device_ids=[self.device] if cuda else None
+            )
 
     def lr(self) -> float:
         """Linear warm-up to the peak rate, then constant."""
@@ -71,7 +87,9 @@ class Trainer:
         if kind == "clip":
             emb = batch["emb"].to(self.device).float()
             text_prob = self.cfg["cond"].get("text_prob", 0.0)
-            if text_prob and "txt_emb" in batch:  # some samples conditioned on their caption instead
+            if (
+                text_prob and "txt_emb" in batch
+            ):  # some samples conditioned on their caption instead
                 use_text = torch.rand(n, generator=self.gen, device=self.device) < text_prob
                 emb = torch.where(use_text[:, None], batch["txt_emb"].to(self.device).float(), emb)
             xi = self.cfg["cond"].get("noise", 0.0)
@@ -87,9 +105,17 @@ class Trainer:
         t, d = self.cfg["train"], self.cfg["diffusion"]
         x = batch["image"].to(self.device)
         cond = self._cond_inputs(batch)
-        sigma = rand_cosine_interpolated(x.shape[0], x.shape[-1], d["noise_d_low"], None, d["sigma_data"],
-                                         d["sigma_min"], d["sigma_max"], generator=self.gen,
-                                         device=self.device)
+        sigma = rand_cosine_interpolated(
+            x.shape[0],
+            x.shape[-1],
+            d["noise_d_low"],
+            None,
+            d["sigma_data"],
+            d["sigma_min"],
+            d["sigma_max"],
+            generator=self.gen,
+            device=self.device,
+        )
         noise = torch.randn(x.shape, generator=self.gen, device=self.device)
         for group in self.opt.param_groups:
             group["lr"] = self.lr()
@@ -144,7 +170,9 @@ def _embed_missing(batch: dict[str, Any], encoder, captions: bool = False) -> No
     """Fill batch['emb'] with CLIP image embeddings computed for samples that had none, and
     batch['txt_emb'] from the captions when `captions` (runs that also condition on text)."""
     if captions and "txt_emb" not in batch and "captions" in batch:
-        batch["txt_emb"] = torch.from_numpy(encoder.encode_texts(batch["captions"]).astype(np.float32))
+        batch["txt_emb"] = torch.from_numpy(
+            encoder.encode_texts(batch["captions"]).astype(np.float32)
+        )
     if "emb" in batch or "clip_pixels" not in batch:
         return
     todo = [i for i, px in enumerate(batch["clip_pixels"]) if px is not None]
@@ -167,8 +195,14 @@ def _dist_setup() -> tuple[int, int, str]:
     return rank, world, device
 
 
-def fit(data: str, config: str, out: str, resume: bool = False, max_steps: int | None = None,
-        max_minutes: float | None = None) -> Path:
+def fit(
+    data: str,
+    config: str,
+    out: str,
+    resume: bool = False,
+    max_steps: int | None = None,
+    max_minutes: float | None = None,
+) -> Path:
     """Train (or resume) a run; returns the run folder."""
     cfg = load_config(config)
     run = Path(out)
@@ -182,7 +216,9 @@ def fit(data: str, config: str, out: str, resume: bool = False, max_steps: int |
         cfg["train"]["max_minutes"] = max_minutes
     rank, world, device = _dist_setup()
     if device == "cpu":
-        keep_freed_memory(no_mmap=True)  # large activations reuse freed memory instead of page-faulting
+        keep_freed_memory(
+            no_mmap=True
+        )  # large activations reuse freed memory instead of page-faulting
     manifest = read_manifest(data)
     dhash = data_hash(data)
     encoder, cond_dim, clip_spec, clip_gap = None, 0, None, None
@@ -197,7 +233,11 @@ def fit(data: str, config: str, out: str, resume: bool = False, max_steps: int |
     if resume:
         state = json.loads((run / STATE).read_text())
         if state.get("data_hash") != dhash:
-            log.warning("resuming on different data: checkpoint hash %s, data hash %s", state.get("data_hash"), dhash)
+            log.warning(
+                "resuming on different data: checkpoint hash %s, data hash %s",
+                state.get("data_hash"),
+                dhash,
+            )
         trainer.load_tensors(load_file(str(run / CKPT), device="cpu"))
         trainer.step, consumed = state["step"], state.get("samples_consumed", 0)
         log.info("resumed %s at step %d", run, trainer.step)
@@ -205,16 +245,35 @@ def fit(data: str, config: str, out: str, resume: bool = False, max_steps: int |
         run.mkdir(parents=True, exist_ok=True)
         write_bytes(run / "config.yaml", yaml.safe_dump(cfg, sort_keys=False).encode())
     t = cfg["train"]
-    stream = ShardStream(data, cfg["data"]["size"], cfg["cond"]["kind"], cfg["cond"]["class_field"],
-                         cfg["cond"]["classes"], encoder.preprocess if encoder else None,
-                         cfg["data"]["seed"], cfg["data"]["shuffle_buffer"], rank, world)
+    stream = ShardStream(
+        data,
+        cfg["data"]["size"],
+        cfg["cond"]["kind"],
+        cfg["cond"]["class_field"],
+        cfg["cond"]["classes"],
+        encoder.preprocess if encoder else None,
+        cfg["data"]["seed"],
+        cfg["data"]["shuffle_buffer"],
+        rank,
+        world,
+    )
     it = batches(stream.iterate(skip=consumed), t["batch_size"])
-    extra = lambda: {"data_hash": dhash, "spec_hash": manifest_spec_hash(manifest), "clip_spec": clip_spec,  # noqa: E731
-                     "cond_dim": cond_dim, "clip_gap": clip_gap, "samples_consumed": stream.consumed,
-                     "manifest": manifest, "world_size": world}
+    extra = lambda: {
+        "data_hash": dhash,
+        "spec_hash": manifest_spec_hash(manifest),
+        "clip_spec": clip_spec,  # noqa: E731
+        "cond_dim": cond_dim,
+        "clip_gap": clip_gap,
+        "samples_consumed": stream.consumed,
+        "manifest": manifest,
+        "world_size": world,
+    }
     n_params = sum(p.numel() for p in trainer.model.parameters())
     log.info("model: %.2fM parameters; device %s; world %d", n_params / 1e6, device, world)
-    start, deadline = time.time(), (time.time() + 60 * t["max_minutes"]) if t["max_minutes"] else math.inf
+    start, deadline = (
+        time.time(),
+        (time.time() + 60 * t["max_minutes"]) if t["max_minutes"] else math.inf,
+    )
     window, t_win = [], time.time()
     with open(run / "loss.jsonl", "a") if rank == 0 else open(os.devnull, "w") as loss_log:
         while trainer.step < t["max_steps"] and time.time() < deadline:
@@ -225,20 +284,42 @@ def fit(data: str, config: str, out: str, resume: bool = False, max_steps: int |
             s = trainer.step
             if s % t["log_every"] == 0 or s == t["max_steps"]:
                 rate = len(window) * t["batch_size"] * world / (time.time() - t_win)
-                row = {"step": s, "loss": sum(window) / len(window), "lr": trainer.lr(),
-                       "img_per_s": rate, "elapsed_s": time.time() - start}
+                row = {
+                    "step": s,
+                    "loss": sum(window) / len(window),
+                    "lr": trainer.lr(),
+                    "img_per_s": rate,
+                    "elapsed_s": time.time() - start,
+                }
                 loss_log.write(json.dumps(row) + "\n")
                 loss_log.flush()
                 log.info("step %d loss %.4f %.1f img/s", s, row["loss"], rate)
                 window, t_win = [], time.time()
             if rank == 0 and t["ckpt_every"] and s % t["ckpt_every"] == 0:
-                save_checkpoint(run, trainer.state_tensors(), {"step": trainer.step, "config": cfg, **extra()})
+                save_checkpoint(
+                    run, trainer.state_tensors(), {"step": trainer.step, "config": cfg, **extra()}
+                )
             if rank == 0 and t["sample_every"] and s % t["sample_every"] == 0:
-                save_sample_grid(trainer.ema, cfg, encoder, run / "samples" / f"step_{s:06d}.png", device, clip_gap)
+                save_sample_grid(
+                    trainer.ema,
+                    cfg,
+                    encoder,
+                    run / "samples" / f"step_{s:06d}.png",
+                    device,
+                    clip_gap,
+                )
     if rank == 0:
-        save_checkpoint(run, trainer.state_tensors(), {"step": trainer.step, "config": cfg, **extra()})
-        save_sample_grid(trainer.ema, cfg, encoder, run / "samples" / f"step_{trainer.step:06d}.png", device,
-                         clip_gap)
+        save_checkpoint(
+            run, trainer.state_tensors(), {"step": trainer.step, "config": cfg, **extra()}
+        )
+        save_sample_grid(
+            trainer.ema,
+            cfg,
+            encoder,
+            run / "samples" / f"step_{trainer.step:06d}.png",
+            device,
+            clip_gap,
+        )
     if stream.failed:
         log.warning("%d samples could not be decoded and were skipped", stream.failed)
     return run

@@ -25,8 +25,8 @@ import numpy as np
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
-from curation import schema as S
-from curation.takedown import TakedownError
+from collection import schema as S
+from collection.takedown import TakedownError
 from indices.search import QueryError, Searcher
 from models.clip import Clip
 from models.prompts import PromptError, combine, parse_prompts
@@ -49,8 +49,13 @@ class BadRequest(Exception):
 class Batcher:
     """Collects concurrent queries and runs them together on one worker thread."""
 
-    def __init__(self, searcher: Any, executor: ThreadPoolExecutor, max_batch: int = MAX_BATCH,
-                 precision: str = "fp32") -> None:
+    def __init__(
+        self,
+        searcher: Any,
+        executor: ThreadPoolExecutor,
+        max_batch: int = MAX_BATCH,
+        precision: str = "fp32",
+    ) -> None:
         self.searcher, self.executor, self.max_batch = searcher, executor, max_batch
         self.precision = precision
         self._text: Any = None
@@ -73,7 +78,9 @@ class Batcher:
             while len(batch) < self.max_batch and not self.queue.empty():
                 batch.append(self.queue.get_nowait())
             self.batch_sizes.append(len(batch))
-            results = await asyncio.get_running_loop().run_in_executor(self.executor, self._work, [b[0] for b in batch])
+            results = await asyncio.get_running_loop().run_in_executor(
+                self.executor, self._work, [b[0] for b in batch]
+            )
             for (_, fut), res in zip(batch, results):
                 if not fut.done():
                     (fut.set_exception(res) if isinstance(res, Exception) else fut.set_result(res))
@@ -88,8 +95,12 @@ class Batcher:
         if self._text is None:
             # int8 kernels are CPU ones: an int8 text tower runs on the CPU whatever the images use
             device = "cpu" if self.precision == "int8" else enc.device
-            self._text = enc.variant(precision=self.precision, device=device, trim_text=True,
-                                     batch_size=max(self.max_batch, 1))
+            self._text = enc.variant(
+                precision=self.precision,
+                device=device,
+                trim_text=True,
+                batch_size=max(self.max_batch, 1),
+            )
         return self._text.encode_texts(texts)
 
     def _work(self, jobs: list[dict[str, Any]]) -> list[Any]:
@@ -97,16 +108,20 @@ class Batcher:
         vecs: list[Any] = [None] * len(jobs)
         texts = [i for i, j in enumerate(jobs) if j.get("prompts") is not None]
         try:
-            if texts:  # every prompt of every weighted query in one encode, then each query's combination
+            if (
+                texts
+            ):  # every prompt of every weighted query in one encode, then each query's combination
                 enc = self.encode_texts([p.text for i in texts for p in jobs[i]["prompts"]])
                 start = 0
                 for i in texts:
                     n = len(jobs[i]["prompts"])
-                    vecs[i] = combine(enc[start:start + n], jobs[i]["prompts"])
+                    vecs[i] = combine(enc[start : start + n], jobs[i]["prompts"])
                     start += n
             for i, j in enumerate(jobs):
                 if vecs[i] is None:
-                    vecs[i] = self.searcher.embed(image=j.get("image"), embedding=j.get("embedding"))
+                    vecs[i] = self.searcher.embed(
+                        image=j.get("image"), embedding=j.get("embedding")
+                    )
         except (QueryError, ValueError, OSError) as exc:
             return [BadRequest(str(exc))] * len(jobs)
         out: list[Any] = [None] * len(jobs)
@@ -114,7 +129,9 @@ class Batcher:
         for i, j in enumerate(jobs):
             groups.setdefault((j["modality"], j["k"], j["deduplicate"], j["safe"]), []).append(i)
         for (modality, k, dedup, safe), idx in groups.items():
-            q = np.stack([vecs[i] / max(np.linalg.norm(vecs[i]), 1e-12) for i in idx]).astype(np.float32)
+            q = np.stack([vecs[i] / max(np.linalg.norm(vecs[i]), 1e-12) for i in idx]).astype(
+                np.float32
+            )
             try:
                 res = self.searcher.search_vectors(q, k, modality, None, dedup, safe)
             except (QueryError, ValueError) as exc:
@@ -127,22 +144,40 @@ class Batcher:
 class App:
     """The aiohttp application over named Searchers."""
 
-    def __init__(self, collections: dict[str, str], searchers: dict[str, Any] | None = None,
-                 allow_image_url: bool = False, cache_size: int = 4096, max_body: int = MAX_BODY,
-                 precision: str = "fp32", max_batch: int = MAX_BATCH,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    def __init__(
+        self,
+        collections: dict[str, str],
+        searchers: dict[str, Any] | None = None,
+        allow_image_url: bool = False,
+        cache_size: int = 4096,
+        max_body: int = MAX_BODY,
+        precision: str = "fp32",
+        max_batch: int = MAX_BATCH,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> None:
         self.searchers = searchers or {name: Searcher(path) for name, path in collections.items()}
         self.executor = ThreadPoolExecutor(1)
-        self.batchers = {n: Batcher(s, self.executor, max_batch, precision) for n, s in self.searchers.items()}
+        self.batchers = {
+            n: Batcher(s, self.executor, max_batch, precision) for n, s in self.searchers.items()
+        }
         self.allow_image_url, self.max_body, self.max_pixels = allow_image_url, max_body, max_pixels
         self.cache: OrderedDict[str, Any] = OrderedDict()
         self.cache_size = cache_size
         #: each searcher's takedown version the cached answers were made under
-        self._takedown_seen = {n: getattr(s, "takedown_version", 0) for n, s in self.searchers.items()}
+        self._takedown_seen = {
+            n: getattr(s, "takedown_version", 0) for n, s in self.searchers.items()
+        }
         self.registry = CollectorRegistry()
-        self.requests = Counter("sieve_knn_requests", "requests by endpoint and status", ["endpoint", "status"], registry=self.registry)
+        self.requests = Counter(
+            "sieve_knn_requests",
+            "requests by endpoint and status",
+            ["endpoint", "status"],
+            registry=self.registry,
+        )
         self.latency = Histogram("sieve_knn_seconds", "knn-service latency", registry=self.registry)
-        self.cache_hits = Counter("sieve_knn_cache_hits", "knn queries answered from the cache", registry=self.registry)
+        self.cache_hits = Counter(
+            "sieve_knn_cache_hits", "knn queries answered from the cache", registry=self.registry
+        )
 
     def make(self) -> Any:
         app = web.Application(client_max_size=self.max_body, middlewares=[self._errors])
@@ -155,7 +190,9 @@ class App:
 
     @staticmethod
     def _json(data: Any, status: int = 200) -> Any:
-        return web.json_response(data, status=status, dumps=lambda d: json.dumps(d, allow_nan=False, default=float))
+        return web.json_response(
+            data, status=status, dumps=lambda d: json.dumps(d, allow_nan=False, default=float)
+        )
 
     def _middleware_error(self, request: Any, status: int, message: str) -> Any:
         self.requests.labels(request.path, str(status)).inc()
@@ -170,11 +207,14 @@ class App:
             except BadRequest as exc:
                 return self._middleware_error(request, exc.status, str(exc))
             except web.HTTPRequestEntityTooLarge:
-                return self._middleware_error(request, 413, f"body larger than {self.max_body} bytes")
+                return self._middleware_error(
+                    request, 413, f"body larger than {self.max_body} bytes"
+                )
             except web.HTTPException as exc:
                 return self._middleware_error(request, exc.status, exc.reason)
             self.requests.labels(request.path, str(resp.status)).inc()
             return resp
+
         return mw
 
     async def _body(self, request: Any) -> dict[str, Any]:
@@ -184,7 +224,9 @@ class App:
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise BadRequest(f"body is not JSON: {exc}") from exc
         except RecursionError as exc:
-            raise BadRequest(f"body nests deeper than this server parses (limit {MAX_JSON_DEPTH})") from exc
+            raise BadRequest(
+                f"body nests deeper than this server parses (limit {MAX_JSON_DEPTH})"
+            ) from exc
         if not isinstance(body, dict):
             raise BadRequest("body must be a JSON object")
         if _depth(body) > MAX_JSON_DEPTH:
@@ -214,7 +256,9 @@ class App:
         res = await self.batchers[name].submit(job)
         num_images = job["num_images"]
         res = res[:num_images]
-        if version != getattr(self.searchers[name], "takedown_version", 0):  # the list changed while this query ran
+        if version != getattr(
+            self.searchers[name], "takedown_version", 0
+        ):  # the list changed while this query ran
             blocked = self.searchers[name].is_blocked([r["id"] for r in res])
             res = [r for r, b in zip(res, blocked) if not b]
         elif self.cache_size:
@@ -234,14 +278,20 @@ class App:
         try:
             refresh()
         except TakedownError as exc:  # fail closed: answer nothing rather than ignore the list
-            raise BadRequest(f"takedown list unreadable, not serving {name!r}: {exc}", 503) from None
+            raise BadRequest(
+                f"takedown list unreadable, not serving {name!r}: {exc}", 503
+            ) from None
         if searcher.takedown_version != self._takedown_seen.get(name):
             self._takedown_seen[name] = searcher.takedown_version
             self.cache.clear()
             log.info("%s: takedown list changed; result cache cleared", name)
 
     async def _job(self, body: dict[str, Any]) -> dict[str, Any]:
-        inputs = [f for f in ("text", "image", "image_url", "embedding_input") if body.get(f) not in (None, "")]
+        inputs = [
+            f
+            for f in ("text", "image", "image_url", "embedding_input")
+            if body.get(f) not in (None, "")
+        ]
         if not inputs:
             raise BadRequest("missing field: one of text, image, image_url, embedding_input")
         if len(inputs) > 1:
@@ -256,9 +306,13 @@ class App:
             raise BadRequest(f"num_images / num_result_ids must be integers: {exc}") from exc
         if not 1 <= num_images <= 10000 or not 1 <= k <= 10000:
             raise BadRequest("num_images and num_result_ids must be within 1..10000")
-        job: dict[str, Any] = {"modality": modality, "num_images": num_images, "k": max(k, num_images),
-                               "deduplicate": bool(body.get("deduplicate", False)),
-                               "safe": bool(body.get("use_safety_model", False))}
+        job: dict[str, Any] = {
+            "modality": modality,
+            "num_images": num_images,
+            "k": max(k, num_images),
+            "deduplicate": bool(body.get("deduplicate", False)),
+            "safe": bool(body.get("use_safety_model", False)),
+        }
         # use_violence_detector, use_mclip, aesthetic_score/weight are accepted; Sieve has no
         # violence prompts, multilingual CLIP or aesthetic embeddings, so they change nothing.
         if "text" in inputs:
@@ -292,7 +346,10 @@ class App:
             except (binascii.Error, TypeError, ValueError) as exc:
                 raise BadRequest(f"image: bad base64: {exc}") from exc
         if not self.allow_image_url:
-            raise BadRequest("image_url: fetching URLs is disabled on this server (start it with --allow-image-url)", 403)
+            raise BadRequest(
+                "image_url: fetching URLs is disabled on this server (start it with --allow-image-url)",
+                403,
+            )
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:
             try:
                 async with s.get(body["image_url"]) as r:
@@ -318,7 +375,9 @@ class App:
         return self._json(list(self.searchers))
 
     async def health(self, request: Any) -> Any:
-        return self._json({"status": "ok", "indices": {n: s.modalities() for n, s in self.searchers.items()}})
+        return self._json(
+            {"status": "ok", "indices": {n: s.modalities() for n, s in self.searchers.items()}}
+        )
 
     async def metrics(self, request: Any) -> Any:
         return web.Response(body=generate_latest(self.registry), content_type="text/plain")
@@ -331,5 +390,7 @@ def _depth(value: Any) -> int:
         item, level = stack.pop()
         if isinstance(item, (list, dict)):
             deepest = max(deepest, level)
-            stack.extend((v, level + 1) for v in (item.values() if isinstance(item, dict) else item))
+            stack.extend(
+                (v, level + 1) for v in (item.values() if isinstance(item, dict) else item)
+            )
     return deepest

@@ -17,11 +17,12 @@ from typing import Any
 import faiss
 import numpy as np
 
-from curation import schema as S
-from curation.storage import atomic_path, write_json
+from collection import schema as S
+from collection.embeddings import EmbeddingStore
+from collection.parts import CollectionError
+from collection.storage import atomic_path, write_json
 from indices.rows import RowStore
 from indices.select import choose_index, estimate_bytes, parse_bytes
-from indices.store import CollectionError, EmbeddingStore
 from indices.tune import exact_topk, tune
 from models.runtime import setup_logging
 
@@ -43,7 +44,9 @@ def load_index(path: str, mmap: bool = True) -> Any:
     return faiss.read_index(path)
 
 
-def _queries(root: str, modality: str, store: EmbeddingStore, n: int, seed: int) -> tuple[np.ndarray, str]:
+def _queries(
+    root: str, modality: str, store: EmbeddingStore, n: int, seed: int
+) -> tuple[np.ndarray, str]:
     """Held-out queries: the other modality's embeddings when present (text->image is what
     serving sees), else rows of this modality sampled with a different seed."""
     other = S.MODALITY_TEXT if modality == S.MODALITY_IMAGE else S.MODALITY_IMAGE
@@ -56,9 +59,16 @@ def _queries(root: str, modality: str, store: EmbeddingStore, n: int, seed: int)
     return store.sample(n, seed + 1)[1], f"{modality} embeddings sampled from the collection"
 
 
-def build_one(root: str, modality: str, max_index_memory: int | str = "4G", max_query_ms: float = 10.0,
-              index_key: str | None = None, target_recall: float = 0.95, seed: int = 0,
-              n_queries: int = N_QUERIES) -> dict[str, Any]:
+def build_one(
+    root: str,
+    modality: str,
+    max_index_memory: int | str = "4G",
+    max_query_ms: float = 10.0,
+    index_key: str | None = None,
+    target_recall: float = 0.95,
+    seed: int = 0,
+    n_queries: int = N_QUERIES,
+) -> dict[str, Any]:
     """Build, tune and atomically write one modality's index; returns its json record."""
     t0 = time.perf_counter()
     store = EmbeddingStore.open(root, modality)
@@ -85,7 +95,9 @@ def build_one(root: str, modality: str, max_index_memory: int | str = "4G", max_
     t_tune = time.perf_counter()
     queries, qsource = _queries(root, modality, store, n_queries, seed)
     truth = exact_topk(store, queries, 10)
-    params, measured, table = tune(index, key, nlist, rerank, store, queries, truth, max_query_ms, target_recall)
+    params, measured, table = tune(
+        index, key, nlist, rerank, store, queries, truth, max_query_ms, target_recall
+    )
     layout = S.CollectionLayout(root)
     os.makedirs(layout.indices_dir, exist_ok=True)
     path = layout.index(modality)
@@ -94,29 +106,61 @@ def build_one(root: str, modality: str, max_index_memory: int | str = "4G", max_
     size = os.path.getsize(path)
     depth = params.get("rerank_k", 0)
     doc = {
-        "modality": modality, "index_key": key, "metric": "inner_product", "count": n, "dim": dim,
-        "params": params, "rerank": bool(depth), "rerank_source": f"{modality} float16 embeddings (mmap)" if depth else None,
-        "recall_at_10": measured["recall_at_10"], "p50_ms": measured["p50_ms"], "p99_ms": measured["p99_ms"],
-        "recall_queries": {"n": len(queries), "source": qsource, "truth": "exact inner product over every vector"},
-        "index_bytes": size, "estimated_bytes": estimate_bytes(key, n, dim), "flat_bytes": n * dim * 4,
+        "modality": modality,
+        "index_key": key,
+        "metric": "inner_product",
+        "count": n,
+        "dim": dim,
+        "params": params,
+        "rerank": bool(depth),
+        "rerank_source": f"{modality} float16 embeddings (mmap)" if depth else None,
+        "recall_at_10": measured["recall_at_10"],
+        "p50_ms": measured["p50_ms"],
+        "p99_ms": measured["p99_ms"],
+        "recall_queries": {
+            "n": len(queries),
+            "source": qsource,
+            "truth": "exact inner product over every vector",
+        },
+        "index_bytes": size,
+        "estimated_bytes": estimate_bytes(key, n, dim),
+        "flat_bytes": n * dim * 4,
         "memory_ratio_vs_flat": size / (n * dim * 4),
         "bytes_read_per_query": depth * dim * np.dtype(S.EMB_DTYPE).itemsize,
-        "max_index_memory": budget, "max_query_ms": max_query_ms, "target_recall": target_recall,
+        "max_index_memory": budget,
+        "max_query_ms": max_query_ms,
+        "target_recall": target_recall,
         "reason": choice.reason if index_key is None else "index key given by the caller",
-        "train_seconds": t_add - t_train, "add_seconds": t_tune - t_add, "tune_seconds": time.perf_counter() - t_tune,
-        "build_seconds": time.perf_counter() - t0, "parts": store.parts,
-        "faiss_version": faiss.__version__, "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "train_seconds": t_add - t_train,
+        "add_seconds": t_tune - t_add,
+        "tune_seconds": time.perf_counter() - t_tune,
+        "build_seconds": time.perf_counter() - t0,
+        "parts": store.parts,
+        "faiss_version": faiss.__version__,
+        "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "sweep": table,
     }
     write_json(layout.index_json(modality), doc)
-    log.info("%s: wrote %s (%d B, recall@10 %.3f, p99 %.2f ms)", modality, path, size,
-             doc["recall_at_10"], doc["p99_ms"])
+    log.info(
+        "%s: wrote %s (%d B, recall@10 %.3f, p99 %.2f ms)",
+        modality,
+        path,
+        size,
+        doc["recall_at_10"],
+        doc["p99_ms"],
+    )
     return doc
 
 
-def build(collection: str, max_index_memory: str = "4G", max_query_ms: float = 10.0,
-          modality: str = "image,text", index_key: str | None = None, target_recall: float = 0.95,
-          seed: int = 0) -> dict[str, dict[str, Any]]:
+def build(
+    collection: str,
+    max_index_memory: str = "4G",
+    max_query_ms: float = 10.0,
+    modality: str = "image,text",
+    index_key: str | None = None,
+    target_recall: float = 0.95,
+    seed: int = 0,
+) -> dict[str, dict[str, Any]]:
     """Build every requested modality's index; a modality without embeddings is skipped
     unless it was the only one asked for."""
     wanted = [m.strip() for m in modality.split(",") if m.strip()]
@@ -126,14 +170,18 @@ def build(collection: str, max_index_memory: str = "4G", max_query_ms: float = 1
     out = {}
     for m in wanted:
         try:
-            out[m] = build_one(collection, m, max_index_memory, max_query_ms, index_key, target_recall, seed)
+            out[m] = build_one(
+                collection, m, max_index_memory, max_query_ms, index_key, target_recall, seed
+            )
         except CollectionError as exc:
             if len(wanted) == 1:
                 raise
             log.warning("skipping %s: %s", m, exc)
     if not out:
         raise CollectionError(f"{collection}: nothing to index for {modality}")
-    RowStore.open(collection)  # the searcher's memory-mapped rows, written now rather than at its first start
+    RowStore.open(
+        collection
+    )  # the searcher's memory-mapped rows, written now rather than at its first start
     return out
 
 
@@ -141,17 +189,29 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m indices.build", description=__doc__.splitlines()[0])
     p.add_argument("collection")
     p.add_argument("--max-index-memory", default="4G", help="resident index budget, e.g. 4G, 100M")
-    p.add_argument("--max-query-ms", type=float, default=10.0, help="p99 single-query latency budget")
+    p.add_argument(
+        "--max-query-ms", type=float, default=10.0, help="p99 single-query latency budget"
+    )
     p.add_argument("--modality", default="image,text")
     p.add_argument("--index-key", default=None, help="force a faiss index_factory key")
     p.add_argument("--target-recall", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     setup_logging()
-    docs = build(a.collection, a.max_index_memory, a.max_query_ms, a.modality, a.index_key, a.target_recall, a.seed)
+    docs = build(
+        a.collection,
+        a.max_index_memory,
+        a.max_query_ms,
+        a.modality,
+        a.index_key,
+        a.target_recall,
+        a.seed,
+    )
     for m, d in docs.items():
-        print(f"{m}: {d['index_key']} params={d['params']} recall@10={d['recall_at_10']:.3f} "
-              f"p99={d['p99_ms']:.2f}ms size={d['index_bytes']}B ({d['memory_ratio_vs_flat']:.3f} of flat)")
+        print(
+            f"{m}: {d['index_key']} params={d['params']} recall@10={d['recall_at_10']:.3f} "
+            f"p99={d['p99_ms']:.2f}ms size={d['index_bytes']}B ({d['memory_ratio_vs_flat']:.3f} of flat)"
+        )
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curation.storage import write_bytes
+from collection.storage import write_bytes
 from models.runtime import setup_logging
 
 #: the most results one query may ask for (clip front's download cap)
@@ -49,10 +49,21 @@ def encode_results(rows: Sequence[dict[str, Any]], format: str) -> bytes:
     raise ValueError(f"--format: unknown {format!r}; expected one of {FORMATS}")
 
 
-def query(collection: str, text: str | None = None, image: str | bytes | None = None, like: int | None = None,
-          k: int = 40, modality: str = "image", filters: str | None = None, safe_mode: bool = False,
-          hide_watermarked: bool = False, deduplicate: bool = True, out: str | None = None,
-          format: str = "json", searcher: Any = None) -> list[dict[str, Any]]:
+def query(
+    collection: str,
+    text: str | None = None,
+    image: str | bytes | None = None,
+    like: int | None = None,
+    k: int = 40,
+    modality: str = "image",
+    filters: str | None = None,
+    safe_mode: bool = False,
+    hide_watermarked: bool = False,
+    deduplicate: bool = True,
+    out: str | None = None,
+    format: str = "json",
+    searcher: Any = None,
+) -> list[dict[str, Any]]:
     """Search once and return the result rows; with `out`, write them there (atomically).
 
     Exactly one of `text`, `image` (a file path, or the file's bytes) or `like` (a result's
@@ -63,8 +74,13 @@ def query(collection: str, text: str | None = None, image: str | bytes | None = 
         raise ValueError(f"--k: {k} is outside 1..{MAX_RESULTS}")
     if sum(x is not None for x in (text, image, like)) != 1:
         raise ValueError("give exactly one of --text, --image or --like")
-    from indices.search import Searcher  # faiss and torch: imported after parsing, so --help answers at once
-    from pipelines.decode import DEFAULT_MAX_PIXELS, decode_image  # PIL and simplejpeg, with the search stack
+    from indices.search import (
+        Searcher,
+    )  # faiss and torch: imported after parsing, so --help answers at once
+    from pipelines.decode import (
+        DEFAULT_MAX_PIXELS,
+        decode_image,
+    )  # PIL and simplejpeg, with the search stack
 
     s = searcher if searcher is not None else Searcher(collection)
     kwargs: dict[str, Any] = {}
@@ -86,8 +102,15 @@ def query(collection: str, text: str | None = None, image: str | bytes | None = 
         kwargs["image"] = decoded
     else:
         kwargs["embedding"] = s.vector([like], modality)[0]
-    rows = s.query(k=k, modality=modality, filters=filters or None, deduplicate=deduplicate,
-                   safe_mode=safe_mode, hide_watermarked=hide_watermarked, **kwargs)
+    rows = s.query(
+        k=k,
+        modality=modality,
+        filters=filters or None,
+        deduplicate=deduplicate,
+        safe_mode=safe_mode,
+        hide_watermarked=hide_watermarked,
+        **kwargs,
+    )
     if out:
         try:
             write_bytes(out, encode_results(rows, format))
@@ -97,29 +120,54 @@ def query(collection: str, text: str | None = None, image: str | bytes | None = 
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m indices.query", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m indices.query",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("collection")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--text", help='weighted prompts, e.g. "a red star:1|blurry:-0.5"')
     src.add_argument("--image", help="an image file to search with")
     src.add_argument("--like", type=int, help="a result's id: search with its stored embedding")
     p.add_argument("--k", type=int, default=40, help=f"results (at most {MAX_RESULTS})")
-    p.add_argument("--modality", choices=["image", "text"], default="image", help="which index to search")
-    p.add_argument("--filters", default=None, help="a SQL WHERE clause over the candidates' metadata and id")
+    p.add_argument(
+        "--modality", choices=["image", "text"], default="image", help="which index to search"
+    )
+    p.add_argument(
+        "--filters", default=None, help="a SQL WHERE clause over the candidates' metadata and id"
+    )
     p.add_argument("--safe-mode", action="store_true", help="hide rows with punsafe above 0.5")
-    p.add_argument("--hide-watermarked", action="store_true", help="hide rows with pwatermark above 0.8")
+    p.add_argument(
+        "--hide-watermarked", action="store_true", help="hide rows with pwatermark above 0.8"
+    )
     p.add_argument("--keep-duplicates", action="store_true", help="do not collapse near-duplicates")
     p.add_argument("--format", choices=FORMATS, default="json")
-    p.add_argument("--out", default=None, help="write the results here (clipsubset.json shape for json)")
+    p.add_argument(
+        "--out", default=None, help="write the results here (clipsubset.json shape for json)"
+    )
     a = p.parse_args(argv)
     if a.format == "parquet" and not a.out:
         p.error("--format parquet needs --out FILE")
     setup_logging()
     try:
-        rows = query(a.collection, a.text, a.image, a.like, a.k, a.modality, a.filters, a.safe_mode,
-                     a.hide_watermarked, not a.keep_duplicates, a.out, a.format)
-    except ValueError as exc:  # QueryError, CollectionError and SqlError are ValueErrors: one line each
+        rows = query(
+            a.collection,
+            a.text,
+            a.image,
+            a.like,
+            a.k,
+            a.modality,
+            a.filters,
+            a.safe_mode,
+            a.hide_watermarked,
+            not a.keep_duplicates,
+            a.out,
+            a.format,
+        )
+    except (
+        ValueError
+    ) as exc:  # QueryError, CollectionError and SqlError are ValueErrors: one line each
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     if a.out:

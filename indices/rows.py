@@ -26,9 +26,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curation import schema as S
-from curation.storage import atomic_path, is_local, url_to_fs
-from indices.store import CollectionError, complete_parts
+from collection import schema as S
+from collection.parts import CollectionError, complete_parts
+from collection.storage import atomic_path, is_local, url_to_fs
 from models.cache import cache_dir
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,9 @@ def _open_ipc(path: str) -> tuple[pa.Table, dict[str, Any] | None]:
 
 
 def _write_ipc(path: str, table: pa.Table, signature: dict[str, Any]) -> None:
-    schema = table.schema.with_metadata({**(table.schema.metadata or {}), _META_KEY: json.dumps(signature).encode()})
+    schema = table.schema.with_metadata(
+        {**(table.schema.metadata or {}), _META_KEY: json.dumps(signature).encode()}
+    )
     with atomic_path(path) as tmp:
         with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
             # uncompressed, one batch: a memory-mapped read is then zero-copy
@@ -112,9 +114,13 @@ class RowStore:
             tables.append(_part_table(src, n, dirs))
         offsets = np.concatenate([[0], np.cumsum([t.num_rows for t in tables])]).astype(np.int64)
         try:
-            schema = pa.unify_schemas([t.schema.remove_metadata() for t in tables], promote_options="permissive")
+            schema = pa.unify_schemas(
+                [t.schema.remove_metadata() for t in tables], promote_options="permissive"
+            )
         except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-            raise CollectionError(f"{root}: metadata parts disagree on a column's type: {exc}") from None
+            raise CollectionError(
+                f"{root}: metadata parts disagree on a column's type: {exc}"
+            ) from None
         return cls(root, parts, tables, offsets, schema)
 
     @property
@@ -126,14 +132,20 @@ class RowStore:
     def column_names(self) -> list[str]:
         return list(self.schema.names)
 
-    def take(self, ids: Sequence[int] | np.ndarray, columns: Sequence[str] | None = None) -> pa.Table:
+    def take(
+        self, ids: Sequence[int] | np.ndarray, columns: Sequence[str] | None = None
+    ) -> pa.Table:
         """Rows of the given global ids, in that order (columns a part lacks are null).
 
         Reads per part (like `EmbeddingStore.gather`): a take on one table spanning many
         memory-mapped chunks would concatenate whole columns first.
         """
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        names = [c for c in (columns if columns is not None else self.schema.names) if c in self.schema.names]
+        names = [
+            c
+            for c in (columns if columns is not None else self.schema.names)
+            if c in self.schema.names
+        ]
         schema = pa.schema([self.schema.field(c) for c in names])
         if not len(ids):
             return schema.empty_table()
@@ -146,10 +158,17 @@ class RowStore:
             sel = np.nonzero(which == p)[0]
             table = self.tables[p]
             local = pa.array(ids[sel] - self.offsets[p])
-            cols = [table.column(c).take(local) if c in table.column_names else pa.nulls(len(sel), schema.field(c).type)
-                    for c in names]
-            pieces.append(pa.Table.from_arrays([_cast(c, schema.field(n).type) for c, n in zip(cols, names)],
-                                               schema=schema))
+            cols = [
+                table.column(c).take(local)
+                if c in table.column_names
+                else pa.nulls(len(sel), schema.field(c).type)
+                for c in names
+            ]
+            pieces.append(
+                pa.Table.from_arrays(
+                    [_cast(c, schema.field(n).type) for c, n in zip(cols, names)], schema=schema
+                )
+            )
             order.append(sel)
         out = pa.concat_tables(pieces) if len(pieces) > 1 else pieces[0]
         pos = np.empty(len(ids), dtype=np.int64)

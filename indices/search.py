@@ -3,7 +3,7 @@
 Results are rows of metadata plus `id` (global vector id) and `similarity`. The takedown
 list is always applied, and re-read within about a second of a change (`refresh_takedown`);
 near-duplicate collapse, safe mode, hiding watermarked images and SQL-style metadata filters
-(a DuckDB WHERE clause over the candidate rows, run in `curation.sandbox`'s locked worker
+(a DuckDB WHERE clause over the candidate rows, run in `collection.sandbox`'s locked worker
 process with time and memory limits) are options.
 
 Metadata rows are never all in memory: they are looked up by id from memory-mapped Arrow
@@ -23,13 +23,14 @@ from typing import Any, Sequence
 import numpy as np
 import pyarrow as pa
 
-from curation import schema as S
-from curation.sandbox import Limits, Sandbox, SqlError
-from curation.storage import read_collection_json
-from curation.takedown import TakedownWatch
+from collection import schema as S
+from collection.embeddings import EmbeddingStore
+from collection.parts import CollectionError
+from collection.sandbox import Limits, Sandbox, SqlError
+from collection.storage import read_collection_json
+from collection.takedown import TakedownWatch
 from indices.build import load_index
 from indices.rows import RowStore
-from indices.store import CollectionError, EmbeddingStore
 from indices.tune import set_search_params
 from models.clip import load_clip
 from models.prompts import PromptError, combine, parse_prompts
@@ -40,7 +41,16 @@ DEDUP_THRESHOLD = 0.94
 PUNSAFE_MAX = 0.5
 PWATERMARK_MAX = 0.8
 #: Columns returned by default (clip back returns url/caption; we add our scores).
-DEFAULT_COLUMNS = (S.KEY, S.URL, S.CAPTION, S.WIDTH, S.HEIGHT, S.CLIP_SIMILARITY, S.PUNSAFE, S.PWATERMARK)
+DEFAULT_COLUMNS = (
+    S.KEY,
+    S.URL,
+    S.CAPTION,
+    S.WIDTH,
+    S.HEIGHT,
+    S.CLIP_SIMILARITY,
+    S.PUNSAFE,
+    S.PWATERMARK,
+)
 #: what one `filters=` WHERE clause may use: the candidates of one query are a few thousand rows at most
 FILTER_LIMITS = Limits(timeout_s=5.0, memory_limit="256MB", threads=1)
 #: the table a filter's WHERE clause reads; `__pos` is the candidate's position
@@ -76,7 +86,9 @@ def _json_value(v: Any) -> Any:
         return None
     if isinstance(v, np.generic):
         return _json_value(v.item())
-    if hasattr(v, "isoformat"):  # dates and times (a source's own columns) as ISO text, as JSON holds them
+    if hasattr(
+        v, "isoformat"
+    ):  # dates and times (a source's own columns) as ISO text, as JSON holds them
         return v.isoformat()
     return v
 
@@ -84,8 +96,14 @@ def _json_value(v: Any) -> Any:
 class Searcher:
     """Loads a collection's indices and metadata rows (both memory-mapped) and takedown list once."""
 
-    def __init__(self, collection: str, encoder: Any = None, mmap: bool = True,
-                 columns: Sequence[str] | None = DEFAULT_COLUMNS, filter_limits: Limits = FILTER_LIMITS) -> None:
+    def __init__(
+        self,
+        collection: str,
+        encoder: Any = None,
+        mmap: bool = True,
+        columns: Sequence[str] | None = DEFAULT_COLUMNS,
+        filter_limits: Limits = FILTER_LIMITS,
+    ) -> None:
         self.root = collection
         self.layout = S.CollectionLayout(collection)
         self.info = read_collection_json(collection)
@@ -104,7 +122,9 @@ class Searcher:
         self._filter_limits = filter_limits
         self._sandbox: Sandbox | None = None
         if len(self._watch.takedown):
-            log.info("%s: takedown list has %d entries", self.layout.takedown, len(self._watch.takedown))
+            log.info(
+                "%s: takedown list has %d entries", self.layout.takedown, len(self._watch.takedown)
+            )
 
     # ---- loading -------------------------------------------------------------------------
     def refresh_takedown(self) -> bool:
@@ -128,8 +148,14 @@ class Searcher:
         table = self.rows.take(ids, cols)
         for c in cols:
             values = table.column(c).to_pylist()
-            mask |= np.fromiter((v is not None and (v.lower() if c == S.SHA256 else v) in listed[c] for v in values),
-                                dtype=bool, count=len(values))
+            mask |= np.fromiter(
+                (
+                    v is not None and (v.lower() if c == S.SHA256 else v) in listed[c]
+                    for v in values
+                ),
+                dtype=bool,
+                count=len(values),
+            )
         return mask
 
     def modalities(self) -> list[str]:
@@ -140,14 +166,18 @@ class Searcher:
         with self._lock:
             if modality not in self._indices:
                 if modality not in S.MODALITIES:
-                    raise QueryError(f"modality: unknown {modality!r}; expected one of {list(S.MODALITIES)}")
+                    raise QueryError(
+                        f"modality: unknown {modality!r}; expected one of {list(S.MODALITIES)}"
+                    )
                 idx = load_index(self.layout.index(modality), self._mmap)
                 with open(self.layout.index_json(modality)) as fh:
                     doc = json.load(fh)
                 set_search_params(idx, doc.get("params", {}))
                 store = EmbeddingStore.open(self.root, modality)
                 if store.count != self.count:
-                    raise CollectionError(f"{self.root}: {store.count} {modality} vectors but {self.count} metadata rows")
+                    raise CollectionError(
+                        f"{self.root}: {store.count} {modality} vectors but {self.count} metadata rows"
+                    )
                 self._indices[modality] = (idx, doc, store)
             return self._indices[modality]
 
@@ -159,7 +189,9 @@ class Searcher:
         return self._encoder
 
     # ---- querying ------------------------------------------------------------------------
-    def embed(self, text: str | None = None, image: Any = None, embedding: Sequence[float] | None = None) -> np.ndarray:
+    def embed(
+        self, text: str | None = None, image: Any = None, embedding: Sequence[float] | None = None
+    ) -> np.ndarray:
         """One L2-normalised float32 query vector from exactly one of text / image / embedding."""
         given = [x is not None for x in (text, image, embedding)]
         if sum(given) != 1:
@@ -179,15 +211,36 @@ class Searcher:
             raise QueryError("query embedding is zero or not finite")
         return (v / norm).astype(np.float32)
 
-    def query(self, text: str | None = None, image: Any = None, embedding: Sequence[float] | None = None,
-              k: int = 10, modality: str = S.MODALITY_IMAGE, filters: str | None = None,
-              deduplicate: bool = True, safe_mode: bool = False, punsafe_max: float = PUNSAFE_MAX,
-              pwatermark_max: float = PWATERMARK_MAX, hide_watermarked: bool | None = None) -> list[dict[str, Any]]:
+    def query(
+        self,
+        text: str | None = None,
+        image: Any = None,
+        embedding: Sequence[float] | None = None,
+        k: int = 10,
+        modality: str = S.MODALITY_IMAGE,
+        filters: str | None = None,
+        deduplicate: bool = True,
+        safe_mode: bool = False,
+        punsafe_max: float = PUNSAFE_MAX,
+        pwatermark_max: float = PWATERMARK_MAX,
+        hide_watermarked: bool | None = None,
+    ) -> list[dict[str, Any]]:
         """Top-k rows (metadata + id + similarity) for one query."""
-        return self.search_vectors(self.embed(text, image, embedding)[None, :], k, modality, filters,
-                                   deduplicate, safe_mode, punsafe_max, pwatermark_max, hide_watermarked)[0]
+        return self.search_vectors(
+            self.embed(text, image, embedding)[None, :],
+            k,
+            modality,
+            filters,
+            deduplicate,
+            safe_mode,
+            punsafe_max,
+            pwatermark_max,
+            hide_watermarked,
+        )[0]
 
-    def vector(self, ids: Sequence[int] | np.ndarray, modality: str = S.MODALITY_IMAGE) -> np.ndarray:
+    def vector(
+        self, ids: Sequence[int] | np.ndarray, modality: str = S.MODALITY_IMAGE
+    ) -> np.ndarray:
         """The stored float32 embeddings of given ids ("more like this" queries with one of them)."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if len(ids) and (ids.min() < 0 or ids.max() >= self.count):
@@ -196,10 +249,18 @@ class Searcher:
             raise QueryError("ids: a requested row is on the takedown list")
         return self.index(modality)[2].gather(ids)
 
-    def search_vectors(self, queries: np.ndarray, k: int = 10, modality: str = S.MODALITY_IMAGE,
-                       filters: str | None = None, deduplicate: bool = True, safe_mode: bool = False,
-                       punsafe_max: float = PUNSAFE_MAX, pwatermark_max: float = PWATERMARK_MAX,
-                       hide_watermarked: bool | None = None) -> list[list[dict[str, Any]]]:
+    def search_vectors(
+        self,
+        queries: np.ndarray,
+        k: int = 10,
+        modality: str = S.MODALITY_IMAGE,
+        filters: str | None = None,
+        deduplicate: bool = True,
+        safe_mode: bool = False,
+        punsafe_max: float = PUNSAFE_MAX,
+        pwatermark_max: float = PWATERMARK_MAX,
+        hide_watermarked: bool | None = None,
+    ) -> list[list[dict[str, Any]]]:
         """Batched search: one faiss call for all queries, then per-query post-filtering.
         Fetches more candidates while filters leave fewer than k rows.
 
@@ -210,13 +271,21 @@ class Searcher:
         index, doc, store = self.index(modality)
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != store.dim:
-            raise QueryError(f"query dimension {queries.shape[-1]} does not match the index's {store.dim}")
+            raise QueryError(
+                f"query dimension {queries.shape[-1]} does not match the index's {store.dim}"
+            )
         if k < 1:
             raise QueryError("k must be at least 1")
         if hide_watermarked is None:
             hide_watermarked = safe_mode
-        limits = [(col, limit) for col, limit, on in ((S.PUNSAFE, punsafe_max, safe_mode),
-                                                      (S.PWATERMARK, pwatermark_max, hide_watermarked)) if on]
+        limits = [
+            (col, limit)
+            for col, limit, on in (
+                (S.PUNSAFE, punsafe_max, safe_mode),
+                (S.PWATERMARK, pwatermark_max, hide_watermarked),
+            )
+            if on
+        ]
         out: list[list[dict[str, Any]] | None] = [None] * len(queries)
         todo = list(range(len(queries)))
         depth = max(4 * k, int(doc.get("params", {}).get("rerank_k", 0)), 50)
@@ -233,8 +302,16 @@ class Searcher:
             todo, depth = again, depth * 4
         return [o or [] for o in out]
 
-    def _post(self, q: np.ndarray, cand: np.ndarray, store: EmbeddingStore, k: int, filters: str | None,
-              deduplicate: bool, limits: list[tuple[str, float]]) -> list[dict[str, Any]]:
+    def _post(
+        self,
+        q: np.ndarray,
+        cand: np.ndarray,
+        store: EmbeddingStore,
+        k: int,
+        filters: str | None,
+        deduplicate: bool,
+        limits: list[tuple[str, float]],
+    ) -> list[dict[str, Any]]:
         cand = cand[cand >= 0]
         cand = cand[~self.is_blocked(cand)]  # takedown: always
         vecs = store.gather(cand)
@@ -244,7 +321,9 @@ class Searcher:
         if limits:
             keep = np.ones(len(cand), dtype=bool)
             for col, limit in limits:
-                keep &= ~(self.rows.values(cand, col) > limit)  # unknown scores pass, as clip back does
+                keep &= ~(
+                    self.rows.values(cand, col) > limit
+                )  # unknown scores pass, as clip back does
             cand, sims, vecs = cand[keep], sims[keep], vecs[keep]
         if filters:
             keep = self._filter(cand, filters)
@@ -258,27 +337,34 @@ class Searcher:
     def _filter(self, ids: np.ndarray, where: str) -> np.ndarray:
         """Boolean mask of ids whose metadata (and `id`) satisfies the SQL WHERE clause.
 
-        Untrusted SQL: it runs in `curation.sandbox`'s worker process (one SELECT, locked
+        Untrusted SQL: it runs in `collection.sandbox`'s worker process (one SELECT, locked
         connection, time and memory limits), where the candidates are the only data there is.
         """
         if not len(ids):
             return np.zeros(0, dtype=bool)
         frame = self.rows.take(ids)
-        if S.ID in frame.column_names:  # a source column of that name: the global id wins, as in the catalog
+        if (
+            S.ID in frame.column_names
+        ):  # a source column of that name: the global id wins, as in the catalog
             frame = frame.drop_columns([S.ID])
         frame = frame.append_column(S.ID, pa.array(np.asarray(ids, dtype=np.int64)))
         frame = frame.append_column("__pos", pa.array(np.arange(len(ids), dtype=np.int64)))
         if self._sandbox is None:
             self._sandbox = Sandbox(limits=self._filter_limits, label="filters")
         try:
-            table, _, _ = self._sandbox.query(f"SELECT __pos FROM {FILTER_TABLE} WHERE {where}", row_cap=None,
-                                              tables={FILTER_TABLE: frame})
+            table, _, _ = self._sandbox.query(
+                f"SELECT __pos FROM {FILTER_TABLE} WHERE {where}",
+                row_cap=None,
+                tables={FILTER_TABLE: frame},
+            )
         except SqlError as exc:
             raise QueryError(f"filters: {exc}") from None
         try:
             pos = table.column(0).drop_null().cast(pa.int64()).to_numpy()
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, IndexError) as exc:
-            raise QueryError(f"filters: the clause changed what the filter selects: {exc}") from None
+            raise QueryError(
+                f"filters: the clause changed what the filter selects: {exc}"
+            ) from None
         mask = np.zeros(len(ids), dtype=bool)
         mask[pos[(pos >= 0) & (pos < len(ids))]] = True  # a UNION in the clause cannot add rows
         return mask
@@ -299,7 +385,9 @@ class Searcher:
             out.append(row)
         return out
 
-    def metadata_for(self, ids: Sequence[int], columns: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    def metadata_for(
+        self, ids: Sequence[int], columns: Sequence[str] | None = None
+    ) -> list[dict[str, Any]]:
         """Metadata of given ids (the searcher's columns, or the named ones); taken-down ids get
         empty metadata (never served)."""
         self.refresh_takedown()
@@ -310,10 +398,19 @@ class Searcher:
         blocked = self.is_blocked(ids)
         cols = list(self.columns if columns is None else columns)
         records = self.rows.take(ids, cols).to_pylist()
-        return [{"id": i, "metadata": {} if b else {c: _json_value(rec.get(c)) for c in cols if c in rec}}
-                for i, b, rec in zip(ids, blocked, records)]
+        return [
+            {
+                "id": i,
+                "metadata": {} if b else {c: _json_value(rec.get(c)) for c in cols if c in rec},
+            }
+            for i, b, rec in zip(ids, blocked, records)
+        ]
 
     def records(self, ids: Sequence[int]) -> list[dict[str, Any]]:
         """Every metadata column of given ids (what a result's detail view shows); taken-down
         ids are left out."""
-        return [dict(m["metadata"], id=m["id"]) for m in self.metadata_for(ids, self.rows.column_names) if m["metadata"]]
+        return [
+            dict(m["metadata"], id=m["id"])
+            for m in self.metadata_for(ids, self.rows.column_names)
+            if m["metadata"]
+        ]

@@ -62,7 +62,11 @@ def estimate_bytes(index_key: str, n: int, dim: int) -> int:
         quantizer += int(opq.group(2)) * dim * 4
     if pq:
         m_codes, nbits = int(pq.group(1)), int(pq.group(2) or 8)
-        return quantizer + n * (m_codes * nbits // 8 + ID_BYTES) + m_codes * 2**nbits * 4 * (dim // m_codes)
+        return (
+            quantizer
+            + n * (m_codes * nbits // 8 + ID_BYTES)
+            + m_codes * 2**nbits * 4 * (dim // m_codes)
+        )
     if index_key.startswith("HNSW"):
         return n * (dim * 4 + HNSW_M * 2 * 4 + 8)
     if "SQ8" in index_key:
@@ -88,7 +92,12 @@ def choose_index(n: int, dim: int, max_memory: int | str = "4G") -> Choice:
     if n <= FLAT_MAX and flat <= budget:
         return Choice("Flat", False, flat, f"{n} vectors: an exact scan is fast enough")
     if n <= FLAT_MAX and n * dim <= budget:
-        return Choice("SQ8", False, n * dim, f"{n} vectors but flat ({flat} B) exceeds the budget: 8-bit scalar codes")
+        return Choice(
+            "SQ8",
+            False,
+            n * dim,
+            f"{n} vectors but flat ({flat} B) exceeds the budget: 8-bit scalar codes",
+        )
     # a small collection under a budget SQ8 misses falls through to IVF+PQ with exact re-ranking
     nlist = nlist_for(n)
     hnsw = estimate_bytes(f"HNSW{HNSW_M}", n, dim)
@@ -102,5 +111,9 @@ def choose_index(n: int, dim: int, max_memory: int | str = "4G") -> Choice:
     if m is None:
         raise ValueError(f"no index of {n}x{dim} fits in {budget} bytes; raise --max-index-memory")
     key = f"{quant},PQ{m}x8"
-    return Choice(key, True, estimate_bytes(key, n, dim),
-                  f"raw vectors ({flat} B) exceed the budget: {m}-byte PQ codes, exact re-rank from the mmapped embeddings")
+    return Choice(
+        key,
+        True,
+        estimate_bytes(key, n, dim),
+        f"raw vectors ({flat} B) exceed the budget: {m}-byte PQ codes, exact re-rank from the mmapped embeddings",
+    )

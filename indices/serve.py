@@ -13,9 +13,16 @@ from models.runtime import setup_logging
 from models.specs import PRECISIONS, check_precision
 
 
-def serve(collection: list[str], port: int = 1234, host: str = "127.0.0.1", allow_image_url: bool = False,
-          precision: str = "fp32", cache_size: int = 4096, max_batch: int | None = None,
-          threads: int | None = None) -> None:
+def serve(
+    collection: list[str],
+    port: int = 1234,
+    host: str = "127.0.0.1",
+    allow_image_url: bool = False,
+    precision: str = "fp32",
+    cache_size: int = 4096,
+    max_batch: int | None = None,
+    threads: int | None = None,
+) -> None:
     """Serve NAME=PATH collections until interrupted; max_batch None: the app's default."""
     check_precision(precision)
     pairs = {}
@@ -33,28 +40,58 @@ def serve(collection: list[str], port: int = 1234, host: str = "127.0.0.1", allo
     if threads:
         torch.set_num_threads(threads)
     batching = {"max_batch": max_batch} if max_batch else {}
-    app = App(pairs, allow_image_url=allow_image_url, precision=precision, cache_size=cache_size, **batching)
+    app = App(
+        pairs,
+        allow_image_url=allow_image_url,
+        precision=precision,
+        cache_size=cache_size,
+        **batching,
+    )
     web.run_app(app.make(), host=host, port=port)
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m indices.serve", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m indices.serve",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--collection", action="append", required=True, help="NAME=PATH, repeatable")
     p.add_argument("--port", type=int, default=1234)
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--allow-image-url", action="store_true", help="let clients make the server fetch URLs")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                   help="text tower weights; bf16 only where the CPU/GPU has native bf16 (else fp32); "
-                        "int8 quantized, on the CPU")
-    p.add_argument("--cache-size", type=int, default=4096, help="LRU entries of answered queries (0: off)")
-    p.add_argument("--max-batch", type=int, default=None,
-                   help="most concurrent queries encoded together (default: indices.app.MAX_BATCH)")
+    p.add_argument(
+        "--allow-image-url", action="store_true", help="let clients make the server fetch URLs"
+    )
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="text tower weights; bf16 only where the CPU/GPU has native bf16 (else fp32); "
+        "int8 quantized, on the CPU",
+    )
+    p.add_argument(
+        "--cache-size", type=int, default=4096, help="LRU entries of answered queries (0: off)"
+    )
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        default=None,
+        help="most concurrent queries encoded together (default: indices.app.MAX_BATCH)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     a = p.parse_args(argv)
     setup_logging()
     try:
-        serve(a.collection, a.port, a.host, a.allow_image_url, a.precision, a.cache_size, a.max_batch, a.threads)
+        serve(
+            a.collection,
+            a.port,
+            a.host,
+            a.allow_image_url,
+            a.precision,
+            a.cache_size,
+            a.max_batch,
+            a.threads,
+        )
     except ValueError as exc:
         p.error(str(exc))
 

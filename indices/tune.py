@@ -13,7 +13,7 @@ from typing import Any, Callable
 import faiss
 import numpy as np
 
-from indices.store import EmbeddingStore
+from collection.embeddings import EmbeddingStore
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +45,16 @@ def recall_at(found: np.ndarray, truth: np.ndarray, k: int = 10) -> float:
 
 def set_search_params(index: Any, params: dict[str, int]) -> None:
     """Apply nprobe / efSearch / quantizer_efSearch through faiss's ParameterSpace."""
-    text = ",".join(f"{k}={v}" for k, v in params.items() if k in ("nprobe", "efSearch", "quantizer_efSearch"))
+    text = ",".join(
+        f"{k}={v}" for k, v in params.items() if k in ("nprobe", "efSearch", "quantizer_efSearch")
+    )
     if text:
         faiss.ParameterSpace().set_index_parameters(index, text)
 
 
-def ann_search(index: Any, store: EmbeddingStore | None, q: np.ndarray, k: int,
-               rerank_k: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def ann_search(
+    index: Any, store: EmbeddingStore | None, q: np.ndarray, k: int, rerank_k: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """Top-k (scores, ids); with rerank_k, PQ candidates are re-scored exactly from the mmaps."""
     if not rerank_k or store is None:
         return index.search(q, k)
@@ -62,11 +65,13 @@ def ann_search(index: Any, store: EmbeddingStore | None, q: np.ndarray, k: int,
         c = cand[r][cand[r] >= 0]
         s = store.gather(c) @ q[r]
         order = np.argsort(-s)[:k]
-        scores[r, :len(order)], ids[r, :len(order)] = s[order], c[order]
+        scores[r, : len(order)], ids[r, : len(order)] = s[order], c[order]
     return scores, ids
 
 
-def latency_ms(fn: Callable[[np.ndarray], Any], queries: np.ndarray, n: int = 200) -> dict[str, float]:
+def latency_ms(
+    fn: Callable[[np.ndarray], Any], queries: np.ndarray, n: int = 200
+) -> dict[str, float]:
     """p50/p99 of one-query-at-a-time calls, in milliseconds."""
     times = []
     for q in queries[:n]:
@@ -83,7 +88,7 @@ def sweep_settings(index_key: str, nlist: int | None, rerank: bool) -> list[dict
     if nlist is None:
         return [{}]
     out = []
-    for depth in (RERANK_DEPTHS if rerank else (0,)):
+    for depth in RERANK_DEPTHS if rerank else (0,):
         for p in NPROBES:
             if p <= nlist:
                 s = {"nprobe": p}
@@ -95,9 +100,18 @@ def sweep_settings(index_key: str, nlist: int | None, rerank: bool) -> list[dict
     return out
 
 
-def tune(index: Any, index_key: str, nlist: int | None, rerank: bool, store: EmbeddingStore,
-         queries: np.ndarray, truth: np.ndarray, max_query_ms: float, target_recall: float,
-         k: int = 10) -> tuple[dict[str, int], dict[str, float], list[dict[str, Any]]]:
+def tune(
+    index: Any,
+    index_key: str,
+    nlist: int | None,
+    rerank: bool,
+    store: EmbeddingStore,
+    queries: np.ndarray,
+    truth: np.ndarray,
+    max_query_ms: float,
+    target_recall: float,
+    k: int = 10,
+) -> tuple[dict[str, int], dict[str, float], list[dict[str, Any]]]:
     """Cheapest setting reaching target_recall within max_query_ms (p99), else the best
     recall within the budget. Returns (params, its measurement, the whole sweep table)."""
     table: list[dict[str, Any]] = []
@@ -112,7 +126,13 @@ def tune(index: Any, index_key: str, nlist: int | None, rerank: bool, store: Emb
         row = {"recall_at_10": recall_at(found, truth, k)}
         row.update(latency_ms(lambda q: ann_search(index, store, q, k, depth), queries, 100))
         table.append({**params, **row})
-        log.info("%s %s -> recall@10 %.3f p99 %.2f ms", index_key, params, row["recall_at_10"], row["p99_ms"])
+        log.info(
+            "%s %s -> recall@10 %.3f p99 %.2f ms",
+            index_key,
+            params,
+            row["recall_at_10"],
+            row["p99_ms"],
+        )
         within = row["p99_ms"] <= max_query_ms
         if within and (best is None or row["recall_at_10"] > best[1]["recall_at_10"] + 1e-9):
             best = (params, row)
@@ -122,8 +142,12 @@ def tune(index: Any, index_key: str, nlist: int | None, rerank: bool, store: Emb
             too_slow.add(depth)
     if best is None:  # nothing met the latency budget: take the fastest setting
         fastest = min(table, key=lambda r: r["p99_ms"])
-        params = {k2: v for k2, v in fastest.items() if k2 not in ("recall_at_10", "p50_ms", "p99_ms")}
+        params = {
+            k2: v for k2, v in fastest.items() if k2 not in ("recall_at_10", "p50_ms", "p99_ms")
+        }
         best = (params, {k2: fastest[k2] for k2 in ("recall_at_10", "p50_ms", "p99_ms")})
-        log.warning("no setting of %s meets %.1f ms p99; using the fastest", index_key, max_query_ms)
+        log.warning(
+            "no setting of %s meets %.1f ms p99; using the fastest", index_key, max_query_ms
+        )
     set_search_params(index, best[0])
     return best[0], best[1], table

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from curation.storage import atomic_path, read_json, write_json
+from collection.storage import atomic_path, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,9 @@ class Bundled:
         """The full recipe: defaults with `overrides`, plus the name and code version."""
         unknown = sorted(set(overrides) - set(self.defaults))
         if unknown:
-            raise ValueError(f"{self.name}: unknown recipe option(s) {unknown}; known: {sorted(self.defaults)}")
+            raise ValueError(
+                f"{self.name}: unknown recipe option(s) {unknown}; known: {sorted(self.defaults)}"
+            )
         return _plain({"model": self.name, "version": self.version, **self.defaults, **overrides})
 
     def trained_recipe(self, folder: Path | None = None) -> dict[str, Any] | None:
@@ -112,32 +114,51 @@ class Bundled:
         if found is None:
             return False
         if found != self.recipe():
-            log.warning("%s in %s was trained with another recipe: retraining", self.name, folder or self.folder)
+            log.warning(
+                "%s in %s was trained with another recipe: retraining",
+                self.name,
+                folder or self.folder,
+            )
             return False
         return True
 
     def ensure(self) -> Path:
         """The cache folder, filled first (in a child process, under a file lock) when missing or stale."""
         folder = self.folder
-        build_once(self.ready, lambda: self.train_into(folder), folder.parent / f".{self.name}.lock")
+        build_once(
+            self.ready, lambda: self.train_into(folder), folder.parent / f".{self.name}.lock"
+        )
         return folder
 
     def train_into(self, folder: Path, retrain: bool = False, **overrides: Any) -> Path:
         """Build the model with the recipe (defaults + overrides) in a child process, from the packed
         copy when it matches, else by training; `folder` appears only when done."""
         from_shipped = not retrain and not overrides and self.shipped_current()
-        log.warning("%s: %s into %s (once)", self.name, "unpacking the repository's copy" if from_shipped
-                    else f"training it ({self.about or 'a few minutes'})", folder)
-        args = [f"--{k.replace('_', '-')}={v}" for k, v in overrides.items()] + (["--retrain"] if retrain else [])
+        log.warning(
+            "%s: %s into %s (once)",
+            self.name,
+            "unpacking the repository's copy"
+            if from_shipped
+            else f"training it ({self.about or 'a few minutes'})",
+            folder,
+        )
+        args = [f"--{k.replace('_', '-')}={v}" for k, v in overrides.items()] + (
+            ["--retrain"] if retrain else []
+        )
         env = dict(os.environ)
         # the child imports this checkout even when the caller found it through its own sys.path
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_REPO), env.get("PYTHONPATH", "")) if p)
         with atomic_path(folder) as tmp:
-            done = subprocess.run([sys.executable, "-m", "models.train", self.name, "--out", tmp, *args], env=env,
-                                  stdout=subprocess.DEVNULL)  # it prints the folder, which the caller knows
+            done = subprocess.run(
+                [sys.executable, "-m", "models.train", self.name, "--out", tmp, *args],
+                env=env,
+                stdout=subprocess.DEVNULL,
+            )  # it prints the folder, which the caller knows
             if done.returncode != 0:
-                raise RuntimeError(f"training {self.name} failed (exit {done.returncode}); its output is above. "
-                                   f"Run `python -m models.train {self.name}` to retry.")
+                raise RuntimeError(
+                    f"training {self.name} failed (exit {done.returncode}); its output is above. "
+                    f"Run `python -m models.train {self.name}` to retry."
+                )
         return folder
 
 
@@ -153,16 +174,59 @@ def read_info(folder: str | Path) -> dict[str, Any]:
 
 #: Every bundled model, by the name `python -m models.train NAME` and the cache folder use. The
 #: defaults are each model's recipe knobs: its module's `train(out, **recipe)` takes exactly these.
-BUNDLED: dict[str, Bundled] = {b.name: b for b in (
-    Bundled("sieve-tiny", "models.tiny_clip",
-            {"seed": 0, "steps": 1400, "batch_size": 128, "n_samples": 30000, "lr": 1e-3, "width": 128,
-             "layers": 3, "vision": "resnet", "hard_negatives": 2},
-            version=1, about="the offline CLIP; a few minutes on 2 cores"),
-    Bundled("watermark", "models.watermark_cnn",
-            {"seed": 0, "steps": 600, "batch_size": 64, "pool": 4096, "lr": 3e-3, "width": 32, "size": 64},
-            version=1, about="the watermark detector; about a minute on 2 cores"),
-    Bundled("sieve-vqgan", "models.vqgan_train",
-            {"seed": 0, "steps": 300, "batch_size": 16, "crop": 32, "n_samples": 3000, "lr": 2e-3, "ch": 32,
-             "z_channels": 64, "levels": 3, "n_embed": 256, "embed_dim": 64},
-            version=1, about="the offline VQGAN for CLIP guidance; a few minutes on 2 cores"),
-)}
+BUNDLED: dict[str, Bundled] = {
+    b.name: b
+    for b in (
+        Bundled(
+            "sieve-tiny",
+            "models.tiny_clip",
+            {
+                "seed": 0,
+                "steps": 1400,
+                "batch_size": 128,
+                "n_samples": 30000,
+                "lr": 1e-3,
+                "width": 128,
+                "layers": 3,
+                "vision": "resnet",
+                "hard_negatives": 2,
+            },
+            version=1,
+            about="the offline CLIP; a few minutes on 2 cores",
+        ),
+        Bundled(
+            "watermark",
+            "models.watermark_cnn",
+            {
+                "seed": 0,
+                "steps": 600,
+                "batch_size": 64,
+                "pool": 4096,
+                "lr": 3e-3,
+                "width": 32,
+                "size": 64,
+            },
+            version=1,
+            about="the watermark detector; about a minute on 2 cores",
+        ),
+        Bundled(
+            "sieve-vqgan",
+            "models.vqgan_train",
+            {
+                "seed": 0,
+                "steps": 300,
+                "batch_size": 16,
+                "crop": 32,
+                "n_samples": 3000,
+                "lr": 2e-3,
+                "ch": 32,
+                "z_channels": 64,
+                "levels": 3,
+                "n_embed": 256,
+                "embed_dim": 64,
+            },
+            version=1,
+            about="the offline VQGAN for CLIP guidance; a few minutes on 2 cores",
+        ),
+    )
+}

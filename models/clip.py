@@ -40,10 +40,19 @@ class Clip:
     `preprocess`, `tokenizer`, `batch_size` and `precision`.
     """
 
-    def __init__(self, spec: str, model: Any, preprocess: Callable[[Image.Image], torch.Tensor],
-                 tokenizer: Callable[[Sequence[str]], torch.Tensor], device: str = "cpu", precision: str = "fp32",
-                 batch_size: int = 256, trim_text: bool = True, channels_last: bool = False,
-                 compile: bool = False) -> None:
+    def __init__(
+        self,
+        spec: str,
+        model: Any,
+        preprocess: Callable[[Image.Image], torch.Tensor],
+        tokenizer: Callable[[Sequence[str]], torch.Tensor],
+        device: str = "cpu",
+        precision: str = "fp32",
+        batch_size: int = 256,
+        trim_text: bool = True,
+        channels_last: bool = False,
+        compile: bool = False,
+    ) -> None:
         check_precision(precision)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -64,7 +73,9 @@ class Clip:
         self.pad_to: int | None = None
         self.trim_text = trim_text and can_trim_text(model)
         if trim_text and not self.trim_text:
-            log.info("text trimming not applicable to %s; using the full context", type(model).__name__)
+            log.info(
+                "text trimming not applicable to %s; using the full context", type(model).__name__
+            )
         #: the tokenizer's ids, cheaper per caption (models.tokens)
         self.tokenize = fast_tokenizer(tokenizer)
         self.prep = Preprocessor(preprocess)
@@ -72,15 +83,22 @@ class Clip:
 
     def settings(self) -> dict[str, Any]:
         """The speed settings, as `load_clip` takes them."""
-        return {"precision": self.precision, "trim_text": self.trim_text, "channels_last": self.channels_last,
-                "compile": self.compiled, "batch_size": self.batch_size}
+        return {
+            "precision": self.precision,
+            "trim_text": self.trim_text,
+            "channels_last": self.channels_last,
+            "compile": self.compiled,
+            "batch_size": self.batch_size,
+        }
 
     def variant(self, **changes: Any) -> "Clip":
         """A copy of this fp32 model under other settings (the server's int8 or bf16 text tower, say)."""
         if self.precision != "fp32" or self.compiled:
             raise ValueError("variant() copies an fp32, uncompiled Clip")
         settings = {**self.settings(), "device": self.device, **changes}
-        return Clip(self.spec, copy.deepcopy(self.model), self.preprocess, self.tokenizer, **settings)
+        return Clip(
+            self.spec, copy.deepcopy(self.model), self.preprocess, self.tokenizer, **settings
+        )
 
     # ---- images ------------------------------------------------------------------------------
     def encode_image_tensor(self, batch: torch.Tensor) -> np.ndarray:
@@ -89,13 +107,18 @@ class Clip:
         A uint8 batch is a quarter of the bytes to move and is normalised on the device with the
         same operations, and so the same values, as `models.preprocess.normalize_batch`.
         """
-        out = [self._images(batch[i:i + self.batch_size]) for i in range(0, len(batch), self.batch_size)]
+        out = [
+            self._images(batch[i : i + self.batch_size])
+            for i in range(0, len(batch), self.batch_size)
+        ]
         return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
 
     def _images(self, batch: torch.Tensor) -> np.ndarray:
         if batch.dtype == torch.uint8:
             if self.prep.batched is None:
-                raise ValueError(f"{self.spec}: uint8 batches need open_clip's standard preprocess chain")
+                raise ValueError(
+                    f"{self.spec}: uint8 batches need open_clip's standard preprocess chain"
+                )
             x = batch.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().contiguous()
             batch = normalize_(x, *self.prep.batched[1:])
         x = batch.to(self.device, self.dtype, non_blocking=True)
@@ -116,7 +139,9 @@ class Clip:
         """Embed PIL images -> float32 (n, dim), L2-normalised."""
         out = []
         for i in range(0, len(images), self.batch_size):
-            chunk = [self.prep.model_input(im.convert("RGB")) for im in images[i:i + self.batch_size]]
+            chunk = [
+                self.prep.model_input(im.convert("RGB")) for im in images[i : i + self.batch_size]
+            ]
             out.append(self.encode_image_tensor(self.prep.stack(chunk)))
         return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
 
@@ -125,13 +150,19 @@ class Clip:
         """Embed token ids (from `tokenize`) -> float32 (n, dim), L2-normalised."""
         tokens = tokens.to(self.device)
         with torch.inference_mode():
-            feats = encode_text_trimmed(self.model, tokens) if self.trim_text else self.model.encode_text(tokens)
+            feats = (
+                encode_text_trimmed(self.model, tokens)
+                if self.trim_text
+                else self.model.encode_text(tokens)
+            )
             return _finish(feats)
 
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         """Embed captions -> float32 (n, dim), L2-normalised."""
-        out = [self.encode_text_tokens(self.tokenize(list(texts[i:i + self.batch_size])))
-               for i in range(0, len(texts), self.batch_size)]
+        out = [
+            self.encode_text_tokens(self.tokenize(list(texts[i : i + self.batch_size])))
+            for i in range(0, len(texts), self.batch_size)
+        ]
         return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
 
 
@@ -156,22 +187,35 @@ def tiny_dir() -> Path:
     return BUNDLED[TINY_NAME].ensure()
 
 
-def _load_open_clip(spec: str, arch: str, weights: str, checkpoint: bool, device: str) -> tuple[Any, Any, Any]:
+def _load_open_clip(
+    spec: str, arch: str, weights: str, checkpoint: bool, device: str
+) -> tuple[Any, Any, Any]:
     if arch not in open_clip.list_models():
-        raise bad_spec(spec, f"unknown open_clip architecture {arch!r} (see open_clip.list_models())")
+        raise bad_spec(
+            spec, f"unknown open_clip architecture {arch!r} (see open_clip.list_models())"
+        )
     if not weights:
-        log.warning("%s: no pretrained tag or checkpoint given, using RANDOM weights (benchmarks only)", spec)
+        log.warning(
+            "%s: no pretrained tag or checkpoint given, using RANDOM weights (benchmarks only)",
+            spec,
+        )
         model, _, preprocess = open_clip.create_model_and_transforms(arch, device=device)
     elif checkpoint:
         if not Path(weights).is_file():
-            raise FileNotFoundError(f"CLIP spec {spec!r}: checkpoint file {weights!r} does not exist")
-        model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=weights, device=device)
+            raise FileNotFoundError(
+                f"CLIP spec {spec!r}: checkpoint file {weights!r} does not exist"
+            )
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            arch, pretrained=weights, device=device
+        )
     else:
         tags = open_clip.list_pretrained_tags_by_model(arch)
         if weights not in tags:
             raise bad_spec(spec, f"{arch} has no pretrained tag {weights!r}; known tags: {tags}")
         try:
-            model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=weights, device=device)
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                arch, pretrained=weights, device=device
+            )
         except Exception as exc:  # open_clip wraps every download failure in RuntimeError/OSError
             raise RuntimeError(
                 f"CLIP spec {spec!r}: could not get the pretrained weights {arch}/{weights} ({exc}). "
@@ -191,8 +235,15 @@ def _load_local_dir(spec: str, folder: str, device: str) -> tuple[Any, Any, Any]
     return model, preprocess, open_clip.get_tokenizer(name)
 
 
-def load_clip(spec: str = TINY_NAME, device: str | None = None, batch_size: int = 256, precision: str = "fp32",
-              trim_text: bool = True, channels_last: bool = False, compile: bool = False) -> Clip:
+def load_clip(
+    spec: str = TINY_NAME,
+    device: str | None = None,
+    batch_size: int = 256,
+    precision: str = "fp32",
+    trim_text: bool = True,
+    channels_last: bool = False,
+    compile: bool = False,
+) -> Clip:
     """Load a CLIP model by spec under the given speed settings; device defaults to cuda when available.
 
     int8 quantizes the transformer blocks' Linear layers and runs on the CPU only, so it is also
@@ -206,10 +257,21 @@ def load_clip(spec: str = TINY_NAME, device: str | None = None, batch_size: int 
     if parsed.kind == "tiny":
         model, preprocess, tokenizer = _load_local_dir(parsed.text, str(tiny_dir()), "cpu")
     elif parsed.kind == "open_clip":
-        model, preprocess, tokenizer = _load_open_clip(parsed.text, parsed.arch, parsed.weights,
-                                                       parsed.checkpoint, "cpu")
+        model, preprocess, tokenizer = _load_open_clip(
+            parsed.text, parsed.arch, parsed.weights, parsed.checkpoint, "cpu"
+        )
     else:
         model, preprocess, tokenizer = _load_local_dir(parsed.text, parsed.weights, "cpu")
     # loaded on the CPU in fp32; Clip moves and casts it once, under its precision
-    return Clip(parsed.text, model, preprocess, tokenizer, device=device, precision=precision,
-                batch_size=batch_size, trim_text=trim_text, channels_last=channels_last, compile=compile)
+    return Clip(
+        parsed.text,
+        model,
+        preprocess,
+        tokenizer,
+        device=device,
+        precision=precision,
+        batch_size=batch_size,
+        trim_text=trim_text,
+        channels_last=channels_last,
+        compile=compile,
+    )

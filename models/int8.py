@@ -61,19 +61,33 @@ class SelfAttention(nn.Module):
                 self.in_proj.bias.copy_(mha.in_proj_bias)
             self.out_proj.load_state_dict(mha.out_proj.state_dict())
 
-    def forward(self, query, key=None, value=None, key_padding_mask=None, need_weights: bool = False,
-                attn_mask=None, **kwargs: Any):
+    def forward(
+        self,
+        query,
+        key=None,
+        value=None,
+        key_padding_mask=None,
+        need_weights: bool = False,
+        attn_mask=None,
+        **kwargs: Any,
+    ):
         if (key is not None and key is not query) or (value is not None and value is not query):
             raise ValueError("SelfAttention takes one input (query is key is value)")
         if key_padding_mask is not None or need_weights or kwargs:
-            raise ValueError("SelfAttention supports neither key_padding_mask nor attention weights")
+            raise ValueError(
+                "SelfAttention supports neither key_padding_mask nor attention weights"
+            )
         x = query if self.batch_first else query.transpose(0, 1)
         n, length, dim = x.shape
-        qkv = self.in_proj(x).view(n, length, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+        qkv = (
+            self.in_proj(x).view(n, length, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+        )
         if attn_mask is not None and attn_mask.dtype == torch.bool:
             attn_mask = ~attn_mask  # MultiheadAttention: True = masked; SDPA: True = attend
         drop = self.dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=attn_mask, dropout_p=drop)
+        out = F.scaled_dot_product_attention(
+            qkv[0], qkv[1], qkv[2], attn_mask=attn_mask, dropout_p=drop
+        )
         out = self.out_proj(out.transpose(1, 2).reshape(n, length, dim))
         return (out if self.batch_first else out.transpose(0, 1)), None
 
@@ -85,8 +99,12 @@ def split_self_attention(model: Any) -> int:
     """
     count = 0
     for block in model.modules():
-        if (isinstance(block, ResidualAttentionBlock) and not hasattr(block, "ln_1_kv")
-                and isinstance(block.attn, nn.MultiheadAttention) and block.attn._qkv_same_embed_dim):
+        if (
+            isinstance(block, ResidualAttentionBlock)
+            and not hasattr(block, "ln_1_kv")
+            and isinstance(block.attn, nn.MultiheadAttention)
+            and block.attn._qkv_same_embed_dim
+        ):
             block.attn = SelfAttention(block.attn)
             count += 1
     return count
@@ -108,7 +126,11 @@ def quantizable_linears(model: Any) -> list[str]:
             parts.append(("attn", block.attn))
         for part, module in parts:
             prefix = f"{name}.{part}" if name else part
-            names += [f"{prefix}.{sub}" for sub, m in module.named_modules() if isinstance(m, nn.Linear) and sub]
+            names += [
+                f"{prefix}.{sub}"
+                for sub, m in module.named_modules()
+                if isinstance(m, nn.Linear) and sub
+            ]
     return names
 
 
@@ -119,15 +141,19 @@ def quantize_int8(model: Any) -> Any:
     Towers without such blocks (open_clip's ResNets) stay fp32, and a warning says so.
     """
     if not int8_supported("cpu"):
-        raise ValueError("int8 needs torch.ao.quantization with an x86/fbgemm engine, which this torch "
-                         "lacks; use --precision fp32")
+        raise ValueError(
+            "int8 needs torch.ao.quantization with an x86/fbgemm engine, which this torch "
+            "lacks; use --precision fp32"
+        )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*deprecated.*", category=UserWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         model = model.float().eval()
         rebuilt = split_self_attention(model)
         names = quantizable_linears(model)
-        quantize_dynamic(model, {n: per_channel_dynamic_qconfig for n in names}, dtype=torch.qint8, inplace=True)
+        quantize_dynamic(
+            model, {n: per_channel_dynamic_qconfig for n in names}, dtype=torch.qint8, inplace=True
+        )
     # open_clip reads its towers' cast dtype from the first block's c_fc.weight, a method once
     # quantized; `int8_original_dtype` is the attribute it checks first (meant for bitsandbytes)
     for module in model.modules():
@@ -136,7 +162,13 @@ def quantize_int8(model: Any) -> Any:
             mlp.c_fc.int8_original_dtype = torch.float32
     for tower in ("visual", "transformer"):
         if hasattr(model, tower) and not any(n.startswith(tower + ".") for n in names):
-            log.warning("int8: the %s tower has no transformer blocks to quantize and stays fp32",
-                        "image" if tower == "visual" else "text")
-    log.info("int8: %d attention blocks rebuilt, %d Linear layers quantized per channel", rebuilt, len(names))
+            log.warning(
+                "int8: the %s tower has no transformer blocks to quantize and stays fp32",
+                "image" if tower == "visual" else "text",
+            )
+    log.info(
+        "int8: %d attention blocks rebuilt, %d Linear layers quantized per channel",
+        rebuilt,
+        len(names),
+    )
     return model

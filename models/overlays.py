@@ -19,8 +19,21 @@ from PIL import Image, ImageFilter
 
 from models.scenes import WATERMARK_WORDS, add_watermark, available_fonts, make_sample
 
-HELDOUT_WORDS = ["adobestock", "pixabay", "unsplash", "watermark", "photo by jo", "proof",
-                 "licensed", "www.pics.net", "draft", "(c) 2024", "bigstock", "fotolia", "PREVIEW ONLY"]
+HELDOUT_WORDS = [
+    "adobestock",
+    "pixabay",
+    "unsplash",
+    "watermark",
+    "photo by jo",
+    "proof",
+    "licensed",
+    "www.pics.net",
+    "draft",
+    "(c) 2024",
+    "bigstock",
+    "fotolia",
+    "PREVIEW ONLY",
+]
 REGIONS = {
     "train": [(0.0, 0.0, 0.55, 0.55), (0.45, 0.45, 1.0, 1.0)],
     "heldout": [(0.5, 0.0, 1.0, 0.5), (0.0, 0.5, 0.5, 1.0)],
@@ -58,8 +71,13 @@ def make_example(index: int, regime: str, seed: int, size: int = 64) -> tuple[Im
     label = index % 2
     if label:
         regions = REGIONS[regime]
-        img = add_watermark(img, rng, words=regime_words(regime), fonts=regime_fonts(regime),
-                            region=regions[rng.integers(len(regions))])
+        img = add_watermark(
+            img,
+            rng,
+            words=regime_words(regime),
+            fonts=regime_fonts(regime),
+            region=regions[rng.integers(len(regions))],
+        )
     elif rng.random() < 0.2:
         img = img.filter(ImageFilter.SMOOTH)
     return _jpeg(img, int(rng.integers(60, 96))), label

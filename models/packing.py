@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from curation.storage import atomic_path, read_json, write_json
+from collection.storage import atomic_path, read_json, write_json
 from models.cache import Bundled
 
 
@@ -31,5 +31,7 @@ def write_packed(bundled: Bundled, tensors: dict[str, torch.Tensor], about: dict
 def read_packed(bundled: Bundled) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(tensors as float32, description) of the packed copy."""
     path, about_path = bundled.shipped
-    tensors = {k: (v.float() if v.is_floating_point() else v) for k, v in load_file(str(path)).items()}
+    tensors = {
+        k: (v.float() if v.is_floating_point() else v) for k, v in load_file(str(path)).items()
+    }
     return tensors, read_json(about_path)

@@ -24,7 +24,11 @@ def batch_normalizer(preprocess: Any) -> tuple[int, tuple[float, ...], tuple[flo
     kept = ["ToTensor" if n == "MaybeToTensor" else n for n in kept]
     if kept != expected:
         return None
-    resize, crop, norm = preprocess.transforms[0], preprocess.transforms[1], preprocess.transforms[-1]
+    resize, crop, norm = (
+        preprocess.transforms[0],
+        preprocess.transforms[1],
+        preprocess.transforms[-1],
+    )
     size = resize.size if isinstance(resize.size, int) else None
     if isinstance(resize.size, (list, tuple)) and len(resize.size) == 1:
         size = resize.size[0]
@@ -49,7 +53,9 @@ def fits(img: Any, size: int) -> bool:
     return img.mode == "RGB" and img.size == (size, size)
 
 
-def normalize_batch(arrays: list[np.ndarray], mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+def normalize_batch(
+    arrays: list[np.ndarray], mean: tuple[float, ...], std: tuple[float, ...]
+) -> torch.Tensor:
     """Stacked HWC uint8 arrays -> NCHW float32, the same values as ToTensor + Normalize."""
     hwc = torch.from_numpy(np.stack(arrays))
     n, h, w, c = hwc.shape
@@ -58,7 +64,9 @@ def normalize_batch(arrays: list[np.ndarray], mean: tuple[float, ...], std: tupl
     return normalize_(batch, mean, std)
 
 
-def normalize_(batch: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+def normalize_(
+    batch: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]
+) -> torch.Tensor:
     """In place on a float NCHW batch of 0-255 values: /255, - mean, / std (ToTensor + Normalize)."""
     m = torch.tensor(mean, dtype=torch.float32, device=batch.device).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=torch.float32, device=batch.device).view(1, -1, 1, 1)
@@ -85,9 +93,13 @@ class Preprocessor:
                 if fits(resized, self.batched[0]):
                     return resized
             return self.preprocess(image)
-        return self.preprocess(pixels if isinstance(pixels, Image.Image) else Image.fromarray(pixels, "RGB"))
+        return self.preprocess(
+            pixels if isinstance(pixels, Image.Image) else Image.fromarray(pixels, "RGB")
+        )
 
-    def stack(self, items: list[np.ndarray | torch.Tensor], keep_uint8: bool = False) -> torch.Tensor:
+    def stack(
+        self, items: list[np.ndarray | torch.Tensor], keep_uint8: bool = False
+    ) -> torch.Tensor:
         """One batch from `model_input` results: NCHW float; with `keep_uint8` and all arrays, NHWC uint8
         (for a device to normalise itself)."""
         arrays = [i for i, x in enumerate(items) if isinstance(x, np.ndarray)]

@@ -30,7 +30,11 @@ class WeightedPrompt:
     stop: float = -math.inf
 
     def __str__(self) -> str:
-        out = self.text if self.weight == 1 and self.stop == -math.inf else f"{self.text}:{self.weight:g}"
+        out = (
+            self.text
+            if self.weight == 1 and self.stop == -math.inf
+            else f"{self.text}:{self.weight:g}"
+        )
         return out if self.stop == -math.inf else f"{out}:{self.stop:g}"
 
 
@@ -55,7 +59,7 @@ def parse_prompt(part: str) -> WeightedPrompt:
     if len(fields) == 3 and numeric == 1:  # "text:with colon:1" - the middle field is text
         fields = [":".join(fields[:2]), fields[2]]
     else:
-        fields = [":".join(fields[: len(fields) - numeric])] + fields[len(fields) - numeric:]
+        fields = [":".join(fields[: len(fields) - numeric])] + fields[len(fields) - numeric :]
     text = fields[0].strip()
     if not text:
         raise PromptError(f"prompt {part!r}: empty text")
@@ -74,7 +78,9 @@ def parse_prompts(spec: str | Sequence[str], require_positive: bool = True) -> l
     """
     parts = spec.split("|") if isinstance(spec, str) else [p for s in spec for p in s.split("|")]
     if not parts or not any(p.strip() for p in parts):
-        raise PromptError("empty prompt: give text such as 'a red star' or 'a red star:1|blurry:-0.5'")
+        raise PromptError(
+            "empty prompt: give text such as 'a red star' or 'a red star:1|blurry:-0.5'"
+        )
     prompts = [parse_prompt(p) for p in parts]
     if require_positive and not any(p.weight > 0 for p in prompts):
         raise PromptError(f"prompts {spec!r}: at least one needs a positive weight")

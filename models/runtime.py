@@ -111,27 +111,21 @@ _QUIET_LOGGERS = {
 }
 
 
-def process_status_kib(field: str, pid: int | str = "self") -> int | None:
-    """A memory field of /proc/PID/status (VmRSS, VmHWM, VmSize...) in KiB; None where absent."""
-    with open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return None
-
-
 class _QuietOpenClip(logging.Filter):
     """Drops open_clip's INFO lines: it logs through the root logger (no name to quiet), about ten
     lines per model load, which buried a command's own progress."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING or f"{os.sep}open_clip{os.sep}" not in record.pathname
+        return (
+            record.levelno >= logging.WARNING or f"{os.sep}open_clip{os.sep}" not in record.pathname
+        )
 
 
 def setup_logging(level: int = logging.INFO) -> None:
     """The logging every `python -m` command of Sieve starts with: one line per record, on stderr."""
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
     for name, floor in _QUIET_LOGGERS.items():
         logging.getLogger(name).setLevel(max(floor, level))
     for handler in logging.getLogger().handlers:
@@ -139,7 +133,9 @@ def setup_logging(level: int = logging.INFO) -> None:
             handler.addFilter(_QuietOpenClip())
     # Dask sets its own loggers' levels from its config when `distributed` is first imported,
     # which commands do after this call; the environment is where that config is read from
-    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", logging.getLevelName(max(logging.WARNING, level)).lower())
+    os.environ.setdefault(
+        "DASK_LOGGING__DISTRIBUTED", logging.getLevelName(max(logging.WARNING, level)).lower()
+    )
 
 
 @contextlib.contextmanager
@@ -151,15 +147,21 @@ def isolated_torch(threads: int | None = None, deterministic: bool = False) -> I
     """
     import torch  # heavy: this module is imported by every command before it parses arguments
 
-    saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
-             torch.is_deterministic_algorithms_warn_only_enabled(),
-             torch.utils.deterministic.fill_uninitialized_memory, torch.get_rng_state())
+    saved = (
+        torch.get_num_threads(),
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.utils.deterministic.fill_uninitialized_memory,
+        torch.get_rng_state(),
+    )
     try:
         if threads:
             torch.set_num_threads(threads)
         if deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
-            torch.utils.deterministic.fill_uninitialized_memory = False  # NaN-filling every empty() is costly
+            torch.utils.deterministic.fill_uninitialized_memory = (
+                False  # NaN-filling every empty() is costly
+            )
         yield
     finally:
         torch.set_num_threads(saved[0])

@@ -44,8 +44,11 @@ POSITIONS: dict[str, tuple[float, float]] = {
     "right": (0.75, 0.5),
 }
 POSITION_PHRASES = {
-    "center": "in the center", "top": "at the top", "bottom": "at the bottom",
-    "left": "on the left", "right": "on the right",
+    "center": "in the center",
+    "top": "at the top",
+    "bottom": "at the bottom",
+    "left": "on the left",
+    "right": "on the right",
 }
 BACKGROUNDS = ["solid", "gradient", "noise"]
 #: the noisy background's texture: (pixels per noise cell, standard deviation in grey levels).
@@ -57,8 +60,20 @@ BACKGROUND_WORDS = {"solid": "plain", "gradient": "gradient", "noise": "noisy"}
 SCATTERED = "scattered"
 
 #: Words a generated watermark may say. Held-out words for evaluation live in the scorers.
-WATERMARK_WORDS = ["shutterstock", "getty", "dreamstime", "alamy", "istock", "depositphotos",
-                   "123rf", "copyright", "sample", "preview", "(c) photo", "stock"]
+WATERMARK_WORDS = [
+    "shutterstock",
+    "getty",
+    "dreamstime",
+    "alamy",
+    "istock",
+    "depositphotos",
+    "123rf",
+    "copyright",
+    "sample",
+    "preview",
+    "(c) photo",
+    "stock",
+]
 
 
 def _distance(a: Sequence[int], b: Sequence[int]) -> float:
@@ -87,14 +102,26 @@ def random_scene(rng: np.random.Generator, sizes: Sequence[str] | None = None) -
     bg_choices = [c for c in COLORS if _distance(COLORS[c], COLORS[color]) > 150]
     bg_color = bg_choices[rng.integers(len(bg_choices))]
     background = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
-    return {"shape": shape, "color": color, "count": count, "size": size,
-            "position": position, "background": background, "bg_color": bg_color}
+    return {
+        "shape": shape,
+        "color": color,
+        "count": count,
+        "size": size,
+        "position": position,
+        "background": background,
+        "bg_color": bg_color,
+    }
 
 
 def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
     def ring(n: int, radius: float, offset: float) -> list[tuple[float, float]]:
-        return [(cx + radius * math.cos(offset + 2 * math.pi * k / n),
-                 cy + radius * math.sin(offset + 2 * math.pi * k / n)) for k in range(n)]
+        return [
+            (
+                cx + radius * math.cos(offset + 2 * math.pi * k / n),
+                cy + radius * math.sin(offset + 2 * math.pi * k / n),
+            )
+            for k in range(n)
+        ]
 
     if shape == "square":
         return ring(4, r * 1.25, math.pi / 4 + angle)
@@ -105,17 +132,34 @@ def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[t
     if shape == "hexagon":
         return ring(6, r * 1.1, angle)
     if shape == "star":
-        outer, inner = ring(5, r * 1.25, -math.pi / 2 + angle), ring(5, r * 0.5, -math.pi / 2 + math.pi / 5 + angle)
+        outer, inner = (
+            ring(5, r * 1.25, -math.pi / 2 + angle),
+            ring(5, r * 0.5, -math.pi / 2 + math.pi / 5 + angle),
+        )
         return [p for pair in zip(outer, inner) for p in pair]
     if shape == "cross":
         t = r * 0.38
-        pts = [(-t, -r), (t, -r), (t, -t), (r, -t), (r, t), (t, t), (t, r), (-t, r), (-t, t), (-r, t), (-r, -t), (-t, -t)]
+        pts = [
+            (-t, -r),
+            (t, -r),
+            (t, -t),
+            (r, -t),
+            (r, t),
+            (t, t),
+            (t, r),
+            (-t, r),
+            (-t, t),
+            (-r, t),
+            (-r, -t),
+            (-t, -t),
+        ]
         return [(cx + x, cy + y) for x, y in pts]
     raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
 
 
-def _background(attrs: dict[str, Any], size: int, rng: np.random.Generator,
-                noise_texture: str = "fine") -> Image.Image:
+def _background(
+    attrs: dict[str, Any], size: int, rng: np.random.Generator, noise_texture: str = "fine"
+) -> Image.Image:
     base = np.array(COLORS[attrs["bg_color"]], dtype=np.float32)
     kind = attrs["background"]
     if kind == "solid":
@@ -123,10 +167,14 @@ def _background(attrs: dict[str, Any], size: int, rng: np.random.Generator,
     elif kind == "gradient":
         t = np.linspace(0.0, 1.0, size, dtype=np.float32)
         ramp = (0.55 + 0.45 * t)[:, None] if rng.random() < 0.5 else (0.55 + 0.45 * t)[None, :]
-        arr = base[None, None, :] * ramp[..., None] + (1 - ramp[..., None]) * 0.35 * 255 * (base.mean() < 128)
+        arr = base[None, None, :] * ramp[..., None] + (1 - ramp[..., None]) * 0.35 * 255 * (
+            base.mean() < 128
+        )
     elif kind == "noise":
         if noise_texture not in NOISE_TEXTURES:
-            raise ValueError(f"unknown noise texture {noise_texture!r}; expected one of {list(NOISE_TEXTURES)}")
+            raise ValueError(
+                f"unknown noise texture {noise_texture!r}; expected one of {list(NOISE_TEXTURES)}"
+            )
         grain, sd = NOISE_TEXTURES[noise_texture]
         cells = -(-size // grain)
         noise = rng.normal(0, sd, (cells, cells, 1)).astype(np.float32)
@@ -146,11 +194,15 @@ def _centres(attrs: dict[str, Any], rng: np.random.Generator) -> list[tuple[floa
         return [(x + rng.uniform(-jitter, jitter), y + rng.uniform(-jitter, jitter))]
     cells = [(0.25, 0.25), (0.75, 0.25), (0.25, 0.75), (0.75, 0.75)]
     order = rng.permutation(len(cells))[:count]
-    return [(cells[i][0] + rng.uniform(-0.05, 0.05), cells[i][1] + rng.uniform(-0.05, 0.05)) for i in order]
+    return [
+        (cells[i][0] + rng.uniform(-0.05, 0.05), cells[i][1] + rng.uniform(-0.05, 0.05))
+        for i in order
+    ]
 
 
-def render_scene(attrs: dict[str, Any], size: int, rng: np.random.Generator,
-                 noise_texture: str = "fine") -> Image.Image:
+def render_scene(
+    attrs: dict[str, Any], size: int, rng: np.random.Generator, noise_texture: str = "fine"
+) -> Image.Image:
     """Render the scene described by attrs at size×size pixels (anti-aliased by 2× supersampling)."""
     ss = 2
     img = _background(attrs, size, rng, noise_texture).resize((size * ss, size * ss), Image.NEAREST)
@@ -164,7 +216,9 @@ def render_scene(attrs: dict[str, Any], size: int, rng: np.random.Generator,
             draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill, outline=outline, width=ss)
         else:
             angle = float(rng.uniform(-0.15, 0.15))
-            draw.polygon(_polygon(attrs["shape"], cx, cy, r, angle), fill=fill, outline=outline, width=ss)
+            draw.polygon(
+                _polygon(attrs["shape"], cx, cy, r, angle), fill=fill, outline=outline, width=ss
+            )
     return img.resize((size, size), Image.LANCZOS)
 
 
@@ -229,9 +283,13 @@ def load_font(name: str, size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeF
     return ImageFont.truetype(name, size=size)
 
 
-def add_watermark(img: Image.Image, rng: np.random.Generator, words: Sequence[str] | None = None,
-                  fonts: Sequence[str] | None = None,
-                  region: tuple[float, float, float, float] | None = None) -> Image.Image:
+def add_watermark(
+    img: Image.Image,
+    rng: np.random.Generator,
+    words: Sequence[str] | None = None,
+    fonts: Sequence[str] | None = None,
+    region: tuple[float, float, float, float] | None = None,
+) -> Image.Image:
     """Overlay a visible text or logo watermark at random opacity, position and font size.
 
     `words`, `fonts` and `region` (x0, y0, x1, y1 as fractions of the image) restrict the
@@ -246,7 +304,9 @@ def add_watermark(img: Image.Image, rng: np.random.Generator, words: Sequence[st
     alpha = int(rng.uniform(0.45, 0.9) * 255)
     shade = int(rng.choice([255, 235, 20]))
     colour = (shade, shade, shade, alpha)
-    font = load_font(fonts[rng.integers(len(fonts))], int(rng.integers(max(8, h // 7), max(10, h // 3))))
+    font = load_font(
+        fonts[rng.integers(len(fonts))], int(rng.integers(max(8, h // 7), max(10, h // 3)))
+    )
     text = words[rng.integers(len(words))]
     if rng.random() < 0.75:
         left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
@@ -284,9 +344,15 @@ def sample_key(index: int, shard_size: int) -> str:
     return f"{shard:05d}{within:0{digits}d}"
 
 
-def make_sample(index: int, size: int = 64, seed: int = 0, watermark_fraction: float = 0.0,
-                shard_size: int = 1000, object_sizes: Sequence[str] | None = None,
-                noise_texture: str = "fine") -> Sample:
+def make_sample(
+    index: int,
+    size: int = 64,
+    seed: int = 0,
+    watermark_fraction: float = 0.0,
+    shard_size: int = 1000,
+    object_sizes: Sequence[str] | None = None,
+    noise_texture: str = "fine",
+) -> Sample:
     """The sample at `index` for `seed`: identical whatever the sharding or generation order."""
     rng = np.random.default_rng([seed, index])
     attrs = random_scene(rng, object_sizes)
@@ -299,9 +365,18 @@ def make_sample(index: int, size: int = 64, seed: int = 0, watermark_fraction: f
     return Sample(sample_key(index, shard_size), image, caption, attrs)
 
 
-def iter_samples(n: int, size: int = 64, seed: int = 0, watermark_fraction: float = 0.0,
-                 start: int = 0, shard_size: int = 1000,
-                 object_sizes: Sequence[str] | None = None, noise_texture: str = "fine") -> Iterator[Sample]:
+def iter_samples(
+    n: int,
+    size: int = 64,
+    seed: int = 0,
+    watermark_fraction: float = 0.0,
+    start: int = 0,
+    shard_size: int = 1000,
+    object_sizes: Sequence[str] | None = None,
+    noise_texture: str = "fine",
+) -> Iterator[Sample]:
     """Yield n generated samples in memory (no disk), for training and evaluation scripts."""
     for index in range(start, start + n):
-        yield make_sample(index, size, seed, watermark_fraction, shard_size, object_sizes, noise_texture)
+        yield make_sample(
+            index, size, seed, watermark_fraction, shard_size, object_sizes, noise_texture
+        )

@@ -42,7 +42,9 @@ class ClipSpec:
     def checkpoint(self) -> bool:
         """Whether `weights` names a local checkpoint file rather than a pretrained tag."""
         w = self.weights
-        return bool(w) and ("/" in w or os.path.splitext(w)[1] in _WEIGHT_FILES or os.path.exists(w))
+        return bool(w) and (
+            "/" in w or os.path.splitext(w)[1] in _WEIGHT_FILES or os.path.exists(w)
+        )
 
 
 def bad_spec(spec: str, why: str) -> ValueError:
@@ -57,12 +59,12 @@ def parse_spec(spec: str) -> ClipSpec:
     if spec == TINY_NAME:
         return ClipSpec(spec, "tiny")
     if spec.startswith("open_clip:"):
-        arch, _, weights = spec[len("open_clip:"):].partition("/")
+        arch, _, weights = spec[len("open_clip:") :].partition("/")
         if not arch:
             raise bad_spec(spec, "no architecture after 'open_clip:'")
         return ClipSpec(spec, "open_clip", arch, weights)
     if spec.startswith("local-dir:"):
-        folder = spec[len("local-dir:"):]
+        folder = spec[len("local-dir:") :]
         if not folder:
             raise bad_spec(spec, "no folder after 'local-dir:'")
         return ClipSpec(spec, "local-dir", weights=folder)

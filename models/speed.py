@@ -65,8 +65,10 @@ def model_dtype(precision: str, device: Any = "cpu"):
     if precision == "bf16":
         if bf16_supported(device):
             if torch.device(device).type == "cpu" and cpu_has_amx() is False:
-                log.warning("bf16 on a CPU without AMX: expect it to run slower than fp32 "
-                            "(bench/results/embed.json, bf16); --precision fp32 is likely faster")
+                log.warning(
+                    "bf16 on a CPU without AMX: expect it to run slower than fp32 "
+                    "(bench/results/embed.json, bf16); --precision fp32 is likely faster"
+                )
             return torch.bfloat16
         log.warning("bf16 requested but %s has no native bf16 support; using fp32", device)
         return torch.float32
@@ -75,10 +77,21 @@ def model_dtype(precision: str, device: Any = "cpu"):
 
 def can_trim_text(model: Any) -> bool:
     """True for open_clip's CLIP text tower with a causal mask and EOT/argmax pooling."""
-    return (all(hasattr(model, a) for a in ("token_embedding", "positional_embedding", "transformer",
-                                             "ln_final", "text_projection", "attn_mask"))
-            and model.attn_mask is not None
-            and getattr(model, "text_pool_type", "argmax") in ("argmax", "eos", "last"))
+    return (
+        all(
+            hasattr(model, a)
+            for a in (
+                "token_embedding",
+                "positional_embedding",
+                "transformer",
+                "ln_final",
+                "text_projection",
+                "attn_mask",
+            )
+        )
+        and model.attn_mask is not None
+        and getattr(model, "text_pool_type", "argmax") in ("argmax", "eos", "last")
+    )
 
 
 def encode_text_trimmed(model: Any, tokens, pad_id: int = 0):

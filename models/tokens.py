@@ -29,11 +29,16 @@ _PLAIN = re.compile(r"[\t\n\x20-\x25\x27-\x7e]*")
 
 def fast_tokenizer(tokenizer: Any) -> Callable[[Sequence[str]], Any]:
     """A drop-in for `tokenizer(texts)` giving the same LongTensor, or the tokenizer itself."""
-    plain_clean = {oc._clean_lower: lambda s: oc.whitespace_clean(s).lower(),
-                   oc._clean_whitespace: oc.whitespace_clean,
-                   oc._clean_canonicalize: oc.canonicalize_text}
-    if (type(tokenizer) is not oc.SimpleTokenizer or tokenizer.reduction_fn is not None
-            or tokenizer.clean_fn not in plain_clean):
+    plain_clean = {
+        oc._clean_lower: lambda s: oc.whitespace_clean(s).lower(),
+        oc._clean_whitespace: oc.whitespace_clean,
+        oc._clean_canonicalize: oc.canonicalize_text,
+    }
+    if (
+        type(tokenizer) is not oc.SimpleTokenizer
+        or tokenizer.reduction_fn is not None
+        or tokenizer.clean_fn not in plain_clean
+    ):
         return tokenizer
     return _SimpleTokens(tokenizer, plain_clean[tokenizer.clean_fn])
 
@@ -78,5 +83,5 @@ class _SimpleTokens:
             if len(ids) > ctx:  # truncate, keeping the end-of-text token last (as open_clip does)
                 ids = ids[:ctx]
                 ids[-1] = eot
-            out[i, :len(ids)] = ids
+            out[i, : len(ids)] = ids
         return torch.from_numpy(out)

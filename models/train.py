@@ -19,26 +19,43 @@ import argparse
 import importlib
 from pathlib import Path
 
-from curation.storage import atomic_path
+from collection.storage import atomic_path
 from models.cache import BUNDLED, build_once
 from models.runtime import setup_logging
 
 
 def parser() -> argparse.ArgumentParser:
     """One sub-command per bundled model, its options generated from the model's recipe knobs."""
-    p = argparse.ArgumentParser(prog="python -m models.train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m models.train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = p.add_subparsers(dest="name", required=True, metavar="NAME")
     for b in BUNDLED.values():
         sp = sub.add_parser(b.name, help=b.about, description=f"Train {b.name} ({b.about}).")
         sp.add_argument("--out", default=None, help="output folder (default: the cache)")
-        sp.add_argument("--if-missing", action="store_true",
-                        help="into the cache, only when it lacks this model or holds another recipe")
-        sp.add_argument("--retrain", action="store_true", help="train even when the packed copy matches the recipe")
-        sp.add_argument("--pack", action="store_true", help="write the result as the repository's packed copy")
+        sp.add_argument(
+            "--if-missing",
+            action="store_true",
+            help="into the cache, only when it lacks this model or holds another recipe",
+        )
+        sp.add_argument(
+            "--retrain",
+            action="store_true",
+            help="train even when the packed copy matches the recipe",
+        )
+        sp.add_argument(
+            "--pack", action="store_true", help="write the result as the repository's packed copy"
+        )
         for knob, default in b.defaults.items():
-            sp.add_argument(f"--{knob.replace('_', '-')}", dest=knob, type=type(default), default=default,
-                            help=f"recipe knob (default {default})")
+            sp.add_argument(
+                f"--{knob.replace('_', '-')}",
+                dest=knob,
+                type=type(default),
+                default=default,
+                help=f"recipe knob (default {default})",
+            )
     return p
 
 
@@ -49,10 +66,14 @@ def main(argv: list[str] | None = None) -> Path:
     bundled = BUNDLED[args.name]
     knobs = {k: getattr(args, k) for k in bundled.defaults}
     if args.out is None and knobs != bundled.defaults:
-        p.error(f"the cache holds {bundled.name}'s default recipe; pass --out DIR to train with other knobs")
+        p.error(
+            f"the cache holds {bundled.name}'s default recipe; pass --out DIR to train with other knobs"
+        )
     if args.pack and args.out is None and knobs != bundled.defaults:
         p.error("--pack writes the default recipe's model; drop the knobs")
-    module = importlib.import_module(bundled.module)  # heavy (torch): after parsing, so --help answers at once
+    module = importlib.import_module(
+        bundled.module
+    )  # heavy (torch): after parsing, so --help answers at once
     unpack = not args.retrain and knobs == bundled.defaults and bundled.shipped_current()
 
     def build(dest: str | Path) -> None:

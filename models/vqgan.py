@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from curation.storage import atomic_path
+from collection.storage import atomic_path
 from models.cache import BUNDLED
 
 log = logging.getLogger(__name__)
@@ -116,9 +116,21 @@ def _levels(ch: int, ch_mult: list[int]) -> list[tuple[int, int]]:
 
 
 class Encoder(nn.Module):
-    def __init__(self, *, ch: int, ch_mult: list[int], num_res_blocks: int, attn_resolutions: list[int],
-                 in_channels: int, resolution: int, z_channels: int, double_z: bool = False,
-                 dropout: float = 0.0, resamp_with_conv: bool = True, **_: Any) -> None:
+    def __init__(
+        self,
+        *,
+        ch: int,
+        ch_mult: list[int],
+        num_res_blocks: int,
+        attn_resolutions: list[int],
+        in_channels: int,
+        resolution: int,
+        z_channels: int,
+        double_z: bool = False,
+        dropout: float = 0.0,
+        resamp_with_conv: bool = True,
+        **_: Any,
+    ) -> None:
         super().__init__()
         self.num_resolutions, self.num_res_blocks = len(ch_mult), num_res_blocks
         self.conv_in = nn.Conv2d(in_channels, ch, 3, 1, 1)
@@ -157,9 +169,20 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, *, ch: int, out_ch: int, ch_mult: list[int], num_res_blocks: int,
-                 attn_resolutions: list[int], resolution: int, z_channels: int, dropout: float = 0.0,
-                 resamp_with_conv: bool = True, **_: Any) -> None:
+    def __init__(
+        self,
+        *,
+        ch: int,
+        out_ch: int,
+        ch_mult: list[int],
+        num_res_blocks: int,
+        attn_resolutions: list[int],
+        resolution: int,
+        z_channels: int,
+        dropout: float = 0.0,
+        resamp_with_conv: bool = True,
+        **_: Any,
+    ) -> None:
         super().__init__()
         self.num_resolutions = len(ch_mult)
         block_in = ch * ch_mult[-1]
@@ -214,7 +237,9 @@ class VectorQuantizer(nn.Module):
         zl = z.movedim(1, -1)
         indices = nearest_code(zl, self.embedding.weight)
         z_q = self.embedding(indices)
-        loss = torch.mean((z_q.detach() - zl) ** 2) + self.beta * torch.mean((z_q - zl.detach()) ** 2)
+        loss = torch.mean((z_q.detach() - zl) ** 2) + self.beta * torch.mean(
+            (z_q - zl.detach()) ** 2
+        )
         return replace_grad(z_q, zl).movedim(-1, 1), loss, indices
 
 
@@ -293,23 +318,47 @@ def read_config(path: str | Path) -> dict[str, Any]:
         raise VQGANError(f"VQGAN config {path}: not YAML ({str(exc).splitlines()[0]})") from None
     model = doc.get("model") if isinstance(doc, dict) else None
     if not isinstance(model, dict) or not isinstance(model.get("params"), dict):
-        raise VQGANError(f"VQGAN config {path}: no model.params section (is it a taming model.yaml?)")
+        raise VQGANError(
+            f"VQGAN config {path}: no model.params section (is it a taming model.yaml?)"
+        )
     target = model.get("target", VQMODEL_TARGET)
     if target != VQMODEL_TARGET:
-        raise VQGANError(f"VQGAN config {path}: model.target {target!r} is not supported; only {VQMODEL_TARGET}")
+        raise VQGANError(
+            f"VQGAN config {path}: model.target {target!r} is not supported; only {VQMODEL_TARGET}"
+        )
     params = model["params"]
     missing = [k for k in ("ddconfig", "n_embed", "embed_dim") if k not in params]
     dd = params.get("ddconfig") or {}
-    missing += [f"ddconfig.{k}" for k in ("ch", "out_ch", "ch_mult", "num_res_blocks", "attn_resolutions",
-                                           "in_channels", "resolution", "z_channels") if k not in dd]
+    missing += [
+        f"ddconfig.{k}"
+        for k in (
+            "ch",
+            "out_ch",
+            "ch_mult",
+            "num_res_blocks",
+            "attn_resolutions",
+            "in_channels",
+            "resolution",
+            "z_channels",
+        )
+        if k not in dd
+    ]
     if missing:
         raise VQGANError(f"VQGAN config {path}: model.params lacks {', '.join(missing)}")
     if dd.get("double_z"):
-        raise VQGANError(f"VQGAN config {path}: ddconfig.double_z is true; a VQModel's encoder has double_z: false")
+        raise VQGANError(
+            f"VQGAN config {path}: ddconfig.double_z is true; a VQModel's encoder has double_z: false"
+        )
     bad = [c for c in (dd["ch"] * m for m in dd["ch_mult"]) if c % 32]
     if bad:
-        raise VQGANError(f"VQGAN config {path}: channel widths {bad} are not multiples of 32 (GroupNorm's groups)")
-    return {"ddconfig": dict(dd), "n_embed": int(params["n_embed"]), "embed_dim": int(params["embed_dim"])}
+        raise VQGANError(
+            f"VQGAN config {path}: channel widths {bad} are not multiples of 32 (GroupNorm's groups)"
+        )
+    return {
+        "ddconfig": dict(dd),
+        "n_embed": int(params["n_embed"]),
+        "embed_dim": int(params["embed_dim"]),
+    }
 
 
 class _StubUnpickler(pickle.Unpickler):
@@ -319,8 +368,10 @@ class _StubUnpickler(pickle.Unpickler):
     _REAL = ("torch", "collections", "numpy", "builtins", "_codecs")
 
     def find_class(self, module: str, name: str) -> Any:
-        if module.split(".")[0] in self._REAL and (module != "builtins" or name in {"set", "frozenset", "slice", "dict",
-                                                                                     "list", "tuple", "bytearray"}):
+        if module.split(".")[0] in self._REAL and (
+            module != "builtins"
+            or name in {"set", "frozenset", "slice", "dict", "list", "tuple", "bytearray"}
+        ):
             return super().find_class(module, name)
         return type(name, (_Stub,), {"__module__": module})
 
@@ -350,11 +401,17 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:  # checkpoints of old Lightning versions pickle callback classes
         try:
-            blob = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_StubPickle)
+            blob = torch.load(
+                path, map_location="cpu", weights_only=False, pickle_module=_StubPickle
+            )
         except Exception as exc:  # any unreadable file: one message naming it
-            raise VQGANError(f"VQGAN checkpoint {path}: cannot be read ({type(exc).__name__}: {exc})") from None
+            raise VQGANError(
+                f"VQGAN checkpoint {path}: cannot be read ({type(exc).__name__}: {exc})"
+            ) from None
     except Exception as exc:  # truncated or not a torch file at all
-        raise VQGANError(f"VQGAN checkpoint {path}: cannot be read ({type(exc).__name__}: {exc})") from None
+        raise VQGANError(
+            f"VQGAN checkpoint {path}: cannot be read ({type(exc).__name__}: {exc})"
+        ) from None
     sd = blob.get("state_dict", blob) if isinstance(blob, dict) else None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise VQGANError(f"VQGAN checkpoint {path}: holds no state_dict of tensors")
@@ -373,27 +430,53 @@ def load_vqgan(config: str | Path, ckpt: str | Path, device: str = "cpu") -> VQG
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
-    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-              if k in sd and sd[k].shape != v.shape]
+    shapes = [
+        f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in sd and sd[k].shape != v.shape
+    ]
     if missing or unexpected or shapes:
-        parts = [f"{what} {items[:3]}{' ...' if len(items) > 3 else ''}"
-                 for what, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                                     ("shape mismatches (checkpoint vs config)", shapes)) if items]
-        raise VQGANError(f"VQGAN checkpoint {ckpt} does not match config {config}: {'; '.join(parts)}")
+        parts = [
+            f"{what} {items[:3]}{' ...' if len(items) > 3 else ''}"
+            for what, items in (
+                ("missing keys", missing),
+                ("unexpected keys", unexpected),
+                ("shape mismatches (checkpoint vs config)", shapes),
+            )
+            if items
+        ]
+        raise VQGANError(
+            f"VQGAN checkpoint {ckpt} does not match config {config}: {'; '.join(parts)}"
+        )
     model.load_state_dict(sd)
     return model.to(device).eval().requires_grad_(False)
 
 
 def taming_config(ddconfig: dict[str, Any], n_embed: int, embed_dim: int) -> dict[str, Any]:
     """A model.yaml document in taming's layout (its lossconfig included, as taming's own configs have)."""
-    return {"model": {"base_learning_rate": 4.5e-6, "target": VQMODEL_TARGET,
-                      "params": {"embed_dim": embed_dim, "n_embed": n_embed, "ddconfig": dict(ddconfig),
-                                 "lossconfig": {"target": "taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator",
-                                                "params": {"disc_start": 10000, "codebook_weight": 1.0}}}}}
+    return {
+        "model": {
+            "base_learning_rate": 4.5e-6,
+            "target": VQMODEL_TARGET,
+            "params": {
+                "embed_dim": embed_dim,
+                "n_embed": n_embed,
+                "ddconfig": dict(ddconfig),
+                "lossconfig": {
+                    "target": "taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator",
+                    "params": {"disc_start": 10000, "codebook_weight": 1.0},
+                },
+            },
+        }
+    }
 
 
-def save_taming(model: VQGAN, folder: str | Path, extra_state: dict[str, torch.Tensor] | None = None,
-                **ckpt_fields: Any) -> tuple[Path, Path]:
+def save_taming(
+    model: VQGAN,
+    folder: str | Path,
+    extra_state: dict[str, torch.Tensor] | None = None,
+    **ckpt_fields: Any,
+) -> tuple[Path, Path]:
     """Write `model.yaml` + `last.ckpt` as taming's training writes them (the weights under the
     checkpoint's `state_dict`, plus `extra_state` such as loss keys); returns the two paths."""
     folder = Path(folder)

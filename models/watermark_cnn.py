@@ -36,8 +36,11 @@ class WatermarkCNN(nn.Module):
         strides = [2, 1, 2, 1, 2]
         layers: list[nn.Module] = []
         for cin, cout, stride in zip(chans, chans[1:], strides):
-            layers += [nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False),
-                       nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+            layers += [
+                nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(inplace=True),
+            ]
         self.features = nn.Sequential(*layers)
         self.head = nn.Linear(2 * chans[-1], 1)
 
@@ -56,9 +59,11 @@ def load(path: str | Path) -> tuple[WatermarkCNN, int]:
     """(detector in eval mode, its input size) from a `watermark_cnn.pt` file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"watermark model not found: {path} (train one with "
-                                "`python -m models.train watermark --out DIR`, or omit model_path "
-                                "to use the cached default)")
+        raise FileNotFoundError(
+            f"watermark model not found: {path} (train one with "
+            "`python -m models.train watermark --out DIR`, or omit model_path "
+            "to use the cached default)"
+        )
     blob = torch.load(path, map_location="cpu", weights_only=True)
     meta = blob.get("meta", {})
     model = WatermarkCNN(int(meta.get("width", 32)))
@@ -66,18 +71,29 @@ def load(path: str | Path) -> tuple[WatermarkCNN, int]:
     return model.eval(), int(meta.get("input_size", INPUT_SIZE))
 
 
-def make_batch(start: int, n: int, regime: str, seed: int, size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+def make_batch(
+    start: int, n: int, regime: str, seed: int, size: int = 64
+) -> tuple[torch.Tensor, torch.Tensor]:
     """n consecutive overlay examples as (float tensor (n, 3, size, size) in [0, 1], float labels (n,))."""
     images, labels = zip(*(make_example(i, regime, seed, size) for i in range(start, start + n)))
     x = torch.from_numpy(np.stack([np.asarray(im, np.float32) / 255.0 for im in images]))
     return x.permute(0, 3, 1, 2).contiguous(), torch.tensor(labels, dtype=torch.float32)
 
 
-def train(out: str | Path, seed: int, steps: int, batch_size: int, pool: int, lr: float, width: int,
-          size: int) -> Path:
+def train(
+    out: str | Path,
+    seed: int,
+    steps: int,
+    batch_size: int,
+    pool: int,
+    lr: float,
+    width: int,
+    size: int,
+) -> Path:
     """Train the CNN on `pool` generated examples (fresh shifts each step); write it under `out`."""
-    recipe = BUNDLED["watermark"].recipe(seed=seed, steps=steps, batch_size=batch_size, pool=pool, lr=lr,
-                                         width=width, size=size)
+    recipe = BUNDLED["watermark"].recipe(
+        seed=seed, steps=steps, batch_size=batch_size, pool=pool, lr=lr, width=width, size=size
+    )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
@@ -90,9 +106,17 @@ def train(out: str | Path, seed: int, steps: int, batch_size: int, pool: int, lr
             ys.append(y)
         model = _fit(WatermarkCNN(width), torch.cat(xs), torch.cat(ys), steps, batch_size, lr, seed)
         threads = torch.get_num_threads()
-    meta: dict[str, Any] = {"width": width, "input_size": size, "steps": steps, "seed": seed, "pool": pool,
-                            "batch_size": batch_size, "train_fonts": [Path(f).name for f in regime_fonts("train")],
-                            "seconds": round(time.time() - start, 1), "torch_threads": threads}
+    meta: dict[str, Any] = {
+        "width": width,
+        "input_size": size,
+        "steps": steps,
+        "seed": seed,
+        "pool": pool,
+        "batch_size": batch_size,
+        "train_fonts": [Path(f).name for f in regime_fonts("train")],
+        "seconds": round(time.time() - start, 1),
+        "torch_threads": threads,
+    }
     torch.save({"state_dict": model.state_dict(), "meta": meta}, out / MODEL_FILE)
     write_info(out, recipe, **meta)
     log.info("watermark model written to %s", out / MODEL_FILE)
@@ -104,7 +128,9 @@ def pack(folder: str | Path) -> Path:
     folder = Path(folder)
     blob = torch.load(folder / MODEL_FILE, map_location="cpu", weights_only=True)
     info = read_info(folder)
-    return write_packed(BUNDLED["watermark"], blob["state_dict"], {"recipe": info["recipe"], "meta": blob["meta"]})
+    return write_packed(
+        BUNDLED["watermark"], blob["state_dict"], {"recipe": info["recipe"], "meta": blob["meta"]}
+    )
 
 
 def unpack(out: str | Path) -> Path:
@@ -120,17 +146,28 @@ def unpack(out: str | Path) -> Path:
     return out
 
 
-def _fit(model: WatermarkCNN, x_all: torch.Tensor, y_all: torch.Tensor, steps: int, batch_size: int, lr: float,
-         seed: int) -> WatermarkCNN:
+def _fit(
+    model: WatermarkCNN,
+    x_all: torch.Tensor,
+    y_all: torch.Tensor,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+) -> WatermarkCNN:
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, steps), pct_start=0.15)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=lr, total_steps=max(1, steps), pct_start=0.15
+    )
     gen = torch.Generator().manual_seed(seed)
     model.train()
     bar = progress(range(steps), desc="watermark train", unit="step")
     for _ in bar:
         idx = torch.randint(0, len(x_all), (batch_size,), generator=gen)
         shift = [int(v) for v in torch.randint(-6, 7, (2,), generator=gen)]
-        x = torch.roll(x_all[idx], shifts=shift, dims=(2, 3))  # positions beyond the regions drawn in
+        x = torch.roll(
+            x_all[idx], shifts=shift, dims=(2, 3)
+        )  # positions beyond the regions drawn in
         loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x), y_all[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -13,9 +13,9 @@ import dask
 import torch
 from distributed import Client, LocalCluster, as_completed
 
+from collection.shards import Shard
 from models.runtime import cores, progress
 from pipelines.embed_worker import EmbedConfig, prepare, process_shard
-from pipelines.readers import Shard
 
 log = logging.getLogger(__name__)
 
@@ -24,8 +24,12 @@ log = logging.getLogger(__name__)
 GPU_WORKER_CORES = 4
 
 
-def default_cluster_size(workers: int | None = None, threads_per_worker: int | None = None,
-                         tasks: int | None = None, gpu: bool = False) -> tuple[int, int]:
+def default_cluster_size(
+    workers: int | None = None,
+    threads_per_worker: int | None = None,
+    tasks: int | None = None,
+    gpu: bool = False,
+) -> tuple[int, int]:
     """Worker processes x torch threads per worker, using every core of this machine.
 
     On CPU one single-threaded worker per core beats fewer multi-threaded ones (each
@@ -69,6 +73,7 @@ QUIET_CLUSTER = {
 
 def _quiet_cluster_config() -> dict[str, Any]:
     """QUIET_CLUSTER minus any key the environment sets itself (DASK_DISTRIBUTED__...)."""
+
     def env_name(key: str) -> str:
         return "DASK_" + key.upper().replace(".", "__").replace("-", "_")
 
@@ -85,7 +90,9 @@ def _quiet_cluster_config() -> dict[str, Any]:
 SINGLE_THREAD_WORKER_ENV = {"MALLOC_ARENA_MAX": "1"}
 
 
-def start_client(scheduler: str | None, workers: int, threads: int = 1, gpu: bool = False) -> tuple[Client, Any]:
+def start_client(
+    scheduler: str | None, workers: int, threads: int = 1, gpu: bool = False
+) -> tuple[Client, Any]:
     """A Dask client: to `scheduler` if given, else to a new LocalCluster; returns (client, cluster).
 
     A variable of SINGLE_THREAD_WORKER_ENV that the environment already sets keeps its value
@@ -99,8 +106,13 @@ def start_client(scheduler: str | None, workers: int, threads: int = 1, gpu: boo
         settings["distributed.nanny.pre-spawn-environ"] = {**spawn_env, **SINGLE_THREAD_WORKER_ENV}
     # one task slot per worker process: the model uses the threads, not Dask
     with dask.config.set(settings):
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                               dashboard_address=":0", silence_logs=logging.WARNING)
+        cluster = LocalCluster(
+            n_workers=workers,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=":0",
+            silence_logs=logging.WARNING,
+        )
     return Client(cluster), cluster
 
 
@@ -112,11 +124,21 @@ def prepare_workers(client: Client, config: EmbedConfig) -> None:
     fails here is left for the shard tasks to report, shard by shard, as before.
     """
     start = time.time()
-    futures = [client.submit(_prepared, config, workers=[address], allow_other_workers=False,
-                             pure=False, key=f"embed-prepare-{i}-{time.time_ns()}")
-               for i, address in enumerate(client.scheduler_info()["workers"])]
+    futures = [
+        client.submit(
+            _prepared,
+            config,
+            workers=[address],
+            allow_other_workers=False,
+            pure=False,
+            key=f"embed-prepare-{i}-{time.time_ns()}",
+        )
+        for i, address in enumerate(client.scheduler_info()["workers"])
+    ]
     errors = [str(e) for e in client.gather(futures, errors="skip") if e]
-    log.info("workers prepared in %.1f s%s", time.time() - start, f" ({errors[0]})" if errors else "")
+    log.info(
+        "workers prepared in %.1f s%s", time.time() - start, f" ({errors[0]})" if errors else ""
+    )
 
 
 def _prepared(config: EmbedConfig) -> str | None:
@@ -128,12 +150,23 @@ def _prepared(config: EmbedConfig) -> str | None:
     return None
 
 
-def run_tasks(client: Client, todo: list[Shard], output: str, config: EmbedConfig,
-              prints: dict[int, dict]) -> tuple[dict[int, dict], dict[str, str]]:
+def run_tasks(
+    client: Client, todo: list[Shard], output: str, config: EmbedConfig, prints: dict[int, dict]
+) -> tuple[dict[int, dict], dict[str, str]]:
     """Submit one task per shard; show shards done and samples/s; collect stats and failures."""
-    futures = {client.submit(process_shard, shard, output, config, prints[shard.index],
-                             key=f"embed-part-{shard.index}-{time.time_ns()}", pure=False,
-                             retries=0): shard for shard in todo}
+    futures = {
+        client.submit(
+            process_shard,
+            shard,
+            output,
+            config,
+            prints[shard.index],
+            key=f"embed-part-{shard.index}-{time.time_ns()}",
+            pure=False,
+            retries=0,
+        ): shard
+        for shard in todo
+    }
     results, failed = {}, {}
     samples, start = 0, time.time()
     with progress(total=len(todo), desc="shards", unit="shard") as bar:
@@ -143,13 +176,18 @@ def run_tasks(client: Client, todo: list[Shard], output: str, config: EmbedConfi
                 stats = fut.result()
             except Exception as exc:  # noqa: BLE001 - any task failure is reported per shard
                 failed[shard.url] = f"{type(exc).__name__}: {exc}"
-                log.error("shard %s (part %d) failed: %s", shard.url, shard.index, failed[shard.url])
+                log.error(
+                    "shard %s (part %d) failed: %s", shard.url, shard.index, failed[shard.url]
+                )
             else:
                 results[shard.index] = stats
                 samples += stats["count"]
             bar.update(1)
-            bar.set_postfix(samples=samples, samples_per_s=f"{samples / max(time.time() - start, 1e-9):.1f}",
-                            failed=len(failed))
+            bar.set_postfix(
+                samples=samples,
+                samples_per_s=f"{samples / max(time.time() - start, 1e-9):.1f}",
+                failed=len(failed),
+            )
     return results, failed
 
 

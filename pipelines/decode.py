@@ -1,6 +1,6 @@
 """Turn one raw input sample into a metadata row and, when usable, a decoded RGB image.
 
-Every failure is a status from `curation.schema` with a message, never an exception, so a
+Every failure is a status from `collection.schema` with a message, never an exception, so a
 bad sample costs one row and nothing else.
 """
 
@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from curation import schema as S
+from collection import schema as S
+from collection.shards import RawSample
 from pipelines.phash import batchable, phash, phash_batch, phash_pixels, thumbnails_of
-from pipelines.readers import RawSample
 
 try:  # a dependency, but only a speed-up: PIL alone decodes everything (see _fast_jpeg)
     import simplejpeg as _simplejpeg
@@ -40,17 +40,28 @@ _EMPTY_ROW = dict.fromkeys(S.METADATA_COLUMNS)
 
 def source_fields(meta: dict[str, Any]) -> dict[str, Any]:
     """The source's own json fields, renamed `src_<name>` where they collide with ours."""
-    return {(SOURCE_PREFIX + name if name in _FIXED else name): value
-            for name, value in meta.items() if name not in _CONSUMED_SET}
+    return {
+        (SOURCE_PREFIX + name if name in _FIXED else name): value
+        for name, value in meta.items()
+        if name not in _CONSUMED_SET
+    }
 
 
 def empty_row(raw: RawSample, source_shard: str) -> dict[str, Any]:
     """A row with every fixed column present (scores and embeddings still unknown)."""
     row: dict[str, Any] = _EMPTY_ROW.copy()
     url = raw.meta.get(S.URL)
-    row.update({S.KEY: raw.key, S.CAPTION: raw.caption, S.URL: str(url) if url is not None else None,
-                S.SOURCE_SHARD: source_shard, S.SOURCE_OFFSET: raw.offset, S.SOURCE_SIZE: raw.size,
-                S.STATUS: S.STATUS_OK})
+    row.update(
+        {
+            S.KEY: raw.key,
+            S.CAPTION: raw.caption,
+            S.URL: str(url) if url is not None else None,
+            S.SOURCE_SHARD: source_shard,
+            S.SOURCE_OFFSET: raw.offset,
+            S.SOURCE_SIZE: raw.size,
+            S.STATUS: S.STATUS_OK,
+        }
+    )
     row.update(source_fields(raw.meta))
     return row
 
@@ -65,7 +76,7 @@ def _fast_jpeg(data: bytes, max_pixels: int) -> np.ndarray | None:
 
     For the small images of a typical shard PIL's per-image set-up costs more than the decode
     itself: simplejpeg is cheaper (bench/results/embed_stages.json) and gives PIL's pixels
-    (same library, same accurate IDCT and fancy upsampling; tests/test_readers.py). Only
+    (same library, same accurate IDCT and fancy upsampling; tests/test_shards.py). Only
     YCbCr files take this path; anything else, and any error, goes to PIL, which then gives
     the canonical status and message.
     """
@@ -121,8 +132,12 @@ def _pil_decode(data: bytes, max_pixels: int):
     return img, None, None
 
 
-def decode_sample(raw: RawSample, source_shard: str, max_pixels: int = DEFAULT_MAX_PIXELS,
-                  defer_phash: bool = False):
+def decode_sample(
+    raw: RawSample,
+    source_shard: str,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    defer_phash: bool = False,
+):
     """One raw sample -> (row, RGB HWC uint8 array or None). The row's status says why there is none.
 
     Order of checks: the shard broke inside it, no image member, image not decodable or too
@@ -149,10 +164,15 @@ def decode_sample(raw: RawSample, source_shard: str, max_pixels: int = DEFAULT_M
     elif batchable(pixels.shape):
         row[PHASH_PENDING] = pixels  # thumbnailed with the chunk's other small images
     else:
-        row[PHASH_PENDING] = phash_pixels(pixels)  # now: a larger image is not held until the chunk ends
+        row[PHASH_PENDING] = phash_pixels(
+            pixels
+        )  # now: a larger image is not held until the chunk ends
     if raw.caption is None or not raw.caption.strip():
-        _fail(row, S.STATUS_MISSING_CAPTION, "sample has no caption" if raw.caption is None
-              else "caption is empty")
+        _fail(
+            row,
+            S.STATUS_MISSING_CAPTION,
+            "sample has no caption" if raw.caption is None else "caption is empty",
+        )
         return row, None
     return row, pixels
 

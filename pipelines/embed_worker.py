@@ -31,12 +31,12 @@ import torch
 from distributed import get_worker
 from PIL import Image
 
-from curation import schema as S
+from collection import schema as S
+from collection.shards import RawSample, Shard, read_shard
 from models.clip import Clip, load_clip
 from models.runtime import cores, keep_freed_memory
 from pipelines.decode import DEFAULT_MAX_PIXELS, decode_sample, empty_row, finish_phashes
 from pipelines.language import detect_languages
-from pipelines.readers import RawSample, Shard, read_shard
 from pipelines.scorers import load_scorer
 from pipelines.writer import metadata_table, write_part
 
@@ -61,8 +61,11 @@ class EmbedConfig:
 
     def identity(self) -> dict[str, Any]:
         """The settings whose change makes earlier parts stale (speed settings are not)."""
-        return {"clip_model": self.clip_model, "scores": sorted(self.scores),
-                "max_pixels": self.max_pixels}
+        return {
+            "clip_model": self.clip_model,
+            "scores": sorted(self.scores),
+            "max_pixels": self.max_pixels,
+        }
 
 
 # ---- per-process model cache ------------------------------------------------------------
@@ -119,8 +122,9 @@ def warm_up(clip: Clip, batch_size: int = WARM_UP_BATCH) -> float:
     made: dict[str, Any] = {}
 
     def read_side() -> None:
-        row, pixels = decode_sample(RawSample("warm-up", buf.getvalue(), captions[0]), "warm-up",
-                                    defer_phash=True)
+        row, pixels = decode_sample(
+            RawSample("warm-up", buf.getvalue(), captions[0]), "warm-up", defer_phash=True
+        )
         finish_phashes([row])
         detect_languages([row])
         made["batch"] = stack(clip, [clip.prep.model_input(pixels)] * batch_size)
@@ -137,15 +141,23 @@ def warm_up(clip: Clip, batch_size: int = WARM_UP_BATCH) -> float:
     clip.encode_image_tensor(made["batch"])
     clip.encode_text_tokens(made["tokens"])
     fsspec.filesystem("file")  # the reader's and writer's first use otherwise lands in shard one
-    pq.write_table(metadata_table([empty_row(RawSample("warm-up", None, "x"), "warm-up")]), io.BytesIO())
+    pq.write_table(
+        metadata_table([empty_row(RawSample("warm-up", None, "x"), "warm-up")]), io.BytesIO()
+    )
     return time.time() - start
 
 
 def get_encoder(config: EmbedConfig) -> tuple[Clip, bool]:
     """The CLIP model under this config's speed settings, loaded (and warmed up) once per worker process."""
+
     def load() -> Clip:
-        clip = load_clip(config.clip_model, device=config.device, batch_size=config.batch_size,
-                         precision=config.precision, **dict(config.clip_options))
+        clip = load_clip(
+            config.clip_model,
+            device=config.device,
+            batch_size=config.batch_size,
+            precision=config.precision,
+            **dict(config.clip_options),
+        )
         log.info("warm-up: %.2f s", warm_up(clip))
         # the model, torch and every import are long-lived: keep them out of the cyclic GC, whose
         # full passes over them cost a visible pause inside a shard (seen in the first shard's tokenizer)
@@ -153,11 +165,14 @@ def get_encoder(config: EmbedConfig) -> tuple[Clip, bool]:
         gc.freeze()
         return clip
 
-    return cached(("clip", config.clip_model, config.device, config.precision, config.clip_options), load)
+    return cached(
+        ("clip", config.clip_model, config.device, config.precision, config.clip_options), load
+    )
 
 
 def get_scorer(name: str, device: str | None = None) -> Any:
     """A scorer from `pipelines.scorers`, loaded once per worker process."""
+
     def load() -> Any:
         # one ONNX session per worker sized like the worker, not one using every core per worker
         opts = {"threads": torch.get_num_threads()} if name == "nsfw" else {}
@@ -229,8 +244,9 @@ def decode_threads(clip: Clip, threads: int, requested: int | None = None) -> in
     return max(1, threads - 1) if not clip.device.startswith("cpu") else 1
 
 
-def _decode_one(raw: Any, url: str, config: EmbedConfig, clip: Clip,
-                defer_phash: bool = True) -> tuple[dict, Any, Any]:
+def _decode_one(
+    raw: Any, url: str, config: EmbedConfig, clip: Clip, defer_phash: bool = True
+) -> tuple[dict, Any, Any]:
     """(row, model input or None, pixels or None) for one raw sample; a preprocess failure is a status."""
     row, pixels = decode_sample(raw, url, config.max_pixels, defer_phash=defer_phash)
     if pixels is None:
@@ -252,7 +268,9 @@ def _decoded(shard: Shard, config: EmbedConfig, clip: Clip, threads: int):
         for raw in read_shard(shard):
             yield _decode_one(raw, shard.url, config, clip)
         return
-    window = 4 * threads  # samples in flight: bounded, so a shard of large images is never all in memory
+    window = (
+        4 * threads
+    )  # samples in flight: bounded, so a shard of large images is never all in memory
     pending: deque = deque()
     with ThreadPoolExecutor(threads, thread_name_prefix=f"decode-{shard.name}") as pool:
         try:
@@ -267,11 +285,16 @@ def _decoded(shard: Shard, config: EmbedConfig, clip: Clip, threads: int):
                 future.cancel()
 
 
-def _read_chunks(shard: Shard, config: EmbedConfig, clip: Clip, keep_images: bool, threads: int = 1):
+def _read_chunks(
+    shard: Shard, config: EmbedConfig, clip: Clip, keep_images: bool, threads: int = 1
+):
     """Read, decode, preprocess and tokenize the shard into chunks of up to one batch of usable samples."""
+
     def ready(chunk: Chunk) -> Chunk:
         finish_phashes(chunk.rows)
-        detect_languages(chunk.rows)  # on the reader's side: off the forward's path where it overlaps
+        detect_languages(
+            chunk.rows
+        )  # on the reader's side: off the forward's path where it overlaps
         if chunk.captions:
             chunk.tokens = clip.tokenize(chunk.captions)
             chunk.batch = stack(clip, chunk.tensors)
@@ -295,8 +318,15 @@ def _read_chunks(shard: Shard, config: EmbedConfig, clip: Clip, keep_images: boo
         yield ready(chunk)
 
 
-def _produce(shard: Shard, config: EmbedConfig, clip: Clip, keep_images: bool,
-             q: queue.Queue, stop: threading.Event, threads: int = 1) -> None:
+def _produce(
+    shard: Shard,
+    config: EmbedConfig,
+    clip: Clip,
+    keep_images: bool,
+    q: queue.Queue,
+    stop: threading.Event,
+    threads: int = 1,
+) -> None:
     """The reader thread: `_read_chunks` into the queue; errors travel through the queue."""
     try:
         for chunk in _read_chunks(shard, config, clip, keep_images, threads):
@@ -319,16 +349,26 @@ def read_ahead(clip: Clip, threads: int) -> bool:
     return not clip.device.startswith("cpu") or threads > 1
 
 
-def _chunks(shard: Shard, config: EmbedConfig, clip: Clip, keep_images: bool, ahead: bool = True,
-            threads: int = 1):
+def _chunks(
+    shard: Shard,
+    config: EmbedConfig,
+    clip: Clip,
+    keep_images: bool,
+    ahead: bool = True,
+    threads: int = 1,
+):
     """The shard's chunks, read ahead by a thread (errors re-raised here) or inline; `threads` decode."""
     if not ahead:
         yield from _read_chunks(shard, config, clip, keep_images, threads)
         return
     q: queue.Queue = queue.Queue(maxsize=2)
     stop = threading.Event()
-    thread = threading.Thread(target=_produce, name=f"read-{shard.name}", daemon=True,
-                              args=(shard, config, clip, keep_images, q, stop, threads))
+    thread = threading.Thread(
+        target=_produce,
+        name=f"read-{shard.name}",
+        daemon=True,
+        args=(shard, config, clip, keep_images, q, stop, threads),
+    )
     thread.start()
     try:
         while True:
@@ -377,8 +417,9 @@ def prepare(config: EmbedConfig) -> tuple[Clip, list[Any], int, bool]:
     return encoder, scorers, threads, cache_hit
 
 
-def process_shard(shard: Shard, output: str, config: EmbedConfig,
-                  input_fingerprint: dict[str, Any] | None = None) -> dict[str, Any]:
+def process_shard(
+    shard: Shard, output: str, config: EmbedConfig, input_fingerprint: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Embed and score every sample of `shard`, commit part `shard.index`, return its stats."""
     start = time.time()
     encoder, scorers, threads, cache_hit = prepare(config)
@@ -391,7 +432,9 @@ def process_shard(shard: Shard, output: str, config: EmbedConfig,
     n_ok = 0
     model_s = 0.0
     decoders = decode_threads(encoder, threads, config.decode_threads)
-    for chunk in _chunks(shard, config, encoder, keep_images, read_ahead(encoder, threads), decoders):
+    for chunk in _chunks(
+        shard, config, encoder, keep_images, read_ahead(encoder, threads), decoders
+    ):
         if chunk.ok_rows:
             t_model = time.perf_counter()
             img = encoder.encode_image_tensor(chunk.batch)
@@ -419,20 +462,36 @@ def process_shard(shard: Shard, output: str, config: EmbedConfig,
     text_emb = np.concatenate(text_parts) if text_parts else np.zeros((0, dim), S.EMB_DTYPE)
     duration = time.time() - start
     stats = {
-        "part": n, "source_shard": shard.url, "input_format": shard.format,
-        "input_fingerprint": input_fingerprint, "config": config.identity(),
-        "count": len(rows), "ok": n_ok,
+        "part": n,
+        "source_shard": shard.url,
+        "input_format": shard.format,
+        "input_fingerprint": input_fingerprint,
+        "config": config.identity(),
+        "count": len(rows),
+        "ok": n_ok,
         "status_counts": dict(Counter(r[S.STATUS] for r in rows)),
-        "emb_dim": dim, "precision": config.precision, "batch_size": config.batch_size,
-        "torch_threads": threads, "decode_threads": decoders,
-        "model_cache_hit": cache_hit, "model_load_s": load_s,
+        "emb_dim": dim,
+        "precision": config.precision,
+        "batch_size": config.batch_size,
+        "torch_threads": threads,
+        "decode_threads": decoders,
+        "model_cache_hit": cache_hit,
+        "model_load_s": load_s,
         "worker": f"{socket.gethostname()}:{os.getpid()}",
-        "start_time": start, "end_time": time.time(), "duration_s": duration,
+        "start_time": start,
+        "end_time": time.time(),
+        "duration_s": duration,
         "samples_per_s": len(rows) / duration if duration > 0 else None,
         #: wall seconds inside the CLIP forward; the rest of duration_s is reading, scoring and writing
         "clip_forward_s": model_s,
     }
     write_part(output, n, rows, img_emb, text_emb, stats)
-    log.info("part %d (%s): %d samples, %d ok, %.1f samples/s", n, shard.name, len(rows), n_ok,
-             stats["samples_per_s"] or 0.0)
+    log.info(
+        "part %d (%s): %d samples, %d ok, %.1f samples/s",
+        n,
+        shard.name,
+        len(rows),
+        n_ok,
+        stats["samples_per_s"] or 0.0,
+    )
     return stats

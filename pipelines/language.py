@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import gcld3
 
-from curation import schema as S
+from collection import schema as S
 
 #: CLD3 reads at most this many bytes of a caption (LAION's setting); longer alt-texts are cut
 MAX_BYTES = 1000
@@ -26,14 +26,20 @@ def _detector() -> Any:
     """One CLD3 model per thread (its C++ object keeps per-call scratch state)."""
     det = getattr(_local, "detector", None)
     if det is None:
-        det = _local.detector = gcld3.NNetLanguageIdentifier(min_num_bytes=0, max_num_bytes=MAX_BYTES)
+        det = _local.detector = gcld3.NNetLanguageIdentifier(
+            min_num_bytes=0, max_num_bytes=MAX_BYTES
+        )
     return det
 
 
 def detect(text: str) -> tuple[str, float]:
     """(language code or `und`, probability) of one text; `und` when CLD3's result is unreliable."""
     result = _detector().FindLanguage(text=text)
-    language = result.language if result.is_reliable and result.language != "und" else S.LANGUAGE_UNDETERMINED
+    language = (
+        result.language
+        if result.is_reliable and result.language != "und"
+        else S.LANGUAGE_UNDETERMINED
+    )
     return language, float(result.probability)
 
 

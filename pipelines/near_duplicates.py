@@ -17,7 +17,14 @@ from models.scenes import add_watermark
 
 #: The transforms a planted copy gets, one per copy, drawn uniformly. `exact` repeats the
 #: original's bytes; the others re-encode what they changed as JPEG.
-TRANSFORMS: tuple[str, ...] = ("exact", "reencoded", "resized", "cropped", "colour-shifted", "overlaid")
+TRANSFORMS: tuple[str, ...] = (
+    "exact",
+    "reencoded",
+    "resized",
+    "cropped",
+    "colour-shifted",
+    "overlaid",
+)
 ORIGINAL_QUALITY = 92  # pipelines.sample's JPEG quality
 
 
@@ -36,7 +43,9 @@ def _resized(image: Image.Image, rng: np.random.Generator) -> tuple[Image.Image,
     w, h = image.size
     scale = float(rng.choice([0.6, 0.75, 1.25, 1.5]))
     size = (max(8, round(w * scale)), max(8, round(h * scale)))
-    return image.resize(size, Image.Resampling.BILINEAR if scale > 1 else Image.Resampling.LANCZOS), ORIGINAL_QUALITY
+    return image.resize(
+        size, Image.Resampling.BILINEAR if scale > 1 else Image.Resampling.LANCZOS
+    ), ORIGINAL_QUALITY
 
 
 def _cropped(image: Image.Image, rng: np.random.Generator) -> tuple[Image.Image, int]:
@@ -58,13 +67,17 @@ def _overlaid(image: Image.Image, rng: np.random.Generator) -> tuple[Image.Image
 
 
 _APPLY: dict[str, Callable[[Image.Image, np.random.Generator], tuple[Image.Image, int]]] = {
-    "reencoded": _reencoded, "resized": _resized, "cropped": _cropped,
-    "colour-shifted": _colour_shifted, "overlaid": _overlaid,
+    "reencoded": _reencoded,
+    "resized": _resized,
+    "cropped": _cropped,
+    "colour-shifted": _colour_shifted,
+    "overlaid": _overlaid,
 }
 
 
-def make_copy(data: bytes, rng: np.random.Generator,
-              transform: str | None = None) -> tuple[bytes, str, tuple[int, int]]:
+def make_copy(
+    data: bytes, rng: np.random.Generator, transform: str | None = None
+) -> tuple[bytes, str, tuple[int, int]]:
     """(JPEG bytes, transform name, (width, height)) of a copy of the picture whose file is `data`.
 
     The copy is made from the decoded file, as a re-upload would be. `transform` picks one of

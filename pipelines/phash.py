@@ -4,7 +4,7 @@ imagehash's steps are: grey ("L"), 32x32 Lanczos resize, 2-D DCT, low 8x8 block 
 its median. For RGB arrays the first two are done here in numpy with Pillow's own integer
 arithmetic (ITU-R 601 grey weights with 16-bit rounding; Lanczos weights in 22-bit fixed
 point, rounded and clipped after each pass), so a chunk of small images is two matrix
-products instead of two PIL calls and two copies per image. tests/test_readers.py
+products instead of two PIL calls and two copies per image. tests/test_shards.py
 checks it against the installed Pillow on many shapes.
 """
 
@@ -72,7 +72,7 @@ def lanczos_matrix(in_size: int, out_size: int = THUMB) -> np.ndarray:
 def _fixed_point(acc: np.ndarray) -> np.ndarray:
     """Pillow's clip8, in place: add half, shift right by 22 (a floor), clip to 0..255."""
     acc += 1 << (_BITS - 1)
-    acc *= 2.0 ** -_BITS  # a power of two: exact
+    acc *= 2.0**-_BITS  # a power of two: exact
     np.floor(acc, out=acc)
     return np.clip(acc, 0, 255, out=acc)
 
@@ -83,7 +83,7 @@ def numpy_path(shape: tuple[int, ...]) -> bool:
     Small, and no taller than wide: for those Pillow resizes horizontally first, then
     vertically, which is what `thumbnails` does. For taller images Pillow 13's result matches
     the vertical-first order on some shapes and the horizontal-first on others, so they go to
-    PIL rather than to a guess (tests/test_readers.py covers both sides).
+    PIL rather than to a guess (tests/test_shards.py covers both sides).
     """
     return len(shape) == 3 and shape[0] <= shape[1] and shape[0] * shape[1] <= NUMPY_MAX_PIXELS
 
@@ -126,10 +126,14 @@ def phash_pixels(img: Any) -> np.ndarray:
             return thumbnails(img[None])[0]
         if numpy_path(img.shape):
             # PIL's grey is Pillow's rgb2l itself, several times cheaper than the float matmul here
-            return _lanczos_grey(np.asarray(Image.fromarray(img, "RGB").convert("L"), dtype=np.float64))
+            return _lanczos_grey(
+                np.asarray(Image.fromarray(img, "RGB").convert("L"), dtype=np.float64)
+            )
         img = Image.fromarray(img, "RGB")
 
-    return np.asarray(img.convert("L").resize((THUMB, THUMB), Image.Resampling.LANCZOS), dtype=np.float64)
+    return np.asarray(
+        img.convert("L").resize((THUMB, THUMB), Image.Resampling.LANCZOS), dtype=np.float64
+    )
 
 
 def thumbnails_of(arrays: list[np.ndarray]) -> list[np.ndarray]:
@@ -151,7 +155,9 @@ def phash_batch(thumbs: list[np.ndarray]) -> list[str]:
     """DCT perceptual hashes of 32x32 thumbnails, computed together (one matmul)."""
     if not thumbs:
         return []
-    low = np.round(_DCT @ np.stack(thumbs) @ _DCT.T, 6)  # scipy gives exact zeros on symmetric images
+    low = np.round(
+        _DCT @ np.stack(thumbs) @ _DCT.T, 6
+    )  # scipy gives exact zeros on symmetric images
     low = low.reshape(len(thumbs), -1)
     bits = low > np.median(low, axis=1, keepdims=True)
     return [row.tobytes().hex() for row in np.packbits(bits, axis=1)]

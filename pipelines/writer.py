@@ -1,6 +1,6 @@
 """Write one collection part atomically, and read back what earlier runs committed.
 
-Each file is written atomically (`curation.storage`); the `_done/{N}.json` stats are written
+Each file is written atomically (`collection.storage`); the `_done/{N}.json` stats are written
 last, so a part without them is incomplete and gets redone (img2dataset's rule).
 """
 
@@ -16,8 +16,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curation import schema as S
-from curation.storage import read_json, url_to_fs, write_bytes, write_json
+from collection import schema as S
+from collection.storage import read_json, url_to_fs, write_bytes, write_json
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,9 @@ def _column(name: str, values: list[Any]):
     try:
         arr = pa.array(values)
     except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
-        arr = pa.array([None if v is None else json.dumps(v, default=str) for v in values], pa.string())
+        arr = pa.array(
+            [None if v is None else json.dumps(v, default=str) for v in values], pa.string()
+        )
     if pa.types.is_null(arr.type):  # all-null: give it a type other parts can union with
         arr = arr.cast(pa.string())
     return arr
@@ -41,7 +43,9 @@ def metadata_table(rows: Sequence[dict[str, Any]]):
         if name == S.CAPTION_LENGTH:
             arrays.append(pc.utf8_length(arrays[names.index(S.CAPTION)]).cast(pa.int32()))
         else:
-            arrays.append(pa.array([r.get(name) for r in rows], getattr(pa, S.METADATA_TYPES[name])()))
+            arrays.append(
+                pa.array([r.get(name) for r in rows], getattr(pa, S.METADATA_TYPES[name])())
+            )
         names.append(name)
     extra: dict[str, None] = {}
     for r in rows:
@@ -60,13 +64,21 @@ def npy_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def write_part(output: str, n: int, rows: Sequence[dict[str, Any]], img_emb: np.ndarray,
-               text_emb: np.ndarray, stats: dict[str, Any]) -> None:
+def write_part(
+    output: str,
+    n: int,
+    rows: Sequence[dict[str, Any]],
+    img_emb: np.ndarray,
+    text_emb: np.ndarray,
+    stats: dict[str, Any],
+) -> None:
     """Commit part n: embeddings, then metadata, then the `_done` stats (the completion mark)."""
     ok = sum(1 for r in rows if r.get(S.EMB_ROW) is not None)
     if not (len(img_emb) == len(text_emb) == ok):
-        raise ValueError(f"part {n}: {ok} embedded rows but {len(img_emb)} image and "
-                         f"{len(text_emb)} text vectors")
+        raise ValueError(
+            f"part {n}: {ok} embedded rows but {len(img_emb)} image and "
+            f"{len(text_emb)} text vectors"
+        )
     layout = S.CollectionLayout(output)
     write_bytes(layout.img_emb(n), npy_bytes(img_emb.astype(S.EMB_DTYPE, copy=False)))
     write_bytes(layout.text_emb(n), npy_bytes(text_emb.astype(S.EMB_DTYPE, copy=False)))

@@ -68,7 +68,7 @@ $PY -m hdit_train.guide --prompts "a red star:1|a blue star:-0.5" --generator vq
 [ -f "$DEMO/edit_me.png" ] || $PY - "$DEMO" <<'PYEOF'
 import io, sys
 from PIL import Image
-from pipelines.readers import list_shards, read_shard
+from collection.shards import list_shards, read_shard
 raw = next(s for s in read_shard(list_shards(sys.argv[1] + "/shards")[0]) if s.image)
 Image.open(io.BytesIO(raw.image)).convert("RGB").save(sys.argv[1] + "/edit_me.png")
 print(f"  editing training sample {raw.key}: {raw.caption!r}")

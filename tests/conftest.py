@@ -46,8 +46,42 @@ def insight_collection(tmp_path_factory) -> dict:
 
     root = tmp_path_factory.mktemp("insight")
     shards, collection = root / "shards", root / "collection"
-    write_sample_dataset(shards, 300, shard_size=150, seed=11, watermark_fraction=0.2, near_duplicate_fraction=0.1,
-                         object_sizes=["small", "medium"], noise_texture="coarse")
+    write_sample_dataset(
+        shards,
+        300,
+        shard_size=150,
+        seed=11,
+        watermark_fraction=0.2,
+        near_duplicate_fraction=0.1,
+        object_sizes=["small", "medium"],
+        noise_texture="coarse",
+    )
     embed(str(shards), str(collection), workers=1, scores="watermark")
     build(str(collection), max_index_memory="100M", modality="image")
     return {"shards": str(shards), "collection": str(collection)}
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on 127.0.0.1 for the session, with the AWS variables pointing at it.
+    Skipped with the reason where moto or s3fs is missing; under CI that is a failure."""
+    import os
+
+    from bench.loopback_s3 import available, loopback_s3
+
+    reason = available()
+    if reason:
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    with loopback_s3() as server:
+        yield server
+
+
+@pytest.fixture
+def s3_bucket(s3_server, request) -> str:
+    """A fresh bucket for one test: `s3://NAME`."""
+    import re
+
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:50].strip("-")
+    return s3_server.make_bucket(f"t-{name}")

@@ -42,11 +42,17 @@ def test_train_takes_exactly_the_recipe_knobs(name: str) -> None:
 
 def test_recipe_rejects_unknown_knobs() -> None:
     wm = BUNDLED["watermark"]
-    with pytest.raises(ValueError, match=r"unknown recipe option\(s\) \['stepz'\]"):  # only the unknown one
+    with pytest.raises(
+        ValueError, match=r"unknown recipe option\(s\) \['stepz'\]"
+    ):  # only the unknown one
         wm.recipe(stepz=3, pool=64)
     recipe = wm.recipe(steps=3)
-    assert recipe["steps"] == 3 and recipe["model"] == "watermark" and recipe["version"] == wm.version
-    assert {k: recipe[k] for k in wm.defaults if k != "steps"} == {k: v for k, v in wm.defaults.items() if k != "steps"}
+    assert (
+        recipe["steps"] == 3 and recipe["model"] == "watermark" and recipe["version"] == wm.version
+    )
+    assert {k: recipe[k] for k in wm.defaults if k != "steps"} == {
+        k: v for k, v in wm.defaults.items() if k != "steps"
+    }
 
 
 @pytest.mark.parametrize("name", sorted(BUNDLED))
@@ -66,8 +72,11 @@ def test_ready_only_for_the_current_recipe(name: str, tmp_path: Path) -> None:
 
 
 def _torch_settings() -> tuple:
-    return (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
-            torch.utils.deterministic.fill_uninitialized_memory)
+    return (
+        torch.get_num_threads(),
+        torch.are_deterministic_algorithms_enabled(),
+        torch.utils.deterministic.fill_uninitialized_memory,
+    )
 
 
 QUICK_WATERMARK = {"steps": 3, "pool": 64}
@@ -98,16 +107,25 @@ def test_failed_child_training_leaves_no_folder(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("name, knobs", [("sieve-tiny", {"steps": 2, "n_samples": 64, "batch_size": 8}),
-                                         ("watermark", QUICK_WATERMARK),
-                                         ("sieve-vqgan", {"steps": 2, "n_samples": 8, "batch_size": 2, "crop": 16})])
-def test_in_process_training_restores_torch_settings_and_rng(name: str, knobs: dict, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "name, knobs",
+    [
+        ("sieve-tiny", {"steps": 2, "n_samples": 64, "batch_size": 8}),
+        ("watermark", QUICK_WATERMARK),
+        ("sieve-vqgan", {"steps": 2, "n_samples": 8, "batch_size": 2, "crop": 16}),
+    ],
+)
+def test_in_process_training_restores_torch_settings_and_rng(
+    name: str, knobs: dict, tmp_path: Path
+) -> None:
     bundled = BUNDLED[name]
     train = importlib.import_module(bundled.module).train
     torch.use_deterministic_algorithms(False)
     torch.manual_seed(4321)
     rng, settings = torch.get_rng_state(), _torch_settings()
-    assert not settings[1]  # training switches deterministic mode on (sieve-tiny): it must come back off
+    assert not settings[
+        1
+    ]  # training switches deterministic mode on (sieve-tiny): it must come back off
     train(tmp_path / name, **{**bundled.defaults, **knobs})
     assert _torch_settings() == settings
     assert torch.equal(torch.get_rng_state(), rng)
@@ -124,10 +142,17 @@ def test_the_repository_carries_each_model_for_its_current_recipe(name: str) -> 
     assert sum(p.stat().st_size for p in tensors.parent.glob("*.safetensors")) < 10 * 2**20
 
 
-@pytest.mark.parametrize("name, knobs", [("sieve-tiny", {"steps": 2, "n_samples": 64, "batch_size": 8}),
-                                         ("watermark", QUICK_WATERMARK),
-                                         ("sieve-vqgan", {"steps": 2, "n_samples": 8, "batch_size": 2, "crop": 16})])
-def test_pack_then_unpack_gives_back_the_trained_model(name: str, knobs: dict, tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize(
+    "name, knobs",
+    [
+        ("sieve-tiny", {"steps": 2, "n_samples": 64, "batch_size": 8}),
+        ("watermark", QUICK_WATERMARK),
+        ("sieve-vqgan", {"steps": 2, "n_samples": 8, "batch_size": 2, "crop": 16}),
+    ],
+)
+def test_pack_then_unpack_gives_back_the_trained_model(
+    name: str, knobs: dict, tmp_path: Path, monkeypatch
+) -> None:
     """float16 round trip; sieve-tiny's untouched embedding rows come back bit for bit from the seed."""
     monkeypatch.setattr("models.cache.SHIPPED_DIR", tmp_path / "weights")
     bundled = BUNDLED[name]
@@ -136,20 +161,30 @@ def test_pack_then_unpack_gives_back_the_trained_model(name: str, knobs: dict, t
     module.pack(tmp_path / "trained")
     module.unpack(tmp_path / "unpacked")
     assert bundled.trained_recipe(tmp_path / "unpacked") == bundled.recipe(**knobs)
-    weights = {"sieve-tiny": "open_clip_model.safetensors", "watermark": "watermark_cnn.pt",
-               "sieve-vqgan": "last.ckpt"}[name]
-    load = (lambda p: load_file(str(p))) if name == "sieve-tiny" else (
-        lambda p: torch.load(p, weights_only=True)["state_dict"])
+    weights = {
+        "sieve-tiny": "open_clip_model.safetensors",
+        "watermark": "watermark_cnn.pt",
+        "sieve-vqgan": "last.ckpt",
+    }[name]
+    load = (
+        (lambda p: load_file(str(p)))
+        if name == "sieve-tiny"
+        else (lambda p: torch.load(p, weights_only=True)["state_dict"])
+    )
     before, after = load(tmp_path / "trained" / weights), load(tmp_path / "unpacked" / weights)
     assert before.keys() == after.keys()
     for key in before:
         torch.testing.assert_close(after[key], before[key], rtol=2e-3, atol=1e-4)
     if name == "sieve-tiny":
-        rows_equal = (before["token_embedding.weight"] == after["token_embedding.weight"]).all(dim=1)
+        rows_equal = (before["token_embedding.weight"] == after["token_embedding.weight"]).all(
+            dim=1
+        )
         assert rows_equal.sum() > 49000  # only the rows training touched were stored
 
 
-def test_first_use_unpacks_the_repository_copy_instead_of_training(tmp_path: Path, monkeypatch) -> None:
+def test_first_use_unpacks_the_repository_copy_instead_of_training(
+    tmp_path: Path, monkeypatch
+) -> None:
     monkeypatch.setenv("SIEVE_CACHE", str(tmp_path))
     folder = BUNDLED["watermark"].ensure()
     info = read_info(folder)

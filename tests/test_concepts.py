@@ -11,16 +11,23 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from curation import schema as S
-from curation.concepts import (Concept, fit_concept, load_concept, save_concept, score_collection, score_vectors,
-                               subset_clause, suggest)
-from curation.dedup import dedup
-from curation.dedup import subset_clause as dedup_clause
+from collection import schema as S
+from collection.parts import read_metadata
+from curation.concepts import (
+    Concept,
+    fit_concept,
+    load_concept,
+    save_concept,
+    score_collection,
+    score_vectors,
+    subset_clause,
+    suggest,
+)
+from curation.dedup import dedup, subset_clause as dedup_clause
 from curation.map import compute_map, region_clause
 from curation.resolve import resolve
 from curation.spec import SpecError
 from curation.vectors import read_keys
-from indices.store import read_metadata
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +44,14 @@ def labelled(insight_collection) -> dict:
 
 @pytest.fixture(scope="module")
 def watermark_concept(labelled, tiny_clip) -> Concept:
-    return fit_concept(labelled["collection"], "watermarked", labelled["pos"], labelled["neg"],
-                       prompt="a picture with a watermark", clip=tiny_clip)
+    return fit_concept(
+        labelled["collection"],
+        "watermarked",
+        labelled["pos"],
+        labelled["neg"],
+        prompt="a picture with a watermark",
+        clip=tiny_clip,
+    )
 
 
 def test_a_concept_learns_from_a_dozen_labels(labelled, watermark_concept):
@@ -47,7 +60,10 @@ def test_a_concept_learns_from_a_dozen_labels(labelled, watermark_concept):
     assert roc_auc_score(labelled["truth"][rest], scores[rest]) > 0.8
     assert 0.0 < watermark_concept.threshold < 1.0
     q = watermark_concept.quality
-    assert q["grade"] in ("excellent", "good", "fair", "poor") and q["n_positive"] == q["n_negative"] == 6
+    assert (
+        q["grade"] in ("excellent", "good", "fair", "poor")
+        and q["n_positive"] == q["n_negative"] == 6
+    )
     assert 0.0 <= q["cv_auroc"] <= 1.0 and q["cv_folds"] >= 2
 
 
@@ -73,7 +89,10 @@ def test_subset_clause_keeps_ids_at_or_above_the_score(labelled, watermark_conce
     save_concept(coll, watermark_concept)
     scores = score_collection(coll, watermark_concept)
     ids = np.arange(0, len(scores), 2)
-    assert subset_clause(coll, ids, "watermarked").tolist() == ids[scores[ids] >= watermark_concept.threshold].tolist()
+    assert (
+        subset_clause(coll, ids, "watermarked").tolist()
+        == ids[scores[ids] >= watermark_concept.threshold].tolist()
+    )
     assert subset_clause(coll, ids, "watermarked", min_score=0.0).tolist() == ids.tolist()
     with pytest.raises(ValueError, match="min_score must be in"):
         subset_clause(coll, ids, "watermarked", min_score=1.5)
@@ -90,7 +109,11 @@ def test_suggestions_are_unlabelled_and_closest_to_the_threshold(labelled, water
     margin = np.abs(logit(np.clip(scores, 1e-9, 1 - 1e-9)) - logit(t))
     index = {k: i for i, k in enumerate(labelled["keys"])}
     worst_picked = max(margin[index[k]] for k in picked)
-    unpicked = [i for i, k in enumerate(labelled["keys"]) if k not in picked and k not in labelled["pos"] + labelled["neg"]]
+    unpicked = [
+        i
+        for i, k in enumerate(labelled["keys"])
+        if k not in picked and k not in labelled["pos"] + labelled["neg"]
+    ]
     assert worst_picked <= margin[unpicked].min() + 1e-6
 
 
@@ -98,44 +121,105 @@ def test_scoring_is_one_linear_pass_over_float16_parts():
     rng = np.random.default_rng(0)
     img = [rng.standard_normal((n, 16)).astype(np.float16) for n in (5, 0, 9)]
     txt = [rng.standard_normal((n, 16)).astype(np.float16) for n in (5, 0, 9)]
-    c = Concept("c", [], [], image_weights=list(rng.standard_normal(16)), text_weights=list(rng.standard_normal(16)),
-                columns={S.PWATERMARK: {"mean": 0.5, "std": 0.25, "weight": 2.0}}, bias=-0.3)
+    c = Concept(
+        "c",
+        [],
+        [],
+        image_weights=list(rng.standard_normal(16)),
+        text_weights=list(rng.standard_normal(16)),
+        columns={S.PWATERMARK: {"mean": 0.5, "std": 0.25, "weight": 2.0}},
+        bias=-0.3,
+    )
     col = rng.random(14)
     col[3] = np.nan  # a missing value counts as the labelled mean
     got = score_vectors(c, img, txt, {S.PWATERMARK: col}, threads=2)
     x_i, x_t = np.concatenate(img).astype(np.float64), np.concatenate(txt).astype(np.float64)
-    logit = -0.3 + x_i @ c.image_weights + x_t @ c.text_weights + 2.0 * (np.nan_to_num(col, nan=0.5) - 0.5) / 0.25
+    logit = (
+        -0.3
+        + x_i @ c.image_weights
+        + x_t @ c.text_weights
+        + 2.0 * (np.nan_to_num(col, nan=0.5) - 0.5) / 0.25
+    )
     assert np.allclose(got, 1 / (1 + np.exp(-logit)), atol=2e-3)
 
 
 def test_the_command_fits_saves_and_suggests(labelled):
     coll = labelled["collection"]
-    done = subprocess.run([sys.executable, "-m", "curation.concept", coll, "wm-cli", "--pos", ",".join(labelled["pos"][:3]),
-                           "--neg", ",".join(labelled["neg"][:3]), "--suggest", "4"], capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "curation.concept",
+            coll,
+            "wm-cli",
+            "--pos",
+            ",".join(labelled["pos"][:3]),
+            "--neg",
+            ",".join(labelled["neg"][:3]),
+            "--suggest",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     out = json.loads(done.stdout)
     assert len(out["label_next"]) == 4 and out["samples"] == len(labelled["keys"])
-    more = subprocess.run([sys.executable, "-m", "curation.concept", coll, "wm-cli", "--add", "--pos", labelled["pos"][3],
-                           "--neg", labelled["neg"][3]], capture_output=True, text=True)
+    more = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "curation.concept",
+            coll,
+            "wm-cli",
+            "--add",
+            "--pos",
+            labelled["pos"][3],
+            "--neg",
+            labelled["neg"][3],
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert more.returncode == 0, more.stderr[-2000:]
     assert load_concept(coll, "wm-cli").positives == labelled["pos"][:4]
 
 
-@pytest.mark.parametrize("pos,neg,message", [
-    (["nope-1"], ["nope-2"], "unknown keys nope-1, nope-2"),
-    (["A", "B"], [], "no negative example"),
-    ([], ["A", "B"], "no positive example"),
-    (["A"], [], "at least 2 labelled samples"),
-    (["A"], ["A"], "labelled both positive and negative"),
-])
+@pytest.mark.parametrize(
+    "pos,neg,message",
+    [
+        (["nope-1"], ["nope-2"], "unknown keys nope-1, nope-2"),
+        (["A", "B"], [], "no negative example"),
+        ([], ["A", "B"], "no positive example"),
+        (["A"], [], "at least 2 labelled samples"),
+        (["A"], ["A"], "labelled both positive and negative"),
+    ],
+)
 def test_bad_examples_get_one_line_errors(labelled, pos, neg, message):
     real = {"A": labelled["pos"][0], "B": labelled["pos"][1]}
     pos, neg = [real.get(k, k) for k in pos], [real.get(k, k) for k in neg]
     with pytest.raises(ValueError, match=message):
         fit_concept(labelled["collection"], "bad", pos, neg)
-    done = subprocess.run([sys.executable, "-m", "curation.concept", labelled["collection"], "bad", "--pos", ",".join(pos),
-                           "--neg", ",".join(neg)], capture_output=True, text=True)
-    assert done.returncode == 2 and message.split()[0] in done.stderr and "Traceback" not in done.stderr
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "curation.concept",
+            labelled["collection"],
+            "bad",
+            "--pos",
+            ",".join(pos),
+            "--neg",
+            ",".join(neg),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert (
+        done.returncode == 2
+        and message.split()[0] in done.stderr
+        and "Traceback" not in done.stderr
+    )
 
 
 def test_a_collection_without_embeddings_is_refused(tmp_path, labelled):
@@ -152,7 +236,9 @@ def test_subset_specs_use_concept_region_and_dedup_clauses(labelled, watermark_c
     compute_map(coll, sample=200, clusters=4)
     dedup(coll, S.LEVEL_EXACT, workers=0)
     rect = [-1e9, -1e9, 1e9, 1e9]
-    res = resolve(coll, {"concept": {"name": "watermarked"}, "region": {"rect": rect}, "dedup": "exact"})
+    res = resolve(
+        coll, {"concept": {"name": "watermarked"}, "region": {"rect": rect}, "dedup": "exact"}
+    )
     scores = score_collection(coll, watermark_concept)
     base = np.nonzero(scores >= watermark_concept.threshold)[0]
     expected = dedup_clause(coll, region_clause(coll, base, rect=rect), S.LEVEL_EXACT)
@@ -160,11 +246,16 @@ def test_subset_specs_use_concept_region_and_dedup_clauses(labelled, watermark_c
     assert [s.label.split()[0] for s in res.steps[1:]] == ["concept", "region", "dedup"]
     tight = resolve(coll, {"concept": [{"name": "watermarked", "min_score": 0.99}]})
     assert set(tight.ids) <= set(res.ids) | set(base)
-    for spec, message in [({"concept": {"name": "nothing"}}, "no concept 'nothing'"),
-                          ({"concept": {"name": "watermarked", "min_score": 2}}, r"min_score must be a number in \[0, 1\]"),
-                          ({"region": {"rect": [0, 1]}}, "rect needs 4 numbers"),
-                          ({"region": {"rect": rect, "polygon": [[0, 0], [1, 0], [1, 1]]}}, "exactly one of"),
-                          ({"dedup": {"level": "fuzzy"}}, "level must be one of"),
-                          ({"dedup": {"level": "semantic", "eps": 1.5}}, r"eps must be a number in \(0, 1\)")]:
+    for spec, message in [
+        ({"concept": {"name": "nothing"}}, "no concept 'nothing'"),
+        (
+            {"concept": {"name": "watermarked", "min_score": 2}},
+            r"min_score must be a number in \[0, 1\]",
+        ),
+        ({"region": {"rect": [0, 1]}}, "rect needs 4 numbers"),
+        ({"region": {"rect": rect, "polygon": [[0, 0], [1, 0], [1, 1]]}}, "exactly one of"),
+        ({"dedup": {"level": "fuzzy"}}, "level must be one of"),
+        ({"dedup": {"level": "semantic", "eps": 1.5}}, r"eps must be a number in \(0, 1\)"),
+    ]:
         with pytest.raises(SpecError, match=message):
             resolve(coll, spec)

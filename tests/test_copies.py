@@ -25,7 +25,9 @@ def _decoded(data: bytes) -> Image.Image:
 def originals() -> list[bytes]:
     # small and medium objects: a large single object has no position jitter, so two distinct
     # samples of one description can be the same picture up to a slight rotation
-    return [jpeg(make_sample(i, 64, seed=3, object_sizes=["small", "medium"]).image) for i in range(24)]
+    return [
+        jpeg(make_sample(i, 64, seed=3, object_sizes=["small", "medium"]).image) for i in range(24)
+    ]
 
 
 @pytest.mark.parametrize("transform", TRANSFORMS)
@@ -35,7 +37,9 @@ def test_every_planted_transform_is_a_copy(originals, transform):
         copy, name, size = make_copy(data, np.random.default_rng([7, i]), transform)
         assert name == transform and _decoded(copy).size == size
         found.append(is_copy(_decoded(data), _decoded(copy)))
-    assert sum(found) >= 7, found  # the rule's recall is measured in bench.insight; most must pass here
+    assert sum(found) >= 7, (
+        found
+    )  # the rule's recall is measured in bench.insight; most must pass here
 
 
 def test_distinct_samples_are_not_copies(originals):
@@ -49,14 +53,19 @@ def test_copy_verdict_checks_each_candidate_and_gates_on_similarity(originals):
     copy = _decoded(make_copy(originals[0], np.random.default_rng(1), "cropped")[0])
     other = _decoded(originals[1])
     assert copy_verdict(query, [copy, other]) == [True, False]
-    assert copy_verdict(np.asarray(query), [np.asarray(copy)], similarities=[0.1], min_similarity=0.5) == [False]
+    assert copy_verdict(
+        np.asarray(query), [np.asarray(copy)], similarities=[0.1], min_similarity=0.5
+    ) == [False]
     assert copy_verdict(query, [copy], similarities=[0.9], min_similarity=0.5) == [True]
     with pytest.raises(ValueError, match="2 similarities for 1 candidates"):
         copy_verdict(query, [copy], similarities=[0.9, 0.8])
 
 
 def test_scores_are_symmetric_in_the_verdict_and_identical_pictures_score_one(originals):
-    a, b = _decoded(originals[2]), _decoded(make_copy(originals[2], np.random.default_rng(5), "overlaid")[0])
+    a, b = (
+        _decoded(originals[2]),
+        _decoded(make_copy(originals[2], np.random.default_rng(5), "overlaid")[0]),
+    )
     assert is_copy(a, b) == is_copy(b, a)
     assert copy_score(a, a) == (1.0, 1.0)
 
@@ -78,12 +87,18 @@ def test_phash_helpers_match_the_collection_column():
 
 
 def test_sample_writer_plants_copies_of_earlier_originals(tmp_path):
-    totals = write_sample_dataset(tmp_path, 200, shard_size=100, near_duplicate_fraction=0.2, seed=4)
+    totals = write_sample_dataset(
+        tmp_path, 200, shard_size=100, near_duplicate_fraction=0.2, seed=4
+    )
     rows = []
     for shard in ("00000.tar", "00001.tar"):
         with tarfile.open(tmp_path / shard) as tar:
             members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
-        rows += [(json.loads(members[n]), members[n[:-5] + ".jpg"]) for n in sorted(members) if n.endswith(".json")]
+        rows += [
+            (json.loads(members[n]), members[n[:-5] + ".jpg"])
+            for n in sorted(members)
+            if n.endswith(".json")
+        ]
     copies = [(meta, data) for meta, data in rows if meta["dup_of"]]
     assert totals["near_duplicates"] == len(copies) > 20
     by_key = {meta["key"]: (meta, data) for meta, data in rows}

@@ -11,10 +11,18 @@ import pyarrow.parquet as pq
 import pytest
 
 from bench.synthetic import clustered_vectors, write_collection
-from curation import schema as S
+from collection import schema as S
+from collection.parts import CollectionError, read_metadata
 from curation.dedup import dedup, keep_ranks, read_duplicates, subset_clause
-from curation.semdedup import EPS_TABLE, ArrayVectors, SemanticParams, group_links, leaf_links, removed_mask, root_groups
-from indices.store import CollectionError, read_metadata
+from curation.semdedup import (
+    EPS_TABLE,
+    ArrayVectors,
+    SemanticParams,
+    group_links,
+    leaf_links,
+    removed_mask,
+    root_groups,
+)
 
 
 def _truth(collection: str) -> tuple[np.ndarray, np.ndarray]:
@@ -62,8 +70,13 @@ def test_rows_say_why_and_name_their_nearest_member(copies_run):
 def test_the_keep_rule_prefers_more_pixels_then_image_text_similarity():
     import pyarrow as pa
 
-    meta = pa.table({S.WIDTH: [64, 96, 64, None], S.HEIGHT: [64, 96, 64, None],
-                     S.CLIP_SIMILARITY: [0.2, 0.1, 0.3, 0.9]})
+    meta = pa.table(
+        {
+            S.WIDTH: [64, 96, 64, None],
+            S.HEIGHT: [64, 96, 64, None],
+            S.CLIP_SIMILARITY: [0.2, 0.1, 0.3, 0.9],
+        }
+    )
     assert keep_ranks(meta).tolist() == [2, 0, 1, 3]
 
 
@@ -75,7 +88,9 @@ def test_reruns_and_the_dask_cluster_give_identical_groups(copies_run, tmp_path)
     layout = S.InsightLayout(coll)
     a, b = pq.read_table(layout.duplicates("again-1")), pq.read_table(layout.duplicates("again-2"))
     assert a.equals(b)
-    dedup(coll, S.LEVEL_COPIES, workers=1, run="on-dask")  # a LocalCluster: one task per shard / pair chunk
+    dedup(
+        coll, S.LEVEL_COPIES, workers=1, run="on-dask"
+    )  # a LocalCluster: one task per shard / pair chunk
     assert pq.read_table(layout.duplicates("on-dask")).equals(first)
 
 
@@ -83,12 +98,16 @@ def test_semantic_level_adds_semdedup_groups_and_reports_every_eps(insight_colle
     coll = insight_collection["collection"]
     small = dedup(coll, S.LEVEL_SEMANTIC, eps=0.01, workers=0)
     large = dedup(coll, S.LEVEL_SEMANTIC, eps=0.2, workers=0)
-    assert large["removed"] > small["removed"] >= small["removed_by_reason"]["copy"]  # larger eps removes more
+    assert (
+        large["removed"] > small["removed"] >= small["removed_by_reason"]["copy"]
+    )  # larger eps removes more
     table = read_duplicates(coll, S.LEVEL_SEMANTIC, 0.2).to_pandas()
     semantic = table[table[S.DUP_REASON] == S.REASON_SEMANTIC]
     assert len(semantic) and (semantic[~semantic[S.DUP_KEPT]][S.DUP_SIMILARITY] > 0.8).all()
     fractions = large["semantic"]["removed_fraction_by_eps"]
-    assert [fractions[f"{e:g}"] for e in EPS_TABLE] == sorted(fractions[f"{e:g}"] for e in EPS_TABLE)
+    assert [fractions[f"{e:g}"] for e in EPS_TABLE] == sorted(
+        fractions[f"{e:g}"] for e in EPS_TABLE
+    )
     assert (S.InsightLayout(coll).dedup_report("semantic-eps0.2")).endswith("report.json")
 
 
@@ -116,9 +135,14 @@ def test_semdedup_follows_the_code_eps_convention_and_compares_only_earlier_memb
     best, arg = leaf_links(x, block=64)
     sims = x @ x.T
     for j in (1, 57, 205, 399):
-        assert best[j] == pytest.approx(sims[:j, j].max(), abs=1e-5) and arg[j] == sims[:j, j].argmax()
+        assert (
+            best[j] == pytest.approx(sims[:j, j].max(), abs=1e-5) and arg[j] == sims[:j, j].argmax()
+        )
     assert best[0] == -np.inf and arg[0] == -1
-    assert removed_mask(best, 0.01)[200:220].all() and removed_mask(best, 0.3).sum() >= removed_mask(best, 0.01).sum()
+    assert (
+        removed_mask(best, 0.01)[200:220].all()
+        and removed_mask(best, 0.3).sum() >= removed_mask(best, 0.01).sum()
+    )
     ids, sim, nearest = group_links(x, np.arange(400), np.arange(400), SemanticParams(leaf_size=50))
     assert (nearest[200:220] == np.arange(20)).all() and (sim[200:220] > 0.99).all()
     groups = root_groups(ArrayVectors(x), np.arange(400), SemanticParams(group_size=100))
@@ -140,9 +164,18 @@ def test_bad_collections_and_levels_get_one_line_errors(tmp_path, insight_collec
     shutil.rmtree(S.CollectionLayout(bare).img_emb_dir)
     with pytest.raises(CollectionError, match="no image embeddings"):
         dedup(bare, S.LEVEL_EXACT, workers=0)
-    unindexed = write_collection(str(tmp_path / "unindexed"), [clustered_vectors(20, 8, n_clusters=2)])
+    unindexed = write_collection(
+        str(tmp_path / "unindexed"), [clustered_vectors(20, 8, n_clusters=2)]
+    )
     with pytest.raises(CollectionError, match="no image index.*indices.build"):
         dedup(unindexed, S.LEVEL_COPIES, workers=0)
-    done = subprocess.run([sys.executable, "-m", "curation.dedup", unindexed, "--level", "semantic", "--eps", "2"],
-                          capture_output=True, text=True)
-    assert done.returncode == 2 and "eps must be in (0, 1)" in done.stderr and "Traceback" not in done.stderr
+    done = subprocess.run(
+        [sys.executable, "-m", "curation.dedup", unindexed, "--level", "semantic", "--eps", "2"],
+        capture_output=True,
+        text=True,
+    )
+    assert (
+        done.returncode == 2
+        and "eps must be in (0, 1)" in done.stderr
+        and "Traceback" not in done.stderr
+    )

@@ -16,16 +16,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from curation import schema as S
+from collection import schema as S
 from models.int8 import int8_supported
 from pipelines import embed_worker
 from pipelines.embed import EmbedJobError, embed
-from tests.test_readers import sample_members, tricky_members, write_tar
+from tests.test_shards import sample_members, tricky_members, write_tar
 
 ROOT = Path(__file__).resolve().parent.parent
 N_GOOD = 12  # good samples per shard
 N_SHARDS = 3
-BATCH = 5    # small batches so every part spans several of them
+BATCH = 5  # small batches so every part spans several of them
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -50,8 +50,12 @@ def client():
     """An in-process cluster: tests can monkeypatch the worker code it runs."""
     from distributed import Client, LocalCluster
 
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
-                      dashboard_address=":0") as cluster, Client(cluster) as c:
+    with (
+        LocalCluster(
+            n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0"
+        ) as cluster,
+        Client(cluster) as c,
+    ):
         yield c
 
 
@@ -65,7 +69,11 @@ def load_collection(out: Path) -> tuple[pd.DataFrame, list[np.ndarray], list[np.
     layout = S.CollectionLayout(str(out))
     n = len(list((out / S.DONE_DIR).glob("*.json")))
     meta = pd.concat([pd.read_parquet(layout.metadata(i)) for i in range(n)], ignore_index=True)
-    return meta, [np.load(layout.img_emb(i)) for i in range(n)], [np.load(layout.text_emb(i)) for i in range(n)]
+    return (
+        meta,
+        [np.load(layout.img_emb(i)) for i in range(n)],
+        [np.load(layout.text_emb(i)) for i in range(n)],
+    )
 
 
 def test_collection_rows_statuses_and_aligned_embeddings(clean):
@@ -82,8 +90,9 @@ def test_collection_rows_statuses_and_aligned_embeddings(clean):
         assert list(part[S.ROW]) == list(range(len(part)))
         assert part[S.SOURCE_SHARD].str.endswith(S.shard_name(i)).all()
         got = dict(zip(part[S.KEY], part[S.STATUS]))
-        assert {k.replace("t0", f"t{i}"): v for k, v in expected.items()} == \
-            {k: v for k, v in got.items() if k.startswith("t")}
+        assert {k.replace("t0", f"t{i}"): v for k, v in expected.items()} == {
+            k: v for k, v in got.items() if k.startswith("t")
+        }
         ok = part[part[S.STATUS] == S.STATUS_OK]
         assert len(ok) == N_GOOD == len(img[i]) == len(txt[i])
         assert list(ok[S.EMB_ROW]) == list(range(N_GOOD))
@@ -112,7 +121,7 @@ def test_collection_rows_statuses_and_aligned_embeddings(clean):
     doc = json.loads((out / S.COLLECTION_JSON).read_text())
     assert doc["clip_model"] == "sieve-tiny" and doc["emb_dim"] == img[0].shape[1]
     assert doc["schema_version"] == S.SCHEMA_VERSION
-    assert not list(out.rglob("*.tmp*"))  # temporary names are <file>.tmp<pid> (curation.storage)
+    assert not list(out.rglob("*.tmp*"))  # temporary names are <file>.tmp<pid> (collection.storage)
 
 
 def test_each_worker_loads_the_model_once(clean):
@@ -124,7 +133,9 @@ def test_each_worker_loads_the_model_once(clean):
 
 
 @pytest.mark.skipif(not int8_supported(), reason="torch has no x86/fbgemm int8 engine")
-def test_int8_job_gives_the_fp32_collection_within_quantization_error(shards, client, clean, tmp_path):
+def test_int8_job_gives_the_fp32_collection_within_quantization_error(
+    shards, client, clean, tmp_path
+):
     """sieve-tiny's ResNet image tower stays fp32 under int8; its text blocks are quantized."""
     out = tmp_path / "int8"
     embed(str(shards), str(out), batch_size=BATCH, client=client, precision="int8")
@@ -145,8 +156,9 @@ def test_killed_part_way_then_rerun_matches_clean_run(shards, client, clean, tmp
 
     def dying_write(output, n, rows, img_emb, text_emb, stats):
         if n == 1:  # die mid-commit: embeddings written, metadata and marker not
-            from curation.storage import write_bytes
+            from collection.storage import write_bytes
             from pipelines.writer import npy_bytes
+
             write_bytes(S.CollectionLayout(output).img_emb(n), npy_bytes(img_emb))
             raise RuntimeError("worker killed")
         real_write(output, n, rows, img_emb, text_emb, stats)
@@ -165,10 +177,14 @@ def test_killed_part_way_then_rerun_matches_clean_run(shards, client, clean, tmp
     clean_meta, clean_img, _ = load_collection(clean[0])
     assert meta[S.KEY].is_unique
     assert set(meta[S.KEY]) == set(clean_meta[S.KEY])
-    pd.testing.assert_frame_equal(meta.drop(columns=[S.CLIP_SIMILARITY]),
-                                  clean_meta.drop(columns=[S.CLIP_SIMILARITY]))
-    np.testing.assert_allclose(np.concatenate(img).astype(np.float32),
-                               np.concatenate(clean_img).astype(np.float32), atol=2e-3)
+    pd.testing.assert_frame_equal(
+        meta.drop(columns=[S.CLIP_SIMILARITY]), clean_meta.drop(columns=[S.CLIP_SIMILARITY])
+    )
+    np.testing.assert_allclose(
+        np.concatenate(img).astype(np.float32),
+        np.concatenate(clean_img).astype(np.float32),
+        atol=2e-3,
+    )
 
 
 def test_unopenable_shard_is_named_and_the_rest_committed(shards, client, tmp_path):
@@ -180,7 +196,9 @@ def test_unopenable_shard_is_named_and_the_rest_committed(shards, client, tmp_pa
         embed(str(src), str(out), batch_size=BATCH, client=client)
     assert list(err.value.failed) == [str(src / S.shard_name(N_SHARDS))]
     assert "ShardOpenError" in next(iter(err.value.failed.values()))
-    assert sorted(p.name for p in (out / S.DONE_DIR).iterdir()) == [f"{i}.json" for i in range(N_SHARDS)]
+    assert sorted(p.name for p in (out / S.DONE_DIR).iterdir()) == [
+        f"{i}.json" for i in range(N_SHARDS)
+    ]
     assert json.loads((out / S.COLLECTION_JSON).read_text())["failed_shards"]
 
 
@@ -192,10 +210,14 @@ def test_changed_shard_is_redone_and_overwrite_redoes_all(shards, client, tmp_pa
     write_tar(src / S.shard_name(2), sample_members(4, start=500))
     summary = embed(str(src), str(out), batch_size=BATCH, client=client)
     assert summary["processed_now"] == 1
-    assert pd.read_parquet(S.CollectionLayout(str(out)).metadata(2))[S.KEY].tolist() == \
-        [f"s{i:05d}" for i in range(500, 504)]
+    assert pd.read_parquet(S.CollectionLayout(str(out)).metadata(2))[S.KEY].tolist() == [
+        f"s{i:05d}" for i in range(500, 504)
+    ]
     assert embed(str(src), str(out), batch_size=BATCH, client=client)["processed_now"] == 0
-    assert embed(str(src), str(out), batch_size=BATCH, client=client, overwrite=True)["processed_now"] == N_SHARDS
+    assert (
+        embed(str(src), str(out), batch_size=BATCH, client=client, overwrite=True)["processed_now"]
+        == N_SHARDS
+    )
 
 
 def test_fsspec_memory_input_and_output(client):
@@ -204,6 +226,7 @@ def test_fsspec_memory_input_and_output(client):
     fs = fsspec.filesystem("memory")
     import io
     import tarfile
+
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         for name, data in sample_members(3):
@@ -212,8 +235,12 @@ def test_fsspec_memory_input_and_output(client):
             tar.addfile(info, io.BytesIO(data))
     fs.pipe("/embed-test/in/00000.tar", buf.getvalue())
     try:
-        summary = embed("memory://embed-test/in/{00000..00000}.tar", "memory://embed-test/out",
-                        batch_size=BATCH, client=client)
+        summary = embed(
+            "memory://embed-test/in/{00000..00000}.tar",
+            "memory://embed-test/out",
+            batch_size=BATCH,
+            client=client,
+        )
         assert summary["ok"] == 3
         with fs.open("/embed-test/out/img_emb/img_emb_0.npy", "rb") as fh:
             assert np.load(fh).shape[0] == 3
@@ -235,8 +262,11 @@ def _stand_in_scorers() -> types.SimpleNamespace:
                 return np.array([im.size[0] / 100 for im in items], dtype=np.float32)
             return np.array([len(t) / 1000 for t in items], dtype=np.float32)
 
-    table = {"nsfw": (S.PUNSAFE, "image"), "watermark": (S.PWATERMARK, "image"),
-             "toxicity": (S.PTOXIC, "text")}
+    table = {
+        "nsfw": (S.PUNSAFE, "image"),
+        "watermark": (S.PWATERMARK, "image"),
+        "toxicity": (S.PTOXIC, "text"),
+    }
     mod.SCORER_NAMES = tuple(table)
     mod.load_scorer = lambda name, **opts: Fake(name, *table[name])
     return mod
@@ -248,7 +278,9 @@ def stand_in_scorers(monkeypatch):
     from pipelines.scorers import SCORER_NAMES
 
     fake = _stand_in_scorers()
-    assert fake.SCORER_NAMES == SCORER_NAMES  # pipelines.embed checks --scores against the real names
+    assert (
+        fake.SCORER_NAMES == SCORER_NAMES
+    )  # pipelines.embed checks --scores against the real names
     monkeypatch.setattr(embed_worker, "load_scorer", fake.load_scorer)
     embed_worker.clear_cache()
     yield
@@ -257,12 +289,19 @@ def stand_in_scorers(monkeypatch):
 
 def test_scores_fill_their_columns_for_ok_rows(shards, client, tmp_path, stand_in_scorers):
     out = tmp_path / "collection"
-    embed(str(shards / S.shard_name(0)), str(out), batch_size=BATCH, client=client,
-          scores="nsfw,toxicity")
+    embed(
+        str(shards / S.shard_name(0)),
+        str(out),
+        batch_size=BATCH,
+        client=client,
+        scores="nsfw,toxicity",
+    )
     meta = pd.read_parquet(S.CollectionLayout(str(out)).metadata(0))
     ok = meta[S.STATUS] == S.STATUS_OK
     np.testing.assert_allclose(meta.loc[ok, S.PUNSAFE], 0.32, rtol=1e-6)
-    np.testing.assert_allclose(meta.loc[ok, S.PTOXIC], meta.loc[ok, S.CAPTION].str.len() / 1000, rtol=1e-5)
+    np.testing.assert_allclose(
+        meta.loc[ok, S.PTOXIC], meta.loc[ok, S.CAPTION].str.len() / 1000, rtol=1e-5
+    )
     assert meta.loc[~ok, S.PUNSAFE].isna().all() and meta[S.PWATERMARK].isna().all()
     with pytest.raises(ValueError, match="unknown score"):
         embed(str(shards), str(out), client=client, scores="nsfw,beauty")
@@ -271,8 +310,13 @@ def test_scores_fill_their_columns_for_ok_rows(shards, client, tmp_path, stand_i
 def test_real_scorers(shards, client, tmp_path):
     pytest.importorskip("pipelines.scorers")
     out = tmp_path / "collection"
-    embed(str(shards / S.shard_name(0)), str(out), batch_size=BATCH, client=client,
-          scores="nsfw,watermark,toxicity")
+    embed(
+        str(shards / S.shard_name(0)),
+        str(out),
+        batch_size=BATCH,
+        client=client,
+        scores="nsfw,watermark,toxicity",
+    )
     meta = pd.read_parquet(S.CollectionLayout(str(out)).metadata(0))
     ok = meta[meta[S.STATUS] == S.STATUS_OK]
     for col in (S.PUNSAFE, S.PWATERMARK, S.PTOXIC):
@@ -300,16 +344,47 @@ def test_real_scheduler_and_two_worker_processes_match_local_cluster(shards, tmp
     address = f"tcp://127.0.0.1:{port}"
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     bin_dir = Path(sys.executable).parent
-    procs = [subprocess.Popen([str(bin_dir / "dask"), "scheduler", "--host", "127.0.0.1", "--port",
-                               str(port), "--dashboard-address", ":0"], env=env, cwd=ROOT,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    procs = [
+        subprocess.Popen(
+            [
+                str(bin_dir / "dask"),
+                "scheduler",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--dashboard-address",
+                ":0",
+            ],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    ]
     try:
         time.sleep(1)
         for _ in range(2):
-            procs.append(subprocess.Popen(
-                [str(bin_dir / "dask"), "worker", address, "--nthreads", "1", "--nworkers", "1",
-                 "--host", "127.0.0.1", "--no-dashboard"], env=env, cwd=ROOT,
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            procs.append(
+                subprocess.Popen(
+                    [
+                        str(bin_dir / "dask"),
+                        "worker",
+                        address,
+                        "--nthreads",
+                        "1",
+                        "--nworkers",
+                        "1",
+                        "--host",
+                        "127.0.0.1",
+                        "--no-dashboard",
+                    ],
+                    env=env,
+                    cwd=ROOT,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
         _wait_for_workers(address, 2)
         remote = tmp_path / "remote"
         embed(str(shards), str(remote), batch_size=BATCH, scheduler=address, threads_per_worker=1)
@@ -320,8 +395,9 @@ def test_real_scheduler_and_two_worker_processes_match_local_cluster(shards, tmp
             p.wait(timeout=30)
     meta_l, img_l, txt_l = load_collection(local)
     meta_r, img_r, txt_r = load_collection(remote)
-    pd.testing.assert_frame_equal(meta_l.drop(columns=[S.CLIP_SIMILARITY]),
-                                  meta_r.drop(columns=[S.CLIP_SIMILARITY]))
+    pd.testing.assert_frame_equal(
+        meta_l.drop(columns=[S.CLIP_SIMILARITY]), meta_r.drop(columns=[S.CLIP_SIMILARITY])
+    )
     np.testing.assert_allclose(meta_l[S.CLIP_SIMILARITY], meta_r[S.CLIP_SIMILARITY], atol=2e-3)
     for a, b in zip(img_l + txt_l, img_r + txt_r):
         np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), atol=2e-3)
@@ -330,12 +406,19 @@ def test_real_scheduler_and_two_worker_processes_match_local_cluster(shards, tmp
 
 
 def test_cli_help_is_instant_and_imports_nothing_heavy():
-    code = ("import sys, pipelines.embed; "
-            "heavy = [m for m in ('torch', 'dask', 'distributed', 'open_clip') if m in sys.modules]; "
-            "assert not heavy, heavy")
+    code = (
+        "import sys, pipelines.embed; "
+        "heavy = [m for m in ('torch', 'dask', 'distributed', 'open_clip') if m in sys.modules]; "
+        "assert not heavy, heavy"
+    )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
-    out = subprocess.run([sys.executable, "-m", "pipelines.embed", "--help"], cwd=ROOT,
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "pipelines.embed", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert "--scheduler" in out and "--precision" in out
 
 
@@ -343,20 +426,22 @@ def test_default_cluster_uses_every_core_without_idle_workers(monkeypatch):
     from pipelines import cluster as E
 
     monkeypatch.setattr(E, "cores", lambda: 8)
-    assert E.default_cluster_size() == (8, 1)                 # CPU: a single-thread worker per core
-    assert E.default_cluster_size(tasks=3) == (3, 2)          # no more workers than shards
-    assert E.default_cluster_size(gpu=True) == (2, 4)         # GPU: a worker per 4 cores, sharing it
+    assert E.default_cluster_size() == (8, 1)  # CPU: a single-thread worker per core
+    assert E.default_cluster_size(tasks=3) == (3, 2)  # no more workers than shards
+    assert E.default_cluster_size(gpu=True) == (2, 4)  # GPU: a worker per 4 cores, sharing it
     assert E.default_cluster_size(gpu=True, tasks=1) == (1, 8)
     assert E.default_cluster_size(threads_per_worker=4) == (2, 4)
     assert E.default_cluster_size(workers=2) == (2, 4)
 
 
 @pytest.mark.parametrize("broken", [False, True])
-def test_reading_ahead_inline_and_by_a_decode_pool_give_the_same_part(shards, tmp_path, monkeypatch, broken):
+def test_reading_ahead_inline_and_by_a_decode_pool_give_the_same_part(
+    shards, tmp_path, monkeypatch, broken
+):
     """The read paths (reader thread, inline, reader thread with 3 decode threads) commit
     identical parts, in shard order, and a reader error surfaces from each."""
-    from pipelines import readers
-    from pipelines.readers import list_shards
+    from collection import shards as readers
+    from collection.shards import list_shards
 
     shard = list_shards(str(shards))[1]
     if broken:
@@ -370,7 +455,11 @@ def test_reading_ahead_inline_and_by_a_decode_pool_give_the_same_part(shards, tm
 
         monkeypatch.setattr(embed_worker, "read_shard", failing)
     parts = {}
-    for name, ahead, decoders in (("thread", True, None), ("inline", False, None), ("pool", True, 3)):
+    for name, ahead, decoders in (
+        ("thread", True, None),
+        ("inline", False, None),
+        ("pool", True, 3),
+    ):
         monkeypatch.setattr(embed_worker, "read_ahead", lambda clip, threads, a=ahead: a)
         out = tmp_path / name
         config = embed_worker.EmbedConfig(batch_size=BATCH, decode_threads=decoders)
@@ -397,12 +486,17 @@ def test_workers_spread_over_several_gpus(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     for name, expected in ((0, "cuda:0"), (3, "cuda:1"), ("2", "cuda:0")):
         # the worker module's own name for distributed.get_worker (imported at its top)
-        monkeypatch.setattr(embed_worker, "get_worker", lambda n=name: types.SimpleNamespace(name=n))
+        monkeypatch.setattr(
+            embed_worker, "get_worker", lambda n=name: types.SimpleNamespace(name=n)
+        )
         assert embed_worker.worker_device(None) == embed_worker.worker_device("cuda") == expected
     # a worker named otherwise keeps the device it was given
     monkeypatch.setattr(embed_worker, "get_worker", lambda: types.SimpleNamespace(name="gpu-a"))
     assert embed_worker.worker_device("cuda") == "cuda" and embed_worker.worker_device(None) is None
-    assert embed_worker.worker_device("cuda:1") == "cuda:1" and embed_worker.worker_device("cpu") == "cpu"
+    assert (
+        embed_worker.worker_device("cuda:1") == "cuda:1"
+        and embed_worker.worker_device("cpu") == "cpu"
+    )
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert embed_worker.worker_device(None) is None
 
@@ -421,14 +515,18 @@ def test_decode_threads_default_and_validation():
 
 def _part(out: Path, n: int):
     layout = S.CollectionLayout(str(out))
-    return pd.read_parquet(layout.metadata(n)), np.load(layout.img_emb(n)), np.load(layout.text_emb(n))
+    return (
+        pd.read_parquet(layout.metadata(n)),
+        np.load(layout.img_emb(n)),
+        np.load(layout.text_emb(n)),
+    )
 
 
 def test_local_cluster_workers_run_quiet_unless_the_environment_says_otherwise(monkeypatch):
     """The LocalCluster's workers get QUIET_CLUSTER; a DASK_... variable the user set wins."""
-    from pipelines import cluster as E
-
     import dask
+
+    from pipelines import cluster as E
 
     monkeypatch.setenv("DASK_DISTRIBUTED__WORKER__MEMORY__MONITOR_INTERVAL", "250ms")
     dask.config.refresh()  # as if set before this process started (Dask reads the environment once)
@@ -439,8 +537,10 @@ def test_local_cluster_workers_run_quiet_unless_the_environment_says_otherwise(m
     try:
         keys = list(E.QUIET_CLUSTER)
         seen = list(client.run(lambda: [dask.config.get(k) for k in keys]).values())[0]
-        assert dict(zip(keys, seen)) == {**E.QUIET_CLUSTER,
-                                         "distributed.worker.memory.monitor-interval": "250ms"}
+        assert dict(zip(keys, seen)) == {
+            **E.QUIET_CLUSTER,
+            "distributed.worker.memory.monitor-interval": "250ms",
+        }
     finally:
         client.close()
         cluster.close()
@@ -485,9 +585,25 @@ def test_cli_exits_nonzero_naming_the_unopenable_shard(shards, tmp_path):
     shutil.copy(shards / S.shard_name(0), src / S.shard_name(0))
     (src / S.shard_name(1)).write_bytes(b"\0" * 10)
     out = tmp_path / "collection"
-    proc = subprocess.run([sys.executable, "-m", "pipelines.embed", str(src), str(out), "--workers", "1",
-                           "--threads-per-worker", "1", "--batch-size", str(BATCH)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipelines.embed",
+            str(src),
+            str(out),
+            "--workers",
+            "1",
+            "--threads-per-worker",
+            "1",
+            "--batch-size",
+            str(BATCH),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert f"FAILED {src / S.shard_name(1)}" in proc.stderr
     summary = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -27,7 +27,9 @@ def preprocess(clip):
 
 def _images(size: int, n: int, seed: int = 0) -> list[Image.Image]:
     rng = np.random.default_rng(seed)
-    return [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
+    return [
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(n)
+    ]
 
 
 def test_open_clip_chain_is_recognised(preprocess):
@@ -71,7 +73,11 @@ def test_resized_images_join_the_batch_with_identical_values(preprocess, chain):
         preprocess = open_clip.image_transform(224, is_train=False)
     size, _, _ = batch_normalizer(preprocess)
     imgs = _images(size // 3, 2) + _images(size * 2, 1, 1)
-    imgs.append(Image.fromarray(np.random.default_rng(4).integers(0, 256, (size + 9, size // 2, 3), np.uint8)))
+    imgs.append(
+        Image.fromarray(
+            np.random.default_rng(4).integers(0, 256, (size + 9, size // 2, 3), np.uint8)
+        )
+    )
     arrays = [np.asarray(resize_crop(preprocess)(i)) for i in imgs]
     assert all(fits(a, size) for a in arrays)
     got = _stack(arrays, preprocess)
@@ -102,7 +108,9 @@ def test_uint8_batches_normalised_by_the_model_give_the_same_embeddings(clip):
     items = [np.asarray(i) for i in _images(size, 4, 6)]
     floats = embed_worker.stack(clip, items)
     assert floats.dtype == torch.float32 and floats.shape == (4, 3, size, size)
-    on_gpu = types.SimpleNamespace(device="cuda:0", prep=clip.prep)  # the same model as a GPU worker holds it
+    on_gpu = types.SimpleNamespace(
+        device="cuda:0", prep=clip.prep
+    )  # the same model as a GPU worker holds it
     assert embed_worker.device_normalises(on_gpu)
     raw = embed_worker.stack(on_gpu, items)
     assert raw.dtype == torch.uint8 and raw.shape == (4, size, size, 3)

@@ -48,7 +48,9 @@ def test_clip_settings_stay_close_to_fp32(tiny):
 
 
 @pytest.mark.parametrize("amx, warns", [(False, True), (True, False), (None, False)])
-def test_bf16_on_a_cpu_without_amx_warns_that_fp32_is_likely_faster(monkeypatch, caplog, amx, warns):
+def test_bf16_on_a_cpu_without_amx_warns_that_fp32_is_likely_faster(
+    monkeypatch, caplog, amx, warns
+):
     from models import speed
 
     monkeypatch.setattr(speed, "bf16_supported", lambda device="cpu": True)

@@ -42,7 +42,9 @@ _AVAILABLE = torch.cuda.is_available() if DEVICE.startswith("cuda") else True
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not _AVAILABLE, reason="needs CUDA (SIEVE_GPU_TEST_DEVICE=cpu dry-runs the checks on CPU)"),
+    pytest.mark.skipif(
+        not _AVAILABLE, reason="needs CUDA (SIEVE_GPU_TEST_DEVICE=cpu dry-runs the checks on CPU)"
+    ),
 ]
 
 VITB32 = "ViT-B-32"
@@ -52,8 +54,16 @@ N_IMAGES = 48  # samples per encoder check (one batch)
 # ---- helpers ------------------------------------------------------------------------------
 def _rows_cos(a, b) -> tuple[float, float]:
     """(mean, min) per-row cosine of two (n, d) arrays or tensors."""
-    a = torch.as_tensor(np.asarray(a, dtype=np.float32)) if not torch.is_tensor(a) else a.detach().float().cpu()
-    b = torch.as_tensor(np.asarray(b, dtype=np.float32)) if not torch.is_tensor(b) else b.detach().float().cpu()
+    a = (
+        torch.as_tensor(np.asarray(a, dtype=np.float32))
+        if not torch.is_tensor(a)
+        else a.detach().float().cpu()
+    )
+    b = (
+        torch.as_tensor(np.asarray(b, dtype=np.float32))
+        if not torch.is_tensor(b)
+        else b.detach().float().cpu()
+    )
     assert a.shape == b.shape, (a.shape, b.shape)
     cos = torch.nn.functional.cosine_similarity(a, b, dim=-1)
     return float(cos.mean()), float(cos.min())
@@ -90,8 +100,10 @@ def tiny_ready():
 
     tiny = BUNDLED[TINY_NAME]
     if not tiny.ready():
-        pytest.fail(f"sieve-tiny is not trained in {tiny.folder} (carry .cache/sieve and set SIEVE_CACHE, "
-                    "or run `python -m models.train sieve-tiny` first)")
+        pytest.fail(
+            f"sieve-tiny is not trained in {tiny.folder} (carry .cache/sieve and set SIEVE_CACHE, "
+            "or run `python -m models.train sieve-tiny` first)"
+        )
     return tiny.folder
 
 
@@ -147,7 +159,10 @@ NA_CASES = [  # (h, w, kernel, tile, d_head): dense, strided (divisible) and gat
 
 def _qkv(h, w, d, dtype, seed):
     g = torch.Generator(device="cpu").manual_seed(seed)
-    return [torch.randn(2, 4, h, w, d, generator=g).to(DEVICE, dtype).requires_grad_(True) for _ in range(3)]
+    return [
+        torch.randn(2, 4, h, w, d, generator=g).to(DEVICE, dtype).requires_grad_(True)
+        for _ in range(3)
+    ]
 
 
 @pytest.mark.parametrize("h,w,k,tile,d", NA_CASES)
@@ -157,7 +172,7 @@ def test_na2d_torch_matches_brute_force_on_device(h, w, k, tile, d, dtype):
 
     dt = torch.float32 if dtype == "fp32" else torch.bfloat16
     q, key, v = _qkv(h, w, d, dt, seed=h * w + k)
-    scale = d ** -0.5
+    scale = d**-0.5
     ours = na2d_torch(q, key, v, k, scale=scale, tile=tile)
     assert ours.dtype == dt and ours.device.type == torch.device(DEVICE).type
     # reference in fp32 on the same (rounded) inputs
@@ -189,14 +204,25 @@ def test_natten_matches_na2d_torch_when_installed(h, w, k):
         ref = neighborhood.na2d_torch(q, key, v, k, scale=0.3)
         torch.testing.assert_close(ours.float(), ref.float(), atol=tol, rtol=tol)
         g = torch.randn_like(ref)
-        for a, b in zip(torch.autograd.grad(ours, (q, key, v), g), torch.autograd.grad(ref, (q, key, v), g)):
+        for a, b in zip(
+            torch.autograd.grad(ours, (q, key, v), g), torch.autograd.grad(ref, (q, key, v), g)
+        ):
             torch.testing.assert_close(a.float(), b.float(), atol=tol * 10, rtol=tol * 10)
 
 
 HDIT_MODEL = {
     "patch_size": 4,
-    "levels": [{"depth": 1, "width": 64, "d_ff": 128, "attn": "neighborhood", "d_head": 32, "kernel_size": 7},
-               {"depth": 1, "width": 128, "d_ff": 256, "attn": "global", "d_head": 32}],
+    "levels": [
+        {
+            "depth": 1,
+            "width": 64,
+            "d_ff": 128,
+            "attn": "neighborhood",
+            "d_head": 32,
+            "kernel_size": 7,
+        },
+        {"depth": 1, "width": 128, "d_ff": 256, "attn": "global", "d_head": 32},
+    ],
     "mapping": {"depth": 1, "width": 64, "d_ff": 128},
 }
 
@@ -230,14 +256,20 @@ def test_hdit_training_step_under_bf16_autocast():
         with torch.autocast(torch.device(dev).type, dtype=torch.bfloat16, enabled=bf16):
             loss = m.loss(x.to(dev), noise.to(dev), sigma.to(dev), mapping_cond=cond.to(dev)).mean()
         loss.backward()
-        grads = {n: p.grad.detach().float().cpu() for n, p in m.named_parameters() if p.grad is not None}
+        grads = {
+            n: p.grad.detach().float().cpu() for n, p in m.named_parameters() if p.grad is not None
+        }
         return float(loss.detach()), grads
 
     loss_cpu, grads_cpu = step(cpu_model, "cpu", False)
     loss_dev, grads_dev = step(model, DEVICE, False)
     loss_bf16, grads_bf16 = step(model, DEVICE, True)
     assert np.isfinite([loss_cpu, loss_dev, loss_bf16]).all()
-    assert set(grads_bf16) == set(grads_cpu) == {n for n, p in cpu_model.named_parameters() if p.requires_grad}
+    assert (
+        set(grads_bf16)
+        == set(grads_cpu)
+        == {n for n, p in cpu_model.named_parameters() if p.requires_grad}
+    )
     assert abs(loss_dev - loss_cpu) <= 5e-3 * abs(loss_cpu), (loss_dev, loss_cpu)
     assert abs(loss_bf16 - loss_cpu) <= 5e-2 * abs(loss_cpu), (loss_bf16, loss_cpu)
     flat = lambda gs: torch.cat([gs[n].flatten() for n in sorted(gs)])  # noqa: E731
@@ -275,8 +307,11 @@ def _trainer_losses(compile_: bool, steps: int = 3) -> list[float]:
     assert np.isfinite(losses).all(), (compile_, losses)
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
     assert all(torch.isfinite(p).all() for p in trainer.ema.parameters())
-    changed = [n for n, p in trainer.model.named_parameters()
-               if n in before and not torch.equal(p.detach(), before[n])]
+    changed = [
+        n
+        for n, p in trainer.model.named_parameters()
+        if n in before and not torch.equal(p.detach(), before[n])
+    ]
     assert len(changed) == len(before), set(before) - set(changed)
     return losses
 
@@ -295,7 +330,9 @@ def _fast(clip, **opts):
 def _encode(fast, images, tokens):
     img, txt = fast.encode_image_tensor(images), fast.encode_text_tokens(tokens)
     _sync()
-    assert img.dtype == np.float32 and txt.dtype == np.float32  # Clip gives numpy (FastClip gave tensors)
+    assert (
+        img.dtype == np.float32 and txt.dtype == np.float32
+    )  # Clip gives numpy (FastClip gave tensors)
     assert np.isfinite(img).all() and np.isfinite(txt).all()
     return img, txt
 
@@ -306,18 +343,29 @@ def test_fast_clip_precision_and_speed_options_on_device(clip_case):
 
     name, _, clip, images, tokens = clip_case
     ref_img, ref_txt = _encode(_fast(clip, trim_text=False), images, tokens)
-    torch.testing.assert_close(torch.from_numpy(ref_img).norm(dim=-1), torch.ones(len(images)), atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        torch.from_numpy(ref_img).norm(dim=-1), torch.ones(len(images)), atol=1e-4, rtol=0
+    )
     # the device's fp32 agrees with the CPU's fp32
     cpu = clip.variant(device="cpu", trim_text=False)
     cpu_img, cpu_txt = cpu.encode_image_tensor(images), cpu.encode_text_tokens(tokens)
     for what, a, b in (("image", ref_img, cpu_img), ("text", ref_txt, cpu_txt)):
         mean, low = _rows_cos(a, b)
         assert mean >= 0.999 and low >= 0.99, (name, what, "device fp32 vs cpu fp32", mean, low)
-    cases = [("trim_text", "fp32", {"trim_text": True}, 0.999),
-             ("channels_last", "fp32", {"channels_last": True, "trim_text": False}, 0.999)]
+    cases = [
+        ("trim_text", "fp32", {"trim_text": True}, 0.999),
+        ("channels_last", "fp32", {"channels_last": True, "trim_text": False}, 0.999),
+    ]
     if DEVICE.startswith("cuda") or bf16_supported(DEVICE):
-        cases += [("bf16", "bf16", {"trim_text": False}, 0.995),
-                  ("bf16+trim_text+channels_last", "bf16", {"trim_text": True, "channels_last": True}, 0.995)]
+        cases += [
+            ("bf16", "bf16", {"trim_text": False}, 0.995),
+            (
+                "bf16+trim_text+channels_last",
+                "bf16",
+                {"trim_text": True, "channels_last": True},
+                0.995,
+            ),
+        ]
     if DEVICE.startswith("cuda"):
         assert bf16_supported(DEVICE), "CUDA device without bf16 support"
     failures = []
@@ -343,7 +391,9 @@ def test_fast_clip_normalises_uint8_batches_on_device(clip_case):
     arrays = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(8)]
     fast = _fast(clip, trim_text=False)
     ref = fast.encode_image_tensor(normalize_batch(arrays, mean, std))
-    got = fast.encode_image_tensor(torch.from_numpy(np.stack(arrays)))  # uint8: normalised by the Clip itself
+    got = fast.encode_image_tensor(
+        torch.from_numpy(np.stack(arrays))
+    )  # uint8: normalised by the Clip itself
     _sync()
     mean_cos, low = _rows_cos(got, ref)
     assert low >= 0.99999, (name, mean_cos, low)
@@ -366,7 +416,9 @@ def test_clip_encoder_bf16_autocast_on_device(clip_case, samples):
         np.testing.assert_allclose(np.linalg.norm(b, axis=1), 1, atol=1e-3)
         mean, low = _rows_cos(a, b)
         assert mean >= 0.995, (name, what, "bf16 vs fp32", mean, low)
-    if name == "sieve-tiny":  # the trained model still tells matching captions from shuffled ones in bf16
+    if (
+        name == "sieve-tiny"
+    ):  # the trained model still tells matching captions from shuffled ones in bf16
         matched = np.einsum("ij,ij->i", b_img, b_txt).mean()
         shuffled = np.einsum("ij,ij->i", b_img, np.roll(b_txt, 7, axis=0)).mean()
         assert matched > shuffled + 0.05, (matched, shuffled)
@@ -381,15 +433,22 @@ def e2e_shards(tmp_path_factory) -> Path:
     from pipelines.sample import write_sample_dataset
 
     root = tmp_path_factory.mktemp("gpu-shards")
-    write_sample_dataset(root, E2E_SAMPLES, size=64, seed=7, watermark_fraction=0.1, corrupt_fraction=0.05,
-                         shard_size=E2E_SHARD)
+    write_sample_dataset(
+        root,
+        E2E_SAMPLES,
+        size=64,
+        seed=7,
+        watermark_fraction=0.1,
+        corrupt_fraction=0.05,
+        shard_size=E2E_SHARD,
+    )
     return root
 
 
 def _collection(out: Path):
     import pandas as pd
 
-    from curation import schema as S
+    from collection import schema as S
 
     layout = S.CollectionLayout(str(out))
     parts = sorted(int(p.stem) for p in (out / S.DONE_DIR).glob("*.json"))
@@ -410,8 +469,10 @@ def cpu_collection(e2e_shards, tiny_ready, tmp_path_factory):
 
 
 @pytest.mark.parametrize("precision,floor", [("fp32", 0.999), ("bf16", 0.99)])
-def test_embed_job_on_default_gpu_cluster_matches_cpu(e2e_shards, cpu_collection, tmp_path, precision, floor):
-    from curation import schema as S
+def test_embed_job_on_default_gpu_cluster_matches_cpu(
+    e2e_shards, cpu_collection, tmp_path, precision, floor
+):
+    from collection import schema as S
     from pipelines.cluster import default_cluster_size
     from pipelines.embed import embed
 
@@ -422,21 +483,44 @@ def test_embed_job_on_default_gpu_cluster_matches_cpu(e2e_shards, cpu_collection
     for key in ("count", "ok", "parts", "shards", "status_counts", "emb_dim"):
         assert summary[key] == cpu_summary[key], key
     assert summary["count"] == E2E_SAMPLES and summary["parts"] == E2E_SAMPLES // E2E_SHARD
-    assert summary["status_counts"].get(S.STATUS_DECODE_ERROR, 0) > 0  # corrupt samples were generated
-    cols = [S.KEY, S.PART, S.ROW, S.STATUS, S.EMB_ROW, S.CAPTION, S.WIDTH, S.HEIGHT, S.SHA256, S.PHASH]
+    assert (
+        summary["status_counts"].get(S.STATUS_DECODE_ERROR, 0) > 0
+    )  # corrupt samples were generated
+    cols = [
+        S.KEY,
+        S.PART,
+        S.ROW,
+        S.STATUS,
+        S.EMB_ROW,
+        S.CAPTION,
+        S.WIDTH,
+        S.HEIGHT,
+        S.SHA256,
+        S.PHASH,
+    ]
     assert meta[cols].equals(cpu_meta[cols])
-    assert img.shape == cpu_img.shape == txt.shape == cpu_txt.shape == (summary["ok"], summary["emb_dim"])
+    assert (
+        img.shape
+        == cpu_img.shape
+        == txt.shape
+        == cpu_txt.shape
+        == (summary["ok"], summary["emb_dim"])
+    )
     if DEVICE.startswith("cuda"):  # the default GPU cluster: a worker per 4 cores, sharing the GPU
         workers, threads = default_cluster_size(tasks=summary["shards"], gpu=True)
         assert len({s["worker"] for s in stats}) <= workers
         assert all(s["torch_threads"] == threads for s in stats)
-        assert all(s["decode_threads"] == max(1, threads - 1) for s in stats)  # a decode pool beside the GPU
+        assert all(
+            s["decode_threads"] == max(1, threads - 1) for s in stats
+        )  # a decode pool beside the GPU
         assert all(s["precision"] == precision for s in stats)
     for what, a, b in (("image", img, cpu_img), ("text", txt, cpu_txt)):
         mean, low = _rows_cos(a, b)
         assert mean >= floor, (precision, what, mean, low)
     ok = meta[S.STATUS] == S.STATUS_OK
-    diff = np.abs(meta.loc[ok, S.CLIP_SIMILARITY].to_numpy() - cpu_meta.loc[ok, S.CLIP_SIMILARITY].to_numpy())
+    diff = np.abs(
+        meta.loc[ok, S.CLIP_SIMILARITY].to_numpy() - cpu_meta.loc[ok, S.CLIP_SIMILARITY].to_numpy()
+    )
     assert diff.max() < (0.01 if precision == "fp32" else 0.05), diff.max()
 
 
@@ -448,7 +532,9 @@ def test_faiss_gpu_flat_search_matches_cpu():
     rng = np.random.default_rng(0)
     base = rng.standard_normal((20_000, 512)).astype(np.float32)
     base /= np.linalg.norm(base, axis=1, keepdims=True)
-    queries = base[rng.choice(len(base), 64, replace=False)] + 0.01 * rng.standard_normal((64, 512)).astype(np.float32)
+    queries = base[rng.choice(len(base), 64, replace=False)] + 0.01 * rng.standard_normal(
+        (64, 512)
+    ).astype(np.float32)
     cpu = faiss.IndexFlatIP(512)
     cpu.add(base)
     gpu = faiss.index_cpu_to_all_gpus(cpu)

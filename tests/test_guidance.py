@@ -11,8 +11,15 @@ import torch
 import yaml
 from PIL import Image
 
-from hdit_train.guidance import (GuidanceError, MakeCutouts, Prompt, parse_guidance_prompts, range_loss,
-                                 spherical_dist_loss, tv_loss)
+from hdit_train.guidance import (
+    GuidanceError,
+    MakeCutouts,
+    Prompt,
+    parse_guidance_prompts,
+    range_loss,
+    spherical_dist_loss,
+    tv_loss,
+)
 from hdit_train.guided_diffusion import HDiTGuidance
 from hdit_train.guiding import Guide, GuideSettings
 from models.prompts import PromptError
@@ -41,7 +48,9 @@ def test_prompt_weights_push_and_stops_end_the_pull():
     emb.grad = None
     loss = Prompt(target, 1.0, stop=10.0)(emb)
     loss.sum().backward()
-    assert loss.item() > 0 and torch.count_nonzero(emb.grad) == 0  # below its stop the loss no longer pulls
+    assert (
+        loss.item() > 0 and torch.count_nonzero(emb.grad) == 0
+    )  # below its stop the loss no longer pulls
 
 
 def test_tv_and_range_losses():
@@ -65,8 +74,12 @@ def test_guidance_prompts_share_the_one_parser():
     assert [(p.text, p.weight) for p in texts] == [("a red star", 1.0), ("blurry", -0.5)]
     assert [(p.text, p.weight) for p in images] == [("a.png", 0.5)]
     assert parse_guidance_prompts(None, "b.png")[0] == []
-    for bad, named in [(("blurry:-1", None), "positive weight"), ((None, None), "no prompt"),
-                       (("a:x", None), "'x' is not a number"), (("a|:2", None), "empty text")]:
+    for bad, named in [
+        (("blurry:-1", None), "positive weight"),
+        ((None, None), "no prompt"),
+        (("a:x", None), "'x' is not a number"),
+        (("a|:2", None), "empty text"),
+    ]:
         with pytest.raises(PromptError, match=named):
             parse_guidance_prompts(*bad)
 
@@ -78,9 +91,21 @@ def test_guidance_prompts_share_the_one_parser():
 def vqgan_files(tmp_path_factory) -> tuple[Path, Path]:
     """A random-weight taming-format VQGAN (factor 4), as a user's model.yaml + last.ckpt."""
     torch.manual_seed(0)
-    dd = {"double_z": False, "z_channels": 16, "resolution": 64, "in_channels": 3, "out_ch": 3, "ch": 32,
-          "ch_mult": [1, 1, 2], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
-    model = VQGAN(dd, n_embed=256, embed_dim=4)  # a dense codebook: a few steps cross code boundaries
+    dd = {
+        "double_z": False,
+        "z_channels": 16,
+        "resolution": 64,
+        "in_channels": 3,
+        "out_ch": 3,
+        "ch": 32,
+        "ch_mult": [1, 1, 2],
+        "num_res_blocks": 1,
+        "attn_resolutions": [],
+        "dropout": 0.0,
+    }
+    model = VQGAN(
+        dd, n_embed=256, embed_dim=4
+    )  # a dense codebook: a few steps cross code boundaries
     with torch.no_grad():
         model.quantize.embedding.weight.normal_()
     return save_taming(model, tmp_path_factory.mktemp("vqgan"))
@@ -94,31 +119,51 @@ def hdit_run(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("hdit")
     write_sample_dataset(root / "shards", 16, size=32, seed=0, shard_size=16)
-    cfg = {"model": TINY_MODEL, "cond": {"kind": "clip", "clip_spec": "sieve-tiny", "text_prob": 0.5},
-           "data": {"size": 16, "shuffle_buffer": 8},
-           "train": {"batch_size": 4, "max_steps": 3, "warmup_steps": 1, "log_every": 1, "ckpt_every": 0,
-                     "sample_every": 0, "compile": False}, "sample": {"n": 2, "steps": 2}}
+    cfg = {
+        "model": TINY_MODEL,
+        "cond": {"kind": "clip", "clip_spec": "sieve-tiny", "text_prob": 0.5},
+        "data": {"size": 16, "shuffle_buffer": 8},
+        "train": {
+            "batch_size": 4,
+            "max_steps": 3,
+            "warmup_steps": 1,
+            "log_every": 1,
+            "ckpt_every": 0,
+            "sample_every": 0,
+            "compile": False,
+        },
+        "sample": {"n": 2, "steps": 2},
+    }
     (root / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     return train(str(root / "shards"), str(root / "cfg.yaml"), str(root / "run"))
 
 
 @pytest.fixture(scope="module")
 def guides(tiny_clip, vqgan_files, hdit_run) -> dict[str, Guide]:
-    return {"pixels": Guide("pixels", tiny_clip, device="cpu"),
-            "vqgan": Guide("vqgan", tiny_clip, *vqgan_files, device="cpu"),
-            "hdit": Guide("hdit", tiny_clip, hdit_ckpt=hdit_run, device="cpu")}
+    return {
+        "pixels": Guide("pixels", tiny_clip, device="cpu"),
+        "vqgan": Guide("vqgan", tiny_clip, *vqgan_files, device="cpu"),
+        "hdit": Guide("hdit", tiny_clip, hdit_ckpt=hdit_run, device="cpu"),
+    }
 
 
 @pytest.mark.parametrize("generator", ["pixels", "vqgan", "hdit"])
 def test_a_few_guided_steps_raise_similarity_to_the_prompt(guides, generator):
     g = guides[generator]
     settings = GuideSettings(steps=8, cutn=4)
-    settings.hdit.steps, settings.hdit.clip_scale = 6, 200.0  # a 16² image: each pixel feeds many CLIP inputs
+    settings.hdit.steps, settings.hdit.clip_scale = (
+        6,
+        200.0,
+    )  # a 16² image: each pixel feeds many CLIP inputs
     size = 16 if generator == "hdit" else 32
     prompt = "a red circle on a blue background"
     unguided = g.run(prompt, seed=1, size=size, settings=settings, guided=False)
     guided = g.run(prompt, seed=1, size=size, settings=settings)
-    assert guided.image.shape == (1, 3, size, size) and 0 <= guided.image.min() and guided.image.max() <= 1
+    assert (
+        guided.image.shape == (1, 3, size, size)
+        and 0 <= guided.image.min()
+        and guided.image.max() <= 1
+    )
     assert guided.similarity > unguided.similarity + 0.05, (guided.similarity, unguided.similarity)
     again = g.run(prompt, seed=1, size=size, settings=settings)
     assert torch.equal(again.image, guided.image)  # seeded
@@ -143,41 +188,97 @@ def test_editing_stays_closer_to_the_init_with_an_init_weight(guides, tmp_path):
     g = guides["pixels"]
     a = g.run("a yellow star", seed=0, size=32, init=path, settings=loose).image
     b = g.run("a yellow star", seed=0, size=32, init=path, settings=tight).image
-    start = torch.from_numpy(__import__("numpy").asarray(init, "float32") / 255).permute(2, 0, 1)[None]
+    start = torch.from_numpy(__import__("numpy").asarray(init, "float32") / 255).permute(2, 0, 1)[
+        None
+    ]
     assert (b - start).abs().mean() < (a - start).abs().mean()
     for name in ("vqgan", "hdit"):  # the other generators take an init image too
-        out = guides[name].run("a yellow star", seed=0, size=16 if name == "hdit" else 32, init=path, settings=FEW)
+        out = guides[name].run(
+            "a yellow star", seed=0, size=16 if name == "hdit" else 32, init=path, settings=FEW
+        )
         assert out.image.shape[-1] == (16 if name == "hdit" else 32)
 
 
 def test_bad_input_is_a_one_line_error_naming_it(guides, tmp_path):
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG not really")
-    cases = [(lambda: guides["pixels"].run("a red star", init=broken, settings=FEW), "broken.png"),
-             (lambda: guides["pixels"].run("a red star", init=tmp_path / "nope.png", settings=FEW), "no such file"),
-             (lambda: guides["vqgan"].run("a red star", size=30, settings=FEW), "multiples of 4"),
-             (lambda: guides["hdit"].run("a red star", size=18, settings=FEW), "multiples of 4"),
-             (lambda: guides["pixels"].run("a red star", image_prompts=str(broken), settings=FEW), "broken.png"),
-             (lambda: Guide("gan"), "choose one of")]
+    cases = [
+        (lambda: guides["pixels"].run("a red star", init=broken, settings=FEW), "broken.png"),
+        (
+            lambda: guides["pixels"].run("a red star", init=tmp_path / "nope.png", settings=FEW),
+            "no such file",
+        ),
+        (lambda: guides["vqgan"].run("a red star", size=30, settings=FEW), "multiples of 4"),
+        (lambda: guides["hdit"].run("a red star", size=18, settings=FEW), "multiples of 4"),
+        (
+            lambda: guides["pixels"].run("a red star", image_prompts=str(broken), settings=FEW),
+            "broken.png",
+        ),
+        (lambda: Guide("gan"), "choose one of"),
+    ]
     for call, named in cases:
         with pytest.raises(GuidanceError, match=named) as err:
             call()
         assert "\n" not in str(err.value)
 
 
-def test_the_command_writes_frames_and_a_grid_and_refuses_bad_prompts(tmp_path, capsys, vqgan_files):
+def test_the_command_writes_frames_and_a_grid_and_refuses_bad_prompts(
+    tmp_path, capsys, vqgan_files
+):
     from hdit_train.guide import main
 
     out = tmp_path / "out.png"
-    main(["--prompts", "a green star", "--generator", "vqgan", "--vqgan-config", str(vqgan_files[0]),
-          "--vqgan-ckpt", str(vqgan_files[1]), "--size", "32", "--steps", "3", "--cutn", "2", "--seed", "0", "1",
-          "--save-every", "2", "--out", str(out), "--device", "cpu"])
+    main(
+        [
+            "--prompts",
+            "a green star",
+            "--generator",
+            "vqgan",
+            "--vqgan-config",
+            str(vqgan_files[0]),
+            "--vqgan-ckpt",
+            str(vqgan_files[1]),
+            "--size",
+            "32",
+            "--steps",
+            "3",
+            "--cutn",
+            "2",
+            "--seed",
+            "0",
+            "1",
+            "--save-every",
+            "2",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+        ]
+    )
     assert Image.open(out).size == (2 * 32 + 3, 32 + 2)  # two seeds side by side, 1-pixel padding
-    assert {p.name for p in tmp_path.iterdir()} >= {"out.png", "out_seed0.png", "out_seed1.png", "out_frames"}
+    assert {p.name for p in tmp_path.iterdir()} >= {
+        "out.png",
+        "out_seed0.png",
+        "out_seed1.png",
+        "out_frames",
+    }
     assert sorted(p.name for p in (tmp_path / "out_frames").iterdir()) == [
-        "seed0_step0000.png", "seed0_step0002.png", "seed1_step0000.png", "seed1_step0002.png"]
+        "seed0_step0000.png",
+        "seed0_step0002.png",
+        "seed1_step0000.png",
+        "seed1_step0002.png",
+    ]
     with pytest.raises(SystemExit) as exit_:
-        main(["--prompts", "a red star:heavy", "--generator", "pixels", "--out", str(tmp_path / "x.png")])
+        main(
+            [
+                "--prompts",
+                "a red star:heavy",
+                "--generator",
+                "pixels",
+                "--out",
+                str(tmp_path / "x.png"),
+            ]
+        )
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "'heavy' is not a number" in err

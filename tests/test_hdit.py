@@ -18,8 +18,17 @@ from hdit_train.neighborhood import brute_force_na2d, na2d, na2d_torch, neighbor
 
 TINY_MODEL = {
     "patch_size": 2,
-    "levels": [{"depth": 1, "width": 32, "d_ff": 64, "attn": "neighborhood", "d_head": 16, "kernel_size": 3},
-               {"depth": 1, "width": 64, "d_ff": 128, "attn": "global", "d_head": 16}],
+    "levels": [
+        {
+            "depth": 1,
+            "width": 32,
+            "d_ff": 64,
+            "attn": "neighborhood",
+            "d_head": 16,
+            "kernel_size": 3,
+        },
+        {"depth": 1, "width": 64, "d_ff": 128, "attn": "global", "d_head": 16},
+    ],
     "mapping": {"depth": 1, "width": 32, "d_ff": 64},
 }
 
@@ -46,7 +55,11 @@ def test_shapes_across_resolutions_and_aspect_ratios(h, w):
 
 
 def test_flowers_shape_parameter_count():
-    levels = [LevelSpec(2, 128, 384), LevelSpec(2, 256, 768), LevelSpec(4, 512, 1536, attn="global")]
+    levels = [
+        LevelSpec(2, 128, 384),
+        LevelSpec(2, 256, 768),
+        LevelSpec(4, 512, 1536, attn="global"),
+    ]
     model = HDiT(HDiTConfig(levels=levels, mapping=MappingSpec(2, 256, 768), patch_size=4))
     assert 22.0e6 < sum(p.numel() for p in model.parameters()) < 22.6e6
     assert model(torch.randn(1, 3, 64, 64), torch.zeros(1)).shape == (1, 3, 64, 64)
@@ -63,9 +76,20 @@ def test_untrained_network_outputs_zero():
     assert torch.count_nonzero(out) == 0
 
 
-@pytest.mark.parametrize("h,w,k,tile", [(16, 16, 7, None), (16, 16, 7, 4), (20, 13, 5, 4), (24, 24, 7, 8),
-                                        (9, 9, 3, None), (30, 17, 7, 6), (7, 7, 7, None), (24, 16, 7, 8),
-                                        (32, 40, 5, 8)])
+@pytest.mark.parametrize(
+    "h,w,k,tile",
+    [
+        (16, 16, 7, None),
+        (16, 16, 7, 4),
+        (20, 13, 5, 4),
+        (24, 24, 7, 8),
+        (9, 9, 3, None),
+        (30, 17, 7, 6),
+        (7, 7, 7, None),
+        (24, 16, 7, 8),
+        (32, 40, 5, 8),
+    ],
+)
 def test_neighborhood_attention_matches_brute_force(h, w, k, tile):
     g = torch.Generator().manual_seed(h * w + k)
     q, key, v = (torch.randn(2, 3, h, w, 8, generator=g, requires_grad=True) for _ in range(3))
@@ -151,7 +175,10 @@ def test_cfg_scale_one_equals_conditional(kind):
     randomize(den)
     x, sigma = torch.randn(3, 3, 16, 16), torch.tensor([0.5, 1.0, 3.0])
     if kind == "class":
-        cond, uncond = {"class_labels": torch.tensor([0, 1, 2])}, {"class_labels": torch.full((3,), 4)}
+        cond, uncond = (
+            {"class_labels": torch.tensor([0, 1, 2])},
+            {"class_labels": torch.full((3,), 4)},
+        )
     else:
         emb = torch.nn.functional.normalize(torch.randn(3, 6), dim=-1)
         cond, uncond = {"mapping_cond": emb}, {"mapping_cond": torch.zeros(3, 6)}
@@ -167,13 +194,26 @@ def test_cfg_scale_one_equals_conditional(kind):
 
 
 def _config(tmp_path: Path, **train) -> Path:
-    cfg = {"model": TINY_MODEL,
-           "cond": {"kind": "class", "class_field": "shape",
-                    "classes": ["circle", "square", "triangle", "star", "hexagon", "diamond", "cross"]},
-           "data": {"size": 16, "shuffle_buffer": 8},
-           "train": {"batch_size": 4, "max_steps": 4, "warmup_steps": 2, "log_every": 1, "ckpt_every": 0,
-                     "sample_every": 0, "compile": False, **train},
-           "sample": {"n": 4, "steps": 2}}
+    cfg = {
+        "model": TINY_MODEL,
+        "cond": {
+            "kind": "class",
+            "class_field": "shape",
+            "classes": ["circle", "square", "triangle", "star", "hexagon", "diamond", "cross"],
+        },
+        "data": {"size": 16, "shuffle_buffer": 8},
+        "train": {
+            "batch_size": 4,
+            "max_steps": 4,
+            "warmup_steps": 2,
+            "log_every": 1,
+            "ckpt_every": 0,
+            "sample_every": 0,
+            "compile": False,
+            **train,
+        },
+        "sample": {"n": 4, "steps": 2},
+    }
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -184,7 +224,9 @@ def shards(tmp_path_factory) -> Path:
     from pipelines.sample import write_sample_dataset
 
     out = tmp_path_factory.mktemp("shards")
-    write_sample_dataset(out, 24, size=32, seed=0, watermark_fraction=0.0, corrupt_fraction=0.1, shard_size=12)
+    write_sample_dataset(
+        out, 24, size=32, seed=0, watermark_fraction=0.0, corrupt_fraction=0.1, shard_size=12
+    )
     return out
 
 
@@ -212,7 +254,9 @@ def test_resume_gives_identical_next_steps(shards, tmp_path):
 
     from hdit_train.sample import sample as sample_run
 
-    grid = sample_run(str(resumed), str(tmp_path / "grid.png"), class_label=2, n=4, steps=3, cfg=2.0)
+    grid = sample_run(
+        str(resumed), str(tmp_path / "grid.png"), class_label=2, n=4, steps=3, cfg=2.0
+    )
     assert Image.open(grid).size == (2 * 16 + 3, 2 * 16 + 3)  # 2x2 grid, 1-pixel padding
 
 
@@ -232,21 +276,41 @@ def _export(tmp_path: Path, n: int = 8, dim: int = 6) -> Path:
             emb = rng.normal(size=dim).astype(np.float16)
             npy = io.BytesIO()
             np.save(npy, emb / np.linalg.norm(emb))
-            members = {"jpg": buf.getvalue(), "txt": b"a thing", "json": b"{}",
-                       "img_emb.npy": npy.getvalue(), "txt_emb.npy": npy.getvalue()}
+            members = {
+                "jpg": buf.getvalue(),
+                "txt": b"a thing",
+                "json": b"{}",
+                "img_emb.npy": npy.getvalue(),
+                "txt_emb.npy": npy.getvalue(),
+            }
             if i == 3:
                 members["jpg"] = b"not a jpeg"
             for ext, data in members.items():
                 info = tarfile.TarInfo(f"{key}.{ext}")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
-    (out / "manifest.json").write_text(json.dumps({"format": "webdataset", "spec_hash": "abc123",
-                                                   "clip_model": "sieve-tiny", "dim": dim, "count": n}))
+    (out / "manifest.json").write_text(
+        json.dumps(
+            {
+                "format": "webdataset",
+                "spec_hash": "abc123",
+                "clip_model": "sieve-tiny",
+                "dim": dim,
+                "count": n,
+            }
+        )
+    )
     return out
 
 
 def test_export_format_reads_embeddings_and_skips_bad_samples(tmp_path):
-    from hdit_train.data import ShardStream, batches, manifest_clip_spec, manifest_spec_hash, read_manifest
+    from hdit_train.data import (
+        ShardStream,
+        batches,
+        manifest_clip_spec,
+        manifest_spec_hash,
+        read_manifest,
+    )
 
     export = _export(tmp_path)
     manifest = read_manifest(export)
@@ -291,6 +355,7 @@ def test_demo_colour_scorer_reads_real_scenes():
 
 class _StubEncoder:
     """Image embedding = +e0, text embedding = +e1: the gap is exactly e0 - e1."""
+
     dim = 4
 
     def encode_images(self, images):
@@ -312,9 +377,9 @@ def test_modality_gap_from_plain_shards_and_prompt_shift(shards):
     cfg = {"cond": {"kind": "clip"}}
     plain, _ = cond_kwargs(cfg, 2, _StubEncoder(), ["a red circle"])
     shifted, uncond = cond_kwargs(cfg, 2, _StubEncoder(), ["a red circle"], clip_gap=gap)
-    assert torch.allclose(plain["mapping_cond"][0], torch.tensor([0., 1, 0, 0]))
+    assert torch.allclose(plain["mapping_cond"][0], torch.tensor([0.0, 1, 0, 0]))
     # text + gap = the image embedding: the prompt lands where training conditions lived
-    assert torch.allclose(shifted["mapping_cond"][0], torch.tensor([1., 0, 0, 0]))
+    assert torch.allclose(shifted["mapping_cond"][0], torch.tensor([1.0, 0, 0, 0]))
     assert (uncond["mapping_cond"] == 0).all()
 
 
@@ -333,7 +398,7 @@ def test_condition_noise_perturbs_but_keeps_unit_norm(tmp_path):
     assert (cos < 0.999).all() and (cos > 0.8).all()
 
 
-@pytest.mark.parametrize("text_prob,expected", [(0.0, [1., 0, 0, 0]), (1.0, [0., 1, 0, 0])])
+@pytest.mark.parametrize("text_prob,expected", [(0.0, [1.0, 0, 0, 0]), (1.0, [0.0, 1, 0, 0])])
 def test_text_prob_conditions_on_caption_embeddings(shards, tmp_path, text_prob, expected):
     """cond.text_prob: that fraction of samples is conditioned on its caption's text embedding."""
     from hdit_train.data import ShardStream, batches
@@ -341,7 +406,13 @@ def test_text_prob_conditions_on_caption_embeddings(shards, tmp_path, text_prob,
     from hdit_train.trainer import Trainer, _embed_missing
 
     cfg = load_config(_config(tmp_path))
-    cfg["cond"] = {**cfg["cond"], "kind": "clip", "dropout": 0.0, "noise": 0.0, "text_prob": text_prob}
+    cfg["cond"] = {
+        **cfg["cond"],
+        "kind": "clip",
+        "dropout": 0.0,
+        "noise": 0.0,
+        "text_prob": text_prob,
+    }
     stream = ShardStream(shards, 16, cond="clip", clip_preprocess=lambda pil: torch.zeros(3, 4, 4))
     batch = next(batches(stream.iterate(), 4))
     assert len(batch["captions"]) == 4 and all(batch["captions"])

@@ -9,21 +9,24 @@ import numpy as np
 import pytest
 
 from bench.synthetic import clustered_vectors, write_collection, write_takedown
-from curation import schema as S
+from collection import schema as S
 from indices.select import choose_index, parse_bytes
 
 DIM = 32
 
 
-@pytest.mark.parametrize("n,budget,expect", [
-    (1_000, "4G", "Flat"),
-    (10_000, "8M", "SQ8"),
-    (10_000, "2M", "IVF256,PQ64x8"),  # SQ8 (5 MB) misses the budget: PQ codes + exact re-rank
-    (100_000, "4G", "HNSW32"),
-    (1_000_000, "4G", "IVF4096,Flat"),
-    (1_000_000, "200M", "IVF4096,PQ128x8"),
-    (50_000_000, "2G", "IVF32768_HNSW32,PQ32x8"),
-])
+@pytest.mark.parametrize(
+    "n,budget,expect",
+    [
+        (1_000, "4G", "Flat"),
+        (10_000, "8M", "SQ8"),
+        (10_000, "2M", "IVF256,PQ64x8"),  # SQ8 (5 MB) misses the budget: PQ codes + exact re-rank
+        (100_000, "4G", "HNSW32"),
+        (1_000_000, "4G", "IVF4096,Flat"),
+        (1_000_000, "200M", "IVF4096,PQ128x8"),
+        (50_000_000, "2G", "IVF32768_HNSW32,PQ32x8"),
+    ],
+)
 def test_choose_index_by_size_and_budget(n, budget, expect):
     c = choose_index(n, 512, budget)
     assert c.index_key == expect
@@ -37,7 +40,11 @@ def test_choose_index_refuses_impossible_budget():
 
 
 def test_parse_bytes():
-    assert parse_bytes("4G") == 4 * 2**30 and parse_bytes("100M") == 100 * 2**20 and parse_bytes(512) == 512
+    assert (
+        parse_bytes("4G") == 4 * 2**30
+        and parse_bytes("100M") == 100 * 2**20
+        and parse_bytes(512) == 512
+    )
     with pytest.raises(ValueError):
         parse_bytes("lots")
 
@@ -109,7 +116,11 @@ def test_safe_mode_and_sql_filters(coll):
     s = Searcher(coll)
     q = np.load(S.CollectionLayout(coll).img_emb(0), mmap_mode="r")[7].astype(np.float32)
     rows = s.query(embedding=q, k=20, safe_mode=True, deduplicate=False)
-    assert len(rows) == 20 and all(r[S.PUNSAFE] <= 0.5 for r in rows) and 7 not in [r["id"] for r in rows]
+    assert (
+        len(rows) == 20
+        and all(r[S.PUNSAFE] <= 0.5 for r in rows)
+        and 7 not in [r["id"] for r in rows]
+    )
     rows = s.query(embedding=q, k=10, filters="part = 1 AND emb_row % 2 = 0", deduplicate=False)
     assert len(rows) == 10 and all(r["id"] >= 1500 and (r["id"] - 1500) % 2 == 0 for r in rows)
     with pytest.raises(QueryError):
@@ -145,18 +156,23 @@ def test_takedown_never_returned(coll, tmp_path):
 
 
 def test_filters_run_sandboxed_with_a_time_limit(coll):
-    """filters= goes through curation.sandbox: `id` is a column, a runaway clause is stopped by
+    """filters= goes through collection.sandbox: `id` is a column, a runaway clause is stopped by
     the time limit, a second statement is refused, and searching carries on with one worker."""
-    from curation.sandbox import Limits
+    from collection.sandbox import Limits
     from indices.search import QueryError, Searcher
 
-    s = Searcher(coll, filter_limits=Limits(timeout_s=1.0, memory_limit="128MB", threads=1, grace_s=3.0))
+    s = Searcher(
+        coll, filter_limits=Limits(timeout_s=1.0, memory_limit="128MB", threads=1, grace_s=3.0)
+    )
     q = np.load(S.CollectionLayout(coll).img_emb(0), mmap_mode="r")[11].astype(np.float32)
     rows = s.query(embedding=q, k=10, filters="id % 3 = 0", deduplicate=False)
     assert len(rows) == 10 and all(r["id"] % 3 == 0 for r in rows)
     pid = s._sandbox.pid
     with pytest.raises(QueryError, match="time limit"):
-        s.query(embedding=q, filters="(SELECT sum(a.range * b.range) FROM range(1000000) a, range(1000000) b) > 0")
+        s.query(
+            embedding=q,
+            filters="(SELECT sum(a.range * b.range) FROM range(1000000) a, range(1000000) b) > 0",
+        )
     with pytest.raises(QueryError, match="one statement"):
         s.query(embedding=q, filters="TRUE; SELECT 1")
     rows = s.query(embedding=q, k=5, filters="part = 0", deduplicate=False)

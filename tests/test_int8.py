@@ -13,7 +13,9 @@ from models.int8 import SelfAttention, int8_supported, quantize_int8, split_self
 from models.speed import model_dtype
 from tests.tiny_models import as_clip, random_vit_clip
 
-needs_int8 = pytest.mark.skipif(not int8_supported("cpu"), reason="torch has no x86/fbgemm int8 engine")
+needs_int8 = pytest.mark.skipif(
+    not int8_supported("cpu"), reason="torch has no x86/fbgemm int8 engine"
+)
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +40,11 @@ def test_rebuilt_self_attention_equals_multihead_attention(batch_first, mask):
         mha.out_proj.bias.normal_()
     x = torch.randn(3, 7, 64) if batch_first else torch.randn(7, 3, 64)
     causal = torch.ones(7, 7, dtype=torch.bool).triu(1)  # True: may not attend
-    attn_mask = {None: None, "bool": causal,
-                 "float": torch.zeros(7, 7).masked_fill(causal, float("-inf"))}[mask]
+    attn_mask = {
+        None: None,
+        "bool": causal,
+        "float": torch.zeros(7, 7).masked_fill(causal, float("-inf")),
+    }[mask]
     rebuilt = SelfAttention(mha)
     with torch.inference_mode():
         want = mha(x, x, x, need_weights=False, attn_mask=attn_mask)[0]
@@ -57,8 +62,12 @@ def test_splitting_attention_keeps_the_model_exact(vit):
     assert split_self_attention(split) == 4
     assert not any(isinstance(m, torch.nn.MultiheadAttention) for m in split.modules())
     with torch.inference_mode():
-        torch.testing.assert_close(split.encode_image(images), model.encode_image(images), atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(split.encode_text(tokens), model.encode_text(tokens), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            split.encode_image(images), model.encode_image(images), atol=1e-5, rtol=1e-4
+        )
+        torch.testing.assert_close(
+            split.encode_text(tokens), model.encode_text(tokens), atol=1e-5, rtol=1e-4
+        )
 
 
 @needs_int8
@@ -75,11 +84,15 @@ def test_int8_quantizes_every_block_linear_and_stays_close_to_fp32(vit):
     assert not any(isinstance(m, torch.nn.MultiheadAttention) for m in fast.model.modules())
     assert fast.trim_text
     img, txt = fast.encode_image_tensor(images), fast.encode_text_tokens(tokens)
-    assert img.dtype == np.float32 and img.shape == ref_img.shape  # numpy now (FastClip gave tensors)
+    assert (
+        img.dtype == np.float32 and img.shape == ref_img.shape
+    )  # numpy now (FastClip gave tensors)
     torch.testing.assert_close(torch.from_numpy(img).norm(dim=-1), torch.ones(4))
     assert _cos(img, ref_img) > 0.99 and _cos(txt, ref_txt) > 0.99
     assert _cos(img, ref_img) < 1.0 - 1e-7  # quantized, not a no-op
-    with torch.inference_mode():  # the full context too (trimming changes the activation scales a little)
+    with (
+        torch.inference_mode()
+    ):  # the full context too (trimming changes the activation scales a little)
         assert _cos(fast.model.encode_text(tokens), ref_txt) > 0.99
 
 
@@ -103,9 +116,11 @@ def test_int8_refuses_a_gpu_and_compile(vit):
     from models.clip import load_clip
     from pipelines.embed import embed
 
-    for call in (lambda: model_dtype("int8", "cuda"),
-                 lambda: load_clip("sieve-tiny", device="cuda", precision="int8"),
-                 lambda: embed("nowhere", "nowhere-out", precision="int8", device="cuda:0")):
+    for call in (
+        lambda: model_dtype("int8", "cuda"),
+        lambda: load_clip("sieve-tiny", device="cuda", precision="int8"),
+        lambda: embed("nowhere", "nowhere-out", precision="int8", device="cuda:0"),
+    ):
         with pytest.raises(ValueError, match="CPU only"):
             call()
     with pytest.raises(ValueError, match="compile"):

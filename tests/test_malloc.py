@@ -28,7 +28,9 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
 def test_no_mmap_cuts_page_faults_of_a_training_step():
     def faults(mode: str) -> int:
-        out = subprocess.run([sys.executable, "-c", SCRIPT, mode], capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", SCRIPT, mode], capture_output=True, text=True, check=True
+        )
         return int(out.stdout.strip().splitlines()[-1])
 
     plain, tuned = faults("plain"), faults("tuned")

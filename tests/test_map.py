@@ -7,11 +7,18 @@ import pyarrow.parquet as pq
 import pytest
 
 from bench.synthetic import clustered_vectors, write_collection
-from curation import schema as S
-from curation.map import compute_map, keys_in_region, place_nearest, points_in_polygon, read_map, region_clause
+from collection import schema as S
+from collection.parts import CollectionError, read_metadata
+from curation.map import (
+    compute_map,
+    keys_in_region,
+    place_nearest,
+    points_in_polygon,
+    read_map,
+    region_clause,
+)
 from curation.uniqueness import compute_uniqueness, read_uniqueness, uniqueness_scores
 from curation.vectors import read_keys
-from indices.store import CollectionError, read_metadata
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +43,10 @@ def test_a_rectangle_or_a_lasso_gives_the_keys_inside(mapped):
     rect = (np.quantile(x, 0.2), np.quantile(y, 0.2), np.quantile(x, 0.7), np.quantile(y, 0.8))
     inside = (x >= rect[0]) & (x <= rect[2]) & (y >= rect[1]) & (y <= rect[3])
     assert keys_in_region(coll, rect=rect) == table[S.KEY][inside].tolist()
-    assert keys_in_region(coll, rect=(rect[2], rect[3], rect[0], rect[1])) == table[S.KEY][inside].tolist()
+    assert (
+        keys_in_region(coll, rect=(rect[2], rect[3], rect[0], rect[1]))
+        == table[S.KEY][inside].tolist()
+    )
     lasso = [(rect[0], rect[1]), (rect[2], rect[1]), (rect[2], rect[3]), (rect[0], rect[3])]
     assert set(keys_in_region(coll, polygon=lasso)) <= set(table[S.KEY][inside])
     ids = np.arange(0, len(table), 3)
@@ -80,13 +90,17 @@ def test_uniqueness_is_a_joinable_table_and_copies_are_the_least_unique(insight_
     assert table[S.ID].tolist() == list(range(len(table)))
     assert table[S.KEY].tolist() == list(read_keys(coll))
     assert table[S.UNIQUENESS].between(0, 1).all() and (table[S.KTH_DISTANCE] >= -1e-6).all()
-    planted = np.array([d is not None for d in read_metadata(coll, ["dup_of"]).column("dup_of").to_pylist()])
+    planted = np.array(
+        [d is not None for d in read_metadata(coll, ["dup_of"]).column("dup_of").to_pylist()]
+    )
     assert table[S.UNIQUENESS][planted].mean() < 0.5 * table[S.UNIQUENESS][~planted].mean()
     assert pq.read_table(S.InsightLayout(coll).uniqueness).num_rows == len(table)
 
 
 def test_uniqueness_ranks_ties_together_and_needs_an_index(tmp_path):
-    assert uniqueness_scores(np.array([0.1, 0.3, 0.1, np.nan])).tolist() == pytest.approx([1 / 6, 2 / 3, 1 / 6, 1.0])
+    assert uniqueness_scores(np.array([0.1, 0.3, 0.1, np.nan])).tolist() == pytest.approx(
+        [1 / 6, 2 / 3, 1 / 6, 1.0]
+    )
     coll = write_collection(str(tmp_path / "c"), [clustered_vectors(30, 8, n_clusters=3)])
     with pytest.raises(CollectionError, match="no image index.*indices.build"):
         compute_uniqueness(coll)

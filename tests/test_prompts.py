@@ -11,7 +11,10 @@ from models.prompts import PromptError, WeightedPrompt, combine, parse_prompts
 
 
 def test_weights_stops_and_negatives():
-    assert parse_prompts("a red star:1|blurry:-0.5") == [WeightedPrompt("a red star", 1.0), WeightedPrompt("blurry", -0.5)]
+    assert parse_prompts("a red star:1|blurry:-0.5") == [
+        WeightedPrompt("a red star", 1.0),
+        WeightedPrompt("blurry", -0.5),
+    ]
     assert parse_prompts("x:2:0.3") == [WeightedPrompt("x", 2.0, 0.3)]
     assert parse_prompts(["a", "b:0.5"]) == [WeightedPrompt("a"), WeightedPrompt("b", 0.5)]
     assert parse_prompts("  a red circle  ")[0] == WeightedPrompt("a red circle", 1.0, -math.inf)
@@ -22,9 +25,19 @@ def test_a_colon_followed_by_words_stays_in_the_text():
     assert parse_prompts("a photo of: two cats:2") == [WeightedPrompt("a photo of: two cats", 2.0)]
 
 
-@pytest.mark.parametrize("bad, named", [("", "empty"), ("|", "empty"), ("a red star:abc", "'abc'"),
-                                        ("a:1|:2", "empty text"), ("blurry:-1", "positive weight"),
-                                        ("a:nan", "finite"), ("a:inf", "finite"), ("a:1:x", "stop 'x'")])
+@pytest.mark.parametrize(
+    "bad, named",
+    [
+        ("", "empty"),
+        ("|", "empty"),
+        ("a red star:abc", "'abc'"),
+        ("a:1|:2", "empty text"),
+        ("blurry:-1", "positive weight"),
+        ("a:nan", "finite"),
+        ("a:inf", "finite"),
+        ("a:1:x", "stop 'x'"),
+    ],
+)
 def test_malformed_prompts_are_one_line_errors_naming_the_problem(bad, named):
     with pytest.raises(PromptError, match=named) as err:
         parse_prompts(bad)

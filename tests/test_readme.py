@@ -21,23 +21,41 @@ OURS = ("pipelines", "indices", "curation", "models", "hdit_train", "bench", "we
 
 def _modules() -> list[str]:
     found = re.findall(r"(?:python -m|torchrun [^`\n]*?-m) ([A-Za-z_][\w.]*)", README)
-    return sorted({m for m in found if m.split(".")[0] in OURS and not m.isupper() and "NAME" not in m})
+    return sorted(
+        {m for m in found if m.split(".")[0] in OURS and not m.isupper() and "NAME" not in m}
+    )
 
 
 def test_readme_names_the_commands_it_documents():
-    assert {"pipelines.sample", "pipelines.embed", "indices.build", "indices.serve", "models.train",
-            "hdit_train.train", "hdit_train.sample"} <= set(_modules())
+    assert {
+        "pipelines.sample",
+        "pipelines.embed",
+        "indices.build",
+        "indices.serve",
+        "models.train",
+        "hdit_train.train",
+        "hdit_train.sample",
+    } <= set(_modules())
 
 
 def test_every_command_in_the_readme_answers_help():
     def run(module: str) -> tuple[str, int, str]:
-        done = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True, text=True,
-                              timeout=300)
+        done = subprocess.run(
+            [sys.executable, "-m", module, "--help"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         return module, done.returncode, done.stdout + done.stderr
 
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(run, _modules()))
-    failed = [f"{m}: exit {rc}: {out[-300:]}" for m, rc, out in results if rc != 0 or "usage" not in out.lower()]
+    failed = [
+        f"{m}: exit {rc}: {out[-300:]}"
+        for m, rc, out in results
+        if rc != 0 or "usage" not in out.lower()
+    ]
     assert failed == []
 
 
@@ -69,7 +87,13 @@ def test_python_snippets_run_on_demo_sized_data(snippet, demo_sized, tmp_path):
         snippet = snippet.replace(path, replacement)
     script = tmp_path / "snippet.py"
     script.write_text(snippet)
-    done = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip(), "a README snippet should show its result"

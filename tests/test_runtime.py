@@ -1,4 +1,4 @@
-"""models.runtime (progress lines, logging) and curation.storage (atomic writes, collection.json)."""
+"""models.runtime (progress lines, logging) and collection.storage (atomic writes, collection.json)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from curation.storage import atomic_path, read_collection_json, write_bytes, write_collection_json
+from collection.storage import atomic_path, read_collection_json, write_bytes, write_collection_json
 from models.runtime import progress, setup_logging
 
 
@@ -108,7 +108,9 @@ def test_atomic_path_replaces_a_folder_whole(tmp_path):
     with atomic_path(target) as tmp:
         os.makedirs(tmp)
         (Path(tmp) / "weights.bin").write_bytes(b"new")
-        assert (target / "weights.bin").read_bytes() == b"old"  # readers see the old folder meanwhile
+        assert (
+            target / "weights.bin"
+        ).read_bytes() == b"old"  # readers see the old folder meanwhile
     assert sorted(p.name for p in target.iterdir()) == ["weights.bin"]
     assert (target / "weights.bin").read_bytes() == b"new"
     assert _leftovers(tmp_path, target.name) == []

@@ -33,16 +33,25 @@ def _read_tar(path: Path) -> dict[str, dict[str, bytes]]:
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shards")
-    sample.write_sample_dataset(out, n=230, size=48, seed=7, watermark_fraction=0.2,
-                                corrupt_fraction=0.1, shard_size=100)
+    sample.write_sample_dataset(
+        out, n=230, size=48, seed=7, watermark_fraction=0.2, corrupt_fraction=0.1, shard_size=100
+    )
     return out
 
 
 def test_layout_and_counts(shards: Path) -> None:
     names = sorted(p.name for p in shards.iterdir())
-    assert names == ["00000.parquet", "00000.tar", "00000_stats.json",
-                     "00001.parquet", "00001.tar", "00001_stats.json",
-                     "00002.parquet", "00002.tar", "00002_stats.json"]
+    assert names == [
+        "00000.parquet",
+        "00000.tar",
+        "00000_stats.json",
+        "00001.parquet",
+        "00001.tar",
+        "00001_stats.json",
+        "00002.parquet",
+        "00002.tar",
+        "00002_stats.json",
+    ]
     counts = [json.loads((shards / f"0000{i}_stats.json").read_text())["count"] for i in range(3)]
     assert counts == [100, 100, 30]
 
@@ -132,16 +141,36 @@ def test_bad_arguments_are_clear(tmp_path: Path) -> None:
 
 
 def test_cli(tmp_path: Path) -> None:
-    out = subprocess.run([sys.executable, "-m", "pipelines.sample", "--out", str(tmp_path), "--n", "12",
-                          "--size", "32", "--shard-size", "5", "--corrupt-fraction", "0.5"],
-                         cwd=REPO, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipelines.sample",
+            "--out",
+            str(tmp_path),
+            "--n",
+            "12",
+            "--size",
+            "32",
+            "--shard-size",
+            "5",
+            "--corrupt-fraction",
+            "0.5",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     totals = json.loads(out.stdout.strip().splitlines()[-1])
     assert totals["count"] == 12 and totals["shards"] == 3
     assert (tmp_path / "00002.tar").exists()
 
 
 def test_object_sizes_restrict_the_drawn_sizes():
-    drawn = [s.attrs["size"] for s in scenes.iter_samples(200, size=32, object_sizes=("medium", "large"))]
+    drawn = [
+        s.attrs["size"] for s in scenes.iter_samples(200, size=32, object_sizes=("medium", "large"))
+    ]
     assert set(drawn) == {"medium", "large"}
     every = {s.attrs["size"] for s in scenes.iter_samples(200, size=32)}
     assert every == {"small", "medium", "large"}
@@ -153,29 +182,61 @@ def test_mismatched_captions_are_swapped_and_marked(tmp_path: Path) -> None:
     """`--mismatch-fraction`: another sample's caption, naming another colour or shape, marked in
     the json; deterministic per seed; without it the shards are unchanged."""
     out = tmp_path / "swapped"
-    done = subprocess.run([sys.executable, "-m", "pipelines.sample", "--out", str(out), "--n", "200", "--size", "16",
-                           "--seed", "3", "--mismatch-fraction", "0.25", "--shard-size", "100"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipelines.sample",
+            "--out",
+            str(out),
+            "--n",
+            "200",
+            "--size",
+            "16",
+            "--seed",
+            "3",
+            "--mismatch-fraction",
+            "0.25",
+            "--shard-size",
+            "100",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     assert 30 < json.loads(done.stdout)["mismatched"] < 70
-    rows = pq.read_table(out / "00000.parquet").to_pylist() + pq.read_table(out / "00001.parquet").to_pylist()
+    rows = (
+        pq.read_table(out / "00000.parquet").to_pylist()
+        + pq.read_table(out / "00001.parquet").to_pylist()
+    )
     by_key = {r["key"]: r for r in rows}
     members = _read_tar(out / "00001.tar")
     for row in rows:
         own = scenes.make_sample(int(row["key"][:5]) * 100 + int(row["key"][5:]), 16, 3, 0.1, 100)
         if row["mismatched"]:
             other = by_key[row["caption_of"]]
-            assert row["caption"] == scenes.make_sample(int(other["key"][:5]) * 100 + int(other["key"][5:]),
-                                                        16, 3, 0.1, 100).caption
+            assert (
+                row["caption"]
+                == scenes.make_sample(
+                    int(other["key"][:5]) * 100 + int(other["key"][5:]), 16, 3, 0.1, 100
+                ).caption
+            )
             assert (other["color"], other["shape"]) != (row["color"], row["shape"])
-            assert (row["color"], row["shape"]) == (own.attrs["color"], own.attrs["shape"])  # the image's truth
+            assert (row["color"], row["shape"]) == (
+                own.attrs["color"],
+                own.attrs["shape"],
+            )  # the image's truth
         else:
             assert row["caption"] == own.caption and row["caption_of"] is None
         if row["key"] in members:
             assert members[row["key"]]["txt"].decode() == row["caption"]
             assert json.loads(members[row["key"]]["json"])["mismatched"] == row["mismatched"]
     again = tmp_path / "again"
-    sample.write_sample_dataset(again, n=200, size=16, seed=3, mismatch_fraction=0.25, shard_size=100)
+    sample.write_sample_dataset(
+        again, n=200, size=16, seed=3, mismatch_fraction=0.25, shard_size=100
+    )
     assert (again / "00001.tar").read_bytes() == (out / "00001.tar").read_bytes()
     plain = tmp_path / "plain"
     sample.write_sample_dataset(plain, n=100, size=16, seed=3, shard_size=100)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from curation.schema import PTOXIC, PUNSAFE, PWATERMARK
+from collection.schema import PTOXIC, PUNSAFE, PWATERMARK
 from pipelines.scorers import SCORER_NAMES, load_scorer
 
 
@@ -37,10 +37,15 @@ def test_interface_columns_and_kinds(nsfw, toxicity, watermark) -> None:
 
 
 def _odd_images() -> list:
-    return [Image.new("RGB", (1, 1), (255, 200, 180)), Image.new("L", (31, 17), 128),
-            Image.new("RGBA", (64, 64), (10, 20, 30, 0)), Image.new("CMYK", (40, 90), (0, 50, 100, 0)),
-            Image.new("P", (12, 12)), Image.new("I;16", (20, 20)),
-            Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 50, 3), dtype=np.uint8))]
+    return [
+        Image.new("RGB", (1, 1), (255, 200, 180)),
+        Image.new("L", (31, 17), 128),
+        Image.new("RGBA", (64, 64), (10, 20, 30, 0)),
+        Image.new("CMYK", (40, 90), (0, 50, 100, 0)),
+        Image.new("P", (12, 12)),
+        Image.new("I;16", (20, 20)),
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 50, 3), dtype=np.uint8)),
+    ]
 
 
 def test_nsfw_batch_of_odd_images_gives_probabilities(nsfw) -> None:
@@ -51,7 +56,9 @@ def test_nsfw_batch_of_odd_images_gives_probabilities(nsfw) -> None:
 
 def test_nsfw_single_thread_session_scores_the_same(nsfw) -> None:
     images = _odd_images()
-    np.testing.assert_allclose(load_scorer("nsfw", threads=1).score(images), nsfw.score(images), atol=1e-5)
+    np.testing.assert_allclose(
+        load_scorer("nsfw", threads=1).score(images), nsfw.score(images), atol=1e-5
+    )
 
 
 def test_nsfw_unreadable_item_is_nan_not_a_crash(nsfw) -> None:
@@ -74,9 +81,22 @@ def test_nsfw_clip_head_from_npz_and_state_dict(tmp_path) -> None:
 
     rng = np.random.default_rng(0)
     w0, w1 = rng.normal(size=(8, 4)).astype(np.float32), rng.normal(size=(1, 8)).astype(np.float32)
-    np.savez(tmp_path / "head.npz", W0=w0.T, b0=np.zeros(8, np.float32), W1=w1.T, b1=np.zeros(1, np.float32))
-    torch.save({"0.weight": torch.from_numpy(w0), "0.bias": torch.zeros(8),
-                "2.weight": torch.from_numpy(w1), "2.bias": torch.zeros(1)}, tmp_path / "head.pt")
+    np.savez(
+        tmp_path / "head.npz",
+        W0=w0.T,
+        b0=np.zeros(8, np.float32),
+        W1=w1.T,
+        b1=np.zeros(1, np.float32),
+    )
+    torch.save(
+        {
+            "0.weight": torch.from_numpy(w0),
+            "0.bias": torch.zeros(8),
+            "2.weight": torch.from_numpy(w1),
+            "2.bias": torch.zeros(1),
+        },
+        tmp_path / "head.pt",
+    )
     emb = rng.normal(size=(5, 4)).astype(np.float32)
     a = load_scorer("nsfw", clip_head_path=tmp_path / "head.npz")
     b = load_scorer("nsfw", clip_head_path=tmp_path / "head.pt")
@@ -90,15 +110,31 @@ def test_nsfw_clip_head_from_npz_and_state_dict(tmp_path) -> None:
         load_scorer("nsfw", clip_head_path=tmp_path / "missing.pt")
 
 
-TOXIC = ["f*ck you", "you stupid idiot", "sh1t photo", "kill yourself", "what a b!tch", "fuuuuck this",
-         "F.U.C.K off", "go to hell loser"]
-BENIGN = ["a red circle on a blue background", "the class assassin from Scunthorpe", "a cocktail glass",
-          "hello shell", "passionate analyst", "two green stars at the top left", "", "grass and cockpit"]
+TOXIC = [
+    "f*ck you",
+    "you stupid idiot",
+    "sh1t photo",
+    "kill yourself",
+    "what a b!tch",
+    "fuuuuck this",
+    "F.U.C.K off",
+    "go to hell loser",
+]
+BENIGN = [
+    "a red circle on a blue background",
+    "the class assassin from Scunthorpe",
+    "a cocktail glass",
+    "hello shell",
+    "passionate analyst",
+    "two green stars at the top left",
+    "",
+    "grass and cockpit",
+]
 
 
 def test_toxicity_ranks_toxic_above_benign(toxicity) -> None:
     scores = toxicity.score(TOXIC + BENIGN)
-    toxic, benign = scores[: len(TOXIC)], scores[len(TOXIC):]
+    toxic, benign = scores[: len(TOXIC)], scores[len(TOXIC) :]
     assert scores.dtype == np.float32 and np.all((scores >= 0) & (scores <= 1))
     assert toxic.min() > benign.max()
     assert np.all(benign == 0)
@@ -181,7 +217,9 @@ def test_watermark_trains_on_first_use_into_cache(monkeypatch, tmp_path) -> None
 
     monkeypatch.setenv("SIEVE_CACHE", str(tmp_path))
     fields = {f.name: getattr(real, f.name) for f in dataclasses.fields(real)}
-    monkeypatch.setitem(cache.BUNDLED, "watermark", Quick(**{**fields, "defaults": {**real.defaults, **quick}}))
+    monkeypatch.setitem(
+        cache.BUNDLED, "watermark", Quick(**{**fields, "defaults": {**real.defaults, **quick}})
+    )
     path = watermark_cnn.model_path()
     assert path == tmp_path / "watermark" / watermark_cnn.MODEL_FILE and path.exists()
     assert trained == [tmp_path / "watermark"]

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from bench.synthetic import clustered_vectors, write_collection
-from curation import schema as S
+from collection import schema as S
 
 DIM = 16
 
@@ -25,7 +25,9 @@ class HashEncoder:
     dim = DIM
 
     def encode_texts(self, texts):
-        out = np.stack([np.random.default_rng(abs(hash(t)) % 2**32).standard_normal(DIM) for t in texts])
+        out = np.stack(
+            [np.random.default_rng(abs(hash(t)) % 2**32).standard_normal(DIM) for t in texts]
+        )
         return (out / np.linalg.norm(out, axis=1, keepdims=True)).astype(np.float32)
 
     def encode_images(self, images):
@@ -39,17 +41,32 @@ def app(tmp_path_factory):
     from indices.search import Searcher
 
     root = str(tmp_path_factory.mktemp("srv"))
-    write_collection(root, [clustered_vectors(400, DIM, 10, seed=0)], [clustered_vectors(400, DIM, 10, seed=1)])
+    write_collection(
+        root, [clustered_vectors(400, DIM, 10, seed=0)], [clustered_vectors(400, DIM, 10, seed=1)]
+    )
     build(root)
     return App({}, searchers={"demo": Searcher(root, encoder=HashEncoder())}, max_body=64 * 1024)
 
 
 def clip_client_body(**kw):
     """Exactly the JSON ClipClient posts (all fields, nulls included, no content type)."""
-    body = {"text": None, "image": None, "image_url": None, "embedding_input": None, "deduplicate": True,
-            "use_safety_model": True, "use_violence_detector": True, "indice_name": "demo", "use_mclip": False,
-            "aesthetic_score": 9, "aesthetic_weight": 0.5, "modality": "image", "num_images": 5,
-            "num_result_ids": 5, "verbose": False}
+    body = {
+        "text": None,
+        "image": None,
+        "image_url": None,
+        "embedding_input": None,
+        "deduplicate": True,
+        "use_safety_model": True,
+        "use_violence_detector": True,
+        "indice_name": "demo",
+        "use_mclip": False,
+        "aesthetic_score": 9,
+        "aesthetic_weight": 0.5,
+        "modality": "image",
+        "num_images": 5,
+        "num_result_ids": 5,
+        "verbose": False,
+    }
     body.update(kw)
     return json.dumps(body)
 
@@ -60,6 +77,7 @@ def run(app, fn):
     async def go():
         async with TestClient(TestServer(app.make())) as client:
             return await fn(client)
+
     return asyncio.run(go())
 
 
@@ -73,27 +91,36 @@ def test_knn_service_matches_clip_back_shapes(app):
             assert isinstance(row["id"], int) and isinstance(row["similarity"], float)
             assert {"url", "caption"} <= set(row)
         emb = HashEncoder().encode_texts(["a red circle"])[0].tolist()
-        r2 = await c.post("/knn-service", data=clip_client_body(embedding_input=emb, modality="text"))
+        r2 = await c.post(
+            "/knn-service", data=clip_client_body(embedding_input=emb, modality="text")
+        )
         assert r2.status == 200 and len(await r2.json()) == 5
         from PIL import Image
 
         buf = io.BytesIO()
         Image.new("RGB", (8, 8), (200, 10, 10)).save(buf, format="JPEG")
-        r3 = await c.post("/knn-service", data=clip_client_body(image=base64.b64encode(buf.getvalue()).decode()))
+        r3 = await c.post(
+            "/knn-service", data=clip_client_body(image=base64.b64encode(buf.getvalue()).decode())
+        )
         assert r3.status == 200 and len(await r3.json()) == 5
         ids = [row["id"] for row in res]
         m = await c.post("/metadata", data=json.dumps({"ids": ids, "indice_name": "demo"}))
         meta = await m.json()
-        assert [x["id"] for x in meta] == ids and meta[0]["metadata"]["caption"] == res[0]["caption"]
+        assert [x["id"] for x in meta] == ids and meta[0]["metadata"]["caption"] == res[0][
+            "caption"
+        ]
         assert await (await c.get("/indices-list")).json() == ["demo"]
         h = await (await c.get("/health")).json()
         assert h["status"] == "ok" and "image" in h["indices"]["demo"]
         metrics = await (await c.get("/metrics")).text()
         assert "sieve_knn_requests" in metrics
         # the same query again is served from the cache and is identical
-        again = await (await c.post("/knn-service", data=clip_client_body(text="a red circle"))).json()
+        again = await (
+            await c.post("/knn-service", data=clip_client_body(text="a red circle"))
+        ).json()
         assert again == res
         return True
+
     assert run(app, fn)
 
 
@@ -105,28 +132,38 @@ def test_weighted_prompts_query_their_combined_embedding(app):
     q = combine(HashEncoder().encode_texts([p.text for p in prompts]), prompts)
     searcher = app.searchers["demo"]
     expected = [r["id"] for r in searcher.query(embedding=q, k=5, deduplicate=False)]
-    assert [r["id"] for r in searcher.query(text="a red star:1|blurry:-0.5", k=5, deduplicate=False)] == expected
+    assert [
+        r["id"] for r in searcher.query(text="a red star:1|blurry:-0.5", k=5, deduplicate=False)
+    ] == expected
 
     async def fn(c):
-        r = await c.post("/knn-service", data=clip_client_body(text="a red star:1|blurry:-0.5", deduplicate=False,
-                                                               use_safety_model=False))
+        r = await c.post(
+            "/knn-service",
+            data=clip_client_body(
+                text="a red star:1|blurry:-0.5", deduplicate=False, use_safety_model=False
+            ),
+        )
         return [row["id"] for row in await r.json()]
+
     assert run(app, fn) == expected
 
 
-@pytest.mark.parametrize("body,status,word", [
-    (clip_client_body(text="x", indice_name="nope"), 404, "unknown index"),
-    (clip_client_body(), 400, "missing field"),
-    (json.dumps({"text": "x"}), 400, "indice_name"),
-    (clip_client_body(image="not base64!!"), 400, "base64"),
-    (clip_client_body(image=base64.b64encode(b"garbage").decode()), 400, "image"),
-    (clip_client_body(image_url="http://example.com/a.jpg"), 403, "image_url"),
-    (clip_client_body(embedding_input=[1.0, 2.0]), 400, "dimension"),
-    (clip_client_body(text="x", modality="audio"), 400, "modality"),
-    ("{not json", 400, "JSON"),
-    (clip_client_body(text="x" * 100_000), 413, "larger"),
-    (clip_client_body(text="blurry:-1"), 400, "positive weight"),
-])
+@pytest.mark.parametrize(
+    "body,status,word",
+    [
+        (clip_client_body(text="x", indice_name="nope"), 404, "unknown index"),
+        (clip_client_body(), 400, "missing field"),
+        (json.dumps({"text": "x"}), 400, "indice_name"),
+        (clip_client_body(image="not base64!!"), 400, "base64"),
+        (clip_client_body(image=base64.b64encode(b"garbage").decode()), 400, "image"),
+        (clip_client_body(image_url="http://example.com/a.jpg"), 403, "image_url"),
+        (clip_client_body(embedding_input=[1.0, 2.0]), 400, "dimension"),
+        (clip_client_body(text="x", modality="audio"), 400, "modality"),
+        ("{not json", 400, "JSON"),
+        (clip_client_body(text="x" * 100_000), 413, "larger"),
+        (clip_client_body(text="blurry:-1"), 400, "positive weight"),
+    ],
+)
 def test_bad_requests_get_json_errors_and_server_keeps_serving(app, body, status, word):
     async def fn(c):
         r = await c.post("/knn-service", data=body)
@@ -137,16 +174,25 @@ def test_bad_requests_get_json_errors_and_server_keeps_serving(app, body, status
         bad = await c.post("/metadata", data=json.dumps({"ids": [10**9], "indice_name": "demo"}))
         assert bad.status == 400
         return True
+
     assert run(app, fn)
 
 
 def bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
     """A tiny PNG whose header claims a huge canvas: signature, IHDR, a small IDAT, IEND."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-            + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 def _nested(levels: int) -> dict:
@@ -156,12 +202,18 @@ def _nested(levels: int) -> dict:
     return value
 
 
-@pytest.mark.parametrize("body,status,word", [
-    ("[" * 100_000 + "]" * 100_000, 400, "nests"),
-    (clip_client_body(text="x", extra=_nested(50)), 400, "nests"),
-    (clip_client_body(image=base64.b64encode(bomb_png()).decode()), 413, "too large"),
-], ids=["deep-list-body", "deep-object-field", "png-bomb"])
-def test_hostile_requests_are_refused_with_a_reason_and_server_keeps_serving(app, body, status, word):
+@pytest.mark.parametrize(
+    "body,status,word",
+    [
+        ("[" * 100_000 + "]" * 100_000, 400, "nests"),
+        (clip_client_body(text="x", extra=_nested(50)), 400, "nests"),
+        (clip_client_body(image=base64.b64encode(bomb_png()).decode()), 413, "too large"),
+    ],
+    ids=["deep-list-body", "deep-object-field", "png-bomb"],
+)
+def test_hostile_requests_are_refused_with_a_reason_and_server_keeps_serving(
+    app, body, status, word
+):
     """Bodies that once gave HTTP 500: a JSON nesting past the parser's recursion limit, a deeply
     nested field inside a valid request, and an image whose header claims 10^10 pixels. Served
     with the default body limit (8 MiB), which the 200 kB list body is well within."""
@@ -180,6 +232,7 @@ def test_hostile_requests_are_refused_with_a_reason_and_server_keeps_serving(app
         m = await c.post("/metadata", data=body)
         assert 400 <= m.status < 500
         return True
+
     assert run(roomy, fn)
 
 
@@ -199,9 +252,12 @@ def test_the_png_bomb_header_really_claims_a_huge_image(monkeypatch):
 
 def test_concurrent_queries_are_batched(app):
     async def fn(c):
-        rs = await asyncio.gather(*[c.post("/knn-service", data=clip_client_body(text=f"q{i}")) for i in range(24)])
+        rs = await asyncio.gather(
+            *[c.post("/knn-service", data=clip_client_body(text=f"q{i}")) for i in range(24)]
+        )
         assert all(r.status == 200 for r in rs)
         return max(app.batchers["demo"].batch_sizes)
+
     assert run(app, fn) > 1
 
 
@@ -218,8 +274,12 @@ def tiny_app(tmp_path_factory, tiny_clip):
     img = tiny_clip.encode_images([s.image for s in samples])
     txt = tiny_clip.encode_texts([s.caption for s in samples])
     root = str(tmp_path_factory.mktemp("tiny"))
-    write_collection(root, [img[:210], img[210:]], [txt[:210], txt[210:]],
-                     columns={S.CAPTION: [s.caption for s in samples]})
+    write_collection(
+        root,
+        [img[:210], img[210:]],
+        [txt[:210], txt[210:]],
+        columns={S.CAPTION: [s.caption for s in samples]},
+    )
     build(root)
     app = App({}, searchers={"demo": Searcher(root, encoder=tiny_clip)})
     return app, [s.attrs for s in samples]
@@ -230,10 +290,15 @@ def test_real_tiny_clip_text_queries_find_their_attributes(tiny_app, color, shap
     app, attrs = tiny_app
 
     async def fn(c):
-        r = await c.post("/knn-service", data=clip_client_body(text=f"a {color} {shape}", num_images=10,
-                                                               num_result_ids=10, deduplicate=False))
+        r = await c.post(
+            "/knn-service",
+            data=clip_client_body(
+                text=f"a {color} {shape}", num_images=10, num_result_ids=10, deduplicate=False
+            ),
+        )
         assert r.status == 200
         return await r.json()
+
     rows = run(app, fn)
     assert len(rows) == 10
     got = [attrs[row["id"]] for row in rows]

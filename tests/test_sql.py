@@ -1,4 +1,4 @@
-"""curation.catalog and curation.sandbox: `samples` over the parts, the trusted command, and
+"""curation.catalog and collection.sandbox: `samples` over the parts, the trusted command, and
 untrusted SQL that is refused or stopped while the caller's process carries on."""
 
 from __future__ import annotations
@@ -13,19 +13,17 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
 from bench.synthetic import clustered_vectors, write_collection
-from curation import schema as S
-from curation import takedown
+from collection import schema as S, takedown
+from collection.parts import read_metadata
 from curation.catalog import Catalog, CollectionError, SqlError
-from indices.store import read_metadata
 
 REPO = Path(__file__).resolve().parent.parent
 N = (40, 25)  # ok rows per part
-FAILED = 3    # failed rows per part
+FAILED = 3  # failed rows per part
 TIMEOUT = 2.0
 
 
@@ -33,9 +31,15 @@ TIMEOUT = 2.0
 def coll(tmp_path_factory) -> str:
     root = str(tmp_path_factory.mktemp("sql") / "c")
     n = sum(N)
-    write_collection(root, [clustered_vectors(k, 8, 4, seed=i) for i, k in enumerate(N)], failed_per_part=FAILED,
-                     columns={S.LANGUAGE: ["en", "de", "und"] * (n // 3) + ["en"] * (n % 3),
-                              "shape": ["circle", "star"] * (n // 2) + ["circle"] * (n % 2)})
+    write_collection(
+        root,
+        [clustered_vectors(k, 8, 4, seed=i) for i, k in enumerate(N)],
+        failed_per_part=FAILED,
+        columns={
+            S.LANGUAGE: ["en", "de", "und"] * (n // 3) + ["en"] * (n % 3),
+            "shape": ["circle", "star"] * (n // 2) + ["circle"] * (n % 2),
+        },
+    )
     return root
 
 
@@ -48,7 +52,9 @@ def untrusted(coll):
 def test_samples_holds_every_part_every_column_and_the_global_id(coll):
     with Catalog(coll) as cat:
         assert set(S.METADATA_COLUMNS) | {"shape", S.ID} <= set(cat.columns)
-        rows = cat.query("SELECT key, part, id, status FROM samples ORDER BY part, row").table.to_pylist()
+        rows = cat.query(
+            "SELECT key, part, id, status FROM samples ORDER BY part, row"
+        ).table.to_pylist()
     assert len(rows) == sum(N) + 2 * FAILED
     assert all((r["id"] is None) == (r["status"] != S.STATUS_OK) for r in rows)
     ok = sorted((r for r in rows if r["id"] is not None), key=lambda r: r["id"])
@@ -84,16 +90,32 @@ def test_sql_command_writes_each_format(coll, tmp_path, capsys):
     assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
 
 
-@pytest.mark.parametrize("args,word", [
-    (["SELECT no_such_column FROM samples"], "no_such_column"),
-    (["SELECT 1", "--format", "parquet"], "--out"),
-    (["SELECT 1", "--out", "/proc/no/such/dir/r.csv", "--format", "csv"], "/proc/no/such/dir/r.csv"),
-])
+@pytest.mark.parametrize(
+    "args,word",
+    [
+        (["SELECT no_such_column FROM samples"], "no_such_column"),
+        (["SELECT 1", "--format", "parquet"], "--out"),
+        (
+            ["SELECT 1", "--out", "/proc/no/such/dir/r.csv", "--format", "csv"],
+            "/proc/no/such/dir/r.csv",
+        ),
+    ],
+)
 def test_sql_command_bad_input_is_one_line_naming_the_thing(coll, args, word):
-    done = subprocess.run([sys.executable, "-m", "curation.sql", coll, *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    done = subprocess.run(
+        [sys.executable, "-m", "curation.sql", coll, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert done.returncode == 2
-    assert done.stderr.startswith("error: ") and word in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert (
+        done.stderr.startswith("error: ")
+        and word in done.stderr
+        and len(done.stderr.strip().splitlines()) == 1
+    )
 
 
 def test_a_missing_collection_is_named(tmp_path):
@@ -103,11 +125,16 @@ def test_a_missing_collection_is_named(tmp_path):
 
 def test_untrusted_selects_and_aggregates_with_a_row_cap(untrusted):
     counted = untrusted.query("SELECT count(*) AS n, count(id) AS ids FROM samples")
-    assert counted.table.to_pylist() == [{"n": sum(N) + 2 * FAILED, "ids": sum(N)}] and not counted.truncated
+    assert (
+        counted.table.to_pylist() == [{"n": sum(N) + 2 * FAILED, "ids": sum(N)}]
+        and not counted.truncated
+    )
     capped = untrusted.query("SELECT * FROM samples")
     assert capped.table.num_rows == 50 and capped.truncated
     assert untrusted.query("SELECT key FROM samples", row_cap=7).table.num_rows == 7
-    assert untrusted.query("WITH t AS (SELECT part FROM samples) SELECT max(part) AS p FROM t").table.to_pylist() == [{"p": 1}]
+    assert untrusted.query(
+        "WITH t AS (SELECT part FROM samples) SELECT max(part) AS p FROM t"
+    ).table.to_pylist() == [{"p": 1}]
 
 
 ATTACKS = [
@@ -145,13 +172,20 @@ def test_a_query_that_would_run_for_minutes_is_stopped(untrusted):
     start = time.monotonic()
     with pytest.raises(SqlError, match="time limit"):
         untrusted.query("SELECT sum(a.range * b.range) FROM range(1000000) a, range(1000000) b")
-    assert time.monotonic() - start < TIMEOUT + 30  # the limit (plus the kill's grace on a loaded machine)
+    assert (
+        time.monotonic() - start < TIMEOUT + 30
+    )  # the limit (plus the kill's grace on a loaded machine)
     assert untrusted.count("part = 0") == N[0] + FAILED
 
 
-@pytest.mark.parametrize("sql", ["SELECT list(range(400000000)) AS l",
-                                 "SELECT repeat('x', 3000000000) AS s",
-                                 "SELECT string_agg(repeat('x', 1000), ',') FROM range(3000000)"])
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT list(range(400000000)) AS l",
+        "SELECT repeat('x', 3000000000) AS s",
+        "SELECT string_agg(repeat('x', 1000), ',') FROM range(3000000)",
+    ],
+)
 def test_a_query_that_would_allocate_gigabytes_is_refused(untrusted, sql):
     with pytest.raises(SqlError, match="memory|limit|died"):
         untrusted.query(sql)
@@ -191,12 +225,19 @@ def test_taken_down_rows_are_invisible_to_untrusted_sql(coll, tmp_path):
         takedown.add(root, keys=keys[3:5])
         time.sleep(1.2)
         assert cat.count(f"key IN ({listed})") == 1
-        assert cat.query("SELECT count(*) AS n FROM samples").table.column(0)[0].as_py() == sum(N) + 2 * FAILED - 5
+        assert (
+            cat.query("SELECT count(*) AS n FROM samples").table.column(0)[0].as_py()
+            == sum(N) + 2 * FAILED - 5
+        )
 
 
 def test_id_column_of_older_collections_is_replaced(tmp_path):
     """A source field called `id` (before `id` was reserved) does not hide the global id."""
     root = str(tmp_path / "c")
-    write_collection(root, [clustered_vectors(10, 8, 2)], columns={"id": [f"src{i}" for i in range(10)]})
+    write_collection(
+        root, [clustered_vectors(10, 8, 2)], columns={"id": [f"src{i}" for i in range(10)]}
+    )
     with Catalog(root) as cat:
-        assert cat.query("SELECT id FROM samples ORDER BY id").table.column(0).to_pylist() == list(range(10))
+        assert cat.query("SELECT id FROM samples ORDER BY id").table.column(0).to_pylist() == list(
+            range(10)
+        )

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 
 from bench.synthetic import clustered_vectors, write_collection, write_takedown
-from curation import schema as S
+from collection import schema as S
+from collection.embeddings import EmbeddingStore
 from curation.catalog import Catalog
 from curation.filters import render
 from curation.resolve import parse_spec, resolve, spec_hash
 from curation.spec import SpecError
-from indices.store import EmbeddingStore
 
 DIM = 16
 N = 400  # per part, two parts
@@ -47,9 +47,13 @@ def coll(tmp_path_factory):
     text = [clustered_vectors(N, DIM, 12, seed=10 + i) for i in range(2)]
     sims = [round(0.2 + 0.01 * (i % 15), 2) for i in range(2 * N)]
     widths = [32 + 16 * (i % 4) for i in range(2 * N)]
-    write_collection(root, parts, text, columns={S.CLIP_SIMILARITY: sims, S.WIDTH: widths}, failed_per_part=4)
+    write_collection(
+        root, parts, text, columns={S.CLIP_SIMILARITY: sims, S.WIDTH: widths}, failed_per_part=4
+    )
     build(root, max_index_memory="100M", modality="image")  # Flat: exact distances
-    build_one(root, "text", index_key="IVF8,PQ8x4")  # compressed codes: range search needs the re-rank
+    build_one(
+        root, "text", index_key="IVF8,PQ8x4"
+    )  # compressed codes: range search needs the re-rank
     return root
 
 
@@ -73,7 +77,11 @@ def test_same_spec_gives_same_keys_in_same_order_and_hash(coll):
 
 
 def test_untrusted_specs_run_their_sql_sandboxed_with_the_same_result(coll):
-    spec = {"where": "width >= 48", "filters": {"preset": "laion", "min_similarity": 0.25}, "limit": 30}
+    spec = {
+        "where": "width >= 48",
+        "filters": {"preset": "laion", "min_similarity": 0.25},
+        "limit": 30,
+    }
     assert resolve(coll, spec, untrusted=True).keys == resolve(coll, spec).keys
 
 
@@ -93,10 +101,16 @@ def test_where_and_filters_count_what_sql_selects(coll):
     res = resolve(coll, {"where": ["width >= 48", "width < 80"]})
     assert res.ids.tolist() == np.nonzero((widths >= 48) & (widths < 80))[0].tolist()
     assert [s.count for s in res.steps] == [2 * N, int((widths >= 48).sum()), len(res)]
-    res = resolve(coll, {"where": "width >= 48", "filters": {"preset": "laion", "min_similarity": 0.3}})
+    res = resolve(
+        coll, {"where": "width >= 48", "filters": {"preset": "laion", "min_similarity": 0.3}}
+    )
     with Catalog(coll) as cat:
-        passing = cat.query(f"SELECT id FROM samples WHERE id IS NOT NULL AND {render('laion', min_similarity=0.3)}")
-    expected = sorted(set(passing.table["id"].to_pylist()) & set(np.nonzero(widths >= 48)[0].tolist()))
+        passing = cat.query(
+            f"SELECT id FROM samples WHERE id IS NOT NULL AND {render('laion', min_similarity=0.3)}"
+        )
+    expected = sorted(
+        set(passing.table["id"].to_pylist()) & set(np.nonzero(widths >= 48)[0].tolist())
+    )
     assert res.ids.tolist() == expected and 0 < len(expected) < int((widths >= 48).sum())
 
 
@@ -119,7 +133,9 @@ def test_min_similarity_uses_range_search_and_keeps_only_exact_matches(coll, mod
 
     real = knn.range_within
     monkeypatch.setattr(knn, "range_within", lambda *a: calls.append(a[-1]) or real(*a))
-    res = resolve(coll, {"knn": {"embedding": q.tolist(), "min_similarity": threshold, "modality": modality}})
+    res = resolve(
+        coll, {"knn": {"embedding": q.tolist(), "min_similarity": threshold, "modality": modality}}
+    )
     truth = set(np.nonzero(exact >= threshold)[0].tolist())
     got = set(res.ids.tolist())
     assert calls == [threshold]
@@ -156,17 +172,23 @@ def test_taken_down_rows_never_resolve(coll, tmp_path):
         resolve(root, {"knn": {"key": "000000003", "k": 3}})
 
 
-@pytest.mark.parametrize("spec, named", [
-    ("name: x\nwhere: [unclosed\n", "malformed YAML at line"),
-    ("wher: width > 3\n", "unknown field 'wher'"),
-    ("where: no_such_column > 3\n", "no_such_column"),
-    ("knn: {text: a, k: 3, min_similarity: 0.2}\n", "knn[0]: give exactly one of k or min_similarity"),
-    ("knn: {image: missing.jpg, k: 3}\n", "missing.jpg"),
-    ("knn: {text: 'blurry:-1', k: 3}\n", "positive weight"),
-    ("filters: {preset: laion, no_such_filter: 1}\n", "filters: "),
-    ("limit: 0\n", "limit: must be a positive integer"),
-    ("- a list\n", "a spec is a YAML mapping"),
-])
+@pytest.mark.parametrize(
+    "spec, named",
+    [
+        ("name: x\nwhere: [unclosed\n", "malformed YAML at line"),
+        ("wher: width > 3\n", "unknown field 'wher'"),
+        ("where: no_such_column > 3\n", "no_such_column"),
+        (
+            "knn: {text: a, k: 3, min_similarity: 0.2}\n",
+            "knn[0]: give exactly one of k or min_similarity",
+        ),
+        ("knn: {image: missing.jpg, k: 3}\n", "missing.jpg"),
+        ("knn: {text: 'blurry:-1', k: 3}\n", "positive weight"),
+        ("filters: {preset: laion, no_such_filter: 1}\n", "filters: "),
+        ("limit: 0\n", "limit: must be a positive integer"),
+        ("- a list\n", "a spec is a YAML mapping"),
+    ],
+)
 def test_bad_specs_are_one_line_errors_naming_the_field(coll, tmp_path, spec, named):
     path = tmp_path / "bad.yaml"
     path.write_text(spec)
@@ -180,20 +202,27 @@ def test_missing_collection_or_index_is_named(coll, tmp_path):
         resolve(str(tmp_path / "no_such_collection"), {"where": "true"})
     bare = str(tmp_path / "bare")
     write_collection(bare, [clustered_vectors(10, DIM, 2)], [clustered_vectors(10, DIM, 2, seed=1)])
-    with pytest.raises(SpecError, match="has no image index; build it with `python -m indices.build"):
+    with pytest.raises(
+        SpecError, match="has no image index; build it with `python -m indices.build"
+    ):
         resolve(bare, {"knn": {"key": "000000001", "k": 3}})
 
 
 def test_dry_run_prints_each_clause_count_and_captions(coll, capsys):
-    from curation.storage import write_bytes
+    from collection.storage import write_bytes
     from curation.subset import main
 
-    write_bytes(S.CollectionLayout(coll).subset("wide"), b"name: wide\nwhere: width >= 64\nlimit: 50\n")
+    write_bytes(
+        S.CollectionLayout(coll).subset("wide"), b"name: wide\nwhere: width >= 64\nlimit: 50\n"
+    )
     assert main([coll, "wide", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "subset wide" in out and "where width >= 64" in out and "e.g. caption" in out
-    counts = [int(line.split()[-1].replace(",", "")) for line in out.splitlines()
-              if line.startswith("  ") and "e.g." not in line]
+    counts = [
+        int(line.split()[-1].replace(",", ""))
+        for line in out.splitlines()
+        if line.startswith("  ") and "e.g." not in line
+    ]
     assert counts == [2 * N, N, 50]
     assert main([coll, "nothing-by-this-name"]) == 2
     assert "no subset named 'nothing-by-this-name'" in capsys.readouterr().err
@@ -212,7 +241,10 @@ def test_save_subset_writes_a_checked_spec_by_name(coll, tmp_path, capsys):
         save_subset(coll, {"name": "../escape", "limit": 3})
     with pytest.raises(SpecError, match="limit"):
         save_subset(coll, {"name": "bad-limit", "limit": 0})
-    assert not os.path.exists(layout.subset("bad-limit")) and not (tmp_path.parent / "escape.yaml").exists()
+    assert (
+        not os.path.exists(layout.subset("bad-limit"))
+        and not (tmp_path.parent / "escape.yaml").exists()
+    )
     spec = tmp_path / "from-file.yaml"
     spec.write_text("where: width >= 64\n")
     assert main([coll, str(spec), "--dry-run", "--save"]) == 0

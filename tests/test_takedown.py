@@ -19,9 +19,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from bench.synthetic import clustered_vectors, write_collection
-from curation import schema as S
-from curation import takedown as T
-from indices.store import read_metadata
+from collection import schema as S, takedown as T
+from collection.parts import read_metadata
+from curation.takedown import takedown as takedown_command
 
 REPO = Path(__file__).resolve().parent.parent
 DIM = 16
@@ -33,7 +33,9 @@ def built(tmp_path_factory) -> str:
     from indices.build import build
 
     root = str(tmp_path_factory.mktemp("td") / "c")
-    write_collection(root, [clustered_vectors(300, DIM, 6, seed=0)], [clustered_vectors(300, DIM, 6, seed=1)])
+    write_collection(
+        root, [clustered_vectors(300, DIM, 6, seed=0)], [clustered_vectors(300, DIM, 6, seed=1)]
+    )
     build(root)
     return root
 
@@ -48,12 +50,18 @@ def coll(built, tmp_path) -> str:
 def test_add_remove_list_keep_reasons_and_dates(coll):
     assert len(T.Takedown.load(coll)) == 0 and T.list_entries(coll).num_rows == 0
     assert T.add(coll, keys=["000000001", "000000002"], reason="dmca 1") == 2
-    assert T.add(coll, urls=["https://example.com/0/3.jpg"], sha256=[SHA.upper()], reason="request 2") == 2
+    assert (
+        T.add(coll, urls=["https://example.com/0/3.jpg"], sha256=[SHA.upper()], reason="request 2")
+        == 2
+    )
     assert T.add(coll, keys=["000000001"], reason="again") == 0  # listed once, first reason kept
     rows = T.list_entries(coll).to_pylist()
     assert [(r[S.KEY], r[S.URL], r[S.SHA256]) for r in rows] == [
-        ("000000001", None, None), ("000000002", None, None), (None, "https://example.com/0/3.jpg", None),
-        (None, None, SHA)]
+        ("000000001", None, None),
+        ("000000002", None, None),
+        (None, "https://example.com/0/3.jpg", None),
+        (None, None, SHA),
+    ]
     assert [r[S.TAKEDOWN_REASON] for r in rows] == ["dmca 1", "dmca 1", "request 2", "request 2"]
     assert all(r[S.TAKEDOWN_ADDED].year >= 2024 for r in rows)
     assert T.remove(coll, keys=["000000002"], sha256=[SHA]) == 2
@@ -81,27 +89,38 @@ def test_entry_files_text_csv_parquet(coll, tmp_path):
     text = tmp_path / "list.txt"
     text.write_text(f"# takedown requests\n000000007\nhttps://example.com/0/8.jpg\n\n{SHA}\n")
     csv = tmp_path / "list.csv"
-    pd.DataFrame({"key": ["000000010", None], "url": [None, "https://example.com/0/11.jpg"],
-                  "reason": ["from csv", None]}).to_csv(csv, index=False)
+    pd.DataFrame(
+        {
+            "key": ["000000010", None],
+            "url": [None, "https://example.com/0/11.jpg"],
+            "reason": ["from csv", None],
+        }
+    ).to_csv(csv, index=False)
     par = tmp_path / "list.parquet"
     pq.write_table(pa.table({"sha256": ["cd" * 32]}), par)
-    out = T.takedown(coll, "add", file=str(text), reason="batch")
+    out = takedown_command(coll, "add", file=str(text), reason="batch")
     assert out == {"added": 3, "entries": 3}
-    assert T.takedown(coll, "add", file=str(csv), reason="fallback")["added"] == 2
-    assert T.takedown(coll, "add", file=str(par))["added"] == 1
-    rows = {(r[S.KEY] or r[S.URL] or r[S.SHA256]): r[S.TAKEDOWN_REASON] for r in T.list_entries(coll).to_pylist()}
+    assert takedown_command(coll, "add", file=str(csv), reason="fallback")["added"] == 2
+    assert takedown_command(coll, "add", file=str(par))["added"] == 1
+    rows = {
+        (r[S.KEY] or r[S.URL] or r[S.SHA256]): r[S.TAKEDOWN_REASON]
+        for r in T.list_entries(coll).to_pylist()
+    }
     assert rows["000000007"] == "batch" and rows["000000010"] == "from csv"
     assert rows["https://example.com/0/11.jpg"] == "fallback" and rows["cd" * 32] is None
-    assert T.takedown(coll, "remove", file=str(text)) == {"removed": 3, "entries": 3}
+    assert takedown_command(coll, "remove", file=str(text)) == {"removed": 3, "entries": 3}
 
 
-@pytest.mark.parametrize("call,word", [
-    (lambda c, tmp: T.add(c, sha256=["xyz"]), "64 hex"),
-    (lambda c, tmp: T.add(c, keys=["  "]), "empty"),
-    (lambda c, tmp: T.add(str(tmp / "nowhere"), keys=["k"]), "not a collection"),
-    (lambda c, tmp: T.takedown(c, "add"), "at least one"),
-    (lambda c, tmp: T.takedown(c, "add", file=str(tmp / "missing.txt")), "missing.txt"),
-])
+@pytest.mark.parametrize(
+    "call,word",
+    [
+        (lambda c, tmp: T.add(c, sha256=["xyz"]), "64 hex"),
+        (lambda c, tmp: T.add(c, keys=["  "]), "empty"),
+        (lambda c, tmp: T.add(str(tmp / "nowhere"), keys=["k"]), "not a collection"),
+        (lambda c, tmp: takedown_command(c, "add"), "at least one"),
+        (lambda c, tmp: takedown_command(c, "add", file=str(tmp / "missing.txt")), "missing.txt"),
+    ],
+)
 def test_bad_input_is_named(coll, tmp_path, call, word):
     with pytest.raises(T.TakedownError, match=word):
         call(coll, tmp_path)
@@ -112,7 +131,7 @@ def test_a_csv_row_setting_two_columns_is_refused_naming_the_row(coll, tmp_path)
     csv = tmp_path / "bad.csv"
     csv.write_text("key,url\n000000001,\n000000002,https://x.invalid/a.jpg\n")
     with pytest.raises(T.TakedownError, match="row 3"):
-        T.takedown(coll, "add", file=str(csv))
+        takedown_command(coll, "add", file=str(csv))
 
 
 def test_an_unreadable_list_is_named(coll):
@@ -123,16 +142,30 @@ def test_an_unreadable_list_is_named(coll):
 
 def test_command_add_list_remove(coll):
     def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "curation.takedown", coll, *args], cwd=REPO, capture_output=True,
-                              text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+        return subprocess.run(
+            [sys.executable, "-m", "curation.takedown", coll, *args],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
 
-    done = run("add", "--key", "000000003", "--url", "https://example.com/0/4.jpg", "--reason", "dmca")
+    done = run(
+        "add", "--key", "000000003", "--url", "https://example.com/0/4.jpg", "--reason", "dmca"
+    )
     assert done.returncode == 0 and json.loads(done.stdout) == {"added": 2, "entries": 2}
     listed = json.loads(run("list").stdout)
-    assert listed["entries"] == 2 and listed["rows"][0]["reason"] == "dmca" and listed["rows"][0]["added"]
+    assert (
+        listed["entries"] == 2
+        and listed["rows"][0]["reason"] == "dmca"
+        and listed["rows"][0]["added"]
+    )
     assert json.loads(run("remove", "--key", "000000003").stdout) == {"removed": 1, "entries": 1}
     bad = run("add", "--sha256", "nope")
-    assert bad.returncode == 2 and "64 hex" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    assert (
+        bad.returncode == 2 and "64 hex" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    )
 
 
 def test_search_drops_listed_rows_after_a_change_without_reloading(coll):
@@ -159,7 +192,9 @@ def test_running_server_picks_up_a_changed_list_and_drops_its_cached_answers(col
 
     app = App({}, searchers={"c": Searcher(coll)}, cache_size=100)
     q = np.load(S.CollectionLayout(coll).img_emb(0), mmap_mode="r")[7].astype(np.float32).tolist()
-    body = json.dumps({"embedding_input": q, "indice_name": "c", "num_images": 5, "deduplicate": False})
+    body = json.dumps(
+        {"embedding_input": q, "indice_name": "c", "num_images": 5, "deduplicate": False}
+    )
 
     async def go():
         async with TestClient(TestServer(app.make())) as c:
@@ -170,8 +205,13 @@ def test_running_server_picks_up_a_changed_list_and_drops_its_cached_answers(col
             T.add(coll, keys=[banned["key"]], reason="while serving")
             await asyncio.sleep(1.2)
             again = await (await c.post("/knn-service", data=body)).json()
-            meta = await (await c.post("/metadata", data=json.dumps({"ids": [banned["id"]], "indice_name": "c"}))).json()
+            meta = await (
+                await c.post(
+                    "/metadata", data=json.dumps({"ids": [banned["id"]], "indice_name": "c"})
+                )
+            ).json()
             return banned, again, meta
+
     banned, again, meta = asyncio.run(go())
     assert banned["id"] not in [r["id"] for r in again] and len(again) == 5
     assert meta == [{"id": banned["id"], "metadata": {}}]
@@ -195,5 +235,6 @@ def test_an_unreadable_list_stops_serving_with_a_reason(coll):
             await asyncio.sleep(1.2)
             r = await c.post("/knn-service", data=body)
             return r.status, (await r.json())["error"]
+
     status, error = asyncio.run(go())
     assert status == 503 and "takedown" in error

@@ -7,11 +7,29 @@ from models.scenes import iter_samples
 from models.tokens import fast_tokenizer
 
 TRICKY = [
-    "", "   ", "A Red CIRCLE  on\ta blue\nbackground ", "fish &amp; chips", "R&D", "&lt;b&gt;bold",
-    "<b>bold</b> & more", "caf\u00e9 na\u00efve", "cafÃ© mojibake", "\u201ccurly quotes\u201d",
-    "line\r\nbreaks\rhere", "bell\x07char", "esc \x1b[31mred", "ligature \ufb01ne", "\u00a0nbsp",
-    "emoji \U0001f600 ok", "fullwidth \uff21\uff22", "don't it's we're I'm you'll he'd",
-    "numbers 12345 and 3.14", "x" * 500, " ".join(["word"] * 100), "!!!???...", "\u65e5\u672c\u8a9e",
+    "",
+    "   ",
+    "A Red CIRCLE  on\ta blue\nbackground ",
+    "fish &amp; chips",
+    "R&D",
+    "&lt;b&gt;bold",
+    "<b>bold</b> & more",
+    "caf\u00e9 na\u00efve",
+    "cafÃ© mojibake",
+    "\u201ccurly quotes\u201d",
+    "line\r\nbreaks\rhere",
+    "bell\x07char",
+    "esc \x1b[31mred",
+    "ligature \ufb01ne",
+    "\u00a0nbsp",
+    "emoji \U0001f600 ok",
+    "fullwidth \uff21\uff22",
+    "don't it's we're I'm you'll he'd",
+    "numbers 12345 and 3.14",
+    "x" * 500,
+    " ".join(["word"] * 100),
+    "!!!???...",
+    "\u65e5\u672c\u8a9e",
 ]
 
 

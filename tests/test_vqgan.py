@@ -10,12 +10,30 @@ import pytest
 import torch
 import yaml
 
-from models.vqgan import (VQGAN, VQGANError, load_vqgan, nearest_code, read_config, save_taming, taming_config,
-                          vector_quantize)
+from models.vqgan import (
+    VQGAN,
+    VQGANError,
+    load_vqgan,
+    nearest_code,
+    read_config,
+    save_taming,
+    taming_config,
+    vector_quantize,
+)
 
 #: a small taming config with every kind of block: two levels, a downsample, a shortcut, attention at 8
-SMALL = {"double_z": False, "z_channels": 8, "resolution": 16, "in_channels": 3, "out_ch": 3, "ch": 32,
-         "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [8], "dropout": 0.0}
+SMALL = {
+    "double_z": False,
+    "z_channels": 8,
+    "resolution": 16,
+    "in_channels": 3,
+    "out_ch": 3,
+    "ch": 32,
+    "ch_mult": [1, 2],
+    "num_res_blocks": 1,
+    "attn_resolutions": [8],
+    "dropout": 0.0,
+}
 #: sha256 of the sorted "key shape" lines of taming's own VQModel (taming-transformers-rom1504 0.0.6's
 #: Encoder and Decoder, plus VectorQuantizer2 and the two 1x1 convs) for SMALL with n_embed 16, embed_dim 8
 TAMING_KEYS_SHA256 = "8533212cef6308fe7e78e5d1c2bc593bfd9bfa240722462f116b879bbfe85bf8"
@@ -33,7 +51,9 @@ def _random_vqgan(seed: int = 0, **changes) -> VQGAN:
     model = VQGAN({**SMALL, **changes}, n_embed=16, embed_dim=8)
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))  # off the zero/one initialisation, so a wrong load shows
+            p.add_(
+                0.05 * torch.randn_like(p)
+            )  # off the zero/one initialisation, so a wrong load shows
     return model.eval()
 
 
@@ -47,16 +67,30 @@ def test_a_taming_format_checkpoint_loads_and_decodes(tmp_path: Path):
     model = _random_vqgan()
     # as a Lightning checkpoint of taming's training: the loss's and discriminator's weights beside
     # the model's, optimizer states, and a callback pickled by class (weights-only loading refuses it)
-    extra = {"loss.logvar": torch.zeros(()), "loss.discriminator.main.0.weight": torch.randn(64, 3, 4, 4),
-             "loss.perceptual_loss.lin0.model.1.weight": torch.randn(1, 64, 1, 1)}
-    config, ckpt = save_taming(model, tmp_path, extra_state=extra, epoch=3, global_step=1200,
-                               optimizer_states=[{"state": {}}], callbacks={ModelCheckpoint: {"best": 0.1}},
-                               hyper_parameters=ModelCheckpoint("val/rec_loss"))
+    extra = {
+        "loss.logvar": torch.zeros(()),
+        "loss.discriminator.main.0.weight": torch.randn(64, 3, 4, 4),
+        "loss.perceptual_loss.lin0.model.1.weight": torch.randn(1, 64, 1, 1),
+    }
+    config, ckpt = save_taming(
+        model,
+        tmp_path,
+        extra_state=extra,
+        epoch=3,
+        global_step=1200,
+        optimizer_states=[{"state": {}}],
+        callbacks={ModelCheckpoint: {"best": 0.1}},
+        hyper_parameters=ModelCheckpoint("val/rec_loss"),
+    )
     doc = yaml.safe_load(config.read_text())
     assert doc["model"]["target"] == "taming.models.vqgan.VQModel"
-    assert doc["model"]["params"]["lossconfig"]  # taming's own configs carry it; the loader ignores it
+    assert doc["model"]["params"][
+        "lossconfig"
+    ]  # taming's own configs carry it; the loader ignores it
     loaded = load_vqgan(config, ckpt)
-    x = torch.rand(2, 3, 16, 24) * 2 - 1  # any multiple of the factor, not only the config's resolution
+    x = (
+        torch.rand(2, 3, 16, 24) * 2 - 1
+    )  # any multiple of the factor, not only the config's resolution
     with torch.no_grad():
         z_q, _, idx = loaded.encode(x)
         assert z_q.shape == (2, 8, 8, 12) and idx.shape == (2, 8, 12)
@@ -85,12 +119,18 @@ def test_a_config_checkpoint_pair_that_does_not_match_is_one_clear_error(tmp_pat
         load_vqgan(deeper, ckpt)
 
 
-@pytest.mark.parametrize("content, named", [
-    ("model: [1, 2", "not YAML"),
-    ("data: {}", "no model.params"),
-    ("model: {target: taming.models.vqgan.GumbelVQ, params: {}}", "GumbelVQ' is not supported"),
-    ("model: {params: {n_embed: 16, embed_dim: 8, ddconfig: {ch: 32}}}", "lacks ddconfig.out_ch"),
-])
+@pytest.mark.parametrize(
+    "content, named",
+    [
+        ("model: [1, 2", "not YAML"),
+        ("data: {}", "no model.params"),
+        ("model: {target: taming.models.vqgan.GumbelVQ, params: {}}", "GumbelVQ' is not supported"),
+        (
+            "model: {params: {n_embed: 16, embed_dim: 8, ddconfig: {ch: 32}}}",
+            "lacks ddconfig.out_ch",
+        ),
+    ],
+)
 def test_bad_configs_name_the_problem(tmp_path: Path, content: str, named: str):
     path = tmp_path / "model.yaml"
     path.write_text(content)
@@ -113,7 +153,9 @@ def test_quantisation_passes_gradients_straight_through():
     codebook = torch.randn(10, 4)
     z = torch.randn(3, 5, 4, requires_grad=True)
     q = vector_quantize(z, codebook)
-    assert torch.equal(q.detach(), codebook[nearest_code(z.detach(), codebook)])  # the forward snaps to codes
+    assert torch.equal(
+        q.detach(), codebook[nearest_code(z.detach(), codebook)]
+    )  # the forward snaps to codes
     weights = torch.randn(3, 5, 4)
     (q * weights).sum().backward()
     assert torch.equal(z.grad, weights)  # the backward is the identity

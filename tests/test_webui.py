@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from curation import schema as S
+from collection import schema as S
 from tests.webui_app import APP, TIMEOUT, messages, results, run_app
 
 
@@ -51,13 +51,20 @@ def test_thumbnails_come_from_the_source_shards(search, coll, monkeypatch):
     rows = results(search)[:3]
     assert all(r[S.SOURCE_OFFSET] is not None for r in rows)
     scanned = []
-    monkeypatch.setattr(T, "_scan", lambda url, keys, scan=T._scan: scanned.append(keys) or scan(url, keys))
+    monkeypatch.setattr(
+        T, "_scan", lambda url, keys, scan=T._scan: scanned.append(keys) or scan(url, keys)
+    )
     ranged = T.thumbnails(rows)
-    assert all(t.jpeg and t.jpeg.startswith(b"\xff\xd8") for t in ranged) and not scanned  # by byte range
-    moved = [dict(r, source_offset=r[S.SOURCE_OFFSET] + 1) for r in rows]  # bytes that fail the sha256
+    assert (
+        all(t.jpeg and t.jpeg.startswith(b"\xff\xd8") for t in ranged) and not scanned
+    )  # by byte range
+    moved = [
+        dict(r, source_offset=r[S.SOURCE_OFFSET] + 1) for r in rows
+    ]  # bytes that fail the sha256
     unranged = [dict(r, source_offset=None) for r in rows]
-    assert [t.jpeg for t in T.thumbnails(moved)] == [t.jpeg for t in T.thumbnails(unranged)] == \
-        [t.jpeg for t in ranged] and len(scanned) == 2  # found by key instead, the same pictures
+    assert [t.jpeg for t in T.thumbnails(moved)] == [t.jpeg for t in T.thumbnails(unranged)] == [
+        t.jpeg for t in ranged
+    ] and len(scanned) == 2  # found by key instead, the same pictures
     gone = T.thumbnails([dict(rows[0], source_shard=rows[0]["source_shard"] + ".missing")])
     assert gone[0].jpeg is None and "gone" in gone[0].why
 
@@ -134,7 +141,9 @@ def test_image_upload_and_path_searches_and_bad_images(coll, demo_collection, tm
 
 def test_sql_page_runs_queries_and_shows_errors_plainly(coll):
     at = run_app(coll, "pages/sql.py")
-    at.text_area(key="sql_text").input("SELECT status, count(*) AS n FROM samples GROUP BY 1 ORDER BY 1").run()
+    at.text_area(key="sql_text").input(
+        "SELECT status, count(*) AS n FROM samples GROUP BY 1 ORDER BY 1"
+    ).run()
     at.button(key="sql_run").click().run()
     assert not at.error and not at.exception
     frame = at.dataframe[0].value
@@ -153,9 +162,13 @@ def test_explore_counts_and_histograms(coll):
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Rows"] == "300" and int(metrics["Failed"]) > 0
     assert metrics["Embedded (ok)"] == str(300 - int(metrics["Failed"]))
-    charts = [e for e in at.main if type(e).__name__ == "UnknownElement" and e.type == "vega_lite_chart"]
+    charts = [
+        e for e in at.main if type(e).__name__ == "UnknownElement" and e.type == "vega_lite_chart"
+    ]
     assert len(charts) == 6  # clip_similarity, pwatermark, ptoxic, width, height, caption_length
-    assert "punsafe: no values" in " ".join(c.value for c in at.caption)  # embedded without the nsfw score
+    assert "punsafe: no values" in " ".join(
+        c.value for c in at.caption
+    )  # embedded without the nsfw score
 
 
 def test_stats_histograms_are_aggregates(coll):
@@ -185,7 +198,9 @@ def test_a_missing_collection_names_the_command_that_builds_it(tmp_path, monkeyp
     if not os.path.isdir(state.DEFAULT_COLLECTION):
         assert "make demo" in messages(at)
     at = run_app(str(tmp_path / "nowhere"))
-    assert "does not exist" in messages(at) and "pipelines.embed" in messages(at) and not at.exception
+    assert (
+        "does not exist" in messages(at) and "pipelines.embed" in messages(at) and not at.exception
+    )
     for page in ("pages/sql.py", "pages/explore.py"):
         at.switch_page(page).run()
         assert "does not exist" in messages(at) and not at.exception
@@ -216,12 +231,17 @@ def test_several_collections_can_be_opened_and_switched(coll, tmp_path):
     shutil.copytree(coll, other)
     at = run_app(coll)
     at.sidebar.text_input(key="open_path").input(str(tmp_path / "absent")).run()
-    assert "no such folder" in at.session_state["open_error"] and at.session_state["collections"] == [coll]
+    assert "no such folder" in at.session_state["open_error"] and at.session_state[
+        "collections"
+    ] == [coll]
     at = run_app(coll, open_error=at.session_state["open_error"])
     assert "no such folder" in " ".join(e.value for e in at.sidebar.error)
     at = run_app(coll)
     at.sidebar.text_input(key="open_path").input(other).run()
-    assert at.session_state["collection"] == other and at.session_state["collections"] == [coll, other]
+    assert at.session_state["collection"] == other and at.session_state["collections"] == [
+        coll,
+        other,
+    ]
     at.text_input(key="search_text").input("a red circle").run()
     assert len(results(at)) == 20 and not at.error
     at = AppTest.from_file(APP, default_timeout=TIMEOUT)
@@ -243,7 +263,9 @@ def test_ast_parse_is_serialised_while_the_app_loads_in_threads():
 
     if sys.version_info >= (3, 13):
         pytest.skip("CPython 3.13 keeps the AST converter's depth per thread")
-    assert ast.parse is ast_guard.locked_parse and ast.literal_eval("{'shape': (2, 3)}") == {"shape": (2, 3)}
+    assert ast.parse is ast_guard.locked_parse and ast.literal_eval("{'shape': (2, 3)}") == {
+        "shape": (2, 3)
+    }
     inside = threading.Event()
     with ast_guard._LOCK:  # another thread's parse waits for the lock holder
         t = threading.Thread(target=lambda: (ast.parse("x = 1"), inside.set()))

@@ -23,8 +23,14 @@ from indices.query import query
 REPO = Path(__file__).resolve().parent.parent
 #: Debian's chromium; SIEVE_CHROMIUM points elsewhere (or at nothing, to see the skip)
 CHROMIUM = os.environ.get("SIEVE_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 
 def _missing() -> str | None:
@@ -54,12 +60,32 @@ def server(demo_collection, tmp_path_factory):
     """`streamlit run webui/app.py -- --collection DEMO` on a free port; its log kept for failures."""
     port = _free_port()
     log = tmp_path_factory.mktemp("streamlit") / "server.log"
-    cmd = [sys.executable, "-m", "streamlit", "run", str(REPO / "webui" / "app.py"), "--server.headless", "true",
-           "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false",
-           "--", "--collection", demo_collection["demo/collection"]]
+    cmd = [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(REPO / "webui" / "app.py"),
+        "--server.headless",
+        "true",
+        "--server.port",
+        str(port),
+        "--server.address",
+        "127.0.0.1",
+        "--browser.gatherUsageStats",
+        "false",
+        "--",
+        "--collection",
+        demo_collection["demo/collection"],
+    ]
     with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONPATH": str(REPO)})
+        proc = subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
     yield f"http://127.0.0.1:{port}/", proc, log
     proc.terminate()
     try:
@@ -71,7 +97,9 @@ def server(demo_collection, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def page(server):
-    from playwright.sync_api import sync_playwright  # optional (the ui-test extra): the module skips without it
+    from playwright.sync_api import (
+        sync_playwright,
+    )  # optional (the ui-test extra): the module skips without it
 
     url, proc, log = server
     with sync_playwright() as p:
@@ -84,7 +112,9 @@ def page(server):
                 break
             except Exception as exc:  # playwright's Error: not listening yet
                 if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError(f"streamlit did not start: {exc}\n{log.read_text()[-2000:]}") from None
+                    raise RuntimeError(
+                        f"streamlit did not start: {exc}\n{log.read_text()[-2000:]}"
+                    ) from None
                 time.sleep(0.5)
         yield pg
         browser.close()
@@ -109,11 +139,20 @@ def test_search_shows_the_grid_with_the_captions_search_returns(page, demo_colle
     box.fill("a red circle")
     box.press("Enter")
     page.get_by_text("20 results from the image index").wait_for(timeout=300_000)
-    expected = query(demo_collection["demo/collection"], text="a red circle", k=20, safe_mode=True,
-                     hide_watermarked=False, deduplicate=True)
+    expected = query(
+        demo_collection["demo/collection"],
+        text="a red circle",
+        k=20,
+        safe_mode=True,
+        hide_watermarked=False,
+        deduplicate=True,
+    )
     # the cards stream in after the count: read the page once all twenty thumbnails are drawn
-    page.wait_for_function("() => [...document.querySelectorAll('[data-testid=stMain] img')]"
-                           ".filter(i => i.complete && i.naturalWidth > 0).length >= 20", timeout=60_000)
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('[data-testid=stMain] img')]"
+        ".filter(i => i.complete && i.naturalWidth > 0).length >= 20",
+        timeout=60_000,
+    )
     text = page.locator("section.main, [data-testid='stMain']").first.inner_text()
     captions = [r["caption"] for r in expected]
     assert [c for c in captions[:10] if c not in text] == [], text[:2000]
@@ -125,8 +164,10 @@ def test_sql_page_runs_a_query_and_shows_errors(page, tmp_path):
     page.get_by_role("link", name="SQL").click()
     area = page.get_by_role("textbox", name="Query")
     area.wait_for(timeout=60_000)
-    area.fill("SELECT status, count(*) AS n, round(avg(clip_similarity), 3) AS mean_similarity "
-              "FROM samples GROUP BY status ORDER BY n DESC")
+    area.fill(
+        "SELECT status, count(*) AS n, round(avg(clip_similarity), 3) AS mean_similarity "
+        "FROM samples GROUP BY status ORDER BY n DESC"
+    )
     page.get_by_role("button", name="Run").click()
     page.get_by_text("2 rows in").wait_for(timeout=120_000)
     page.locator("[data-testid=stDataFrame]").wait_for(timeout=60_000)
@@ -149,7 +190,10 @@ def test_subset_page_counts_a_clause_and_shows_a_sample(page, demo_collection, t
     with Catalog(demo_collection["demo/collection"]) as cat:
         n = cat.count("size != 'small' AND id IS NOT NULL")
     page.get_by_text(f"{n:,} rows · spec hash").wait_for(timeout=120_000)
-    page.wait_for_function("() => [...document.querySelectorAll('[data-testid=stMain] img')]"
-                           ".filter(i => i.complete && i.naturalWidth > 0).length >= 10", timeout=60_000)
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('[data-testid=stMain] img')]"
+        ".filter(i => i.complete && i.naturalWidth > 0).length >= 10",
+        timeout=60_000,
+    )
     page.wait_for_timeout(1500)  # the counts table is drawn on a canvas after it is attached
     assert _shoot(page, tmp_path, "webui_subset.png").stat().st_size > 10_000

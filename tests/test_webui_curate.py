@@ -12,11 +12,11 @@ import pyarrow as pa
 import pytest
 import yaml
 
-from curation import schema as S
+from collection import schema as S
+from collection.parts import read_metadata
 from curation.catalog import Catalog
 from curation.resolve import resolve
 from curation.vectors import read_keys, write_table
-from indices.store import read_metadata
 from tests.webui_app import messages, results, run_app
 
 CONCEPT = "red"
@@ -34,11 +34,23 @@ def coll(demo_collection, tmp_path_factory) -> str:
     colours = sorted({r["color"] for r in meta})
     shapes = sorted({r["shape"] for r in meta})
     rng = np.random.default_rng(0)
-    x = np.array([colours.index(by_key[k]["color"]) for k in keys]) + rng.uniform(-0.2, 0.2, len(keys))
-    y = np.array([shapes.index(by_key[k]["shape"]) for k in keys]) + rng.uniform(-0.2, 0.2, len(keys))
-    write_table(S.InsightLayout(root).map(S.MODALITY_IMAGE),
-                pa.table({S.KEY: pa.array(list(keys)), S.MAP_X: pa.array(x, pa.float32()),
-                          S.MAP_Y: pa.array(y, pa.float32()), S.MAP_CLUSTER: pa.array(np.zeros(len(keys), np.int32))}))
+    x = np.array([colours.index(by_key[k]["color"]) for k in keys]) + rng.uniform(
+        -0.2, 0.2, len(keys)
+    )
+    y = np.array([shapes.index(by_key[k]["shape"]) for k in keys]) + rng.uniform(
+        -0.2, 0.2, len(keys)
+    )
+    write_table(
+        S.InsightLayout(root).map(S.MODALITY_IMAGE),
+        pa.table(
+            {
+                S.KEY: pa.array(list(keys)),
+                S.MAP_X: pa.array(x, pa.float32()),
+                S.MAP_Y: pa.array(y, pa.float32()),
+                S.MAP_CLUSTER: pa.array(np.zeros(len(keys), np.int32)),
+            }
+        ),
+    )
     return root
 
 
@@ -70,7 +82,10 @@ def test_a_concept_trains_from_clicks_and_is_saved(coll):
     at.button(key="concept_train").click().run()
     assert not at.exception and not at.error
     metrics = {m.label: m.value for m in at.metric}
-    assert metrics["Quality"] in ("excellent", "good", "fair", "poor") and float(metrics["Threshold"]) > 0
+    assert (
+        metrics["Quality"] in ("excellent", "good", "fair", "poor")
+        and float(metrics["Threshold"]) > 0
+    )
     cards = results(at)  # the find grid, then the ranking, then the suggestions
     ranked = [r for r in cards if "score" in r][:20]
     assert sum(r["color"] == "red" for r in ranked[:10]) >= 8
@@ -90,12 +105,16 @@ def test_explore_map_selection_lists_samples_and_becomes_a_region(coll, tmp_path
     region = {"modality": "image", "rect": [x - 0.5, -1.0, x + 0.5, 10.0]}
     at = run_app(coll, "pages/explore.py", explore_region=region)
     assert not at.exception and not at.error, (at.exception, messages(at))
-    charts = [e for e in at.main if type(e).__name__ == "UnknownElement" and e.type == "plotly_chart"]
+    charts = [
+        e for e in at.main if type(e).__name__ == "UnknownElement" and e.type == "plotly_chart"
+    ]
     assert len(charts) == 1
     listed = results(at)
     assert listed and all(r["color"] == "red" for r in listed), [r["color"] for r in listed]
     at.button(key="explore_use_region").click().run()
-    assert at.session_state["subset_spec"][coll]["region"] == region and "Added" in messages(at), messages(at)
+    assert at.session_state["subset_spec"][coll]["region"] == region and "Added" in messages(at), (
+        messages(at)
+    )
 
 
 def test_subset_page_counts_each_clause_saves_and_exports(coll, tmp_path):
@@ -129,7 +148,11 @@ def test_subset_page_counts_each_clause_saves_and_exports(coll, tmp_path):
     assert not at.error, messages(at)
     steps = at.dataframe[0].value
     labels = steps["clause"].tolist()
-    assert labels[1].startswith("where") and labels[2].startswith("concept") and labels[3].startswith("dedup")
+    assert (
+        labels[1].startswith("where")
+        and labels[2].startswith("concept")
+        and labels[3].startswith("dedup")
+    )
     assert labels[4].startswith("knn") and steps["rows"].tolist()[-1] <= 12
     shown = results(at)
     assert shown and all(r["color"] == "red" for r in shown)
@@ -148,13 +171,19 @@ def test_subset_page_counts_each_clause_saves_and_exports(coll, tmp_path):
     blocker.write_text("not a folder")
     at.text_input(key="subset_out_reds").input(str(blocker / "export")).run()
     at.button(key="subset_export").click().run()
-    assert "not writable" in messages(at) and not at.exception and blocker.read_text() == "not a folder"
+    assert (
+        "not writable" in messages(at)
+        and not at.exception
+        and blocker.read_text() == "not a folder"
+    )
     out = tmp_path / "export"
     at.text_input(key="subset_out_reds").input(str(out)).run()
     at.button(key="subset_export").click().run()
     assert not at.error, messages(at)
     manifest = yaml.safe_load((out / S.EXPORT_MANIFEST).read_text())
-    assert manifest[S.MANIFEST_COUNT] == count and sorted(p.name for p in out.glob("*.tar")) == ["00000.tar"]
+    assert manifest[S.MANIFEST_COUNT] == count and sorted(p.name for p in out.glob("*.tar")) == [
+        "00000.tar"
+    ]
     code = " ".join(c.value for c in at.code)
     assert f"python -m hdit_train.train --data {out} --config" in code and "curation.export" in code
     at.button(key="subset_remove_knn_0").click().run()

@@ -2,20 +2,39 @@
 
 from __future__ import annotations
 
-CAPTIONS = ["a red circle", "two small blue squares on a grey background, one of them large", "x", "a green star"]
+CAPTIONS = [
+    "a red circle",
+    "two small blue squares on a grey background, one of them large",
+    "x",
+    "a green star",
+]
 
 
-def random_vit_clip(width: int, image_size: int, patch_size: int, embed_dim: int, captions: int = 3):
+def random_vit_clip(
+    width: int, image_size: int, patch_size: int, embed_dim: int, captions: int = 3
+):
     """(seeded open_clip CLIP with 2+2 blocks, token ids of the first `captions` CAPTIONS)."""
     import open_clip
     import torch
 
     torch.manual_seed(0)
-    model = open_clip.CLIP(embed_dim=embed_dim,
-                           vision_cfg={"image_size": image_size, "layers": 2, "width": width,
-                                       "patch_size": patch_size, "head_width": 32},
-                           text_cfg={"context_length": 77, "vocab_size": 49408, "width": width,
-                                     "heads": width // 32, "layers": 2}).eval()
+    model = open_clip.CLIP(
+        embed_dim=embed_dim,
+        vision_cfg={
+            "image_size": image_size,
+            "layers": 2,
+            "width": width,
+            "patch_size": patch_size,
+            "head_width": 32,
+        },
+        text_cfg={
+            "context_length": 77,
+            "vocab_size": 49408,
+            "width": width,
+            "heads": width // 32,
+            "layers": 2,
+        },
+    ).eval()
     return model, open_clip.get_tokenizer("ViT-B-32")(CAPTIONS[:captions])
 
 
@@ -28,5 +47,11 @@ def as_clip(model, device: str = "cpu", **settings):
 
     size = model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size
-    return Clip("random-vit", model, open_clip.image_transform(size, is_train=False),
-                open_clip.get_tokenizer("ViT-B-32"), device=device, **settings)
+    return Clip(
+        "random-vit",
+        model,
+        open_clip.image_transform(size, is_train=False),
+        open_clip.get_tokenizer("ViT-B-32"),
+        device=device,
+        **settings,
+    )

@@ -31,5 +31,9 @@ def results(at: AppTest) -> list[dict]:
 
 
 def messages(at: AppTest) -> str:
-    return " | ".join([e.value for e in at.error] + [w.value for w in at.warning] + [i.value for i in at.info]
-                      + [s.value for s in at.success])
+    return " | ".join(
+        [e.value for e in at.error]
+        + [w.value for w in at.warning]
+        + [i.value for i in at.info]
+        + [s.value for s in at.success]
+    )

@@ -29,7 +29,9 @@ PAGES = (
 def parse_args(argv: list[str]) -> list[str]:
     """The collections named on the command line (after streamlit's `--`)."""
     p = argparse.ArgumentParser(prog="streamlit run webui/app.py --", exit_on_error=False)
-    p.add_argument("--collection", action="append", default=[], help="a collection folder (repeatable)")
+    p.add_argument(
+        "--collection", action="append", default=[], help="a collection folder (repeatable)"
+    )
     return p.parse_args(argv).collection
 
 
@@ -39,7 +41,9 @@ def main() -> None:
         try:
             paths = parse_args(sys.argv[1:])
         except (argparse.ArgumentError, SystemExit) as exc:
-            st.error(f"command line: {exc}; expected `streamlit run webui/app.py -- --collection PATH ...`")
+            st.error(
+                f"command line: {exc}; expected `streamlit run webui/app.py -- --collection PATH ...`"
+            )
             paths = []
         state.open_collections(paths)
     pages = [st.Page(path, title=title, icon=icon) for path, title, icon in PAGES]

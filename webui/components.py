@@ -14,12 +14,17 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from curation import schema as S
+from collection import schema as S
 from webui import state
 from webui.thumbs import THUMB_SIZE, Thumb, thumbnails
 
 #: score columns shown on a card, with their short labels
-CARD_SCORES = ((S.CLIP_SIMILARITY, "clip"), (S.PUNSAFE, "nsfw"), (S.PWATERMARK, "wm"), (S.PTOXIC, "toxic"))
+CARD_SCORES = (
+    (S.CLIP_SIMILARITY, "clip"),
+    (S.PUNSAFE, "nsfw"),
+    (S.PWATERMARK, "wm"),
+    (S.PTOXIC, "toxic"),
+)
 _MARKDOWN = re.compile(r"([\\`*_\[\]#|<>~$])")
 
 
@@ -52,13 +57,19 @@ def collection_sidebar() -> state.Current:
         st.session_state[state.CURRENT] = paths[0]
     with st.sidebar:
         st.selectbox("Collection", paths, key=state.CURRENT, format_func=_label)
-        st.text_input("Open another collection", key="open_path", placeholder="/path/to/collection",
-                      on_change=_open_another)
+        st.text_input(
+            "Open another collection",
+            key="open_path",
+            placeholder="/path/to/collection",
+            on_change=_open_another,
+        )
         if st.session_state.get("open_error"):
             st.error(st.session_state["open_error"])
         cur = state.current()
         if cur.health.parts:
-            st.caption(f"{cur.health.parts} part(s) · indices: {', '.join(cur.health.indices) or 'none'}")
+            st.caption(
+                f"{cur.health.parts} part(s) · indices: {', '.join(cur.health.indices) or 'none'}"
+            )
     return cur
 
 
@@ -76,9 +87,16 @@ def cached_thumbnails(cells: tuple[tuple[Any, ...], ...], size: int = THUMB_SIZE
 
 def row_thumbnails(rows: Sequence[dict[str, Any]]) -> list[Thumb]:
     """The grid's thumbnails of result rows (read from their source shards, cached)."""
-    cells = tuple((r.get(S.SOURCE_SHARD), r.get(S.KEY), r.get(S.SOURCE_OFFSET), r.get(S.SOURCE_SIZE),
-                   r.get(S.SHA256))
-                  for r in rows)
+    cells = tuple(
+        (
+            r.get(S.SOURCE_SHARD),
+            r.get(S.KEY),
+            r.get(S.SOURCE_OFFSET),
+            r.get(S.SOURCE_SIZE),
+            r.get(S.SHA256),
+        )
+        for r in rows
+    )
     return cached_thumbnails(cells)
 
 
@@ -87,18 +105,28 @@ def scores_line(row: dict[str, Any]) -> str:
     parts = [f"similarity {row['similarity']:.3f}"] if row.get("similarity") is not None else []
     if row.get("score") is not None:
         parts.append(f"concept {row['score']:.3f}")
-    parts += [f"{label} {row[col]:.2f}" for col, label in CARD_SCORES if isinstance(row.get(col), (int, float))]
+    parts += [
+        f"{label} {row[col]:.2f}"
+        for col, label in CARD_SCORES
+        if isinstance(row.get(col), (int, float))
+    ]
     return " · ".join(parts)
 
 
-def result_grid(rows: Sequence[dict[str, Any]], key: str, columns: int = 5,
-                actions: Callable[[dict[str, Any], str], None] | None = None) -> None:
+def result_grid(
+    rows: Sequence[dict[str, Any]],
+    key: str,
+    columns: int = 5,
+    actions: Callable[[dict[str, Any], str], None] | None = None,
+) -> None:
     """Rows as cards: thumbnail, caption, similarity and scores, a Details popover with every
     metadata column, and `actions(row, key)` drawing the card's own buttons."""
     thumbs = row_thumbnails(rows)
     for start in range(0, len(rows), columns):
         cells = st.columns(columns)
-        for cell, row, thumb in zip(cells, rows[start:start + columns], thumbs[start:start + columns]):
+        for cell, row, thumb in zip(
+            cells, rows[start : start + columns], thumbs[start : start + columns]
+        ):
             with cell.container(border=True):
                 if thumb.jpeg is not None:
                     st.image(thumb.jpeg, width="stretch")
@@ -117,6 +145,14 @@ def histogram_chart(hist: dict[str, Any], title: str) -> alt.Chart:
     """An Altair bar chart of a `curation.stats.Histogram` (as a dict): one bar per bin."""
     edges, counts = hist["edges"], hist["counts"]
     frame = pd.DataFrame({"from": edges[:-1], "to": edges[1:], "rows": counts})
-    return alt.Chart(frame, title=title).mark_bar().encode(
-        x=alt.X("from:Q", bin="binned", title=title), x2="to:Q", y=alt.Y("rows:Q", title="rows"),
-        tooltip=["from", "to", "rows"]).properties(height=180)
+    return (
+        alt.Chart(frame, title=title)
+        .mark_bar()
+        .encode(
+            x=alt.X("from:Q", bin="binned", title=title),
+            x2="to:Q",
+            y=alt.Y("rows:Q", title="rows"),
+            tooltip=["from", "to", "rows"],
+        )
+        .properties(height=180)
+    )

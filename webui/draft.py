@@ -12,7 +12,7 @@ import streamlit as st
 from curation.resolve import parse_spec
 from curation.spec import SpecError
 
-SPEC = "subset_spec"    # {collection path: the spec's clauses, as in the YAML}
+SPEC = "subset_spec"  # {collection path: the spec's clauses, as in the YAML}
 #: clause kinds holding a list of entries (the others hold one value, replaced when added again)
 LISTS = ("where", "knn", "concept")
 #: the map selection {modality, rect | polygon} the Explore page made, offered as a region clause
@@ -50,5 +50,9 @@ def remove_clause(path: str, kind: str, index: int | None) -> None:
 
 def region_label(region: dict[str, Any]) -> str:
     """'rectangle on the image map' / 'lasso of 12 points on the image map'."""
-    shape = "rectangle" if region.get("rect") is not None else f"lasso of {len(region.get('polygon') or [])} points"
+    shape = (
+        "rectangle"
+        if region.get("rect") is not None
+        else f"lasso of {len(region.get('polygon') or [])} points"
+    )
     return f"{shape} on the {region.get('modality', 'image')} map"

@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING, Any
 
 import streamlit as st
 
-from curation import schema as S
-from curation.storage import read_collection_json
-from webui import ast_guard  # noqa: F401 - imported for its effect: ast.parse serialised (CPython < 3.13 threads)
+from collection import schema as S
+from collection.storage import read_collection_json
 from models.runtime import cores
 from models.specs import TINY_NAME
+from webui import ast_guard  # noqa: F401 - imported for its effect: ast.parse serialised (CPython < 3.13 threads)
 
 if TYPE_CHECKING:  # for annotations only: the modules themselves load in the loading thread
     from curation.catalog import Catalog
@@ -75,28 +75,52 @@ def inspect(path: str) -> Health:
     """What `path` holds, and for each missing stage the one command that builds it."""
     layout = S.CollectionLayout(path)
     if not os.path.isdir(path):
-        fix = f"`{BUILD_COMMAND}`" if os.path.abspath(path) == DEFAULT_COLLECTION else \
-            f"`python -m pipelines.embed SHARDS {path}` (then `python -m indices.build {path}`)"
+        fix = (
+            f"`{BUILD_COMMAND}`"
+            if os.path.abspath(path) == DEFAULT_COLLECTION
+            else f"`python -m pipelines.embed SHARDS {path}` (then `python -m indices.build {path}`)"
+        )
         return Health(path, False, problems=(f"{path} does not exist yet. Build it with {fix}.",))
-    done = sorted(int(f[:-5]) for f in _listdir(layout.done_dir) if f.endswith(".json") and f[:-5].isdigit())
+    done = sorted(
+        int(f[:-5]) for f in _listdir(layout.done_dir) if f.endswith(".json") and f[:-5].isdigit()
+    )
     problems = []
     if not done:
-        problems.append(f"{path} has no complete parts (nothing in _done/): embed shards into it with "
-                        f"`python -m pipelines.embed SHARDS {path}`.")
+        problems.append(
+            f"{path} has no complete parts (nothing in _done/): embed shards into it with "
+            f"`python -m pipelines.embed SHARDS {path}`."
+        )
     missing_meta = [n for n in done if not os.path.exists(layout.metadata(n))]
     if missing_meta:
-        problems.append(f"{path}: metadata of part(s) {missing_meta} is missing although marked done; "
-                        f"re-embed with `python -m pipelines.embed SHARDS {path} --overwrite`.")
+        problems.append(
+            f"{path}: metadata of part(s) {missing_meta} is missing although marked done; "
+            f"re-embed with `python -m pipelines.embed SHARDS {path} --overwrite`."
+        )
         done = []
-    embeddings = tuple(m for m in S.MODALITIES if done and all(os.path.exists(layout.emb(m, n)) for n in done))
+    embeddings = tuple(
+        m for m in S.MODALITIES if done and all(os.path.exists(layout.emb(m, n)) for n in done)
+    )
     if done and not embeddings:
-        problems.append(f"{path} has metadata but no embeddings; re-embed with "
-                        f"`python -m pipelines.embed SHARDS {path} --overwrite`.")
-    indices = tuple(m for m in embeddings if os.path.exists(layout.index(m)) and os.path.exists(layout.index_json(m)))
+        problems.append(
+            f"{path} has metadata but no embeddings; re-embed with "
+            f"`python -m pipelines.embed SHARDS {path} --overwrite`."
+        )
+    indices = tuple(
+        m
+        for m in embeddings
+        if os.path.exists(layout.index(m)) and os.path.exists(layout.index_json(m))
+    )
     if embeddings and not indices:
-        problems.append(f"{path} has no index yet, so it cannot be searched: `python -m indices.build {path}`.")
-    signature = (tuple(done), indices, _mtime(layout.done_dir), _mtime(layout.indices_dir),
-                 *(_mtime(layout.index(m)) for m in indices))
+        problems.append(
+            f"{path} has no index yet, so it cannot be searched: `python -m indices.build {path}`."
+        )
+    signature = (
+        tuple(done),
+        indices,
+        _mtime(layout.done_dir),
+        _mtime(layout.indices_dir),
+        *(_mtime(layout.index(m)) for m in indices),
+    )
     return Health(path, True, len(done), embeddings, indices, tuple(problems), signature)
 
 
@@ -105,8 +129,16 @@ def insight_version(path: str) -> tuple:
     cached answers that read them are keyed on it."""
     insight = S.InsightLayout(path)
     dedup_runs = sorted(os.path.join(insight.dedup_dir, d) for d in _listdir(insight.dedup_dir))
-    return tuple(_mtime(p) for p in (insight.concepts_dir, os.path.dirname(insight.map(S.MODALITY_IMAGE)),
-                                     insight.dedup_dir, *dedup_runs, S.CollectionLayout(path).takedown))
+    return tuple(
+        _mtime(p)
+        for p in (
+            insight.concepts_dir,
+            os.path.dirname(insight.map(S.MODALITY_IMAGE)),
+            insight.dedup_dir,
+            *dedup_runs,
+            S.CollectionLayout(path).takedown,
+        )
+    )
 
 
 def _listdir(path: str) -> list[str]:
@@ -123,7 +155,9 @@ _ENCODERS_LOCK = threading.Lock()
 
 def encoder(spec: str) -> Any:
     """The CLIP model of a spec, one per process whatever the number of collections using it."""
-    from models.clip import load_clip  # torch and open_clip (seconds): in the loading thread, after the first page
+    from models.clip import (
+        load_clip,
+    )  # torch and open_clip (seconds): in the loading thread, after the first page
 
     with _ENCODERS_LOCK:
         if spec not in _ENCODERS:
@@ -143,11 +177,16 @@ def export_client() -> Any:
     """A Dask client for exports started from the app, kept for the process: workers are threads
     in this process, so the page's server never forks (and starts no second copy of itself).
     (Not st.cache_resource: a Client is awaitable, which Streamlit's cache refuses.)"""
-    from distributed import Client, LocalCluster  # Dask (a second): only once an export is asked for
+    from distributed import (
+        Client,
+        LocalCluster,
+    )  # Dask (a second): only once an export is asked for
 
     with _ENCODERS_LOCK:
         if not _CLIENT or _CLIENT[0].status in ("closed", "closing"):
-            cluster = LocalCluster(n_workers=1, threads_per_worker=cores(), processes=False, dashboard_address=":0")
+            cluster = LocalCluster(
+                n_workers=1, threads_per_worker=cores(), processes=False, dashboard_address=":0"
+            )
             _CLIENT[:] = [Client(cluster)]
             # closed before the interpreter finalises: its event-loop and worker threads would
             # otherwise be torn down mid-call at exit
@@ -159,7 +198,11 @@ def _close_client(client: Any, cluster: Any) -> None:
     try:
         client.close(timeout=10)
         cluster.close(timeout=10)
-    except (OSError, RuntimeError, TimeoutError) as exc:  # exiting anyway: say so, do not mask the exit
+    except (
+        OSError,
+        RuntimeError,
+        TimeoutError,
+    ) as exc:  # exiting anyway: say so, do not mask the exit
         log.warning("closing the export cluster at exit: %s", exc)
 
 
@@ -170,7 +213,9 @@ class Loaded:
     health: Health
     _searcher: Future | None = None
     _catalog: Future | None = None
-    _pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(2, thread_name_prefix="sieve-load"))
+    _pool: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(2, thread_name_prefix="sieve-load")
+    )
 
     def __post_init__(self) -> None:
         if self.health.searchable:
@@ -179,17 +224,23 @@ class Loaded:
             self._catalog = self._pool.submit(self._load_catalog)
 
     def _load_searcher(self) -> Searcher:
-        from indices.search import Searcher  # faiss, torch, open_clip: imported by this thread so the first page shows first
+        from indices.search import (
+            Searcher,
+        )  # faiss, torch, open_clip: imported by this thread so the first page shows first
 
         path = self.health.path
         spec = read_collection_json(path).get("clip_model", TINY_NAME)
         searcher = Searcher(path, encoder=encoder(spec), columns=None)
-        for m in searcher.modalities():  # FAISS indices and embedding stores, now rather than at the first query
+        for m in (
+            searcher.modalities()
+        ):  # FAISS indices and embedding stores, now rather than at the first query
             searcher.index(m)
         return searcher
 
     def _load_catalog(self) -> Catalog:
-        from curation.catalog import Catalog  # DuckDB and pandas: imported by this thread so the first page shows first
+        from curation.catalog import (
+            Catalog,
+        )  # DuckDB and pandas: imported by this thread so the first page shows first
 
         return Catalog(self.health.path, untrusted=True).start()
 

@@ -5,7 +5,7 @@ there and shrunk for the grid. Rows with the byte range the embed job recorded
 (`source_offset`, `source_size`) are read by range, all of a shard's in one `cat_ranges`, and
 checked against their `sha256`, so a grid costs its images' bytes whatever the shard's size;
 the others (parquet or file sources, a shard that changed) are found by reading their shard
-through `pipelines.readers`. A row whose shard is gone, unreadable or no longer holds its key
+through `collection.shards`. A row whose shard is gone, unreadable or no longer holds its key
 gets no thumbnail and a reason, never an error that stops the page.
 """
 
@@ -20,10 +20,10 @@ from typing import Any, Sequence
 
 from PIL import Image
 
-from curation import schema as S
-from curation.storage import url_to_fs
+from collection import schema as S
+from collection.shards import Shard, ShardOpenError, format_of, read_shard
+from collection.storage import url_to_fs
 from pipelines.decode import DEFAULT_MAX_PIXELS, decode_image
-from pipelines.readers import Shard, ShardOpenError, format_of, read_shard
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +44,14 @@ def _jpeg(data: bytes, size: int) -> Thumb:
     if image is None:
         return Thumb(None, f"undecodable: {error}")
     image.thumbnail((size, size), Image.Resampling.LANCZOS)
-    if max(image.size) < size:  # tiny generated images: enlarged with hard edges so the grid can show them
+    if (
+        max(image.size) < size
+    ):  # tiny generated images: enlarged with hard edges so the grid can show them
         scale = size / max(image.size)
-        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
-                             Image.Resampling.NEAREST)
+        image = image.resize(
+            (max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+            Image.Resampling.NEAREST,
+        )
     buf = io.BytesIO()
     image.save(buf, format="JPEG", quality=90)
     return Thumb(buf.getvalue())
@@ -59,7 +63,11 @@ def _scan(url: str, keys: set[str]) -> tuple[dict[str, bytes], str]:
         fs, path = url_to_fs(url)
         exists = fs.exists(path)
         is_dir = exists and fs.isdir(path)
-    except (ImportError, ValueError, OSError) as exc:  # an fsspec protocol not installed, an unreachable store
+    except (
+        ImportError,
+        ValueError,
+        OSError,
+    ) as exc:  # an fsspec protocol not installed, an unreachable store
         return {}, f"source shard {url} cannot be opened: {exc}"
     if not exists:
         return {}, f"source shard {url} is gone"
@@ -88,8 +96,11 @@ def _by_range(url: str, rows: Sequence[dict[str, Any]], idx: list[int]) -> dict[
     out = {}
     for i, start, end, blob in zip(idx, starts, ends, blobs):
         digest = rows[i].get(S.SHA256)
-        if isinstance(blob, bytes) and len(blob) == end - start and \
-                (not digest or hashlib.sha256(blob).hexdigest() == digest):
+        if (
+            isinstance(blob, bytes)
+            and len(blob) == end - start
+            and (not digest or hashlib.sha256(blob).hexdigest() == digest)
+        ):
             out[i] = blob
     return out
 
@@ -102,7 +113,11 @@ def thumbnails(rows: Sequence[dict[str, Any]], size: int = THUMB_SIZE) -> list[T
         if row.get(S.SOURCE_SHARD) and row.get(S.KEY) is not None:
             by_shard[row[S.SOURCE_SHARD]].append(i)
     for url, idx in by_shard.items():
-        ranged = [i for i in idx if rows[i].get(S.SOURCE_OFFSET) is not None and rows[i].get(S.SOURCE_SIZE) is not None]
+        ranged = [
+            i
+            for i in idx
+            if rows[i].get(S.SOURCE_OFFSET) is not None and rows[i].get(S.SOURCE_SIZE) is not None
+        ]
         data = _by_range(url, rows, ranged) if ranged else {}
         rest = [i for i in idx if i not in data]
         if rest:

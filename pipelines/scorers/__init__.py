@@ -22,12 +22,11 @@ SCORER_NAMES: tuple[str, ...] = ("nsfw", "watermark", "toxicity")
 class Scorer(Protocol):
     """What every scorer offers the pipeline."""
 
-    column: str            # the metadata column it fills (curation.schema constant)
-    kind: str              # "image" or "text"
+    column: str  # the metadata column it fills (collection.schema constant)
+    kind: str  # "image" or "text"
     needs_embeddings: bool  # score() must be given the batch's CLIP image embeddings
 
-    def score(self, items: Sequence[Any], embeddings: np.ndarray | None = None) -> np.ndarray:
-        ...
+    def score(self, items: Sequence[Any], embeddings: np.ndarray | None = None) -> np.ndarray: ...
 
 
 def load_scorer(name: str, **opts: Any) -> Scorer:
@@ -35,12 +34,17 @@ def load_scorer(name: str, **opts: Any) -> Scorer:
     # each scorer's module is imported only when asked for: each pulls a heavy runtime (onnxruntime, torch)
     if name == "nsfw":
         from pipelines.scorers.nsfw import NsfwScorer  # onnxruntime, nudenet
+
         return NsfwScorer(**opts)
     if name == "watermark":
         from pipelines.scorers.watermark import WatermarkScorer  # torch
+
         return WatermarkScorer(**opts)
     if name == "toxicity":
-        from pipelines.scorers.toxicity import ToxicityScorer  # light, but imported like its siblings
+        from pipelines.scorers.toxicity import (
+            ToxicityScorer,
+        )  # light, but imported like its siblings
+
         return ToxicityScorer(**opts)
     raise ValueError(f"unknown scorer {name!r}; valid names: {', '.join(SCORER_NAMES)}")
 

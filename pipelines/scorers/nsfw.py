@@ -30,15 +30,21 @@ import torch
 from nudenet import NudeDetector
 from PIL import Image
 
-from curation.schema import PUNSAFE
+from collection.schema import PUNSAFE
 
 log = logging.getLogger(__name__)
 
 CLASS_WEIGHTS: dict[str, float] = {
-    "FEMALE_GENITALIA_EXPOSED": 1.0, "MALE_GENITALIA_EXPOSED": 1.0, "ANUS_EXPOSED": 1.0,
-    "FEMALE_BREAST_EXPOSED": 0.9, "BUTTOCKS_EXPOSED": 0.8,
-    "FEMALE_GENITALIA_COVERED": 0.3, "ANUS_COVERED": 0.3,
-    "FEMALE_BREAST_COVERED": 0.15, "BUTTOCKS_COVERED": 0.15, "BELLY_EXPOSED": 0.05,
+    "FEMALE_GENITALIA_EXPOSED": 1.0,
+    "MALE_GENITALIA_EXPOSED": 1.0,
+    "ANUS_EXPOSED": 1.0,
+    "FEMALE_BREAST_EXPOSED": 0.9,
+    "BUTTOCKS_EXPOSED": 0.8,
+    "FEMALE_GENITALIA_COVERED": 0.3,
+    "ANUS_COVERED": 0.3,
+    "FEMALE_BREAST_COVERED": 0.15,
+    "BUTTOCKS_COVERED": 0.15,
+    "BELLY_EXPOSED": 0.05,
 }
 
 
@@ -50,28 +56,44 @@ def combine_detections(detections: list[dict[str, Any]]) -> float:
     return float(np.clip(1.0 - safe, 0.0, 1.0))
 
 
-def _layers_from_mapping(weights: dict[str, np.ndarray], path: Path) -> list[tuple[np.ndarray, np.ndarray]]:
+def _layers_from_mapping(
+    weights: dict[str, np.ndarray], path: Path
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """Ordered (W (out, in), b) pairs from torch-style or Keras-style keys."""
-    torch_keys = sorted({k.rsplit(".", 1)[0] for k in weights if k.endswith(".weight")},
-                        key=lambda k: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", k)])
+    torch_keys = sorted(
+        {k.rsplit(".", 1)[0] for k in weights if k.endswith(".weight")},
+        key=lambda k: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", k)],
+    )
     if torch_keys:
-        return [(np.asarray(weights[f"{k}.weight"], np.float32),
-                 np.asarray(weights.get(f"{k}.bias", np.zeros(len(weights[f"{k}.weight"]))), np.float32))
-                for k in torch_keys]
+        return [
+            (
+                np.asarray(weights[f"{k}.weight"], np.float32),
+                np.asarray(
+                    weights.get(f"{k}.bias", np.zeros(len(weights[f"{k}.weight"]))), np.float32
+                ),
+            )
+            for k in torch_keys
+        ]
     keras = sorted((int(k[1:]) for k in weights if re.fullmatch(r"W\d+", k)))
     if keras:
-        return [(np.asarray(weights[f"W{i}"], np.float32).T, np.asarray(weights[f"b{i}"], np.float32))
-                for i in keras]
-    raise ValueError(f"{path}: no Linear layers found (expected '0.weight'/'0.bias' or 'W0'/'b0' keys, "
-                     f"got {sorted(weights)[:8]})")
+        return [
+            (np.asarray(weights[f"W{i}"], np.float32).T, np.asarray(weights[f"b{i}"], np.float32))
+            for i in keras
+        ]
+    raise ValueError(
+        f"{path}: no Linear layers found (expected '0.weight'/'0.bias' or 'W0'/'b0' keys, "
+        f"got {sorted(weights)[:8]})"
+    )
 
 
 def load_clip_head(path: str | Path) -> list[tuple[np.ndarray, np.ndarray]]:
     """Read an MLP head from a torch state_dict or an .npz; checks that layer shapes chain."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"CLIP NSFW head weights not found: {path} (pass the path of a LAION "
-                                "CLIP-based NSFW head converted to a torch state_dict or .npz)")
+        raise FileNotFoundError(
+            f"CLIP NSFW head weights not found: {path} (pass the path of a LAION "
+            "CLIP-based NSFW head converted to a torch state_dict or .npz)"
+        )
     if path.suffix == ".npz":
         with np.load(path) as data:
             weights = {k: data[k] for k in data.files}
@@ -84,7 +106,9 @@ def load_clip_head(path: str | Path) -> list[tuple[np.ndarray, np.ndarray]]:
         if w0.shape[0] != w1.shape[1]:
             raise ValueError(f"{path}: layer shapes do not chain: {w0.shape} then {w1.shape}")
     if layers[-1][0].shape[0] not in (1, 2):
-        raise ValueError(f"{path}: the last layer must have 1 or 2 outputs, has {layers[-1][0].shape[0]}")
+        raise ValueError(
+            f"{path}: the last layer must have 1 or 2 outputs, has {layers[-1][0].shape[0]}"
+        )
     return layers
 
 
@@ -114,8 +138,13 @@ class NsfwScorer:
     column = PUNSAFE
     kind = "image"
 
-    def __init__(self, clip_head_path: str | Path | None = None, batch_size: int = 8,
-                 threads: int | None = None, device: str | None = None) -> None:
+    def __init__(
+        self,
+        clip_head_path: str | Path | None = None,
+        batch_size: int = 8,
+        threads: int | None = None,
+        device: str | None = None,
+    ) -> None:
         """threads: ONNX Runtime intra-op threads (None: its default, all cores); set 1 per Dask worker."""
         self.batch_size = batch_size
         self.head = load_clip_head(clip_head_path) if clip_head_path else None
@@ -128,18 +157,23 @@ class NsfwScorer:
                 opts.intra_op_num_threads = opts.inter_op_num_threads = int(threads)
                 model_file = Path(nudenet.__file__).with_name("320n.onnx")  # the wheel's detector
                 self.detector.onnx_session = onnxruntime.InferenceSession(
-                    str(model_file), opts, providers=["CPUExecutionProvider"])
+                    str(model_file), opts, providers=["CPUExecutionProvider"]
+                )
 
     def score(self, items: Sequence[Any], embeddings: np.ndarray | None = None) -> np.ndarray:
         """punsafe in [0, 1] per image (NaN for an item that cannot be read)."""
         if self.head is not None:
             if embeddings is None:
-                raise ValueError("this NSFW scorer uses a CLIP head: pass embeddings=<(n, dim) CLIP "
-                                 "image embeddings> to score()")
+                raise ValueError(
+                    "this NSFW scorer uses a CLIP head: pass embeddings=<(n, dim) CLIP "
+                    "image embeddings> to score()"
+                )
             emb = np.asarray(embeddings, np.float32)
             if emb.ndim != 2 or len(emb) != len(items) or emb.shape[1] != self.head[0][0].shape[1]:
-                raise ValueError(f"embeddings shape {emb.shape} does not fit {len(items)} items and the "
-                                 f"head's input dim {self.head[0][0].shape[1]}")
+                raise ValueError(
+                    f"embeddings shape {emb.shape} does not fit {len(items)} items and the "
+                    f"head's input dim {self.head[0][0].shape[1]}"
+                )
             return _mlp_unsafe(self.head, emb).astype(np.float32)
         out = np.full(len(items), np.nan, np.float32)
         arrays, where = [], []

@@ -21,12 +21,27 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from curation.schema import PTOXIC
+from collection.schema import PTOXIC
 
 log = logging.getLogger(__name__)
 LEXICON_PATH = Path(__file__).with_name("toxic_words.tsv")
-LEET = str.maketrans({"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "8": "b",
-                      "@": "a", "$": "s", "!": "i", "|": "l", "+": "t", "9": "g"})
+LEET = str.maketrans(
+    {
+        "0": "o",
+        "1": "i",
+        "3": "e",
+        "4": "a",
+        "5": "s",
+        "7": "t",
+        "8": "b",
+        "@": "a",
+        "$": "s",
+        "!": "i",
+        "|": "l",
+        "+": "t",
+        "9": "g",
+    }
+)
 MASK = set("*#%^~?_")
 # leetspeak undone inside masked tokens ("!" stays a mask there: f!ck, sh!t)
 LEET_MASKED = {"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "@": "a", "$": "s", "!": "*"}
@@ -34,7 +49,9 @@ _TOKEN = re.compile(r"[a-z0-9@$!|+*#%^~?_]+(?:['’][a-z]+)?")
 
 
 @lru_cache(maxsize=4)
-def load_lexicon(path: str | Path = LEXICON_PATH) -> tuple[dict[tuple[str, ...], float], dict[str, float]]:
+def load_lexicon(
+    path: str | Path = LEXICON_PATH,
+) -> tuple[dict[tuple[str, ...], float], dict[str, float]]:
     """(phrases/whole words -> weight, stems -> weight) from a term<TAB>weight file."""
     words: dict[tuple[str, ...], float] = {}
     stems: dict[str, float] = {}
@@ -70,8 +87,11 @@ def _variants(token: str) -> set[str]:
 
 def _joined_spellings(text: str) -> str:
     """Join letters separated by dots, dashes or single spaces (f.u.c.k, f u c k -> fuck)."""
-    return re.sub(r"\b(?:[a-z0-9@$*!][.\-_ ]){2,}[a-z0-9@$*!]\b",
-                  lambda m: re.sub(r"[.\-_ ]", "", m.group(0)), text)
+    return re.sub(
+        r"\b(?:[a-z0-9@$*!][.\-_ ]){2,}[a-z0-9@$*!]\b",
+        lambda m: re.sub(r"[.\-_ ]", "", m.group(0)),
+        text,
+    )
 
 
 class LexiconToxicity:
@@ -137,7 +157,9 @@ class LexiconToxicity:
 def _load_detoxify(model: str, checkpoint: str | None, timeout_s: float) -> Any | None:
     """Detoxify if installed and loadable within timeout_s (its weights download); else None."""
     try:
-        from detoxify import Detoxify  # optional, and it imports transformers (seconds): tried only when asked
+        from detoxify import (
+            Detoxify,
+        )  # optional, and it imports transformers (seconds): tried only when asked
     except ImportError:
         return None
     box: dict[str, Any] = {}
@@ -154,8 +176,12 @@ def _load_detoxify(model: str, checkpoint: str | None, timeout_s: float) -> Any 
     if "model" in box:
         return box["model"]
     reason = box.get("error", f"no answer within {timeout_s:.0f}s")
-    log.warning("Detoxify is installed but its %r weights could not be loaded (%s); using the "
-                "built-in lexicon scorer", model, reason)
+    log.warning(
+        "Detoxify is installed but its %r weights could not be loaded (%s); using the "
+        "built-in lexicon scorer",
+        model,
+        reason,
+    )
     return None
 
 
@@ -166,18 +192,26 @@ class ToxicityScorer:
     kind = "text"
     needs_embeddings = False
 
-    def __init__(self, backend: str = "auto", detoxify_model: str = "original",
-                 detoxify_checkpoint: str | None = None, load_timeout_s: float = 60.0,
-                 lexicon_path: str | Path = LEXICON_PATH, device: str | None = None) -> None:
+    def __init__(
+        self,
+        backend: str = "auto",
+        detoxify_model: str = "original",
+        detoxify_checkpoint: str | None = None,
+        load_timeout_s: float = 60.0,
+        lexicon_path: str | Path = LEXICON_PATH,
+        device: str | None = None,
+    ) -> None:
         if backend not in ("auto", "lexicon", "detoxify"):
             raise ValueError(f"toxicity backend must be auto, lexicon or detoxify; got {backend!r}")
         self.detoxify = None
         if backend != "lexicon":
             self.detoxify = _load_detoxify(detoxify_model, detoxify_checkpoint, load_timeout_s)
             if self.detoxify is None and backend == "detoxify":
-                raise RuntimeError("backend='detoxify' but Detoxify is not installed or its weights "
-                                   "could not be loaded (pip install detoxify; pass detoxify_checkpoint="
-                                   "a local .ckpt when offline)")
+                raise RuntimeError(
+                    "backend='detoxify' but Detoxify is not installed or its weights "
+                    "could not be loaded (pip install detoxify; pass detoxify_checkpoint="
+                    "a local .ckpt when offline)"
+                )
         self.lexicon = LexiconToxicity(lexicon_path)
         self.backend = "detoxify" if self.detoxify is not None else "lexicon"
 

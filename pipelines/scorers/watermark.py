@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from curation.schema import PWATERMARK
+from collection.schema import PWATERMARK
 from models import watermark_cnn
 
 log = logging.getLogger(__name__)
@@ -44,15 +44,23 @@ def load_laion(checkpoint: str | Path) -> Any:
     """LAION's watermark model: timm efficientnet_b3a with its 1536-625-256-2 classifier head."""
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
-        raise FileNotFoundError(f"LAION watermark checkpoint not found: {checkpoint} (download "
-                                "watermark_model_v1.pt from LAION-AI/LAION-5B-WatermarkDetection and pass its path)")
+        raise FileNotFoundError(
+            f"LAION watermark checkpoint not found: {checkpoint} (download "
+            "watermark_model_v1.pt from LAION-AI/LAION-5B-WatermarkDetection and pass its path)"
+        )
     try:
         import timm  # optional, and seconds to import: only LAION's checkpoint needs it
     except ImportError as exc:
         raise ImportError("LAION's watermark checkpoint needs timm: pip install timm") from exc
     model = timm.create_model("efficientnet_b3a", pretrained=False, num_classes=2)
-    model.classifier = nn.Sequential(nn.Linear(1536, 625), nn.ReLU(), nn.Dropout(p=0.3),
-                                     nn.Linear(625, 256), nn.ReLU(), nn.Linear(256, 2))
+    model.classifier = nn.Sequential(
+        nn.Linear(1536, 625),
+        nn.ReLU(),
+        nn.Dropout(p=0.3),
+        nn.Linear(625, 256),
+        nn.ReLU(),
+        nn.Linear(256, 2),
+    )
     model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
     return model.eval()
 
@@ -64,8 +72,13 @@ class WatermarkScorer:
     kind = "image"
     needs_embeddings = False
 
-    def __init__(self, model_path: str | Path | None = None, laion_checkpoint: str | Path | None = None,
-                 batch_size: int = 64, device: str | None = None) -> None:
+    def __init__(
+        self,
+        model_path: str | Path | None = None,
+        laion_checkpoint: str | Path | None = None,
+        batch_size: int = 64,
+        device: str | None = None,
+    ) -> None:
         self.device = torch.device(device or "cpu")
         self.batch_size = batch_size
         self.laion = laion_checkpoint is not None
@@ -87,7 +100,7 @@ class WatermarkScorer:
         """pwatermark in [0, 1] per image (NaN for an item that cannot be read)."""
         out = np.full(len(items), np.nan, np.float32)
         for start in range(0, len(items), self.batch_size):
-            x, where = _pil_batch(items[start:start + self.batch_size], self.size)
+            x, where = _pil_batch(items[start : start + self.batch_size], self.size)
             if not where:
                 continue
             with torch.inference_mode():

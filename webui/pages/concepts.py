@@ -14,14 +14,22 @@ from typing import Any
 import numpy as np
 import streamlit as st
 
-from curation.concepts import MODALITIES, Concept, fit_concept, load_concept, save_concept, saved_concepts, \
-    score_collection, suggest
+from curation.concepts import (
+    MODALITIES,
+    Concept,
+    fit_concept,
+    load_concept,
+    save_concept,
+    saved_concepts,
+    score_collection,
+    suggest,
+)
 from curation.vectors import read_keys
 from indices.query import query
 from webui import components, state
 
-LABELS = "concept_labels"   # {collection path: {key: 1 (shows the concept) | 0 (does not)}}
-FIT = "concept_fit"         # {collection path: {"concept": Concept, "scores": array}}
+LABELS = "concept_labels"  # {collection path: {key: 1 (shows the concept) | 0 (does not)}}
+FIT = "concept_fit"  # {collection path: {"concept": Concept, "scores": array}}
 NOTE = "concept_note"
 UP, DOWN = ":material/thumb_up:", ":material/thumb_down:"
 GRID = 5
@@ -59,27 +67,53 @@ def _load(path: str) -> None:
     except (ValueError, FileNotFoundError) as exc:
         st.session_state[NOTE] = ("error", str(exc))
         return
-    st.session_state[LABELS][path] = {**{k: 1 for k in concept.positives}, **{k: 0 for k in concept.negatives}}
+    st.session_state[LABELS][path] = {
+        **{k: 1 for k in concept.positives},
+        **{k: 0 for k in concept.negatives},
+    }
     st.session_state["concept_name"] = concept.name
     st.session_state["concept_prompt"] = concept.prompt or ""
     st.session_state.get(FIT, {}).pop(path, None)
-    st.session_state[NOTE] = ("info", f"Loaded {name}: {len(concept.positives)} {UP}, {len(concept.negatives)} {DOWN}")
+    st.session_state[NOTE] = (
+        "info",
+        f"Loaded {name}: {len(concept.positives)} {UP}, {len(concept.negatives)} {DOWN}",
+    )
 
 
 def label_buttons(path: str):
     """A card's 👍/👎 buttons (the chosen one highlighted)."""
+
     def draw(row: dict[str, Any], key: str) -> None:
         mark = labels_of(path).get(row["key"])
         c1, c2 = st.columns(2)
         # Material icons: the font ships with Streamlit, where an emoji needs the system's emoji font
-        c1.button("", key=f"{key}-pos", icon=UP, on_click=_label, args=(path, row["key"], 1), width="stretch",
-                  type="primary" if mark == 1 else "secondary", help="shows the concept (👍)")
-        c2.button("", key=f"{key}-neg", icon=DOWN, on_click=_label, args=(path, row["key"], 0), width="stretch",
-                  type="primary" if mark == 0 else "secondary", help="does not show it (👎)")
+        c1.button(
+            "",
+            key=f"{key}-pos",
+            icon=UP,
+            on_click=_label,
+            args=(path, row["key"], 1),
+            width="stretch",
+            type="primary" if mark == 1 else "secondary",
+            help="shows the concept (👍)",
+        )
+        c2.button(
+            "",
+            key=f"{key}-neg",
+            icon=DOWN,
+            on_click=_label,
+            args=(path, row["key"], 0),
+            width="stretch",
+            type="primary" if mark == 0 else "secondary",
+            help="does not show it (👎)",
+        )
+
     return draw
 
 
-def _rows(cur: state.Current, ids: list[int], scores: np.ndarray | None = None) -> list[dict[str, Any]]:
+def _rows(
+    cur: state.Current, ids: list[int], scores: np.ndarray | None = None
+) -> list[dict[str, Any]]:
     rows = cur.searcher().records(ids)
     if scores is not None:
         for r in rows:
@@ -90,15 +124,28 @@ def _rows(cur: state.Current, ids: list[int], scores: np.ndarray | None = None) 
 def find_examples(cur: state.Current) -> None:
     """Search the collection for samples to label."""
     c1, c2 = st.columns([4, 1])
-    text = c1.text_input("Find examples", key="concept_query", placeholder="a red circle  ·  a blue square:1|red:-0.5",
-                         help="A search (weighted prompts as on the Search page) whose results you label below.")
+    text = c1.text_input(
+        "Find examples",
+        key="concept_query",
+        placeholder="a red circle  ·  a blue square:1|red:-0.5",
+        help="A search (weighted prompts as on the Search page) whose results you label below.",
+    )
     k = c2.number_input("Results", 5, 100, 20, key="concept_k")
     if not text.strip():
-        st.caption(f"Search for samples, then mark each {UP} (shows the concept) or {DOWN} (does not).")
+        st.caption(
+            f"Search for samples, then mark each {UP} (shows the concept) or {DOWN} (does not)."
+        )
         return
     try:
-        rows = query(cur.path, text=text.strip(), k=int(k), safe_mode=False, hide_watermarked=False,
-                     deduplicate=False, searcher=cur.searcher())
+        rows = query(
+            cur.path,
+            text=text.strip(),
+            k=int(k),
+            safe_mode=False,
+            hide_watermarked=False,
+            deduplicate=False,
+            searcher=cur.searcher(),
+        )
     except ValueError as exc:  # QueryError: a malformed prompt
         st.error(str(exc))
         return
@@ -114,10 +161,20 @@ def train(cur: state.Current, name: str, prompt: str, modality: str) -> None:
     neg = [k for k, v in labels.items() if v == 0]
     try:
         with st.spinner("Training the probe and scoring the collection…"):
-            concept = fit_concept(cur.path, name, pos, neg, prompt or None, modality,
-                                  clip=state.collection_encoder(cur.path))
+            concept = fit_concept(
+                cur.path,
+                name,
+                pos,
+                neg,
+                prompt or None,
+                modality,
+                clip=state.collection_encoder(cur.path),
+            )
             scores = score_collection(cur.path, concept)
-    except (ValueError, FileNotFoundError) as exc:  # too few labels, a bad name, a collection that cannot
+    except (
+        ValueError,
+        FileNotFoundError,
+    ) as exc:  # too few labels, a bad name, a collection that cannot
         st.session_state[NOTE] = ("error", str(exc))
         return
     st.session_state.setdefault(FIT, {})[cur.path] = {"concept": concept, "scores": scores}
@@ -145,20 +202,32 @@ def show_fit(cur: state.Current, concept: Concept, scores: np.ndarray) -> None:
     pos = ",".join(concept.positives)
     neg = ",".join(concept.negatives)
     prompt = f" --prompt {shlex.quote(concept.prompt)}" if concept.prompt else ""
-    c2.code(f"python -m curation.concept {shlex.quote(cur.path)} {concept.name} --pos {shlex.quote(pos)} "
-            f"--neg {shlex.quote(neg)} --modality {concept.modality}{prompt}", language="bash", wrap_lines=True)
+    c2.code(
+        f"python -m curation.concept {shlex.quote(cur.path)} {concept.name} --pos {shlex.quote(pos)} "
+        f"--neg {shlex.quote(neg)} --modality {concept.modality}{prompt}",
+        language="bash",
+        wrap_lines=True,
+    )
     top, nxt = st.tabs(["Ranked by the concept", "Label next (least certain)"])
     with top:
-        order = np.argsort(-scores, kind="stable")[:SHOWN * 2]
-        components.result_grid(_rows(cur, order.tolist(), scores), key="concept-top", columns=GRID,
-                               actions=label_buttons(cur.path))
+        order = np.argsort(-scores, kind="stable")[: SHOWN * 2]
+        components.result_grid(
+            _rows(cur, order.tolist(), scores),
+            key="concept-top",
+            columns=GRID,
+            actions=label_buttons(cur.path),
+        )
     with nxt:
         wanted = suggest(concept, keys, scores, SHOWN)
         rank = {k: r for r, k in enumerate(wanted)}
         ids = sorted(np.flatnonzero(np.isin(keys, wanted)).tolist(), key=lambda i: rank[keys[i]])
         st.caption("Label these and train again: each answer teaches the probe where it is unsure.")
-        components.result_grid(_rows(cur, ids, scores), key="concept-next", columns=GRID,
-                               actions=label_buttons(cur.path))
+        components.result_grid(
+            _rows(cur, ids, scores),
+            key="concept-next",
+            columns=GRID,
+            actions=label_buttons(cur.path),
+        )
 
 
 def render() -> None:
@@ -171,7 +240,9 @@ def render() -> None:
     c1, c2, c3 = st.columns([1, 2, 1])
     st.session_state.setdefault("concept_name", "my-concept")
     name = c1.text_input("Concept name", key="concept_name")
-    prompt = c2.text_input("Prompt (optional prior)", key="concept_prompt", placeholder="a red circle")
+    prompt = c2.text_input(
+        "Prompt (optional prior)", key="concept_prompt", placeholder="a red circle"
+    )
     modality = c3.radio("Embeddings", MODALITIES, key="concept_modality", horizontal=True)
     saved = saved_concepts(cur.path)
     if saved:

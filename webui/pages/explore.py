@@ -18,7 +18,7 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from curation import schema as S
+from collection import schema as S
 from curation import stats
 from curation.map import read_map, region_mask
 from webui import components, state
@@ -44,12 +44,18 @@ def _histogram(path: str, signature: tuple, column: str, bins: int) -> dict[str,
 
 
 @st.cache_data(max_entries=16, show_spinner=False)
-def _map_points(path: str, signature: tuple, insight: tuple, modality: str, colour: str) -> pd.DataFrame:
+def _map_points(
+    path: str, signature: tuple, insight: tuple, modality: str, colour: str
+) -> pd.DataFrame:
     """A seeded sample of the map's points (id, key, x, y, the colour column), read anew when the
     map is remade (`insight`)."""
     table = read_map(path, modality)
     n = table.num_rows
-    ids = np.arange(n) if n <= MAP_POINTS else np.sort(np.random.default_rng(0).choice(n, MAP_POINTS, replace=False))
+    ids = (
+        np.arange(n)
+        if n <= MAP_POINTS
+        else np.sort(np.random.default_rng(0).choice(n, MAP_POINTS, replace=False))
+    )
     frame = table.take(ids).to_pandas()
     frame.insert(0, "id", ids)
     if colour != S.MAP_CLUSTER:
@@ -65,10 +71,16 @@ def _selected(event: Any, modality: str) -> dict[str, Any] | None:
     sel = (event or {}).get("selection") or {}
     if sel.get("box"):
         box = sel["box"][0]
-        return {"modality": modality, "rect": [min(box["x"]), min(box["y"]), max(box["x"]), max(box["y"])]}
+        return {
+            "modality": modality,
+            "rect": [min(box["x"]), min(box["y"]), max(box["x"]), max(box["y"])],
+        }
     if sel.get("lasso"):
         lasso = sel["lasso"][0]
-        return {"modality": modality, "polygon": [[float(x), float(y)] for x, y in zip(lasso["x"], lasso["y"])]}
+        return {
+            "modality": modality,
+            "polygon": [[float(x), float(y)] for x, y in zip(lasso["x"], lasso["y"])],
+        }
     return None
 
 
@@ -82,23 +94,42 @@ def map_section(cur: state.Current) -> None:
     st.subheader("Map")
     made = [m for m in cur.health.embeddings if os.path.exists(S.InsightLayout(cur.path).map(m))]
     if not made:
-        st.info(f"No map yet. Make it with `python -m curation.map {cur.path}` "
-                "(UMAP of the image embeddings; `--modality text` for the captions').")
+        st.info(
+            f"No map yet. Make it with `python -m curation.map {cur.path}` "
+            "(UMAP of the image embeddings; `--modality text` for the captions')."
+        )
         return
     if not cur.health.searchable:
-        state.show_problems(cur.health, "The map's samples are listed from the search index's rows.")
+        state.show_problems(
+            cur.health, "The map's samples are listed from the search index's rows."
+        )
         return
     columns = cur.searcher().rows.column_names
     c1, c2 = st.columns([1, 2])
     modality = c1.radio("Embeddings", made, key="explore_map_modality", horizontal=True)
-    colour = c2.selectbox("Colour by", [S.MAP_CLUSTER, *(c for c in MAP_COLOURS if c in columns)], key="explore_colour")
+    colour = c2.selectbox(
+        "Colour by",
+        [S.MAP_CLUSTER, *(c for c in MAP_COLOURS if c in columns)],
+        key="explore_colour",
+    )
     with st.spinner("Reading the map…"):
-        points = _map_points(cur.path, cur.health.signature, state.insight_version(cur.path), modality, colour)
-    fig = px.scatter(points, x=S.MAP_X, y=S.MAP_Y, color=colour, hover_data={"id": True, S.KEY: True},
-                     render_mode="webgl", height=520)
+        points = _map_points(
+            cur.path, cur.health.signature, state.insight_version(cur.path), modality, colour
+        )
+    fig = px.scatter(
+        points,
+        x=S.MAP_X,
+        y=S.MAP_Y,
+        color=colour,
+        hover_data={"id": True, S.KEY: True},
+        render_mode="webgl",
+        height=520,
+    )
     fig.update_traces(marker={"size": 5})
     fig.update_layout(dragmode="lasso", margin={"l": 0, "r": 0, "t": 10, "b": 0})
-    event = st.plotly_chart(fig, key="explore_map", on_select="rerun", selection_mode=("box", "lasso"))
+    event = st.plotly_chart(
+        fig, key="explore_map", on_select="rerun", selection_mode=("box", "lasso")
+    )
     region = _selected(event, modality)
     if region is not None:
         st.session_state[REGION] = region
@@ -114,13 +145,24 @@ def map_section(cur: state.Current) -> None:
         return
     c1, c2, c3 = st.columns([3, 1, 1], vertical_alignment="center")
     c1.markdown(f"**{len(inside):,} samples** in the {region_label(region)}")
-    c2.button("Use as a region clause", key="explore_use_region", on_click=_use_region, args=(cur.path, region),
-              disabled=not len(inside))
-    c3.button("Clear selection", key="explore_clear_region", on_click=lambda: st.session_state.pop(REGION, None))
+    c2.button(
+        "Use as a region clause",
+        key="explore_use_region",
+        on_click=_use_region,
+        args=(cur.path, region),
+        disabled=not len(inside),
+    )
+    c3.button(
+        "Clear selection",
+        key="explore_clear_region",
+        on_click=lambda: st.session_state.pop(REGION, None),
+    )
     if st.session_state.get("explore_region_note"):
         st.info(st.session_state.pop("explore_region_note"))
     if len(inside):
-        components.result_grid(cur.searcher().records(inside[:LISTED].tolist()), key="explore", columns=5)
+        components.result_grid(
+            cur.searcher().records(inside[:LISTED].tolist()), key="explore", columns=5
+        )
 
 
 def render() -> None:

@@ -14,8 +14,8 @@ from indices.query import MAX_RESULTS, query, results_json, results_parquet
 from pipelines.decode import DEFAULT_MAX_PIXELS, decode_image
 from webui import components, state
 
-KIND = "search_kind"      # which input the user touched last: text / upload / path / like
-LIKE = "search_like"      # the result "more like this" was pressed on: {"id", "key", "caption"}
+KIND = "search_kind"  # which input the user touched last: text / upload / path / like
+LIKE = "search_like"  # the result "more like this" was pressed on: {"id", "key", "caption"}
 GRID_COLUMNS = 5
 
 
@@ -68,54 +68,115 @@ def _input() -> tuple[str, Any] | None:
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
-def _search(path: str, version: tuple, kind: str, value: Any, k: int, modality: str, filters: str,
-            safe: bool, dedup: bool, hide_wm: bool) -> list[dict[str, Any]]:
+def _search(
+    path: str,
+    version: tuple,
+    kind: str,
+    value: Any,
+    k: int,
+    modality: str,
+    filters: str,
+    safe: bool,
+    dedup: bool,
+    hide_wm: bool,
+) -> list[dict[str, Any]]:
     """One search, cached on everything that decides its answer (the takedown version included)."""
     searcher = state.loaded(path, version[0]).searcher()
     args: dict[str, Any] = {"text": None, "image": None, "like": None, kind: value}
-    return query(path, k=k, modality=modality, filters=filters or None, safe_mode=safe, hide_watermarked=hide_wm,
-                 deduplicate=dedup, searcher=searcher, **args)
+    return query(
+        path,
+        k=k,
+        modality=modality,
+        filters=filters or None,
+        safe_mode=safe,
+        hide_watermarked=hide_wm,
+        deduplicate=dedup,
+        searcher=searcher,
+        **args,
+    )
 
 
 def _downloads(cur: state.Current, run: dict[str, Any], rows: list[dict[str, Any]]) -> None:
     """clip front's clipsubset.json and parquet of up to MAX_RESULTS results, made on click."""
     c1, c2, c3 = st.columns([2, 1, 1], vertical_alignment="bottom")
-    n = c1.number_input("Results to download", 1, MAX_RESULTS, value=len(rows), key="search_download_n")
+    n = c1.number_input(
+        "Results to download", 1, MAX_RESULTS, value=len(rows), key="search_download_n"
+    )
 
     def fetch() -> list[dict[str, Any]]:
         if n <= len(rows):
             return rows[:n]
-        return _search(cur.path, run["version"], run["kind"], run["value"], int(n), run["modality"], run["filters"],
-                       run["safe"], run["dedup"], run["hide_wm"])
+        return _search(
+            cur.path,
+            run["version"],
+            run["kind"],
+            run["value"],
+            int(n),
+            run["modality"],
+            run["filters"],
+            run["safe"],
+            run["dedup"],
+            run["hide_wm"],
+        )
 
-    c2.download_button("clipsubset.json", data=lambda: results_json(fetch()), file_name="clipsubset.json",
-                       mime="application/json", key="search_download_json")
-    c3.download_button("parquet", data=lambda: results_parquet(fetch()), file_name="results.parquet",
-                       mime="application/octet-stream", key="search_download_parquet")
+    c2.download_button(
+        "clipsubset.json",
+        data=lambda: results_json(fetch()),
+        file_name="clipsubset.json",
+        mime="application/json",
+        key="search_download_json",
+    )
+    c3.download_button(
+        "parquet",
+        data=lambda: results_parquet(fetch()),
+        file_name="results.parquet",
+        mime="application/octet-stream",
+        key="search_download_parquet",
+    )
 
 
 def render() -> None:
     st.title("Search")
     cur = components.collection_sidebar()
     if not cur.health.searchable:
-        state.show_problems(cur.health, "Search needs an index; the SQL and Explore pages work on metadata alone."
-                            if cur.health.queryable else "")
+        state.show_problems(
+            cur.health,
+            "Search needs an index; the SQL and Explore pages work on metadata alone."
+            if cur.health.queryable
+            else "",
+        )
         return
     q1, q2 = st.columns([3, 2])
-    q1.text_input("Text query", key="search_text", on_change=_kind, args=("text",),
-                  placeholder="a red circle  ·  weighted: a red star:1|blurry:-0.5",
-                  help="Weighted prompts as in subset specs: `text:weight` joined by `|`; negative weights push away.")
+    q1.text_input(
+        "Text query",
+        key="search_text",
+        on_change=_kind,
+        args=("text",),
+        placeholder="a red circle  ·  weighted: a red star:1|blurry:-0.5",
+        help="Weighted prompts as in subset specs: `text:weight` joined by `|`; negative weights push away.",
+    )
     q2.file_uploader("…or an image", key="search_upload", on_change=_kind, args=("upload",))
     q1.text_input("…or an image path", key="search_path", on_change=_kind, args=("path",))
     o1, o2, o3, o4, o5 = st.columns([1.2, 1, 1, 1, 1])
-    modality = o1.radio("Index", cur.health.indices, key="search_modality", horizontal=True,
-                        format_func=lambda m: f"{m}s")
+    modality = o1.radio(
+        "Index",
+        cur.health.indices,
+        key="search_modality",
+        horizontal=True,
+        format_func=lambda m: f"{m}s",
+    )
     k = o2.number_input("k", 1, 500, 20, key="search_k")
     safe = o3.toggle("Safe mode", value=True, key="search_safe", help="hide punsafe > 0.5")
     dedup = o4.toggle("Hide near-duplicates", value=True, key="search_dedup")
-    hide_wm = o5.toggle("Hide watermarked", value=False, key="search_hide_wm", help="hide pwatermark > 0.8")
-    filters = st.text_input("SQL filter", key="search_filter", placeholder="clip_similarity > 0.3 AND width >= 64",
-                            help="A WHERE clause over the candidates' metadata columns and `id` (sandboxed).").strip()
+    hide_wm = o5.toggle(
+        "Hide watermarked", value=False, key="search_hide_wm", help="hide pwatermark > 0.8"
+    )
+    filters = st.text_input(
+        "SQL filter",
+        key="search_filter",
+        placeholder="clip_similarity > 0.3 AND width >= 64",
+        help="A WHERE clause over the candidates' metadata columns and `id` (sandboxed).",
+    ).strip()
 
     like = st.session_state.get(LIKE)
     if like and st.session_state.get(KIND) == "like":
@@ -129,20 +190,39 @@ def render() -> None:
     kind, value = chosen
     searcher = cur.searcher()
     searcher.refresh_takedown()
-    run = {"version": (cur.health.signature, searcher.takedown_version), "kind": kind, "value": value,
-           "modality": modality, "filters": filters, "safe": safe, "dedup": dedup, "hide_wm": hide_wm}
+    run = {
+        "version": (cur.health.signature, searcher.takedown_version),
+        "kind": kind,
+        "value": value,
+        "modality": modality,
+        "filters": filters,
+        "safe": safe,
+        "dedup": dedup,
+        "hide_wm": hide_wm,
+    }
     try:
-        rows = _search(cur.path, run["version"], kind, value, int(k), modality, filters, safe, dedup, hide_wm)
-    except ValueError as exc:  # QueryError (a bad filter, a malformed prompt), SqlError, CollectionError
+        rows = _search(
+            cur.path, run["version"], kind, value, int(k), modality, filters, safe, dedup, hide_wm
+        )
+    except (
+        ValueError
+    ) as exc:  # QueryError (a bad filter, a malformed prompt), SqlError, CollectionError
         st.error(str(exc))
         return
     if not rows:
-        st.info("No results: nothing passes these filters. Loosen the SQL filter or turn a toggle off.")
+        st.info(
+            "No results: nothing passes these filters. Loosen the SQL filter or turn a toggle off."
+        )
         return
     st.caption(f"{len(rows)} results from the {modality} index")
-    components.result_grid(rows, key="search", columns=GRID_COLUMNS,
-                           actions=lambda row, key: st.button("More like this", key=f"{key}-like",
-                                                              on_click=_like, args=(row,), width="stretch"))
+    components.result_grid(
+        rows,
+        key="search",
+        columns=GRID_COLUMNS,
+        actions=lambda row, key: st.button(
+            "More like this", key=f"{key}-like", on_click=_like, args=(row,), width="stretch"
+        ),
+    )
     _downloads(cur, run, rows)
 
 

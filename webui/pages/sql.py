@@ -28,8 +28,10 @@ def render() -> None:
     if not cur.health.queryable:
         state.show_problems(cur.health)
         return
-    st.caption("Table `samples`: every metadata column and `id`, the vector's global id. Sandboxed: one SELECT, "
-               f"a time and memory limit, at most {cur.catalog().row_cap:,} rows back.")
+    st.caption(
+        "Table `samples`: every metadata column and `id`, the vector's global id. Sandboxed: one SELECT, "
+        f"a time and memory limit, at most {cur.catalog().row_cap:,} rows back."
+    )
     with st.expander("Columns"):
         st.code(", ".join(cur.catalog().columns), language=None, wrap_lines=True)
     sql = st.text_area("Query", value=EXAMPLE, key="sql_text", height=120)
@@ -49,10 +51,20 @@ def render() -> None:
     st.caption(note)
     st.dataframe(table.to_pandas(), hide_index=True)
     c1, c2 = st.columns(2)
-    c1.download_button("CSV", data=lambda: format_result(table, "csv"), file_name="query.csv", mime="text/csv",
-                       key="sql_download_csv")
-    c2.download_button("parquet", data=lambda: format_result(table, "parquet"), file_name="query.parquet",
-                       mime="application/octet-stream", key="sql_download_parquet")
+    c1.download_button(
+        "CSV",
+        data=lambda: format_result(table, "csv"),
+        file_name="query.csv",
+        mime="text/csv",
+        key="sql_download_csv",
+    )
+    c2.download_button(
+        "parquet",
+        data=lambda: format_result(table, "parquet"),
+        file_name="query.parquet",
+        mime="application/octet-stream",
+        key="sql_download_parquet",
+    )
 
 
 render()

@@ -17,7 +17,7 @@ import numpy as np
 import streamlit as st
 import yaml
 
-from curation import schema as S
+from collection import schema as S
 from curation.clauses import CLAUSES
 from curation.concepts import saved_concepts
 from curation.export import export
@@ -29,9 +29,9 @@ from curation.subset import save_subset
 from webui import components, state
 from webui.draft import LISTS, REGION, add_clause, region_label, remove_clause, spec_of
 
-SAVED = "subset_saved"        # {collection path: (name, the clauses saved)}
+SAVED = "subset_saved"  # {collection path: (name, the clauses saved)}
 EXPORTED = "subset_exported"  # {collection path: the last export's manifest summary}
-ERROR = "subset_error"        # the last refused clause, shown once
+ERROR = "subset_error"  # the last refused clause, shown once
 KINDS = [k.name for k in CLAUSES]
 SAMPLE = 10
 TRAIN_CONFIG = "hdit_train/configs/demo.yaml"
@@ -63,8 +63,13 @@ def form_value(kind: str, path: str) -> Any:
     if kind == "knn":
         text = ss.get("subset_knn_text", "").strip()
         if not text:
-            raise ValueError("kNN text: type a query (weighted prompts as in search: `a red star:1|blurry:-0.5`)")
-        clause: dict[str, Any] = {"text": text, "modality": ss.get("subset_knn_modality", S.MODALITY_IMAGE)}
+            raise ValueError(
+                "kNN text: type a query (weighted prompts as in search: `a red star:1|blurry:-0.5`)"
+            )
+        clause: dict[str, Any] = {
+            "text": text,
+            "modality": ss.get("subset_knn_modality", S.MODALITY_IMAGE),
+        }
         if ss.get("subset_knn_mode", "k") == "k":
             clause["k"] = int(ss.get("subset_knn_k", 100))
         else:
@@ -75,20 +80,31 @@ def form_value(kind: str, path: str) -> Any:
     if kind == "concept":
         name = ss.get("subset_concept")
         if not name:
-            raise ValueError(f"concept: none saved in {path}/concepts yet; make one on the Concepts page")
+            raise ValueError(
+                f"concept: none saved in {path}/concepts yet; make one on the Concepts page"
+            )
         score = _number(ss.get("subset_concept_min", ""), "concept min score")
         return {"name": name} if score is None else {"name": name, "min_score": score}
     if kind == "region":
         region = ss.get(REGION)
         if region and ss.get("subset_region_from_map", True):
             return {k: v for k, v in region.items() if v is not None}
-        rect = [_number(ss.get(f"subset_rect_{c}", ""), f"rectangle {c}") for c in ("x0", "y0", "x1", "y1")]
+        rect = [
+            _number(ss.get(f"subset_rect_{c}", ""), f"rectangle {c}")
+            for c in ("x0", "y0", "x1", "y1")
+        ]
         if any(v is None for v in rect):
-            raise ValueError("region: select points on the Explore page's map, or type all four rectangle corners")
+            raise ValueError(
+                "region: select points on the Explore page's map, or type all four rectangle corners"
+            )
         return {"modality": ss.get("subset_region_modality", S.MODALITY_IMAGE), "rect": rect}
     if kind == "dedup":
         level = ss.get("subset_dedup_level", "copies")
-        return {"level": level, "eps": float(ss.get("subset_dedup_eps", 0.05))} if level == "semantic" else level
+        return (
+            {"level": level, "eps": float(ss.get("subset_dedup_eps", 0.05))}
+            if level == "semantic"
+            else level
+        )
     if kind == "limit":
         return int(ss.get("subset_limit", 1000))
     raise ValueError(f"unknown clause kind {kind!r}")
@@ -105,14 +121,24 @@ def _add(path: str) -> None:
 
 def clause_form(cur: state.Current) -> None:
     """The 'add a clause' form: a kind, its inputs, Add."""
-    kind = st.selectbox("Add a clause", KINDS, key="subset_kind",
-                        help="Clauses apply in this list's order, whatever the order they are added in.")
+    kind = st.selectbox(
+        "Add a clause",
+        KINDS,
+        key="subset_kind",
+        help="Clauses apply in this list's order, whatever the order they are added in.",
+    )
     if kind == "where":
-        st.text_input("SQL condition on `samples`", key="subset_where", placeholder="width >= 64 AND pwatermark < 0.5")
+        st.text_input(
+            "SQL condition on `samples`",
+            key="subset_where",
+            placeholder="width >= 64 AND pwatermark < 0.5",
+        )
     elif kind == "filters":
         c1, c2 = st.columns([1, 2])
         c1.selectbox("Preset", list(PRESETS), key="subset_filter_preset")
-        c2.text_input("Overrides (YAML)", key="subset_filter_overrides", placeholder="{max_punsafe: 0.2}")
+        c2.text_input(
+            "Overrides (YAML)", key="subset_filter_overrides", placeholder="{max_punsafe: 0.2}"
+        )
     elif kind == "knn":
         st.text_input("Search text", key="subset_knn_text", placeholder="a red star:1|blurry:-0.5")
         c1, c2, c3, c4 = st.columns(4)
@@ -121,7 +147,12 @@ def clause_form(cur: state.Current) -> None:
             c2.number_input("k", 1, 10_000_000, 100, key="subset_knn_k")
         else:
             c2.number_input("min similarity", -1.0, 1.0, 0.25, step=0.01, key="subset_knn_min")
-        c3.radio("Index", cur.health.indices or [S.MODALITY_IMAGE], key="subset_knn_modality", horizontal=True)
+        c3.radio(
+            "Index",
+            cur.health.indices or [S.MODALITY_IMAGE],
+            key="subset_knn_modality",
+            horizontal=True,
+        )
         c4.toggle("Exclude the matches", key="subset_knn_exclude")
     elif kind == "concept":
         c1, c2 = st.columns(2)
@@ -130,8 +161,11 @@ def clause_form(cur: state.Current) -> None:
     elif kind == "region":
         region = st.session_state.get(REGION)
         if region:
-            st.toggle(f"Use the map selection ({region_label(region)})", value=True,
-                      key="subset_region_from_map")
+            st.toggle(
+                f"Use the map selection ({region_label(region)})",
+                value=True,
+                key="subset_region_from_map",
+            )
         st.caption("…or a rectangle on the map (its coordinates):")
         cols = st.columns(5)
         cols[0].radio("Map", [S.MODALITY_IMAGE, S.MODALITY_TEXT], key="subset_region_modality")
@@ -143,7 +177,9 @@ def clause_form(cur: state.Current) -> None:
         if level == "semantic":
             c2.number_input("eps", 0.001, 0.999, 0.05, step=0.01, key="subset_dedup_eps")
     elif kind == "limit":
-        st.number_input("At most this many rows (a seeded random sample)", 1, 10**9, 1000, key="subset_limit")
+        st.number_input(
+            "At most this many rows (a seeded random sample)", 1, 10**9, 1000, key="subset_limit"
+        )
     st.button("Add", key="subset_add", on_click=_add, args=(cur.path,))
     if st.session_state.get(ERROR):
         st.error(st.session_state.pop(ERROR))
@@ -157,10 +193,21 @@ def clause_list(path: str, spec: dict[str, Any]) -> None:
         values = list(enumerate(spec[kind])) if kind in LISTS else [(None, spec[kind])]
         for i, value in values:
             c1, c2 = st.columns([8, 1], vertical_alignment="center")
-            c1.code(yaml.safe_dump({kind: value}, default_flow_style=True, sort_keys=False, width=10**6).strip(),
-                    language="yaml", wrap_lines=True)
-            c2.button("", key=f"subset_remove_{kind}_{i}", icon=":material/close:", help="Remove this clause",
-                      on_click=remove_clause, args=(path, kind, i))
+            c1.code(
+                yaml.safe_dump(
+                    {kind: value}, default_flow_style=True, sort_keys=False, width=10**6
+                ).strip(),
+                language="yaml",
+                wrap_lines=True,
+            )
+            c2.button(
+                "",
+                key=f"subset_remove_{kind}_{i}",
+                icon=":material/close:",
+                help="Remove this clause",
+                on_click=remove_clause,
+                args=(path, kind, i),
+            )
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
@@ -172,9 +219,17 @@ def _resolve(path: str, signature: tuple, insight: tuple, spec_yaml: str) -> dic
     encoder = state.collection_encoder(path) if spec.get("knn") else None
     res = resolve(path, spec, untrusted=True, encoder=encoder)
     rng = np.random.default_rng(0)
-    sample = np.sort(rng.choice(res.ids, size=min(SAMPLE, len(res.ids)), replace=False)) if len(res.ids) else res.ids
-    return {"steps": [(s.label, s.count) for s in res.steps], "count": len(res), "spec_hash": res.spec_hash,
-            "sample": [int(i) for i in sample]}
+    sample = (
+        np.sort(rng.choice(res.ids, size=min(SAMPLE, len(res.ids)), replace=False))
+        if len(res.ids)
+        else res.ids
+    )
+    return {
+        "steps": [(s.label, s.count) for s in res.steps],
+        "count": len(res),
+        "spec_hash": res.spec_hash,
+        "sample": [int(i) for i in sample],
+    }
 
 
 def counts(cur: state.Current, spec: dict[str, Any]) -> dict[str, Any] | None:
@@ -183,12 +238,20 @@ def counts(cur: state.Current, spec: dict[str, Any]) -> dict[str, Any] | None:
     doc = {"name": st.session_state.get("subset_name") or "subset", **spec}
     try:
         with st.spinner("Counting…"):
-            dry = _resolve(cur.path, cur.health.signature, state.insight_version(cur.path),
-                           yaml.safe_dump(doc, sort_keys=False))
+            dry = _resolve(
+                cur.path,
+                cur.health.signature,
+                state.insight_version(cur.path),
+                yaml.safe_dump(doc, sort_keys=False),
+            )
     except (SpecError, ValueError, FileNotFoundError) as exc:
         st.error(str(exc).replace("<spec>: ", ""))
         return None
-    st.dataframe([{"clause": label, "rows": n} for label, n in dry["steps"]], hide_index=True, width="stretch")
+    st.dataframe(
+        [{"clause": label, "rows": n} for label, n in dry["steps"]],
+        hide_index=True,
+        width="stretch",
+    )
     st.caption(f"{dry['count']:,} rows · spec hash {dry['spec_hash']}")
     return dry
 
@@ -209,7 +272,11 @@ def save_form(cur: state.Current, spec: dict[str, Any]) -> None:
     name = c1.text_input("Name", key="subset_name", placeholder="red-circles")
     description = c2.text_input("Description", key="subset_description")
     if c3.button("Save", key="subset_save", type="primary", disabled=not spec):
-        doc = {"name": name.strip(), **({"description": description} if description else {}), **spec}
+        doc = {
+            "name": name.strip(),
+            **({"description": description} if description else {}),
+            **spec,
+        }
         try:
             if not doc["name"]:
                 raise SpecError("name: give the subset a name (letters, digits, '-', '_', '.')")
@@ -221,8 +288,11 @@ def save_form(cur: state.Current, spec: dict[str, Any]) -> None:
         st.success(f"Saved {saved}")
     saved = st.session_state.get(SAVED, {}).get(cur.path)
     if saved:
-        st.code(f"python -m curation.subset {shlex.quote(cur.path)} {saved[0]} --dry-run --untrusted",
-                language="bash", wrap_lines=True)
+        st.code(
+            f"python -m curation.subset {shlex.quote(cur.path)} {saved[0]} --dry-run --untrusted",
+            language="bash",
+            wrap_lines=True,
+        )
 
 
 def export_form(cur: state.Current, spec: dict[str, Any]) -> None:
@@ -233,8 +303,10 @@ def export_form(cur: state.Current, spec: dict[str, Any]) -> None:
         return
     name = saved[0]
     if saved[1] != spec:
-        st.warning(f"The clauses changed since {name} was saved: the export is of the saved {name}. "
-                   "Save again to export these.")
+        st.warning(
+            f"The clauses changed since {name} was saved: the export is of the saved {name}. "
+            "Save again to export these."
+        )
     default = os.path.join(os.path.dirname(cur.path.rstrip("/")), f"export-{name}")
     c1, c2, c3, c4 = st.columns([3, 1, 1, 1], vertical_alignment="bottom")
     out = c1.text_input("Export to", value=default, key=f"subset_out_{name}").strip()
@@ -245,27 +317,49 @@ def export_form(cur: state.Current, spec: dict[str, Any]) -> None:
         bar = st.progress(0.0, text="Resolving…")
 
         def report(p: dict[str, int]) -> None:
-            bar.progress(p["shards_done"] / max(p["shards"], 1),
-                         text=f"{p['shards_done']}/{p['shards']} shards · {p['samples']:,} samples written")
+            bar.progress(
+                p["shards_done"] / max(p["shards"], 1),
+                text=f"{p['shards_done']}/{p['shards']} shards · {p['samples']:,} samples written",
+            )
 
         try:
-            manifest = export(cur.path, name, out, shard_size=int(shard_size), image_size=int(size) or None,
-                              format=fmt, client=state.export_client(), untrusted=True, on_progress=report)
+            manifest = export(
+                cur.path,
+                name,
+                out,
+                shard_size=int(shard_size),
+                image_size=int(size) or None,
+                format=fmt,
+                client=state.export_client(),
+                untrusted=True,
+                on_progress=report,
+            )
         except (SpecError, ExportError, ValueError) as exc:
             bar.empty()
             st.error(str(exc))
             return
         bar.progress(1.0, text="Done")
         st.session_state.setdefault(EXPORTED, {})[cur.path] = {
-            "out": out, "name": name, "format": fmt, "count": manifest[S.MANIFEST_COUNT],
-            "shards": manifest[S.MANIFEST_SHARDS], "spec_hash": manifest[S.MANIFEST_SPEC_HASH]}
+            "out": out,
+            "name": name,
+            "format": fmt,
+            "count": manifest[S.MANIFEST_COUNT],
+            "shards": manifest[S.MANIFEST_SHARDS],
+            "spec_hash": manifest[S.MANIFEST_SPEC_HASH],
+        }
     done = st.session_state.get(EXPORTED, {}).get(cur.path)
     if done:
-        st.success(f"Exported {done['count']:,} samples in {done['shards']} shard(s) to {done['out']} "
-                   f"(spec hash {done['spec_hash']})")
+        st.success(
+            f"Exported {done['count']:,} samples in {done['shards']} shard(s) to {done['out']} "
+            f"(spec hash {done['spec_hash']})"
+        )
         size_arg = f" --image-size {int(size)}" if size else ""
-        st.code(f"python -m curation.export {shlex.quote(cur.path)} {done['name']} --out {shlex.quote(done['out'])} "
-                f"--format {done['format']}{size_arg} --untrusted", language="bash", wrap_lines=True)
+        st.code(
+            f"python -m curation.export {shlex.quote(cur.path)} {done['name']} --out {shlex.quote(done['out'])} "
+            f"--format {done['format']}{size_arg} --untrusted",
+            language="bash",
+            wrap_lines=True,
+        )
         if done["format"] == S.EXPORT_WEBDATASET:
             st.caption("Train an HDiT on it:")
             st.code(train_command(done["out"], done["name"]), language="bash", wrap_lines=True)
@@ -273,8 +367,10 @@ def export_form(cur: state.Current, spec: dict[str, Any]) -> None:
 
 def train_command(out: str, name: str) -> str:
     """The exact training command for an export folder."""
-    return (f"python -m hdit_train.train --data {shlex.quote(out)} --config {TRAIN_CONFIG} "
-            f"--out {shlex.quote(os.path.join('runs', name))}")
+    return (
+        f"python -m hdit_train.train --data {shlex.quote(out)} --config {TRAIN_CONFIG} "
+        f"--out {shlex.quote(os.path.join('runs', name))}"
+    )
 
 
 def render() -> None:

@@ -13,11 +13,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from curation import schema as S
+from collection import schema as S
+from collection.shards import (
+    FILES,
+    PARQUET,
+    WEBDATASET,
+    ShardOpenError,
+    fingerprint,
+    list_shards,
+    read_shard,
+)
 from models.scenes import iter_samples
 from pipelines.decode import decode_sample
-from pipelines.readers import (FILES, PARQUET, WEBDATASET, ShardOpenError, fingerprint,
-                               list_shards, read_shard)
 
 
 # ---- builders shared with tests/test_embed.py -------------------------------------------
@@ -29,11 +36,19 @@ def jpeg_bytes(img: Image.Image) -> bytes:
 
 def bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
     """A tiny PNG whose header claims a huge canvas: a decompression bomb's calling card."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-            + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 def _member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -56,9 +71,16 @@ def sample_members(n: int, start: int = 0, prefix: str = "s") -> list[tuple[str,
     out = []
     for i, s in enumerate(iter_samples(n, size=32, start=start)):
         key = f"{prefix}{start + i:05d}"
-        meta = {"url": f"http://x.invalid/{key}.jpg", "status": "success", "shape": s.attrs["shape"]}
-        out += [(f"{key}.jpg", jpeg_bytes(s.image)), (f"{key}.txt", s.caption.encode()),
-                (f"{key}.json", json.dumps(meta).encode())]
+        meta = {
+            "url": f"http://x.invalid/{key}.jpg",
+            "status": "success",
+            "shape": s.attrs["shape"],
+        }
+        out += [
+            (f"{key}.jpg", jpeg_bytes(s.image)),
+            (f"{key}.txt", s.caption.encode()),
+            (f"{key}.json", json.dumps(meta).encode()),
+        ]
     return out
 
 
@@ -66,20 +88,31 @@ def tricky_members(prefix: str = "t") -> tuple[list[tuple[str, bytes]], dict[str
     """One sample of each failure kind, and the status each must get."""
     good = jpeg_bytes(Image.new("RGB", (24, 24), (200, 30, 30)))
     members = [
-        (f"{prefix}_trunc.jpg", good[: len(good) // 2]), (f"{prefix}_trunc.txt", b"a red square"),
-        (f"{prefix}_garbage.jpg", b"not an image at all" * 10), (f"{prefix}_garbage.txt", b"noise"),
-        (f"{prefix}_bomb.png", bomb_png()), (f"{prefix}_bomb.txt", b"a huge picture"),
-        (f"{prefix}_nocap.jpg", good), (f"{prefix}_nocap.json", b'{"url": "http://x.invalid/n"}'),
+        (f"{prefix}_trunc.jpg", good[: len(good) // 2]),
+        (f"{prefix}_trunc.txt", b"a red square"),
+        (f"{prefix}_garbage.jpg", b"not an image at all" * 10),
+        (f"{prefix}_garbage.txt", b"noise"),
+        (f"{prefix}_bomb.png", bomb_png()),
+        (f"{prefix}_bomb.txt", b"a huge picture"),
+        (f"{prefix}_nocap.jpg", good),
+        (f"{prefix}_nocap.json", b'{"url": "http://x.invalid/n"}'),
         (f"{prefix}_noimg.txt", b"a caption alone"),
     ]
-    expected = {f"{prefix}_trunc": S.STATUS_DECODE_ERROR, f"{prefix}_garbage": S.STATUS_DECODE_ERROR,
-                f"{prefix}_bomb": S.STATUS_TOO_LARGE, f"{prefix}_nocap": S.STATUS_MISSING_CAPTION,
-                f"{prefix}_noimg": S.STATUS_MISSING_IMAGE}
+    expected = {
+        f"{prefix}_trunc": S.STATUS_DECODE_ERROR,
+        f"{prefix}_garbage": S.STATUS_DECODE_ERROR,
+        f"{prefix}_bomb": S.STATUS_TOO_LARGE,
+        f"{prefix}_nocap": S.STATUS_MISSING_CAPTION,
+        f"{prefix}_noimg": S.STATUS_MISSING_IMAGE,
+    }
     return members, expected
 
 
 def statuses(shard) -> dict[str, str]:
-    return {row[S.KEY]: row[S.STATUS] for row, _ in (decode_sample(r, shard.url) for r in read_shard(shard))}
+    return {
+        row[S.KEY]: row[S.STATUS]
+        for row, _ in (decode_sample(r, shard.url) for r in read_shard(shard))
+    }
 
 
 # ---- tests -------------------------------------------------------------------------------
@@ -132,13 +165,15 @@ def test_parquet_with_image_bytes(tmp_path):
     import pyarrow.parquet as pq
 
     samples = list(iter_samples(5, size=32))
-    table = pa.table({
-        "key": [f"p{i}" for i in range(5)],
-        "jpg": [jpeg_bytes(s.image) for s in samples[:4]] + [None],
-        "txt": [s.caption for s in samples],
-        "url": [f"http://x.invalid/{i}" for i in range(5)],
-        "status": ["success"] * 4 + ["failed_to_download"],
-    })
+    table = pa.table(
+        {
+            "key": [f"p{i}" for i in range(5)],
+            "jpg": [jpeg_bytes(s.image) for s in samples[:4]] + [None],
+            "txt": [s.caption for s in samples],
+            "url": [f"http://x.invalid/{i}" for i in range(5)],
+            "status": ["success"] * 4 + ["failed_to_download"],
+        }
+    )
     pq.write_table(table, tmp_path / "00000.parquet", row_group_size=2)
     [shard] = list_shards(str(tmp_path))
     assert shard.format == PARQUET
@@ -192,8 +227,11 @@ def test_phash_is_bit_identical_to_imagehash():
     from pipelines.decode import phash
 
     images = [s.image for s in iter_samples(60, size=48, watermark_fraction=0.5)]
-    images += [Image.new("RGB", (50, 80), (10, 200, 3)), Image.new("L", (7, 300)),
-               Image.new("RGBA", (33, 33), (1, 2, 3, 4))]
+    images += [
+        Image.new("RGB", (50, 80), (10, 200, 3)),
+        Image.new("L", (7, 300)),
+        Image.new("RGBA", (33, 33), (1, 2, 3, 4)),
+    ]
     assert [phash(im) for im in images] == [str(imagehash.phash(im)) for im in images]
 
 
@@ -202,28 +240,61 @@ def test_numpy_thumbnails_equal_pillows_on_every_shape_and_pass_order():
     from pipelines.phash import numpy_path, phash, phash_pixels, thumbnails, thumbnails_of
 
     rng = np.random.default_rng(0)
-    shapes = [(64, 64), (32, 32), (48, 48), (1, 1), (7, 300), (31, 33), (20, 40), (300, 400), (224, 224),
-              (32, 100), (13, 97), (45, 62), (20, 27)]
+    shapes = [
+        (64, 64),
+        (32, 32),
+        (48, 48),
+        (1, 1),
+        (7, 300),
+        (31, 33),
+        (20, 40),
+        (300, 400),
+        (224, 224),
+        (32, 100),
+        (13, 97),
+        (45, 62),
+        (20, 27),
+    ]
     for h, w in shapes:
         batch = rng.integers(0, 256, (4, h, w, 3), dtype=np.uint8)
         batch[0], batch[1, :, ::2] = 255, 0  # saturated and striped: the clipping paths
-        expected = np.stack([np.asarray(Image.fromarray(a).convert("L").resize((32, 32), Image.Resampling.LANCZOS),
-                                        np.float64) for a in batch])
+        expected = np.stack(
+            [
+                np.asarray(
+                    Image.fromarray(a).convert("L").resize((32, 32), Image.Resampling.LANCZOS),
+                    np.float64,
+                )
+                for a in batch
+            ]
+        )
         assert np.array_equal(thumbnails(batch), expected), (h, w)
         # one at a time (PIL's grey above BATCH_MAX_PIXELS) gives the same bytes
         assert all(np.array_equal(phash_pixels(a), e) for a, e in zip(batch, expected)), (h, w)
     # PIL's path: large, and taller than wide; stacked groups of the numpy path in between
-    others = [rng.integers(0, 256, shape + (3,), dtype=np.uint8) for shape in [(600, 520), (300, 7), (64, 40)]]
+    others = [
+        rng.integers(0, 256, shape + (3,), dtype=np.uint8)
+        for shape in [(600, 520), (300, 7), (64, 40)]
+    ]
     assert not any(numpy_path(a.shape) for a in others)
-    mixed = [others[0], batch[0], rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), others[1], batch[1], others[2]]
-    assert all(np.array_equal(t, phash_pixels(Image.fromarray(a))) for t, a in zip(thumbnails_of(mixed), mixed))
+    mixed = [
+        others[0],
+        batch[0],
+        rng.integers(0, 256, (64, 64, 3), dtype=np.uint8),
+        others[1],
+        batch[1],
+        others[2],
+    ]
+    assert all(
+        np.array_equal(t, phash_pixels(Image.fromarray(a)))
+        for t, a in zip(thumbnails_of(mixed), mixed)
+    )
     assert [phash(a) for a in mixed] == [phash(Image.fromarray(a)) for a in mixed]
 
 
 @pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT, tarfile.USTAR_FORMAT])
 def test_direct_tar_parser_matches_tarfile(tmp_path, fmt):
     """Long names (GNU and pax), ustar prefixes, non-ASCII names, directories and gzip."""
-    from pipelines.readers import read_tar
+    from collection.shards import read_tar
 
     deep = "d/" * 60 if fmt != tarfile.USTAR_FORMAT else "p/" * 40
     names = [f"{deep}k1.jpg", f"{deep}k1.txt", "k2.jpg", "k2.txt"]
@@ -252,9 +323,11 @@ def test_direct_tar_parser_matches_tarfile(tmp_path, fmt):
 @pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT, tarfile.USTAR_FORMAT])
 def test_tar_samples_carry_their_images_byte_range(tmp_path, fmt):
     """Export reads images back by range: offset and size must address exactly the image bytes."""
-    from pipelines.readers import read_tar
+    from collection.shards import read_tar
 
-    deep = "d/" * 60 if fmt != tarfile.USTAR_FORMAT else ""  # GNU and pax long names: extra headers first
+    deep = (
+        "d/" * 60 if fmt != tarfile.USTAR_FORMAT else ""
+    )  # GNU and pax long names: extra headers first
     names = [f"{deep}k1.jpg", f"{deep}k1.txt", "k2.png", "k2.txt", "k3.txt"]
     members = {n: (f"payload {n}" * (i + 3) * 37).encode() for i, n in enumerate(names)}
     path = tmp_path / "a.tar"
@@ -263,14 +336,16 @@ def test_tar_samples_carry_their_images_byte_range(tmp_path, fmt):
             _member(tar, n, data)
     raw = path.read_bytes()
     samples = list(read_tar(str(path)))
-    assert [s.image == raw[s.offset:s.offset + s.size] for s in samples[:2]] == [True, True]
+    assert [s.image == raw[s.offset : s.offset + s.size] for s in samples[:2]] == [True, True]
     assert samples[2].image is None and samples[2].offset is None
     row, _ = decode_sample(samples[1], str(path))
     assert (row[S.SOURCE_OFFSET], row[S.SOURCE_SIZE]) == (samples[1].offset, len(members["k2.png"]))
     gz = tmp_path / "b.tar"
     with tarfile.open(gz, mode="w:gz", format=fmt) as tar:
         _member(tar, "k1.jpg", b"x" * 10)
-    assert [(s.offset, s.size) for s in read_tar(str(gz))] == [(None, None)]  # no byte ranges in a stream
+    assert [(s.offset, s.size) for s in read_tar(str(gz))] == [
+        (None, None)
+    ]  # no byte ranges in a stream
 
 
 def _dir(name: str) -> tarfile.TarInfo:
@@ -280,23 +355,33 @@ def _dir(name: str) -> tarfile.TarInfo:
 
 
 def test_chunked_reads_equal_plain_reads_across_chunk_edges():
-    from pipelines.readers import _buffered
+    from collection.shards import _buffered
 
     data = bytes(range(256)) * 40
-    sizes = [1, 7, 512, 0, 3000, 13, 512, 5000, 100]  # spans several 64-byte chunks, and past the end
+    sizes = [
+        1,
+        7,
+        512,
+        0,
+        3000,
+        13,
+        512,
+        5000,
+        100,
+    ]  # spans several 64-byte chunks, and past the end
     plain, chunked = io.BytesIO(data), _buffered(io.BytesIO(data), size=64)
     assert [chunked.read(n) for n in sizes] == [plain.read(n) for n in sizes]
 
 
 def test_bad_header_mid_shard_ends_it_and_garbage_is_not_a_tar(tmp_path):
-    from pipelines.readers import read_tar
+    from collection.shards import read_tar
 
     data = write_tar(tmp_path / "x.tar", sample_members(3))
     # sample 0 and 1 are 3 members of 512-byte header + data; corrupt the header after them
     with tarfile.open(tmp_path / "x.tar") as tar:
         third = [m for m in tar.getmembers() if m.name.startswith("s00002")][0].offset
     broken = bytearray(data)
-    broken[third:third + 20] = b"garbage header bytes"
+    broken[third : third + 20] = b"garbage header bytes"
     (tmp_path / "y.tar").write_bytes(bytes(broken))
     assert [r.key for r in read_tar(str(tmp_path / "y.tar"))] == ["s00000", "s00001"]
     (tmp_path / "z.tar").write_bytes(b"x" * 2048)
@@ -327,8 +412,11 @@ def test_fast_jpeg_decode_gives_pil_pixels_and_pil_errors():
 
     assert decode._simplejpeg is not None, "simplejpeg is a dependency: the fast path must be live"
     images = [s.image for s in iter_samples(30, size=48, watermark_fraction=0.5)]
-    images += [Image.new("RGB", (37, 91), (250, 10, 120)), Image.new("L", (20, 20), 99),
-               Image.new("CMYK", (20, 20), (1, 2, 3, 4))]
+    images += [
+        Image.new("RGB", (37, 91), (250, 10, 120)),
+        Image.new("L", (20, 20), 99),
+        Image.new("CMYK", (20, 20), (1, 2, 3, 4)),
+    ]
     for img in images:
         for kwargs in ({"quality": 90}, {"quality": 70, "subsampling": 0}, {"progressive": True}):
             data = jpeg_bytes_with(img, **kwargs)

@@ -1,7 +1,7 @@
 """The collection contract: column names, statuses and on-disk layout, defined once.
 
 Every stage (pipelines, indices, curation, webui, hdit_train) imports names from here
-instead of spelling strings, so the layout in ../shared/DESIGN.md has one source of truth.
+instead of spelling strings, so the layout in docs/design.md has one source of truth.
 This module imports only the standard library so that it is cheap everywhere.
 """
 
@@ -32,34 +32,8 @@ CLIP_SIMILARITY = "clip_similarity"
 PUNSAFE = "punsafe"
 PWATERMARK = "pwatermark"
 PTOXIC = "ptoxic"
+#: CLD3's language code, as LAION split its pairs
 LANGUAGE = "language"
-STATUS = "status"
-ERROR = "error"
-
-#: a vector's global id (position over all complete parts, in order of N): a column of the
-#: catalog's `samples` table and of subset resolutions, never stored in a part
-ID = "id"
-
-#: Columns every metadata part has, in this order; the source's own json fields follow.
-METADATA_COLUMNS: tuple[str, ...] = (
-    KEY, PART, ROW, EMB_ROW, CAPTION, URL, SOURCE_SHARD, WIDTH, HEIGHT, SHA256, PHASH,
-    CLIP_SIMILARITY, PUNSAFE, PWATERMARK, PTOXIC, LANGUAGE, STATUS, ERROR,
-    SOURCE_OFFSET, SOURCE_SIZE,
-)
-
-#: Arrow-compatible type names for the fixed columns (pyarrow type factory names).
-METADATA_TYPES: dict[str, str] = {
-    KEY: "string", PART: "int32", ROW: "int32", EMB_ROW: "int32", CAPTION: "string",
-    URL: "string", SOURCE_SHARD: "string", WIDTH: "int32", HEIGHT: "int32",
-    SHA256: "string", PHASH: "string", CLIP_SIMILARITY: "float32", PUNSAFE: "float32",
-    PWATERMARK: "float32", PTOXIC: "float32", LANGUAGE: "string", STATUS: "string",
-    ERROR: "string", SOURCE_OFFSET: "int64", SOURCE_SIZE: "int64",
-}
-
-# ---- catalog, language and takedown (issue 13: SQL, filters, takedown) -------------------
-#: The global vector id: position among the ok rows of all complete parts in part order
-#: (clip-retrieval's rule); the catalog's `samples` table and search results carry it.
-ID = "id"
 #: CLD3's probability for `language` (filled at embed time for every row with a caption)
 LANGUAGE_SCORE = "language_score"
 #: `language` when CLD3 cannot tell reliably (CLD3's and BCP 47's "undetermined")
@@ -68,12 +42,45 @@ LANGUAGE_ENGLISH = "en"
 #: characters in the caption (null without one): LAION's caption-length filter reads this
 #: integer instead of measuring every caption's string at query time
 CAPTION_LENGTH = "caption_length"
-METADATA_COLUMNS = METADATA_COLUMNS + (LANGUAGE_SCORE, CAPTION_LENGTH)
-METADATA_TYPES[LANGUAGE_SCORE] = "float32"
-METADATA_TYPES[CAPTION_LENGTH] = "int32"
+STATUS = "status"
+ERROR = "error"
+
+#: a vector's global id: its position among the ok rows of all complete parts in part order
+#: (clip-retrieval's rule); a column of the catalog's `samples` table, of subset resolutions and
+#: of search results, never stored in a part
+ID = "id"
+
+#: Arrow type names (pyarrow type factory names) of the columns every metadata part has, in this
+#: order; the source's own json fields follow.
+METADATA_TYPES: dict[str, str] = {
+    KEY: "string",
+    PART: "int32",
+    ROW: "int32",
+    EMB_ROW: "int32",
+    CAPTION: "string",
+    URL: "string",
+    SOURCE_SHARD: "string",
+    WIDTH: "int32",
+    HEIGHT: "int32",
+    SHA256: "string",
+    PHASH: "string",
+    CLIP_SIMILARITY: "float32",
+    PUNSAFE: "float32",
+    PWATERMARK: "float32",
+    PTOXIC: "float32",
+    LANGUAGE: "string",
+    STATUS: "string",
+    ERROR: "string",
+    SOURCE_OFFSET: "int64",
+    SOURCE_SIZE: "int64",
+    LANGUAGE_SCORE: "float32",
+    CAPTION_LENGTH: "int32",
+}
+METADATA_COLUMNS: tuple[str, ...] = tuple(METADATA_TYPES)
 #: Names a source json field may not keep (renamed `src_<name>` by the embed job).
 RESERVED_COLUMNS: frozenset[str] = frozenset(METADATA_COLUMNS) | {ID}
 
+# ---- the takedown list ------------------------------------------------------------------
 #: takedown.parquet: one entry per row, exactly one of key / url / sha256 set, why and when
 TAKEDOWN_REASON = "reason"
 TAKEDOWN_ADDED = "added"
@@ -82,15 +89,20 @@ TAKEDOWN_COLUMNS: tuple[str, ...] = (KEY, URL, SHA256, TAKEDOWN_REASON, TAKEDOWN
 
 # ---- statuses ---------------------------------------------------------------------------
 STATUS_OK = "ok"
-STATUS_DECODE_ERROR = "decode_error"        # truncated / garbage image bytes
-STATUS_TOO_LARGE = "too_large"              # over the pixel limit (decompression bomb)
-STATUS_MISSING_IMAGE = "missing_image"      # caption/json without an image member
+STATUS_DECODE_ERROR = "decode_error"  # truncated / garbage image bytes
+STATUS_TOO_LARGE = "too_large"  # over the pixel limit (decompression bomb)
+STATUS_MISSING_IMAGE = "missing_image"  # caption/json without an image member
 STATUS_MISSING_CAPTION = "missing_caption"  # image without a caption
-STATUS_READ_ERROR = "read_error"            # the shard broke mid-member (cut tar, bad row)
-STATUS_ERROR = "error"                      # anything else, message in `error`
+STATUS_READ_ERROR = "read_error"  # the shard broke mid-member (cut tar, bad row)
+STATUS_ERROR = "error"  # anything else, message in `error`
 STATUSES: tuple[str, ...] = (
-    STATUS_OK, STATUS_DECODE_ERROR, STATUS_TOO_LARGE, STATUS_MISSING_IMAGE,
-    STATUS_MISSING_CAPTION, STATUS_READ_ERROR, STATUS_ERROR,
+    STATUS_OK,
+    STATUS_DECODE_ERROR,
+    STATUS_TOO_LARGE,
+    STATUS_MISSING_IMAGE,
+    STATUS_MISSING_CAPTION,
+    STATUS_READ_ERROR,
+    STATUS_ERROR,
 )
 
 # ---- collection layout ------------------------------------------------------------------
@@ -214,18 +226,23 @@ RESIZE_MODES: tuple[str, ...] = ("none", "center_crop", "keep_ratio")
 
 # manifest.json keys: what `curation.export` writes and `hdit_train.data` reads
 MANIFEST_FORMAT = "format"
-MANIFEST_SPEC = "spec"                    # the normalised subset spec
-MANIFEST_SPEC_HASH = "spec_hash"          # identifies the query (spec + collection id)
-MANIFEST_COLLECTION = "collection"        # where the collection was
+MANIFEST_SPEC = "spec"  # the normalised subset spec
+MANIFEST_SPEC_HASH = "spec_hash"  # identifies the query (spec + collection id)
+MANIFEST_COLLECTION = "collection"  # where the collection was
 MANIFEST_COLLECTION_ID = "collection_id"
-MANIFEST_CLIP_MODEL = "clip_model"        # the CLIP spec the embeddings came from
-MANIFEST_DIM = "dim"                      # embedding dimension
-MANIFEST_COUNT = "count"                  # samples written
+MANIFEST_CLIP_MODEL = "clip_model"  # the CLIP spec the embeddings came from
+MANIFEST_DIM = "dim"  # embedding dimension
+MANIFEST_COUNT = "count"  # samples written
 MANIFEST_SHARDS = "shards"
-MANIFEST_COLUMNS = "columns"              # the fields of each sample's json / parquet row
+MANIFEST_COLUMNS = "columns"  # the fields of each sample's json / parquet row
 MANIFEST_CREATED = "created"
-MANIFEST_REQUIRED: tuple[str, ...] = (MANIFEST_FORMAT, MANIFEST_SPEC_HASH, MANIFEST_CLIP_MODEL, MANIFEST_DIM,
-                                      MANIFEST_COUNT)
+MANIFEST_REQUIRED: tuple[str, ...] = (
+    MANIFEST_FORMAT,
+    MANIFEST_SPEC_HASH,
+    MANIFEST_CLIP_MODEL,
+    MANIFEST_DIM,
+    MANIFEST_COUNT,
+)
 
 
 def shard_name(i: int, ext: str = "tar") -> str:
@@ -237,8 +254,7 @@ def stats_name(i: int) -> str:
     return f"{i:05d}_stats.json"
 
 
-# ---- insight: duplicates, concepts, uniqueness, the embedding map ------------------------
-# (kept in one block, apart from the layout above, so that parallel additions merge cleanly)
+# ---- duplicates, concepts, uniqueness, the embedding map --------------------------------
 DEDUP_DIR = "dedup"
 DUPLICATES_FILE = "duplicates.parquet"
 DEDUP_REPORT_FILE = "report.json"
@@ -253,7 +269,14 @@ DUP_KEPT = "kept"
 DUP_REASON = "reason"
 DUP_NEAREST = "nearest_key"
 DUP_SIMILARITY = "similarity"
-DUPLICATES_COLUMNS: tuple[str, ...] = (DUP_KEY, DUP_GROUP, DUP_KEPT, DUP_REASON, DUP_NEAREST, DUP_SIMILARITY)
+DUPLICATES_COLUMNS: tuple[str, ...] = (
+    DUP_KEY,
+    DUP_GROUP,
+    DUP_KEPT,
+    DUP_REASON,
+    DUP_NEAREST,
+    DUP_SIMILARITY,
+)
 #: why a row is in its group: same bytes, the same picture transformed, or SemDeDup's rule
 REASON_EXACT = "exact"
 REASON_COPY = "copy"

@@ -20,9 +20,14 @@ from typing import Any, BinaryIO, Iterator
 
 import fsspec
 
-from curation import schema as S
+from collection import schema as S
 
 TMP_MARK = ".tmp"
+
+#: what a filesystem raises when a store cannot be reached or refuses us: OSError for most, but
+#: object-store clients also raise their own types (botocore's NoCredentialsError,
+#: EndpointConnectionError, ...) that share no base class we could name without naming a provider
+REMOTE_ERRORS: tuple[type[BaseException], ...] = (Exception,)
 
 
 def url_to_fs(url: str | os.PathLike) -> tuple[Any, str]:
@@ -121,8 +126,11 @@ def _remove(path: str) -> None:
 
 def write_collection_json(root: str, info: dict[str, Any]) -> dict[str, Any]:
     """Write collection.json (schema version, creation time, then `info`) atomically; return it."""
-    doc = {"schema_version": S.SCHEMA_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-           **info}
+    doc = {
+        "schema_version": S.SCHEMA_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **info,
+    }
     write_json(S.CollectionLayout(root).collection_json, doc)
     return doc
 

@@ -21,7 +21,7 @@ from typing import Any, Iterator, Sequence
 import pyarrow.parquet as pq
 from braceexpand import braceexpand
 
-from curation.storage import url_to_fs as _fs
+from collection.storage import url_to_fs as _fs
 
 log = logging.getLogger(__name__)
 
@@ -102,12 +102,19 @@ def _shards_in_folder(fs, path: str) -> list[tuple[str, bool]]:
     tars = [e["name"] for e in entries if e["type"] == "file" and e["name"].endswith(".tar")]
     if tars:
         return [(t, False) for t in tars]
-    dirs = [e["name"] for e in entries if e["type"] == "directory"
-            and not posixpath.basename(e["name"].rstrip("/")).startswith((".", "_"))]
+    dirs = [
+        e["name"]
+        for e in entries
+        if e["type"] == "directory"
+        and not posixpath.basename(e["name"].rstrip("/")).startswith((".", "_"))
+    ]
     if dirs:
         return [(d, True) for d in dirs]
-    return [(e["name"], False) for e in entries
-            if e["type"] == "file" and e["name"].endswith(".parquet")]
+    return [
+        (e["name"], False)
+        for e in entries
+        if e["type"] == "file" and e["name"].endswith(".parquet")
+    ]
 
 
 def list_shards(input: str | Sequence[str], input_format: str = "auto") -> list[Shard]:
@@ -134,8 +141,10 @@ def list_shards(input: str | Sequence[str], input_format: str = "auto") -> list[
                 fmt = input_format if input_format != "auto" else format_of(p, is_dir)
                 if fmt is None:
                     if not any(c in path for c in _GLOB_CHARS):
-                        raise ValueError(f"{_full_url(fs, p)}: not a .tar, .parquet or folder "
-                                         f"shard; pass --input-format to say what it is")
+                        raise ValueError(
+                            f"{_full_url(fs, p)}: not a .tar, .parquet or folder "
+                            f"shard; pass --input-format to say what it is"
+                        )
                     continue
                 found[_full_url(fs, p)] = fmt
     return [Shard(url, found[url], i) for i, url in enumerate(sorted(found))]
@@ -152,12 +161,20 @@ def fingerprint(url: str) -> dict[str, Any]:
     except (OSError, ValueError) as exc:
         return {"error": f"{type(exc).__name__}: {exc}"}
     out: dict[str, Any] = {"size": sum(int(i.get("size") or 0) for i in infos), "files": len(infos)}
-    mtimes = [i.get(k) for i in infos for k in ("mtime", "LastModified", "updated", "last_modified")
-              if i.get(k) is not None]
+    mtimes = [
+        i.get(k)
+        for i in infos
+        for k in ("mtime", "LastModified", "updated", "last_modified")
+        if i.get(k) is not None
+    ]
     if mtimes:
         out["mtime"] = str(max(mtimes, key=str))
-    etags = [str(i.get(k)) for i in infos for k in ("ETag", "etag", "md5Hash", "md5")
-             if i.get(k) is not None]
+    etags = [
+        str(i.get(k))
+        for i in infos
+        for k in ("ETag", "etag", "md5Hash", "md5")
+        if i.get(k) is not None
+    ]
     if etags:
         out["etag"] = etags[0] if len(etags) == 1 else sorted(etags)
     return out
@@ -170,8 +187,12 @@ def split_member(name: str) -> tuple[str, str]:
     return (posixpath.join(head, stem) if head else stem), ext.lower()
 
 
-def _sample_from_members(key: str, members: dict[str, bytes], error: str | None = None,
-                         offsets: dict[str, int] | None = None) -> RawSample:
+def _sample_from_members(
+    key: str,
+    members: dict[str, bytes],
+    error: str | None = None,
+    offsets: dict[str, int] | None = None,
+) -> RawSample:
     """Assemble image bytes, caption, json metadata and the other members from one key's members
     (`offsets`: each member's data offset in its tar, where known)."""
     meta: dict[str, Any] = {}
@@ -187,11 +208,14 @@ def _sample_from_members(key: str, members: dict[str, bytes], error: str | None 
     caption = members[caption_ext].decode("utf-8", errors="replace") if caption_ext else None
     if caption is None and isinstance(meta.get("caption"), str):
         caption = meta["caption"]
-    other = {ext: data for ext, data in members.items() if ext not in (image_ext, caption_ext, "json")}
+    other = {
+        ext: data for ext, data in members.items() if ext not in (image_ext, caption_ext, "json")
+    }
     image = members[image_ext] if image_ext else None
     offset = offsets.get(image_ext) if offsets and image_ext else None
-    return RawSample(key, image, caption, meta, error, other, offset,
-                     len(image) if offset is not None else None)
+    return RawSample(
+        key, image, caption, meta, error, other, offset, len(image) if offset is not None else None
+    )
 
 
 class TarCut(Exception):
@@ -238,7 +262,7 @@ def _pax_path(data: bytes) -> str | None:
         length = int(data[pos:space] or b"0")
         if length <= 0:
             break
-        key, _, value = data[space + 1:pos + length - 1].partition(b"=")
+        key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
         if key == b"path":
             return value.decode("utf-8", "surrogateescape")
         pos += length
@@ -385,13 +409,16 @@ def read_parquet(url: str) -> Iterator[RawSample]:
         fh = fs.open(path, "rb")
         pf = pq.ParquetFile(fh)
     except Exception as exc:  # pyarrow raises its own error kinds for a bad footer
-        raise ShardOpenError(f"cannot open shard {url} as parquet: {type(exc).__name__}: {exc}") from exc
+        raise ShardOpenError(
+            f"cannot open shard {url} as parquet: {type(exc).__name__}: {exc}"
+        ) from exc
     names = pf.schema_arrow.names
     image_col = _parquet_column(names, PARQUET_IMAGE_COLUMNS)
     if image_col is None:
         fh.close()
-        raise ShardOpenError(f"shard {url} has no image column (tried {PARQUET_IMAGE_COLUMNS}); "
-                             f"columns: {names}")
+        raise ShardOpenError(
+            f"shard {url} has no image column (tried {PARQUET_IMAGE_COLUMNS}); columns: {names}"
+        )
     caption_col = _parquet_column(names, PARQUET_CAPTION_COLUMNS)
     stem = posixpath.splitext(posixpath.basename(path))[0]
     row = 0
@@ -403,8 +430,13 @@ def read_parquet(url: str) -> Iterator[RawSample]:
             except Exception as exc:  # a damaged row group: keep the rest of the shard
                 log.warning("%s: row group %d unreadable: %s", url, g, exc)
                 for i in range(n):
-                    yield RawSample(f"{stem}_{row + i:06d}", None, None, {},
-                                    f"parquet row group {g} unreadable: {exc}")
+                    yield RawSample(
+                        f"{stem}_{row + i:06d}",
+                        None,
+                        None,
+                        {},
+                        f"parquet row group {g} unreadable: {exc}",
+                    )
                 row += n
                 continue
             for rec in records:
@@ -424,7 +456,9 @@ def read_files(url: str) -> Iterator[RawSample]:
             raise FileNotFoundError(path)
         names = sorted(fs.find(path))
     except (OSError, ValueError) as exc:
-        raise ShardOpenError(f"cannot open shard {url} as a files folder: {type(exc).__name__}: {exc}") from exc
+        raise ShardOpenError(
+            f"cannot open shard {url} as a files folder: {type(exc).__name__}: {exc}"
+        ) from exc
     groups: dict[str, dict[str, str]] = {}
     for name in names:
         key, ext = split_member(posixpath.relpath(name, path))

@@ -30,16 +30,15 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from typing import Any, Mapping, Sequence
 
 import duckdb
 import pyarrow as pa
-from multiprocessing.connection import Connection
-
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
-from models.runtime import process_status_kib
+from collection.procfs import process_status_kib
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +46,18 @@ log = logging.getLogger(__name__)
 START_TIMEOUT_S = 120.0
 #: bytes the result of one query may take in Arrow IPC form (rows are capped separately)
 MAX_RESULT_BYTES = 64 * 2**20
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 class SqlError(ValueError):
@@ -59,7 +68,9 @@ def parse_size(text: str) -> int:
     """Bytes in a DuckDB-style size ('1GB', '512MiB', '100 MB')."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", str(text).upper())
     if not m or m.group(2) not in _UNITS:
-        raise ValueError(f"memory size {text!r}: expected a number and a unit such as 1GB or 512MiB")
+        raise ValueError(
+            f"memory size {text!r}: expected a number and a unit such as 1GB or 512MiB"
+        )
     return int(float(m.group(1)) * _UNITS[m.group(2)])
 
 
@@ -196,8 +207,14 @@ class _Watchdog:
         self.timer.cancel()
 
 
-def _run(con: Any, sql: str, row_cap: int | None, tables: Mapping[str, bytes], timeout_s: float,
-         reserved: set[str]) -> tuple:
+def _run(
+    con: Any,
+    sql: str,
+    row_cap: int | None,
+    tables: Mapping[str, bytes],
+    timeout_s: float,
+    reserved: set[str],
+) -> tuple:
     """One query in the worker: ("ok", ipc bytes, truncated, seconds) or ("error", reason)."""
     start = time.perf_counter()
     registered: list[str] = []
@@ -227,8 +244,10 @@ def _run(con: Any, sql: str, row_cap: int | None, tables: Mapping[str, bytes], t
             rows += batch.num_rows
         data = _ipc(pa.Table.from_batches(batches, schema=schema))
         if len(data) > MAX_RESULT_BYTES:
-            raise SqlError(f"result is {len(data) / 2**20:.0f} MiB, over the {MAX_RESULT_BYTES // 2**20} MiB limit; "
-                           "select fewer rows or columns")
+            raise SqlError(
+                f"result is {len(data) / 2**20:.0f} MiB, over the {MAX_RESULT_BYTES // 2**20} MiB limit; "
+                "select fewer rows or columns"
+            )
         return ("ok", data, truncated, time.perf_counter() - start)
     except SqlError as exc:
         return ("error", str(exc))
@@ -255,7 +274,9 @@ def _reply(conn: Any, message: tuple) -> None:
     parent must not run code a compromised worker chose."""
     if message[0] == "ok":
         _, data, truncated, seconds = message
-        conn.send_bytes(json.dumps({"status": "ok", "truncated": truncated, "seconds": seconds}).encode())
+        conn.send_bytes(
+            json.dumps({"status": "ok", "truncated": truncated, "seconds": seconds}).encode()
+        )
         conn.send_bytes(data)
     else:
         conn.send_bytes(json.dumps({"status": message[0], "detail": message[1]}).encode())
@@ -306,7 +327,9 @@ class Sandbox:
     """A long-lived worker process for untrusted SQL over `sources`; `query` never lets a
     query take the caller's process down, and a worker that died or hung is replaced."""
 
-    def __init__(self, sources: Sequence[Source] = (), limits: Limits = Limits(), label: str = "sql") -> None:
+    def __init__(
+        self, sources: Sequence[Source] = (), limits: Limits = Limits(), label: str = "sql"
+    ) -> None:
         self.sources, self.limits, self.label = tuple(sources), limits, label
         self._lock = threading.Lock()
         self._proc: Any = None
@@ -325,11 +348,20 @@ class Sandbox:
         parent, child = socket.socketpair()
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(os.path.abspath(p or ".") for p in sys.path)
-        env["MALLOC_ARENA_MAX"] = "2"  # glibc's per-thread arenas reserve address space the cap counts
+        env["MALLOC_ARENA_MAX"] = (
+            "2"  # glibc's per-thread arenas reserve address space the cap counts
+        )
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-c", f"from curation.sandbox import worker_main; worker_main({child.fileno()})"],
-                pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, env=env)
+                [
+                    sys.executable,
+                    "-c",
+                    f"from collection.sandbox import worker_main; worker_main({child.fileno()})",
+                ],
+                pass_fds=(child.fileno(),),
+                stdin=subprocess.DEVNULL,
+                env=env,
+            )
         finally:
             child.close()
         self._conn, self._ready = Connection(parent.detach()), False
@@ -346,7 +378,9 @@ class Sandbox:
             reply = self._receive()
         except (EOFError, OSError, ValueError):
             code = self._stop()
-            raise SqlError(f"SQL worker failed to start ({_describe_exit(code)}; its stderr says why)") from None
+            raise SqlError(
+                f"SQL worker failed to start ({_describe_exit(code)}; its stderr says why)"
+            ) from None
         except SqlError:
             self._stop()
             raise
@@ -387,8 +421,9 @@ class Sandbox:
             self._wait_ready()
         return self
 
-    def query(self, sql: str, row_cap: int | None = 10_000,
-              tables: Mapping[str, pa.Table] | None = None) -> tuple[pa.Table, bool, float]:
+    def query(
+        self, sql: str, row_cap: int | None = 10_000, tables: Mapping[str, pa.Table] | None = None
+    ) -> tuple[pa.Table, bool, float]:
         """(result, truncated, seconds in the worker) of one SELECT; `tables` are registered for
         this query only. Raises SqlError for every refusal, limit or failure."""
         payload = {name: _ipc(t) for name, t in (tables or {}).items()}
@@ -398,20 +433,26 @@ class Sandbox:
                 self._conn.send(("query", sql, row_cap, payload))
             except (BrokenPipeError, OSError) as exc:
                 code = self._replace()
-                raise SqlError(f"SQL worker was gone ({_describe_exit(code)}: {exc}); restarted, try again") from None
+                raise SqlError(
+                    f"SQL worker was gone ({_describe_exit(code)}: {exc}); restarted, try again"
+                ) from None
             wait = self.limits.timeout_s + self.limits.grace_s
             try:
                 answered = self._conn.poll(wait)
                 reply = self._receive() if answered else None
             except (EOFError, OSError, ValueError):
                 code = self._replace()
-                raise SqlError(f"query stopped: the SQL worker died ({_describe_exit(code)}); running out of "
-                               f"memory under its {self.limits.memory_limit} limit is the usual cause; "
-                               "a new worker was started") from None
+                raise SqlError(
+                    f"query stopped: the SQL worker died ({_describe_exit(code)}); running out of "
+                    f"memory under its {self.limits.memory_limit} limit is the usual cause; "
+                    "a new worker was started"
+                ) from None
             if reply is None:
                 self._replace()
-                raise SqlError(f"query ran past the {self.limits.timeout_s:g} s time limit and did not stop; "
-                               "its worker was killed and a new one started")
+                raise SqlError(
+                    f"query ran past the {self.limits.timeout_s:g} s time limit and did not stop; "
+                    "its worker was killed and a new one started"
+                )
         if reply["status"] != "ok":
             raise SqlError(str(reply.get("detail", reply["status"])))
         return reply["table"], bool(reply["truncated"]), float(reply["seconds"])
@@ -455,5 +496,10 @@ class Sandbox:
     def __del__(self) -> None:
         try:
             self._stop()
-        except (OSError, ValueError, AttributeError, TypeError):  # interpreter shutdown: best effort only
+        except (
+            OSError,
+            ValueError,
+            AttributeError,
+            TypeError,
+        ):  # interpreter shutdown: best effort only
             pass

@@ -1,0 +1,78 @@
+"""A collection's complete parts and their metadata, on a local path or any fsspec URL.
+
+A vector's global id is its position in the concatenation of all complete parts in order of
+N (docs/design.md), so every reader here walks parts in that order and never loads them all.
+"""
+
+from __future__ import annotations
+
+import posixpath
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from collection import schema as S
+from collection.storage import REMOTE_ERRORS, url_to_fs
+
+
+class CollectionError(ValueError):
+    """The collection folder is missing a file or field this stage needs."""
+
+
+def complete_parts(root: str) -> list[int]:
+    """Part numbers with a `_done` marker, sorted: only those are indexed or served."""
+    layout = S.CollectionLayout(root)
+    try:
+        fs, done = url_to_fs(layout.done_dir)
+        if fs.isfile(url_to_fs(root)[1]):
+            raise CollectionError(f"{root}: is a file, not a collection folder")
+        names = [posixpath.basename(p.rstrip("/")) for p in fs.ls(done, detail=False)]
+    except FileNotFoundError:
+        raise CollectionError(
+            f"{layout.done_dir}: no _done folder; is {root!r} a collection?"
+        ) from None
+    except REMOTE_ERRORS as exc:
+        raise CollectionError(
+            f"{root}: cannot list the collection: {type(exc).__name__}: {exc}"
+        ) from None
+    parts = []
+    for name in names:
+        stem, ext = posixpath.splitext(name)
+        if ext == ".json" and stem.isdigit():
+            parts.append(int(stem))
+    if not parts:
+        raise CollectionError(f"{layout.done_dir}: no complete parts")
+    return sorted(parts)
+
+
+def read_part_metadata(
+    root: str, n: int, columns: list[str] | None = None, ok_only: bool = False
+) -> pa.Table:
+    """Part n's metadata parquet (every row, or only the embedded ones in vector order)."""
+    path = S.CollectionLayout(root).metadata(n)
+    fs, p = url_to_fs(path)
+    try:
+        table = pq.read_table(p, filesystem=fs, columns=None if ok_only else columns)
+    except FileNotFoundError:
+        raise CollectionError(f"{path}: missing metadata of part {n}") from None
+    if ok_only:
+        if S.EMB_ROW not in table.column_names:
+            raise CollectionError(f"{path}: no {S.EMB_ROW!r} column")
+        table = table.filter(pc.is_valid(table[S.EMB_ROW]))
+        table = table.take(pc.sort_indices(table, sort_keys=[(S.EMB_ROW, "ascending")]))
+        if columns is not None:
+            table = table.select([c for c in columns if c in table.column_names])
+    return table
+
+
+def read_metadata(root: str, columns: list[str] | None = None) -> pa.Table:
+    """pyarrow Table of the successful rows of every complete part, in global-id order."""
+    tables = [read_part_metadata(root, n, columns, ok_only=True) for n in complete_parts(root)]
+    return pa.concat_tables(tables, promote_options="default")
+
+
+def part_offsets(counts: list[int]) -> np.ndarray:
+    """The global id of each part's first vector, plus the total: the row ↔ id rule in one place."""
+    return np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).astype(np.int64)
