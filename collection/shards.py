@@ -6,6 +6,8 @@ are the collection's part numbers. `read_shard` yields one `RawSample` per input
 keys kept from the source. A sample the shard cannot deliver whole (a tar cut mid-member, a
 parquet row group that will not decode) still comes out, with `error` set, so the metadata
 rows always match the input samples; a shard that cannot be opened raises `ShardOpenError`.
+An empty tar (end-of-archive blocks only: img2dataset's shard whose every download failed)
+is a shard of no samples.
 """
 
 from __future__ import annotations
@@ -219,16 +221,26 @@ def _sample_from_members(
 
 
 class TarCut(Exception):
-    """The stream ended inside a member's data: that member and whatever followed are lost."""
+    """The stream ended inside a member: that member and whatever followed are lost.
 
-    def __init__(self, name: str, message: str):
+    `name` is the member's name, or None when the cut hides it (inside a plain header, or
+    inside the long-name or pax header that carried it).
+    """
+
+    def __init__(self, name: str | None, message: str):
         super().__init__(message)
         self.name = name
 
 
 _BLOCK = 512
 _COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"\x28\xb5\x2f\xfd")
+#: tarfile's REGULAR_TYPES less GNU sparse, whose stored data is not the file's bytes
 _REGULAR = (b"0", b"\0", b"7")
+#: links, devices, fifos and directories: tarfile reads no data after them, whatever the size
+_NO_DATA = (b"1", b"2", b"3", b"4", b"5", b"6")
+#: headers that describe the next one: GNU long name and long link name, pax extended (and
+#: Solaris' pax) header; a pax global header is skipped (tarfile applies it only under an `x`)
+_LONG_NAME, _LONG_LINK, _PAX, _PAX_SOLARIS, _PAX_GLOBAL = b"L", b"K", b"x", b"X", b"g"
 
 
 def _octal(field: bytes) -> int:
@@ -252,21 +264,29 @@ def _header_ok(block: bytes) -> bool:
     return unsigned - 256 * sum(b > 127 for b in rest) == want  # old tars summed signed bytes
 
 
-def _pax_path(data: bytes) -> str | None:
-    """The `path` record of a pax extended header ("LEN key=value\\n" records)."""
+def _pax_records(data: bytes) -> dict[bytes, bytes]:
+    """The records of a pax extended header ("LEN key=value\\n" each)."""
+    records: dict[bytes, bytes] = {}
     pos = 0
     while pos < len(data):
         space = data.find(b" ", pos)
         if space < 0:
             break
-        length = int(data[pos:space] or b"0")
+        try:
+            length = int(data[pos:space] or b"0")
+        except ValueError:
+            break
         if length <= 0:
             break
         key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
-        if key == b"path":
-            return value.decode("utf-8", "surrogateescape")
+        records[key] = value
         pos += length
-    return None
+    return records
+
+
+def _text(raw: bytes) -> str:
+    """A name from a header or a long-name member: up to its first NUL, as tarfile decodes it."""
+    return raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
 
 
 def _buffered(fh, size: int = 1 << 20):
@@ -278,53 +298,87 @@ def _buffered(fh, size: int = 1 << 20):
     return io.BufferedReader(fh, buffer_size=size)
 
 
+def _header(block: bytes) -> tuple[bytes, str, int] | None:
+    """(type, name, size) of a 512-byte header block, or None when it is not one (bad checksum
+    or number); names and types as tarfile reads them (ustar prefix, V7 directory)."""
+    if not _header_ok(block):
+        return None
+    kind = block[156:157]
+    name = _text(block[0:100])
+    if kind == b"\0" and name.endswith("/"):
+        kind = b"5"  # a V7 directory: a plain file whose name ends in a slash
+    elif block[257:262] == b"ustar" and block[345] and kind not in (_LONG_NAME, _LONG_LINK):
+        name = f"{_text(block[345:500])}/{name}"
+    try:
+        size = 0 if kind in _NO_DATA else _octal(block[124:136])
+    except ValueError:
+        return None
+    return kind, name, size
+
+
 def _tar_members(fh, url: str) -> Iterator[tuple[str, bytes, int | None]]:
     """(name, data, data offset in the file) of each regular file in an uncompressed tar stream,
-    parsed directly.
+    parsed directly: the members `tarfile` reads from the same bytes.
 
     tarfile builds a TarInfo and a file object per member and re-reads headers through
     several layers; for shards of small members that is a fifth of the reader's time. This
-    reads ustar/GNU/pax headers (long names included) and data in two reads per member.
-    Raises ShardOpenError when the first header is not a tar header, TarCut when the stream
-    ends inside a member; a bad header later ends the shard (logged).
+    reads ustar/GNU/pax headers (long names, pax sizes) and data in two reads per member.
+    An all-zero block ends the archive; as the first block it makes an empty archive, which
+    img2dataset writes for a shard whose every download failed. Raises ShardOpenError when the
+    file is empty or does not start with a tar header; TarCut when the stream ends inside a
+    member's data or inside a header. A bad header later ends the shard (logged), as in tarfile.
     """
-    first = True
-    long_name: str | None = None
     fh = _buffered(fh)
     pos = 0  # bytes consumed so far: headers and data are read in order, so this is the file offset
+    last: str | None = None  # the last member read, for the log
+    long_name: str | None = None  # from a GNU long-name or pax header, for the next member
+    pax_size: int | None = None
+    described = False  # a long-name, long-link or pax header announced a next header
     while True:
         block = fh.read(_BLOCK)
-        pos += _BLOCK
-        if len(block) < _BLOCK or block.count(0) == _BLOCK or not _header_ok(block):
-            if first:
-                why = "empty file" if not block else "not a tar header"
+        end = len(block) == _BLOCK and block.count(0) == _BLOCK
+        header = _header(block) if len(block) == _BLOCK and not end else None
+        if header is None:
+            if pos == 0 and not end:
+                why = "truncated header" if block else "empty file"
+                why = "not a tar header" if len(block) == _BLOCK else why
                 raise ShardOpenError(f"cannot open shard {url} as a tar: {why}")
-            if block and block.count(0) != _BLOCK:
-                log.warning("%s: tar ends abruptly (bad or short header)", url)
+            if 0 < len(block) < _BLOCK:
+                raise TarCut(long_name, f"stream ends {len(block)} bytes into the header at {pos}")
+            if described:
+                raise TarCut(long_name, f"no member header at byte {pos} after the one naming it")
+            if block and not end:
+                log.warning("%s: bad tar header at byte %d after %s; rest unread", url, pos, last)
+            elif not end:
+                log.warning("%s: tar ends after %s without an end-of-archive block", url, last)
             return
-        first = False
-        size, kind = _octal(block[124:136]), block[156:157]
-        name = block[0:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-        if block[257:262] == b"ustar" and block[345] != 0:
-            prefix = block[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-            name = f"{prefix}/{name}"
+        pos += _BLOCK
+        kind, name, size = header
+        meta = kind in (_LONG_NAME, _LONG_LINK, _PAX, _PAX_SOLARIS, _PAX_GLOBAL)
+        if pax_size is not None and not meta and kind not in _NO_DATA:
+            size = pax_size
         data = fh.read(size) if size else b""
         if len(data) < size:
-            raise TarCut(long_name or name, f"unexpected end of data: {len(data)} of {size} bytes")
+            cut = long_name if meta else long_name or name
+            raise TarCut(cut, f"unexpected end of data: {len(data)} of {size} bytes")
         offset = pos
         pos += size
         if size % _BLOCK:
-            fh.read(_BLOCK - size % _BLOCK)
-            pos += _BLOCK - size % _BLOCK
-        if kind == b"L":
-            long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-        elif kind == b"x":
-            long_name = _pax_path(data) or long_name
-        elif kind in _REGULAR:
+            pos += len(fh.read(_BLOCK - size % _BLOCK))
+        if kind == _LONG_NAME:
+            long_name = _text(data)
+        elif kind in (_PAX, _PAX_SOLARIS):
+            records = _pax_records(data)
+            if b"path" in records:
+                long_name = records[b"path"].decode("utf-8", "surrogateescape")
+            if b"size" in records:
+                pax_size = int(records[b"size"]) if records[b"size"].isdigit() else 0
+        if meta:
+            described = True
+            continue
+        if kind in _REGULAR:
             yield (long_name or name), data, offset
-            long_name = None
-        elif kind != b"g":
-            long_name = None
+        last, long_name, pax_size, described = long_name or name, None, None, False
 
 
 def _tarfile_members(fh, url: str) -> Iterator[tuple[str, bytes, int | None]]:
@@ -375,6 +429,11 @@ def read_tar(url: str) -> Iterator[RawSample]:
                 if offset is not None:
                     offsets[ext] = offset
         except TarCut as cut:
+            if cut.name is None:  # the member the cut hides cannot get a row: its key is lost
+                log.warning("%s: tar cut inside a header, its member's name lost: %s", url, cut)
+                if key is not None:
+                    yield _sample_from_members(key, members, offsets=offsets)
+                return
             log.warning("%s: tar cut inside member %s: %s", url, cut.name, cut)
             k, _ = split_member(cut.name)
             if k != key:
@@ -399,7 +458,7 @@ def _image_value(value: Any) -> bytes | None:
 
 
 def read_parquet(url: str) -> Iterator[RawSample]:
-    """Read a parquet shard with image bytes (img2dataset's `parquet` output), row group by row group.
+    """Read a parquet shard with image bytes (img2dataset's `parquet` output), by row group.
 
     A row group that fails to decode yields one errored sample per row it holds (the footer
     knows the count), keyed `{shard}_{row}` when the keys themselves are lost.
