@@ -18,6 +18,8 @@ from collection.storage import is_local, url_to_fs
 
 #: enough bytes for any .npy header numpy writes
 _HEADER_BYTES = 4096
+#: rows this many bytes apart or closer are read in one request (the rows between come along)
+MERGE_GAP = 64 << 10
 _HEADER_READERS = {
     (1, 0): np.lib.format.read_array_header_1_0,
     (2, 0): np.lib.format.read_array_header_2_0,
@@ -25,7 +27,8 @@ _HEADER_READERS = {
 
 
 class RemoteNpy:
-    """A 2-d .npy file on an object store, read by byte range: `arr[rows]` fetches those rows only."""
+    """A 2-d .npy file on an object store, read by byte range: `arr[rows]` fetches those rows
+    (and the short gaps between them) only."""
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -62,18 +65,26 @@ class RemoteNpy:
             raise TypeError("RemoteNpy takes a 1-d array of row numbers")
         if not len(rows):
             return np.empty((0, self.shape[1]), dtype=self.dtype)
-        # runs of consecutive rows become one range request each
-        breaks = np.nonzero(np.diff(rows) != 1)[0] + 1
-        starts = np.concatenate([[0], breaks])
-        stops = np.concatenate([breaks, [len(rows)]])
-        paths = [self.path] * len(starts)
-        begin = [int(self.header_size + rows[a] * self._row) for a in starts]
-        end = [int(self.header_size + (rows[b - 1] + 1) * self._row) for b in stops]
-        chunks = self.fs.cat_ranges(paths, begin, end)
+        wanted, back = np.unique(rows, return_inverse=True)
+        # one range request per run of rows whose gaps are small: a request costs more than
+        # MERGE_GAP bytes of transfer on an object store
+        gap_rows = max(0, MERGE_GAP // max(self._row, 1))
+        breaks = np.nonzero(np.diff(wanted) - 1 > gap_rows)[0] + 1
+        firsts = wanted[np.concatenate([[0], breaks])]
+        lasts = wanted[np.concatenate([breaks, [len(wanted)]]) - 1]
+        chunks = self.fs.cat_ranges(
+            [self.path] * len(firsts),
+            [int(self.header_size + a * self._row) for a in firsts],
+            [int(self.header_size + (b + 1) * self._row) for b in lasts],
+        )
         for c in chunks:
             if isinstance(c, BaseException):
                 raise CollectionError(f"{self.url}: range read failed: {c}")
-        return np.frombuffer(b"".join(chunks), dtype=self.dtype).reshape(len(rows), self.shape[1])
+        block = np.frombuffer(b"".join(chunks), dtype=self.dtype).reshape(-1, self.shape[1])
+        # where each span starts in `block`, then each wanted row's position there
+        span_start = np.concatenate([[0], np.cumsum(lasts - firsts + 1)[:-1]])
+        span = np.searchsorted(firsts, wanted, side="right") - 1
+        return block[span_start[span] + wanted - firsts[span]][back]
 
 
 def open_npy(url: str) -> np.ndarray | RemoteNpy:

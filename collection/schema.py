@@ -112,7 +112,8 @@ IMG_EMB_DIR = "img_emb"
 TEXT_EMB_DIR = "text_emb"
 DONE_DIR = "_done"
 INDICES_DIR = "indices"
-#: under indices/: each part's embedded rows as memory-mapped Arrow (a cache of the parquet, indices.rows)
+#: under indices/: each part's embedded rows as memory-mapped Arrow (a cache of the parquet,
+#: indices.rows)
 ROWS_DIR = "rows"
 SUBSETS_DIR = "subsets"
 TAKEDOWN_FILE = "takedown.parquet"
@@ -236,6 +237,13 @@ MANIFEST_COUNT = "count"  # samples written
 MANIFEST_SHARDS = "shards"
 MANIFEST_COLUMNS = "columns"  # the fields of each sample's json / parquet row
 MANIFEST_CREATED = "created"
+#: bytes read from the source shards, and bytes of the exported samples' image members there
+#: (their ratio is the export's read overhead); also in each shard's _stats.json
+MANIFEST_BYTES_FETCHED = "source_bytes_fetched"
+MANIFEST_MEMBER_BYTES = "source_member_bytes"
+#: samples left out because their image is no longer in the source as embedded (per shard's
+#: _stats.json: `missing`, each key with its reason)
+MANIFEST_MISSING = "missing_images"
 MANIFEST_REQUIRED: tuple[str, ...] = (
     MANIFEST_FORMAT,
     MANIFEST_SPEC_HASH,

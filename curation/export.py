@@ -1,5 +1,8 @@
 """`python -m curation.export COLLECTION SPEC --out DIR`: write a subset as training shards.
 
+COLLECTION and DIR are each a local folder or any fsspec URL (`s3://bucket/coll`, ...); the
+endpoint and credentials come from fsspec's usual configuration.
+
 Formats (`--format`):
 - webdataset (default): img2dataset-named shards `00000.tar`, ... with `{key}.jpg`, `{key}.txt`,
   `{key}.json`, `{key}.img_emb.npy`, `{key}.txt_emb.npy`, and `manifest.json` (the spec, its
@@ -9,11 +12,13 @@ Formats (`--format`):
 - urls: url + caption (+ metadata) parquet for img2dataset to download again, when the source
   shards are elsewhere.
 
-Images are read back from the source shards by byte range (offsets recorded at embed time),
-optionally resized (`--image-size S --resize center_crop|keep_ratio|none`). One Dask task
-per output shard, on a LocalCluster or `--scheduler ADDR`; each shard is written atomically
-with its `_stats.json` last, so a rerun skips finished shards and writes the rest exactly as
-an uninterrupted run would. The takedown list is checked again as each shard is written.
+Images are read back from the source shards by byte range (offsets recorded at embed time;
+`collection.images`), checked against their sha256 (a changed one is left out and listed in the
+shard's `_stats.json`), optionally resized (`--image-size S --resize
+center_crop|keep_ratio|none`). One Dask task per output shard, on a LocalCluster or
+`--scheduler ADDR`; each shard is written atomically with its `_stats.json` last, so a rerun
+skips finished shards and writes the rest exactly as an uninterrupted run would. The takedown
+list is checked again as each shard is written.
 """
 
 from __future__ import annotations
@@ -78,9 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("collection", help="collection folder")
+    parser.add_argument("collection", help="collection folder or URL")
     parser.add_argument("spec", help="subset spec: a YAML file, or a name in COLLECTION/subsets/")
-    parser.add_argument("--out", required=True, help="output folder (any fsspec URL)")
+    parser.add_argument("--out", required=True, help="output folder or URL (a bucket must exist)")
     parser.add_argument("--shard-size", type=int, default=10_000, help="samples per output shard")
     parser.add_argument(
         "--image-size", type=int, default=None, help="resize images to this many pixels"
@@ -134,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                     S.MANIFEST_COUNT,
                     S.MANIFEST_SHARDS,
                     S.MANIFEST_FORMAT,
+                    S.MANIFEST_MISSING,
                 )
             }
             | {"out": args.out}

@@ -20,15 +20,16 @@ from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from distributed import Client, as_completed
 
 from collection import schema as S
 from collection.embeddings import EmbeddingStore
-from collection.parts import CollectionError
+from collection.parts import CollectionError, read_part_metadata
+from collection.sandbox import one_line
 from collection.storage import (
+    REMOTE_ERRORS,
     TMP_MARK,
+    is_local,
     read_collection_json,
     read_json,
     url_to_fs,
@@ -63,15 +64,26 @@ def check_options(format: str, shard_size: int, image_size: int | None, resize: 
 
 
 def check_writable(out: str) -> None:
-    """Create `out` and write a probe file there: an unwritable --out fails before any work."""
+    """Create `out` and write a probe file there: an unwritable --out fails before any work.
+
+    On a remote store the top of the path (a bucket) must exist already: making one is not an
+    export's decision, and a mistyped name should fail rather than appear.
+    """
     fs, path = url_to_fs(out)
     probe = f"{out.rstrip('/')}/.sieve-write-probe"
     try:
+        top = path.lstrip("/").split("/", 1)[0]
+        if not is_local(out) and not fs.exists(top):
+            raise ExportError(f"--out {out}: {top} does not exist; create it first")
         fs.makedirs(path, exist_ok=True)
         write_bytes(probe, b"")
         fs.rm(url_to_fs(probe)[1])
-    except (OSError, ValueError) as exc:
-        raise ExportError(f"--out {out}: not writable ({type(exc).__name__}: {exc})") from None
+    except ExportError:
+        raise
+    except REMOTE_ERRORS as exc:
+        raise ExportError(
+            f"--out {out}: not writable ({type(exc).__name__}: {one_line(exc)})"
+        ) from None
 
 
 def gather_rows(collection: str, ids: np.ndarray, store: EmbeddingStore) -> pa.Table:
@@ -80,17 +92,16 @@ def gather_rows(collection: str, ids: np.ndarray, store: EmbeddingStore) -> pa.T
     Reads only the parts holding those ids; an id's part and row come from the parts' vector
     counts (`store`), the rule that defines global ids.
     """
-    layout = S.CollectionLayout(collection)
     which = np.searchsorted(store.offsets, ids, side="right") - 1
     tables, order = [], []
     for p in np.unique(which):
         sel = np.nonzero(which == p)[0]
-        t = pq.read_table(layout.metadata(store.parts[p]))
-        t = t.filter(pc.is_valid(t[S.EMB_ROW]))
-        pos = np.full(len(t), -1, dtype=np.int64)
-        pos[t[S.EMB_ROW].to_numpy()] = np.arange(len(t))
-        local = ids[sel] - store.offsets[p]
-        t = t.take(pa.array(pos[local]))
+        try:
+            t = read_part_metadata(collection, int(store.parts[p]), ok_only=True)
+        except CollectionError as exc:
+            raise ExportError(str(exc)) from None
+        # the embedded rows in vector order: position i holds vector i of the part
+        t = t.take(pa.array(ids[sel] - store.offsets[p]))
         tables.append(t.append_column(S.ID, pa.array(ids[sel], pa.int64())))
         order.append(sel)
     if not tables:
@@ -113,7 +124,12 @@ def _existing(out: str) -> tuple[dict[int, dict[str, Any]], dict[int, list[str]]
     stats: dict[int, dict[str, Any]] = {}
     files: dict[int, list[str]] = {}
     temps = []
-    for name in fs.ls(path, detail=False):
+    fs.invalidate_cache(path)  # another process (a killed run, another machine) may have written
+    try:
+        names = fs.ls(path, detail=False)
+    except FileNotFoundError:  # an object store has no empty folders: nothing written there yet
+        names = []
+    for name in names:
         base = name.rstrip("/").rsplit("/", 1)[-1]
         m = _OURS.match(base)
         if m:
@@ -162,7 +178,8 @@ def _prepare_out(
     return stats
 
 
-#: what `on_progress` is told after each shard: shards done and in all, samples written, shards failed
+#: what `on_progress` is told after each shard: shards done and in all, samples written, shards
+#: failed
 Progress = Callable[[dict[str, int]], None]
 
 
@@ -311,6 +328,9 @@ def run_export(
         S.MANIFEST_SHARDS: n_shards,
         "resolved": len(rows),
         "taken_down_at_export": sum(s.get("taken_down", 0) for s in done.values()),
+        S.MANIFEST_MISSING: sum(len(s.get("missing", ())) for s in done.values()),
+        S.MANIFEST_BYTES_FETCHED: sum(s.get(S.MANIFEST_BYTES_FETCHED, 0) for s in done.values()),
+        S.MANIFEST_MEMBER_BYTES: sum(s.get(S.MANIFEST_MEMBER_BYTES, 0) for s in done.values()),
         "shard_size": shard_size,
         "image_size": image_size,
         "resize": resize,
@@ -331,7 +351,6 @@ def _has(collection: str, modality: str) -> bool:
 
 
 def _shard_exists(out: str, i: int, format: str) -> bool:
-    fs, path = url_to_fs(
-        f"{out.rstrip('/')}/{S.shard_name(i, 'tar' if format == S.EXPORT_WEBDATASET else 'parquet')}"
-    )
+    ext = "tar" if format == S.EXPORT_WEBDATASET else "parquet"
+    fs, path = url_to_fs(f"{out.rstrip('/')}/{S.shard_name(i, ext)}")
     return fs.exists(path)

@@ -6,21 +6,21 @@ embeddings, and writes the shard under a temporary name renamed into place, then
 `_stats.json` (img2dataset's completion mark). Its output depends only on its rows and the
 options, so a rerun writes the same bytes.
 
-Images are read by byte range: at embed time `collection.shards` records where each image
-member's data sits in its tar (`source_offset`, `source_size`), so a task reads those ranges,
-neighbours merged into one request, and never the rest of the tar. Rows without offsets
-(parquet or files sources, compressed tars, collections embedded before offsets existed)
-are found by reading their source shard through `collection.shards`. Bytes are checked
-against the `sha256` recorded at embed time: a shard rewritten since is an error, not a
-silent swap of images.
+Images come back through `collection.images`: by the byte range the embed job recorded (one
+`cat_ranges` per source shard, on a local disk or an object store), else by scanning the source
+shard, and checked against the `sha256` recorded at embed time. A source shard that is gone or
+unreadable fails the task (a rerun continues once it is back); a row whose image is no longer
+there as embedded (a member rewritten, a key removed) is left out of the shard and listed with
+its reason in `_stats.json`, never exported as a silent swap of images. The stats also count the
+bytes fetched from the source shards and the bytes of the members exported.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
+import logging
 import time
-from collections import defaultdict
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,16 +30,16 @@ import pyarrow.compute as pc
 from PIL import Image
 
 from collection import schema as S
-from collection.shards import Shard, ShardOpenError, format_of, read_shard
-from collection.storage import url_to_fs, write_json
+from collection.embeddings import open_npy
+from collection.images import GONE, UNREADABLE, ImageBatch, read_images
+from collection.parts import CollectionError
+from collection.sandbox import one_line
+from collection.storage import write_json
 from collection.takedown import Takedown
 from curation.shard_writer import json_lines, write_parquet, write_webdataset
 
-#: neighbouring byte ranges closer than this are read as one request (the members between
-#: them, caption and json, are small next to a request's cost on object stores)
-MERGE_GAP = 1 << 20
-#: but no single request larger than this
-MAX_SPAN = 64 << 20
+log = logging.getLogger(__name__)
+
 #: JPEG quality of re-encoded images (resized, or not JPEG at the source)
 JPEG_QUALITY = 95
 #: metadata columns that locate a row inside the collection or its source, not describe the sample
@@ -91,112 +91,22 @@ def json_columns(names: list[str]) -> list[str]:
 
 
 # ---- reading images back -------------------------------------------------------------------
-def _spans(offsets: list[int], sizes: list[int]) -> list[tuple[int, int, list[int]]]:
-    """(start, end, member positions) per request: members sorted by offset, neighbours merged."""
-    order = sorted(range(len(offsets)), key=lambda i: offsets[i])
-    spans: list[list[Any]] = []
-    for i in order:
-        start, end = offsets[i], offsets[i] + sizes[i]
-        if spans and start - spans[-1][1] <= MERGE_GAP and end - spans[-1][0] <= MAX_SPAN:
-            spans[-1][1] = max(spans[-1][1], end)
-            spans[-1][2].append(i)
-        else:
-            spans.append([start, end, [i]])
-    return [(s, e, members) for s, e, members in spans]
-
-
-def _read_ranges(url: str, offsets: list[int], sizes: list[int], shard: int) -> list[bytes]:
-    """The given byte ranges of one source file (fsspec `cat_ranges`: concurrent on object stores)."""
-    fs, path = url_to_fs(url)
-    spans = _spans(offsets, sizes)
-    try:
-        blobs = fs.cat_ranges(
-            [path] * len(spans),
-            [s for s, _, _ in spans],
-            [e for _, e, _ in spans],
-            on_error="raise",
-        )
-    except FileNotFoundError:
-        raise ExportError(
-            f"{url}: source shard has vanished since embedding (output shard {shard:05d} needs "
-            f"{len(offsets)} images from it)"
-        ) from None
-    except OSError as exc:
-        raise ExportError(
-            f"{url}: cannot read the source shard ({type(exc).__name__}: {exc})"
-        ) from None
-    out: list[bytes] = [b""] * len(offsets)
-    for (start, end, members), blob in zip(spans, blobs):
-        if len(blob) < end - start:
-            raise ExportError(
-                f"{url}: source shard is shorter than when it was embedded "
-                f"(needed bytes {start}-{end}, got {len(blob)})"
-            )
-        view = memoryview(blob)
-        for i in members:
-            out[i] = bytes(view[offsets[i] - start : offsets[i] - start + sizes[i]])
-    return out
-
-
-def _scan(url: str, keys: list[str], shard: int) -> list[bytes]:
-    """Images of `keys` found by reading their whole source shard (no offsets recorded)."""
-    fs, path = url_to_fs(url)
-    try:
-        is_dir = fs.isdir(path)
-    except OSError:
-        is_dir = False
-    fmt = format_of(url, is_dir) or S.EXPORT_WEBDATASET
-    wanted = set(keys)
-    found: dict[str, bytes] = {}
-    try:
-        for raw in read_shard(Shard(url, fmt)):
-            if raw.key in wanted and raw.image is not None:
-                found[raw.key] = raw.image
-                if len(found) == len(wanted):
-                    break
-    except ShardOpenError as exc:
-        if not fs.exists(path):
-            raise ExportError(
-                f"{url}: source shard has vanished since embedding (output shard {shard:05d} needs "
-                f"{len(keys)} images from it)"
-            ) from None
-        raise ExportError(f"{url}: cannot read the source shard ({exc})") from None
-    missing = [k for k in keys if k not in found]
-    if missing:
-        raise ExportError(f"{url}: key {missing[0]!r} is no longer in this source shard")
-    return [found[k] for k in keys]
-
-
-def read_images(rows: pa.Table, shard: int) -> list[bytes]:
-    """Each row's image bytes from its source shard, checked against the recorded sha256."""
+def read_source_images(rows: pa.Table, shard: int) -> tuple[list[bytes | None], ImageBatch]:
+    """Each row's image from its source shard (`collection.images`), None for a row whose image
+    is no longer there as embedded; raises ExportError when a source shard is gone or unreadable
+    (a rerun can continue once it is back)."""
+    batch = read_images(rows)
     urls = rows[S.SOURCE_SHARD].to_pylist()
-    keys = rows[S.KEY].to_pylist()
-    cols = rows.column_names
-    offsets = rows[S.SOURCE_OFFSET].to_pylist() if S.SOURCE_OFFSET in cols else [None] * len(rows)
-    sizes = rows[S.SOURCE_SIZE].to_pylist() if S.SOURCE_SIZE in cols else [None] * len(rows)
-    by_url: dict[str, list[int]] = defaultdict(list)
-    for i, url in enumerate(urls):
-        by_url[url].append(i)
-    out: list[bytes] = [b""] * len(rows)
-    for url, members in by_url.items():
-        ranged = [i for i in members if offsets[i] is not None and sizes[i] is not None]
-        scanned = [i for i in members if offsets[i] is None or sizes[i] is None]
-        if ranged:
-            for i, data in zip(
-                ranged,
-                _read_ranges(url, [offsets[i] for i in ranged], [sizes[i] for i in ranged], shard),
-            ):
-                out[i] = data
-        if scanned:
-            for i, data in zip(scanned, _scan(url, [keys[i] for i in scanned], shard)):
-                out[i] = data
-    for key, data, digest, url in zip(keys, out, rows[S.SHA256].to_pylist(), urls):
-        if digest and hashlib.sha256(data).hexdigest() != digest:
+    for url, found in zip(urls, batch.found):
+        if found.kind == GONE:
+            needs = sum(u == url for u in urls)
             raise ExportError(
-                f"{url}: the image of key {key!r} differs from the one embedded (sha256); "
-                f"the source shard changed since embedding"
+                f"{url}: source shard has vanished since embedding (output shard {shard:05d} "
+                f"needs {needs} images from it)"
             )
-    return out
+        if found.kind == UNREADABLE:
+            raise ExportError(f"{url}: cannot read the source shard ({one_line(found.why)})")
+    return batch.images, batch
 
 
 # ---- images out --------------------------------------------------------------------------------
@@ -238,7 +148,8 @@ def export_table(
     rows: pa.Table, columns: list[str], dims: list[tuple[int | None, int | None]]
 ) -> pa.Table:
     """The exported fields of each row (its json, or its parquet row): our columns, the written
-    image's width/height, and the source's as original_width/original_height (img2dataset's names)."""
+    image's width/height, and the source's as original_width/original_height (img2dataset's
+    names)."""
     table = rows.select(columns)
     originals = {"original_width": rows[S.WIDTH], "original_height": rows[S.HEIGHT]}
     for axis, name in enumerate((S.WIDTH, S.HEIGHT)):
@@ -258,7 +169,8 @@ def export_table(
 
 
 def _embeddings(opts: ExportOptions, ids: np.ndarray) -> dict[str, np.ndarray]:
-    """The rows' stored embeddings per modality, float16 as stored, from the parts they live in."""
+    """The rows' stored embeddings per modality, float16 as stored, from the parts they live in
+    (memory-mapped when local, the rows' byte ranges when remote: `collection.embeddings`)."""
     layout = S.CollectionLayout(opts.collection)
     offsets = np.asarray(opts.offsets, dtype=np.int64)
     which = np.searchsorted(offsets, ids, side="right") - 1
@@ -267,16 +179,16 @@ def _embeddings(opts: ExportOptions, ids: np.ndarray) -> dict[str, np.ndarray]:
         vectors: np.ndarray | None = None
         for p in np.unique(which):
             path = layout.emb(modality, opts.parts[p])
+            sel = np.nonzero(which == p)[0]
             try:
-                part = np.load(path, mmap_mode="r")
-            except (OSError, ValueError) as exc:
+                picked = np.asarray(open_npy(path)[ids[sel] - offsets[p]])
+            except (OSError, ValueError, CollectionError) as exc:
                 raise ExportError(
                     f"{path}: cannot read the {modality} embeddings ({exc})"
                 ) from None
             if vectors is None:
-                vectors = np.empty((len(ids), part.shape[1]), dtype=S.EMB_DTYPE)
-            sel = np.nonzero(which == p)[0]
-            vectors[sel] = part[ids[sel] - offsets[p]]
+                vectors = np.empty((len(ids), picked.shape[1]), dtype=S.EMB_DTYPE)
+            vectors[sel] = picked
         out[modality] = vectors if vectors is not None else np.zeros((0, 0), S.EMB_DTYPE)
     return out
 
@@ -291,16 +203,31 @@ def write_shard(index: int, rows: pa.Table, identity: str, opts: ExportOptions) 
     blocked = np.asarray(Takedown.load(opts.collection).blocked_mask(rows), dtype=bool)
     if blocked.any():
         rows = rows.filter(pa.array(~blocked))
-    keys = rows[S.KEY].to_pylist()
-    captions = rows[S.CAPTION].to_pylist()
-    columns = json_columns(rows.column_names)
     images: list[bytes] | None = None
-    dims: list[tuple[int | None, int | None]] = [(None, None)] * len(rows)
+    missing: list[dict[str, str]] = []
+    fetched = member_bytes = 0
     read_s = 0.0
     if opts.format != S.EXPORT_URLS:
         t_read = time.time()
-        images = read_images(rows, index)
+        found, batch = read_source_images(rows, index)
         read_s = time.time() - t_read
+        keep = np.array([data is not None for data in found], dtype=bool)
+        missing = [
+            {"key": rows[S.KEY][i].as_py(), "reason": f.kind, "why": f.why}
+            for i, f in enumerate(batch.found)
+            if f.data is None
+        ]
+        for m in missing:
+            log.warning("output shard %05d leaves out key %r: %s", index, m["key"], m["why"])
+        if missing:
+            rows = rows.filter(pa.array(keep))
+        images = [data for data in found if data is not None]
+        fetched, member_bytes = batch.bytes_fetched, batch.member_bytes
+    keys = rows[S.KEY].to_pylist()
+    captions = rows[S.CAPTION].to_pylist()
+    columns = json_columns(rows.column_names)
+    dims: list[tuple[int | None, int | None]] = [(None, None)] * len(rows)
+    if images is not None:
         made = [
             transform(data, opts.image_size, opts.resize, key) for data, key in zip(images, keys)
         ]
@@ -319,8 +246,11 @@ def write_shard(index: int, rows: pa.Table, identity: str, opts: ExportOptions) 
         "shard": index,
         "count": len(rows),
         "successes": len(rows),
-        "failed_to_download": 0,
-        "status_dict": {"success": len(rows)},
+        "failed_to_download": len(missing),
+        "status_dict": {"success": len(rows), **Counter(m["reason"] for m in missing)},
+        "missing": missing,
+        S.MANIFEST_BYTES_FETCHED: fetched,
+        S.MANIFEST_MEMBER_BYTES: member_bytes,
         "taken_down": int(blocked.sum()),
         "identity": identity,
         "spec_hash": opts.spec_hash,

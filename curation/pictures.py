@@ -1,8 +1,10 @@
 """Re-read chosen samples' pictures from their source shards, as small thumbnails.
 
 The collection keeps embeddings and hashes, not pixels; the copy check (curation.copies) needs
-pixels for the candidate pairs only. Each source shard is read once, by one task, keeping only
-the wanted keys as thumbnails (a few KB each), so memory follows the candidates, not the shards.
+pixels for the candidate pairs only. One task per source shard reads the wanted images through
+`collection.images` (by byte range where the rows carry one, else by scanning the shard; on a
+local disk or an object store) and keeps them as thumbnails (a few KB each), so memory follows
+the candidates, not the shards.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from collection.shards import ShardOpenError, list_shards, read_shard
+from collection import schema as S
+from collection.images import SHARD_KINDS, read_images
+from collection.shards import ShardOpenError
 from curation.copies import thumbnail
 from pipelines.decode import decode_image
 
@@ -22,21 +26,21 @@ log = logging.getLogger(__name__)
 MAX_PIXELS = 178_956_970
 
 
-def shard_thumbnails(shard_url: str, wanted: dict[str, int]) -> dict[int, np.ndarray]:
-    """{global id: thumbnail} of the `wanted` keys ({key: id}) found in one source shard.
+def shard_thumbnails(rows: list[dict[str, Any]], ids: list[int]) -> dict[int, np.ndarray]:
+    """{global id: thumbnail} of the rows (one source shard's, `collection.images.COLUMNS`) whose
+    image could be read back; `ids` are their global ids.
 
-    A shard that cannot be opened raises ShardOpenError naming it; a wanted key whose image
-    is missing or undecodable is simply absent from the result (the caller counts them).
+    A shard that cannot be opened raises ShardOpenError naming it; a wanted image that is
+    missing, changed or undecodable is simply absent from the result (the caller counts them).
     """
-    shards = list_shards(shard_url)
-    if not shards:
-        raise ShardOpenError(f"{shard_url}: source shard not found")
+    batch = read_images(rows)
+    if batch.found and all(f.kind in SHARD_KINDS for f in batch.found):
+        raise ShardOpenError(batch.found[0].why)
     out: dict[int, np.ndarray] = {}
-    for raw in read_shard(shards[0]):
-        gid = wanted.get(raw.key)
-        if gid is None or raw.image is None:
+    for gid, found in zip(ids, batch.found):
+        if found.data is None:
             continue
-        image, _, _ = decode_image(raw.image, MAX_PIXELS)
+        image, _, _ = decode_image(found.data, MAX_PIXELS)
         if image is not None:
             out[gid] = thumbnail(image)
     return out
@@ -47,23 +51,50 @@ def load_thumbnails(
     shards: np.ndarray,
     ids: Iterable[int],
     run: Callable[[Callable[..., Any], list[tuple]], list[Any]],
+    offsets: np.ndarray | None = None,
+    sizes: np.ndarray | None = None,
+    sha256: np.ndarray | None = None,
 ) -> dict[int, np.ndarray]:
-    """Thumbnails of the samples `ids` (global ids into `keys` / `shards`), one task per source shard.
+    """Thumbnails of the samples `ids` (global ids into `keys` / `shards`), one task per source
+    shard.
 
+    `offsets`, `sizes` and `sha256` (by global id, where known) let the images be read by byte
+    range and checked; without them each shard is scanned for its keys.
     `run(fn, argument tuples)` runs the tasks (in this process or on a Dask cluster).
     """
-    by_shard: dict[str, dict[str, int]] = {}
+    by_shard: dict[str, tuple[list[dict[str, Any]], list[int]]] = {}
     for gid in sorted(set(int(i) for i in ids)):
-        by_shard.setdefault(str(shards[gid]), {})[str(keys[gid])] = gid
+        rows, gids = by_shard.setdefault(str(shards[gid]), ([], []))
+        rows.append(
+            {
+                S.SOURCE_SHARD: str(shards[gid]),
+                S.KEY: str(keys[gid]),
+                S.SOURCE_OFFSET: _at(offsets, gid),
+                S.SOURCE_SIZE: _at(sizes, gid),
+                S.SHA256: _at(sha256, gid),
+            }
+        )
+        gids.append(gid)
     out: dict[int, np.ndarray] = {}
-    for part in run(shard_thumbnails, sorted(by_shard.items())):
+    for part in run(shard_thumbnails, [by_shard[url] for url in sorted(by_shard)]):
         out.update(part)
-    missing = sum(len(v) for v in by_shard.values()) - len(out)
+    wanted = sum(len(gids) for _, gids in by_shard.values())
+    missing = wanted - len(out)
     if missing:
         log.warning(
             "%d of %d pictures could not be re-read from their source shards; their pairs are not "
             "checked",
             missing,
-            missing + len(out),
+            wanted,
         )
     return out
+
+
+def _at(values: np.ndarray | None, i: int) -> Any:
+    """values[i] as a plain value, None where unknown (no array, or a null / NaN cell)."""
+    if values is None:
+        return None
+    value = values[i]
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return None
+    return value.item() if hasattr(value, "item") else value

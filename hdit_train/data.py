@@ -31,7 +31,7 @@ from collection.shards import (
     list_shards,
     read_tar,
 )
-from collection.storage import read_json
+from collection.storage import read_json, url_to_fs
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,12 @@ def training_shards(data: str | Path) -> list[Shard]:
 def read_manifest(data: str | Path) -> dict[str, Any] | None:
     """The export's manifest.json next to the shards (keys: `collection.schema.MANIFEST_*`), or None
     for plain img2dataset shards."""
-    folder = str(data) if Path(data).is_dir() else posixpath.dirname(training_shards(data)[0].url)
+    fs, path = url_to_fs(data)
+    try:
+        is_dir = fs.isdir(path)
+    except OSError as err:
+        raise FileNotFoundError(f"{data}: cannot list the training data ({err})") from err
+    folder = str(data).rstrip("/") if is_dir else posixpath.dirname(training_shards(data)[0].url)
     path = posixpath.join(folder, S.EXPORT_MANIFEST)
     try:
         manifest = read_json(path)
@@ -86,7 +91,8 @@ def manifest_clip_spec(manifest: dict[str, Any] | None) -> str | None:
 
 
 def manifest_spec_hash(manifest: dict[str, Any] | None) -> str | None:
-    """The export's spec hash: names the exact subset query a run trained on (None for plain shards)."""
+    """The export's spec hash: names the exact subset query a run trained on (None for plain
+    shards)."""
     return manifest[S.MANIFEST_SPEC_HASH] if manifest else None
 
 

@@ -25,8 +25,7 @@ import torch
 from PIL import Image
 from torchvision.utils import make_grid
 
-from collection import schema as S
-from collection.shards import list_shards, read_shard
+from collection import images as source_images, schema as S
 from collection.storage import write_bytes, write_json
 from curation.copies import copy_verdict
 from curation.dedup import COPY_MIN_COSINE
@@ -47,7 +46,8 @@ def phash_bits(a: str, b: str) -> int:
 def copy_verdicts(
     query: Image.Image, neighbours: Sequence[dict[str, Any]], pictures: dict[str, Image.Image]
 ) -> list[bool]:
-    """Whether each neighbour (a search row with `key` and `similarity`) is a copy of the query image.
+    """Whether each neighbour (a search row with `key` and `similarity`) is a copy of the query
+    image.
 
     The duplicates rule (`curation.copies.copy_verdict`) on the neighbours' pictures; one whose
     picture cannot be read back is not called a copy (the report marks it `picture: false`).
@@ -77,7 +77,8 @@ class AuditResult:
 
 
 def read_images(folder: str | Path) -> list[tuple[str, Image.Image]]:
-    """(file name, RGB image) for every image file in a folder, sorted; a clear error when none or unreadable."""
+    """(file name, RGB image) for every image file in a folder, sorted; a clear error when none
+    or unreadable."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"--images {folder}: no such folder")
@@ -118,26 +119,30 @@ def audit(
     grid_pairs: int = 16,
     searcher: Searcher | None = None,
 ) -> AuditResult:
-    """Audit generated images against a collection: nearest training samples, copy verdicts, the copy
-    fraction; with `out`, write audit.json and closest_pairs.png there."""
+    """Audit generated images against a collection: nearest training samples, copy verdicts, the
+    copy fraction; with `out`, write audit.json and closest_pairs.png there."""
     if not images:
         raise ValueError("audit: no images to audit")
     if k < 1:
         raise ValueError(f"audit: k must be >= 1, got {k}")
-    searcher = searcher or Searcher(collection, columns=(*DEFAULT_COLUMNS, S.PHASH, S.SOURCE_SHARD))
+    searcher = searcher or Searcher(
+        collection,
+        columns=(
+            *DEFAULT_COLUMNS,
+            S.PHASH,
+            S.SOURCE_SHARD,
+            S.SOURCE_OFFSET,
+            S.SOURCE_SIZE,
+            S.SHA256,
+        ),
+    )
     if S.MODALITY_IMAGE not in searcher.modalities():
         raise ValueError(
             f"{collection}: no image index; build it with `python -m indices.build {collection}`"
         )
     vectors = searcher.encoder.encode_images([im for _, im in images])
     found = searcher.search_vectors(vectors, k=k, deduplicate=False)
-    pictures = training_images(
-        [
-            {"key": r.get(S.KEY), "source_shard": r.get(S.SOURCE_SHARD)}
-            for rows in found
-            for r in rows
-        ]
-    )
+    pictures = training_images([r for rows in found for r in rows])
     entries = []
     for (name, im), rows in zip(images, found):
         q = phash(im)
@@ -196,24 +201,24 @@ def audit(
 
 
 def training_images(rows: Sequence[dict[str, Any]]) -> dict[str, Image.Image]:
-    """The training images of some neighbour rows by key, read from their source shards (each shard once)."""
-    wanted: dict[str, set[str]] = {}
-    for r in rows:
-        if r.get("source_shard") and r.get("key"):
-            wanted.setdefault(r["source_shard"], set()).add(r["key"])
+    """The training images of some neighbour rows by key, read back from their source shards
+    (`collection.images`: by byte range and checked by sha256 where the rows carry those)."""
+    rows = [r for r in rows if r.get(S.KEY)]
     found: dict[str, Image.Image] = {}
-    for url, keys in wanted.items():
+    missing = 0
+    for row, image in zip(rows, source_images.read_images(rows).found):
+        if image.data is None:
+            missing += 1
+            log.debug("audit grid: no training image: %s", image.why)
+            continue
         try:
-            shards = list_shards(url)
-            for raw in (s for shard in shards for s in read_shard(shard)):
-                if raw.key in keys and raw.image is not None:
-                    with Image.open(io.BytesIO(raw.image)) as im:
-                        found[raw.key] = im.convert("RGB")
-        except (
-            OSError,
-            ValueError,
-        ) as exc:  # a moved or unreadable shard: the grid shows a blank, the report is complete
-            log.warning("audit grid: cannot read training images from %s (%s)", url, exc)
+            with Image.open(io.BytesIO(image.data)) as im:
+                found[row[S.KEY]] = im.convert("RGB")
+        except (OSError, SyntaxError, ValueError) as exc:
+            missing += 1
+            log.debug("audit grid: key %r does not decode (%s)", row[S.KEY], exc)
+    if missing:  # a moved or unreadable shard: the grid shows a blank, the report is complete
+        log.warning("audit grid: %d training images could not be read back", missing)
     return found
 
 
@@ -224,8 +229,9 @@ def write_pair_grid(
     pairs: int = 16,
     pictures: dict[str, Image.Image] | None = None,
 ) -> Path | None:
-    """Closest pairs first, each [generated | nearest training sample]; a grey tile where a training image is gone.
-    `pictures` (by key) are the training images already read; only the others are read here."""
+    """Closest pairs first, each [generated | nearest training sample]; a grey tile where a
+    training image is gone. `pictures` (by key) are the training images already read; only the
+    others are read here."""
     order = sorted(range(len(entries)), key=lambda i: -(entries[i]["nearest_similarity"] or -1.0))[
         :pairs
     ]

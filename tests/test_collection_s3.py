@@ -65,3 +65,19 @@ def test_bad_urls_get_one_line_errors_naming_them(s3_bucket, s3_server, local_an
     fs.rm(S.CollectionLayout(copy).img_emb(1).removeprefix("s3://"))
     with pytest.raises(CollectionError, match="img_emb_1.npy"):
         EmbeddingStore.open(copy, S.MODALITY_IMAGE)
+
+
+def test_remote_rows_come_back_in_the_order_asked_whatever_the_gaps(s3_bucket):
+    from collection.embeddings import MERGE_GAP, RemoteNpy
+    from pipelines.writer import npy_bytes
+
+    rng = np.random.default_rng(0)
+    arr = rng.standard_normal((4 * MERGE_GAP // 128, 64)).astype(np.float16)  # 128-byte rows
+    write_bytes(f"{s3_bucket}/a.npy", npy_bytes(arr))
+    remote = RemoteNpy(f"{s3_bucket}/a.npy")
+    for rows in (
+        rng.integers(0, len(arr), 300),  # any order, repeats
+        np.sort(rng.choice(len(arr), 50, replace=False)),
+        np.array([len(arr) - 1, 0, 0, MERGE_GAP // 128 + 5]),  # far apart: separate requests
+    ):
+        np.testing.assert_array_equal(remote[rows], arr[rows])

@@ -46,13 +46,14 @@ def test_a_red_circle_puts_red_circles_first(search):
 
 
 def test_thumbnails_come_from_the_source_shards(search, coll, monkeypatch):
+    from collection import images as I
     from webui import thumbs as T
 
     rows = results(search)[:3]
     assert all(r[S.SOURCE_OFFSET] is not None for r in rows)
     scanned = []
     monkeypatch.setattr(
-        T, "_scan", lambda url, keys, scan=T._scan: scanned.append(keys) or scan(url, keys)
+        I, "_scan", lambda url, keys, scan=I._scan: scanned.append(keys) or scan(url, keys)
     )
     ranged = T.thumbnails(rows)
     assert (
