@@ -13,6 +13,7 @@ import zlib
 import numpy as np
 import pytest
 
+from bench.security_web import bomb_png
 from bench.synthetic import clustered_vectors, write_collection
 from collection import schema as S
 
@@ -176,23 +177,6 @@ def test_bad_requests_get_json_errors_and_server_keeps_serving(app, body, status
         return True
 
     assert run(app, fn)
-
-
-def bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
-    """A tiny PNG whose header claims a huge canvas: signature, IHDR, a small IDAT, IEND."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-        )
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", ihdr)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-        + chunk(b"IEND", b"")
-    )
 
 
 def _nested(levels: int) -> dict:
