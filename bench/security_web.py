@@ -370,16 +370,22 @@ def _dedup_memory(lab: Lab) -> tuple[bool, str]:
 
 @attack(SERVER, "distinct queries against the cache bound")
 def _cache_bytes(lab: Lab) -> tuple[bool, str]:
-    small = App({}, searchers={"c": lab.searcher}, cache_bytes=32 * 1024)
+    bound, queries = 64 * 1024, 40
+    small = App({}, searchers={"c": lab.searcher}, cache_bytes=bound)
     lab_app, lab.app = lab.app, small
     try:
-        over = 0
-        for n in range(24):
-            lab.post("/knn-service", lab.knn_body(n % lab.searcher.count, num_images=40 + n))
+        over, sent = 0, 0
+        for n in range(queries):
+            _, answer = lab.post(
+                "/knn-service", lab.knn_body(n % lab.searcher.count, num_images=20)
+            )
+            sent += len(json.dumps(answer))
             over += small.cached_bytes > small.cache_bytes
     finally:
         lab.app = lab_app
-    return over == 0, f"{len(small.cache)} answers, {small.cached_bytes:,} bytes (bound 32 KiB)"
+    held = over == 0 and 0 < len(small.cache) < queries and sent > bound
+    detail = f"{sent:,} bytes of answers; cache kept {len(small.cache)} in {small.cached_bytes:,}"
+    return held, f"{detail} (bound {bound:,})"
 
 
 def _summary(rows: list[dict[str, Any]]) -> str:

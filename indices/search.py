@@ -149,11 +149,10 @@ class Searcher:
         return changed
 
     def is_blocked(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
-        """Per id: whether the takedown list names its key, url or sha256. The file is checked
-        for a change first (one stat), and the rows asked about are the only ones read, so the
-        list's size and the collection's never cost memory."""
+        """Per id: whether the takedown list, as last refreshed, names its key, url or sha256
+        (the rows asked about are the only ones read, so the list's size and the collection's
+        never cost memory). Every public entry point refreshes the list first."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        self.refresh_takedown()
         takedown = self._watch.takedown
         if not len(takedown) or not len(ids):
             return np.zeros(len(ids), dtype=bool)
@@ -162,8 +161,9 @@ class Searcher:
         return takedown.blocked_mask(self.rows.take(ids, cols))
 
     def visible(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
-        """Per id: whether a page may show it (what a page that lists ids read elsewhere, such
-        as the map's points, filters them with)."""
+        """Per id: whether a page may show it, the list checked for a change first (what a page
+        that lists ids read elsewhere, such as the map's points, filters them with)."""
+        self.refresh_takedown()
         return ~self.is_blocked(ids)
 
     def modalities(self) -> list[str]:
@@ -253,7 +253,7 @@ class Searcher:
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if len(ids) and (ids.min() < 0 or ids.max() >= self.count):
             raise QueryError(f"ids: out of range 0..{self.count - 1}")
-        if len(ids) and self.is_blocked(ids).any():
+        if len(ids) and not self.visible(ids).all():
             raise QueryError("ids: a requested row is on the takedown list")
         return self.index(modality)[2].gather(ids)
 
