@@ -48,6 +48,8 @@ log = logging.getLogger("bench.server")
 
 VITB32 = "open_clip:ViT-B-32"
 SERVER_CORE, CLIENT_CORE = 0, 1
+#: the server's answer cache in the cached runs (`indices.serve --cache-bytes`)
+CACHE = "64MiB"
 
 
 def caption_pool(n: int, seed: int = 0) -> list[str]:
@@ -103,7 +105,7 @@ def _pinned_env() -> dict[str, str]:
 class Server:
     """`python -m indices.serve` on SERVER_CORE with one thread, as a context manager."""
 
-    def __init__(self, collection: str, precision: str, cache_size: int) -> None:
+    def __init__(self, collection: str, precision: str, cache_bytes: str) -> None:
         self.port = _free_port()
         self.cmd = [
             "taskset",
@@ -120,8 +122,8 @@ class Server:
             "1",
             "--precision",
             precision,
-            "--cache-size",
-            str(cache_size),
+            "--cache-bytes",
+            cache_bytes,
         ]
 
     def __enter__(self) -> "Server":
@@ -229,20 +231,20 @@ def load_run(
     collection: str,
     queries: list[str],
     precision: str,
-    cache_size: int,
+    cache_bytes: str,
     clients: int,
     seconds: float,
     warmup: float,
     num_images: int,
 ) -> dict[str, Any]:
     """One server process, one load run; returns qps / p50 / p99 / errors / cache hit rate."""
-    with Server(collection, precision, cache_size) as srv:
+    with Server(collection, precision, cache_bytes) as srv:
         try:
             out = asyncio.run(_load(srv.port, queries, clients, seconds, warmup, num_images))
         except RuntimeError:
             raise RuntimeError(f"server failed: {srv.output()}") from None
     out.update(
-        {"precision": precision, "cache_size": cache_size, "clients": clients, "seconds": seconds}
+        {"precision": precision, "cache_bytes": cache_bytes, "clients": clients, "seconds": seconds}
     )
     log.info("load %s: %s", collection, out)
     return out
@@ -371,8 +373,8 @@ def run(
                 "--collection: a sieve-tiny collection with an image index is needed for part 'server'"
             )
         spec = read_collection_json(collection).get("clip_model", "sieve-tiny")
-        cached = load_run(collection, queries, "fp32", 4096, clients, seconds, warmup, num_images)
-        nocache = load_run(collection, queries, "fp32", 0, clients, seconds, warmup, num_images)
+        cached = load_run(collection, queries, "fp32", CACHE, clients, seconds, warmup, num_images)
+        nocache = load_run(collection, queries, "fp32", "0", clients, seconds, warmup, num_images)
         payload["server"] = {
             **{k: cached[k] for k in ("qps", "p50_ms", "p99_ms", "errors")},
             "cache_hit_rate": cached["cache_hit_rate"],
@@ -390,8 +392,8 @@ def run(
             "bf16" if check["bf16_native"] and check["bf16_vs_fp32_cosine_min"] >= 0.995 else "fp32"
         )
         seq = _sequential_pinned(coll, VITB32, queries, seconds, num_images)
-        cached = load_run(coll, queries, precision, 4096, clients, seconds, warmup, num_images)
-        nocache = load_run(coll, queries, precision, 0, clients, seconds, warmup, num_images)
+        cached = load_run(coll, queries, precision, CACHE, clients, seconds, warmup, num_images)
+        nocache = load_run(coll, queries, precision, "0", clients, seconds, warmup, num_images)
         payload["server_vitb32"] = {
             "qps": cached["qps"],
             "p99_ms": cached["p99_ms"],

@@ -4,16 +4,20 @@ Every file another process may read is written to a temporary name beside it and
 into place, so a reader sees the old file or the new one, never half of one; a job killed
 mid-write leaves only a `*.tmp*` file that the next run overwrites. This is the one
 implementation of that rule (collection parts, indices, checkpoints, bundled models,
-benchmark results); collection.json is read and written here too.
+benchmark results); collection.json is read and written here too. `file_lock` serialises
+read-modify-write updates of one file (the takedown list, the bundled-model cache).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
 import json
 import os
 import posixpath
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
@@ -67,6 +71,37 @@ def write_bytes(url: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `url` atomically: a temporary name beside it, then a rename."""
     with atomic_open(url) as fh:
         fh.write(data)
+
+
+@contextlib.contextmanager
+def file_lock(url: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock named after `url` for the block: one holder at a time, whether in
+    threads of this process or in other processes of this machine.
+
+    A local file is locked through `URL.lock` beside it (flock: released by the kernel when its
+    holder dies); an object store has no lock, so a remote URL is locked through a file in this
+    machine's temp folder named after the URL, which serialises writers on one machine only.
+    """
+    if is_local(url):
+        lock_path = _url_path(url) + ".lock"
+        os.makedirs(os.path.dirname(os.path.abspath(lock_path)), exist_ok=True)
+    else:
+        digest = hashlib.sha256(str(url).encode()).hexdigest()[:32]
+        folder = os.path.join(tempfile.gettempdir(), "sieve-locks")
+        os.makedirs(folder, exist_ok=True)
+        lock_path = os.path.join(folder, f"{digest}.lock")
+    # a descriptor of its own per holder: flock excludes other open files, threads included
+    with open(lock_path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _url_path(url: str | os.PathLike) -> str:
+    """The local path of a plain path or file:// URL."""
+    return url_to_fs(url)[1]
 
 
 def write_json(url: str | os.PathLike, doc: Any, indent: int | None = 2) -> None:

@@ -2,9 +2,11 @@
 
 The file holds one entry per row: exactly one of `key`, `url` or `sha256`,
 with a `reason` and the UTC time it was `added`. A listed item never leaves Sieve again: search
-and the server drop it (the server re-reads a changed list within seconds), untrusted SQL never
-sees it and export re-checks it. The file is rewritten atomically on every change. The command
-over it is `python -m curation.takedown`.
+and the server drop it (a long-lived reader checks the file for a change on every request, so a
+listing applies from the next one), untrusted SQL never sees it and export re-checks it. sha256
+values match in any case. The file is rewritten atomically on every change, under a file lock
+so that concurrent `add` and `remove` calls each see the other's entries. The command over it
+is `python -m curation.takedown`.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ import logging
 import os
 import re
 import threading
-import time
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -27,7 +29,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from collection import schema as S
-from collection.storage import url_to_fs, write_bytes
+from collection.storage import file_lock, is_local, url_to_fs, write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +57,7 @@ class Takedown:
     urls: frozenset[str] = frozenset()
     sha256: frozenset[str] = frozenset()
     path: str | None = None
-    #: (mtime, size, inode) of the file when loaded (None: no file); `TakedownWatch` polls it
+    #: what `file_signature` said of the file when loaded (None: no file); `TakedownWatch` polls it
     signature: tuple | None = None
 
     @classmethod
@@ -80,22 +82,37 @@ class Takedown:
     def _columns(self) -> dict[str, frozenset[str]]:
         return {S.KEY: self.keys, S.URL: self.urls, S.SHA256: self.sha256}
 
+    @cached_property
+    def _value_sets(self) -> dict[str, pa.Array]:
+        """Each non-empty column's listed values as one Arrow array, built once per load."""
+        return {c: pa.array(sorted(v), pa.string()) for c, v in self._columns().items() if v}
+
+    def listed(self, column: str, values: pa.Array | pa.ChunkedArray | pd.Series) -> np.ndarray:
+        """Per value of a key / url / sha256 column: whether the list names it (sha256 in any
+        case; nulls never match). The one matching rule every reader of the list uses."""
+        n = len(values)
+        value_set = self._value_sets.get(column)
+        if value_set is None or n == 0:
+            return np.zeros(n, dtype=bool)
+        if isinstance(values, pd.Series):
+            values = pa.Array.from_pandas(values.astype(object))
+        values = pc.cast(values, pa.string())
+        if column == S.SHA256:
+            values = pc.utf8_lower(values)
+        hit = pc.is_in(values, value_set=value_set)
+        return np.asarray(hit.fill_null(False).to_numpy(zero_copy_only=False), dtype=bool)
+
     def blocked_mask(self, rows: pa.Table | pd.DataFrame) -> np.ndarray:
-        """Per row: whether its key, url or sha256 is listed (columns the rows lack match nothing)."""
+        """Per row: whether its key, url or sha256 is listed (a column the rows lack matches
+        nothing)."""
         n = rows.num_rows if isinstance(rows, pa.Table) else len(rows)
         mask = np.zeros(n, dtype=bool)
         names = rows.column_names if isinstance(rows, pa.Table) else list(rows.columns)
-        for col, values in self._columns().items():
-            if not values or col not in names:
-                continue
-            if isinstance(rows, pa.Table):
-                hit = pc.is_in(
-                    rows.column(col).cast(pa.string()),
-                    value_set=pa.array(sorted(values), pa.string()),
+        for col in S.TAKEDOWN_MATCH_COLUMNS:
+            if col in names:
+                mask |= self.listed(
+                    col, rows.column(col) if isinstance(rows, pa.Table) else rows[col]
                 )
-                mask |= hit.fill_null(False).to_numpy(zero_copy_only=False)
-            else:
-                mask |= rows[col].isin(values).to_numpy(dtype=bool)
         return mask
 
     def sql_predicate(self) -> str:
@@ -104,7 +121,8 @@ class Takedown:
         for col, values in self._columns().items():
             if values:
                 listed = ", ".join(_sql_string(v) for v in sorted(values))
-                clauses.append(f"({col} IS NULL OR {col} NOT IN ({listed}))")
+                value = f"lower({col})" if col == S.SHA256 else col
+                clauses.append(f"({col} IS NULL OR {value} NOT IN ({listed}))")
         return " AND ".join(clauses) or "TRUE"
 
     def arrow_filter(self, columns: Iterable[str]) -> pc.Expression | None:
@@ -112,12 +130,10 @@ class Takedown:
         (None when nothing could match): what the untrusted SQL worker scans through."""
         names = set(columns)
         keep = None
-        for col, values in self._columns().items():
-            if values and col in names:
-                term = (
-                    ~pc.field(col).isin(pa.array(sorted(values), pa.string()))
-                    | pc.field(col).is_null()
-                )
+        for col, value_set in self._value_sets.items():
+            if col in names:
+                value = pc.utf8_lower(pc.field(col)) if col == S.SHA256 else pc.field(col)
+                term = ~value.isin(value_set) | pc.field(col).is_null()
                 keep = term if keep is None else keep & term
         return keep
 
@@ -126,36 +142,50 @@ def _sql_string(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
+#: what an object store's `info` says that changes when an object is rewritten
+_REMOTE_SIGNATURE_FIELDS = ("size", "ETag", "etag", "LastModified", "mtime", "generation", "md5")
+
+
 def _signature(path: str) -> tuple | None:
-    """What changes whenever the file is rewritten (an atomic rewrite is a new inode), or None."""
+    """What changes whenever the file is rewritten, or None when there is no file. Local: device,
+    inode, size, mtime and ctime in nanoseconds (an atomic rewrite is a new inode, an in-place
+    one a new mtime): one stat. Remote: size, etag and modification time, asked of the store
+    each time (fsspec would otherwise answer from its listings cache)."""
     fs, p = url_to_fs(path)
+    if is_local(path):
+        try:
+            st = os.stat(p)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    fs.invalidate_cache(p)
     try:
         info = fs.info(p)
     except FileNotFoundError:
         return None
-    mtime = info.get("mtime")
-    mtime = mtime.timestamp() if isinstance(mtime, dt.datetime) else mtime
-    return (mtime, info.get("size"), info.get("ino"))
+    return tuple(str(info.get(k)) for k in _REMOTE_SIGNATURE_FIELDS)
+
+
+def file_signature(collection: str) -> tuple | None:
+    """The takedown file's change signature now (None: no list): what a caller that keeps an
+    answer compares to know whether the list changed since the answer was made."""
+    return _signature(S.CollectionLayout(collection).takedown)
 
 
 class TakedownWatch:
-    """A collection's takedown list, re-read when the file changes, checked at most once per
-    `interval` seconds: how long-lived readers (the server, a UI's catalog) pick up changes."""
+    """A collection's takedown list, re-read when the file changes: how long-lived readers (the
+    server, a UI's catalog) pick up changes. Every poll compares the file's signature (one stat
+    locally), so a listing applies from the very next request."""
 
-    def __init__(self, collection: str, interval: float = 1.0) -> None:
-        self.collection, self.interval = collection, interval
+    def __init__(self, collection: str) -> None:
+        self.collection = collection
         self._lock = threading.Lock()
         self.takedown = Takedown.load(collection)
-        self._checked = time.monotonic()
 
     def poll(self) -> tuple[Takedown, bool]:
         """(the current list, whether it changed since the last poll)."""
         with self._lock:
-            now = time.monotonic()
-            if now - self._checked < self.interval:
-                return self.takedown, False
-            self._checked = now
-            if _signature(S.CollectionLayout(self.collection).takedown) == self.takedown.signature:
+            if file_signature(self.collection) == self.takedown.signature:
                 return self.takedown, False
             self.takedown = Takedown.load(self.collection)
             log.info("%s: takedown list changed: %d entries", self.collection, len(self.takedown))
@@ -163,7 +193,8 @@ class TakedownWatch:
 
 
 def _read(path: str) -> tuple[pa.Table | None, tuple | None]:
-    """(entries with every takedown column, file signature), or (None, None) when there is no file."""
+    """(entries with every takedown column, file signature); (None, None) when there is no
+    file."""
     fs, p = url_to_fs(path)
     signature = _signature(path)
     if signature is None:
@@ -237,16 +268,34 @@ def _write(layout: S.CollectionLayout, table: pa.Table) -> None:
         raise TakedownError(f"{layout.takedown}: cannot write the takedown list: {exc}") from exc
 
 
+def _same(column: str, value: str) -> str:
+    """A listed value as matching compares it (sha256 in lower case)."""
+    return value.lower() if column == S.SHA256 else value
+
+
 def add_entries(collection: str, entries: Sequence[tuple[str, str, str | None]]) -> int:
     """List (column, value, reason) entries; ones already listed keep their reason and date.
-    Returns how many were new. One atomic rewrite of takedown.parquet."""
+    Returns how many were new. One atomic rewrite of takedown.parquet, under the list's file
+    lock: a concurrent add or remove waits, then reads what this one wrote."""
     layout = check_collection(collection)
+    with file_lock(layout.takedown):
+        return _add_locked(collection, layout, entries)
+
+
+def _add_locked(
+    collection: str, layout: S.CollectionLayout, entries: Sequence[tuple[str, str, str | None]]
+) -> int:
     current = list_entries(collection)
-    seen = {(c, v) for c in S.TAKEDOWN_MATCH_COLUMNS for v in current.column(c).to_pylist() if v}
+    seen = {
+        (c, _same(c, v))
+        for c in S.TAKEDOWN_MATCH_COLUMNS
+        for v in current.column(c).to_pylist()
+        if v
+    }
     new = []
     for col, value, why in entries:
-        if (col, value) not in seen:
-            seen.add((col, value))
+        if (col, _same(col, value)) not in seen:
+            seen.add((col, _same(col, value)))
             new.append((col, value, why))
     if not new:
         return 0
@@ -288,16 +337,22 @@ def add(
 def remove(
     collection: str, keys: Sequence[str] = (), urls: Sequence[str] = (), sha256: Sequence[str] = ()
 ) -> int:
-    """Unlist these keys / urls / sha256s; returns how many entries were removed."""
+    """Unlist these keys / urls / sha256s (sha256 in any case); returns how many entries were
+    removed. Under the list's file lock, as `add_entries`."""
     layout = check_collection(collection)
-    current = list_entries(collection)
-    drop = np.zeros(current.num_rows, dtype=bool)
-    for col, value, _ in make_entries(keys, urls, sha256):
-        drop |= pc.equal(current.column(col), value).fill_null(False).to_numpy(zero_copy_only=False)
-    if drop.any():
-        _write(layout, current.filter(pa.array(~drop)))
-        log.info("%s: removed %d entries", layout.takedown, int(drop.sum()))
+    unlist = Takedown(*(frozenset(v) for v in _by_column(make_entries(keys, urls, sha256))))
+    with file_lock(layout.takedown):
+        current = list_entries(collection)
+        drop = unlist.blocked_mask(current)
+        if drop.any():
+            _write(layout, current.filter(pa.array(~drop)))
+            log.info("%s: removed %d entries", layout.takedown, int(drop.sum()))
     return int(drop.sum())
+
+
+def _by_column(entries: Sequence[tuple[str, str, str | None]]) -> tuple[list[str], ...]:
+    """(keys, urls, sha256s) of (column, value, reason) entries."""
+    return tuple([v for c, v, _ in entries if c == col] for col in S.TAKEDOWN_MATCH_COLUMNS)
 
 
 def read_entry_file(path: str, reason: str | None = None) -> list[tuple[str, str, str | None]]:

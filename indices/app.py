@@ -4,8 +4,9 @@ POST /knn-service, POST /metadata, GET /indices-list (clip back's contract) plus
 and Prometheus GET /metrics. Concurrent queries are micro-batched (one text encode and one
 faiss call per batch; texts run through the text tower only up to the batch's longest
 prompt, optionally in bf16 or int8, see `models.speed`) and repeated queries are answered
-from an LRU cache. Bad requests get a 4xx JSON {"error": ...} naming the problem; the server
-keeps serving.
+from an LRU cache of answer bytes, bounded in bytes. Work per request is bounded: results,
+ids per /metadata call, and near-duplicate collapse (`indices.search.DEDUP_MAX_CANDIDATES`).
+Bad requests get a 4xx JSON {"error": ...} naming the problem; the server keeps serving.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hashlib
 import json
 import logging
 import time
@@ -23,11 +25,11 @@ from typing import Any
 import aiohttp
 import numpy as np
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from collection import schema as S
 from collection.takedown import TakedownError
-from indices.search import QueryError, Searcher
+from indices.search import DEDUP_MAX_CANDIDATES, QueryError, Searcher
 from models.clip import Clip
 from models.prompts import PromptError, combine, parse_prompts
 from pipelines.decode import DEFAULT_MAX_PIXELS, decode_image
@@ -36,6 +38,14 @@ log = logging.getLogger(__name__)
 
 MAX_BODY = 8 * 2**20
 MAX_BATCH = 64
+#: most results (num_images / num_result_ids) one query may ask for, as clip back allows
+MAX_RESULTS = 10_000
+#: most ids one /metadata request may ask for (each answer row is read and serialised)
+MAX_METADATA_IDS = MAX_RESULTS
+#: default bound of the answer cache: the JSON bytes of the answers plus their keys
+CACHE_BYTES = 64 * 2**20
+#: what one cache entry costs beyond its answer's bytes (its digest, the dict slot, objects)
+CACHE_ENTRY_OVERHEAD = 256
 #: deepest nesting of a request body; clip back's bodies are flat objects with one list
 MAX_JSON_DEPTH = 16
 
@@ -149,7 +159,7 @@ class App:
         collections: dict[str, str],
         searchers: dict[str, Any] | None = None,
         allow_image_url: bool = False,
-        cache_size: int = 4096,
+        cache_bytes: int = CACHE_BYTES,
         max_body: int = MAX_BODY,
         precision: str = "fp32",
         max_batch: int = MAX_BATCH,
@@ -161,8 +171,10 @@ class App:
             n: Batcher(s, self.executor, max_batch, precision) for n, s in self.searchers.items()
         }
         self.allow_image_url, self.max_body, self.max_pixels = allow_image_url, max_body, max_pixels
-        self.cache: OrderedDict[str, Any] = OrderedDict()
-        self.cache_size = cache_size
+        #: sha256 of the canonical request body -> the answer's JSON bytes, least recent first
+        self.cache: OrderedDict[bytes, bytes] = OrderedDict()
+        self.cache_bytes = max(0, int(cache_bytes))
+        self.cached_bytes = 0
         #: each searcher's takedown version the cached answers were made under
         self._takedown_seen = {
             n: getattr(s, "takedown_version", 0) for n, s in self.searchers.items()
@@ -178,6 +190,9 @@ class App:
         self.cache_hits = Counter(
             "sieve_knn_cache_hits", "knn queries answered from the cache", registry=self.registry
         )
+        self.cache_gauge = Gauge(
+            "sieve_knn_cache_bytes", "bytes the answer cache holds", registry=self.registry
+        )
 
     def make(self) -> Any:
         app = web.Application(client_max_size=self.max_body, middlewares=[self._errors])
@@ -189,10 +204,33 @@ class App:
         return app
 
     @staticmethod
-    def _json(data: Any, status: int = 200) -> Any:
-        return web.json_response(
-            data, status=status, dumps=lambda d: json.dumps(d, allow_nan=False, default=float)
-        )
+    def _dumps(data: Any) -> str:
+        return json.dumps(data, allow_nan=False, default=float)
+
+    def _json(self, data: Any, status: int = 200) -> Any:
+        return web.json_response(data, status=status, dumps=self._dumps)
+
+    @staticmethod
+    def _json_bytes(body: bytes) -> Any:
+        return web.Response(body=body, content_type="application/json")
+
+    def _cache_put(self, key: bytes, answer: bytes) -> None:
+        """Keep an answer, dropping the least recently used ones while the cache is over its
+        byte bound; an answer bigger than a quarter of the bound is not kept."""
+        cost = len(answer) + len(key) + CACHE_ENTRY_OVERHEAD
+        if cost > self.cache_bytes // 4 or key in self.cache:
+            return
+        self.cache[key] = answer
+        self.cached_bytes += cost
+        while self.cached_bytes > self.cache_bytes and self.cache:
+            old_key, old = self.cache.popitem(last=False)
+            self.cached_bytes -= len(old) + len(old_key) + CACHE_ENTRY_OVERHEAD
+        self.cache_gauge.set(self.cached_bytes)
+
+    def _cache_clear(self) -> None:
+        self.cache.clear()
+        self.cached_bytes = 0
+        self.cache_gauge.set(0)
 
     def _middleware_error(self, request: Any, status: int, message: str) -> Any:
         self.requests.labels(request.path, str(status)).inc()
@@ -246,11 +284,11 @@ class App:
         body = await self._body(request)
         name = self._searcher_name(body)
         self._refresh_takedown(name)
-        key = json.dumps(body, sort_keys=True)
-        if self.cache_size and key in self.cache:
+        key = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).digest()
+        if key in self.cache:
             self.cache.move_to_end(key)
             self.cache_hits.inc()
-            return self._json(self.cache[key])
+            return self._json_bytes(self.cache[key])
         version = getattr(self.searchers[name], "takedown_version", 0)
         job = await self._job(body)
         res = await self.batchers[name].submit(job)
@@ -261,15 +299,16 @@ class App:
         ):  # the list changed while this query ran
             blocked = self.searchers[name].is_blocked([r["id"] for r in res])
             res = [r for r, b in zip(res, blocked) if not b]
-        elif self.cache_size:
-            self.cache[key] = res
-            if len(self.cache) > self.cache_size:
-                self.cache.popitem(last=False)
+            answer = self._dumps(res).encode()
+        else:
+            answer = self._dumps(res).encode()
+            if self.cache_bytes:
+                self._cache_put(key, answer)
         self.latency.observe(time.perf_counter() - t0)
-        return self._json(res)
+        return self._json_bytes(answer)
 
     def _refresh_takedown(self, name: str) -> None:
-        """Pick up a changed takedown list (the searcher checks at most once a second) and drop
+        """Pick up a changed takedown list (the searcher stats the file on every call) and drop
         every cached answer made before it, so no cached result shows a newly listed row."""
         searcher = self.searchers[name]
         refresh = getattr(searcher, "refresh_takedown", None)
@@ -283,7 +322,7 @@ class App:
             ) from None
         if searcher.takedown_version != self._takedown_seen.get(name):
             self._takedown_seen[name] = searcher.takedown_version
-            self.cache.clear()
+            self._cache_clear()
             log.info("%s: takedown list changed; result cache cleared", name)
 
     async def _job(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -304,8 +343,8 @@ class App:
             k = int(body.get("num_result_ids") or num_images)
         except (TypeError, ValueError) as exc:
             raise BadRequest(f"num_images / num_result_ids must be integers: {exc}") from exc
-        if not 1 <= num_images <= 10000 or not 1 <= k <= 10000:
-            raise BadRequest("num_images and num_result_ids must be within 1..10000")
+        if not 1 <= num_images <= MAX_RESULTS or not 1 <= k <= MAX_RESULTS:
+            raise BadRequest(f"num_images and num_result_ids must be within 1..{MAX_RESULTS}")
         job: dict[str, Any] = {
             "modality": modality,
             "num_images": num_images,
@@ -313,6 +352,11 @@ class App:
             "deduplicate": bool(body.get("deduplicate", False)),
             "safe": bool(body.get("use_safety_model", False)),
         }
+        if job["deduplicate"] and job["k"] > DEDUP_MAX_CANDIDATES:
+            raise BadRequest(
+                f"num_images and num_result_ids must be within 1..{DEDUP_MAX_CANDIDATES} with "
+                "deduplicate (near-duplicates are collapsed among that many candidates)"
+            )
         # use_violence_detector, use_mclip, aesthetic_score/weight are accepted; Sieve has no
         # violence prompts, multilingual CLIP or aesthetic embeddings, so they change nothing.
         if "text" in inputs:
@@ -366,6 +410,8 @@ class App:
         ids = body.get("ids")
         if not isinstance(ids, list):
             raise BadRequest("missing field: ids (a list of integers)")
+        if len(ids) > MAX_METADATA_IDS:
+            raise BadRequest(f"ids: {len(ids)} asked, at most {MAX_METADATA_IDS} per request")
         try:
             return self._json(self.searchers[name].metadata_for([int(i) for i in ids]))
         except (QueryError, TypeError, ValueError) as exc:

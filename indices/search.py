@@ -1,10 +1,12 @@
 """Search a collection: `Searcher(collection).query(text=..., image=..., embedding=...)`.
 
 Results are rows of metadata plus `id` (global vector id) and `similarity`. The takedown
-list is always applied, and re-read within about a second of a change (`refresh_takedown`);
-near-duplicate collapse, safe mode, hiding watermarked images and SQL-style metadata filters
-(a DuckDB WHERE clause over the candidate rows, run in `collection.sandbox`'s locked worker
-process with time and memory limits) are options.
+list is always applied; every query checks the file for a change first (`refresh_takedown`, one
+stat), so a listing applies from the next query. Near-duplicate collapse (over the best
+`DEDUP_MAX_CANDIDATES` candidates, in blocks: bounded memory and work), safe mode, hiding
+watermarked images and SQL-style metadata filters (a DuckDB WHERE clause over the candidate
+rows, run in `collection.sandbox`'s locked worker process with time and memory limits) are
+options.
 
 Metadata rows are never all in memory: they are looked up by id from memory-mapped Arrow
 files (`indices.rows.RowStore`, as clip back memory-maps its metadata), so a searcher over
@@ -38,6 +40,10 @@ from models.prompts import PromptError, combine, parse_prompts
 log = logging.getLogger(__name__)
 
 DEDUP_THRESHOLD = 0.94
+#: near-duplicate collapse looks at this many best-ranked candidates at most: its similarities
+#: are computed in blocks of DEDUP_BLOCK rows, so one query costs DEDUP_BLOCK x this many floats
+DEDUP_MAX_CANDIDATES = 4096
+DEDUP_BLOCK = 512
 PUNSAFE_MAX = 0.5
 PWATERMARK_MAX = 0.8
 #: Columns returned by default (clip back returns url/caption; we add our scores).
@@ -61,10 +67,12 @@ class QueryError(ValueError):
     """A query the searcher cannot answer (bad filter, wrong dimension, no input)."""
 
 
-def duplicate_ids(vectors: np.ndarray, threshold: float = DEDUP_THRESHOLD) -> set[int]:
+def duplicate_ids(
+    vectors: np.ndarray, threshold: float = DEDUP_THRESHOLD, block: int = DEDUP_BLOCK
+) -> set[int]:
     """Positions to drop: all but the first member of each connected component of the
-    graph linking rows with cosine >= threshold (the first is the best-ranked)."""
-    sims = vectors @ vectors.T
+    graph linking rows with cosine >= threshold (the first is the best-ranked). The
+    similarities are computed `block` rows at a time, so memory is block x N, not N x N."""
     n = len(vectors)
     parent = list(range(n))
 
@@ -74,10 +82,15 @@ def duplicate_ids(vectors: np.ndarray, threshold: float = DEDUP_THRESHOLD) -> se
             i = parent[i]
         return i
 
-    for i, j in zip(*np.nonzero(np.triu(sims >= threshold, 1))):
-        a, b = find(int(i)), find(int(j))
-        if a != b:
-            parent[max(a, b)] = min(a, b)
+    for start in range(0, n, block):
+        sims = vectors[start : start + block] @ vectors.T
+        rows, cols = np.nonzero(sims >= threshold)
+        for i, j in zip(rows + start, cols):
+            if j <= i:  # each pair once (and never a row with itself)
+                continue
+            a, b = find(int(i)), find(int(j))
+            if a != b:
+                parent[max(a, b)] = min(a, b)
     return {i for i in range(n) if find(i) != i}
 
 
@@ -128,7 +141,7 @@ class Searcher:
 
     # ---- loading -------------------------------------------------------------------------
     def refresh_takedown(self) -> bool:
-        """Re-read takedown.parquet if it changed (checked at most once a second); whether it did."""
+        """Re-read takedown.parquet if it changed (one stat per call); whether it did."""
         takedown, changed = self._watch.poll()
         if changed:
             self.takedown_version += 1
@@ -136,27 +149,22 @@ class Searcher:
         return changed
 
     def is_blocked(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
-        """Per id: whether the takedown list names its key, url or sha256 (checked on the rows
-        asked about, so the list's size and the collection's never cost memory)."""
+        """Per id: whether the takedown list, as last refreshed, names its key, url or sha256
+        (the rows asked about are the only ones read, so the list's size and the collection's
+        never cost memory). Every public entry point refreshes the list first."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         takedown = self._watch.takedown
-        mask = np.zeros(len(ids), dtype=bool)
         if not len(takedown) or not len(ids):
-            return mask
+            return np.zeros(len(ids), dtype=bool)
         listed = {S.KEY: takedown.keys, S.URL: takedown.urls, S.SHA256: takedown.sha256}
         cols = [c for c, values in listed.items() if values and c in self.rows.column_names]
-        table = self.rows.take(ids, cols)
-        for c in cols:
-            values = table.column(c).to_pylist()
-            mask |= np.fromiter(
-                (
-                    v is not None and (v.lower() if c == S.SHA256 else v) in listed[c]
-                    for v in values
-                ),
-                dtype=bool,
-                count=len(values),
-            )
-        return mask
+        return takedown.blocked_mask(self.rows.take(ids, cols))
+
+    def visible(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Per id: whether a page may show it, the list checked for a change first (what a page
+        that lists ids read elsewhere, such as the map's points, filters them with)."""
+        self.refresh_takedown()
+        return ~self.is_blocked(ids)
 
     def modalities(self) -> list[str]:
         return [m for m in S.MODALITIES if os.path.exists(self.layout.index(m))]
@@ -245,7 +253,7 @@ class Searcher:
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if len(ids) and (ids.min() < 0 or ids.max() >= self.count):
             raise QueryError(f"ids: out of range 0..{self.count - 1}")
-        if len(ids) and self.is_blocked(ids).any():
+        if len(ids) and not self.visible(ids).all():
             raise QueryError("ids: a requested row is on the takedown list")
         return self.index(modality)[2].gather(ids)
 
@@ -329,6 +337,11 @@ class Searcher:
             keep = self._filter(cand, filters)
             cand, sims, vecs = cand[keep], sims[keep], vecs[keep]
         if deduplicate and len(cand) > 1:
+            cand, sims, vecs = (
+                cand[:DEDUP_MAX_CANDIDATES],
+                sims[:DEDUP_MAX_CANDIDATES],
+                vecs[:DEDUP_MAX_CANDIDATES],
+            )
             drop = duplicate_ids(vecs)
             keep = np.array([i not in drop for i in range(len(cand))])
             cand, sims = cand[keep], sims[keep]

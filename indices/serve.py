@@ -19,12 +19,17 @@ def serve(
     host: str = "127.0.0.1",
     allow_image_url: bool = False,
     precision: str = "fp32",
-    cache_size: int = 4096,
+    cache_bytes: str | int = "64MiB",
     max_batch: int | None = None,
     threads: int | None = None,
 ) -> None:
-    """Serve NAME=PATH collections until interrupted; max_batch None: the app's default."""
+    """Serve NAME=PATH collections until interrupted; max_batch None: the app's default;
+    cache_bytes a size such as 64MiB (0: no cache)."""
     check_precision(precision)
+    # DuckDB behind it: imported once the arguments are read, so --help answers at once
+    from collection.sandbox import parse_size
+
+    cache = parse_size(str(cache_bytes))
     pairs = {}
     for c in collection:
         name, sep, path = c.partition("=")
@@ -44,7 +49,7 @@ def serve(
         pairs,
         allow_image_url=allow_image_url,
         precision=precision,
-        cache_size=cache_size,
+        cache_bytes=cache,
         **batching,
     )
     web.run_app(app.make(), host=host, port=port)
@@ -70,7 +75,9 @@ def main(argv: list[str] | None = None) -> None:
         "int8 quantized, on the CPU",
     )
     p.add_argument(
-        "--cache-size", type=int, default=4096, help="LRU entries of answered queries (0: off)"
+        "--cache-bytes",
+        default="64MiB",
+        help="bytes of answers the LRU cache keeps, e.g. 256MB (0: off)",
     )
     p.add_argument(
         "--max-batch",
@@ -88,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
             a.host,
             a.allow_image_url,
             a.precision,
-            a.cache_size,
+            a.cache_bytes,
             a.max_batch,
             a.threads,
         )

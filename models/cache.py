@@ -17,7 +17,6 @@ when complete.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -27,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from collection.storage import atomic_path, read_json, write_json
+from collection.storage import atomic_path, file_lock, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +52,7 @@ def build_once(ready: Callable[[], bool], build: Callable[[], None], lock_path: 
     """
     if ready():
         return
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with file_lock(lock_path.with_suffix("")):  # collection.storage locks NAME.lock
         if not ready():
             build()
 

@@ -13,6 +13,7 @@ import zlib
 import numpy as np
 import pytest
 
+from bench.security_web import bomb_png
 from bench.synthetic import clustered_vectors, write_collection
 from collection import schema as S
 
@@ -178,23 +179,6 @@ def test_bad_requests_get_json_errors_and_server_keeps_serving(app, body, status
     assert run(app, fn)
 
 
-def bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
-    """A tiny PNG whose header claims a huge canvas: signature, IHDR, a small IDAT, IEND."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-        )
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", ihdr)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-        + chunk(b"IEND", b"")
-    )
-
-
 def _nested(levels: int) -> dict:
     value: dict = {}
     for _ in range(levels):
@@ -334,3 +318,91 @@ def test_int8_server_text_tower_is_quantized_and_close(tiny_app, tiny_clip):
     assert (got * want).sum(1).min() > 0.999 and not np.allclose(got, want, atol=1e-5)
     assert "DynamicQuantizedLinear" in repr(int8._text.model.transformer)
     assert "DynamicQuantizedLinear" not in repr(tiny_clip.model)
+
+
+def test_the_answer_cache_is_bounded_in_bytes(app):
+    """Distinct queries with big answers: the cache keeps answer bytes under its bound (each
+    entry counted with its key), drops the least recent first, and still answers from it."""
+    from indices.app import App
+
+    small = App({}, searchers=app.searchers, cache_bytes=64 * 1024)
+    texts = [f"query {i}" for i in range(40)]
+
+    async def fn(c):
+        sizes = []
+        for t in texts:
+            r = await c.post(
+                "/knn-service",
+                data=clip_client_body(text=t, num_images=50, deduplicate=False),
+            )
+            sizes.append(len(await r.read()))
+            assert small.cached_bytes <= small.cache_bytes
+        again = await c.post(
+            "/knn-service", data=clip_client_body(text=texts[-1], num_images=50, deduplicate=False)
+        )
+        assert again.status == 200
+        return sizes
+
+    sizes = run(small, fn)
+    assert sum(sizes) > 4 * small.cache_bytes  # the answers would not all have fitted
+    assert 0 < len(small.cache) < len(texts) and small.cache_hits._value.get() == 1
+    assert small.cached_bytes == sum(len(k) + len(v) + 256 for k, v in small.cache.items())
+
+
+@pytest.mark.parametrize(
+    "fields,status,word",
+    [
+        ({"num_images": 10_000, "deduplicate": True}, 400, "deduplicate"),
+        ({"num_images": 5, "num_result_ids": 5000, "deduplicate": True}, 400, "deduplicate"),
+        ({"num_images": 10_001, "deduplicate": False}, 400, "10000"),
+        ({"num_images": 4096, "deduplicate": True}, 200, ""),
+        ({"num_images": 10_000, "deduplicate": False}, 200, ""),
+    ],
+)
+def test_result_counts_are_bounded_with_and_without_dedup(app, fields, status, word):
+    async def fn(c):
+        r = await c.post("/knn-service", data=clip_client_body(text="x", **fields))
+        body = await r.json()
+        assert r.status == status, body
+        if word:
+            assert word in body["error"]
+        else:
+            assert len(body) <= 400  # the collection's size
+        return True
+
+    assert run(app, fn)
+
+
+def test_metadata_ids_per_request_are_bounded(app):
+    async def fn(c):
+        r = await c.post("/metadata", data=json.dumps({"ids": [0] * 10_001, "indice_name": "demo"}))
+        return r.status, (await r.json())["error"]
+
+    status, error = run(app, fn)
+    assert status == 400 and "10000" in error
+
+
+def test_dedup_in_blocks_equals_the_whole_matrix():
+    """The blockwise near-duplicate collapse drops exactly what the N x N rule drops, chains
+    across blocks included."""
+    from indices.search import duplicate_ids
+
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((60, 8)).astype(np.float32)
+    vecs = np.concatenate([base, base + 0.01 * rng.standard_normal(base.shape)]).astype(np.float32)
+    vecs = vecs[rng.permutation(len(vecs))]
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    sims = vecs @ vecs.T
+    parent = list(range(len(vecs)))
+
+    def find(i):
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    for i, j in zip(*np.nonzero(np.triu(sims >= 0.94, 1))):
+        a, b = find(i), find(j)
+        parent[max(a, b)] = min(a, b)
+    whole = {i for i in range(len(vecs)) if find(i) != i}
+    assert len(whole) >= 50
+    assert duplicate_ids(vecs, block=7) == duplicate_ids(vecs, block=1000) == whole

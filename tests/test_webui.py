@@ -14,6 +14,7 @@ from streamlit.testing.v1 import AppTest
 
 from collection import schema as S
 from tests.webui_app import APP, TIMEOUT, messages, results, run_app
+from webui.roots import roots_of
 
 
 def files_under(root: str) -> list[str]:
@@ -124,7 +125,7 @@ def test_image_upload_and_path_searches_and_bad_images(coll, demo_collection, tm
     img = make_sample(7, seed=99).image
     buf = io.BytesIO()
     img.save(buf, format="PNG")
-    at = run_app(coll)
+    at = run_app(coll, data_roots=roots_of([coll, str(tmp_path)]))
     at.file_uploader(key="search_upload").upload("query.png", buf.getvalue(), "image/png").run()
     assert not at.exception and len(results(at)) == 20
     at.file_uploader(key="search_upload").upload("notes.txt", b"just some text", "text/plain").run()
@@ -230,14 +231,18 @@ def test_several_collections_can_be_opened_and_switched(coll, tmp_path):
     # sidebar interaction starts a fresh one (a browser shows it on every run)
     other = str(tmp_path / "other")
     shutil.copytree(coll, other)
-    at = run_app(coll)
+    roots = roots_of([coll, str(tmp_path)])
+    at = run_app(coll, data_roots=roots)
     at.sidebar.text_input(key="open_path").input(str(tmp_path / "absent")).run()
     assert "no such folder" in at.session_state["open_error"] and at.session_state[
         "collections"
     ] == [coll]
     at = run_app(coll, open_error=at.session_state["open_error"])
     assert "no such folder" in " ".join(e.value for e in at.sidebar.error)
-    at = run_app(coll)
+    at = run_app(coll)  # the default roots are the collections opened: `other` is outside
+    at.sidebar.text_input(key="open_path").input(other).run()
+    assert "data roots" in at.session_state["open_error"]
+    at = run_app(coll, data_roots=roots)
     at.sidebar.text_input(key="open_path").input(other).run()
     assert at.session_state["collection"] == other and at.session_state["collections"] == [
         coll,

@@ -18,6 +18,7 @@ from curation.catalog import Catalog
 from curation.resolve import resolve
 from curation.vectors import read_keys, write_table
 from tests.webui_app import messages, results, run_app
+from webui.roots import roots_of
 
 CONCEPT = "red"
 
@@ -118,7 +119,8 @@ def test_explore_map_selection_lists_samples_and_becomes_a_region(coll, tmp_path
 
 
 def test_subset_page_counts_each_clause_saves_and_exports(coll, tmp_path):
-    at = run_app(coll, "pages/subset.py", subset_spec={coll: {}})
+    roots = roots_of([coll, str(tmp_path)])
+    at = run_app(coll, "pages/subset.py", subset_spec={coll: {}}, data_roots=roots)
     assert not at.exception
     with Catalog(coll) as cat:
         embedded, red = cat.count("id IS NOT NULL"), cat.count("color = 'red' AND id IS NOT NULL")

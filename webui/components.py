@@ -16,6 +16,7 @@ import streamlit as st
 
 from collection import schema as S
 from webui import state
+from webui.roots import OutsideRoots, inside_roots
 from webui.thumbs import THUMB_SIZE, Thumb, thumbnails
 
 #: score columns shown on a card, with their short labels
@@ -32,7 +33,11 @@ def _open_another() -> None:
     typed = st.session_state.get("open_path", "").strip()
     if not typed:
         return
-    path = os.path.abspath(os.path.expanduser(typed))
+    try:  # only under the data roots, and the refusal says nothing of what exists
+        path = inside_roots(typed, state.data_roots(), "Open another collection")
+    except OutsideRoots as exc:
+        st.session_state["open_error"] = str(exc)
+        return
     if not os.path.isdir(path):
         st.session_state["open_error"] = f"{path}: no such folder"
         return
@@ -71,6 +76,12 @@ def collection_sidebar() -> state.Current:
                 f"{cur.health.parts} part(s) · indices: {', '.join(cur.health.indices) or 'none'}"
             )
     return cur
+
+
+def visible_points(points: pd.DataFrame, searcher: Any) -> pd.DataFrame:
+    """The map points (an `id` column of global ids) a page may draw: the takedown list is
+    checked for a change first, and every point it names is dropped, key, hover and all."""
+    return points[searcher.visible(points["id"].to_numpy())]
 
 
 def escape(text: Any) -> str:

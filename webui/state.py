@@ -25,6 +25,7 @@ from collection.storage import read_collection_json
 from models.runtime import cores
 from models.specs import TINY_NAME
 from webui import ast_guard  # noqa: F401 - imported for its effect: ast.parse serialised (CPython < 3.13 threads)
+from webui.roots import roots_of
 
 if TYPE_CHECKING:  # for annotations only: the modules themselves load in the loading thread
     from curation.catalog import Catalog
@@ -39,6 +40,8 @@ BUILD_COMMAND = "make demo"
 #: session-state keys shared by the pages
 COLLECTIONS = "collections"
 CURRENT = "collection"
+#: the folders this session may read and write under (`webui.roots`), fixed at its start
+ROOTS = "data_roots"
 
 
 @dataclass(frozen=True)
@@ -288,10 +291,19 @@ class Current:
             return self.resources.catalog()
 
 
-def open_collections(paths: list[str]) -> None:
-    """Session start: the collections given on the command line (or the demo's)."""
+def open_collections(paths: list[str], data_roots: list[str] | None = None) -> None:
+    """Session start: the collections given on the command line (or the demo's), and the data
+    roots (`--data-root`; default those collections), fixed for the session: a collection
+    opened later does not widen them."""
     if COLLECTIONS not in st.session_state:
         st.session_state[COLLECTIONS] = [os.path.abspath(p) for p in paths] or [DEFAULT_COLLECTION]
+    if ROOTS not in st.session_state:
+        st.session_state[ROOTS] = roots_of(data_roots or st.session_state[COLLECTIONS])
+
+
+def data_roots() -> tuple[str, ...]:
+    """The session's data roots (set by `open_collections`, which every page runs first)."""
+    return tuple(st.session_state.get(ROOTS) or ())
 
 
 def current() -> Current:

@@ -3,8 +3,9 @@ the embedding map.
 
 Every count and histogram is one aggregate query in DuckDB through the sandboxed catalog
 (`curation.stats`, also `python -m curation.stats`): no row is loaded into the page. The map
-(`python -m curation.map`) is drawn from a sample of its points, coloured by a chosen column;
-a box or lasso selection lists the samples inside (`curation.map.region_mask`, over every
+(`python -m curation.map`) is drawn from a sample of its points, coloured by a chosen column,
+less every point the takedown list names (checked on every rerun: the map file predates the
+list); a box or lasso selection lists the samples inside (`curation.map.region_mask`, over every
 point) and can become the Subset page's region clause."""
 
 from __future__ import annotations
@@ -116,6 +117,7 @@ def map_section(cur: state.Current) -> None:
         points = _map_points(
             cur.path, cur.health.signature, state.insight_version(cur.path), modality, colour
         )
+    points = components.visible_points(points, cur.searcher())
     fig = px.scatter(
         points,
         x=S.MAP_X,
@@ -160,9 +162,9 @@ def map_section(cur: state.Current) -> None:
     if st.session_state.get("explore_region_note"):
         st.info(st.session_state.pop("explore_region_note"))
     if len(inside):
-        components.result_grid(
-            cur.searcher().records(inside[:LISTED].tolist()), key="explore", columns=5
-        )
+        first = inside[: LISTED * 4]  # records() leaves listed rows out: look a little further
+        first = first[cur.searcher().visible(first)][:LISTED]
+        components.result_grid(cur.searcher().records(first.tolist()), key="explore", columns=5)
 
 
 def render() -> None:

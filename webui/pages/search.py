@@ -1,11 +1,11 @@
-"""Search: a text query (weighted and negative prompts), an image upload or path, or "more like
-this" on any result; image or text index, k, safe mode, hidden near-duplicates and watermarked
-images, a SQL filter. Results as a thumbnail grid; downloads as clip front's clipsubset.json
-or parquet. The search itself is `indices.query.query` (also `python -m indices.query`)."""
+"""Search: a text query (weighted and negative prompts), an image upload or path (a file under
+the app's data roots, `webui.roots`), or "more like this" on any result; image or text index, k,
+safe mode, hidden near-duplicates and watermarked images, a SQL filter. Results as a thumbnail
+grid; downloads as clip front's clipsubset.json or parquet, the takedown list checked again
+when they are made. The search itself is `indices.query.query` (also `python -m indices.query`)."""
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import streamlit as st
@@ -13,6 +13,7 @@ import streamlit as st
 from indices.query import MAX_RESULTS, query, results_json, results_parquet
 from pipelines.decode import DEFAULT_MAX_PIXELS, decode_image
 from webui import components, state
+from webui.roots import read_image
 
 KIND = "search_kind"  # which input the user touched last: text / upload / path / like
 LIKE = "search_like"  # the result "more like this" was pressed on: {"id", "key", "caption"}
@@ -55,10 +56,9 @@ def _input() -> tuple[str, Any] | None:
     else:
         name = path
         try:
-            with open(os.path.expanduser(path), "rb") as fh:
-                data = fh.read()
-        except OSError as exc:
-            st.error(f"image path {path}: cannot read it ({exc.strerror or exc})")
+            data = read_image(path, state.data_roots())
+        except ValueError as exc:  # outside the roots (one message whether or not it exists)
+            st.error(str(exc))
             return None
     image, _, error = decode_image(data, DEFAULT_MAX_PIXELS)
     if image is None:
@@ -104,8 +104,12 @@ def _downloads(cur: state.Current, run: dict[str, Any], rows: list[dict[str, Any
     )
 
     def fetch() -> list[dict[str, Any]]:
-        if n <= len(rows):
-            return rows[:n]
+        """The rows to download, made on click: rows listed since the page drew are left out."""
+        found = rows[:n] if n <= len(rows) else _fetch_more()
+        visible = cur.searcher().visible([r["id"] for r in found])
+        return [r for r, ok in zip(found, visible) if ok]
+
+    def _fetch_more() -> list[dict[str, Any]]:
         return _search(
             cur.path,
             run["version"],
@@ -179,6 +183,9 @@ def render() -> None:
     ).strip()
 
     like = st.session_state.get(LIKE)
+    if like and not cur.searcher().visible([like["id"]])[0]:  # listed since it was clicked
+        _clear_like()
+        like = None
     if like and st.session_state.get(KIND) == "like":
         c1, c2 = st.columns([5, 1])
         c1.info(f"More like {like['key']}: {components.escape(like.get('caption') or '')}")

@@ -4,7 +4,8 @@ as COLLECTION/subsets/NAME.yaml, export it with a progress bar, and get the trai
 
 Counting is `curation.resolve.resolve` (also `python -m curation.subset COLLECTION NAME
 --dry-run`), saving `curation.subset.save_subset`, exporting `curation.export.export` (also
-`python -m curation.export`). SQL typed here runs sandboxed (`untrusted=True`) everywhere.
+`python -m curation.export`). SQL typed here runs sandboxed (`untrusted=True`) everywhere. The
+export folder must lie under the app's data roots (`webui.roots.export_folder`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from curation.spec import SpecError
 from curation.subset import save_subset
 from webui import components, state
 from webui.draft import LISTS, REGION, add_clause, region_label, remove_clause, spec_of
+from webui.roots import OutsideRoots, default_export, export_folder
 
 SAVED = "subset_saved"  # {collection path: (name, the clauses saved)}
 EXPORTED = "subset_exported"  # {collection path: the last export's manifest summary}
@@ -307,13 +309,18 @@ def export_form(cur: state.Current, spec: dict[str, Any]) -> None:
             f"The clauses changed since {name} was saved: the export is of the saved {name}. "
             "Save again to export these."
         )
-    default = os.path.join(os.path.dirname(cur.path.rstrip("/")), f"export-{name}")
+    default = default_export(cur.path, name, state.data_roots())
     c1, c2, c3, c4 = st.columns([3, 1, 1, 1], vertical_alignment="bottom")
     out = c1.text_input("Export to", value=default, key=f"subset_out_{name}").strip()
     fmt = c2.selectbox("Format", list(S.EXPORT_FORMATS), key="subset_format")
     size = c3.number_input("Image size (0: as stored)", 0, 4096, 0, key="subset_image_size")
     shard_size = c4.number_input("Shard size", 1, 1_000_000, 10_000, key="subset_shard_size")
     if st.button(f"Export {name}", key="subset_export"):
+        try:
+            out = export_folder(out, state.data_roots())
+        except OutsideRoots as exc:  # the same words whether or not the folder exists
+            st.error(str(exc))
+            return
         bar = st.progress(0.0, text="Resolving…")
 
         def report(p: dict[str, int]) -> None:
