@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import re
-import sys
 import time
 from dataclasses import replace
 from typing import Any, Callable
@@ -22,9 +20,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from distributed import Client, as_completed
+from distributed import Client
 
 from collection import schema as S
+from collection.cluster import SINGLE_THREAD_WORKER_ENV, each_completed, open_cluster
 from collection.embeddings import EmbeddingStore
 from collection.parts import CollectionError
 from collection.storage import (
@@ -39,7 +38,6 @@ from curation.export_shard import ExportError, ExportOptions, json_columns, writ
 from curation.resolve import Resolution, resolve
 from curation.spec import stable_hash
 from models.runtime import cores, progress
-from pipelines.cluster import SINGLE_THREAD_WORKER_ENV, restore_env, start_client
 
 log = logging.getLogger(__name__)
 
@@ -174,29 +172,17 @@ def _run(
     already: int = 0,
 ) -> dict[int, dict[str, Any]]:
     """One task per shard; a progress bar of shards, samples and samples/s; failures gathered."""
-    futures = {
-        client.submit(
-            write_shard,
-            i,
-            rows,
-            identity,
-            opts,
-            key=f"export-{i:05d}-{time.time_ns()}",
-            pure=False,
-            retries=0,
-        ): i
-        for i, rows, identity in tasks
-    }
+    args = [(i, rows, identity, opts) for i, rows, identity in tasks]
     done: dict[int, dict[str, Any]] = {}
     failed: dict[int, str] = {}
     samples, start = 0, time.time()
     with progress(total=len(tasks), desc="export shards", unit="shard") as bar:
-        for fut in as_completed(futures):
-            i = futures[fut]
-            try:
-                done[i] = fut.result()
+        for outcome in each_completed(client, write_shard, args, "export"):
+            i, exc = tasks[outcome.index][0], outcome.error
+            if exc is None:
+                done[i] = outcome.value
                 samples += done[i]["count"]
-            except Exception as exc:  # noqa: BLE001 - every task failure is reported by shard
+            else:
                 failed[i] = (
                     str(exc) if isinstance(exc, ExportError) else f"{type(exc).__name__}: {exc}"
                 )
@@ -284,21 +270,19 @@ def run_export(
     if on_progress is not None:
         on_progress({"shards_done": len(done), "shards": n_shards, "samples": 0, "failed": 0})
     if tasks:
-        own = client is None
-        cluster = None
-        if own:
-            # Dask's nanny copies its workers' environment into this process: undone afterwards
-            env_before = {k: os.environ.get(k) for k in SINGLE_THREAD_WORKER_ENV}
-            client, cluster = start_client(scheduler, workers or max(1, min(cores(), len(tasks))))
-        print(f"Dask dashboard: {client.dashboard_link}", file=sys.stderr, flush=True)
+        session = None
+        if client is None:
+            session = open_cluster(
+                scheduler,
+                workers or max(1, min(cores(), len(tasks))),
+                worker_env=SINGLE_THREAD_WORKER_ENV,
+            )
+            client = session.client
         try:
             done.update(_run(client, tasks, opts, on_progress, len(done)))
         finally:
-            if own:
-                client.close()
-                if cluster is not None:
-                    cluster.close()
-                restore_env(env_before)
+            if session is not None:
+                session.close()  # the caller's environment is restored here too
     manifest = {
         S.MANIFEST_FORMAT: format,
         S.MANIFEST_SPEC: res.spec,

@@ -170,33 +170,27 @@ def collection_encoder(path: str) -> Any:
     return encoder(read_collection_json(path).get("clip_model", TINY_NAME))
 
 
-_CLIENT: list[Any] = []
+_CLUSTER: list[Any] = []
 
 
 def export_client() -> Any:
     """A Dask client for exports started from the app, kept for the process: workers are threads
     in this process, so the page's server never forks (and starts no second copy of itself).
     (Not st.cache_resource: a Client is awaitable, which Streamlit's cache refuses.)"""
-    from distributed import (
-        Client,
-        LocalCluster,
-    )  # Dask (a second): only once an export is asked for
+    # Dask (a second): only once an export is asked for
+    from collection.cluster import open_cluster
 
     with _ENCODERS_LOCK:
-        if not _CLIENT or _CLIENT[0].status in ("closed", "closing"):
-            cluster = LocalCluster(
-                n_workers=1, threads_per_worker=cores(), processes=False, dashboard_address=":0"
-            )
-            _CLIENT[:] = [Client(cluster)]
+        if not _CLUSTER or _CLUSTER[0].client.status in ("closed", "closing"):
+            _CLUSTER[:] = [open_cluster(workers=1, threads_per_worker=cores(), processes=False)]
             # closed before the interpreter finalises: its event-loop and worker threads would
             # otherwise be torn down mid-call at exit
-            atexit.register(_close_client, _CLIENT[0], cluster)
-        return _CLIENT[0]
+            atexit.register(_close_cluster, _CLUSTER[0])
+        return _CLUSTER[0].client
 
 
-def _close_client(client: Any, cluster: Any) -> None:
+def _close_cluster(cluster: Any) -> None:
     try:
-        client.close(timeout=10)
         cluster.close(timeout=10)
     except (
         OSError,
