@@ -13,7 +13,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from collection import schema as S
-from collection.parts import CollectionError, complete_parts, part_offsets
+from collection.parts import CollectionError, by_part, complete_parts, part_offsets
 from collection.storage import is_local, url_to_fs
 
 #: enough bytes for any .npy header numpy writes
@@ -43,6 +43,8 @@ class RemoteNpy:
         self.dtype = np.dtype(dtype)
         self.ndim = 2
         self._row = self.shape[1] * self.dtype.itemsize
+        #: embedding bytes fetched so far (what a search's exact re-rank costs on an object store)
+        self.bytes_read = 0
 
     def _read(self, start: int, stop: int) -> np.ndarray:
         data = self.fs.cat_file(
@@ -50,6 +52,7 @@ class RemoteNpy:
             start=self.header_size + start * self._row,
             end=self.header_size + stop * self._row,
         )
+        self.bytes_read += len(data)
         return np.frombuffer(data, dtype=self.dtype).reshape(stop - start, self.shape[1])
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
@@ -73,6 +76,7 @@ class RemoteNpy:
         for c in chunks:
             if isinstance(c, BaseException):
                 raise CollectionError(f"{self.url}: range read failed: {c}")
+            self.bytes_read += len(c)
         return np.frombuffer(b"".join(chunks), dtype=self.dtype).reshape(len(rows), self.shape[1])
 
 
@@ -129,6 +133,11 @@ class EmbeddingStore:
     def dim(self) -> int:
         return int(next((a.shape[1] for a in self.arrays if a.shape[0]), 0))
 
+    @property
+    def bytes_read(self) -> int:
+        """Bytes fetched by range reads so far (0 where the parts are memory-mapped)."""
+        return sum(getattr(a, "bytes_read", 0) for a in self.arrays)
+
     def iter_parts(self, dtype: Any = np.float32) -> Iterator[tuple[int, np.ndarray]]:
         """(first global id, vectors) per part; one part in memory at a time."""
         for start, arr in zip(self.offsets[:-1], self.arrays):
@@ -142,10 +151,7 @@ class EmbeddingStore:
         out = np.empty((len(ids), self.dim), dtype=dtype)
         if not len(ids):
             return out
-        which = np.searchsorted(self.offsets, ids, side="right") - 1
-        for p in np.unique(which):
-            sel = np.nonzero(which == p)[0]
-            local = ids[sel] - self.offsets[p]
+        for p, sel, local in by_part(self.offsets, ids):
             order = np.argsort(local)  # sorted reads are kinder to the page cache
             out[sel[order]] = self.arrays[p][local[order]]
         return out

@@ -18,14 +18,12 @@ from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from distributed import Client
 
 from collection import schema as S
 from collection.cluster import SINGLE_THREAD_WORKER_ENV, each_completed, open_cluster
 from collection.embeddings import EmbeddingStore
-from collection.parts import CollectionError
+from collection.parts import CollectionError, by_part, read_part_metadata
 from collection.storage import (
     TMP_MARK,
     read_collection_json,
@@ -78,17 +76,9 @@ def gather_rows(collection: str, ids: np.ndarray, store: EmbeddingStore) -> pa.T
     Reads only the parts holding those ids; an id's part and row come from the parts' vector
     counts (`store`), the rule that defines global ids.
     """
-    layout = S.CollectionLayout(collection)
-    which = np.searchsorted(store.offsets, ids, side="right") - 1
     tables, order = [], []
-    for p in np.unique(which):
-        sel = np.nonzero(which == p)[0]
-        t = pq.read_table(layout.metadata(store.parts[p]))
-        t = t.filter(pc.is_valid(t[S.EMB_ROW]))
-        pos = np.full(len(t), -1, dtype=np.int64)
-        pos[t[S.EMB_ROW].to_numpy()] = np.arange(len(t))
-        local = ids[sel] - store.offsets[p]
-        t = t.take(pa.array(pos[local]))
+    for p, sel, local in by_part(store.offsets, ids):
+        t = read_part_metadata(collection, store.parts[p], ok_only=True).take(pa.array(local))
         tables.append(t.append_column(S.ID, pa.array(ids[sel], pa.int64())))
         order.append(sel)
     if not tables:
