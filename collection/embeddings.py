@@ -7,14 +7,15 @@ block, so a gather of a few ids fetches those rows and not the part.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+import posixpath
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterator
 
 import numpy as np
 
 from collection import schema as S
 from collection.parts import CollectionError, by_part, complete_parts, part_offsets
-from collection.storage import is_local, url_to_fs
+from collection.storage import REMOTE_ERRORS, is_local, url_to_fs
 
 #: enough bytes for any .npy header numpy writes
 _HEADER_BYTES = 4096
@@ -132,6 +133,27 @@ class EmbeddingStore:
     @property
     def dim(self) -> int:
         return int(next((a.shape[1] for a in self.arrays if a.shape[0]), 0))
+
+    def to_local(self, folder: str) -> EmbeddingStore:
+        """This store with its remote parts copied into the local `folder` (one sequential read
+        each) and memory-mapped: for work that reads every row several times, as an index build
+        does. Ids are unchanged; a local store is returned as it is."""
+        if not any(isinstance(a, RemoteNpy) for a in self.arrays):
+            return self
+        os.makedirs(folder, exist_ok=True)
+        arrays = []
+        for arr in self.arrays:
+            if isinstance(arr, RemoteNpy):
+                path = os.path.join(folder, posixpath.basename(arr.path))
+                try:
+                    arr.fs.get_file(arr.path, path)
+                except REMOTE_ERRORS as exc:
+                    raise CollectionError(
+                        f"{arr.url}: cannot copy: {type(exc).__name__}: {exc}"
+                    ) from None
+                arr = np.load(path, mmap_mode="r")
+            arrays.append(arr)
+        return replace(self, arrays=arrays)
 
     @property
     def bytes_read(self) -> int:

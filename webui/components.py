@@ -32,8 +32,8 @@ def _open_another() -> None:
     typed = st.session_state.get("open_path", "").strip()
     if not typed:
         return
-    path = os.path.abspath(os.path.expanduser(typed))
-    if not os.path.isdir(path):
+    path = state.location(typed)
+    if not state.is_folder(path):
         st.session_state["open_error"] = f"{path}: no such folder"
         return
     st.session_state.pop("open_error", None)
