@@ -104,7 +104,8 @@ class DaskCluster:
             return
         self.closed = True
         try:
-            self.client.close(timeout=timeout)
+            # Client.close's own default (twice its connect timeout) unless a limit is given
+            self.client.close(**({} if timeout is None else {"timeout": timeout}))
         finally:
             try:
                 if self.cluster is not None:
