@@ -35,10 +35,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from distributed import Client, LocalCluster
 
 from bench.common import rss_mb, write_results
 from bench.synthetic import collection_from_shards, write_metadata_parts
+from collection.cluster import SINGLE_THREAD_WORKER_ENV, open_cluster
 from collection.shards import list_shards
 from collection.storage import atomic_path
 from curation import filters as F
@@ -223,15 +223,9 @@ def run_export(
     workers = cores()
     spec = {"name": "everything", "where": "true"}
     runs = []
-    with (
-        LocalCluster(
-            n_workers=workers,
-            threads_per_worker=1,
-            dashboard_address=":0",
-            silence_logs=logging.WARNING,
-        ) as cluster,
-        Client(cluster) as client,
-    ):
+    # the cluster the export starts for itself when given none
+    with open_cluster(workers=workers, worker_env=SINGLE_THREAD_WORKER_ENV) as cluster:
+        client = cluster.client
         export(
             coll,
             spec,

@@ -7,14 +7,15 @@ block, so a gather of a few ids fetches those rows and not the part.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+import posixpath
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterator
 
 import numpy as np
 
 from collection import schema as S
-from collection.parts import CollectionError, complete_parts, part_offsets
-from collection.storage import is_local, url_to_fs
+from collection.parts import CollectionError, by_part, complete_parts, part_offsets
+from collection.storage import REMOTE_ERRORS, is_local, url_to_fs
 
 #: enough bytes for any .npy header numpy writes
 _HEADER_BYTES = 4096
@@ -46,6 +47,8 @@ class RemoteNpy:
         self.dtype = np.dtype(dtype)
         self.ndim = 2
         self._row = self.shape[1] * self.dtype.itemsize
+        #: embedding bytes fetched so far (what a search's exact re-rank costs on an object store)
+        self.bytes_read = 0
 
     def _read(self, start: int, stop: int) -> np.ndarray:
         data = self.fs.cat_file(
@@ -53,6 +56,7 @@ class RemoteNpy:
             start=self.header_size + start * self._row,
             end=self.header_size + stop * self._row,
         )
+        self.bytes_read += len(data)
         return np.frombuffer(data, dtype=self.dtype).reshape(stop - start, self.shape[1])
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
@@ -60,6 +64,12 @@ class RemoteNpy:
         return arr if dtype is None else arr.astype(dtype)
 
     def __getitem__(self, rows: Any) -> np.ndarray:
+        return self.take(rows)
+
+    def take(self, rows: Any, merge_gap: int = MERGE_GAP) -> np.ndarray:
+        """The given rows, fetched by range; rows up to `merge_gap` bytes apart share a request
+        (fewer requests for an export's rows; 0 for a search's re-rank, which reads its k rows
+        and nothing between them)."""
         rows = np.asarray(rows, dtype=np.int64)
         if rows.ndim != 1:
             raise TypeError("RemoteNpy takes a 1-d array of row numbers")
@@ -68,7 +78,7 @@ class RemoteNpy:
         wanted, back = np.unique(rows, return_inverse=True)
         # one range request per run of rows whose gaps are small: a request costs more than
         # MERGE_GAP bytes of transfer on an object store
-        gap_rows = max(0, MERGE_GAP // max(self._row, 1))
+        gap_rows = max(0, merge_gap // max(self._row, 1))
         breaks = np.nonzero(np.diff(wanted) - 1 > gap_rows)[0] + 1
         firsts = wanted[np.concatenate([[0], breaks])]
         lasts = wanted[np.concatenate([breaks, [len(wanted)]]) - 1]
@@ -80,6 +90,7 @@ class RemoteNpy:
         for c in chunks:
             if isinstance(c, BaseException):
                 raise CollectionError(f"{self.url}: range read failed: {c}")
+            self.bytes_read += len(c)
         block = np.frombuffer(b"".join(chunks), dtype=self.dtype).reshape(-1, self.shape[1])
         # where each span starts in `block`, then each wanted row's position there
         span_start = np.concatenate([[0], np.cumsum(lasts - firsts + 1)[:-1]])
@@ -140,25 +151,53 @@ class EmbeddingStore:
     def dim(self) -> int:
         return int(next((a.shape[1] for a in self.arrays if a.shape[0]), 0))
 
+    def to_local(self, folder: str) -> EmbeddingStore:
+        """This store with its remote parts copied into the local `folder` (one sequential read
+        each) and memory-mapped: for work that reads every row several times, as an index build
+        does. Ids are unchanged; a local store is returned as it is."""
+        if not any(isinstance(a, RemoteNpy) for a in self.arrays):
+            return self
+        os.makedirs(folder, exist_ok=True)
+        arrays = []
+        for arr in self.arrays:
+            if isinstance(arr, RemoteNpy):
+                path = os.path.join(folder, posixpath.basename(arr.path))
+                try:
+                    arr.fs.get_file(arr.path, path)
+                except REMOTE_ERRORS as exc:
+                    raise CollectionError(
+                        f"{arr.url}: cannot copy: {type(exc).__name__}: {exc}"
+                    ) from None
+                arr = np.load(path, mmap_mode="r")
+            arrays.append(arr)
+        return replace(self, arrays=arrays)
+
+    @property
+    def bytes_read(self) -> int:
+        """Bytes fetched by range reads so far (0 where the parts are memory-mapped)."""
+        return sum(getattr(a, "bytes_read", 0) for a in self.arrays)
+
     def iter_parts(self, dtype: Any = np.float32) -> Iterator[tuple[int, np.ndarray]]:
         """(first global id, vectors) per part; one part in memory at a time."""
         for start, arr in zip(self.offsets[:-1], self.arrays):
             if arr.shape[0]:
                 yield int(start), np.ascontiguousarray(np.asarray(arr), dtype=dtype)
 
-    def gather(self, ids: np.ndarray, dtype: Any = np.float32) -> np.ndarray:
-        """Vectors of the given global ids (reads only those rows from the mmaps); float32 for
-        arithmetic, or the stored float16 (`dtype=S.EMB_DTYPE`) to copy them elsewhere."""
+    def gather(
+        self, ids: np.ndarray, dtype: Any = np.float32, merge_gap: int = MERGE_GAP
+    ) -> np.ndarray:
+        """Vectors of the given global ids (reads only those rows); float32 for arithmetic, or the
+        stored float16 (`dtype=S.EMB_DTYPE`) to copy them elsewhere. `merge_gap`: see
+        `RemoteNpy.take` (remote parts only)."""
         ids = np.asarray(ids, dtype=np.int64)
         out = np.empty((len(ids), self.dim), dtype=dtype)
         if not len(ids):
             return out
-        which = np.searchsorted(self.offsets, ids, side="right") - 1
-        for p in np.unique(which):
-            sel = np.nonzero(which == p)[0]
-            local = ids[sel] - self.offsets[p]
+        for p, sel, local in by_part(self.offsets, ids):
             order = np.argsort(local)  # sorted reads are kinder to the page cache
-            out[sel[order]] = self.arrays[p][local[order]]
+            arr = self.arrays[p]
+            rows = local[order]
+            out[sel[order]] = arr.take(rows, merge_gap) if isinstance(arr, RemoteNpy) else arr[rows]
         return out
 
     def sample(self, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -7,6 +7,7 @@ N (docs/design.md), so every reader here walks parts in that order and never loa
 from __future__ import annotations
 
 import posixpath
+from typing import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -50,13 +51,16 @@ def complete_parts(root: str) -> list[int]:
 def read_part_metadata(
     root: str, n: int, columns: list[str] | None = None, ok_only: bool = False
 ) -> pa.Table:
-    """Part n's metadata parquet (every row, or only the embedded ones in vector order)."""
+    """Part n's metadata parquet: every row, or with `ok_only` the embedded ones in vector order
+    (non-null `emb_row`, sorted by it: row i is vector i of the part's embeddings)."""
     path = S.CollectionLayout(root).metadata(n)
     fs, p = url_to_fs(path)
     try:
         table = pq.read_table(p, filesystem=fs, columns=None if ok_only else columns)
     except FileNotFoundError:
         raise CollectionError(f"{path}: missing metadata of part {n}") from None
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise CollectionError(f"{path}: unreadable metadata part: {exc}") from None
     if ok_only:
         if S.EMB_ROW not in table.column_names:
             raise CollectionError(f"{path}: no {S.EMB_ROW!r} column")
@@ -73,6 +77,17 @@ def read_metadata(root: str, columns: list[str] | None = None) -> pa.Table:
     return pa.concat_tables(tables, promote_options="default")
 
 
-def part_offsets(counts: list[int]) -> np.ndarray:
-    """The global id of each part's first vector, plus the total: the row ↔ id rule in one place."""
+def part_offsets(counts: Sequence[int]) -> np.ndarray:
+    """The global id of each part's first vector, plus the total: the row ↔ id rule in one place
+    (`counts`: each complete part's embedded rows, in order of N)."""
     return np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).astype(np.int64)
+
+
+def by_part(offsets: np.ndarray, ids: np.ndarray) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """Global ids split by the part holding them: for each such part, (its position among the
+    complete parts, the positions in `ids` of its ids, their rows within the part)."""
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    which = np.searchsorted(offsets, ids, side="right") - 1
+    for p in np.unique(which):
+        sel = np.nonzero(which == p)[0]
+        yield int(p), sel, ids[sel] - offsets[p]

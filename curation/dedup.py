@@ -328,24 +328,22 @@ def _runner(scheduler: str | None, workers: int | None) -> tuple[Runner, int, Ca
             ]
 
         return local, 1, lambda: None
-    from pipelines.cluster import start_client  # noqa: E402 - Dask (and torch behind it) only when tasks run
+    # Dask: imported only when tasks run, so `--help` and `--workers 0` runs stay light
+    from collection.cluster import SINGLE_THREAD_WORKER_ENV, each_completed, open_cluster
 
-    client, cluster = start_client(scheduler, workers or cores())
-    log.info("Dask dashboard: %s", client.dashboard_link)
+    session = open_cluster(scheduler, workers or cores(), worker_env=SINGLE_THREAD_WORKER_ENV)
 
     def remote(fn: Callable[..., Any], args: list[tuple]) -> list[Any]:
-        futures = [client.submit(fn, *a, pure=False) for a in args]
-        with progress(total=len(futures), desc=fn.__name__, unit="task") as bar:
-            for fut in futures:
-                fut.add_done_callback(lambda _: bar.update(1))
-            return client.gather(futures)
+        results: list[Any] = [None] * len(args)
+        with progress(total=len(args), desc=fn.__name__, unit="task") as bar:
+            for outcome in each_completed(session.client, fn, args, fn.__name__):
+                if outcome.error is not None:
+                    raise outcome.error
+                results[outcome.index] = outcome.value
+                bar.update(1)
+        return results
 
-    def close() -> None:
-        client.close()
-        if cluster is not None:
-            cluster.close()
-
-    return remote, max(1, sum(client.nthreads().values())), close
+    return remote, session.slots, session.close
 
 
 def dedup(

@@ -11,20 +11,19 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import re
-import sys
 import time
 from dataclasses import replace
 from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
-from distributed import Client, as_completed
+from distributed import Client
 
 from collection import schema as S
+from collection.cluster import SINGLE_THREAD_WORKER_ENV, each_completed, open_cluster
 from collection.embeddings import EmbeddingStore
-from collection.parts import CollectionError, read_part_metadata
+from collection.parts import CollectionError, by_part, read_part_metadata
 from collection.sandbox import one_line
 from collection.storage import (
     REMOTE_ERRORS,
@@ -40,7 +39,6 @@ from curation.export_shard import ExportError, ExportOptions, json_columns, writ
 from curation.resolve import Resolution, resolve
 from curation.spec import stable_hash
 from models.runtime import cores, progress
-from pipelines.cluster import SINGLE_THREAD_WORKER_ENV, restore_env, start_client
 
 log = logging.getLogger(__name__)
 
@@ -92,16 +90,13 @@ def gather_rows(collection: str, ids: np.ndarray, store: EmbeddingStore) -> pa.T
     Reads only the parts holding those ids; an id's part and row come from the parts' vector
     counts (`store`), the rule that defines global ids.
     """
-    which = np.searchsorted(store.offsets, ids, side="right") - 1
     tables, order = [], []
-    for p in np.unique(which):
-        sel = np.nonzero(which == p)[0]
+    for p, sel, local in by_part(store.offsets, ids):
         try:
             t = read_part_metadata(collection, int(store.parts[p]), ok_only=True)
         except CollectionError as exc:
             raise ExportError(str(exc)) from None
-        # the embedded rows in vector order: position i holds vector i of the part
-        t = t.take(pa.array(ids[sel] - store.offsets[p]))
+        t = t.take(pa.array(local))
         tables.append(t.append_column(S.ID, pa.array(ids[sel], pa.int64())))
         order.append(sel)
     if not tables:
@@ -191,29 +186,17 @@ def _run(
     already: int = 0,
 ) -> dict[int, dict[str, Any]]:
     """One task per shard; a progress bar of shards, samples and samples/s; failures gathered."""
-    futures = {
-        client.submit(
-            write_shard,
-            i,
-            rows,
-            identity,
-            opts,
-            key=f"export-{i:05d}-{time.time_ns()}",
-            pure=False,
-            retries=0,
-        ): i
-        for i, rows, identity in tasks
-    }
+    args = [(i, rows, identity, opts) for i, rows, identity in tasks]
     done: dict[int, dict[str, Any]] = {}
     failed: dict[int, str] = {}
     samples, start = 0, time.time()
     with progress(total=len(tasks), desc="export shards", unit="shard") as bar:
-        for fut in as_completed(futures):
-            i = futures[fut]
-            try:
-                done[i] = fut.result()
+        for outcome in each_completed(client, write_shard, args, "export"):
+            i, exc = tasks[outcome.index][0], outcome.error
+            if exc is None:
+                done[i] = outcome.value
                 samples += done[i]["count"]
-            except Exception as exc:  # noqa: BLE001 - every task failure is reported by shard
+            else:
                 failed[i] = (
                     str(exc) if isinstance(exc, ExportError) else f"{type(exc).__name__}: {exc}"
                 )
@@ -301,21 +284,19 @@ def run_export(
     if on_progress is not None:
         on_progress({"shards_done": len(done), "shards": n_shards, "samples": 0, "failed": 0})
     if tasks:
-        own = client is None
-        cluster = None
-        if own:
-            # Dask's nanny copies its workers' environment into this process: undone afterwards
-            env_before = {k: os.environ.get(k) for k in SINGLE_THREAD_WORKER_ENV}
-            client, cluster = start_client(scheduler, workers or max(1, min(cores(), len(tasks))))
-        print(f"Dask dashboard: {client.dashboard_link}", file=sys.stderr, flush=True)
+        session = None
+        if client is None:
+            session = open_cluster(
+                scheduler,
+                workers or max(1, min(cores(), len(tasks))),
+                worker_env=SINGLE_THREAD_WORKER_ENV,
+            )
+            client = session.client
         try:
             done.update(_run(client, tasks, opts, on_progress, len(done)))
         finally:
-            if own:
-                client.close()
-                if cluster is not None:
-                    cluster.close()
-                restore_env(env_before)
+            if session is not None:
+                session.close()  # the caller's environment is restored here too
     manifest = {
         S.MANIFEST_FORMAT: format,
         S.MANIFEST_SPEC: res.spec,

@@ -1,8 +1,14 @@
 """Build the collection's FAISS indices: choose, train on a sample, add part by part, tune,
-and write `indices/{modality}.index` + `{modality}.json` atomically.
+and write `indices/{modality}.index` + `{modality}.json` atomically, the json last.
 
     python -m indices.build COLLECTION [--max-index-memory 4G] [--max-query-ms 10]
                             [--modality image,text] [--index-key KEY] [--target-recall 0.95]
+
+COLLECTION is a folder or any fsspec URL (s3://bucket/coll, ...). A remote collection's
+embeddings of the modality are copied once into a local temporary folder (under $TMPDIR: room
+for them is needed), the index is built there as for a local one, then uploaded into the
+collection's indices/ folder. Its latencies are measured on that copy; a searcher of the remote
+collection re-ranks by range reads of the store.
 """
 
 from __future__ import annotations
@@ -10,7 +16,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import posixpath
 import re
+import shutil
+import sys
+import tempfile
 import time
 from typing import Any
 
@@ -19,8 +29,16 @@ import numpy as np
 
 from collection import schema as S
 from collection.embeddings import EmbeddingStore
-from collection.parts import CollectionError
-from collection.storage import atomic_path, write_json
+from collection.parts import CollectionError, complete_parts
+from collection.storage import (
+    REMOTE_ERRORS,
+    atomic_open,
+    atomic_path,
+    is_local,
+    url_to_fs,
+    write_json,
+)
+from indices.local import index_files
 from indices.rows import RowStore
 from indices.select import choose_index, estimate_bytes, parse_bytes
 from indices.tune import exact_topk, tune
@@ -30,6 +48,8 @@ log = logging.getLogger(__name__)
 
 MAX_TRAIN = 2**17
 N_QUERIES = 200
+#: bytes per read while uploading a remote collection's index
+UPLOAD_CHUNK = 16 * 2**20
 
 
 def load_index(path: str, mmap: bool = True) -> Any:
@@ -42,6 +62,42 @@ def load_index(path: str, mmap: bool = True) -> Any:
         except RuntimeError as exc:
             log.warning("%s: memory-mapped read unsupported (%s); loading into RAM", path, exc)
     return faiss.read_index(path)
+
+
+def open_index(root: str, modality: str, mmap: bool = True) -> tuple[Any, dict[str, Any]]:
+    """(index, its json) of a collection on any URL: a remote index is read from a local copy
+    (`indices.local.index_files`), so it is memory-mapped like a local one."""
+    path, doc = index_files(root, modality)
+    return load_index(path, mmap), doc
+
+
+def write_index(index: Any, root: str, modality: str, work: str | None = None) -> int:
+    """Write `index` as `modality`'s index of `root` (a folder or any URL); its size in bytes.
+
+    The modality's json goes first, and the caller writes it again last: an index without its
+    json is incomplete, so a build cut short never looks complete. A remote index is written in
+    a local folder (`work`, else a temporary one), then uploaded under a temporary name and
+    renamed into place.
+    """
+    layout = S.CollectionLayout(root)
+    url = layout.index(modality)
+    try:
+        fs, json_path = url_to_fs(layout.index_json(modality))
+        if fs.exists(json_path):
+            fs.rm(json_path)
+        if is_local(url):
+            path = url_to_fs(url)[1]
+            with atomic_path(path) as tmp:
+                faiss.write_index(index, tmp)
+            return os.path.getsize(path)
+        with tempfile.TemporaryDirectory(prefix="sieve-index-", dir=work) as folder:
+            tmp = os.path.join(folder, posixpath.basename(url))
+            faiss.write_index(index, tmp)
+            with open(tmp, "rb") as src, atomic_open(url) as dst:
+                shutil.copyfileobj(src, dst, UPLOAD_CHUNK)
+            return os.path.getsize(tmp)
+    except REMOTE_ERRORS as exc:  # not a CollectionError: `build` skips those per modality
+        raise OSError(f"{url}: cannot write the index: {type(exc).__name__}: {exc}") from None
 
 
 def _queries(
@@ -70,8 +126,39 @@ def build_one(
     n_queries: int = N_QUERIES,
 ) -> dict[str, Any]:
     """Build, tune and atomically write one modality's index; returns its json record."""
+    with tempfile.TemporaryDirectory(prefix="sieve-build-") as work:
+        return _build_one(
+            root,
+            modality,
+            work,
+            max_index_memory,
+            max_query_ms,
+            index_key,
+            target_recall,
+            seed,
+            n_queries,
+        )
+
+
+def _build_one(
+    root: str,
+    modality: str,
+    work: str,
+    max_index_memory: int | str,
+    max_query_ms: float,
+    index_key: str | None,
+    target_recall: float,
+    seed: int,
+    n_queries: int,
+) -> dict[str, Any]:
+    """`build_one` with a local folder to work in: a remote collection's embeddings are copied
+    there first (training, adding and tuning read every row several times)."""
     t0 = time.perf_counter()
     store = EmbeddingStore.open(root, modality)
+    remote = not is_local(root)
+    if remote:
+        store = store.to_local(os.path.join(work, modality))
+        log.info("%s: copied %d embeddings to %s", modality, store.count, work)
     n, dim = store.count, store.dim
     if n == 0:
         raise CollectionError(f"{root}: no {modality} embeddings to index")
@@ -99,11 +186,8 @@ def build_one(
         index, key, nlist, rerank, store, queries, truth, max_query_ms, target_recall
     )
     layout = S.CollectionLayout(root)
-    os.makedirs(layout.indices_dir, exist_ok=True)
     path = layout.index(modality)
-    with atomic_path(path) as tmp:
-        faiss.write_index(index, tmp)
-    size = os.path.getsize(path)
+    size = write_index(index, root, modality, work)
     depth = params.get("rerank_k", 0)
     doc = {
         "modality": modality,
@@ -113,7 +197,11 @@ def build_one(
         "dim": dim,
         "params": params,
         "rerank": bool(depth),
-        "rerank_source": f"{modality} float16 embeddings (mmap)" if depth else None,
+        "rerank_source": (
+            f"{modality} float16 embeddings ({'range reads' if remote else 'mmap'})"
+            if depth
+            else None
+        ),
         "recall_at_10": measured["recall_at_10"],
         "p50_ms": measured["p50_ms"],
         "p99_ms": measured["p99_ms"],
@@ -167,6 +255,7 @@ def build(
     for m in wanted:
         if m not in S.MODALITIES:
             raise ValueError(f"--modality: unknown {m!r}; expected {','.join(S.MODALITIES)}")
+    complete_parts(collection)  # a collection that cannot be read says why, whatever the modality
     out = {}
     for m in wanted:
         try:
@@ -198,15 +287,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     setup_logging()
-    docs = build(
-        a.collection,
-        a.max_index_memory,
-        a.max_query_ms,
-        a.modality,
-        a.index_key,
-        a.target_recall,
-        a.seed,
-    )
+    try:
+        docs = build(
+            a.collection,
+            a.max_index_memory,
+            a.max_query_ms,
+            a.modality,
+            a.index_key,
+            a.target_recall,
+            a.seed,
+        )
+    except (ValueError, OSError) as exc:  # CollectionError is a ValueError: one line each
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     for m, d in docs.items():
         print(
             f"{m}: {d['index_key']} params={d['params']} recall@10={d['recall_at_10']:.3f} "

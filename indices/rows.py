@@ -6,15 +6,15 @@ complete part, an uncompressed Arrow IPC file of that part's embedded rows in `e
 (`indices/rows/rows_{N}.arrow`) and memory-maps it: looking up k rows touches only the pages
 holding them, and the process's memory does not grow with the collection.
 
-The Arrow files are a cache of the Parquet parts, rebuilt whenever a part's size or mtime
-changes (recorded in each file's schema metadata). `indices.build` writes them; a searcher
-writes any that are missing. A collection that cannot be written to (read-only, or on an
-object store) gets them in the bundled-model cache instead (`$SIEVE_CACHE/rows/...`).
+The Arrow files are a cache of the Parquet parts, rebuilt whenever a part's signature (size,
+mtime, etag: `indices.local.signature`) changes; it is recorded in each file's schema metadata.
+`indices.build` writes them; a searcher writes any that are missing. A collection that cannot
+be written to (read-only, or on an object store) gets them in its cache folder instead
+(`indices.local.cache_folder`, under `$SIEVE_CACHE`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -24,43 +24,23 @@ from typing import Any, Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from collection import schema as S
-from collection.parts import CollectionError, complete_parts
+from collection.parts import (
+    CollectionError,
+    by_part,
+    complete_parts,
+    part_offsets,
+    read_part_metadata,
+)
 from collection.storage import atomic_path, is_local, url_to_fs
-from models.cache import cache_dir
+from indices.local import cache_folder, signature as source_signature
 
 log = logging.getLogger(__name__)
 
 #: bumped when the files' content rules change, so old caches are rebuilt
 ROWS_VERSION = 1
 _META_KEY = b"sieve.rows"
-
-
-def _source_signature(path: str) -> dict[str, Any]:
-    """What changes when a metadata part is rewritten: its size and modification time."""
-    fs, p = url_to_fs(path)
-    try:
-        info = fs.info(p)
-    except FileNotFoundError:
-        raise CollectionError(f"{path}: missing metadata part") from None
-    mtime = info.get("mtime", info.get("LastModified", info.get("updated")))
-    return {"version": ROWS_VERSION, "size": info.get("size"), "mtime": str(mtime)}
-
-
-def _ok_rows(path: str) -> pa.Table:
-    """A part's embedded rows (non-null `emb_row`) sorted by `emb_row`: row i is vector i."""
-    fs, p = url_to_fs(path)
-    try:
-        with fs.open(p, "rb") as fh:
-            table = pq.read_table(fh)
-    except (OSError, pa.ArrowInvalid) as exc:
-        raise CollectionError(f"{path}: unreadable metadata part: {exc}") from None
-    if S.EMB_ROW not in table.column_names:
-        raise CollectionError(f"{path}: no {S.EMB_ROW!r} column")
-    table = table.filter(pc.is_valid(table[S.EMB_ROW]))
-    return table.take(pc.sort_indices(table, sort_keys=[(S.EMB_ROW, "ascending")]))
 
 
 def _open_ipc(path: str) -> tuple[pa.Table, dict[str, Any] | None]:
@@ -83,12 +63,11 @@ def _write_ipc(path: str, table: pa.Table, signature: dict[str, Any]) -> None:
 
 def rows_dirs(root: str) -> list[str]:
     """Where a collection's rows files may live, in order of preference: inside the collection
-    (local only), then the cache folder named after the collection's location."""
+    (local only), then the collection's cache folder (`indices.local.cache_folder`)."""
     out = []
     if is_local(root):
         out.append(S.CollectionLayout(url_to_fs(root)[1]).rows_dir)
-    where = os.path.abspath(root) if is_local(root) else root
-    out.append(str(cache_dir() / "rows" / hashlib.sha1(where.encode()).hexdigest()[:16]))
+    out.append(S.CollectionLayout(cache_folder(root)).rows_dir)
     return out
 
 
@@ -105,14 +84,10 @@ class RowStore:
     @classmethod
     def open(cls, root: str) -> "RowStore":
         """Map each complete part's rows file, writing the ones missing or stale first."""
-        layout = S.CollectionLayout(root)
         parts = complete_parts(root)
         dirs = rows_dirs(root)
-        tables = []
-        for n in parts:
-            src = layout.metadata(n)
-            tables.append(_part_table(src, n, dirs))
-        offsets = np.concatenate([[0], np.cumsum([t.num_rows for t in tables])]).astype(np.int64)
+        tables = [_part_table(root, n, dirs) for n in parts]
+        offsets = part_offsets([t.num_rows for t in tables])
         try:
             schema = pa.unify_schemas(
                 [t.schema.remove_metadata() for t in tables], promote_options="permissive"
@@ -152,12 +127,10 @@ class RowStore:
         if ids.min() < 0 or ids.max() >= self.count:
             bad = int(ids[(ids < 0) | (ids >= self.count)][0])
             raise IndexError(f"row id {bad} is out of range 0..{self.count - 1}")
-        which = np.searchsorted(self.offsets, ids, side="right") - 1
         pieces, order = [], []
-        for p in np.unique(which):
-            sel = np.nonzero(which == p)[0]
+        for p, sel, rows in by_part(self.offsets, ids):
             table = self.tables[p]
-            local = pa.array(ids[sel] - self.offsets[p])
+            local = pa.array(rows)
             cols = [
                 table.column(c).take(local)
                 if c in table.column_names
@@ -187,9 +160,13 @@ def _cast(col: Any, type_: pa.DataType) -> Any:
     return col if col.type == type_ else col.cast(type_)
 
 
-def _part_table(src: str, n: int, dirs: list[str]) -> pa.Table:
+def _part_table(root: str, n: int, dirs: list[str]) -> pa.Table:
     """Part n's rows, memory-mapped from the first current rows file; written when none is."""
-    signature = _source_signature(src)
+    src = S.CollectionLayout(root).metadata(n)
+    try:
+        signature = {"version": ROWS_VERSION, **source_signature(src)}
+    except FileNotFoundError:
+        raise CollectionError(f"{src}: missing metadata part") from None
     name = S.rows_name(n)
     for d in dirs:
         path = os.path.join(d, name)
@@ -201,7 +178,7 @@ def _part_table(src: str, n: int, dirs: list[str]) -> pa.Table:
                 continue
             if recorded == signature:
                 return table
-    table = _ok_rows(src)
+    table = read_part_metadata(root, n, ok_only=True)
     for d in dirs:
         path = os.path.join(d, name)
         try:

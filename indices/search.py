@@ -10,15 +10,15 @@ options.
 
 Metadata rows are never all in memory: they are looked up by id from memory-mapped Arrow
 files (`indices.rows.RowStore`, as clip back memory-maps its metadata), so a searcher over
-millions of rows stays small.
+millions of rows stays small. A collection on an object store (any fsspec URL) is searched the
+same way: its index and row files are copied to a local cache (`indices.local`) and mapped
+from there, and the exact re-rank reads only the candidates' embedding rows, by range.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import threading
 from typing import Any, Sequence
 
@@ -31,7 +31,8 @@ from collection.parts import CollectionError
 from collection.sandbox import Limits, Sandbox, SqlError
 from collection.storage import read_collection_json
 from collection.takedown import TakedownWatch
-from indices.build import load_index
+from indices.build import open_index
+from indices.local import has_index
 from indices.rows import RowStore
 from indices.tune import set_search_params
 from models.clip import load_clip
@@ -167,7 +168,8 @@ class Searcher:
         return ~self.is_blocked(ids)
 
     def modalities(self) -> list[str]:
-        return [m for m in S.MODALITIES if os.path.exists(self.layout.index(m))]
+        """The modalities with a complete index (its json written)."""
+        return [m for m in S.MODALITIES if has_index(self.root, m)]
 
     def index(self, modality: str) -> tuple[Any, dict[str, Any], EmbeddingStore]:
         """(faiss index, its json, embedding store) for a modality, loaded once."""
@@ -177,9 +179,7 @@ class Searcher:
                     raise QueryError(
                         f"modality: unknown {modality!r}; expected one of {list(S.MODALITIES)}"
                     )
-                idx = load_index(self.layout.index(modality), self._mmap)
-                with open(self.layout.index_json(modality)) as fh:
-                    doc = json.load(fh)
+                idx, doc = open_index(self.root, modality, self._mmap)
                 set_search_params(idx, doc.get("params", {}))
                 store = EmbeddingStore.open(self.root, modality)
                 if store.count != self.count:
@@ -322,7 +322,7 @@ class Searcher:
     ) -> list[dict[str, Any]]:
         cand = cand[cand >= 0]
         cand = cand[~self.is_blocked(cand)]  # takedown: always
-        vecs = store.gather(cand)
+        vecs = store.gather(cand, merge_gap=0)  # the candidates only: a re-rank stays bounded
         sims = vecs @ q  # exact similarity from the collection's own embeddings
         order = np.argsort(-sims, kind="stable")
         cand, sims, vecs = cand[order], sims[order], vecs[order]

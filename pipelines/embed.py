@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from dataclasses import replace
 from typing import Any, Sequence
@@ -138,7 +137,6 @@ def embed(
     failed: dict[str, str] = {}
     if todo:
         own = client is None
-        local = None
         gpu = cluster.uses_gpu(device) if own and not scheduler else False
         n_workers, threads = cluster.default_cluster_size(
             workers, threads_per_worker, len(todo), gpu=gpu
@@ -147,22 +145,17 @@ def embed(
         config = replace(
             config, threads=threads if (own and not scheduler) or threads_per_worker else None
         )
-        if own:
-            # Dask's nanny copies its worker environment into this process: undo that afterwards
-            env_before = {k: os.environ.get(k) for k in cluster.SINGLE_THREAD_WORKER_ENV}
-            client, local = cluster.start_client(scheduler, n_workers, threads, gpu=gpu)
-            log.info("LocalCluster: %d worker(s) x %d torch thread(s)", n_workers, threads)
-        print(f"Dask dashboard: {client.dashboard_link}", file=sys.stderr, flush=True)
+        session = cluster.start_client(scheduler, n_workers, threads, gpu=gpu) if own else None
         try:
+            if session is not None:
+                client = session.client
             if own and not scheduler:
+                log.info("embedding with %d worker(s) x %d torch thread(s)", n_workers, threads)
                 cluster.prepare_workers(client, config)
             results, failed = cluster.run_tasks(client, todo, output, config, prints)
         finally:
-            if own:
-                client.close()
-                if local is not None:
-                    local.close()
-                cluster.restore_env(env_before)
+            if session is not None:
+                session.close()  # the caller's environment is restored here too
         done.update(results)
     parts = [done[i] for i in sorted(done)]
     emb_dim = next((p["emb_dim"] for p in parts), existing.get("emb_dim"))

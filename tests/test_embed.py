@@ -48,15 +48,10 @@ def shards(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def client():
     """An in-process cluster: tests can monkeypatch the worker code it runs."""
-    from distributed import Client, LocalCluster
+    from collection.cluster import open_cluster
 
-    with (
-        LocalCluster(
-            n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0"
-        ) as cluster,
-        Client(cluster) as c,
-    ):
-        yield c
+    with open_cluster(workers=1, threads_per_worker=1, processes=False) as cluster:
+        yield cluster.client
 
 
 @pytest.fixture(scope="module")
@@ -522,32 +517,6 @@ def _part(out: Path, n: int):
     )
 
 
-def test_local_cluster_workers_run_quiet_unless_the_environment_says_otherwise(monkeypatch):
-    """The LocalCluster's workers get QUIET_CLUSTER; a DASK_... variable the user set wins."""
-    import dask
-
-    from pipelines import cluster as E
-
-    monkeypatch.setenv("DASK_DISTRIBUTED__WORKER__MEMORY__MONITOR_INTERVAL", "250ms")
-    dask.config.refresh()  # as if set before this process started (Dask reads the environment once)
-    chosen = E._quiet_cluster_config()
-    assert "distributed.worker.memory.monitor-interval" not in chosen
-    assert chosen["distributed.worker.profile.enabled"] is False
-    client, cluster = E.start_client(None, 1)
-    try:
-        keys = list(E.QUIET_CLUSTER)
-        seen = list(client.run(lambda: [dask.config.get(k) for k in keys]).values())[0]
-        assert dict(zip(keys, seen)) == {
-            **E.QUIET_CLUSTER,
-            "distributed.worker.memory.monitor-interval": "250ms",
-        }
-    finally:
-        client.close()
-        cluster.close()
-        monkeypatch.delenv("DASK_DISTRIBUTED__WORKER__MEMORY__MONITOR_INTERVAL")
-        dask.config.refresh()
-
-
 def test_single_thread_cpu_workers_share_one_malloc_arena(monkeypatch):
     """CPU workers of one thread start with MALLOC_ARENA_MAX=1 (a user's value wins); GPU ones don't."""
     from pipelines import cluster as E
@@ -557,20 +526,13 @@ def test_single_thread_cpu_workers_share_one_malloc_arena(monkeypatch):
 
     monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
     for kwargs, expected in (({}, "1"), ({"gpu": True}, None)):
-        client, cluster = E.start_client(None, 1, **kwargs)
-        try:
-            assert set(client.run(arena_max).values()) == {expected}, kwargs
-        finally:
-            client.close()
-            cluster.close()
-        monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)  # the nanny copies it here too
+        with E.start_client(None, 1, **kwargs) as cluster:
+            assert set(cluster.client.run(arena_max).values()) == {expected}, kwargs
+        assert "MALLOC_ARENA_MAX" not in os.environ  # the nanny's copy here is undone
     monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
-    client, cluster = E.start_client(None, 1)
-    try:
-        assert set(client.run(arena_max).values()) == {"4"}
-    finally:
-        client.close()
-        cluster.close()
+    with E.start_client(None, 1) as cluster:
+        assert set(cluster.client.run(arena_max).values()) == {"4"}
+    assert os.environ["MALLOC_ARENA_MAX"] == "4"
 
 
 def test_embed_leaves_the_callers_environment_as_it_was(shards, tmp_path, monkeypatch):

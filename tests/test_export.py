@@ -36,14 +36,10 @@ SPEC = {"name": "big", "where": "size != 'small'"}
 
 @pytest.fixture(scope="module")
 def client():
-    from distributed import Client, LocalCluster
+    from collection.cluster import open_cluster
 
-    cluster = LocalCluster(
-        n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0"
-    )
-    with Client(cluster) as c:
-        yield c
-    cluster.close()
+    with open_cluster(workers=1, threads_per_worker=2, processes=False) as cluster:
+        yield cluster.client
 
 
 @pytest.fixture(scope="module")

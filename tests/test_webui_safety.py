@@ -184,11 +184,6 @@ def test_the_export_folder_defaults_inside_the_roots(exported):
     assert os.path.exists(os.path.join(out, S.EXPORT_MANIFEST))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the export's Dask cluster (webui/state.py) binds its dashboard to every interface "
-    "until collection/cluster.py (branch c21-indices) binds scheduler and dashboard to 127.0.0.1",
-)
 def test_after_an_export_nothing_the_app_started_listens_on_every_interface(exported):
     wide = [(a, p) for a, p in listening_sockets() if a in ("0.0.0.0", "::")]
     assert wide == []

@@ -38,7 +38,7 @@ def _open_another() -> None:
     except OutsideRoots as exc:
         st.session_state["open_error"] = str(exc)
         return
-    if not os.path.isdir(path):
+    if not state.is_folder(path):
         st.session_state["open_error"] = f"{path}: no such folder"
         return
     st.session_state.pop("open_error", None)

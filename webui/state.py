@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import posixpath
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -21,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 import streamlit as st
 
 from collection import schema as S
-from collection.storage import read_collection_json
+from collection.storage import REMOTE_ERRORS, read_collection_json, url_to_fs
+from indices.local import signature
 from models.runtime import cores
 from models.specs import TINY_NAME
 from webui import ast_guard  # noqa: F401 - imported for its effect: ast.parse serialised (CPython < 3.13 threads)
@@ -74,10 +76,34 @@ def _mtime(path: str) -> float:
         return 0.0
 
 
+def location(typed: str) -> str:
+    """A collection's location as the app keeps it: a URL as given, a local path absolute."""
+    return typed if "://" in typed else os.path.abspath(os.path.expanduser(typed))
+
+
+def is_folder(path: str) -> bool:
+    """Whether `path` (a local folder or any fsspec URL) is a folder that exists and answers."""
+    try:
+        fs, p = url_to_fs(path)
+        return bool(fs.isdir(p))
+    except REMOTE_ERRORS as exc:  # unreachable store, missing credentials: not openable
+        log.info("%s: cannot be listed: %s", path, exc)
+        return False
+
+
+def _stamp(url: str) -> tuple:
+    """What changes when the file or folder at `url` is rewritten ((): nothing to compare)."""
+    try:
+        return tuple(sorted(signature(url).items()))
+    except REMOTE_ERRORS:
+        return ()
+
+
 def inspect(path: str) -> Health:
-    """What `path` holds, and for each missing stage the one command that builds it."""
+    """What `path` (a folder or any fsspec URL) holds, and for each missing stage the one
+    command that builds it."""
     layout = S.CollectionLayout(path)
-    if not os.path.isdir(path):
+    if not is_folder(path):
         fix = (
             f"`{BUILD_COMMAND}`"
             if os.path.abspath(path) == DEFAULT_COLLECTION
@@ -93,25 +119,31 @@ def inspect(path: str) -> Health:
             f"{path} has no complete parts (nothing in _done/): embed shards into it with "
             f"`python -m pipelines.embed SHARDS {path}`."
         )
-    missing_meta = [n for n in done if not os.path.exists(layout.metadata(n))]
+    metadata = set(_listdir(layout.metadata_dir))
+    missing_meta = [n for n in done if _name(layout.metadata(n)) not in metadata]
     if missing_meta:
         problems.append(
             f"{path}: metadata of part(s) {missing_meta} is missing although marked done; "
             f"re-embed with `python -m pipelines.embed SHARDS {path} --overwrite`."
         )
         done = []
+    emb_dirs = {m: posixpath.dirname(layout.emb(m, 0)) for m in S.MODALITIES}
+    emb_names = {m: set(_listdir(d)) for m, d in emb_dirs.items()} if done else {}
     embeddings = tuple(
-        m for m in S.MODALITIES if done and all(os.path.exists(layout.emb(m, n)) for n in done)
+        m
+        for m in S.MODALITIES
+        if done and all(_name(layout.emb(m, n)) in emb_names[m] for n in done)
     )
     if done and not embeddings:
         problems.append(
             f"{path} has metadata but no embeddings; re-embed with "
             f"`python -m pipelines.embed SHARDS {path} --overwrite`."
         )
+    built = set(_listdir(layout.indices_dir)) if embeddings else set()
     indices = tuple(
         m
         for m in embeddings
-        if os.path.exists(layout.index(m)) and os.path.exists(layout.index_json(m))
+        if _name(layout.index(m)) in built and _name(layout.index_json(m)) in built
     )
     if embeddings and not indices:
         problems.append(
@@ -120,11 +152,15 @@ def inspect(path: str) -> Health:
     signature = (
         tuple(done),
         indices,
-        _mtime(layout.done_dir),
-        _mtime(layout.indices_dir),
-        *(_mtime(layout.index(m)) for m in indices),
+        _stamp(layout.done_dir),
+        _stamp(layout.indices_dir),
+        *(_stamp(layout.index_json(m)) for m in indices),
     )
     return Health(path, True, len(done), embeddings, indices, tuple(problems), signature)
+
+
+def _name(url: str) -> str:
+    return posixpath.basename(url.rstrip("/"))
 
 
 def insight_version(path: str) -> tuple:
@@ -145,9 +181,12 @@ def insight_version(path: str) -> tuple:
 
 
 def _listdir(path: str) -> list[str]:
+    """Names in the folder `path` (a local path or any fsspec URL); [] when it cannot be listed."""
     try:
-        return os.listdir(path)
-    except OSError:
+        fs, p = url_to_fs(path)
+        fs.invalidate_cache(p)  # an object store's listing is cached per process otherwise
+        return [_name(e) for e in fs.ls(p, detail=False)]
+    except REMOTE_ERRORS:  # missing, unreadable or unreachable: the stage is not there
         return []
 
 
@@ -173,33 +212,27 @@ def collection_encoder(path: str) -> Any:
     return encoder(read_collection_json(path).get("clip_model", TINY_NAME))
 
 
-_CLIENT: list[Any] = []
+_CLUSTER: list[Any] = []
 
 
 def export_client() -> Any:
     """A Dask client for exports started from the app, kept for the process: workers are threads
     in this process, so the page's server never forks (and starts no second copy of itself).
     (Not st.cache_resource: a Client is awaitable, which Streamlit's cache refuses.)"""
-    from distributed import (
-        Client,
-        LocalCluster,
-    )  # Dask (a second): only once an export is asked for
+    # Dask (a second): only once an export is asked for
+    from collection.cluster import open_cluster
 
     with _ENCODERS_LOCK:
-        if not _CLIENT or _CLIENT[0].status in ("closed", "closing"):
-            cluster = LocalCluster(
-                n_workers=1, threads_per_worker=cores(), processes=False, dashboard_address=":0"
-            )
-            _CLIENT[:] = [Client(cluster)]
+        if not _CLUSTER or _CLUSTER[0].client.status in ("closed", "closing"):
+            _CLUSTER[:] = [open_cluster(workers=1, threads_per_worker=cores(), processes=False)]
             # closed before the interpreter finalises: its event-loop and worker threads would
             # otherwise be torn down mid-call at exit
-            atexit.register(_close_client, _CLIENT[0], cluster)
-        return _CLIENT[0]
+            atexit.register(_close_cluster, _CLUSTER[0])
+        return _CLUSTER[0].client
 
 
-def _close_client(client: Any, cluster: Any) -> None:
+def _close_cluster(cluster: Any) -> None:
     try:
-        client.close(timeout=10)
         cluster.close(timeout=10)
     except (
         OSError,
@@ -296,7 +329,7 @@ def open_collections(paths: list[str], data_roots: list[str] | None = None) -> N
     roots (`--data-root`; default those collections), fixed for the session: a collection
     opened later does not widen them."""
     if COLLECTIONS not in st.session_state:
-        st.session_state[COLLECTIONS] = [os.path.abspath(p) for p in paths] or [DEFAULT_COLLECTION]
+        st.session_state[COLLECTIONS] = [location(p) for p in paths] or [DEFAULT_COLLECTION]
     if ROOTS not in st.session_state:
         st.session_state[ROOTS] = roots_of(data_roots or st.session_state[COLLECTIONS])
 
