@@ -25,7 +25,8 @@ _HEADER_READERS = {
 
 
 class RemoteNpy:
-    """A 2-d .npy file on an object store, read by byte range: `arr[rows]` fetches those rows only."""
+    """A 2-d .npy file on an object store, read by byte range: `arr[rows]` (ids or a slice)
+    fetches those rows only."""
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -45,6 +46,8 @@ class RemoteNpy:
         self._row = self.shape[1] * self.dtype.itemsize
 
     def _read(self, start: int, stop: int) -> np.ndarray:
+        if stop <= start:  # an empty range request would fetch the whole object on some stores
+            return np.empty((0, self.shape[1]), dtype=self.dtype)
         data = self.fs.cat_file(
             self.path,
             start=self.header_size + start * self._row,
@@ -56,7 +59,15 @@ class RemoteNpy:
         arr = self._read(0, self.shape[0])
         return arr if dtype is None else arr.astype(dtype)
 
+    def __len__(self) -> int:
+        return self.shape[0]
+
     def __getitem__(self, rows: Any) -> np.ndarray:
+        if isinstance(rows, slice):  # a block of rows (concept scoring reads parts in chunks)
+            start, stop, step = rows.indices(self.shape[0])
+            if step != 1:
+                return self[np.arange(start, stop, step)]
+            return self._read(start, stop)
         rows = np.asarray(rows, dtype=np.int64)
         if rows.ndim != 1:
             raise TypeError("RemoteNpy takes a 1-d array of row numbers")

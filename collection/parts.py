@@ -26,10 +26,15 @@ def complete_parts(root: str) -> list[int]:
     layout = S.CollectionLayout(root)
     try:
         fs, done = url_to_fs(layout.done_dir)
+        fs.invalidate_cache(done)  # a long-lived filesystem's listing cache would hide new parts
         if fs.isfile(url_to_fs(root)[1]):
             raise CollectionError(f"{root}: is a file, not a collection folder")
         names = [posixpath.basename(p.rstrip("/")) for p in fs.ls(done, detail=False)]
+    except CollectionError:
+        raise
     except FileNotFoundError:
+        if not _exists(root):
+            raise CollectionError(f"{root}: no such collection folder") from None
         raise CollectionError(
             f"{layout.done_dir}: no _done folder; is {root!r} a collection?"
         ) from None
@@ -47,6 +52,15 @@ def complete_parts(root: str) -> list[int]:
     return sorted(parts)
 
 
+def _exists(url: str) -> bool:
+    """Whether anything is at `url` (False also where the store cannot say)."""
+    fs, path = url_to_fs(url)
+    try:
+        return fs.exists(path)
+    except REMOTE_ERRORS:
+        return False
+
+
 def read_part_metadata(
     root: str, n: int, columns: list[str] | None = None, ok_only: bool = False
 ) -> pa.Table:
@@ -57,6 +71,10 @@ def read_part_metadata(
         table = pq.read_table(p, filesystem=fs, columns=None if ok_only else columns)
     except FileNotFoundError:
         raise CollectionError(f"{path}: missing metadata of part {n}") from None
+    except REMOTE_ERRORS as exc:
+        raise CollectionError(
+            f"{path}: cannot read metadata of part {n}: {type(exc).__name__}: {exc}"
+        ) from None
     if ok_only:
         if S.EMB_ROW not in table.column_names:
             raise CollectionError(f"{path}: no {S.EMB_ROW!r} column")

@@ -10,13 +10,14 @@ benchmark results); collection.json is read and written here too.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import os
 import posixpath
 import shutil
 import time
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO, Iterator, NamedTuple
 
 import fsspec
 
@@ -40,6 +41,37 @@ def is_local(url: str | os.PathLike) -> bool:
     fs, _ = url_to_fs(url)
     protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
     return "file" in protocols or "local" in protocols
+
+
+class FileSignature(NamedTuple):
+    """A file's size, modification time, the store's etag and the local inode (None: not given)."""
+
+    size: int | None
+    mtime: float | str | None
+    etag: str | None
+    ino: int | None
+
+
+def file_signature(url: str | os.PathLike) -> FileSignature | None:
+    """What changes whenever the file at `url` is rewritten, from one `fs.info` call; None when
+    there is no such file.
+
+    The one rule for "is this cached copy still current" (rows files, mirrored metadata parts)
+    and "did this file change" (the takedown list): stores name these fields differently
+    (LastModified, updated, ETag), and an atomic local rewrite can keep size and mtime but not
+    the inode.
+    """
+    fs, path = url_to_fs(url)
+    fs.invalidate_cache(path)  # a long-lived filesystem's listing cache would hide a rewrite
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        return None
+    mtime = next((info[k] for k in ("mtime", "LastModified", "updated") if k in info), None)
+    if isinstance(mtime, dt.datetime):
+        mtime = mtime.timestamp()
+    etag = info.get("ETag", info.get("etag"))
+    return FileSignature(info.get("size"), mtime, etag, info.get("ino"))
 
 
 def _tmp_name(path: str) -> str:
@@ -136,5 +168,6 @@ def write_collection_json(root: str, info: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_collection_json(root: str) -> dict[str, Any]:
-    """collection.json as a dict; {} when absent (clip-retrieval's folders and test fixtures lack it)."""
+    """collection.json as a dict; {} when absent (clip-retrieval's folders and test fixtures
+    lack it)."""
     return read_json(S.CollectionLayout(root).collection_json, missing={})
