@@ -25,8 +25,7 @@ _HEADER_READERS = {
 
 
 class RemoteNpy:
-    """A 2-d .npy file on an object store, read by byte range: `arr[rows]` (ids or a slice)
-    fetches those rows only."""
+    """A 2-d .npy file on an object store, read by byte range: `arr[rows]` fetches those rows only."""
 
     def __init__(self, url: str) -> None:
         self.url = url

@@ -10,14 +10,13 @@ benchmark results); collection.json is read and written here too.
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import json
 import os
 import posixpath
 import shutil
 import time
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator, NamedTuple
+from typing import Any, BinaryIO, Iterator
 
 import fsspec
 
@@ -43,35 +42,31 @@ def is_local(url: str | os.PathLike) -> bool:
     return "file" in protocols or "local" in protocols
 
 
-class FileSignature(NamedTuple):
-    """A file's size, modification time, the store's etag and the local inode (None: not given)."""
-
-    size: int | None
-    mtime: float | str | None
-    etag: str | None
-    ino: int | None
+#: what an object store's `info` says that changes when an object is rewritten
+_REMOTE_SIGNATURE_FIELDS = ("size", "ETag", "etag", "LastModified", "mtime", "generation", "md5")
 
 
-def file_signature(url: str | os.PathLike) -> FileSignature | None:
-    """What changes whenever the file at `url` is rewritten, from one `fs.info` call; None when
-    there is no such file.
+def file_signature(url: str | os.PathLike) -> tuple | None:
+    """What changes whenever the file at `url` is rewritten; None when there is no such file.
 
-    The one rule for "is this cached copy still current" (rows files, mirrored metadata parts)
-    and "did this file change" (the takedown list): stores name these fields differently
-    (LastModified, updated, ETag), and an atomic local rewrite can keep size and mtime but not
-    the inode.
+    Local: device, inode, size, mtime and ctime in nanoseconds (an atomic rewrite is a new inode,
+    an in-place one a new mtime), one stat. Remote: size, etag and modification time, asked of
+    the store each time (fsspec would otherwise answer from its listings cache). The one rule
+    for "is this copy still current" (rows files, the SQL sandbox's copies of metadata parts).
     """
     fs, path = url_to_fs(url)
-    fs.invalidate_cache(path)  # a long-lived filesystem's listing cache would hide a rewrite
+    if is_local(url):
+        try:
+            st = os.stat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    fs.invalidate_cache(path)
     try:
         info = fs.info(path)
     except FileNotFoundError:
         return None
-    mtime = next((info[k] for k in ("mtime", "LastModified", "updated") if k in info), None)
-    if isinstance(mtime, dt.datetime):
-        mtime = mtime.timestamp()
-    etag = info.get("ETag", info.get("etag"))
-    return FileSignature(info.get("size"), mtime, etag, info.get("ino"))
+    return tuple(str(info.get(k)) for k in _REMOTE_SIGNATURE_FIELDS)
 
 
 def _tmp_name(path: str) -> str:

@@ -27,7 +27,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from collection import schema as S
-from collection.storage import FileSignature, file_signature, url_to_fs, write_bytes
+from collection.storage import url_to_fs, write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +55,8 @@ class Takedown:
     urls: frozenset[str] = frozenset()
     sha256: frozenset[str] = frozenset()
     path: str | None = None
-    #: collection.storage.file_signature of the file when loaded (None: no file); polled by
-    #: `TakedownWatch`
-    signature: FileSignature | None = None
+    #: (mtime, size, inode) of the file when loaded (None: no file); `TakedownWatch` polls it
+    signature: tuple | None = None
 
     @classmethod
     def load(cls, collection: str) -> "Takedown":
@@ -82,8 +81,7 @@ class Takedown:
         return {S.KEY: self.keys, S.URL: self.urls, S.SHA256: self.sha256}
 
     def blocked_mask(self, rows: pa.Table | pd.DataFrame) -> np.ndarray:
-        """Per row: whether its key, url or sha256 is listed (columns the rows lack match
-        nothing)."""
+        """Per row: whether its key, url or sha256 is listed (columns the rows lack match nothing)."""
         n = rows.num_rows if isinstance(rows, pa.Table) else len(rows)
         mask = np.zeros(n, dtype=bool)
         names = rows.column_names if isinstance(rows, pa.Table) else list(rows.columns)
@@ -128,6 +126,18 @@ def _sql_string(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
+def _signature(path: str) -> tuple | None:
+    """What changes whenever the file is rewritten (an atomic rewrite is a new inode), or None."""
+    fs, p = url_to_fs(path)
+    try:
+        info = fs.info(p)
+    except FileNotFoundError:
+        return None
+    mtime = info.get("mtime")
+    mtime = mtime.timestamp() if isinstance(mtime, dt.datetime) else mtime
+    return (mtime, info.get("size"), info.get("ino"))
+
+
 class TakedownWatch:
     """A collection's takedown list, re-read when the file changes, checked at most once per
     `interval` seconds: how long-lived readers (the server, a UI's catalog) pick up changes."""
@@ -145,19 +155,17 @@ class TakedownWatch:
             if now - self._checked < self.interval:
                 return self.takedown, False
             self._checked = now
-            now_sig = file_signature(S.CollectionLayout(self.collection).takedown)
-            if now_sig == self.takedown.signature:
+            if _signature(S.CollectionLayout(self.collection).takedown) == self.takedown.signature:
                 return self.takedown, False
             self.takedown = Takedown.load(self.collection)
             log.info("%s: takedown list changed: %d entries", self.collection, len(self.takedown))
             return self.takedown, True
 
 
-def _read(path: str) -> tuple[pa.Table | None, FileSignature | None]:
-    """(entries with every takedown column, file signature), or (None, None) when there is no
-    file."""
+def _read(path: str) -> tuple[pa.Table | None, tuple | None]:
+    """(entries with every takedown column, file signature), or (None, None) when there is no file."""
     fs, p = url_to_fs(path)
-    signature = file_signature(path)
+    signature = _signature(path)
     if signature is None:
         return None, None
     try:

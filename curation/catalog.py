@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import posixpath
 import threading
 import time
@@ -184,7 +183,7 @@ def mirror_parts(collection: str, files: Sequence[str]) -> tuple[str, ...]:
             try:
                 with atomic_path(local) as tmp:
                     fs.get_file(path, tmp)
-                    if os.path.getsize(tmp) != signature.size:
+                    if file_signature(url) != signature:  # the copy would be of neither version
                         raise CollectionError(f"{url}: rewritten while being copied; try again")
             except CollectionError:
                 raise
