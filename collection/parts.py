@@ -71,10 +71,6 @@ def read_part_metadata(
         table = pq.read_table(p, filesystem=fs, columns=None if ok_only else columns)
     except FileNotFoundError:
         raise CollectionError(f"{path}: missing metadata of part {n}") from None
-    except REMOTE_ERRORS as exc:
-        raise CollectionError(
-            f"{path}: cannot read metadata of part {n}: {type(exc).__name__}: {exc}"
-        ) from None
     if ok_only:
         if S.EMB_ROW not in table.column_names:
             raise CollectionError(f"{path}: no {S.EMB_ROW!r} column")

@@ -5,14 +5,12 @@ source's own columns) and `id`, the global vector id (position among the ok rows
 complete parts in part order, as the indices number them; NULL for failed rows).
 
 - Trusted (the owner's own queries, `python -m curation.sql`): an in-process DuckDB
-  connection over the Parquet parts with DuckDB's own reader (a remote collection's parts:
-  a pyarrow dataset on its fsspec filesystem); no limits, no row cap unless
+  connection over the Parquet parts with DuckDB's own reader; no limits, no row cap unless
   `query(..., row_cap=N)` asks for one.
 - Untrusted (`untrusted=True`, what the UI's query box runs): `collection.sandbox` — a separate
   worker process, locked connection, one SELECT, time / memory / row caps, every refusal a
   `SqlError`. Taken-down rows are filtered out at the scan, so no query can see them; a
-  changed takedown list restarts the worker within a second or so. The worker reads local
-  files only: a remote collection's parts are copied first (`mirror_parts`).
+  changed takedown list restarts the worker within a second or so.
 """
 
 from __future__ import annotations
@@ -23,7 +21,7 @@ import logging
 import posixpath
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import duckdb
@@ -32,17 +30,10 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 
-from collection import schema as S
+from collection import schema as S, storage
 from collection.parts import CollectionError, complete_parts
 from collection.sandbox import Limits, Sandbox, Source, SqlError, one_line
-from collection.storage import (
-    REMOTE_ERRORS,
-    atomic_path,
-    file_signature,
-    is_local,
-    read_collection_json,
-    url_to_fs,
-)
+from collection.storage import read_collection_json
 from collection.takedown import TakedownWatch
 from models.cache import cache_dir
 
@@ -101,7 +92,7 @@ def _ok_rows(url: str, meta: Any) -> int:
     for g in range(meta.num_row_groups):
         stats = meta.row_group(g).column(j).statistics
         if stats is None or not stats.has_null_count:
-            fs, path = url_to_fs(url)
+            fs, path = storage.url_to_fs(url)
             column = pq.read_table(path, columns=[S.EMB_ROW], filesystem=fs).column(0)
             return int(column.is_valid().to_numpy(zero_copy_only=False).sum())
         nulls += stats.null_count
@@ -124,21 +115,20 @@ def _check_part_column(url: str, n: int, meta: Any) -> None:
 
 def _footer(url: str, n: int) -> Any:
     """Part n's Parquet footer, on a local path or any fsspec URL (one line naming it if not)."""
-    fs, path = url_to_fs(url)
+    fs, path = storage.url_to_fs(url)
     try:
         return pq.read_metadata(path, filesystem=fs)
     except FileNotFoundError:
         raise CollectionError(f"{url}: missing metadata of part {n}") from None
-    except REMOTE_ERRORS as exc:
+    except storage.REMOTE_ERRORS as exc:
         raise CollectionError(f"{url}: unreadable metadata part: {one_line(exc)}") from None
 
 
 def read_parts(collection: str) -> Parts:
-    """The complete parts' files, unified schema and `id` expression (footers only: no rows
-    read)."""
+    """The complete parts' files, unified schema and `id` expression (footers only, no rows)."""
     layout = S.CollectionLayout(collection)
     parts = complete_parts(collection)
-    local = is_local(collection)
+    local = storage.is_local(collection)
     files, schemas, offsets = [], [], {}
     total = 0
     for n in parts:
@@ -147,7 +137,7 @@ def read_parts(collection: str) -> Parts:
         _check_part_column(url, n, meta)
         offsets[n] = total
         total += _ok_rows(url, meta)
-        files.append(url_to_fs(url)[1] if local else url)  # DuckDB reads plain local paths
+        files.append(storage.url_to_fs(url)[1] if local else url)  # DuckDB reads plain local paths
         schemas.append(meta.schema.to_arrow_schema())
     try:
         schema = pa.unify_schemas(schemas, promote_options="permissive")
@@ -170,24 +160,26 @@ def mirror_parts(collection: str, files: Sequence[str]) -> tuple[str, ...]:
     out = []
     for url in files:
         try:
-            signature = file_signature(url)
-        except REMOTE_ERRORS as exc:
+            signature = storage.file_signature(url)
+        except storage.REMOTE_ERRORS as exc:
             raise CollectionError(f"{url}: cannot read metadata part: {one_line(exc)}") from None
         if signature is None:
             raise CollectionError(f"{url}: missing metadata part")
-        stem = posixpath.splitext(posixpath.basename(url_to_fs(url)[1]))[0]
+        stem = posixpath.splitext(posixpath.basename(storage.url_to_fs(url)[1]))[0]
         digest = hashlib.sha1(json.dumps(list(signature)).encode()).hexdigest()[:16]
         local = folder / f"{stem}.{digest}.parquet"
         if not local.exists():
-            fs, path = url_to_fs(url)
+            fs, path = storage.url_to_fs(url)
             try:
-                with atomic_path(local) as tmp:
+                with storage.atomic_path(local) as tmp:
                     fs.get_file(path, tmp)
-                    if file_signature(url) != signature:  # the copy would be of neither version
+                    if (
+                        storage.file_signature(url) != signature
+                    ):  # the copy would be of neither version
                         raise CollectionError(f"{url}: rewritten while being copied; try again")
             except CollectionError:
                 raise
-            except REMOTE_ERRORS as exc:
+            except storage.REMOTE_ERRORS as exc:
                 raise CollectionError(
                     f"{url}: cannot copy for the SQL sandbox: {one_line(exc)}"
                 ) from None
@@ -196,9 +188,31 @@ def mirror_parts(collection: str, files: Sequence[str]) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _scan(con: Any, collection: str, parts: Parts) -> str:
+    """The FROM clause over the parts: DuckDB's own Parquet reader for a local collection;
+    for a remote one a pyarrow dataset on the fsspec filesystem, registered with `con` (no
+    DuckDB extension to download). Chosen over `duckdb.register_filesystem`, which also
+    works but answered several times slower on the loopback S3 server:
+    bench/results/sql_remote.json, `register_filesystem_vs_dataset`."""
+    if storage.is_local(collection):
+        files = ", ".join("'" + f.replace("'", "''") + "'" for f in parts.files)
+        return f"read_parquet([{files}], union_by_name=true)"
+    fs, _ = storage.url_to_fs(collection)
+    dataset = pads.dataset(
+        [storage.url_to_fs(f)[1] for f in parts.files],
+        schema=parts.schema,
+        format="parquet",
+        filesystem=PyFileSystem(FSSpecHandler(fs)),
+    )
+    con.register(_PARTS_VIEW, dataset)
+    return _PARTS_VIEW
+
+
 class Catalog:
     """A DuckDB connection (trusted, in-process) or a sandboxed worker (untrusted) whose table
-    `samples` holds the collection's metadata plus `id`."""
+    `samples` holds the collection's metadata plus `id`. A collection in a bucket (any fsspec
+    URL) works the same: trusted queries scan its parts through a pyarrow dataset (`_scan`),
+    the sandbox reads local copies of them (`mirror_parts`)."""
 
     def __init__(
         self,
@@ -219,11 +233,8 @@ class Catalog:
         self._sandbox: Sandbox | None = None
         self._watch: TakedownWatch | None = None
         if untrusted:
-            self._local_files = (
-                self.parts.files
-                if is_local(collection)
-                else mirror_parts(collection, self.parts.files)
-            )
+            if not storage.is_local(collection):  # the sandbox's worker reads local files only
+                self.parts = replace(self.parts, files=mirror_parts(collection, self.parts.files))
             self._watch = TakedownWatch(collection)
             self._sandbox = Sandbox([self._source()], self.limits, label="catalog")
         else:
@@ -232,32 +243,14 @@ class Catalog:
                 "SET enable_progress_bar=false"
             )  # results may go to stdout (python -m curation.sql)
             self._con.execute(
-                f"CREATE VIEW {TABLE} AS SELECT {self.parts.select()} FROM {self._scan()}"
+                f"CREATE VIEW {TABLE} AS SELECT {self.parts.select()} "
+                f"FROM {_scan(self._con, collection, self.parts)}"
             )
-
-    def _scan(self) -> str:
-        """The FROM clause over the parts: DuckDB's own Parquet reader for a local collection;
-        for a remote one a pyarrow dataset on the fsspec filesystem, registered with DuckDB (no
-        DuckDB extension to download). Chosen over `duckdb.register_filesystem`, which also
-        works but answered several times slower on the loopback S3 server:
-        bench/results/sql_remote.json, `register_filesystem_vs_dataset`."""
-        if is_local(self.root):
-            files = ", ".join("'" + f.replace("'", "''") + "'" for f in self.parts.files)
-            return f"read_parquet([{files}], union_by_name=true)"
-        fs, _ = url_to_fs(self.root)
-        dataset = pads.dataset(
-            [url_to_fs(f)[1] for f in self.parts.files],
-            schema=self.parts.schema,
-            format="parquet",
-            filesystem=PyFileSystem(FSSpecHandler(fs)),
-        )
-        self._con.register(_PARTS_VIEW, dataset)
-        return _PARTS_VIEW
 
     def _source(self) -> Source:
         assert self._watch is not None
         keep = self._watch.takedown.arrow_filter(self.parts.schema.names)
-        return Source(TABLE, self._local_files, self.parts.schema, keep, self.parts.select())
+        return Source(TABLE, self.parts.files, self.parts.schema, keep, self.parts.select())
 
     @property
     def columns(self) -> list[str]:
@@ -267,8 +260,7 @@ class Catalog:
 
     @property
     def clip_model(self) -> str:
-        """The collection's CLIP spec (collection.json; sieve-tiny, the embed default, when
-        absent)."""
+        """The collection's CLIP spec (collection.json; sieve-tiny, the embed default, if none)."""
         return self.info.get("clip_model", "sieve-tiny")
 
     @property
