@@ -22,6 +22,7 @@ import posixpath
 import threading
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Sequence
 
 import duckdb
@@ -43,8 +44,9 @@ __all__ = ["Catalog", "CollectionError", "SqlError", "SqlResult", "TABLE"]
 TABLE = "samples"
 #: the registered pyarrow dataset `samples` selects from, for a remote collection
 _PARTS_VIEW = "_sieve_parts"
-#: the folder under $SIEVE_CACHE holding remote collections' metadata parts for the sandbox
-MIRROR_DIR = "sql-parts"
+#: the folder under $SIEVE_CACHE holding local stand-ins of remote collections (the sandbox's
+#: copies of their metadata parts), one folder per collection URL
+MIRROR_DIR = "collections"
 
 log = logging.getLogger(__name__)
 
@@ -152,11 +154,12 @@ def read_parts(collection: str) -> Parts:
 
 def mirror_parts(collection: str, files: Sequence[str]) -> tuple[str, ...]:
     """Local copies of a remote collection's metadata parts, for the sandboxed worker (which
-    reads local folders only and has no network): one folder per collection under
-    $SIEVE_CACHE, one file per version of a part, named by its `file_signature` (the rule the
-    searcher's rows files follow), so an unchanged part is copied once and a rewritten one anew."""
+    reads local folders only and has no network): in the collection's cache folder under
+    $SIEVE_CACHE (`collections/<hash of the URL>/metadata/`), one file per version of a part
+    named by its `file_signature`, so an unchanged part is copied once and a rewritten one
+    anew. Older copies stay: a worker started before the rewrite may still be reading them."""
     where = hashlib.sha1(collection.encode()).hexdigest()[:16]
-    folder = cache_dir() / MIRROR_DIR / where
+    folder = cache_dir() / MIRROR_DIR / where / S.METADATA_DIR
     out = []
     for url in files:
         try:
@@ -169,23 +172,25 @@ def mirror_parts(collection: str, files: Sequence[str]) -> tuple[str, ...]:
         digest = hashlib.sha1(json.dumps(list(signature)).encode()).hexdigest()[:16]
         local = folder / f"{stem}.{digest}.parquet"
         if not local.exists():
-            fs, path = storage.url_to_fs(url)
-            try:
-                with storage.atomic_path(local) as tmp:
-                    fs.get_file(path, tmp)
-                    if (
-                        storage.file_signature(url) != signature
-                    ):  # the copy would be of neither version
-                        raise CollectionError(f"{url}: rewritten while being copied; try again")
-            except CollectionError:
-                raise
-            except storage.REMOTE_ERRORS as exc:
-                raise CollectionError(
-                    f"{url}: cannot copy for the SQL sandbox: {one_line(exc)}"
-                ) from None
-            log.info("%s: copied for the SQL sandbox to %s", url, local)
+            _copy(url, local, signature)
         out.append(str(local))
     return tuple(out)
+
+
+def _copy(url: str, local: Path, signature: tuple) -> None:
+    """Copy `url` to `local` atomically; a CollectionError naming it when it cannot be read or
+    changed meanwhile (the copy would then be of neither version)."""
+    fs, path = storage.url_to_fs(url)
+    try:
+        with storage.atomic_path(local) as tmp:
+            fs.get_file(path, tmp)
+            if storage.file_signature(url) != signature:
+                raise CollectionError(f"{url}: rewritten while being copied; try again")
+    except CollectionError:
+        raise
+    except storage.REMOTE_ERRORS as exc:
+        raise CollectionError(f"{url}: cannot copy for the SQL sandbox: {one_line(exc)}") from None
+    log.info("%s: copied for the SQL sandbox to %s", url, local)
 
 
 def _scan(con: Any, collection: str, parts: Parts) -> str:

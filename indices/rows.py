@@ -6,11 +6,10 @@ complete part, an uncompressed Arrow IPC file of that part's embedded rows in `e
 (`indices/rows/rows_{N}.arrow`) and memory-maps it: looking up k rows touches only the pages
 holding them, and the process's memory does not grow with the collection.
 
-The Arrow files are a cache of the Parquet parts, rebuilt whenever a part's file signature
-changes (`collection.storage.file_signature`: size, mtime, etag, inode; recorded in each file's
-schema metadata). `indices.build` writes them; a searcher writes any that are missing. A
-collection that cannot be written to (read-only, or on an object store) gets them in the
-bundled-model cache instead (`$SIEVE_CACHE/rows/...`).
+The Arrow files are a cache of the Parquet parts, rebuilt whenever a part's size or mtime
+changes (recorded in each file's schema metadata). `indices.build` writes them; a searcher
+writes any that are missing. A collection that cannot be written to (read-only, or on an
+object store) gets them in the bundled-model cache instead (`$SIEVE_CACHE/rows/...`).
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ import pyarrow.parquet as pq
 
 from collection import schema as S
 from collection.parts import CollectionError, complete_parts
-from collection.storage import atomic_path, file_signature, is_local, url_to_fs
+from collection.storage import atomic_path, is_local, url_to_fs
 from models.cache import cache_dir
 
 log = logging.getLogger(__name__)
@@ -40,11 +39,14 @@ _META_KEY = b"sieve.rows"
 
 
 def _source_signature(path: str) -> dict[str, Any]:
-    """What changes when a metadata part is rewritten (collection.storage.file_signature)."""
-    signature = file_signature(path)
-    if signature is None:
-        raise CollectionError(f"{path}: missing metadata part")
-    return {"version": ROWS_VERSION, "file": list(signature)}
+    """What changes when a metadata part is rewritten: its size and modification time."""
+    fs, p = url_to_fs(path)
+    try:
+        info = fs.info(p)
+    except FileNotFoundError:
+        raise CollectionError(f"{path}: missing metadata part") from None
+    mtime = info.get("mtime", info.get("LastModified", info.get("updated")))
+    return {"version": ROWS_VERSION, "size": info.get("size"), "mtime": str(mtime)}
 
 
 def _ok_rows(path: str) -> pa.Table:
