@@ -51,6 +51,8 @@ class RemoteNpy:
         self.bytes_read = 0
 
     def _read(self, start: int, stop: int) -> np.ndarray:
+        if stop <= start:  # an empty range request would fetch the whole object on some stores
+            return np.empty((0, self.shape[1]), dtype=self.dtype)
         data = self.fs.cat_file(
             self.path,
             start=self.header_size + start * self._row,
@@ -63,7 +65,15 @@ class RemoteNpy:
         arr = self._read(0, self.shape[0])
         return arr if dtype is None else arr.astype(dtype)
 
+    def __len__(self) -> int:
+        return self.shape[0]
+
     def __getitem__(self, rows: Any) -> np.ndarray:
+        if isinstance(rows, slice):  # a block of rows (concept scoring reads parts in chunks)
+            start, stop, step = rows.indices(self.shape[0])
+            if step != 1:
+                return self[np.arange(start, stop, step)]
+            return self._read(start, stop)
         return self.take(rows)
 
     def take(self, rows: Any, merge_gap: int = MERGE_GAP) -> np.ndarray:

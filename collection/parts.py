@@ -27,10 +27,15 @@ def complete_parts(root: str) -> list[int]:
     layout = S.CollectionLayout(root)
     try:
         fs, done = url_to_fs(layout.done_dir)
+        fs.invalidate_cache(done)  # a long-lived filesystem's listing cache would hide new parts
         if fs.isfile(url_to_fs(root)[1]):
             raise CollectionError(f"{root}: is a file, not a collection folder")
         names = [posixpath.basename(p.rstrip("/")) for p in fs.ls(done, detail=False)]
+    except CollectionError:
+        raise
     except FileNotFoundError:
+        if not _exists(root):
+            raise CollectionError(f"{root}: no such collection folder") from None
         raise CollectionError(
             f"{layout.done_dir}: no _done folder; is {root!r} a collection?"
         ) from None
@@ -46,6 +51,15 @@ def complete_parts(root: str) -> list[int]:
     if not parts:
         raise CollectionError(f"{layout.done_dir}: no complete parts")
     return sorted(parts)
+
+
+def _exists(url: str) -> bool:
+    """Whether anything is at `url` (False also where the store cannot say)."""
+    fs, path = url_to_fs(url)
+    try:
+        return fs.exists(path)
+    except REMOTE_ERRORS:
+        return False
 
 
 def read_part_metadata(

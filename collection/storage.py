@@ -46,6 +46,33 @@ def is_local(url: str | os.PathLike) -> bool:
     return "file" in protocols or "local" in protocols
 
 
+#: what an object store's `info` says that changes when an object is rewritten
+_REMOTE_SIGNATURE_FIELDS = ("size", "ETag", "etag", "LastModified", "mtime", "generation", "md5")
+
+
+def file_signature(url: str | os.PathLike) -> tuple | None:
+    """What changes whenever the file at `url` is rewritten; None when there is no such file.
+
+    Local: device, inode, size, mtime and ctime in nanoseconds (an atomic rewrite is a new inode,
+    an in-place one a new mtime), one stat. Remote: size, etag and modification time, asked of
+    the store each time (fsspec would otherwise answer from its listings cache). The one rule
+    for "is this copy still current" (rows files, the SQL sandbox's copies of metadata parts).
+    """
+    fs, path = url_to_fs(url)
+    if is_local(url):
+        try:
+            st = os.stat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    fs.invalidate_cache(path)
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        return None
+    return tuple(str(info.get(k)) for k in _REMOTE_SIGNATURE_FIELDS)
+
+
 def _tmp_name(path: str) -> str:
     # the pid keeps two writers of one file (two Dask workers, say) off each other's temp file
     return f"{path}{TMP_MARK}{os.getpid()}"
@@ -171,5 +198,6 @@ def write_collection_json(root: str, info: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_collection_json(root: str) -> dict[str, Any]:
-    """collection.json as a dict; {} when absent (clip-retrieval's folders and test fixtures lack it)."""
+    """collection.json as a dict; {} when absent (clip-retrieval's folders and test fixtures
+    lack it)."""
     return read_json(S.CollectionLayout(root).collection_json, missing={})

@@ -15,26 +15,40 @@ complete parts in part order, as the indices number them; NULL for failed rows).
 
 from __future__ import annotations
 
-import os
+import hashlib
+import json
+import logging
+import posixpath
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Sequence
 
 import duckdb
 import pyarrow as pa
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
+from pyarrow.fs import FSSpecHandler, PyFileSystem
 
-from collection import schema as S
+from collection import schema as S, storage
 from collection.parts import CollectionError, complete_parts
 from collection.sandbox import Limits, Sandbox, Source, SqlError, one_line
 from collection.storage import read_collection_json
 from collection.takedown import TakedownWatch
+from models.cache import cache_dir
 
 __all__ = ["Catalog", "CollectionError", "SqlError", "SqlResult", "TABLE"]
 
 #: the table every query reads
 TABLE = "samples"
+#: the registered pyarrow dataset `samples` selects from, for a remote collection
+_PARTS_VIEW = "_sieve_parts"
+#: the folder under $SIEVE_CACHE holding local stand-ins of remote collections (the sandbox's
+#: copies of their metadata parts), one folder per collection URL
+MIRROR_DIR = "collections"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -48,8 +62,8 @@ class SqlResult:
 
 @dataclass(frozen=True)
 class Parts:
-    """What the `samples` table is made of: files in part order, their unified schema, and the
-    SQL expression that computes `id` from `part` and `emb_row`."""
+    """What the `samples` table is made of: files in part order (local paths or URLs), their
+    unified schema, and the SQL expression that computes `id` from `part` and `emb_row`."""
 
     files: tuple[str, ...]
     schema: pa.Schema
@@ -57,8 +71,9 @@ class Parts:
     ok_rows: int
 
     def select(self) -> str:
-        """The projection adding `id` (replacing a source column of that name in older collections),
-        and `caption_length` where the parts predate it (measured here, so filters read one column)."""
+        """The projection adding `id` (replacing a source column of that name in older
+        collections), and `caption_length` where the parts predate it (measured here, so
+        filters read one column)."""
         length = (
             ""
             if S.CAPTION_LENGTH in self.schema.names
@@ -69,59 +84,62 @@ class Parts:
         return f"*, {self.id_expr} AS {S.ID}{length}"
 
 
-def _ok_rows(path: str, meta: Any) -> int:
+def _ok_rows(url: str, meta: Any) -> int:
     """Rows of a part with an embedding: from the footer's null counts of `emb_row` when written."""
     names = meta.schema.to_arrow_schema().names
     if S.EMB_ROW not in names:
-        raise CollectionError(f"{path}: no {S.EMB_ROW!r} column")
+        raise CollectionError(f"{url}: no {S.EMB_ROW!r} column")
     j = meta.schema.to_arrow_schema().get_field_index(S.EMB_ROW)
     nulls = 0
     for g in range(meta.num_row_groups):
         stats = meta.row_group(g).column(j).statistics
         if stats is None or not stats.has_null_count:
-            return int(
-                pq.read_table(path, columns=[S.EMB_ROW])
-                .column(0)
-                .is_valid()
-                .to_numpy(zero_copy_only=False)
-                .sum()
-            )
+            fs, path = storage.url_to_fs(url)
+            column = pq.read_table(path, columns=[S.EMB_ROW], filesystem=fs).column(0)
+            return int(column.is_valid().to_numpy(zero_copy_only=False).sum())
         nulls += stats.null_count
     return meta.num_rows - nulls
 
 
-def _check_part_column(path: str, n: int, meta: Any) -> None:
+def _check_part_column(url: str, n: int, meta: Any) -> None:
     """`id` is computed from the `part` column: it must hold N in metadata_N (footer statistics)."""
     schema = meta.schema.to_arrow_schema()
     if S.PART not in schema.names:
-        raise CollectionError(f"{path}: no {S.PART!r} column")
+        raise CollectionError(f"{url}: no {S.PART!r} column")
     j = schema.get_field_index(S.PART)
     for g in range(meta.num_row_groups):
         stats = meta.row_group(g).column(j).statistics
         if stats is not None and stats.has_min_max and (stats.min != n or stats.max != n):
             raise CollectionError(
-                f"{path}: column {S.PART!r} holds {stats.min}..{stats.max}, expected {n}"
+                f"{url}: column {S.PART!r} holds {stats.min}..{stats.max}, expected {n}"
             )
 
 
+def _footer(url: str, n: int) -> Any:
+    """Part n's Parquet footer, on a local path or any fsspec URL (one line naming it if not)."""
+    fs, path = storage.url_to_fs(url)
+    try:
+        return pq.read_metadata(path, filesystem=fs)
+    except FileNotFoundError:
+        raise CollectionError(f"{url}: missing metadata of part {n}") from None
+    except storage.REMOTE_ERRORS as exc:
+        raise CollectionError(f"{url}: unreadable metadata part: {one_line(exc)}") from None
+
+
 def read_parts(collection: str) -> Parts:
-    """The complete parts' files, unified schema and `id` expression (footers only, no rows read)."""
+    """The complete parts' files, unified schema and `id` expression (footers only, no rows)."""
     layout = S.CollectionLayout(collection)
     parts = complete_parts(collection)
+    local = storage.is_local(collection)
     files, schemas, offsets = [], [], {}
     total = 0
     for n in parts:
-        path = layout.metadata(n)
-        if not os.path.exists(path):
-            raise CollectionError(f"{path}: missing metadata of part {n}")
-        try:
-            meta = pq.ParquetFile(path).metadata
-        except (OSError, pa.ArrowInvalid) as exc:
-            raise CollectionError(f"{path}: unreadable metadata part: {one_line(exc)}") from exc
-        _check_part_column(path, n, meta)
+        url = layout.metadata(n)
+        meta = _footer(url, n)
+        _check_part_column(url, n, meta)
         offsets[n] = total
-        total += _ok_rows(path, meta)
-        files.append(path)
+        total += _ok_rows(url, meta)
+        files.append(storage.url_to_fs(url)[1] if local else url)  # DuckDB reads plain local paths
         schemas.append(meta.schema.to_arrow_schema())
     try:
         schema = pa.unify_schemas(schemas, promote_options="permissive")
@@ -134,9 +152,72 @@ def read_parts(collection: str) -> Parts:
     return Parts(tuple(files), schema, id_expr, total)
 
 
+def mirror_parts(collection: str, files: Sequence[str]) -> tuple[str, ...]:
+    """Local copies of a remote collection's metadata parts, for the sandboxed worker (which
+    reads local folders only and has no network): in the collection's cache folder under
+    $SIEVE_CACHE (`collections/<hash of the URL>/metadata/`), one file per version of a part
+    named by its `file_signature`, so an unchanged part is copied once and a rewritten one
+    anew. Older copies stay: a worker started before the rewrite may still be reading them."""
+    where = hashlib.sha1(collection.encode()).hexdigest()[:16]
+    folder = cache_dir() / MIRROR_DIR / where / S.METADATA_DIR
+    out = []
+    for url in files:
+        try:
+            signature = storage.file_signature(url)
+        except storage.REMOTE_ERRORS as exc:
+            raise CollectionError(f"{url}: cannot read metadata part: {one_line(exc)}") from None
+        if signature is None:
+            raise CollectionError(f"{url}: missing metadata part")
+        stem = posixpath.splitext(posixpath.basename(storage.url_to_fs(url)[1]))[0]
+        digest = hashlib.sha1(json.dumps(list(signature)).encode()).hexdigest()[:16]
+        local = folder / f"{stem}.{digest}.parquet"
+        if not local.exists():
+            _copy(url, local, signature)
+        out.append(str(local))
+    return tuple(out)
+
+
+def _copy(url: str, local: Path, signature: tuple) -> None:
+    """Copy `url` to `local` atomically; a CollectionError naming it when it cannot be read or
+    changed meanwhile (the copy would then be of neither version)."""
+    fs, path = storage.url_to_fs(url)
+    try:
+        with storage.atomic_path(local) as tmp:
+            fs.get_file(path, tmp)
+            if storage.file_signature(url) != signature:
+                raise CollectionError(f"{url}: rewritten while being copied; try again")
+    except CollectionError:
+        raise
+    except storage.REMOTE_ERRORS as exc:
+        raise CollectionError(f"{url}: cannot copy for the SQL sandbox: {one_line(exc)}") from None
+    log.info("%s: copied for the SQL sandbox to %s", url, local)
+
+
+def _scan(con: Any, collection: str, parts: Parts) -> str:
+    """The FROM clause over the parts: DuckDB's own Parquet reader for a local collection;
+    for a remote one a pyarrow dataset on the fsspec filesystem, registered with `con` (no
+    DuckDB extension to download). Chosen over `duckdb.register_filesystem`, which also
+    works but answered several times slower on the loopback S3 server:
+    bench/results/sql_remote.json, `register_filesystem_vs_dataset`."""
+    if storage.is_local(collection):
+        files = ", ".join("'" + f.replace("'", "''") + "'" for f in parts.files)
+        return f"read_parquet([{files}], union_by_name=true)"
+    fs, _ = storage.url_to_fs(collection)
+    dataset = pads.dataset(
+        [storage.url_to_fs(f)[1] for f in parts.files],
+        schema=parts.schema,
+        format="parquet",
+        filesystem=PyFileSystem(FSSpecHandler(fs)),
+    )
+    con.register(_PARTS_VIEW, dataset)
+    return _PARTS_VIEW
+
+
 class Catalog:
     """A DuckDB connection (trusted, in-process) or a sandboxed worker (untrusted) whose table
-    `samples` holds the collection's metadata plus `id`."""
+    `samples` holds the collection's metadata plus `id`. A collection in a bucket (any fsspec
+    URL) works the same: trusted queries scan its parts through a pyarrow dataset (`_scan`),
+    the sandbox reads local copies of them (`mirror_parts`)."""
 
     def __init__(
         self,
@@ -150,13 +231,15 @@ class Catalog:
         self.untrusted = untrusted
         self.row_cap = row_cap
         self.limits = Limits(timeout_s=timeout_s, memory_limit=memory_limit)
+        self.parts = read_parts(collection)  # first: names the URL when it cannot be read at all
         self.info = read_collection_json(collection)
-        self.parts = read_parts(collection)
         self._lock = threading.Lock()
         self._con: Any = None
         self._sandbox: Sandbox | None = None
         self._watch: TakedownWatch | None = None
         if untrusted:
+            if not storage.is_local(collection):  # the sandbox's worker reads local files only
+                self.parts = replace(self.parts, files=mirror_parts(collection, self.parts.files))
             self._watch = TakedownWatch(collection)
             self._sandbox = Sandbox([self._source()], self.limits, label="catalog")
         else:
@@ -164,10 +247,9 @@ class Catalog:
             self._con.execute(
                 "SET enable_progress_bar=false"
             )  # results may go to stdout (python -m curation.sql)
-            files = ", ".join("'" + f.replace("'", "''") + "'" for f in self.parts.files)
             self._con.execute(
                 f"CREATE VIEW {TABLE} AS SELECT {self.parts.select()} "
-                f"FROM read_parquet([{files}], union_by_name=true)"
+                f"FROM {_scan(self._con, collection, self.parts)}"
             )
 
     def _source(self) -> Source:
@@ -183,7 +265,7 @@ class Catalog:
 
     @property
     def clip_model(self) -> str:
-        """The collection's CLIP spec (collection.json; sieve-tiny, the embed default, when absent)."""
+        """The collection's CLIP spec (collection.json; sieve-tiny, the embed default, if none)."""
         return self.info.get("clip_model", "sieve-tiny")
 
     @property
@@ -264,7 +346,8 @@ class Catalog:
 
 
 def _capped(rel: Any, row_cap: int) -> tuple[pa.Table, bool]:
-    """At most row_cap rows of a relation, streamed (the rest is never computed), and whether it had more."""
+    """At most row_cap rows of a relation, streamed (the rest is never computed), and whether
+    it had more."""
     reader = rel.to_arrow_reader(max(1, min(row_cap + 1, 65536)))
     try:
         batches, rows = [], 0

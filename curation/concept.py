@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     setup_logging()
-    # the probe needs sklearn and the collection's CLIP (torch): imported once the arguments are read
+    # the probe needs sklearn and the collection's CLIP (torch): imported after parsing
+    from collection.parts import complete_parts  # noqa: E402
     from curation.concepts import (
         SCORE_COLUMNS,
         fit_concept,
@@ -65,6 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     from curation.vectors import read_keys  # noqa: E402
 
     try:
+        complete_parts(a.collection)  # a missing or unreachable collection, said in one line
         pos, neg, prompt = _keys(a.pos), _keys(a.neg), a.prompt
         if a.add:
             old = load_concept(a.collection, a.name)

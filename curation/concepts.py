@@ -67,7 +67,8 @@ SCORE_CHUNK = 1 << 18
 
 @dataclass
 class Concept:
-    """A fitted concept: its examples, its linear model over the collection's features, threshold, quality."""
+    """A fitted concept: its examples, its linear model over the collection's features,
+    threshold, quality."""
 
     name: str
     positives: list[str]
@@ -77,7 +78,8 @@ class Concept:
     clip_model: str = "sieve-tiny"
     image_weights: list[float] | None = None
     text_weights: list[float] | None = None
-    #: column -> {"mean", "std", "weight"}: weight applies to (value - mean) / std; missing values count as the mean
+    #: column -> {"mean", "std", "weight"}: weight applies to (value - mean) / std; missing
+    #: values count as the mean
     columns: dict[str, dict[str, float]] = field(default_factory=dict)
     bias: float = 0.0
     threshold: float = 0.5
@@ -125,7 +127,8 @@ def _stack(
     bounds: list[tuple[float | None, float | None]],
     c: float = STACK_C,
 ) -> tuple[np.ndarray, float]:
-    """Class-balanced, L2-regularised logistic regression with bounds on the weights (not the bias)."""
+    """Class-balanced, L2-regularised logistic regression with bounds on the weights (not the
+    bias)."""
     w_class = np.where(
         y == 1, len(y) / (2.0 * max(y.sum(), 1)), len(y) / (2.0 * max(len(y) - y.sum(), 1))
     )
@@ -156,7 +159,8 @@ def _folds(y: np.ndarray, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
 
 @dataclass
 class _Features:
-    """The labelled samples' features: embedding blocks, fixed signals (prompt similarities, columns)."""
+    """The labelled samples' features: embedding blocks, fixed signals (prompt similarities,
+    columns)."""
 
     blocks: dict[str, np.ndarray]
     fixed: dict[str, np.ndarray]
@@ -171,7 +175,8 @@ def _evident(values: np.ndarray, y: np.ndarray, either_sign: bool) -> bool:
 def _fit_linear(
     feats: _Features, y: np.ndarray, seed: int
 ) -> tuple[dict[str, Any], dict[str, float]]:
-    """Stacked probe on labelled features -> linear model {block: (w, b), signal: (weight, mean, std)}."""
+    """Stacked probe on labelled features -> linear model {block: (w, b), signal: (weight,
+    mean, std)}."""
     # a fixed signal (prompt similarity, score column) that does not separate the labels is left
     # out: with twenty labels the stacker would otherwise fit its chance correlations
     feats = _Features(
@@ -215,7 +220,8 @@ def _labelled_features(
     columns: Sequence[str],
     meta: pa.Table,
 ) -> tuple[_Features, dict[str, np.ndarray]]:
-    """Features of the labelled ids and the raw prompt-similarity inputs (for folding into weights)."""
+    """Features of the labelled ids and the raw prompt-similarity inputs (for folding into
+    weights)."""
     blocks: dict[str, np.ndarray] = {}
     fixed: dict[str, np.ndarray] = {}
     for m in ("image", "text") if modality == "both" else (modality,):
@@ -340,7 +346,8 @@ def fit_concept(
     clip: Any = None,
     seed: int = 0,
 ) -> Concept:
-    """Fit a concept from labelled keys (and a prompt as prior); see the module doc for the model."""
+    """Fit a concept from labelled keys (and a prompt as prior); see the module doc for the
+    model."""
     _check_name(name)
     if modality not in MODALITIES:
         raise ValueError(f"modality must be one of {list(MODALITIES)}, got {modality!r}")
@@ -497,11 +504,11 @@ def save_concept(
     scores: np.ndarray | None = None,
     keys: np.ndarray | None = None,
 ) -> str:
-    """Write concepts/{name}.json (and, given scores, concepts/{name}.parquet: key, score); return the json path."""
+    """Write concepts/{name}.json (and, given scores, concepts/{name}.parquet: key, score);
+    return the json path."""
     layout = S.InsightLayout(collection)
     path = layout.concept(concept.name)
-    write_json(path, concept.to_json())
-    if scores is not None:
+    if scores is not None:  # first: the json is what lists a concept as saved
         keys = read_keys(collection) if keys is None else keys
         write_table(
             layout.concept_scores(concept.name),
@@ -512,6 +519,7 @@ def save_concept(
                 }
             ),
         )
+    write_json(path, concept.to_json())
     return path
 
 
@@ -539,8 +547,8 @@ def saved_concepts(collection: str) -> list[str]:
 def subset_clause(
     collection: str, ids: Sequence[int] | np.ndarray, name: str, min_score: float | None = None
 ) -> np.ndarray:
-    """A subset spec's `concept: {name, min_score}` clause: the ids whose score is at least min_score
-    (default: the concept's cross-validated threshold)."""
+    """A subset spec's `concept: {name, min_score}` clause: the ids whose score is at least
+    min_score (default: the concept's cross-validated threshold)."""
     concept = load_concept(collection, name)
     limit = concept.threshold if min_score is None else float(min_score)
     if not 0.0 <= limit <= 1.0:

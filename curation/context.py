@@ -7,7 +7,6 @@ Row sets travel between clauses as sorted arrays of unique global ids (`collecti
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,12 +18,11 @@ import pyarrow.compute as pc
 from collection import schema as S
 from collection.embeddings import EmbeddingStore
 from collection.parts import CollectionError, complete_parts
-from collection.storage import read_collection_json, url_to_fs
+from collection.storage import read_collection_json
 from collection.takedown import Takedown
 from curation.catalog import Catalog, SqlError
 from curation.spec import SpecError
-from indices.build import load_index
-from indices.tune import set_search_params
+from curation.vectors import load_collection_index
 from models.clip import Clip, load_clip
 
 log = logging.getLogger(__name__)
@@ -95,7 +93,8 @@ class Context:
     # ---- the rows a spec starts from -----------------------------------------------------
     @property
     def base(self) -> pa.Table:
-        """id, key, url, sha256 of every embedded row, by id; the takedown list is applied at once."""
+        """id, key, url, sha256 of every embedded row, by id; the takedown list is applied at
+        once."""
         if self._base is None:
             table = self.query(
                 f"SELECT {S.ID}, {S.KEY}, {S.URL}, {S.SHA256} FROM samples "
@@ -146,7 +145,8 @@ class Context:
         if not head:
             return []
         table = self.query(
-            f"SELECT {S.ID}, {S.CAPTION} FROM samples WHERE {S.ID} IN ({', '.join(map(str, head))})",
+            f"SELECT {S.ID}, {S.CAPTION} FROM samples "
+            f"WHERE {S.ID} IN ({', '.join(map(str, head))})",
             "captions",
         )
         by_id = dict(zip(table[S.ID].to_pylist(), table[S.CAPTION].to_pylist()))
@@ -155,7 +155,8 @@ class Context:
     # ---- vectors -------------------------------------------------------------------------
     @property
     def clip_model(self) -> str:
-        """The collection's CLIP spec (collection.json; sieve-tiny, the embed default, when absent)."""
+        """The collection's CLIP spec (collection.json; sieve-tiny, the embed default, when
+        absent)."""
         return self.info.get("clip_model", "sieve-tiny")
 
     def clip(self) -> Clip:
@@ -165,27 +166,18 @@ class Context:
         return self.encoder
 
     def index(self, modality: str, what: str) -> tuple[Any, dict[str, Any], EmbeddingStore]:
-        """(faiss index with its tuned search parameters, its json, the embeddings) of a modality."""
+        """(faiss index with its tuned search parameters, its json, the embeddings) of a
+        modality."""
         if modality not in self._indices:
-            layout = S.CollectionLayout(self.collection)
-            fs, path = url_to_fs(layout.index_json(modality))
-            if not fs.exists(path):
-                raise SpecError(
-                    f"{self.source}: {what}: {self.collection} has no {modality} index; build it "
-                    f"with `python -m indices.build {self.collection}`"
-                )
-            with fs.open(path, "rb") as fh:
-                doc = json.loads(fh.read())
-            index = load_index(layout.index(modality))
-            set_search_params(index, doc.get("params", {}))
             try:
+                index, doc = load_collection_index(self.collection, modality)
                 store = EmbeddingStore.open(self.collection, modality)
             except CollectionError as exc:
                 raise SpecError(f"{self.source}: {what}: {exc}") from None
             if store.count != index.ntotal:
                 raise SpecError(
-                    f"{self.source}: {what}: the {modality} index holds {index.ntotal} vectors but the "
-                    f"collection {store.count}; rebuild it with `python -m indices.build`"
+                    f"{self.source}: {what}: the {modality} index holds {index.ntotal} vectors "
+                    f"but the collection {store.count}; rebuild it with `python -m indices.build`"
                 )
             self._indices[modality] = (index, doc, store)
         return self._indices[modality]

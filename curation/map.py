@@ -71,7 +71,8 @@ def layout(
 def place_nearest(
     sample_x: np.ndarray, sample_xy: np.ndarray, x: np.ndarray, k: int = PLACE_NEIGHBOURS
 ) -> np.ndarray:
-    """Positions for rows of x: the similarity-weighted mean position of their k nearest sampled rows."""
+    """Positions for rows of x: the similarity-weighted mean position of their k nearest
+    sampled rows."""
     index = faiss.IndexFlatIP(sample_x.shape[1])
     index.add(np.ascontiguousarray(sample_x, dtype=np.float32))
     sims, nn = index.search(np.ascontiguousarray(x, dtype=np.float32), min(k, len(sample_x)))
@@ -127,6 +128,9 @@ def compute_map(
     started = time.time()
     store = open_store(collection, modality)
     n = store.count
+    keys = read_keys(collection)  # before the layout: a missing part fails at once
+    if len(keys) != n:
+        raise CollectionError(f"{collection}: {len(keys)} embedded rows but {n} {modality} vectors")
     rng = np.random.default_rng(max(seed, 0))
     sample_ids = np.sort(rng.choice(n, size=min(n, sample), replace=False))
     sample_x = store.gather(sample_ids)
@@ -147,9 +151,6 @@ def compute_map(
         )
     place_seconds = time.time() - t0
     labels = _clusters(store, sample_ids, sample_x, n, clusters, seed, batch)
-    keys = read_keys(collection)
-    if len(keys) != n:
-        raise CollectionError(f"{collection}: {len(keys)} embedded rows but {n} {modality} vectors")
     layout_ = S.InsightLayout(collection)
     path = layout_.map(modality)
     write_table(
@@ -194,7 +195,8 @@ def read_map(collection: str, modality: str = S.MODALITY_IMAGE) -> pa.Table:
 def points_in_polygon(
     x: np.ndarray, y: np.ndarray, polygon: Sequence[Sequence[float]]
 ) -> np.ndarray:
-    """Even-odd rule: which points (x[i], y[i]) lie inside the polygon (a lasso: vertices in order)."""
+    """Even-odd rule: which points (x[i], y[i]) lie inside the polygon (a lasso: vertices in
+    order)."""
     poly = np.asarray(polygon, dtype=np.float64)
     if poly.ndim != 2 or poly.shape[1] != 2 or len(poly) < 3:
         raise ValueError(
@@ -252,7 +254,8 @@ def region_clause(
     rect: Sequence[float] | None = None,
     polygon: Sequence[Sequence[float]] | None = None,
 ) -> np.ndarray:
-    """A subset spec's map-region clause: the `ids` whose map point lies in the rectangle or polygon."""
+    """A subset spec's map-region clause: the `ids` whose map point lies in the rectangle or
+    polygon."""
     table = read_map(collection, modality)
     inside = region_mask(table, rect, polygon)
     ids = np.asarray(ids, dtype=np.int64)

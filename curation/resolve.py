@@ -72,7 +72,8 @@ def parse_spec(spec: str | dict[str, Any], collection: str) -> ParsedSpec:
 
 
 def spec_hash(parsed: ParsedSpec, collection: str) -> str:
-    """Identifies the query: the normalised spec (less name and description) and the collection's id."""
+    """Identifies the query: the normalised spec (less name and description) and the
+    collection's id."""
     spec = {k: v for k, v in parsed.normalised().items() if k not in (NAME, DESCRIPTION)}
     return stable_hash({"spec": spec, "collection": collection_id(collection)})
 
@@ -112,15 +113,15 @@ def resolve(
     encoder: Clip | None = None,
     on_step: Callable[[Step], None] | None = None,
 ) -> Resolution:
-    """The rows `spec` names on `collection`; SpecError (one line, naming spec and field) if it cannot.
+    """The rows `spec` names on `collection`; SpecError (one line, naming spec and field) if
+    it cannot.
 
     `untrusted` runs the spec's own SQL sandboxed (`Catalog(untrusted=True)`), for specs that
     came from the web UI. `examples` captions are kept per step (dry runs); `on_step` sees each
     step as it finishes. `encoder` reuses a loaded CLIP model for text and image clauses.
     """
     parsed = spec if isinstance(spec, ParsedSpec) else parse_spec(spec, collection)
-    cid = collection_id(collection)
-    ctx = Context(
+    ctx = Context(  # first: a missing or unreachable collection is a SpecError naming it
         collection,
         parsed.source.source,
         parsed.source.base_dir,
@@ -128,6 +129,7 @@ def resolve(
         untrusted,
         encoder,
     )
+    cid = collection_id(collection)
     steps: list[Step] = []
 
     def record(label: str, ids: np.ndarray) -> None:

@@ -89,7 +89,8 @@ def save_subset(collection: str, spec: str | dict[str, Any], overwrite: bool = T
     name = parsed.meta[NAME]
     if not all(c.isalnum() or c in "-_." for c in name) or name.startswith("."):
         raise SpecError(
-            f"{parsed.source.source}: name: {name!r} must be a file name (letters, digits, '-', '_', '.')"
+            f"{parsed.source.source}: name: {name!r} must be a file name "
+            "(letters, digits, '-', '_', '.')"
         )
     path = S.CollectionLayout(collection).subset(name)
     fs, fpath = url_to_fs(path)
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         if args.save:
             summary["saved"] = save_subset(args.collection, args.spec)
-    except SpecError as exc:
+    except ValueError as exc:  # SpecError and CollectionError: one line, no traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.dry_run:

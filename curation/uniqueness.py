@@ -31,7 +31,8 @@ DEFAULT_K = 10
 
 
 def uniqueness_scores(kth_distance: np.ndarray) -> np.ndarray:
-    """Rank of each distance scaled to [0, 1] (ties share their mean rank; NaN counts as the rarest)."""
+    """Rank of each distance scaled to [0, 1] (ties share their mean rank; NaN counts as the
+    rarest)."""
     d = np.where(np.isfinite(kth_distance), kth_distance, np.inf)
     n = len(d)
     if n < 2:
@@ -52,11 +53,11 @@ def compute_uniqueness(
         raise ValueError(f"k must be at least 1, got {k}")
     started = time.time()
     store = open_store(collection, modality)
+    keys = read_keys(collection)  # before the search: a missing part fails at once
     _, sims = neighbours(collection, k, modality, store)
     kth = np.maximum(1.0 - sims[:, k - 1], 0.0).astype(
         np.float32
     )  # float16 copies can exceed cosine 1
-    keys = read_keys(collection)
     score = uniqueness_scores(kth)
     table = pa.table(
         {

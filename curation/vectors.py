@@ -6,33 +6,34 @@ one line that says which command makes it.
 from __future__ import annotations
 
 import io
-import json
-import os
 from typing import Any, Sequence
 
+import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from collection import schema as S
 from collection.embeddings import EmbeddingStore
-from collection.parts import CollectionError, read_metadata
-from collection.storage import url_to_fs, write_bytes
+from collection.parts import CollectionError, complete_parts, read_metadata
+from collection.storage import is_local, read_json, url_to_fs, write_bytes
 from indices.build import load_index
 from indices.tune import set_search_params
 
 
 def open_store(collection: str, modality: str = S.MODALITY_IMAGE) -> EmbeddingStore:
-    """The collection's memory-mapped embeddings of one modality (CollectionError when absent)."""
+    """The collection's embeddings of one modality, memory-mapped when local and range-read when
+    remote (CollectionError naming the URL when absent or unreachable)."""
     if modality not in S.MODALITIES:
         raise ValueError(f"modality: unknown {modality!r}; expected one of {list(S.MODALITIES)}")
-    if not os.path.isdir(collection):
-        raise CollectionError(f"{collection}: no such collection folder")
+    complete_parts(collection)  # a missing, unreachable or non-collection URL, said in one line
     layout = S.CollectionLayout(collection)
     folder = layout.img_emb_dir if modality == S.MODALITY_IMAGE else layout.text_emb_dir
-    if not os.path.isdir(folder):
+    fs, path = url_to_fs(folder)
+    if not fs.isdir(path):
         raise CollectionError(
-            f"{collection}: no {modality} embeddings ({folder}); run `python -m pipelines.embed` first"
+            f"{collection}: no {modality} embeddings ({folder}); "
+            "run `python -m pipelines.embed` first"
         )
     store = EmbeddingStore.open(collection, modality)
     if store.count == 0:
@@ -46,7 +47,8 @@ def read_keys(collection: str) -> np.ndarray:
 
 
 def ids_of(keys: np.ndarray, wanted: Sequence[str], what: str) -> np.ndarray:
-    """Global ids of `wanted` keys; an unknown key is a ValueError naming it (and `what` they are)."""
+    """Global ids of `wanted` keys; an unknown key is a ValueError naming it (and `what` they
+    are)."""
     index = {k: i for i, k in enumerate(keys)}
     missing = [k for k in wanted if k not in index]
     if missing:
@@ -60,16 +62,21 @@ def ids_of(keys: np.ndarray, wanted: Sequence[str], what: str) -> np.ndarray:
 def load_collection_index(
     collection: str, modality: str = S.MODALITY_IMAGE
 ) -> tuple[Any, dict[str, Any]]:
-    """(faiss index with its tuned search parameters, its json); CollectionError naming the build command."""
+    """(faiss index with its tuned search parameters, its json); CollectionError naming the
+    build command. A local index is memory-mapped; a remote one is read into memory."""
     layout = S.CollectionLayout(collection)
     path = layout.index(modality)
-    if not os.path.exists(path) or not os.path.exists(layout.index_json(modality)):
+    doc = read_json(layout.index_json(modality))
+    fs, fpath = url_to_fs(path)
+    if doc is None or not fs.exists(fpath):
         raise CollectionError(
-            f"{collection}: no {modality} index ({path}); run `python -m indices.build {collection}` first"
+            f"{collection} has no {modality} index; "
+            f"build it with `python -m indices.build {collection}`"
         )
-    index = load_index(path)
-    with open(layout.index_json(modality)) as fh:
-        doc = json.load(fh)
+    if is_local(path):
+        index = load_index(fpath)
+    else:
+        index = faiss.deserialize_index(np.frombuffer(fs.cat_file(fpath), dtype=np.uint8))
     set_search_params(index, doc.get("params", {}))
     return index, doc
 
@@ -81,7 +88,8 @@ def neighbours(
     store: EmbeddingStore | None = None,
     batch: int = 2048,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Every vector's k nearest other vectors through the collection's index: (ids, cosines), (n, k).
+    """Every vector's k nearest other vectors through the collection's index: (ids, cosines),
+    each (n, k).
 
     Candidates come from the index (searched at its tuned parameters, as deep as its re-rank
     depth), similarities are recomputed exactly from the embeddings and sorted; a vector is
