@@ -372,7 +372,6 @@ def confine(
     if early:
         for name in ("landlock", "seccomp"):
             if out[name]["in_force"]:
-                out[name] = layer(
-                    False, f"partial: {early} threads started before it are not bound"
-                )
+                threads = f"{early} thread{'s' if early > 1 else ''}"
+                out[name] = layer(False, f"partial: {threads} started before it not bound")
     return out

@@ -63,6 +63,7 @@ class SandboxPool:
         self._waiting: dict[str, deque[_Ticket]] = {}
         self._order: deque[str] = deque()  # clients with queries waiting, in serving order
         self._running: Counter[str] = Counter()
+        self._holder: dict[int, str] = {}  # worker index -> the client running on it
         self._closed = False
 
     @property
@@ -78,6 +79,19 @@ class SandboxPool:
     def layers(self) -> dict[str, Any]:
         """The OS layers of the first worker (every worker is started the same way)."""
         return self.workers[0].layers
+
+    def running(self) -> dict[str, list[int]]:
+        """The workers (indices into `workers`) running a query now, per client."""
+        with self._cond:
+            out: dict[str, list[int]] = {}
+            for index, key in sorted(self._holder.items()):
+                out.setdefault(key, []).append(index)
+            return out
+
+    def waiting(self) -> dict[str, int]:
+        """Queries waiting for a worker now, per client."""
+        with self._cond:
+            return {key: len(queue) for key, queue in self._waiting.items()}
 
     @property
     def restarts(self) -> int:
@@ -162,6 +176,7 @@ class SandboxPool:
             self._free.sort(key=lambda i: self.workers[i].available_at())
             ticket.worker = self._free.pop(0)
             self._running[key] += 1
+            self._holder[ticket.worker] = key
             self._cond.notify_all()
 
     def _release(self, key: str, index: int) -> None:
@@ -169,6 +184,7 @@ class SandboxPool:
             self._running[key] -= 1
             if self._running[key] <= 0:
                 del self._running[key]
+            self._holder.pop(index, None)
             self._free.append(index)
             self._dispatch()
 

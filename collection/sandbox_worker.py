@@ -125,9 +125,12 @@ def _check_statement(con: Any, sql: str) -> None:
         raise SqlError(one_line(exc)) from None
     if len(statements) != 1:
         raise SqlError(f"one statement per query, got {len(statements)}")
-    kind = statements[0].type
-    if kind != duckdb.StatementType.SELECT:
-        raise SqlError(f"only SELECT queries are allowed, got {kind.name}")
+    try:
+        kind = statements[0].type.name
+    except ValueError:  # a statement type the Python API has no name for (UPDATE EXTENSIONS)
+        kind = "a statement of another kind"
+    if kind != duckdb.StatementType.SELECT.name:
+        raise SqlError(f"only SELECT queries are allowed, got {kind}")
 
 
 class _Watchdog:
@@ -263,7 +266,7 @@ def _run(
         return ("error", stopped)
     except (duckdb.OutOfMemoryException, MemoryError) as exc:
         return ("error", f"query ran out of memory: {one_line(exc)}")
-    except Exception as exc:  # noqa: BLE001  any other failure, mid-stream ones included, is the query's
+    except Exception as exc:  # whatever else fails, mid-stream too, is the query's: one line
         if watchdog is not None and watchdog.fired:
             return ("error", stopped)
         if "out of memory" in str(exc).lower():

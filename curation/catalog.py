@@ -207,6 +207,11 @@ class Catalog:
         return self._sandbox.pid if self._sandbox is not None else None
 
     @property
+    def sandbox(self) -> SandboxPool | None:
+        """Untrusted: the current worker pool (for checks and figures); None when trusted."""
+        return self._sandbox
+
+    @property
     def sandbox_layers(self) -> dict[str, Any]:
         """Untrusted: the OS layers its workers run under (`collection.sandbox_os.LAYERS`), each
         {"in_force": bool, "detail": str}; empty before they start or when trusted."""
