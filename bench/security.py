@@ -81,13 +81,19 @@ def run_attacks(attacks: list[Attack]) -> list[dict[str, Any]]:
 
 
 def summary(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """{"tried", "held", "by_category": {category: {"tried", "held"}}}."""
+    """{"tried", "held", "held_fraction", "by_category": {category: {"tried", "held"}}}."""
     by: dict[str, dict[str, int]] = {}
     for r in results:
         c = by.setdefault(r["category"], {"tried": 0, "held": 0})
         c["tried"] += 1
         c["held"] += int(r["held"])
-    return {"tried": len(results), "held": sum(r["held"] for r in results), "by_category": by}
+    held = sum(r["held"] for r in results)
+    return {
+        "tried": len(results),
+        "held": held,
+        "held_fraction": held / max(1, len(results)),
+        "by_category": by,
+    }
 
 
 def _percentile(values: list[float], q: float) -> float:
