@@ -22,6 +22,7 @@ Used by `curation.catalog.Catalog(untrusted=True)` (the UI's query box) and by
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -175,6 +176,11 @@ def _died(code: int | None) -> str:
     return f"query stopped: the SQL worker died ({_describe_exit(code)}){hint}; a new one starts"
 
 
+def _absolute(path: str) -> str:
+    """A local path made absolute against this process's working directory; URLs unchanged."""
+    return path if "://" in path else os.path.abspath(path)
+
+
 def _warn_missing(label: str, layers: Mapping[str, Any]) -> None:
     """Log each OS layer a worker runs without, once per process and reason."""
     for name, entry in layers.items():
@@ -194,7 +200,11 @@ class Sandbox:
     def __init__(
         self, sources: Sequence[Source] = (), limits: Limits = Limits(), label: str = "sql"
     ) -> None:
-        self.sources, self.limits, self.label = tuple(sources), limits, label
+        # the worker runs in a folder of its own: relative paths are the caller's
+        self.sources = tuple(
+            dataclasses.replace(s, files=tuple(_absolute(f) for f in s.files)) for s in sources
+        )
+        self.limits, self.label = limits, label
         self._lock = threading.Lock()
         self._proc: Any = None
         self._conn: Any = None

@@ -6,10 +6,11 @@ worker puts itself in one before it reads a query:
   (its uid and gid mapped to themselves) and a network namespace with no interface up, so no
   query reaches any network, loopback included;
 - `confine()`, before anything starts a thread (every layer binds the calling thread and the
-  threads it starts later): `no_new_privs`; Landlock allowing reads of the collection's files
-  and the Python runtime's libraries (lazy imports), reads and writes in the worker's own
-  temporary folder, no TCP bind or connect, no signals or abstract sockets outside the worker;
-  a seccomp filter refusing new processes, sockets, exec, namespaces, mounts, ptrace, bpf and
+  threads it starts later): `no_new_privs`; Landlock allowing reads of the files in the folders
+  holding the collection's metadata parts (a rule on a folder still holds when a file in it is
+  replaced atomically; a rule on the file would not) and of the Python runtime's libraries
+  (lazy imports), reads and writes in the worker's own temporary folder, no TCP bind or
+  connect, no signals or abstract sockets outside the worker; a seccomp filter refusing new processes, sockets, exec, namespaces, mounts, ptrace, bpf and
   kernel-administration calls; every capability dropped.
 Each layer is applied on its own and then probed; where the kernel refuses one, the worker runs
 with the others and its report says which is missing and why. Standard library and ctypes only:
@@ -171,7 +172,7 @@ def _add_rule(ruleset: int, path: str, access: int) -> None:
 
 
 def _landlock(
-    read_files: Sequence[str], read_dirs: Sequence[str], write_dirs: Sequence[str]
+    data: Sequence[str], read_dirs: Sequence[str], write_dirs: Sequence[str]
 ) -> dict[str, object]:
     abi = landlock_abi()
     if abi < 1:
@@ -190,7 +191,7 @@ def _landlock(
     dir_write = dir_read | _FS_WRITE_FILE | _FS_REMOVE_DIR | _FS_REMOVE_FILE | _FS_MAKE_DIR
     dir_write |= _FS_MAKE_REG | (_FS_TRUNCATE if abi >= 3 else 0)
     try:
-        for path in read_files:
+        for path in data:
             _add_rule(ruleset, path, file_read)
         for path in read_dirs:
             _add_rule(ruleset, path, dir_read)
@@ -209,7 +210,7 @@ def _landlock(
         extras += ", no signals or abstract sockets beyond itself" if scoped else ""
         return layer(
             True,
-            f"ABI {abi}: reads {len(read_files)} data files and the Python runtime "
+            f"ABI {abi}: reads files in {len(data)} data folders and the Python runtime "
             f"({len(read_dirs)} folders), writes only its temp folder{extras}",
         )
     return layer(False, "missing: restricted, yet '/' can still be listed")
@@ -356,17 +357,19 @@ def _drop_capabilities() -> dict[str, object]:
 
 
 def confine(
-    read_files: Iterable[str], read_dirs: Iterable[str], write_dirs: Iterable[str]
+    data: Iterable[str], read_dirs: Iterable[str], write_dirs: Iterable[str]
 ) -> dict[str, dict[str, object]]:
     """Apply no_new_privs, Landlock, seccomp and the capability drop to this thread and every
-    thread it starts later, each probed; returns their report entries."""
+    thread it starts later, each probed; returns their report entries. Landlock lets it read the
+    files `data` names (a file, or the files in a folder, but not list it), read and list
+    `read_dirs`, and write in `write_dirs`."""
     out: dict[str, dict[str, object]] = {}
     early = threads_now() - 1
     if _prctl(_PR_SET_NO_NEW_PRIVS, 1) == 0 and _prctl(_PR_GET_NO_NEW_PRIVS) == 1:
         out["no_new_privs"] = layer(True, "set: no exec can gain privileges")
     else:
         out["no_new_privs"] = layer(False, f"missing: prctl refused: {_errno_text()}")
-    out["landlock"] = _landlock(list(read_files), list(read_dirs), list(write_dirs))
+    out["landlock"] = _landlock(list(data), list(read_dirs), list(write_dirs))
     out["seccomp"] = _seccomp()
     out["capabilities"] = _drop_capabilities()
     if early:

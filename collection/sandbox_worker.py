@@ -302,11 +302,12 @@ def _start(
     temp_dir = os.path.join(workdir, "tmp")
     _set_rlimits(limits)
     con = _connect(limits, temp_dir)
-    files = sorted({os.path.realpath(f) for s in sources for f in s.files})
+    # the folders holding the data: the file a path names today may be replaced atomically later
+    folders = sorted({os.path.dirname(os.path.realpath(f)) for s in sources for f in s.files})
     data_dirs = [d for d in _DATA_DIRS if os.path.isdir(d)]
     if threads_now() != 1:  # confine() reports the layers as partial
         layers["threads_before_confine"] = threads_now()
-    layers.update(confine(files, runtime_dirs() + data_dirs, [temp_dir]))
+    layers.update(confine(folders, runtime_dirs() + data_dirs, [temp_dir]))
     alive = _register_and_lock(con, sources, limits)
     # the first query loads what DuckDB and pyarrow load lazily, before a user's query could fail
     warm = _run(con, "SELECT 1 AS one", 1, {}, limits.timeout_s, set())

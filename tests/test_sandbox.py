@@ -139,12 +139,13 @@ def connect():
 
 
 in_namespace = attempt(connect)  # before seccomp, which refuses the socket itself
-layers.update(confine([sys.argv[2]], runtime_dirs(), [sys.argv[3]]))
+layers.update(confine([os.path.dirname(sys.argv[2])], runtime_dirs(), [sys.argv[3]]))
 out = {
     "layers": layers,
     "connect in the namespace": in_namespace,
     "read data": attempt(lambda: open(sys.argv[2]).read()),
     "read elsewhere": attempt(lambda: open("/etc/passwd").read()),
+    "list the data folder": attempt(lambda: os.listdir(os.path.dirname(sys.argv[2]))),
     "write temp": attempt(lambda: open(os.path.join(sys.argv[3], "x"), "w").write("x")),
     "write elsewhere": attempt(lambda: open(sys.argv[2] + ".w", "w").write("x")),
     "connect": attempt(connect),
@@ -160,7 +161,8 @@ print(json.dumps(out))
 
 
 def _confined(tmp_path: Path, mode: str = "plain") -> dict:
-    data, temp = tmp_path / "data.txt", tmp_path / "temp"
+    data, temp = tmp_path / "data" / "part.parquet", tmp_path / "temp"
+    data.parent.mkdir()
     data.write_text("data\n")
     temp.mkdir()
     with socketserver.TCPServer(("127.0.0.1", 0), socketserver.BaseRequestHandler) as server:
@@ -184,6 +186,7 @@ def test_a_confined_process_reads_its_data_and_nothing_else_even_without_duckdb(
     assert out["read data"] == "allowed" and out["write temp"] == "allowed"
     if layers["landlock"]["in_force"]:
         assert out["read elsewhere"] == "EACCES" and out["write elsewhere"] == "EACCES"
+        assert out["list the data folder"] == "EACCES"
     if layers["network"]["in_force"]:
         assert out["connect in the namespace"] == "ENETUNREACH"
     assert out["connect"] != "allowed" or not any(
@@ -260,6 +263,13 @@ def test_workers_run_in_their_own_empty_folder_with_bounded_threads(probe):
         assert not Path(row["temp"]).is_relative_to(Path.cwd())
         assert os.readlink(f"/proc/{worker.pid}/cwd") == str(Path(row["temp"]).parent)
     assert len(temps) == len(cat.sandbox.workers)
+
+
+def test_a_relative_collection_path_is_read_from_the_callers_folder(coll, monkeypatch):
+    """The worker runs in a folder of its own; the caller's relative path still names the data."""
+    monkeypatch.chdir(Path(coll).parent)
+    with Catalog(Path(coll).name, untrusted=True, workers=1) as cat:
+        assert cat.count() == sum(N) - 1  # one key is taken down
 
 
 def test_restarts_back_off_when_workers_keep_dying():
