@@ -77,8 +77,8 @@ class SandboxPool:
 
     @property
     def layers(self) -> dict[str, Any]:
-        """The OS layers of the first worker (every worker is started the same way)."""
-        return self.workers[0].layers
+        """The OS layers of the first worker that started (all start the same way)."""
+        return next((w.layers for w in self.workers if w.layers), {})
 
     def running(self) -> dict[str, list[int]]:
         """The workers (indices into `workers`) running a query now, per client."""
