@@ -22,6 +22,7 @@ Used by `curation.catalog.Catalog(untrusted=True)` (the UI's query box) and by
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import io
 import json
@@ -36,6 +37,7 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any, Mapping, Sequence
@@ -155,6 +157,15 @@ def from_ipc(data: bytes) -> pa.Table:
 # ---- the parent side --------------------------------------------------------------------
 _warned: set[tuple[str, str]] = set()
 _warned_lock = threading.Lock()
+#: every sandbox with a worker, stopped at exit: a caller that never closed one (a cached UI
+#: resource, say) leaves no worker folder behind
+_live: "weakref.WeakSet[Sandbox]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all() -> None:
+    for box in list(_live):
+        box._stop()
 
 
 def _describe_exit(code: int | None) -> str:
@@ -248,6 +259,7 @@ class Sandbox:
         finally:
             child.close()
         self._workdir = workdir
+        _live.add(self)
         self._conn, self._ready = Connection(parent.detach()), False
         self._conn.send((self.sources, self.limits, workdir))
 

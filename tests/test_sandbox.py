@@ -272,6 +272,31 @@ def test_a_relative_collection_path_is_read_from_the_callers_folder(coll, monkey
         assert cat.count() == sum(N) - 1  # one key is taken down
 
 
+def test_a_worker_left_running_at_exit_is_stopped_and_its_folder_removed(tmp_path):
+    """A caller that never closes its sandbox and holds it where no finaliser runs at exit (a
+    UI's cached resource, here a daemon thread)."""
+    code = (
+        "import threading\n"
+        "from collection.sandbox import Sandbox\n"
+        "def hold(box):\n"
+        "    threading.Event().wait()\n"
+        "box = Sandbox(label='left').start()\n"
+        "print(box.pid)\n"
+        "threading.Thread(target=hold, args=(box,), daemon=True).start()\n"
+        "del box\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO), "TMPDIR": str(tmp_path)},
+    )
+    assert done.returncode == 0, done.stderr
+    assert not list(tmp_path.glob("sieve-left-*"))
+    assert not Path(f"/proc/{int(done.stdout)}").exists()
+
+
 def test_restarts_back_off_when_workers_keep_dying():
     with Sandbox(limits=Limits(timeout_s=30, memory_limit="256MB", threads=1)) as box:
         for _ in range(2):
