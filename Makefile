@@ -47,6 +47,7 @@ bench: $(STAMP)
 	$(PY) -m bench.server --collection $(DEMO)/collection
 	$(PY) -m bench.hdit --only scaling,flops,throughput,demo
 	$(PY) -m bench.curation
+	$(PY) -m bench.security
 	$(PY) -m bench.insight
 	$(PY) -m bench.guidance --hdit-run $(DEMO)/hdit --collection $(DEMO)/collection
 	$(PY) -m bench.webui --demo $(DEMO)/collection

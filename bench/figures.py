@@ -124,6 +124,20 @@ FIGURES: list[tuple[str, str, str, str, str]] = [
         "",
     ),
     (
+        "untrusted SQL: attacks held, fraction of those tried",
+        "security.json",
+        "held_fraction",
+        "{:.3f}",
+        "goal 1",
+    ),
+    (
+        "untrusted SQL: second user's p99 beside a hostile query, ms",
+        "security.json",
+        "second_user_p99_ms",
+        "{:.0f}",
+        "goal ≤ 1000",
+    ),
+    (
         "similarity filter: swapped captions removed",
         "curation.json",
         "filter_mismatch_removed",

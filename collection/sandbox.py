@@ -1,15 +1,20 @@
-"""Untrusted SQL, run in a separate worker process that the caller's process outlives.
+"""Untrusted SQL, run in confined worker processes that the caller's process outlives.
 
 DuckDB's own documentation says that SQL from people you do not trust needs an OS-level
-sandbox on top of DuckDB's settings, so a `Sandbox` keeps one long-lived worker process
-(a fresh interpreter started with subprocess) holding a DuckDB connection that is locked the documented way:
-the data is registered first (Arrow datasets and tables, read by pyarrow, never by DuckDB's
-file system), then `enable_external_access=false`, extension autoload/autoinstall off,
-`memory_limit`, `threads`, `max_temp_directory_size`, and last `lock_configuration=true`.
-The worker's address space is capped (RLIMIT_AS), each query gets a wall-clock limit
-(interrupted inside the worker; if it does not stop, the parent kills the worker and starts
-a new one), only one SELECT statement is accepted, results are capped in rows (with a
-`truncated` flag) and in bytes. Every refusal is a `SqlError` with a one-line reason.
+sandbox on top of DuckDB's settings. A `Sandbox` keeps one long-lived worker process (a fresh
+interpreter, `collection.sandbox_worker`) in an empty working directory, inside its own user
+and network namespaces, under Landlock, seccomp and `no_new_privs` with every capability
+dropped (`collection.sandbox_os`; `sandbox_layers()` says which layers this kernel allows),
+holding a DuckDB connection locked the documented way: data registered first (Arrow datasets
+read by pyarrow, never by DuckDB's file system), then external access and extension loading
+off, `memory_limit`, bounded `threads`, `temp_directory` in its own folder, and last
+`lock_configuration=true`. Its address space is capped (RLIMIT_AS), each query gets a
+wall-clock limit (interrupted inside the worker; if it does not stop, the parent kills the
+worker and starts a new one, with a growing pause when workers keep failing), only one SELECT
+is accepted, results are capped in rows (with a `truncated` flag) and bytes. Every refusal is
+a `SqlError` with a one-line reason.
+
+`collection.sandbox_pool.SandboxPool` shares a few such workers fairly among clients.
 
 Used by `curation.catalog.Catalog(untrusted=True)` (the UI's query box) and by
 `indices.search`'s `filters=` (a WHERE clause over the search candidates).
@@ -17,35 +22,39 @@ Used by `curation.catalog.Catalog(untrusted=True)` (the UI's query box) and by
 
 from __future__ import annotations
 
+import atexit
+import dataclasses
 import io
 import json
 import logging
 import os
 import re
-import resource
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any, Mapping, Sequence
 
-import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
-
-from collection.procfs import process_status_kib
 
 log = logging.getLogger(__name__)
 
 #: how long a new worker may take to import, register its data and lock its connection
 START_TIMEOUT_S = 120.0
-#: bytes the result of one query may take in Arrow IPC form (rows are capped separately)
+#: bytes the result of one query may take in Arrow (rows are capped separately)
 MAX_RESULT_BYTES = 64 * 2**20
+#: DuckDB threads per worker when Limits.threads is not set: the others' queries keep cores
+MAX_THREADS_PER_WORKER = 2
+#: pause before restarting a worker that failed twice in a row, doubled per further failure
+BACKOFF_S, MAX_BACKOFF_S = 0.5, 30.0
 _UNITS = {
     "": 1,
     "B": 1,
@@ -57,6 +66,21 @@ _UNITS = {
     "MIB": 2**20,
     "GIB": 2**30,
     "TIB": 2**40,
+}
+#: what the worker process runs: its namespaces first, while it has one thread, then the rest
+_WORKER = (
+    "from collection.sandbox_os import enter_namespaces; layers = enter_namespaces(); "
+    "from collection.sandbox_worker import worker_main; worker_main({fd}, layers)"
+)
+#: environment of the worker: no thread may start before it is confined (jemalloc's background
+#: thread, BLAS pools), glibc's per-thread arenas would reserve address space the cap counts
+_WORKER_ENV = {
+    "JE_ARROW_MALLOC_CONF": "background_thread:false",
+    "ARROW_DEFAULT_MEMORY_POOL": "system",
+    "OPENBLAS_NUM_THREADS": "1",
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "MALLOC_ARENA_MAX": "2",
 }
 
 
@@ -80,7 +104,7 @@ class Limits:
 
     timeout_s: float = 10.0
     memory_limit: str = "1GB"
-    threads: int | None = None  # None: the cores this process may run on
+    threads: int | None = None  # None: the cores this process may run on, at most 2
     max_temp_directory_size: str = "0B"  # no spilling to disk
     #: RLIMIT_AS over what the worker maps after its imports; None: 2 x memory_limit + 1 GiB
     #: (DuckDB's limit covers its buffer manager, not pyarrow's scan buffers or thread stacks)
@@ -89,7 +113,9 @@ class Limits:
     grace_s: float = 5.0
 
     def worker_threads(self) -> int:
-        return self.threads or max(1, len(os.sched_getaffinity(0)))
+        """DuckDB's and pyarrow's threads in the worker: bounded, so one query leaves cores over."""
+        cores = len(os.sched_getaffinity(0))
+        return self.threads or max(1, min(MAX_THREADS_PER_WORKER, cores))
 
     def address_space_budget(self) -> int:
         return self.address_space or 2 * parse_size(self.memory_limit) + 2**30
@@ -115,203 +141,33 @@ def one_line(exc: BaseException | str, limit: int = 400) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _ipc(table: pa.Table) -> bytes:
+def ipc(table: pa.Table) -> bytes:
+    """A table as Arrow IPC stream bytes: what goes between the worker and its parent."""
     sink = io.BytesIO()
     with pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table)
     return sink.getvalue()
 
 
-def _from_ipc(data: bytes) -> pa.Table:
+def from_ipc(data: bytes) -> pa.Table:
+    """The table in Arrow IPC stream bytes."""
     return pa.ipc.open_stream(data).read_all()
 
 
-# ---- the worker process -----------------------------------------------------------------
-def _vm_size() -> int:
-    """Bytes of address space this process maps now (Linux)."""
-    kib = process_status_kib("VmSize")
-    if kib is None:
-        raise OSError("no VmSize in /proc/self/status")
-    return kib * 1024
-
-
-def _locked_connection(sources: Sequence[Source], limits: Limits) -> tuple[Any, list[Any]]:
-    """A DuckDB connection with the sources registered, then locked; plus objects to keep alive."""
-    threads = limits.worker_threads()
-    pa.set_cpu_count(threads)
-    pa.set_io_thread_count(max(2, threads))
-    # pyarrow's default allocator (jemalloc) reserves address space far ahead of use, which an
-    # RLIMIT_AS turns into spurious allocation failures; the system allocator maps what it uses
-    pa.set_memory_pool(pa.system_memory_pool())
-    con = duckdb.connect(":memory:")
-    alive: list[Any] = []
-    for src in sources:
-        if src.table is not None:
-            rel = con.from_arrow(src.table)
-        else:
-            data = pads.dataset(list(src.files), schema=src.schema, format="parquet")
-            if src.keep is not None:
-                data = data.filter(src.keep)
-            rel = con.from_arrow(data)
-        # a view over an anonymous Arrow scan: the data has no name of its own to query around `select`
-        view = rel.project(src.select)
-        view.create_view(src.name)
-        alive += [rel, view]
-    for statement in (
-        "SET enable_progress_bar=false",  # it would draw on the caller's terminal
-        "SET enable_external_access=false",
-        "SET autoload_known_extensions=false",
-        "SET autoinstall_known_extensions=false",
-        f"SET memory_limit='{parse_size(limits.memory_limit)}B'",
-        f"SET threads={threads}",
-        f"SET max_temp_directory_size='{parse_size(limits.max_temp_directory_size)}B'",
-        "SET lock_configuration=true",
-    ):
-        con.execute(statement)
-    return con, alive
-
-
-def _check_statement(sql: str) -> None:
-    """One SELECT statement, or SqlError saying what it is instead."""
-    if not isinstance(sql, str) or not sql.strip():
-        raise SqlError("empty query")
-    try:
-        statements = duckdb.extract_statements(sql)
-    except duckdb.Error as exc:
-        raise SqlError(one_line(exc)) from None
-    if len(statements) != 1:
-        raise SqlError(f"one statement per query, got {len(statements)}")
-    kind = statements[0].type
-    if kind != duckdb.StatementType.SELECT:
-        raise SqlError(f"only SELECT queries are allowed, got {kind.name}")
-
-
-class _Watchdog:
-    """Interrupts the connection's running query after `seconds`, never a later one."""
-
-    def __init__(self, con: Any, seconds: float) -> None:
-        self.con, self.lock, self.running, self.fired = con, threading.Lock(), True, False
-        self.timer = threading.Timer(seconds, self._fire)
-        self.timer.daemon = True
-        self.timer.start()
-
-    def _fire(self) -> None:
-        with self.lock:
-            if self.running:
-                self.fired = True
-                self.con.interrupt()
-
-    def stop(self) -> None:
-        with self.lock:
-            self.running = False
-        self.timer.cancel()
-
-
-def _run(
-    con: Any,
-    sql: str,
-    row_cap: int | None,
-    tables: Mapping[str, bytes],
-    timeout_s: float,
-    reserved: set[str],
-) -> tuple:
-    """One query in the worker: ("ok", ipc bytes, truncated, seconds) or ("error", reason)."""
-    start = time.perf_counter()
-    registered: list[str] = []
-    reader = rel = None
-    watchdog = None
-    try:
-        _check_statement(sql)
-        for name, data in tables.items():
-            if name in reserved:
-                raise SqlError(f"table name {name!r} is taken")
-            con.register(name, _from_ipc(data))
-            registered.append(name)
-        watchdog = _Watchdog(con, timeout_s)
-        rel = con.sql(sql)
-        if rel is None:
-            raise SqlError("not a query")
-        batches, rows, truncated = [], 0, False
-        cap = None if row_cap is None else max(0, int(row_cap))
-        reader = rel.to_arrow_reader(2048 if cap is None else max(1, min(cap + 1, 2048)))
-        schema = reader.schema
-        for batch in reader:
-            if cap is not None and rows + batch.num_rows > cap:
-                batches.append(batch.slice(0, cap - rows))
-                truncated = True
-                break
-            batches.append(batch)
-            rows += batch.num_rows
-        data = _ipc(pa.Table.from_batches(batches, schema=schema))
-        if len(data) > MAX_RESULT_BYTES:
-            raise SqlError(
-                f"result is {len(data) / 2**20:.0f} MiB, over the {MAX_RESULT_BYTES // 2**20} MiB limit; "
-                "select fewer rows or columns"
-            )
-        return ("ok", data, truncated, time.perf_counter() - start)
-    except SqlError as exc:
-        return ("error", str(exc))
-    except duckdb.InterruptException:
-        return ("error", f"query ran past the {timeout_s:g} s time limit and was stopped")
-    except (duckdb.OutOfMemoryException, MemoryError) as exc:
-        return ("error", f"query ran out of memory: {one_line(exc)}")
-    except (duckdb.Error, pa.ArrowException, ValueError, OverflowError, RuntimeError) as exc:
-        if watchdog is not None and watchdog.fired:
-            return ("error", f"query ran past the {timeout_s:g} s time limit and was stopped")
-        return ("error", one_line(exc))
-    finally:
-        if watchdog is not None:
-            watchdog.stop()
-        if reader is not None:
-            reader.close()
-        del reader, rel
-        for name in registered:
-            con.unregister(name)
-
-
-def _reply(conn: Any, message: tuple) -> None:
-    """Worker → parent: a JSON header, then for results the Arrow IPC bytes. Never a pickle: the
-    parent must not run code a compromised worker chose."""
-    if message[0] == "ok":
-        _, data, truncated, seconds = message
-        conn.send_bytes(
-            json.dumps({"status": "ok", "truncated": truncated, "seconds": seconds}).encode()
-        )
-        conn.send_bytes(data)
-    else:
-        conn.send_bytes(json.dumps({"status": message[0], "detail": message[1]}).encode())
-
-
-def worker_main(fd: int) -> None:
-    """The worker process (`python -c`, given its socket's fd): read its sources and limits,
-    cap the address space, build the locked connection, answer queries until told to stop."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in a terminal is for the parent to handle
-    conn = Connection(fd)
-    try:
-        sources, limits = conn.recv()
-    except (EOFError, OSError):
-        return
-    try:
-        cap = _vm_size() + limits.address_space_budget()
-        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
-        con, alive = _locked_connection(sources, limits)
-    except (duckdb.Error, pa.ArrowException, OSError, ValueError, MemoryError) as exc:
-        _reply(conn, ("error", one_line(exc)))
-        return
-    _reply(conn, ("ready", os.getpid()))
-    reserved = {s.name for s in sources}
-    while True:
-        try:
-            msg = conn.recv()
-        except (EOFError, OSError):
-            return
-        if msg[0] == "close":
-            return
-        _, sql, row_cap, tables = msg
-        _reply(conn, _run(con, sql, row_cap, tables, limits.timeout_s, reserved))
-
-
 # ---- the parent side --------------------------------------------------------------------
+_warned: set[tuple[str, str]] = set()
+_warned_lock = threading.Lock()
+#: every sandbox with a worker, stopped at exit: a caller that never closed one (a cached UI
+#: resource, say) leaves no worker folder behind
+_live: "weakref.WeakSet[Sandbox]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all() -> None:
+    for box in list(_live):
+        box._stop()
+
+
 def _describe_exit(code: int | None) -> str:
     if code is None:
         return "still running"
@@ -323,6 +179,31 @@ def _describe_exit(code: int | None) -> str:
     return f"exit status {code}"
 
 
+def _died(code: int | None) -> str:
+    """What a caller is told when the worker died under its query."""
+    hint = ""
+    if code is not None and -code in (signal.SIGKILL, signal.SIGABRT):
+        hint = "; memory exhaustion is a common cause"
+    return f"query stopped: the SQL worker died ({_describe_exit(code)}){hint}; a new one starts"
+
+
+def _absolute(path: str) -> str:
+    """A local path made absolute against this process's working directory; URLs unchanged."""
+    return path if "://" in path else os.path.abspath(path)
+
+
+def _warn_missing(label: str, layers: Mapping[str, Any]) -> None:
+    """Log each OS layer a worker runs without, once per process and reason."""
+    for name, entry in layers.items():
+        if isinstance(entry, dict) and not entry.get("in_force"):
+            key = (name, str(entry.get("detail")))
+            with _warned_lock:
+                if key in _warned:
+                    continue
+                _warned.add(key)
+            log.warning("%s sandbox: layer %s is %s", label, name, entry.get("detail"))
+
+
 class Sandbox:
     """A long-lived worker process for untrusted SQL over `sources`; `query` never lets a
     query take the caller's process down, and a worker that died or hung is replaced."""
@@ -330,45 +211,82 @@ class Sandbox:
     def __init__(
         self, sources: Sequence[Source] = (), limits: Limits = Limits(), label: str = "sql"
     ) -> None:
-        self.sources, self.limits, self.label = tuple(sources), limits, label
+        # the worker runs in a folder of its own: relative paths are the caller's
+        self.sources = tuple(
+            dataclasses.replace(s, files=tuple(_absolute(f) for f in s.files)) for s in sources
+        )
+        self.limits, self.label = limits, label
         self._lock = threading.Lock()
         self._proc: Any = None
         self._conn: Any = None
+        self._workdir: str | None = None
         self._ready = False
         self.restarts = 0
+        self._failures = 0  # in a row: the restart backoff grows with them
+        self._not_before = 0.0
+        #: the OS layers the current worker reported (sandbox_os.LAYERS), once it is ready
+        self.layers: dict[str, Any] = {}
 
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
+    def available_at(self) -> float:
+        """The monotonic time this sandbox can next run a query (0: a worker is up or starting)."""
+        return 0.0 if self._proc is not None else self._not_before
+
     def _spawn(self) -> None:
         # a fresh interpreter rather than multiprocessing: no copy of the caller's threads or data,
         # and no re-import of the caller's main script (which a script without a __main__ guard
-        # would run again)
+        # would run again); its working directory is a new empty folder
         parent, child = socket.socketpair()
-        env = dict(os.environ)
+        workdir = tempfile.mkdtemp(prefix=f"sieve-{self.label}-")
+        os.mkdir(os.path.join(workdir, "tmp"), 0o700)
+        env = {**os.environ, **_WORKER_ENV, "HOME": workdir, "TMPDIR": f"{workdir}/tmp"}
         env["PYTHONPATH"] = os.pathsep.join(os.path.abspath(p or ".") for p in sys.path)
-        env["MALLOC_ARENA_MAX"] = (
-            "2"  # glibc's per-thread arenas reserve address space the cap counts
-        )
         try:
             self._proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-c",
-                    f"from collection.sandbox import worker_main; worker_main({child.fileno()})",
-                ],
+                [sys.executable, "-c", _WORKER.format(fd=child.fileno())],
                 pass_fds=(child.fileno(),),
                 stdin=subprocess.DEVNULL,
+                cwd=workdir,
                 env=env,
             )
+        except OSError:
+            shutil.rmtree(workdir, ignore_errors=True)
+            parent.close()
+            raise
         finally:
             child.close()
+        self._workdir = workdir
+        _live.add(self)
         self._conn, self._ready = Connection(parent.detach()), False
-        self._conn.send((self.sources, self.limits))
+        self._conn.send((self.sources, self.limits, workdir))
+
+    def spawn(self) -> None:
+        """Start the worker process without waiting for it (no-op when one is up or in backoff)."""
+        with self._lock:
+            if self._proc is None and time.monotonic() >= self._not_before:
+                self._spawn()
+
+    def _failed(self) -> float:
+        """Count a failure in a row; the pause before the next start."""
+        self._failures += 1
+        delay = 0.0
+        if self._failures > 1:
+            delay = min(MAX_BACKOFF_S, BACKOFF_S * 2 ** (self._failures - 2))
+            log.warning(
+                "%s sandbox: worker failed %d times in a row; next start in %.1f s",
+                self.label,
+                self._failures,
+                delay,
+            )
+        self._not_before = time.monotonic() + delay
+        return delay
 
     def _wait_ready(self) -> None:
         if self._proc is None:
+            time.sleep(max(0.0, self._not_before - time.monotonic()))
             self._spawn()
         if self._ready:
             return
@@ -378,45 +296,55 @@ class Sandbox:
             reply = self._receive()
         except (EOFError, OSError, ValueError):
             code = self._stop()
+            self._failed()
             raise SqlError(
                 f"SQL worker failed to start ({_describe_exit(code)}; its stderr says why)"
             ) from None
         except SqlError:
             self._stop()
+            self._failed()
             raise
         if reply["status"] != "ready":
             self._stop()
-            raise SqlError(f"SQL worker could not load its data: {reply['detail']}")
+            self._failed()
+            raise SqlError(f"SQL worker could not load its data: {reply.get('detail')}")
+        self.layers = dict(reply.get("layers") or {})
+        _warn_missing(self.label, self.layers)
         self._ready = True
 
     def _stop(self) -> int | None:
-        """Kill the worker (if any) and forget it; returns its exit code."""
-        proc, conn = self._proc, self._conn
-        self._proc = self._conn = None
+        """Kill the worker (if any), remove its folder and forget it; returns its exit code."""
+        proc, conn, workdir = self._proc, self._conn, self._workdir
+        self._proc = self._conn = self._workdir = None
         self._ready = False
         if conn is not None:
             conn.close()
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            proc.kill()
-        try:
-            return proc.wait(10)
-        except subprocess.TimeoutExpired:
-            return None
+        code = None
+        if proc is not None:
+            if proc.poll() is None:
+                proc.kill()
+            try:
+                code = proc.wait(10)
+            except subprocess.TimeoutExpired:
+                code = None
+        if workdir is not None:
+            shutil.rmtree(workdir, ignore_errors=True)
+        return code
 
     def _replace(self) -> int | None:
-        """Kill the worker and start its replacement (ready by the next query); its old exit code."""
+        """Kill the worker and start its replacement (at once, or after the backoff when
+        workers keep failing); returns the old one's exit code."""
         code = self._stop()
         self.restarts += 1
-        try:
-            self._spawn()
-        except OSError as exc:  # the next query tries again
-            log.warning("%s sandbox: could not start a new worker: %s", self.label, exc)
+        if self._failed() == 0:
+            try:
+                self._spawn()
+            except OSError as exc:  # the next query tries again
+                log.warning("%s sandbox: could not start a new worker: %s", self.label, exc)
         return code
 
     def start(self) -> "Sandbox":
-        """Start the worker now and wait until its data is registered (otherwise: on first query)."""
+        """Start the worker now and wait until its data is registered (else: at the first query)."""
         with self._lock:
             self._wait_ready()
         return self
@@ -426,7 +354,7 @@ class Sandbox:
     ) -> tuple[pa.Table, bool, float]:
         """(result, truncated, seconds in the worker) of one SELECT; `tables` are registered for
         this query only. Raises SqlError for every refusal, limit or failure."""
-        payload = {name: _ipc(t) for name, t in (tables or {}).items()}
+        payload = {name: ipc(t) for name, t in (tables or {}).items()}
         with self._lock:
             self._wait_ready()
             try:
@@ -440,19 +368,18 @@ class Sandbox:
             try:
                 answered = self._conn.poll(wait)
                 reply = self._receive() if answered else None
-            except (EOFError, OSError, ValueError):
-                code = self._replace()
-                raise SqlError(
-                    f"query stopped: the SQL worker died ({_describe_exit(code)}); running out of "
-                    f"memory under its {self.limits.memory_limit} limit is the usual cause; "
-                    "a new worker was started"
-                ) from None
+            except (EOFError, OSError):
+                raise SqlError(_died(self._replace())) from None
+            except ValueError as exc:  # framing intact, content not: a worker not to trust
+                self._replace()
+                raise SqlError(f"{one_line(exc)}; a new SQL worker starts") from None
             if reply is None:
                 self._replace()
                 raise SqlError(
                     f"query ran past the {self.limits.timeout_s:g} s time limit and did not stop; "
                     "its worker was killed and a new one started"
                 )
+            self._failures = 0
         if reply["status"] != "ok":
             raise SqlError(str(reply.get("detail", reply["status"])))
         return reply["table"], bool(reply["truncated"]), float(reply["seconds"])
@@ -464,11 +391,14 @@ class Sandbox:
         if not isinstance(header, dict) or "status" not in header:
             raise ValueError("malformed reply from the SQL worker")
         if header["status"] == "ok":
+            data = self._conn.recv_bytes(MAX_RESULT_BYTES + 2**20)
             try:
-                table = _from_ipc(self._conn.recv_bytes(MAX_RESULT_BYTES + 2**20))
+                table = from_ipc(data)
                 table.validate(full=True)
             except pa.ArrowException as exc:
-                raise ValueError(f"malformed result from the SQL worker: {exc}") from None
+                raise ValueError(
+                    f"the SQL worker sent a result that does not validate: {one_line(exc)}"
+                ) from None
             header["table"] = table
         return header
 
@@ -496,10 +426,12 @@ class Sandbox:
     def __del__(self) -> None:
         try:
             self._stop()
-        except (
-            OSError,
-            ValueError,
-            AttributeError,
-            TypeError,
-        ):  # interpreter shutdown: best effort only
+        except (OSError, ValueError, AttributeError, TypeError):  # interpreter shutdown
             pass
+
+
+def sandbox_layers(label: str = "check") -> dict[str, Any]:
+    """The OS layers a worker runs under on this machine: starts one, asks, stops it."""
+    with Sandbox(label=label) as box:
+        box.start()
+        return dict(box.layers)

@@ -7,10 +7,11 @@ complete parts in part order, as the indices number them; NULL for failed rows).
 - Trusted (the owner's own queries, `python -m curation.sql`): an in-process DuckDB
   connection over the Parquet parts with DuckDB's own reader; no limits, no row cap unless
   `query(..., row_cap=N)` asks for one.
-- Untrusted (`untrusted=True`, what the UI's query box runs): `collection.sandbox` — a separate
-  worker process, locked connection, one SELECT, time / memory / row caps, every refusal a
-  `SqlError`. Taken-down rows are filtered out at the scan, so no query can see them; a
-  changed takedown list restarts the worker within a second or so.
+- Untrusted (`untrusted=True`, what the UI's query box runs): `collection.sandbox_pool` — a
+  few confined worker processes (OS sandbox and locked DuckDB connection: `collection.sandbox`)
+  shared fairly among clients (`query(..., client=SESSION)`), one SELECT, time / memory / row
+  caps, every refusal a `SqlError`. Taken-down rows are filtered out at the scan, so no query
+  can see them; a changed takedown list starts new workers for the queries after the change.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from pyarrow.fs import FSSpecHandler, PyFileSystem
 
 from collection import schema as S, storage
 from collection.parts import CollectionError, complete_parts
-from collection.sandbox import Limits, Sandbox, Source, SqlError, one_line
+from collection.sandbox import Limits, Source, SqlError, one_line
+from collection.sandbox_pool import POOL_WORKERS, PoolClosed, SandboxPool
 from collection.storage import read_collection_json
 from collection.takedown import TakedownWatch
 from models.cache import cache_dir
@@ -226,6 +228,7 @@ class Catalog:
         row_cap: int = 10_000,
         timeout_s: float = 10.0,
         memory_limit: str = "1GB",
+        workers: int = POOL_WORKERS,
     ) -> None:
         self.root = collection
         self.untrusted = untrusted
@@ -235,13 +238,14 @@ class Catalog:
         self.info = read_collection_json(collection)
         self._lock = threading.Lock()
         self._con: Any = None
-        self._sandbox: Sandbox | None = None
+        self.workers = workers
+        self._sandbox: SandboxPool | None = None
         self._watch: TakedownWatch | None = None
         if untrusted:
             if not storage.is_local(collection):  # the sandbox's worker reads local files only
                 self.parts = replace(self.parts, files=mirror_parts(collection, self.parts.files))
             self._watch = TakedownWatch(collection)
-            self._sandbox = Sandbox([self._source()], self.limits, label="catalog")
+            self._sandbox = self._pool()
         else:
             self._con = duckdb.connect(":memory:")
             self._con.execute(
@@ -252,10 +256,12 @@ class Catalog:
                 f"FROM {_scan(self._con, collection, self.parts)}"
             )
 
-    def _source(self) -> Source:
+    def _pool(self) -> SandboxPool:
+        """Workers whose scan drops what the current takedown list names."""
         assert self._watch is not None
         keep = self._watch.takedown.arrow_filter(self.parts.schema.names)
-        return Source(TABLE, self.parts.files, self.parts.schema, keep, self.parts.select())
+        source = Source(TABLE, self.parts.files, self.parts.schema, keep, self.parts.select())
+        return SandboxPool([source], self.limits, "catalog", self.workers)
 
     @property
     def columns(self) -> list[str]:
@@ -277,20 +283,33 @@ class Catalog:
 
     @property
     def worker_pid(self) -> int | None:
-        """Untrusted: the sandbox worker's process id (None before it starts or when trusted)."""
+        """Untrusted: the first sandbox worker's process id (None before it starts or when
+        trusted); the one an idle catalog's next query runs on."""
         return self._sandbox.pid if self._sandbox is not None else None
 
+    @property
+    def sandbox(self) -> SandboxPool | None:
+        """Untrusted: the current worker pool (for checks and figures); None when trusted."""
+        return self._sandbox
+
+    @property
+    def sandbox_layers(self) -> dict[str, Any]:
+        """Untrusted: the OS layers its workers run under (`collection.sandbox_os.LAYERS`), each
+        {"in_force": bool, "detail": str}; empty before they start or when trusted."""
+        return dict(self._sandbox.layers) if self._sandbox is not None else {}
+
     def start(self) -> "Catalog":
-        """Untrusted: start the worker now instead of at the first query."""
+        """Untrusted: start the workers now instead of at the first query."""
         if self._sandbox is not None:
             self._sandbox.start()
         return self
 
-    def query(self, sql: str, row_cap: int | None = None) -> SqlResult:
-        """Run `sql`. Untrusted: one SELECT, capped at min(row_cap, the catalog's row_cap) rows.
-        Trusted: every row unless row_cap is given. Failures raise SqlError."""
+    def query(self, sql: str, row_cap: int | None = None, client: str | None = None) -> SqlResult:
+        """Run `sql`. Untrusted: one SELECT, capped at min(row_cap, the catalog's row_cap) rows,
+        queued fairly per `client` (a session id; default: the calling thread). Trusted: every
+        row unless row_cap is given. Failures raise SqlError."""
         if self._sandbox is not None:
-            return self._query_untrusted(sql, row_cap)
+            return self._query_untrusted(sql, row_cap, client)
         start = time.perf_counter()
         with self._lock:
             try:
@@ -307,20 +326,30 @@ class Catalog:
                 raise SqlError(one_line(exc)) from None
         return SqlResult(table, truncated, time.perf_counter() - start)
 
-    def _query_untrusted(self, sql: str, row_cap: int | None) -> SqlResult:
-        assert self._sandbox is not None and self._watch is not None
+    def _current_pool(self) -> SandboxPool:
+        """The pool for a query starting now: a new one when the takedown list changed (a
+        worker's scan filter is fixed at its start); the old one closes after its running
+        queries, in the background, and its waiting ones move to the new pool."""
+        assert self._watch is not None
+        with self._lock:
+            _, changed = self._watch.poll()
+            if changed:
+                old, self._sandbox = self._sandbox, self._pool()
+                if old is not None:
+                    threading.Thread(target=old.close, name="catalog-retire", daemon=True).start()
+            assert self._sandbox is not None
+            return self._sandbox
+
+    def _query_untrusted(self, sql: str, row_cap: int | None, client: str | None) -> SqlResult:
         cap = self.row_cap if row_cap is None else min(row_cap, self.row_cap)
         start = time.perf_counter()
-        with (
-            self._lock
-        ):  # one query at a time: a takedown change never races a query on the old worker
-            _, changed = self._watch.poll()
-            if (
-                changed
-            ):  # the worker's scan filter is fixed at its start: a new list needs a new worker
-                self._sandbox.close()
-                self._sandbox = Sandbox([self._source()], self.limits, label="catalog")
-            table, truncated, _ = self._sandbox.query(sql, cap)
+        pool = self._current_pool()
+        try:
+            table, truncated, _ = pool.query(sql, cap, client=client)
+        except PoolClosed:
+            if self._sandbox is pool or self._sandbox is None:  # the catalog itself was closed
+                raise
+            table, truncated, _ = self._sandbox.query(sql, cap, client=client)
         return SqlResult(table, truncated, time.perf_counter() - start)
 
     def count(self, where: str = "TRUE") -> int:
