@@ -7,7 +7,7 @@
   untrusted path's time for the same query (`sql_10m_untrusted_seconds`) and its worker's peak
   memory. Each time is the median of `--repeats` runs after one warm-up run.
 - filter: the sieve-tiny similarity filter on generated pairs with 10% swapped captions
-  (`pipelines.sample --mismatch-fraction 0.1`, embedded with sieve-tiny). The calibration seed
+  (`pipelines.generate --mismatch-fraction 0.1`, embedded with sieve-tiny). The calibration seed
   re-derives the threshold the way `curation.filters` records it (equal error rate); held-out
   seeds measure the threshold in `curation.filters` (`filter_mismatch_removed`, goal ≥ 0.95;
   `filter_match_kept`, goal ≥ 0.9).
@@ -46,7 +46,7 @@ from curation.catalog import Catalog
 from curation.export import export
 from models.runtime import cores, setup_logging
 from pipelines.embed import embed
-from pipelines.sample import write_sample_dataset
+from pipelines.generate import write_sample_dataset
 
 log = logging.getLogger("bench.curation")
 

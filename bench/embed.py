@@ -43,7 +43,7 @@ from models.scenes import iter_samples
 from models.specs import PRECISIONS
 from models.speed import bf16_supported, cpu_has_amx
 from pipelines.embed import embed
-from pipelines.sample import write_sample_dataset
+from pipelines.generate import write_sample_dataset
 
 log = logging.getLogger("bench.embed")
 TINY = "sieve-tiny"

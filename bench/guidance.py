@@ -30,8 +30,8 @@ import torch
 from PIL import Image
 
 from bench.common import write_results
-from hdit_train.guided_diffusion import HDiTGuidance
-from hdit_train.guiding import Guide, GuideSettings
+from hdit_train.guide_diffusion import HDiTGuidance
+from hdit_train.guide_runner import Guide, GuideSettings
 from hdit_train.memorisation import audit, tensor_images
 from hdit_train.sampling import sample_images
 from models.cache import BUNDLED

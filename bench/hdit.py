@@ -32,11 +32,11 @@ from hdit_train.model import HDiT, HDiTConfig
 from hdit_train.run import load_config, load_run
 from hdit_train.sampling import cond_kwargs, generate, save_grid
 from hdit_train.train import train
-from hdit_train.trainer import Trainer
+from hdit_train.train_loop import Trainer
 from models.clip import load_clip
 from models.runtime import keep_freed_memory, setup_logging
 from models.scenes import COLORS, SHAPES, iter_samples
-from pipelines.sample import write_sample_dataset
+from pipelines.generate import write_sample_dataset
 
 log = logging.getLogger(__name__)
 
@@ -337,7 +337,7 @@ def run_demo(
     data, run = work / f"shards-{n_images}-{'-'.join(object_sizes)}", work / "run"
     if not (data / "00000.tar").exists():
         # CLIP sees 64², HDiT trains at 32²: a "small" object would be 5 px there, so the demo draws
-        # medium and large ones (pipelines.sample --object-sizes)
+        # medium and large ones (pipelines.generate --object-sizes)
         write_sample_dataset(
             data,
             n_images,
@@ -473,7 +473,7 @@ def cli(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--demo-object-sizes",
         default=",".join(DEMO_OBJECT_SIZES),
-        help="object sizes of the demo shapes (pipelines.sample --object-sizes)",
+        help="object sizes of the demo shapes (pipelines.generate --object-sizes)",
     )
     ap.add_argument("--work", default="/tmp/sieve-hdit-demo", help="demo shards and run folder")
     ap.add_argument(

@@ -1,7 +1,7 @@
 """`python -m bench.insight [--only copies,semantic,concepts,score,map] [--work DIR]` → bench/results/insight.json.
 
 Data (shared by copies, semantic and concepts; built once under --work, reused): `--n`
-generated samples (`pipelines.sample`, seed 0) with `--copy-fraction` planted copies (exact,
+generated samples (`pipelines.generate`, seed 0) with `--copy-fraction` planted copies (exact,
 re-encoded, resized, cropped, colour-shifted, overlaid: json `dup_of`), 10% watermarked,
 coarse noisy backgrounds, small and medium objects (a large single object has no position
 jitter, so two distinct samples of one description would be the same picture up to a slight
@@ -22,7 +22,7 @@ score, with an image index.
   similarity to the image), Lilac's recipe (balanced logistic regression, no prior, on the
   caption embeddings as Lilac does; `lilac_image`: the same on image embeddings) and Sieve's
   probe (`concept_auroc_20_labels`, means over draws).
-- score: `curation.concepts.score_vectors` of an image+text probe over `--score-n` memory-mapped
+- score: `curation.concept_probe.score_vectors` of an image+text probe over `--score-n` memory-mapped
   float16 vectors per modality (`concept_score_10m_seconds`, goal ≤ 5 s on 2 cores; page
   cache warmed by one untimed pass, median of `--repeats`).
 - map: `curation.map` layout of `--map-n` CLIP-like vectors, all laid out by UMAP (`map_100k_seconds`).
@@ -52,7 +52,7 @@ from bench.synthetic import clip_like_pairs, clustered_vectors, write_collection
 from collection import schema as S
 from collection.embeddings import EmbeddingStore
 from collection.parts import read_metadata
-from curation.concepts import Concept, fit_concept, score_collection, score_vectors
+from curation.concept_probe import Concept, fit_concept, score_collection, score_vectors
 from curation.copies import phash_bits
 from curation.dedup import dedup, read_duplicates
 from curation.map import compute_map
@@ -62,7 +62,7 @@ from indices.search import DEDUP_THRESHOLD
 from models.clip import load_clip
 from models.runtime import cores, setup_logging
 from pipelines.embed import embed
-from pipelines.sample import write_sample_dataset
+from pipelines.generate import write_sample_dataset
 
 log = logging.getLogger("bench.insight")
 

@@ -49,7 +49,7 @@ def build_collection(work: Path, n: int = 300) -> str:
     # the embed job and the index builder (torch, Dask, FAISS): only a fresh collection needs them
     from indices.build import build
     from pipelines.embed import embed
-    from pipelines.sample import write_sample_dataset
+    from pipelines.generate import write_sample_dataset
 
     shutil.rmtree(work, ignore_errors=True)
     shards = work / "shards"

@@ -1,7 +1,7 @@
 """Generated collections in the DESIGN.md layout, for tests and benchmarks.
 
 The embed pipeline writes real collections from images; this writes the same files from
-given vectors through the same writer (`pipelines.writer.write_part`: float16 embeddings,
+given vectors through the same writer (`pipelines.embed_writer.write_part`: float16 embeddings,
 metadata parquet with the schema columns, failed rows without embeddings, the `_done` marker
 last; `collection.storage.write_collection_json` for collection.json).
 """
@@ -21,7 +21,7 @@ from collection import schema as S
 from collection.shards import list_shards, read_shard
 from collection.storage import write_bytes, write_collection_json, write_json
 from pipelines.decode import decode_sample
-from pipelines.writer import metadata_table, npy_bytes, write_part
+from pipelines.embed_writer import metadata_table, npy_bytes, write_part
 
 
 def normalise(x: np.ndarray) -> np.ndarray:

@@ -43,7 +43,7 @@ from collection.shards import list_shards, read_shard
 from indices.build import build
 from models.runtime import setup_logging
 from models.scenes import make_sample
-from pipelines.sample import write_sample_dataset
+from pipelines.generate import write_sample_dataset
 from webui import state
 
 log = logging.getLogger("bench.webui")

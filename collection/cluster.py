@@ -5,7 +5,7 @@ Whatever Sieve starts listens on loopback only: the scheduler, the workers and t
 a LocalCluster bind to 127.0.0.1 (a cluster across machines is the user's own, given by its
 address). A LocalCluster's nanny copies its workers' environment into this process before it
 spawns them; `DaskCluster.close` puts the caller's values back, on an error or Ctrl-C too.
-What runs on the workers, and how many there are (the GPU policy of `pipelines.cluster`), is
+What runs on the workers, and how many there are (the GPU policy of `pipelines.embed_cluster`), is
 the caller's business; results come back as they complete, so the caller draws its progress.
 """
 

@@ -15,7 +15,7 @@ from typing import Any, Callable
 import numpy as np
 
 from collection import schema as S
-from curation import concepts, dedup, filters, knn, map as layout_map
+from curation import concept_probe as concepts, dedup, filters, knn, map as layout_map
 from curation.context import Context
 from curation.spec import SpecError, SpecSource
 

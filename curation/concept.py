@@ -3,7 +3,7 @@
     python -m curation.concept COLLECTION NAME --pos K1,K2 --neg K3 [--prompt TEXT]
                                [--modality image|text|both] [--add] [--suggest 10]
 
-Fits the probe (`curation.concepts`), writes `concepts/NAME.json` (examples, model, threshold,
+Fits the probe (`curation.concept_probe`), writes `concepts/NAME.json` (examples, model, threshold,
 quality) and `concepts/NAME.parquet` (key, score for every sample), and prints the quality
 grade and the unlabelled samples worth labelling next (the probe's least certain). `--add`
 adds the given keys to the saved concept's examples instead of replacing them: the labelling
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging()
     # the probe needs sklearn and the collection's CLIP (torch): imported after parsing
     from collection.parts import complete_parts  # noqa: E402
-    from curation.concepts import (
+    from curation.concept_probe import (
         SCORE_COLUMNS,
         fit_concept,
         load_concept,

@@ -36,7 +36,7 @@ from collection.parts import CollectionError
 from collection.sandbox import one_line
 from collection.storage import write_json
 from collection.takedown import Takedown
-from curation.shard_writer import json_lines, write_parquet, write_webdataset
+from curation.export_formats import json_lines, write_parquet, write_webdataset
 
 log = logging.getLogger(__name__)
 

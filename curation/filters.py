@@ -28,7 +28,7 @@ LANGUAGE_SPLITS = ("english", "multilingual", "nolang")
 _CODE = re.compile(r"^[a-z]{2,3}(-[A-Za-z]{2,8})?$")
 
 #: Image·text cosine thresholds per CLIP. ViT-B-32: LAION's 0.28 (set on OpenAI's weights).
-#: sieve-tiny: calibrated on generated data (`pipelines.sample --n 3000 --seed 1
+#: sieve-tiny: calibrated on generated data (`pipelines.generate --n 3000 --seed 1
 #: --mismatch-fraction 0.1`, embedded with sieve-tiny) as the equal-error threshold, where the
 #: share of matched pairs kept equals the share of swapped-caption pairs removed, to 0.01.
 #: `python -m bench.curation --only filter` re-derives it (`filter.calibration.threshold`) and

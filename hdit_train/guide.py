@@ -13,7 +13,7 @@ weights: `--pixel-param raw|fourier|pyramid`) and `hdit` (CLIP-guided diffusion 
 run, `--hdit-ckpt RUN`: the CLIP loss of the denoised prediction steers every sampler step;
 `--no-cond` leaves the run's own CLIP conditioning off). Several `--seed`s make a grid at
 --out and one image per seed beside it; `--save-every K` writes every K-th step's frame.
-The work is in `hdit_train.guiding`.
+The work is in `hdit_train.guide_runner`.
 """
 
 from __future__ import annotations
@@ -62,8 +62,8 @@ def guide(
     # heavy (torch, CLIP): after argument parsing, so --help answers at once
     import torch
 
-    from hdit_train.guided_diffusion import HDiTGuidance
-    from hdit_train.guiding import Guide, GuideSettings, save_png
+    from hdit_train.guide_diffusion import HDiTGuidance
+    from hdit_train.guide_runner import Guide, GuideSettings, save_png
     from hdit_train.sampling import save_grid
 
     seeds = [int(s) for s in ([seed] if isinstance(seed, int) else seed)]

@@ -2,7 +2,7 @@
 
 `--data` is a curation export (its manifest names the subset spec and CLIP model), plain
 img2dataset shards, a .tar or a glob. The run folder is described in `hdit_train.run`;
-`--resume` continues bit-for-bit from the checkpoint. The loop is `hdit_train.trainer`.
+`--resume` continues bit-for-bit from the checkpoint. The loop is `hdit_train.train_loop`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def train(
     max_minutes: float | None = None,
 ) -> Path:
     """Train (or resume) a run; returns the run folder."""
-    from hdit_train.trainer import (
+    from hdit_train.train_loop import (
         fit,
     )  # heavy (torch): after argument parsing, so --help answers at once
 

@@ -3,7 +3,7 @@
 Nothing can be downloaded here, so this is the world Sieve's bundled models learn from and
 the demo, tests and benchmarks are made of. Pure functions of a numpy Generator, so every
 sample is reproducible from (seed, index): `make_sample` / `iter_samples` give pairs in
-memory, `pipelines.sample` writes them as img2dataset shards.
+memory, `pipelines.generate` writes them as img2dataset shards.
 """
 
 from __future__ import annotations

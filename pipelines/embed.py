@@ -22,8 +22,8 @@ from collection.storage import read_collection_json, write_collection_json
 from models.runtime import setup_logging
 from models.specs import PRECISIONS, check_precision, int8_device, parse_spec
 from pipelines.decode import DEFAULT_MAX_PIXELS
+from pipelines.embed_writer import clear_parts, read_done
 from pipelines.scorers import SCORER_NAMES
-from pipelines.writer import clear_parts, read_done
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def embed(
     `client` (Python API only) reuses an existing distributed.Client.
     """
     from pipelines import (
-        cluster,
+        embed_cluster as cluster,
         embed_worker,
     )  # heavy (Dask, torch): after argument parsing, so --help answers at once
 

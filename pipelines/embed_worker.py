@@ -36,9 +36,9 @@ from collection.shards import RawSample, Shard, read_shard
 from models.clip import Clip, load_clip
 from models.runtime import cores, keep_freed_memory
 from pipelines.decode import DEFAULT_MAX_PIXELS, decode_sample, empty_row, finish_phashes
+from pipelines.embed_writer import metadata_table, write_part
 from pipelines.language import detect_languages
 from pipelines.scorers import load_scorer
-from pipelines.writer import metadata_table, write_part
 
 log = logging.getLogger(__name__)
 

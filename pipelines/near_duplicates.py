@@ -1,6 +1,6 @@
 """Transformed copies of a picture: what a web crawl holds many of, planted with known truth.
 
-`pipelines.sample --near-duplicate-fraction F` replaces that fraction of samples by a copy of
+`pipelines.generate --near-duplicate-fraction F` replaces that fraction of samples by a copy of
 an earlier sample (its json says `dup_of` and `transform`), so that the duplicate finders of
 `curation.dedup` are measured against known answers (`python -m bench.insight`).
 """
@@ -25,7 +25,7 @@ TRANSFORMS: tuple[str, ...] = (
     "colour-shifted",
     "overlaid",
 )
-ORIGINAL_QUALITY = 92  # pipelines.sample's JPEG quality
+ORIGINAL_QUALITY = 92  # pipelines.generate's JPEG quality
 
 
 def jpeg(image: Image.Image, quality: int = ORIGINAL_QUALITY) -> bytes:

@@ -18,7 +18,7 @@ step() {
 
 step "1/10 generate sample shards (img2dataset webdataset format)"
 [ -f "$DEMO/shards/00001_stats.json" ] || \
-  $PY -m pipelines.sample --out "$DEMO/shards" --n 2000 --shard-size 1000 --corrupt-fraction 0.02
+  $PY -m pipelines.generate --out "$DEMO/shards" --n 2000 --shard-size 1000 --corrupt-fraction 0.02
 
 step "2/10 the bundled models: sieve-tiny CLIP and the watermark detector (unpacked into the cache once)"
 $PY -m models.train sieve-tiny --if-missing

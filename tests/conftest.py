@@ -24,7 +24,7 @@ def demo_collection(tmp_path_factory) -> dict[str, str]:
     write into a collection copy it first."""
     from indices.build import build
     from pipelines.embed import embed
-    from pipelines.sample import write_sample_dataset
+    from pipelines.generate import write_sample_dataset
 
     root = tmp_path_factory.mktemp("demo")
     shards, collection = root / "shards", root / "collection"
@@ -42,7 +42,7 @@ def insight_collection(tmp_path_factory) -> dict:
     score. Tests that write into it use their own run / concept names."""
     from indices.build import build
     from pipelines.embed import embed
-    from pipelines.sample import write_sample_dataset
+    from pipelines.generate import write_sample_dataset
 
     root = tmp_path_factory.mktemp("insight")
     shards, collection = root / "shards", root / "collection"

@@ -24,7 +24,7 @@ def collection(tmp_path_factory) -> dict[str, Path]:
     """Generated shards, embedded with sieve-tiny, with an image index."""
     from indices.build import build
     from pipelines.embed import embed
-    from pipelines.sample import write_sample_dataset
+    from pipelines.generate import write_sample_dataset
 
     root = tmp_path_factory.mktemp("audit")
     write_sample_dataset(root / "shards", 120, seed=0, shard_size=60)

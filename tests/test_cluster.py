@@ -171,7 +171,7 @@ def test_a_scheduler_address_is_used_and_left_running():
 def test_embed_runs_on_the_cluster_given_by_scheduler(tiny_clip, tmp_path):
     """`--scheduler tcp://...`: an external LocalCluster's address gives the same collection."""
     from pipelines.embed import embed
-    from pipelines.sample import write_sample_dataset
+    from pipelines.generate import write_sample_dataset
 
     shards = tmp_path / "shards"
     write_sample_dataset(shards, 24, size=32, shard_size=12)

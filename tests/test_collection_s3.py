@@ -11,7 +11,7 @@ from collection.embeddings import EmbeddingStore
 from collection.parts import CollectionError, complete_parts, read_metadata
 from collection.storage import read_json, write_bytes, write_json
 from pipelines.embed import embed
-from pipelines.sample import write_sample_dataset
+from pipelines.generate import write_sample_dataset
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def test_bad_urls_get_one_line_errors_naming_them(s3_bucket, s3_server, local_an
 
 def test_remote_rows_come_back_in_the_order_asked_whatever_the_gaps(s3_bucket):
     from collection.embeddings import MERGE_GAP, RemoteNpy
-    from pipelines.writer import npy_bytes
+    from pipelines.embed_writer import npy_bytes
 
     rng = np.random.default_rng(0)
     arr = rng.standard_normal((4 * MERGE_GAP // 128, 64)).astype(np.float16)  # 128-byte rows

@@ -13,7 +13,7 @@ from sklearn.metrics import roc_auc_score
 
 from collection import schema as S
 from collection.parts import read_metadata
-from curation.concepts import (
+from curation.concept_probe import (
     Concept,
     fit_concept,
     load_concept,

@@ -12,9 +12,9 @@ from PIL import Image
 
 from curation.copies import copy_score, copy_verdict, is_copy, phash_bits, phash_distance, thumbnail
 from models.scenes import make_sample
+from pipelines.generate import copy_of, write_sample_dataset
 from pipelines.near_duplicates import TRANSFORMS, jpeg, make_copy
 from pipelines.phash import phash
-from pipelines.sample import copy_of, write_sample_dataset
 
 
 def _decoded(data: bytes) -> Image.Image:

@@ -152,7 +152,7 @@ def test_killed_part_way_then_rerun_matches_clean_run(shards, client, clean, tmp
     def dying_write(output, n, rows, img_emb, text_emb, stats):
         if n == 1:  # die mid-commit: embeddings written, metadata and marker not
             from collection.storage import write_bytes
-            from pipelines.writer import npy_bytes
+            from pipelines.embed_writer import npy_bytes
 
             write_bytes(S.CollectionLayout(output).img_emb(n), npy_bytes(img_emb))
             raise RuntimeError("worker killed")
@@ -418,7 +418,7 @@ def test_cli_help_is_instant_and_imports_nothing_heavy():
 
 
 def test_default_cluster_uses_every_core_without_idle_workers(monkeypatch):
-    from pipelines import cluster as E
+    from pipelines import embed_cluster as E
 
     monkeypatch.setattr(E, "cores", lambda: 8)
     assert E.default_cluster_size() == (8, 1)  # CPU: a single-thread worker per core
@@ -519,7 +519,7 @@ def _part(out: Path, n: int):
 
 def test_single_thread_cpu_workers_share_one_malloc_arena(monkeypatch):
     """CPU workers of one thread start with MALLOC_ARENA_MAX=1 (a user's value wins); GPU ones don't."""
-    from pipelines import cluster as E
+    from pipelines import embed_cluster as E
 
     def arena_max():
         return os.environ.get("MALLOC_ARENA_MAX")

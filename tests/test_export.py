@@ -44,7 +44,7 @@ def client():
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory) -> dict[str, str]:
-    from pipelines.sample import write_sample_dataset
+    from pipelines.generate import write_sample_dataset
 
     root = tmp_path_factory.mktemp("export")
     write_sample_dataset(root / "shards", 120, size=32, corrupt_fraction=0.05, shard_size=60)

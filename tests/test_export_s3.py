@@ -26,7 +26,7 @@ from collection.storage import TMP_MARK, read_json, url_to_fs
 from curation.export_job import run_export
 from curation.export_shard import ExportError
 from curation.resolve import Resolution, resolve
-from pipelines.sample import write_sample_dataset
+from pipelines.generate import write_sample_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 SPEC = {"name": "big", "where": "size != 'small'"}
@@ -234,12 +234,6 @@ def test_bad_s3_output_and_a_vanished_s3_source_get_one_line_errors(
     assert "\n" not in message and not (tmp_path / "out" / S.EXPORT_MANIFEST).exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=subprocess.CalledProcessError,
-    reason="resolving a spec's SQL on a collection URL is curation.catalog's work (issue 21, "
-    "another branch); remove this mark when it lands",
-)
 def test_the_command_exports_a_bucket_collection_into_a_bucket(made, tmp_path):
     spec = tmp_path / "spec.yaml"
     spec.write_text("name: big\nwhere: \"size != 'small'\"\n")

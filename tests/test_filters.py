@@ -175,7 +175,7 @@ def test_cld3_languages(text, lang):
 def swapped(tmp_path_factory, tiny_clip) -> str:
     """Generated pairs, a fifth with swapped captions, embedded with sieve-tiny."""
     from pipelines.embed import embed
-    from pipelines.sample import write_sample_dataset
+    from pipelines.generate import write_sample_dataset
 
     root = tmp_path_factory.mktemp("swapped")
     write_sample_dataset(
@@ -209,7 +209,7 @@ LONG_ENOUGH = ["abcde", "日本語です", "héllo", "😀😀😀😀😀"]
 
 
 def test_caption_length_counts_characters_not_bytes(tmp_path):
-    """Written with every part (pipelines.writer), and measured by the catalog for parts older than the column."""
+    """Written with every part (pipelines.embed_writer), and measured by the catalog for parts older than the column."""
     root = str(tmp_path / "c")
     write_collection(
         root, [clustered_vectors(len(CAPTIONS), 8, 2, seed=0)], columns={S.CAPTION: CAPTIONS}

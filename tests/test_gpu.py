@@ -292,8 +292,8 @@ def _trainer_cfg(compile_: bool) -> dict:
 
 
 def _trainer_losses(compile_: bool, steps: int = 3) -> list[float]:
-    """`hdit_train.trainer.Trainer` steps on one batch: finite losses, weights and EMA, every weight moved."""
-    from hdit_train.trainer import Trainer
+    """`hdit_train.train_loop.Trainer` steps on one batch: finite losses, weights and EMA, every weight moved."""
+    from hdit_train.train_loop import Trainer
 
     g = torch.Generator().manual_seed(0)
     # 128x128 px -> 32x32 tokens: the strided (tile 8) path of na2d_torch
@@ -430,7 +430,7 @@ E2E_SAMPLES, E2E_SHARD = 600, 200  # 3 shards
 
 @pytest.fixture(scope="module")
 def e2e_shards(tmp_path_factory) -> Path:
-    from pipelines.sample import write_sample_dataset
+    from pipelines.generate import write_sample_dataset
 
     root = tmp_path_factory.mktemp("gpu-shards")
     write_sample_dataset(
@@ -473,8 +473,8 @@ def test_embed_job_on_default_gpu_cluster_matches_cpu(
     e2e_shards, cpu_collection, tmp_path, precision, floor
 ):
     from collection import schema as S
-    from pipelines.cluster import default_cluster_size
     from pipelines.embed import embed
+    from pipelines.embed_cluster import default_cluster_size
 
     out = tmp_path / "collection"
     summary = embed(str(e2e_shards), str(out), batch_size=64, device=DEVICE, precision=precision)

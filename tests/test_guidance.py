@@ -11,7 +11,8 @@ import torch
 import yaml
 from PIL import Image
 
-from hdit_train.guidance import (
+from hdit_train.guide_diffusion import HDiTGuidance
+from hdit_train.guide_loss import (
     GuidanceError,
     MakeCutouts,
     Prompt,
@@ -20,8 +21,7 @@ from hdit_train.guidance import (
     spherical_dist_loss,
     tv_loss,
 )
-from hdit_train.guided_diffusion import HDiTGuidance
-from hdit_train.guiding import Guide, GuideSettings
+from hdit_train.guide_runner import Guide, GuideSettings
 from models.prompts import PromptError
 from models.scenes import make_sample
 from models.vqgan import VQGAN, save_taming
@@ -115,7 +115,7 @@ def vqgan_files(tmp_path_factory) -> tuple[Path, Path]:
 def hdit_run(tmp_path_factory) -> Path:
     """A tiny HDiT run conditioned on sieve-tiny embeddings, trained for a few steps."""
     from hdit_train.train import train
-    from pipelines.sample import write_sample_dataset
+    from pipelines.generate import write_sample_dataset
 
     root = tmp_path_factory.mktemp("hdit")
     write_sample_dataset(root / "shards", 16, size=32, seed=0, shard_size=16)

@@ -221,7 +221,7 @@ def _config(tmp_path: Path, **train) -> Path:
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    from pipelines.sample import write_sample_dataset
+    from pipelines.generate import write_sample_dataset
 
     out = tmp_path_factory.mktemp("shards")
     write_sample_dataset(
@@ -334,7 +334,7 @@ def test_a_manifest_without_the_export_keys_is_named_not_guessed(tmp_path):
 def test_trainer_conditions_on_stored_clip_embeddings(tmp_path):
     from hdit_train.data import ShardStream, batches
     from hdit_train.run import load_config
-    from hdit_train.trainer import Trainer
+    from hdit_train.train_loop import Trainer
 
     cfg = load_config(_config(tmp_path))
     cfg["cond"] = {**cfg["cond"], "kind": "clip", "dropout": 0.5}
@@ -386,7 +386,7 @@ def test_modality_gap_from_plain_shards_and_prompt_shift(shards):
 def test_condition_noise_perturbs_but_keeps_unit_norm(tmp_path):
     from hdit_train.data import ShardStream, batches
     from hdit_train.run import load_config
-    from hdit_train.trainer import Trainer
+    from hdit_train.train_loop import Trainer
 
     cfg = load_config(_config(tmp_path))
     cfg["cond"] = {**cfg["cond"], "kind": "clip", "dropout": 0.0, "noise": 0.5}
@@ -403,7 +403,7 @@ def test_text_prob_conditions_on_caption_embeddings(shards, tmp_path, text_prob,
     """cond.text_prob: that fraction of samples is conditioned on its caption's text embedding."""
     from hdit_train.data import ShardStream, batches
     from hdit_train.run import load_config
-    from hdit_train.trainer import Trainer, _embed_missing
+    from hdit_train.train_loop import Trainer, _embed_missing
 
     cfg = load_config(_config(tmp_path))
     cfg["cond"] = {

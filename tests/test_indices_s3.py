@@ -26,7 +26,7 @@ def pair(tmp_path_factory, s3_server, tiny_clip):
     """The same embedded collection (sieve-tiny, 3 parts) in a folder and in a bucket, each
     indexed by `indices.build` where it lies."""
     from pipelines.embed import embed
-    from pipelines.sample import write_sample_dataset
+    from pipelines.generate import write_sample_dataset
 
     root = tmp_path_factory.mktemp("idx")
     write_sample_dataset(root / "shards", 90, size=32, shard_size=30, corrupt_fraction=0.05)

@@ -28,7 +28,7 @@ def _modules() -> list[str]:
 
 def test_readme_names_the_commands_it_documents():
     assert {
-        "pipelines.sample",
+        "pipelines.generate",
         "pipelines.embed",
         "indices.build",
         "indices.serve",

@@ -20,7 +20,7 @@ from collection.storage import file_signature, read_json, url_to_fs, write_bytes
 from collection.takedown import Takedown, add_entries
 from curation.catalog import MIRROR_DIR, Catalog, mirror_parts, read_parts
 from curation.concept import main as concept_main
-from curation.concepts import (
+from curation.concept_probe import (
     fit_concept,
     load_concept,
     saved_concepts,
@@ -37,7 +37,7 @@ from curation.uniqueness import compute_uniqueness, read_uniqueness
 from curation.vectors import read_table
 from indices.build import build
 from pipelines.embed import embed
-from pipelines.sample import write_sample_dataset
+from pipelines.generate import write_sample_dataset
 
 #: report fields that differ between two runs of the same work (where and when, not what)
 _RUN_FIELDS = {"collection", "seconds", "finished", "path", "layout_seconds", "place_seconds"}

@@ -2,7 +2,7 @@
 threshold and the collection ranked by it, label the samples it suggests (those it is least
 sure of), and save the concept for the Subset page's concept clause.
 
-Training is `curation.concepts.fit_concept` + `score_collection`, saving `save_concept`, the
+Training is `curation.concept_probe.fit_concept` + `score_collection`, saving `save_concept`, the
 suggestions `suggest`: the same as `python -m curation.concept COLLECTION NAME --pos ... --neg ...`.
 """
 
@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import streamlit as st
 
-from curation.concepts import (
+from curation.concept_probe import (
     MODALITIES,
     Concept,
     fit_concept,

@@ -20,7 +20,7 @@ import yaml
 
 from collection import schema as S
 from curation.clauses import CLAUSES
-from curation.concepts import saved_concepts
+from curation.concept_probe import saved_concepts
 from curation.export import export
 from curation.export_shard import ExportError
 from curation.filters import PRESETS

@@ -17,15 +17,15 @@ import torch
 from PIL import Image
 
 from collection.storage import write_bytes
-from hdit_train.generators import PixelGenerator, VQGANGenerator, optimise
-from hdit_train.guidance import (
+from hdit_train.guide_diffusion import HDiTGuidance, clip_guided_sample
+from hdit_train.guide_generators import PixelGenerator, VQGANGenerator, optimise
+from hdit_train.guide_loss import (
     ClipObjective,
     GuidanceError,
     load_image,
     parse_guidance_prompts,
     to_tensor,
 )
-from hdit_train.guided_diffusion import HDiTGuidance, clip_guided_sample
 from hdit_train.run import load_run
 from models.clip import Clip, default_device, load_clip
 from models.vqgan import VQGAN, bundled_vqgan, load_vqgan

@@ -16,7 +16,7 @@ from PIL import Image
 
 from models import scenes
 from models.scenes import COLORS, SHAPES, matches
-from pipelines import sample
+from pipelines import generate as sample
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -145,7 +145,7 @@ def test_cli(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "pipelines.sample",
+            "pipelines.generate",
             "--out",
             str(tmp_path),
             "--n",
@@ -186,7 +186,7 @@ def test_mismatched_captions_are_swapped_and_marked(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "pipelines.sample",
+            "pipelines.generate",
             "--out",
             str(out),
             "--n",

@@ -4,8 +4,8 @@ The pieces every generator shares: weighted text and image prompts (`models.prom
 `text:weight:stop`), cutouts of the image with augmentations (`cutn`, `cut_pow`), and the
 spherical-distance loss between each cutout's CLIP embedding and each prompt's, with
 negative weights pushing away and `stop` ending a prompt's pull once its loss falls below it.
-`ClipObjective` holds them; the generators (`hdit_train.generators`) and guided diffusion
-(`hdit_train.guided_diffusion`) differentiate through it.
+`ClipObjective` holds them; the generators (`hdit_train.guide_generators`) and guided diffusion
+(`hdit_train.guide_diffusion`) differentiate through it.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from collection import schema as S
 from collection.storage import atomic_open
-from pipelines.writer import npy_bytes
+from pipelines.embed_writer import npy_bytes
 
 #: tar member times: fixed, so a rerun writes byte-identical shards
 MTIME = 1_700_000_000

@@ -1,6 +1,6 @@
 """Generate an offline image–text dataset in img2dataset's webdataset output format.
 
-`python -m pipelines.sample --out DIR --n N` writes `00000.tar` ({key}.jpg/.txt/.json),
+`python -m pipelines.generate --out DIR --n N` writes `00000.tar` ({key}.jpg/.txt/.json),
 `00000.parquet` (every row) and `00000_stats.json` per shard, deterministically per seed:
 the demo, the tests and the bundled models all learn from this data, since nothing can be
 downloaded here.
@@ -297,7 +297,7 @@ def write_sample_dataset(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m pipelines.sample",
+        prog="python -m pipelines.generate",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from hdit_train.guidance import ClipObjective, GuidanceError, clamp_with_grad
+from hdit_train.guide_loss import ClipObjective, GuidanceError, clamp_with_grad
 from models.runtime import progress
 from models.vqgan import VQGAN, vector_quantize
 

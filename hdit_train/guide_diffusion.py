@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 
 from hdit_train.diffusion import guided, karras_sigmas, sample
-from hdit_train.guidance import ClipObjective, GuidanceError, range_loss, tv_loss
+from hdit_train.guide_loss import ClipObjective, GuidanceError, range_loss, tv_loss
 from hdit_train.sampling import shift_by_gap
 from models.clip import Clip
 from models.prompts import WeightedPrompt, combine
