@@ -276,7 +276,7 @@ def top_k_within(
         found = planner.search(q, probe)
         cand = np.unique(found)
         cand = cand[_members(ids, cand)]
-        if len(cand) >= k or probe.exhaustive:
+        if len(cand) >= k or len(found) >= index.ntotal:
             if not probe.exhaustive:
                 log.info("knn: %d rows from %d candidates of a widened probe", k, len(cand))
             return _top(cand, exact_similarities(store, cand, q), k)

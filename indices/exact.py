@@ -23,6 +23,9 @@ from collection.embeddings import EmbeddingStore
 EXACT_SHARE = 0.25
 #: ... or once widening would probe more than this share of an IVF index's lists
 MOST_LISTS = 0.5
+#: deepest graph search of an HNSW index; a deeper one costs more than an exact scan of the few
+#: hundred thousand vectors such an index holds (`indices.select.HNSW_MAX`)
+HNSW_EF_MAX = 1 << 14
 #: rows gathered from the embeddings at a time by an exact scan (bounded memory)
 CHUNK = 1 << 16
 #: candidates asked for per row still wanted, over the filter's observed pass rate: PQ order
@@ -60,6 +63,7 @@ class Planner:
         #: the IVF is the index itself, not behind a transform (OPQ) the quantizer cannot see
         self.direct = self.ivf is not None and not isinstance(base, faiss.IndexPreTransform)
         self.flat = isinstance(base, faiss.IndexFlat)
+        self.hnsw = base if isinstance(base, faiss.IndexHNSW) else None
         self.flat_codes = self.ivf is not None and isinstance(
             faiss.downcast_index(self.ivf), faiss.IndexIVFFlat
         )
@@ -84,7 +88,12 @@ class Planner:
         want = min(int(want), self.count)
         if want >= EXACT_SHARE * self.count:
             return None
-        if self.ivf is None:  # flat or HNSW: faiss searches max(efSearch, k) deep by itself
+        if self.hnsw is not None:  # a graph search finds about efSearch rows at most
+            if want > HNSW_EF_MAX:
+                return None
+            ef = max(want, int(self.hnsw.hnsw.efSearch))
+            return Probe(want, faiss.SearchParametersHNSW(efSearch=ef), False)
+        if self.ivf is None:  # flat or scalar codes: every vector is scored
             return Probe(want, None, self.flat)
         p = self.lists_for(q, want)
         if p is None:

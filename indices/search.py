@@ -318,9 +318,11 @@ class Searcher:
         for q, found in zip(queries, cand):
             found = found[found >= 0]
             ids, sims = self._passing(q, found, *post)
-            exact = planner.default_exact() or len(found) >= self.count
-            answer = self._answer(ids, sims, store, k, deduplicate, exact)
-            if not (exact or self._settled(answer, ids, k, deduplicate)):
+            seen_all = len(found) >= self.count
+            answer = self._answer(ids, sims, store, k, deduplicate, planner.default_exact())
+            if seen_all:
+                answer.exact = True
+            elif not self._settled(answer, ids, k, deduplicate):
                 # too few rows: widen the probe (as deep as the fast path asked for, or more
                 # where the filters let few through), or scan exactly
                 share = max(len(ids), 1) / max(len(found), 1)
@@ -353,9 +355,9 @@ class Searcher:
                 return self._scan(q, post, k, deduplicate, want)
             found = planner.search(q, probe)
             ids, sims = self._passing(q, found, *post)
-            exact = probe.exhaustive or len(found) >= self.count
-            answer = self._answer(ids, sims, post[0], k, deduplicate, exact)
-            if exact or self._settled(answer, ids, k, deduplicate):
+            seen_all = len(found) >= self.count
+            answer = self._answer(ids, sims, post[0], k, deduplicate, probe.exhaustive or seen_all)
+            if seen_all or self._settled(answer, ids, k, deduplicate):
                 return answer
             share = max(len(ids), 1) / max(len(found), 1)
             want = want_for(k, share, 2 * probe.depth)

@@ -196,3 +196,19 @@ def test_knn_clause_widens_the_probe_for_k_rows(coll, widening):
     best, _ = _brute(vectors, q, _passing(coll), 300)
     assert len(res.ids) == 300 and set(res.ids.tolist()) <= set(_passing(coll).tolist())
     assert len(set(res.ids.tolist()) & set(best.tolist())) >= 0.8 * 300
+
+
+def test_search_page_shows_k_rows_and_says_when_approximate(coll):
+    from tests.webui_app import results, run_app
+    from webui.pages.search import KIND, LIKE
+
+    like = {"id": 11, "key": "000000011", "caption": "caption 11"}
+    at = run_app(coll, "pages/search.py", **{LIKE: like, KIND: "like"})
+    assert not at.exception, at.exception
+    captions = " | ".join(c.value for c in at.caption)
+    assert len(results(at)) == 20 and "approximate" in captions
+    at.toggle(key="search_dedup").set_value(False).run()
+    at.text_input(key="search_filter").input(FILTER).run()
+    at.number_input(key="search_k").set_value(500).run()
+    captions = " | ".join(c.value for c in at.caption)
+    assert len(results(at)) == 500 and "approximate" not in captions, captions
