@@ -46,11 +46,12 @@ class Probe:
 class Planner:
     """Probe planning for one loaded index (its list sizes read once)."""
 
-    def __init__(self, index: Any, params: dict[str, Any] | None = None) -> None:
+    def __init__(self, index: Any) -> None:
         self.index = index
         self.count = int(index.ntotal)
         self.ivf = faiss.try_extract_index_ivf(index)
-        self.nprobe = int((params or {}).get("nprobe", getattr(self.ivf, "nprobe", 1) or 1))
+        #: the tuned nprobe (`indices.tune.set_search_params`): a widened probe never goes below
+        self.nprobe = int(getattr(self.ivf, "nprobe", 1) or 1)
         if self.ivf is not None:
             inv = self.ivf.invlists
             self.sizes = np.array([inv.list_size(i) for i in range(self.ivf.nlist)], np.int64)

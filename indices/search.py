@@ -45,6 +45,8 @@ DEDUP_THRESHOLD = 0.94
 #: near-duplicate collapse looks at this many best-ranked candidates at most: its similarities
 #: are computed in blocks of DEDUP_BLOCK rows, so one query costs DEDUP_BLOCK x this many floats
 DEDUP_MAX_CANDIDATES = 4096
+#: ... unless k needs more rows than survive in it: the window then doubles up to this many
+DEDUP_WINDOW_MAX = 1 << 14
 DEDUP_BLOCK = 512
 PUNSAFE_MAX = 0.5
 PWATERMARK_MAX = 0.8
@@ -340,9 +342,9 @@ class Searcher:
 
     @staticmethod
     def _settled(answer: list, ids: np.ndarray, k: int, deduplicate: bool) -> bool:
-        """Whether an answer is final: k rows, or (with near-duplicate collapse) a full collapse
-        window, beyond which rows are never looked at."""
-        return len(answer) >= k or (deduplicate and len(ids) >= DEDUP_MAX_CANDIDATES)
+        """Whether an answer is final: k rows, or (with near-duplicate collapse) the widest
+        collapse window full, beyond which rows are never looked at."""
+        return len(answer) >= k or (deduplicate and len(ids) >= DEDUP_WINDOW_MAX)
 
     def _widen(
         self, q: np.ndarray, planner: Planner, post: tuple, k: int, deduplicate: bool, want: int
@@ -417,13 +419,19 @@ class Searcher:
         deduplicate: bool,
         exact: bool,
     ) -> Results:
-        """The first k passing rows, near-duplicates collapsed among the best
-        DEDUP_MAX_CANDIDATES (bounded work), as result rows."""
+        """The first k passing rows as result rows, near-duplicates collapsed among the best
+        DEDUP_MAX_CANDIDATES, or twice, four times... as many while that leaves fewer than k
+        (DEDUP_WINDOW_MAX at most: bounded work)."""
         if deduplicate and len(cand) > 1:
-            cand, sims = cand[:DEDUP_MAX_CANDIDATES], sims[:DEDUP_MAX_CANDIDATES]
-            drop = duplicate_ids(store.gather(cand, merge_gap=0))
-            keep = np.array([i not in drop for i in range(len(cand))])
-            cand, sims = cand[keep], sims[keep]
+            window = DEDUP_MAX_CANDIDATES
+            while True:
+                head = cand[:window]
+                drop = duplicate_ids(store.gather(head, merge_gap=0))
+                keep = np.array([i not in drop for i in range(len(head))])
+                if keep.sum() >= k or window >= min(len(cand), DEDUP_WINDOW_MAX):
+                    break
+                window = min(2 * window, DEDUP_WINDOW_MAX)
+            cand, sims = head[keep], sims[: len(head)][keep]
         return Results(self._rows(cand[:k], sims[:k]), exact)
 
     def _filter(self, ids: np.ndarray, where: str) -> np.ndarray:

@@ -212,3 +212,16 @@ def test_search_page_shows_k_rows_and_says_when_approximate(coll):
     at.number_input(key="search_k").set_value(500).run()
     captions = " | ".join(c.value for c in at.caption)
     assert len(results(at)) == 500 and "approximate" not in captions, captions
+
+
+def test_near_duplicate_collapse_still_leaves_k_rows(coll, monkeypatch):
+    from indices import search
+
+    monkeypatch.setattr(search, "DEDUP_MAX_CANDIDATES", 100)  # a window k outgrows
+    vectors = _vectors(coll)
+    rows = search.Searcher(coll).query(embedding=_query(vectors), k=K, filters=FILTER)
+    assert len(rows) == K and set(r["id"] for r in rows) <= set(_passing(coll).tolist())
+    got = vectors[[r["id"] for r in rows]]
+    sims = got @ got.T
+    np.fill_diagonal(sims, 0)
+    assert sims.max() < search.DEDUP_THRESHOLD
