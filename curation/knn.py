@@ -278,7 +278,7 @@ def top_k_within(
         cand = cand[_members(ids, cand)]
         if len(cand) >= k or len(found) >= index.ntotal:
             if not probe.exhaustive:
-                log.info("knn: %d rows from %d candidates of a widened probe", k, len(cand))
+                log.info("knn: approximate: %d rows of %d from a widened probe", k, len(cand))
             return _top(cand, exact_similarities(store, cand, q), k)
         want = want_for(k, max(len(cand), 1) / max(len(found), 1), 2 * probe.depth)
 
