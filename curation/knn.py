@@ -14,15 +14,19 @@ knn:
 ```
 
 Similarities are always exact (the collection's float16 embeddings), whatever the index: `k`
-scans the kept rows exactly when they are few and asks the index for candidates otherwise;
-`min_similarity` is the index's range search (with a margin for compressed codes) re-ranked
-exactly. Ties are broken by id, so resolution is deterministic.
+gives exactly k rows (all kept rows when fewer), scanning the kept rows exactly when they are
+few or when k or the probe it needs is a large share of them, and asking the index for
+candidates from a probe widened for the kept share otherwise (`indices.exact`);
+`min_similarity` scans few kept rows exactly and is otherwise the index's range search (with a
+margin for compressed codes) re-ranked exactly. Ties are broken by id, so resolution is
+deterministic.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 from typing import Any, Callable
 
@@ -34,7 +38,10 @@ from collection.embeddings import EmbeddingStore
 from collection.storage import url_to_fs
 from curation.context import Context, ids_array
 from curation.spec import SpecError, SpecSource
+from indices.exact import EXACT_SHARE, Planner, exact_similarities, top, want_for
 from models.prompts import PromptError, WeightedPrompt, combine, parse_prompt, parse_prompts
+
+log = logging.getLogger(__name__)
 
 TEXT, IMAGE, KEY, EMBEDDING = "text", "image", "key", "embedding"
 ITEMS = (TEXT, IMAGE, KEY, EMBEDDING)
@@ -43,8 +50,6 @@ FIELDS = ITEMS + (K, MIN_SIMILARITY, MODALITY, EXCLUDE)
 
 #: up to this many kept rows, `k` scans them exactly rather than asking the index
 EXACT_SCAN_MAX = 1 << 18
-#: rows gathered from the memory-mapped embeddings at a time
-CHUNK = 1 << 16
 #: range-search slack for indices whose codes only approximate similarity (PQ, SQ): candidates
 #: this far below the threshold are fetched and re-ranked exactly
 RANGE_MARGIN = 0.05
@@ -242,22 +247,9 @@ def query_vector(
         raise SpecError(f"{what}: {exc}") from None
 
 
-def exact_similarities(store: EmbeddingStore, ids: np.ndarray, q: np.ndarray) -> np.ndarray:
-    """q · embedding for each id, from the collection's own vectors, a chunk at a time.
-
-    einsum's own loop rather than BLAS: the same sum in the same order whatever the thread count.
-    """
-    out = np.empty(len(ids), dtype=np.float32)
-    for start in range(0, len(ids), CHUNK):
-        out[start : start + CHUNK] = np.einsum(
-            "ij,j->i", store.gather(ids[start : start + CHUNK]), q
-        )
-    return out
-
-
 def _top(ids: np.ndarray, sims: np.ndarray, k: int) -> np.ndarray:
     """The k best ids by similarity, ties to the lower id."""
-    return ids[np.lexsort((ids, -sims))[:k]]
+    return ids[top(ids, sims, k)]
 
 
 def _members(ids: np.ndarray, cand: np.ndarray) -> np.ndarray:
@@ -269,19 +261,26 @@ def _members(ids: np.ndarray, cand: np.ndarray) -> np.ndarray:
 def top_k_within(
     index: Any, doc: dict[str, Any], store: EmbeddingStore, q: np.ndarray, ids: np.ndarray, k: int
 ) -> np.ndarray:
-    """The k rows of `ids` nearest q: an exact scan of few rows, else index candidates re-ranked exactly."""
-    if len(ids) <= EXACT_SCAN_MAX:
+    """The k rows of `ids` nearest q (all of them when fewer): an exact scan of few rows, or of
+    many where k or the probe it needs is a large share (`indices.exact.Planner`), else index
+    candidates from a probe widened for the kept share of rows, re-ranked exactly."""
+    if len(ids) <= EXACT_SCAN_MAX or k >= EXACT_SHARE * len(ids):
         return _top(ids, exact_similarities(store, ids, q), k)
-    depth = max(4 * k, int(doc.get("params", {}).get("rerank_k", 0)), 64)
+    planner = Planner(index)
+    share = len(ids) / max(index.ntotal, 1)
+    want = want_for(k, share, max(4 * k, int(doc.get("params", {}).get("rerank_k", 0)), 64))
     while True:
-        depth = min(depth, index.ntotal)
-        _, found = index.search(q[None, :], depth)
-        cand = np.unique(found[0][found[0] >= 0])
+        probe = planner.probe(q, want)
+        if probe is None:  # an exact scan is cheaper than the probe k needs
+            return _top(ids, exact_similarities(store, ids, q), k)
+        found = planner.search(q, probe)
+        cand = np.unique(found)
         cand = cand[_members(ids, cand)]
-        if len(cand) >= k or depth >= index.ntotal:
-            break
-        depth *= 4
-    return _top(cand, exact_similarities(store, cand, q), k)
+        if len(cand) >= k or len(found) >= index.ntotal:
+            if not probe.exhaustive:
+                log.info("knn: approximate: %d rows of %d from a widened probe", k, len(cand))
+            return _top(cand, exact_similarities(store, cand, q), k)
+        want = want_for(k, max(len(cand), 1) / max(len(found), 1), 2 * probe.depth)
 
 
 def range_within(
@@ -293,6 +292,8 @@ def range_within(
     threshold: float,
 ) -> np.ndarray:
     """Rows of `ids` whose exact similarity to q is at least `threshold`, found by range search."""
+    if len(ids) <= EXACT_SCAN_MAX:  # an IVF's range search sees only the lists it probes
+        return ids[exact_similarities(store, ids, q) >= threshold]
     key = str(doc.get("index_key", ""))
     margin = RANGE_MARGIN if ("PQ" in key or "SQ" in key) else 0.0
     lims, _, found = index.range_search(q[None, :], threshold - margin - EPS)

@@ -46,6 +46,8 @@ MAX_METADATA_IDS = MAX_RESULTS
 CACHE_BYTES = 64 * 2**20
 #: what one cache entry costs beyond its answer's bytes (its digest, the dict slot, objects)
 CACHE_ENTRY_OVERHEAD = 256
+#: the /knn-service response header saying whether the answer is exact ("true") or approximate
+EXACT_HEADER = "X-Sieve-Exact"
 #: deepest nesting of a request body; clip back's bodies are flat objects with one list
 MAX_JSON_DEPTH = 16
 
@@ -173,6 +175,8 @@ class App:
         self.allow_image_url, self.max_body, self.max_pixels = allow_image_url, max_body, max_pixels
         #: sha256 of the canonical request body -> the answer's JSON bytes, least recent first
         self.cache: OrderedDict[bytes, bytes] = OrderedDict()
+        #: the cached answers' keys that are approximate (the index's nearest lists)
+        self.cache_approximate: set[bytes] = set()
         self.cache_bytes = max(0, int(cache_bytes))
         self.cached_bytes = 0
         #: each searcher's takedown version the cached answers were made under
@@ -211,24 +215,34 @@ class App:
         return web.json_response(data, status=status, dumps=self._dumps)
 
     @staticmethod
-    def _json_bytes(body: bytes) -> Any:
-        return web.Response(body=body, content_type="application/json")
+    def _json_bytes(body: bytes, exact: bool) -> Any:
+        """A knn answer; its `X-Sieve-Exact` header says whether the rows are the exact best
+        ones or the index's approximate ones (clip back's body is a bare list)."""
+        return web.Response(
+            body=body,
+            content_type="application/json",
+            headers={EXACT_HEADER: "true" if exact else "false"},
+        )
 
-    def _cache_put(self, key: bytes, answer: bytes) -> None:
+    def _cache_put(self, key: bytes, answer: bytes, exact: bool) -> None:
         """Keep an answer, dropping the least recently used ones while the cache is over its
         byte bound; an answer bigger than a quarter of the bound is not kept."""
         cost = len(answer) + len(key) + CACHE_ENTRY_OVERHEAD
         if cost > self.cache_bytes // 4 or key in self.cache:
             return
         self.cache[key] = answer
+        if not exact:
+            self.cache_approximate.add(key)
         self.cached_bytes += cost
         while self.cached_bytes > self.cache_bytes and self.cache:
             old_key, old = self.cache.popitem(last=False)
+            self.cache_approximate.discard(old_key)
             self.cached_bytes -= len(old) + len(old_key) + CACHE_ENTRY_OVERHEAD
         self.cache_gauge.set(self.cached_bytes)
 
     def _cache_clear(self) -> None:
         self.cache.clear()
+        self.cache_approximate.clear()
         self.cached_bytes = 0
         self.cache_gauge.set(0)
 
@@ -288,11 +302,12 @@ class App:
         if key in self.cache:
             self.cache.move_to_end(key)
             self.cache_hits.inc()
-            return self._json_bytes(self.cache[key])
+            return self._json_bytes(self.cache[key], key not in self.cache_approximate)
         version = getattr(self.searchers[name], "takedown_version", 0)
         job = await self._job(body)
         res = await self.batchers[name].submit(job)
         num_images = job["num_images"]
+        exact = bool(getattr(res, "exact", True))
         res = res[:num_images]
         if version != getattr(
             self.searchers[name], "takedown_version", 0
@@ -303,9 +318,9 @@ class App:
         else:
             answer = self._dumps(res).encode()
             if self.cache_bytes:
-                self._cache_put(key, answer)
+                self._cache_put(key, answer, exact)
         self.latency.observe(time.perf_counter() - t0)
-        return self._json_bytes(answer)
+        return self._json_bytes(answer, exact)
 
     def _refresh_takedown(self, name: str) -> None:
         """Pick up a changed takedown list (the searcher stats the file on every call) and drop

@@ -25,6 +25,10 @@ from models.runtime import setup_logging
 #: the most results one query may ask for (clip front's download cap)
 MAX_RESULTS = 10_000
 FORMATS = ("json", "parquet")
+#: said when an answer is the index's approximate one (`Results.exact` false)
+APPROXIMATE_NOTE = (
+    "approximate: the best rows of the index's nearest lists, not compared with every row"
+)
 
 
 def results_json(rows: Sequence[dict[str, Any]]) -> bytes:
@@ -67,7 +71,9 @@ def query(
     """Search once and return the result rows; with `out`, write them there (atomically).
 
     Exactly one of `text`, `image` (a file path, or the file's bytes) or `like` (a result's
-    id: its stored embedding is the query). `searcher` reuses a loaded `indices.search.Searcher`."""
+    id: its stored embedding is the query). `searcher` reuses a loaded `indices.search.Searcher`.
+    k rows come back, or every row that passes when fewer do; the answer's `.exact` says whether
+    they are the exact best ones (`indices.search.Results`)."""
     if format not in FORMATS:
         raise ValueError(f"--format: unknown {format!r}; expected one of {FORMATS}")
     if not 1 <= k <= MAX_RESULTS:
@@ -170,8 +176,11 @@ def main(argv: list[str] | None = None) -> None:
     ) as exc:  # QueryError, CollectionError and SqlError are ValueErrors: one line each
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    exact = bool(getattr(rows, "exact", True))
+    if not exact:
+        print(APPROXIMATE_NOTE, file=sys.stderr)
     if a.out:
-        print(json.dumps({"out": a.out, "results": len(rows)}))
+        print(json.dumps({"out": a.out, "results": len(rows), "exact": exact}))
     else:
         sys.stdout.buffer.write(results_json(rows))
 

@@ -32,6 +32,7 @@ from collection.sandbox import Limits, Sandbox, SqlError
 from collection.storage import read_collection_json
 from collection.takedown import TakedownWatch
 from indices.build import open_index
+from indices.exact import Planner, exact_similarities, top, want_for
 from indices.local import has_index
 from indices.rows import RowStore
 from indices.tune import set_search_params
@@ -44,6 +45,8 @@ DEDUP_THRESHOLD = 0.94
 #: near-duplicate collapse looks at this many best-ranked candidates at most: its similarities
 #: are computed in blocks of DEDUP_BLOCK rows, so one query costs DEDUP_BLOCK x this many floats
 DEDUP_MAX_CANDIDATES = 4096
+#: ... unless k needs more rows than survive in it: the window then doubles up to this many
+DEDUP_WINDOW_MAX = 1 << 14
 DEDUP_BLOCK = 512
 PUNSAFE_MAX = 0.5
 PWATERMARK_MAX = 0.8
@@ -62,6 +65,17 @@ DEFAULT_COLUMNS = (
 FILTER_LIMITS = Limits(timeout_s=5.0, memory_limit="256MB", threads=1)
 #: the table a filter's WHERE clause reads; `__pos` is the candidate's position
 FILTER_TABLE = "candidates"
+#: most candidates one filter call sends to the sandbox (an exact scan's slices are cut to it)
+FILTER_BATCH = 1 << 15
+
+
+class Results(list):
+    """Result rows, and whether they are the exact best rows (`exact`) or an approximate answer
+    from the index's nearest lists."""
+
+    def __init__(self, rows: Sequence[dict[str, Any]] = (), exact: bool = True) -> None:
+        super().__init__(rows)
+        self.exact = exact
 
 
 class QueryError(ValueError):
@@ -125,6 +139,7 @@ class Searcher:
         self._mmap = mmap
         self._lock = threading.Lock()
         self._indices: dict[str, tuple[Any, dict[str, Any], EmbeddingStore]] = {}
+        self._planners: dict[str, Planner] = {}
         #: every embedded row's metadata, memory-mapped, by global id
         self.rows = RowStore.open(collection)
         names = self.rows.column_names
@@ -232,8 +247,9 @@ class Searcher:
         punsafe_max: float = PUNSAFE_MAX,
         pwatermark_max: float = PWATERMARK_MAX,
         hide_watermarked: bool | None = None,
-    ) -> list[dict[str, Any]]:
-        """Top-k rows (metadata + id + similarity) for one query."""
+    ) -> Results:
+        """Top-k rows (metadata + id + similarity) for one query; `.exact` on the answer says
+        whether they are the exact best rows or the index's approximate ones."""
         return self.search_vectors(
             self.embed(text, image, embedding)[None, :],
             k,
@@ -268,9 +284,10 @@ class Searcher:
         punsafe_max: float = PUNSAFE_MAX,
         pwatermark_max: float = PWATERMARK_MAX,
         hide_watermarked: bool | None = None,
-    ) -> list[list[dict[str, Any]]]:
-        """Batched search: one faiss call for all queries, then per-query post-filtering.
-        Fetches more candidates while filters leave fewer than k rows.
+    ) -> list[Results]:
+        """Batched search: one faiss call for all queries, then per-query post-filtering. Every
+        query gets k rows, or every row that passes when fewer do: where the first call falls
+        short, a wider probe (`indices.exact.Planner`) or an exact scan finds the rest.
 
         `safe_mode` drops rows with `punsafe` above `punsafe_max`, and `hide_watermarked` rows
         with `pwatermark` above `pwatermark_max`; `hide_watermarked=None` follows `safe_mode`
@@ -294,58 +311,128 @@ class Searcher:
             )
             if on
         ]
-        out: list[list[dict[str, Any]] | None] = [None] * len(queries)
-        todo = list(range(len(queries)))
-        depth = max(4 * k, int(doc.get("params", {}).get("rerank_k", 0)), 50)
-        while todo:
-            depth = min(depth, self.count)
-            _, cand = index.search(queries[todo], depth)
-            again = []
-            for r, qi in enumerate(todo):
-                rows = self._post(queries[qi], cand[r], store, k, filters, deduplicate, limits)
-                if len(rows) < k and depth < self.count and depth < 8192:
-                    again.append(qi)
-                else:
-                    out[qi] = rows
-            todo, depth = again, depth * 4
-        return [o or [] for o in out]
+        planner = self._planner(modality)
+        post = (store, filters, limits)
+        depth = min(max(4 * k, int(doc.get("params", {}).get("rerank_k", 0)), 50), self.count)
+        # the fast path: one faiss call for every query at the index's tuned settings
+        _, cand = index.search(queries, depth)
+        out: list[Results] = []
+        for q, found in zip(queries, cand):
+            found = found[found >= 0]
+            ids, sims = self._passing(q, found, *post)
+            seen_all = len(found) >= self.count
+            answer = self._answer(ids, sims, store, k, deduplicate, planner.default_exact())
+            if seen_all:
+                answer.exact = True
+            elif not self._settled(answer, ids, k, deduplicate):
+                # too few rows: widen the probe (as deep as the fast path asked for, or more
+                # where the filters let few through), or scan exactly
+                share = max(len(ids), 1) / max(len(found), 1)
+                floor = depth if len(found) < depth else 2 * depth
+                answer = self._widen(q, planner, post, k, deduplicate, want_for(k, share, floor))
+            out.append(answer)
+        return out
 
-    def _post(
+    def _planner(self, modality: str) -> Planner:
+        index = self.index(modality)[0]
+        with self._lock:
+            if modality not in self._planners:
+                self._planners[modality] = Planner(index)
+            return self._planners[modality]
+
+    @staticmethod
+    def _settled(answer: list, ids: np.ndarray, k: int, deduplicate: bool) -> bool:
+        """Whether an answer is final: k rows, or (with near-duplicate collapse) the widest
+        collapse window full, beyond which rows are never looked at."""
+        return len(answer) >= k or (deduplicate and len(ids) >= DEDUP_WINDOW_MAX)
+
+    def _widen(
+        self, q: np.ndarray, planner: Planner, post: tuple, k: int, deduplicate: bool, want: int
+    ) -> Results:
+        """Search with a probe wide enough for about `want` candidates, growing at the observed
+        pass rate; an exact scan where that is cheaper (`Planner.probe`)."""
+        while True:
+            probe = planner.probe(q, want)
+            if probe is None:
+                return self._scan(q, post, k, deduplicate, want)
+            found = planner.search(q, probe)
+            ids, sims = self._passing(q, found, *post)
+            seen_all = len(found) >= self.count
+            answer = self._answer(ids, sims, post[0], k, deduplicate, probe.exhaustive or seen_all)
+            if seen_all or self._settled(answer, ids, k, deduplicate):
+                return answer
+            share = max(len(ids), 1) / max(len(found), 1)
+            want = want_for(k, share, 2 * probe.depth)
+
+    def _scan(self, q: np.ndarray, post: tuple, k: int, deduplicate: bool, depth: int) -> Results:
+        """The exact answer: every vector's similarity (a chunk at a time), then the best rows in
+        growing slices through the filters until k pass or none are left."""
+        everything = np.arange(self.count, dtype=np.int64)
+        sims_all = exact_similarities(post[0], everything, q)
+        ids, sims = np.zeros(0, np.int64), np.zeros(0, np.float32)
+        done, m = 0, max(depth, 1)
+        while True:
+            m = min(m, self.count)
+            order = top(everything, sims_all, m)[done:]
+            i, s = self._passing(q, everything[order], *post, sims=sims_all[order])
+            ids, sims = np.concatenate([ids, i]), np.concatenate([sims, s])
+            answer = self._answer(ids, sims, post[0], k, deduplicate, True)
+            if m >= self.count or self._settled(answer, ids, k, deduplicate):
+                return answer
+            done, m = m, m * 4
+
+    def _passing(
         self,
         q: np.ndarray,
         cand: np.ndarray,
         store: EmbeddingStore,
-        k: int,
         filters: str | None,
-        deduplicate: bool,
         limits: list[tuple[str, float]],
-    ) -> list[dict[str, Any]]:
-        cand = cand[cand >= 0]
-        cand = cand[~self.is_blocked(cand)]  # takedown: always
-        vecs = store.gather(cand, merge_gap=0)  # the candidates only: a re-rank stays bounded
-        sims = vecs @ q  # exact similarity from the collection's own embeddings
-        order = np.argsort(-sims, kind="stable")
-        cand, sims, vecs = cand[order], sims[order], vecs[order]
+        sims: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, exact similarities) of the candidates that pass the takedown list, the score
+        limits and the filter, best first (ties to the lower id)."""
+        keep = ~self.is_blocked(cand)  # takedown: always
+        cand = cand[keep]
+        if sims is None:  # the candidates only: a re-rank stays bounded
+            sims = store.gather(cand, merge_gap=0) @ q  # exact, from the collection's embeddings
+        else:
+            sims = sims[keep]
+        order = np.lexsort((cand, -sims))
+        cand, sims = cand[order], sims[order]
         if limits:
             keep = np.ones(len(cand), dtype=bool)
-            for col, limit in limits:
-                keep &= ~(
-                    self.rows.values(cand, col) > limit
-                )  # unknown scores pass, as clip back does
-            cand, sims, vecs = cand[keep], sims[keep], vecs[keep]
+            for col, limit in limits:  # unknown scores pass, as clip back does
+                keep &= ~(self.rows.values(cand, col) > limit)
+            cand, sims = cand[keep], sims[keep]
         if filters:
             keep = self._filter(cand, filters)
-            cand, sims, vecs = cand[keep], sims[keep], vecs[keep]
-        if deduplicate and len(cand) > 1:
-            cand, sims, vecs = (
-                cand[:DEDUP_MAX_CANDIDATES],
-                sims[:DEDUP_MAX_CANDIDATES],
-                vecs[:DEDUP_MAX_CANDIDATES],
-            )
-            drop = duplicate_ids(vecs)
-            keep = np.array([i not in drop for i in range(len(cand))])
             cand, sims = cand[keep], sims[keep]
-        return self._rows(cand[:k], sims[:k])
+        return cand, sims
+
+    def _answer(
+        self,
+        cand: np.ndarray,
+        sims: np.ndarray,
+        store: EmbeddingStore,
+        k: int,
+        deduplicate: bool,
+        exact: bool,
+    ) -> Results:
+        """The first k passing rows as result rows, near-duplicates collapsed among the best
+        DEDUP_MAX_CANDIDATES, or twice, four times... as many while that leaves fewer than k
+        (DEDUP_WINDOW_MAX at most: bounded work)."""
+        if deduplicate and len(cand) > 1:
+            window = DEDUP_MAX_CANDIDATES
+            while True:
+                head = cand[:window]
+                drop = duplicate_ids(store.gather(head, merge_gap=0))
+                keep = np.array([i not in drop for i in range(len(head))])
+                if keep.sum() >= k or window >= min(len(cand), DEDUP_WINDOW_MAX):
+                    break
+                window = min(2 * window, DEDUP_WINDOW_MAX)
+            cand, sims = head[keep], sims[: len(head)][keep]
+        return Results(self._rows(cand[:k], sims[:k]), exact)
 
     def _filter(self, ids: np.ndarray, where: str) -> np.ndarray:
         """Boolean mask of ids whose metadata (and `id`) satisfies the SQL WHERE clause.
@@ -353,6 +440,13 @@ class Searcher:
         Untrusted SQL: it runs in `collection.sandbox`'s worker process (one SELECT, locked
         connection, time and memory limits), where the candidates are the only data there is.
         """
+        if len(ids) > FILTER_BATCH:  # an exact scan's slices: the worker's memory stays bounded
+            return np.concatenate(
+                [
+                    self._filter(ids[i : i + FILTER_BATCH], where)
+                    for i in range(0, len(ids), FILTER_BATCH)
+                ]
+            )
         if not len(ids):
             return np.zeros(0, dtype=bool)
         frame = self.rows.take(ids)

@@ -10,7 +10,7 @@ from typing import Any
 
 import streamlit as st
 
-from indices.query import MAX_RESULTS, query, results_json, results_parquet
+from indices.query import APPROXIMATE_NOTE, MAX_RESULTS, query, results_json, results_parquet
 from pipelines.decode import DEFAULT_MAX_PIXELS, decode_image
 from webui import components, state
 from webui.roots import read_image
@@ -221,7 +221,8 @@ def render() -> None:
             "No results: nothing passes these filters. Loosen the SQL filter or turn a toggle off."
         )
         return
-    st.caption(f"{len(rows)} results from the {modality} index")
+    how = "" if getattr(rows, "exact", True) else f" · {APPROXIMATE_NOTE}"
+    st.caption(f"{len(rows)} results from the {modality} index{how}")
     components.result_grid(
         rows,
         key="search",
