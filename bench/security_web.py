@@ -211,9 +211,9 @@ def _processes(lab: Lab) -> tuple[bool, str]:
 
 @attack(TAKEDOWN, "SQL page result kept after a change")
 def _sql_page_guard(lab: Lab) -> tuple[bool, str]:
-    before = T.file_signature(lab.coll)
+    before = T.list_signature(lab.coll)
     _listed_then(lab, lab.fresh())
-    return T.file_signature(lab.coll) != before, "the page compares the list's signature"
+    return T.list_signature(lab.coll) != before, "the page compares the list's signature"
 
 
 @attack(TAKEDOWN, "a rewrite of the same size")

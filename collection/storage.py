@@ -47,16 +47,18 @@ def is_local(url: str | os.PathLike) -> bool:
 
 
 #: what an object store's `info` says that changes when an object is rewritten
-_REMOTE_SIGNATURE_FIELDS = ("size", "ETag", "etag", "LastModified", "mtime", "generation", "md5")
+_REMOTE_SIGNATURE_FIELDS = ("ETag", "etag", "LastModified", "mtime", "generation", "md5")
 
 
 def file_signature(url: str | os.PathLike) -> tuple | None:
     """What changes whenever the file at `url` is rewritten; None when there is no such file.
 
-    Local: device, inode, size, mtime and ctime in nanoseconds (an atomic rewrite is a new inode,
-    an in-place one a new mtime), one stat. Remote: size, etag and modification time, asked of
-    the store each time (fsspec would otherwise answer from its listings cache). The one rule
-    for "is this copy still current" (rows files, the SQL sandbox's copies of metadata parts).
+    The size first (an int; None where a store does not say), then for a local file the device,
+    inode, mtime and ctime in nanoseconds (an atomic rewrite is a new inode, an in-place one a
+    new mtime: one stat), for a remote one the etag and modification time, asked of the store
+    each time (fsspec would otherwise answer from its listings cache). The one rule for "did
+    this file change": the takedown list, rows files, local copies of index files, the SQL
+    sandbox's copies of metadata parts.
     """
     fs, path = url_to_fs(url)
     if is_local(url):
@@ -64,13 +66,13 @@ def file_signature(url: str | os.PathLike) -> tuple | None:
             st = os.stat(path)
         except (FileNotFoundError, NotADirectoryError):
             return None
-        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        return (st.st_size, st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
     fs.invalidate_cache(path)
     try:
         info = fs.info(path)
     except FileNotFoundError:
         return None
-    return tuple(str(info.get(k)) for k in _REMOTE_SIGNATURE_FIELDS)
+    return (info.get("size"), *(str(info.get(k)) for k in _REMOTE_SIGNATURE_FIELDS))
 
 
 def _tmp_name(path: str) -> str:

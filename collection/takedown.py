@@ -29,7 +29,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from collection import schema as S
-from collection.storage import file_lock, is_local, url_to_fs, write_bytes
+from collection.storage import file_lock, file_signature, url_to_fs, write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class Takedown:
     urls: frozenset[str] = frozenset()
     sha256: frozenset[str] = frozenset()
     path: str | None = None
-    #: what `file_signature` said of the file when loaded (None: no file); `TakedownWatch` polls it
+    #: what `collection.storage.file_signature` said of the file when loaded (None: no file); `TakedownWatch` polls it
     signature: tuple | None = None
 
     @classmethod
@@ -143,33 +143,10 @@ def _sql_string(value: str) -> str:
 
 
 #: what an object store's `info` says that changes when an object is rewritten
-_REMOTE_SIGNATURE_FIELDS = ("size", "ETag", "etag", "LastModified", "mtime", "generation", "md5")
-
-
-def _signature(path: str) -> tuple | None:
-    """What changes whenever the file is rewritten, or None when there is no file. Local: device,
-    inode, size, mtime and ctime in nanoseconds (an atomic rewrite is a new inode, an in-place
-    one a new mtime): one stat. Remote: size, etag and modification time, asked of the store
-    each time (fsspec would otherwise answer from its listings cache)."""
-    fs, p = url_to_fs(path)
-    if is_local(path):
-        try:
-            st = os.stat(p)
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-    fs.invalidate_cache(p)
-    try:
-        info = fs.info(p)
-    except FileNotFoundError:
-        return None
-    return tuple(str(info.get(k)) for k in _REMOTE_SIGNATURE_FIELDS)
-
-
-def file_signature(collection: str) -> tuple | None:
+def list_signature(collection: str) -> tuple | None:
     """The takedown file's change signature now (None: no list): what a caller that keeps an
     answer compares to know whether the list changed since the answer was made."""
-    return _signature(S.CollectionLayout(collection).takedown)
+    return file_signature(S.CollectionLayout(collection).takedown)
 
 
 class TakedownWatch:
@@ -185,7 +162,7 @@ class TakedownWatch:
     def poll(self) -> tuple[Takedown, bool]:
         """(the current list, whether it changed since the last poll)."""
         with self._lock:
-            if file_signature(self.collection) == self.takedown.signature:
+            if list_signature(self.collection) == self.takedown.signature:
                 return self.takedown, False
             self.takedown = Takedown.load(self.collection)
             log.info("%s: takedown list changed: %d entries", self.collection, len(self.takedown))
@@ -196,7 +173,7 @@ def _read(path: str) -> tuple[pa.Table | None, tuple | None]:
     """(entries with every takedown column, file signature); (None, None) when there is no
     file."""
     fs, p = url_to_fs(path)
-    signature = _signature(path)
+    signature = file_signature(path)
     if signature is None:
         return None, None
     try:

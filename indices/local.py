@@ -2,9 +2,9 @@
 memory-mapped: in the collection itself when it is local, else in a cache folder of
 `$SIEVE_CACHE` named after the collection's location.
 
-A remote file is copied once and reused while it is unchanged. What says "unchanged" is one
-rule for every file here: its size and its etag or modification time, as the store reports
-them (`signature`). A copied index is named after that signature, so a rebuilt remote index is
+A remote file is copied once and reused while it is unchanged. What says "unchanged" is the
+one rule of `collection.storage.file_signature`: its size and its etag or modification time,
+as the store reports them. A copied index is named after that signature, so a rebuilt remote index is
 fetched again under a new name while a process still mapping the old copy keeps reading it.
 An index is complete when its json is there: `indices.build` writes it last.
 """
@@ -21,7 +21,14 @@ from typing import Any
 
 from collection import schema as S
 from collection.parts import CollectionError
-from collection.storage import REMOTE_ERRORS, atomic_path, is_local, read_json, url_to_fs
+from collection.storage import (
+    REMOTE_ERRORS,
+    atomic_path,
+    file_signature,
+    is_local,
+    read_json,
+    url_to_fs,
+)
 from models.cache import cache_dir
 
 log = logging.getLogger(__name__)
@@ -31,17 +38,12 @@ CACHE_SUBDIR = "collections"
 
 
 def signature(url: str) -> dict[str, Any]:
-    """What changes when the file at `url` is rewritten: its size, and its modification time
-    and etag where the store gives them. FileNotFoundError when there is no such file."""
-    fs, path = url_to_fs(url)
-    fs.invalidate_cache(path)  # an object store's cached listing would give the old answer
-    info = fs.info(path)
-    mtime = info.get("mtime", info.get("LastModified", info.get("updated")))
-    out = {"size": info.get("size"), "mtime": str(mtime)}
-    etag = info.get("ETag", info.get("etag"))
-    if etag:
-        out["etag"] = str(etag).strip('"')
-    return out
+    """`collection.storage.file_signature` as a json-able dict (rows files record it in their
+    schema metadata): {"size", "signature"}. FileNotFoundError when there is no such file."""
+    sig = file_signature(url)
+    if sig is None:
+        raise FileNotFoundError(url)
+    return {"size": sig[0], "signature": [str(v) for v in sig]}
 
 
 def cache_folder(root: str) -> str:

@@ -94,7 +94,7 @@ def is_folder(path: str) -> bool:
 def _stamp(url: str) -> tuple:
     """What changes when the file or folder at `url` is rewritten ((): nothing to compare)."""
     try:
-        return tuple(sorted(signature(url).items()))
+        return tuple(signature(url)["signature"])
     except REMOTE_ERRORS:
         return ()
 

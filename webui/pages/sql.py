@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from collection.takedown import file_signature
+from collection.takedown import list_signature
 from webui import components, state, tables
 
 EXAMPLE = "SELECT status, count(*) AS n FROM samples GROUP BY status ORDER BY n DESC"
@@ -17,7 +17,7 @@ RESULT = "sql_result"
 
 
 def _run(cur: state.Current, sql: str) -> None:
-    listed = file_signature(cur.path)  # before the query: a change during it drops the result
+    listed = list_signature(cur.path)  # before the query: a change during it drops the result
     try:
         result = cur.catalog().query(sql)
     except ValueError as exc:  # SqlError: a refused or failed statement, one line
@@ -53,7 +53,7 @@ def render() -> None:
     if "error" in shown:
         st.error(shown["error"])
         return
-    if file_signature(cur.path) != shown["takedown"]:
+    if list_signature(cur.path) != shown["takedown"]:
         st.session_state.pop(RESULT, None)
         st.info("The takedown list changed since this query ran: run it again.")
         return
