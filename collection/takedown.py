@@ -57,7 +57,8 @@ class Takedown:
     urls: frozenset[str] = frozenset()
     sha256: frozenset[str] = frozenset()
     path: str | None = None
-    #: what `collection.storage.file_signature` said of the file when loaded (None: no file); `TakedownWatch` polls it
+    #: what `collection.storage.file_signature` said of the file when loaded (None: no file);
+    #: `TakedownWatch` polls it
     signature: tuple | None = None
 
     @classmethod

@@ -4,8 +4,9 @@ memory-mapped: in the collection itself when it is local, else in a cache folder
 
 A remote file is copied once and reused while it is unchanged. What says "unchanged" is the
 one rule of `collection.storage.file_signature`: its size and its etag or modification time,
-as the store reports them. A copied index is named after that signature, so a rebuilt remote index is
-fetched again under a new name while a process still mapping the old copy keeps reading it.
+as the store reports them. A copied index is named after that signature, so a rebuilt remote
+index is fetched again under a new name while a process still mapping the old copy keeps
+reading it.
 An index is complete when its json is there: `indices.build` writes it last.
 """
 
