@@ -2,8 +2,8 @@
 
 - sql: the LAION filter (`curation.filters.render("laion")`, ViT-B/32's threshold) + GROUP BY
   language + count over `--rows` (default 10M) generated metadata rows (`bench.synthetic.
-  write_metadata_parts`: LAION-like captions, urls, sizes, scores) in `--parts` (100) Parquet parts: the trusted
-  catalog's time (`sql_10m_seconds`, goal ≤ 1 s on 2 cores) and resident memory, and the
+  write_metadata_parts`: LAION-like captions, urls, sizes, scores) in `--parts` (100) Parquet parts:
+  the trusted catalog's time (`sql_10m_seconds`, goal ≤ 1 s on 2 cores) and resident memory, and the
   untrusted path's time for the same query (`sql_10m_untrusted_seconds`) and its worker's peak
   memory. Each time is the median of `--repeats` runs after one warm-up run.
 - filter: the sieve-tiny similarity filter on generated pairs with 10% swapped captions
@@ -71,7 +71,8 @@ def _timed(fn: Callable[[], Any], repeats: int) -> tuple[float, list[float], Any
 def run_sql(
     work: str, rows: int = 10_000_000, parts: int = 100, repeats: int = 5
 ) -> dict[str, Any]:
-    """Trusted and untrusted time of the LAION filter + GROUP BY over `rows` generated metadata rows."""
+    """Trusted and untrusted time of the LAION filter + GROUP BY over
+    `rows` generated metadata rows."""
     root = os.path.join(work, f"metadata-{rows}-{parts}")
     t = time.perf_counter()
     write_metadata_parts(root, rows, parts)
@@ -115,7 +116,8 @@ def run_sql(
 
 
 def _generated(work: str, n: int, seed: int, fraction: float) -> dict[str, np.ndarray]:
-    """clip_similarity and the swapped flag of n generated pairs (seed), embedded with sieve-tiny."""
+    """clip_similarity and the swapped flag of n generated pairs (seed),
+    embedded with sieve-tiny."""
     root = os.path.join(work, f"swapped-{n}-s{seed}-f{fraction}")
     if not os.path.exists(os.path.join(root, "shards", "_complete")):
         write_sample_dataset(
@@ -164,7 +166,8 @@ def run_filter(
     calibration_seed: int = 1,
     eval_seeds: tuple[int, ...] = (2, 3),
 ) -> dict[str, Any]:
-    """Re-derive sieve-tiny's threshold on one seed and measure the recorded one on held-out seeds."""
+    """Re-derive sieve-tiny's threshold on one seed and measure the
+    recorded one on held-out seeds."""
     calib = _generated(work, n, calibration_seed, fraction)
     sim, swapped = calib["similarity"], calib["mismatched"].astype(bool)
     derived = equal_error_threshold(sim[~swapped], sim[swapped])

@@ -1,4 +1,5 @@
-"""`python -m bench.embed_stages`: per-sample cost of each reader stage of pipelines.embed, one thread.
+"""`python -m bench.embed_stages`: per-sample cost of each reader stage of
+pipelines.embed, one thread.
 
 The pipeline keeps up with the model only if reading, decoding, hashing and preprocessing
 cost a small fraction of the forward. This times each stage on one generated shard, the

@@ -1,4 +1,5 @@
-"""HDiT benchmark: `python -m bench.hdit [--only scaling,flops,throughput,demo]` → bench/results/hdit.json.
+"""HDiT benchmark: `python -m bench.hdit [--only scaling,flops,throughput,demo]`
+→ bench/results/hdit.json.
 
 - scaling: fwd+bwd seconds and activation memory per image at 64²…512² for HDiT (neighborhood
   levels added as the image grows, global attention at a fixed 8×8 bottom) and a same-width

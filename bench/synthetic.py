@@ -140,7 +140,8 @@ def write_collection(
 
 
 def _row(n: int, r: int, ok_id: int | None) -> dict[str, Any]:
-    """Row r of part n: an embedded sample (`ok_id`, its id over the collection) or a planted failure."""
+    """Row r of part n: an embedded sample
+    (`ok_id`, its id over the collection) or a planted failure."""
     ok = ok_id is not None
     return {
         S.KEY: f"{n:03d}{r:06d}",

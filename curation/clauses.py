@@ -153,7 +153,8 @@ def concept_steps(items: list[dict[str, Any]]) -> list[tuple[str, Step]]:
 
 
 def parse_region(value: Any, src: SpecSource) -> dict[str, Any]:
-    """`region: {modality: image, rect: [x0, y0, x1, y1]}` or `{polygon: [[x, y], ...]}` on the map."""
+    """`region: {modality: image, rect: [x0, y0, x1, y1]}` or
+    `{polygon: [[x, y], ...]}` on the map."""
     doc = _mapping(value, "region", src, {"modality", "rect", "polygon"})
     modality = doc.get("modality", S.MODALITY_IMAGE)
     if modality not in (S.MODALITY_IMAGE, S.MODALITY_TEXT):
@@ -198,7 +199,8 @@ def region_steps(doc: dict[str, Any]) -> list[tuple[str, Step]]:
 
 
 def parse_dedup(value: Any, src: SpecSource) -> dict[str, Any]:
-    """`dedup: copies` or `dedup: {level: exact|copies|semantic, eps: 0.05}` (one member per group)."""
+    """`dedup: copies` or
+    `dedup: {level: exact|copies|semantic, eps: 0.05}` (one member per group)."""
     doc = _mapping(
         {"level": value} if isinstance(value, str) else value, "dedup", src, {"level", "eps"}
     )

@@ -206,7 +206,8 @@ def describe(clause: dict[str, Any], i: int) -> str:
 def query_vector(
     ctx: Context, clause: dict[str, Any], dim: int, store: EmbeddingStore, what: str
 ) -> np.ndarray:
-    """The clause's single query: the weighted sum of its items' normalised embeddings, renormalised."""
+    """The clause's single query: the weighted sum of its items' normalised
+    embeddings, renormalised."""
     vectors: list[np.ndarray] = []
     weights: list[WeightedPrompt] = []
     if clause[TEXT]:

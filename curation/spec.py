@@ -31,7 +31,8 @@ class SpecError(ValueError):
 
 @dataclass(frozen=True)
 class SpecSource:
-    """A spec's YAML mapping, where it came from (for messages) and where its relative paths start."""
+    """A spec's YAML mapping, where it came from (for messages) and where
+    its relative paths start."""
 
     doc: dict[str, Any]
     source: str
@@ -52,7 +53,8 @@ def find_spec(spec: str, collection: str) -> str:
 
 
 def read_spec(spec: str | dict[str, Any], collection: str) -> SpecSource:
-    """Read a spec from a file path, a subset name in the collection, or a mapping (the Python API)."""
+    """Read a spec from a file path, a subset name in the collection,
+    or a mapping (the Python API)."""
     if isinstance(spec, dict):
         return SpecSource(dict(spec), "<spec>", os.getcwd())
     path = find_spec(spec, collection)
@@ -78,7 +80,8 @@ def read_spec(spec: str | dict[str, Any], collection: str) -> SpecSource:
 
 
 def check_meta(src: SpecSource) -> dict[str, Any]:
-    """name, description and seed, checked, with defaults filled (name defaults to the file's stem)."""
+    """name, description and seed, checked, with defaults filled
+    (name defaults to the file's stem)."""
     doc = src.doc
     stem = os.path.splitext(os.path.basename(src.source))[0] if src.source != "<spec>" else "subset"
     name = doc.get(NAME, stem)
@@ -96,7 +99,8 @@ def check_meta(src: SpecSource) -> dict[str, Any]:
 
 
 def stable_hash(obj: Any, n: int = 16) -> str:
-    """A hex digest of `obj` as canonical JSON (sorted keys, no spaces): equal values, equal hashes."""
+    """A hex digest of `obj` as canonical JSON (sorted keys, no spaces):
+    equal values, equal hashes."""
     text = json.dumps(
         obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
     )
@@ -104,7 +108,8 @@ def stable_hash(obj: Any, n: int = 16) -> str:
 
 
 def collection_id(collection: str) -> str:
-    """What identifies a collection's contents: collection.json's creation time, CLIP model and counts.
+    """What identifies a collection's contents: collection.json's creation
+    time, CLIP model and counts.
 
     A collection re-embedded from scratch gets a new `created`; one that grew by parts gets new
     counts: either way a spec resolved on it is a different query.

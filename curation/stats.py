@@ -1,4 +1,5 @@
-"""`python -m curation.stats COLLECTION [--column clip_similarity ...] [--bins 30]`: counts and histograms.
+"""`python -m curation.stats COLLECTION [--column clip_similarity ...] [--bins 30]`: counts and
+histograms.
 
 What the UI's Explore page shows, as functions and a command: rows by status, the commonest
 failure messages, and histograms of the scores, sizes and caption length. Every figure is

@@ -1,4 +1,5 @@
-"""Memorisation audit: `python -m hdit_train.audit --images DIR --collection COLL [--out REPORT_DIR]`.
+"""Memorisation audit:
+`python -m hdit_train.audit --images DIR --collection COLL [--out REPORT_DIR]`.
 
 For each generated image in DIR: its nearest training samples in the collection's image
 index, their similarity and a copy verdict (the duplicates' `copies` rule, applied in

@@ -92,7 +92,8 @@ class Clip:
         }
 
     def variant(self, **changes: Any) -> "Clip":
-        """A copy of this fp32 model under other settings (the server's int8 or bf16 text tower, say)."""
+        """A copy of this fp32 model under other settings
+        (the server's int8 or bf16 text tower, say)."""
         if self.precision != "fp32" or self.compiled:
             raise ValueError("variant() copies an fp32, uncompiled Clip")
         settings = {**self.settings(), "device": self.device, **changes}
@@ -102,7 +103,8 @@ class Clip:
 
     # ---- images ------------------------------------------------------------------------------
     def encode_image_tensor(self, batch: torch.Tensor) -> np.ndarray:
-        """Embed a preprocessed float (n, 3, H, W) batch, or a uint8 (n, H, W, 3) one at the model's size.
+        """Embed a preprocessed float (n, 3, H, W) batch, or a uint8
+        (n, H, W, 3) one at the model's size.
 
         A uint8 batch is a quarter of the bytes to move and is normalised on the device with the
         same operations, and so the same values, as `models.preprocess.normalize_batch`.
@@ -183,7 +185,8 @@ def default_device() -> str:
 
 
 def tiny_dir() -> Path:
-    """The sieve-tiny folder in the cache (an open_clip local-dir folder), trained first when missing or stale."""
+    """The sieve-tiny folder in the cache (an open_clip local-dir folder),
+    trained first when missing or stale."""
     return BUNDLED[TINY_NAME].ensure()
 
 
@@ -244,7 +247,8 @@ def load_clip(
     channels_last: bool = False,
     compile: bool = False,
 ) -> Clip:
-    """Load a CLIP model by spec under the given speed settings; device defaults to cuda when available.
+    """Load a CLIP model by spec under the given speed settings;
+    device defaults to cuda when available.
 
     int8 quantizes the transformer blocks' Linear layers and runs on the CPU only, so it is also
     the default device then.

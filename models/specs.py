@@ -35,7 +35,8 @@ class ClipSpec:
     text: str
     kind: str
     arch: str = ""
-    #: a pretrained tag, a checkpoint path, or '' for random weights (open_clip); the folder (local-dir)
+    #: a pretrained tag, a checkpoint path, or '' for random weights
+    #: (open_clip); the folder (local-dir)
     weights: str = ""
 
     @property
@@ -52,7 +53,8 @@ def bad_spec(spec: str, why: str) -> ValueError:
 
 
 def parse_spec(spec: str) -> ClipSpec:
-    """Split a spec into its parts; ValueError (naming the spec and the accepted forms) if malformed."""
+    """Split a spec into its parts; ValueError
+    (naming the spec and the accepted forms) if malformed."""
     if not isinstance(spec, str) or not spec.strip():
         raise bad_spec(str(spec), "empty spec")
     spec = spec.strip()

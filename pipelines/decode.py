@@ -138,7 +138,8 @@ def decode_sample(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     defer_phash: bool = False,
 ):
-    """One raw sample -> (row, RGB HWC uint8 array or None). The row's status says why there is none.
+    """One raw sample -> (row, RGB HWC uint8 array or None). The row's
+    status says why there is none.
 
     Order of checks: the shard broke inside it, no image member, image not decodable or too
     large, no caption. A missing caption still gets width/height/hashes (the image is fine)

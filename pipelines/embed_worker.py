@@ -148,7 +148,8 @@ def warm_up(clip: Clip, batch_size: int = WARM_UP_BATCH) -> float:
 
 
 def get_encoder(config: EmbedConfig) -> tuple[Clip, bool]:
-    """The CLIP model under this config's speed settings, loaded (and warmed up) once per worker process."""
+    """The CLIP model under this config's speed settings, loaded
+    (and warmed up) once per worker process."""
 
     def load() -> Clip:
         clip = load_clip(
@@ -160,7 +161,8 @@ def get_encoder(config: EmbedConfig) -> tuple[Clip, bool]:
         )
         log.info("warm-up: %.2f s", warm_up(clip))
         # the model, torch and every import are long-lived: keep them out of the cyclic GC, whose
-        # full passes over them cost a visible pause inside a shard (seen in the first shard's tokenizer)
+        # full passes over them cost a visible pause inside a shard
+        # (seen in the first shard's tokenizer)
         gc.collect()
         gc.freeze()
         return clip
@@ -247,7 +249,8 @@ def decode_threads(clip: Clip, threads: int, requested: int | None = None) -> in
 def _decode_one(
     raw: Any, url: str, config: EmbedConfig, clip: Clip, defer_phash: bool = True
 ) -> tuple[dict, Any, Any]:
-    """(row, model input or None, pixels or None) for one raw sample; a preprocess failure is a status."""
+    """(row, model input or None, pixels or None) for one raw sample;
+    a preprocess failure is a status."""
     row, pixels = decode_sample(raw, url, config.max_pixels, defer_phash=defer_phash)
     if pixels is None:
         return row, None, None
@@ -288,7 +291,8 @@ def _decoded(shard: Shard, config: EmbedConfig, clip: Clip, threads: int):
 def _read_chunks(
     shard: Shard, config: EmbedConfig, clip: Clip, keep_images: bool, threads: int = 1
 ):
-    """Read, decode, preprocess and tokenize the shard into chunks of up to one batch of usable samples."""
+    """Read, decode, preprocess and tokenize the shard into chunks of up to
+    one batch of usable samples."""
 
     def ready(chunk: Chunk) -> Chunk:
         finish_phashes(chunk.rows)
@@ -357,7 +361,8 @@ def _chunks(
     ahead: bool = True,
     threads: int = 1,
 ):
-    """The shard's chunks, read ahead by a thread (errors re-raised here) or inline; `threads` decode."""
+    """The shard's chunks, read ahead by a thread (errors re-raised here) or
+    inline; `threads` decode."""
     if not ahead:
         yield from _read_chunks(shard, config, clip, keep_images, threads)
         return
@@ -384,7 +389,8 @@ def _chunks(
 
 
 def worker_device(device: str | None) -> str | None:
-    """The device this worker uses: with several GPUs visible, LocalCluster worker i takes GPU i mod count.
+    """The device this worker uses: with several GPUs visible,
+    LocalCluster worker i takes GPU i mod count.
 
     Workers that each see one GPU (dask-cuda's LocalCUDACluster sets CUDA_VISIBLE_DEVICES
     per worker) and any explicit device index keep `device` as given.
@@ -482,7 +488,8 @@ def process_shard(
         "end_time": time.time(),
         "duration_s": duration,
         "samples_per_s": len(rows) / duration if duration > 0 else None,
-        #: wall seconds inside the CLIP forward; the rest of duration_s is reading, scoring and writing
+        #: wall seconds inside the CLIP forward; the rest of duration_s is
+        #: reading, scoring and writing
         "clip_forward_s": model_s,
     }
     write_part(output, n, rows, img_emb, text_emb, stats)

@@ -1,4 +1,5 @@
-"""The copy rule (curation.copies) and the planted copies of the sample writer (pipelines.near_duplicates)."""
+"""The copy rule (curation.copies) and the planted copies of the sample writer
+(pipelines.near_duplicates)."""
 
 from __future__ import annotations
 

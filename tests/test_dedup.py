@@ -1,4 +1,5 @@
-"""Duplicates: exact, copies and SemDeDup levels against planted truth; reruns, Dask, the subset clause, bad input."""
+"""Duplicates: exact, copies and SemDeDup levels against planted truth; reruns, Dask,
+the subset clause, bad input."""
 
 from __future__ import annotations
 

@@ -66,7 +66,8 @@ def test_all_fast_batch_equals_per_image_preprocess(preprocess):
 
 @pytest.mark.parametrize("chain", ["sieve-tiny", "ViT-B-32"])
 def test_resized_images_join_the_batch_with_identical_values(preprocess, chain):
-    """Other-sized images, resized and cropped by PIL then normalised in the batch, equal the chain."""
+    """Other-sized images, resized and cropped by PIL then normalised in
+    the batch, equal the chain."""
     if chain == "ViT-B-32":  # open_clip's own eval transform, no model needed
         import open_clip
 

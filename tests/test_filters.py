@@ -18,7 +18,8 @@ N = 400
 
 @pytest.fixture(scope="module")
 def scored(tmp_path_factory) -> tuple[str, pd.DataFrame]:
-    """A collection whose score columns take values on both sides of every threshold (some unscored)."""
+    """A collection whose score columns take values on both sides of every
+    threshold (some unscored)."""
     rng = np.random.default_rng(0)
     cols = {
         S.CLIP_SIMILARITY: rng.uniform(0, 1, N).round(3).tolist(),
@@ -209,7 +210,8 @@ LONG_ENOUGH = ["abcde", "日本語です", "héllo", "😀😀😀😀😀"]
 
 
 def test_caption_length_counts_characters_not_bytes(tmp_path):
-    """Written with every part (pipelines.embed_writer), and measured by the catalog for parts older than the column."""
+    """Written with every part (pipelines.embed_writer), and measured by the catalog for
+    parts older than the column."""
     root = str(tmp_path / "c")
     write_collection(
         root, [clustered_vectors(len(CAPTIONS), 8, 2, seed=0)], columns={S.CAPTION: CAPTIONS}

@@ -116,7 +116,8 @@ def samples():
 
 @pytest.fixture(scope="module")
 def vitb32_ckpt(tmp_path_factory) -> str:
-    """open_clip ViT-B-32 with seeded random weights, saved once: every loader gets the same model."""
+    """open_clip ViT-B-32 with seeded random weights, saved once:
+    every loader gets the same model."""
     import open_clip
 
     path = tmp_path_factory.mktemp("vitb32") / "ViT-B-32-random-seed0.pt"
@@ -228,7 +229,8 @@ HDIT_MODEL = {
 
 
 def _randomize(module: torch.nn.Module, seed: int = 0) -> None:
-    """Give the zero-initialised layers weights, so the loss and every gradient depend on them all."""
+    """Give the zero-initialised layers weights, so the loss and every
+    gradient depend on them all."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in module.parameters():
@@ -236,7 +238,8 @@ def _randomize(module: torch.nn.Module, seed: int = 0) -> None:
 
 
 def test_hdit_training_step_under_bf16_autocast():
-    """Forward + backward of the denoiser's loss on the device: matches the CPU in fp32, close under bf16."""
+    """Forward + backward of the denoiser's loss on the device:
+    matches the CPU in fp32, close under bf16."""
     from hdit_train.diffusion import Denoiser
     from hdit_train.model import HDiT, HDiTConfig
 
@@ -292,7 +295,8 @@ def _trainer_cfg(compile_: bool) -> dict:
 
 
 def _trainer_losses(compile_: bool, steps: int = 3) -> list[float]:
-    """`hdit_train.train_loop.Trainer` steps on one batch: finite losses, weights and EMA, every weight moved."""
+    """`hdit_train.train_loop.Trainer` steps on one batch: finite losses,
+    weights and EMA, every weight moved."""
     from hdit_train.train_loop import Trainer
 
     g = torch.Generator().manual_seed(0)
@@ -338,7 +342,8 @@ def _encode(fast, images, tokens):
 
 
 def test_fast_clip_precision_and_speed_options_on_device(clip_case):
-    """`Clip`, the path the embed worker uses: bf16 weights and every speed option stay close to fp32."""
+    """`Clip`, the path the embed worker uses: bf16 weights and every speed
+    option stay close to fp32."""
     from models.speed import bf16_supported
 
     name, _, clip, images, tokens = clip_case
@@ -382,7 +387,8 @@ def test_fast_clip_precision_and_speed_options_on_device(clip_case):
 
 
 def test_fast_clip_normalises_uint8_batches_on_device(clip_case):
-    """The embed worker's GPU path: uint8 NHWC batches scaled on the device equal CPU-normalised ones."""
+    """The embed worker's GPU path: uint8 NHWC batches scaled on the device
+    equal CPU-normalised ones."""
     from models.preprocess import batch_normalizer, normalize_batch
 
     name, spec, clip, images, _ = clip_case
@@ -400,7 +406,8 @@ def test_fast_clip_normalises_uint8_batches_on_device(clip_case):
 
 
 def test_clip_encoder_bf16_autocast_on_device(clip_case, samples):
-    """`load_clip(..., precision='bf16')` (bf16 weights) vs fp32 on the device: images from PIL and captions."""
+    """`load_clip(..., precision='bf16')` (bf16 weights) vs fp32 on the device:
+    images from PIL and captions."""
     from models.clip import load_clip
 
     name, spec, _, _, _ = clip_case

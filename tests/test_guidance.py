@@ -1,5 +1,6 @@
 """CLIP guidance (VQGAN-CLIP's algorithm): the loss and its prompts, cutouts, a few guided steps
-raising the similarity to the prompt for each generator, editing, and bad input as one-line errors."""
+raising the similarity to the prompt for each generator, editing,
+and bad input as one-line errors."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""--precision int8: the rebuilt attention is the same function, quantized towers stay close to fp32."""
+"""--precision int8: the rebuilt attention is the same function,
+quantized towers stay close to fp32."""
 
 from __future__ import annotations
 

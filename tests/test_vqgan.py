@@ -21,7 +21,8 @@ from models.vqgan import (
     vector_quantize,
 )
 
-#: a small taming config with every kind of block: two levels, a downsample, a shortcut, attention at 8
+#: a small taming config with every kind of block: two levels, a downsample,
+#: a shortcut, attention at 8
 SMALL = {
     "double_z": False,
     "z_channels": 8,
@@ -34,8 +35,9 @@ SMALL = {
     "attn_resolutions": [8],
     "dropout": 0.0,
 }
-#: sha256 of the sorted "key shape" lines of taming's own VQModel (taming-transformers-rom1504 0.0.6's
-#: Encoder and Decoder, plus VectorQuantizer2 and the two 1x1 convs) for SMALL with n_embed 16, embed_dim 8
+#: sha256 of the sorted "key shape" lines of taming's own VQModel (taming-transformers-rom1504
+#: 0.0.6's Encoder and Decoder, plus VectorQuantizer2 and the two 1x1 convs) for SMALL with n_embed
+#: 16, embed_dim 8
 TAMING_KEYS_SHA256 = "8533212cef6308fe7e78e5d1c2bc593bfd9bfa240722462f116b879bbfe85bf8"
 
 
@@ -66,7 +68,8 @@ def test_state_dict_keys_are_taming_s():
 def test_a_taming_format_checkpoint_loads_and_decodes(tmp_path: Path):
     model = _random_vqgan()
     # as a Lightning checkpoint of taming's training: the loss's and discriminator's weights beside
-    # the model's, optimizer states, and a callback pickled by class (weights-only loading refuses it)
+    # the model's, optimizer states, and a callback pickled by class
+    # (weights-only loading refuses it)
     extra = {
         "loss.logvar": torch.zeros(()),
         "loss.discriminator.main.0.weight": torch.randn(64, 3, 4, 4),

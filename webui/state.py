@@ -208,7 +208,8 @@ def encoder(spec: str) -> Any:
 
 
 def collection_encoder(path: str) -> Any:
-    """The CLIP model a collection was embedded with (collection.json's spec), shared per process."""
+    """The CLIP model a collection was embedded with
+    (collection.json's spec), shared per process."""
     return encoder(read_collection_json(path).get("clip_model", TINY_NAME))
 
 

@@ -86,7 +86,8 @@ def label_buttons(path: str):
     def draw(row: dict[str, Any], key: str) -> None:
         mark = labels_of(path).get(row["key"])
         c1, c2 = st.columns(2)
-        # Material icons: the font ships with Streamlit, where an emoji needs the system's emoji font
+        # Material icons: the font ships with Streamlit, where an emoji
+        # needs the system's emoji font
         c1.button(
             "",
             key=f"{key}-pos",
