@@ -108,7 +108,8 @@ def run_sql(
             "process_rss_after_queries_mb": round(rss_after, 1),
             "untrusted_worker_peak_rss_mb": round(worker_peak, 1),
             "result": result.to_pylist(),
-            "note": "trusted: DuckDB's own Parquet reader in process; untrusted: the sandbox worker "
+            "note": "trusted: DuckDB's own Parquet reader in process; "
+            "untrusted: the sandbox worker "
             "scanning the same files through a pyarrow dataset (the locked connection has no "
             "file access), with the takedown filter applied at the scan",
         },
@@ -287,7 +288,8 @@ def run_export(
             "tar_copy_samples_per_s": round(
                 statistics.median(samples / r["copy_s"] for r in runs), 1
             ),
-            "note": "the same samples per second, so the ratio is copy seconds / export seconds; the "
+            "note": "the same samples per second, "
+            "so the ratio is copy seconds / export seconds; the "
             "export writes more bytes than it reads (tar headers of five members per sample, "
             "two .npy embeddings, a longer json)",
         },

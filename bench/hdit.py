@@ -263,7 +263,8 @@ def run_throughput(steps: int = 10) -> dict[str, Any]:
     return {
         "train_img_per_s_64": steps * 8 / dt,
         "throughput_setup": {
-            "model": "flowers shape: patch 4, depths [2,2,4], widths [128,256,512], NA kernel 7 + global",
+            "model": "flowers shape: patch 4, depths [2,2,4], "
+            "widths [128,256,512], NA kernel 7 + global",
             "params_m": params / 1e6,
             "batch": 8,
             "size": 64,
@@ -403,7 +404,8 @@ def run_demo(
             "size": state["config"]["data"]["size"],
             "threads": threads,
             "clip": state["clip_spec"],
-            "sampler": f"{s['sampler']}, {s['steps']} steps, cfg {s['cfg']}, sigma_max {s['sigma_max']}",
+            "sampler": f"{s['sampler']}, {s['steps']} steps, "
+            f"cfg {s['cfg']}, sigma_max {s['sigma_max']}",
             "sampler_chosen_on_seeds": list(DEMO_SELECTION_SEEDS),
             "samples_per_seed": len(prompts),
             "grid": str(grid.name),
@@ -414,7 +416,8 @@ def run_demo(
             "scorer_accuracy_on_real_scenes": scorer_accuracy(
                 size=state["config"]["data"]["size"], object_sizes=object_sizes
             ),
-            "scoring": "nearest palette colour per pixel (within 40 RGB units); background = most common "
+            "scoring": "nearest palette colour per pixel (within 40 RGB units); "
+            "background = most common "
             "colour on the border; dominant = most common other colour, black outlines ignored",
         },
     }

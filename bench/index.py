@@ -107,11 +107,13 @@ def vectors(
         "budget_bytes": budget,
         "budget_ratio_vs_flat": budget_ratio,
         "max_query_ms": max_query_ms,
-        "queries": "200 text vectors of indexed pairs (the other modality), truth = exact inner product over all n",
+        "queries": "200 text vectors of indexed pairs (the other modality), "
+        "truth = exact inner product over all n",
     }
     if data == "clip_like":
         meta["shape"] = (
-            "4096 topics under 64 super-topics, Zipf(0.8) popularity, power-law spectrum (exponent 0.6) "
+            "4096 topics under 64 super-topics, Zipf(0.8) popularity, "
+            "power-law spectrum (exponent 0.6) "
             "in a random basis, modality offsets, text = image latent + noise"
         )
     old = previous.get("data")

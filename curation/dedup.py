@@ -449,7 +449,8 @@ def read_duplicates(
     run = run or S.dedup_run_name(level, eps)
     return read_table(
         S.InsightLayout(collection).duplicates(run),
-        f"duplicates for {run}; run `python -m curation.dedup {collection} --level {level} --eps {eps}`",
+        f"duplicates for {run}; run `python -m curation.dedup "
+        f"{collection} --level {level} --eps {eps}`",
     )
 
 
@@ -511,7 +512,8 @@ def main(argv: list[str] | None = None) -> None:
         "--eps",
         type=float,
         default=0.05,
-        help="semantic only: a cosine distance in (0, 1); a sample is removed when its cosine similarity "
+        help="semantic only: a cosine distance in (0, 1); "
+        "a sample is removed when its cosine similarity "
         "to a sample kept before it in its cluster exceeds 1 - eps (SemDeDup's code; its README's "
         "'lower eps prunes more' is backwards): larger eps removes more",
     )

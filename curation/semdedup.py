@@ -178,5 +178,6 @@ def check_eps(eps: float) -> None:
     """ε is a cosine distance in (0, 1); anything else is a ValueError naming it."""
     if not (isinstance(eps, (int, float)) and 0.0 < float(eps) < 1.0):
         raise ValueError(
-            f"eps must be in (0, 1) (a cosine distance: removed when similarity > 1 - eps), got {eps!r}"
+            "eps must be in (0, 1) (a cosine distance: "
+            f"removed when similarity > 1 - eps), got {eps!r}"
         )

@@ -48,7 +48,8 @@ def find_spec(spec: str, collection: str) -> str:
     if "/" not in spec and not spec.endswith((".yaml", ".yml")) and fs.exists(path):
         return named
     raise SpecError(
-        f"{spec}: no such spec file, and no subset named {spec!r} in {S.CollectionLayout(collection).subsets_dir}"
+        f"{spec}: no such spec file, and no subset named {spec!r} "
+        f"in {S.CollectionLayout(collection).subsets_dir}"
     )
 
 
@@ -73,7 +74,8 @@ def read_spec(spec: str | dict[str, Any], collection: str) -> SpecSource:
         doc = {}
     if not isinstance(doc, dict):
         raise SpecError(
-            f"{path}: a spec is a YAML mapping (name:, where:, knn:, ...), not a {type(doc).__name__}"
+            f"{path}: a spec is a YAML mapping (name:, where:, knn:, ...), "
+            f"not a {type(doc).__name__}"
         )
     base = posixpath.dirname(path) if "://" in path else os.path.dirname(os.path.abspath(path))
     return SpecSource(doc, path, base)
@@ -117,7 +119,8 @@ def collection_id(collection: str) -> str:
     info = read_collection_json(collection)
     if not info:
         raise SpecError(
-            f"{collection}: no {S.COLLECTION_JSON}; is this a collection (python -m pipelines.embed)?"
+            f"{collection}: no {S.COLLECTION_JSON}; "
+            "is this a collection (python -m pipelines.embed)?"
         )
     return stable_hash(
         {k: info.get(k) for k in ("created", "clip_model", "emb_dim", "parts", "count", "ok")}

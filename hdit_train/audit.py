@@ -29,8 +29,10 @@ def audit(
         read_images(images), collection, k=k, out=out or Path(images) / "audit", grid_pairs=pairs
     )
     print(
-        f"{result.report['n_copies']} of {result.report['n_images']} generated images copy a training image "
-        f"(fraction {result.copy_fraction:.3f}); report {result.report_path}, pairs {result.grid_path}"
+        f"{result.report['n_copies']} of {result.report['n_images']} "
+        "generated images copy a training image "
+        f"(fraction {result.copy_fraction:.3f}); "
+        f"report {result.report_path}, pairs {result.grid_path}"
     )
     return result.report_path
 

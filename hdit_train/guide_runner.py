@@ -79,7 +79,8 @@ class Guide:
             raise GuidanceError(f"generator {generator!r}: choose one of {GENERATORS}")
         if (vqgan_config is None) != (vqgan_ckpt is None):
             raise GuidanceError(
-                "give both --vqgan-config and --vqgan-ckpt (or neither, for the bundled sieve-vqgan)"
+                "give both --vqgan-config and --vqgan-ckpt "
+                "(or neither, for the bundled sieve-vqgan)"
             )
         if generator == "hdit" and hdit_ckpt is None:
             raise GuidanceError(

@@ -408,7 +408,8 @@ class App:
                 raise BadRequest(f"image: bad base64: {exc}") from exc
         if not self.allow_image_url:
             raise BadRequest(
-                "image_url: fetching URLs is disabled on this server (start it with --allow-image-url)",
+                "image_url: fetching URLs is disabled on this "
+                "server (start it with --allow-image-url)",
                 403,
             )
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:

@@ -303,7 +303,8 @@ def main(argv: list[str] | None = None) -> None:
     for m, d in docs.items():
         print(
             f"{m}: {d['index_key']} params={d['params']} recall@10={d['recall_at_10']:.3f} "
-            f"p99={d['p99_ms']:.2f}ms size={d['index_bytes']}B ({d['memory_ratio_vs_flat']:.3f} of flat)"
+            f"p99={d['p99_ms']:.2f}ms size={d['index_bytes']}B "
+            f"({d['memory_ratio_vs_flat']:.3f} of flat)"
         )
 
 

@@ -201,7 +201,8 @@ class Searcher:
                 store = EmbeddingStore.open(self.root, modality)
                 if store.count != self.count:
                     raise CollectionError(
-                        f"{self.root}: {store.count} {modality} vectors but {self.count} metadata rows"
+                        f"{self.root}: {store.count} {modality} "
+                        f"vectors but {self.count} metadata rows"
                     )
                 self._indices[modality] = (idx, doc, store)
             return self._indices[modality]

@@ -221,8 +221,10 @@ def _load_open_clip(
             )
         except Exception as exc:  # open_clip wraps every download failure in RuntimeError/OSError
             raise RuntimeError(
-                f"CLIP spec {spec!r}: could not get the pretrained weights {arch}/{weights} ({exc}). "
-                "Weights cannot be downloaded on this machine (no model hub). Download the checkpoint "
+                f"CLIP spec {spec!r}: could not get the "
+                f"pretrained weights {arch}/{weights} ({exc}). "
+                "Weights cannot be downloaded on this machine "
+                "(no model hub). Download the checkpoint "
                 f"elsewhere and pass it as 'open_clip:{arch}/path/to/checkpoint.pt' or "
                 "'local-dir:/path/to/folder', or use the offline default 'sieve-tiny'."
             ) from exc

@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> Path:
     knobs = {k: getattr(args, k) for k in bundled.defaults}
     if args.out is None and knobs != bundled.defaults:
         p.error(
-            f"the cache holds {bundled.name}'s default recipe; pass --out DIR to train with other knobs"
+            f"the cache holds {bundled.name}'s default recipe; "
+            "pass --out DIR to train with other knobs"
         )
     if args.pack and args.out is None and knobs != bundled.defaults:
         p.error("--pack writes the default recipe's model; drop the knobs")

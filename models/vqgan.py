@@ -354,12 +354,14 @@ def read_config(path: str | Path) -> dict[str, Any]:
         raise VQGANError(f"VQGAN config {path}: model.params lacks {', '.join(missing)}")
     if dd.get("double_z"):
         raise VQGANError(
-            f"VQGAN config {path}: ddconfig.double_z is true; a VQModel's encoder has double_z: false"
+            f"VQGAN config {path}: ddconfig.double_z is true; "
+            "a VQModel's encoder has double_z: false"
         )
     bad = [c for c in (dd["ch"] * m for m in dd["ch_mult"]) if c % 32]
     if bad:
         raise VQGANError(
-            f"VQGAN config {path}: channel widths {bad} are not multiples of 32 (GroupNorm's groups)"
+            f"VQGAN config {path}: channel widths {bad} "
+            "are not multiples of 32 (GroupNorm's groups)"
         )
     return {
         "ddconfig": dict(dd),

@@ -332,7 +332,8 @@ def main(argv: list[str] | None = None) -> None:
         "--noise-texture",
         default="fine",
         choices=sorted(NOISE_TEXTURES),
-        help="texture of noisy backgrounds: fine (per-pixel, what the bundled models learnt) or coarse",
+        help="texture of noisy backgrounds: "
+        "fine (per-pixel, what the bundled models learnt) or coarse",
     )
     args = parser.parse_args(argv)
     setup_logging()

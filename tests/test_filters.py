@@ -192,7 +192,8 @@ def test_calibrated_similarity_filter_removes_swapped_captions(swapped):
             "SELECT mismatched, caption_of, clip_similarity FROM samples WHERE status = 'ok'"
         ).table
         kept = cat.query(
-            f"SELECT mismatched, count(*) AS n FROM samples WHERE {F.render('none', min_similarity='auto')} "
+            "SELECT mismatched, count(*) AS n FROM samples "
+            f"WHERE {F.render('none', min_similarity='auto')} "
             "AND status = 'ok' GROUP BY 1"
         ).table.to_pylist()
     frame = rows.to_pandas()

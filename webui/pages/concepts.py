@@ -204,7 +204,8 @@ def show_fit(cur: state.Current, concept: Concept, scores: np.ndarray) -> None:
     neg = ",".join(concept.negatives)
     prompt = f" --prompt {shlex.quote(concept.prompt)}" if concept.prompt else ""
     c2.code(
-        f"python -m curation.concept {shlex.quote(cur.path)} {concept.name} --pos {shlex.quote(pos)} "
+        f"python -m curation.concept {shlex.quote(cur.path)} "
+        f"{concept.name} --pos {shlex.quote(pos)} "
         f"--neg {shlex.quote(neg)} --modality {concept.modality}{prompt}",
         language="bash",
         wrap_lines=True,
