@@ -2,7 +2,8 @@
 builder's choice, on generated vectors written as a collection and on a real collection.
 
     python -m bench.index [--n 1000000] [--dim 512] [--budget-ratio 0.1] [--data clip_like]
-                          [--keys chosen,Flat,...] [--work DIR] [--only vectors,real] [--collection PATH]
+                          [--keys chosen,Flat,...] [--work DIR] [--only vectors,real]
+                          [--collection PATH]
 
 `--data clip_like` (default) draws CLIP-shaped (image, text) pairs: anisotropic, thousands of
 overlapping topics, a modality gap, text queries that are noisy views of their images (see

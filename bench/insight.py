@@ -284,7 +284,9 @@ def run_concepts(
             y = np.r_[np.ones(10), np.zeros(10)]
             rest = np.setdiff1d(np.arange(len(truth)), labelled)
 
-            def auroc(scores: np.ndarray) -> float:
+            def auroc(
+                scores: np.ndarray, truth: np.ndarray = truth, rest: np.ndarray = rest
+            ) -> float:
                 return float(roc_auc_score(truth[rest], scores[rest]))
 
             results["zero_shot"].setdefault(name, []).append(auroc(img @ t))

@@ -177,7 +177,7 @@ def _build_one(
         index.train(xt)
         del xt
     t_add = time.perf_counter()
-    for start, x in store.iter_parts():  # one part in memory at a time
+    for _start, x in store.iter_parts():  # one part in memory at a time
         index.add(x)
     t_tune = time.perf_counter()
     queries, qsource = _queries(root, modality, store, n_queries, seed)

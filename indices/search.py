@@ -224,7 +224,9 @@ class Searcher:
         if sum(given) != 1:
             raise QueryError("give exactly one of text, image or embedding")
         if text is not None:
-            try:  # "a red star:1|blurry:-0.5": weighted prompts, parsed as subset specs and guidance parse them
+            # "a red star:1|blurry:-0.5": weighted prompts, parsed as subset specs and guidance
+            # parse them
+            try:
                 prompts = parse_prompts(text)
                 v = combine(self.encoder.encode_texts([p.text for p in prompts]), prompts)
             except PromptError as exc:

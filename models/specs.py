@@ -4,7 +4,8 @@ Specs follow clip-retrieval's naming:
   open_clip:ARCH/PRETRAINED_TAG   real open_clip weights (needs a model hub; fails clearly offline)
   open_clip:ARCH/path/to/ckpt.pt  open_clip architecture + a local checkpoint file
   open_clip:ARCH                  random init (speed benchmarks only)
-  local-dir:/path                 folder with open_clip_config.json + weights (open_clip's own format)
+  local-dir:/path                 folder with open_clip_config.json + weights (open_clip's own
+                                  format)
   sieve-tiny                      the project's offline CLIP, trained on first use into the cache
 This module imports nothing heavy, so a command can refuse a malformed spec or precision at
 once; `models.clip.load_clip` does the loading.

@@ -91,7 +91,8 @@ def clear_cache() -> None:
 def device_normalises(clip: Clip) -> bool:
     """Whether the reader hands `clip` uint8 NHWC batches to normalise on its device.
 
-    On a GPU the CPU-side normalisation of 224 px batches would cap the reader; a CPU worker normalises in the reader, off the forward's thread.
+    On a GPU the CPU-side normalisation of 224 px batches would cap the reader; a CPU worker
+    normalises in the reader, off the forward's thread.
     """
     return clip.prep.batched is not None and not clip.device.startswith("cpu")
 
@@ -235,9 +236,10 @@ def decode_threads(clip: Clip, threads: int, requested: int | None = None) -> in
     """How many threads decode and preprocess images (1: the reader itself, no pool).
 
     On a GPU one reader thread cannot keep up: an H200 forwards ViT-B-32 many times faster than
-    one thread decodes and resizes (bench/results/embed_gpu.json, `pipeline_decode_pool`). JPEG decoding (simplejpeg) and PIL's resize release the GIL, so
-    threads scale; a GPU worker gets one per torch thread but one. A CPU worker's cores are
-    busy with its own forward, so it keeps the single reader.
+    one thread decodes and resizes (bench/results/embed_gpu.json, `pipeline_decode_pool`). JPEG
+    decoding (simplejpeg) and PIL's resize release the GIL, so threads scale; a GPU worker gets
+    one per torch thread but one. A CPU worker's cores are busy with its own forward, so it keeps
+    the single reader.
     """
     if requested is not None:
         if requested < 1:

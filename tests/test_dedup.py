@@ -50,7 +50,7 @@ def test_planted_copies_are_found_and_distinct_samples_kept(copies_run):
     found = [i for i in planted if keys[i] in group and group.get(keys[root[i]]) == group[keys[i]]]
     assert len(planted) >= 20 and len(found) >= 0.9 * len(planted)
     # every group joins a planted copy with its original: nothing distinct is removed
-    for g, members in table.groupby(S.DUP_GROUP)[S.DUP_KEY]:
+    for _group, members in table.groupby(S.DUP_GROUP)[S.DUP_KEY]:
         assert len({root[np.nonzero(keys == k)[0][0]] for k in members}) == 1, members.tolist()
     assert report["removed"] == int((~table[S.DUP_KEPT]).sum()) == len(found)
     assert set(table[S.DUP_REASON]) <= {S.REASON_EXACT, S.REASON_COPY}

@@ -148,7 +148,8 @@ def clip_case(request, samples):
 
 
 # ---- neighborhood attention and HDiT on the device (first: cheap, no model loads) ----------
-NA_CASES = [  # (h, w, kernel, tile, d_head): dense, strided (divisible) and gather (non-divisible) paths
+# (h, w, kernel, tile, d_head): dense, strided (divisible) and gather (non-divisible) paths
+NA_CASES = [
     (16, 16, 7, None, 32),
     (24, 24, 7, 8, 32),
     (32, 40, 5, 8, 16),
