@@ -130,9 +130,8 @@ def _generated(work: str, n: int, seed: int, fraction: float) -> dict[str, np.nd
             shard_size=1000,
         )
         open(os.path.join(root, "shards", "_complete"), "w").close()
-    embed(
-        os.path.join(root, "shards"), os.path.join(root, "collection")
-    )  # finished parts are skipped
+    # finished parts are skipped
+    embed(os.path.join(root, "shards"), os.path.join(root, "collection"))
     with Catalog(os.path.join(root, "collection")) as cat:
         table = cat.query(
             "SELECT clip_similarity, mismatched FROM samples WHERE status = 'ok'"

@@ -302,9 +302,8 @@ def metadata_part(part: int, rows: int, seed: int = 0, failed: float = 0.02) -> 
         S.SOURCE_SIZE: pa.array(rng.integers(1024, 3584, rows).astype(np.int64)),
     }
     arrays = [t[c].cast(getattr(pa, S.METADATA_TYPES[c])()) for c in S.METADATA_COLUMNS]
-    arrays.append(
-        pa.array(rng.integers(0, 5, rows).astype(np.int64))
-    )  # a source column, as img2dataset's
+    # a source column, as img2dataset's
+    arrays.append(pa.array(rng.integers(0, 5, rows).astype(np.int64)))
     return pa.Table.from_arrays(arrays, names=[*S.METADATA_COLUMNS, "src_aesthetic"])
 
 

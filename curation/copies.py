@@ -85,9 +85,8 @@ def _best_window(big: np.ndarray, small: np.ndarray) -> np.ndarray:
     sc = gs - gs.mean()
     windows = sliding_window_view(gb, gs.shape)
     cross = np.tensordot(windows, sc, axes=([2, 3], [0, 1]))  # sum(window * sc): sc has zero mean
-    ii = (
-        np.pad(gb, ((1, 0), (1, 0))).cumsum(0).cumsum(1)
-    )  # integral images of the values and squares
+    # integral images of the values and squares
+    ii = np.pad(gb, ((1, 0), (1, 0))).cumsum(0).cumsum(1)
     ii2 = np.pad(gb * gb, ((1, 0), (1, 0))).cumsum(0).cumsum(1)
 
     def box(t: np.ndarray) -> np.ndarray:

@@ -175,9 +175,8 @@ def _augment(x: torch.Tensor, generator: torch.Generator | None, p: float = 0.7)
     grey = x.mean(1, keepdim=True)
     sat = 1 + (torch.rand(n, 1, 1, 1, **g) * 2 - 1) * 0.1 * jitter
     x = grey + (x - grey) * sat
-    hue = (
-        (torch.rand(n, 1, 1, 1, **g) * 2 - 1) * 0.1 * jitter
-    )  # a small rotation of the chroma plane
+    # a small rotation of the chroma plane
+    hue = (torch.rand(n, 1, 1, 1, **g) * 2 - 1) * 0.1 * jitter
     x = (
         grey
         + (x - grey) * torch.cos(hue * 2 * math.pi)
@@ -298,9 +297,8 @@ class ClipObjective:
             img = to_tensor(load_image(p.text)).to(dev)
             with torch.no_grad():
                 e = obj.embed(img, generator=generator)[:, 0]
-            obj.prompts.append(
-                Prompt(e, p.weight, p.stop)
-            )  # every cutout's embedding, as the reference
+            # every cutout's embedding, as the reference
+            obj.prompts.append(Prompt(e, p.weight, p.stop))
             pulls.append(F.normalize(e.mean(0), dim=-1) * p.weight)
         target = torch.stack(pulls).sum(0)
         obj.target = F.normalize(target, dim=-1)

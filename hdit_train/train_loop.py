@@ -217,9 +217,8 @@ def fit(
         cfg["train"]["max_minutes"] = max_minutes
     rank, world, device = _dist_setup()
     if device == "cpu":
-        keep_freed_memory(
-            no_mmap=True
-        )  # large activations reuse freed memory instead of page-faulting
+        # large activations reuse freed memory instead of page-faulting
+        keep_freed_memory(no_mmap=True)
     manifest = read_manifest(data)
     dhash = data_hash(data)
     encoder, cond_dim, clip_spec, clip_gap = None, 0, None, None

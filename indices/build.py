@@ -268,9 +268,8 @@ def build(
             log.warning("skipping %s: %s", m, exc)
     if not out:
         raise CollectionError(f"{collection}: nothing to index for {modality}")
-    RowStore.open(
-        collection
-    )  # the searcher's memory-mapped rows, written now rather than at its first start
+    # the searcher's memory-mapped rows, written now rather than at its first start
+    RowStore.open(collection)
     return out
 
 

@@ -318,9 +318,8 @@ def _fit(
             neg_shapes = miner.pick(shapes[idx], hard_negatives, gen)  # (B, k)
             text = torch.cat([text, swap_tokens[idx[:, None], neg_shapes].flatten(0, 1)])
         img_f, txt_f, scale = model(img, text)
-        logits = (
-            scale * img_f @ txt_f.t()
-        )  # (B, B(1 + k)): each image also sees every shape-swapped caption
+        # (B, B(1 + k)): each image also sees every shape-swapped caption
+        logits = scale * img_f @ txt_f.t()
         labels = torch.arange(batch_size)
         if hard_negatives:
             with torch.no_grad():

@@ -169,9 +169,8 @@ def _fit(
     for _ in bar:
         idx = torch.randint(0, len(x_all), (batch_size,), generator=gen)
         shift = [int(v) for v in torch.randint(-6, 7, (2,), generator=gen)]
-        x = torch.roll(
-            x_all[idx], shifts=shift, dims=(2, 3)
-        )  # positions beyond the regions drawn in
+        # positions beyond the regions drawn in
+        x = torch.roll(x_all[idx], shifts=shift, dims=(2, 3))
         loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x), y_all[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()

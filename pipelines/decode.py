@@ -165,9 +165,8 @@ def decode_sample(
     elif batchable(pixels.shape):
         row[PHASH_PENDING] = pixels  # thumbnailed with the chunk's other small images
     else:
-        row[PHASH_PENDING] = phash_pixels(
-            pixels
-        )  # now: a larger image is not held until the chunk ends
+        # now: a larger image is not held until the chunk ends
+        row[PHASH_PENDING] = phash_pixels(pixels)
     if raw.caption is None or not raw.caption.strip():
         _fail(
             row,

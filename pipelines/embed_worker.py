@@ -273,9 +273,8 @@ def _decoded(shard: Shard, config: EmbedConfig, clip: Clip, threads: int):
         for raw in read_shard(shard):
             yield _decode_one(raw, shard.url, config, clip)
         return
-    window = (
-        4 * threads
-    )  # samples in flight: bounded, so a shard of large images is never all in memory
+    # samples in flight: bounded, so a shard of large images is never all in memory
+    window = 4 * threads
     pending: deque = deque()
     with ThreadPoolExecutor(threads, thread_name_prefix=f"decode-{shard.name}") as pool:
         try:
@@ -298,9 +297,8 @@ def _read_chunks(
 
     def ready(chunk: Chunk) -> Chunk:
         finish_phashes(chunk.rows)
-        detect_languages(
-            chunk.rows
-        )  # on the reader's side: off the forward's path where it overlaps
+        # on the reader's side: off the forward's path where it overlaps
+        detect_languages(chunk.rows)
         if chunk.captions:
             chunk.tokens = clip.tokenize(chunk.captions)
             chunk.batch = stack(clip, chunk.tensors)

@@ -159,9 +159,8 @@ def phash_batch(thumbs: list[np.ndarray]) -> list[str]:
     """DCT perceptual hashes of 32x32 thumbnails, computed together (one matmul)."""
     if not thumbs:
         return []
-    low = np.round(
-        _DCT @ np.stack(thumbs) @ _DCT.T, 6
-    )  # scipy gives exact zeros on symmetric images
+    # scipy gives exact zeros on symmetric images
+    low = np.round(_DCT @ np.stack(thumbs) @ _DCT.T, 6)
     low = low.reshape(len(thumbs), -1)
     bits = low > np.median(low, axis=1, keepdims=True)
     return [row.tobytes().hex() for row in np.packbits(bits, axis=1)]

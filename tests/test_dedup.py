@@ -89,9 +89,8 @@ def test_reruns_and_the_dask_cluster_give_identical_groups(copies_run, tmp_path)
     layout = S.InsightLayout(coll)
     a, b = pq.read_table(layout.duplicates("again-1")), pq.read_table(layout.duplicates("again-2"))
     assert a.equals(b)
-    dedup(
-        coll, S.LEVEL_COPIES, workers=1, run="on-dask"
-    )  # a LocalCluster: one task per shard / pair chunk
+    # a LocalCluster: one task per shard / pair chunk
+    dedup(coll, S.LEVEL_COPIES, workers=1, run="on-dask")
     assert pq.read_table(layout.duplicates("on-dask")).equals(first)
 
 
@@ -99,9 +98,8 @@ def test_semantic_level_adds_semdedup_groups_and_reports_every_eps(insight_colle
     coll = insight_collection["collection"]
     small = dedup(coll, S.LEVEL_SEMANTIC, eps=0.01, workers=0)
     large = dedup(coll, S.LEVEL_SEMANTIC, eps=0.2, workers=0)
-    assert (
-        large["removed"] > small["removed"] >= small["removed_by_reason"]["copy"]
-    )  # larger eps removes more
+    # larger eps removes more
+    assert large["removed"] > small["removed"] >= small["removed_by_reason"]["copy"]
     table = read_duplicates(coll, S.LEVEL_SEMANTIC, 0.2).to_pandas()
     semantic = table[table[S.DUP_REASON] == S.REASON_SEMANTIC]
     assert len(semantic) and (semantic[~semantic[S.DUP_KEPT]][S.DUP_SIMILARITY] > 0.8).all()

@@ -200,9 +200,8 @@ def test_calibrated_similarity_filter_removes_swapped_captions(swapped):
     n_swapped, n_matched = int(frame.mismatched.sum()), int((~frame.mismatched).sum())
     assert 40 < n_swapped < 120 and frame.loc[frame.mismatched, "caption_of"].notna().all()
     by = {r["mismatched"]: r["n"] for r in kept}
-    assert (
-        1 - by.get(True, 0) / n_swapped >= 0.85
-    )  # swapped captions removed (bench: filter_mismatch_removed)
+    # swapped captions removed (bench: filter_mismatch_removed)
+    assert 1 - by.get(True, 0) / n_swapped >= 0.85
     assert by.get(False, 0) / n_matched >= 0.9  # matched pairs kept (bench: filter_match_kept)
 
 
@@ -227,9 +226,8 @@ def test_caption_length_counts_characters_not_bytes(tmp_path):
             .to_pylist()
             == LONG_ENOUGH
         )
-    pq.write_table(
-        part.drop_columns([S.CAPTION_LENGTH]), S.CollectionLayout(root).metadata(0)
-    )  # an older part
+    # an older part
+    pq.write_table(part.drop_columns([S.CAPTION_LENGTH]), S.CollectionLayout(root).metadata(0))
     with Catalog(root) as cat:
         assert (
             cat.query(f"SELECT caption FROM samples WHERE {where} ORDER BY id")

@@ -335,9 +335,8 @@ def _fast(clip, **opts):
 def _encode(fast, images, tokens):
     img, txt = fast.encode_image_tensor(images), fast.encode_text_tokens(tokens)
     _sync()
-    assert (
-        img.dtype == np.float32 and txt.dtype == np.float32
-    )  # Clip gives numpy (FastClip gave tensors)
+    # Clip gives numpy (FastClip gave tensors)
+    assert img.dtype == np.float32 and txt.dtype == np.float32
     assert np.isfinite(img).all() and np.isfinite(txt).all()
     return img, txt
 
@@ -398,9 +397,8 @@ def test_fast_clip_normalises_uint8_batches_on_device(clip_case):
     arrays = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(8)]
     fast = _fast(clip, trim_text=False)
     ref = fast.encode_image_tensor(normalize_batch(arrays, mean, std))
-    got = fast.encode_image_tensor(
-        torch.from_numpy(np.stack(arrays))
-    )  # uint8: normalised by the Clip itself
+    # uint8: normalised by the Clip itself
+    got = fast.encode_image_tensor(torch.from_numpy(np.stack(arrays)))
     _sync()
     mean_cos, low = _rows_cos(got, ref)
     assert low >= 0.99999, (name, mean_cos, low)
@@ -491,9 +489,8 @@ def test_embed_job_on_default_gpu_cluster_matches_cpu(
     for key in ("count", "ok", "parts", "shards", "status_counts", "emb_dim"):
         assert summary[key] == cpu_summary[key], key
     assert summary["count"] == E2E_SAMPLES and summary["parts"] == E2E_SAMPLES // E2E_SHARD
-    assert (
-        summary["status_counts"].get(S.STATUS_DECODE_ERROR, 0) > 0
-    )  # corrupt samples were generated
+    # corrupt samples were generated
+    assert summary["status_counts"].get(S.STATUS_DECODE_ERROR, 0) > 0
     cols = [
         S.KEY,
         S.PART,
@@ -518,9 +515,8 @@ def test_embed_job_on_default_gpu_cluster_matches_cpu(
         workers, threads = default_cluster_size(tasks=summary["shards"], gpu=True)
         assert len({s["worker"] for s in stats}) <= workers
         assert all(s["torch_threads"] == threads for s in stats)
-        assert all(
-            s["decode_threads"] == max(1, threads - 1) for s in stats
-        )  # a decode pool beside the GPU
+        # a decode pool beside the GPU
+        assert all(s["decode_threads"] == max(1, threads - 1) for s in stats)
         assert all(s["precision"] == precision for s in stats)
     for what, a, b in (("image", img, cpu_img), ("text", txt, cpu_txt)):
         mean, low = _rows_cos(a, b)

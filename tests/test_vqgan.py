@@ -53,9 +53,8 @@ def _random_vqgan(seed: int = 0, **changes) -> VQGAN:
     model = VQGAN({**SMALL, **changes}, n_embed=16, embed_dim=8)
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(
-                0.05 * torch.randn_like(p)
-            )  # off the zero/one initialisation, so a wrong load shows
+            # off the zero/one initialisation, so a wrong load shows
+            p.add_(0.05 * torch.randn_like(p))
     return model.eval()
 
 
@@ -91,9 +90,8 @@ def test_a_taming_format_checkpoint_loads_and_decodes(tmp_path: Path):
         "lossconfig"
     ]  # taming's own configs carry it; the loader ignores it
     loaded = load_vqgan(config, ckpt)
-    x = (
-        torch.rand(2, 3, 16, 24) * 2 - 1
-    )  # any multiple of the factor, not only the config's resolution
+    # any multiple of the factor, not only the config's resolution
+    x = torch.rand(2, 3, 16, 24) * 2 - 1
     with torch.no_grad():
         z_q, _, idx = loaded.encode(x)
         assert z_q.shape == (2, 8, 8, 12) and idx.shape == (2, 8, 12)
@@ -156,9 +154,8 @@ def test_quantisation_passes_gradients_straight_through():
     codebook = torch.randn(10, 4)
     z = torch.randn(3, 5, 4, requires_grad=True)
     q = vector_quantize(z, codebook)
-    assert torch.equal(
-        q.detach(), codebook[nearest_code(z.detach(), codebook)]
-    )  # the forward snaps to codes
+    # the forward snaps to codes
+    assert torch.equal(q.detach(), codebook[nearest_code(z.detach(), codebook)])
     weights = torch.randn(3, 5, 4)
     (q * weights).sum().backward()
     assert torch.equal(z.grad, weights)  # the backward is the identity
