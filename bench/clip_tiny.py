@@ -29,7 +29,8 @@ HELD_OUT_SEED = 777  # training draws from seed 1000 + its own seed: disjoint sc
 def _class_embeddings(
     enc: Clip, classes: list[str], others: list[str], template: str, first: str
 ) -> np.ndarray:
-    """One embedding per class: the normalised mean over prompts naming each value of the other attribute."""
+    """One embedding per class: the normalised mean over prompts naming each
+    value of the other attribute."""
     out = []
     for c in classes:
         prompts = [

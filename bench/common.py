@@ -109,6 +109,7 @@ def pin_one_core(threads: int = 1) -> None:
 
 
 def rss_mb(pid: int | str = "self", field: str = "VmRSS") -> float:
-    """A process's memory field (VmRSS, VmHWM, ...) in MB; NaN where the kernel does not report it."""
+    """A process's memory field (VmRSS, VmHWM, ...) in MB; NaN where the
+    kernel does not report it."""
     kib = process_status_kib(field, pid)
     return float("nan") if kib is None else kib / 1024

@@ -2,8 +2,8 @@
 
 - sql: the LAION filter (`curation.filters.render("laion")`, ViT-B/32's threshold) + GROUP BY
   language + count over `--rows` (default 10M) generated metadata rows (`bench.synthetic.
-  write_metadata_parts`: LAION-like captions, urls, sizes, scores) in `--parts` (100) Parquet parts: the trusted
-  catalog's time (`sql_10m_seconds`, goal ≤ 1 s on 2 cores) and resident memory, and the
+  write_metadata_parts`: LAION-like captions, urls, sizes, scores) in `--parts` (100) Parquet parts:
+  the trusted catalog's time (`sql_10m_seconds`, goal ≤ 1 s on 2 cores) and resident memory, and the
   untrusted path's time for the same query (`sql_10m_untrusted_seconds`) and its worker's peak
   memory. Each time is the median of `--repeats` runs after one warm-up run.
 - filter: the sieve-tiny similarity filter on generated pairs with 10% swapped captions
@@ -71,7 +71,8 @@ def _timed(fn: Callable[[], Any], repeats: int) -> tuple[float, list[float], Any
 def run_sql(
     work: str, rows: int = 10_000_000, parts: int = 100, repeats: int = 5
 ) -> dict[str, Any]:
-    """Trusted and untrusted time of the LAION filter + GROUP BY over `rows` generated metadata rows."""
+    """Trusted and untrusted time of the LAION filter + GROUP BY over
+    `rows` generated metadata rows."""
     root = os.path.join(work, f"metadata-{rows}-{parts}")
     t = time.perf_counter()
     write_metadata_parts(root, rows, parts)
@@ -107,7 +108,8 @@ def run_sql(
             "process_rss_after_queries_mb": round(rss_after, 1),
             "untrusted_worker_peak_rss_mb": round(worker_peak, 1),
             "result": result.to_pylist(),
-            "note": "trusted: DuckDB's own Parquet reader in process; untrusted: the sandbox worker "
+            "note": "trusted: DuckDB's own Parquet reader in process; "
+            "untrusted: the sandbox worker "
             "scanning the same files through a pyarrow dataset (the locked connection has no "
             "file access), with the takedown filter applied at the scan",
         },
@@ -115,7 +117,8 @@ def run_sql(
 
 
 def _generated(work: str, n: int, seed: int, fraction: float) -> dict[str, np.ndarray]:
-    """clip_similarity and the swapped flag of n generated pairs (seed), embedded with sieve-tiny."""
+    """clip_similarity and the swapped flag of n generated pairs (seed),
+    embedded with sieve-tiny."""
     root = os.path.join(work, f"swapped-{n}-s{seed}-f{fraction}")
     if not os.path.exists(os.path.join(root, "shards", "_complete")):
         write_sample_dataset(
@@ -127,9 +130,8 @@ def _generated(work: str, n: int, seed: int, fraction: float) -> dict[str, np.nd
             shard_size=1000,
         )
         open(os.path.join(root, "shards", "_complete"), "w").close()
-    embed(
-        os.path.join(root, "shards"), os.path.join(root, "collection")
-    )  # finished parts are skipped
+    # finished parts are skipped
+    embed(os.path.join(root, "shards"), os.path.join(root, "collection"))
     with Catalog(os.path.join(root, "collection")) as cat:
         table = cat.query(
             "SELECT clip_similarity, mismatched FROM samples WHERE status = 'ok'"
@@ -164,7 +166,8 @@ def run_filter(
     calibration_seed: int = 1,
     eval_seeds: tuple[int, ...] = (2, 3),
 ) -> dict[str, Any]:
-    """Re-derive sieve-tiny's threshold on one seed and measure the recorded one on held-out seeds."""
+    """Re-derive sieve-tiny's threshold on one seed and measure the
+    recorded one on held-out seeds."""
     calib = _generated(work, n, calibration_seed, fraction)
     sim, swapped = calib["similarity"], calib["mismatched"].astype(bool)
     derived = equal_error_threshold(sim[~swapped], sim[swapped])
@@ -284,7 +287,8 @@ def run_export(
             "tar_copy_samples_per_s": round(
                 statistics.median(samples / r["copy_s"] for r in runs), 1
             ),
-            "note": "the same samples per second, so the ratio is copy seconds / export seconds; the "
+            "note": "the same samples per second, "
+            "so the ratio is copy seconds / export seconds; the "
             "export writes more bytes than it reads (tar headers of five members per sample, "
             "two .npy embeddings, a longer json)",
         },

@@ -186,7 +186,8 @@ class BareModel:
 
 
 def _bare_child(args: tuple, start: Any, conn: Any) -> None:
-    """A single-thread `BareModel` in its own process: on each command, wait for the siblings, run."""
+    """A single-thread `BareModel` in its own process: on each command,
+    wait for the siblings, run."""
     model = BareModel(*args)
     conn.send("ready")
     while (passes := conn.recv()) is not None:
@@ -250,7 +251,8 @@ class BarePool:
 
 
 def wait_until_quiet(limit_s: float = 60.0, busy_below: float = 0.15) -> float:
-    """Wait until the machine is idle (under `busy_below` of its CPU for a second); return seconds waited.
+    """Wait until the machine is idle
+    (under `busy_below` of its CPU for a second); return seconds waited.
 
     A LocalCluster's workers can still be exiting when `embed` returns; a bare forward timed
     beside them shares the cores with them and measures slow.
@@ -415,7 +417,8 @@ def bench_vitb32(
     bare_samples: int = 256,
     model: str = VITB32,
 ) -> dict[str, Any]:
-    """ViT-B-32 end to end per speed setting, each divided by fp32 bare forwards taken just before and after it.
+    """ViT-B-32 end to end per speed setting, each divided by fp32 bare forwards taken
+    just before and after it.
 
     One bare measurement at the start would be minutes away from the later settings, and this
     machine's speed drifts in that time (bench/results/embed.json, `vitb32.fp32_bare_measurements`);

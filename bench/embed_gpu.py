@@ -90,7 +90,8 @@ def device_info(device: str) -> dict[str, Any]:
 def bench_bare(
     spec: str, device: str, n: int, batch_size: int, passes: int, settings: list[str]
 ) -> dict[str, Any]:
-    """models.clip.Clip on preloaded, preprocessed tensors on the device, one setting after another."""
+    """models.clip.Clip on preloaded, preprocessed tensors on the device,
+    one setting after another."""
     enc = load_clip(spec, device="cpu", batch_size=batch_size)
     samples = list(iter_samples(n, size=64, seed=1))
     images = torch.stack([enc.preprocess(s.image) for s in samples]).to(device)

@@ -1,4 +1,5 @@
-"""`python -m bench.embed_stages`: per-sample cost of each reader stage of pipelines.embed, one thread.
+"""`python -m bench.embed_stages`: per-sample cost of each reader stage of
+pipelines.embed, one thread.
 
 The pipeline keeps up with the model only if reading, decoding, hashing and preprocessing
 cost a small fraction of the forward. This times each stage on one generated shard, the
@@ -130,7 +131,8 @@ def measure(shard: Path, batch_size: int = 256, reps: int = 5) -> dict[str, Any]
         "reader_over_model": round(reader_new / model_ms, 3),
         "reader_plain_over_model": round(reader_plain / model_ms, 3),
         "torch_threads": torch.get_num_threads(),
-        "note": "reader = tar + decode + phash + normalize + tokenize + language per sample; sha256 and row "
+        "note": "reader = tar + decode + phash + normalize + "
+        "tokenize + language per sample; sha256 and row "
         "building are left out (a few microseconds)",
     }
 

@@ -49,7 +49,8 @@ DEMO_PROMPTS = ["a red circle", "a blue square", "a green triangle", "a yellow s
 
 
 def judge_clip(work: Path, steps: int | None) -> Clip:
-    """The independent judge: sieve-tiny's recipe with seed 1, trained once into `work` (not the cache)."""
+    """The independent judge: sieve-tiny's recipe with seed 1,
+    trained once into `work` (not the cache)."""
     bundled = BUNDLED["sieve-tiny"]
     knobs = {"seed": 1, **({"steps": steps} if steps else {})}
     folder = work / f"judge-sieve-tiny-seed1{'-steps' + str(steps) if steps else ''}"

@@ -1,4 +1,5 @@
-"""HDiT benchmark: `python -m bench.hdit [--only scaling,flops,throughput,demo]` → bench/results/hdit.json.
+"""HDiT benchmark: `python -m bench.hdit [--only scaling,flops,throughput,demo]`
+→ bench/results/hdit.json.
 
 - scaling: fwd+bwd seconds and activation memory per image at 64²…512² for HDiT (neighborhood
   levels added as the image grows, global attention at a fixed 8×8 bottom) and a same-width
@@ -262,7 +263,8 @@ def run_throughput(steps: int = 10) -> dict[str, Any]:
     return {
         "train_img_per_s_64": steps * 8 / dt,
         "throughput_setup": {
-            "model": "flowers shape: patch 4, depths [2,2,4], widths [128,256,512], NA kernel 7 + global",
+            "model": "flowers shape: patch 4, depths [2,2,4], "
+            "widths [128,256,512], NA kernel 7 + global",
             "params_m": params / 1e6,
             "batch": 8,
             "size": 64,
@@ -402,7 +404,8 @@ def run_demo(
             "size": state["config"]["data"]["size"],
             "threads": threads,
             "clip": state["clip_spec"],
-            "sampler": f"{s['sampler']}, {s['steps']} steps, cfg {s['cfg']}, sigma_max {s['sigma_max']}",
+            "sampler": f"{s['sampler']}, {s['steps']} steps, "
+            f"cfg {s['cfg']}, sigma_max {s['sigma_max']}",
             "sampler_chosen_on_seeds": list(DEMO_SELECTION_SEEDS),
             "samples_per_seed": len(prompts),
             "grid": str(grid.name),
@@ -413,7 +416,8 @@ def run_demo(
             "scorer_accuracy_on_real_scenes": scorer_accuracy(
                 size=state["config"]["data"]["size"], object_sizes=object_sizes
             ),
-            "scoring": "nearest palette colour per pixel (within 40 RGB units); background = most common "
+            "scoring": "nearest palette colour per pixel (within 40 RGB units); "
+            "background = most common "
             "colour on the border; dominant = most common other colour, black outlines ignored",
         },
     }

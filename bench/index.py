@@ -2,7 +2,8 @@
 builder's choice, on generated vectors written as a collection and on a real collection.
 
     python -m bench.index [--n 1000000] [--dim 512] [--budget-ratio 0.1] [--data clip_like]
-                          [--keys chosen,Flat,...] [--work DIR] [--only vectors,real] [--collection PATH]
+                          [--keys chosen,Flat,...] [--work DIR] [--only vectors,real]
+                          [--collection PATH]
 
 `--data clip_like` (default) draws CLIP-shaped (image, text) pairs: anisotropic, thousands of
 overlapping topics, a modality gap, text queries that are noisy views of their images (see
@@ -107,11 +108,13 @@ def vectors(
         "budget_bytes": budget,
         "budget_ratio_vs_flat": budget_ratio,
         "max_query_ms": max_query_ms,
-        "queries": "200 text vectors of indexed pairs (the other modality), truth = exact inner product over all n",
+        "queries": "200 text vectors of indexed pairs (the other modality), "
+        "truth = exact inner product over all n",
     }
     if data == "clip_like":
         meta["shape"] = (
-            "4096 topics under 64 super-topics, Zipf(0.8) popularity, power-law spectrum (exponent 0.6) "
+            "4096 topics under 64 super-topics, Zipf(0.8) popularity, "
+            "power-law spectrum (exponent 0.6) "
             "in a random basis, modality offsets, text = image latent + noise"
         )
     old = previous.get("data")

@@ -1,4 +1,5 @@
-"""`python -m bench.insight [--only copies,semantic,concepts,score,map] [--work DIR]` → bench/results/insight.json.
+"""`python -m bench.insight [--only copies,semantic,concepts,score,map] [--work DIR]` →
+bench/results/insight.json.
 
 Data (shared by copies, semantic and concepts; built once under --work, reused): `--n`
 generated samples (`pipelines.generate`, seed 0) with `--copy-fraction` planted copies (exact,
@@ -22,10 +23,11 @@ score, with an image index.
   similarity to the image), Lilac's recipe (balanced logistic regression, no prior, on the
   caption embeddings as Lilac does; `lilac_image`: the same on image embeddings) and Sieve's
   probe (`concept_auroc_20_labels`, means over draws).
-- score: `curation.concept_probe.score_vectors` of an image+text probe over `--score-n` memory-mapped
-  float16 vectors per modality (`concept_score_10m_seconds`, goal ≤ 5 s on 2 cores; page
-  cache warmed by one untimed pass, median of `--repeats`).
-- map: `curation.map` layout of `--map-n` CLIP-like vectors, all laid out by UMAP (`map_100k_seconds`).
+- score: `curation.concept_probe.score_vectors` of an image+text probe over `--score-n`
+  memory-mapped float16 vectors per modality (`concept_score_10m_seconds`, goal ≤ 5 s on 2 cores;
+  page cache warmed by one untimed pass, median of `--repeats`).
+- map: `curation.map` layout of `--map-n` CLIP-like vectors,
+  all laid out by UMAP (`map_100k_seconds`).
 
 Absolute times belong to a quiet machine; run reduced sizes elsewhere to check it works.
 """
@@ -282,7 +284,9 @@ def run_concepts(
             y = np.r_[np.ones(10), np.zeros(10)]
             rest = np.setdiff1d(np.arange(len(truth)), labelled)
 
-            def auroc(scores: np.ndarray) -> float:
+            def auroc(
+                scores: np.ndarray, truth: np.ndarray = truth, rest: np.ndarray = rest
+            ) -> float:
                 return float(roc_auc_score(truth[rest], scores[rest]))
 
             results["zero_shot"].setdefault(name, []).append(auroc(img @ t))

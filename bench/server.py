@@ -370,7 +370,8 @@ def run(
     if "server" in parts:
         if not collection:
             raise SystemExit(
-                "--collection: a sieve-tiny collection with an image index is needed for part 'server'"
+                "--collection: a sieve-tiny collection with "
+                "an image index is needed for part 'server'"
             )
         spec = read_collection_json(collection).get("clip_model", "sieve-tiny")
         cached = load_run(collection, queries, "fp32", CACHE, clients, seconds, warmup, num_images)
@@ -407,8 +408,10 @@ def run(
             "precision_check": check,
             "collection": f"synthetic {vitb32_n} x 512, clustered",
             "query_mix": mix,
-            "how": "server: micro-batched concurrent queries, text tower trimmed to the batch's longest prompt, "
-            f"{precision} weights, LRU cache; baseline: fp32, full 77-token context, one query at a time",
+            "how": "server: micro-batched concurrent queries, "
+            "text tower trimmed to the batch's longest prompt, "
+            f"{precision} weights, LRU cache; baseline: fp32, "
+            "full 77-token context, one query at a time",
         }
     write_results("index", payload, merge=True)
     return payload

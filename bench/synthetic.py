@@ -140,7 +140,8 @@ def write_collection(
 
 
 def _row(n: int, r: int, ok_id: int | None) -> dict[str, Any]:
-    """Row r of part n: an embedded sample (`ok_id`, its id over the collection) or a planted failure."""
+    """Row r of part n: an embedded sample
+    (`ok_id`, its id over the collection) or a planted failure."""
     ok = ok_id is not None
     return {
         S.KEY: f"{n:03d}{r:06d}",
@@ -301,9 +302,8 @@ def metadata_part(part: int, rows: int, seed: int = 0, failed: float = 0.02) -> 
         S.SOURCE_SIZE: pa.array(rng.integers(1024, 3584, rows).astype(np.int64)),
     }
     arrays = [t[c].cast(getattr(pa, S.METADATA_TYPES[c])()) for c in S.METADATA_COLUMNS]
-    arrays.append(
-        pa.array(rng.integers(0, 5, rows).astype(np.int64))
-    )  # a source column, as img2dataset's
+    # a source column, as img2dataset's
+    arrays.append(pa.array(rng.integers(0, 5, rows).astype(np.int64)))
     return pa.Table.from_arrays(arrays, names=[*S.METADATA_COLUMNS, "src_aesthetic"])
 
 

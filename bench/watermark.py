@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> None:
     result = run(args.steps, args.n_eval, args.model, args.seed)
     path = write_results("watermark", result)
     print(
-        f"auroc (held-out) {result['auroc']}  in-distribution {result['in_distribution']['auroc']}  "
+        f"auroc (held-out) {result['auroc']}  in-distribution "
+        f"{result['in_distribution']['auroc']}  "
         f"sample shards {result['sample_shards']['auroc']} -> {path}"
     )
 

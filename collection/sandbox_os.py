@@ -10,8 +10,9 @@ worker puts itself in one before it reads a query:
   holding the collection's metadata parts (a rule on a folder still holds when a file in it is
   replaced atomically; a rule on the file would not) and of the Python runtime's libraries
   (lazy imports), reads and writes in the worker's own temporary folder, no TCP bind or
-  connect, no signals or abstract sockets outside the worker; a seccomp filter refusing new processes, sockets, exec, namespaces, mounts, ptrace, bpf and
-  kernel-administration calls; every capability dropped.
+  connect, no signals or abstract sockets outside the worker; a seccomp filter refusing new
+  processes, sockets, exec, namespaces, mounts, ptrace, bpf and kernel-administration calls; every
+  capability dropped.
 Each layer is applied on its own and then probed; where the kernel refuses one, the worker runs
 with the others and its report says which is missing and why. Standard library and ctypes only:
 this module runs before the worker imports anything that could start a thread.

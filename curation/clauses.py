@@ -106,7 +106,8 @@ def _mapping(value: Any, field_name: str, src: SpecSource, allowed: set[str]) ->
     unknown = sorted(set(value) - allowed)
     if unknown:
         raise SpecError(
-            f"{src.source}: {field_name}: unknown field{'s' if len(unknown) > 1 else ''} {unknown}; "
+            f"{src.source}: {field_name}: "
+            f"unknown field{'s' if len(unknown) > 1 else ''} {unknown}; "
             f"expected {sorted(allowed)}"
         )
     return dict(value)
@@ -145,7 +146,8 @@ def concept_steps(items: list[dict[str, Any]]) -> list[tuple[str, Step]]:
 
     return [
         (
-            f"concept {it['name']} score >= {'its threshold' if it['min_score'] is None else it['min_score']}",
+            f"concept {it['name']} score >= "
+            f"{'its threshold' if it['min_score'] is None else it['min_score']}",
             lambda ctx, ids, it=it: run(ctx, ids, it["name"], it["min_score"]),
         )
         for it in items
@@ -153,7 +155,8 @@ def concept_steps(items: list[dict[str, Any]]) -> list[tuple[str, Step]]:
 
 
 def parse_region(value: Any, src: SpecSource) -> dict[str, Any]:
-    """`region: {modality: image, rect: [x0, y0, x1, y1]}` or `{polygon: [[x, y], ...]}` on the map."""
+    """`region: {modality: image, rect: [x0, y0, x1, y1]}` or
+    `{polygon: [[x, y], ...]}` on the map."""
     doc = _mapping(value, "region", src, {"modality", "rect", "polygon"})
     modality = doc.get("modality", S.MODALITY_IMAGE)
     if modality not in (S.MODALITY_IMAGE, S.MODALITY_TEXT):
@@ -161,7 +164,8 @@ def parse_region(value: Any, src: SpecSource) -> dict[str, Any]:
     rect, polygon = doc.get("rect"), doc.get("polygon")
     if (rect is None) == (polygon is None):
         raise SpecError(
-            f"{src.source}: region: give exactly one of rect: [x0, y0, x1, y1] or polygon: [[x, y], ...]"
+            f"{src.source}: region: give exactly one of rect: "
+            "[x0, y0, x1, y1] or polygon: [[x, y], ...]"
         )
     try:
         if rect is not None:
@@ -198,7 +202,8 @@ def region_steps(doc: dict[str, Any]) -> list[tuple[str, Step]]:
 
 
 def parse_dedup(value: Any, src: SpecSource) -> dict[str, Any]:
-    """`dedup: copies` or `dedup: {level: exact|copies|semantic, eps: 0.05}` (one member per group)."""
+    """`dedup: copies` or
+    `dedup: {level: exact|copies|semantic, eps: 0.05}` (one member per group)."""
     doc = _mapping(
         {"level": value} if isinstance(value, str) else value, "dedup", src, {"level", "eps"}
     )

@@ -77,16 +77,16 @@ def _resize(a: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 
 def _best_window(big: np.ndarray, small: np.ndarray) -> np.ndarray:
-    """The window of `big` (small's shape) whose grey pattern best matches `small` (means removed)."""
+    """The window of `big` (small's shape) whose grey pattern best
+    matches `small` (means removed)."""
     gb, gs = big.astype(np.float32) @ _GREY, small.astype(np.float32) @ _GREY
     h, w = gs.shape
     n = h * w
     sc = gs - gs.mean()
     windows = sliding_window_view(gb, gs.shape)
     cross = np.tensordot(windows, sc, axes=([2, 3], [0, 1]))  # sum(window * sc): sc has zero mean
-    ii = (
-        np.pad(gb, ((1, 0), (1, 0))).cumsum(0).cumsum(1)
-    )  # integral images of the values and squares
+    # integral images of the values and squares
+    ii = np.pad(gb, ((1, 0), (1, 0))).cumsum(0).cumsum(1)
     ii2 = np.pad(gb * gb, ((1, 0), (1, 0))).cumsum(0).cumsum(1)
 
     def box(t: np.ndarray) -> np.ndarray:
@@ -99,7 +99,8 @@ def _best_window(big: np.ndarray, small: np.ndarray) -> np.ndarray:
 
 
 def _views(a: np.ndarray, b: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Aligned (a-part, b-part) pairs of equal shape: the whole frames, and b as a crop of a or a of b."""
+    """Aligned (a-part, b-part) pairs of equal shape: the whole frames,
+    and b as a crop of a or a of b."""
     shape = (min(a.shape[0], b.shape[0]), min(a.shape[1], b.shape[1]))
     out = [(_resize(a, shape), _resize(b, shape))]
     for big, small, flip in ((a, b, False), (b, a, True)):
@@ -128,7 +129,8 @@ def _grey(p: np.ndarray) -> np.ndarray:
 
 
 def _colour_fit(u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Per-pixel residual (max over RGB) of v against the best brightness/contrast/saturation change of u.
+    """Per-pixel residual (max over RGB) of v against the best
+    brightness/contrast/saturation change of u.
 
     u and v are (3, H, W) planes. The family is closed under composition: grey levels change
     affinely, chroma (colour minus grey) scales. Pixels over OUTLIER_LEVEL leave the fit (an
@@ -211,8 +213,8 @@ def _structure(u: np.ndarray, v: np.ndarray, residual: np.ndarray) -> float:
 
 
 def _features(u: np.ndarray, v: np.ndarray) -> tuple[float, float]:
-    """(fraction of agreeing pixels, structure agreement) of one aligned view ((3, H, W) planes); structure 0 when
-    so few pixels agree that no smoothing could make a copy of it."""
+    """(fraction of agreeing pixels, structure agreement) of one aligned view ((3, H, W) planes);
+    structure 0 when so few pixels agree that no smoothing could make a copy of it."""
     residual = _colour_fit(u, v)
     inliers = float((residual < INLIER_LEVEL).mean())
     if inliers < MIN_INLIERS - _NEAR:
@@ -229,7 +231,8 @@ def _smooth(x: np.ndarray) -> np.ndarray:
 
 
 def copy_score(a: Any, b: Any) -> tuple[float, float]:
-    """(inlier fraction, structure agreement) of the best alignment of two pictures (PIL or RGB arrays).
+    """(inlier fraction, structure agreement) of the best alignment of two
+    pictures (PIL or RGB arrays).
 
     A copy scores at least (MIN_INLIERS, MIN_STRUCTURE); `is_copy` applies the thresholds.
     """
@@ -267,7 +270,8 @@ def copy_verdict(
     similarities: Sequence[float] | None = None,
     min_similarity: float | None = None,
 ) -> list[bool]:
-    """For each candidate picture: is it a copy of `query`? (The rule of `curation.dedup --level copies`.)
+    """For each candidate picture: is it a copy of `query`?
+    (The rule of `curation.dedup --level copies`.)
 
     `query` and `candidates` are PIL images or HxWx3 RGB arrays of any size (compared as
     thumbnails). `similarities` (CLIP cosine of each candidate to the query) with

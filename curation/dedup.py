@@ -77,7 +77,8 @@ def keep_ranks(meta: pa.Table) -> np.ndarray:
 
 
 class Links:
-    """Each removed sample points at the sample that made it a duplicate: a forest whose roots are kept."""
+    """Each removed sample points at the sample that made it a duplicate:
+    a forest whose roots are kept."""
 
     def __init__(self, n: int) -> None:
         self.parent = np.full(n, -1, np.int64)
@@ -108,7 +109,8 @@ def _cosine(store: Any, a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def exact_stage(meta: pa.Table, ranks: np.ndarray, links: Links, store: Any) -> int:
-    """Link samples with the same sha256 to the kept one of their group; returns the number removed."""
+    """Link samples with the same sha256 to the kept one of their group;
+    returns the number removed."""
     sha = np.asarray(meta.column(S.SHA256).to_pylist(), dtype=object)
     groups: dict[str, list[int]] = {}
     for i, h in enumerate(sha):
@@ -129,7 +131,8 @@ def exact_stage(meta: pa.Table, ranks: np.ndarray, links: Links, store: Any) -> 
 
 
 def copy_candidates(collection: str, meta: pa.Table, alive: np.ndarray, store: Any) -> np.ndarray:
-    """(m, 2) sorted unique pairs (i < j) of alive samples proposed by image-embedding or phash neighbours."""
+    """(m, 2) sorted unique pairs (i < j) of alive samples proposed by
+    image-embedding or phash neighbours."""
     alive_mask = np.zeros(meta.num_rows, bool)
     alive_mask[alive] = True
     nb_ids, nb_sims = neighbours(collection, COPY_NEIGHBOURS, S.MODALITY_IMAGE, store)
@@ -251,7 +254,8 @@ def semantic_stage(
     run: Runner,
     params: SemanticParams,
 ) -> dict[str, Any]:
-    """SemDeDup on what earlier levels kept; links removed samples to their most similar preferred one."""
+    """SemDeDup on what earlier levels kept; links removed samples to their
+    most similar preferred one."""
     alive = links.alive
     groups = root_groups(store, alive, params)
     results = run(
@@ -319,7 +323,8 @@ def duplicate_rows(links: Links, keys: np.ndarray) -> pa.Table:
 
 
 def _runner(scheduler: str | None, workers: int | None) -> tuple[Runner, int, Callable[[], None]]:
-    """(run tasks, how many task slots, close) on a Dask cluster, or in this process when workers == 0."""
+    """(run tasks, how many task slots, close) on a Dask cluster,
+    or in this process when workers == 0."""
     if workers == 0 and not scheduler:
 
         def local(fn: Callable[..., Any], args: list[tuple]) -> list[Any]:
@@ -355,7 +360,8 @@ def dedup(
     run: str | None = None,
     params: SemanticParams = SemanticParams(),
 ) -> dict[str, Any]:
-    """Find duplicates up to `level`; write dedup/{run}/duplicates.parquet and report.json; return the report.
+    """Find duplicates up to `level`; write dedup/{run}/duplicates.parquet and
+    report.json; return the report.
 
     `workers=0` runs every task in this process (small collections, tests); otherwise a Dask
     LocalCluster of `workers` processes, or the cluster at `scheduler`.
@@ -443,14 +449,16 @@ def read_duplicates(
     run = run or S.dedup_run_name(level, eps)
     return read_table(
         S.InsightLayout(collection).duplicates(run),
-        f"duplicates for {run}; run `python -m curation.dedup {collection} --level {level} --eps {eps}`",
+        f"duplicates for {run}; run `python -m curation.dedup "
+        f"{collection} --level {level} --eps {eps}`",
     )
 
 
 def subset_clause(
     collection: str, ids: Sequence[int] | np.ndarray, level: str = S.LEVEL_COPIES, eps: float = 0.05
 ) -> np.ndarray:
-    """A subset spec's `dedup: {level, eps}` clause: `ids` less all but one member of each duplicate group.
+    """A subset spec's `dedup: {level, eps}` clause: `ids` less all but one
+    member of each duplicate group.
 
     Within the subset each group keeps its kept sample when present, else its earliest member
     present. The run is computed first (in this process) when it does not exist yet.
@@ -504,7 +512,8 @@ def main(argv: list[str] | None = None) -> None:
         "--eps",
         type=float,
         default=0.05,
-        help="semantic only: a cosine distance in (0, 1); a sample is removed when its cosine similarity "
+        help="semantic only: a cosine distance in (0, 1); "
+        "a sample is removed when its cosine similarity "
         "to a sample kept before it in its cluster exceeds 1 - eps (SemDeDup's code; its README's "
         "'lower eps prunes more' is backwards): larger eps removes more",
     )

@@ -116,7 +116,8 @@ _LOCAL = threading.local()
 
 
 def _connection() -> duckdb.DuckDBPyConnection:
-    """This thread's in-memory DuckDB, made once (a connection costs more than a small shard's json)."""
+    """This thread's in-memory DuckDB, made once
+    (a connection costs more than a small shard's json)."""
     if getattr(_LOCAL, "con", None) is None:
         _LOCAL.con = duckdb.connect(config={"threads": 1})
     return _LOCAL.con
@@ -130,7 +131,8 @@ def write_webdataset(
     records: list[bytes],
     embeddings: dict[str, np.ndarray],
 ) -> int:
-    """Write the tar atomically: per sample jpg, txt, json, then each modality's `.npy`; returns bytes."""
+    """Write the tar atomically: per sample jpg, txt, json, then each
+    modality's `.npy`; returns bytes."""
     ext = {S.MODALITY_IMAGE: S.EXPORT_IMG_EMB_EXT, S.MODALITY_TEXT: S.EXPORT_TXT_EMB_EXT}
     suffixes = [S.EXPORT_IMAGE_EXT, S.EXPORT_TEXT_EXT, S.EXPORT_JSON_EXT] + [
         ext[m] for m in embeddings
@@ -176,8 +178,8 @@ def _write_block(
 def write_parquet(
     path: str, table: pa.Table, images: list[bytes] | None, embeddings: dict[str, np.ndarray]
 ) -> int:
-    """img2dataset's parquet output (image bytes under `jpg`) plus our columns and embeddings, atomically;
-    without images, the url + caption table img2dataset can download again."""
+    """img2dataset's parquet output (image bytes under `jpg`) plus our columns and embeddings,
+    atomically; without images, the url + caption table img2dataset can download again."""
     if images is not None:
         table = table.append_column(S.EXPORT_IMAGE_COLUMN, pa.array(images, pa.binary()))
     names = {S.MODALITY_IMAGE: S.EXPORT_IMG_EMB_COLUMN, S.MODALITY_TEXT: S.EXPORT_TXT_EMB_COLUMN}

@@ -50,7 +50,8 @@ def similarity_threshold(clip_model: str) -> float:
         return SIMILARITY_THRESHOLDS[arch]
     raise ValueError(
         f"no calibrated image-text similarity threshold for CLIP {clip_model!r} "
-        f"(known: sieve-tiny and trained {sorted(a for a in SIMILARITY_THRESHOLDS if a != TINY_NAME)}); "
+        "(known: sieve-tiny and trained "
+        f"{sorted(a for a in SIMILARITY_THRESHOLDS if a != TINY_NAME)}); "
         "pass min_similarity=... or min_similarity=None"
     )
 
@@ -126,7 +127,10 @@ def _language_clause(language: str) -> str:
     if language == "english":
         return f"{col} = '{S.LANGUAGE_ENGLISH}'"
     if language == "multilingual":
-        return f"{col} IS NOT NULL AND {col} NOT IN ('{S.LANGUAGE_ENGLISH}', '{S.LANGUAGE_UNDETERMINED}')"
+        return (
+            f"{col} IS NOT NULL AND {col} NOT IN "
+            f"('{S.LANGUAGE_ENGLISH}', '{S.LANGUAGE_UNDETERMINED}')"
+        )
     if (
         language == "nolang"
     ):  # not reliably detected, or never detected (no caption, older collections)

@@ -199,14 +199,18 @@ def describe(clause: dict[str, Any], i: int) -> str:
             label = item.get(field, f"[{len(item.get('values', []))} numbers]")
             parts.append(f"{name} {str(WeightedPrompt(label, item['weight']))!r}")
     how = f"k={clause[K]}" if clause[K] is not None else f"similarity >= {clause[MIN_SIMILARITY]:g}"
-    return f"knn[{i}] {'exclude ' if clause[EXCLUDE] else ''}{', '.join(parts)} {how} ({clause[MODALITY]} index)"
+    return (
+        f"knn[{i}] {'exclude ' if clause[EXCLUDE] else ''}{', '.join(parts)} "
+        f"{how} ({clause[MODALITY]} index)"
+    )
 
 
 # ---- resolving ---------------------------------------------------------------------------
 def query_vector(
     ctx: Context, clause: dict[str, Any], dim: int, store: EmbeddingStore, what: str
 ) -> np.ndarray:
-    """The clause's single query: the weighted sum of its items' normalised embeddings, renormalised."""
+    """The clause's single query: the weighted sum of its items' normalised
+    embeddings, renormalised."""
     vectors: list[np.ndarray] = []
     weights: list[WeightedPrompt] = []
     if clause[TEXT]:
@@ -238,7 +242,8 @@ def query_vector(
     bad = [v.shape for v in vectors if v.shape != (dim,)]
     if bad:
         raise SpecError(
-            f"{what}: an embedding has shape {bad[0]}, the {clause[MODALITY]} index's dimension is {dim}"
+            f"{what}: an embedding has shape {bad[0]}, "
+            f"the {clause[MODALITY]} index's dimension is {dim}"
         )
     unit = [v / max(float(np.linalg.norm(v)), 1e-12) for v in vectors]
     try:

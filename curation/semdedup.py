@@ -45,7 +45,8 @@ class SemanticParams:
 
 
 class ArrayVectors:
-    """An in-memory (or np.memmap) array with EmbeddingStore's `gather`, for benchmarks and tests."""
+    """An in-memory (or np.memmap) array with EmbeddingStore's `gather`,
+    for benchmarks and tests."""
 
     def __init__(self, array: np.ndarray) -> None:
         self.array = array
@@ -117,7 +118,8 @@ def root_groups(
 
 
 def _leaves(x: np.ndarray, members: np.ndarray, params: SemanticParams) -> list[np.ndarray]:
-    """Positions (into x) of the leaves under `members`: recursive k-means down to about leaf_size."""
+    """Positions (into x) of the leaves under `members`: recursive
+    k-means down to about leaf_size."""
     if len(members) <= 2 * params.leaf_size:
         return [members]
     k = min(params.branch, math.ceil(len(members) / params.leaf_size))
@@ -176,5 +178,6 @@ def check_eps(eps: float) -> None:
     """ε is a cosine distance in (0, 1); anything else is a ValueError naming it."""
     if not (isinstance(eps, (int, float)) and 0.0 < float(eps) < 1.0):
         raise ValueError(
-            f"eps must be in (0, 1) (a cosine distance: removed when similarity > 1 - eps), got {eps!r}"
+            "eps must be in (0, 1) (a cosine distance: "
+            f"removed when similarity > 1 - eps), got {eps!r}"
         )

@@ -31,7 +31,8 @@ class SpecError(ValueError):
 
 @dataclass(frozen=True)
 class SpecSource:
-    """A spec's YAML mapping, where it came from (for messages) and where its relative paths start."""
+    """A spec's YAML mapping, where it came from (for messages) and where
+    its relative paths start."""
 
     doc: dict[str, Any]
     source: str
@@ -47,12 +48,14 @@ def find_spec(spec: str, collection: str) -> str:
     if "/" not in spec and not spec.endswith((".yaml", ".yml")) and fs.exists(path):
         return named
     raise SpecError(
-        f"{spec}: no such spec file, and no subset named {spec!r} in {S.CollectionLayout(collection).subsets_dir}"
+        f"{spec}: no such spec file, and no subset named {spec!r} "
+        f"in {S.CollectionLayout(collection).subsets_dir}"
     )
 
 
 def read_spec(spec: str | dict[str, Any], collection: str) -> SpecSource:
-    """Read a spec from a file path, a subset name in the collection, or a mapping (the Python API)."""
+    """Read a spec from a file path, a subset name in the collection,
+    or a mapping (the Python API)."""
     if isinstance(spec, dict):
         return SpecSource(dict(spec), "<spec>", os.getcwd())
     path = find_spec(spec, collection)
@@ -71,14 +74,16 @@ def read_spec(spec: str | dict[str, Any], collection: str) -> SpecSource:
         doc = {}
     if not isinstance(doc, dict):
         raise SpecError(
-            f"{path}: a spec is a YAML mapping (name:, where:, knn:, ...), not a {type(doc).__name__}"
+            f"{path}: a spec is a YAML mapping (name:, where:, knn:, ...), "
+            f"not a {type(doc).__name__}"
         )
     base = posixpath.dirname(path) if "://" in path else os.path.dirname(os.path.abspath(path))
     return SpecSource(doc, path, base)
 
 
 def check_meta(src: SpecSource) -> dict[str, Any]:
-    """name, description and seed, checked, with defaults filled (name defaults to the file's stem)."""
+    """name, description and seed, checked, with defaults filled
+    (name defaults to the file's stem)."""
     doc = src.doc
     stem = os.path.splitext(os.path.basename(src.source))[0] if src.source != "<spec>" else "subset"
     name = doc.get(NAME, stem)
@@ -96,7 +101,8 @@ def check_meta(src: SpecSource) -> dict[str, Any]:
 
 
 def stable_hash(obj: Any, n: int = 16) -> str:
-    """A hex digest of `obj` as canonical JSON (sorted keys, no spaces): equal values, equal hashes."""
+    """A hex digest of `obj` as canonical JSON (sorted keys, no spaces):
+    equal values, equal hashes."""
     text = json.dumps(
         obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
     )
@@ -104,7 +110,8 @@ def stable_hash(obj: Any, n: int = 16) -> str:
 
 
 def collection_id(collection: str) -> str:
-    """What identifies a collection's contents: collection.json's creation time, CLIP model and counts.
+    """What identifies a collection's contents: collection.json's creation
+    time, CLIP model and counts.
 
     A collection re-embedded from scratch gets a new `created`; one that grew by parts gets new
     counts: either way a spec resolved on it is a different query.
@@ -112,7 +119,8 @@ def collection_id(collection: str) -> str:
     info = read_collection_json(collection)
     if not info:
         raise SpecError(
-            f"{collection}: no {S.COLLECTION_JSON}; is this a collection (python -m pipelines.embed)?"
+            f"{collection}: no {S.COLLECTION_JSON}; "
+            "is this a collection (python -m pipelines.embed)?"
         )
     return stable_hash(
         {k: info.get(k) for k in ("created", "clip_model", "emb_dim", "parts", "count", "ok")}

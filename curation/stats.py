@@ -1,4 +1,5 @@
-"""`python -m curation.stats COLLECTION [--column clip_similarity ...] [--bins 30]`: counts and histograms.
+"""`python -m curation.stats COLLECTION [--column clip_similarity ...] [--bins 30]`: counts and
+histograms.
 
 What the UI's Explore page shows, as functions and a command: rows by status, the commonest
 failure messages, and histograms of the scores, sizes and caption length. Every figure is
@@ -69,7 +70,8 @@ def histogram(catalog: Any, column: str, bins: int = 30, where: str | None = Non
     cond = f"({where})" if where else "TRUE"
     low, high, present, total = _scalar(
         catalog,
-        f"SELECT min({expr})::DOUBLE, max({expr})::DOUBLE, count({expr}), count(*) FROM {TABLE} WHERE {cond}",
+        f"SELECT min({expr})::DOUBLE, max({expr})::DOUBLE, "
+        f"count({expr}), count(*) FROM {TABLE} WHERE {cond}",
     )
     if column in UNIT_RANGE:
         low, high = 0.0, 1.0
@@ -79,7 +81,8 @@ def histogram(catalog: Any, column: str, bins: int = 30, where: str | None = Non
         high = low + 1.0
     width = (high - low) / bins
     rows = catalog.query(
-        f"SELECT least(greatest(floor(({expr} - {low!r}) / {width!r}), 0), {bins - 1})::INTEGER AS b, count(*) AS n "
+        f"SELECT least(greatest(floor(({expr} - {low!r}) / {width!r}), 0), {bins - 1})::INTEGER "
+        "AS b, count(*) AS n "
         f"FROM {TABLE} WHERE {cond} AND {expr} IS NOT NULL GROUP BY b ORDER BY b"
     ).table.to_pylist()
     counts = [0] * bins
@@ -100,7 +103,8 @@ def status_counts(catalog: Any) -> list[dict[str, Any]]:
 def failures(catalog: Any, limit: int = 20) -> list[dict[str, Any]]:
     """The commonest (status, error) pairs among failed rows, with an example key each."""
     return catalog.query(
-        f"SELECT {S.STATUS} AS status, {S.ERROR} AS error, count(*) AS n, min({S.KEY}) AS example_key "
+        f"SELECT {S.STATUS} AS status, {S.ERROR} AS error, "
+        f"count(*) AS n, min({S.KEY}) AS example_key "
         f"FROM {TABLE} WHERE {S.STATUS} IS DISTINCT FROM '{S.STATUS_OK}' GROUP BY 1, 2 "
         f"ORDER BY n DESC, status LIMIT {int(limit)}"
     ).table.to_pylist()

@@ -1,4 +1,6 @@
-"""The takedown command: `python -m curation.takedown COLLECTION add|remove|list [--key K | --url U | --sha256 H | --file FILE]`.
+"""The takedown command:
+`python -m curation.takedown COLLECTION add|remove|list \
+    [--key K | --url U | --sha256 H | --file FILE]`.
 
 The list itself (its file, matching, atomic rewrites) is `collection.takedown`, which search,
 the server, SQL and export enforce.

@@ -1,4 +1,5 @@
-"""Memorisation audit: `python -m hdit_train.audit --images DIR --collection COLL [--out REPORT_DIR]`.
+"""Memorisation audit:
+`python -m hdit_train.audit --images DIR --collection COLL [--out REPORT_DIR]`.
 
 For each generated image in DIR: its nearest training samples in the collection's image
 index, their similarity and a copy verdict (the duplicates' `copies` rule, applied in
@@ -28,8 +29,10 @@ def audit(
         read_images(images), collection, k=k, out=out or Path(images) / "audit", grid_pairs=pairs
     )
     print(
-        f"{result.report['n_copies']} of {result.report['n_images']} generated images copy a training image "
-        f"(fraction {result.copy_fraction:.3f}); report {result.report_path}, pairs {result.grid_path}"
+        f"{result.report['n_copies']} of {result.report['n_images']} "
+        "generated images copy a training image "
+        f"(fraction {result.copy_fraction:.3f}); "
+        f"report {result.report_path}, pairs {result.grid_path}"
     )
     return result.report_path
 

@@ -1,4 +1,5 @@
-"""CLIP-guided generation and editing: `python -m hdit_train.guide --prompts "a red star:1|blurry:-0.5" --out out.png`.
+"""CLIP-guided generation and editing:
+`python -m hdit_train.guide --prompts "a red star:1|blurry:-0.5" --out out.png`.
 
 VQGAN-CLIP (Crowson et al. 2022; nerdyrodent/VQGAN-CLIP's generate.py) steers a generator to
 weighted prompts with no training: `text:weight:stop` separated by `|` (negative weights push
@@ -58,7 +59,8 @@ def guide(
     sigma_max: float = 20.0,
     device: str | None = None,
 ) -> Path:
-    """Guide `generator` to the prompts for each seed; write the image (a grid for several seeds) to `out`."""
+    """Guide `generator` to the prompts for each seed; write the image
+    (a grid for several seeds) to `out`."""
     # heavy (torch, CLIP): after argument parsing, so --help answers at once
     import torch
 

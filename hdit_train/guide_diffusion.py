@@ -59,9 +59,10 @@ def check_size(cfg: dict[str, Any], size: tuple[int, int]) -> None:
 def run_condition(
     state: dict[str, Any], clip: Clip, texts: list[WeightedPrompt], use_cond: bool, device: str
 ) -> tuple[dict, dict]:
-    """(cond, uncond) model kwargs for one sample, as `diffusion.guided` takes them: the weighted text
-    prompts' combined embedding against the dropped-condition slot when the run is CLIP-conditioned
-    and `use_cond`; else the unconditional slot alone (uncond empty: no classifier-free guidance)."""
+    """(cond, uncond) model kwargs for one sample, as `diffusion.guided` takes them: the weighted
+    text prompts' combined embedding against the dropped-condition slot when the run is
+    CLIP-conditioned and `use_cond`; else the unconditional slot alone (uncond empty: no
+    classifier-free guidance)."""
     cfg = state["config"]
     kind = cfg["cond"]["kind"]
     if kind == "class":
@@ -96,7 +97,8 @@ def clip_guided_sample(
     device: str = "cpu",
     on_step: Callable[[int, torch.Tensor], None] | None = None,
 ) -> tuple[torch.Tensor, list[float]]:
-    """One image in [0, 1] (1, 3, H, W) and the guidance loss per step; `objective=None` samples unguided."""
+    """One image in [0, 1] (1, 3, H, W) and the guidance loss per step;
+    `objective=None` samples unguided."""
     check_size(state["config"], size)
     cond, uncond = run_condition(state, clip, texts, settings.use_cond, device)
     fn = guided(denoiser, settings.cfg, cond, uncond)

@@ -1,4 +1,5 @@
-"""CLIP guidance as VQGAN-CLIP defines it (nerdyrodent/VQGAN-CLIP `generate.py`, after Crowson's notebook).
+"""CLIP guidance as VQGAN-CLIP defines it
+(nerdyrodent/VQGAN-CLIP `generate.py`, after Crowson's notebook).
 
 The pieces every generator shares: weighted text and image prompts (`models.prompts` syntax,
 `text:weight:stop`), cutouts of the image with augmentations (`cutn`, `cut_pow`), and the
@@ -39,13 +40,15 @@ class GuidanceError(ValueError):
 
 # ---- losses -------------------------------------------------------------------------------------
 def spherical_dist_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Squared great-circle distance between the normalised x and y (broadcast over leading dims)."""
+    """Squared great-circle distance between the normalised x and y
+    (broadcast over leading dims)."""
     x, y = F.normalize(x, dim=-1), F.normalize(y, dim=-1)
     return (x - y).norm(dim=-1).div(2).arcsin().pow(2).mul(2)
 
 
 def tv_loss(x: torch.Tensor) -> torch.Tensor:
-    """Total variation per image (L2 form, as the CLIP-guided diffusion reference): smooth images score low."""
+    """Total variation per image
+    (L2 form, as the CLIP-guided diffusion reference): smooth images score low."""
     x = F.pad(x, (0, 1, 0, 1), "replicate")
     dx, dy = x[..., :-1, 1:] - x[..., :-1, :-1], x[..., 1:, :-1] - x[..., :-1, :-1]
     return (dx**2 + dy**2).mean([1, 2, 3])
@@ -70,7 +73,8 @@ class _ClampWithGrad(torch.autograd.Function):
 
 
 def clamp_with_grad(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
-    """Clamp, but let gradients through wherever they would move an out-of-range value back in range."""
+    """Clamp, but let gradients through wherever they would move an
+    out-of-range value back in range."""
     return _ClampWithGrad.apply(x, lo, hi)
 
 
@@ -115,7 +119,8 @@ class MakeCutouts(nn.Module):
     def forward(
         self, images: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """(n, 3, H, W) in [0, 1] -> (cutn * n, 3, cut, cut), cutout-major (cut 0 of every image first)."""
+        """(n, 3, H, W) in [0, 1] -> (cutn * n, 3, cut, cut), cutout-major
+        (cut 0 of every image first)."""
         n, _, h, w = images.shape
         max_size, min_size = min(h, w), min(h, w, self.cut_size)
         g = {"generator": generator, "device": images.device}
@@ -146,7 +151,8 @@ class MakeCutouts(nn.Module):
 
 
 def _augment(x: torch.Tensor, generator: torch.Generator | None, p: float = 0.7) -> torch.Tensor:
-    """Random flips, affine (±15°, 10% shift, ±5° shear), hue/saturation jitter and erasing, per cutout."""
+    """Random flips, affine (±15°, 10% shift, ±5° shear), hue/saturation
+    jitter and erasing, per cutout."""
     n, dev = len(x), x.device
     g = {"generator": generator, "device": dev}
     flip = torch.rand(n, **g) < 0.5
@@ -169,9 +175,8 @@ def _augment(x: torch.Tensor, generator: torch.Generator | None, p: float = 0.7)
     grey = x.mean(1, keepdim=True)
     sat = 1 + (torch.rand(n, 1, 1, 1, **g) * 2 - 1) * 0.1 * jitter
     x = grey + (x - grey) * sat
-    hue = (
-        (torch.rand(n, 1, 1, 1, **g) * 2 - 1) * 0.1 * jitter
-    )  # a small rotation of the chroma plane
+    # a small rotation of the chroma plane
+    hue = (torch.rand(n, 1, 1, 1, **g) * 2 - 1) * 0.1 * jitter
     x = (
         grey
         + (x - grey) * torch.cos(hue * 2 * math.pi)
@@ -292,16 +297,16 @@ class ClipObjective:
             img = to_tensor(load_image(p.text)).to(dev)
             with torch.no_grad():
                 e = obj.embed(img, generator=generator)[:, 0]
-            obj.prompts.append(
-                Prompt(e, p.weight, p.stop)
-            )  # every cutout's embedding, as the reference
+            # every cutout's embedding, as the reference
+            obj.prompts.append(Prompt(e, p.weight, p.stop))
             pulls.append(F.normalize(e.mean(0), dim=-1) * p.weight)
         target = torch.stack(pulls).sum(0)
         obj.target = F.normalize(target, dim=-1)
         return obj
 
     def embed(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """(cutn, n, dim) CLIP embeddings of augmented cutouts of images in [0, 1] (n, 3, H, W), differentiable."""
+        """(cutn, n, dim) CLIP embeddings of augmented cutouts of images in [0, 1]
+        (n, 3, H, W), differentiable."""
         cuts = self.make_cutouts(images, generator)
         feats = self.clip.model.encode_image((cuts - self.mean) / self.std).float()
         return feats.view(self.make_cutouts.cutn, len(images), -1)

@@ -33,7 +33,8 @@ from models.vqgan import VQGAN, bundled_vqgan, load_vqgan
 log = logging.getLogger(__name__)
 
 GENERATORS = ("vqgan", "pixels", "hdit")
-#: Adam's step size when none is given: the reference's 0.1 on VQGAN latents; pixels move in logit units
+#: Adam's step size when none is given: the reference's 0.1 on VQGAN latents;
+#: pixels move in logit units
 DEFAULT_STEP_SIZE = {"vqgan": 0.1, "pixels": 0.05}
 
 
@@ -78,7 +79,8 @@ class Guide:
             raise GuidanceError(f"generator {generator!r}: choose one of {GENERATORS}")
         if (vqgan_config is None) != (vqgan_ckpt is None):
             raise GuidanceError(
-                "give both --vqgan-config and --vqgan-ckpt (or neither, for the bundled sieve-vqgan)"
+                "give both --vqgan-config and --vqgan-ckpt "
+                "(or neither, for the bundled sieve-vqgan)"
             )
         if generator == "hdit" and hdit_ckpt is None:
             raise GuidanceError(
@@ -118,7 +120,8 @@ class Guide:
         guided: bool = True,
         on_step: Callable[[int, torch.Tensor], None] | None = None,
     ) -> GuideResult:
-        """One image for `seed`; `guided=False` gives the same seed's output without CLIP guidance."""
+        """One image for `seed`; `guided=False` gives the same seed's
+        output without CLIP guidance."""
         settings = settings or GuideSettings()
         hw = (
             self.default_size()

@@ -79,7 +79,8 @@ def _tiles(n: int, tile: int, kernel_size: int, device: torch.device):
 
 
 def _padded_axis_mask(n: int, tile: int, kernel_size: int, device: torch.device) -> torch.Tensor:
-    """(tiles, tile, halo) window mask when halos are read from the input padded by kernel_size // 2."""
+    """(tiles, tile, halo) window mask when halos are read from the input
+    padded by kernel_size // 2."""
     halo = tile + kernel_size - 1
     q_pos = torch.arange(n, device=device).view(n // tile, tile)
     k_pos = (torch.arange(n // tile, device=device) * tile)[:, None] + torch.arange(
@@ -94,7 +95,8 @@ def _padded_axis_mask(n: int, tile: int, kernel_size: int, device: torch.device)
 def _strided_bias(
     h: int, w: int, kernel_size: int, tile: int, device: torch.device, dtype: torch.dtype
 ) -> torch.Tensor:
-    """Additive mask (0 inside each query's window, -inf outside), (1, tiles, tile², halo²); cached."""
+    """Additive mask (0 inside each query's window, -inf outside),
+    (1, tiles, tile², halo²); cached."""
     halo, ty, tx = tile + kernel_size - 1, h // tile, w // tile
     my, mx = (
         _padded_axis_mask(h, tile, kernel_size, device),
@@ -190,7 +192,8 @@ def na2d_torch(
 def na2d(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: int, scale: float = 1.0
 ) -> torch.Tensor:
-    """Neighborhood attention, layout (B, heads, H, W, D): natten on CUDA if present, else PyTorch."""
+    """Neighborhood attention, layout (B, heads, H, W, D): natten on CUDA
+    if present, else PyTorch."""
     if _natten_na2d is not None and q.is_cuda:
         try:
             out = _natten_na2d(

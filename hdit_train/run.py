@@ -94,7 +94,8 @@ def build_model(cfg: dict[str, Any], cond_dim: int = 0):
 
 
 def save_checkpoint(out: Path, tensors: dict[str, Any], state: dict[str, Any]) -> None:
-    """Write checkpoint.safetensors, then state.json, each atomically (state last: it names the checkpoint's step)."""
+    """Write checkpoint.safetensors, then state.json, each atomically
+    (state last: it names the checkpoint's step)."""
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / CKPT) as tmp:
         save_file(tensors, tmp)

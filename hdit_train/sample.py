@@ -1,4 +1,5 @@
-"""Sample from a trained run: `python -m hdit_train.sample --ckpt RUN --prompt "..." --out grid.png`.
+"""Sample from a trained run:
+`python -m hdit_train.sample --ckpt RUN --prompt "..." --out grid.png`.
 
 Prompts are embedded with the CLIP text tower of the model named in the run; `--class N`
 picks a class of a class-conditioned run. Guidance is classifier-free. `--audit COLL` then
@@ -30,7 +31,8 @@ def sample(
     sigma_max: float = 80.0,
     audit: str | None = None,
 ) -> Path:
-    """Sample n images from the run's EMA weights and save a grid; with `audit`, audit them against that collection."""
+    """Sample n images from the run's EMA weights and save a grid; with `audit`,
+    audit them against that collection."""
     # heavy (torch, faiss): after argument parsing, so --help answers at once
     from hdit_train.memorisation import audit as run_audit, tensor_images
     from hdit_train.sampling import sample_images, save_grid

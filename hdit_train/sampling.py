@@ -57,7 +57,8 @@ def cond_kwargs(
 
 
 def shift_by_gap(emb: torch.Tensor, clip_gap: Sequence[float] | None) -> torch.Tensor:
-    """Text embeddings (n, dim) moved by the run's measured modality gap and renormalised (unchanged without one)."""
+    """Text embeddings (n, dim) moved by the run's measured modality gap and
+    renormalised (unchanged without one)."""
     if clip_gap is None:
         return emb
     emb = emb + torch.tensor(clip_gap, dtype=emb.dtype, device=emb.device)

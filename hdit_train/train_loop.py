@@ -184,7 +184,8 @@ def _embed_missing(batch: dict[str, Any], encoder, captions: bool = False) -> No
 
 
 def _dist_setup() -> tuple[int, int, str]:
-    """(rank, world, device); initialises the process group only under torchrun with WORLD_SIZE>1."""
+    """(rank, world, device); initialises the process group only under
+    torchrun with WORLD_SIZE>1."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
@@ -216,9 +217,8 @@ def fit(
         cfg["train"]["max_minutes"] = max_minutes
     rank, world, device = _dist_setup()
     if device == "cpu":
-        keep_freed_memory(
-            no_mmap=True
-        )  # large activations reuse freed memory instead of page-faulting
+        # large activations reuse freed memory instead of page-faulting
+        keep_freed_memory(no_mmap=True)
     manifest = read_manifest(data)
     dhash = data_hash(data)
     encoder, cond_dim, clip_spec, clip_gap = None, 0, None, None

@@ -1,4 +1,5 @@
-"""The aiohttp application behind `python -m indices.serve`, wire-compatible with clip-retrieval's `clip back`.
+"""The aiohttp application behind `python -m indices.serve`,
+wire-compatible with clip-retrieval's `clip back`.
 
 POST /knn-service, POST /metadata, GET /indices-list (clip back's contract) plus GET /health
 and Prometheus GET /metrics. Concurrent queries are micro-batched (one text encode and one
@@ -389,7 +390,8 @@ class App:
                 raise BadRequest(f"embedding_input must be a list of numbers: {exc}") from exc
         else:
             raw = await self._image_bytes(body, inputs[0])
-            # the embed job's decoder and pixel limit: a header claiming a huge image is refused unread
+            # the embed job's decoder and pixel limit: a header claiming a
+            # huge image is refused unread
             image, status, error = decode_image(raw, self.max_pixels)
             if image is None:
                 if status == S.STATUS_TOO_LARGE:
@@ -406,7 +408,8 @@ class App:
                 raise BadRequest(f"image: bad base64: {exc}") from exc
         if not self.allow_image_url:
             raise BadRequest(
-                "image_url: fetching URLs is disabled on this server (start it with --allow-image-url)",
+                "image_url: fetching URLs is disabled on this "
+                "server (start it with --allow-image-url)",
                 403,
             )
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:

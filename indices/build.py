@@ -177,7 +177,7 @@ def _build_one(
         index.train(xt)
         del xt
     t_add = time.perf_counter()
-    for start, x in store.iter_parts():  # one part in memory at a time
+    for _start, x in store.iter_parts():  # one part in memory at a time
         index.add(x)
     t_tune = time.perf_counter()
     queries, qsource = _queries(root, modality, store, n_queries, seed)
@@ -268,9 +268,8 @@ def build(
             log.warning("skipping %s: %s", m, exc)
     if not out:
         raise CollectionError(f"{collection}: nothing to index for {modality}")
-    RowStore.open(
-        collection
-    )  # the searcher's memory-mapped rows, written now rather than at its first start
+    # the searcher's memory-mapped rows, written now rather than at its first start
+    RowStore.open(collection)
     return out
 
 
@@ -303,7 +302,8 @@ def main(argv: list[str] | None = None) -> None:
     for m, d in docs.items():
         print(
             f"{m}: {d['index_key']} params={d['params']} recall@10={d['recall_at_10']:.3f} "
-            f"p99={d['p99_ms']:.2f}ms size={d['index_bytes']}B ({d['memory_ratio_vs_flat']:.3f} of flat)"
+            f"p99={d['p99_ms']:.2f}ms size={d['index_bytes']}B "
+            f"({d['memory_ratio_vs_flat']:.3f} of flat)"
         )
 
 

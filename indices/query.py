@@ -1,4 +1,5 @@
-"""`python -m indices.query COLLECTION --text "a red circle" [--out clipsubset.json]`: one search, saved.
+"""`python -m indices.query COLLECTION --text "a red circle" [--out clipsubset.json]`: one search,
+saved.
 
 What the UI's Search page does, as a command: a text query (weighted prompts, `"a red
 star:1|blurry:-0.5"`), an image file, or "more like" a result's id; the image or text index;
@@ -32,7 +33,8 @@ APPROXIMATE_NOTE = (
 
 
 def results_json(rows: Sequence[dict[str, Any]]) -> bytes:
-    """Result rows as clip front's `clipsubset.json`: a JSON list, indented as clip front writes it."""
+    """Result rows as clip front's `clipsubset.json`: a JSON list,
+    indented as clip front writes it."""
     return (json.dumps(list(rows), indent=2, default=str) + "\n").encode()
 
 

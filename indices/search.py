@@ -61,7 +61,8 @@ DEFAULT_COLUMNS = (
     S.PUNSAFE,
     S.PWATERMARK,
 )
-#: what one `filters=` WHERE clause may use: the candidates of one query are a few thousand rows at most
+#: what one `filters=` WHERE clause may use: the candidates of one query are a
+#: few thousand rows at most
 FILTER_LIMITS = Limits(timeout_s=5.0, memory_limit="256MB", threads=1)
 #: the table a filter's WHERE clause reads; `__pos` is the candidate's position
 FILTER_TABLE = "candidates"
@@ -122,7 +123,8 @@ def _json_value(v: Any) -> Any:
 
 
 class Searcher:
-    """Loads a collection's indices and metadata rows (both memory-mapped) and takedown list once."""
+    """Loads a collection's indices and metadata rows
+    (both memory-mapped) and takedown list once."""
 
     def __init__(
         self,
@@ -199,14 +201,16 @@ class Searcher:
                 store = EmbeddingStore.open(self.root, modality)
                 if store.count != self.count:
                     raise CollectionError(
-                        f"{self.root}: {store.count} {modality} vectors but {self.count} metadata rows"
+                        f"{self.root}: {store.count} {modality} "
+                        f"vectors but {self.count} metadata rows"
                     )
                 self._indices[modality] = (idx, doc, store)
             return self._indices[modality]
 
     @property
     def encoder(self) -> Any:
-        """The collection's CLIP model (collection.json's spec), loaded on first text/image query."""
+        """The collection's CLIP model (collection.json's spec),
+        loaded on first text/image query."""
         if self._encoder is None:
             self._encoder = load_clip(self.info.get("clip_model", "sieve-tiny"))
         return self._encoder
@@ -220,7 +224,9 @@ class Searcher:
         if sum(given) != 1:
             raise QueryError("give exactly one of text, image or embedding")
         if text is not None:
-            try:  # "a red star:1|blurry:-0.5": weighted prompts, parsed as subset specs and guidance parse them
+            # "a red star:1|blurry:-0.5": weighted prompts, parsed as subset specs and guidance
+            # parse them
+            try:
                 prompts = parse_prompts(text)
                 v = combine(self.encoder.encode_texts([p.text for p in prompts]), prompts)
             except PromptError as exc:
@@ -265,7 +271,8 @@ class Searcher:
     def vector(
         self, ids: Sequence[int] | np.ndarray, modality: str = S.MODALITY_IMAGE
     ) -> np.ndarray:
-        """The stored float32 embeddings of given ids ("more like this" queries with one of them)."""
+        """The stored float32 embeddings of given ids
+        ("more like this" queries with one of them)."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if len(ids) and (ids.min() < 0 or ids.max() >= self.count):
             raise QueryError(f"ids: out of range 0..{self.count - 1}")

@@ -115,5 +115,6 @@ def choose_index(n: int, dim: int, max_memory: int | str = "4G") -> Choice:
         key,
         True,
         estimate_bytes(key, n, dim),
-        f"raw vectors ({flat} B) exceed the budget: {m}-byte PQ codes, exact re-rank from the mmapped embeddings",
+        f"raw vectors ({flat} B) exceed the budget: {m}-byte PQ codes, "
+        "exact re-rank from the mmapped embeddings",
     )

@@ -1,4 +1,5 @@
-"""`python -m indices.serve --collection NAME=PATH [--collection ...] [--port 1234]`: the kNN server.
+"""`python -m indices.serve --collection NAME=PATH [--collection ...] [--port 1234]`: the kNN
+server.
 
 HTTP, wire-compatible with clip-retrieval's `clip back` (its ClipClient works unchanged):
 POST /knn-service, POST /metadata, GET /indices-list, plus GET /health and Prometheus

@@ -124,7 +124,9 @@ def tune(
         set_search_params(index, params)
         _, found = ann_search(index, store, queries, k, depth)
         row = {"recall_at_10": recall_at(found, truth, k)}
-        row.update(latency_ms(lambda q: ann_search(index, store, q, k, depth), queries, 100))
+        row.update(
+            latency_ms(lambda q, depth=depth: ann_search(index, store, q, k, depth), queries, 100)
+        )
         table.append({**params, **row})
         log.info(
             "%s %s -> recall@10 %.3f p99 %.2f ms",

@@ -1,4 +1,5 @@
-"""The models Sieve trains for itself, and the cache that holds them (`$SIEVE_CACHE`, ~/.cache/sieve).
+"""The models Sieve trains for itself, and the cache that holds them
+(`$SIEVE_CACHE`, ~/.cache/sieve).
 
 Nothing can be downloaded here, so the offline defaults (the `sieve-tiny` CLIP, the watermark
 detector) are trained by the project's own scripts on generated scenes. Each is a `Bundled`
@@ -58,13 +59,15 @@ def build_once(ready: Callable[[], bool], build: Callable[[], None], lock_path: 
 
 
 def _plain(value: Any) -> Any:
-    """The value as JSON gives it back (tuples become lists), so recipes compare equal after a round trip."""
+    """The value as JSON gives it back (tuples become lists),
+    so recipes compare equal after a round trip."""
     return json.loads(json.dumps(value))
 
 
 @dataclass(frozen=True)
 class Bundled:
-    """A model Sieve trains for itself: cache folder `name`, trained by `module.train(out, **recipe)`.
+    """A model Sieve trains for itself: cache folder `name`,
+    trained by `module.train(out, **recipe)`.
 
     `defaults` are the recipe's knobs (each also a `python -m models.train NAME --KNOB` option).
     Bump `version` when the training code changes what a recipe produces.
@@ -106,7 +109,8 @@ class Bundled:
         return info.get("recipe") if isinstance(info, dict) else None
 
     def ready(self, folder: Path | None = None) -> bool:
-        """Whether `folder` (default: the cache's) holds this model trained with the default recipe."""
+        """Whether `folder` (default: the cache's) holds this model
+        trained with the default recipe."""
         found = self.trained_recipe(folder)
         if found is None:
             return False
@@ -120,7 +124,8 @@ class Bundled:
         return True
 
     def ensure(self) -> Path:
-        """The cache folder, filled first (in a child process, under a file lock) when missing or stale."""
+        """The cache folder, filled first
+        (in a child process, under a file lock) when missing or stale."""
         folder = self.folder
         build_once(
             self.ready, lambda: self.train_into(folder), folder.parent / f".{self.name}.lock"
@@ -128,8 +133,8 @@ class Bundled:
         return folder
 
     def train_into(self, folder: Path, retrain: bool = False, **overrides: Any) -> Path:
-        """Build the model with the recipe (defaults + overrides) in a child process, from the packed
-        copy when it matches, else by training; `folder` appears only when done."""
+        """Build the model with the recipe (defaults + overrides) in a child process, from the
+        packed copy when it matches, else by training; `folder` appears only when done."""
         from_shipped = not retrain and not overrides and self.shipped_current()
         log.warning(
             "%s: %s into %s (once)",

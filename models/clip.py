@@ -92,7 +92,8 @@ class Clip:
         }
 
     def variant(self, **changes: Any) -> "Clip":
-        """A copy of this fp32 model under other settings (the server's int8 or bf16 text tower, say)."""
+        """A copy of this fp32 model under other settings
+        (the server's int8 or bf16 text tower, say)."""
         if self.precision != "fp32" or self.compiled:
             raise ValueError("variant() copies an fp32, uncompiled Clip")
         settings = {**self.settings(), "device": self.device, **changes}
@@ -102,7 +103,8 @@ class Clip:
 
     # ---- images ------------------------------------------------------------------------------
     def encode_image_tensor(self, batch: torch.Tensor) -> np.ndarray:
-        """Embed a preprocessed float (n, 3, H, W) batch, or a uint8 (n, H, W, 3) one at the model's size.
+        """Embed a preprocessed float (n, 3, H, W) batch, or a uint8
+        (n, H, W, 3) one at the model's size.
 
         A uint8 batch is a quarter of the bytes to move and is normalised on the device with the
         same operations, and so the same values, as `models.preprocess.normalize_batch`.
@@ -183,7 +185,8 @@ def default_device() -> str:
 
 
 def tiny_dir() -> Path:
-    """The sieve-tiny folder in the cache (an open_clip local-dir folder), trained first when missing or stale."""
+    """The sieve-tiny folder in the cache (an open_clip local-dir folder),
+    trained first when missing or stale."""
     return BUNDLED[TINY_NAME].ensure()
 
 
@@ -218,8 +221,10 @@ def _load_open_clip(
             )
         except Exception as exc:  # open_clip wraps every download failure in RuntimeError/OSError
             raise RuntimeError(
-                f"CLIP spec {spec!r}: could not get the pretrained weights {arch}/{weights} ({exc}). "
-                "Weights cannot be downloaded on this machine (no model hub). Download the checkpoint "
+                f"CLIP spec {spec!r}: could not get the "
+                f"pretrained weights {arch}/{weights} ({exc}). "
+                "Weights cannot be downloaded on this machine "
+                "(no model hub). Download the checkpoint "
                 f"elsewhere and pass it as 'open_clip:{arch}/path/to/checkpoint.pt' or "
                 "'local-dir:/path/to/folder', or use the offline default 'sieve-tiny'."
             ) from exc
@@ -244,7 +249,8 @@ def load_clip(
     channels_last: bool = False,
     compile: bool = False,
 ) -> Clip:
-    """Load a CLIP model by spec under the given speed settings; device defaults to cuda when available.
+    """Load a CLIP model by spec under the given speed settings;
+    device defaults to cuda when available.
 
     int8 quantizes the transformer blocks' Linear layers and runs on the CPU only, so it is also
     the default device then.

@@ -17,7 +17,8 @@ from PIL import Image
 
 
 def batch_normalizer(preprocess: Any) -> tuple[int, tuple[float, ...], tuple[float, ...]] | None:
-    """(size, mean, std) when `preprocess` is open_clip's resize/crop/to-tensor/normalize chain, else None."""
+    """(size, mean, std) when `preprocess` is open_clip's
+    resize/crop/to-tensor/normalize chain, else None."""
     names = [type(t).__name__ for t in getattr(preprocess, "transforms", [])]
     expected = ["Resize", "CenterCrop", "ToTensor", "Normalize"]
     kept = [n for n in names if n not in ("MaybeConvertMode", "_convert_to_rgb", "function")]
@@ -38,7 +39,8 @@ def batch_normalizer(preprocess: Any) -> tuple[int, tuple[float, ...], tuple[flo
 
 
 def resize_crop(preprocess: Any) -> Callable[[Image.Image], Image.Image] | None:
-    """The chain's Resize then CenterCrop as one PIL -> PIL callable, when `batch_normalizer` takes the chain."""
+    """The chain's Resize then CenterCrop as one PIL -> PIL callable,
+    when `batch_normalizer` takes the chain."""
     if batch_normalizer(preprocess) is None:
         return None
     steps = {type(t).__name__: t for t in preprocess.transforms}
@@ -47,7 +49,8 @@ def resize_crop(preprocess: Any) -> Callable[[Image.Image], Image.Image] | None:
 
 
 def fits(img: Any, size: int) -> bool:
-    """Whether `img` (an RGB HWC array or a PIL image) can take the batched path: RGB, size x size."""
+    """Whether `img` (an RGB HWC array or a PIL image) can take the
+    batched path: RGB, size x size."""
     if isinstance(img, np.ndarray):
         return img.shape == (size, size, 3)
     return img.mode == "RGB" and img.size == (size, size)
@@ -67,7 +70,8 @@ def normalize_batch(
 def normalize_(
     batch: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]
 ) -> torch.Tensor:
-    """In place on a float NCHW batch of 0-255 values: /255, - mean, / std (ToTensor + Normalize)."""
+    """In place on a float NCHW batch of 0-255 values: /255, - mean,
+    / std (ToTensor + Normalize)."""
     m = torch.tensor(mean, dtype=torch.float32, device=batch.device).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=torch.float32, device=batch.device).view(1, -1, 1, 1)
     return batch.div_(255).sub_(m).div_(s)
@@ -83,7 +87,8 @@ class Preprocessor:
         self.resize_crop = resize_crop(preprocess)
 
     def model_input(self, pixels: np.ndarray | Image.Image) -> np.ndarray | torch.Tensor:
-        """An RGB uint8 HWC array the batched normaliser takes, else the chain's CHW float tensor."""
+        """An RGB uint8 HWC array the batched normaliser takes,
+        else the chain's CHW float tensor."""
         if self.batched is not None:
             if isinstance(pixels, np.ndarray) and fits(pixels, self.batched[0]):
                 return pixels
@@ -100,8 +105,8 @@ class Preprocessor:
     def stack(
         self, items: list[np.ndarray | torch.Tensor], keep_uint8: bool = False
     ) -> torch.Tensor:
-        """One batch from `model_input` results: NCHW float; with `keep_uint8` and all arrays, NHWC uint8
-        (for a device to normalise itself)."""
+        """One batch from `model_input` results: NCHW float; with `keep_uint8` and all arrays, NHWC
+        uint8 (for a device to normalise itself)."""
         arrays = [i for i, x in enumerate(items) if isinstance(x, np.ndarray)]
         if keep_uint8 and len(arrays) == len(items):
             return torch.from_numpy(np.stack(items))

@@ -122,7 +122,8 @@ class _QuietOpenClip(logging.Filter):
 
 
 def setup_logging(level: int = logging.INFO) -> None:
-    """The logging every `python -m` command of Sieve starts with: one line per record, on stderr."""
+    """The logging every `python -m` command of Sieve starts with:
+    one line per record, on stderr."""
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )

@@ -203,7 +203,8 @@ def _centres(attrs: dict[str, Any], rng: np.random.Generator) -> list[tuple[floa
 def render_scene(
     attrs: dict[str, Any], size: int, rng: np.random.Generator, noise_texture: str = "fine"
 ) -> Image.Image:
-    """Render the scene described by attrs at size×size pixels (anti-aliased by 2× supersampling)."""
+    """Render the scene described by attrs at size×size pixels
+    (anti-aliased by 2× supersampling)."""
     ss = 2
     img = _background(attrs, size, rng, noise_texture).resize((size * ss, size * ss), Image.NEAREST)
     draw = ImageDraw.Draw(img)
@@ -267,12 +268,14 @@ def make_caption(attrs: dict[str, Any], rng: np.random.Generator) -> tuple[str, 
 
 
 def matches(attrs: dict[str, Any], named: Sequence[str], target: dict[str, Any]) -> bool:
-    """Whether `target`'s true attributes agree with every attribute the caption of `attrs` names."""
+    """Whether `target`'s true attributes agree with every attribute the
+    caption of `attrs` names."""
     return all(attrs[name] == target[name] for name in named)
 
 
 def available_fonts() -> list[str]:
-    """Font identifiers usable offline: Pillow's built-in scalable font plus system TrueType files."""
+    """Font identifiers usable offline: Pillow's built-in scalable font
+    plus system TrueType files."""
     return ["default"] + sorted(glob.glob("/usr/share/fonts/truetype/**/*.ttf", recursive=True))
 
 

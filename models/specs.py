@@ -4,7 +4,8 @@ Specs follow clip-retrieval's naming:
   open_clip:ARCH/PRETRAINED_TAG   real open_clip weights (needs a model hub; fails clearly offline)
   open_clip:ARCH/path/to/ckpt.pt  open_clip architecture + a local checkpoint file
   open_clip:ARCH                  random init (speed benchmarks only)
-  local-dir:/path                 folder with open_clip_config.json + weights (open_clip's own format)
+  local-dir:/path                 folder with open_clip_config.json + weights (open_clip's own
+                                  format)
   sieve-tiny                      the project's offline CLIP, trained on first use into the cache
 This module imports nothing heavy, so a command can refuse a malformed spec or precision at
 once; `models.clip.load_clip` does the loading.
@@ -35,7 +36,8 @@ class ClipSpec:
     text: str
     kind: str
     arch: str = ""
-    #: a pretrained tag, a checkpoint path, or '' for random weights (open_clip); the folder (local-dir)
+    #: a pretrained tag, a checkpoint path, or '' for random weights
+    #: (open_clip); the folder (local-dir)
     weights: str = ""
 
     @property
@@ -52,7 +54,8 @@ def bad_spec(spec: str, why: str) -> ValueError:
 
 
 def parse_spec(spec: str) -> ClipSpec:
-    """Split a spec into its parts; ValueError (naming the spec and the accepted forms) if malformed."""
+    """Split a spec into its parts; ValueError
+    (naming the spec and the accepted forms) if malformed."""
     if not isinstance(spec, str) or not spec.strip():
         raise bad_spec(str(spec), "empty spec")
     spec = spec.strip()

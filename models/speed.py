@@ -55,7 +55,8 @@ def cpu_has_amx() -> bool | None:
 def model_dtype(precision: str, device: Any = "cpu"):
     """torch dtype for a precision name; bf16 falls back to fp32 (with a warning) where emulated.
 
-    int8 keeps fp32 tensors (its Linear layers are quantized by `quantize_int8`) and runs on CPU only.
+    int8 keeps fp32 tensors
+    (its Linear layers are quantized by `quantize_int8`) and runs on CPU only.
     """
     if precision == "fp32":
         return torch.float32

@@ -52,7 +52,8 @@ EMBEDDING = "token_embedding.weight"
 def tiny_config(
     width: int = 128, layers: int = 3, embed_dim: int = 128, vision: str = "resnet"
 ) -> dict[str, Any]:
-    """The open_clip model config: a small image tower (ModifiedResNet as in RN50, or a ViT) and text transformer."""
+    """The open_clip model config: a small image tower
+    (ModifiedResNet as in RN50, or a ViT) and text transformer."""
     if vision == "resnet":  # layers as a tuple makes open_clip build ModifiedResNet
         vision_cfg: dict[str, Any] = {"image_size": IMAGE_SIZE, "layers": [2, 2, 2, 2], "width": 16}
     elif vision == "vit":
@@ -169,7 +170,8 @@ def train(
     vision: str,
     hard_negatives: int,
 ) -> Path:
-    """Train sieve-tiny contrastively with this recipe and save it as an open_clip local-dir folder."""
+    """Train sieve-tiny contrastively with this recipe and save it as an
+    open_clip local-dir folder."""
     recipe = BUNDLED["sieve-tiny"].recipe(
         seed=seed,
         steps=steps,
@@ -211,7 +213,8 @@ def train(
 
 
 def _save(out: Path, model: Any, cfg: dict[str, Any], recipe: dict[str, Any], **facts: Any) -> None:
-    """An open_clip local-dir folder: weights, config, then train_info.json (the completion mark)."""
+    """An open_clip local-dir folder: weights, config, then
+    train_info.json (the completion mark)."""
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / WEIGHTS))
     write_json(out / "open_clip_config.json", {"model_cfg": cfg, "preprocess_cfg": PREPROCESS_CFG})
@@ -219,7 +222,8 @@ def _save(out: Path, model: Any, cfg: dict[str, Any], recipe: dict[str, Any], **
 
 
 def _initial(cfg: dict[str, Any], seed: int) -> Any:
-    """The untrained model exactly as `train` draws it: the first use of torch's RNG after the seed."""
+    """The untrained model exactly as `train` draws it: the first use of
+    torch's RNG after the seed."""
     with isolated_torch():
         torch.manual_seed(seed)
         return open_clip.CLIP(**cfg)
@@ -248,7 +252,8 @@ def pack(folder: str | Path) -> Path:
 
 
 def unpack(out: str | Path) -> Path:
-    """Build the cache folder from the repository's packed copy (float16 weights, seeded embedding rows)."""
+    """Build the cache folder from the repository's packed copy
+    (float16 weights, seeded embedding rows)."""
     tensors, about = read_packed(BUNDLED["sieve-tiny"])
     recipe, cfg = about["recipe"], about["model_cfg"]
     model = _initial(cfg, recipe["seed"])
@@ -313,9 +318,8 @@ def _fit(
             neg_shapes = miner.pick(shapes[idx], hard_negatives, gen)  # (B, k)
             text = torch.cat([text, swap_tokens[idx[:, None], neg_shapes].flatten(0, 1)])
         img_f, txt_f, scale = model(img, text)
-        logits = (
-            scale * img_f @ txt_f.t()
-        )  # (B, B(1 + k)): each image also sees every shape-swapped caption
+        # (B, B(1 + k)): each image also sees every shape-swapped caption
+        logits = scale * img_f @ txt_f.t()
         labels = torch.arange(batch_size)
         if hard_negatives:
             with torch.no_grad():

@@ -67,13 +67,13 @@ def main(argv: list[str] | None = None) -> Path:
     knobs = {k: getattr(args, k) for k in bundled.defaults}
     if args.out is None and knobs != bundled.defaults:
         p.error(
-            f"the cache holds {bundled.name}'s default recipe; pass --out DIR to train with other knobs"
+            f"the cache holds {bundled.name}'s default recipe; "
+            "pass --out DIR to train with other knobs"
         )
     if args.pack and args.out is None and knobs != bundled.defaults:
         p.error("--pack writes the default recipe's model; drop the knobs")
-    module = importlib.import_module(
-        bundled.module
-    )  # heavy (torch): after parsing, so --help answers at once
+    # heavy (torch): after parsing, so --help answers at once
+    module = importlib.import_module(bundled.module)
     unpack = not args.retrain and knobs == bundled.defaults and bundled.shipped_current()
 
     def build(dest: str | Path) -> None:

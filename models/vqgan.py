@@ -1,4 +1,5 @@
-"""The taming-transformers VQGAN (Esser et al. 2021): encoder, quantiser, decoder, in taming's layout.
+"""The taming-transformers VQGAN (Esser et al. 2021): encoder, quantiser,
+decoder, in taming's layout.
 
 `load_vqgan(config, ckpt)` reads a user's taming `model.yaml` (`taming.models.vqgan.VQModel`)
 and `last.ckpt` (the Lightning checkpoint; only its `state_dict` is used, and the loss and
@@ -35,7 +36,8 @@ BUNDLED_NAME = "sieve-vqgan"
 
 
 class VQGANError(ValueError):
-    """A VQGAN config or checkpoint that cannot be used; the message names the file and the problem."""
+    """A VQGAN config or checkpoint that cannot be used; the message names
+    the file and the problem."""
 
 
 # ---- taming's building blocks (same names, same arithmetic) ---------------------------------
@@ -224,7 +226,8 @@ class Decoder(nn.Module):
 
 
 class VectorQuantizer(nn.Module):
-    """taming's VectorQuantizer2 (`quantize.embedding.weight`): nearest codebook entry, straight-through."""
+    """taming's VectorQuantizer2 (`quantize.embedding.weight`):
+    nearest codebook entry, straight-through."""
 
     def __init__(self, n_embed: int, embed_dim: int, beta: float = 0.25) -> None:
         super().__init__()
@@ -258,7 +261,8 @@ class VQGAN(nn.Module):
 
     @property
     def factor(self) -> int:
-        """How many pixels one latent cell spans on a side: an image side must be a multiple of it."""
+        """How many pixels one latent cell spans on a side: an image side
+        must be a multiple of it."""
         return 2 ** (len(self.ddconfig["ch_mult"]) - 1)
 
     @property
@@ -266,7 +270,8 @@ class VQGAN(nn.Module):
         return self.quantize.embedding.weight
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(quantised latent, quantiser loss, code indices) of images in [-1, 1], as taming's `encode`."""
+        """(quantised latent, quantiser loss, code indices) of images in
+        [-1, 1], as taming's `encode`."""
         return self.quantize(self.quant_conv(self.encoder(x)))
 
     def decode(self, z_q: torch.Tensor) -> torch.Tensor:
@@ -290,7 +295,8 @@ class _ReplaceGrad(torch.autograd.Function):
 
 
 def replace_grad(x_forward: torch.Tensor, x_backward: torch.Tensor) -> torch.Tensor:
-    """`x_forward`'s value with the gradient passed straight to `x_backward` (VQGAN-CLIP's replace_grad)."""
+    """`x_forward`'s value with the gradient passed straight to `x_backward`
+    (VQGAN-CLIP's replace_grad)."""
     return _ReplaceGrad.apply(x_forward, x_backward)
 
 
@@ -301,7 +307,8 @@ def nearest_code(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
 
 
 def vector_quantize(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    """Snap each vector of z (..., e_dim) to its nearest codebook row; the gradient goes straight to z."""
+    """Snap each vector of z (..., e_dim) to its nearest codebook row;
+    the gradient goes straight to z."""
     indices = nearest_code(z, codebook)
     return replace_grad(F.one_hot(indices, codebook.shape[0]).to(z.dtype) @ codebook, z)
 
@@ -347,12 +354,14 @@ def read_config(path: str | Path) -> dict[str, Any]:
         raise VQGANError(f"VQGAN config {path}: model.params lacks {', '.join(missing)}")
     if dd.get("double_z"):
         raise VQGANError(
-            f"VQGAN config {path}: ddconfig.double_z is true; a VQModel's encoder has double_z: false"
+            f"VQGAN config {path}: ddconfig.double_z is true; "
+            "a VQModel's encoder has double_z: false"
         )
     bad = [c for c in (dd["ch"] * m for m in dd["ch_mult"]) if c % 32]
     if bad:
         raise VQGANError(
-            f"VQGAN config {path}: channel widths {bad} are not multiples of 32 (GroupNorm's groups)"
+            f"VQGAN config {path}: channel widths {bad} "
+            "are not multiples of 32 (GroupNorm's groups)"
         )
     return {
         "ddconfig": dict(dd),
@@ -453,7 +462,8 @@ def load_vqgan(config: str | Path, ckpt: str | Path, device: str = "cpu") -> VQG
 
 
 def taming_config(ddconfig: dict[str, Any], n_embed: int, embed_dim: int) -> dict[str, Any]:
-    """A model.yaml document in taming's layout (its lossconfig included, as taming's own configs have)."""
+    """A model.yaml document in taming's layout
+    (its lossconfig included, as taming's own configs have)."""
     return {
         "model": {
             "base_learning_rate": 4.5e-6,
@@ -492,6 +502,7 @@ def save_taming(
 
 
 def bundled_vqgan() -> tuple[Path, Path]:
-    """(model.yaml, last.ckpt) of `sieve-vqgan` in the cache, trained first (child process) when missing."""
+    """(model.yaml, last.ckpt) of `sieve-vqgan` in the cache, trained first
+    (child process) when missing."""
     folder = BUNDLED[BUNDLED_NAME].ensure()
     return folder / CONFIG_FILE, folder / CKPT_FILE

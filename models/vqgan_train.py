@@ -34,7 +34,8 @@ IMAGE_SIZE = 64
 
 
 def ddconfig(ch: int, z_channels: int, levels: int) -> dict:
-    """taming's ddconfig for a small model: `levels` resolutions (ch, 2ch, 2ch, ...), one res block each."""
+    """taming's ddconfig for a small model: `levels` resolutions
+    (ch, 2ch, 2ch, ...), one res block each."""
     return {
         "double_z": False,
         "z_channels": z_channels,
@@ -84,7 +85,8 @@ def train(
     n_embed: int,
     embed_dim: int,
 ) -> Path:
-    """Train sieve-vqgan with this recipe; write model.yaml, last.ckpt and train_info.json under `out`."""
+    """Train sieve-vqgan with this recipe; write model.yaml,
+    last.ckpt and train_info.json under `out`."""
     recipe = BUNDLED[BUNDLED_NAME].recipe(
         seed=seed,
         steps=steps,
@@ -141,7 +143,8 @@ def train(
 
 
 def pack(folder: str | Path) -> Path:
-    """Write a trained folder as the repository's packed copy (float16 weights, recipe and facts)."""
+    """Write a trained folder as the repository's packed copy
+    (float16 weights, recipe and facts)."""
     folder = Path(folder)
     model = load_vqgan(folder / CONFIG_FILE, folder / CKPT_FILE)
     info = read_info(folder)
@@ -150,7 +153,8 @@ def pack(folder: str | Path) -> Path:
 
 
 def unpack(out: str | Path) -> Path:
-    """Build the cache folder (taming's model.yaml + last.ckpt) from the repository's packed copy."""
+    """Build the cache folder (taming's model.yaml + last.ckpt) from the
+    repository's packed copy."""
     tensors, about = read_packed(BUNDLED[BUNDLED_NAME])
     r = about["recipe"]
     model = VQGAN(ddconfig(r["ch"], r["z_channels"], r["levels"]), r["n_embed"], r["embed_dim"])
@@ -169,7 +173,8 @@ def unpack(out: str | Path) -> Path:
 def _fit(
     model: VQGAN, images: torch.Tensor, steps: int, batch_size: int, crop: int, lr: float, seed: int
 ) -> tuple[list[float], int]:
-    """Reconstruction + codebook training (Adam, warm-up then cosine); (per-step losses, codes in use at the end)."""
+    """Reconstruction + codebook training (Adam, warm-up then cosine);
+    (per-step losses, codes in use at the end)."""
     opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.5, 0.9))  # taming's betas
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -209,7 +214,8 @@ def _fit(
 def _restart_dead_codes(
     model: VQGAN, z: torch.Tensor, usage: torch.Tensor, gen: torch.Generator
 ) -> None:
-    """Move codebook entries no recent latent chose onto random latents of this batch (usage reset for them)."""
+    """Move codebook entries no recent latent chose onto random latents of this
+    batch (usage reset for them)."""
     dead = (usage < 0.01).nonzero().flatten()
     if not len(dead):
         return

@@ -28,7 +28,8 @@ INPUT_SIZE = 64
 
 
 class WatermarkCNN(nn.Module):
-    """Five 3x3 conv blocks (three stride-2), global avg+max pool, one logit; input (n, 3, H, W) in [0, 1]."""
+    """Five 3x3 conv blocks (three stride-2), global avg+max pool, one logit;
+    input (n, 3, H, W) in [0, 1]."""
 
     def __init__(self, width: int = 32) -> None:
         super().__init__()
@@ -51,7 +52,8 @@ class WatermarkCNN(nn.Module):
 
 
 def model_path() -> Path:
-    """The cached detector's weights, trained first (child process, file lock) when missing or stale."""
+    """The cached detector's weights, trained first
+    (child process, file lock) when missing or stale."""
     return BUNDLED["watermark"].ensure() / MODEL_FILE
 
 
@@ -74,7 +76,8 @@ def load(path: str | Path) -> tuple[WatermarkCNN, int]:
 def make_batch(
     start: int, n: int, regime: str, seed: int, size: int = 64
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """n consecutive overlay examples as (float tensor (n, 3, size, size) in [0, 1], float labels (n,))."""
+    """n consecutive overlay examples as
+    (float tensor (n, 3, size, size) in [0, 1], float labels (n,))."""
     images, labels = zip(*(make_example(i, regime, seed, size) for i in range(start, start + n)))
     x = torch.from_numpy(np.stack([np.asarray(im, np.float32) / 255.0 for im in images]))
     return x.permute(0, 3, 1, 2).contiguous(), torch.tensor(labels, dtype=torch.float32)
@@ -124,7 +127,8 @@ def train(
 
 
 def pack(folder: str | Path) -> Path:
-    """Write a trained folder as the repository's packed copy (float16 weights, its recipe and facts)."""
+    """Write a trained folder as the repository's packed copy
+    (float16 weights, its recipe and facts)."""
     folder = Path(folder)
     blob = torch.load(folder / MODEL_FILE, map_location="cpu", weights_only=True)
     info = read_info(folder)
@@ -165,9 +169,8 @@ def _fit(
     for _ in bar:
         idx = torch.randint(0, len(x_all), (batch_size,), generator=gen)
         shift = [int(v) for v in torch.randint(-6, 7, (2,), generator=gen)]
-        x = torch.roll(
-            x_all[idx], shifts=shift, dims=(2, 3)
-        )  # positions beyond the regions drawn in
+        # positions beyond the regions drawn in
+        x = torch.roll(x_all[idx], shifts=shift, dims=(2, 3))
         loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x), y_all[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()

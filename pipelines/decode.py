@@ -138,7 +138,8 @@ def decode_sample(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     defer_phash: bool = False,
 ):
-    """One raw sample -> (row, RGB HWC uint8 array or None). The row's status says why there is none.
+    """One raw sample -> (row, RGB HWC uint8 array or None). The row's
+    status says why there is none.
 
     Order of checks: the shard broke inside it, no image member, image not decodable or too
     large, no caption. A missing caption still gets width/height/hashes (the image is fine)
@@ -164,9 +165,8 @@ def decode_sample(
     elif batchable(pixels.shape):
         row[PHASH_PENDING] = pixels  # thumbnailed with the chunk's other small images
     else:
-        row[PHASH_PENDING] = phash_pixels(
-            pixels
-        )  # now: a larger image is not held until the chunk ends
+        # now: a larger image is not held until the chunk ends
+        row[PHASH_PENDING] = phash_pixels(pixels)
     if raw.caption is None or not raw.caption.strip():
         _fail(
             row,

@@ -92,7 +92,8 @@ def prepare_workers(client: Client, config: EmbedConfig) -> None:
 
 
 def _prepared(config: EmbedConfig) -> str | None:
-    """`embed_worker.prepare` in a worker's task thread (as its shards will run); an error comes back as text."""
+    """`embed_worker.prepare` in a worker's task thread (as its shards will run);
+    an error comes back as text."""
     try:
         prepare(config)
     except Exception as exc:  # noqa: BLE001 - reported by each shard's own task

@@ -91,7 +91,8 @@ def clear_cache() -> None:
 def device_normalises(clip: Clip) -> bool:
     """Whether the reader hands `clip` uint8 NHWC batches to normalise on its device.
 
-    On a GPU the CPU-side normalisation of 224 px batches would cap the reader; a CPU worker normalises in the reader, off the forward's thread.
+    On a GPU the CPU-side normalisation of 224 px batches would cap the reader; a CPU worker
+    normalises in the reader, off the forward's thread.
     """
     return clip.prep.batched is not None and not clip.device.startswith("cpu")
 
@@ -148,7 +149,8 @@ def warm_up(clip: Clip, batch_size: int = WARM_UP_BATCH) -> float:
 
 
 def get_encoder(config: EmbedConfig) -> tuple[Clip, bool]:
-    """The CLIP model under this config's speed settings, loaded (and warmed up) once per worker process."""
+    """The CLIP model under this config's speed settings, loaded
+    (and warmed up) once per worker process."""
 
     def load() -> Clip:
         clip = load_clip(
@@ -160,7 +162,8 @@ def get_encoder(config: EmbedConfig) -> tuple[Clip, bool]:
         )
         log.info("warm-up: %.2f s", warm_up(clip))
         # the model, torch and every import are long-lived: keep them out of the cyclic GC, whose
-        # full passes over them cost a visible pause inside a shard (seen in the first shard's tokenizer)
+        # full passes over them cost a visible pause inside a shard
+        # (seen in the first shard's tokenizer)
         gc.collect()
         gc.freeze()
         return clip
@@ -233,9 +236,10 @@ def decode_threads(clip: Clip, threads: int, requested: int | None = None) -> in
     """How many threads decode and preprocess images (1: the reader itself, no pool).
 
     On a GPU one reader thread cannot keep up: an H200 forwards ViT-B-32 many times faster than
-    one thread decodes and resizes (bench/results/embed_gpu.json, `pipeline_decode_pool`). JPEG decoding (simplejpeg) and PIL's resize release the GIL, so
-    threads scale; a GPU worker gets one per torch thread but one. A CPU worker's cores are
-    busy with its own forward, so it keeps the single reader.
+    one thread decodes and resizes (bench/results/embed_gpu.json, `pipeline_decode_pool`). JPEG
+    decoding (simplejpeg) and PIL's resize release the GIL, so threads scale; a GPU worker gets
+    one per torch thread but one. A CPU worker's cores are busy with its own forward, so it keeps
+    the single reader.
     """
     if requested is not None:
         if requested < 1:
@@ -247,7 +251,8 @@ def decode_threads(clip: Clip, threads: int, requested: int | None = None) -> in
 def _decode_one(
     raw: Any, url: str, config: EmbedConfig, clip: Clip, defer_phash: bool = True
 ) -> tuple[dict, Any, Any]:
-    """(row, model input or None, pixels or None) for one raw sample; a preprocess failure is a status."""
+    """(row, model input or None, pixels or None) for one raw sample;
+    a preprocess failure is a status."""
     row, pixels = decode_sample(raw, url, config.max_pixels, defer_phash=defer_phash)
     if pixels is None:
         return row, None, None
@@ -268,9 +273,8 @@ def _decoded(shard: Shard, config: EmbedConfig, clip: Clip, threads: int):
         for raw in read_shard(shard):
             yield _decode_one(raw, shard.url, config, clip)
         return
-    window = (
-        4 * threads
-    )  # samples in flight: bounded, so a shard of large images is never all in memory
+    # samples in flight: bounded, so a shard of large images is never all in memory
+    window = 4 * threads
     pending: deque = deque()
     with ThreadPoolExecutor(threads, thread_name_prefix=f"decode-{shard.name}") as pool:
         try:
@@ -288,13 +292,13 @@ def _decoded(shard: Shard, config: EmbedConfig, clip: Clip, threads: int):
 def _read_chunks(
     shard: Shard, config: EmbedConfig, clip: Clip, keep_images: bool, threads: int = 1
 ):
-    """Read, decode, preprocess and tokenize the shard into chunks of up to one batch of usable samples."""
+    """Read, decode, preprocess and tokenize the shard into chunks of up to
+    one batch of usable samples."""
 
     def ready(chunk: Chunk) -> Chunk:
         finish_phashes(chunk.rows)
-        detect_languages(
-            chunk.rows
-        )  # on the reader's side: off the forward's path where it overlaps
+        # on the reader's side: off the forward's path where it overlaps
+        detect_languages(chunk.rows)
         if chunk.captions:
             chunk.tokens = clip.tokenize(chunk.captions)
             chunk.batch = stack(clip, chunk.tensors)
@@ -357,7 +361,8 @@ def _chunks(
     ahead: bool = True,
     threads: int = 1,
 ):
-    """The shard's chunks, read ahead by a thread (errors re-raised here) or inline; `threads` decode."""
+    """The shard's chunks, read ahead by a thread (errors re-raised here) or
+    inline; `threads` decode."""
     if not ahead:
         yield from _read_chunks(shard, config, clip, keep_images, threads)
         return
@@ -384,7 +389,8 @@ def _chunks(
 
 
 def worker_device(device: str | None) -> str | None:
-    """The device this worker uses: with several GPUs visible, LocalCluster worker i takes GPU i mod count.
+    """The device this worker uses: with several GPUs visible,
+    LocalCluster worker i takes GPU i mod count.
 
     Workers that each see one GPU (dask-cuda's LocalCUDACluster sets CUDA_VISIBLE_DEVICES
     per worker) and any explicit device index keep `device` as given.
@@ -482,7 +488,8 @@ def process_shard(
         "end_time": time.time(),
         "duration_s": duration,
         "samples_per_s": len(rows) / duration if duration > 0 else None,
-        #: wall seconds inside the CLIP forward; the rest of duration_s is reading, scoring and writing
+        #: wall seconds inside the CLIP forward; the rest of duration_s is
+        #: reading, scoring and writing
         "clip_forward_s": model_s,
     }
     write_part(output, n, rows, img_emb, text_emb, stats)

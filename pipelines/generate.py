@@ -79,7 +79,8 @@ def mismatched_caption(
 
 
 def copy_of(index: int, seed: int, fraction: float) -> int | None:
-    """The earlier sample that sample `index` is a planted copy of (never itself a copy), or None."""
+    """The earlier sample that sample `index` is a planted copy of
+    (never itself a copy), or None."""
     if fraction <= 0 or index == 0:
         return None
     rng = np.random.default_rng([seed, index, 4])
@@ -139,7 +140,8 @@ def write_shard(
     noise_texture: str = "fine",
 ) -> dict[str, Any]:
     """Write one shard's tar, parquet and stats (stats last: its presence marks completion).
-    `n`: the dataset's size, which mismatched captions are drawn from (default: this shard's end)."""
+    `n`: the dataset's size, which mismatched captions are drawn from
+    (default: this shard's end)."""
     start = time.time()
     rows: list[dict[str, Any]] = []
     mtime = 1_700_000_000  # fixed, so shards are byte-identical per seed
@@ -330,7 +332,8 @@ def main(argv: list[str] | None = None) -> None:
         "--noise-texture",
         default="fine",
         choices=sorted(NOISE_TEXTURES),
-        help="texture of noisy backgrounds: fine (per-pixel, what the bundled models learnt) or coarse",
+        help="texture of noisy backgrounds: "
+        "fine (per-pixel, what the bundled models learnt) or coarse",
     )
     args = parser.parse_args(argv)
     setup_logging()

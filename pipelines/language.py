@@ -1,4 +1,5 @@
-"""Caption language with CLD3, as LAION-5B split its pairs into English, multilingual and no-language.
+"""Caption language with CLD3, as LAION-5B split its pairs into English,
+multilingual and no-language.
 
 `detect_languages(rows)` fills `language` (a CLD3 code such as `en`, `de`, `zh`, or `und`
 when CLD3 cannot tell reliably) and `language_score` (CLD3's probability for its top language)

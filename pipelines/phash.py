@@ -89,7 +89,8 @@ def numpy_path(shape: tuple[int, ...]) -> bool:
 
 
 def thumbnails(rgb: np.ndarray) -> np.ndarray:
-    """(N, H, W, 3) uint8 with H <= W -> (N, 32, 32) float64 grey Lanczos thumbnails, Pillow's bytes.
+    """(N, H, W, 3) uint8 with H <= W -> (N, 32, 32) float64 grey Lanczos
+    thumbnails, Pillow's bytes.
 
     Horizontal pass, then vertical, each rounded to 8 bits; an axis already 32 long is not
     resampled (Pillow's need_horizontal / need_vertical).
@@ -105,12 +106,14 @@ def thumbnails(rgb: np.ndarray) -> np.ndarray:
 
 
 def batchable(shape: tuple[int, ...]) -> bool:
-    """Whether an RGB array of this shape is best thumbnailed stacked with others (`thumbnails_of`)."""
+    """Whether an RGB array of this shape is best thumbnailed stacked with
+    others (`thumbnails_of`)."""
     return numpy_path(shape) and shape[0] * shape[1] <= BATCH_MAX_PIXELS
 
 
 def _lanczos_grey(grey: np.ndarray) -> np.ndarray:
-    """The two Lanczos passes on (..., H, W) grey images (float64 of Pillow's L bytes), one or a stack."""
+    """The two Lanczos passes on (..., H, W) grey images
+    (float64 of Pillow's L bytes), one or a stack."""
     h, w = grey.shape[-2:]
     if w != THUMB:
         grey = _fixed_point(grey @ lanczos_matrix(w))
@@ -137,7 +140,8 @@ def phash_pixels(img: Any) -> np.ndarray:
 
 
 def thumbnails_of(arrays: list[np.ndarray]) -> list[np.ndarray]:
-    """`phash_pixels` of many RGB arrays: small ones (`batchable`) stacked by shape, one call each."""
+    """`phash_pixels` of many RGB arrays: small ones (`batchable`)
+    stacked by shape, one call each."""
     out: list[Any] = [None] * len(arrays)
     groups: dict[tuple, list[int]] = {}
     for i, a in enumerate(arrays):
@@ -155,9 +159,8 @@ def phash_batch(thumbs: list[np.ndarray]) -> list[str]:
     """DCT perceptual hashes of 32x32 thumbnails, computed together (one matmul)."""
     if not thumbs:
         return []
-    low = np.round(
-        _DCT @ np.stack(thumbs) @ _DCT.T, 6
-    )  # scipy gives exact zeros on symmetric images
+    # scipy gives exact zeros on symmetric images
+    low = np.round(_DCT @ np.stack(thumbs) @ _DCT.T, 6)
     low = low.reshape(len(thumbs), -1)
     bits = low > np.median(low, axis=1, keepdims=True)
     return [row.tobytes().hex() for row in np.packbits(bits, axis=1)]

@@ -36,7 +36,8 @@ def collection(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def generated(collection, tmp_path_factory) -> tuple[Path, str]:
     """A folder of 'generations': a planted copy of a training image (re-encoded as PNG), a
-    brightened copy, and two scenes drawn with another seed; returns (folder, the copied training key)."""
+    brightened copy, and two scenes drawn with another seed; returns
+    (folder, the copied training key)."""
     folder = tmp_path_factory.mktemp("generated")
     raw = next(s for s in read_shard(list_shards(str(collection["shards"]))[1]) if s.image)
     original = Image.open(io.BytesIO(raw.image)).convert("RGB")
@@ -69,7 +70,8 @@ def test_the_audit_flags_a_planted_copy_and_only_it(collection, generated, tmp_p
 
 def test_the_copy_rule_is_the_duplicates_rule_on_the_pictures():
     """A resized copy is a copy; another scene of the same kind is not, however similar its
-    embedding; a neighbour below the cosine floor or without a readable picture is not called one."""
+    embedding; a neighbour below the cosine floor or without a readable
+    picture is not called one."""
     scene, other = (
         make_sample(3, seed=5).image.convert("RGB"),
         make_sample(4, seed=5).image.convert("RGB"),

@@ -134,7 +134,8 @@ def test_in_process_training_restores_torch_settings_and_rng(
 
 @pytest.mark.parametrize("name", sorted(BUNDLED))
 def test_the_repository_carries_each_model_for_its_current_recipe(name: str) -> None:
-    """Change a recipe and this fails until `python -m models.train NAME --retrain --pack` is committed."""
+    """Change a recipe and this fails until
+    `python -m models.train NAME --retrain --pack` is committed."""
     bundled = BUNDLED[name]
     tensors, about = bundled.shipped
     assert tensors.is_file() and about.is_file(), f"no packed copy of {name} in models/weights"
@@ -153,7 +154,8 @@ def test_the_repository_carries_each_model_for_its_current_recipe(name: str) -> 
 def test_pack_then_unpack_gives_back_the_trained_model(
     name: str, knobs: dict, tmp_path: Path, monkeypatch
 ) -> None:
-    """float16 round trip; sieve-tiny's untouched embedding rows come back bit for bit from the seed."""
+    """float16 round trip; sieve-tiny's untouched embedding rows come back
+    bit for bit from the seed."""
     monkeypatch.setattr("models.cache.SHIPPED_DIR", tmp_path / "weights")
     bundled = BUNDLED[name]
     module = importlib.import_module(bundled.module)

@@ -230,7 +230,8 @@ def test_a_collection_without_embeddings_is_refused(tmp_path, labelled):
 
 
 def test_subset_specs_use_concept_region_and_dedup_clauses(labelled, watermark_concept):
-    """The resolver runs the insight clauses in the clause table's order, each on what the previous kept."""
+    """The resolver runs the insight clauses in the clause table's order,
+    each on what the previous kept."""
     coll = labelled["collection"]
     save_concept(coll, watermark_concept)
     compute_map(coll, sample=200, clusters=4)

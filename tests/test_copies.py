@@ -1,4 +1,5 @@
-"""The copy rule (curation.copies) and the planted copies of the sample writer (pipelines.near_duplicates)."""
+"""The copy rule (curation.copies) and the planted copies of the sample writer
+(pipelines.near_duplicates)."""
 
 from __future__ import annotations
 
@@ -37,9 +38,8 @@ def test_every_planted_transform_is_a_copy(originals, transform):
         copy, name, size = make_copy(data, np.random.default_rng([7, i]), transform)
         assert name == transform and _decoded(copy).size == size
         found.append(is_copy(_decoded(data), _decoded(copy)))
-    assert sum(found) >= 7, (
-        found
-    )  # the rule's recall is measured in bench.insight; most must pass here
+    # the rule's recall is measured in bench.insight; most must pass here
+    assert sum(found) >= 7, found
 
 
 def test_distinct_samples_are_not_copies(originals):

@@ -1,4 +1,5 @@
-"""Duplicates: exact, copies and SemDeDup levels against planted truth; reruns, Dask, the subset clause, bad input."""
+"""Duplicates: exact, copies and SemDeDup levels against planted truth; reruns, Dask,
+the subset clause, bad input."""
 
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ def test_planted_copies_are_found_and_distinct_samples_kept(copies_run):
     found = [i for i in planted if keys[i] in group and group.get(keys[root[i]]) == group[keys[i]]]
     assert len(planted) >= 20 and len(found) >= 0.9 * len(planted)
     # every group joins a planted copy with its original: nothing distinct is removed
-    for g, members in table.groupby(S.DUP_GROUP)[S.DUP_KEY]:
+    for _group, members in table.groupby(S.DUP_GROUP)[S.DUP_KEY]:
         assert len({root[np.nonzero(keys == k)[0][0]] for k in members}) == 1, members.tolist()
     assert report["removed"] == int((~table[S.DUP_KEPT]).sum()) == len(found)
     assert set(table[S.DUP_REASON]) <= {S.REASON_EXACT, S.REASON_COPY}
@@ -88,9 +89,8 @@ def test_reruns_and_the_dask_cluster_give_identical_groups(copies_run, tmp_path)
     layout = S.InsightLayout(coll)
     a, b = pq.read_table(layout.duplicates("again-1")), pq.read_table(layout.duplicates("again-2"))
     assert a.equals(b)
-    dedup(
-        coll, S.LEVEL_COPIES, workers=1, run="on-dask"
-    )  # a LocalCluster: one task per shard / pair chunk
+    # a LocalCluster: one task per shard / pair chunk
+    dedup(coll, S.LEVEL_COPIES, workers=1, run="on-dask")
     assert pq.read_table(layout.duplicates("on-dask")).equals(first)
 
 
@@ -98,9 +98,8 @@ def test_semantic_level_adds_semdedup_groups_and_reports_every_eps(insight_colle
     coll = insight_collection["collection"]
     small = dedup(coll, S.LEVEL_SEMANTIC, eps=0.01, workers=0)
     large = dedup(coll, S.LEVEL_SEMANTIC, eps=0.2, workers=0)
-    assert (
-        large["removed"] > small["removed"] >= small["removed_by_reason"]["copy"]
-    )  # larger eps removes more
+    # larger eps removes more
+    assert large["removed"] > small["removed"] >= small["removed_by_reason"]["copy"]
     table = read_duplicates(coll, S.LEVEL_SEMANTIC, 0.2).to_pandas()
     semantic = table[table[S.DUP_REASON] == S.REASON_SEMANTIC]
     assert len(semantic) and (semantic[~semantic[S.DUP_KEPT]][S.DUP_SIMILARITY] > 0.8).all()

@@ -66,7 +66,8 @@ def test_all_fast_batch_equals_per_image_preprocess(preprocess):
 
 @pytest.mark.parametrize("chain", ["sieve-tiny", "ViT-B-32"])
 def test_resized_images_join_the_batch_with_identical_values(preprocess, chain):
-    """Other-sized images, resized and cropped by PIL then normalised in the batch, equal the chain."""
+    """Other-sized images, resized and cropped by PIL then normalised in
+    the batch, equal the chain."""
     if chain == "ViT-B-32":  # open_clip's own eval transform, no model needed
         import open_clip
 
@@ -108,9 +109,8 @@ def test_uint8_batches_normalised_by_the_model_give_the_same_embeddings(clip):
     items = [np.asarray(i) for i in _images(size, 4, 6)]
     floats = embed_worker.stack(clip, items)
     assert floats.dtype == torch.float32 and floats.shape == (4, 3, size, size)
-    on_gpu = types.SimpleNamespace(
-        device="cuda:0", prep=clip.prep
-    )  # the same model as a GPU worker holds it
+    # the same model as a GPU worker holds it
+    on_gpu = types.SimpleNamespace(device="cuda:0", prep=clip.prep)
     assert embed_worker.device_normalises(on_gpu)
     raw = embed_worker.stack(on_gpu, items)
     assert raw.dtype == torch.uint8 and raw.shape == (4, size, size, 3)

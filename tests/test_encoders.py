@@ -1,4 +1,5 @@
-"""load_clip: spec parsing and clear errors, local-dir round trip, and the tiny CLIP's ranking quality."""
+"""load_clip: spec parsing and clear errors, local-dir round trip,
+and the tiny CLIP's ranking quality."""
 
 from __future__ import annotations
 
@@ -62,7 +63,8 @@ def test_bad_precision_and_batch_size():
 
 
 def test_hub_spec_offline_fails_fast_with_instructions():
-    """A real pretrained tag cannot be fetched here: the error says so and how to pass a checkpoint."""
+    """A real pretrained tag cannot be fetched here: the error says so and
+    how to pass a checkpoint."""
     code = (
         "from models.clip import load_clip\n"
         "try:\n    load_clip('open_clip:ViT-B-32/laion2b_s34b_b79k', device='cpu')\n"
@@ -129,7 +131,8 @@ def tiny_clip_dir() -> Path:
 
 
 def test_save_reload_round_trip_gives_identical_embeddings(tiny_clip, tmp_path):
-    """Save the model as an open_clip local-dir folder; both load paths reproduce the embeddings exactly."""
+    """Save the model as an open_clip local-dir folder; both load paths
+    reproduce the embeddings exactly."""
     from safetensors.torch import save_file
 
     folder = tmp_path / "copy"

@@ -18,7 +18,8 @@ N = 400
 
 @pytest.fixture(scope="module")
 def scored(tmp_path_factory) -> tuple[str, pd.DataFrame]:
-    """A collection whose score columns take values on both sides of every threshold (some unscored)."""
+    """A collection whose score columns take values on both sides of every
+    threshold (some unscored)."""
     rng = np.random.default_rng(0)
     cols = {
         S.CLIP_SIMILARITY: rng.uniform(0, 1, N).round(3).tolist(),
@@ -191,16 +192,16 @@ def test_calibrated_similarity_filter_removes_swapped_captions(swapped):
             "SELECT mismatched, caption_of, clip_similarity FROM samples WHERE status = 'ok'"
         ).table
         kept = cat.query(
-            f"SELECT mismatched, count(*) AS n FROM samples WHERE {F.render('none', min_similarity='auto')} "
+            "SELECT mismatched, count(*) AS n FROM samples "
+            f"WHERE {F.render('none', min_similarity='auto')} "
             "AND status = 'ok' GROUP BY 1"
         ).table.to_pylist()
     frame = rows.to_pandas()
     n_swapped, n_matched = int(frame.mismatched.sum()), int((~frame.mismatched).sum())
     assert 40 < n_swapped < 120 and frame.loc[frame.mismatched, "caption_of"].notna().all()
     by = {r["mismatched"]: r["n"] for r in kept}
-    assert (
-        1 - by.get(True, 0) / n_swapped >= 0.85
-    )  # swapped captions removed (bench: filter_mismatch_removed)
+    # swapped captions removed (bench: filter_mismatch_removed)
+    assert 1 - by.get(True, 0) / n_swapped >= 0.85
     assert by.get(False, 0) / n_matched >= 0.9  # matched pairs kept (bench: filter_match_kept)
 
 
@@ -209,7 +210,8 @@ LONG_ENOUGH = ["abcde", "日本語です", "héllo", "😀😀😀😀😀"]
 
 
 def test_caption_length_counts_characters_not_bytes(tmp_path):
-    """Written with every part (pipelines.embed_writer), and measured by the catalog for parts older than the column."""
+    """Written with every part (pipelines.embed_writer), and measured by the catalog for
+    parts older than the column."""
     root = str(tmp_path / "c")
     write_collection(
         root, [clustered_vectors(len(CAPTIONS), 8, 2, seed=0)], columns={S.CAPTION: CAPTIONS}
@@ -224,9 +226,8 @@ def test_caption_length_counts_characters_not_bytes(tmp_path):
             .to_pylist()
             == LONG_ENOUGH
         )
-    pq.write_table(
-        part.drop_columns([S.CAPTION_LENGTH]), S.CollectionLayout(root).metadata(0)
-    )  # an older part
+    # an older part
+    pq.write_table(part.drop_columns([S.CAPTION_LENGTH]), S.CollectionLayout(root).metadata(0))
     with Catalog(root) as cat:
         assert (
             cat.query(f"SELECT caption FROM samples WHERE {where} ORDER BY id")

@@ -88,7 +88,7 @@ def test_corrupt_samples_are_marked_and_broken(shards: Path) -> None:
     marked = 0
     for shard in range(3):
         members = _read_tar(shards / f"0000{shard}.tar")
-        for key, parts in members.items():
+        for _key, parts in members.items():
             meta = json.loads(parts["json"])
             if meta["corrupt"]:
                 marked += 1

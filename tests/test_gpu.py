@@ -116,7 +116,8 @@ def samples():
 
 @pytest.fixture(scope="module")
 def vitb32_ckpt(tmp_path_factory) -> str:
-    """open_clip ViT-B-32 with seeded random weights, saved once: every loader gets the same model."""
+    """open_clip ViT-B-32 with seeded random weights, saved once:
+    every loader gets the same model."""
     import open_clip
 
     path = tmp_path_factory.mktemp("vitb32") / "ViT-B-32-random-seed0.pt"
@@ -147,7 +148,8 @@ def clip_case(request, samples):
 
 
 # ---- neighborhood attention and HDiT on the device (first: cheap, no model loads) ----------
-NA_CASES = [  # (h, w, kernel, tile, d_head): dense, strided (divisible) and gather (non-divisible) paths
+# (h, w, kernel, tile, d_head): dense, strided (divisible) and gather (non-divisible) paths
+NA_CASES = [
     (16, 16, 7, None, 32),
     (24, 24, 7, 8, 32),
     (32, 40, 5, 8, 16),
@@ -228,7 +230,8 @@ HDIT_MODEL = {
 
 
 def _randomize(module: torch.nn.Module, seed: int = 0) -> None:
-    """Give the zero-initialised layers weights, so the loss and every gradient depend on them all."""
+    """Give the zero-initialised layers weights, so the loss and every
+    gradient depend on them all."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in module.parameters():
@@ -236,7 +239,8 @@ def _randomize(module: torch.nn.Module, seed: int = 0) -> None:
 
 
 def test_hdit_training_step_under_bf16_autocast():
-    """Forward + backward of the denoiser's loss on the device: matches the CPU in fp32, close under bf16."""
+    """Forward + backward of the denoiser's loss on the device:
+    matches the CPU in fp32, close under bf16."""
     from hdit_train.diffusion import Denoiser
     from hdit_train.model import HDiT, HDiTConfig
 
@@ -292,7 +296,8 @@ def _trainer_cfg(compile_: bool) -> dict:
 
 
 def _trainer_losses(compile_: bool, steps: int = 3) -> list[float]:
-    """`hdit_train.train_loop.Trainer` steps on one batch: finite losses, weights and EMA, every weight moved."""
+    """`hdit_train.train_loop.Trainer` steps on one batch: finite losses,
+    weights and EMA, every weight moved."""
     from hdit_train.train_loop import Trainer
 
     g = torch.Generator().manual_seed(0)
@@ -330,15 +335,15 @@ def _fast(clip, **opts):
 def _encode(fast, images, tokens):
     img, txt = fast.encode_image_tensor(images), fast.encode_text_tokens(tokens)
     _sync()
-    assert (
-        img.dtype == np.float32 and txt.dtype == np.float32
-    )  # Clip gives numpy (FastClip gave tensors)
+    # Clip gives numpy (FastClip gave tensors)
+    assert img.dtype == np.float32 and txt.dtype == np.float32
     assert np.isfinite(img).all() and np.isfinite(txt).all()
     return img, txt
 
 
 def test_fast_clip_precision_and_speed_options_on_device(clip_case):
-    """`Clip`, the path the embed worker uses: bf16 weights and every speed option stay close to fp32."""
+    """`Clip`, the path the embed worker uses: bf16 weights and every speed
+    option stay close to fp32."""
     from models.speed import bf16_supported
 
     name, _, clip, images, tokens = clip_case
@@ -382,7 +387,8 @@ def test_fast_clip_precision_and_speed_options_on_device(clip_case):
 
 
 def test_fast_clip_normalises_uint8_batches_on_device(clip_case):
-    """The embed worker's GPU path: uint8 NHWC batches scaled on the device equal CPU-normalised ones."""
+    """The embed worker's GPU path: uint8 NHWC batches scaled on the device
+    equal CPU-normalised ones."""
     from models.preprocess import batch_normalizer, normalize_batch
 
     name, spec, clip, images, _ = clip_case
@@ -391,16 +397,16 @@ def test_fast_clip_normalises_uint8_batches_on_device(clip_case):
     arrays = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(8)]
     fast = _fast(clip, trim_text=False)
     ref = fast.encode_image_tensor(normalize_batch(arrays, mean, std))
-    got = fast.encode_image_tensor(
-        torch.from_numpy(np.stack(arrays))
-    )  # uint8: normalised by the Clip itself
+    # uint8: normalised by the Clip itself
+    got = fast.encode_image_tensor(torch.from_numpy(np.stack(arrays)))
     _sync()
     mean_cos, low = _rows_cos(got, ref)
     assert low >= 0.99999, (name, mean_cos, low)
 
 
 def test_clip_encoder_bf16_autocast_on_device(clip_case, samples):
-    """`load_clip(..., precision='bf16')` (bf16 weights) vs fp32 on the device: images from PIL and captions."""
+    """`load_clip(..., precision='bf16')` (bf16 weights) vs fp32 on the device:
+    images from PIL and captions."""
     from models.clip import load_clip
 
     name, spec, _, _, _ = clip_case
@@ -483,9 +489,8 @@ def test_embed_job_on_default_gpu_cluster_matches_cpu(
     for key in ("count", "ok", "parts", "shards", "status_counts", "emb_dim"):
         assert summary[key] == cpu_summary[key], key
     assert summary["count"] == E2E_SAMPLES and summary["parts"] == E2E_SAMPLES // E2E_SHARD
-    assert (
-        summary["status_counts"].get(S.STATUS_DECODE_ERROR, 0) > 0
-    )  # corrupt samples were generated
+    # corrupt samples were generated
+    assert summary["status_counts"].get(S.STATUS_DECODE_ERROR, 0) > 0
     cols = [
         S.KEY,
         S.PART,
@@ -510,9 +515,8 @@ def test_embed_job_on_default_gpu_cluster_matches_cpu(
         workers, threads = default_cluster_size(tasks=summary["shards"], gpu=True)
         assert len({s["worker"] for s in stats}) <= workers
         assert all(s["torch_threads"] == threads for s in stats)
-        assert all(
-            s["decode_threads"] == max(1, threads - 1) for s in stats
-        )  # a decode pool beside the GPU
+        # a decode pool beside the GPU
+        assert all(s["decode_threads"] == max(1, threads - 1) for s in stats)
         assert all(s["precision"] == precision for s in stats)
     for what, a, b in (("image", img, cpu_img), ("text", txt, cpu_txt)):
         mean, low = _rows_cos(a, b)

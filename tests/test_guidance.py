@@ -1,5 +1,6 @@
 """CLIP guidance (VQGAN-CLIP's algorithm): the loss and its prompts, cutouts, a few guided steps
-raising the similarity to the prompt for each generator, editing, and bad input as one-line errors."""
+raising the similarity to the prompt for each generator, editing,
+and bad input as one-line errors."""
 
 from __future__ import annotations
 
@@ -48,9 +49,8 @@ def test_prompt_weights_push_and_stops_end_the_pull():
     emb.grad = None
     loss = Prompt(target, 1.0, stop=10.0)(emb)
     loss.sum().backward()
-    assert (
-        loss.item() > 0 and torch.count_nonzero(emb.grad) == 0
-    )  # below its stop the loss no longer pulls
+    # below its stop the loss no longer pulls
+    assert loss.item() > 0 and torch.count_nonzero(emb.grad) == 0
 
 
 def test_tv_and_range_losses():
@@ -103,9 +103,8 @@ def vqgan_files(tmp_path_factory) -> tuple[Path, Path]:
         "attn_resolutions": [],
         "dropout": 0.0,
     }
-    model = VQGAN(
-        dd, n_embed=256, embed_dim=4
-    )  # a dense codebook: a few steps cross code boundaries
+    # a dense codebook: a few steps cross code boundaries
+    model = VQGAN(dd, n_embed=256, embed_dim=4)
     with torch.no_grad():
         model.quantize.embedding.weight.normal_()
     return save_taming(model, tmp_path_factory.mktemp("vqgan"))

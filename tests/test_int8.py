@@ -1,4 +1,5 @@
-"""--precision int8: the rebuilt attention is the same function, quantized towers stay close to fp32."""
+"""--precision int8: the rebuilt attention is the same function,
+quantized towers stay close to fp32."""
 
 from __future__ import annotations
 
@@ -84,9 +85,8 @@ def test_int8_quantizes_every_block_linear_and_stays_close_to_fp32(vit):
     assert not any(isinstance(m, torch.nn.MultiheadAttention) for m in fast.model.modules())
     assert fast.trim_text
     img, txt = fast.encode_image_tensor(images), fast.encode_text_tokens(tokens)
-    assert (
-        img.dtype == np.float32 and img.shape == ref_img.shape
-    )  # numpy now (FastClip gave tensors)
+    # numpy now (FastClip gave tensors)
+    assert img.dtype == np.float32 and img.shape == ref_img.shape
     torch.testing.assert_close(torch.from_numpy(img).norm(dim=-1), torch.ones(4))
     assert _cos(img, ref_img) > 0.99 and _cos(txt, ref_txt) > 0.99
     assert _cos(img, ref_img) < 1.0 - 1e-7  # quantized, not a no-op

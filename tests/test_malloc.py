@@ -1,4 +1,5 @@
-"""models.runtime.keep_freed_memory: with mmap off, big activations reuse freed memory instead of page-faulting."""
+"""models.runtime.keep_freed_memory: with mmap off, big activations reuse freed memory
+instead of page-faulting."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """The README stays honest: every command it names answers --help, its Python snippets run on
-demo-sized data, its figures are the ones in bench/results, and it links nothing outside the repo."""
+demo-sized data, its figures are the ones in bench/results, and it links
+nothing outside the repo."""
 
 from __future__ import annotations
 

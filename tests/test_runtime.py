@@ -1,4 +1,5 @@
-"""models.runtime (progress lines, logging) and collection.storage (atomic writes, collection.json)."""
+"""models.runtime (progress lines, logging) and collection.storage
+(atomic writes, collection.json)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from models.runtime import progress, setup_logging
 
 
 def test_progress_in_a_file_is_plain_lines_and_few():
-    """About a second of updates: a terminal bar would redraw ~10 times; a log gets start and end."""
+    """About a second of updates: a terminal bar would redraw ~10 times;
+    a log gets start and end."""
     out = io.StringIO()
     for _ in progress(range(1000), file=out, desc="fast loop"):
         time.sleep(0.001)
@@ -27,7 +29,8 @@ def test_progress_in_a_file_is_plain_lines_and_few():
 
 
 def test_progress_postfix_waits_for_the_next_line():
-    """Training loops set a postfix (the loss) every step: in a log that must not force a line each time."""
+    """Training loops set a postfix (the loss) every step: in a log that must
+    not force a line each time."""
     out = io.StringIO()
     bar = progress(range(300), file=out, desc="training")
     for step in bar:
@@ -61,7 +64,8 @@ def test_setup_logging_quiets_faiss_loader():
 
 
 def test_open_clip_info_lines_are_dropped_but_its_warnings_kept():
-    """open_clip logs through the root logger: its INFO records are filtered at the handler by source file."""
+    """open_clip logs through the root logger: its INFO records are filtered at
+    the handler by source file."""
     setup_logging()
     handlers = logging.getLogger().handlers
     assert handlers

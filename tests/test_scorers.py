@@ -1,4 +1,5 @@
-"""pipelines.scorers: the shared interface, NSFW robustness, toxicity ranking, watermark separation."""
+"""pipelines.scorers: the shared interface, NSFW robustness,
+toxicity ranking, watermark separation."""
 
 from __future__ import annotations
 

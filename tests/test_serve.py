@@ -304,7 +304,8 @@ def test_batched_trimmed_text_encoding_equals_the_plain_encoder(tiny_app, tiny_c
 
 
 def test_int8_server_text_tower_is_quantized_and_close(tiny_app, tiny_clip):
-    """`--precision int8`: the server's own text copy is quantized; the collection's model is not."""
+    """`--precision int8`: the server's own text copy is quantized;
+    the collection's model is not."""
     from indices.app import Batcher
     from models.int8 import int8_supported
 

@@ -21,7 +21,8 @@ from models.vqgan import (
     vector_quantize,
 )
 
-#: a small taming config with every kind of block: two levels, a downsample, a shortcut, attention at 8
+#: a small taming config with every kind of block: two levels, a downsample,
+#: a shortcut, attention at 8
 SMALL = {
     "double_z": False,
     "z_channels": 8,
@@ -34,8 +35,9 @@ SMALL = {
     "attn_resolutions": [8],
     "dropout": 0.0,
 }
-#: sha256 of the sorted "key shape" lines of taming's own VQModel (taming-transformers-rom1504 0.0.6's
-#: Encoder and Decoder, plus VectorQuantizer2 and the two 1x1 convs) for SMALL with n_embed 16, embed_dim 8
+#: sha256 of the sorted "key shape" lines of taming's own VQModel (taming-transformers-rom1504
+#: 0.0.6's Encoder and Decoder, plus VectorQuantizer2 and the two 1x1 convs) for SMALL with n_embed
+#: 16, embed_dim 8
 TAMING_KEYS_SHA256 = "8533212cef6308fe7e78e5d1c2bc593bfd9bfa240722462f116b879bbfe85bf8"
 
 
@@ -51,9 +53,8 @@ def _random_vqgan(seed: int = 0, **changes) -> VQGAN:
     model = VQGAN({**SMALL, **changes}, n_embed=16, embed_dim=8)
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(
-                0.05 * torch.randn_like(p)
-            )  # off the zero/one initialisation, so a wrong load shows
+            # off the zero/one initialisation, so a wrong load shows
+            p.add_(0.05 * torch.randn_like(p))
     return model.eval()
 
 
@@ -66,7 +67,8 @@ def test_state_dict_keys_are_taming_s():
 def test_a_taming_format_checkpoint_loads_and_decodes(tmp_path: Path):
     model = _random_vqgan()
     # as a Lightning checkpoint of taming's training: the loss's and discriminator's weights beside
-    # the model's, optimizer states, and a callback pickled by class (weights-only loading refuses it)
+    # the model's, optimizer states, and a callback pickled by class
+    # (weights-only loading refuses it)
     extra = {
         "loss.logvar": torch.zeros(()),
         "loss.discriminator.main.0.weight": torch.randn(64, 3, 4, 4),
@@ -88,9 +90,8 @@ def test_a_taming_format_checkpoint_loads_and_decodes(tmp_path: Path):
         "lossconfig"
     ]  # taming's own configs carry it; the loader ignores it
     loaded = load_vqgan(config, ckpt)
-    x = (
-        torch.rand(2, 3, 16, 24) * 2 - 1
-    )  # any multiple of the factor, not only the config's resolution
+    # any multiple of the factor, not only the config's resolution
+    x = torch.rand(2, 3, 16, 24) * 2 - 1
     with torch.no_grad():
         z_q, _, idx = loaded.encode(x)
         assert z_q.shape == (2, 8, 8, 12) and idx.shape == (2, 8, 12)
@@ -153,9 +154,8 @@ def test_quantisation_passes_gradients_straight_through():
     codebook = torch.randn(10, 4)
     z = torch.randn(3, 5, 4, requires_grad=True)
     q = vector_quantize(z, codebook)
-    assert torch.equal(
-        q.detach(), codebook[nearest_code(z.detach(), codebook)]
-    )  # the forward snaps to codes
+    # the forward snaps to codes
+    assert torch.equal(q.detach(), codebook[nearest_code(z.detach(), codebook)])
     weights = torch.randn(3, 5, 4)
     (q * weights).sum().backward()
     assert torch.equal(z.grad, weights)  # the backward is the identity

@@ -57,7 +57,8 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(demo_collection, tmp_path_factory):
-    """`streamlit run webui/app.py -- --collection DEMO` on a free port; its log kept for failures."""
+    """`streamlit run webui/app.py -- --collection DEMO` on a free port;
+    its log kept for failures."""
     port = _free_port()
     log = tmp_path_factory.mktemp("streamlit") / "server.log"
     cmd = [

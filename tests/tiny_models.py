@@ -1,4 +1,5 @@
-"""Small random-weight open_clip ViT CLIPs for tests of the speed settings (no training, no files)."""
+"""Small random-weight open_clip ViT CLIPs for tests of the speed
+settings (no training, no files)."""
 
 from __future__ import annotations
 
@@ -39,8 +40,9 @@ def random_vit_clip(
 
 
 def as_clip(model, device: str = "cpu", **settings):
-    """`models.clip.Clip` around `model` (moved and cast in place, as load_clip's are) under `settings`,
-    with open_clip's eval preprocess at the model's image size and ViT-B-32's tokenizer."""
+    """`models.clip.Clip` around `model` (moved and cast in place, as load_clip's are) under
+    `settings`, with open_clip's eval preprocess at the model's image size and ViT-B-32's
+    tokenizer."""
     import open_clip
 
     from models.clip import Clip

@@ -91,7 +91,8 @@ def escape(text: Any) -> str:
 
 @st.cache_data(max_entries=256, show_spinner=False)
 def cached_thumbnails(cells: tuple[tuple[Any, ...], ...], size: int = THUMB_SIZE) -> list[Thumb]:
-    """Thumbnails of (source_shard, key, source_offset, source_size, sha256) cells, cached per set."""
+    """Thumbnails of
+    (source_shard, key, source_offset, source_size, sha256) cells, cached per set."""
     names = (S.SOURCE_SHARD, S.KEY, S.SOURCE_OFFSET, S.SOURCE_SIZE, S.SHA256)
     return thumbnails([dict(zip(names, c)) for c in cells], size)
 

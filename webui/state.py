@@ -107,7 +107,8 @@ def inspect(path: str) -> Health:
         fix = (
             f"`{BUILD_COMMAND}`"
             if os.path.abspath(path) == DEFAULT_COLLECTION
-            else f"`python -m pipelines.embed SHARDS {path}` (then `python -m indices.build {path}`)"
+            else f"`python -m pipelines.embed SHARDS {path}` "
+            f"(then `python -m indices.build {path}`)"
         )
         return Health(path, False, problems=(f"{path} does not exist yet. Build it with {fix}.",))
     done = sorted(
@@ -208,7 +209,8 @@ def encoder(spec: str) -> Any:
 
 
 def collection_encoder(path: str) -> Any:
-    """The CLIP model a collection was embedded with (collection.json's spec), shared per process."""
+    """The CLIP model a collection was embedded with
+    (collection.json's spec), shared per process."""
     return encoder(read_collection_json(path).get("clip_model", TINY_NAME))
 
 

@@ -30,8 +30,10 @@ class Scorer(Protocol):
 
 
 def load_scorer(name: str, **opts: Any) -> Scorer:
-    """Build the scorer called `name` (one of SCORER_NAMES) with its options; loads its model once."""
-    # each scorer's module is imported only when asked for: each pulls a heavy runtime (onnxruntime, torch)
+    """Build the scorer called `name` (one of SCORER_NAMES) with its
+    options; loads its model once."""
+    # each scorer's module is imported only when asked for: each pulls a heavy
+    # runtime (onnxruntime, torch)
     if name == "nsfw":
         from pipelines.scorers.nsfw import NsfwScorer  # onnxruntime, nudenet
 

@@ -133,7 +133,8 @@ def _to_array(image: Any) -> np.ndarray:
 
 
 class NsfwScorer:
-    """punsafe per image: NudeNet by default, a CLIP-embedding head when `clip_head_path` is given."""
+    """punsafe per image: NudeNet by default, a CLIP-embedding head when
+    `clip_head_path` is given."""
 
     column = PUNSAFE
     kind = "image"
@@ -145,7 +146,8 @@ class NsfwScorer:
         threads: int | None = None,
         device: str | None = None,
     ) -> None:
-        """threads: ONNX Runtime intra-op threads (None: its default, all cores); set 1 per Dask worker."""
+        """threads: ONNX Runtime intra-op threads
+        (None: its default, all cores); set 1 per Dask worker."""
         self.batch_size = batch_size
         self.head = load_clip_head(clip_head_path) if clip_head_path else None
         self.needs_embeddings = self.head is not None

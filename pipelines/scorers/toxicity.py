@@ -186,7 +186,8 @@ def _load_detoxify(model: str, checkpoint: str | None, timeout_s: float) -> Any 
 
 
 class ToxicityScorer:
-    """ptoxic per caption. backend: 'auto' (Detoxify if it loads, else lexicon), 'lexicon', 'detoxify'."""
+    """ptoxic per caption. backend: 'auto'
+    (Detoxify if it loads, else lexicon), 'lexicon', 'detoxify'."""
 
     column = PTOXIC
     kind = "text"

@@ -24,7 +24,8 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def _pil_batch(items: Sequence[Any], size: int) -> tuple[Any, list[int]]:
-    """Resize readable PIL images to size x size RGB floats in [0, 1]; return (tensor, their indices)."""
+    """Resize readable PIL images to size x size RGB floats in [0, 1];
+    return (tensor, their indices)."""
     arrays, where = [], []
     for i, item in enumerate(items):
         try:
@@ -66,7 +67,8 @@ def load_laion(checkpoint: str | Path) -> Any:
 
 
 class WatermarkScorer:
-    """pwatermark per image. Options: model_path (bundled CNN file), laion_checkpoint, batch_size, device."""
+    """pwatermark per image. Options: model_path (bundled CNN file),
+    laion_checkpoint, batch_size, device."""
 
     column = PWATERMARK
     kind = "image"

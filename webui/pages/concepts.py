@@ -86,7 +86,8 @@ def label_buttons(path: str):
     def draw(row: dict[str, Any], key: str) -> None:
         mark = labels_of(path).get(row["key"])
         c1, c2 = st.columns(2)
-        # Material icons: the font ships with Streamlit, where an emoji needs the system's emoji font
+        # Material icons: the font ships with Streamlit, where an emoji
+        # needs the system's emoji font
         c1.button(
             "",
             key=f"{key}-pos",
@@ -203,7 +204,8 @@ def show_fit(cur: state.Current, concept: Concept, scores: np.ndarray) -> None:
     neg = ",".join(concept.negatives)
     prompt = f" --prompt {shlex.quote(concept.prompt)}" if concept.prompt else ""
     c2.code(
-        f"python -m curation.concept {shlex.quote(cur.path)} {concept.name} --pos {shlex.quote(pos)} "
+        f"python -m curation.concept {shlex.quote(cur.path)} "
+        f"{concept.name} --pos {shlex.quote(pos)} "
         f"--neg {shlex.quote(neg)} --modality {concept.modality}{prompt}",
         language="bash",
         wrap_lines=True,

@@ -157,7 +157,8 @@ def render() -> None:
         on_change=_kind,
         args=("text",),
         placeholder="a red circle  ·  weighted: a red star:1|blurry:-0.5",
-        help="Weighted prompts as in subset specs: `text:weight` joined by `|`; negative weights push away.",
+        help="Weighted prompts as in subset specs: "
+        "`text:weight` joined by `|`; negative weights push away.",
     )
     q2.file_uploader("…or an image", key="search_upload", on_change=_kind, args=("upload",))
     q1.text_input("…or an image path", key="search_path", on_change=_kind, args=("path",))

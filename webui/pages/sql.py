@@ -39,7 +39,8 @@ def render() -> None:
         state.show_problems(cur.health)
         return
     st.caption(
-        "Table `samples`: every metadata column and `id`, the vector's global id. Sandboxed: one SELECT, "
+        "Table `samples`: every metadata column and `id`, "
+        "the vector's global id. Sandboxed: one SELECT, "
         f"a time and memory limit, at most {cur.catalog().row_cap:,} rows back."
     )
     with st.expander("Columns"):

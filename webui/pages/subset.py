@@ -97,7 +97,8 @@ def form_value(kind: str, path: str) -> Any:
         ]
         if any(v is None for v in rect):
             raise ValueError(
-                "region: select points on the Explore page's map, or type all four rectangle corners"
+                "region: select points on the Explore page's map, "
+                "or type all four rectangle corners"
             )
         return {"modality": ss.get("subset_region_modality", S.MODALITY_IMAGE), "rect": rect}
     if kind == "dedup":
@@ -362,7 +363,8 @@ def export_form(cur: state.Current, spec: dict[str, Any]) -> None:
         )
         size_arg = f" --image-size {int(size)}" if size else ""
         st.code(
-            f"python -m curation.export {shlex.quote(cur.path)} {done['name']} --out {shlex.quote(done['out'])} "
+            f"python -m curation.export {shlex.quote(cur.path)} "
+            f"{done['name']} --out {shlex.quote(done['out'])} "
             f"--format {done['format']}{size_arg} --untrusted",
             language="bash",
             wrap_lines=True,
