@@ -7,7 +7,8 @@ complete part, an uncompressed Arrow IPC file of that part's embedded rows in `e
 holding them, and the process's memory does not grow with the collection.
 
 The Arrow files are a cache of the Parquet parts, rebuilt whenever a part's signature (size,
-mtime, etag: `collection.storage.file_signature`) changes; it is recorded in each file's schema metadata.
+mtime, etag: `collection.storage.file_signature`) changes; it is recorded in each file's
+schema metadata.
 `indices.build` writes them; a searcher writes any that are missing. A collection that cannot
 be written to (read-only, or on an object store) gets them in its cache folder instead
 (`indices.local.cache_folder`, under `$SIEVE_CACHE`).
