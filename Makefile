@@ -52,6 +52,7 @@ bench: $(STAMP)
 	$(PY) -m bench.guidance --hdit-run $(DEMO)/hdit --collection $(DEMO)/collection
 	$(PY) -m bench.webui --demo $(DEMO)/collection
 	$(PY) -m bench.sql_remote
+	$(PY) -m bench.storage
 	$(PY) -m bench.figures --write
 
 clean-demo:

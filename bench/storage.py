@@ -114,6 +114,7 @@ def run(n: int, work: Path, repeats: int = 3) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.storage", description=__doc__)
     ap.add_argument("--n", type=int, default=2000, help="generated samples (default 2000)")
+    ap.add_argument("--repeats", type=int, default=3, help="runs per location (default 3)")
     ap.add_argument(
         "--work", default=None, help="scratch folder (default: a temporary one, removed)"
     )
