@@ -41,6 +41,9 @@ MAX_TRAIN = 2**17
 MIN_TRAIN = 2**15
 #: vectors per Dask task: a part index of this many 512-d float vectors is 2 GiB at most
 GROUP_VECTORS = 2**20
+#: groups a collection is cut into at least (parts allowing), so several workers share a small
+#: one; fixed rather than read from the cluster, so a rerun on other workers reuses the parts
+MIN_GROUPS = 16
 TRAINED = "trained"
 
 
@@ -181,7 +184,8 @@ def build_distributed(
     folder = parts_dir(root, modality)
     trained, digest = trained_index(store, key, nlist, seed, folder)
     tasks, outs = [], []
-    for g in groups(store.parts, store.offsets, GROUP_VECTORS):
+    size = min(GROUP_VECTORS, -(-store.count // MIN_GROUPS))
+    for g in groups(store.parts, store.offsets, size):
         parts = [store.parts[i] for i in g]
         first_ids = [int(store.offsets[i]) for i in g]
         out = os.path.join(folder, f"{parts[0]:05d}-{parts[-1]:05d}.index")
@@ -198,6 +202,7 @@ def build_distributed(
             raise RuntimeError(f"{out}: added to another trained index; run the build again")
     path = url_to_fs(S.CollectionLayout(root).index(modality))[1]
     ivfdata = merge_parts(root, modality, trained, outs, path)
+    _remove_stale(folder, outs)
     return path, {
         "on_disk": True,
         "ivfdata": os.path.basename(ivfdata),
@@ -205,6 +210,15 @@ def build_distributed(
         "trained_checksum": digest,
         "part_indices": {"total": len(outs), "built": len(tasks), "reused": len(outs) - len(tasks)},
     }
+
+
+def _remove_stale(folder: str, outs: list[str]) -> None:
+    """Remove part indices of an earlier set of parts or grouping: no merge will read them."""
+    keep = {os.path.basename(p) for o in outs for p in (o, _meta(o))}
+    keep |= {f"{TRAINED}.index", f"{TRAINED}.json"}
+    for name in os.listdir(folder):
+        if name not in keep and name.endswith((".index", ".json")):
+            os.remove(os.path.join(folder, name))
 
 
 def _run(tasks: list[tuple], client: Any, scheduler: str | None, workers: int | None) -> None:

@@ -90,11 +90,9 @@ def choose_index(n: int, dim: int, max_memory: int | str = "4G", ivf: bool = Fal
     `ivf`, an IVF key whatever n (the distributed build adds and merges inverted lists)."""
     budget = parse_bytes(max_memory)
     flat = n * dim * 4
-    if ivf:
-        pass
-    elif n <= FLAT_MAX and flat <= budget:
+    if n <= FLAT_MAX and flat <= budget and not ivf:
         return Choice("Flat", False, flat, f"{n} vectors: an exact scan is fast enough")
-    if n <= FLAT_MAX and n * dim <= budget:
+    if n <= FLAT_MAX and n * dim <= budget and not ivf:
         return Choice(
             "SQ8",
             False,

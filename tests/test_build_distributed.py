@@ -54,7 +54,7 @@ def client():
 @pytest.fixture
 def small_groups(monkeypatch):
     """Two parts per task: four parts make two part indices."""
-    monkeypatch.setattr(build_parts, "GROUP_VECTORS", 2 * PART)
+    monkeypatch.setattr(build_parts, "MIN_GROUPS", 2)
 
 
 def _build(root: str, client, **kw):
