@@ -154,3 +154,19 @@ def test_non_ivf_key_refused(tmp_path, client):
     root = _collection(str(tmp_path / "c"))
     with pytest.raises(ValueError, match="needs an IVF index"):
         build(root, modality="image", index_key="Flat", client=client)
+
+
+def test_large_collection_goes_distributed_without_flags(tmp_path, monkeypatch, small_groups):
+    """Above DISTRIBUTED_MIN vectors an IVF build is distributed even without --workers."""
+    from indices import build as build_mod
+
+    root = _collection(str(tmp_path / "c"))
+    monkeypatch.setattr(build_mod, "DISTRIBUTED_MIN", PARTS * PART - 1)
+    monkeypatch.setattr(
+        build_parts, "open_cluster", lambda *a, **kw: open_cluster(workers=1, processes=False)
+    )
+    doc = build_one(root, S.MODALITY_IMAGE, target_recall=0.0)
+    assert doc["on_disk"] and doc["index_key"].startswith("IVF")
+    few = write_collection(str(tmp_path / "few"), [clustered_vectors(PART, DIM, 20)])
+    small = build_one(few, S.MODALITY_IMAGE, target_recall=0.0)
+    assert "on_disk" not in small
