@@ -85,13 +85,14 @@ def pq_codes_for(n: int, dim: int, budget: int, nlist: int, max_m: int = 128) ->
     return None
 
 
-def choose_index(n: int, dim: int, max_memory: int | str = "4G") -> Choice:
-    """The index key for n vectors of dim under max_memory bytes (see module docstring)."""
+def choose_index(n: int, dim: int, max_memory: int | str = "4G", ivf: bool = False) -> Choice:
+    """The index key for n vectors of dim under max_memory bytes (see module docstring); with
+    `ivf`, an IVF key whatever n (the distributed build adds and merges inverted lists)."""
     budget = parse_bytes(max_memory)
     flat = n * dim * 4
-    if n <= FLAT_MAX and flat <= budget:
+    if n <= FLAT_MAX and flat <= budget and not ivf:
         return Choice("Flat", False, flat, f"{n} vectors: an exact scan is fast enough")
-    if n <= FLAT_MAX and n * dim <= budget:
+    if n <= FLAT_MAX and n * dim <= budget and not ivf:
         return Choice(
             "SQ8",
             False,
@@ -101,7 +102,7 @@ def choose_index(n: int, dim: int, max_memory: int | str = "4G") -> Choice:
     # a small collection under a budget SQ8 misses falls through to IVF+PQ with exact re-ranking
     nlist = nlist_for(n)
     hnsw = estimate_bytes(f"HNSW{HNSW_M}", n, dim)
-    if n <= HNSW_MAX and hnsw <= budget:
+    if n <= HNSW_MAX and hnsw <= budget and not ivf:
         return Choice(f"HNSW{HNSW_M}", False, hnsw, "raw vectors and the graph fit the budget")
     ivf_flat = estimate_bytes(f"IVF{nlist},Flat", n, dim)
     quant = f"IVF{nlist}_HNSW{HNSW_M}" if nlist > 4096 else f"IVF{nlist}"

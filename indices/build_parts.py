@@ -1,0 +1,249 @@
+"""The distributed IVF build: train once, one Dask task per group of parts, merge on disk.
+
+The recipe FAISS documents for indexes that do not fit in RAM, and autofaiss runs on Spark:
+the driver trains the empty index on a sample and writes it with its checksum; each task reads
+its parts' vectors, adds them at their global ids to a copy of that index and writes its part
+index atomically, recording the checksum; `indices.merge` then joins the parts' inverted lists
+into one file that search memory-maps. The driver holds only the training sample. A part index
+whose json names the same trained index and the same parts is reused, so a killed build rerun
+adds only what is missing; one from another training is rebuilt.
+
+Files, beside the modality's index: `indices/{modality}.parts/trained.index` + `.json` and
+`{first}-{last}.index` + `.json` per group of parts (the json written last).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+from typing import Any, Sequence
+
+import faiss
+import numpy as np
+
+from collection import schema as S
+from collection.cluster import SINGLE_THREAD_WORKER_ENV, each_completed, open_cluster
+from collection.embeddings import EmbeddingStore, open_npy
+from collection.parts import CollectionError
+from collection.storage import atomic_path, read_json, url_to_fs, write_json
+from indices.merge import merge_parts
+from models.runtime import cores
+
+log = logging.getLogger(__name__)
+
+#: faiss's k-means warns below 39 training points per centroid
+MIN_PER_LIST = 39
+#: training points per list aimed for while the sample stays under MAX_TRAIN
+PER_LIST = 64
+MAX_TRAIN = 2**17
+MIN_TRAIN = 2**15
+#: vectors per Dask task: a part index of this many 512-d float vectors is 2 GiB at most
+GROUP_VECTORS = 2**20
+#: groups a collection is cut into at least (parts allowing), so several workers share a small
+#: one; fixed rather than read from the cluster, so a rerun on other workers reuses the parts
+MIN_GROUPS = 16
+TRAINED = "trained"
+
+
+def train_size(n: int, nlist: int | None) -> int:
+    """Training points for n vectors and nlist lists: 64 per list up to MAX_TRAIN, never fewer
+    than MIN_PER_LIST per list (nlist_for keeps nlist ≤ n / 39), all of them when n is small."""
+    lists = nlist or 1
+    return min(n, max(MIN_PER_LIST * lists, min(PER_LIST * lists, MAX_TRAIN), MIN_TRAIN))
+
+
+def train_index(store: EmbeddingStore, key: str, nlist: int | None, seed: int) -> Any:
+    """An empty index of `key`, trained on a random sample of the store (read by gather, so
+    only the sample is ever in memory)."""
+    index = faiss.index_factory(store.dim, key, faiss.METRIC_INNER_PRODUCT)
+    if not index.is_trained:
+        _, xt = store.sample(train_size(store.count, nlist), seed)
+        index.train(xt)
+    return index
+
+
+def checksum(path: str) -> str:
+    """sha256 of a file, read in blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def parts_dir(root: str, modality: str) -> str:
+    """The local folder holding the trained index and the part indices of `modality`."""
+    return url_to_fs(S.CollectionLayout(root).index(modality))[1] + ".parts"
+
+
+def groups(parts: Sequence[int], offsets: np.ndarray, size: int) -> list[list[int]]:
+    """Positions of consecutive parts, grouped so a group holds about `size` vectors."""
+    out: list[list[int]] = [[]]
+    held = 0
+    for i in range(len(parts)):
+        if out[-1] and held + int(offsets[i + 1] - offsets[i]) > size:
+            out.append([])
+            held = 0
+        out[-1].append(i)
+        held += int(offsets[i + 1] - offsets[i])
+    return [g for g in out if g]
+
+
+def trained_index(
+    store: EmbeddingStore, key: str, nlist: int | None, seed: int, folder: str
+) -> tuple[str, str]:
+    """(path, checksum) of the empty trained index: the one on disk when its json records the
+    same key, seed and parts (a rerun trains nothing), else trained now and written atomically."""
+    path = os.path.join(folder, f"{TRAINED}.index")
+    meta = os.path.join(folder, f"{TRAINED}.json")
+    want = {
+        "index_key": key,
+        "dim": store.dim,
+        "seed": seed,
+        "parts": store.parts,
+        "count": store.count,
+    }
+    doc = read_json(meta)
+    if isinstance(doc, dict) and {k: doc.get(k) for k in want} == want and os.path.exists(path):
+        if checksum(path) == doc.get("checksum"):
+            log.info("%s: reusing the trained index", path)
+            return path, doc["checksum"]
+    index = train_index(store, key, nlist, seed)
+    os.makedirs(folder, exist_ok=True)
+    with atomic_path(path) as tmp:
+        faiss.write_index(index, tmp)
+    digest = checksum(path)
+    write_json(meta, {**want, "checksum": digest})
+    return path, digest
+
+
+def add_group(
+    root: str,
+    modality: str,
+    parts: list[int],
+    first_ids: list[int],
+    trained: str,
+    digest: str,
+    out: str,
+) -> dict[str, Any]:
+    """One Dask task: add these parts' vectors at their global ids to a copy of the trained
+    index, write it atomically to `out` and its json (the trained checksum) last."""
+    if checksum(trained) != digest:
+        raise CollectionError(f"{trained}: changed since the build started; run it again")
+    index = faiss.read_index(trained)
+    layout = S.CollectionLayout(root)
+    count = 0
+    for n, first in zip(parts, first_ids):
+        x = np.ascontiguousarray(np.asarray(open_npy(layout.emb(modality, n))), np.float32)
+        if x.shape[0]:
+            if x.shape[1] != index.d:
+                raise CollectionError(
+                    f"{layout.emb(modality, n)}: dim {x.shape[1]}, the index has {index.d}"
+                )
+            index.add_with_ids(x, np.arange(first, first + x.shape[0], dtype=np.int64))
+            count += x.shape[0]
+    with atomic_path(out) as tmp:
+        faiss.write_index(index, tmp)
+    doc = {"trained_checksum": digest, "parts": parts, "first_ids": first_ids, "count": count}
+    write_json(_meta(out), doc)
+    return doc
+
+
+def _meta(index_path: str) -> str:
+    return os.path.splitext(index_path)[0] + ".json"
+
+
+def is_current(out: str, parts: list[int], first_ids: list[int], digest: str) -> bool:
+    """Whether the part index at `out` holds these parts at these ids, added to this training."""
+    doc = read_json(_meta(out))
+    return (
+        isinstance(doc, dict)
+        and os.path.exists(out)
+        and doc.get("trained_checksum") == digest
+        and doc.get("parts") == parts
+        and doc.get("first_ids") == first_ids
+    )
+
+
+def build_distributed(
+    store: EmbeddingStore,
+    key: str,
+    nlist: int | None,
+    seed: int,
+    client: Any = None,
+    scheduler: str | None = None,
+    workers: int | None = None,
+) -> tuple[str, dict[str, Any]]:
+    """Train, add the groups of parts on Dask, merge: (local path of the merged on-disk index,
+    facts for the index json). The caller tunes the merged index and writes the json last."""
+    root, modality = store.root, store.modality
+    if not re.search(r"IVF\d+", key):
+        raise ValueError(f"--index-key {key}: the distributed build needs an IVF index")
+    folder = parts_dir(root, modality)
+    trained, digest = trained_index(store, key, nlist, seed, folder)
+    tasks, outs = [], []
+    size = min(GROUP_VECTORS, -(-store.count // MIN_GROUPS))
+    for g in groups(store.parts, store.offsets, size):
+        parts = [store.parts[i] for i in g]
+        first_ids = [int(store.offsets[i]) for i in g]
+        out = os.path.join(folder, f"{parts[0]:05d}-{parts[-1]:05d}.index")
+        outs.append(out)
+        if is_current(out, parts, first_ids, digest):
+            continue
+        tasks.append((root, modality, parts, first_ids, trained, digest, out))
+    log.info("%s: %d part indices, %d to build", modality, len(outs), len(tasks))
+    if tasks:
+        _run(tasks, client, scheduler, workers)
+    for out in outs:  # a part from another training is never merged
+        doc = read_json(_meta(out)) or {}
+        if doc.get("trained_checksum") != digest:
+            raise RuntimeError(f"{out}: added to another trained index; run the build again")
+    path = url_to_fs(S.CollectionLayout(root).index(modality))[1]
+    ivfdata = merge_parts(root, modality, trained, outs, path)
+    _remove_stale(folder, outs)
+    return path, {
+        "on_disk": True,
+        "ivfdata": os.path.basename(ivfdata),
+        "ivfdata_bytes": os.path.getsize(ivfdata),
+        "trained_checksum": digest,
+        "part_indices": {"total": len(outs), "built": len(tasks), "reused": len(outs) - len(tasks)},
+    }
+
+
+def _remove_stale(folder: str, outs: list[str]) -> None:
+    """Remove part indices of an earlier set of parts or grouping: no merge will read them."""
+    keep = {os.path.basename(p) for o in outs for p in (o, _meta(o))}
+    keep |= {f"{TRAINED}.index", f"{TRAINED}.json"}
+    for name in os.listdir(folder):
+        if name not in keep and name.endswith((".index", ".json")):
+            os.remove(os.path.join(folder, name))
+
+
+def _run(tasks: list[tuple], client: Any, scheduler: str | None, workers: int | None) -> None:
+    """Run `add_group` for every task on the client (or a cluster opened here); every task runs
+    to its end, then the first failure is raised: the finished part indices stay for a rerun."""
+    session = None
+    if client is None:
+        session = open_cluster(
+            scheduler,
+            workers or max(1, min(cores(), len(tasks))),
+            worker_env=SINGLE_THREAD_WORKER_ENV,
+        )
+        client = session.client
+    failed: list[tuple[str, BaseException]] = []
+    try:
+        for o in each_completed(client, add_group, tasks, "index-part"):
+            if o.error is not None:
+                failed.append((tasks[o.index][-1], o.error))
+                log.error("%s: %s", tasks[o.index][-1], o.error)
+    finally:
+        if session is not None:
+            session.close()
+    if failed:
+        out, exc = failed[0]
+        raise RuntimeError(
+            f"{len(failed)} of {len(tasks)} part indices failed, first {out}: "
+            f"{type(exc).__name__}: {exc}; rerun to build only those"
+        )
