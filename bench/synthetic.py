@@ -184,6 +184,16 @@ def write_takedown(
 
 
 # ---- LAION-sized collections with vectors (UI and search benchmarks) -----------------------
+def _phash_from(table: pa.Table, img: np.ndarray, seed: int) -> pa.Table:
+    """`table` with the embedded rows' phash made from their image vectors (`simhash_phash`)."""
+    ok = pc.is_valid(table[S.EMB_ROW]).to_numpy(zero_copy_only=False)
+    phash = np.asarray(table[S.PHASH].to_numpy(zero_copy_only=False), dtype="<U16")
+    rows = pc.fill_null(table[S.EMB_ROW], 0).to_numpy(zero_copy_only=False)
+    phash[ok] = simhash_phash(img, seed)[rows[ok]]
+    i = table.schema.get_field_index(S.PHASH)
+    return table.set_column(i, table.schema.field(i), pa.array(phash, table.schema.field(i).type))
+
+
 def write_vector_collection(
     root: str,
     n: int,
@@ -198,7 +208,8 @@ def write_vector_collection(
     text vectors of `dim`, written straight from Arrow and numpy (a million rows in a minute,
     where `write_collection`'s per-row dicts would take many). `sources`: columns such as
     source_shard (and the image's byte range) cycled over the rows, so a reader of source images
-    finds real ones. Parts already written are kept, so a work folder is reused across runs."""
+    finds real ones. Parts already written are kept, so a work folder is reused across runs.
+    Each embedded row's phash is its image vector's `simhash_phash` unless `sources` has one."""
     layout = S.CollectionLayout(root)
     per = -(-n // parts)
     for part in range(parts):
@@ -218,6 +229,8 @@ def write_vector_collection(
                 )
         ok = int(pc.sum(table[S.EMB_ROW].is_valid()).as_py())
         img = clustered_vectors(ok, dim, n_clusters, seed=seed * 100_003 + 2 * part)
+        if sources is None or S.PHASH not in sources.column_names:
+            table = _phash_from(table, img, seed)
         txt = clustered_vectors(ok, dim, n_clusters, spread=0.8, seed=seed * 100_003 + 2 * part + 1)
         write_bytes(layout.img_emb(part), npy_bytes(img.astype(S.EMB_DTYPE)))
         write_bytes(layout.text_emb(part), npy_bytes(txt.astype(S.EMB_DTYPE)))
@@ -259,6 +272,22 @@ _WORDS = (
 _LANGUAGES = ("en",) * 5 + ("de", "fr", "es", "zh", "ja", "und", "und")
 
 
+_HEX_PAIRS = np.array([f"{b:02x}" for b in range(256)])
+
+
+def hex64(bits: np.ndarray) -> np.ndarray:
+    """16-hex-digit strings of (n, 8) uint8 rows (the collection's `phash` form), vectorised."""
+    pairs = _HEX_PAIRS[np.asarray(bits, dtype=np.uint8).reshape(-1, 8)]  # (n, 8) of "<U2"
+    return np.ascontiguousarray(pairs).view("<U16").ravel()
+
+
+def simhash_phash(vectors: np.ndarray, seed: int = 0) -> np.ndarray:
+    """A 64-bit perceptual-hash stand-in for each vector: the signs of 64 fixed random
+    projections (SimHash), so near vectors get phashes a few bits apart, as copies do."""
+    planes = np.random.default_rng([seed, 64]).standard_normal((vectors.shape[1], 64))
+    return hex64(np.packbits(np.asarray(vectors, np.float32) @ planes > 0, axis=1))
+
+
 def metadata_part(part: int, rows: int, seed: int = 0, failed: float = 0.02) -> pa.Table:
     """One LAION-shaped metadata part as an Arrow table: every schema column (schema types), varied
     captions, urls, hashes, sizes, scores and languages, about `failed` of the rows failed; built
@@ -288,7 +317,7 @@ def metadata_part(part: int, rows: int, seed: int = 0, failed: float = 0.02) -> 
         S.WIDTH: pa.array(rng.integers(32, 2048, rows).astype(np.int32)),
         S.HEIGHT: pa.array(rng.integers(32, 2048, rows).astype(np.int32)),
         S.SHA256: sha,
-        S.PHASH: pa.array(np.char.zfill(rng.integers(0, 2**62, rows).astype(str), 16)),
+        S.PHASH: pa.array(hex64(rng.integers(0, 256, (rows, 8), dtype=np.uint8))),
         S.CLIP_SIMILARITY: f32(rng.normal(0.3, 0.06, rows)),
         S.PUNSAFE: f32(rng.beta(0.5, 8, rows)),
         S.PWATERMARK: f32(rng.beta(0.8, 3, rows)),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import posixpath
 from dataclasses import dataclass
+from typing import Sequence
 
 SCHEMA_VERSION = 1
 
@@ -290,7 +291,8 @@ REASON_EXACT = "exact"
 REASON_COPY = "copy"
 REASON_SEMANTIC = "semantic"
 DUP_REASONS: tuple[str, ...] = (REASON_EXACT, REASON_COPY, REASON_SEMANTIC)
-#: `curation.dedup --level`: each level includes the ones before it
+#: `curation.dedup --level`: each level runs alone; several at once run in this order, each on
+#: what the ones before it kept (`--level exact,copies,semantic`)
 LEVEL_EXACT = "exact"
 LEVEL_COPIES = "copies"
 LEVEL_SEMANTIC = "semantic"
@@ -311,9 +313,25 @@ MAP_COLUMNS: tuple[str, ...] = (KEY, MAP_X, MAP_Y, MAP_CLUSTER)
 CONCEPT_SCORE = "score"
 
 
-def dedup_run_name(level: str, eps: float | None = None) -> str:
-    """The default run folder of a level (and ε for semantic): `copies`, `semantic-eps0.05`."""
-    return f"{level}-eps{eps:g}" if level == LEVEL_SEMANTIC else level
+def dedup_levels(level: str | Sequence[str]) -> tuple[str, ...]:
+    """The levels named by `level` ("copies", "exact,copies", or a list), in the order they run;
+    ValueError naming the unknown one."""
+    names = level.split(",") if isinstance(level, str) else list(level)
+    names = [str(n).strip() for n in names if str(n).strip()]
+    for name in names:
+        if name not in DEDUP_LEVELS:
+            raise ValueError(f"level must be one of {list(DEDUP_LEVELS)}, got {name!r}")
+    if not names:
+        raise ValueError(f"level must be one or more of {list(DEDUP_LEVELS)}, got {level!r}")
+    return tuple(n for n in DEDUP_LEVELS if n in names)
+
+
+def dedup_run_name(level: str | Sequence[str], eps: float | None = None) -> str:
+    """The default run folder of a level or levels (and ε with semantic): `copies`,
+    `semantic-eps0.05`, `exact-copies-semantic-eps0.05`."""
+    levels = dedup_levels(level)
+    name = "-".join(levels)
+    return f"{name}-eps{eps:g}" if LEVEL_SEMANTIC in levels else name
 
 
 @dataclass(frozen=True)

@@ -202,19 +202,19 @@ def region_steps(doc: dict[str, Any]) -> list[tuple[str, Step]]:
 
 
 def parse_dedup(value: Any, src: SpecSource) -> dict[str, Any]:
-    """`dedup: copies` or
-    `dedup: {level: exact|copies|semantic, eps: 0.05}` (one member per group)."""
+    """`dedup: copies` or `dedup: {level: exact|copies|semantic, eps: 0.05}` (one member per
+    group of that level's run); several levels: `level: exact,copies` or a list."""
     doc = _mapping(
         {"level": value} if isinstance(value, str) else value, "dedup", src, {"level", "eps"}
     )
     level, eps = doc.get("level", S.LEVEL_COPIES), doc.get("eps", 0.05)
-    if level not in S.DEDUP_LEVELS:
-        raise SpecError(
-            f"{src.source}: dedup: level must be one of {list(S.DEDUP_LEVELS)}, got {level!r}"
-        )
+    try:
+        levels = S.dedup_levels(level if isinstance(level, (str, list)) else str(level))
+    except ValueError as exc:
+        raise SpecError(f"{src.source}: dedup: {exc}") from None
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
         raise SpecError(f"{src.source}: dedup: eps must be a number in (0, 1), got {eps!r}")
-    return {"level": level, "eps": float(eps)}
+    return {"level": ",".join(levels), "eps": float(eps)}
 
 
 def dedup_steps(doc: dict[str, Any]) -> list[tuple[str, Step]]:
@@ -224,7 +224,7 @@ def dedup_steps(doc: dict[str, Any]) -> list[tuple[str, Step]]:
         except (ValueError, FileNotFoundError) as exc:
             raise SpecError(f"{ctx.source}: dedup: {str(exc).splitlines()[0]}") from None
 
-    eps = f" eps {doc['eps']:g}" if doc["level"] == S.LEVEL_SEMANTIC else ""
+    eps = f" eps {doc['eps']:g}" if S.LEVEL_SEMANTIC in S.dedup_levels(doc["level"]) else ""
     return [(f"dedup {doc['level']}{eps} (one sample per duplicate group)", run)]
 
 

@@ -25,6 +25,9 @@ from curation.semdedup import (
     root_groups,
 )
 
+#: the exact and copies levels together (each level alone would call exact duplicates copies)
+EXACT_COPIES = "exact,copies"
+
 
 def _truth(collection: str) -> tuple[np.ndarray, np.ndarray]:
     """(keys, each sample's true original's position: itself unless planted as a copy)."""
@@ -38,13 +41,13 @@ def _truth(collection: str) -> tuple[np.ndarray, np.ndarray]:
 @pytest.fixture(scope="module")
 def copies_run(insight_collection) -> tuple[str, dict]:
     coll = insight_collection["collection"]
-    return coll, dedup(coll, S.LEVEL_COPIES, workers=0)
+    return coll, dedup(coll, EXACT_COPIES, workers=0)
 
 
 def test_planted_copies_are_found_and_distinct_samples_kept(copies_run):
     coll, report = copies_run
     keys, root = _truth(coll)
-    table = read_duplicates(coll, S.LEVEL_COPIES).to_pandas()
+    table = read_duplicates(coll, EXACT_COPIES).to_pandas()
     group = {k: g for k, g in zip(table[S.DUP_KEY], table[S.DUP_GROUP])}
     planted = np.nonzero(root != np.arange(len(root)))[0]
     found = [i for i in planted if keys[i] in group and group.get(keys[root[i]]) == group[keys[i]]]
@@ -59,7 +62,7 @@ def test_planted_copies_are_found_and_distinct_samples_kept(copies_run):
 
 def test_rows_say_why_and_name_their_nearest_member(copies_run):
     coll, _ = copies_run
-    table = read_duplicates(coll, S.LEVEL_COPIES).to_pandas()
+    table = read_duplicates(coll, EXACT_COPIES).to_pandas()
     assert list(table.columns) == list(S.DUPLICATES_COLUMNS)
     exact = table[table[S.DUP_REASON] == S.REASON_EXACT]
     assert len(exact) and (exact[S.DUP_SIMILARITY] > 0.99).all()
@@ -83,14 +86,14 @@ def test_the_keep_rule_prefers_more_pixels_then_image_text_similarity():
 
 def test_reruns_and_the_dask_cluster_give_identical_groups(copies_run, tmp_path):
     coll, _ = copies_run
-    first = read_duplicates(coll, S.LEVEL_COPIES)
+    first = read_duplicates(coll, EXACT_COPIES)
     dedup(coll, S.LEVEL_SEMANTIC, eps=0.05, workers=0, run="again-1")
     dedup(coll, S.LEVEL_SEMANTIC, eps=0.05, workers=0, run="again-2")
     layout = S.InsightLayout(coll)
     a, b = pq.read_table(layout.duplicates("again-1")), pq.read_table(layout.duplicates("again-2"))
     assert a.equals(b)
     # a LocalCluster: one task per shard / pair chunk
-    dedup(coll, S.LEVEL_COPIES, workers=1, run="on-dask")
+    dedup(coll, EXACT_COPIES, workers=1, run="on-dask")
     assert pq.read_table(layout.duplicates("on-dask")).equals(first)
 
 
@@ -112,18 +115,18 @@ def test_semantic_level_adds_semdedup_groups_and_reports_every_eps(insight_colle
 
 def test_subset_clause_keeps_one_member_of_each_group_within_the_subset(copies_run):
     coll, _ = copies_run
-    table = read_duplicates(coll, S.LEVEL_COPIES).to_pandas()
+    table = read_duplicates(coll, EXACT_COPIES).to_pandas()
     keys = _truth(coll)[0]
     pos = {k: i for i, k in enumerate(keys)}
     everything = np.arange(len(keys))
-    kept = subset_clause(coll, everything, S.LEVEL_COPIES)
+    kept = subset_clause(coll, everything, EXACT_COPIES)
     removed = {pos[k] for k in table[~table[S.DUP_KEPT]][S.DUP_KEY]}
     assert set(kept) == set(everything) - removed
     # drop a group's kept member from the subset: another member of its group stands in
     g0 = table[table[S.DUP_GROUP] == 0]
     kept_key = g0[g0[S.DUP_KEPT]][S.DUP_KEY].iloc[0]
     subset = np.array([i for i in everything if keys[i] != kept_key])
-    got = subset_clause(coll, subset, S.LEVEL_COPIES)
+    got = subset_clause(coll, subset, EXACT_COPIES)
     assert len(set(got) & {pos[k] for k in g0[S.DUP_KEY]}) == 1
 
 
