@@ -28,7 +28,8 @@ import pyarrow as pa
 from collection import schema as S
 from collection.embeddings import EmbeddingStore
 from collection.parts import CollectionError
-from collection.sandbox import Limits, Sandbox, SqlError
+from collection.sandbox import Limits, SqlError
+from collection.sandbox_pool import SandboxPool
 from collection.storage import read_collection_json
 from collection.takedown import TakedownWatch
 from indices.build import open_index
@@ -151,7 +152,7 @@ class Searcher:
         #: bumped whenever the takedown list changes (the server drops its result cache then)
         self.takedown_version = 0
         self._filter_limits = filter_limits
-        self._sandbox: Sandbox | None = None
+        self._sandbox: SandboxPool | None = None
         if len(self._watch.takedown):
             log.info(
                 "%s: takedown list has %d entries", self.layout.takedown, len(self._watch.takedown)
@@ -464,7 +465,8 @@ class Searcher:
         frame = frame.append_column(S.ID, pa.array(np.asarray(ids, dtype=np.int64)))
         frame = frame.append_column("__pos", pa.array(np.arange(len(ids), dtype=np.int64)))
         if self._sandbox is None:
-            self._sandbox = Sandbox(limits=self._filter_limits, label="filters")
+            # a pool with a queue per client: one user's hostile filter leaves a worker for others
+            self._sandbox = SandboxPool(limits=self._filter_limits, label="filters")
         try:
             table, _, _ = self._sandbox.query(
                 f"SELECT __pos FROM {FILTER_TABLE} WHERE {where}",
@@ -484,9 +486,10 @@ class Searcher:
         return mask
 
     def close(self) -> None:
-        """Stop the filters' worker process (a later filtered query starts another)."""
+        """Stop the filters' worker processes (a later filtered query starts others)."""
         if self._sandbox is not None:
             self._sandbox.close()
+            self._sandbox = None
 
     def _rows(self, ids: np.ndarray, sims: np.ndarray) -> list[dict[str, Any]]:
         """Result rows: the searcher's columns, then `id` and `similarity`."""

@@ -225,3 +225,40 @@ def test_near_duplicate_collapse_still_leaves_k_rows(coll, monkeypatch):
     sims = got @ got.T
     np.fill_diagonal(sims, 0)
     assert sims.max() < search.DEDUP_THRESHOLD
+
+
+def test_a_hostile_filter_leaves_a_worker_for_another_users_search(coll):
+    """Search filters run on a pool with a queue per client (thread): while one search's filter
+    runs a query that would take minutes, another search's filter is answered first."""
+    import threading
+
+    from collection.sandbox import Limits, SqlError
+    from indices.search import QueryError, Searcher
+
+    q = _query(_vectors(coll))
+    s = Searcher(coll, filter_limits=Limits(timeout_s=120, memory_limit="256MB"))
+    hostile = (
+        "id IN (SELECT a.range FROM range(100000000) a, range(100000000) b "
+        "WHERE a.range = -b.range - 1)"
+    )
+    finished: list[str] = []
+
+    def attacker() -> None:
+        try:
+            s.query(embedding=q, k=5, filters=hostile, deduplicate=False)
+        except (QueryError, SqlError):
+            pass  # its worker is stopped below
+        finished.append("hostile")
+
+    t = threading.Thread(target=attacker)
+    t.start()
+    try:
+        while s._sandbox is None or not s._sandbox.running():
+            threading.Event().wait(0.01)
+        rows = s.query(embedding=q, k=5, filters=FILTER, deduplicate=False)
+        finished.append("second user")
+        assert len(rows) == 5
+    finally:
+        s.close()
+        t.join(timeout=60)
+    assert finished[0] == "second user"
