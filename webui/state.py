@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import streamlit as st
+from streamlit.runtime.scriptrunner import get_script_run_ctx
 
 from collection import schema as S
 from collection.storage import REMOTE_ERRORS, read_collection_json, url_to_fs
@@ -74,6 +75,13 @@ def _mtime(path: str) -> float:
         return os.stat(path).st_mtime
     except OSError:
         return 0.0
+
+
+def session_id() -> str | None:
+    """This browser session's id: the SQL pool's client, so one session's reruns queue as one
+    user (None outside a Streamlit run: the pool then uses the calling thread)."""
+    ctx = get_script_run_ctx()
+    return ctx.session_id if ctx is not None else None
 
 
 def location(typed: str) -> str:

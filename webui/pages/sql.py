@@ -19,7 +19,7 @@ RESULT = "sql_result"
 def _run(cur: state.Current, sql: str) -> None:
     listed = list_signature(cur.path)  # before the query: a change during it drops the result
     try:
-        result = cur.catalog().query(sql)
+        result = cur.catalog().query(sql, client=state.session_id())
     except ValueError as exc:  # SqlError: a refused or failed statement, one line
         st.session_state[RESULT] = {"path": cur.path, "sql": sql, "error": str(exc)}
         return
