@@ -2,10 +2,14 @@
 
     python -m curation.concept COLLECTION NAME --pos K1,K2 --neg K3 [--prompt TEXT]
                                [--modality image|text|both] [--add] [--suggest 10]
+                               [--unlabelled 4096]
 
 Fits the probe (`curation.concept_probe`), writes `concepts/NAME.json` (examples, model, threshold,
 quality) and `concepts/NAME.parquet` (key, score for every sample), and prints the quality
-grade and the unlabelled samples worth labelling next (the probe's least certain). `--add`
+(grade and the reasons it is capped, estimated precision and share of what passes) and the
+samples worth labelling next as rows (key, id, score, why: the top of the ranking to confirm,
+then the least certain). Give the search's text as --prompt: labels from one search page say
+little about the rest of the collection, and the prompt is the prior they adjust. `--add`
 adds the given keys to the saved concept's examples instead of replacing them: the labelling
 loop is suggest, label, `--add`, again.
 """
@@ -50,6 +54,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--no-columns", action="store_true", help="embeddings (and prompt) only; no score columns"
     )
+    p.add_argument(
+        "--unlabelled",
+        type=int,
+        default=None,
+        help="unlabelled samples read for the scale, prompt prior and threshold (default 4096)",
+    )
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     setup_logging()
@@ -57,11 +67,12 @@ def main(argv: list[str] | None = None) -> None:
     from collection.parts import complete_parts  # noqa: E402
     from curation.concept_probe import (
         SCORE_COLUMNS,
+        UNLABELLED_SAMPLE,
         fit_concept,
         load_concept,
         save_concept,
         score_collection,
-        suggest,
+        suggest_rows,
     )  # noqa: E402
     from curation.vectors import read_keys  # noqa: E402
 
@@ -82,6 +93,7 @@ def main(argv: list[str] | None = None) -> None:
             a.modality,
             () if a.no_columns else SCORE_COLUMNS,
             seed=a.seed,
+            unlabelled=UNLABELLED_SAMPLE if a.unlabelled is None else a.unlabelled,
         )
         keys = read_keys(a.collection)
         scores = score_collection(a.collection, concept)
@@ -97,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
                 "signals": concept.signals,
                 "above_threshold": int((scores >= concept.threshold).sum()),
                 "samples": len(keys),
-                "label_next": suggest(concept, keys, scores, a.suggest),
+                "label_next": suggest_rows(concept, keys, scores, a.suggest),
             }
         )
     )

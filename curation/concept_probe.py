@@ -8,13 +8,16 @@ The probe is stacked, because twenty labels cannot fit a few hundred weights at 
   and the collection's own per-sample scores (pwatermark, punsafe, ptoxic, clip_similarity)
   where the labelled samples have them;
 - a second balanced logistic regression weighs those few signals, trained on the block
-  probes' out-of-fold outputs, so a block that only memorised the labels earns no weight.
+  probes' out-of-fold outputs (a block that only memorised the labels earns no weight), with the prompt's similarities starting from a prior weight the
+  labels adjust, and a random sample of unlabelled samples giving the scale, the base rate and
+  the threshold (`curation.concept_fit`: people label a search's first page, which alone says
+  nothing about the rest of the collection).
 
 Everything is linear in the embeddings and columns, so the saved model is one weight vector
 per modality plus column weights: scoring is one streaming pass over the memory-mapped
-float16 embeddings (`score_vectors`). The threshold is the one with the best F1 on
-cross-validated predictions of the labelled samples, and the same predictions give the
-quality grade (AUROC). `suggest` returns the unlabelled samples the probe is least sure of.
+float16 embeddings (`score_vectors`). The quality (grade, reasons, cross-validated AUROC beside
+the prompt's own, estimated precision and share of what passes the threshold) comes with the
+concept. `suggest_rows` returns the samples to label next as rows for a grid.
 """
 
 from __future__ import annotations
@@ -30,14 +33,11 @@ from typing import Any, Sequence
 import numpy as np
 import pyarrow as pa
 import torch
-from scipy.optimize import minimize
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import roc_auc_score
-from sklearn.model_selection import StratifiedKFold
 
 from collection import schema as S
 from collection.parts import CollectionError, read_metadata
 from collection.storage import read_collection_json, read_json, url_to_fs, write_json
+from curation.concept_fit import Signals, fit_stack, grade_fit, linear_scores
 from curation.vectors import ids_of, open_store, read_keys, write_table
 from models.clip import load_clip
 from models.runtime import cores
@@ -47,20 +47,8 @@ log = logging.getLogger(__name__)
 MODALITIES = ("image", "text", "both")
 #: per-sample scores a probe may use when the labelled samples have them
 SCORE_COLUMNS: tuple[str, ...] = (S.PWATERMARK, S.PUNSAFE, S.PTOXIC, S.CLIP_SIMILARITY)
-#: regularisation (sklearn's C) of the block probes and of the stacker
-BLOCK_C = 1.0
-STACK_C = 1.0
-#: labelled AUROC a prompt similarity or score column needs to enter the probe
-MIN_SIGNAL_AUROC = 0.75
-#: cross-validation folds at most (fewer when a class has fewer labels)
-MAX_FOLDS = 5
-#: quality grades by cross-validated AUROC, best first
-GRADES: tuple[tuple[float, str], ...] = (
-    (0.95, "excellent"),
-    (0.85, "good"),
-    (0.7, "fair"),
-    (0.0, "poor"),
-)
+#: unlabelled samples a fit reads (scale, prompt prior, base rate, threshold)
+UNLABELLED_SAMPLE = 4096
 #: rows per chunk of the scoring pass
 SCORE_CHUNK = 1 << 18
 
@@ -115,113 +103,16 @@ def check_examples(positives: Sequence[str], negatives: Sequence[str]) -> None:
         raise ValueError(f"keys labelled both positive and negative: {', '.join(both[:5])}")
 
 
-def _block_probe(x: np.ndarray, y: np.ndarray, c: float = BLOCK_C) -> tuple[np.ndarray, float]:
-    model = LogisticRegression(C=c, class_weight="balanced", max_iter=2000)
-    model.fit(x, y)
-    return model.coef_[0].astype(np.float64), float(model.intercept_[0])
-
-
-def _stack(
-    x: np.ndarray,
-    y: np.ndarray,
-    bounds: list[tuple[float | None, float | None]],
-    c: float = STACK_C,
-) -> tuple[np.ndarray, float]:
-    """Class-balanced, L2-regularised logistic regression with bounds on the weights (not the
-    bias)."""
-    w_class = np.where(
-        y == 1, len(y) / (2.0 * max(y.sum(), 1)), len(y) / (2.0 * max(len(y) - y.sum(), 1))
-    )
-    sign = 2.0 * y - 1.0
-
-    def loss(theta: np.ndarray) -> tuple[float, np.ndarray]:
-        w, b = theta[:-1], theta[-1]
-        z = sign * (x @ w + b)
-        value = float((w_class * np.logaddexp(0.0, -z)).sum() + 0.5 / c * (w @ w))
-        g = -w_class * sign * (1.0 - 1.0 / (1.0 + np.exp(-np.clip(z, -60, 60))))  # d loss / d logit
-        return value, np.concatenate([x.T @ g + w / c, [g.sum()]])
-
-    theta0 = np.zeros(x.shape[1] + 1)
-    result = minimize(
-        loss, theta0, jac=True, method="L-BFGS-B", bounds=list(bounds) + [(None, None)]
-    )
-    return result.x[:-1], float(result.x[-1])
-
-
-def _folds(y: np.ndarray, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    k = min(MAX_FOLDS, int(min(y.sum(), len(y) - y.sum())))
-    if k < 2:
-        return []
-    return list(
-        StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y)
-    )
-
-
-@dataclass
-class _Features:
-    """The labelled samples' features: embedding blocks, fixed signals (prompt similarities,
-    columns)."""
-
-    blocks: dict[str, np.ndarray]
-    fixed: dict[str, np.ndarray]
-
-
-def _evident(values: np.ndarray, y: np.ndarray, either_sign: bool) -> bool:
-    """Whether a fixed signal separates the labelled samples well enough to be weighed at all."""
-    auc = float(roc_auc_score(y, values))
-    return max(auc, 1.0 - auc) >= MIN_SIGNAL_AUROC if either_sign else auc >= MIN_SIGNAL_AUROC
-
-
-def _fit_linear(
-    feats: _Features, y: np.ndarray, seed: int
-) -> tuple[dict[str, Any], dict[str, float]]:
-    """Stacked probe on labelled features -> linear model {block: (w, b), signal: (weight,
-    mean, std)}."""
-    # a fixed signal (prompt similarity, score column) that does not separate the labels is left
-    # out: with twenty labels the stacker would otherwise fit its chance correlations
-    feats = _Features(
-        feats.blocks,
-        {
-            f: v
-            for f, v in feats.fixed.items()
-            if _evident(v, y, either_sign=f.startswith("column:"))
-        },
-    )
-    names = list(feats.blocks) + list(feats.fixed)
-    oof = {b: np.zeros(len(y)) for b in feats.blocks}
-    folds = _folds(y, seed)
-    for b, x in feats.blocks.items():
-        if folds:
-            for train, test in folds:
-                w, c = _block_probe(x[train], y[train])
-                oof[b][test] = x[test] @ w + c
-        else:  # too few labels to hold any out: the block's own fit stands in
-            w, c = _block_probe(x, y)
-            oof[b] = x @ w + c
-    stack = np.stack([oof[b] for b in feats.blocks] + [feats.fixed[f] for f in feats.fixed], axis=1)
-    mean, std = stack.mean(axis=0), stack.std(axis=0)
-    std = np.where(std > 1e-9, std, 1.0)
-    # a probe's held-out output and the prompt's similarity can only speak for the concept:
-    # their weights are kept non-negative (a negative weight would be fitting noise)
-    signs = [(0.0, None) if not n.startswith("column:") else (None, None) for n in names]
-    s, bias = _stack((stack - mean) / std, y, signs)
-    model: dict[str, Any] = {"bias": bias}
-    for k, name in enumerate(names):
-        model[name] = (float(s[k]), float(mean[k]), float(std[k]))
-    model["blocks"] = {b: _block_probe(x, y) for b, x in feats.blocks.items()}
-    return model, {name: float(s[k]) for k, name in enumerate(names)}
-
-
-def _labelled_features(
+def _features(
     collection: str,
     ids: np.ndarray,
     modality: str,
     prompt_vec: np.ndarray | None,
     columns: Sequence[str],
     meta: pa.Table,
-) -> tuple[_Features, dict[str, np.ndarray]]:
-    """Features of the labelled ids and the raw prompt-similarity inputs (for folding into
-    weights)."""
+) -> Signals:
+    """Some samples' embedding blocks, prompt similarities and score columns (missing values
+    are NaN here)."""
     blocks: dict[str, np.ndarray] = {}
     fixed: dict[str, np.ndarray] = {}
     for m in ("image", "text") if modality == "both" else (modality,):
@@ -231,10 +122,31 @@ def _labelled_features(
             fixed[f"prompt_{m}"] = x @ prompt_vec
     for col in columns:
         if col in meta.column_names:
-            values = np.asarray(meta.column(col).take(pa.array(ids)).to_pylist(), dtype=float)
-            if np.all(np.isfinite(values)) and values.std() > 1e-9:
-                fixed[f"column:{col}"] = values
-    return _Features(blocks, fixed), blocks
+            values = meta.column(col).take(pa.array(ids, pa.int64())).to_pylist()
+            fixed[f"column:{col}"] = np.array([np.nan if v is None else v for v in values], float)
+    return Signals(blocks, fixed)
+
+
+def _usable_columns(lab: Signals, unl: Signals) -> tuple[Signals, Signals]:
+    """Drop score columns the labelled samples lack or do not vary on; fill the unlabelled
+    samples' missing values with their mean."""
+    fixed_l, fixed_u = {}, {}
+    for f, v in lab.fixed.items():
+        if f.startswith("column:") and (not np.all(np.isfinite(v)) or v.std() <= 1e-9):
+            continue
+        u = unl.fixed[f]
+        finite = np.isfinite(u)
+        fill = float(u[finite].mean()) if finite.any() else float(v.mean())
+        fixed_l[f], fixed_u[f] = v, np.where(finite, u, fill)
+    return Signals(lab.blocks, fixed_l), Signals(unl.blocks, fixed_u)
+
+
+def _unlabelled_ids(n: int, labelled: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """A random sample of the ids not labelled, sorted (memory-mapped reads in file order)."""
+    rest = np.setdiff1d(np.arange(n), labelled)
+    if len(rest) <= size:
+        return rest
+    return np.sort(np.random.default_rng(seed).choice(rest, size, replace=False))
 
 
 def _to_concept_weights(
@@ -275,64 +187,8 @@ def _prompt_vector(collection: str, prompt: str | None, clip: Any) -> np.ndarray
     return vec / max(float(np.linalg.norm(vec)), 1e-12)
 
 
-def _linear_scores(model: dict[str, Any], feats: _Features) -> np.ndarray:
-    """Logits of the stacked model on labelled-style features (used for held-out folds)."""
-    logit = np.full(len(next(iter(feats.blocks.values()))), model["bias"])
-    for b, x in feats.blocks.items():
-        w, c = model["blocks"][b]
-        s, mu, sd = model[b]
-        logit += s * ((x @ w + c) - mu) / sd
-    for f, v in feats.fixed.items():
-        if f not in model:  # left out for want of evidence
-            continue
-        s, mu, sd = model[f]
-        logit += s * (v - mu) / sd
-    return logit
-
-
-def _subset(feats: _Features, rows: np.ndarray) -> _Features:
-    return _Features(
-        {k: v[rows] for k, v in feats.blocks.items()}, {k: v[rows] for k, v in feats.fixed.items()}
-    )
-
-
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.clip(x, -60, 60)))
-
-
-def _quality(feats: _Features, y: np.ndarray, seed: int) -> tuple[float, dict[str, Any]]:
-    """Threshold (best F1 on cross-validated probabilities) and the quality they show."""
-    folds = _folds(y, seed + 1)
-    if not folds:
-        return 0.5, {
-            "grade": "unknown",
-            "reason": "fewer than 2 labels of a kind: nothing to hold out",
-            "n_positive": int(y.sum()),
-            "n_negative": int(len(y) - y.sum()),
-        }
-    prob = np.zeros(len(y))
-    for train, test in folds:
-        model, _ = _fit_linear(_subset(feats, train), y[train], seed)
-        prob[test] = _sigmoid(_linear_scores(model, _subset(feats, test)))
-    auroc = float(roc_auc_score(y, prob))
-    best_f1, threshold = -1.0, 0.5
-    cuts = np.unique(prob)
-    for lo, hi in zip(np.concatenate([[0.0], cuts]), np.concatenate([cuts, [1.0]])):
-        t = (lo + hi) / 2  # midway between neighbouring predictions
-        pred = prob >= t
-        tp = float((pred & (y == 1)).sum())
-        f1 = 2 * tp / max(float(pred.sum() + y.sum()), 1e-9)
-        if f1 > best_f1:
-            best_f1, threshold = f1, float(t)
-    grade = next(g for limit, g in GRADES if auroc >= limit)
-    return threshold, {
-        "grade": grade,
-        "cv_auroc": round(auroc, 4),
-        "cv_f1": round(best_f1, 4),
-        "cv_folds": len(folds),
-        "n_positive": int(y.sum()),
-        "n_negative": int(len(y) - y.sum()),
-    }
 
 
 def fit_concept(
@@ -345,23 +201,31 @@ def fit_concept(
     columns: Sequence[str] = SCORE_COLUMNS,
     clip: Any = None,
     seed: int = 0,
+    unlabelled: int = UNLABELLED_SAMPLE,
 ) -> Concept:
-    """Fit a concept from labelled keys (and a prompt as prior); see the module doc for the
-    model."""
+    """Fit a concept from labelled keys, the prompt as a prior and a random sample of
+    `unlabelled` other samples (scale, base rate, threshold); see `curation.concept_fit`."""
     _check_name(name)
     if modality not in MODALITIES:
         raise ValueError(f"modality must be one of {list(MODALITIES)}, got {modality!r}")
+    if unlabelled < 0:
+        raise ValueError(f"unlabelled: a number of samples >= 0, got {unlabelled}")
     positives, negatives = list(dict.fromkeys(positives)), list(dict.fromkeys(negatives))
     check_examples(positives, negatives)
-    ids = ids_of(read_keys(collection), positives + negatives, "concept examples")
+    keys = read_keys(collection)
+    ids = ids_of(keys, positives + negatives, "concept examples")
     y = np.array([1] * len(positives) + [0] * len(negatives))
     meta = read_metadata(collection, [S.KEY, *columns])
     prompt_vec = _prompt_vector(collection, prompt, clip)
-    feats, blocks = _labelled_features(collection, ids, modality, prompt_vec, columns, meta)
-    model, signals = _fit_linear(feats, y, seed)
-    dim = next(iter(blocks.values())).shape[1]
+    others = _unlabelled_ids(len(keys), ids, unlabelled, seed)
+    lab, unl = _usable_columns(
+        _features(collection, ids, modality, prompt_vec, columns, meta),
+        _features(collection, others, modality, prompt_vec, columns, meta),
+    )
+    model, signals = fit_stack(lab, y, unl, seed)
+    dim = next(iter(lab.blocks.values())).shape[1]
     linear = _to_concept_weights(model, dim, prompt_vec)
-    threshold, quality = _quality(feats, y, seed)
+    threshold, quality = grade_fit(lab, y, unl, linear_scores(model, unl), seed)
     info = read_collection_json(collection)
     concept = Concept(
         name=name,
@@ -370,17 +234,19 @@ def fit_concept(
         prompt=prompt,
         modality=modality,
         clip_model=info.get("clip_model", "sieve-tiny"),
-        threshold=threshold,
+        threshold=float(_sigmoid(np.array(threshold))),
         quality=quality,
-        signals={k: round(v, 4) for k, v in signals.items()},
+        signals=signals,
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **linear,
     )
     log.info(
-        "concept %s: %s (cv AUROC %s) from %d+/%d- labels",
+        "concept %s: %s (cv AUROC %s, passes %s, precision ~%s) from %d+/%d- labels",
         name,
         quality.get("grade"),
         quality.get("cv_auroc"),
+        quality.get("passed_fraction"),
+        quality.get("estimated_precision"),
         len(positives),
         len(negatives),
     )
@@ -482,20 +348,53 @@ def score_collection(collection: str, concept: Concept) -> np.ndarray:
     )
 
 
-def suggest(concept: Concept, keys: np.ndarray, scores: np.ndarray, n: int = 10) -> list[str]:
-    """The n unlabelled samples the probe is least sure of (score closest to its threshold)."""
+def suggest_rows(
+    concept: Concept,
+    keys: Sequence[str] | np.ndarray,
+    scores: np.ndarray,
+    n: int = 10,
+    top: int | None = None,
+) -> list[dict[str, Any]]:
+    """The n unlabelled samples worth labelling next, as grid rows {"key", "id", "score", "why"}.
+
+    `keys` and `scores` are in global-id order (`read_keys`, `score_collection`), so "id" is the
+    row. First `top` (default n // 3) of the highest-ranked ones: a wrong one there is what the
+    threshold passes first (the pink squares of a "red circle"); then those closest to the
+    threshold, where the concept is least sure."""
     labelled = set(concept.positives) | set(concept.negatives)
     t = min(max(concept.threshold, 1e-6), 1 - 1e-6)
-    margin = np.abs(
-        np.log(np.maximum(scores, 1e-9) / np.maximum(1 - scores, 1e-9)) - math.log(t / (1 - t))
+    logit = np.log(np.maximum(scores, 1e-9) / np.maximum(1 - scores, 1e-9))
+    margin = np.abs(logit - math.log(t / (1 - t)))
+    top = n // 3 if top is None else max(0, min(int(top), n))
+    rows: list[dict[str, Any]] = []
+    seen: set[int] = set()
+
+    def take(order: np.ndarray, limit: int, why: Any) -> None:
+        for rank, i in enumerate(order):
+            if len(rows) >= limit:
+                return
+            if int(i) not in seen and keys[i] not in labelled:
+                seen.add(int(i))
+                score = float(scores[i])
+                rows.append({"key": str(keys[i]), "id": int(i), "score": score, "why": why(rank)})
+
+    take(
+        np.argsort(-scores, kind="stable"),
+        top,
+        lambda rank: f"ranked #{rank + 1}: confirm it belongs (it passes first)",
     )
-    out = []
-    for i in np.argsort(margin, kind="stable"):
-        if keys[i] not in labelled:
-            out.append(str(keys[i]))
-            if len(out) == n:
-                break
-    return out
+    take(
+        np.argsort(margin, kind="stable"),
+        n,
+        lambda rank: f"near the threshold {t:.3f}: the concept is least sure",
+    )
+    return rows
+
+
+def suggest(concept: Concept, keys: np.ndarray, scores: np.ndarray, n: int = 10) -> list[str]:
+    """The keys of the n unlabelled samples the probe is least sure of (score closest to its
+    threshold); `suggest_rows` gives rows for a grid, the top of the ranking included."""
+    return [r["key"] for r in suggest_rows(concept, keys, scores, n, top=0)]
 
 
 def save_concept(

@@ -1,0 +1,304 @@
+"""The numbers behind a concept fitted from people's labels (`curation.concept_probe` reads the
+collection and saves the result; this module only sees arrays).
+
+People label the way a search shows them: the true ones on the first page 👍 and the near misses
+beside them 👎. Such labels cannot say what lies outside that page, so the fit adds three things
+they lack:
+- the collection's unlabelled samples (a random sample): the scale every signal is measured on,
+  the base rate, and the threshold;
+- the prompt as a prior: its similarities start from a positive weight (`PROMPT_PRIOR`) that the
+  labels adjust, scaled by how well the labels' own direction agrees with the prompt over the
+  unlabelled sample (a prompt the labels contradict, e.g. one whose top is near misses, starts
+  from nothing);
+- a calibrated threshold: the held-out positives' ranks among the unlabelled samples estimate
+  the base rate (the smallest share of the collection that can hold the positives) and the
+  precision of what passes each threshold; the threshold is the one with the best estimated F1.
+
+The grade is the cross-validated AUROC on the labels, capped where a held-out check fails: a
+concept that ranks the labels below its own prompt, passes most of the collection, or passes
+mostly false ones is not "good", and the grade says why.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy.optimize import minimize
+from scipy.special import expit
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import StratifiedKFold
+
+log = logging.getLogger(__name__)
+
+#: regularisation (sklearn's C) of the block probes and of the stacker
+BLOCK_C = 1.0
+STACK_C = 1.0
+#: a prompt similarity's starting weight (per standard deviation over the collection) when the
+#: labels' own direction agrees with it fully (`python -m bench.insight --only search_concepts`)
+PROMPT_PRIOR = 4.0
+#: labelled AUROC a score column needs to enter the probe (either sign)
+MIN_SIGNAL_AUROC = 0.75
+#: cross-validation folds at most (fewer when a class has fewer labels)
+MAX_FOLDS = 5
+#: quality grades by cross-validated AUROC, best first
+GRADES: tuple[tuple[float, str], ...] = (
+    (0.95, "excellent"),
+    (0.85, "good"),
+    (0.7, "fair"),
+    (0.0, "poor"),
+)
+#: the grade a concept keeps at most when a held-out check fails
+CAPPED = "fair"
+#: a concept passing more than this share of the collection is not "good"
+MOST = 0.5
+#: an estimated precision of what passes below this is not "good"
+MIN_PRECISION = 0.5
+#: share of held-out positives a cut must keep to bound the base rate
+BASE_RATE_RECALL = 0.5
+#: positives below which a grade is at most CAPPED (the AUROC of so few is mostly chance)
+MIN_POSITIVES = 5
+
+
+@dataclass
+class Signals:
+    """Features of some samples: embedding blocks (rows × dim) and fixed per-sample signals
+    (prompt similarities `prompt_*`, score columns `column:*`)."""
+
+    blocks: dict[str, np.ndarray]
+    fixed: dict[str, np.ndarray]
+
+    def rows(self, rows: np.ndarray) -> "Signals":
+        return Signals(
+            {k: v[rows] for k, v in self.blocks.items()},
+            {k: v[rows] for k, v in self.fixed.items()},
+        )
+
+    def __len__(self) -> int:
+        return len(next(iter(self.blocks.values())))
+
+
+def block_probe(x: np.ndarray, y: np.ndarray, c: float = BLOCK_C) -> tuple[np.ndarray, float]:
+    """Balanced logistic regression on one embedding block -> (weights, bias)."""
+    model = LogisticRegression(C=c, class_weight="balanced", max_iter=2000)
+    model.fit(x, y)
+    return model.coef_[0].astype(np.float64), float(model.intercept_[0])
+
+
+def stack(
+    x: np.ndarray,
+    y: np.ndarray,
+    bounds: list[tuple[float | None, float | None]],
+    prior: np.ndarray | None = None,
+    c: float = STACK_C,
+) -> tuple[np.ndarray, float]:
+    """Class-balanced logistic regression, L2-regularised towards `prior` (default zero), with
+    bounds on the weights (not the bias)."""
+    prior = np.zeros(x.shape[1]) if prior is None else prior
+    w_class = np.where(
+        y == 1, len(y) / (2.0 * max(y.sum(), 1)), len(y) / (2.0 * max(len(y) - y.sum(), 1))
+    )
+    sign = 2.0 * y - 1.0
+
+    def loss(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        w, b = theta[:-1], theta[-1]
+        z = sign * (x @ w + b)
+        d = w - prior
+        value = float((w_class * np.logaddexp(0.0, -z)).sum() + 0.5 / c * (d @ d))
+        g = -w_class * sign * (1.0 - expit(z))  # d loss / d logit
+        return value, np.concatenate([x.T @ g + d / c, [g.sum()]])
+
+    start = np.concatenate([prior, [0.0]])
+    result = minimize(
+        loss, start, jac=True, method="L-BFGS-B", bounds=list(bounds) + [(None, None)]
+    )
+    return result.x[:-1], float(result.x[-1])
+
+
+def folds(y: np.ndarray, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Stratified folds of the labels ([] when a class has fewer than 2)."""
+    k = min(MAX_FOLDS, int(min(y.sum(), len(y) - y.sum())))
+    if k < 2:
+        return []
+    return list(
+        StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y)
+    )
+
+
+def evident(values: np.ndarray, y: np.ndarray) -> bool:
+    """Whether a score column separates the labels well enough (either sign) to be weighed: with
+    twenty labels the stacker would otherwise fit its chance correlations."""
+    auc = float(roc_auc_score(y, values))
+    return max(auc, 1.0 - auc) >= MIN_SIGNAL_AUROC
+
+
+def _agreement(a: np.ndarray, b: np.ndarray) -> float:
+    if a.std() < 1e-12 or b.std() < 1e-12:
+        return 0.0
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def fit_stack(
+    lab: Signals, y: np.ndarray, unl: Signals, seed: int
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """Stacked probe -> (linear model {block: (w, b) under "blocks", signal: (weight, mean, std),
+    "bias"}, report {signal weights, prompt agreement}). `unl` (unlabelled samples) sets each
+    signal's scale and the prompt prior; it is never given a label."""
+    fixed = {f: v for f, v in lab.fixed.items() if f.startswith("prompt_") or evident(v, y)}
+    names = list(lab.blocks) + list(fixed)
+    train = np.zeros((len(y), len(names)))
+    other = np.zeros((len(unl), len(names)))
+    split = folds(y, seed)
+    blocks = {b: block_probe(x, y) for b, x in lab.blocks.items()}
+    for k, (b, x) in enumerate(lab.blocks.items()):
+        if split:  # held-out outputs: a block that only memorised the labels earns no weight
+            for tr, te in split:
+                w, c = block_probe(x[tr], y[tr])
+                train[te, k] = x[te] @ w + c
+        else:
+            train[:, k] = x @ blocks[b][0] + blocks[b][1]
+        other[:, k] = unl.blocks[b] @ blocks[b][0] + blocks[b][1]
+    for k, f in enumerate(fixed, start=len(lab.blocks)):
+        train[:, k], other[:, k] = fixed[f], unl.fixed[f]
+    scale = other if len(unl) >= 10 else train  # the collection's scale where there is one
+    mean, std = scale.mean(axis=0), scale.std(axis=0)
+    std = np.where(std > 1e-9, std, 1.0)
+    train, other = (train - mean) / std, (other - mean) / std
+    # a probe's output and the prompt can only speak for the concept (a negative weight would
+    # be fitting noise); a score column may count either way
+    bounds = [(None, None) if n.startswith("column:") else (0.0, None) for n in names]
+    prompts = [k for k, n in enumerate(names) if n.startswith("prompt_")]
+    prior = np.zeros(len(names))
+    agreement: dict[str, float] = {}
+    if prompts and len(unl) >= 10:
+        keep = [k for k in range(len(names)) if k not in prompts]
+        w, _ = stack(train[:, keep], y, [bounds[k] for k in keep])
+        own = other[:, keep] @ w  # the labels' own direction over the unlabelled samples
+        for k in prompts:
+            agreement[names[k]] = round(_agreement(own, other[:, k]), 4)
+            prior[k] = PROMPT_PRIOR * max(0.0, agreement[names[k]])
+    s, bias = stack(train, y, bounds, prior)
+    model: dict[str, Any] = {"bias": bias, "blocks": blocks}
+    for k, name in enumerate(names):
+        model[name] = (float(s[k]), float(mean[k]), float(std[k]))
+    report = {name: round(float(s[k]), 4) for k, name in enumerate(names)}
+    report.update({f"agreement:{n}": a for n, a in agreement.items()})
+    return model, report
+
+
+def linear_scores(model: dict[str, Any], feats: Signals) -> np.ndarray:
+    """Logits of a fitted stack on some samples' signals."""
+    logit = np.full(len(feats), model["bias"])
+    for b, x in feats.blocks.items():
+        w, c = model["blocks"][b]
+        s, mu, sd = model[b]
+        logit += s * ((x @ w + c) - mu) / sd
+    for f, v in feats.fixed.items():
+        if f in model:  # a column without evidence was left out
+            s, mu, sd = model[f]
+            logit += s * (v - mu) / sd
+    return logit
+
+
+def _above(values: np.ndarray, cuts: np.ndarray) -> np.ndarray:
+    """For each cut, the share of values at or above it."""
+    ordered = np.sort(values)
+    return 1.0 - np.searchsorted(ordered, cuts, side="left") / max(len(ordered), 1)
+
+
+def calibrate(tails: np.ndarray) -> dict[str, float]:
+    """Base rate, share to pass and its precision from the held-out positives' tail fractions
+    (the share of unlabelled samples scoring at least as high as each positive).
+
+    A cut passing a share q of the collection keeps a share R(q) of the positives, so the
+    collection holds at most q / R(q) positives: the smallest such bound over cuts keeping at
+    least half the positives is the base rate, and the precision at q is base rate × R(q) / q.
+    The share to pass is the one with the best estimated F1. Positives labelled from a search's
+    first page are its easiest ones, so the bound and the share lean low: the threshold errs
+    towards passing too few rather than too many.
+    """
+    tails = np.sort(np.clip(tails, 1e-6, 1.0))
+    recall = np.arange(1, len(tails) + 1) / len(tails)
+    ok = recall >= BASE_RATE_RECALL
+    base = float(np.min(tails[ok] / recall[ok]))
+    precision = np.minimum(1.0, base * recall / tails)
+    f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-9)
+    best = int(np.argmax(f1))
+    return {
+        "base_rate": base,
+        "passed": float(tails[best]),
+        "precision": float(precision[best]),
+        "recall": float(recall[best]),
+    }
+
+
+def grade_quality(quality: dict[str, Any]) -> tuple[str, list[str]]:
+    grade = next(g for limit, g in GRADES if quality["cv_auroc"] >= limit)
+    reasons = []
+    prompt = quality.get("prompt_auroc")
+    if prompt is not None and quality["cv_auroc"] < prompt - 0.01:
+        reasons.append(
+            f"ranks the held-out labels below its own prompt "
+            f"(AUROC {quality['cv_auroc']:.3f} vs {prompt:.3f})"
+        )
+    if quality["passed_fraction"] > MOST:
+        reasons.append(f"passes {quality['passed_fraction']:.0%} of the collection")
+    if quality["estimated_precision"] < MIN_PRECISION:
+        reasons.append(
+            f"estimated precision of what passes is {quality['estimated_precision']:.0%}"
+        )
+    if quality["n_positive"] < MIN_POSITIVES:
+        reasons.append(f"only {quality['n_positive']} positive labels: label more")
+    order = [g for _, g in GRADES]
+    if reasons and order.index(grade) < order.index(CAPPED):
+        grade = CAPPED
+    return grade, reasons
+
+
+def grade_fit(
+    lab: Signals, y: np.ndarray, unl: Signals, final: np.ndarray, seed: int
+) -> tuple[float, dict[str, Any]]:
+    """Threshold (a logit) and the quality shown by held-out checks: cross-validated AUROC on
+    the labels beside the prompt's own, and the calibration of `calibrate` on the unlabelled
+    samples' logits under the final model (`final`)."""
+    split = folds(y, seed + 1)
+    counts = {"n_positive": int(y.sum()), "n_negative": int(len(y) - y.sum())}
+    if not split or len(unl) < 10:
+        reason = (
+            "fewer than 2 labels of a kind: nothing to hold out"
+            if not split
+            else "fewer than 10 unlabelled samples: nothing to calibrate on"
+        )
+        return 0.0, {  # the stacker's own balanced boundary
+            "grade": "unknown",
+            "reason": reason,
+            "reasons": [reason],
+            **counts,
+        }
+    held = np.zeros(len(y))
+    tails = np.zeros(len(y))
+    for train, test in split:
+        model, _ = fit_stack(lab.rows(train), y[train], unl, seed)
+        held[test] = linear_scores(model, lab.rows(test))
+        tails[test] = np.maximum(_above(linear_scores(model, unl), held[test]), 1.0 / len(unl))
+    cal = calibrate(tails[y == 1])
+    ranked = np.sort(final)[::-1]
+    k = max(1, min(len(ranked), int(round(cal["passed"] * len(ranked)))))
+    threshold = float((ranked[k - 1] + ranked[k]) / 2) if k < len(ranked) else float(ranked[-1])
+    prompts = [roc_auc_score(y, v) for f, v in lab.fixed.items() if f.startswith("prompt_")]
+    q: dict[str, Any] = {
+        "cv_auroc": round(float(roc_auc_score(y, held)), 4),
+        "prompt_auroc": round(float(max(prompts)), 4) if prompts else None,
+        "cv_folds": len(split),
+        "estimated_precision": round(cal["precision"], 4),
+        "estimated_recall": round(cal["recall"], 4),
+        "estimated_base_rate": round(cal["base_rate"], 4),
+        "passed_fraction": round(float((final >= threshold).mean()), 4),
+        "unlabelled_sample": len(unl),
+        **counts,
+    }
+    q["grade"], q["reasons"] = grade_quality(q)
+    return threshold, q
