@@ -1,4 +1,5 @@
-"""`python -m bench.insight [--only copies,semantic,concepts,score,map] [--work DIR]` →
+"""`python -m bench.insight [--only copies,semantic,concepts,search_concepts,score,map]
+[--work DIR]` →
 bench/results/insight.json.
 
 Data (shared by copies, semantic and concepts; built once under --work, reused): `--n`
@@ -23,6 +24,8 @@ score, with an image index.
   similarity to the image), Lilac's recipe (balanced logistic regression, no prior, on the
   caption embeddings as Lilac does; `lilac_image`: the same on image embeddings) and Sieve's
   probe (`concept_auroc_20_labels`, means over draws).
+- search_concepts: concepts labelled as people label, from a search's first page
+  (`bench.insight_concepts`, `concept_auroc_search_labels`).
 - score: `curation.concept_probe.score_vectors` of an image+text probe over `--score-n`
   memory-mapped float16 vectors per modality (`concept_score_10m_seconds`, goal ≤ 5 s on 2 cores;
   page cache warmed by one untimed pass, median of `--repeats`).
@@ -50,6 +53,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
 from bench.common import write_results
+from bench.insight_concepts import run_search_concepts
 from bench.synthetic import clip_like_pairs, clustered_vectors, write_collection
 from collection import schema as S
 from collection.embeddings import EmbeddingStore
@@ -402,7 +406,7 @@ def run_map(work: str, n: int = 100_000, dim: int = 512) -> dict[str, Any]:
     }
 
 
-PARTS = ("copies", "semantic", "concepts", "score", "map")
+PARTS = ("copies", "semantic", "concepts", "search_concepts", "score", "map")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -454,6 +458,9 @@ def main(argv: list[str] | None = None) -> None:
             a.semantic_dim,
         ),
         "concepts": lambda: run_concepts(a.work, a.n, a.copy_fraction, a.workers, a.draws),
+        "search_concepts": lambda: run_search_concepts(
+            data(a.work, a.n, a.copy_fraction, a.workers)
+        ),
         "score": lambda: run_score(a.work, a.score_n, a.score_dim, repeats=a.repeats),
         "map": lambda: run_map(a.work, a.map_n, a.map_dim),
     }

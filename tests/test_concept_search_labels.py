@@ -1,0 +1,158 @@
+"""Concepts labelled as people label (a search's first page, true ones 👍, near misses 👎): the
+fit keeps to the true share, ranks no worse than its prompt, grades honestly, estimates the
+precision of what passes, and suggests rows to label next."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from bench.insight_concepts import search_labels
+from collection import schema as S
+from collection.embeddings import EmbeddingStore
+from collection.parts import read_metadata
+from curation.concept_fit import calibrate, grade_quality
+from curation.concept_probe import fit_concept, score_collection, suggest_rows
+
+
+@pytest.fixture(scope="module")
+def generated(insight_collection, tiny_clip) -> dict:
+    coll = insight_collection["collection"]
+    meta = read_metadata(coll, [S.KEY, "watermark", "shape", "color"]).to_pandas()
+    img = np.concatenate(
+        [a for _, a in EmbeddingStore.open(coll, S.MODALITY_IMAGE).iter_parts()]
+    ).astype(np.float64)
+    return {"collection": coll, "meta": meta, "img": img, "clip": tiny_clip}
+
+
+def _search_fit(generated: dict, name: str, prompt: str, truth: np.ndarray, page: int) -> dict:
+    vec = np.asarray(generated["clip"].encode_texts([prompt])[0], dtype=np.float64)
+    vec /= np.linalg.norm(vec)
+    pos, neg = search_labels(generated["img"], vec, truth, page=page, n=10)
+    keys = generated["meta"][S.KEY].to_numpy()
+    concept = fit_concept(
+        generated["collection"],
+        name,
+        list(keys[pos]),
+        list(keys[neg]),
+        prompt=prompt,
+        clip=generated["clip"],
+    )
+    scores = score_collection(generated["collection"], concept)
+    rest = np.setdiff1d(np.arange(len(truth)), np.r_[pos, neg])
+    return {
+        "concept": concept,
+        "scores": scores,
+        "rest": rest,
+        "zero_shot": generated["img"] @ vec,
+        "labelled": len(pos) + len(neg),
+    }
+
+
+@pytest.mark.parametrize(
+    "name,prompt,column,value",
+    [("star", "a star", "shape", "star"), ("wm", "a picture with a watermark", "watermark", True)],
+)
+def test_near_miss_labels_keep_to_the_true_share_and_rank_no_worse_than_the_prompt(
+    generated, name, prompt, column, value
+):
+    truth = (generated["meta"][column] == value).to_numpy()
+    fit = _search_fit(generated, f"search-{name}", prompt, truth, page=40)
+    concept, scores, rest = fit["concept"], fit["scores"], fit["rest"]
+    passed = scores[rest] >= concept.threshold
+    # the issue's concept passed 91% of the collection; this one stays near the true share
+    assert passed.mean() <= max(2 * truth.mean(), 0.3)
+    assert concept.quality["passed_fraction"] <= max(2 * truth.mean(), 0.3)
+    sieve = roc_auc_score(truth[rest], scores[rest])
+    assert sieve >= roc_auc_score(truth[rest], fit["zero_shot"][rest]) - 0.02
+    assert truth[rest][passed].mean() >= 0.6
+    q = concept.quality
+    assert q["grade"] in ("excellent", "good", "fair", "poor")
+    assert {"estimated_precision", "estimated_base_rate", "prompt_auroc", "reasons"} <= set(q)
+
+
+def _quality(**changes: object) -> dict:
+    q = {
+        "cv_auroc": 0.92,
+        "prompt_auroc": 0.9,
+        "passed_fraction": 0.1,
+        "estimated_precision": 0.9,
+        "n_positive": 10,
+    }
+    q.update(changes)
+    return q
+
+
+def test_the_grade_is_not_good_when_a_held_out_check_fails():
+    assert grade_quality(_quality()) == ("good", [])
+    grade, reasons = grade_quality(_quality(prompt_auroc=0.97))
+    assert grade == "fair" and "below its own prompt" in reasons[0]
+    grade, reasons = grade_quality(_quality(cv_auroc=0.99, passed_fraction=0.91))
+    assert grade == "fair" and "passes 91% of the collection" in reasons[0]
+    grade, reasons = grade_quality(_quality(estimated_precision=0.3))
+    assert grade == "fair" and "precision" in reasons[0]
+    grade, reasons = grade_quality(_quality(n_positive=3))
+    assert grade == "fair" and "3 positive labels" in reasons[0]
+    # a poor concept stays poor whatever else is said of it
+    assert grade_quality(_quality(cv_auroc=0.6, passed_fraction=0.9))[0] == "poor"
+
+
+@pytest.mark.parametrize("base", [0.05, 0.2, 0.4])
+def test_the_estimated_precision_matches_the_measured_one_when_positives_are_a_fair_sample(base):
+    rng = np.random.default_rng(1)
+    n = 20_000
+    truth = rng.random(n) < base
+    logits = np.where(truth, rng.normal(2.0, 1.0, n), rng.normal(-2.0, 1.0, n))
+    labelled = rng.choice(np.nonzero(truth)[0], 40, replace=False)
+    others = np.sort(np.delete(logits, labelled))
+    tails = 1.0 - np.searchsorted(others, logits[labelled]) / len(others)
+    cal = calibrate(tails)
+    cut = np.quantile(others, 1.0 - cal["passed"])
+    kept = np.delete(logits, labelled) >= cut
+    measured = np.delete(truth, labelled)[kept].mean()
+    assert abs(cal["precision"] - measured) <= 0.15
+    assert abs(cal["base_rate"] - base) <= 0.5 * base + 0.02
+
+
+def test_the_estimated_precision_on_a_generated_set(generated):
+    """Random labels (a fair sample of positives): the estimate is within 0.2 of what passes."""
+    meta = generated["meta"]
+    truth = meta["watermark"].astype(bool).to_numpy()
+    rng = np.random.default_rng(3)
+    pos = rng.choice(np.nonzero(truth)[0], 10, replace=False)
+    neg = rng.choice(np.nonzero(~truth)[0], 10, replace=False)
+    keys = meta[S.KEY].to_numpy()
+    concept = fit_concept(
+        generated["collection"],
+        "random-wm",
+        list(keys[pos]),
+        list(keys[neg]),
+        clip=generated["clip"],
+    )
+    scores = score_collection(generated["collection"], concept)
+    rest = np.setdiff1d(np.arange(len(truth)), np.r_[pos, neg])
+    passed = scores[rest] >= concept.threshold
+    assert passed.any()
+    measured = truth[rest][passed].mean()
+    assert abs(concept.quality["estimated_precision"] - measured) <= 0.2
+
+
+def test_suggestions_come_as_grid_rows(generated):
+    truth = (generated["meta"]["shape"] == "star").to_numpy()
+    fit = _search_fit(generated, "search-star-rows", "a star", truth, page=40)
+    concept, scores = fit["concept"], fit["scores"]
+    keys = generated["meta"][S.KEY].to_numpy()
+    rows = suggest_rows(concept, keys, scores, n=9)
+    assert len(rows) == 9 and all(set(r) == {"key", "id", "score", "why"} for r in rows)
+    labelled = set(concept.positives) | set(concept.negatives)
+    assert not {r["key"] for r in rows} & labelled
+    assert all(
+        keys[r["id"]] == r["key"] and r["score"] == pytest.approx(scores[r["id"]]) for r in rows
+    )
+    assert len({r["id"] for r in rows}) == 9
+    # the first third are the best-ranked unlabelled samples, the rest the least certain
+    unlabelled = [i for i in np.argsort(-scores, kind="stable") if keys[i] not in labelled]
+    assert [r["id"] for r in rows[:3]] == [int(i) for i in unlabelled[:3]]
+    assert "ranked #" in rows[0]["why"] and "threshold" in rows[-1]["why"]
+    assert suggest_rows(concept, keys, scores, n=4, top=0)[0]["why"].startswith("near")
