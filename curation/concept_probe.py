@@ -8,10 +8,11 @@ The probe is stacked, because twenty labels cannot fit a few hundred weights at 
   and the collection's own per-sample scores (pwatermark, punsafe, ptoxic, clip_similarity)
   where the labelled samples have them;
 - a second balanced logistic regression weighs those few signals, trained on the block
-  probes' out-of-fold outputs (a block that only memorised the labels earns no weight), with the prompt's similarities starting from a prior weight the
-  labels adjust, and a random sample of unlabelled samples giving the scale, the base rate and
-  the threshold (`curation.concept_fit`: people label a search's first page, which alone says
-  nothing about the rest of the collection).
+  probes' out-of-fold outputs (a block that only memorised the labels earns no weight), with
+  the prompt's similarities starting from a prior weight the labels adjust, and a random
+  sample of unlabelled samples giving the scale, the base rate and the threshold
+  (`curation.concept_fit`: people label a search's first page, which alone says nothing about
+  the rest of the collection).
 
 Everything is linear in the embeddings and columns, so the saved model is one weight vector
 per modality plus column weights: scoring is one streaming pass over the memory-mapped
