@@ -59,6 +59,8 @@ MOST = 0.5
 MIN_PRECISION = 0.5
 #: share of held-out positives a cut must keep to bound the base rate
 BASE_RATE_RECALL = 0.5
+#: positives all ranked within this top share of the prompt's own ranking come from one search
+SEARCH_TOP = 0.05
 #: positives below which a grade is at most CAPPED (the AUROC of so few is mostly chance)
 MIN_POSITIVES = 5
 
@@ -258,17 +260,46 @@ def grade_quality(quality: dict[str, Any]) -> tuple[str, list[str]]:
     return grade, reasons
 
 
+def _positive_folds(y: np.ndarray, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Folds holding out positives only, every negative kept in training: with a single
+    negative label a threshold can still be calibrated, though nothing can be graded."""
+    pos = np.nonzero(y == 1)[0]
+    k = min(MAX_FOLDS, len(pos))
+    if k < 2 or not (y == 0).any():
+        return []
+    parts = np.array_split(np.random.default_rng(seed).permutation(pos), k)
+    return [(np.setdiff1d(np.arange(len(y)), part), np.sort(part)) for part in parts]
+
+
+def _notes(lab: Signals, y: np.ndarray, unl: Signals) -> list[str]:
+    """What the grade cannot show: positives that all come from the top of the prompt's own
+    ranking (a search's first page) calibrate a threshold that may pass too few."""
+    notes = []
+    for f in ("prompt_image", "prompt_text"):
+        if f in lab.fixed and f in unl.fixed:
+            top = float(_above(unl.fixed[f], lab.fixed[f][y == 1]).max())
+            if top <= SEARCH_TOP:
+                notes.append(
+                    f"every positive ranks in the prompt's top {top:.2%} ({f}): the threshold "
+                    f"may pass too few; label the suggestions near it"
+                )
+                break
+    return notes
+
+
 def grade_fit(
     lab: Signals, y: np.ndarray, unl: Signals, final: np.ndarray, seed: int
 ) -> tuple[float, dict[str, Any]]:
     """Threshold (a logit) and the quality shown by held-out checks: cross-validated AUROC on
     the labels beside the prompt's own, and the calibration of `calibrate` on the unlabelled
     samples' logits under the final model (`final`)."""
-    split = folds(y, seed + 1)
     counts = {"n_positive": int(y.sum()), "n_negative": int(len(y) - y.sum())}
+    split = folds(y, seed + 1)
+    graded = bool(split)
+    split = split or _positive_folds(y, seed + 1)
     if not split or len(unl) < 10:
         reason = (
-            "fewer than 2 labels of a kind: nothing to hold out"
+            "fewer than 2 positive labels: nothing to hold out"
             if not split
             else "fewer than 10 unlabelled samples: nothing to calibrate on"
         )
@@ -279,7 +310,7 @@ def grade_fit(
             **counts,
         }
     held = np.zeros(len(y))
-    tails = np.zeros(len(y))
+    tails = np.ones(len(y))
     for train, test in split:
         model, _ = fit_stack(lab.rows(train), y[train], unl, seed)
         held[test] = linear_scores(model, lab.rows(test))
@@ -290,8 +321,8 @@ def grade_fit(
     threshold = float((ranked[k - 1] + ranked[k]) / 2) if k < len(ranked) else float(ranked[-1])
     prompts = [roc_auc_score(y, v) for f, v in lab.fixed.items() if f.startswith("prompt_")]
     q: dict[str, Any] = {
-        "cv_auroc": round(float(roc_auc_score(y, held)), 4),
-        "prompt_auroc": round(float(max(prompts)), 4) if prompts else None,
+        "cv_auroc": round(float(roc_auc_score(y, held)), 4) if graded else None,
+        "prompt_auroc": round(float(max(prompts)), 4) if prompts and graded else None,
         "cv_folds": len(split),
         "estimated_precision": round(cal["precision"], 4),
         "estimated_recall": round(cal["recall"], 4),
@@ -300,5 +331,14 @@ def grade_fit(
         "unlabelled_sample": len(unl),
         **counts,
     }
-    q["grade"], q["reasons"] = grade_quality(q)
+    if graded:
+        q["grade"], q["reasons"] = grade_quality(q)
+    else:
+        q["grade"] = "unknown"
+        q["reason"] = (
+            f"only {counts['n_negative']} negative label: nothing to grade against; "
+            f"label a near miss or two"
+        )
+        q["reasons"] = [q["reason"]]
+    q["notes"] = _notes(lab, y, unl)
     return threshold, q
