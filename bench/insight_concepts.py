@@ -8,7 +8,8 @@ as negatives. AUROC on every other sample for zero-shot (the prompt's similarity
 Lilac's recipe (balanced logistic regression on the labelled caption embeddings; `lilac_image`:
 on the image embeddings) and Sieve (`curation.concept_probe.fit_concept` with the prompt), and
 for Sieve's threshold the measured precision and share of what passes beside its estimates and
-the true share (`concept_auroc_search_labels`).
+the true share (`concept_auroc_search_labels`); `after_suggestions`: the same once the `ROUND`
+samples `suggest_rows` offers next are labelled by the truth and the concept refitted.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from sklearn.metrics import roc_auc_score
 from collection import schema as S
 from collection.embeddings import EmbeddingStore
 from collection.parts import read_metadata
-from curation.concept_probe import fit_concept, score_collection
+from curation.concept_probe import fit_concept, score_collection, suggest_rows
 from models.clip import load_clip
 
 log = logging.getLogger("bench.insight")
@@ -40,6 +41,8 @@ SEARCH_CONCEPTS: dict[str, tuple[str, str]] = {
 #: the search page a person labels from, and the labels of each kind they give at most
 PAGE = 60
 LABELS = 10
+#: suggestions labelled in the one round of the labelling loop measured
+ROUND = 10
 #: the goals of issue 25
 GOAL_AUROC = 0.95
 GOAL_PRECISION = 0.8
@@ -65,6 +68,46 @@ def _lilac(x: np.ndarray, pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
     return x @ model.coef_[0]
 
 
+def _fit_and_measure(
+    collection: str,
+    keys: np.ndarray,
+    truth: np.ndarray,
+    rest: np.ndarray,
+    name: str,
+    prompt: str,
+    pos: np.ndarray,
+    neg: np.ndarray,
+    clip: Any,
+) -> tuple[Any, dict[str, Any]]:
+    """Fit Sieve's concept on the labels; its AUROC, threshold figures and quality on `rest`."""
+    concept = fit_concept(
+        collection,
+        f"bench-search-{name}",
+        list(keys[pos]),
+        list(keys[neg]),
+        prompt=prompt,
+        clip=clip,
+    )
+    scores = score_collection(collection, concept)
+    passed = scores[rest] >= concept.threshold
+    q = concept.quality
+    return concept, {
+        "auroc": _auroc(truth, scores, rest),
+        "precision_above_threshold": round(float(truth[rest][passed].mean()), 4)
+        if passed.any()
+        else None,
+        "passed_fraction": round(float(passed.mean()), 4),
+        "estimated_precision": q.get("estimated_precision"),
+        "estimated_passed_fraction": q.get("passed_fraction"),
+        "estimated_base_rate": q.get("estimated_base_rate"),
+        "grade": q.get("grade"),
+        "reasons": q.get("reasons", []),
+        "notes": q.get("notes", []),
+        "cv_auroc": q.get("cv_auroc"),
+        "prompt_auroc_labels": q.get("prompt_auroc"),
+    }
+
+
 def one_concept(
     collection: str,
     meta: Any,
@@ -77,10 +120,11 @@ def one_concept(
 ) -> dict[str, Any]:
     """The figures of one concept (see the module doc)."""
     keys = meta[S.KEY].to_numpy()
+    # "watermark" is a bool column: pandas' eval would not make it a mask of the rows
     truth = (
-        meta.eval(rule).to_numpy().astype(bool)
-        if rule != "watermark"
-        else (meta["watermark"].astype(bool).to_numpy())
+        meta["watermark"].astype(bool).to_numpy()
+        if rule == "watermark"
+        else meta.eval(rule).to_numpy().astype(bool)
     )
     vec = np.asarray(clip.encode_texts([prompt])[0], dtype=np.float64)
     vec /= np.linalg.norm(vec)
@@ -101,33 +145,19 @@ def one_concept(
         return out
     out["auroc"]["lilac"] = _auroc(truth, _lilac(txt, pos, neg), rest)
     out["auroc"]["lilac_image"] = _auroc(truth, _lilac(img, pos, neg), rest)
-    concept = fit_concept(
-        collection,
-        f"bench-search-{name}",
-        list(keys[pos]),
-        list(keys[neg]),
-        prompt=prompt,
-        clip=clip,
-    )
-    scores = score_collection(collection, concept)
-    out["auroc"]["sieve"] = _auroc(truth, scores, rest)
-    passed = scores[rest] >= concept.threshold
-    q = concept.quality
-    out.update(
-        {
-            "precision_above_threshold": round(float(truth[rest][passed].mean()), 4)
-            if passed.any()
-            else None,
-            "passed_fraction": round(float(passed.mean()), 4),
-            "estimated_precision": q.get("estimated_precision"),
-            "estimated_passed_fraction": q.get("passed_fraction"),
-            "estimated_base_rate": q.get("estimated_base_rate"),
-            "grade": q.get("grade"),
-            "reasons": q.get("reasons", []),
-            "cv_auroc": q.get("cv_auroc"),
-            "prompt_auroc_labels": q.get("prompt_auroc"),
-        }
-    )
+    concept, figures = _fit_and_measure(collection, keys, truth, rest, name, prompt, pos, neg, clip)
+    out["auroc"]["sieve"] = figures.pop("auroc")
+    out.update(figures)
+    rows = suggest_rows(concept, keys, score_collection(collection, concept), ROUND)
+    more = np.array([r["id"] for r in rows], dtype=np.int64)
+    pos2, neg2 = np.r_[pos, more[truth[more]]], np.r_[neg, more[~truth[more]]]
+    rest2 = np.setdiff1d(rest, more)
+    _, after = _fit_and_measure(collection, keys, truth, rest2, name, prompt, pos2, neg2, clip)
+    out["after_suggestions"] = {
+        "labelled": len(pos2) + len(neg2),
+        "new_positives": int(truth[more].sum()),
+        **after,
+    }
     goal = max(out["auroc"]["zero_shot"], GOAL_AUROC)
     precision = out["precision_above_threshold"]
     out["goals_met"] = {
