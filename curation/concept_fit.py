@@ -321,7 +321,6 @@ def grade_fit(
     threshold = float((ranked[k - 1] + ranked[k]) / 2) if k < len(ranked) else float(ranked[-1])
     prompts = [roc_auc_score(y, v) for f, v in lab.fixed.items() if f.startswith("prompt_")]
     q: dict[str, Any] = {
-        "cv_auroc": round(float(roc_auc_score(y, held)), 4) if graded else None,
         "prompt_auroc": round(float(max(prompts)), 4) if prompts and graded else None,
         "cv_folds": len(split),
         "estimated_precision": round(cal["precision"], 4),
@@ -331,7 +330,8 @@ def grade_fit(
         "unlabelled_sample": len(unl),
         **counts,
     }
-    if graded:
+    if graded:  # ungraded, "cv_auroc" is absent rather than None (callers test for the key)
+        q["cv_auroc"] = round(float(roc_auc_score(y, held)), 4)
         q["grade"], q["reasons"] = grade_quality(q)
     else:
         q["grade"] = "unknown"
