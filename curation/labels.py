@@ -3,7 +3,7 @@ line) loses nothing: `concepts/NAME.labels.json`, {"positives": [keys], "negativ
 
 The web UI writes it on every 👍/👎 (atomically, so a reader never sees half a file); the
 Concepts page reads it back when the page opens, and `python -m curation.concept COLLECTION
-NAME --labels` fits from it instead of --pos/--neg lists.
+NAME --labels` fits from it.
 """
 
 from __future__ import annotations

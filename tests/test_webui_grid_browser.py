@@ -98,12 +98,13 @@ def test_label_with_keys_train_subset_and_export(page, coll, tmp_path):
 
     # the Subset page as it is today: a concept clause, saved, exported
     page.get_by_role("link", name="Subset").click()
-    kind = page.get_by_label("Add a clause")
+    kind = page.get_by_role("combobox", name="Add a clause")
     kind.wait_for(timeout=60_000)
     kind.click()
     page.get_by_role("option", name="concept", exact=True).click()
     page.get_by_role("button", name="Add", exact=True).click()
-    page.get_by_text(f"concept {CONCEPT}", exact=False).first.wait_for(timeout=120_000)
+    clause = page.locator("[data-testid=stCode]").filter(has_text=CONCEPT)
+    clause.first.wait_for(timeout=120_000)
     name = page.get_by_role("textbox", name="Name")
     name.fill("reds")
     name.press("Enter")
@@ -116,8 +117,8 @@ def test_label_with_keys_train_subset_and_export(page, coll, tmp_path):
 def test_a_reload_keeps_the_labels(page, coll):
     before = load_labels(coll, CONCEPT)
     assert before
-    page.reload()
-    page.get_by_role("heading", name="Search").wait_for(timeout=120_000)
+    page.reload()  # a new session, on the page the last test left (Subset)
+    page.get_by_role("heading", name="Subset").wait_for(timeout=120_000)
     _concepts(page, CONCEPT)
     n_pos, n_neg = sum(before.values()), len(before) - sum(before.values())
     said = re.compile(rf"{n_pos}\W*thumb_up\W*{n_neg}\W*thumb_down\W*labelled")
@@ -147,6 +148,11 @@ def test_search_grid_lightbox_select_and_send_to_subset(page):
     assert page.locator(".sg-card.sg-selected").count() == 2
     page.get_by_role("button", name="Send to Subset").click()
     page.get_by_text("2 sample(s) sent to the Subset page").wait_for(timeout=60_000)
+    wait_for_thumbnails(page, 20)
+    page.locator(".sg-keys").first.click()
+    page.keyboard.press("Escape")  # the selection cleared: the card under the cursor is used
+    page.get_by_role("button", name="More like this").click()
+    page.get_by_text("More like", exact=False).first.wait_for(timeout=60_000)
 
 
 def test_grid_is_readable_at_1024_px(server, tmp_path):
