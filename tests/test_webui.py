@@ -5,6 +5,7 @@ SQL, Explore's figures. The real-browser test is tests/test_webui_browser.py."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -284,3 +285,41 @@ def test_ast_parse_is_serialised_while_the_app_loads_in_threads():
         assert not inside.wait(0.2)
     t.join(5)
     assert inside.is_set()
+
+
+def test_sql_results_with_keys_or_ids_become_the_grid(coll):
+    at = run_app(coll, "pages/sql.py")
+    at.text_area(key="sql_text").input(
+        "SELECT key, color FROM samples WHERE color = 'red' ORDER BY key LIMIT 5"
+    ).run()
+    at.button(key="sql_run").click().run()
+    rows = results(at)
+    assert len(rows) == 5 and all(r["color"] == "red" for r in rows) and not at.error
+    assert [r["key"] for r in rows] == sorted(r["key"] for r in rows)  # in the result's order
+    at.text_area(key="sql_text").input("SELECT 99999999 AS id").run()
+    at.button(key="sql_run").click().run()
+    assert "out of range" in messages(at) and not results(at) and not at.exception
+    at.text_area(key="sql_text").input("SELECT status, count(*) AS n FROM samples GROUP BY 1").run()
+    at.button(key="sql_run").click().run()
+    assert not results(at) and not at.error  # no key or id column: the table alone
+
+
+def test_weak_and_hidden_results_are_said(coll):
+    at = run_app(coll)
+    at.text_input(key="search_text").input("a bowl of ramen").run()
+    note = next(c.value for c in at.caption if "results from the" in c.value)
+    shown = cards(at)
+    weak = sum(c["weak"] for c in shown)
+    assert weak > len(shown) // 2 and f"{weak} weak (similarity under" in note
+    at.text_input(key="search_text").input("a red circle").run()
+    assert not cards(at)[0]["weak"]
+
+    def said() -> str:
+        return next(c.value for c in at.caption if "results from the" in c.value)
+
+    at.text_input(key="search_text").input("a blue square").run()  # watermarked ones among them
+    at.toggle(key="search_dedup").set_value(False).run()
+    at.toggle(key="search_safe").set_value(False).run()
+    assert "hidden" not in said()  # nothing can hide a result now
+    at.toggle(key="search_hide_wm").set_value(True).run()
+    assert re.search(r"hidden: \d+ by watermark", said()), said()

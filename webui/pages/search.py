@@ -169,7 +169,8 @@ def render() -> None:
     )
     q2.file_uploader("…or an image", key="search_upload", on_change=_kind, args=("upload",))
     q1.text_input("…or an image path", key="search_path", on_change=_kind, args=("path",))
-    o1, o2, o3, o4, o5 = st.columns([1.2, 1, 1, 1, 1])
+    # the toggles stacked in one column: side by side their labels are cut at 1,024 px
+    o1, o2, o3 = st.columns([1.2, 1, 1.6])
     modality = o1.radio(
         "Index",
         cur.health.indices,
@@ -179,8 +180,8 @@ def render() -> None:
     )
     k = o2.number_input("k", 1, 500, 20, key="search_k")
     safe = o3.toggle("Safe mode", value=True, key="search_safe", help="hide punsafe > 0.5")
-    dedup = o4.toggle("Hide near-duplicates", value=True, key="search_dedup")
-    hide_wm = o5.toggle(
+    dedup = o3.toggle("Hide near-duplicates", value=True, key="search_dedup")
+    hide_wm = o3.toggle(
         "Hide watermarked", value=False, key="search_hide_wm", help="hide pwatermark > 0.8"
     )
     filters = st.text_input(
