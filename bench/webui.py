@@ -319,6 +319,7 @@ def results_per_screen(page: Any) -> dict[str, Any]:
     k.press("Enter")
     box.fill("a red circle")
     box.press("Enter")
+    page.get_by_text("100 results from the", exact=False).wait_for(timeout=300_000)
     wait_for_thumbnails(page, 100, timeout=300_000)
     cards = page.locator(".sg-card")
     script = "cs => cs.filter(c => { const r = c.getBoundingClientRect();"

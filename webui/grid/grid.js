@@ -130,7 +130,6 @@ export default function (component) {
         const img = el("img");
         img.src = it.src;
         img.alt = it.caption || it.key;
-        img.loading = "lazy";
         box.appendChild(img);
       } else {
         box.appendChild(el("span", "sg-noimg", "no image: " + (it.why || "")));
