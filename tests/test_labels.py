@@ -9,7 +9,9 @@ import os
 import pytest
 
 from collection import schema as S
-from curation.concept_probe import saved_concepts
+from collection.parts import read_metadata
+from curation.concept import main as concept_main
+from curation.concept_probe import load_concept, saved_concepts
 from curation.labels import load_labels, save_labels
 from webui.grid import hidden_counts, items
 from webui.labelling import merge
@@ -91,3 +93,19 @@ def test_hidden_counts_name_each_cause():
         "dedup / filter": 1,
     }
     assert hidden_counts(shown, unfiltered, safe=False, hide_wm=False) == {"dedup / filter": 4}
+
+
+def test_the_concept_command_fits_from_the_saved_label_set(insight_collection, capsys):
+    coll = insight_collection["collection"]
+    meta = read_metadata(coll, [S.KEY, "watermark"]).to_pylist()
+    pos = [r[S.KEY] for r in meta if r["watermark"]][:4]
+    neg = [r[S.KEY] for r in meta if not r["watermark"]][:4]
+    with pytest.raises(SystemExit):  # no label set saved yet: refused, named
+        concept_main([coll, "wm-labels", "--labels"])
+    assert "no label set saved for concept 'wm-labels'" in capsys.readouterr().err
+    save_labels(coll, "wm-labels", {**{k: 1 for k in pos}, **{k: 0 for k in neg}})
+    concept_main([coll, "wm-labels", "--labels", "--suggest", "2"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["concept"].endswith("wm-labels.json")
+    concept = load_concept(coll, "wm-labels")
+    assert sorted(concept.positives) == sorted(pos) and sorted(concept.negatives) == sorted(neg)
