@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from bench.browser import REPO, browser_page, missing, streamlit_server, wait_for_thumbnails
 from curation.catalog import Catalog
 from indices.query import query
-from bench.browser import REPO, browser_page, missing, streamlit_server, wait_for_thumbnails
 
 MISSING = missing()
 if MISSING and os.environ.get("CI"):
