@@ -251,6 +251,20 @@ FIGURES: list[tuple[str, str, str, str, str]] = [
         "goal ≤ 1000",
     ),
     (
+        "web UI: a label key to the next label accepted, in the browser, ms",
+        "webui.json",
+        "label_click_ms",
+        "{:.0f}",
+        "goal ≤ 150; saved by Python: `label_saved_ms`",
+    ),
+    (
+        "web UI: results wholly in one 1,400 × 900 screen",
+        "webui.json",
+        "results_per_screen",
+        "{:.0f}",
+        "8 a row",
+    ),
+    (
         "web UI: process start to first page, s",
         "webui.json",
         "first_page_s",

@@ -11,6 +11,13 @@
   point at real images of a small generated shard by byte range. `rss_mb_1m` is the app
   process's resident memory (VmRSS) after the reruns, with the collection open; the SQL
   sandbox's worker process is reported beside it (`sandbox_rss_mb_1m`).
+- grid (`label_click_ms`, goal ≤ 150; `label_saved_ms`; `results_per_screen` at 1,400 × 900):
+  the result grid in headless chromium on a copy of the demo collection: the Search page's
+  cards wholly inside one screen (k=100), and on the Concepts page `--labels` labels given
+  with the keys, each timed in the page (`webui/grid/grid.js`) from the key event to the
+  label drawn with the cursor on the next card, and to the grid showing it saved by Python.
+- weak (`weak_flag`): the share of top-20 results the Search page flags weak, for generated
+  captions (the collection holds real matches) and for nonsense queries.
 - first_page (`first_page_s`): from starting `streamlit run webui/app.py` to the Search page's
   title drawn in headless Chromium (Debian's, through Playwright), bundled models cached; also
   `first_search_s`, from then to the first grid of results (the index and CLIP load meanwhile).
@@ -25,6 +32,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -36,15 +44,20 @@ from typing import Any
 import pyarrow as pa
 from streamlit.testing.v1 import AppTest
 
+from bench.browser import browser_page, streamlit_server, wait_for_thumbnails, wait_until
 from bench.common import rss_mb, write_results
 from bench.synthetic import write_vector_collection
 from collection import schema as S
 from collection.shards import list_shards, read_shard
+from curation.catalog import Catalog
 from indices.build import build
+from indices.query import query
+from indices.search import Searcher
 from models.runtime import setup_logging
 from models.scenes import make_sample
 from pipelines.generate import write_sample_dataset
 from webui import state
+from webui.grid import WEAK_QUANTILE, cards_of, collection_weak_threshold
 
 log = logging.getLogger("bench.webui")
 
@@ -59,7 +72,7 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-PARTS = ("demo", "1m", "first_page")
+PARTS = ("demo", "1m", "first_page", "grid", "weak")
 
 
 def queries(n: int, seed: int = 7) -> list[str]:
@@ -93,9 +106,10 @@ def measure_reruns(collection: str, reruns: int) -> dict[str, Any]:
         t = time.perf_counter()
         at.text_input(key="search_text").input(text).run()
         times.append((time.perf_counter() - t) * 1000)
-        if at.exception or not at.json:
+        if at.exception or not at.get("bidi_component"):
             raise RuntimeError(f"rerun with {text!r} showed no results: {at.exception}")
-    thumbs = len(at.image)
+    shown = [c for g in at.get("bidi_component") for c in cards_of(g)]
+    thumbs = sum(c["src"] is not None for c in shown)
     health = state.inspect(collection)
     worker = state.loaded(collection, health.signature).catalog().worker_pid
     return {
@@ -105,7 +119,7 @@ def measure_reruns(collection: str, reruns: int) -> dict[str, Any]:
         "first_run_s": first_page,
         "warm_up_s": warm_up,
         "thumbnails": thumbs,
-        "results": len(at.json),
+        "results": len(shown),
         "rss_mb": rss_mb(),
         "rss_peak_mb": rss_mb(field="VmHWM"),
         "sandbox_rss_mb": rss_mb(worker) if worker else None,
@@ -258,7 +272,159 @@ def first_page(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-RUNNERS = {"demo": demo, "1m": million, "first_page": first_page}
+def grid_figures(args: argparse.Namespace) -> dict[str, Any]:
+    """The result grid in headless chromium on a copy of the demo collection (labels are
+    written into it): `label_click_ms`, `label_saved_ms`, `results_per_screen`."""
+    work = Path(args.work) / "grid"
+    shutil.rmtree(work, ignore_errors=True)
+    coll = str(work / "collection")
+    shutil.copytree(args.demo, coll)
+    with (
+        streamlit_server(coll, work / "server.log") as server,
+        browser_page(server, 1400, 900) as page,
+    ):
+        page.get_by_role("heading", name="Search").wait_for(timeout=300_000)
+        screen = results_per_screen(page)
+        clicks = label_clicks(page, args.labels)
+    shutil.rmtree(work, ignore_errors=True)
+    return {
+        "label_click_ms": round(statistics.median(clicks["drawn"]), 1),
+        "label_saved_ms": round(statistics.median(clicks["saved"]), 1),
+        "results_per_screen": screen["per_screen"],
+        "grid": {
+            "collection": args.demo,
+            "viewport": [1400, 900],
+            **screen,
+            "label_click_ms_p90": round(_p90(clicks["drawn"]), 1),
+            "label_saved_ms_p90": round(_p90(clicks["saved"]), 1),
+            "labels": len(clicks["drawn"]),
+            "method": "label_click_ms: in the page, from the key event to the next animation "
+            "frame after the label is drawn and the cursor moved (the next key is accepted "
+            "then); label_saved_ms: from the key event to the grid showing Python's answer "
+            "(the fragment rerun that wrote concepts/NAME.labels.json), one key at a time",
+        },
+    }
+
+
+def _p90(values: list[float]) -> float:
+    return sorted(values)[int(0.9 * (len(values) - 1))]
+
+
+def results_per_screen(page: Any) -> dict[str, Any]:
+    """Search "a red circle" (k=100), the grid's top at the window's top: the cards wholly in
+    one 900 px screen, and in the first screen as the page opens."""
+    box = page.get_by_role("textbox", name="Text query")
+    k = page.get_by_role("spinbutton", name="k", exact=True)
+    k.fill("100")
+    k.press("Enter")
+    box.fill("a red circle")
+    box.press("Enter")
+    page.get_by_text("100 results from the", exact=False).wait_for(timeout=300_000)
+    wait_for_thumbnails(page, 100, timeout=300_000)
+    cards = page.locator(".sg-card")
+    script = "cs => cs.filter(c => { const r = c.getBoundingClientRect();"
+    script += " return r.top >= 0 && r.bottom <= window.innerHeight; }).length"
+    first = cards.evaluate_all(script)
+    cards.first.evaluate("c => c.scrollIntoView({block: 'start'})")
+    page.wait_for_timeout(300)
+    tops = cards.evaluate_all("cs => cs.map(c => c.offsetTop)")
+    return {
+        "per_screen": cards.evaluate_all(script),
+        "first_screen": first,
+        "per_row": tops.count(tops[0]),
+        "query": "a red circle",
+    }
+
+
+def label_clicks(page: Any, n: int) -> dict[str, list[float]]:
+    """The Concepts page: search, then n labels given with the keys 1/2, each waited for."""
+    page.get_by_role("link", name="Concepts").click()
+    name = page.get_by_role("textbox", name="Concept name")
+    name.wait_for(timeout=60_000)
+    name.fill("bench-labels")
+    name.press("Enter")
+    find = page.get_by_role("textbox", name="Find examples")
+    find.fill("a red circle")
+    find.press("Enter")
+    results = page.get_by_role("spinbutton", name="Results")
+    results.fill(str(max(n, 20)))
+    results.press("Enter")
+    wait_for_thumbnails(page, max(n, 20), timeout=300_000)
+    page.locator(".sg-keys").first.click()  # out of the text box: the keys go to the grid
+    root = page.locator(".sg-root").first
+    status = page.locator(".sg-status").first
+    lines = page.locator(".sg-line").all_inner_texts()[:n]
+    for i, line in enumerate(lines):
+        page.keyboard.press("1" if "red circle" in line else "2")
+        wait_until(lambda i=i: status.inner_text() == f"saved ({i + 1} labels)", 60, "saved")
+    return {
+        "drawn": json.loads(root.get_attribute("data-label-ms")),
+        "saved": json.loads(root.get_attribute("data-saved-ms")),
+    }
+
+
+def weak_flag(args: argparse.Namespace) -> dict[str, Any]:
+    """How the Search page's weak flag separates real queries (generated captions: the
+    collection holds true matches) from nonsense ones, on the demo collection: the share of
+    top-20 results flagged for each."""
+    with Catalog(args.demo) as cat:
+        threshold = collection_weak_threshold(cat)
+    if threshold is None:
+        raise SystemExit(f"{args.demo}: no {S.CLIP_SIMILARITY} column, nothing is flagged")
+    searcher = Searcher(args.demo)
+
+    def flagged(texts: list[str]) -> tuple[list[float], list[bool]]:
+        share, top1 = [], []
+        for text in texts:
+            rows = query(
+                args.demo,
+                text=text,
+                k=20,
+                safe_mode=False,
+                deduplicate=False,
+                hide_watermarked=False,
+                searcher=searcher,
+            )
+            weak = [r["similarity"] < threshold for r in rows]
+            share.append(sum(weak) / max(len(weak), 1))
+            top1.append(bool(weak and weak[0]))
+        return share, top1
+
+    (real, real1), (nonsense, nonsense1) = flagged(queries(20, seed=3)), flagged(list(NONSENSE))
+    return {
+        "weak_flag": {
+            "threshold": round(threshold, 4),
+            "rule": f"similarity < the {WEAK_QUANTILE} quantile of clip_similarity "
+            "(each image against its own caption)",
+            "real_queries": len(real),
+            "real_top1_flagged_share": round(statistics.mean(real1), 3),
+            "real_top20_flagged_share": round(statistics.mean(real), 3),
+            "nonsense_queries": list(NONSENSE),
+            "nonsense_top1_flagged_share": round(statistics.mean(nonsense1), 3),
+            "nonsense_top20_flagged_share": round(statistics.mean(nonsense), 3),
+            "collection": args.demo,
+        }
+    }
+
+
+#: queries the generated collection holds no match for
+NONSENSE = (
+    "zebra",
+    "the quarterly tax report",
+    "asdf qwerty",
+    "a photo of a spaceship",
+    "a bowl of ramen",
+    "an old man reading a newspaper",
+)
+
+
+RUNNERS = {
+    "demo": demo,
+    "1m": million,
+    "first_page": first_page,
+    "grid": grid_figures,
+    "weak": weak_flag,
+}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -279,6 +445,7 @@ def main(argv: list[str] | None = None) -> None:
         help="where generated data is kept",
     )
     p.add_argument("--reruns", type=int, default=20)
+    p.add_argument("--labels", type=int, default=20, help="labels given in the grid part")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument(
         "--no-write", action="store_true", help="print the figures, leave bench/results alone"

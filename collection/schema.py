@@ -268,6 +268,8 @@ DEDUP_DIR = "dedup"
 DUPLICATES_FILE = "duplicates.parquet"
 DEDUP_REPORT_FILE = "report.json"
 CONCEPTS_DIR = "concepts"
+#: concepts/{name}.labels.json: a concept's 👍/👎 labels as a person gives them (curation.labels)
+CONCEPT_LABELS_SUFFIX = ".labels.json"
 MAP_DIR = "map"
 UNIQUENESS_FILE = "uniqueness.parquet"
 
@@ -362,6 +364,9 @@ class InsightLayout:
 
     def concept(self, name: str) -> str:
         return self._join(CONCEPTS_DIR, f"{name}.json")
+
+    def concept_labels(self, name: str) -> str:
+        return self._join(CONCEPTS_DIR, f"{name}{CONCEPT_LABELS_SUFFIX}")
 
     def concept_scores(self, name: str) -> str:
         return self._join(CONCEPTS_DIR, f"{name}.parquet")

@@ -3,6 +3,7 @@
     python -m curation.concept COLLECTION NAME --pos K1,K2 --neg K3 [--prompt TEXT]
                                [--modality image|text|both] [--add] [--suggest 10]
                                [--unlabelled 4096]
+    python -m curation.concept COLLECTION NAME --labels [--pos ... --neg ...]
 
 Fits the probe (`curation.concept_probe`), writes `concepts/NAME.json` (examples, model, threshold,
 quality) and `concepts/NAME.parquet` (key, score for every sample), and prints the quality
@@ -11,7 +12,8 @@ samples worth labelling next as rows (key, id, score, why: the top of the rankin
 then the least certain). Give the search's text as --prompt: labels from one search page say
 little about the rest of the collection, and the prompt is the prior they adjust. `--add`
 adds the given keys to the saved concept's examples instead of replacing them: the labelling
-loop is suggest, label, `--add`, again.
+loop is suggest, label, `--add`, again. `--labels` fits from the label set the web UI keeps
+for NAME (`concepts/NAME.labels.json`, `curation.labels`), plus any --pos/--neg given.
 """
 
 from __future__ import annotations
@@ -60,6 +62,11 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="unlabelled samples read for the scale, prompt prior and threshold (default 4096)",
     )
+    p.add_argument(
+        "--labels",
+        action="store_true",
+        help="add the label set the web UI saved for NAME (concepts/NAME.labels.json)",
+    )
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     setup_logging()
@@ -74,6 +81,7 @@ def main(argv: list[str] | None = None) -> None:
         score_collection,
         suggest_rows,
     )  # noqa: E402
+    from curation.labels import load_labels  # noqa: E402
     from curation.vectors import read_keys  # noqa: E402
 
     try:
@@ -84,6 +92,12 @@ def main(argv: list[str] | None = None) -> None:
             pos = list(dict.fromkeys(old.positives + pos))
             neg = list(dict.fromkeys(old.negatives + neg))
             prompt = prompt if prompt is not None else old.prompt
+        if a.labels:
+            saved = load_labels(a.collection, a.name)
+            if not saved:
+                raise ValueError(f"{a.collection}: no label set saved for concept {a.name!r}")
+            pos = list(dict.fromkeys(pos + [k for k, v in saved.items() if v == 1]))
+            neg = list(dict.fromkeys(neg + [k for k, v in saved.items() if v == 0]))
         concept = fit_concept(
             a.collection,
             a.name,

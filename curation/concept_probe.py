@@ -39,6 +39,7 @@ from collection import schema as S
 from collection.parts import CollectionError, read_metadata
 from collection.storage import read_collection_json, read_json, url_to_fs, write_json
 from curation.concept_fit import Signals, fit_stack, grade_fit, linear_scores
+from curation.labels import check_name as _check_name
 from curation.vectors import ids_of, open_store, read_keys, write_table
 from models.clip import load_clip
 from models.runtime import cores
@@ -83,11 +84,6 @@ class Concept:
     def from_json(cls, doc: dict[str, Any]) -> "Concept":
         fields = {k: v for k, v in doc.items() if k in cls.__dataclass_fields__}
         return cls(**fields)
-
-
-def _check_name(name: str) -> None:
-    if not name or not all(c.isalnum() or c in "-_." for c in name) or name.startswith("."):
-        raise ValueError(f"concept name {name!r}: use letters, digits, '-', '_' or '.'")
 
 
 def check_examples(positives: Sequence[str], negatives: Sequence[str]) -> None:
@@ -441,7 +437,13 @@ def saved_concepts(collection: str) -> list[str]:
     if not fs.isdir(folder):
         return []
     names = (p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False))
-    return sorted(n[:-5] for n in names if n.endswith(".json") and not n.startswith("."))
+    return sorted(
+        n[:-5]
+        for n in names
+        if n.endswith(".json")
+        and not n.startswith(".")
+        and not n.endswith(S.CONCEPT_LABELS_SUFFIX)  # a label set, not a fitted concept
+    )
 
 
 def subset_clause(

@@ -5,6 +5,7 @@ SQL, Explore's figures. The real-browser test is tests/test_webui_browser.py."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from collection import schema as S
-from tests.webui_app import APP, TIMEOUT, messages, results, run_app
+from tests.webui_app import APP, TIMEOUT, cards, messages, results, run_app
 from webui.roots import roots_of
 
 
@@ -42,8 +43,9 @@ def test_a_red_circle_puts_red_circles_first(search):
     assert sum(r["color"] == "red" or r["shape"] == "circle" for r in rows[:10]) >= 8
     sims = [r["similarity"] for r in rows]
     assert sims == sorted(sims, reverse=True)
-    assert rows[0]["caption"] in [m.value.replace("\\", "") for m in search.markdown]
-    assert len(search.image) == 20  # one thumbnail per card, read from the shard
+    shown = cards(search)
+    assert shown[0]["caption"] == rows[0]["caption"] and shown[0]["line"].startswith("similarity")
+    assert all(c["src"].startswith("data:image/jpeg;base64,") for c in shown)  # read from shards
 
 
 def test_thumbnails_come_from_the_source_shards(search, coll, monkeypatch):
@@ -91,7 +93,11 @@ def test_toggles_change_the_results(search):
 def test_more_like_this_searches_with_that_result(search):
     search.text_input(key="search_text").input("a red circle").run()
     third = results(search)[2]
-    search.button(key=f"search-{third['id']}-like").click().run()
+    # what the grid's "More like this" does with the card under its cursor (AppTest cannot
+    # press it; tests/test_webui_grid_browser.py does)
+    search.session_state["search_like"] = {k: third[k] for k in ("id", "key", "caption")}
+    search.session_state["search_kind"] = "like"
+    search.run()
     rows = results(search)
     assert rows[0]["id"] == third["id"] and rows[0]["similarity"] == pytest.approx(1.0, abs=1e-3)
     assert "More like" in messages(search)
@@ -279,3 +285,41 @@ def test_ast_parse_is_serialised_while_the_app_loads_in_threads():
         assert not inside.wait(0.2)
     t.join(5)
     assert inside.is_set()
+
+
+def test_sql_results_with_keys_or_ids_become_the_grid(coll):
+    at = run_app(coll, "pages/sql.py")
+    at.text_area(key="sql_text").input(
+        "SELECT key, color FROM samples WHERE color = 'red' ORDER BY key LIMIT 5"
+    ).run()
+    at.button(key="sql_run").click().run()
+    rows = results(at)
+    assert len(rows) == 5 and all(r["color"] == "red" for r in rows) and not at.error
+    assert [r["key"] for r in rows] == sorted(r["key"] for r in rows)  # in the result's order
+    at.text_area(key="sql_text").input("SELECT 99999999 AS id").run()
+    at.button(key="sql_run").click().run()
+    assert "out of range" in messages(at) and not results(at) and not at.exception
+    at.text_area(key="sql_text").input("SELECT status, count(*) AS n FROM samples GROUP BY 1").run()
+    at.button(key="sql_run").click().run()
+    assert not results(at) and not at.error  # no key or id column: the table alone
+
+
+def test_weak_and_hidden_results_are_said(coll):
+    at = run_app(coll)
+    at.text_input(key="search_text").input("a bowl of ramen").run()
+    note = next(c.value for c in at.caption if "results from the" in c.value)
+    shown = cards(at)
+    weak = sum(c["weak"] for c in shown)
+    assert weak > len(shown) // 2 and f"{weak} weak (similarity under" in note
+    at.text_input(key="search_text").input("a red circle").run()
+    assert not cards(at)[0]["weak"]
+
+    def said() -> str:
+        return next(c.value for c in at.caption if "results from the" in c.value)
+
+    at.text_input(key="search_text").input("a blue square").run()  # watermarked ones among them
+    at.toggle(key="search_dedup").set_value(False).run()
+    at.toggle(key="search_safe").set_value(False).run()
+    assert "hidden" not in said()  # nothing can hide a result now
+    at.toggle(key="search_hide_wm").set_value(True).run()
+    assert re.search(r"hidden: \d+ by watermark", said()), said()

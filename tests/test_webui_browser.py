@@ -9,116 +9,33 @@ is a failure. `SIEVE_UI_SCREENSHOTS=docs` also writes the screenshots the README
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
+from bench.browser import REPO, browser_page, missing, streamlit_server, wait_for_thumbnails
 from curation.catalog import Catalog
 from indices.query import query
 
-REPO = Path(__file__).resolve().parent.parent
-#: Debian's chromium; SIEVE_CHROMIUM points elsewhere (or at nothing, to see the skip)
-CHROMIUM = os.environ.get("SIEVE_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-
-
-def _missing() -> str | None:
-    try:
-        import playwright.sync_api  # noqa: F401  (optional: the ui-test extra)
-    except ImportError:
-        return "Playwright is not installed (pip install -e '.[ui-test]')"
-    if not os.path.exists(CHROMIUM):
-        return f"Debian's chromium is not at {CHROMIUM} (apt-get install -y chromium)"
-    return None
-
-
-MISSING = _missing()
+MISSING = missing()
 if MISSING and os.environ.get("CI"):
     pytest.fail(f"the browser test must run in CI: {MISSING}", pytrace=False)
 pytestmark = pytest.mark.skipif(MISSING is not None, reason=MISSING or "")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def server(demo_collection, tmp_path_factory):
     """`streamlit run webui/app.py -- --collection DEMO` on a free port;
     its log kept for failures."""
-    port = _free_port()
     log = tmp_path_factory.mktemp("streamlit") / "server.log"
-    cmd = [
-        sys.executable,
-        "-m",
-        "streamlit",
-        "run",
-        str(REPO / "webui" / "app.py"),
-        "--server.headless",
-        "true",
-        "--server.port",
-        str(port),
-        "--server.address",
-        "127.0.0.1",
-        "--browser.gatherUsageStats",
-        "false",
-        "--",
-        "--collection",
-        demo_collection["demo/collection"],
-    ]
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(
-            cmd,
-            cwd=REPO,
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
-        )
-    yield f"http://127.0.0.1:{port}/", proc, log
-    proc.terminate()
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    with streamlit_server(demo_collection["demo/collection"], log) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
 def page(server):
-    from playwright.sync_api import (
-        sync_playwright,
-    )  # optional (the ui-test extra): the module skips without it
-
-    url, proc, log = server
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        pg = browser.new_page(viewport={"width": 1400, "height": 1000})
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                pg.goto(url, timeout=5000)
-                break
-            except Exception as exc:  # playwright's Error: not listening yet
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError(
-                        f"streamlit did not start: {exc}\n{log.read_text()[-2000:]}"
-                    ) from None
-                time.sleep(0.5)
+    with browser_page(server) as pg:
         yield pg
-        browser.close()
 
 
 #: the screenshots the README shows (docs/), refreshed with SIEVE_UI_SCREENSHOTS=docs
@@ -149,12 +66,8 @@ def test_search_shows_the_grid_with_the_captions_search_returns(page, demo_colle
         deduplicate=True,
     )
     # the cards stream in after the count: read the page once all twenty thumbnails are drawn
-    page.wait_for_function(
-        "() => [...document.querySelectorAll('[data-testid=stMain] img')]"
-        ".filter(i => i.complete && i.naturalWidth > 0).length >= 20",
-        timeout=60_000,
-    )
-    text = page.locator("section.main, [data-testid='stMain']").first.inner_text()
+    wait_for_thumbnails(page, 20)
+    text = "\n".join(page.locator(".sg-line").all_inner_texts())
     captions = [r["caption"] for r in expected]
     assert [c for c in captions[:10] if c not in text] == [], text[:2000]
     assert text.index(captions[0]) < text.index(captions[5])  # in rank order
@@ -191,10 +104,6 @@ def test_subset_page_counts_a_clause_and_shows_a_sample(page, demo_collection, t
     with Catalog(demo_collection["demo/collection"]) as cat:
         n = cat.count("size != 'small' AND id IS NOT NULL")
     page.get_by_text(f"{n:,} rows · spec hash").wait_for(timeout=120_000)
-    page.wait_for_function(
-        "() => [...document.querySelectorAll('[data-testid=stMain] img')]"
-        ".filter(i => i.complete && i.naturalWidth > 0).length >= 10",
-        timeout=60_000,
-    )
+    wait_for_thumbnails(page, 10)
     page.wait_for_timeout(1500)  # the counts table is drawn on a canvas after it is attached
     assert _shoot(page, tmp_path, "webui_subset.png").stat().st_size > 10_000

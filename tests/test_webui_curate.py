@@ -4,6 +4,7 @@ YAML and export (with the training command), bad input shown on the page."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -15,9 +16,11 @@ import yaml
 from collection import schema as S
 from collection.parts import read_metadata
 from curation.catalog import Catalog
+from curation.concept_probe import saved_concepts
+from curation.labels import load_labels, save_labels
 from curation.resolve import resolve
 from curation.vectors import read_keys, write_table
-from tests.webui_app import messages, results, run_app
+from tests.webui_app import grids, messages, results, run_app
 from webui.roots import roots_of
 
 CONCEPT = "red"
@@ -60,26 +63,34 @@ def _red_x(coll: str) -> float:
     return float(colours.index("red"))
 
 
-def _click_labels(at, rows, wanted) -> None:
-    for row in rows:
-        at.button(key=f"concept-find-{row['id']}-{'pos' if wanted(row) else 'neg'}").click().run()
+def _labelled(coll: str, rows, wanted, name: str = CONCEPT) -> dict[str, int]:
+    """Labels given as the grid gives them (AppTest cannot press its keys; the browser test
+    does): written to the collection's label set, which the page reads back."""
+    labels = {**load_labels(coll, name), **{r["key"]: int(wanted(r)) for r in rows}}
+    save_labels(coll, name, labels)
+    return labels
 
 
-def test_a_concept_trains_from_clicks_and_is_saved(coll):
+def test_a_concept_trains_from_saved_labels_and_is_saved(coll):
     at = run_app(coll, "pages/concepts.py")
     assert not at.exception and at.button(key="concept_train").disabled
-    at.text_input(key="concept_name").input(CONCEPT).run()
     at.text_input(key="concept_query").input("a red circle").run()
     rows = results(at)
     assert len(rows) == 20
-    _click_labels(at, rows[:2], lambda r: True)
+    _labelled(coll, rows[:2], lambda r: True)
+    at.text_input(key="concept_name").input(CONCEPT).run()  # its label set is read back
+    assert at.session_state["concept_labels"][coll] == {r["key"]: 1 for r in rows[:2]}
     at.button(key="concept_train").click().run()
     assert "negative" in messages(at) and not at.exception  # positives only: refused on the page
-    _click_labels(at, rows, lambda r: r["color"] == "red")
+    _labelled(coll, rows, lambda r: r["color"] == "red")
     at.text_input(key="concept_query").input("a blue square").run()
-    _click_labels(at, results(at)[:10], lambda r: r["color"] == "red")
-    labels = at.session_state["concept_labels"][coll]
+    labels = _labelled(coll, results(at)[:10], lambda r: r["color"] == "red")
+    at = run_app(coll, "pages/concepts.py", concept_name=CONCEPT)  # a reload loses nothing
+    assert at.session_state["concept_labels"][coll] == labels
     assert sum(labels.values()) >= 3 and len(labels) - sum(labels.values()) >= 3
+    at.text_input(key="concept_query").input("a blue square").run()
+    shown = json.loads(grids(at)[0].proto.json)
+    assert shown["mode"] == "label" and shown["labels"] == labels  # the grid shows them
     at.button(key="concept_train").click().run()
     assert not at.exception and not at.error
     metrics = {m.label: m.value for m in at.metric}
@@ -89,6 +100,7 @@ def test_a_concept_trains_from_clicks_and_is_saved(coll):
     )
     cards = results(at)  # the find grid, then the ranking, then the suggestions
     ranked = [r for r in cards if "score" in r][:20]
+    assert not any(n.endswith(".labels") for n in saved_concepts(coll))
     assert sum(r["color"] == "red" for r in ranked[:10]) >= 8
     assert [r["score"] for r in ranked] == sorted((r["score"] for r in ranked), reverse=True)
     assert not os.path.exists(S.InsightLayout(coll).concept(CONCEPT))

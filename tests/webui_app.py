@@ -25,9 +25,19 @@ def run_app(collection: str | None, page: str | None = None, **session) -> AppTe
     return at
 
 
+def grids(at: AppTest) -> list:
+    """The result grids on the page (`webui.grid`: v2 components), in page order."""
+    return list(at.get("bidi_component"))
+
+
+def cards(at: AppTest) -> list[dict]:
+    """Every grid's cards, in page and grid order (thumbnail, caption, line, weak flag, row)."""
+    return [c for g in grids(at) for c in json.loads(g.proto.json).get("items", [])]
+
+
 def results(at: AppTest) -> list[dict]:
-    """The result rows on the page, in grid order (each card's Details holds its row as JSON)."""
-    return [json.loads(j.value) for j in at.json]
+    """The result rows on the page, in grid order (each card carries its row for the lightbox)."""
+    return [c["details"] for c in cards(at)]
 
 
 def messages(at: AppTest) -> str:

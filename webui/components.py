@@ -1,31 +1,21 @@
-"""Pieces the pages share: the thumbnail grid of result cards, their detail view, histograms.
+"""Pieces the pages share: the collection sidebar, the result grid (`webui.grid`), histograms.
 
-Presentation only: the rows come from the search, SQL, concept and subset functions, and
-the thumbnails from `webui.thumbs`.
+Presentation only: the rows come from the search, SQL, concept and subset functions.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import altair as alt
 import pandas as pd
 import streamlit as st
 
-from collection import schema as S
-from webui import state
+from webui import grid, state
 from webui.roots import OutsideRoots, inside_roots
-from webui.thumbs import THUMB_SIZE, Thumb, thumbnails
 
-#: score columns shown on a card, with their short labels
-CARD_SCORES = (
-    (S.CLIP_SIMILARITY, "clip"),
-    (S.PUNSAFE, "nsfw"),
-    (S.PWATERMARK, "wm"),
-    (S.PTOXIC, "toxic"),
-)
 _MARKDOWN = re.compile(r"([\\`*_\[\]#|<>~$])")
 
 
@@ -89,68 +79,16 @@ def escape(text: Any) -> str:
     return _MARKDOWN.sub(r"\\\1", str(text))
 
 
-@st.cache_data(max_entries=256, show_spinner=False)
-def cached_thumbnails(cells: tuple[tuple[Any, ...], ...], size: int = THUMB_SIZE) -> list[Thumb]:
-    """Thumbnails of
-    (source_shard, key, source_offset, source_size, sha256) cells, cached per set."""
-    names = (S.SOURCE_SHARD, S.KEY, S.SOURCE_OFFSET, S.SOURCE_SIZE, S.SHA256)
-    return thumbnails([dict(zip(names, c)) for c in cells], size)
-
-
-def row_thumbnails(rows: Sequence[dict[str, Any]]) -> list[Thumb]:
-    """The grid's thumbnails of result rows (read from their source shards, cached)."""
-    cells = tuple(
-        (
-            r.get(S.SOURCE_SHARD),
-            r.get(S.KEY),
-            r.get(S.SOURCE_OFFSET),
-            r.get(S.SOURCE_SIZE),
-            r.get(S.SHA256),
-        )
-        for r in rows
-    )
-    return cached_thumbnails(cells)
-
-
-def scores_line(row: dict[str, Any]) -> str:
-    """'similarity 0.812 · clip 0.74 · nsfw 0.00 · wm 0.03': what a card shows under its caption."""
-    parts = [f"similarity {row['similarity']:.3f}"] if row.get("similarity") is not None else []
-    if row.get("score") is not None:
-        parts.append(f"concept {row['score']:.3f}")
-    parts += [
-        f"{label} {row[col]:.2f}"
-        for col, label in CARD_SCORES
-        if isinstance(row.get(col), (int, float))
-    ]
-    return " · ".join(parts)
-
-
 def result_grid(
     rows: Sequence[dict[str, Any]],
     key: str,
-    columns: int = 5,
-    actions: Callable[[dict[str, Any], str], None] | None = None,
+    columns: int | None = None,
+    source: str = "",
 ) -> None:
-    """Rows as cards: thumbnail, caption, similarity and scores, a Details popover with every
-    metadata column, and `actions(row, key)` drawing the card's own buttons."""
-    thumbs = row_thumbnails(rows)
-    for start in range(0, len(rows), columns):
-        cells = st.columns(columns)
-        for cell, row, thumb in zip(
-            cells, rows[start : start + columns], thumbs[start : start + columns]
-        ):
-            with cell.container(border=True):
-                if thumb.jpeg is not None:
-                    st.image(thumb.jpeg, width="stretch")
-                else:
-                    st.caption(f"no image: {escape(thumb.why)}")
-                st.markdown(escape(row.get(S.CAPTION) or "(no caption)"))
-                st.caption(scores_line(row))
-                card = f"{key}-{row.get('id', start)}"
-                if actions is not None:
-                    actions(row, card)
-                with st.popover("Details", width="stretch"):
-                    st.json({k: v for k, v in row.items()}, expanded=True)
+    """Rows as the shared result grid (`webui.grid`): thumbnails as dense as the slider asks
+    (`columns` is no longer used: the browser fits as many a row as the width allows), a
+    lightbox, multi-select, "use as labels" and "send to Subset"."""
+    grid.show(rows, key=key, path=st.session_state.get(state.CURRENT, ""), source=source)
 
 
 def histogram_chart(hist: dict[str, Any], title: str) -> alt.Chart:

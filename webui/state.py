@@ -45,6 +45,10 @@ COLLECTIONS = "collections"
 CURRENT = "collection"
 #: the folders this session may read and write under (`webui.roots`), fixed at its start
 ROOTS = "data_roots"
+#: samples any result grid sent to the Subset page ("Send to Subset"): {"path": collection,
+#: "keys": [sample keys], "source": what they were, e.g. "search: a red circle"}; the Subset
+#: page reads it (and may pop it once used)
+SUBSET_INBOX = "subset_inbox"
 
 
 @dataclass(frozen=True)

@@ -26,13 +26,11 @@ from curation.concept_probe import (
 )
 from curation.vectors import read_keys
 from indices.query import query
-from webui import components, state
+from webui import components, grid, labelling, state
 
-LABELS = "concept_labels"  # {collection path: {key: 1 (shows the concept) | 0 (does not)}}
 FIT = "concept_fit"  # {collection path: {"concept": Concept, "scores": array}}
 NOTE = "concept_note"
 UP, DOWN = ":material/thumb_up:", ":material/thumb_down:"
-GRID = 5
 SHOWN = 10
 
 
@@ -43,20 +41,8 @@ def _keys(path: str, signature: tuple) -> np.ndarray:
     return read_keys(path)
 
 
-def labels_of(path: str) -> dict[str, int]:
-    return st.session_state.setdefault(LABELS, {}).setdefault(path, {})
-
-
-def _label(path: str, key: str, value: int) -> None:
-    labels = labels_of(path)
-    if labels.get(key) == value:
-        labels.pop(key)  # a second click on the same thumb takes the label back
-    else:
-        labels[key] = value
-
-
 def _clear(path: str) -> None:
-    st.session_state[LABELS][path] = {}
+    labelling.replace(path, {})
     st.session_state.get(FIT, {}).pop(path, None)
 
 
@@ -67,12 +53,11 @@ def _load(path: str) -> None:
     except (ValueError, FileNotFoundError) as exc:
         st.session_state[NOTE] = ("error", str(exc))
         return
-    st.session_state[LABELS][path] = {
-        **{k: 1 for k in concept.positives},
-        **{k: 0 for k in concept.negatives},
-    }
-    st.session_state["concept_name"] = concept.name
+    st.session_state[labelling.NAME] = concept.name
     st.session_state["concept_prompt"] = concept.prompt or ""
+    labelling.replace(
+        path, {**{k: 0 for k in concept.negatives}, **{k: 1 for k in concept.positives}}
+    )
     st.session_state.get(FIT, {}).pop(path, None)
     st.session_state[NOTE] = (
         "info",
@@ -80,36 +65,32 @@ def _load(path: str) -> None:
     )
 
 
-def label_buttons(path: str):
-    """A card's 👍/👎 buttons (the chosen one highlighted)."""
-
-    def draw(row: dict[str, Any], key: str) -> None:
-        mark = labels_of(path).get(row["key"])
-        c1, c2 = st.columns(2)
-        # Material icons: the font ships with Streamlit, where an emoji
-        # needs the system's emoji font
-        c1.button(
-            "",
-            key=f"{key}-pos",
-            icon=UP,
-            on_click=_label,
-            args=(path, row["key"], 1),
-            width="stretch",
-            type="primary" if mark == 1 else "secondary",
-            help="shows the concept (👍)",
+@st.fragment
+def label_panel(
+    cur: state.Current, rows: list[dict[str, Any]], key: str, trainer: bool = False
+) -> None:
+    """A grid to label with the keys (1 👍, 2 👎, 3 skip) and, for the first, the counts and
+    Train beside it. A fragment: a label reruns this panel only, never the page."""
+    labels = labelling.labels_of(cur.path)
+    if trainer:
+        n_pos = sum(v == 1 for v in labels.values())
+        b1, b2, b3 = st.columns([3, 1, 1], vertical_alignment="center")
+        b1.markdown(
+            f"**{n_pos}** {UP} · **{len(labels) - n_pos}** {DOWN} labelled, saved in the "
+            f"collection as `concepts/{labelling.name_of(cur.path)}.labels.json`"
         )
-        c2.button(
-            "",
-            key=f"{key}-neg",
-            icon=DOWN,
-            on_click=_label,
-            args=(path, row["key"], 0),
-            width="stretch",
-            type="primary" if mark == 0 else "secondary",
-            help="does not show it (👎)",
-        )
-
-    return draw
+        if b2.button("Train", key="concept_train", type="primary", disabled=len(labels) < 2):
+            if train(cur):
+                st.rerun()  # the whole page: the fit's grade, ranking and suggestions
+        if b3.button("Clear labels", key="concept_clear"):
+            _clear(cur.path)
+            st.rerun()  # every grid on the page shows the cleared set
+        note = st.session_state.pop(NOTE, None)
+        if note:
+            (st.error if note[0] == "error" else st.info)(note[1])
+    if rows:
+        grid.show(rows, key=key, path=cur.path, mode="label", source=f"concept {key}")
+        grid.notice()
 
 
 def _rows(
@@ -122,8 +103,8 @@ def _rows(
     return rows
 
 
-def find_examples(cur: state.Current) -> None:
-    """Search the collection for samples to label."""
+def find_examples(cur: state.Current) -> list[dict[str, Any]]:
+    """Search the collection for samples to label (its results; [] when there are none)."""
     c1, c2 = st.columns([4, 1])
     text = c1.text_input(
         "Find examples",
@@ -136,7 +117,7 @@ def find_examples(cur: state.Current) -> None:
         st.caption(
             f"Search for samples, then mark each {UP} (shows the concept) or {DOWN} (does not)."
         )
-        return
+        return []
     try:
         rows = query(
             cur.path,
@@ -149,15 +130,19 @@ def find_examples(cur: state.Current) -> None:
         )
     except ValueError as exc:  # QueryError: a malformed prompt
         st.error(str(exc))
-        return
+        return []
     if not rows:
         st.info("No results for that search.")
-        return
-    components.result_grid(rows, key="concept-find", columns=GRID, actions=label_buttons(cur.path))
+        return []
+    return rows
 
 
-def train(cur: state.Current, name: str, prompt: str, modality: str) -> None:
-    labels = labels_of(cur.path)
+def train(cur: state.Current) -> bool:
+    """Fit the concept from the labels given so far; False (and a note) when it cannot be."""
+    labels = labelling.labels_of(cur.path)
+    name = labelling.name_of(cur.path)
+    prompt = st.session_state.get("concept_prompt", "").strip()
+    modality = st.session_state.get("concept_modality", MODALITIES[0])
     pos = [k for k, v in labels.items() if v == 1]
     neg = [k for k, v in labels.items() if v == 0]
     try:
@@ -177,8 +162,9 @@ def train(cur: state.Current, name: str, prompt: str, modality: str) -> None:
         FileNotFoundError,
     ) as exc:  # too few labels, a bad name, a collection that cannot
         st.session_state[NOTE] = ("error", str(exc))
-        return
+        return False
     st.session_state.setdefault(FIT, {})[cur.path] = {"concept": concept, "scores": scores}
+    return True
 
 
 def show_fit(cur: state.Current, concept: Concept, scores: np.ndarray) -> None:
@@ -213,23 +199,13 @@ def show_fit(cur: state.Current, concept: Concept, scores: np.ndarray) -> None:
     top, nxt = st.tabs(["Ranked by the concept", "Label next (least certain)"])
     with top:
         order = np.argsort(-scores, kind="stable")[: SHOWN * 2]
-        components.result_grid(
-            _rows(cur, order.tolist(), scores),
-            key="concept-top",
-            columns=GRID,
-            actions=label_buttons(cur.path),
-        )
+        label_panel(cur, _rows(cur, order.tolist(), scores), "concept-top")
     with nxt:
         wanted = suggest(concept, keys, scores, SHOWN)
         rank = {k: r for r, k in enumerate(wanted)}
         ids = sorted(np.flatnonzero(np.isin(keys, wanted)).tolist(), key=lambda i: rank[keys[i]])
         st.caption("Label these and train again: each answer teaches the probe where it is unsure.")
-        components.result_grid(
-            _rows(cur, ids, scores),
-            key="concept-next",
-            columns=GRID,
-            actions=label_buttons(cur.path),
-        )
+        label_panel(cur, _rows(cur, ids, scores), "concept-next")
 
 
 def render() -> None:
@@ -238,32 +214,23 @@ def render() -> None:
     if not cur.health.searchable:
         state.show_problems(cur.health, "Concepts need the collection's embeddings and index.")
         return
-    labels = labels_of(cur.path)
     c1, c2, c3 = st.columns([1, 2, 1])
-    st.session_state.setdefault("concept_name", "my-concept")
-    name = c1.text_input("Concept name", key="concept_name")
-    prompt = c2.text_input(
-        "Prompt (optional prior)", key="concept_prompt", placeholder="a red circle"
-    )
-    modality = c3.radio("Embeddings", MODALITIES, key="concept_modality", horizontal=True)
+    st.session_state.setdefault(labelling.NAME, labelling.DEFAULT_NAME)
+    c1.text_input("Concept name", key="concept_name")
+    c2.text_input("Prompt (optional prior)", key="concept_prompt", placeholder="a red circle")
+    c3.radio("Embeddings", MODALITIES, key="concept_modality", horizontal=True)
     saved = saved_concepts(cur.path)
     if saved:
         s1, s2 = st.columns([3, 1], vertical_alignment="bottom")
         s1.selectbox("Saved concepts", saved, key="concept_saved")
         s2.button("Load its labels", key="concept_load", on_click=_load, args=(cur.path,))
-    note = st.session_state.pop(NOTE, None)
-    if note:
-        (st.error if note[0] == "error" else st.info)(note[1])
-    find_examples(cur)
-    n_pos = sum(v == 1 for v in labels.values())
-    b1, b2, b3 = st.columns([2, 1, 1], vertical_alignment="center")
-    b1.markdown(f"**{n_pos}** {UP} · **{len(labels) - n_pos}** {DOWN} labelled")
-    if b2.button("Train", key="concept_train", type="primary", disabled=len(labels) < 2):
-        train(cur, name.strip(), prompt.strip(), modality)
-        note = st.session_state.pop(NOTE, None)
-        if note:
-            st.error(note[1])
-    b3.button("Clear labels", key="concept_clear", on_click=_clear, args=(cur.path,))
+    labelling.labels_of(cur.path)  # the set of this name, read back from the collection
+    problem = labelling.error()
+    if problem:
+        st.error(problem)
+    if st.session_state.get(NOTE, ("",))[0] == "info":
+        st.info(st.session_state.pop(NOTE)[1])
+    label_panel(cur, find_examples(cur), "concept-find", trainer=True)
     fit = st.session_state.get(FIT, {}).get(cur.path)
     if fit:
         st.divider()

@@ -10,14 +10,14 @@ from typing import Any
 
 import streamlit as st
 
+from collection import schema as S
 from indices.query import APPROXIMATE_NOTE, MAX_RESULTS, query, results_json, results_parquet
 from pipelines.decode import DEFAULT_MAX_PIXELS, decode_image
-from webui import components, state
+from webui import components, grid, state
 from webui.roots import read_image
 
 KIND = "search_kind"  # which input the user touched last: text / upload / path / like
 LIKE = "search_like"  # the result "more like this" was pressed on: {"id", "key", "caption"}
-GRID_COLUMNS = 5
 
 
 def _kind(kind: str) -> None:
@@ -27,6 +27,13 @@ def _kind(kind: str) -> None:
 def _like(row: dict[str, Any]) -> None:
     st.session_state[LIKE] = {"id": row["id"], "key": row.get("key"), "caption": row.get("caption")}
     st.session_state[KIND] = "like"
+
+
+def _like_key(rows: list[dict[str, Any]], keys: list[str]) -> None:
+    """The grid's "More like this" (on the card under the cursor, or the first selected)."""
+    found = next((r for r in rows if str(r.get(S.KEY)) in keys[:1]), None)
+    if found is not None:
+        _like(found)
 
 
 def _clear_like() -> None:
@@ -162,7 +169,8 @@ def render() -> None:
     )
     q2.file_uploader("…or an image", key="search_upload", on_change=_kind, args=("upload",))
     q1.text_input("…or an image path", key="search_path", on_change=_kind, args=("path",))
-    o1, o2, o3, o4, o5 = st.columns([1.2, 1, 1, 1, 1])
+    # the toggles stacked in one column: side by side their labels are cut at 1,024 px
+    o1, o2, o3 = st.columns([1.2, 1, 1.6])
     modality = o1.radio(
         "Index",
         cur.health.indices,
@@ -172,8 +180,8 @@ def render() -> None:
     )
     k = o2.number_input("k", 1, 500, 20, key="search_k")
     safe = o3.toggle("Safe mode", value=True, key="search_safe", help="hide punsafe > 0.5")
-    dedup = o4.toggle("Hide near-duplicates", value=True, key="search_dedup")
-    hide_wm = o5.toggle(
+    dedup = o3.toggle("Hide near-duplicates", value=True, key="search_dedup")
+    hide_wm = o3.toggle(
         "Hide watermarked", value=False, key="search_hide_wm", help="hide pwatermark > 0.8"
     )
     filters = st.text_input(
@@ -223,15 +231,36 @@ def render() -> None:
         )
         return
     how = "" if getattr(rows, "exact", True) else f" · {APPROXIMATE_NOTE}"
-    st.caption(f"{len(rows)} results from the {modality} index{how}")
-    components.result_grid(
+    note = f"{len(rows)} results from the {modality} index{how}"
+    if safe or dedup or hide_wm or filters:
+        unfiltered = _search(
+            cur.path, run["version"], kind, value, int(k), modality, "", False, False, False
+        )
+        hidden = grid.hidden_counts(rows, unfiltered, safe, hide_wm)
+        if hidden:
+            said = ", ".join(f"{n} by {why}" for why, n in hidden.items())
+            note += f" · of the top {len(unfiltered)}, hidden: {said}"
+    weak_below = None
+    if kind == "text" and modality == S.MODALITY_IMAGE:
+        weak_below = grid.weak_threshold(cur.path, run["version"])
+        weak = weak_below is not None and sum(
+            r.get("similarity") is not None and r["similarity"] < weak_below for r in rows
+        )
+        if weak:
+            note += (
+                f" · {weak} weak (similarity under {weak_below:.3f}, what 95% of the "
+                "collection's images score against their own captions)"
+            )
+    st.caption(note)
+    grid.show(
         rows,
-        key="search",
-        columns=GRID_COLUMNS,
-        actions=lambda row, key: st.button(
-            "More like this", key=f"{key}-like", on_click=_like, args=(row,), width="stretch"
-        ),
+        key="search-grid",
+        path=cur.path,
+        weak_below=weak_below,
+        source=f"search: {value if kind == 'text' else kind}",
+        extra={"like": ("More like this", lambda keys: _like_key(rows, keys))},
     )
+    grid.notice()
     _downloads(cur, run, rows)
 
 

@@ -7,13 +7,40 @@ takedown list changes after the query ran. The same query runs as
 
 from __future__ import annotations
 
+import numpy as np
+import pyarrow as pa
 import streamlit as st
 
+from collection import schema as S
 from collection.takedown import list_signature
-from webui import components, state, tables
+from curation.vectors import read_keys
+from webui import components, grid, state, tables
 
 EXAMPLE = "SELECT status, count(*) AS n FROM samples GROUP BY status ORDER BY n DESC"
 RESULT = "sql_result"
+#: result rows shown as thumbnails when the result has an `id` or `key` column
+GRID_ROWS = 200
+
+
+@st.cache_resource(max_entries=4, show_spinner=False)
+def _keys(path: str, signature: tuple) -> np.ndarray:
+    """Every embedded row's key in global-id order (a key's id is its position), shared."""
+    return read_keys(path)
+
+
+def result_ids(cur: state.Current, table: pa.Table) -> list[int]:
+    """The global ids of a result's first GRID_ROWS rows, from its `id` column, else its `key`
+    column; [] when it has neither."""
+    if "id" in table.column_names:
+        ids = table.column("id").slice(0, GRID_ROWS).to_pylist()
+        return [int(i) for i in ids if i is not None]
+    if S.KEY in table.column_names:
+        wanted = [str(k) for k in table.column(S.KEY).slice(0, GRID_ROWS).to_pylist()]
+        keys = _keys(cur.path, cur.health.signature)
+        found = np.flatnonzero(np.isin(keys, wanted))
+        rank = {k: r for r, k in enumerate(wanted)}
+        return sorted(found.tolist(), key=lambda i: rank.get(keys[i], len(rank)))
+    return []
 
 
 def _run(cur: state.Current, sql: str) -> None:
@@ -66,6 +93,19 @@ def render() -> None:
     view = shown["shown"]
     st.caption("; ".join(n for n in (note, view.note()) if n))
     st.dataframe(view.frame, hide_index=True)
+    ids = result_ids(cur, table) if cur.health.searchable else []
+    if ids:
+        st.caption(
+            f"The first {len(ids)} rows as thumbnails (from the result's "
+            f"`{'id' if 'id' in table.column_names else S.KEY}` column):"
+        )
+        try:
+            rows = cur.searcher().records(ids)
+        except ValueError as exc:  # QueryError: an `id` column that is not the vector's id
+            st.warning(f"`id` column: {exc}; select the samples' own `id` to see thumbnails.")
+        else:
+            grid.show(rows, key="sql-grid", path=cur.path, source="sql")
+            grid.notice()
     c1, c2 = st.columns(2)
     c1.download_button(
         "CSV",
