@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import posixpath
 import time
 from typing import Any, Callable, Sequence
 
@@ -53,6 +54,10 @@ from curation.vectors import ids_of, open_store, read_keys, read_table, write_ta
 from models.runtime import cores, progress, setup_logging
 
 log = logging.getLogger(__name__)
+
+#: the copies level's task files (candidates, plan, verdicts) inside its run folder: kept, so a
+#: killed run rerun with the same inputs redoes only the tasks that did not finish
+COPIES_WORK = "copies-work"
 
 
 def _runner(scheduler: str | None, workers: int | None) -> tuple[Runner, int, Callable[[], None]]:
@@ -108,7 +113,7 @@ def dedup(
     meta = read_metadata(
         collection,
         [S.KEY, S.PART, S.ROW, S.SHA256, S.PHASH, S.WIDTH, S.HEIGHT, S.CLIP_SIMILARITY]
-        + [S.SOURCE_SHARD],
+        + [S.SOURCE_SHARD, S.SOURCE_OFFSET, S.SOURCE_SIZE],
     )
     if meta.num_rows != store.count:
         raise CollectionError(
@@ -129,7 +134,8 @@ def dedup(
         "samples": meta.num_rows,
         "keep_rule": "most pixels, best clip_similarity, earliest",
     }
-    runner, slots, close = (None, 1, lambda: None)
+    layout = S.InsightLayout(collection)
+    runner, close = (None, lambda: None)
     try:
         if S.LEVEL_EXACT in levels:
             t0 = time.time()
@@ -138,11 +144,19 @@ def dedup(
                 "seconds": round(time.time() - t0, 3),
             }
         if levels != (S.LEVEL_EXACT,):
-            runner, slots, close = _runner(scheduler, workers)
+            runner, _, close = _runner(scheduler, workers)
         if S.LEVEL_COPIES in levels:
             t0 = time.time()
             report["copies"] = {
-                **copies_stage(collection, meta, ranks, links, store, runner, 4 * slots),
+                **copies_stage(
+                    collection,
+                    meta,
+                    ranks,
+                    links,
+                    store,
+                    runner,
+                    posixpath.join(layout.dedup_run(run), COPIES_WORK),
+                ),
                 "seconds": round(time.time() - t0, 3),
             }
         if S.LEVEL_SEMANTIC in levels:
@@ -155,7 +169,6 @@ def dedup(
     finally:
         close()
     table = duplicate_rows(links, keys)
-    layout = S.InsightLayout(collection)
     write_table(layout.duplicates(run), table)
     removed = int((links.parent >= 0).sum())
     reasons = {r: int(np.sum(links.reason == r)) for r in S.DUP_REASONS}

@@ -28,10 +28,10 @@ def _no_pictures(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("a picture was read")
 
     for module, name in (
-        (pictures, "load_thumbnails"),
+        (pictures, "thumbnails"),
         (pictures, "read_images"),
-        (pictures, "shard_thumbnails"),
-        (dedup_stages, "load_thumbnails"),
+        (pictures, "check_pairs"),
+        (dedup_stages, "check_pairs"),
     ):
         monkeypatch.setattr(module, name, refuse)
 
