@@ -12,9 +12,11 @@ Each level runs alone (`--level semantic` reads no picture); several levels at o
 (`--level exact,copies,semantic`, run `exact-copies-semantic-eps0.05`) run in this order, each
 on what the ones before it kept:
 - exact: the same `sha256`;
-- copies: image-embedding neighbours (the collection's index) and perceptual-hash neighbours
-  propose pairs; the pixel check of `curation.copies` decides (pictures are re-read from the
-  source shards, one Dask task per shard, and pairs checked in Dask tasks);
+- copies: a banded perceptual-hash index and the image index's nearest neighbours propose
+  pairs (`curation.copy_candidates`: one Dask task per band and per embedding part, parquet
+  tables); the pixel check of `curation.copies` decides, in one Dask task per group of pairs
+  that reads its pictures from the source shards (`curation.pictures`). The task files stay in
+  `dedup/{run}/copies-work/`, so a killed run rerun redoes only its unfinished tasks;
 - semantic: SemDeDup on the image embeddings (`curation.semdedup`: one Dask task per cluster
   group). ε is a cosine distance: a sample is removed when its cosine similarity to a sample
   kept before it in its cluster exceeds 1 − ε; larger ε removes more.

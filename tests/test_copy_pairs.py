@@ -52,7 +52,7 @@ def test_banded_index_finds_every_pair_within_the_distance(tmp_path, max_distanc
         for i, j in itertools.combinations(range(n), 2)
         if alive[i] and alive[j] and bin(int(hashes[i] ^ hashes[j])).count("1") <= max_distance
     }
-    assert len(expected) > n // 4  # the hashes do have many close pairs
+    assert len(expected) > n // 10  # the hashes do have many close pairs
     assert found == expected
 
 
@@ -67,6 +67,14 @@ def test_bands_cover_the_64_bits_and_refuse_impossible_distances():
 
 def _table(coll: str, run: str) -> pa.Table:
     return pq.read_table(S.InsightLayout(coll).duplicates(run))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def few_neighbours():
+    """Fewer pixel checks per sample: the driver passes the candidate settings to the tasks."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(C, "COPY_NEIGHBOURS", 4)
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +100,7 @@ def test_a_killed_run_reruns_only_unfinished_tasks_and_gives_the_same_output(
     insight_collection, local_run, monkeypatch
 ):
     coll = insight_collection["collection"]
-    monkeypatch.setattr(C, "PAIRS_PER_TASK", 25)  # several verdict tasks
+    monkeypatch.setattr(C, "PAIRS_PER_TASK", 100)  # several verdict tasks
     calls: list[str] = []
     real = dedup_stages.check_pairs
 
