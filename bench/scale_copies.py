@@ -23,6 +23,7 @@ import glob
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -38,6 +39,7 @@ from bench.insight import data, removal_scores
 from collection import schema as S
 from collection.embeddings import EmbeddingStore
 from collection.parts import read_metadata
+from collection.storage import read_json
 from curation import copy_candidates as C
 from curation.copies import phash_bits
 from curation.dedup import COPIES_WORK, read_duplicates
@@ -141,7 +143,7 @@ def run(n: int, work: str, copy_fraction: float, workers: int) -> dict[str, Any]
     cmd = [sys.executable, "-m", "curation.dedup", collection, "--level", S.LEVEL_COPIES]
     cmd += ["--workers", str(workers), "--run", RUN]
     layout = S.InsightLayout(collection)
-    subprocess.run(["rm", "-rf", layout.dedup_run(RUN)], check=True)  # a fresh run, timed whole
+    shutil.rmtree(layout.dedup_run(RUN), ignore_errors=True)  # a fresh run, timed whole
     t = time.perf_counter()
     proc = subprocess.Popen(cmd)
     with Sampler(proc.pid) as sampler:
@@ -149,7 +151,7 @@ def run(n: int, work: str, copy_fraction: float, workers: int) -> dict[str, Any]
     seconds = time.perf_counter() - t
     if rc:
         raise RuntimeError(f"{' '.join(cmd)} exited with {rc}")
-    report = json.loads(open(layout.dedup_report(RUN)).read())
+    report = read_json(layout.dedup_report(RUN))
     root, copies, meta = planted(collection)
     table = read_duplicates(collection, run=RUN)
     index = {k: i for i, k in enumerate(meta.column(S.KEY).to_pylist())}
