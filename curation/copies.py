@@ -42,6 +42,11 @@ EDGE_FLOOR = 24.0
 MIN_INLIERS = 0.7
 #: fraction of the structure's gradient energy that must agree outside changed regions
 MIN_STRUCTURE = 0.8
+#: an aligned view whose grey levels correlate less than this is not checked further: a cheap
+#: gate before the colour fit (most candidate pairs are distinct pictures). Every planted copy
+#: of 6,000 generated samples (seed 0) correlated at least 0.29 (an overlay on a flat picture is
+#: the lowest); 5% of random pairs reach 0.3
+MIN_GREY_CORRELATION = 0.2
 #: a crop keeps at least this fraction of each side
 MIN_CROP = 0.75
 #: a crop's colour statistics must come from this many pixels at least
@@ -119,6 +124,18 @@ def _views(a: np.ndarray, b: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
     return out
 
 
+def _grey_correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation of two aligned uint8 views' grey levels (1 when both are flat: the
+    colour fit decides those)."""
+    ga, gb = a.astype(np.float32) @ _GREY, b.astype(np.float32) @ _GREY
+    ga -= ga.mean()
+    gb -= gb.mean()
+    va, vb = float((ga * ga).sum()), float((gb * gb).sum())
+    if va < 1e-3 * ga.size or vb < 1e-3 * gb.size:
+        return 1.0
+    return float((ga * gb).sum()) / float(np.sqrt(va * vb))
+
+
 def _planes(x: np.ndarray) -> np.ndarray:
     """HxWx3 -> contiguous float32 (3, H, W): numpy reduces over a length-3 last axis slowly."""
     return np.ascontiguousarray(np.moveaxis(x, -1, 0), dtype=np.float32)
@@ -166,9 +183,21 @@ def _gradient(x: np.ndarray) -> list[np.ndarray]:
     """Central differences of (3, H, W) planes: six (H, W) arrays."""
     out = []
     for plane in x:
-        gy, gx = np.gradient(plane)
-        out += [gx, gy]
+        out += [_diff(plane, 1), _diff(plane, 0)]
     return out
+
+
+def _diff(p: np.ndarray, axis: int) -> np.ndarray:
+    """np.gradient of a 2-d array along one axis (central inside, one-sided at the edges),
+    without its general-purpose overhead: the copy check calls it on many small arrays."""
+    if p.shape[axis] < 2:
+        return np.zeros_like(p)
+    q = p if axis == 0 else p.T
+    out = np.empty_like(q)
+    out[1:-1] = (q[2:] - q[:-2]) * 0.5
+    out[0] = q[1] - q[0]
+    out[-1] = q[-1] - q[-2]
+    return out if axis == 0 else out.T
 
 
 def _norm(parts: list[np.ndarray]) -> np.ndarray:
@@ -242,6 +271,8 @@ def copy_score(a: Any, b: Any) -> tuple[float, float]:
     best = (0.0, 0.0)
     views = []
     for u8, v8 in _views(ta, tb):
+        if _grey_correlation(u8, v8) < MIN_GREY_CORRELATION:
+            continue
         u, v = _planes(u8), _planes(v8)
         score = _features(u, v)
         views.append((score, u, v))
@@ -250,6 +281,8 @@ def copy_score(a: Any, b: Any) -> tuple[float, float]:
         return best
     # JPEG re-encoding and an overlay's smoothing filter blur edges: try lightly smoothed versions
     # of the best-aligned view, unless even its pixels disagree outright
+    if not views:
+        return best
     score, u, v = max(views, key=lambda t: t[0][0])
     if score[0] < MIN_INLIERS - _NEAR:
         return best

@@ -12,9 +12,11 @@ Each level runs alone (`--level semantic` reads no picture); several levels at o
 (`--level exact,copies,semantic`, run `exact-copies-semantic-eps0.05`) run in this order, each
 on what the ones before it kept:
 - exact: the same `sha256`;
-- copies: image-embedding neighbours (the collection's index) and perceptual-hash neighbours
-  propose pairs; the pixel check of `curation.copies` decides (pictures are re-read from the
-  source shards, one Dask task per shard, and pairs checked in Dask tasks);
+- copies: a banded perceptual-hash index and the image index's nearest neighbours propose
+  pairs (`curation.copy_candidates`: one Dask task per band and per embedding part, parquet
+  tables); the pixel check of `curation.copies` decides, in one Dask task per group of pairs
+  that reads its pictures from the source shards (`curation.pictures`). The task files stay in
+  `dedup/{run}/copies-work/`, so a killed run rerun redoes only its unfinished tasks;
 - semantic: SemDeDup on the image embeddings (`curation.semdedup`: one Dask task per cluster
   group). ε is a cosine distance: a sample is removed when its cosine similarity to a sample
   kept before it in its cluster exceeds 1 − ε; larger ε removes more.
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import posixpath
 import time
 from typing import Any, Callable, Sequence
 
@@ -53,6 +56,10 @@ from curation.vectors import ids_of, open_store, read_keys, read_table, write_ta
 from models.runtime import cores, progress, setup_logging
 
 log = logging.getLogger(__name__)
+
+#: the copies level's task files (candidates, plan, verdicts) inside its run folder: kept, so a
+#: killed run rerun with the same inputs redoes only the tasks that did not finish
+COPIES_WORK = "copies-work"
 
 
 def _runner(scheduler: str | None, workers: int | None) -> tuple[Runner, int, Callable[[], None]]:
@@ -108,7 +115,7 @@ def dedup(
     meta = read_metadata(
         collection,
         [S.KEY, S.PART, S.ROW, S.SHA256, S.PHASH, S.WIDTH, S.HEIGHT, S.CLIP_SIMILARITY]
-        + [S.SOURCE_SHARD],
+        + [S.SOURCE_SHARD, S.SOURCE_OFFSET, S.SOURCE_SIZE],
     )
     if meta.num_rows != store.count:
         raise CollectionError(
@@ -129,7 +136,8 @@ def dedup(
         "samples": meta.num_rows,
         "keep_rule": "most pixels, best clip_similarity, earliest",
     }
-    runner, slots, close = (None, 1, lambda: None)
+    layout = S.InsightLayout(collection)
+    runner, close = (None, lambda: None)
     try:
         if S.LEVEL_EXACT in levels:
             t0 = time.time()
@@ -138,11 +146,19 @@ def dedup(
                 "seconds": round(time.time() - t0, 3),
             }
         if levels != (S.LEVEL_EXACT,):
-            runner, slots, close = _runner(scheduler, workers)
+            runner, _, close = _runner(scheduler, workers)
         if S.LEVEL_COPIES in levels:
             t0 = time.time()
             report["copies"] = {
-                **copies_stage(collection, meta, ranks, links, store, runner, 4 * slots),
+                **copies_stage(
+                    collection,
+                    meta,
+                    ranks,
+                    links,
+                    store,
+                    runner,
+                    posixpath.join(layout.dedup_run(run), COPIES_WORK),
+                ),
                 "seconds": round(time.time() - t0, 3),
             }
         if S.LEVEL_SEMANTIC in levels:
@@ -155,7 +171,6 @@ def dedup(
     finally:
         close()
     table = duplicate_rows(links, keys)
-    layout = S.InsightLayout(collection)
     write_table(layout.duplicates(run), table)
     removed = int((links.parent >= 0).sum())
     reasons = {r: int(np.sum(links.reason == r)) for r in S.DUP_REASONS}

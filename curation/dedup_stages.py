@@ -7,32 +7,32 @@ runner in `curation.dedup` chooses which stages run and writes the table `duplic
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import posixpath
 from typing import Any, Callable
 
-import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import breadth_first_order, connected_components
 
 from collection import schema as S
 from collection.parts import CollectionError
 from collection.shards import ShardOpenError
-from curation.copies import is_copy, phash_bits
-from curation.pictures import load_thumbnails
+from collection.storage import read_json, url_to_fs, write_json
+from curation import copy_candidates as C
+from curation.pictures import check_pairs
 from curation.semdedup import EPS_TABLE, SemanticParams, group_links, root_groups
-from curation.vectors import neighbours
+from curation.vectors import matching_index, write_table
 
 log = logging.getLogger(__name__)
 
-#: image-embedding neighbours of each sample proposed as copy candidates, and their cosine floor
-COPY_NEIGHBOURS = 10
+#: the memorisation audit's gate (hdit_train.memorisation): below this image-embedding cosine a
+#: generated picture is not pixel-checked against a training picture
 COPY_MIN_COSINE = 0.5
-#: perceptual-hash neighbours proposed as copy candidates, and their Hamming distance ceiling
-PHASH_NEIGHBOURS = 10
-PHASH_MAX_DISTANCE = 16
-#: above this many vectors the perceptual-hash search uses an HNSW graph instead of brute force
-PHASH_BRUTE_FORCE_MAX = 250_000
 
 Runner = Callable[[Callable[..., Any], list[tuple]], list[Any]]
 
@@ -135,47 +135,6 @@ def check_phashes(collection: str, meta: pa.Table) -> None:
     )
 
 
-def copy_candidates(collection: str, meta: pa.Table, alive: np.ndarray, store: Any) -> np.ndarray:
-    """(m, 2) sorted unique pairs (i < j) of alive samples proposed by
-    image-embedding or phash neighbours."""
-    alive_mask = np.zeros(meta.num_rows, bool)
-    alive_mask[alive] = True
-    nb_ids, nb_sims = neighbours(collection, COPY_NEIGHBOURS, S.MODALITY_IMAGE, store)
-    rows = np.repeat(np.arange(meta.num_rows), COPY_NEIGHBOURS)
-    cols, sims = nb_ids.ravel(), nb_sims.ravel()
-    ok = (cols >= 0) & (np.nan_to_num(sims, nan=-1.0) >= COPY_MIN_COSINE)
-    pairs = [np.stack([rows[ok], cols[ok]], 1)]
-    hashes = (
-        meta.column(S.PHASH).to_pylist() if S.PHASH in meta.column_names else [None] * meta.num_rows
-    )
-    known = np.array([bool(h) for h in hashes], dtype=bool)
-    if known.any():
-        hid = np.nonzero(known)[0]
-        bits = phash_bits([hashes[i] for i in hid])
-        if len(hid) <= PHASH_BRUTE_FORCE_MAX:
-            index = faiss.IndexBinaryFlat(64)
-        else:
-            index = faiss.IndexBinaryHNSW(64, 32)
-        index.add(bits)
-        dist, nn = index.search(bits, min(PHASH_NEIGHBOURS + 1, len(hid)))
-        r = np.repeat(hid, nn.shape[1])
-        c = np.where(nn.ravel() >= 0, hid[np.maximum(nn.ravel(), 0)], -1)
-        ok = (nn.ravel() >= 0) & (dist.ravel() <= PHASH_MAX_DISTANCE) & (c != r)
-        pairs.append(np.stack([r[ok], c[ok]], 1))
-    pairs = np.concatenate(pairs)
-    pairs = pairs[alive_mask[pairs[:, 0]] & alive_mask[pairs[:, 1]] & (pairs[:, 0] != pairs[:, 1])]
-    return np.unique(np.sort(pairs, axis=1), axis=0)
-
-
-def check_pairs(pairs: np.ndarray, thumbs: dict[int, np.ndarray]) -> np.ndarray:
-    """Boolean verdict per pair (one task); pairs whose pictures could not be re-read are False."""
-    out = np.zeros(len(pairs), bool)
-    for n, (i, j) in enumerate(pairs):
-        a, b = thumbs.get(int(i)), thumbs.get(int(j))
-        out[n] = a is not None and b is not None and is_copy(a, b)
-    return out
-
-
 def copies_stage(
     collection: str,
     meta: pa.Table,
@@ -183,72 +142,148 @@ def copies_stage(
     links: Links,
     store: Any,
     run: Runner,
-    tasks: int,
+    work: str,
 ) -> dict[str, int]:
-    """Link verified copies to the kept sample of their group (through the verified pairs)."""
+    """Link verified copies to the kept sample of their group (through the verified pairs).
+
+    Candidates, the plan and the verdicts are tasks writing parquet under `work`; a file already
+    there from an interrupted run with the same inputs is kept, so a rerun does only the tasks
+    that did not finish and gives the same output."""
     if S.SOURCE_SHARD not in meta.column_names:
         raise CollectionError(
             f"{collection}: metadata has no {S.SOURCE_SHARD!r} column; the copies level re-reads "
             "pictures from the source shards"
         )
     check_phashes(collection, meta)
-    pairs = copy_candidates(collection, meta, links.alive, store)
-    keys = np.asarray(meta.column(S.KEY).to_pylist(), dtype=object)
-    shards = np.asarray(meta.column(S.SOURCE_SHARD).to_pylist(), dtype=object)
+    matching_index(collection, store)  # no index, or a stale one: said before any task runs
+    done = _open_work(work, links.alive, meta.num_rows)
+    rows_path = posixpath.join(work, "rows.parquet")
+    if "rows.parquet" not in done:
+        write_table(rows_path, C.rows_table(meta, links.alive))
+    band_args = [
+        (
+            rows_path,
+            posixpath.join(work, f"phash-{b:02d}.parquet"),
+            shift,
+            width,
+            C.PHASH_MAX_DISTANCE,
+        )
+        for b, (shift, width) in enumerate(C.bands())
+    ]
+    knn_args = [
+        (
+            collection,
+            rows_path,
+            posixpath.join(work, f"knn-{p:05d}.parquet"),
+            p,
+            C.COPY_NEIGHBOURS,
+            C.COPY_MIN_COSINE,
+        )
+        for p, arr in enumerate(store.arrays)
+        if arr.shape[0]
+    ]
+    _run_missing(run, C.band_pairs, band_args, done, 1)
+    _run_missing(run, C.knn_pairs, knn_args, done, 2)
+    if "plan.json" not in done:
+        files = [a[1] for a in band_args] + [a[2] for a in knn_args]
+        run(C.plan_pairs, [(work, files, C.PAIRS_PER_TASK)])
+    plan = read_json(posixpath.join(work, "plan.json"))
+    verdict_args = [(work, t) for t in range(plan["tasks"])]
+    todo = [a for a in verdict_args if posixpath.basename(C.verdict_file(*a)) not in done]
     try:
-        thumbs = load_thumbnails(keys, shards, np.unique(pairs), run) if len(pairs) else {}
+        counts = run(check_pairs, todo) if todo else []
     except ShardOpenError as exc:
         raise CollectionError(
             f"{collection}: the copies level re-reads pictures from the source shards: {exc}"
         ) from exc
-    chunks = np.array_split(np.arange(len(pairs)), max(1, min(len(pairs), tasks)))
-    args = [
-        (pairs[c], {int(i): thumbs[int(i)] for i in np.unique(pairs[c]) if int(i) in thumbs})
-        for c in chunks
-    ]
-    verdict = np.concatenate(run(check_pairs, args)) if len(pairs) else np.zeros(0, bool)
-    edges = pairs[verdict]
-    adjacency: dict[int, list[int]] = {}
-    for i, j in edges:
-        adjacency.setdefault(int(i), []).append(int(j))
-        adjacency.setdefault(int(j), []).append(int(i))
-    seen: set[int] = set()
-    removed = 0
-    for start in sorted(adjacency):
-        if start in seen:
-            continue
-        component, frontier = [start], [start]
-        seen.add(start)
-        while frontier:  # breadth first over the verified pairs
-            nxt = []
-            for node in frontier:
-                for other in adjacency[node]:
-                    if other not in seen:
-                        seen.add(other)
-                        component.append(other)
-                        nxt.append(other)
-            frontier = nxt
-        kept = min(component, key=lambda i: ranks[i])
-        parent, frontier = {kept: -1}, [kept]
-        while frontier:  # each member's parent: a verified partner on the way to the kept one
-            nxt = []
-            for node in frontier:
-                for other in sorted(adjacency[node]):
-                    if other not in parent:
-                        parent[other] = node
-                        nxt.append(other)
-            frontier = nxt
-        children = np.array([m for m in component if m != kept], np.int64)
-        parents = np.array([parent[m] for m in children], np.int64)
-        for c, p, s in zip(children, parents, cosine(store, children, parents)):
-            links.link(int(c), int(p), S.REASON_COPY, float(s))
-        removed += len(children)
+    unread = sum(c["unread"] for c in counts)
+    if unread:
+        log.warning(
+            "%d pictures could not be re-read from their source shards; their pairs are not copies",
+            unread,
+        )
+    edges = _verified(work, plan["tasks"])
+    removed = link_components(edges, ranks, links, store)
     return {
-        "candidate_pairs": int(len(pairs)),
+        "candidate_pairs": int(plan["pairs"]),
         "verified_pairs": int(len(edges)),
-        "pictures_read": len(thumbs),
+        "verdict_tasks": int(plan["tasks"]),
+        "verdict_tasks_run": len(todo),
+        "pictures_read": int(sum(c["pictures"] for c in counts)),
         "removed": removed,
     }
+
+
+def _open_work(work: str, alive: np.ndarray, n: int) -> set[str]:
+    """Names of the files already in the work folder when it was made for these inputs (the
+    alive rows, the collection size, the candidate and task parameters); otherwise the folder
+    is emptied and stamped for them."""
+    stamp = {
+        "samples": n,
+        "alive_sha256": hashlib.sha256(np.asarray(alive, np.int64).tobytes()).hexdigest(),
+        "phash_max_distance": C.PHASH_MAX_DISTANCE,
+        "neighbours": C.COPY_NEIGHBOURS,
+        "min_cosine": C.COPY_MIN_COSINE,
+        "pairs_per_task": C.PAIRS_PER_TASK,
+    }
+    fs, path = url_to_fs(work)
+    stamp_path = posixpath.join(work, "inputs.json")
+    if read_json(stamp_path) == stamp:
+        return {posixpath.basename(f) for f in fs.ls(path, detail=False)}
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+    write_json(stamp_path, stamp)
+    return set()
+
+
+def _run_missing(
+    run: Runner, fn: Callable[..., Any], args: list[tuple], done: set[str], out: int
+) -> None:
+    """Run the tasks whose output file (argument `out`) is not in `done`."""
+    todo = [a for a in args if posixpath.basename(a[out]) not in done]
+    if todo:
+        run(fn, todo)
+
+
+def _verified(work: str, tasks: int) -> np.ndarray:
+    """(m, 2) verified pairs from the verdict files, in the plan's order."""
+    out = []
+    for t in range(tasks):
+        fs, p = url_to_fs(C.verdict_file(work, t))
+        with fs.open(p, "rb") as fh:
+            table = pq.read_table(fh, filters=[("copy", "=", True)], columns=["i", "j"])
+        out.append(np.stack([table.column(0).to_numpy(), table.column(1).to_numpy()], 1))
+    return np.concatenate(out).astype(np.int64) if out else np.zeros((0, 2), np.int64)
+
+
+def link_components(edges: np.ndarray, ranks: np.ndarray, links: Links, store: Any) -> int:
+    """Link each connected group of verified pairs to its kept member (the best ranked): every
+    other member's parent is a verified partner on a shortest path to it. Returns how many
+    were linked."""
+    if not len(edges):
+        return 0
+    nodes, flat = np.unique(edges, return_inverse=True)
+    m = len(nodes)
+    pairs = flat.reshape(-1, 2)
+    _, label = connected_components(
+        coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(m, m)),
+        directed=False,
+    )
+    order = np.lexsort((ranks[nodes], label))  # per component, the best ranked first
+    first = np.ones(m, bool)
+    first[1:] = label[order][1:] != label[order][:-1]
+    kept = order[first]
+    # breadth first from a root joined to every kept member: parents lie on shortest paths
+    rows = np.concatenate([pairs[:, 0], np.full(len(kept), m)])
+    cols = np.concatenate([pairs[:, 1], kept])
+    graph = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(m + 1, m + 1)).tocsr()
+    _, pred = breadth_first_order(graph, m, directed=False, return_predecessors=True)
+    children = np.setdiff1d(np.arange(m), kept)
+    parents = pred[children]
+    child_ids, parent_ids = nodes[children], nodes[parents]
+    for c, p, s in zip(child_ids, parent_ids, cosine(store, child_ids, parent_ids)):
+        links.link(int(c), int(p), S.REASON_COPY, float(s))
+    return len(children)
 
 
 def semantic_stage(

@@ -1,23 +1,28 @@
-"""Re-read chosen samples' pictures from their source shards, as small thumbnails.
+"""The copies level's verdict tasks: each reads its candidate pairs' pictures back from the
+source shards and applies the copy rule (curation.copies).
 
-The collection keeps embeddings and hashes, not pixels; the copy check (curation.copies) needs
-pixels for the candidate pairs only. One task per source shard reads the wanted images through
-`collection.images` (by byte range where the rows carry one, else by scanning the shard; on a
-local disk or an object store) and keeps them as thumbnails (a few KB each), so memory follows
-the candidates, not the shards.
+The collection keeps embeddings and hashes, not pixels. One task per group of candidate pairs
+reads the pictures it needs through `collection.images` (by byte range where the rows carry
+one, else by scanning the shard; checked against their sha256; on a local disk or an object
+store), keeps them as small thumbnails for the task's life, writes its verdicts as parquet and
+returns counts: no picture passes through the driver.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from collection import schema as S
 from collection.images import SHARD_KINDS, read_images
 from collection.shards import ShardOpenError
-from curation.copies import thumbnail
+from collection.storage import url_to_fs
+from curation.copies import is_copy, thumbnail
+from curation.copy_candidates import LOCATION, pair_file, verdict_file
+from curation.vectors import write_table
 from pipelines.decode import decode_image
 
 log = logging.getLogger(__name__)
@@ -26,75 +31,58 @@ log = logging.getLogger(__name__)
 MAX_PIXELS = 178_956_970
 
 
-def shard_thumbnails(rows: list[dict[str, Any]], ids: list[int]) -> dict[int, np.ndarray]:
-    """{global id: thumbnail} of the rows (one source shard's, `collection.images.COLUMNS`) whose
-    image could be read back; `ids` are their global ids.
-
-    A shard that cannot be opened raises ShardOpenError naming it; a wanted image that is
-    missing, changed or undecodable is simply absent from the result (the caller counts them).
-    """
+def thumbnails(rows: list[dict[str, Any]]) -> list[np.ndarray | None]:
+    """The thumbnail of each row's picture (`collection.images.COLUMNS`), None where it could not
+    be read back, had changed or does not decode. A source shard that is gone or unreadable
+    raises ShardOpenError naming it."""
     batch = read_images(rows)
-    if batch.found and all(f.kind in SHARD_KINDS for f in batch.found):
-        raise ShardOpenError(batch.found[0].why)
-    out: dict[int, np.ndarray] = {}
-    for gid, found in zip(ids, batch.found):
-        if found.data is None:
-            continue
-        image, _, _ = decode_image(found.data, MAX_PIXELS)
-        if image is not None:
-            out[gid] = thumbnail(image)
+    for found in batch.found:
+        if found.kind in SHARD_KINDS:
+            raise ShardOpenError(found.why)
+    out: list[np.ndarray | None] = []
+    for found in batch.found:
+        image = decode_image(found.data, MAX_PIXELS)[0] if found.data is not None else None
+        out.append(thumbnail(image) if image is not None else None)
     return out
 
 
-def load_thumbnails(
-    keys: np.ndarray,
-    shards: np.ndarray,
-    ids: Iterable[int],
-    run: Callable[[Callable[..., Any], list[tuple]], list[Any]],
-    offsets: np.ndarray | None = None,
-    sizes: np.ndarray | None = None,
-    sha256: np.ndarray | None = None,
-) -> dict[int, np.ndarray]:
-    """Thumbnails of the samples `ids` (global ids into `keys` / `shards`), one task per source
-    shard.
-
-    `offsets`, `sizes` and `sha256` (by global id, where known) let the images be read by byte
-    range and checked; without them each shard is scanned for its keys.
-    `run(fn, argument tuples)` runs the tasks (in this process or on a Dask cluster).
-    """
-    by_shard: dict[str, tuple[list[dict[str, Any]], list[int]]] = {}
-    for gid in sorted(set(int(i) for i in ids)):
-        rows, gids = by_shard.setdefault(str(shards[gid]), ([], []))
-        rows.append(
-            {
-                S.SOURCE_SHARD: str(shards[gid]),
-                S.KEY: str(keys[gid]),
-                S.SOURCE_OFFSET: _at(offsets, gid),
-                S.SOURCE_SIZE: _at(sizes, gid),
-                S.SHA256: _at(sha256, gid),
-            }
-        )
-        gids.append(gid)
-    out: dict[int, np.ndarray] = {}
-    for part in run(shard_thumbnails, [by_shard[url] for url in sorted(by_shard)]):
-        out.update(part)
-    wanted = sum(len(gids) for _, gids in by_shard.values())
-    missing = wanted - len(out)
-    if missing:
-        log.warning(
-            "%d of %d pictures could not be re-read from their source shards; their pairs are not "
-            "checked",
-            missing,
-            wanted,
-        )
-    return out
+def check_pairs(work: str, task: int) -> dict[str, int]:
+    """One verdict task: the pairs of `pairs-{task}.parquet` checked by the copy rule, written to
+    `verdict-{task}.parquet` (i, j, copy); pairs whose pictures could not be read back are not
+    copies. Returns counts only."""
+    fs, path = url_to_fs(pair_file(work, task))
+    with fs.open(path, "rb") as fh:
+        pairs = pq.read_table(fh)
+    i = pairs.column("i").to_numpy()
+    j = pairs.column("j").to_numpy()
+    ids, first = np.unique(np.concatenate([i, j]), return_index=True)
+    sides = {
+        c: np.concatenate(
+            [
+                pairs.column(f"a_{c}").to_numpy(zero_copy_only=False),
+                pairs.column(f"b_{c}").to_numpy(zero_copy_only=False),
+            ]
+        )[first]
+        for c in LOCATION
+    }
+    rows = [{c: _plain(sides[c][n]) for c in LOCATION} for n in range(len(ids))]
+    thumbs = thumbnails(rows)
+    at = {int(g): t for g, t in zip(ids, thumbs)}
+    verdict = np.zeros(len(i), bool)
+    for n, (a, b) in enumerate(zip(i, j)):
+        ta, tb = at[int(a)], at[int(b)]
+        verdict[n] = ta is not None and tb is not None and is_copy(ta, tb)
+    write_table(verdict_file(work, task), pa.table({"i": i, "j": j, "copy": verdict}))
+    return {
+        "pairs": len(i),
+        "copies": int(verdict.sum()),
+        "pictures": len(ids),
+        "unread": sum(t is None for t in thumbs),
+    }
 
 
-def _at(values: np.ndarray | None, i: int) -> Any:
-    """values[i] as a plain value, None where unknown (no array, or a null / NaN cell)."""
-    if values is None:
-        return None
-    value = values[i]
+def _plain(value: Any) -> Any:
+    """A numpy cell as a plain value, None where unknown (null / NaN)."""
     if value is None or (isinstance(value, float) and np.isnan(value)):
         return None
     return value.item() if hasattr(value, "item") else value

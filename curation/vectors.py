@@ -81,6 +81,20 @@ def load_collection_index(
     return index, doc
 
 
+def matching_index(
+    collection: str, store: EmbeddingStore, modality: str = S.MODALITY_IMAGE
+) -> tuple[Any, dict[str, Any]]:
+    """`load_collection_index`, refused (naming the build command) when the index does not hold
+    exactly the store's vectors."""
+    index, doc = load_collection_index(collection, modality)
+    if index.ntotal != store.count:
+        raise CollectionError(
+            f"{collection}: the {modality} index holds {index.ntotal} vectors but the collection "
+            f"{store.count}; rebuild it with `python -m indices.build {collection}`"
+        )
+    return index, doc
+
+
 def neighbours(
     collection: str,
     k: int,
@@ -98,35 +112,46 @@ def neighbours(
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
     store = store or open_store(collection, modality)
-    index, doc = load_collection_index(collection, modality)
-    if index.ntotal != store.count:
-        raise CollectionError(
-            f"{collection}: the {modality} index holds {index.ntotal} vectors but the collection "
-            f"{store.count}; rebuild it with `python -m indices.build {collection}`"
-        )
-    depth = min(store.count, max(k + 1, int(doc.get("params", {}).get("rerank_k", 0)), 2 * k + 2))
+    index, doc = matching_index(collection, store, modality)
+    depth = search_depth(doc, store.count, k)
     out_ids = np.full((store.count, k), -1, dtype=np.int64)
     out_sims = np.full((store.count, k), np.nan, dtype=np.float32)
     for start, part in store.iter_parts():
         for lo in range(0, len(part), batch):
             q = np.ascontiguousarray(part[lo : lo + batch], dtype=np.float32)
-            qids = np.arange(start + lo, start + lo + len(q))
-            _, cand = index.search(q, depth)
-            cand = np.where(cand == qids[:, None], -1, cand)  # never one's own neighbour
-            flat = np.unique(cand[cand >= 0])
-            if not len(flat):  # a one-vector collection has no neighbours
-                continue
-            vecs = store.gather(flat)
-            pos = np.searchsorted(flat, np.maximum(cand, 0))
-            sims = np.einsum("qd,qkd->qk", q, vecs[pos])
-            sims[cand < 0] = -np.inf
-            order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
-            top_ids = np.take_along_axis(cand, order, axis=1)
-            top_sims = np.take_along_axis(sims, order, axis=1)
-            top_sims[top_ids < 0] = np.nan
-            out_ids[start + lo : start + lo + len(q), : order.shape[1]] = top_ids
-            out_sims[start + lo : start + lo + len(q), : order.shape[1]] = top_sims
+            top_ids, top_sims = search_batch(index, store, q, start + lo, depth, k)
+            out_ids[start + lo : start + lo + len(q), : top_ids.shape[1]] = top_ids
+            out_sims[start + lo : start + lo + len(q), : top_ids.shape[1]] = top_sims
     return out_ids, out_sims
+
+
+def search_depth(doc: dict[str, Any], count: int, k: int) -> int:
+    """How many index results to re-rank exactly for k neighbours: the index's tuned re-rank
+    depth, at least 2k + 2, at most the collection."""
+    return min(count, max(k + 1, int(doc.get("params", {}).get("rerank_k", 0)), 2 * k + 2))
+
+
+def search_batch(
+    index: Any, store: EmbeddingStore, q: np.ndarray, first: int, depth: int, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The k nearest other vectors of the queries `q` (float32, global ids first, first + 1,
+    ...): (ids, cosines), each (len(q), <= k), cosines recomputed exactly from the store and
+    sorted; -1 / NaN where there are fewer. One batch of `neighbours`, usable by a task."""
+    qids = np.arange(first, first + len(q))
+    _, cand = index.search(q, depth)
+    cand = np.where(cand == qids[:, None], -1, cand)  # never one's own neighbour
+    flat = np.unique(cand[cand >= 0])
+    if not len(flat):  # a one-vector collection has no neighbours
+        return np.full((len(q), 0), -1, np.int64), np.full((len(q), 0), np.nan, np.float32)
+    vecs = store.gather(flat)
+    pos = np.searchsorted(flat, np.maximum(cand, 0))
+    sims = np.einsum("qd,qkd->qk", q, vecs[pos])
+    sims[cand < 0] = -np.inf
+    order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    top_ids = np.take_along_axis(cand, order, axis=1)
+    top_sims = np.take_along_axis(sims, order, axis=1).astype(np.float32)
+    top_sims[top_ids < 0] = np.nan
+    return top_ids, top_sims
 
 
 def write_table(path: str, table: pa.Table) -> None:

@@ -28,10 +28,10 @@ def _no_pictures(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("a picture was read")
 
     for module, name in (
-        (pictures, "load_thumbnails"),
+        (pictures, "thumbnails"),
         (pictures, "read_images"),
-        (pictures, "shard_thumbnails"),
-        (dedup_stages, "load_thumbnails"),
+        (pictures, "check_pairs"),
+        (dedup_stages, "check_pairs"),
     ):
         monkeypatch.setattr(module, name, refuse)
 
@@ -83,7 +83,7 @@ def test_a_synthetic_collection_dedups_at_every_level(synthetic):
     assert copies["copies"]["candidate_pairs"] > 0 and copies["copies"]["pictures_read"] > 0
 
 
-def test_several_levels_at_once_equal_the_cumulative_chain(insight_collection):
+def test_several_levels_at_once_equal_the_cumulative_chain(insight_collection, tmp_path):
     coll = insight_collection["collection"]
     chain = dedup(coll, "semantic,exact,copies", eps=0.1, workers=0)
     assert chain["run"] == "exact-copies-semantic-eps0.1"
@@ -96,7 +96,7 @@ def test_several_levels_at_once_equal_the_cumulative_chain(insight_collection):
     store, ranks = open_store(coll, S.MODALITY_IMAGE), dedup_stages.keep_ranks(meta)
     links, local = dedup_stages.Links(meta.num_rows), lambda fn, args: [fn(*a) for a in args]
     dedup_stages.exact_stage(meta, ranks, links, store)
-    dedup_stages.copies_stage(coll, meta, ranks, links, store, local, 4)
+    dedup_stages.copies_stage(coll, meta, ranks, links, store, local, str(tmp_path / "work"))
     dedup_stages.semantic_stage(coll, ranks, links, store, 0.1, local, SemanticParams())
     keys = np.asarray(meta.column(S.KEY).to_pylist(), dtype=object)
     assert dedup_stages.duplicate_rows(links, keys).equals(

@@ -152,7 +152,7 @@ def _names(blob: bytes) -> list[str]:
 
 
 def test_thumbnails_and_the_copy_checks_pictures_from_s3_shards(made, s3_server):
-    from curation.pictures import load_thumbnails
+    from curation.pictures import thumbnails as thumbs_of
     from webui.thumbs import thumbnails
 
     local = read_metadata(made["local"]).to_pylist()[:12]
@@ -164,20 +164,15 @@ def test_thumbnails_and_the_copy_checks_pictures_from_s3_shards(made, s3_server)
     gone = thumbnails([dict(remote[0], source_shard=remote[0][S.SOURCE_SHARD] + ".missing")])
     assert gone[0].jpeg is None and "gone" in gone[0].why
 
-    def run(fn, args):
-        return [fn(*a) for a in args]
-
     def pictures(rows, ranged):
-        cols = {c: np.array([r[c] for r in rows], dtype=object) for c in I.COLUMNS}
-        extra = (cols[S.SOURCE_OFFSET], cols[S.SOURCE_SIZE], cols[S.SHA256]) if ranged else ()
-        return load_thumbnails(cols[S.KEY], cols[S.SOURCE_SHARD], range(len(rows)), run, *extra)
+        gone = {} if ranged else {S.SOURCE_OFFSET: None, S.SOURCE_SIZE: None}
+        return thumbs_of([{**{c: r[c] for c in I.COLUMNS}, **gone} for r in rows])
 
     expected = pictures(local, True)
-    assert len(expected) == len(local)
+    assert len(expected) == len(local) and all(t is not None for t in expected)
     for rows, ranged in ((remote, True), (remote, False)):
         got = pictures(rows, ranged)
-        assert sorted(got) == sorted(expected)
-        assert all(np.array_equal(got[i], expected[i]) for i in expected)
+        assert all(np.array_equal(g, e) for g, e in zip(got, expected, strict=True))
 
 
 def test_training_reads_an_s3_export(made, client, tmp_path):

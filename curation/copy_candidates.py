@@ -1,0 +1,187 @@
+"""Candidate pairs of the copies level, bounded per sample and kept as tables.
+
+Two sources propose pairs; neither decides (the pixel check of `curation.copies` does):
+
+- a banded perceptual-hash index: the 64-bit phash split into PHASH_MAX_DISTANCE + 1 bands, so
+  that two hashes within PHASH_MAX_DISTANCE bits agree exactly on at least one band
+  (pigeonhole); one task per band joins the rows on that band's value (DuckDB) and keeps the
+  pairs within the distance;
+- the image index's COPY_NEIGHBOURS nearest neighbours at cosine >= COPY_MIN_COSINE: one task
+  per embedding part searches the collection's index for that part's vectors.
+
+Every task reads its inputs from the run's work folder (`rows.parquet`: id, alive, phash and
+where each picture sits) and writes a parquet file; `plan_pairs` then writes the distinct pairs,
+with both pictures' locations, as one file per verdict task. The driver holds only file names
+and counts.
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+from typing import Any
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from collection import schema as S
+from collection.embeddings import EmbeddingStore
+from collection.storage import url_to_fs, write_json
+from curation.vectors import load_collection_index, search_batch, search_depth, write_table
+
+log = logging.getLogger(__name__)
+
+#: perceptual-hash pairs within this Hamming distance are candidates: 8 bands of 8 bits. At 20k
+#: generated samples 97-100% of re-encoded, resized and colour-shifted copies lie within it
+#: (crops: 6%, overlays: 49%, whatever the distance that keeps bands selective; the embedding
+#: neighbours carry those): `python -m bench.scale_copies`, key `copies.by_rows.*.planted`
+PHASH_MAX_DISTANCE = 7
+#: image-embedding neighbours of each sample proposed as candidates. Crops and overlays are
+#: what sieve-tiny ranks lowest: among 20k generated samples the original was within a planted
+#: copy's 10 / 20 / 30 nearest for 81 / 85 / 88% of crops and 71 / 75 / 77% of overlays, and
+#: the candidates (with the phash bands) held 94 / 95 / 96% of the planted pairs; each
+#: neighbour more costs a pixel check per sample (`python -m bench.scale_copies`, key
+#: `copies.by_rows.*.planted.among_candidates`)
+COPY_NEIGHBOURS = 20
+#: and their cosine floor: the 1% quantile of the planted copies' cosine to their originals
+#: (0.587 at 20k generated samples, sieve-tiny; `python -m bench.scale_copies`, key
+#: `copies.by_rows.*.planted.cosine_quantiles`), rounded down
+COPY_MIN_COSINE = 0.55
+#: candidate pairs per verdict task
+PAIRS_PER_TASK = 4000
+#: the columns of the rows table that say where a picture is (`collection.images.COLUMNS`)
+LOCATION = (S.SOURCE_SHARD, S.KEY, S.SOURCE_OFFSET, S.SOURCE_SIZE, S.SHA256)
+#: DuckDB's memory in one task: larger joins spill to its temporary folder
+DUCKDB_MEMORY = "1GB"
+
+
+def bands(max_distance: int = PHASH_MAX_DISTANCE) -> list[tuple[int, int]]:
+    """(shift, width) of each of max_distance + 1 contiguous bands covering the 64 bits, as
+    even as possible: hashes within max_distance bits differ in at most max_distance bands."""
+    count = max_distance + 1
+    if not 1 <= count <= 64:
+        raise ValueError(f"phash distance must be in 0..63, got {max_distance}")
+    widths = [64 // count + (b < 64 % count) for b in range(count)]
+    shifts = np.concatenate([[0], np.cumsum(widths)[:-1]])
+    return [(int(s), int(w)) for s, w in zip(shifts, widths)]
+
+
+def _connect() -> duckdb.DuckDBPyConnection:
+    # one thread: a task runs on one worker slot
+    return duckdb.connect(config={"threads": 1, "memory_limit": DUCKDB_MEMORY})
+
+
+def rows_table(meta: pa.Table, alive: np.ndarray) -> pa.Table:
+    """The work table every task reads: global id, alive (kept by the levels before), phash as a
+    64-bit integer (null when unknown) and the picture's location columns."""
+    n = meta.num_rows
+    mask = np.zeros(n, bool)
+    mask[alive] = True
+    cols: dict[str, Any] = {"id": pa.array(np.arange(n, dtype=np.int64)), "alive": mask}
+    phash = meta.column(S.PHASH) if S.PHASH in meta.column_names else pa.nulls(n, pa.string())
+    con = _connect()
+    con.register("p", pa.table({"h": phash}))
+    # an empty phash means unknown, as null does (check_phashes refused any other non-hex one)
+    cols["phash"] = con.sql(
+        "SELECT CASE WHEN length(h) = 16 THEN ('0x' || h)::UBIGINT END AS v FROM p"
+    ).to_arrow_table()["v"]
+    con.close()
+    for name in LOCATION:
+        cols[name] = meta.column(name) if name in meta.column_names else pa.nulls(n)
+    return pa.table(cols)
+
+
+def _read(path: str, columns: list[str] | None = None) -> pa.Table:
+    fs, p = url_to_fs(path)
+    with fs.open(p, "rb") as fh:
+        return pq.read_table(fh, columns=columns)
+
+
+def band_pairs(rows_path: str, out: str, shift: int, width: int, max_distance: int) -> int:
+    """One band's task: pairs (i < j) of alive rows equal on the band and within max_distance
+    bits, written to `out`; returns how many."""
+    rows = _read(rows_path, ["id", "alive", "phash"])
+    con = _connect()
+    con.register("rows", rows)
+    mask = (1 << width) - 1
+    table = con.sql(
+        f"""
+        WITH t AS (
+            SELECT id, phash, (phash >> {shift}) & {mask}::UBIGINT AS v
+            FROM rows WHERE alive AND phash IS NOT NULL
+        )
+        SELECT a.id AS i, b.id AS j FROM t a JOIN t b ON a.v = b.v AND a.id < b.id
+        WHERE bit_count(xor(a.phash, b.phash)) <= {int(max_distance)}
+        """
+    ).to_arrow_table()
+    con.close()
+    write_table(out, table)
+    return table.num_rows
+
+
+def knn_pairs(
+    collection: str, rows_path: str, out: str, part: int, k: int, min_cosine: float
+) -> int:
+    """One embedding part's task: pairs (i < j) of alive rows where one is among the other's k
+    nearest image-index neighbours at cosine >= min_cosine, written to `out`; returns how
+    many."""
+    store = EmbeddingStore.open(collection, S.MODALITY_IMAGE)
+    index, doc = load_collection_index(collection, S.MODALITY_IMAGE)
+    alive = _read(rows_path, ["alive"]).column(0).to_numpy(zero_copy_only=False)
+    depth = search_depth(doc, store.count, k)
+    start = int(store.offsets[part])
+    vectors = store.arrays[part]
+    found_i, found_j = [], []
+    for lo in range(0, vectors.shape[0], 2048):
+        q = np.ascontiguousarray(np.asarray(vectors[lo : lo + 2048]), dtype=np.float32)
+        ids, sims = search_batch(index, store, q, start + lo, depth, k)
+        rows = np.repeat(np.arange(start + lo, start + lo + len(q)), ids.shape[1])
+        cols, s = ids.ravel(), np.nan_to_num(sims.ravel(), nan=-1.0)
+        ok = (cols >= 0) & (s >= min_cosine)
+        ok[ok] &= alive[rows[ok]] & alive[cols[ok]]
+        found_i.append(np.minimum(rows[ok], cols[ok]))
+        found_j.append(np.maximum(rows[ok], cols[ok]))
+    i = np.concatenate(found_i) if found_i else np.zeros(0, np.int64)
+    j = np.concatenate(found_j) if found_j else np.zeros(0, np.int64)
+    write_table(out, pa.table({"i": i.astype(np.int64), "j": j.astype(np.int64)}))
+    return len(i)
+
+
+def plan_pairs(work: str, candidate_files: list[str], pairs_per_task: int) -> dict[str, int]:
+    """The distinct candidate pairs, ordered, each with both pictures' locations (columns
+    `a_...` and `b_...`), written as `pairs-{t}.parquet` per verdict task, then `plan.json`
+    (written last: its presence says the plan is complete). Returns {pairs, tasks}."""
+    rows = _read(posixpath.join(work, "rows.parquet"), ["id", *LOCATION])
+    cands = pa.concat_tables(
+        [_read(f).select(["i", "j"]) for f in candidate_files]
+        or [pa.table({"i": pa.array([], pa.int64()), "j": pa.array([], pa.int64())})]
+    )
+    con = _connect()
+    con.register("rows", rows)
+    con.register("cands", cands)
+    side = ", ".join(f"{t}.{c} AS {t}_{c}" for t in ("a", "b") for c in LOCATION)
+    table = con.sql(
+        f"""
+        WITH p AS (SELECT DISTINCT i, j FROM cands)
+        SELECT p.i, p.j, {side} FROM p
+        JOIN rows a ON a.id = p.i JOIN rows b ON b.id = p.j
+        ORDER BY p.i, p.j
+        """
+    ).to_arrow_table()
+    con.close()
+    tasks = -(-table.num_rows // pairs_per_task)
+    for t in range(tasks):
+        write_table(pair_file(work, t), table.slice(t * pairs_per_task, pairs_per_task))
+    plan = {"pairs": table.num_rows, "tasks": tasks}
+    write_json(posixpath.join(work, "plan.json"), plan)
+    return plan
+
+
+def pair_file(work: str, task: int) -> str:
+    return posixpath.join(work, f"pairs-{task:05d}.parquet")
+
+
+def verdict_file(work: str, task: int) -> str:
+    return posixpath.join(work, f"verdict-{task:05d}.parquet")
