@@ -81,6 +81,58 @@ def load_collection_index(
     return index, doc
 
 
+def check_index(collection: str, modality: str, count: int) -> dict[str, Any]:
+    """The index's json, without loading the index: CollectionError naming the build command
+    when it is missing or holds another number of vectors than the collection."""
+    layout = S.CollectionLayout(collection)
+    doc = read_json(layout.index_json(modality))
+    fs, fpath = url_to_fs(layout.index(modality))
+    if doc is None or not fs.exists(fpath):
+        raise CollectionError(
+            f"{collection} has no {modality} index; "
+            f"build it with `python -m indices.build {collection}`"
+        )
+    if doc.get("count") is not None and int(doc["count"]) != count:
+        raise CollectionError(
+            f"{collection}: the {modality} index holds {doc['count']} vectors but the collection "
+            f"{count}; rebuild it with `python -m indices.build {collection}`"
+        )
+    return doc
+
+
+def search_depth(doc: dict[str, Any], k: int, count: int) -> int:
+    """Candidates asked of the index per query: as deep as its re-rank depth, at least 2k + 2."""
+    return min(count, max(k + 1, int(doc.get("params", {}).get("rerank_k", 0)), 2 * k + 2))
+
+
+def block_neighbours(
+    index: Any, store: EmbeddingStore, q: np.ndarray, start: int, k: int, depth: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The k nearest other vectors of the rows q (global ids start, start + 1, ...): candidates
+    from the index, similarities recomputed exactly and sorted. Rows with fewer than k others
+    hold -1 and NaN."""
+    q = np.ascontiguousarray(q, dtype=np.float32)
+    out_ids = np.full((len(q), k), -1, dtype=np.int64)
+    out_sims = np.full((len(q), k), np.nan, dtype=np.float32)
+    qids = np.arange(start, start + len(q))
+    _, cand = index.search(q, depth)
+    cand = np.where(cand == qids[:, None], -1, cand)  # never one's own neighbour
+    flat = np.unique(cand[cand >= 0])
+    if not len(flat):  # a one-vector collection has no neighbours
+        return out_ids, out_sims
+    vecs = store.gather(flat)
+    pos = np.searchsorted(flat, np.maximum(cand, 0))
+    sims = np.einsum("qd,qkd->qk", q, vecs[pos])
+    sims[cand < 0] = -np.inf
+    order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    top_ids = np.take_along_axis(cand, order, axis=1)
+    top_sims = np.take_along_axis(sims, order, axis=1)
+    top_sims[top_ids < 0] = np.nan
+    out_ids[:, : order.shape[1]] = top_ids
+    out_sims[:, : order.shape[1]] = top_sims
+    return out_ids, out_sims
+
+
 def neighbours(
     collection: str,
     k: int,
@@ -89,7 +141,7 @@ def neighbours(
     batch: int = 2048,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Every vector's k nearest other vectors through the collection's index: (ids, cosines),
-    each (n, k).
+    each (n, k) (`block_neighbours` on every part; the uniqueness job runs it per part).
 
     Candidates come from the index (searched at its tuned parameters, as deep as its re-rank
     depth), similarities are recomputed exactly from the embeddings and sorted; a vector is
@@ -104,28 +156,15 @@ def neighbours(
             f"{collection}: the {modality} index holds {index.ntotal} vectors but the collection "
             f"{store.count}; rebuild it with `python -m indices.build {collection}`"
         )
-    depth = min(store.count, max(k + 1, int(doc.get("params", {}).get("rerank_k", 0)), 2 * k + 2))
+    depth = search_depth(doc, k, store.count)
     out_ids = np.full((store.count, k), -1, dtype=np.int64)
     out_sims = np.full((store.count, k), np.nan, dtype=np.float32)
     for start, part in store.iter_parts():
         for lo in range(0, len(part), batch):
-            q = np.ascontiguousarray(part[lo : lo + batch], dtype=np.float32)
-            qids = np.arange(start + lo, start + lo + len(q))
-            _, cand = index.search(q, depth)
-            cand = np.where(cand == qids[:, None], -1, cand)  # never one's own neighbour
-            flat = np.unique(cand[cand >= 0])
-            if not len(flat):  # a one-vector collection has no neighbours
-                continue
-            vecs = store.gather(flat)
-            pos = np.searchsorted(flat, np.maximum(cand, 0))
-            sims = np.einsum("qd,qkd->qk", q, vecs[pos])
-            sims[cand < 0] = -np.inf
-            order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
-            top_ids = np.take_along_axis(cand, order, axis=1)
-            top_sims = np.take_along_axis(sims, order, axis=1)
-            top_sims[top_ids < 0] = np.nan
-            out_ids[start + lo : start + lo + len(q), : order.shape[1]] = top_ids
-            out_sims[start + lo : start + lo + len(q), : order.shape[1]] = top_sims
+            q = part[lo : lo + batch]
+            ids, sims = block_neighbours(index, store, q, start + lo, k, depth)
+            out_ids[start + lo : start + lo + len(q)] = ids
+            out_sims[start + lo : start + lo + len(q)] = sims
     return out_ids, out_sims
 
 
