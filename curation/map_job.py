@@ -25,7 +25,7 @@ from collection.storage import file_signature, url_to_fs, write_bytes
 from curation.vector_jobs import (
     Runner,
     TaskFolder,
-    check_metadata,
+    check_parts,
     concat_outputs,
     part_params,
     task_folder,
@@ -241,8 +241,8 @@ def map_job(
 ) -> dict[str, Any]:
     """Write `path` (map/{modality}.parquet); return the counts and timings for the report."""
     neighbours = PLACE_NEIGHBOURS
+    check_parts(collection, modality)
     store = open_store(collection, modality)
-    check_metadata(collection, store.parts)
     n = store.count
     counts = np.diff(store.offsets).tolist()
     params = {

@@ -29,7 +29,7 @@ from curation.semdedup import EPS_TABLE, SemanticParams, assign, group_links, km
 from curation.vector_jobs import (
     Runner,
     TaskFolder,
-    check_metadata,
+    check_parts,
     part_params,
     stream_query,
     task_folder,
@@ -200,8 +200,8 @@ def semantic_run(
     """SemDeDup alone on the whole collection: write dedup/{run}/duplicates.parquet and
     report.json (the keys `curation.dedup.dedup` writes) and return the report."""
     started = time.time()
+    check_parts(collection, S.MODALITY_IMAGE)
     store = open_store(collection, S.MODALITY_IMAGE)
-    check_metadata(collection, store.parts)
     n = store.count
     layout = S.InsightLayout(collection)
     path = layout.duplicates(run)

@@ -19,7 +19,7 @@ from collection.storage import file_signature
 from curation.vector_jobs import (
     Runner,
     TaskFolder,
-    check_metadata,
+    check_parts,
     part_params,
     scalar,
     stream_query,
@@ -119,8 +119,8 @@ def uniqueness_job(
     workers: int | None = None,
 ) -> dict[str, Any]:
     """Write `path` (uniqueness.parquet) through one task per part; return counts for the report."""
+    check_parts(collection, modality)
     store = open_store(collection, modality)
-    check_metadata(collection, store.parts)
     doc = check_index(collection, modality, store.count)
     depth = search_depth(doc, k, store.count)
     counts = np.diff(store.offsets).tolist()

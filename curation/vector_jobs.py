@@ -171,17 +171,20 @@ def part_params(collection: str, counts: Sequence[int]) -> dict[str, Any]:
     return {"parts": complete_parts(collection), "counts": [int(c) for c in counts]}
 
 
-def check_metadata(collection: str, parts: Sequence[int]) -> None:
-    """CollectionError naming the first complete part without its metadata file."""
+def check_parts(collection: str, modality: str) -> list[int]:
+    """The complete parts, each checked for its metadata and `modality` embeddings: a missing file
+    is a CollectionError naming it, its part and what to run (before any task starts)."""
     layout = S.CollectionLayout(collection)
-    fs, _ = url_to_fs(layout.metadata_dir)
+    parts = complete_parts(collection)
     for n in parts:
-        path = layout.metadata(n)
-        if not fs.exists(url_to_fs(path)[1]):
-            raise CollectionError(
-                f"{path}: missing metadata of complete part {n}; "
-                f"run `python -m pipelines.embed` again for {collection}"
-            )
+        for what, path in (("metadata", layout.metadata(n)), (modality, layout.emb(modality, n))):
+            fs, p = url_to_fs(path)
+            if not fs.exists(p):
+                raise CollectionError(
+                    f"{path}: missing {what} of part {n}, which {layout.done(n)} marks complete; "
+                    "remove that marker and run `python -m pipelines.embed` again to remake it"
+                )
+    return parts
 
 
 def connect(scratch: str) -> duckdb.DuckDBPyConnection:
@@ -244,7 +247,7 @@ def scalar(folder: TaskFolder, names: Sequence[str], sql: Callable[[str], str]) 
         listing = "[" + ", ".join("'" + f.replace("'", "''") + "'" for f in files) + "]"
         con = connect(os.path.join(scratch, "spill"))
         try:
-            return con.sql(sql(listing)).fetchone()[0]
+            return con.execute(sql(listing)).fetchone()[0]
         finally:
             con.close()
 
