@@ -30,7 +30,7 @@ from curation.vector_jobs import (
     part_params,
     task_folder,
 )
-from curation.vectors import open_store
+from curation.vectors import open_store, read_rows
 
 log = logging.getLogger(__name__)
 
@@ -260,7 +260,7 @@ def map_job(
         rng = np.random.default_rng(max(seed, 0))
         # a sample of ids drawn without materialising all n (numpy's set-based draw for small ones)
         sample_ids = np.sort(rng.choice(n, size=min(n, sample), replace=False))
-        sample_x = store.gather(sample_ids)
+        sample_x = read_rows(store, sample_ids)
         t0 = time.time()
         sample_xy, reducer = layout(sample_x, None if seed < 0 else seed)
         seconds = round(time.time() - t0, 3)

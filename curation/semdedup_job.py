@@ -34,7 +34,7 @@ from curation.vector_jobs import (
     stream_query,
     task_folder,
 )
-from curation.vectors import open_store
+from curation.vectors import open_store, read_rows
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +213,7 @@ def semantic_run(
         # as `semdedup.root_groups` draws it, without materialising all n ids
         sample = np.sort(rng.choice(n, size=min(n, k * params.points_per_centroid), replace=False))
         buf = io.BytesIO()
-        np.save(buf, kmeans(store.gather(sample), k, params))
+        np.save(buf, kmeans(read_rows(store, sample), k, params))
         write_bytes(_centroids_path(folder), buf.getvalue())
         folder.finish(CENTROIDS, {"groups": k})
     parts = [f"assign_{p:05d}" for p in store.parts]

@@ -186,6 +186,7 @@ def test_the_drivers_memory_does_not_grow_with_the_rows(tmp_path, scheduler):
                 check=True,
             )
             peaks.append(json.loads(out.stdout.strip().splitlines()[-1])["after"] / 1024)
+        print(stage, peaks, vectors_mb)
         assert peaks[1] / peaks[0] < 1.25, (stage, peaks)
         assert peaks[1] - peaks[0] < vectors_mb / 2, (stage, peaks, vectors_mb)
 
