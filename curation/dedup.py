@@ -52,6 +52,7 @@ from curation.dedup_stages import (  # noqa: F401 - COPY_MIN_COSINE, keep_ranks:
     semantic_stage,
 )
 from curation.semdedup import SemanticParams, check_eps
+from curation.semdedup_job import semantic_run
 from curation.vectors import ids_of, open_store, read_keys, read_table, write_table
 from models.runtime import cores, progress, setup_logging
 
@@ -110,6 +111,8 @@ def dedup(
     levels = S.dedup_levels(level)
     check_eps(eps)
     run = run or S.dedup_run_name(levels, eps)
+    if levels == (S.LEVEL_SEMANTIC,):  # alone: tasks all through, nothing per sample here
+        return semantic_run(collection, eps, run, scheduler, workers, params)
     started = time.time()
     store = open_store(collection, S.MODALITY_IMAGE)
     meta = read_metadata(

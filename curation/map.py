@@ -22,93 +22,26 @@ import logging
 import time
 from typing import Any, Sequence
 
-import faiss
 import numpy as np
 import pyarrow as pa
 
 from collection import schema as S
 from collection.parts import CollectionError
 from collection.storage import write_json
-from curation.vectors import open_store, read_keys, read_table, write_table
+from curation.map_job import (  # noqa: F401 - layout, place_nearest: public names
+    PLACE_NEIGHBOURS,
+    layout,
+    map_job,
+    place_nearest,
+)
+from curation.vectors import read_table
 from models.runtime import setup_logging
 
 log = logging.getLogger(__name__)
 
 MAP_SAMPLE = 100_000
 DEFAULT_CLUSTERS = 16
-#: sampled neighbours that place an unsampled point (nearest placement)
-PLACE_NEIGHBOURS = 5
 PLACEMENTS = ("nearest", "transform")
-
-
-def _umap(seed: int | None, n_neighbors: int, min_dist: float) -> Any:
-    import umap  # noqa: E402 - heavy (numba compiles on first import): only when a layout is made
-
-    # a seed makes the layout reproducible; umap then runs single-threaded
-    return umap.UMAP(
-        n_components=2,
-        n_neighbors=n_neighbors,
-        min_dist=min_dist,
-        metric="cosine",
-        random_state=seed,
-        n_jobs=1 if seed is not None else -1,
-        low_memory=True,
-    )
-
-
-def layout(
-    x: np.ndarray, seed: int | None = 0, n_neighbors: int = 15, min_dist: float = 0.1
-) -> tuple[np.ndarray, Any]:
-    """(n, 2) float32 UMAP coordinates of the rows of x, and the fitted reducer."""
-    if len(x) < 3:
-        return np.zeros((len(x), 2), np.float32), None
-    reducer = _umap(seed, min(n_neighbors, len(x) - 1), min_dist)
-    return np.asarray(
-        reducer.fit_transform(np.ascontiguousarray(x, dtype=np.float32)), np.float32
-    ), reducer
-
-
-def place_nearest(
-    sample_x: np.ndarray, sample_xy: np.ndarray, x: np.ndarray, k: int = PLACE_NEIGHBOURS
-) -> np.ndarray:
-    """Positions for rows of x: the similarity-weighted mean position of their k nearest
-    sampled rows."""
-    index = faiss.IndexFlatIP(sample_x.shape[1])
-    index.add(np.ascontiguousarray(sample_x, dtype=np.float32))
-    sims, nn = index.search(np.ascontiguousarray(x, dtype=np.float32), min(k, len(sample_x)))
-    w = np.maximum(sims, 1e-6)
-    return (np.einsum("nk,nkd->nd", w, sample_xy[nn]) / w.sum(axis=1, keepdims=True)).astype(
-        np.float32
-    )
-
-
-def _clusters(
-    vectors: Any,
-    sample_ids: np.ndarray,
-    sample_x: np.ndarray,
-    n: int,
-    k: int,
-    seed: int,
-    batch: int,
-) -> np.ndarray:
-    k = max(1, min(k, len(sample_ids)))
-    km = faiss.Kmeans(
-        sample_x.shape[1],
-        k,
-        niter=20,
-        spherical=True,
-        seed=max(seed, 0),
-        verbose=False,
-        min_points_per_centroid=1,
-    )
-    km.train(np.ascontiguousarray(sample_x, dtype=np.float32))
-    index = faiss.IndexFlatIP(sample_x.shape[1])
-    index.add(km.centroids)
-    labels = np.empty(n, np.int32)
-    for lo in range(0, n, batch):
-        ids = np.arange(lo, min(n, lo + batch))
-        labels[ids] = index.search(vectors.gather(ids), 1)[1][:, 0]
-    return labels
 
 
 def compute_map(
@@ -119,67 +52,44 @@ def compute_map(
     place: str = "nearest",
     seed: int = 0,
     batch: int = 65536,
+    scheduler: str | None = None,
+    workers: int | None = None,
 ) -> dict[str, Any]:
-    """Lay out the collection; write map/{modality}.parquet and .json; return the report."""
+    """Lay out the collection; write map/{modality}.parquet and .json; return the report.
+
+    The sample's layout is made here; every part is placed by one Dask task (a LocalCluster of
+    `workers` processes, the cluster at `scheduler`, or with `workers=0` this process)."""
     if place not in PLACEMENTS:
         raise ValueError(f"place must be one of {list(PLACEMENTS)}, got {place!r}")
     if sample < 3:
         raise ValueError(f"sample must be at least 3, got {sample}")
     started = time.time()
-    store = open_store(collection, modality)
-    n = store.count
-    keys = read_keys(collection)  # before the layout: a missing part fails at once
-    if len(keys) != n:
-        raise CollectionError(f"{collection}: {len(keys)} embedded rows but {n} {modality} vectors")
-    rng = np.random.default_rng(max(seed, 0))
-    sample_ids = np.sort(rng.choice(n, size=min(n, sample), replace=False))
-    sample_x = store.gather(sample_ids)
-    t0 = time.time()
-    sample_xy, reducer = layout(sample_x, None if seed < 0 else seed)
-    layout_seconds = time.time() - t0
-    xy = np.empty((n, 2), np.float32)
-    xy[sample_ids] = sample_xy
-    rest = np.setdiff1d(np.arange(n), sample_ids)
-    t0 = time.time()
-    for lo in range(0, len(rest), batch):
-        ids = rest[lo : lo + batch]
-        x = store.gather(ids)
-        xy[ids] = (
-            reducer.transform(x)
-            if place == "transform" and reducer is not None
-            else place_nearest(sample_x, sample_xy, x)
-        )
-    place_seconds = time.time() - t0
-    labels = _clusters(store, sample_ids, sample_x, n, clusters, seed, batch)
-    layout_ = S.InsightLayout(collection)
-    path = layout_.map(modality)
-    write_table(
-        path,
-        pa.table(
-            {
-                S.KEY: pa.array(list(keys), pa.string()),
-                S.MAP_X: pa.array(xy[:, 0]),
-                S.MAP_Y: pa.array(xy[:, 1]),
-                S.MAP_CLUSTER: pa.array(labels),
-            }
-        ),
+    path = S.InsightLayout(collection).map(modality)
+    done = map_job(
+        collection, modality, sample, clusters, place, seed, batch, path, scheduler, workers
     )
     report = {
         "path": path,
         "modality": modality,
-        "samples": n,
-        "laid_out": int(len(sample_ids)),
-        "placed": int(len(rest)),
+        "samples": done["samples"],
+        "laid_out": done["laid_out"],
+        "placed": done["placed"],
         "place": place,
-        "clusters": int(labels.max() + 1) if n else 0,
+        "clusters": done["clusters"],
         "seed": seed,
-        "layout_seconds": round(layout_seconds, 3),
-        "place_seconds": round(place_seconds, 3),
+        "layout_seconds": done["layout_seconds"],
+        "place_seconds": done["place_seconds"],
+        "tasks": done["tasks"],
+        "tasks_run": done["tasks_run"],
         "seconds": round(time.time() - started, 3),
     }
     write_json(path.removesuffix(".parquet") + ".json", report)
     log.info(
-        "%s: map of %d samples (%d laid out by UMAP) -> %s", collection, n, len(sample_ids), path
+        "%s: map of %d samples (%d laid out by UMAP) -> %s",
+        collection,
+        done["samples"],
+        done["laid_out"],
+        path,
     )
     return report
 
@@ -287,11 +197,31 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--seed", type=int, default=0, help="layout seed (-1: unseeded, multi-threaded UMAP)"
     )
+    p.add_argument(
+        "--scheduler", default=None, help="Dask scheduler address (default: a LocalCluster)"
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="LocalCluster workers (default: one per core; 0: no Dask)",
+    )
     a = p.parse_args(argv)
     setup_logging()
     try:
         print(
-            json.dumps(compute_map(a.collection, a.modality, a.sample, a.clusters, a.place, a.seed))
+            json.dumps(
+                compute_map(
+                    a.collection,
+                    a.modality,
+                    a.sample,
+                    a.clusters,
+                    a.place,
+                    a.seed,
+                    scheduler=a.scheduler,
+                    workers=a.workers,
+                )
+            )
         )
     except (ValueError, FileNotFoundError) as exc:  # bad input: one line, no traceback
         p.error(str(exc))

@@ -73,7 +73,7 @@ def open_vectors(source: Any) -> Any:
     return source
 
 
-def _kmeans(x: np.ndarray, k: int, params: SemanticParams) -> np.ndarray:
+def kmeans(x: np.ndarray, k: int, params: SemanticParams) -> np.ndarray:
     """Spherical k-means centroids (faiss), trained on at most k * points_per_centroid of x."""
     km = faiss.Kmeans(
         x.shape[1],
@@ -89,7 +89,8 @@ def _kmeans(x: np.ndarray, k: int, params: SemanticParams) -> np.ndarray:
     return km.centroids
 
 
-def _assign(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+def assign(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """Each row's nearest centroid (inner product)."""
     index = faiss.IndexFlatIP(centroids.shape[1])
     index.add(centroids)
     return index.search(np.ascontiguousarray(x, dtype=np.float32), 1)[1][:, 0]
@@ -107,10 +108,10 @@ def root_groups(
     sample = np.sort(
         rng.choice(ids, size=min(len(ids), k * params.points_per_centroid), replace=False)
     )
-    centroids = _kmeans(vectors.gather(sample), k, params)
+    centroids = kmeans(vectors.gather(sample), k, params)
     labels = np.concatenate(
         [
-            _assign(vectors.gather(ids[lo : lo + batch]), centroids)
+            assign(vectors.gather(ids[lo : lo + batch]), centroids)
             for lo in range(0, len(ids), batch)
         ]
     )
@@ -123,7 +124,7 @@ def _leaves(x: np.ndarray, members: np.ndarray, params: SemanticParams) -> list[
     if len(members) <= 2 * params.leaf_size:
         return [members]
     k = min(params.branch, math.ceil(len(members) / params.leaf_size))
-    labels = _assign(x[members], _kmeans(x[members], k, params))
+    labels = assign(x[members], kmeans(x[members], k, params))
     parts = [members[labels == c] for c in range(k) if np.any(labels == c)]
     if len(parts) == 1:  # k-means cannot split (identical vectors): compare them all
         return [members]

@@ -22,7 +22,8 @@ import pyarrow as pa
 
 from collection import schema as S
 from collection.storage import write_json
-from curation.vectors import neighbours, open_store, read_keys, read_table, write_table
+from curation.uniqueness_job import uniqueness_job
+from curation.vectors import read_table
 from models.runtime import setup_logging
 
 log = logging.getLogger(__name__)
@@ -46,40 +47,38 @@ def uniqueness_scores(kth_distance: np.ndarray) -> np.ndarray:
 
 
 def compute_uniqueness(
-    collection: str, k: int = DEFAULT_K, modality: str = S.MODALITY_IMAGE
+    collection: str,
+    k: int = DEFAULT_K,
+    modality: str = S.MODALITY_IMAGE,
+    scheduler: str | None = None,
+    workers: int | None = None,
 ) -> dict[str, Any]:
-    """Compute and write uniqueness.parquet; return a small report."""
+    """Compute and write uniqueness.parquet (one Dask task per part: a LocalCluster of `workers`
+    processes, the cluster at `scheduler`, or with `workers=0` this process); return a small
+    report."""
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
     started = time.time()
-    store = open_store(collection, modality)
-    keys = read_keys(collection)  # before the search: a missing part fails at once
-    _, sims = neighbours(collection, k, modality, store)
-    kth = np.maximum(1.0 - sims[:, k - 1], 0.0).astype(
-        np.float32
-    )  # float16 copies can exceed cosine 1
-    score = uniqueness_scores(kth)
-    table = pa.table(
-        {
-            S.KEY: pa.array(list(keys), pa.string()),
-            S.ID: pa.array(np.arange(len(keys)), pa.int64()),
-            S.UNIQUENESS: pa.array(score, pa.float32()),
-            S.KTH_DISTANCE: pa.array(kth, pa.float32()),
-        }
-    )
     path = S.InsightLayout(collection).uniqueness
-    write_table(path, table)
+    done = uniqueness_job(collection, k, modality, path, scheduler, workers)
     report = {
         "path": path,
-        "samples": len(keys),
+        "samples": done["samples"],
         "k": k,
         "modality": modality,
-        "median_kth_distance": float(np.nanmedian(kth)) if len(kth) else None,
+        "median_kth_distance": done["median_kth_distance"],
+        "tasks": done["tasks"],
+        "tasks_run": done["tasks_run"],
         "seconds": round(time.time() - started, 3),
     }
     write_json(path.removesuffix(".parquet") + ".json", report)
     log.info(
-        "%s: uniqueness of %d samples (k=%d, %s) -> %s", collection, len(keys), k, modality, path
+        "%s: uniqueness of %d samples (k=%d, %s) -> %s",
+        collection,
+        done["samples"],
+        k,
+        modality,
+        path,
     )
     return report
 
@@ -103,10 +102,19 @@ def main(argv: list[str] | None = None) -> None:
         "--k", type=int, default=DEFAULT_K, help="which neighbour's distance measures rarity"
     )
     p.add_argument("--modality", default=S.MODALITY_IMAGE, choices=S.MODALITIES)
+    p.add_argument(
+        "--scheduler", default=None, help="Dask scheduler address (default: a LocalCluster)"
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="LocalCluster workers (default: one per core; 0: no Dask)",
+    )
     a = p.parse_args(argv)
     setup_logging()
     try:
-        print(json.dumps(compute_uniqueness(a.collection, a.k, a.modality)))
+        print(json.dumps(compute_uniqueness(a.collection, a.k, a.modality, a.scheduler, a.workers)))
     except (ValueError, FileNotFoundError) as exc:  # bad input: one line, no traceback
         p.error(str(exc))
 

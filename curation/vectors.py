@@ -6,6 +6,7 @@ one line that says which command makes it.
 from __future__ import annotations
 
 import io
+import os
 from typing import Any, Sequence
 
 import faiss
@@ -15,7 +16,7 @@ import pyarrow.parquet as pq
 
 from collection import schema as S
 from collection.embeddings import EmbeddingStore
-from collection.parts import CollectionError, complete_parts, read_metadata
+from collection.parts import CollectionError, by_part, complete_parts, read_metadata
 from collection.storage import is_local, read_json, url_to_fs, write_bytes
 from indices.build import load_index
 from indices.tune import set_search_params
@@ -39,6 +40,29 @@ def open_store(collection: str, modality: str = S.MODALITY_IMAGE) -> EmbeddingSt
     if store.count == 0:
         raise CollectionError(f"{collection}: no {modality} embeddings to work on")
     return store
+
+
+def read_rows(store: EmbeddingStore, ids: np.ndarray) -> np.ndarray:
+    """float32 vectors of `ids`, as `store.gather` gives them, but local parts are read with
+    pread, not through their memory maps: a driver sampling rows across the collection would
+    otherwise map, and count in its RSS, the pages the kernel reads ahead around each row."""
+    ids = np.asarray(ids, dtype=np.int64)
+    out = np.empty((len(ids), store.dim), np.float32)
+    for p, sel, rows in by_part(store.offsets, ids):
+        arr = store.arrays[p]
+        if not isinstance(arr, np.memmap) or not arr.flags.c_contiguous:
+            out[sel] = store.gather(ids[sel])
+            continue
+        size = arr.shape[1] * arr.dtype.itemsize
+        order = np.argsort(rows)  # in file order
+        buf = np.empty((len(rows), arr.shape[1]), arr.dtype)
+        with open(arr.filename, "rb") as fh:
+            for i, r in enumerate(rows[order]):
+                buf[i] = np.frombuffer(
+                    os.pread(fh.fileno(), size, arr.offset + int(r) * size), arr.dtype
+                )
+        out[sel[order]] = buf
+    return out
 
 
 def read_keys(collection: str) -> np.ndarray:
@@ -95,6 +119,25 @@ def matching_index(
     return index, doc
 
 
+def check_index(collection: str, modality: str, count: int) -> dict[str, Any]:
+    """The index's json, without loading the index: CollectionError naming the build command
+    when it is missing or holds another number of vectors than the collection."""
+    layout = S.CollectionLayout(collection)
+    doc = read_json(layout.index_json(modality))
+    fs, fpath = url_to_fs(layout.index(modality))
+    if doc is None or not fs.exists(fpath):
+        raise CollectionError(
+            f"{collection} has no {modality} index; "
+            f"build it with `python -m indices.build {collection}`"
+        )
+    if doc.get("count") is not None and int(doc["count"]) != count:
+        raise CollectionError(
+            f"{collection}: the {modality} index holds {doc['count']} vectors but the collection "
+            f"{count}; rebuild it with `python -m indices.build {collection}`"
+        )
+    return doc
+
+
 def neighbours(
     collection: str,
     k: int,
@@ -103,7 +146,7 @@ def neighbours(
     batch: int = 2048,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Every vector's k nearest other vectors through the collection's index: (ids, cosines),
-    each (n, k).
+    each (n, k) (`block_neighbours` on every part; the uniqueness job runs it per part).
 
     Candidates come from the index (searched at its tuned parameters, as deep as its re-rank
     depth), similarities are recomputed exactly from the embeddings and sorted; a vector is
