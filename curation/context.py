@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -23,7 +23,9 @@ from collection.takedown import Takedown
 from curation.catalog import Catalog, SqlError
 from curation.spec import SpecError
 from curation.vectors import load_collection_index
-from models.clip import Clip, load_clip
+
+if TYPE_CHECKING:  # annotations only: torch loads where a model is loaded
+    from models.clip import Clip
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +164,10 @@ class Context:
     def clip(self) -> Clip:
         """The collection's CLIP model (collection.json's spec), loaded on first use."""
         if self.encoder is None:
+            # torch and open_clip only when no encoder was given (the web UI passes its
+            # encoder process's client, so its own process never loads them)
+            from models.clip import load_clip
+
             self.encoder = load_clip(self.clip_model)
         return self.encoder
 

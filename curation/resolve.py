@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
@@ -31,7 +31,9 @@ from curation.spec import (
     read_spec,
     stable_hash,
 )
-from models.clip import Clip
+
+if TYPE_CHECKING:  # annotations only: resolving loads no model unless a clause needs one
+    from models.clip import Clip
 
 log = logging.getLogger(__name__)
 
