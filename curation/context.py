@@ -81,11 +81,19 @@ class Context:
         if not self.untrusted:
             return ids_array(self.query(sql, what)[S.ID].to_numpy(zero_copy_only=False))
         if self._guarded is None:
-            self._guarded = Catalog(self.collection, untrusted=True, row_cap=len(self.base) + 1)
+            # above every row the collection has (collection.json's count, else the embedded
+            # rows): an incremental resolve that starts from cached rows never reads `base`
+            rows = int(self.info.get("count") or 0) or len(self.base)
+            self._guarded = Catalog(self.collection, untrusted=True, row_cap=rows + 1)
         try:
             result = self._guarded.query(sql)
         except SqlError as exc:
             raise SpecError(f"{self.source}: {what}: {exc}") from None
+        if result.truncated and self.info.get("count"):  # a stale count: size the cap by the rows
+            self._guarded.close()
+            self._guarded = Catalog(self.collection, untrusted=True, row_cap=len(self.base) + 1)
+            self.info = {**self.info, "count": None}
+            return self.where_ids(where, what)
         if result.truncated:
             raise SpecError(
                 f"{self.source}: {what}: more rows than the collection has embedded ones"
