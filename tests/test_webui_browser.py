@@ -9,6 +9,7 @@ is a failure. `SIEVE_UI_SCREENSHOTS=docs` also writes the screenshots the README
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -57,10 +58,12 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(demo_collection, tmp_path_factory):
-    """`streamlit run webui/app.py -- --collection DEMO` on a free port;
-    its log kept for failures."""
+    """`streamlit run webui/app.py -- --collection DEMO` on a free port, on a copy of the demo
+    collection (the Subset page writes its draft there); its log kept for failures."""
     port = _free_port()
     log = tmp_path_factory.mktemp("streamlit") / "server.log"
+    coll = str(log.parent / "collection")
+    shutil.copytree(demo_collection["demo/collection"], coll)
     cmd = [
         sys.executable,
         "-m",
@@ -77,7 +80,7 @@ def server(demo_collection, tmp_path_factory):
         "false",
         "--",
         "--collection",
-        demo_collection["demo/collection"],
+        coll,
     ]
     with open(log, "w") as fh:
         proc = subprocess.Popen(

@@ -5,7 +5,10 @@ for its whole life for the few milliseconds a query takes to encode. So the app 
 encoder process per CLIP spec (on first use) and talks to it over a Unix socket
 (`multiprocessing.connection`, a random key per app): `EncoderClient` has the two methods search,
 kNN clauses and concepts call (`encode_texts`, `encode_images`), so it stands in for a `Clip`
-anywhere, and the app's own process never imports torch. The encoder process exits with the app.
+anywhere, and the app's own process never imports torch. Scoring a whole collection with a
+concept (`curation.concept_probe.score_collection`: torch's half-precision kernels over every
+embedding) runs there too, so the app neither loads torch nor pages in the embeddings for it.
+The encoder process exits with the app.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from curation.concept_probe import Concept, score_collection
 from models.runtime import setup_logging
 
 log = logging.getLogger(__name__)
@@ -144,6 +148,10 @@ class EncoderClient:
         """L2-normalised float32 embeddings of PIL images, one row each."""
         return self._ask(("images", [im.convert("RGB") for im in images]))
 
+    def score_collection(self, collection: str, concept: Concept) -> np.ndarray:
+        """`curation.concept_probe.score_collection`, run in the encoder process."""
+        return self._ask(("score", (collection, concept)))
+
 
 # ---- the encoder process -----------------------------------------------------------------
 def _serve_one(conn: Connection, clip: Any, lock: threading.Lock) -> None:
@@ -153,6 +161,9 @@ def _serve_one(conn: Connection, clip: Any, lock: threading.Lock) -> None:
         except (EOFError, OSError):
             return
         try:
+            if what == "score":  # no model: beside the encodes, not after them
+                conn.send((True, score_collection(*payload)))
+                continue
             with lock:
                 if what == "dim":
                     answer: Any = clip.dim
@@ -164,7 +175,7 @@ def _serve_one(conn: Connection, clip: Any, lock: threading.Lock) -> None:
                     raise ValueError(f"unknown request {what!r}")
             conn.send((True, answer))
         except (ValueError, RuntimeError, TypeError, OSError) as exc:
-            conn.send((False, f"CLIP encoder: {exc}"))
+            conn.send((False, f"{exc}" if what == "score" else f"CLIP encoder: {exc}"))
 
 
 def _exit_with_parent(parent: int) -> None:

@@ -21,16 +21,17 @@ import yaml
 from collection import schema as S
 from curation.clauses import CLAUSES
 from curation.concept_probe import saved_concepts
-from curation.export import export
+from curation.export_job import run_export
 from curation.export_shard import ExportError
 from curation.filters import PRESETS
+from curation.resolve import Resolution, resolve
 from curation.spec import SpecError
 from curation.subset import save_subset
 from webui import components, draft, state
 from webui.draft import LISTS, REGION, add_clause, region_label, remove_clause, spec_of
 from webui.roots import OutsideRoots, default_export, export_folder
 
-SAVED = "subset_saved"  # {collection path: (name, the clauses saved)}
+SAVED = "subset_saved"  # {collection path: (name, the clauses saved, description)}
 EXPORTED = "subset_exported"  # {collection path: the last export's manifest summary}
 ERROR = "subset_error"  # the last refused clause, shown once
 KINDS = [k.name for k in CLAUSES]
@@ -306,7 +307,7 @@ def save_form(cur: state.Current, spec: dict[str, Any], bad: tuple | None) -> No
         except SpecError as exc:
             st.error(draft.message(exc))
             return
-        st.session_state.setdefault(SAVED, {})[cur.path] = (doc["name"], dict(spec))
+        st.session_state.setdefault(SAVED, {})[cur.path] = (doc["name"], dict(spec), description)
         st.success(f"Saved {saved}")
     saved = st.session_state.get(SAVED, {}).get(cur.path)
     if saved:
@@ -356,7 +357,7 @@ def export_form(cur: state.Current, spec: dict[str, Any]) -> None:
             )
 
         try:
-            manifest = export(
+            manifest = run_export(
                 cur.path,
                 name,
                 out,
@@ -365,6 +366,7 @@ def export_form(cur: state.Current, spec: dict[str, Any]) -> None:
                 format=fmt,
                 overwrite=overwrite,
                 client=state.export_client(),
+                resolution=saved_resolution(cur, name, saved[1], saved[2]),
                 untrusted=True,
                 on_progress=report,
             )
@@ -394,6 +396,24 @@ def export_form(cur: state.Current, spec: dict[str, Any]) -> None:
         if done["format"] == S.EXPORT_WEBDATASET:
             st.caption("Train an HDiT on it:")
             st.code(train_command(done["out"], done["name"]), language="bash", wrap_lines=True)
+
+
+def saved_resolution(
+    cur: state.Current, name: str, clauses: dict[str, Any], description: str = ""
+) -> Resolution:
+    """The saved spec's rows for the export, resumed from the page's dry runs (the same clauses)
+    and with CLIP from the app's encoder process: `curation.export.export` takes no encoder, so
+    it would load CLIP into the app for a kNN clause."""
+    doc = {"name": name, **({"description": description} if description else {}), **clauses}
+    encoder = state.collection_encoder(cur.path) if clauses.get("knn") else None
+    return resolve(
+        cur.path,
+        doc,
+        untrusted=True,
+        encoder=encoder,
+        cache=draft.CACHE,
+        version=draft.version(cur.path),
+    )
 
 
 def export_command(
