@@ -45,14 +45,20 @@ IMAGE_COLUMNS = (S.SOURCE_SHARD, S.KEY, S.SOURCE_OFFSET, S.SOURCE_SIZE, S.SHA256
 MAP_COLOURS = (S.CLIP_SIMILARITY, S.PWATERMARK, S.PUNSAFE, S.PTOXIC, S.WIDTH, S.HEIGHT, S.LANGUAGE)
 
 
-@st.cache_data(max_entries=64, show_spinner=False, ttl=60)
-def _status(path: str, signature: tuple) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+# keyed on the collection's parts and on its takedown list (`insight`: the sandbox hides what
+# the list names), so every session after the first opens Explore from the cache
+@st.cache_data(max_entries=64, show_spinner=False)
+def _status(
+    path: str, signature: tuple, insight: tuple
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     cat = state.loaded(path, signature).catalog()
     return stats.status_counts(cat), stats.failures(cat)
 
 
-@st.cache_data(max_entries=256, show_spinner=False, ttl=60)
-def _histogram(path: str, signature: tuple, column: str, bins: int) -> dict[str, Any]:
+@st.cache_data(max_entries=256, show_spinner=False)
+def _histogram(
+    path: str, signature: tuple, insight: tuple, column: str, bins: int
+) -> dict[str, Any]:
     return asdict(stats.histogram(state.loaded(path, signature).catalog(), column, bins))
 
 
@@ -262,10 +268,10 @@ def render() -> None:
     if not cur.health.queryable:
         state.show_problems(cur.health)
         return
-    sig = cur.health.signature
+    sig, insight = cur.health.signature, state.insight_version(cur.path)
     with st.spinner("Counting…"):
         try:
-            counts, failed = _status(cur.path, sig)
+            counts, failed = _status(cur.path, sig, insight)
         except ValueError as exc:  # SqlError: the sandbox refused or timed out
             st.error(str(exc))
             return
@@ -300,7 +306,7 @@ def render() -> None:
     grid = st.columns(2)
     for i, name in enumerate(chosen):
         try:
-            hist = _histogram(cur.path, sig, name, bins)
+            hist = _histogram(cur.path, sig, insight, name, bins)
         except ValueError as exc:
             grid[i % 2].error(f"{name}: {exc}")
             continue
