@@ -7,8 +7,10 @@ trained, a subset built clause by clause, an export.
 - 1m (`rss_mb_1m`, goal ≤ 1,000 MB; `rss_mb_1m_peak`, goal ≤ 1,500 MB): the app's resident
   memory (VmRSS) idle after the first search (the collection open: index, rows and SQL sandbox
   loaded), and its high-water mark (VmHWM) over the whole session. Memory-mapped index, row and
-  embedding pages the app touched count in VmRSS (`rss_file_mb_1m` says how much); the CLIP
-  encoder process (`webui.encoder`) and the SQL sandbox's worker are reported beside them.
+  embedding pages the app touched count in VmRSS (`rss_file_mb_1m` says how much); a sampler
+  every 20 ms records the session's largest anonymous (heap) and file-backed (memory-mapped)
+  parts (`rss_anon_mb_1m_peak`, `rss_file_mb_1m_peak`); the CLIP encoder process
+  (`webui.encoder`) and the SQL sandbox's worker are reported beside them.
 - 10m (`action_s_10m`, goal ≤ 3 s each): click-to-result of a search, opening Explore, adding a
   where clause and a kNN clause to a subset, training a concept, on a 10M-row collection
   (`--collection-10m`; `--fallback-1m` measures them on the 1M one when it is not ready).
@@ -27,6 +29,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -52,6 +55,20 @@ def _rss() -> dict[str, float]:
     }
 
 
+class Sampler(threading.Thread):
+    """The largest RssAnon and RssFile of this process, sampled every `every` seconds."""
+
+    def __init__(self, every: float = 0.02) -> None:
+        super().__init__(daemon=True)
+        self.every, self.anon, self.file = every, 0.0, 0.0
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(self.every):
+            self.anon = max(self.anon, rss_mb(field="RssAnon"))
+            self.file = max(self.file, rss_mb(field="RssFile"))
+
+
 def _timed(step: Any) -> float:
     t = time.perf_counter()
     at = step()
@@ -74,6 +91,8 @@ def session(collection: str, encoder: str | None, export_to: str) -> dict[str, A
         state._ENCODERS[spec] = EncoderClient(encoder)
     out: dict[str, Any] = {"collection": collection, "encoder": encoder or spec, "actions_s": {}}
     act = out["actions_s"]
+    sampler = Sampler()
+    sampler.start()
     at = AppTest.from_file(APP, default_timeout=1800)
     at.session_state["collections"] = [collection]
     at.session_state["data_roots"] = (collection,)
@@ -139,6 +158,8 @@ def session(collection: str, encoder: str | None, export_to: str) -> dict[str, A
     if at.error:
         raise RuntimeError(f"export failed: {at.error[0].value}")
     out["after_export"] = _rss()
+    sampler.done.set()
+    out["peak_anon_mb"], out["peak_file_mb"] = round(sampler.anon, 1), round(sampler.file, 1)
     clip = state._ENCODERS.get(spec)
     out["encoder_rss_mb"] = round(rss_mb(clip.pid), 1) if clip and clip.pid else None
     health = state.inspect(collection)
@@ -186,6 +207,8 @@ def main(argv: list[str] | None = None) -> None:
         payload["rss_mb_1m"] = res["idle"]["rss_mb"]
         payload["rss_mb_1m_peak"] = res["after_export"]["peak_mb"]
         payload["rss_file_mb_1m"] = res["idle"]["rss_file_mb"]
+        payload["rss_anon_mb_1m_peak"] = res["peak_anon_mb"]
+        payload["rss_file_mb_1m_peak"] = res["peak_file_mb"]
         payload["encoder_rss_mb_1m"] = res["encoder_rss_mb"]
         payload["sandbox_rss_mb_1m_session"] = res["sandbox_rss_mb"]
         payload["session_1m"] = res
