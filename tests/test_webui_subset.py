@@ -11,11 +11,14 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
+import pyarrow as pa
 import pytest
 import yaml
 
 from collection import schema as S
 from curation.catalog import Catalog
+from curation.vectors import read_keys, write_table
 from tests.webui_app import REPO, messages, run_app
 from webui.draft import draft_path
 from webui.picks import picked_range, where_of
@@ -136,3 +139,26 @@ print(sorted(m for m in ("torch", "open_clip") if m in sys.modules))
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_long_region_clause_leaves_the_row_counts_in_view(coll):
+    keys = read_keys(coll)
+    rng = np.random.default_rng(0)
+    table = {
+        S.KEY: pa.array(list(keys)),
+        S.MAP_X: pa.array(rng.uniform(-1, 1, len(keys)), pa.float32()),
+        S.MAP_Y: pa.array(rng.uniform(-1, 1, len(keys)), pa.float32()),
+        S.MAP_CLUSTER: pa.array(np.zeros(len(keys), np.int32)),
+    }
+    write_table(S.InsightLayout(coll).map(S.MODALITY_IMAGE), pa.table(table))
+    turns = np.linspace(0, 2 * np.pi, 300, endpoint=False)
+    lasso = [[float(5 * np.cos(t)), float(5 * np.sin(t))] for t in turns]  # around every point
+    region = {"modality": "image", "polygon": lasso}
+    at = run_app(coll, "pages/subset.py", subset_spec={coll: {"region": region}})
+    assert not at.exception and not at.error, messages(at)
+    steps = at.dataframe[0].value
+    assert list(steps.columns) == ["rows", "clause"]  # the count first, whatever the label
+    assert steps["rows"].tolist()[-1] == steps["rows"].tolist()[0]
+    assert max(len(label) for label in steps["clause"]) <= 80
+    shown = " ".join(c.value for c in at.code)
+    assert "300 points" in shown and len(shown) < 400
