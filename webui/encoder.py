@@ -40,8 +40,9 @@ KEY_ENV = "SIEVE_ENCODER_KEY"
 START_TIMEOUT = 300.0
 
 
-class EncoderError(RuntimeError):
-    """The encoder process could not be started or stopped answering (one line, with its log)."""
+class EncoderError(ValueError):
+    """The encoder process could not be started or stopped answering (one line, with its log);
+    a ValueError, so pages show it as they show any query that cannot run."""
 
 
 class EncoderClient:
