@@ -29,11 +29,10 @@ import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from collection import schema as S
 from collection.parts import CollectionError, read_metadata
@@ -41,8 +40,10 @@ from collection.storage import read_collection_json, read_json, url_to_fs, write
 from curation.concept_fit import Signals, fit_stack, grade_fit, linear_scores
 from curation.labels import check_name as _check_name
 from curation.vectors import ids_of, open_store, read_keys, write_table
-from models.clip import load_clip
 from models.runtime import cores
+
+if TYPE_CHECKING:  # annotations only: torch loads when a concept is scored
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +180,10 @@ def _to_concept_weights(
 def _prompt_vector(collection: str, prompt: str | None, clip: Any) -> np.ndarray | None:
     if not prompt:
         return None
-    clip = clip or load_clip(read_collection_json(collection).get("clip_model", "sieve-tiny"))
+    if clip is None:
+        from models.clip import load_clip  # torch and open_clip: only without a given encoder
+
+        clip = load_clip(read_collection_json(collection).get("clip_model", "sieve-tiny"))
     vec = np.asarray(clip.encode_texts([prompt])[0], dtype=np.float64)
     return vec / max(float(np.linalg.norm(vec)), 1e-12)
 
@@ -254,6 +258,8 @@ def _half_dot(chunk: np.ndarray, w: torch.Tensor) -> np.ndarray:
     """float16 rows (memory-mapped, read-only) times a float16 weight vector, accumulated by torch's
     CPU half-precision kernel: several times cheaper than converting the rows to float32 in numpy
     first (`python -m bench.insight`, concept scoring)."""
+    import torch  # loaded by the first concept scored: the web UI's pages open without it
+
     with warnings.catch_warnings():
         warnings.simplefilter(
             "ignore", UserWarning
@@ -273,6 +279,8 @@ def score_vectors(
 ) -> np.ndarray:
     """Probabilities for parts of (memory-mapped float16) embeddings: one pass in chunks, on
     parallel threads (torch releases the GIL in its kernels)."""
+    import torch  # loaded by the first concept scored: the web UI's pages open without it
+
     w_img = (
         None
         if concept.image_weights is None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -23,7 +23,9 @@ from collection.takedown import Takedown
 from curation.catalog import Catalog, SqlError
 from curation.spec import SpecError
 from curation.vectors import load_collection_index
-from models.clip import Clip, load_clip
+
+if TYPE_CHECKING:  # annotations only: torch loads where a model is loaded
+    from models.clip import Clip
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +48,7 @@ class Context:
     _catalog: Any = None
     _guarded: Any = None
     _base: pa.Table | None = None
-    _blocked: int = 0
+    _blocked: int | None = None
     _indices: dict[str, tuple[Any, dict[str, Any], EmbeddingStore]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -79,11 +81,19 @@ class Context:
         if not self.untrusted:
             return ids_array(self.query(sql, what)[S.ID].to_numpy(zero_copy_only=False))
         if self._guarded is None:
-            self._guarded = Catalog(self.collection, untrusted=True, row_cap=len(self.base) + 1)
+            # above every row the collection has (collection.json's count, else the embedded
+            # rows): an incremental resolve that starts from cached rows never reads `base`
+            rows = int(self.info.get("count") or 0) or len(self.base)
+            self._guarded = Catalog(self.collection, untrusted=True, row_cap=rows + 1)
         try:
             result = self._guarded.query(sql)
         except SqlError as exc:
             raise SpecError(f"{self.source}: {what}: {exc}") from None
+        if result.truncated and self.info.get("count"):  # a stale count: size the cap by the rows
+            self._guarded.close()
+            self._guarded = Catalog(self.collection, untrusted=True, row_cap=len(self.base) + 1)
+            self.info = {**self.info, "count": None}
+            return self.where_ids(where, what)
         if result.truncated:
             raise SpecError(
                 f"{self.source}: {what}: more rows than the collection has embedded ones"
@@ -109,10 +119,17 @@ class Context:
     @property
     def blocked(self) -> int:
         """Embedded rows the takedown list removed from `base`."""
-        _ = self.base
-        return self._blocked
+        if self._blocked is None:
+            _ = self.base
+        return int(self._blocked or 0)
 
     def base_ids(self) -> np.ndarray:
+        """The ids of `base`; with no takedown list, read alone (not keys, urls and hashes:
+        a tenth of the memory on a large collection)."""
+        if self._base is None and not len(Takedown.load(self.collection)):
+            self._blocked = 0
+            sql = f"SELECT {S.ID} FROM samples WHERE {S.ID} IS NOT NULL ORDER BY {S.ID}"
+            return ids_array(self.query(sql, "collection")[S.ID].to_numpy(zero_copy_only=False))
         return ids_array(self.base[S.ID].to_numpy(zero_copy_only=False))
 
     def keys(self, ids: np.ndarray) -> list[str]:
@@ -162,6 +179,10 @@ class Context:
     def clip(self) -> Clip:
         """The collection's CLIP model (collection.json's spec), loaded on first use."""
         if self.encoder is None:
+            # torch and open_clip only when no encoder was given (the web UI passes its
+            # encoder process's client, so its own process never loads them)
+            from models.clip import load_clip
+
             self.encoder = load_clip(self.clip_model)
         return self.encoder
 

@@ -37,7 +37,6 @@ from indices.exact import Planner, exact_similarities, top, want_for
 from indices.local import has_index
 from indices.rows import RowStore
 from indices.tune import set_search_params
-from models.clip import load_clip
 from models.prompts import PromptError, combine, parse_prompts
 
 log = logging.getLogger(__name__)
@@ -213,6 +212,10 @@ class Searcher:
         """The collection's CLIP model (collection.json's spec),
         loaded on first text/image query."""
         if self._encoder is None:
+            # torch and open_clip only when no encoder was given (the web UI gives a client of
+            # its encoder process, so its own process never loads them)
+            from models.clip import load_clip
+
             self._encoder = load_clip(self.info.get("clip_model", "sieve-tiny"))
         return self._encoder
 

@@ -9,6 +9,7 @@ is a failure. `SIEVE_UI_SCREENSHOTS=docs` also writes the screenshots the README
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -25,10 +26,12 @@ pytestmark = pytest.mark.skipif(MISSING is not None, reason=MISSING or "")
 
 @pytest.fixture(scope="module")
 def server(demo_collection, tmp_path_factory):
-    """`streamlit run webui/app.py -- --collection DEMO` on a free port;
-    its log kept for failures."""
+    """`streamlit run webui/app.py -- --collection DEMO` on a free port, on a copy of the demo
+    collection (the Subset page writes its draft there); its log kept for failures."""
     log = tmp_path_factory.mktemp("streamlit") / "server.log"
-    with streamlit_server(demo_collection["demo/collection"], log) as running:
+    coll = str(log.parent / "collection")
+    shutil.copytree(demo_collection["demo/collection"], coll)
+    with streamlit_server(coll, log) as running:
         yield running
 
 

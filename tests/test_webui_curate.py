@@ -145,8 +145,9 @@ def test_subset_page_counts_each_clause_saves_and_exports(coll, tmp_path):
     at.selectbox(key="subset_kind").select("where").run()
     at.text_input(key="subset_where").input("no_such_column > 1").run()
     at.button(key="subset_add").click().run()
-    assert "no_such_column" in messages(at) and not at.exception  # SQL errors surface at the count
-    at.button(key="subset_remove_where_0").click().run()
+    # refused when added: dry-run in the sandbox, the error at the form, the spec unchanged
+    assert "no_such_column" in messages(at) and not at.exception
+    assert not at.session_state["subset_spec"][coll]
     at.text_input(key="subset_where").input("color = 'red'").run()
     at.button(key="subset_add").click().run()
     assert at.dataframe[0].value["rows"].tolist()[-1] == red and not at.error
@@ -172,7 +173,7 @@ def test_subset_page_counts_each_clause_saves_and_exports(coll, tmp_path):
     assert shown and all(r["color"] == "red" for r in shown)
 
     at.button(key="subset_save").click().run()
-    assert "name" in messages(at) and not os.path.exists(S.CollectionLayout(coll).subsets_dir)
+    assert "name" in messages(at) and not os.path.exists(S.CollectionLayout(coll).subset("reds"))
     at.text_input(key="subset_name").input("reds").run()
     at.button(key="subset_save").click().run()
     saved = S.CollectionLayout(coll).subset("reds")

@@ -28,6 +28,7 @@ from indices.local import signature
 from models.runtime import cores
 from models.specs import TINY_NAME
 from webui import ast_guard  # noqa: F401 - imported for its effect: ast.parse serialised (CPython < 3.13 threads)
+from webui.encoder import EncoderClient, EncoderError
 from webui.roots import roots_of
 
 if TYPE_CHECKING:  # for annotations only: the modules themselves load in the loading thread
@@ -208,22 +209,27 @@ _ENCODERS: dict[str, Any] = {}
 _ENCODERS_LOCK = threading.Lock()
 
 
-def encoder(spec: str) -> Any:
-    """The CLIP model of a spec, one per process whatever the number of collections using it."""
-    from models.clip import (
-        load_clip,
-    )  # torch and open_clip (seconds): in the loading thread, after the first page
-
+def encoder(spec: str) -> EncoderClient:
+    """The CLIP model of a spec, one encoder process per app whatever the number of collections
+    and sessions using it (`webui.encoder`: the app's own process never loads torch)."""
     with _ENCODERS_LOCK:
         if spec not in _ENCODERS:
-            _ENCODERS[spec] = load_clip(spec)
+            _ENCODERS[spec] = EncoderClient(spec)
+            atexit.register(_ENCODERS[spec].close)
         return _ENCODERS[spec]
 
 
-def collection_encoder(path: str) -> Any:
+def collection_encoder(path: str) -> EncoderClient:
     """The CLIP model a collection was embedded with
     (collection.json's spec), shared per process."""
     return encoder(read_collection_json(path).get("clip_model", TINY_NAME))
+
+
+def _warm(clip: EncoderClient) -> None:
+    try:
+        clip.start()
+    except EncoderError as exc:  # said again, to the page, by the first query that needs it
+        log.warning("%s", exc)
 
 
 _CLUSTER: list[Any] = []
@@ -276,11 +282,14 @@ class Loaded:
     def _load_searcher(self) -> Searcher:
         from indices.search import (
             Searcher,
-        )  # faiss, torch, open_clip: imported by this thread so the first page shows first
+        )  # faiss and pyarrow: imported by this thread so the first page shows first
 
         path = self.health.path
         spec = read_collection_json(path).get("clip_model", TINY_NAME)
-        searcher = Searcher(path, encoder=encoder(spec), columns=None)
+        # the encoder process loads CLIP meanwhile, in parallel with the index
+        clip = encoder(spec)
+        threading.Thread(target=_warm, args=(clip,), daemon=True).start()
+        searcher = Searcher(path, encoder=clip, columns=None)
         for m in (
             searcher.modalities()
         ):  # FAISS indices and embedding stores, now rather than at the first query

@@ -21,7 +21,6 @@ from curation.concept_probe import (
     load_concept,
     save_concept,
     saved_concepts,
-    score_collection,
     suggest,
 )
 from curation.vectors import read_keys
@@ -156,7 +155,8 @@ def train(cur: state.Current) -> bool:
                 modality,
                 clip=state.collection_encoder(cur.path),
             )
-            scores = score_collection(cur.path, concept)
+            # in the encoder process: the app itself never loads torch or pages every embedding
+            scores = state.collection_encoder(cur.path).score_collection(cur.path, concept)
     except (
         ValueError,
         FileNotFoundError,

@@ -6,14 +6,18 @@ Every count and histogram is one aggregate query in DuckDB through the sandboxed
 (`python -m curation.map`) is drawn from a sample of its points, coloured by a chosen column,
 less every point the takedown list names (checked on every rerun: the map file predates the
 list); a box or lasso selection lists the samples inside (`curation.map.region_mask`, over every
-point) and can become the Subset page's region clause."""
+point) and can become the Subset page's region clause; with "Thumbnails on hover" the map is
+drawn from fewer points, each carrying its thumbnail in its tooltip. A click or a drag on a
+histogram selects a range of bins, which becomes a `where` clause of the Subset page."""
 
 from __future__ import annotations
 
+import base64
 import os
 from dataclasses import asdict
 from typing import Any
 
+import altair as alt
 import numpy as np
 import pandas as pd
 import plotly.express as px
@@ -24,23 +28,37 @@ from curation import stats
 from curation.map import read_map, region_mask
 from webui import components, state
 from webui.draft import REGION, add_clause, region_label
+from webui.picks import PICK, picked_range, selectable_histogram, where_of
+from webui.thumbs import thumbnails
 
 #: points drawn on the map at most (a seeded sample); a selection counts every point
 MAP_POINTS = 20_000
 #: samples listed from a selection
 LISTED = 20
+#: points drawn when each carries its thumbnail (the page sends them all to the browser)
+HOVER_POINTS = 1_500
+#: longest side of a hover thumbnail, in pixels
+HOVER_THUMB = 64
+#: the metadata columns an image is read back by (`collection.images`)
+IMAGE_COLUMNS = (S.SOURCE_SHARD, S.KEY, S.SOURCE_OFFSET, S.SOURCE_SIZE, S.SHA256)
 #: columns worth colouring by, besides the cluster (those the collection has)
 MAP_COLOURS = (S.CLIP_SIMILARITY, S.PWATERMARK, S.PUNSAFE, S.PTOXIC, S.WIDTH, S.HEIGHT, S.LANGUAGE)
 
 
-@st.cache_data(max_entries=64, show_spinner=False, ttl=60)
-def _status(path: str, signature: tuple) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+# keyed on the collection's parts and on its takedown list (`insight`: the sandbox hides what
+# the list names), so every session after the first opens Explore from the cache
+@st.cache_data(max_entries=64, show_spinner=False)
+def _status(
+    path: str, signature: tuple, insight: tuple
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     cat = state.loaded(path, signature).catalog()
     return stats.status_counts(cat), stats.failures(cat)
 
 
-@st.cache_data(max_entries=256, show_spinner=False, ttl=60)
-def _histogram(path: str, signature: tuple, column: str, bins: int) -> dict[str, Any]:
+@st.cache_data(max_entries=256, show_spinner=False)
+def _histogram(
+    path: str, signature: tuple, insight: tuple, column: str, bins: int
+) -> dict[str, Any]:
     return asdict(stats.histogram(state.loaded(path, signature).catalog(), column, bins))
 
 
@@ -65,6 +83,47 @@ def _map_points(
     else:
         frame[colour] = frame[colour].astype(str)
     return frame
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def _hover_images(path: str, signature: tuple, ids: tuple[int, ...]) -> list[str | None]:
+    """Small JPEG thumbnails of rows as data URLs (None where the image cannot be read)."""
+    rows = state.loaded(path, signature).searcher().rows
+    cols = [c for c in IMAGE_COLUMNS if c in rows.column_names]
+    found = thumbnails(rows.take(np.asarray(ids, dtype=np.int64), cols).to_pylist(), HOVER_THUMB)
+    return [
+        "data:image/jpeg;base64," + base64.b64encode(t.jpeg).decode() if t.jpeg else None
+        for t in found
+    ]
+
+
+def hover_map(cur: state.Current, points: pd.DataFrame, colour: str, modality: str) -> Any:
+    """The map as an Altair chart whose tooltips show each point's thumbnail (vega-tooltip draws
+    an `image` field as the picture), from a seeded sample of HOVER_POINTS; a drag selects a box."""
+    if len(points) > HOVER_POINTS:
+        points = points.sample(HOVER_POINTS, random_state=0).sort_values("id")
+    points = points.assign(
+        image=_hover_images(cur.path, cur.health.signature, tuple(int(i) for i in points["id"]))
+    )
+    brush = alt.selection_interval(name="box", encodings=["x", "y"])
+    chart = (
+        alt.Chart(points)
+        .mark_circle(size=30)
+        .encode(
+            x=alt.X(f"{S.MAP_X}:Q", title=None),
+            y=alt.Y(f"{S.MAP_Y}:Q", title=None),
+            color=alt.Color(colour),
+            tooltip=["image", S.KEY, colour],
+        )
+        .add_params(brush)
+        .properties(height=520)
+    )
+    event = st.altair_chart(chart, key="explore_hover_map", on_select="rerun", width="stretch")
+    box = ((event or {}).get("selection") or {}).get("box") or {}
+    if box.get(S.MAP_X) and box.get(S.MAP_Y):
+        (x0, x1), (y0, y1) = sorted(box[S.MAP_X]), sorted(box[S.MAP_Y])
+        return {"modality": modality, "rect": [x0, y0, x1, y1]}
+    return None
 
 
 def _selected(event: Any, modality: str) -> dict[str, Any] | None:
@@ -118,21 +177,28 @@ def map_section(cur: state.Current) -> None:
             cur.path, cur.health.signature, state.insight_version(cur.path), modality, colour
         )
     points = components.visible_points(points, cur.searcher())
-    fig = px.scatter(
-        points,
-        x=S.MAP_X,
-        y=S.MAP_Y,
-        color=colour,
-        hover_data={"id": True, S.KEY: True},
-        render_mode="webgl",
-        height=520,
-    )
-    fig.update_traces(marker={"size": 5})
-    fig.update_layout(dragmode="lasso", margin={"l": 0, "r": 0, "t": 10, "b": 0})
-    event = st.plotly_chart(
-        fig, key="explore_map", on_select="rerun", selection_mode=("box", "lasso")
-    )
-    region = _selected(event, modality)
+    if st.toggle(
+        "Thumbnails on hover",
+        key="explore_hover",
+        help=f"Draw {HOVER_POINTS:,} points, each showing its image on hover (box selection only)",
+    ):
+        region = hover_map(cur, points, colour, modality)
+    else:
+        fig = px.scatter(
+            points,
+            x=S.MAP_X,
+            y=S.MAP_Y,
+            color=colour,
+            hover_data={"id": True, S.KEY: True},
+            render_mode="webgl",
+            height=520,
+        )
+        fig.update_traces(marker={"size": 5})
+        fig.update_layout(dragmode="lasso", margin={"l": 0, "r": 0, "t": 10, "b": 0})
+        event = st.plotly_chart(
+            fig, key="explore_map", on_select="rerun", selection_mode=("box", "lasso")
+        )
+        region = _selected(event, modality)
     if region is not None:
         st.session_state[REGION] = region
     region = st.session_state.get(REGION)
@@ -167,16 +233,45 @@ def map_section(cur: state.Current) -> None:
         components.result_grid(cur.searcher().records(first.tolist()), key="explore", columns=5)
 
 
+def _use_range(path: str, clause: str) -> None:
+    error = add_clause(path, "where", clause)
+    st.session_state["explore_range_note"] = error or f"Added `{clause}` to the Subset page."
+    if error is None:
+        st.session_state.pop(PICK, None)
+
+
+def range_section(cur: state.Current) -> None:
+    """The picked histogram range, as the where clause it would add to the Subset page."""
+    pick = st.session_state.get(PICK)
+    if st.session_state.get("explore_range_note"):
+        st.info(st.session_state.pop("explore_range_note"))
+    if not pick:
+        st.caption("Click a bar or drag across bars to pick a range for the Subset page.")
+        return
+    clause = where_of(pick)
+    c1, c2, c3 = st.columns([4, 1, 1], vertical_alignment="center")
+    c1.markdown(f"**~{pick['rows']:,} rows** · `{clause}`")
+    c2.button(
+        "Add as a where clause",
+        key="explore_use_range",
+        on_click=_use_range,
+        args=(cur.path, clause),
+    )
+    c3.button(
+        "Clear range", key="explore_clear_range", on_click=lambda: st.session_state.pop(PICK, None)
+    )
+
+
 def render() -> None:
     st.title("Explore")
     cur = components.collection_sidebar()
     if not cur.health.queryable:
         state.show_problems(cur.health)
         return
-    sig = cur.health.signature
+    sig, insight = cur.health.signature, state.insight_version(cur.path)
     with st.spinner("Counting…"):
         try:
-            counts, failed = _status(cur.path, sig)
+            counts, failed = _status(cur.path, sig, insight)
         except ValueError as exc:  # SqlError: the sandbox refused or timed out
             st.error(str(exc))
             return
@@ -211,7 +306,7 @@ def render() -> None:
     grid = st.columns(2)
     for i, name in enumerate(chosen):
         try:
-            hist = _histogram(cur.path, sig, name, bins)
+            hist = _histogram(cur.path, sig, insight, name, bins)
         except ValueError as exc:
             grid[i % 2].error(f"{name}: {exc}")
             continue
@@ -219,9 +314,18 @@ def render() -> None:
             if not hist["counts"]:
                 st.caption(f"{name}: no values")
                 continue
-            st.altair_chart(components.histogram_chart(hist, name), width="stretch")
+            event = st.altair_chart(
+                selectable_histogram(hist, name),
+                key=f"explore_hist_{name}",
+                on_select="rerun",
+                width="stretch",
+            )
+            picked = picked_range(hist, name, ((event or {}).get("selection") or {}))
+            if picked is not None:
+                st.session_state[PICK] = picked
             if hist["missing"]:
                 st.caption(f"{hist['missing']:,} rows without a value")
+    range_section(cur)
     map_section(cur)
 
 

@@ -11,32 +11,45 @@ export folder must lie under the app's data roots (`webui.roots.export_folder`).
 from __future__ import annotations
 
 import os
+import re
 import shlex
 from typing import Any
 
-import numpy as np
 import streamlit as st
 import yaml
 
 from collection import schema as S
 from curation.clauses import CLAUSES
 from curation.concept_probe import saved_concepts
-from curation.export import export
+from curation.export_job import run_export
 from curation.export_shard import ExportError
 from curation.filters import PRESETS
-from curation.resolve import resolve
+from curation.resolve import Resolution, resolve
 from curation.spec import SpecError
 from curation.subset import save_subset
-from webui import components, state
+from webui import components, draft, state
 from webui.draft import LISTS, REGION, add_clause, region_label, remove_clause, spec_of
 from webui.roots import OutsideRoots, default_export, export_folder
 
-SAVED = "subset_saved"  # {collection path: (name, the clauses saved)}
+SAVED = "subset_saved"  # {collection path: (name, the clauses saved, description)}
 EXPORTED = "subset_exported"  # {collection path: the last export's manifest summary}
 ERROR = "subset_error"  # the last refused clause, shown once
 KINDS = [k.name for k in CLAUSES]
-SAMPLE = 10
+#: characters of a clause's label in the counts table
+LABEL_CHARS = 80
 TRAIN_CONFIG = "hdit_train/configs/demo.yaml"
+EXPORT_TO = "Export to"
+OVERWRITE = "Overwrite an existing export"
+#: the export command's flags and the controls that set them on this page
+FLAG_WORDS = {
+    "--out": f"'{EXPORT_TO}'",
+    "--overwrite": f"'{OVERWRITE}'",
+    "--format": "'Format'",
+    "--shard-size": "'Shard size'",
+    "--image-size": "'Image size'",
+    "--resize": "the resize mode",
+}
+FLAG = re.compile(r"--[a-z][a-z-]*")
 
 
 def _number(text: str, what: str) -> float | None:
@@ -188,21 +201,26 @@ def clause_form(cur: state.Current) -> None:
         st.error(st.session_state.pop(ERROR))
 
 
-def clause_list(path: str, spec: dict[str, Any]) -> None:
-    """The spec's clauses, in the order they apply, each with a Remove button."""
+def clause_text(kind: str, value: Any) -> str:
+    """A clause as one line of YAML; a lasso's points summarised (they are in the draft)."""
+    if kind == "region" and isinstance(value, dict) and value.get("polygon"):
+        value = {**value, "polygon": f"{len(value['polygon'])} points"}
+    text = yaml.safe_dump({kind: value}, default_flow_style=True, sort_keys=False, width=10**6)
+    return short(text.strip(), 4 * LABEL_CHARS)
+
+
+def clause_list(path: str, spec: dict[str, Any], bad: tuple | None = None) -> None:
+    """The spec's clauses, in the order they apply, each with a Remove button; the error of the
+    clause that stops the spec under it."""
     for kind in KINDS:
         if kind not in spec:
             continue
         values = list(enumerate(spec[kind])) if kind in LISTS else [(None, spec[kind])]
         for i, value in values:
             c1, c2 = st.columns([8, 1], vertical_alignment="center")
-            c1.code(
-                yaml.safe_dump(
-                    {kind: value}, default_flow_style=True, sort_keys=False, width=10**6
-                ).strip(),
-                language="yaml",
-                wrap_lines=True,
-            )
+            c1.code(clause_text(kind, value), language="yaml", wrap_lines=True)
+            if bad is not None and bad[0] == kind and bad[1] == i:
+                c1.error(bad[2], icon=":material/error:")
             c2.button(
                 "",
                 key=f"subset_remove_{kind}_{i}",
@@ -213,50 +231,38 @@ def clause_list(path: str, spec: dict[str, Any]) -> None:
             )
 
 
-@st.cache_data(max_entries=32, show_spinner=False)
-def _resolve(path: str, signature: tuple, insight: tuple, spec_yaml: str) -> dict[str, Any]:
-    """A dry run: rows after each clause and a sample of ids, cached per spec and per version of
-    the collection and of its concepts, map, duplicates and takedown list."""
-    spec = yaml.safe_load(spec_yaml)
-    # a loaded CLIP only when a kNN clause needs one (the process's, shared with search)
-    encoder = state.collection_encoder(path) if spec.get("knn") else None
-    res = resolve(path, spec, untrusted=True, encoder=encoder)
-    rng = np.random.default_rng(0)
-    sample = (
-        np.sort(rng.choice(res.ids, size=min(SAMPLE, len(res.ids)), replace=False))
-        if len(res.ids)
-        else res.ids
-    )
-    return {
-        "steps": [(s.label, s.count) for s in res.steps],
-        "count": len(res),
-        "spec_hash": res.spec_hash,
-        "sample": [int(i) for i in sample],
-    }
+def evaluate(cur: state.Current, spec: dict[str, Any]) -> tuple[dict | None, tuple | None]:
+    """The dry run of the spec (None when it does not run) and, then, the first clause that
+    stops it: (kind, entry index, error)."""
+    with st.spinner("Counting…"):
+        try:
+            return draft.dry_run(cur.path, spec, st.session_state.get(draft.NAME) or ""), None
+        except (SpecError, ValueError, FileNotFoundError) as exc:
+            return None, draft.first_error(cur.path, spec) or ("", None, draft.message(exc))
 
 
-def counts(cur: state.Current, spec: dict[str, Any]) -> dict[str, Any] | None:
-    """The dry run on the page: one line per clause with its count (None when it failed: the
-    error is shown)."""
-    doc = {"name": st.session_state.get("subset_name") or "subset", **spec}
-    try:
-        with st.spinner("Counting…"):
-            dry = _resolve(
-                cur.path,
-                cur.health.signature,
-                state.insight_version(cur.path),
-                yaml.safe_dump(doc, sort_keys=False),
-            )
-    except (SpecError, ValueError, FileNotFoundError) as exc:
-        st.error(str(exc).replace("<spec>: ", ""))
-        return None
+def short(text: str, limit: int = LABEL_CHARS) -> str:
+    """A clause's label cut to `limit` characters (a lasso's points would fill the row)."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def counts(dry: dict[str, Any] | None, bad: tuple | None) -> None:
+    """The dry run on the page: the rows after each clause (the count first, so a long clause
+    never pushes it out of view), or the error of the clause that stops it."""
+    if dry is None:
+        kind, _, error = bad or ("", None, "the spec does not run")
+        st.error(f"{kind + ': ' if kind else ''}{error}")
+        return
     st.dataframe(
-        [{"clause": label, "rows": n} for label, n in dry["steps"]],
+        [{"rows": n, "clause": short(label)} for label, n in dry["steps"]],
         hide_index=True,
         width="stretch",
+        column_config={
+            "rows": st.column_config.NumberColumn("rows", format="localized", width="small"),
+            "clause": st.column_config.TextColumn("clause", width="large"),
+        },
     )
     st.caption(f"{dry['count']:,} rows · spec hash {dry['spec_hash']}")
-    return dry
 
 
 def sample_grid(cur: state.Current, dry: dict[str, Any] | None) -> None:
@@ -270,10 +276,20 @@ def sample_grid(cur: state.Current, dry: dict[str, Any] | None) -> None:
         components.result_grid(cur.searcher().records(dry["sample"]), key="subset", columns=5)
 
 
-def save_form(cur: state.Current, spec: dict[str, Any]) -> None:
+def save_form(cur: state.Current, spec: dict[str, Any], bad: tuple | None) -> None:
+    """Name, description and Save: a spec that does not dry-run is refused, its error shown at
+    the clause that stops it (and here)."""
     c1, c2, c3 = st.columns([1, 2, 1], vertical_alignment="bottom")
-    name = c1.text_input("Name", key="subset_name", placeholder="red-circles")
-    description = c2.text_input("Description", key="subset_description")
+    name = c1.text_input(
+        "Name",
+        key=draft.NAME,
+        placeholder="red-circles",
+        on_change=draft.persist,
+        args=(cur.path,),
+    )
+    description = c2.text_input(
+        "Description", key=draft.DESCRIPTION, on_change=draft.persist, args=(cur.path,)
+    )
     if c3.button("Save", key="subset_save", type="primary", disabled=not spec):
         doc = {
             "name": name.strip(),
@@ -283,11 +299,15 @@ def save_form(cur: state.Current, spec: dict[str, Any]) -> None:
         try:
             if not doc["name"]:
                 raise SpecError("name: give the subset a name (letters, digits, '-', '_', '.')")
+            bad = draft.first_error(cur.path, spec)
+            if bad is not None:
+                where = f"the {bad[0]} clause" if bad[0] else "the spec"
+                raise SpecError(f"not saved: {where} does not run: {bad[2]}")
             saved = save_subset(cur.path, doc)
         except SpecError as exc:
-            st.error(str(exc).replace("<spec>: ", ""))
+            st.error(draft.message(exc))
             return
-        st.session_state.setdefault(SAVED, {})[cur.path] = (doc["name"], dict(spec))
+        st.session_state.setdefault(SAVED, {})[cur.path] = (doc["name"], dict(spec), description)
         st.success(f"Saved {saved}")
     saved = st.session_state.get(SAVED, {}).get(cur.path)
     if saved:
@@ -312,10 +332,16 @@ def export_form(cur: state.Current, spec: dict[str, Any]) -> None:
         )
     default = default_export(cur.path, name, state.data_roots())
     c1, c2, c3, c4 = st.columns([3, 1, 1, 1], vertical_alignment="bottom")
-    out = c1.text_input("Export to", value=default, key=f"subset_out_{name}").strip()
+    out = c1.text_input(EXPORT_TO, value=default, key=f"subset_out_{name}").strip()
     fmt = c2.selectbox("Format", list(S.EXPORT_FORMATS), key="subset_format")
     size = c3.number_input("Image size (0: as stored)", 0, 4096, 0, key="subset_image_size")
     shard_size = c4.number_input("Shard size", 1, 1_000_000, 10_000, key="subset_shard_size")
+    overwrite = st.toggle(
+        OVERWRITE,
+        key="subset_overwrite",
+        help="Replace what the folder holds when it is an export of another spec "
+        "(or not a Sieve export at all). Off: such a folder is refused.",
+    )
     if st.button(f"Export {name}", key="subset_export"):
         try:
             out = export_folder(out, state.data_roots())
@@ -331,20 +357,22 @@ def export_form(cur: state.Current, spec: dict[str, Any]) -> None:
             )
 
         try:
-            manifest = export(
+            manifest = run_export(
                 cur.path,
                 name,
                 out,
                 shard_size=int(shard_size),
                 image_size=int(size) or None,
                 format=fmt,
+                overwrite=overwrite,
                 client=state.export_client(),
+                resolution=saved_resolution(cur, name, saved[1], saved[2]),
                 untrusted=True,
                 on_progress=report,
             )
         except (SpecError, ExportError, ValueError) as exc:
             bar.empty()
-            st.error(str(exc))
+            st.error(page_words(draft.message(exc)))
             return
         bar.progress(1.0, text="Done")
         st.session_state.setdefault(EXPORTED, {})[cur.path] = {
@@ -354,6 +382,9 @@ def export_form(cur: state.Current, spec: dict[str, Any]) -> None:
             "count": manifest[S.MANIFEST_COUNT],
             "shards": manifest[S.MANIFEST_SHARDS],
             "spec_hash": manifest[S.MANIFEST_SPEC_HASH],
+            "command": export_command(
+                cur.path, name, out, fmt, int(shard_size), int(size), overwrite
+            ),
         }
     done = st.session_state.get(EXPORTED, {}).get(cur.path)
     if done:
@@ -361,17 +392,52 @@ def export_form(cur: state.Current, spec: dict[str, Any]) -> None:
             f"Exported {done['count']:,} samples in {done['shards']} shard(s) to {done['out']} "
             f"(spec hash {done['spec_hash']})"
         )
-        size_arg = f" --image-size {int(size)}" if size else ""
-        st.code(
-            f"python -m curation.export {shlex.quote(cur.path)} "
-            f"{done['name']} --out {shlex.quote(done['out'])} "
-            f"--format {done['format']}{size_arg} --untrusted",
-            language="bash",
-            wrap_lines=True,
-        )
+        st.code(done["command"], language="bash", wrap_lines=True)
         if done["format"] == S.EXPORT_WEBDATASET:
             st.caption("Train an HDiT on it:")
             st.code(train_command(done["out"], done["name"]), language="bash", wrap_lines=True)
+
+
+def saved_resolution(
+    cur: state.Current, name: str, clauses: dict[str, Any], description: str = ""
+) -> Resolution:
+    """The saved spec's rows for the export, resumed from the page's dry runs (the same clauses)
+    and with CLIP from the app's encoder process: `curation.export.export` takes no encoder, so
+    it would load CLIP into the app for a kNN clause."""
+    doc = {"name": name, **({"description": description} if description else {}), **clauses}
+    encoder = state.collection_encoder(cur.path) if clauses.get("knn") else None
+    return resolve(
+        cur.path,
+        doc,
+        untrusted=True,
+        encoder=encoder,
+        cache=draft.CACHE,
+        version=draft.version(cur.path),
+    )
+
+
+def export_command(
+    path: str, name: str, out: str, fmt: str, shard_size: int, size: int, overwrite: bool
+) -> str:
+    """The command that makes the same export: every setting of the form, spelled out."""
+    args = [
+        "python -m curation.export",
+        shlex.quote(path),
+        shlex.quote(name),
+        f"--out {shlex.quote(out)}",
+        f"--format {fmt}",
+        f"--shard-size {int(shard_size)}",
+        *([f"--image-size {int(size)}"] if size else []),
+        *(["--overwrite"] if overwrite else []),
+        "--untrusted",
+    ]
+    return " ".join(args)
+
+
+def page_words(text: str) -> str:
+    """An export error in this page's words: each command-line flag named by the control that
+    sets it here (the page has no other settings, so no other flag can be the fix)."""
+    return FLAG.sub(lambda m: FLAG_WORDS.get(m.group(0), "a setting of the command"), text)
 
 
 def train_command(out: str, name: str) -> str:
@@ -392,18 +458,23 @@ def render() -> None:
     left, right = st.columns([3, 2])
     with left:
         clause_form(cur)
+    spec = spec_of(cur.path)  # after the form: its Add may have changed it
+    dry, bad = evaluate(cur, spec)
+    with left:
         st.subheader("Clauses")
         if spec:
-            clause_list(cur.path, spec)
+            clause_list(cur.path, spec, bad)
         else:
             st.caption("No clauses yet: the subset is every embedded row the takedown list allows.")
+        if st.session_state.get("subset_draft_error"):
+            st.warning(st.session_state.pop("subset_draft_error"))
     with right:
         st.subheader("Rows after each clause")
-        dry = counts(cur, spec)
+        counts(dry, bad)
     sample_grid(cur, dry)
     st.divider()
     st.subheader("Save")
-    save_form(cur, spec)
+    save_form(cur, spec, bad)
     st.subheader("Export")
     export_form(cur, spec)
 
