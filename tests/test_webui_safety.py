@@ -162,7 +162,7 @@ def exported(coll, tmp_path_factory) -> dict:
         coll,
         "pages/subset.py",
         subset_spec={coll: {"limit": 5}},
-        subset_saved={coll: ("few", {"limit": 5})},
+        subset_saved={coll: ("few", {"limit": 5}, "")},
     )
     default = at.text_input(key="subset_out_few").value
     errors = []
