@@ -35,6 +35,9 @@ class Watched:
     tail: str = ""
     worker_peaks: dict[int, float] = field(default_factory=dict)
     timed_out: bool = False
+    #: CPU seconds (user + system) of the command and every process it waited for (its Dask
+    #: workers): the cost that does not stretch when other jobs share the cores
+    cpu_seconds: float = 0.0
 
 
 def _parents() -> dict[int, int]:
@@ -75,6 +78,24 @@ def _hwm(pid: int) -> float | None:
     return None if value != value else value  # NaN: not reported
 
 
+def _reap(proc: subprocess.Popen, until: float | None) -> tuple[int, float, bool]:
+    """Wait for `proc` (killing its process group at `until`); (exit code, CPU seconds of it
+    and of the children it reaped, whether it was killed). `os.wait4` gives the CPU time,
+    which `Popen.wait` throws away."""
+    timed_out = False
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        if until is not None and time.perf_counter() > until and not timed_out:
+            timed_out = True
+            os.killpg(proc.pid, signal.SIGKILL)
+        time.sleep(0.05)
+    rc = os.waitstatus_to_exitcode(status)
+    proc.returncode = rc  # reaped here: Popen must not wait for it again
+    return rc, usage.ru_utime + usage.ru_stime, timed_out
+
+
 def watch(
     cmd: Sequence[str],
     env: dict[str, str] | None = None,
@@ -112,13 +133,7 @@ def watch(
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
-        timed_out = False
-        try:
-            rc = proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            os.killpg(proc.pid, signal.SIGKILL)
-            rc = proc.wait()
+        rc, cpu, timed_out = _reap(proc, start + timeout if timeout else None)
         seconds = time.perf_counter() - start
         done.set()
         sampler.join()
@@ -134,4 +149,5 @@ def watch(
         tail,
         workers,
         timed_out,
+        round(cpu, 2),
     )
