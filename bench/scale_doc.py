@@ -76,6 +76,8 @@ def _cell(entry: dict[str, Any] | None) -> str:
         why = entry["failed"].strip().splitlines()[-1][:60] if entry["failed"].strip() else ""
         return f"failed after {entry.get('seconds', 0):.0f} s ({why.replace('|', '/')})"
     out = f"{entry['seconds']:,.1f} s"
+    if entry.get("cpu_seconds"):
+        out += f" (CPU {entry['cpu_seconds']:,.0f} s)"
     if entry.get("driver_peak_rss_mb") is not None:
         out += f" · driver {entry['driver_peak_rss_mb']:,.0f} MB"
     if entry.get("worker_peak_rss_mb"):
@@ -98,15 +100,17 @@ def measured(results: Path = RESULTS_DIR) -> str:
     benchmarks' files."""
     scale = _load("scale.json", results)
     ratios = scale.get("cost_ratio_10m_vs_1m", {})
+    basis = scale.get("cost_ratio_basis", {})
     within = scale.get("driver_peak_within_4000mb", {})
     lines = [
-        "| stage | 100k rows | 1M rows | 10M rows | 10M / 1M time "
+        "| stage | 100k rows | 1M rows | 10M rows | 10M / 1M cost "
         f"(goal ≤ {RATIO_GOAL:g}) | driver ≤ {DRIVER_GOAL_MB:,.0f} MB |",
         "|---|---|---|---|---|---|",
     ]
     for stage in STAGES:
         cells = [_cell(scale.get(size, {}).get(stage)) for size in SIZES]
-        ratio = f"{ratios[stage]:.1f}" if stage in ratios else "not measured"
+        kind = "CPU" if basis.get(stage) == "cpu_seconds" else "wall"
+        ratio = f"{ratios[stage]:.1f} ({kind})" if stage in ratios else "not measured"
         ok = {True: "yes", False: "**no**"}.get(within.get(stage), "not measured")
         lines.append(f"| {LABELS[stage]} | " + " | ".join(cells) + f" | {ratio} | {ok} |")
     embed, gpu = _load("embed.json", results), _load("embed_gpu.json", results)
@@ -141,18 +145,27 @@ def measured(results: Path = RESULTS_DIR) -> str:
     return "\n".join(lines)
 
 
-def _slope(stage_doc: dict[str, dict[str, Any]]) -> tuple[float, float | None, str] | None:
-    """(seconds per row, driver MB per row or None, basis) from the two largest sizes measured,
-    else the one size's cost per row (startup included)."""
+def _core_seconds(entry: dict[str, Any], cores: int) -> float:
+    """CPU seconds of the command and its workers where measured, else wall seconds x cores."""
+    return entry.get("cpu_seconds") or entry["seconds"] * cores
+
+
+def _slope(
+    stage_doc: dict[str, dict[str, Any]], cores: int
+) -> tuple[float, float | None, str] | None:
+    """(core-seconds per row, driver MB per row or None, basis) from the two largest sizes
+    measured, else the one size's cost per row (startup included)."""
     have = [s for s in SIZES if _ok(stage_doc.get(s))]
     if not have:
         return None
     if len(have) == 1:
         e = stage_doc[have[0]]
-        return e["seconds"] / e["rows"], None, f"{have[0]} only (upper bound)"
+        return _core_seconds(e, cores) / e["rows"], None, f"{have[0]} only (upper bound)"
     a, b = stage_doc[have[-2]], stage_doc[have[-1]]
+    if bool(a.get("cpu_seconds")) != bool(b.get("cpu_seconds")):
+        a, b = ({**e, "cpu_seconds": None} for e in (a, b))  # one basis for both ends
     rows = b["rows"] - a["rows"]
-    seconds = max(b["seconds"] - a["seconds"], 0.0) / rows
+    seconds = max(_core_seconds(b, cores) - _core_seconds(a, cores), 0.0) / rows
     da, db = a.get("driver_peak_rss_mb"), b.get("driver_peak_rss_mb")
     drv = None if da is None or db is None else max(db - da, 0.0) / rows
     return seconds, drv, f"slope {have[-2]}→{have[-1]}"
@@ -170,7 +183,8 @@ def projection(results: Path = RESULTS_DIR) -> str:
         f"Cluster assumed: {CLUSTER['machines']} machines × {CLUSTER['cores']} cores × "
         f"{CLUSTER['memory_gb']} GB ({CLUSTER['memory_gb'] // CLUSTER['cores']} GB per "
         f"one-thread worker), {CLUSTER['gpus']} GPUs for the embed job. Core-hours = measured "
-        f"seconds per row × {cores_here} cores here × {TARGET_ROWS:,} rows; hours = core-hours / "
+        f"CPU seconds per row (the command's and its workers'; wall seconds × {cores_here} "
+        f"cores where CPU time was not recorded) × {TARGET_ROWS:,} rows; hours = core-hours / "
         f"{cores:,} cores, which assumes the stage's tasks spread over every core.",
         "",
         "| stage | basis | core-hours at 5.85B | hours on the cluster | driver at 5.85B "
@@ -179,12 +193,12 @@ def projection(results: Path = RESULTS_DIR) -> str:
     ]
     for stage in STAGES:
         per_size = {s: scale.get(s, {}).get(stage) for s in SIZES}
-        got = _slope({s: e for s, e in per_size.items() if e})
+        got = _slope({s: e for s, e in per_size.items() if e}, cores_here)
         if got is None:
             lines.append(f"| {LABELS[stage]} | not measured | — | — | — | {WHERE[stage]} |")
             continue
         per_row, drv, basis = got
-        core_h = per_row * cores_here * TARGET_ROWS / 3600
+        core_h = per_row * TARGET_ROWS / 3600
         biggest = max((e for e in per_size.values() if _ok(e)), key=lambda e: e["rows"])
         base = biggest.get("driver_peak_rss_mb")
         if drv is None:
