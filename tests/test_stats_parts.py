@@ -56,3 +56,12 @@ def test_unfinished_parts_are_named_with_what_to_run(tmp_path):
     assert got.returncode == 2 and len(lines) == 1, got.stderr
     assert "part(s) 2 have metadata but no _done marker" in lines[0]
     assert "python -m pipelines.embed" in lines[0]
+
+
+def test_tasks_read_a_bucket_as_they_read_a_folder(tmp_path, s3_server, s3_bucket):
+    local = _collection(tmp_path / "c")
+    remote = f"{s3_bucket}/c"
+    s3_server.filesystem().put(local, remote.removeprefix("s3://"), recursive=True)
+    got, want = stats(remote, bins=8, workers=1), stats(local, bins=8)
+    assert got.pop("collection") == remote and want.pop("collection") == local
+    assert got == want
