@@ -73,8 +73,11 @@ def _cell(entry: dict[str, Any] | None) -> str:
     if "skipped" in entry:
         return "not measured"
     if "failed" in entry:
-        why = entry["failed"].strip().splitlines()[-1][:60] if entry["failed"].strip() else ""
-        return f"failed after {entry.get('seconds', 0):.0f} s ({why.replace('|', '/')})"
+        text = entry["failed"].strip()
+        if text.startswith("exit -9") or text.startswith("killed"):
+            return f"killed after {entry.get('seconds', 0):,.0f} s, unfinished"
+        why = text.splitlines()[-1][:60] if text else ""
+        return f"failed after {entry.get('seconds', 0):,.0f} s ({why.replace('|', '/')})"
     out = f"{entry['seconds']:,.1f} s"
     if entry.get("cpu_seconds"):
         out += f" (CPU {entry['cpu_seconds']:,.0f} s)"
