@@ -163,15 +163,17 @@ def _slope(
         return None
     if len(have) == 1:
         e = stage_doc[have[0]]
-        return _core_seconds(e, cores) / e["rows"], None, f"{have[0]} only (upper bound)"
+        kind = "CPU" if e.get("cpu_seconds") else f"wall × {cores}"
+        return _core_seconds(e, cores) / e["rows"], None, f"{have[0]} only, {kind} (upper bound)"
     a, b = stage_doc[have[-2]], stage_doc[have[-1]]
     if bool(a.get("cpu_seconds")) != bool(b.get("cpu_seconds")):
         a, b = ({**e, "cpu_seconds": None} for e in (a, b))  # one basis for both ends
+    kind = "CPU" if a.get("cpu_seconds") else f"wall × {cores}"
     rows = b["rows"] - a["rows"]
     seconds = max(_core_seconds(b, cores) - _core_seconds(a, cores), 0.0) / rows
     da, db = a.get("driver_peak_rss_mb"), b.get("driver_peak_rss_mb")
     drv = None if da is None or db is None else max(db - da, 0.0) / rows
-    return seconds, drv, f"slope {have[-2]}→{have[-1]}"
+    return seconds, drv, f"slope {have[-2]}→{have[-1]}, {kind}"
 
 
 def projection(results: Path = RESULTS_DIR) -> str:
@@ -214,7 +216,7 @@ def projection(results: Path = RESULTS_DIR) -> str:
             driver_mb = base + drv * (TARGET_ROWS - biggest["rows"])
             driver = f"**{driver_mb / 1024:,.0f} GB** (grows {drv * 1e6:,.0f} MB per 1M rows)"
         lines.append(
-            f"| {LABELS[stage]} | {basis} | {core_h:,.0f} | {core_h / cores:,.2f} | {driver} "
+            f"| {LABELS[stage]} | {basis} | {core_h:,.1f} | {core_h / cores:,.2f} | {driver} "
             f"| {WHERE[stage]} |"
         )
     gpu = _load("embed_gpu.json", results)

@@ -26,4 +26,4 @@ def test_a_size_without_figures_says_so(tmp_path):
     block = scale_doc.measured(tmp_path)
     sql = next(line for line in block.splitlines() if line.startswith("| SQL"))
     assert "2.0 s" in sql and sql.count("not measured") >= 2
-    assert "1m only (upper bound)" in scale_doc.projection(tmp_path)
+    assert "1m only, wall × 2 (upper bound)" in scale_doc.projection(tmp_path)
