@@ -71,7 +71,8 @@ def _cell(entry: dict[str, Any] | None) -> str:
     if not entry:
         return "not measured"
     if "skipped" in entry:
-        return "not measured"
+        ready = ".READY does not exist" in entry["skipped"]
+        return "not measured (the collection was not ready)" if ready else "not measured"
     if "failed" in entry:
         text = entry["failed"].strip()
         if text.startswith("exit -9") or text.startswith("killed"):
