@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from collection import schema as S
-from collection.storage import REMOTE_ERRORS, url_to_fs
+from collection.storage import REMOTE_ERRORS, TMP_MARK, read_json, url_to_fs
 
 
 class CollectionError(ValueError):
@@ -105,3 +105,32 @@ def by_part(offsets: np.ndarray, ids: np.ndarray) -> Iterator[tuple[int, np.ndar
     for p in np.unique(which):
         sel = np.nonzero(which == p)[0]
         yield int(p), sel, ids[sel] - offsets[p]
+
+
+def missing_parts(root: str) -> list[str]:
+    """What makes the collection's parts incomplete, one phrase each ([] when nothing): parts
+    with metadata but no `_done` marker (an embed run cut short), and fewer complete parts than
+    collection.json counts (parts deleted since). A stage that reads every part checks this
+    first, so it never quietly works on part of a collection."""
+    done = set(complete_parts(root))
+    layout = S.CollectionLayout(root)
+    fs, meta_dir = url_to_fs(posixpath.dirname(layout.metadata(0)))
+    try:
+        names = [posixpath.basename(p.rstrip("/")) for p in fs.ls(meta_dir, detail=False)]
+    except FileNotFoundError:
+        names = []
+    written = set()
+    for name in names:
+        stem = posixpath.splitext(name)[0]
+        number = stem.rsplit("_", 1)[-1]
+        if name.endswith(".parquet") and number.isdigit() and TMP_MARK not in name:
+            written.add(int(number))
+    problems = []
+    unfinished = sorted(written - done)
+    if unfinished:
+        shown = ", ".join(str(n) for n in unfinished[:5]) + (", ..." if len(unfinished) > 5 else "")
+        problems.append(f"part(s) {shown} have metadata but no _done marker")
+    counted = read_json(layout.collection_json, missing={}).get("parts")
+    if isinstance(counted, int) and len(done) < counted:
+        problems.append(f"{len(done)} complete part(s) where collection.json counts {counted}")
+    return problems

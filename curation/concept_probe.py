@@ -343,8 +343,8 @@ def score_collection(collection: str, concept: Concept) -> np.ndarray:
     columns = None
     if concept.columns:
         meta = read_metadata(collection, list(concept.columns))
-        columns = {
-            c: np.asarray(meta.column(c).to_pylist(), dtype=float)
+        columns = {  # straight from Arrow (nulls as NaN): no Python object per row
+            c: meta.column(c).cast(pa.float64()).to_numpy()
             for c in concept.columns
             if c in meta.column_names
         }
@@ -413,12 +413,15 @@ def save_concept(
     layout = S.InsightLayout(collection)
     path = layout.concept(concept.name)
     if scores is not None:  # first: the json is what lists a concept as saved
-        keys = read_keys(collection) if keys is None else keys
+        # the key column as Arrow reads it: no Python object per row
+        keys = read_metadata(collection, [S.KEY]).column(S.KEY) if keys is None else keys
         write_table(
             layout.concept_scores(concept.name),
             pa.table(
                 {
-                    S.KEY: pa.array(list(keys), pa.string()),
+                    S.KEY: keys
+                    if isinstance(keys, pa.ChunkedArray)
+                    else pa.array(keys, pa.string()),
                     S.CONCEPT_SCORE: pa.array(scores, pa.float32()),
                 }
             ),

@@ -11,13 +11,14 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import duckdb
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from collection import schema as S
 from collection.embeddings import EmbeddingStore
 from collection.parts import CollectionError, complete_parts
+from collection.sandbox import one_line
 from collection.storage import read_collection_json
 from collection.takedown import Takedown
 from curation.catalog import Catalog, SqlError
@@ -28,6 +29,12 @@ if TYPE_CHECKING:  # annotations only: torch loads where a model is loaded
     from models.clip import Clip
 
 log = logging.getLogger(__name__)
+
+#: ids asked of the sandbox per query: 32 MB of BIGINT, half its result limit
+WHERE_WINDOW = 4_000_000
+
+#: rows per Arrow batch when the visible ids are read: what bounds that read's memory
+BATCH_ROWS = 1 << 18
 
 
 def ids_array(values: Any) -> np.ndarray:
@@ -47,8 +54,8 @@ class Context:
     encoder: Clip | None = None
     _catalog: Any = None
     _guarded: Any = None
-    _base: pa.Table | None = None
-    _blocked: int | None = None
+    _ids: np.ndarray | None = None
+    _blocked: int = 0
     _indices: dict[str, tuple[Any, dict[str, Any], EmbeddingStore]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -83,78 +90,121 @@ class Context:
         if self._guarded is None:
             # above every row the collection has (collection.json's count, else the embedded
             # rows): an incremental resolve that starts from cached rows never reads `base`
-            rows = int(self.info.get("count") or 0) or len(self.base)
+            rows = int(self.info.get("count") or 0) or len(self._visible())
             self._guarded = Catalog(self.collection, untrusted=True, row_cap=rows + 1)
-        try:
-            result = self._guarded.query(sql)
-        except SqlError as exc:
-            raise SpecError(f"{self.source}: {what}: {exc}") from None
-        if result.truncated and self.info.get("count"):  # a stale count: size the cap by the rows
-            self._guarded.close()
-            self._guarded = Catalog(self.collection, untrusted=True, row_cap=len(self.base) + 1)
-            self.info = {**self.info, "count": None}
-            return self.where_ids(where, what)
-        if result.truncated:
-            raise SpecError(
-                f"{self.source}: {what}: more rows than the collection has embedded ones"
-            )
-        return ids_array(result.table[S.ID].to_numpy(zero_copy_only=False))
+        # one query per window of ids: a 10M-row answer would pass the sandbox's result limit
+        # (collection.sandbox.MAX_RESULT_BYTES); the last window is open-ended
+        bound = self._guarded.row_cap
+        found = []
+        for lo in range(0, max(bound, 1), WHERE_WINDOW):
+            hi = f" AND {S.ID} < {lo + WHERE_WINDOW}" if lo + WHERE_WINDOW < bound else ""
+            try:
+                result = self._guarded.query(f"{sql} AND {S.ID} >= {lo}{hi}")
+            except SqlError as exc:
+                raise SpecError(f"{self.source}: {what}: {exc}") from None
+            if result.truncated and self.info.get("count"):  # a stale count: cap by the rows
+                self._guarded.close()
+                cap = len(self._visible()) + 1
+                self._guarded = Catalog(self.collection, untrusted=True, row_cap=cap)
+                self.info = {**self.info, "count": None}
+                return self.where_ids(where, what)
+            if result.truncated:
+                raise SpecError(
+                    f"{self.source}: {what}: more rows than the collection has embedded ones"
+                )
+            found.append(result.table[S.ID].to_numpy(zero_copy_only=False))
+        return ids_array(np.concatenate(found))
 
     # ---- the rows a spec starts from -----------------------------------------------------
-    @property
-    def base(self) -> pa.Table:
-        """id, key, url, sha256 of every embedded row, by id; the takedown list is applied at
-        once."""
-        if self._base is None:
-            table = self.query(
-                f"SELECT {S.ID}, {S.KEY}, {S.URL}, {S.SHA256} FROM samples "
-                f"WHERE {S.ID} IS NOT NULL ORDER BY {S.ID}",
-                "collection",
-            )
-            blocked = Takedown.load(self.collection).blocked_mask(table)
-            self._blocked = int(np.count_nonzero(blocked))
-            self._base = table.filter(pa.array(~np.asarray(blocked, dtype=bool)))
-        return self._base
+    def _visible(self) -> np.ndarray:
+        """Sorted ids of every embedded row the takedown list leaves, read in batches: only the
+        ids stay (8 bytes a row), never the rows' keys, urls or hashes."""
+        if self._ids is None:
+            takedown = Takedown.load(self.collection)
+            columns = [S.ID] + ([S.KEY, S.URL, S.SHA256] if len(takedown) else [])
+            # no ORDER BY: DuckDB would hold every selected column to sort; the ids sort here
+            sql = f"SELECT {', '.join(columns)} FROM samples WHERE {S.ID} IS NOT NULL"
+            kept, blocked = [], 0
+            for batch in self._batches(sql, "collection"):
+                ids = batch.column(0).to_numpy(zero_copy_only=False).astype(np.int64)
+                if len(takedown):
+                    mask = np.asarray(
+                        takedown.blocked_mask(pa.Table.from_batches([batch])), dtype=bool
+                    )
+                    blocked += int(np.count_nonzero(mask))
+                    ids = ids[~mask]
+                kept.append(ids)
+            self._ids = np.sort(np.concatenate(kept)) if kept else np.zeros(0, np.int64)
+            self._blocked = blocked
+        return self._ids
+
+    def _batches(self, sql: str, what: str) -> Any:
+        """The trusted catalog's answer to `sql` as a stream of Arrow record batches."""
+        try:
+            return self.catalog.connection.sql(sql).to_arrow_reader(BATCH_ROWS)
+        except duckdb.Error as exc:
+            raise SpecError(f"{self.source}: {what}: {one_line(exc)}") from None
+
+    def _joined(self, want: pa.Table, sql: str, what: str) -> pa.Table:
+        """`sql` run with `want` registered as table `_want` (a join in DuckDB, not a Python
+        dict over the collection's keys)."""
+        con = self.catalog.connection
+        con.register("_want", want)
+        try:
+            return con.sql(sql).to_arrow_table()
+        except duckdb.Error as exc:
+            raise SpecError(f"{self.source}: {what}: {one_line(exc)}") from None
+        finally:
+            con.unregister("_want")
 
     @property
     def blocked(self) -> int:
-        """Embedded rows the takedown list removed from `base`."""
-        if self._blocked is None:
-            _ = self.base
-        return int(self._blocked or 0)
+        """Embedded rows the takedown list removed from the visible rows."""
+        self._visible()
+        return self._blocked
 
     def base_ids(self) -> np.ndarray:
-        """The ids of `base`; with no takedown list, read alone (not keys, urls and hashes:
-        a tenth of the memory on a large collection)."""
-        if self._base is None and not len(Takedown.load(self.collection)):
-            self._blocked = 0
-            sql = f"SELECT {S.ID} FROM samples WHERE {S.ID} IS NOT NULL ORDER BY {S.ID}"
-            return ids_array(self.query(sql, "collection")[S.ID].to_numpy(zero_copy_only=False))
-        return ids_array(self.base[S.ID].to_numpy(zero_copy_only=False))
+        return self._visible()
 
     def keys(self, ids: np.ndarray) -> list[str]:
-        """The keys of `ids` (all in `base`), in the order given."""
-        return self._take(ids, S.KEY)
+        """The keys of `ids` (all visible), in the order given."""
+        ids = np.asarray(ids, dtype=np.int64)
+        visible = self._visible()
+        pos = np.searchsorted(visible, ids)
+        if len(ids) and (
+            pos.max(initial=0) >= len(visible) or not np.array_equal(visible[pos], ids)
+        ):
+            raise SpecError(f"{self.source}: ids outside the collection's visible rows")
+        want = pa.table({"i": pa.array(ids), "pos": pa.array(np.arange(len(ids)))})
+        got = self._joined(
+            want,
+            f"SELECT s.{S.KEY} AS k FROM samples s JOIN _want w ON s.{S.ID} = w.i ORDER BY w.pos",
+            "keys",
+        )
+        return got.column("k").to_pylist()
 
     def ids_of_keys(self, keys: list[str], what: str) -> np.ndarray:
         """Ids of the given keys, in order; a key that is absent or taken down is a SpecError."""
-        pos = pc.index_in(pa.array(keys, pa.string()), value_set=self.base[S.KEY].combine_chunks())
-        if pos.null_count:
-            missing = keys[pos.is_null().to_pylist().index(True)]
+        want = pa.table({"k": pa.array(keys, pa.string()), "pos": pa.array(np.arange(len(keys)))})
+        got = self._joined(
+            want,
+            f"SELECT w.pos AS pos, s.{S.ID} AS i FROM _want w LEFT JOIN samples s "
+            f"ON s.{S.KEY} = w.k AND s.{S.ID} IS NOT NULL ORDER BY w.pos",
+            what,
+        )
+        column = got.column("i")
+        ids = column.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+        visible = self._visible()
+        pos = np.searchsorted(visible, ids)
+        ok = column.is_valid().to_numpy(zero_copy_only=False) & (pos < len(visible))
+        ok[ok] = visible[pos[ok]] == ids[ok]  # taken down: embedded but not visible
+        if not ok.all():
+            missing = keys[int(np.argmin(ok))]
             raise SpecError(
                 f"{self.source}: {what}: key {missing!r} is not an embedded, visible row of "
                 f"{self.collection}"
             )
-        return self.base[S.ID].to_numpy()[pos.to_numpy()]
-
-    def _take(self, ids: np.ndarray, column: str) -> list[Any]:
-        all_ids = self.base[S.ID].to_numpy(zero_copy_only=False)
-        pos = np.searchsorted(all_ids, ids)
-        if len(ids) and (
-            pos.max(initial=0) >= len(all_ids) or not np.array_equal(all_ids[pos], ids)
-        ):
-            raise SpecError(f"{self.source}: ids outside the collection's visible rows")
-        return self.base[column].take(pa.array(pos)).to_pylist()
+        return ids
 
     def captions(self, ids: np.ndarray, n: int = 3) -> list[str]:
         """Captions of the first n ids (a dry run's examples)."""

@@ -17,13 +17,12 @@ from dataclasses import replace
 from typing import Any, Callable
 
 import numpy as np
-import pyarrow as pa
 from distributed import Client
 
 from collection import schema as S
 from collection.cluster import SINGLE_THREAD_WORKER_ENV, each_completed, open_cluster
 from collection.embeddings import EmbeddingStore
-from collection.parts import CollectionError, by_part, read_part_metadata
+from collection.parts import CollectionError, missing_parts
 from collection.sandbox import one_line
 from collection.storage import (
     REMOTE_ERRORS,
@@ -35,7 +34,13 @@ from collection.storage import (
     write_bytes,
     write_json,
 )
-from curation.export_shard import ExportError, ExportOptions, json_columns, write_shard
+from curation.export_shard import (
+    ExportError,
+    ExportOptions,
+    json_columns,
+    rows_schema,
+    write_shard,
+)
 from curation.resolve import Resolution, resolve
 from curation.spec import stable_hash
 from models.runtime import cores, progress
@@ -82,29 +87,6 @@ def check_writable(out: str) -> None:
         raise ExportError(
             f"--out {out}: not writable ({type(exc).__name__}: {one_line(exc)})"
         ) from None
-
-
-def gather_rows(collection: str, ids: np.ndarray, store: EmbeddingStore) -> pa.Table:
-    """Metadata rows (every column, plus `id`) of the given global ids, in the order given.
-
-    Reads only the parts holding those ids; an id's part and row come from the parts' vector
-    counts (`store`), the rule that defines global ids.
-    """
-    tables, order = [], []
-    for p, sel, local in by_part(store.offsets, ids):
-        try:
-            t = read_part_metadata(collection, int(store.parts[p]), ok_only=True)
-        except CollectionError as exc:
-            raise ExportError(str(exc)) from None
-        t = t.take(pa.array(local))
-        tables.append(t.append_column(S.ID, pa.array(ids[sel], pa.int64())))
-        order.append(sel)
-    if not tables:
-        return pa.table({S.ID: pa.array([], pa.int64())})
-    table = pa.concat_tables(tables, promote_options="default")
-    back = np.empty(len(ids), dtype=np.int64)
-    back[np.concatenate(order)] = np.arange(len(ids))
-    return table.take(pa.array(back))
 
 
 def shard_identity(opts: ExportOptions, ids: np.ndarray) -> str:
@@ -180,13 +162,13 @@ Progress = Callable[[dict[str, int]], None]
 
 def _run(
     client: Client,
-    tasks: list[tuple[int, pa.Table, str]],
+    tasks: list[tuple[int, np.ndarray, str]],
     opts: ExportOptions,
     on_progress: Progress | None = None,
     already: int = 0,
 ) -> dict[int, dict[str, Any]]:
     """One task per shard; a progress bar of shards, samples and samples/s; failures gathered."""
-    args = [(i, rows, identity, opts) for i, rows, identity in tasks]
+    args = [(i, ids, identity, opts) for i, ids, identity in tasks]
     done: dict[int, dict[str, Any]] = {}
     failed: dict[int, str] = {}
     samples, start = 0, time.time()
@@ -244,6 +226,15 @@ def run_export(
     """`curation.export.export`'s work; returns the manifest."""
     resize = check_options(format, shard_size, image_size, resize)
     check_writable(out)
+    try:
+        problems = missing_parts(collection)
+    except CollectionError as exc:
+        raise ExportError(str(exc)) from None
+    if problems:
+        raise ExportError(
+            f"{collection}: {'; '.join(problems)}: finish them with `python -m pipelines.embed` "
+            f"(it resumes unfinished parts) before exporting"
+        )
     res = resolution or resolve(collection, spec, untrusted=untrusted)
     info = read_collection_json(collection)
     try:
@@ -262,21 +253,24 @@ def run_export(
     )
     if format != S.EXPORT_URLS:
         opts = replace(opts, embeddings=tuple(m for m in S.MODALITIES if _has(collection, m)))
-    rows = gather_rows(collection, res.ids, store)
-    n_shards = (len(rows) + shard_size - 1) // shard_size
+    # the driver holds the resolved ids (8 bytes a row) and no row: each task reads its own
+    ids = np.asarray(res.ids, dtype=np.int64)
+    touched = np.unique(np.searchsorted(store.offsets, ids, side="right") - 1)
+    opts = replace(opts, schema=rows_schema(collection, [store.parts[p] for p in touched]))
+    n_shards = (len(ids) + shard_size - 1) // shard_size
     reusable = _prepare_out(out, res.spec_hash, n_shards, overwrite, format)
     tasks, done = [], {}
     for i in range(n_shards):
-        # take, not slice: a pickled slice would carry the whole table's buffers to the worker
-        part = rows.take(pa.array(np.arange(i * shard_size, min(len(rows), (i + 1) * shard_size))))
-        identity = shard_identity(opts, part[S.ID].to_numpy())
+        # a copy, not a view: a pickled view would carry the whole array to the worker
+        part = ids[i * shard_size : (i + 1) * shard_size].copy()
+        identity = shard_identity(opts, part)
         if reusable.get(i, {}).get("identity") == identity and _shard_exists(out, i, format):
             done[i] = reusable[i]
         else:
             tasks.append((i, part, identity))
     log.info(
         "%d rows -> %d shards: %d to write, %d already written",
-        len(rows),
+        len(ids),
         n_shards,
         len(tasks),
         len(done),
@@ -307,7 +301,7 @@ def run_export(
         S.MANIFEST_DIM: info.get("emb_dim"),
         S.MANIFEST_COUNT: sum(s["count"] for s in done.values()),
         S.MANIFEST_SHARDS: n_shards,
-        "resolved": len(rows),
+        "resolved": len(ids),
         "taken_down_at_export": sum(s.get("taken_down", 0) for s in done.values()),
         S.MANIFEST_MISSING: sum(len(s.get("missing", ())) for s in done.values()),
         S.MANIFEST_BYTES_FETCHED: sum(s.get(S.MANIFEST_BYTES_FETCHED, 0) for s in done.values()),
@@ -316,7 +310,7 @@ def run_export(
         "image_size": image_size,
         "resize": resize,
         "embeddings": list(opts.embeddings),
-        S.MANIFEST_COLUMNS: json_columns(rows.column_names),
+        S.MANIFEST_COLUMNS: json_columns(opts.schema.names),
         S.MANIFEST_CREATED: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "schema_version": S.SCHEMA_VERSION,
     }

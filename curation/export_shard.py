@@ -1,6 +1,7 @@
 """One output shard of an export: the Dask task behind `python -m curation.export`.
 
-A task gets its rows (metadata plus global id, in export order), re-checks them against the
+A task gets its rows' global ids (in export order) and reads their metadata itself from the
+parts holding them, so the driver never holds the exported rows; it re-checks them against the
 takedown list as it is now, reads each image back from its source shard, reads the rows'
 embeddings, and writes the shard under a temporary name renamed into place, then its
 `_stats.json` (img2dataset's completion mark). Its output depends only on its rows and the
@@ -27,14 +28,15 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from PIL import Image
 
 from collection import schema as S
 from collection.embeddings import open_npy
 from collection.images import GONE, UNREADABLE, ImageBatch, read_images
-from collection.parts import CollectionError
+from collection.parts import CollectionError, by_part, read_part_metadata
 from collection.sandbox import one_line
-from collection.storage import write_json
+from collection.storage import url_to_fs, write_json
 from collection.takedown import Takedown
 from curation.export_formats import json_lines, write_parquet, write_webdataset
 
@@ -74,6 +76,9 @@ class ExportOptions:
     #: row's vectors without opening every part of a large collection
     parts: tuple[int, ...] = ()
     offsets: tuple[int, ...] = (0,)
+    #: every shard's rows take this schema (the parts' schemas unified, plus `id`), so a shard's
+    #: columns do not depend on which parts its rows come from
+    schema: pa.Schema | None = None
 
     def identity(self) -> dict[str, Any]:
         return {
@@ -88,6 +93,59 @@ class ExportOptions:
 def json_columns(names: list[str]) -> list[str]:
     """The fields of each exported sample's json (and parquet row), in order."""
     return [n for n in names if n not in INTERNAL_COLUMNS]
+
+
+# ---- reading rows ----------------------------------------------------------------------------
+def rows_schema(collection: str, parts: list[int]) -> pa.Schema:
+    """The exported rows' schema: the metadata schemas of `parts` unified in order (as a
+    concatenation of their tables would be), plus `id`. Reads parquet footers only."""
+    schemas = []
+    for n in parts:
+        path = S.CollectionLayout(collection).metadata(n)
+        fs, local = url_to_fs(path)
+        try:
+            schemas.append(pq.read_schema(local, filesystem=fs))
+        except FileNotFoundError:
+            raise ExportError(f"{path}: missing metadata of part {n}") from None
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise ExportError(f"{path}: unreadable metadata part: {one_line(exc)}") from None
+    fields = pa.unify_schemas(schemas, promote_options="default") if schemas else pa.schema([])
+    meta = schemas[0].metadata if schemas else None
+    return pa.schema([*fields, pa.field(S.ID, pa.int64())], metadata=meta)
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """`table` with exactly `schema`'s columns, in order (absent ones null)."""
+    columns = [
+        table[f.name].cast(f.type) if f.name in table.column_names else pa.nulls(len(table), f.type)
+        for f in schema
+    ]
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def gather_rows(opts: ExportOptions, ids: np.ndarray) -> pa.Table:
+    """Metadata rows (every column, plus `id`) of the given global ids, in the order given.
+
+    Reads only the parts holding those ids; an id's part and row come from the parts' vector
+    counts (`opts.offsets`), the rule that defines global ids.
+    """
+    tables, order = [], []
+    for p, sel, local in by_part(np.asarray(opts.offsets, dtype=np.int64), ids):
+        try:
+            t = read_part_metadata(opts.collection, int(opts.parts[p]), ok_only=True)
+        except CollectionError as exc:
+            raise ExportError(str(exc)) from None
+        t = t.take(pa.array(local))
+        tables.append(t.append_column(S.ID, pa.array(ids[sel], pa.int64())))
+        order.append(sel)
+    if not tables:
+        table = pa.table({S.ID: pa.array([], pa.int64())})
+    else:
+        table = pa.concat_tables(tables, promote_options="default")
+        back = np.empty(len(ids), dtype=np.int64)
+        back[np.concatenate(order)] = np.arange(len(ids))
+        table = table.take(pa.array(back))
+    return table if opts.schema is None else conform(table, opts.schema)
 
 
 # ---- reading images back -------------------------------------------------------------------
@@ -193,13 +251,16 @@ def _embeddings(opts: ExportOptions, ids: np.ndarray) -> dict[str, np.ndarray]:
     return out
 
 
-def write_shard(index: int, rows: pa.Table, identity: str, opts: ExportOptions) -> dict[str, Any]:
-    """Write output shard `index` from `rows` (metadata + id, in order); returns its stats.
+def write_shard(index: int, ids: np.ndarray, identity: str, opts: ExportOptions) -> dict[str, Any]:
+    """Write output shard `index` of the rows with global ids `ids` (in order); returns its
+    stats.
 
-    The takedown list is read again here, so a row listed since the spec was resolved is
-    left out. The stats file is written last: its presence (with this `identity`) means done.
+    The rows' metadata is read here, from the parts holding them. The takedown list is read
+    again here, so a row listed since the spec was resolved is left out. The stats file is
+    written last: its presence (with this `identity`) means done.
     """
     start = time.time()
+    rows = gather_rows(opts, np.asarray(ids, dtype=np.int64))
     blocked = np.asarray(Takedown.load(opts.collection).blocked_mask(rows), dtype=bool)
     if blocked.any():
         rows = rows.filter(pa.array(~blocked))

@@ -9,6 +9,7 @@ import zlib
 import numpy as np
 import pytest
 
+import curation.context as context_module
 from bench.synthetic import clustered_vectors, write_collection, write_takedown
 from collection import schema as S
 from collection.embeddings import EmbeddingStore
@@ -82,6 +83,14 @@ def test_untrusted_specs_run_their_sql_sandboxed_with_the_same_result(coll):
         "filters": {"preset": "laion", "min_similarity": 0.25},
         "limit": 30,
     }
+    assert resolve(coll, spec, untrusted=True).keys == resolve(coll, spec).keys
+
+
+def test_untrusted_where_is_asked_in_id_windows_and_loses_no_row(coll, monkeypatch):
+    """A large collection's sandboxed where runs one query per id window (the sandbox caps each
+    answer's bytes); the windows together give exactly the trusted answer."""
+    monkeypatch.setattr(context_module, "WHERE_WINDOW", 7)
+    spec = {"where": ["width >= 40 OR caption LIKE '%red%'"]}
     assert resolve(coll, spec, untrusted=True).keys == resolve(coll, spec).keys
 
 

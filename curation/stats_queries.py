@@ -1,0 +1,132 @@
+"""The queries behind `python -m curation.stats` and the UI's Explore page: one aggregate each
+over table `samples`, run on whatever answers `.query(sql).table` and `.columns` (the catalog,
+trusted or sandboxed, or one part in a Dask task: `curation.stats_job`), so every path counts
+alike."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from collection import schema as S
+
+#: what can be plotted: a name, and the SQL expression over `samples` it is
+HISTOGRAMS: dict[str, str] = {
+    S.CLIP_SIMILARITY: S.CLIP_SIMILARITY,
+    S.PUNSAFE: S.PUNSAFE,
+    S.PWATERMARK: S.PWATERMARK,
+    S.PTOXIC: S.PTOXIC,
+    S.WIDTH: S.WIDTH,
+    S.HEIGHT: S.HEIGHT,
+    "caption_length": f"length({S.CAPTION})",
+}
+#: scores live in [0, 1]: their bins are fixed there, so two collections' plots line up
+UNIT_RANGE = (S.PUNSAFE, S.PWATERMARK, S.PTOXIC)
+TABLE = "samples"
+
+
+@dataclass
+class Histogram:
+    """Equal-width bins over [low, high]: counts[i] rows fall in [edges[i], edges[i+1])
+    (the last bin includes `high`); `missing` rows have no value."""
+
+    column: str
+    edges: list[float]
+    counts: list[int]
+    missing: int
+    total: int
+
+
+def _scalar(catalog: Any, sql: str) -> list[Any]:
+    return list(catalog.query(sql).table.to_pylist()[0].values())
+
+
+def expression(column: str, columns: Sequence[str]) -> str:
+    """The SQL a histogram name stands for; ValueError naming the choices when unknown or absent."""
+    if column not in HISTOGRAMS:
+        raise ValueError(f"histogram column {column!r}: expected one of {sorted(HISTOGRAMS)}")
+    needs = S.CAPTION if column == "caption_length" else column
+    if needs not in columns:
+        raise ValueError(f"histogram column {column!r}: this collection has no {needs!r} column")
+    return HISTOGRAMS[column]
+
+
+def bounds(catalog: Any, column: str, where: str | None = None) -> tuple[Any, Any, int, int]:
+    """(min, max, values present, rows) of a histogram's expression: its first query."""
+    expr = expression(column, catalog.columns)
+    cond = f"({where})" if where else "TRUE"
+    low, high, present, total = _scalar(
+        catalog,
+        f"SELECT min({expr})::DOUBLE, max({expr})::DOUBLE, "
+        f"count({expr}), count(*) FROM {TABLE} WHERE {cond}",
+    )
+    return low, high, int(present), int(total)
+
+
+def bin_range(column: str, low: float, high: float, bins: int) -> tuple[float, float, float]:
+    """(low, high, width) of the bins: scores fixed on [0, 1], one value given one bin around
+    it."""
+    if column in UNIT_RANGE:
+        low, high = 0.0, 1.0
+    if high <= low:
+        high = low + 1.0
+    return low, high, (high - low) / bins
+
+
+def bin_counts(
+    catalog: Any, column: str, low: float, width: float, bins: int, where: str | None = None
+) -> list[int]:
+    """Rows per bin (the last bin includes the top edge): a histogram's second query."""
+    expr = expression(column, catalog.columns)
+    cond = f"({where})" if where else "TRUE"
+    rows = catalog.query(
+        f"SELECT least(greatest(floor(({expr} - {low!r}) / {width!r}), 0), {bins - 1})::INTEGER "
+        "AS b, count(*) AS n "
+        f"FROM {TABLE} WHERE {cond} AND {expr} IS NOT NULL GROUP BY b ORDER BY b"
+    ).table.to_pylist()
+    counts = [0] * bins
+    for r in rows:
+        counts[r["b"]] += int(r["n"])
+    return counts
+
+
+def check_bins(bins: int) -> None:
+    """ValueError naming the option when `bins` is out of range."""
+    if not 1 <= bins <= 1000:
+        raise ValueError(f"bins: {bins} is outside 1..1000")
+
+
+def histogram(catalog: Any, column: str, bins: int = 30, where: str | None = None) -> Histogram:
+    """Histogram of one of HISTOGRAMS over `samples` (optionally the rows matching `where`):
+    two aggregate queries, min/max then the bin counts."""
+    check_bins(bins)
+    low, high, present, total = bounds(catalog, column, where)
+    if not present:
+        return Histogram(column, [], [], total, total)
+    low, high, width = bin_range(column, low, high, bins)
+    counts = bin_counts(catalog, column, low, width, bins, where)
+    return Histogram(column, edges(low, high, width, bins), counts, total - present, total)
+
+
+def edges(low: float, high: float, width: float, bins: int) -> list[float]:
+    """The bins' edges, `bins + 1` of them."""
+    return [low + i * width for i in range(bins)] + [high]
+
+
+def status_counts(catalog: Any) -> list[dict[str, Any]]:
+    """[{status, n}] for every status present, commonest first (`ok` for the embedded rows)."""
+    return catalog.query(
+        f"SELECT {S.STATUS} AS status, count(*) AS n FROM {TABLE} "
+        f"GROUP BY 1 ORDER BY n DESC, status"
+    ).table.to_pylist()
+
+
+def failures(catalog: Any, limit: int | None = 20) -> list[dict[str, Any]]:
+    """The commonest (status, error) pairs among failed rows, with an example key each (all of
+    them when `limit` is None)."""
+    return catalog.query(
+        f"SELECT {S.STATUS} AS status, {S.ERROR} AS error, "
+        f"count(*) AS n, min({S.KEY}) AS example_key "
+        f"FROM {TABLE} WHERE {S.STATUS} IS DISTINCT FROM '{S.STATUS_OK}' GROUP BY 1, 2 "
+        f"ORDER BY n DESC, status, error" + ("" if limit is None else f" LIMIT {int(limit)}")
+    ).table.to_pylist()
