@@ -182,6 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--scale-budget", default="4G")
     p.add_argument("--scale-work", default="/work/bench_data/c22", help="ladder data, removed")
     p.add_argument("--scale-server-seconds", type=float, default=20.0)
+    p.add_argument("--scale-queries", type=int, default=1000, help="held-out recall queries")
     p.add_argument("--scale-ladder", default="100000,1000000", help="smaller sizes, built too")
     p.add_argument(
         "--scale-steps", default="write,build,quality,server,knn,ladder", help="a subset"
@@ -199,6 +200,7 @@ def main(argv: list[str] | None = None) -> None:
             a.scale_server_seconds,
             a.scale_steps,
             tuple(int(x) for x in a.scale_ladder.split(",")),
+            a.scale_queries,
         )
         return
     keys = [c for c in a.keys.split(";") if c]

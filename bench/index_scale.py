@@ -138,7 +138,7 @@ def build_10m(root: str, workers: int, budget: str) -> dict[str, Any]:
     }
 
 
-def quality(root: str) -> dict[str, Any]:
+def quality(root: str, n_queries: int = N_QUERIES) -> dict[str, Any]:
     """recall@10 against exact search, and single-query latency, of the built index as search
     uses it (memory-mapped lists, tuned nprobe, exact re-rank of its candidates)."""
     store = EmbeddingStore.open(root, S.MODALITY_IMAGE)
@@ -147,15 +147,15 @@ def quality(root: str) -> dict[str, Any]:
     index = load_index(path)
     set_search_params(index, doc["params"])
     depth = int(doc["params"].get("rerank_k", 0))
-    q = held_out_queries(N_QUERIES, store.dim)
+    q = held_out_queries(n_queries, store.dim)
     t = time.perf_counter()
     truth = exact_topk(store, q, 10)
     truth_s = time.perf_counter() - t
     _, found = ann_search(index, store, q, 10, depth)
-    lat = latency_ms(lambda x: ann_search(index, store, x, 10, depth), q, N_QUERIES)
+    lat = latency_ms(lambda x: ann_search(index, store, x, 10, depth), q, n_queries)
     return {
         "recall_at_10": recall_at(found, truth, 10),
-        "recall_queries": N_QUERIES,
+        "recall_queries": n_queries,
         **lat,
         "exact_truth_seconds": truth_s,
     }
@@ -289,11 +289,12 @@ def run(
     server_seconds: float,
     only: str,
     ladder_sizes: tuple[int, ...] = (100_000, 1_000_000),
+    n_queries: int = N_QUERIES,
 ) -> dict[str, Any]:
     """Every step in turn (`only`: a comma-separated subset), saving after each."""
     steps = set(only.split(","))
     out: dict[str, Any] = {
-        "data": describe(n, parts, 512, N_QUERIES),
+        "data": describe(n, parts, 512, n_queries),
         "collection": root,
         "load_average_at_start": list(os.getloadavg()),
         "note": "a 2-core machine shared with other developers' jobs: timings are noisy; "
@@ -310,7 +311,7 @@ def run(
             with open(root.rstrip("/") + ".READY", "w") as fh:
                 fh.write("image index built by python -m bench.index --scale\n")
     if "quality" in steps:
-        _step(out, "quality", lambda: quality(root))
+        _step(out, "quality", lambda: quality(root, n_queries))
     if "server" in steps:
         _step(out, "server", lambda: server(root, server_seconds))
     if "ladder" in steps:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 from typing import Any, Sequence
 
@@ -73,6 +74,8 @@ FILTER_BATCH = 1 << 15
 #: first); the rest keep the index's own score. 0 turns the re-rank off, which is the default
 #: for a collection whose embeddings are remote (each re-scored row is a range read)
 RERANK_MAX = 1 << 14
+#: the environment variable that sets it for every searcher of local collections (the server's)
+RERANK_ENV = "SIEVE_RERANK_MAX"
 
 
 class Results(list):
@@ -140,12 +143,12 @@ class Searcher:
         filter_limits: Limits = FILTER_LIMITS,
         rerank_max: int | None = None,
     ) -> None:
-        """`rerank_max`: candidates re-scored exactly per query (None: RERANK_MAX for a local
-        collection, 0 for a remote one)."""
+        """`rerank_max`: candidates re-scored exactly per query (None: $SIEVE_RERANK_MAX, else
+        RERANK_MAX, for a local collection; 0 for a remote one)."""
         self.root = collection
-        self.rerank_max = (
-            (RERANK_MAX if is_local(collection) else 0) if rerank_max is None else rerank_max
-        )
+        if rerank_max is None:
+            rerank_max = int(os.environ.get(RERANK_ENV, RERANK_MAX)) if is_local(collection) else 0
+        self.rerank_max = rerank_max
         self.layout = S.CollectionLayout(collection)
         self.info = read_collection_json(collection)
         self._encoder = encoder
