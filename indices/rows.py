@@ -27,6 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from collection import schema as S
 from collection.parts import (
@@ -59,23 +60,32 @@ def _open_ipc(path: str) -> tuple[list[pa.Table], dict[str, Any] | None]:
     return tables, recorded
 
 
-def _write_ipc(path: str, tables: list[pa.Table], recorded: dict[str, Any]) -> None:
-    """One record batch per table, under the tables' unified schema (a column a part lacks is
+def _write_ipc(root: str, path: str, parts: list[int], recorded: dict[str, Any]) -> None:
+    """One record batch per part, read and written one part at a time (a group of a thousand
+    parts never sits in memory), under the parts' unified schema (a column a part lacks is
     null in its batch)."""
+    layout = S.CollectionLayout(root)
+    schemas = []
+    for n in parts:
+        fs, p = url_to_fs(layout.metadata(n))
+        try:
+            schemas.append(pq.read_schema(p, filesystem=fs).remove_metadata())
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise CollectionError(
+                f"{layout.metadata(n)}: unreadable metadata part: {exc}"
+            ) from None
     try:
-        schema = pa.unify_schemas(
-            [t.schema.remove_metadata() for t in tables], promote_options="permissive"
-        )
+        schema = pa.unify_schemas(schemas, promote_options="permissive")
     except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
         raise CollectionError(
-            f"{path}: metadata parts disagree on a column's type: {exc}"
+            f"{root}: metadata parts disagree on a column's type: {exc}"
         ) from None
     schema = schema.with_metadata({_META_KEY: json.dumps(recorded).encode()})
     with atomic_path(path) as tmp:
         with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
-            for t in tables:
+            for n in parts:
                 # uncompressed, one batch per part: a memory-mapped read is then zero-copy
-                writer.write_batch(_batch(t, schema))
+                writer.write_batch(_batch(read_part_metadata(root, n, ok_only=True), schema))
 
 
 def _batch(table: pa.Table, schema: pa.Schema) -> pa.RecordBatch:
@@ -226,11 +236,10 @@ def _group_tables(root: str, parts: list[int], dirs: list[str]) -> list[pa.Table
                 continue
             if found == recorded:
                 return tables
-    tables = [read_part_metadata(root, n, ok_only=True) for n in parts]
     for d in dirs:
         path = os.path.join(d, name)
         try:
-            _write_ipc(path, tables, recorded)
+            _write_ipc(root, path, parts, recorded)
         except OSError as exc:  # a read-only collection: the next place (the cache) will do
             log.info("%s: cannot write rows file (%s); trying the next place", path, exc)
             continue

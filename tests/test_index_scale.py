@@ -20,7 +20,13 @@ from collection.embeddings import EmbeddingStore
 from indices import build_parts, rows
 from indices.build import build_one, main as build_main
 from indices.search import Searcher
-from indices.select import MIN_PER_LIST, TRAIN_SHARE, choose_index, nlist_for, parse_bytes
+from indices.select import (
+    MIN_PER_LIST,
+    TRAIN_SHARE,
+    choose_index,
+    nlist_for,
+    parse_bytes,
+)
 from indices.tune import exact_topk
 
 DIM = 16
