@@ -44,12 +44,16 @@ KNN_SHARES = (0.01, 0.10, 0.50)
 
 class RssSampler:
     """Peak RSS of this process and of every process under it (the Dask nanny's workers),
-    sampled from /proc every `every` seconds while it runs (a `with` block)."""
+    sampled from /proc every `every` seconds while it runs (a `with` block). RSS counts the
+    pages of memory-mapped embeddings a process has touched (page cache the kernel reclaims at
+    will), so the anonymous part (RssAnon: what the process itself allocated) is kept too."""
 
     def __init__(self, every: float = 0.5) -> None:
         self.every = every
         self.driver = 0.0
+        self.driver_anon = 0.0
         self.workers: dict[int, float] = {}
+        self.workers_anon: dict[int, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -65,16 +69,20 @@ class RssSampler:
         me = os.getpid()
         while not self._stop.is_set():
             self.driver = max(self.driver, rss_mb())
+            self.driver_anon = max(self.driver_anon, rss_mb(field="RssAnon"))
             for pid in _descendants(me):
-                value = rss_mb(pid)
-                if value == value:  # NaN: the process has just gone
-                    self.workers[pid] = max(self.workers.get(pid, 0.0), value)
+                for field, peaks in (("VmRSS", self.workers), ("RssAnon", self.workers_anon)):
+                    value = rss_mb(pid, field)
+                    if value == value:  # NaN: the process has just gone
+                        peaks[pid] = max(peaks.get(pid, 0.0), value)
             self._stop.wait(self.every)
 
     def figures(self) -> dict[str, Any]:
         return {
             "driver_peak_rss_mb": self.driver,
             "worker_peak_rss_mb": max(self.workers.values(), default=float("nan")),
+            "driver_peak_anon_mb": self.driver_anon,
+            "worker_peak_anon_mb": max(self.workers_anon.values(), default=float("nan")),
             "child_processes_sampled": len(self.workers),
         }
 
