@@ -425,6 +425,7 @@ class Searcher:
         collection's embeddings and the others keep their index scores (`approx`)."""
         keep = ~self.is_blocked(cand)  # takedown: always
         cand = cand[keep]
+        depth = len(cand)
         if sims is None:
             depth = len(cand) if approx is None else min(len(cand), self.rerank_max)
             sims = np.empty(len(cand), np.float32)
@@ -434,7 +435,14 @@ class Searcher:
             sims[:depth] = store.gather(cand[:depth], merge_gap=0) @ q
         else:
             sims = sims[keep]
-        order = np.lexsort((cand, -sims))
+        # the re-scored head first, then the rest in the index's order: compressed codes' scores
+        # are biased, so they never outrank an exact one
+        order = np.concatenate(
+            [
+                np.lexsort((cand[:depth], -sims[:depth])),
+                depth + np.lexsort((cand[depth:], -sims[depth:])),
+            ]
+        )
         cand, sims = cand[order], sims[order]
         if limits:
             keep = np.ones(len(cand), dtype=bool)
