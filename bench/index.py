@@ -183,6 +183,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--scale-work", default="/work/bench_data/c22", help="ladder data, removed")
     p.add_argument("--scale-server-seconds", type=float, default=20.0)
     p.add_argument("--scale-queries", type=int, default=1000, help="held-out recall queries")
+    p.add_argument("--scale-max-query-ms", type=float, default=10.0, help="the build's p99 budget")
+    p.add_argument("--scale-note", default="", help="recorded with the figures")
     p.add_argument("--scale-ladder", default="100000,1000000", help="smaller sizes, built too")
     p.add_argument(
         "--scale-steps", default="write,build,quality,server,knn,ladder", help="a subset"
@@ -201,6 +203,8 @@ def main(argv: list[str] | None = None) -> None:
             a.scale_steps,
             tuple(int(x) for x in a.scale_ladder.split(",")),
             a.scale_queries,
+            a.scale_max_query_ms,
+            a.scale_note,
         )
         return
     keys = [c for c in a.keys.split(";") if c]

@@ -127,11 +127,16 @@ def _step(out: dict[str, Any], name: str, fn: Callable[[], dict[str, Any]]) -> N
     _save(out)
 
 
-def build_10m(root: str, workers: int, budget: str) -> dict[str, Any]:
+def build_10m(root: str, workers: int, budget: str, max_query_ms: float = 10.0) -> dict[str, Any]:
     """The distributed build of the image index, driver and worker RSS sampled meanwhile."""
     with RssSampler() as rss:
         doc = build_one(
-            root, S.MODALITY_IMAGE, budget, n_queries=TUNE_QUERIES, cluster={"workers": workers}
+            root,
+            S.MODALITY_IMAGE,
+            budget,
+            max_query_ms,
+            n_queries=TUNE_QUERIES,
+            cluster={"workers": workers},
         )
     return {
         "build_seconds": doc["build_seconds"],
@@ -147,6 +152,7 @@ def build_10m(root: str, workers: int, budget: str) -> dict[str, Any]:
         "tune_queries": TUNE_QUERIES,
         "workers": workers,
         "max_index_memory": budget,
+        "tune_max_query_ms": max_query_ms,
         **rss.figures(),
     }
 
@@ -303,6 +309,8 @@ def run(
     only: str,
     ladder_sizes: tuple[int, ...] = (100_000, 1_000_000),
     n_queries: int = N_QUERIES,
+    max_query_ms: float = 10.0,
+    note: str = "",
 ) -> dict[str, Any]:
     """Every step in turn (`only`: a comma-separated subset), saving after each."""
     steps = set(only.split(","))
@@ -313,12 +321,14 @@ def run(
         "note": "a 2-core machine shared with other developers' jobs: timings are noisy; "
         "see the load averages",
     }
+    if note:
+        out["run_note"] = note
     if "write" in steps:
         t = time.perf_counter()
         write_scale_collection(root, n, parts, 512, workers)
         out["write_seconds_this_run"] = time.perf_counter() - t
     if "build" in steps:
-        _step(out, "build", lambda: build_10m(root, workers, budget))
+        _step(out, "build", lambda: build_10m(root, workers, budget, max_query_ms))
         _step(out, "rows", lambda: rows(root))
         if "failed" not in out:
             with open(root.rstrip("/") + ".READY", "w") as fh:
