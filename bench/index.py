@@ -4,6 +4,9 @@ builder's choice, on generated vectors written as a collection and on a real col
     python -m bench.index [--n 1000000] [--dim 512] [--budget-ratio 0.1] [--data clip_like]
                           [--keys chosen,Flat,...] [--work DIR] [--only vectors,real]
                           [--collection PATH]
+    python -m bench.index --scale [--scale-root DIR] [--scale-steps write,build,...]
+
+`--scale` is issue 22's 10M benchmark (`bench.index_scale`, key `scale_10m`).
 
 `--data clip_like` (default) draws CLIP-shaped (image, text) pairs: anisotropic, thousands of
 overlapping topics, a modality gap, text queries that are noisy views of their images (see
@@ -22,11 +25,13 @@ import tempfile
 import time
 from typing import Any
 
+from bench import index_scale
 from bench.common import RESULTS_DIR, write_results
 from bench.synthetic import clip_like_pairs, clustered_vectors, write_collection
 from collection.embeddings import EmbeddingStore
 from collection.storage import read_collection_json
 from indices.build import build_one
+from models.runtime import setup_logging
 
 PART = 100_000
 #: sweep columns kept per candidate: enough to see what nprobe and the re-rank depth buy
@@ -169,7 +174,39 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--collection", help="a real collection (part 'real')")
     p.add_argument("--real-budget", default="4G")
     p.add_argument("--real-keys", default="chosen;HNSW32;IVF64,PQ16x8")
+    p.add_argument("--scale", action="store_true", help="the 10M benchmark (key scale_10m)")
+    p.add_argument("--scale-root", default="/work/bench_data/synth10m", help="kept: reused")
+    p.add_argument("--scale-n", type=int, default=10_000_000)
+    p.add_argument("--scale-parts", type=int, default=100)
+    p.add_argument("--scale-workers", type=int, default=2)
+    p.add_argument("--scale-budget", default="4G")
+    p.add_argument("--scale-work", default="/work/bench_data/c22", help="ladder data, removed")
+    p.add_argument("--scale-server-seconds", type=float, default=20.0)
+    p.add_argument("--scale-queries", type=int, default=1000, help="held-out recall queries")
+    p.add_argument("--scale-max-query-ms", type=float, default=10.0, help="the build's p99 budget")
+    p.add_argument("--scale-note", default="", help="recorded with the figures")
+    p.add_argument("--scale-ladder", default="100000,1000000", help="smaller sizes, built too")
+    p.add_argument(
+        "--scale-steps", default="write,build,quality,server,knn,ladder", help="a subset"
+    )
     a = p.parse_args(argv)
+    if a.scale:
+        setup_logging()
+        index_scale.run(
+            a.scale_root,
+            a.scale_n,
+            a.scale_parts,
+            a.scale_workers,
+            a.scale_budget,
+            a.scale_work,
+            a.scale_server_seconds,
+            a.scale_steps,
+            tuple(int(x) for x in a.scale_ladder.split(",")),
+            a.scale_queries,
+            a.scale_max_query_ms,
+            a.scale_note,
+        )
+        return
     keys = [c for c in a.keys.split(";") if c]
     work = a.work or tempfile.mkdtemp(prefix="sieve-bench-index-")
     path = RESULTS_DIR / "index.json"

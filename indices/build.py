@@ -302,9 +302,10 @@ def build(
     session = None
     if client is None and (workers or scheduler):
         # Dask: imported only when a distributed build is asked for, so --help answers at once
-        from collection.cluster import SINGLE_THREAD_WORKER_ENV, open_cluster
+        from collection.cluster import open_cluster
+        from indices.build_parts import BUILD_WORKER_ENV
 
-        session = open_cluster(scheduler, workers or 1, worker_env=SINGLE_THREAD_WORKER_ENV)
+        session = open_cluster(scheduler, workers or 1, worker_env=BUILD_WORKER_ENV)
         client = session.client
     cluster = {"client": client} if client is not None else None
     out = {}

@@ -22,6 +22,7 @@ from typing import Any, Sequence
 
 import faiss
 import numpy as np
+from faiss.contrib.clustering import two_level_clustering
 
 from collection import schema as S
 from collection.cluster import SINGLE_THREAD_WORKER_ENV, each_completed, open_cluster
@@ -29,22 +30,29 @@ from collection.embeddings import EmbeddingStore, open_npy
 from collection.parts import CollectionError
 from collection.storage import atomic_path, read_json, url_to_fs, write_json
 from indices.merge import merge_parts
+from indices.select import MIN_PER_LIST
 from models.runtime import cores
 
 log = logging.getLogger(__name__)
 
-#: faiss's k-means warns below 39 training points per centroid
-MIN_PER_LIST = 39
 #: training points per list aimed for while the sample stays under MAX_TRAIN
 PER_LIST = 64
 MAX_TRAIN = 2**17
 MIN_TRAIN = 2**15
+#: list count from which the coarse quantizer is trained by two-level k-means: a flat k-means
+#: of 4,096 lists on its 160k-point sample already takes minutes on two cores
+TWO_LEVEL_MIN = 4096
+#: training points per PQ centroid (faiss samples at most this many) and k-means iterations
+PQ_POINTS_PER_CENTROID = 40
+PQ_ITERATIONS = 12
 #: vectors per Dask task: a part index of this many 512-d float vectors is 2 GiB at most
 GROUP_VECTORS = 2**20
 #: groups a collection is cut into at least (parts allowing), so several workers share a small
 #: one; fixed rather than read from the cluster, so a rerun on other workers reuses the parts
 MIN_GROUPS = 16
 TRAINED = "trained"
+#: the build's worker processes: one faiss thread each (a worker per core) and one malloc arena
+BUILD_WORKER_ENV = {**SINGLE_THREAD_WORKER_ENV, "OMP_NUM_THREADS": "1"}
 
 
 def train_size(n: int, nlist: int | None) -> int:
@@ -56,12 +64,39 @@ def train_size(n: int, nlist: int | None) -> int:
 
 def train_index(store: EmbeddingStore, key: str, nlist: int | None, seed: int) -> Any:
     """An empty index of `key`, trained on a random sample of the store (read by gather, so
-    only the sample is ever in memory)."""
+    only the sample is ever in memory). From TWO_LEVEL_MIN lists the coarse centroids come from
+    two-level k-means (`two_level_centroids`)."""
     index = faiss.index_factory(store.dim, key, faiss.METRIC_INNER_PRODUCT)
+    ivf = faiss.try_extract_index_ivf(index)
+    ivf = faiss.downcast_index(ivf) if ivf is not None else None
+    if hasattr(ivf, "do_polysemous_training"):
+        # the factory turns on polysemous training for IVF..,PQ keys: minutes of annealing of
+        # the codes' order for Hamming filtering, which search never uses
+        ivf.do_polysemous_training = False
+        # one k-means per sub-quantizer, 256 points a centroid and 25 iterations by default:
+        # ~8 s each on a busy core at 4 dims, 17 minutes for 128 of them. The exact re-rank
+        # corrects PQ's error, so the codebooks train on fewer points for fewer iterations
+        ivf.pq.cp.max_points_per_centroid = PQ_POINTS_PER_CENTROID
+        ivf.pq.cp.niter = PQ_ITERATIONS
     if not index.is_trained:
         _, xt = store.sample(train_size(store.count, nlist), seed)
+        direct = not isinstance(faiss.downcast_index(index), faiss.IndexPreTransform)
+        if ivf is not None and direct and ivf.nlist >= TWO_LEVEL_MIN:
+            centroids = two_level_centroids(xt, int(ivf.nlist), seed)
+            ivf.quantizer.train(centroids)
+            ivf.quantizer.add(centroids)  # a full quantizer: index.train trains only the codes
         index.train(xt)
     return index
+
+
+def two_level_centroids(xt: np.ndarray, nlist: int, seed: int) -> np.ndarray:
+    """nlist k-means centroids of xt, found as sqrt(nlist) clusters each split in proportion to
+    its points (faiss's two-level clustering): each point meets 2·sqrt(nlist) centroids per
+    iteration instead of nlist, which makes 16k lists trainable on two cores."""
+    outer = max(2, int(np.sqrt(nlist)))
+    centroids, _ = two_level_clustering(xt, outer, nlist, seed=seed)
+    log.info("two-level k-means: %d x %d lists from %d points", outer, nlist, len(xt))
+    return np.ascontiguousarray(centroids, dtype=np.float32)
 
 
 def checksum(path: str) -> str:
@@ -229,7 +264,7 @@ def _run(tasks: list[tuple], client: Any, scheduler: str | None, workers: int | 
         session = open_cluster(
             scheduler,
             workers or max(1, min(cores(), len(tasks))),
-            worker_env=SINGLE_THREAD_WORKER_ENV,
+            worker_env=BUILD_WORKER_ENV,
         )
         client = session.client
     failed: list[tuple[str, BaseException]] = []

@@ -1,14 +1,16 @@
 """Result rows looked up by global id from memory-mapped Arrow files, as clip back does.
 
 A searcher answering over a LAION-sized collection cannot hold every metadata row in memory
-(strings make a pandas frame of a million rows weigh about a gigabyte). `RowStore` keeps, per
-complete part, an uncompressed Arrow IPC file of that part's embedded rows in `emb_row` order
-(`indices/rows/rows_{N}.arrow`) and memory-maps it: looking up k rows touches only the pages
-holding them, and the process's memory does not grow with the collection.
+(strings make a pandas frame of a million rows weigh about a gigabyte). `RowStore` keeps the
+complete parts' embedded rows in `emb_row` order in uncompressed Arrow IPC files, one record
+batch per part and one file per PARTS_PER_FILE consecutive part numbers
+(`indices/rows/rows-group-{G}.arrow`), and memory-maps them: looking up k rows touches only the
+pages holding them, the process's memory does not grow with the collection, and a collection
+of 100k parts needs about a hundred maps, not one per part (Linux allows 65,530 by default).
 
-The Arrow files are a cache of the Parquet parts, rebuilt whenever a part's signature (size,
-mtime, etag: `collection.storage.file_signature`) changes; it is recorded in each file's
-schema metadata.
+The Arrow files are a cache of the Parquet parts: a group's file is rebuilt whenever one of its
+parts' signatures (size, mtime, etag: `collection.storage.file_signature`) changes or a part
+joins the group; the signatures are recorded in the file's schema metadata.
 `indices.build` writes them; a searcher writes any that are missing. A collection that cannot
 be written to (read-only, or on an object store) gets them in its cache folder instead
 (`indices.local.cache_folder`, under `$SIEVE_CACHE`).
@@ -25,6 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from collection import schema as S
 from collection.parts import (
@@ -40,26 +43,61 @@ from indices.local import cache_folder, signature as source_signature
 log = logging.getLogger(__name__)
 
 #: bumped when the files' content rules change, so old caches are rebuilt
-ROWS_VERSION = 1
+ROWS_VERSION = 2
 _META_KEY = b"sieve.rows"
+#: consecutive part numbers sharing one rows file (one memory map)
+PARTS_PER_FILE = 1024
 
 
-def _open_ipc(path: str) -> tuple[pa.Table, dict[str, Any] | None]:
-    """(memory-mapped table, its recorded source signature) of a rows file."""
+def _open_ipc(path: str) -> tuple[list[pa.Table], dict[str, Any] | None]:
+    """(memory-mapped table of each record batch, the recorded signatures) of a rows file."""
     reader = pa.ipc.open_file(pa.memory_map(path, "r"))
     meta = reader.schema.metadata or {}
-    signature = json.loads(meta[_META_KEY]) if _META_KEY in meta else None
-    return reader.read_all(), signature
+    recorded = json.loads(meta[_META_KEY]) if _META_KEY in meta else None
+    tables = [
+        pa.Table.from_batches([reader.get_batch(i)]) for i in range(reader.num_record_batches)
+    ]
+    return tables, recorded
 
 
-def _write_ipc(path: str, table: pa.Table, signature: dict[str, Any]) -> None:
-    schema = table.schema.with_metadata(
-        {**(table.schema.metadata or {}), _META_KEY: json.dumps(signature).encode()}
-    )
+def _write_ipc(root: str, path: str, parts: list[int], recorded: dict[str, Any]) -> None:
+    """One record batch per part, read and written one part at a time (a group of a thousand
+    parts never sits in memory), under the parts' unified schema (a column a part lacks is
+    null in its batch)."""
+    layout = S.CollectionLayout(root)
+    schemas = []
+    for n in parts:
+        fs, p = url_to_fs(layout.metadata(n))
+        try:
+            schemas.append(pq.read_schema(p, filesystem=fs).remove_metadata())
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise CollectionError(
+                f"{layout.metadata(n)}: unreadable metadata part: {exc}"
+            ) from None
+    try:
+        schema = pa.unify_schemas(schemas, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise CollectionError(
+            f"{root}: metadata parts disagree on a column's type: {exc}"
+        ) from None
+    schema = schema.with_metadata({_META_KEY: json.dumps(recorded).encode()})
     with atomic_path(path) as tmp:
         with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
-            # uncompressed, one batch: a memory-mapped read is then zero-copy
-            writer.write_table(table.cast(schema).combine_chunks())
+            for n in parts:
+                # uncompressed, one batch per part: a memory-mapped read is then zero-copy
+                writer.write_batch(_batch(read_part_metadata(root, n, ok_only=True), schema))
+
+
+def _batch(table: pa.Table, schema: pa.Schema) -> pa.RecordBatch:
+    """`table` as one record batch of `schema` (absent columns null)."""
+    arrays = []
+    for f in schema:
+        if f.name not in table.column_names:
+            arrays.append(pa.nulls(table.num_rows, f.type))
+            continue
+        col = _cast(table.column(f.name), f.type)
+        arrays.append(col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col)
+    return pa.RecordBatch.from_arrays(arrays, schema=schema)
 
 
 def rows_dirs(root: str) -> list[str]:
@@ -84,10 +122,12 @@ class RowStore:
 
     @classmethod
     def open(cls, root: str) -> "RowStore":
-        """Map each complete part's rows file, writing the ones missing or stale first."""
+        """Map the complete parts' rows files, writing the ones missing or stale first."""
         parts = complete_parts(root)
         dirs = rows_dirs(root)
-        tables = [_part_table(root, n, dirs) for n in parts]
+        tables: list[pa.Table] = []
+        for group in _groups(parts):
+            tables.extend(_group_tables(root, group, dirs))
         offsets = part_offsets([t.num_rows for t in tables])
         try:
             schema = pa.unify_schemas(
@@ -161,31 +201,56 @@ def _cast(col: Any, type_: pa.DataType) -> Any:
     return col if col.type == type_ else col.cast(type_)
 
 
-def _part_table(root: str, n: int, dirs: list[str]) -> pa.Table:
-    """Part n's rows, memory-mapped from the first current rows file; written when none is."""
-    src = S.CollectionLayout(root).metadata(n)
-    try:
-        signature = {"version": ROWS_VERSION, **source_signature(src)}
-    except FileNotFoundError:
-        raise CollectionError(f"{src}: missing metadata part") from None
-    name = S.rows_name(n)
+def _groups(parts: list[int]) -> list[list[int]]:
+    """The complete parts grouped by the rows file their number falls in."""
+    out: dict[int, list[int]] = {}
+    for n in parts:
+        out.setdefault(n // PARTS_PER_FILE, []).append(n)
+    return [out[g] for g in sorted(out)]
+
+
+def group_name(group: int) -> str:
+    """The rows file of part numbers group·PARTS_PER_FILE onwards."""
+    return f"rows-group-{group:05d}.arrow"
+
+
+def _group_tables(root: str, parts: list[int], dirs: list[str]) -> list[pa.Table]:
+    """The parts' rows (one table each), memory-mapped from the first current rows file of
+    their group; written when none is."""
+    layout = S.CollectionLayout(root)
+    signatures = []
+    for n in parts:
+        try:
+            signatures.append(source_signature(layout.metadata(n)))
+        except FileNotFoundError:
+            raise CollectionError(f"{layout.metadata(n)}: missing metadata part") from None
+    recorded = {"version": ROWS_VERSION, "parts": parts, "signatures": signatures}
+    name = group_name(parts[0] // PARTS_PER_FILE)
     for d in dirs:
         path = os.path.join(d, name)
         if os.path.exists(path):
             try:
-                table, recorded = _open_ipc(path)
+                tables, found = _open_ipc(path)
             except (OSError, pa.ArrowInvalid) as exc:
                 log.warning("%s: unreadable rows file, rebuilding: %s", path, exc)
                 continue
-            if recorded == signature:
-                return table
-    table = read_part_metadata(root, n, ok_only=True)
+            if found == recorded:
+                return tables
     for d in dirs:
         path = os.path.join(d, name)
         try:
-            _write_ipc(path, table, signature)
+            _write_ipc(root, path, parts, recorded)
         except OSError as exc:  # a read-only collection: the next place (the cache) will do
             log.info("%s: cannot write rows file (%s); trying the next place", path, exc)
             continue
+        _remove_part_files(d, parts)
         return _open_ipc(path)[0]
-    raise CollectionError(f"{src}: could not write its rows file in any of {dirs}")
+    raise CollectionError(f"{root}: could not write the rows file {name} in any of {dirs}")
+
+
+def _remove_part_files(folder: str, parts: list[int]) -> None:
+    """Per-part rows files of an earlier version, replaced by their group's file."""
+    for n in parts:
+        old = os.path.join(folder, S.rows_name(n))
+        if os.path.exists(old):
+            os.remove(old)

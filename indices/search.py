@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 from typing import Any, Sequence
 
@@ -30,7 +31,7 @@ from collection.embeddings import EmbeddingStore
 from collection.parts import CollectionError
 from collection.sandbox import Limits, SqlError
 from collection.sandbox_pool import SandboxPool
-from collection.storage import read_collection_json
+from collection.storage import is_local, read_collection_json
 from collection.takedown import TakedownWatch
 from indices.build import open_index
 from indices.exact import Planner, exact_similarities, top, want_for
@@ -68,6 +69,12 @@ FILTER_LIMITS = Limits(timeout_s=5.0, memory_limit="256MB", threads=1)
 FILTER_TABLE = "candidates"
 #: most candidates one filter call sends to the sandbox (an exact scan's slices are cut to it)
 FILTER_BATCH = 1 << 15
+#: candidates of one query re-scored exactly from the collection's embeddings (the index's best
+#: first); the rest keep the index's own score. 0 turns the re-rank off, which is the default
+#: for a collection whose embeddings are remote (each re-scored row is a range read)
+RERANK_MAX = 1 << 14
+#: the environment variable that sets it for every searcher of local collections (the server's)
+RERANK_ENV = "SIEVE_RERANK_MAX"
 
 
 class Results(list):
@@ -133,8 +140,14 @@ class Searcher:
         mmap: bool = True,
         columns: Sequence[str] | None = DEFAULT_COLUMNS,
         filter_limits: Limits = FILTER_LIMITS,
+        rerank_max: int | None = None,
     ) -> None:
+        """`rerank_max`: candidates re-scored exactly per query (None: $SIEVE_RERANK_MAX, else
+        RERANK_MAX, for a local collection; 0 for a remote one)."""
         self.root = collection
+        if rerank_max is None:
+            rerank_max = int(os.environ.get(RERANK_ENV, RERANK_MAX)) if is_local(collection) else 0
+        self.rerank_max = rerank_max
         self.layout = S.CollectionLayout(collection)
         self.info = read_collection_json(collection)
         self._encoder = encoder
@@ -326,11 +339,11 @@ class Searcher:
         post = (store, filters, limits)
         depth = min(max(4 * k, int(doc.get("params", {}).get("rerank_k", 0)), 50), self.count)
         # the fast path: one faiss call for every query at the index's tuned settings
-        _, cand = index.search(queries, depth)
+        scores, cand = index.search(queries, depth)
         out: list[Results] = []
-        for q, found in zip(queries, cand):
-            found = found[found >= 0]
-            ids, sims = self._passing(q, found, *post)
+        for q, found, approx in zip(queries, cand, scores):
+            approx, found = approx[found >= 0], found[found >= 0]
+            ids, sims = self._passing(q, found, *post, approx=approx)
             seen_all = len(found) >= self.count
             answer = self._answer(ids, sims, store, k, deduplicate, planner.default_exact())
             if seen_all:
@@ -366,8 +379,8 @@ class Searcher:
             probe = planner.probe(q, want)
             if probe is None:
                 return self._scan(q, post, k, deduplicate, want)
-            found = planner.search(q, probe)
-            ids, sims = self._passing(q, found, *post)
+            found, approx = self._probe_search(planner, q, probe)
+            ids, sims = self._passing(q, found, *post, approx=approx)
             seen_all = len(found) >= self.count
             answer = self._answer(ids, sims, post[0], k, deduplicate, probe.exhaustive or seen_all)
             if seen_all or self._settled(answer, ids, k, deduplicate):
@@ -392,6 +405,13 @@ class Searcher:
                 return answer
             done, m = m, m * 4
 
+    @staticmethod
+    def _probe_search(planner: Planner, q: np.ndarray, probe: Any) -> tuple[Any, Any]:
+        """(candidate ids, their index scores) of one widened search."""
+        scores, found = planner.index.search(q.reshape(1, -1), probe.depth, params=probe.params)
+        ok = found[0] >= 0
+        return found[0][ok], scores[0][ok]
+
     def _passing(
         self,
         q: np.ndarray,
@@ -400,16 +420,32 @@ class Searcher:
         filters: str | None,
         limits: list[tuple[str, float]],
         sims: np.ndarray | None = None,
+        approx: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """(ids, exact similarities) of the candidates that pass the takedown list, the score
-        limits and the filter, best first (ties to the lower id)."""
+        """(ids, similarities) of the candidates that pass the takedown list, the score limits
+        and the filter, best first (ties to the lower id). `sims`: exact ones already known;
+        else the index's best `rerank_max` candidates are re-scored exactly from the
+        collection's embeddings and the others keep their index scores (`approx`)."""
         keep = ~self.is_blocked(cand)  # takedown: always
         cand = cand[keep]
-        if sims is None:  # the candidates only: a re-rank stays bounded
-            sims = store.gather(cand, merge_gap=0) @ q  # exact, from the collection's embeddings
+        depth = len(cand)
+        if sims is None:
+            depth = len(cand) if approx is None else min(len(cand), self.rerank_max)
+            sims = np.empty(len(cand), np.float32)
+            if depth < len(cand):
+                sims[depth:] = approx[keep][depth:]
+            # exact, from the collection's embeddings: a bounded number of rows
+            sims[:depth] = store.gather(cand[:depth], merge_gap=0) @ q
         else:
             sims = sims[keep]
-        order = np.lexsort((cand, -sims))
+        # the re-scored head first, then the rest in the index's order: compressed codes' scores
+        # are biased, so they never outrank an exact one
+        order = np.concatenate(
+            [
+                np.lexsort((cand[:depth], -sims[:depth])),
+                depth + np.lexsort((cand[depth:], -sims[depth:])),
+            ]
+        )
         cand, sims = cand[order], sims[order]
         if limits:
             keep = np.ones(len(cand), dtype=bool)

@@ -19,6 +19,12 @@ HNSW_MAX = 300_000
 HNSW_M = 32
 #: Bytes every IVF entry costs besides its code (the int64 id).
 ID_BYTES = 8
+#: faiss's k-means warns below 39 training points per centroid
+MIN_PER_LIST = 39
+#: share of the memory budget the training sample may take (`nlist_for`), and the room it
+#: always has: a small serving budget does not make a build machine's sample small
+TRAIN_SHARE = 0.25
+TRAIN_MIN_BYTES = 2**30
 
 
 @dataclass(frozen=True)
@@ -42,11 +48,18 @@ def parse_bytes(text: str | int) -> int:
     return int(float(m.group(1)) * scale)
 
 
-def nlist_for(n: int) -> int:
-    """IVF list count: a power of two near 4·sqrt(n), at least 16 vectors' worth of lists."""
+def nlist_for(n: int, dim: int = 512, budget: int | None = None) -> int:
+    """IVF list count: a power of two near 4·sqrt(n), at least 16 and at most n / MIN_PER_LIST;
+    halved while its training sample (MIN_PER_LIST float32 points per list) would take more
+    than TRAIN_SHARE of the memory budget (TRAIN_MIN_BYTES at least), as the builder holds that
+    sample while it trains."""
     target = 4 * math.sqrt(max(n, 1))
     nlist = 2 ** int(round(math.log2(max(target, 16))))
-    return int(max(16, min(nlist, 2**16, max(16, n // 39))))
+    nlist = int(max(16, min(nlist, 2**16, max(16, n // MIN_PER_LIST))))
+    room = None if budget is None else max(TRAIN_SHARE * budget, TRAIN_MIN_BYTES)
+    while room is not None and nlist > 16 and MIN_PER_LIST * nlist * dim * 4 > room:
+        nlist = max(16, nlist // 2)
+    return nlist
 
 
 def estimate_bytes(index_key: str, n: int, dim: int) -> int:
@@ -76,7 +89,12 @@ def estimate_bytes(index_key: str, n: int, dim: int) -> int:
     return quantizer + n * (dim * 4 + ID_BYTES)  # IVF,Flat
 
 
-def pq_codes_for(n: int, dim: int, budget: int, nlist: int, max_m: int = 128) -> int | None:
+#: most PQ sub-quantizers: each is one k-means to train, and past 64 (8 dimensions each at
+#: 512-d) the exact re-rank already recovers what finer codes would
+PQ_MAX_M = 64
+
+
+def pq_codes_for(n: int, dim: int, budget: int, nlist: int, max_m: int = PQ_MAX_M) -> int | None:
     """Largest PQ code size (bytes/vector, dividing dim) whose index fits the budget."""
     for m in sorted({d for d in range(4, min(dim, max_m) + 1) if dim % d == 0}, reverse=True):
         key = f"IVF{nlist},PQ{m}x8"
@@ -100,7 +118,7 @@ def choose_index(n: int, dim: int, max_memory: int | str = "4G", ivf: bool = Fal
             f"{n} vectors but flat ({flat} B) exceeds the budget: 8-bit scalar codes",
         )
     # a small collection under a budget SQ8 misses falls through to IVF+PQ with exact re-ranking
-    nlist = nlist_for(n)
+    nlist = nlist_for(n, dim, budget)
     hnsw = estimate_bytes(f"HNSW{HNSW_M}", n, dim)
     if n <= HNSW_MAX and hnsw <= budget and not ivf:
         return Choice(f"HNSW{HNSW_M}", False, hnsw, "raw vectors and the graph fit the budget")

@@ -171,13 +171,19 @@ def test_an_interrupted_upload_never_looks_complete(pair, s3_server, monkeypatch
 
 
 def test_the_re_rank_reads_only_the_candidates_rows(s3_bucket):
-    """A PQ index re-ranked exactly: a query fetches its candidates' rows by range, not parts."""
+    """A PQ index of a remote collection is not re-ranked by default (each row a range read);
+    with the setting, a query fetches its candidates' rows by range, never parts."""
     dim, per_part = 16, 1500
     parts = [clustered_vectors(per_part, dim, 20, seed=s) for s in range(3)]
     remote = write_collection(f"{s3_bucket}/synthetic", parts)
     doc = B.build_one(remote, "image", index_key="IVF16,PQ4x4", max_query_ms=1e6)
     assert doc["rerank"] and doc["rerank_source"].endswith("(range reads)")
-    searcher = Searcher(remote, encoder=object())
+    off = Searcher(remote, encoder=object())
+    store = off.index("image")[2]
+    before = store.bytes_read
+    assert off.rerank_max == 0 and len(off.query(embedding=parts[1][7], k=K, deduplicate=False))
+    assert store.bytes_read == before
+    searcher = Searcher(remote, encoder=object(), rerank_max=1000)
     store = searcher.index("image")[2]
     row = dim * np.dtype(S.EMB_DTYPE).itemsize
     before = store.bytes_read
