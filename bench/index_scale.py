@@ -158,6 +158,10 @@ def build_10m(root: str, workers: int, budget: str, max_query_ms: float = 10.0) 
     }
 
 
+SWEEP_DEPTHS = (400, 1000, 2000, 4000)  # re-rank depths measured beside the tuned one
+SWEEP_QUERIES = 200
+
+
 def quality(root: str, n_queries: int = N_QUERIES) -> dict[str, Any]:
     """recall@10 against exact search, and single-query latency, of the built index as search
     uses it (memory-mapped lists, tuned nprobe, exact re-rank of its candidates)."""
@@ -173,11 +177,30 @@ def quality(root: str, n_queries: int = N_QUERIES) -> dict[str, Any]:
     truth_s = time.perf_counter() - t
     _, found = ann_search(index, store, q, 10, depth)
     lat = latency_ms(lambda x: ann_search(index, store, x, 10, depth), q, n_queries)
+    # what deeper exact re-ranks would buy at the tuned nprobe: says whether the probe or the
+    # codes lose the true neighbours (the tuner stops at indices.tune.RERANK_DEPTHS)
+    sweep = []
+    for deeper in SWEEP_DEPTHS:
+        t = time.perf_counter()
+        _, got = ann_search(index, store, q[:SWEEP_QUERIES], 10, deeper)
+        ms = (time.perf_counter() - t) / SWEEP_QUERIES * 1e3
+        sweep.append(
+            {
+                "rerank_k": deeper,
+                "recall_at_10": recall_at(got, truth[:SWEEP_QUERIES], 10),
+                "mean_ms": ms,
+            }
+        )
     return {
         "recall_at_10": recall_at(found, truth, 10),
         "recall_queries": n_queries,
         **lat,
         "exact_truth_seconds": truth_s,
+        "rerank_sweep": {
+            "queries": SWEEP_QUERIES,
+            "nprobe": doc["params"].get("nprobe"),
+            "rows": sweep,
+        },
     }
 
 

@@ -57,6 +57,26 @@ def where_steps(conditions: list[str]) -> list[tuple[str, Step]]:
     return [(f"where {sql}", lambda ctx, ids, sql=sql: run(ctx, ids, sql)) for sql in conditions]
 
 
+# ---- keys: samples chosen by hand (a grid's selection) -----------------------------------
+def parse_keys(value: Any, src: SpecSource) -> list[str]:
+    """A list of sample keys, e.g. what a curator selected in a result grid."""
+    if (
+        not isinstance(value, list)
+        or not value
+        or not all(isinstance(k, str) and k.strip() for k in value)
+    ):
+        raise SpecError(f"{src.source}: keys: give a list of sample keys, got {value!r}")
+    return list(dict.fromkeys(k.strip() for k in value))
+
+
+def keys_steps(keys: list[str]) -> list[tuple[str, Step]]:
+    def run(ctx: Context, ids: np.ndarray) -> np.ndarray:
+        chosen = np.unique(ctx.ids_of_keys(keys, "keys"))
+        return np.intersect1d(ids, chosen, assume_unique=True)
+
+    return [(f"keys ({len(keys)} chosen)", run)]
+
+
 # ---- filters: a named preset (LAION's recipe) with overrides --------------------------------
 PRESET = "preset"
 
@@ -248,6 +268,7 @@ def limit_steps(n: int) -> list[tuple[str, Step]]:
 #: the clause kinds, in the order they apply
 CLAUSES: list[ClauseKind] = [
     ClauseKind("where", parse_where, where_steps),
+    ClauseKind("keys", parse_keys, keys_steps, sorted),
     ClauseKind("filters", parse_filters, filters_steps),
     ClauseKind("concept", parse_concept, concept_steps),
     ClauseKind("region", parse_region, region_steps),

@@ -17,6 +17,7 @@ from curation.catalog import Catalog
 from curation.filters import render
 from curation.resolve import parse_spec, resolve, spec_hash
 from curation.spec import SpecError
+from curation.vectors import read_keys
 
 DIM = 16
 N = 400  # per part, two parts
@@ -92,6 +93,20 @@ def test_untrusted_where_is_asked_in_id_windows_and_loses_no_row(coll, monkeypat
     monkeypatch.setattr(context_module, "WHERE_WINDOW", 7)
     spec = {"where": ["width >= 40 OR caption LIKE '%red%'"]}
     assert resolve(coll, spec, untrusted=True).keys == resolve(coll, spec).keys
+
+
+def test_a_keys_clause_keeps_exactly_its_keys_and_names_an_unknown_one(coll):
+    keys = read_keys(coll)
+    chosen = [str(keys[i]) for i in (40, 5, 17)]
+    got = resolve(coll, {"keys": chosen}).keys
+    assert sorted(got) == sorted(chosen)
+    assert (
+        resolve(coll, {"keys": chosen[::-1]}).spec_hash == resolve(coll, {"keys": chosen}).spec_hash
+    )
+    with pytest.raises(SpecError, match="nope"):
+        resolve(coll, {"keys": [chosen[0], "nope"]})
+    with pytest.raises(SpecError, match="keys: give a list"):
+        resolve(coll, {"keys": "just-one"})
 
 
 def test_spec_hash_covers_clauses_and_collection_not_name(coll, tmp_path):

@@ -7,67 +7,30 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
-import time
 
 import pytest
 
+from bench.browser import browser_page, missing, streamlit_server
 from collection import schema as S
 from curation.catalog import Catalog
-from tests.test_webui_browser import CHROMIUM, CHROMIUM_ARGS, MISSING, REPO, _free_port
 from webui.draft import draft_path
 
+MISSING = missing()
+if MISSING and os.environ.get("CI"):
+    pytest.fail(f"the browser test must run in CI: {MISSING}", pytrace=False)
 pytestmark = pytest.mark.skipif(MISSING is not None, reason=MISSING or "")
 
 
 @pytest.fixture(scope="module")
 def served(demo_collection, tmp_path_factory):
     """A copy of the demo collection (this test writes drafts and subsets) behind
-    `streamlit run webui/app.py` on a free port of 127.0.0.1."""
-    from playwright.sync_api import sync_playwright  # optional (the ui-test extra)
-
+    `streamlit run webui/app.py` on a free port of 127.0.0.1, and a chromium page on it."""
     root = tmp_path_factory.mktemp("browser-subset")
     coll = str(root / "collection")
     shutil.copytree(demo_collection["demo/collection"], coll)
-    port = _free_port()
-    log = root / "server.log"
-    cmd = [
-        sys.executable,
-        *("-m", "streamlit", "run", str(REPO / "webui" / "app.py")),
-        *("--server.headless", "true", "--server.port", str(port)),
-        *("--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"),
-        *("--", "--collection", coll),
-    ]
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(
-            cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
-        )  # fmt: skip
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    page.goto(url, timeout=5000)
-                    break
-                except Exception as exc:  # playwright's Error: not listening yet
-                    if time.monotonic() > deadline or proc.poll() is not None:
-                        raise RuntimeError(
-                            f"streamlit did not start: {exc}\n{log.read_text()}"
-                        ) from None
-                    time.sleep(0.5)
-            yield page, coll, url
-            browser.close()
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    with streamlit_server(coll, root / "server.log") as server:
+        with browser_page(server) as page:
+            yield page, coll, server[0]
 
 
 def _add_where(page, sql: str) -> None:

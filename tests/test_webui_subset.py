@@ -162,3 +162,20 @@ def test_a_long_region_clause_leaves_the_row_counts_in_view(coll):
     assert max(len(label) for label in steps["clause"]) <= 80
     shown = " ".join(c.value for c in at.code)
     assert "300 points" in shown and len(shown) < 400
+
+
+def test_samples_sent_from_a_grid_become_a_keys_clause(coll):
+    keys = [str(k) for k in read_keys(coll)[[3, 10, 42]]]
+    sent = {"path": coll, "keys": keys, "source": "Search"}
+    at = run_app(coll, "pages/subset.py", subset_spec={coll: {}}, subset_inbox=sent)
+    assert "3 samples sent from Search" in messages(at)
+    at.button(key="subset_inbox_add").click().run()
+    assert not at.exception, at.exception
+    assert at.session_state["subset_spec"][coll] == {"keys": keys}
+    assert "subset_inbox" not in at.session_state
+    assert at.dataframe[0].value["rows"].tolist()[-1] == 3
+
+    bad = {"path": coll, "keys": ["no-such-key"], "source": "SQL"}
+    at = run_app(coll, "pages/subset.py", subset_spec={coll: {}}, subset_inbox=bad)
+    at.button(key="subset_inbox_add").click().run()
+    assert "no-such-key" in messages(at) and at.session_state["subset_spec"][coll] == {}

@@ -35,6 +35,7 @@ SAVED = "subset_saved"  # {collection path: (name, the clauses saved, descriptio
 EXPORTED = "subset_exported"  # {collection path: the last export's manifest summary}
 ERROR = "subset_error"  # the last refused clause, shown once
 KINDS = [k.name for k in CLAUSES]
+FORM_KINDS = [k for k in KINDS if k != "keys"]  # keys come from a grid's "Send to Subset"
 #: characters of a clause's label in the counts table
 LABEL_CHARS = 80
 TRAIN_CONFIG = "hdit_train/configs/demo.yaml"
@@ -139,7 +140,7 @@ def clause_form(cur: state.Current) -> None:
     """The 'add a clause' form: a kind, its inputs, Add."""
     kind = st.selectbox(
         "Add a clause",
-        KINDS,
+        FORM_KINDS,
         key="subset_kind",
         help="Clauses apply in this list's order, whatever the order they are added in.",
     )
@@ -202,9 +203,12 @@ def clause_form(cur: state.Current) -> None:
 
 
 def clause_text(kind: str, value: Any) -> str:
-    """A clause as one line of YAML; a lasso's points summarised (they are in the draft)."""
+    """A clause as one line of YAML; a lasso's points and long key lists summarised (they are
+    in the draft)."""
     if kind == "region" and isinstance(value, dict) and value.get("polygon"):
         value = {**value, "polygon": f"{len(value['polygon'])} points"}
+    if kind == "keys" and isinstance(value, list) and len(value) > 3:
+        value = [*value[:3], f"... {len(value) - 3} more"]
     text = yaml.safe_dump({kind: value}, default_flow_style=True, sort_keys=False, width=10**6)
     return short(text.strip(), 4 * LABEL_CHARS)
 
@@ -448,12 +452,32 @@ def train_command(out: str, name: str) -> str:
     )
 
 
+def inbox(path: str) -> None:
+    """Samples a result grid sent here ("Send to Subset"): offered as a keys clause."""
+    sent = st.session_state.get(state.SUBSET_INBOX)
+    if not sent or sent.get("path") != path or not sent.get("keys"):
+        return
+    c1, c2, c3 = st.columns([6, 2, 1], vertical_alignment="center")
+    c1.info(f"{len(sent['keys'])} samples sent from {sent.get('source') or 'a grid'}.")
+    if c2.button("Add as a keys clause", key="subset_inbox_add"):
+        error = add_clause(path, "keys", list(sent["keys"]))
+        if error is None:
+            st.session_state.pop(state.SUBSET_INBOX, None)
+        else:
+            st.session_state[ERROR] = error
+        st.rerun()
+    if c3.button("Dismiss", key="subset_inbox_drop"):
+        st.session_state.pop(state.SUBSET_INBOX, None)
+        st.rerun()
+
+
 def render() -> None:
     st.title("Subset")
     cur = components.collection_sidebar()
     if not cur.health.queryable:
         state.show_problems(cur.health)
         return
+    inbox(cur.path)
     spec = spec_of(cur.path)
     left, right = st.columns([3, 2])
     with left:
