@@ -21,6 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from collection import schema as S
+from collection.parts import complete_parts, read_metadata
 from models.runtime import setup_logging
 
 
@@ -71,7 +73,6 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     setup_logging()
     # the probe needs sklearn and the collection's CLIP (torch): imported after parsing
-    from collection.parts import complete_parts  # noqa: E402
     from curation.concept_probe import (
         SCORE_COLUMNS,
         UNLABELLED_SAMPLE,
@@ -82,7 +83,6 @@ def main(argv: list[str] | None = None) -> None:
         suggest_rows,
     )  # noqa: E402
     from curation.labels import load_labels  # noqa: E402
-    from curation.vectors import read_keys  # noqa: E402
 
     try:
         complete_parts(a.collection)  # a missing or unreachable collection, said in one line
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
             seed=a.seed,
             unlabelled=UNLABELLED_SAMPLE if a.unlabelled is None else a.unlabelled,
         )
-        keys = read_keys(a.collection)
+        keys = read_metadata(a.collection, [S.KEY]).column(S.KEY)  # Arrow, not 10M objects
         scores = score_collection(a.collection, concept)
         path = save_concept(a.collection, concept, scores, keys)
     except (ValueError, FileNotFoundError) as exc:  # bad input: one line, no traceback

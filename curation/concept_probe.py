@@ -39,7 +39,7 @@ from collection.parts import CollectionError, read_metadata
 from collection.storage import read_collection_json, read_json, url_to_fs, write_json
 from curation.concept_fit import Signals, fit_stack, grade_fit, linear_scores
 from curation.labels import check_name as _check_name
-from curation.vectors import ids_of, open_store, read_keys, write_table
+from curation.vectors import ids_of, open_store, write_table
 from models.runtime import cores
 
 if TYPE_CHECKING:  # annotations only: torch loads when a concept is scored
@@ -213,7 +213,7 @@ def fit_concept(
         raise ValueError(f"unlabelled: a number of samples >= 0, got {unlabelled}")
     positives, negatives = list(dict.fromkeys(positives)), list(dict.fromkeys(negatives))
     check_examples(positives, negatives)
-    keys = read_keys(collection)
+    keys = read_metadata(collection, [S.KEY]).column(S.KEY)  # Arrow: no object per row
     ids = ids_of(keys, positives + negatives, "concept examples")
     y = np.array([1] * len(positives) + [0] * len(negatives))
     meta = read_metadata(collection, [S.KEY, *columns])
@@ -378,10 +378,12 @@ def suggest_rows(
         for rank, i in enumerate(order):
             if len(rows) >= limit:
                 return
-            if int(i) not in seen and keys[i] not in labelled:
+            key = keys[i]
+            key = key.as_py() if isinstance(key, pa.Scalar) else str(key)
+            if int(i) not in seen and key not in labelled:
                 seen.add(int(i))
                 score = float(scores[i])
-                rows.append({"key": str(keys[i]), "id": int(i), "score": score, "why": why(rank)})
+                rows.append({"key": key, "id": int(i), "score": score, "why": why(rank)})
 
     take(
         np.argsort(-scores, kind="stable"),

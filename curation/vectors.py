@@ -12,6 +12,7 @@ from typing import Any, Sequence
 import faiss
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from collection import schema as S
@@ -70,17 +71,25 @@ def read_keys(collection: str) -> np.ndarray:
     return np.asarray(read_metadata(collection, [S.KEY]).column(S.KEY).to_pylist(), dtype=object)
 
 
-def ids_of(keys: np.ndarray, wanted: Sequence[str], what: str) -> np.ndarray:
+def ids_of(
+    keys: np.ndarray | pa.Array | pa.ChunkedArray, wanted: Sequence[str], what: str
+) -> np.ndarray:
     """Global ids of `wanted` keys; an unknown key is a ValueError naming it (and `what` they
-    are)."""
-    index = {k: i for i, k in enumerate(keys)}
-    missing = [k for k in wanted if k not in index]
+    are). `keys` may be Arrow (`read_metadata`'s column): looked up by Arrow's hash join, with
+    no Python object per row of the collection."""
+    if isinstance(keys, pa.ChunkedArray):
+        keys = keys.combine_chunks()
+    elif not isinstance(keys, pa.Array):
+        keys = pa.array(keys, pa.string())
+    want = pa.array(list(wanted), pa.string())
+    found = pc.index_in(want, value_set=keys.cast(pa.string()))
+    missing = [k for k, ok in zip(wanted, found.is_valid().to_pylist()) if not ok]
     if missing:
         shown = ", ".join(map(str, missing[:5])) + (
             f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         )
         raise ValueError(f"{what}: unknown key{'s' if len(missing) > 1 else ''} {shown}")
-    return np.array([index[k] for k in wanted], dtype=np.int64)
+    return found.to_numpy(zero_copy_only=False).astype(np.int64)
 
 
 def load_collection_index(
