@@ -53,6 +53,7 @@ from curation.dedup_stages import (  # noqa: F401 - COPY_MIN_COSINE, keep_ranks:
 )
 from curation.semdedup import SemanticParams, check_eps
 from curation.semdedup_job import semantic_run
+from curation.vector_jobs import TaskFolder
 from curation.vectors import ids_of, open_store, read_keys, read_table, write_table
 from models.runtime import cores, progress, setup_logging
 
@@ -186,6 +187,8 @@ def dedup(
         finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     )
     write_json(layout.dedup_report(run), report)
+    if S.LEVEL_COPIES in levels:  # the report marks the run complete: its task files are spent
+        TaskFolder(posixpath.join(layout.dedup_run(run), COPIES_WORK), {}).remove()
     log.info(
         "%s: %s removes %d of %d samples (%s) -> %s",
         collection,
