@@ -214,6 +214,7 @@ def run_stage(
         "rows": rows,
         "seconds": round(got.seconds, 2),
         "driver_peak_rss_mb": got.driver_peak_rss_mb,
+        "driver_peak_anon_mb": got.driver_peak_anon_mb,
         "worker_peak_rss_mb": got.worker_peak_rss_mb,
         "cpu_seconds": got.cpu_seconds,
         "child_processes": got.workers_seen,

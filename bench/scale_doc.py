@@ -84,6 +84,8 @@ def _cell(entry: dict[str, Any] | None) -> str:
         out += f" (CPU {entry['cpu_seconds']:,.0f} s)"
     if entry.get("driver_peak_rss_mb") is not None:
         out += f" · driver {entry['driver_peak_rss_mb']:,.0f} MB"
+        if entry.get("driver_peak_anon_mb"):  # the rest of the RSS is mapped embedding pages
+            out += f" ({entry['driver_peak_anon_mb']:,.0f} MB anonymous)"
     if entry.get("worker_peak_rss_mb"):
         out += f" · worker {entry['worker_peak_rss_mb']:,.0f} MB"
     if entry.get("source"):

@@ -38,6 +38,9 @@ class Watched:
     #: CPU seconds (user + system) of the command and every process it waited for (its Dask
     #: workers): the cost that does not stretch when other jobs share the cores
     cpu_seconds: float = 0.0
+    #: the driver's peak anonymous memory (RssAnon, sampled): what it allocates, without the
+    #: file pages of memory-mapped embeddings that VmHWM also counts
+    driver_peak_anon_mb: float = 0.0
 
 
 def _parents() -> dict[int, int]:
@@ -115,16 +118,20 @@ def watch(
             cwd=cwd,
             start_new_session=True,  # its own process group: a timeout ends the workers too
         )
-        driver = 0.0
+        driver = anon = 0.0
         workers: dict[int, float] = {}
         done = threading.Event()
 
         def sample() -> None:
-            nonlocal driver
+            nonlocal driver, anon
             while not done.is_set():
                 peak = _hwm(proc.pid)
                 if peak is not None:
                     driver = max(driver, peak)
+                try:
+                    anon = max(anon, rss_mb(proc.pid, "RssAnon"))
+                except (OSError, ValueError):  # exited between two samples
+                    pass
                 for child in descendants(proc.pid):
                     peak = _hwm(child)
                     if peak is not None:
@@ -150,4 +157,5 @@ def watch(
         workers,
         timed_out,
         round(cpu, 2),
+        round(anon, 1),
     )
