@@ -42,29 +42,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def streamlit_command(collection: str, port: int) -> list[str]:
+    """`streamlit run webui/app.py -- --collection COLLECTION`, headless on 127.0.0.1:port."""
+    return [
+        sys.executable,
+        *("-m", "streamlit", "run", str(REPO / "webui" / "app.py")),
+        *("--server.headless", "true", "--server.port", str(port)),
+        *("--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"),
+        *("--", "--collection", collection),
+    ]
+
+
 @contextlib.contextmanager
 def streamlit_server(collection: str, log: Path) -> Iterator[tuple[str, subprocess.Popen, Path]]:
     """`streamlit run webui/app.py -- --collection COLLECTION` on a free port, its output in
     `log`; yields (url, process, log) and stops it afterwards."""
     port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "streamlit",
-        "run",
-        str(REPO / "webui" / "app.py"),
-        "--server.headless",
-        "true",
-        "--server.port",
-        str(port),
-        "--server.address",
-        "127.0.0.1",
-        "--browser.gatherUsageStats",
-        "false",
-        "--",
-        "--collection",
-        collection,
-    ]
+    cmd = streamlit_command(collection, port)
     with open(log, "w") as fh:
         proc = subprocess.Popen(
             cmd,

@@ -33,7 +33,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -44,7 +43,16 @@ from typing import Any
 import pyarrow as pa
 from streamlit.testing.v1 import AppTest
 
-from bench.browser import browser_page, streamlit_server, wait_for_thumbnails, wait_until
+from bench.browser import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    browser_page,
+    free_port,
+    streamlit_command,
+    streamlit_server,
+    wait_for_thumbnails,
+    wait_until,
+)
 from bench.common import rss_mb, write_results
 from bench.synthetic import write_vector_collection
 from collection import schema as S
@@ -63,15 +71,6 @@ log = logging.getLogger("bench.webui")
 
 REPO = Path(__file__).resolve().parent.parent
 APP = str(REPO / "webui" / "app.py")
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 PARTS = ("demo", "1m", "first_page", "grid", "weak")
 
 
@@ -192,12 +191,6 @@ def million(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def first_page(args: argparse.Namespace) -> dict[str, Any]:
     """`streamlit run` to the first page drawn, in a real browser; then to the first results."""
     try:
@@ -210,25 +203,8 @@ def first_page(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(
             f"first_page needs Debian's chromium at {CHROMIUM} (apt-get install -y chromium)"
         )
-    port = _free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "streamlit",
-        "run",
-        APP,
-        "--server.headless",
-        "true",
-        "--server.port",
-        str(port),
-        "--server.address",
-        "127.0.0.1",
-        "--browser.gatherUsageStats",
-        "false",
-        "--",
-        "--collection",
-        args.demo,
-    ]
+    port = free_port()
+    cmd = streamlit_command(args.demo, port)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)

@@ -34,7 +34,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.apptest import results
 from bench.common import rss_mb, write_results
+from curation.labels import save_labels
 from models.runtime import setup_logging
 
 log = logging.getLogger("bench.webui_memory")
@@ -103,7 +105,7 @@ def session(collection: str, encoder: str | None, export_to: str) -> dict[str, A
         _timed(lambda q=q: at.text_input(key="search_text").input(q).run()) for q in QUERIES[1:]
     ]
     act["search"] = sorted(searches)[len(searches) // 2]
-    if not at.json:
+    if not results(at):
         raise RuntimeError(f"no search results: {[e.value for e in at.error]}")
     out["idle"] = _rss()
     log.info("idle after the first searches: %s", out["idle"])
@@ -112,11 +114,11 @@ def session(collection: str, encoder: str | None, export_to: str) -> dict[str, A
     out["after_explore"] = _rss()
 
     at.switch_page("pages/concepts.py").run()
-    at.text_input(key="concept_name").input(CONCEPT).run()
     at.text_input(key="concept_query").input("a red circle").run()
-    rows = [json.loads(j.value) for j in at.json]
-    for i, row in enumerate(rows[:10]):
-        at.button(key=f"concept-find-{row['id']}-{'pos' if i < 5 else 'neg'}").click().run()
+    # the labels as the grid's keys save them; the page reads the set back for a new name
+    rows = results(at)
+    save_labels(collection, CONCEPT, {r["key"]: int(i < 5) for i, r in enumerate(rows[:10])})
+    at.text_input(key="concept_name").input(CONCEPT).run()
     act["train_concept"] = _timed(lambda: at.button(key="concept_train").click().run())
     if at.button(key="concept_save") is not None:
         act["save_concept"] = _timed(lambda: at.button(key="concept_save").click().run())

@@ -3,10 +3,11 @@ the result cards and the messages on the page."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from streamlit.testing.v1 import AppTest
+
+from bench.apptest import cards, grids, results  # noqa: F401 - the tests' names for them
 
 REPO = Path(__file__).resolve().parent.parent
 APP = str(REPO / "webui" / "app.py")
@@ -23,21 +24,6 @@ def run_app(collection: str | None, page: str | None = None, **session) -> AppTe
     if page:
         at.switch_page(page).run()
     return at
-
-
-def grids(at: AppTest) -> list:
-    """The result grids on the page (`webui.grid`: v2 components), in page order."""
-    return list(at.get("bidi_component"))
-
-
-def cards(at: AppTest) -> list[dict]:
-    """Every grid's cards, in page and grid order (thumbnail, caption, line, weak flag, row)."""
-    return [c for g in grids(at) for c in json.loads(g.proto.json).get("items", [])]
-
-
-def results(at: AppTest) -> list[dict]:
-    """The result rows on the page, in grid order (each card carries its row for the lightbox)."""
-    return [c["details"] for c in cards(at)]
 
 
 def messages(at: AppTest) -> str:
