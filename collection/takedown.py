@@ -179,7 +179,9 @@ def _read(path: str) -> tuple[pa.Table | None, tuple | None]:
         return None, None
     try:
         with fs.open(p, "rb") as fh:
-            table = pq.read_table(fh)
+            # one thread: the list is small, and a process that reads it and exits at once
+            # could abort in Arrow's pool ("terminate called without an active exception")
+            table = pq.read_table(fh, use_threads=False, pre_buffer=False)
     except (OSError, pa.ArrowInvalid) as exc:
         raise TakedownError(f"{path}: not a readable parquet file: {exc}") from exc
     if not set(S.TAKEDOWN_MATCH_COLUMNS) & set(table.column_names):
