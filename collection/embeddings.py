@@ -121,6 +121,15 @@ def open_npy(url: str) -> np.ndarray | RemoteNpy:
     return RemoteNpy(url)
 
 
+def read_whole(arr: np.ndarray | RemoteNpy) -> np.ndarray:
+    """A whole part in memory. A memory-mapped part is read with one sequential read instead
+    of through its mapping: a pass over every part would otherwise leave each part's pages
+    mapped and counted in the process's resident memory (10 GB after one pass at 10M rows)."""
+    if isinstance(arr, np.memmap) and arr.filename:
+        return np.load(arr.filename)
+    return np.asarray(arr)
+
+
 @dataclass
 class EmbeddingStore:
     """Embeddings of one modality across parts, addressed by global id: memory-mapped when the
@@ -191,7 +200,7 @@ class EmbeddingStore:
         """(first global id, vectors) per part; one part in memory at a time."""
         for start, arr in zip(self.offsets[:-1], self.arrays):
             if arr.shape[0]:
-                yield int(start), np.ascontiguousarray(np.asarray(arr), dtype=dtype)
+                yield int(start), np.ascontiguousarray(read_whole(arr), dtype=dtype)
 
     def gather(
         self, ids: np.ndarray, dtype: Any = np.float32, merge_gap: int = MERGE_GAP
