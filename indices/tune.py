@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 NPROBES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 EF_SEARCH = (16, 32, 64, 128, 256, 512)
-RERANK_DEPTHS = (100, 200, 400)
+RERANK_DEPTHS = (100, 200, 400, 1000, 2000)
 
 
 def exact_topk(store: EmbeddingStore, queries: np.ndarray, k: int) -> np.ndarray:

@@ -23,7 +23,7 @@ DIM = 32
         (10_000, "2M", "IVF256,PQ64x8"),  # SQ8 (5 MB) misses the budget: PQ codes + exact re-rank
         (100_000, "4G", "HNSW32"),
         (1_000_000, "4G", "IVF4096,Flat"),
-        (1_000_000, "200M", "IVF4096,PQ64x8"),  # 64 sub-quantizers at most
+        (1_000_000, "200M", "IVF4096,PQ128x8"),  # 128 sub-quantizers at most
         # 32,768 lists would train on 2.6 GB: halved until the sample fits max(budget / 4, 1 GiB)
         (50_000_000, "2G", "IVF8192_HNSW32,PQ32x8"),
     ],
