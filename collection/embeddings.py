@@ -212,11 +212,12 @@ class EmbeddingStore:
         out = np.empty((len(ids), self.dim), dtype=dtype)
         if not len(ids):
             return out
-        for p, sel, local in by_part(self.offsets, ids):
-            order = np.argsort(local)  # sorted reads are kinder to the page cache
+        for p, sel, rows in by_part(self.offsets, ids):  # rows ascending: file order
             arr = self.arrays[p]
-            rows = local[order]
-            out[sel[order]] = arr.take(rows, merge_gap) if isinstance(arr, RemoteNpy) else arr[rows]
+            if isinstance(arr, RemoteNpy):
+                out[sel] = arr.take(rows, merge_gap)
+            else:  # a plain view: np.memmap's subclass bookkeeping costs more than a small take
+                out[sel] = arr.view(np.ndarray)[rows]
         return out
 
     def sample(self, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

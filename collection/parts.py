@@ -99,12 +99,18 @@ def part_offsets(counts: Sequence[int]) -> np.ndarray:
 
 def by_part(offsets: np.ndarray, ids: np.ndarray) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """Global ids split by the part holding them: for each such part, (its position among the
-    complete parts, the positions in `ids` of its ids, their rows within the part)."""
+    complete parts, the positions in `ids` of its ids, their rows within the part, ascending)."""
     ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-    which = np.searchsorted(offsets, ids, side="right") - 1
-    for p in np.unique(which):
-        sel = np.nonzero(which == p)[0]
-        yield int(p), sel, ids[sel] - offsets[p]
+    # one sort, then runs of the same part: a scan per part would cost parts x ids, which is
+    # most of an exact re-rank's time at 100 parts
+    order = np.argsort(ids, kind="stable")
+    ordered = ids[order]
+    which = np.searchsorted(offsets, ordered, side="right") - 1
+    cuts = np.flatnonzero(which[1:] != which[:-1]) + 1
+    for start, stop in zip(np.r_[0, cuts], np.r_[cuts, len(ids)]):
+        if stop > start:
+            p = int(which[start])
+            yield p, order[start:stop], ordered[start:stop] - offsets[p]
 
 
 def missing_parts(root: str) -> list[str]:
