@@ -65,7 +65,7 @@ from models.runtime import setup_logging
 from models.scenes import make_sample
 from pipelines.generate import write_sample_dataset
 from webui import state
-from webui.grid import WEAK_QUANTILE, cards_of, collection_weak_threshold
+from webui.grid import WEAK_QUANTILE, cards_of, collection_weak_threshold, weak_flags
 
 log = logging.getLogger("bench.webui")
 
@@ -361,7 +361,7 @@ def weak_flag(args: argparse.Namespace) -> dict[str, Any]:
                 hide_watermarked=False,
                 searcher=searcher,
             )
-            weak = [r["similarity"] < threshold for r in rows]
+            weak = weak_flags([r["similarity"] for r in rows], threshold)
             share.append(sum(weak) / max(len(weak), 1))
             top1.append(bool(weak and weak[0]))
         return share, top1
@@ -371,7 +371,8 @@ def weak_flag(args: argparse.Namespace) -> dict[str, Any]:
         "weak_flag": {
             "threshold": round(threshold, 4),
             "rule": f"similarity < the {WEAK_QUANTILE} quantile of clip_similarity "
-            "(each image against its own caption)",
+            "(each image against its own caption), on pages whose best result is under it too "
+            "(webui.grid.weak_flags)",
             "real_queries": len(real),
             "real_top1_flagged_share": round(statistics.mean(real1), 3),
             "real_top20_flagged_share": round(statistics.mean(real), 3),

@@ -13,7 +13,7 @@ from collection.parts import read_metadata
 from curation.concept import main as concept_main
 from curation.concept_probe import load_concept, saved_concepts
 from curation.labels import load_labels, save_labels
-from webui.grid import hidden_counts, items
+from webui.grid import hidden_counts, items, weak_flags
 from webui.labelling import merge
 
 
@@ -71,7 +71,12 @@ def test_cards_flag_weak_results_and_carry_their_rows(monkeypatch):
         {"id": 2, "key": "k2", "caption": "zebra", "similarity": 0.6, "odd": float("nan")},
     ]
     cards = items(rows, weak_below=0.68)
-    assert [c["weak"] for c in cards] == [False, True]
+    # the best clears the bar: the page holds a real match, nothing is flagged
+    assert [c["weak"] for c in cards] == [False, False]
+    weak_page = [{**rows[0], "similarity": 0.65}, rows[1]]
+    assert [c["weak"] for c in items(weak_page, weak_below=0.68)] == [True, True]
+    assert weak_flags([None, 0.5], 0.68) == [False, True]
+    assert weak_flags([], 0.68) == [] and weak_flags([0.7, 0.1], 0.68) == [False, False]
     assert cards[0]["details"]["caption"] == "a red circle" and cards[1]["why"] == "gone"
     assert "similarity 0.800" in cards[0]["line"] and "nsfw 0.10" in cards[0]["line"]
     json.dumps(cards, allow_nan=False)  # what the browser gets is plain JSON

@@ -96,13 +96,24 @@ def _safe(value: Any) -> Any:
     return str(value)
 
 
+def weak_flags(sims: Sequence[float | None], weak_below: float | None) -> list[bool]:
+    """Which results a page flags weak: those under `weak_below`, and only when the page's best
+    is under it too. A page whose best result clears the bar holds real matches and the
+    collection's next best below them say nothing bad of the query (flagging them marked half
+    of real queries' top 20); a page where nothing clears it is the query's failure."""
+    known = [s for s in sims if s is not None]
+    if weak_below is None or not known or max(known) >= weak_below:
+        return [False] * len(sims)
+    return [s is not None and s < weak_below for s in sims]
+
+
 def items(rows: Sequence[dict[str, Any]], weak_below: float | None = None) -> list[dict[str, Any]]:
     """The grid's cards: thumbnail as a data URL (or why there is none), caption, scores line,
-    the weak flag (similarity under `weak_below`), and every column for the lightbox."""
+    the weak flag (`weak_flags`), and every column for the lightbox."""
     thumbs = row_thumbnails(rows)
+    weak = weak_flags([row.get("similarity") for row in rows], weak_below)
     out = []
-    for row, thumb in zip(rows, thumbs):
-        sim = row.get("similarity")
+    for row, thumb, flag in zip(rows, thumbs, weak):
         out.append(
             {
                 "id": _safe(row.get("id")),
@@ -113,7 +124,7 @@ def items(rows: Sequence[dict[str, Any]], weak_below: float | None = None) -> li
                 "why": thumb.why,
                 "caption": str(row.get(S.CAPTION) or ""),
                 "line": scores_line(row),
-                "weak": bool(weak_below is not None and sim is not None and sim < weak_below),
+                "weak": flag,
                 "details": {k: _safe(v) for k, v in row.items()},
             }
         )

@@ -243,13 +243,11 @@ def render() -> None:
     weak_below = None
     if kind == "text" and modality == S.MODALITY_IMAGE:
         weak_below = grid.weak_threshold(cur.path, run["version"])
-        weak = weak_below is not None and sum(
-            r.get("similarity") is not None and r["similarity"] < weak_below for r in rows
-        )
+        weak = sum(grid.weak_flags([r.get("similarity") for r in rows], weak_below))
         if weak:
             note += (
-                f" · {weak} weak (similarity under {weak_below:.3f}, what 95% of the "
-                "collection's images score against their own captions)"
+                f" · weak: no result reaches {weak_below:.3f}, what 95% of the "
+                "collection's images score against their own captions"
             )
     st.caption(note)
     grid.show(
