@@ -39,6 +39,7 @@ import numpy as np
 import pyarrow as pa
 
 from collection import schema as S
+from collection.cluster_options import add_cluster_options
 from collection.parts import CollectionError, read_metadata
 from collection.storage import write_json
 from curation.dedup_stages import (  # noqa: F401 - COPY_MIN_COSINE, keep_ranks: public names
@@ -286,15 +287,7 @@ def main(argv: list[str] | None = None) -> None:
         "to a sample kept before it in its cluster exceeds 1 - eps (SemDeDup's code; its README's "
         "'lower eps prunes more' is backwards): larger eps removes more",
     )
-    p.add_argument(
-        "--scheduler", default=None, help="Dask scheduler address (default: a LocalCluster)"
-    )
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=None,
-        help="LocalCluster workers (default: one per core; 0: no Dask)",
-    )
+    add_cluster_options(p)
     p.add_argument(
         "--run", default=None, help="name of the dedup/{run} folder (default: the level, and eps)"
     )

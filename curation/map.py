@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from collection import schema as S
+from collection.cluster_options import add_cluster_options
 from collection.parts import CollectionError
 from collection.storage import write_json
 from curation.map_job import (  # noqa: F401 - layout, place_nearest: public names
@@ -197,15 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--seed", type=int, default=0, help="layout seed (-1: unseeded, multi-threaded UMAP)"
     )
-    p.add_argument(
-        "--scheduler", default=None, help="Dask scheduler address (default: a LocalCluster)"
-    )
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=None,
-        help="LocalCluster workers (default: one per core; 0: no Dask)",
-    )
+    add_cluster_options(p)
     a = p.parse_args(argv)
     setup_logging()
     try:
