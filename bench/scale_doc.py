@@ -41,7 +41,7 @@ WHERE = {
     "concept": "driver: fit on the examples; scoring memory-maps each part",
     "uniqueness": "one process: k-NN search of every vector through the index",
     "dedup_semantic": "k-means on a sample (driver); one task per cluster group",
-    "map": "UMAP on a 100k sample (driver); every other point placed by one faiss search",
+    "map": "UMAP on a 100k sample (driver); one task per part places its rows (IVF lists)",
 }
 LABELS = {
     "index_build": "index build (`indices.build`)",

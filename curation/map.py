@@ -5,9 +5,10 @@
 
 UMAP (umap-learn, cosine metric) lays out a random sample of up to `--sample` embeddings; every
 other sample is placed by `--place`: `nearest` (default: the similarity-weighted mean position
-of its nearest sampled neighbours, one faiss search, cheap at any scale) or `transform`
-(umap's own out-of-sample transform, slower). `cluster` is a spherical k-means cluster of the
-embeddings (not of the 2-D points), so colours on the map mean what the model sees.
+of its nearest sampled neighbours, found in a few IVF lists of a sample above 20k: a row's cost
+does not grow with the collection) or `transform` (umap's own out-of-sample transform, slower).
+`cluster` is a spherical k-means cluster of the embeddings (not of the 2-D points), so colours on
+the map mean what the model sees.
 
 Writes `map/{modality}.parquet` (key, x, y, cluster; rows in global-id order) and
 `map/{modality}.json` (parameters, timings). `region_clause` turns a rectangle or a lasso
