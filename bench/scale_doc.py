@@ -41,7 +41,7 @@ WHERE = {
     "concept": "driver: fit on the examples; scoring memory-maps each part",
     "uniqueness": "one process: k-NN search of every vector through the index",
     "dedup_semantic": "k-means on a sample (driver); one task per cluster group",
-    "map": "UMAP on a 100k sample (driver); every other point placed by one faiss search",
+    "map": "UMAP on a 100k sample (driver); one task per part places its rows (IVF lists)",
 }
 LABELS = {
     "index_build": "index build (`indices.build`)",
@@ -156,27 +156,45 @@ def _core_seconds(entry: dict[str, Any], cores: int) -> float:
     return entry.get("cpu_seconds") or entry["seconds"] * cores
 
 
-def _slope(
-    stage_doc: dict[str, dict[str, Any]], cores: int
-) -> tuple[float, float | None, str] | None:
-    """(core-seconds per row, driver MB per row or None, basis) from the two largest sizes
-    measured, else the one size's cost per row (startup included)."""
+def _slope(stage_doc: dict[str, dict[str, Any]], cores: int) -> tuple[float, str] | None:
+    """(core-seconds per row, basis) from the two largest sizes measured, else the one size's
+    cost per row (startup included)."""
     have = [s for s in SIZES if _ok(stage_doc.get(s))]
     if not have:
         return None
     if len(have) == 1:
         e = stage_doc[have[0]]
         kind = "CPU" if e.get("cpu_seconds") else f"wall × {cores}"
-        return _core_seconds(e, cores) / e["rows"], None, f"{have[0]} only, {kind} (upper bound)"
+        return _core_seconds(e, cores) / e["rows"], f"{have[0]} only, {kind} (upper bound)"
     a, b = stage_doc[have[-2]], stage_doc[have[-1]]
     if bool(a.get("cpu_seconds")) != bool(b.get("cpu_seconds")):
         a, b = ({**e, "cpu_seconds": None} for e in (a, b))  # one basis for both ends
     kind = "CPU" if a.get("cpu_seconds") else f"wall × {cores}"
     rows = b["rows"] - a["rows"]
     seconds = max(_core_seconds(b, cores) - _core_seconds(a, cores), 0.0) / rows
-    da, db = a.get("driver_peak_rss_mb"), b.get("driver_peak_rss_mb")
-    drv = None if da is None or db is None else max(db - da, 0.0) / rows
-    return seconds, drv, f"slope {have[-2]}→{have[-1]}, {kind}"
+    return seconds, f"slope {have[-2]}→{have[-1]}, {kind}"
+
+
+def _driver(stage_doc: dict[str, dict[str, Any]]) -> str:
+    """The driver's memory at 5.85B rows, from the two largest sizes measured: the anonymous peak
+    where one is recorded (the RSS also counts the touched pages of memory-mapped embeddings,
+    page cache the kernel reclaims), else the RSS peak."""
+    have = [stage_doc[s] for s in SIZES if _ok(stage_doc.get(s))]
+    anon = [e for e in have if e.get("driver_peak_anon_mb")]
+    key, what = ("driver_peak_anon_mb", " anonymous") if anon else ("driver_peak_rss_mb", "")
+    basis = [e for e in (anon or have) if e.get(key) is not None]
+    if not basis:
+        return "not measured"
+    b = basis[-1]
+    if len(basis) == 1:
+        at = f"{b[key] / 1024:,.1f} GB{what} at {b['rows']:,} rows; " if anon else ""
+        return f"{at}one size: growth unknown"
+    a = basis[-2]
+    per_row = max(b[key] - a[key], 0.0) / (b["rows"] - a["rows"])
+    if per_row * b["rows"] < FLAT * b[key]:
+        return f"flat: {b[key] / 1024:,.1f} GB{what}"
+    mb = b[key] + per_row * (TARGET_ROWS - b["rows"])
+    return f"**{mb / 1024:,.0f} GB**{what} (grows {per_row * 1e6:,.0f} MB per 1M rows)"
 
 
 def projection(results: Path = RESULTS_DIR) -> str:
@@ -193,7 +211,12 @@ def projection(results: Path = RESULTS_DIR) -> str:
         f"one-thread worker), {CLUSTER['gpus']} GPUs for the embed job. Core-hours = measured "
         f"CPU seconds per row (the command's and its workers'; wall seconds × {cores_here} "
         f"cores where CPU time was not recorded) × {TARGET_ROWS:,} rows; hours = core-hours / "
-        f"{cores:,} cores, which assumes the stage's tasks spread over every core.",
+        f"{cores:,} cores, which assumes the stage's tasks spread over every core. "
+        "Driver at 5.85B: "
+        "the driver's peak projected along its slope, from its anonymous memory "
+        "(`driver_peak_anon_mb`) where recorded: its RSS also counts the touched pages of the "
+        "memory-mapped embeddings, which are page cache the kernel reclaims and shares, not "
+        "memory the driver holds; elsewhere from the RSS peak, an upper bound.",
         "",
         "| stage | basis | core-hours at 5.85B | hours on the cluster | driver at 5.85B "
         "| what runs where |",
@@ -205,19 +228,9 @@ def projection(results: Path = RESULTS_DIR) -> str:
         if got is None:
             lines.append(f"| {LABELS[stage]} | not measured | — | — | — | {WHERE[stage]} |")
             continue
-        per_row, drv, basis = got
+        per_row, basis = got
         core_h = per_row * TARGET_ROWS / 3600
-        biggest = max((e for e in per_size.values() if _ok(e)), key=lambda e: e["rows"])
-        base = biggest.get("driver_peak_rss_mb")
-        if drv is None:
-            driver = "one size: growth unknown"
-        elif base is None:
-            driver = "not measured"
-        elif drv * biggest["rows"] < FLAT * base:
-            driver = f"flat: {base / 1024:,.1f} GB"
-        else:
-            driver_mb = base + drv * (TARGET_ROWS - biggest["rows"])
-            driver = f"**{driver_mb / 1024:,.0f} GB** (grows {drv * 1e6:,.0f} MB per 1M rows)"
+        driver = _driver({s: e for s, e in per_size.items() if e})
         lines.append(
             f"| {LABELS[stage]} | {basis} | {core_h:,.1f} | {core_h / cores:,.2f} | {driver} "
             f"| {WHERE[stage]} |"

@@ -39,6 +39,7 @@ import numpy as np
 import pyarrow as pa
 
 from collection import schema as S
+from collection.cluster_options import add_cluster_options
 from collection.parts import CollectionError, read_metadata
 from collection.storage import write_json
 from curation.dedup_stages import (  # noqa: F401 - COPY_MIN_COSINE, keep_ranks: public names
@@ -54,7 +55,7 @@ from curation.dedup_stages import (  # noqa: F401 - COPY_MIN_COSINE, keep_ranks:
 from curation.semdedup import SemanticParams, check_eps
 from curation.semdedup_job import semantic_run
 from curation.vector_jobs import TaskFolder
-from curation.vectors import ids_of, open_store, read_keys, read_table, write_table
+from curation.vectors import ids_of, open_store, read_table, write_table
 from models.runtime import cores, progress, setup_logging
 
 log = logging.getLogger(__name__)
@@ -128,7 +129,6 @@ def dedup(
     for col in (S.KEY, S.SHA256) if S.LEVEL_EXACT in levels else (S.KEY,):
         if col not in meta.column_names:
             raise CollectionError(f"{collection}: metadata has no {col!r} column")
-    keys = np.asarray(meta.column(S.KEY).to_pylist(), dtype=object)
     ranks = keep_ranks(meta)
     links = Links(meta.num_rows)
     report: dict[str, Any] = {
@@ -174,10 +174,10 @@ def dedup(
             }
     finally:
         close()
-    table = duplicate_rows(links, keys)
+    table = duplicate_rows(links, meta.column(S.KEY))
     write_table(layout.duplicates(run), table)
     removed = int((links.parent >= 0).sum())
-    reasons = {r: int(np.sum(links.reason == r)) for r in S.DUP_REASONS}
+    reasons = {r: links.count(r) for r in S.DUP_REASONS}
     report.update(
         removed=removed,
         removed_fraction=removed / max(meta.num_rows, 1),
@@ -246,20 +246,23 @@ def subset_clause(
         table = read_duplicates(collection, level, eps)
     if not table.num_rows:
         return ids
-    gids = ids_of(read_keys(collection), table.column(S.DUP_KEY).to_pylist(), "duplicates table")
+    keys = read_metadata(collection, [S.KEY]).column(S.KEY)
+    gids = ids_of(keys, table.column(S.DUP_KEY), "duplicates table")
     groups = table.column(S.DUP_GROUP).to_numpy()
     kept = table.column(S.DUP_KEPT).to_numpy(zero_copy_only=False)
-    present = np.isin(gids, ids)
+    return one_per_group(ids, gids, groups, kept)
+
+
+def one_per_group(
+    ids: np.ndarray, gids: np.ndarray, groups: np.ndarray, kept: np.ndarray
+) -> np.ndarray:
+    """`ids` less all but one member present of each group (members `gids`, their `groups` and
+    `kept` flags): the kept one when present, else the earliest present. On arrays only."""
     order = np.lexsort((gids, ~kept, groups))  # per group: the kept one first, then by position
-    drop, seen = [], set()
-    for row in order:
-        if not present[row]:
-            continue
-        if groups[row] in seen:
-            drop.append(gids[row])
-        else:
-            seen.add(groups[row])
-    return ids[~np.isin(ids, np.array(drop, np.int64))]
+    order = order[np.isin(gids[order], ids)]
+    first = np.ones(len(order), bool)
+    first[1:] = groups[order][1:] != groups[order][:-1]
+    return ids[~np.isin(ids, gids[order][~first])]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -284,15 +287,7 @@ def main(argv: list[str] | None = None) -> None:
         "to a sample kept before it in its cluster exceeds 1 - eps (SemDeDup's code; its README's "
         "'lower eps prunes more' is backwards): larger eps removes more",
     )
-    p.add_argument(
-        "--scheduler", default=None, help="Dask scheduler address (default: a LocalCluster)"
-    )
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=None,
-        help="LocalCluster workers (default: one per core; 0: no Dask)",
-    )
+    add_cluster_options(p)
     p.add_argument(
         "--run", default=None, help="name of the dedup/{run} folder (default: the level, and eps)"
     )

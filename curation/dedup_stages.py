@@ -37,19 +37,21 @@ COPY_MIN_COSINE = 0.5
 Runner = Callable[[Callable[..., Any], list[tuple]], list[Any]]
 
 
+def keep_column(table: pa.Table, name: str, missing: float) -> np.ndarray:
+    """A numeric column as the keep rule reads it: float64, nulls and non-finite values replaced by
+    `missing` (Arrow to numpy, no Python object per row)."""
+    if name not in table.column_names:
+        return np.full(table.num_rows, missing)
+    values = pc.cast(table.column(name), pa.float64()).to_numpy(zero_copy_only=False)
+    return np.nan_to_num(values, nan=missing, posinf=missing, neginf=missing)
+
+
 def keep_ranks(meta: pa.Table) -> np.ndarray:
     """Each sample's place in the keep order (0 = kept first): most pixels, best image·text
     similarity, earliest."""
     n = meta.num_rows
-
-    def col(name: str, missing: float) -> np.ndarray:
-        if name not in meta.column_names:
-            return np.full(n, missing)
-        values = np.asarray(meta.column(name).to_pylist(), dtype=float)  # nulls become NaN
-        return np.nan_to_num(values, nan=missing, posinf=missing, neginf=missing)
-
-    pixels = col(S.WIDTH, 0.0) * col(S.HEIGHT, 0.0)
-    order = np.lexsort((np.arange(n), -col(S.CLIP_SIMILARITY, -1e9), -pixels))
+    pixels = keep_column(meta, S.WIDTH, 0.0) * keep_column(meta, S.HEIGHT, 0.0)
+    order = np.lexsort((np.arange(n), -keep_column(meta, S.CLIP_SIMILARITY, -1e9), -pixels))
     ranks = np.empty(n, np.int64)
     ranks[order] = np.arange(n)
     return ranks
@@ -57,15 +59,26 @@ def keep_ranks(meta: pa.Table) -> np.ndarray:
 
 class Links:
     """Each removed sample points at the sample that made it a duplicate:
-    a forest whose roots are kept."""
+    a forest whose roots are kept. Plain arrays (the reason as its index in S.DUP_REASONS), so
+    the driver holds no Python object per sample."""
 
     def __init__(self, n: int) -> None:
         self.parent = np.full(n, -1, np.int64)
-        self.reason = np.empty(n, dtype=object)
+        self.reason = np.full(n, -1, np.int8)
         self.similarity = np.full(n, np.nan, np.float32)
 
-    def link(self, child: int, parent: int, reason: str, similarity: float) -> None:
-        self.parent[child], self.reason[child], self.similarity[child] = parent, reason, similarity
+    def link(
+        self, children: np.ndarray, parents: np.ndarray, reason: str, similarity: np.ndarray
+    ) -> None:
+        """Link each of `children` to the parent at the same position, for `reason`."""
+        children = np.asarray(children, np.int64)
+        self.parent[children] = parents
+        self.reason[children] = S.DUP_REASONS.index(reason)
+        self.similarity[children] = similarity
+
+    def count(self, reason: str) -> int:
+        """How many samples were removed for `reason`."""
+        return int(np.count_nonzero(self.reason == S.DUP_REASONS.index(reason)))
 
     @property
     def alive(self) -> np.ndarray:
@@ -91,22 +104,18 @@ def cosine(store: Any, a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def exact_stage(meta: pa.Table, ranks: np.ndarray, links: Links, store: Any) -> int:
     """Link samples with the same sha256 to the kept one of their group;
     returns the number removed."""
-    sha = np.asarray(meta.column(S.SHA256).to_pylist(), dtype=object)
-    groups: dict[str, list[int]] = {}
-    for i, h in enumerate(sha):
-        if h:
-            groups.setdefault(h, []).append(i)
-    children, parents = [], []
-    for members in groups.values():
-        if len(members) > 1:
-            kept = min(members, key=lambda i: ranks[i])
-            for m in members:
-                if m != kept:
-                    children.append(m)
-                    parents.append(kept)
-    sims = cosine(store, np.array(children, np.int64), np.array(parents, np.int64))
-    for c, p, s in zip(children, parents, sims):
-        links.link(c, p, S.REASON_EXACT, float(s))
+    sha = pc.cast(meta.column(S.SHA256), pa.large_string()).combine_chunks()
+    known = pc.fill_null(pc.greater(pc.utf8_length(sha), 0), False)  # empty or null: unknown
+    ids = np.nonzero(known.to_numpy(zero_copy_only=False))[0]
+    codes = pc.dictionary_encode(sha.filter(known)).indices.to_numpy()
+    order = np.lexsort((ranks[ids], codes))  # per sha256, the best ranked first
+    first = np.ones(len(order), bool)
+    first[1:] = codes[order][1:] != codes[order][:-1]
+    kept = ids[order][np.maximum.accumulate(np.where(first, np.arange(len(order)), 0))]
+    children, parents = ids[order][~first], kept[~first]
+    by_child = np.argsort(children)
+    children, parents = children[by_child], parents[by_child]
+    links.link(children, parents, S.REASON_EXACT, cosine(store, children, parents))
     return len(children)
 
 
@@ -281,8 +290,7 @@ def link_components(edges: np.ndarray, ranks: np.ndarray, links: Links, store: A
     children = np.setdiff1d(np.arange(m), kept)
     parents = pred[children]
     child_ids, parent_ids = nodes[children], nodes[parents]
-    for c, p, s in zip(child_ids, parent_ids, cosine(store, child_ids, parent_ids)):
-        links.link(int(c), int(p), S.REASON_COPY, float(s))
+    links.link(child_ids, parent_ids, S.REASON_COPY, cosine(store, child_ids, parent_ids))
     return len(children)
 
 
@@ -306,8 +314,7 @@ def semantic_stage(
     sims = np.concatenate([r[1] for r in results]) if results else np.zeros(0, np.float32)
     nearest = np.concatenate([r[2] for r in results]) if results else np.zeros(0, np.int64)
     gone = sims > 1.0 - eps
-    for i, p, s in zip(ids[gone], nearest[gone], sims[gone]):
-        links.link(int(i), int(p), S.REASON_SEMANTIC, float(s))
+    links.link(ids[gone], nearest[gone], S.REASON_SEMANTIC, sims[gone])
     n = max(len(ranks), 1)
     table = {
         f"{e:g}": round(float((sims > 1.0 - e).sum()) / n, 6)
@@ -320,44 +327,35 @@ def semantic_stage(
     }
 
 
-def duplicate_rows(links: Links, keys: np.ndarray) -> pa.Table:
+def duplicate_rows(links: Links, keys: pa.Array | pa.ChunkedArray | np.ndarray) -> pa.Table:
     """The duplicates table: members of every group with more than one sample, groups numbered by
-    their kept sample's position in the collection."""
+    their kept sample's position in the collection. A kept sample names its most similar direct
+    child (the earliest among equals). Computed on arrays, the keys taken by Arrow: no Python
+    object per sample."""
+    if not isinstance(keys, (pa.Array, pa.ChunkedArray)):
+        keys = pa.array(list(keys), pa.string())
     roots = links.roots()
     members = np.nonzero(links.parent >= 0)[0]
     kept_ids = np.unique(roots[members])
-    group_of = {int(r): g for g, r in enumerate(kept_ids)}
-    best_child: dict[int, tuple[float, int, str]] = {}
-    for c in members:
-        p = int(links.parent[c])
-        cand = (float(links.similarity[c]), -int(c), links.reason[c])
-        if p not in best_child or cand > best_child[p]:
-            best_child[p] = cand
-    rows = []
-    for i in np.sort(np.concatenate([members, kept_ids])):
-        i = int(i)
-        if links.parent[i] >= 0:
-            rows.append(
-                (
-                    keys[i],
-                    group_of[int(roots[i])],
-                    False,
-                    links.reason[i],
-                    keys[int(links.parent[i])],
-                    float(links.similarity[i]),
-                )
-            )
-        else:
-            sim, child, reason = best_child[i]
-            rows.append((keys[i], group_of[i], True, reason, keys[-child], sim))
-    cols = list(zip(*rows)) if rows else [[]] * 6
+    rows = np.sort(np.concatenate([members, kept_ids]))
+    is_kept = links.parent[rows] < 0
+    parent = links.parent[members]
+    by_parent = members[np.lexsort((members, -links.similarity[members], parent))]
+    parents, first = np.unique(links.parent[by_parent], return_index=True)
+    best = by_parent[first]  # per kept-or-linked parent (sorted), its best direct child
+    partner = np.where(is_kept, 0, links.parent[rows])
+    if is_kept.any():
+        partner[is_kept] = best[np.searchsorted(parents, rows[is_kept])]
+    # a kept row reports its best child's reason and similarity, a removed row its own
+    source = np.where(is_kept, partner, rows)
+    reasons = pa.array(S.DUP_REASONS, pa.string())
     return pa.table(
         {
-            S.DUP_KEY: pa.array(cols[0], pa.string()),
-            S.DUP_GROUP: pa.array(cols[1], pa.int64()),
-            S.DUP_KEPT: pa.array(cols[2], pa.bool_()),
-            S.DUP_REASON: pa.array(cols[3], pa.string()),
-            S.DUP_NEAREST: pa.array(cols[4], pa.string()),
-            S.DUP_SIMILARITY: pa.array(cols[5], pa.float32()),
+            S.DUP_KEY: pc.take(keys, pa.array(rows, pa.int64())).cast(pa.string()),
+            S.DUP_GROUP: pa.array(np.searchsorted(kept_ids, roots[rows]), pa.int64()),
+            S.DUP_KEPT: pa.array(is_kept, pa.bool_()),
+            S.DUP_REASON: pc.take(reasons, pa.array(links.reason[source], pa.int64())),
+            S.DUP_NEAREST: pc.take(keys, pa.array(partner, pa.int64())).cast(pa.string()),
+            S.DUP_SIMILARITY: pa.array(links.similarity[source], pa.float32()),
         }
     )

@@ -29,6 +29,7 @@ import sys
 from typing import Any, Callable
 
 from collection import schema as S
+from collection.cluster_options import add_cluster_options
 from curation.spec import SpecError
 from models.runtime import setup_logging
 
@@ -97,10 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         help="how to resize (default center_crop with --image-size, else none)",
     )
     parser.add_argument("--format", choices=S.EXPORT_FORMATS, default=S.EXPORT_WEBDATASET)
-    parser.add_argument(
-        "--scheduler", default=None, help="existing Dask scheduler, e.g. tcp://host:8786"
-    )
-    parser.add_argument("--workers", type=int, default=None, help="LocalCluster worker processes")
+    add_cluster_options(parser, "LocalCluster worker processes")
     parser.add_argument(
         "--overwrite", action="store_true", help="replace an export of another spec in --out"
     )

@@ -5,9 +5,10 @@
 
 UMAP (umap-learn, cosine metric) lays out a random sample of up to `--sample` embeddings; every
 other sample is placed by `--place`: `nearest` (default: the similarity-weighted mean position
-of its nearest sampled neighbours, one faiss search, cheap at any scale) or `transform`
-(umap's own out-of-sample transform, slower). `cluster` is a spherical k-means cluster of the
-embeddings (not of the 2-D points), so colours on the map mean what the model sees.
+of its nearest sampled neighbours, found in a few IVF lists of a sample above 20k: a row's cost
+does not grow with the collection) or `transform` (umap's own out-of-sample transform, slower).
+`cluster` is a spherical k-means cluster of the embeddings (not of the 2-D points), so colours on
+the map mean what the model sees.
 
 Writes `map/{modality}.parquet` (key, x, y, cluster; rows in global-id order) and
 `map/{modality}.json` (parameters, timings). `region_clause` turns a rectangle or a lasso
@@ -26,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 
 from collection import schema as S
+from collection.cluster_options import add_cluster_options
 from collection.parts import CollectionError
 from collection.storage import write_json
 from curation.map_job import (  # noqa: F401 - layout, place_nearest: public names
@@ -197,15 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--seed", type=int, default=0, help="layout seed (-1: unseeded, multi-threaded UMAP)"
     )
-    p.add_argument(
-        "--scheduler", default=None, help="Dask scheduler address (default: a LocalCluster)"
-    )
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=None,
-        help="LocalCluster workers (default: one per core; 0: no Dask)",
-    )
+    add_cluster_options(p)
     a = p.parse_args(argv)
     setup_logging()
     try:

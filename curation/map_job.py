@@ -2,7 +2,8 @@
 (the "model", written to the task folder once); one task per part places its rows against the
 sample and labels their clusters, writing (key, x, y, cluster); the parts are then streamed into
 `map/{modality}.parquet` in global-id order. The driver's memory depends on the sample size, not
-on the collection's.
+on the collection's. A row is placed by searching a few IVF lists of the sample (lists fitted by
+the driver, written with the model), so its cost is bounded by the lists probed, not the sample.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import functools
 import io
 import logging
+import math
 import pickle
 import time
 from typing import Any
@@ -45,6 +47,12 @@ SCHEMA = pa.schema(
 MODEL = "model"
 #: sampled neighbours that place an unsampled point (nearest placement)
 PLACE_NEIGHBOURS = 5
+#: samples up to this size are searched exhaustively (at most this many dot products a placed
+#: row); larger ones through an IVF index of about 4·√sample lists
+PLACE_EXACT_MAX = 20_000
+#: IVF lists searched per placed row: placements agree with exhaustive search
+#: (bench/results/map_place.json agreement)
+PLACE_NPROBE = 16
 
 
 def _umap(seed: int | None, n_neighbors: int, min_dist: float) -> Any:
@@ -78,10 +86,30 @@ def place_nearest(
     sample_x: np.ndarray, sample_xy: np.ndarray, x: np.ndarray, k: int = PLACE_NEIGHBOURS
 ) -> np.ndarray:
     """Positions for rows of x: the similarity-weighted mean position of their k nearest
-    sampled rows."""
-    index = faiss.IndexFlatIP(sample_x.shape[1])
-    index.add(np.ascontiguousarray(sample_x, dtype=np.float32))
-    return place_with(index, sample_xy, x, k)
+    sampled rows (exhaustive search)."""
+    return place_with(place_index(sample_x, np.zeros((0, sample_x.shape[1]))), sample_xy, x, k)
+
+
+def place_lists(sample: int) -> int:
+    """IVF lists over a sample of `sample` rows: 0 (exhaustive search) up to PLACE_EXACT_MAX."""
+    return 0 if sample <= PLACE_EXACT_MAX else int(4 * math.sqrt(sample))
+
+
+def place_index(sample_x: np.ndarray, lists: np.ndarray, nprobe: int = PLACE_NPROBE) -> faiss.Index:
+    """An inner-product index of the sample: exhaustive without `lists` (centroids), else IVF over
+    them probing `nprobe` lists. Rows go to their list by exact search of the centroids, so every
+    worker builds the same index from the same model."""
+    x = np.ascontiguousarray(sample_x, dtype=np.float32)
+    if not len(lists):
+        index = faiss.IndexFlatIP(x.shape[1])
+    else:
+        quantizer = faiss.IndexFlatIP(x.shape[1])
+        quantizer.add(np.ascontiguousarray(lists, dtype=np.float32))
+        index = faiss.IndexIVFFlat(quantizer, x.shape[1], len(lists), faiss.METRIC_INNER_PRODUCT)
+        index.is_trained = True  # the lists are the driver's k-means centroids
+        index.nprobe = min(nprobe, len(lists))
+    index.add(x)
+    return index
 
 
 def fit_centroids(sample_x: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -110,11 +138,12 @@ def write_model(
     sample_x: np.ndarray,
     sample_xy: np.ndarray,
     centroids: np.ndarray,
+    lists: np.ndarray,
     reducer: Any,
     seconds: float,
 ) -> None:
-    """The sample, its layout and the centroids, then their marker (the reducer too, pickled,
-    when points are placed by umap's transform)."""
+    """The sample, its layout, the centroids and the placement index's lists, then their marker
+    (the reducer too, pickled, when points are placed by umap's transform)."""
     buf = io.BytesIO()
     np.savez(
         buf,
@@ -122,6 +151,7 @@ def write_model(
         sample_x=sample_x.astype(S.EMB_DTYPE),  # the store's own precision: nothing is lost
         sample_xy=sample_xy,
         centroids=centroids,
+        lists=lists,
     )
     write_bytes(_model_path(folder, ".npz"), buf.getvalue())
     if reducer is not None:
@@ -137,9 +167,7 @@ def _model(path: str, signature: Any) -> dict[str, Any]:
         data = np.load(io.BytesIO(fh.read()))
         model = {name: data[name] for name in data.files}
     model["sample_x"] = model["sample_x"].astype(np.float32)
-    index = faiss.IndexFlatIP(model["sample_x"].shape[1])
-    index.add(np.ascontiguousarray(model["sample_x"]))
-    model["index"] = index
+    model["index"] = place_index(model["sample_x"], model["lists"])
     clusters = faiss.IndexFlatIP(model["centroids"].shape[1])
     clusters.add(np.ascontiguousarray(model["centroids"]))
     model["clusters"] = clusters
@@ -157,10 +185,9 @@ def place_with(index: Any, sample_xy: np.ndarray, x: np.ndarray, k: int) -> np.n
     """Positions for rows of x: the similarity-weighted mean position of their k nearest rows of
     the sample held by `index`."""
     sims, nn = index.search(np.ascontiguousarray(x, dtype=np.float32), min(k, index.ntotal))
-    w = np.maximum(sims, 1e-6)
-    return (np.einsum("nk,nkd->nd", w, sample_xy[nn]) / w.sum(axis=1, keepdims=True)).astype(
-        np.float32
-    )
+    w = np.where(nn >= 0, np.maximum(sims, 1e-6), 0.0)  # -1: fewer than k in the probed lists
+    total = np.maximum(w.sum(axis=1, keepdims=True), 1e-12)
+    return (np.einsum("nk,nkd->nd", w, sample_xy[np.maximum(nn, 0)]) / total).astype(np.float32)
 
 
 def part_task(
@@ -252,6 +279,8 @@ def map_job(
         "place": place,
         "seed": seed,
         "neighbours": neighbours,
+        "place_lists": place_lists(min(n, sample)),
+        "nprobe": PLACE_NPROBE,
         **part_params(collection, counts),
     }
     folder = task_folder(path, params)
@@ -265,12 +294,15 @@ def map_job(
         sample_xy, reducer = layout(sample_x, None if seed < 0 else seed)
         seconds = round(time.time() - t0, 3)
         centroids = fit_centroids(sample_x, clusters, seed)
+        lists = place_lists(len(sample_ids))
+        lists = fit_centroids(sample_x, lists, seed) if lists else np.zeros((0, sample_x.shape[1]))
         write_model(
             folder,
             sample_ids,
             sample_x,
             sample_xy,
             centroids,
+            lists.astype(np.float32),
             reducer if place == "transform" else None,
             seconds,
         )

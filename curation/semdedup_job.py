@@ -25,6 +25,7 @@ from collection import schema as S
 from collection.embeddings import EmbeddingStore
 from collection.parts import CollectionError, read_part_metadata
 from collection.storage import url_to_fs, write_bytes, write_json
+from curation.dedup_stages import keep_column
 from curation.semdedup import EPS_TABLE, SemanticParams, assign, group_links, kmeans
 from curation.vector_jobs import (
     Runner,
@@ -60,15 +61,6 @@ def _centroids_path(folder: TaskFolder) -> str:
     return folder.output(CENTROIDS).removesuffix(".parquet") + ".npy"
 
 
-def _column(table: pa.Table, name: str, missing: float) -> np.ndarray:
-    """A numeric metadata column as float64, nulls and non-finite values replaced by `missing`
-    (the keep rule's reading, `curation.dedup_stages.keep_ranks`)."""
-    if name not in table.column_names:
-        return np.full(table.num_rows, missing)
-    values = pc.cast(table.column(name), pa.float64()).to_numpy(zero_copy_only=False)
-    return np.nan_to_num(values, nan=missing, posinf=missing, neginf=missing)
-
-
 def assign_task(
     folder: TaskFolder, name: str, collection: str, pos: int, groups: int
 ) -> dict[str, Any]:
@@ -96,8 +88,8 @@ def assign_task(
             S.ID: pa.array(np.arange(start, start + rows), pa.int64()),
             S.KEY: meta.column(S.KEY).cast(pa.string()),
             GROUP: pa.array(labels, pa.int64()),
-            PIXELS: _column(meta, S.WIDTH, 0.0) * _column(meta, S.HEIGHT, 0.0),
-            CLIP: _column(meta, S.CLIP_SIMILARITY, -1e9),
+            PIXELS: keep_column(meta, S.WIDTH, 0.0) * keep_column(meta, S.HEIGHT, 0.0),
+            CLIP: keep_column(meta, S.CLIP_SIMILARITY, -1e9),
         }
     )
     order = np.argsort(labels, kind="stable")

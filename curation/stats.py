@@ -18,6 +18,7 @@ import sys
 from dataclasses import asdict
 from typing import Any, Sequence
 
+from collection.cluster_options import add_cluster_options
 from curation.stats_queries import (
     HISTOGRAMS,
     TABLE,
@@ -137,8 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--bins", type=int, default=30)
     p.add_argument("--where", default=None, help="only rows matching this SQL condition")
     p.add_argument("--untrusted", action="store_true", help="run sandboxed, as the UI does")
-    p.add_argument("--workers", type=int, default=None, help="one Dask task per part, N workers")
-    p.add_argument("--scheduler", default=None, help="one Dask task per part on this cluster")
+    add_cluster_options(p, "one Dask task per part on a LocalCluster of N workers")
     p.add_argument("--format", choices=["text", "json"], default="text")
     a = p.parse_args(argv)
     setup_logging()

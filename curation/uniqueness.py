@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from collection import schema as S
+from collection.cluster_options import add_cluster_options
 from collection.storage import write_json
 from curation.uniqueness_job import uniqueness_job
 from curation.vectors import read_table
@@ -102,15 +103,7 @@ def main(argv: list[str] | None = None) -> None:
         "--k", type=int, default=DEFAULT_K, help="which neighbour's distance measures rarity"
     )
     p.add_argument("--modality", default=S.MODALITY_IMAGE, choices=S.MODALITIES)
-    p.add_argument(
-        "--scheduler", default=None, help="Dask scheduler address (default: a LocalCluster)"
-    )
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=None,
-        help="LocalCluster workers (default: one per core; 0: no Dask)",
-    )
+    add_cluster_options(p)
     a = p.parse_args(argv)
     setup_logging()
     try:

@@ -72,23 +72,28 @@ def read_keys(collection: str) -> np.ndarray:
 
 
 def ids_of(
-    keys: np.ndarray | pa.Array | pa.ChunkedArray, wanted: Sequence[str], what: str
+    keys: np.ndarray | pa.Array | pa.ChunkedArray,
+    wanted: Sequence[str] | pa.Array | pa.ChunkedArray,
+    what: str,
 ) -> np.ndarray:
     """Global ids of `wanted` keys; an unknown key is a ValueError naming it (and `what` they
-    are). `keys` may be Arrow (`read_metadata`'s column): looked up by Arrow's hash join, with
-    no Python object per row of the collection."""
+    are). `keys` and `wanted` may be Arrow (`read_metadata`'s column, a table's column): looked up
+    by Arrow's hash join, with no Python object per row."""
     if isinstance(keys, pa.ChunkedArray):
         keys = keys.combine_chunks()
     elif not isinstance(keys, pa.Array):
         keys = pa.array(keys, pa.string())
-    want = pa.array(list(wanted), pa.string())
+    if isinstance(wanted, (pa.Array, pa.ChunkedArray)):
+        want = wanted.cast(pa.string())
+    else:
+        want = pa.array(list(wanted), pa.string())
     found = pc.index_in(want, value_set=keys.cast(pa.string()))
-    missing = [k for k, ok in zip(wanted, found.is_valid().to_pylist()) if not ok]
-    if missing:
-        shown = ", ".join(map(str, missing[:5])) + (
-            f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
-        )
-        raise ValueError(f"{what}: unknown key{'s' if len(missing) > 1 else ''} {shown}")
+    unknown = pc.is_null(found)
+    count = pc.sum(unknown).as_py() or 0
+    if count:
+        missing = want.filter(unknown)[:5].to_pylist()
+        shown = ", ".join(map(str, missing)) + (f" (and {count - 5} more)" if count > 5 else "")
+        raise ValueError(f"{what}: unknown key{'s' if count > 1 else ''} {shown}")
     return found.to_numpy(zero_copy_only=False).astype(np.int64)
 
 

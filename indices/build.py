@@ -33,6 +33,7 @@ import faiss
 import numpy as np
 
 from collection import schema as S
+from collection.cluster_options import add_cluster_options
 from collection.embeddings import EmbeddingStore
 from collection.parts import CollectionError, complete_parts
 from collection.storage import (
@@ -348,10 +349,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--target-recall", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)
     where = p.add_mutually_exclusive_group()
-    where.add_argument(
-        "--workers", type=int, default=None, help="distributed build, N local workers"
-    )
-    where.add_argument("--scheduler", default=None, help="distributed build on this Dask cluster")
+    add_cluster_options(where, "distributed build, N local workers")
     a = p.parse_args(argv)
     setup_logging()
     try:

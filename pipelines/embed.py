@@ -17,6 +17,7 @@ import sys
 from dataclasses import replace
 from typing import Any, Sequence
 
+from collection.cluster_options import add_cluster_options
 from collection.shards import Shard, fingerprint, list_shards
 from collection.storage import read_collection_json, write_collection_json
 from models.runtime import setup_logging
@@ -204,12 +205,9 @@ def main(argv: list[str] | None = None) -> int:
         help="CLIP spec, e.g. sieve-tiny or open_clip:ViT-B-32/laion2b_s34b_b79k",
     )
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--workers", type=int, default=None, help="LocalCluster worker processes")
+    add_cluster_options(parser, "LocalCluster worker processes")
     parser.add_argument(
         "--threads-per-worker", type=int, default=None, help="torch threads per worker"
-    )
-    parser.add_argument(
-        "--scheduler", default=None, help="existing Dask scheduler, e.g. tcp://host:8786"
     )
     parser.add_argument("--scores", default="", help="comma list of nsfw,watermark,toxicity")
     parser.add_argument("--overwrite", action="store_true", help="redo every part")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faiss
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -9,6 +10,7 @@ import pytest
 from bench.synthetic import clustered_vectors, write_collection
 from collection import schema as S
 from collection.parts import CollectionError, read_metadata
+from curation import map_job
 from curation.map import (
     compute_map,
     keys_in_region,
@@ -80,6 +82,34 @@ def test_nearest_placement_puts_a_point_among_its_neighbours():
     xy = np.array([[0, 0], [10, 0], [0, 10]], np.float32)
     got = place_nearest(sample, xy, np.array([[1, 0.1, 0]], np.float32), k=1)
     assert got.tolist() == [[0.0, 0.0]]
+
+
+def test_ivf_placement_agrees_with_exhaustive_search():
+    # a sample above the exhaustive size: 5 neighbours found in 16 of ~690 lists
+    sample = clustered_vectors(30_000, 64, n_clusters=300, seed=1)
+    rows = clustered_vectors(3_000, 64, n_clusters=300, seed=2)
+    xy = (sample @ np.random.default_rng(0).standard_normal((64, 2))).astype(np.float32)
+    lists = map_job.fit_centroids(sample, map_job.place_lists(len(sample)), 0)
+    index = map_job.place_index(sample, lists)
+    assert isinstance(index, faiss.IndexIVFFlat) and index.nlist == len(lists) > 600
+    got = map_job.place_with(index, xy, rows, map_job.PLACE_NEIGHBOURS)
+    want = place_nearest(sample, xy, rows)
+    extent = float(np.max(xy.max(axis=0) - xy.min(axis=0)))
+    assert np.mean(np.linalg.norm(got - want, axis=1) <= 0.01 * extent) >= 0.95
+    assert map_job.place_lists(map_job.PLACE_EXACT_MAX) == 0  # small samples: exhaustive
+
+
+def test_a_map_past_the_exhaustive_size_places_through_ivf_lists(mapped, monkeypatch):
+    monkeypatch.setattr(map_job, "PLACE_EXACT_MAX", 50)
+    coll = mapped["collection"]
+    compute_map(coll, sample=200, clusters=4, workers=0)
+    ivf, exact = read_map(coll).to_pandas(), mapped["table"]
+    assert ivf[S.KEY].tolist() == exact[S.KEY].tolist()
+    xy = [S.MAP_X, S.MAP_Y]
+    extent = float((exact[xy].max() - exact[xy].min()).max())
+    dist = np.linalg.norm(ivf[xy].to_numpy() - exact[xy].to_numpy(), axis=1)
+    assert np.sum(dist == 0) >= 200 and np.mean(dist <= 0.01 * extent) >= 0.9
+    compute_map(coll, sample=200, clusters=4, workers=0)  # the fixture's map again
 
 
 def test_uniqueness_is_a_joinable_table_and_copies_are_the_least_unique(insight_collection):

@@ -3,6 +3,7 @@ benchmark writes, and the README links it."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from bench import scale_doc
@@ -27,3 +28,38 @@ def test_a_size_without_figures_says_so(tmp_path):
     sql = next(line for line in block.splitlines() if line.startswith("| SQL"))
     assert "2.0 s" in sql and sql.count("not measured") >= 2
     assert "1m only, wall × 2 (upper bound)" in scale_doc.projection(tmp_path)
+
+
+def test_the_driver_is_projected_from_its_anonymous_memory_where_recorded(tmp_path):
+    # RSS grows by the mapped embeddings (page cache); the anonymous part stays flat
+    entry = {"seconds": 2.0, "cpu_seconds": 2.0}
+    doc = {
+        "1m": {
+            "concept": {
+                **entry,
+                "rows": 10**6,
+                "driver_peak_rss_mb": 2000.0,
+                "driver_peak_anon_mb": 1200.0,
+            }
+        },
+        "10m": {
+            "concept": {
+                **entry,
+                "rows": 10**7,
+                "driver_peak_rss_mb": 11000.0,
+                "driver_peak_anon_mb": 1300.0,
+            }
+        },
+    }
+    (tmp_path / "scale.json").write_text(json.dumps(doc))
+    concept = next(
+        line for line in scale_doc.projection(tmp_path).splitlines() if line.startswith("| concept")
+    )
+    assert "flat: 1.3 GB anonymous" in concept
+    for d in doc.values():  # without the anonymous peak the RSS slope is all there is
+        del d["concept"]["driver_peak_anon_mb"]
+    (tmp_path / "scale.json").write_text(json.dumps(doc))
+    concept = next(
+        line for line in scale_doc.projection(tmp_path).splitlines() if line.startswith("| concept")
+    )
+    assert "grows 1,000 MB per 1M rows" in concept and "anonymous" not in concept
