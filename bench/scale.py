@@ -171,6 +171,8 @@ def _from_index_results(rows: int, path: Path) -> dict[str, Any] | None:
         "seconds": first("seconds", "build_seconds", "wall_s", "build_s"),
         "driver_peak_rss_mb": first("driver_peak_rss_mb", "peak_rss_mb", "rss_mb"),
         "worker_peak_rss_mb": first("worker_peak_rss_mb"),
+        "driver_peak_anon_mb": first("driver_peak_anon_mb"),
+        "worker_peak_anon_mb": first("worker_peak_anon_mb"),
         "source": "bench/results/index.json scale_10m",
     }
 
