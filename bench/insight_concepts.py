@@ -10,6 +10,12 @@ on the image embeddings) and Sieve (`curation.concept_probe.fit_concept` with th
 for Sieve's threshold the measured precision and share of what passes beside its estimates and
 the true share (`concept_auroc_search_labels`); `after_suggestions`: the same once the `ROUND`
 samples `suggest_rows` offers next are labelled by the truth and the concept refitted.
+
+Beside them, what the embeddings allow: `ceiling_auroc`, a logistic regression trained on every
+sample's true label (out of fold) over the features Sieve's probe reads (image and text
+embeddings, score columns; `ceiling_auroc_image`: image alone), and
+`most_passed_at_goal_precision`, the largest share any threshold on Sieve's score passes at a
+measured precision of `GOAL_PRECISION` (what a perfectly calibrated threshold would pass).
 """
 
 from __future__ import annotations
@@ -20,11 +26,12 @@ from typing import Any
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
 from collection import schema as S
 from collection.embeddings import EmbeddingStore
 from collection.parts import read_metadata
-from curation.concept_probe import fit_concept, score_collection, suggest_rows
+from curation.concept_probe import SCORE_COLUMNS, fit_concept, score_collection, suggest_rows
 from models.clip import load_clip
 
 log = logging.getLogger("bench.insight")
@@ -68,6 +75,24 @@ def _lilac(x: np.ndarray, pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
     return x @ model.coef_[0]
 
 
+def ceiling(x: np.ndarray, truth: np.ndarray, folds: int = 5) -> float:
+    """What a linear probe of these features can reach: the out-of-fold AUROC of a logistic
+    regression trained on every sample's true label (a concept's goal above it is out of reach
+    of any probe of these embeddings, whatever the labels)."""
+    split = StratifiedKFold(folds, shuffle=True, random_state=0)
+    model = LogisticRegression(max_iter=5000)
+    out = cross_val_predict(model, x, truth, cv=split, method="decision_function")
+    return round(float(roc_auc_score(truth, out)), 4)
+
+
+def most_passed(truth: np.ndarray, scores: np.ndarray, precision: float) -> float:
+    """The largest share of samples any threshold on `scores` passes at a measured precision of
+    at least `precision` (0 where none does): what a perfectly calibrated threshold passes."""
+    hits = np.cumsum(truth[np.argsort(-scores, kind="stable")])
+    ok = np.nonzero(hits / np.arange(1, len(hits) + 1) >= precision)[0]
+    return round(float((ok[-1] + 1) / len(hits)), 4) if len(ok) else 0.0
+
+
 def _fit_and_measure(
     collection: str,
     keys: np.ndarray,
@@ -97,9 +122,11 @@ def _fit_and_measure(
         if passed.any()
         else None,
         "passed_fraction": round(float(passed.mean()), 4),
+        "most_passed_at_goal_precision": most_passed(truth[rest], scores[rest], GOAL_PRECISION),
         "estimated_precision": q.get("estimated_precision"),
         "estimated_passed_fraction": q.get("passed_fraction"),
         "estimated_base_rate": q.get("estimated_base_rate"),
+        "calibration_slope": q.get("calibration_slope"),
         "grade": q.get("grade"),
         "reasons": q.get("reasons", []),
         "notes": q.get("notes", []),
@@ -113,6 +140,7 @@ def one_concept(
     meta: Any,
     img: np.ndarray,
     txt: np.ndarray,
+    cols: np.ndarray,
     clip: Any,
     name: str,
     prompt: str,
@@ -137,6 +165,8 @@ def one_concept(
         "positives": len(pos),
         "negatives": len(neg),
         "auroc": {"zero_shot": _auroc(truth, img @ vec, rest)},
+        "ceiling_auroc": ceiling(np.hstack([img, txt, cols]), truth),
+        "ceiling_auroc_image": ceiling(img, truth),
     }
     if len(pos) == 0 or len(neg) == 0:
         out["skipped"] = (
@@ -163,6 +193,8 @@ def one_concept(
     out["goals_met"] = {
         "auroc": out["auroc"]["sieve"] >= goal,
         "precision": precision is not None and precision >= GOAL_PRECISION,
+        # no probe of these features reaches a goal above the ceiling, whatever the labels
+        "auroc_within_ceiling": goal <= out["ceiling_auroc"],
     }
     return out
 
@@ -176,10 +208,13 @@ def run_search_concepts(collection: str) -> dict[str, Any]:
         )
         for m in (S.MODALITY_IMAGE, S.MODALITY_TEXT)
     )
+    # the score columns Sieve's probe may read, standardised (missing: the mean)
+    cols = meta[[c for c in SCORE_COLUMNS if c in meta]].astype(float)
+    cols = ((cols - cols.mean()) / cols.std().replace(0.0, 1.0)).fillna(0.0).to_numpy()
     clip = load_clip("sieve-tiny", device="cpu")
     per: dict[str, Any] = {}
     for name, (prompt, rule) in SEARCH_CONCEPTS.items():
-        per[name] = one_concept(collection, meta, img, txt, clip, name, prompt, rule)
+        per[name] = one_concept(collection, meta, img, txt, cols, clip, name, prompt, rule)
         log.info("%s: %s", name, per[name])
     methods = ("zero_shot", "lilac", "lilac_image", "sieve")
     return {
@@ -189,7 +224,16 @@ def run_search_concepts(collection: str) -> dict[str, Any]:
                 c: r.get("precision_above_threshold") for c, r in per.items()
             },
             "passed_fraction": {c: r.get("passed_fraction") for c, r in per.items()},
+            "most_passed_at_goal_precision": {
+                c: r.get("most_passed_at_goal_precision") for c, r in per.items()
+            },
+            "estimated_base_rate": {c: r.get("estimated_base_rate") for c, r in per.items()},
             "true_fraction": {c: r["true_fraction"] for c, r in per.items()},
+            "ceiling_auroc": {c: r["ceiling_auroc"] for c, r in per.items()},
+            "ceiling_auroc_image": {c: r["ceiling_auroc_image"] for c, r in per.items()},
+            "ceiling": "out-of-fold AUROC of a logistic regression trained on every sample's "
+            "true label: image+text embeddings and score columns (ceiling_auroc_image: image "
+            "alone)",
             "concepts": per,
             "samples": len(meta),
             "labels": f"a search's top {PAGE} by image similarity to the prompt: up to "
