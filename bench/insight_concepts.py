@@ -126,7 +126,6 @@ def _fit_and_measure(
         "estimated_precision": q.get("estimated_precision"),
         "estimated_passed_fraction": q.get("passed_fraction"),
         "estimated_base_rate": q.get("estimated_base_rate"),
-        "calibration_slope": q.get("calibration_slope"),
         "grade": q.get("grade"),
         "reasons": q.get("reasons", []),
         "notes": q.get("notes", []),
