@@ -1,13 +1,17 @@
 """Candidate pairs of the copies level, bounded per sample and kept as tables.
 
-Two sources propose pairs; neither decides (the pixel check of `curation.copies` does):
+Three sources propose pairs; none decides (the pixel check of `curation.copies` does):
 
 - a banded perceptual-hash index: the 64-bit phash split into PHASH_MAX_DISTANCE + 1 bands, so
   that two hashes within PHASH_MAX_DISTANCE bits agree exactly on at least one band
   (pigeonhole); one task per band joins the rows on that band's value (DuckDB) and keeps the
   pairs within the distance;
 - the image index's COPY_NEIGHBOURS nearest neighbours at cosine >= COPY_MIN_COSINE: one task
-  per embedding part searches the collection's index for that part's vectors.
+  per embedding part searches the collection's index for that part's vectors;
+- shared local hashes (`curation.copy_sketch`: what survives a crop or an overlay): sketch tasks
+  (`curation.pictures.sketch_rows`) read SKETCH_ROWS pictures each and write their hashes, then
+  one task per hash partition joins them, leaving out hashes that more than LOCAL_MAX_SHARED
+  pictures share.
 
 Every task reads its inputs from the run's work folder (`rows.parquet`: id, alive, phash and
 where each picture sits) and writes a parquet file; `plan_pairs` then writes the distinct pairs,
