@@ -5,6 +5,7 @@ through the capped local-hash join, and are removed."""
 from __future__ import annotations
 
 import io
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -17,7 +18,7 @@ from collection.parts import read_metadata
 from curation import copy_candidates as C
 from curation.copies import phash_distance, thumbnail
 from curation.copy_sketch import local_hashes
-from curation.dedup import dedup, read_duplicates
+from curation.dedup import COPIES_WORK, dedup, read_duplicates
 from curation.pictures import sketch_rows
 from models.scenes import make_sample
 from pipelines.near_duplicates import jpeg, make_copy
@@ -111,7 +112,13 @@ def test_cropped_and_overlaid_copies_are_candidates_and_removed(
     # and the copies level removes them with the embedding neighbours nearly off
     monkeypatch.setattr(C, "COPY_NEIGHBOURS", 1)
     monkeypatch.setattr(C, "COPY_MIN_COSINE", 0.999)
-    dedup(coll, S.LEVEL_COPIES, workers=0, run="sketch-only")
+    dedup(coll, S.LEVEL_COPIES, workers=0, run="sketch-only", keep_work=True)
+    work = os.path.join(S.InsightLayout(coll).dedup_run("sketch-only"), COPIES_WORK)
+    planned = pa.concat_tables(
+        [pq.read_table(os.path.join(work, f)) for f in os.listdir(work) if f.startswith("pairs-")]
+    )
+    planned_pairs = set(zip(planned["i"].to_pylist(), planned["j"].to_pylist()))
+    assert {(min(o, c), max(o, c)) for (o, c), f in zip(planted, found) if f} <= planned_pairs
     table = read_duplicates(coll, run="sketch-only")
     keys = meta.column(S.KEY).to_pylist()
     group = dict(zip(table.column(S.DUP_KEY).to_pylist(), table.column(S.DUP_GROUP).to_pylist()))
