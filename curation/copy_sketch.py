@@ -7,7 +7,9 @@ overlays. Two pictures sharing one of them become a copies-level candidate pair
   pixel scale moves every point by the same offset, so the points it keeps carry the same hash;
 - cell hashes: the DCT hash of each cell of a CELL_GRID x CELL_GRID grid, salted by the cell's
   place. An overlay covers a few cells and leaves the others' hashes as they were. Nearly flat
-  cells (grey deviation under CELL_MIN_STD) hash noise and are left out.
+  cells (grey deviation under CELL_MIN_STD) hash noise and are left out. At 20k generated
+  samples a shared cell hash found 78% of the planted overlays (the banded phash 49%, the
+  embedding neighbours 75%; all sources together 97%).
 
 Both are computed on the copy check's thumbnail (`curation.copies.thumbnail`), so a crop is
 found at the scale the pixel check aligns it: a crop of a picture larger than the thumbnail
@@ -21,8 +23,9 @@ from scipy.fft import dctn
 from scipy.ndimage import gaussian_filter, maximum_filter
 
 #: keypoints hashed per picture: at 20k generated samples one shared keypoint hash found 92% of
-#: the planted crops (the banded phash 6%, the embedding neighbours 85%) with 16
-#: (`python -m bench.scale_copies`, key `copies.by_rows.*.planted.among_candidates_by_transform`)
+#: the planted crops (the banded phash 6%, the embedding neighbours 85%) with 16; with the cells
+#: and the other sources 99% were candidates (`python -m bench.scale_copies`, key
+#: `copies.by_rows.*.planted.among_candidates_by_transform`)
 KEYPOINTS = 16
 #: half the side of a keypoint's patch (pixels of the thumbnail)
 PATCH_RADIUS = 8
