@@ -40,7 +40,7 @@ from collection import schema as S
 from collection.embeddings import EmbeddingStore
 from collection.parts import read_metadata
 from collection.storage import read_json
-from curation import copy_candidates as C
+from curation import copy_candidates as C, copy_sketch as K
 from curation.copies import phash_bits
 from curation.dedup import COPIES_WORK, read_duplicates
 from models.runtime import setup_logging
@@ -141,7 +141,7 @@ def run(n: int, work: str, copy_fraction: float, workers: int) -> dict[str, Any]
     collection = data(os.path.join(work, f"n{n}"), n, copy_fraction, workers)
     log.info("data ready in %.0f s: %s", time.perf_counter() - t, collection)
     cmd = [sys.executable, "-m", "curation.dedup", collection, "--level", S.LEVEL_COPIES]
-    cmd += ["--workers", str(workers), "--run", RUN]
+    cmd += ["--workers", str(workers), "--run", RUN, "--keep-work"]  # floors() reads its pairs
     layout = S.InsightLayout(collection)
     shutil.rmtree(layout.dedup_run(RUN), ignore_errors=True)  # a fresh run, timed whole
     t = time.perf_counter()
@@ -186,6 +186,9 @@ def run(n: int, work: str, copy_fraction: float, workers: int) -> dict[str, Any]
             "neighbours": C.COPY_NEIGHBOURS,
             "min_cosine": C.COPY_MIN_COSINE,
             "pairs_per_task": C.PAIRS_PER_TASK,
+            "local_max_shared": C.LOCAL_MAX_SHARED,
+            "keypoints": K.KEYPOINTS,
+            "cell_grid": K.CELL_GRID,
         },
         "note": "driver: the `python -m curation.dedup` process; workers: the largest of its "
         "descendant processes (Dask nannies and workers), RSS sampled every 0.2 s",

@@ -102,13 +102,15 @@ def dedup(
     workers: int | None = None,
     run: str | None = None,
     params: SemanticParams = SemanticParams(),
+    keep_work: bool = False,
 ) -> dict[str, Any]:
     """Find duplicates at `level` (one level, or several: "exact,copies" or a list, run in
     S.DEDUP_LEVELS order, each on what the ones before kept); write dedup/{run}/duplicates.parquet
     and report.json; return the report.
 
     `workers=0` runs every task in this process (small collections, tests); otherwise a Dask
-    LocalCluster of `workers` processes, or the cluster at `scheduler`.
+    LocalCluster of `workers` processes, or the cluster at `scheduler`. `keep_work` keeps the
+    copies level's task files (candidate pairs, verdicts) after the report, to study them.
     """
     levels = S.dedup_levels(level)
     check_eps(eps)
@@ -187,7 +189,7 @@ def dedup(
         finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     )
     write_json(layout.dedup_report(run), report)
-    if S.LEVEL_COPIES in levels:  # the report marks the run complete: its task files are spent
+    if S.LEVEL_COPIES in levels and not keep_work:  # the run is complete: its task files are spent
         TaskFolder(posixpath.join(layout.dedup_run(run), COPIES_WORK), {}).remove()
     log.info(
         "%s: %s removes %d of %d samples (%s) -> %s",
@@ -304,11 +306,19 @@ def main(argv: list[str] | None = None) -> None:
         help="vectors per compared cluster",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--keep-work",
+        action="store_true",
+        help="keep the copies level's task files (dedup/{run}/copies-work: candidate pairs, "
+        "verdicts) after the report",
+    )
     a = p.parse_args(argv)
     setup_logging()
     params = SemanticParams(group_size=a.group_size, leaf_size=a.leaf_size, seed=a.seed)
     try:
-        report = dedup(a.collection, a.level, a.eps, a.scheduler, a.workers, a.run, params)
+        report = dedup(
+            a.collection, a.level, a.eps, a.scheduler, a.workers, a.run, params, a.keep_work
+        )
     except (ValueError, FileNotFoundError) as exc:  # bad input: one line, no traceback
         p.error(str(exc))
     print(

@@ -23,8 +23,8 @@ from collection import schema as S
 from collection.parts import CollectionError
 from collection.shards import ShardOpenError
 from collection.storage import read_json, url_to_fs, write_json
-from curation import copy_candidates as C
-from curation.pictures import check_pairs
+from curation import copy_candidates as C, copy_sketch as K
+from curation.pictures import check_pairs, sketch_rows
 from curation.semdedup import EPS_TABLE, SemanticParams, group_links, root_groups
 from curation.vectors import matching_index, write_table
 
@@ -191,10 +191,27 @@ def copies_stage(
         for p, arr in enumerate(store.arrays)
         if arr.shape[0]
     ]
+    sketch_args = [
+        (rows_path, posixpath.join(work, f"sketch-{t:05d}.parquet"), lo, lo + C.SKETCH_ROWS)
+        for t, lo in enumerate(range(0, meta.num_rows, C.SKETCH_ROWS))
+    ]
+    sketch_files = [a[1] for a in sketch_args]
+    local_args = [
+        (sketch_files, posixpath.join(work, f"local-{b:02d}.parquet"), b, C.LOCAL_PARTITIONS)
+        + (C.LOCAL_MAX_SHARED,)
+        for b in range(C.LOCAL_PARTITIONS)
+    ]
     _run_missing(run, C.band_pairs, band_args, done, 1)
     _run_missing(run, C.knn_pairs, knn_args, done, 2)
+    try:
+        _run_missing(run, sketch_rows, sketch_args, done, 1)
+    except ShardOpenError as exc:
+        raise CollectionError(
+            f"{collection}: the copies level re-reads pictures from the source shards: {exc}"
+        ) from exc
+    _run_missing(run, C.local_pairs, local_args, done, 1)
     if "plan.json" not in done:
-        files = [a[1] for a in band_args] + [a[2] for a in knn_args]
+        files = [a[1] for a in band_args] + [a[2] for a in knn_args] + [a[1] for a in local_args]
         run(C.plan_pairs, [(work, files, C.PAIRS_PER_TASK)])
     plan = read_json(posixpath.join(work, "plan.json"))
     verdict_args = [(work, t) for t in range(plan["tasks"])]
@@ -234,6 +251,10 @@ def _open_work(work: str, alive: np.ndarray, n: int) -> set[str]:
         "neighbours": C.COPY_NEIGHBOURS,
         "min_cosine": C.COPY_MIN_COSINE,
         "pairs_per_task": C.PAIRS_PER_TASK,
+        "local": [K.KEYPOINTS, K.PATCH_RADIUS, list(K.DOG_SIGMAS), K.MIN_RESPONSE, K.CELL_GRID],
+        "local_cell_min_std": K.CELL_MIN_STD,
+        "local_max_shared": C.LOCAL_MAX_SHARED,
+        "sketch_rows": C.SKETCH_ROWS,
     }
     fs, path = url_to_fs(work)
     stamp_path = posixpath.join(work, "inputs.json")

@@ -22,6 +22,7 @@ from collection.shards import ShardOpenError
 from collection.storage import url_to_fs
 from curation.copies import is_copy, thumbnail
 from curation.copy_candidates import LOCATION, pair_file, verdict_file
+from curation.copy_sketch import local_hashes
 from curation.vectors import write_table
 from pipelines.decode import decode_image
 
@@ -79,6 +80,24 @@ def check_pairs(work: str, task: int) -> dict[str, int]:
         "pictures": len(ids),
         "unread": sum(t is None for t in thumbs),
     }
+
+
+def sketch_rows(rows_path: str, out: str, lo: int, hi: int) -> dict[str, int]:
+    """One sketch task: the local hashes (`curation.copy_sketch`) of the alive rows lo..hi-1 of
+    the work's rows table, read from their pictures, written to `out` as (id, h). Returns
+    counts only."""
+    fs, path = url_to_fs(rows_path)
+    with fs.open(path, "rb") as fh:
+        table = pq.read_table(fh, columns=["id", "alive", *LOCATION]).slice(lo, hi - lo)
+    table = table.filter(table.column("alive"))
+    ids = table.column("id").to_numpy()
+    cols = {c: table.column(c).to_numpy(zero_copy_only=False) for c in LOCATION}
+    thumbs = thumbnails([{c: _plain(cols[c][n]) for c in LOCATION} for n in range(len(ids))])
+    found = [(g, local_hashes(t)) for g, t in zip(ids, thumbs) if t is not None]
+    sid = np.concatenate([np.full(len(h), g, np.int64) for g, h in found] or [np.zeros(0, int)])
+    hashes = np.concatenate([h for _, h in found] or [np.zeros(0, np.int64)])
+    write_table(out, pa.table({"id": sid.astype(np.int64), "h": hashes.astype(np.int64)}))
+    return {"pictures": len(ids), "hashes": len(hashes), "unread": len(ids) - len(found)}
 
 
 def _plain(value: Any) -> Any:

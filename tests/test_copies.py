@@ -9,10 +9,10 @@ import tarfile
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from curation.copies import copy_score, copy_verdict, is_copy, phash_bits, phash_distance, thumbnail
-from models.scenes import make_sample
+from models.scenes import available_fonts, load_font, make_sample
 from pipelines.generate import copy_of, write_sample_dataset
 from pipelines.near_duplicates import TRANSFORMS, jpeg, make_copy
 from pipelines.phash import phash
@@ -40,6 +40,27 @@ def test_every_planted_transform_is_a_copy(originals, transform):
         found.append(is_copy(_decoded(data), _decoded(copy)))
     # the rule's recall is measured in bench.insight; most must pass here
     assert sum(found) >= 7, found
+
+
+def _lettered(image: Image.Image, fill: tuple[int, int, int, int]) -> Image.Image:
+    layer = Image.new("RGBA", image.size, (0, 0, 0, 0))
+    ImageDraw.Draw(layer).text(
+        (2, 22), "SAMPLE", font=load_font(available_fonts()[0], 16), fill=fill
+    )
+    return _decoded(jpeg(Image.alpha_composite(image.convert("RGBA"), layer).convert("RGB")))
+
+
+def test_an_overlay_fades_toward_grey_and_a_coloured_change_is_no_copy(originals):
+    # the same letters: in a grey level they are a watermark; in a colour, new content
+    grey, coloured = [], []
+    for data in originals[:12]:
+        image = _decoded(data)
+        grey += [is_copy(image, _lettered(image, (s, s, s, 200))) for s in (235, 20)]
+        coloured += [
+            is_copy(image, _lettered(image, c)) for c in ((230, 30, 200, 200), (30, 200, 40, 200))
+        ]
+    assert all(grey)
+    assert sum(coloured) <= 8, coloured
 
 
 def test_distinct_samples_are_not_copies(originals):

@@ -118,8 +118,9 @@ def test_a_killed_run_reruns_only_unfinished_tasks_and_gives_the_same_output(
     assert not os.path.exists(S.InsightLayout(coll).duplicates("pairs-killed"))
 
     ran: list[str] = []
-    for name in ("band_pairs", "knn_pairs", "plan_pairs"):
+    for name in ("band_pairs", "knn_pairs", "local_pairs", "plan_pairs"):
         monkeypatch.setattr(C, name, lambda *a, name=name: ran.append(name))
+    monkeypatch.setattr(dedup_stages, "sketch_rows", lambda *a: ran.append("sketch_rows"))
     monkeypatch.setattr(dedup_stages, "check_pairs", lambda w, t: ran.append(t) or real(w, t))
     report = dedup(coll, S.LEVEL_COPIES, workers=0, run="pairs-killed")
     tasks = report["copies"]["verdict_tasks"]
