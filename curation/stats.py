@@ -31,6 +31,7 @@ from curation.stats_queries import (
     expression,
     failures,
     histogram,
+    histograms,
     status_counts,
 )
 from models.runtime import setup_logging
@@ -51,6 +52,7 @@ __all__ = [
     "expression",
     "failures",
     "histogram",
+    "histograms",
     "status_counts",
 ]
 
@@ -80,16 +82,14 @@ def stats(
     )  # DuckDB: imported after parsing, so --help answers at once
 
     with Catalog(collection, untrusted=untrusted) as catalog:
-        hists, skipped = [], []
+        present, skipped = [], []
         for c in columns:
             try:
                 expression(c, catalog.columns)
-            except (
-                ValueError
-            ) as exc:  # an unscored collection has no punsafe column, say: said, not plotted
-                skipped.append({"column": c, "why": str(exc)})
-                continue
-            hists.append(asdict(histogram(catalog, c, bins, where)))
+                present.append(c)
+            except ValueError as exc:  # an unscored collection has no punsafe column, say
+                skipped.append({"column": c, "why": str(exc)})  # said, not plotted
+        hists = [asdict(h) for h in histograms(catalog, present, bins, where)]
         return {
             "collection": collection,
             "status": status_counts(catalog),
