@@ -104,10 +104,9 @@ def histogram(catalog: Any, column: str, bins: int = 30, where: str | None = Non
 
 
 def _bin_of(expr: str, low: float, width: float, bins: int) -> str:
-    """The SQL bin number of a value (the last bin includes the top edge); NULL for no value
-    (DuckDB's least and greatest skip a NULL argument: the CASE keeps it out of bin 0)."""
-    binned = f"least(greatest(floor(({expr} - {low!r}) / {width!r}), 0), {bins - 1})::INTEGER"
-    return f"CASE WHEN {expr} IS NULL THEN NULL ELSE {binned} END"
+    """The SQL bin number of a non-NULL value (the last bin includes the top edge); clamped as
+    an INTEGER, several times cheaper in DuckDB than clamping the DOUBLE."""
+    return f"least(greatest(floor(({expr} - {low!r}) / {width!r})::INTEGER, 0), {bins - 1})"
 
 
 def histograms(
@@ -134,15 +133,17 @@ def histograms(
             ranges[i] = bin_range(c, row[f"lo_{i}"], row[f"hi_{i}"], bins)
     counts = {i: [0] * bins for i in ranges}
     if ranges:
-        which = ", ".join(str(i) for i in ranges)
-        binned = ", ".join(_bin_of(exprs[i], lo, w, bins) for i, (lo, _, w) in ranges.items())
-        rows = catalog.query(
-            f"SELECT c, b, count(*) AS n FROM (SELECT unnest([{which}]) AS c, "
-            f"unnest([{binned}]) AS b FROM {TABLE} WHERE {cond}) "
-            "WHERE b IS NOT NULL GROUP BY c, b"
-        ).table.to_pylist()
-        for r in rows:
-            counts[r["c"]][r["b"]] += int(r["n"])
+        # one histogram() aggregate per column over the same scan (a GROUP BY per column would
+        # scan once each); the FILTER keeps missing values out (least/greatest skip a NULL)
+        binned = ", ".join(
+            f"histogram({_bin_of(exprs[i], lo, w, bins)}) FILTER (WHERE {exprs[i]} IS NOT NULL)"
+            f" AS h_{i}"
+            for i, (lo, _, w) in ranges.items()
+        )
+        found = catalog.query(f"SELECT {binned} FROM {TABLE} WHERE {cond}").table.to_pylist()[0]
+        for i in ranges:
+            for b, n in found[f"h_{i}"] or []:
+                counts[i][b] += int(n)
     out = []
     for i, c in enumerate(columns):
         if i not in ranges:
