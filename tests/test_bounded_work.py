@@ -1,9 +1,12 @@
 """The UI's actions whose cost must not grow with the collection (issue 25, `action_s_10m`):
 Explore's histograms in two scans whatever their number, a where clause narrowing the rows
 before it on sandbox workers that stay started, a concept fitted from a bounded sample and
-ranked without the per-row scores leaving the process that scores."""
+ranked without the per-row scores leaving the process that scores, Explore's opening figures
+made in the background as the collection opens."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
@@ -25,8 +28,9 @@ from curation.concept_probe import (
 )
 from curation.context import ids_array, intersect, sandbox_catalog
 from curation.resolve import StepCache, resolve
-from curation.stats import HISTOGRAMS, histogram, histograms
+from curation.stats import HISTOGRAMS, histogram, histograms, overview
 from curation.vectors import read_keys
+from webui import state
 
 
 class Counting:
@@ -151,3 +155,17 @@ def test_the_ranking_is_the_full_sort_without_the_scores(insight_collection, tin
     assert [keys[i] for i, _ in got["near"]] == suggest(concept, keys, scores, 6)
     assert got["above"] == int((scores >= concept.threshold).sum())
     assert got["rows"] == len(keys)
+
+
+def test_explore_figures_are_made_as_a_collection_opens(demo_collection):
+    coll = demo_collection["demo/collection"]
+    # queryable, not searchable: the figures do not wait for an index to load
+    loaded = state.Loaded(replace(state.inspect(coll), indices=()))
+    try:
+        figures = loaded.overview(state.insight_version(coll))
+        with Catalog(coll, untrusted=True) as cat:
+            assert figures == overview(cat, bins=state.EXPLORE_BINS)  # what the page would ask
+        assert figures["histograms"] and figures["status"]
+        assert loaded.overview(("a takedown list written since",)) is None  # stale: asked anew
+    finally:
+        loaded.catalog().close()
