@@ -173,7 +173,10 @@ class SandboxPool:
             if not queue:
                 del self._waiting[key]
                 self._order.remove(key)
-            self._free.sort(key=lambda i: self.workers[i].available_at())
+            # a worker already up first: another's start would cost this query a second or more
+            self._free.sort(
+                key=lambda i: (self.workers[i].available_at(), self.workers[i].pid is None)
+            )
             ticket.worker = self._free.pop(0)
             self._running[key] += 1
             self._holder[ticket.worker] = key

@@ -352,6 +352,19 @@ class Catalog:
             table, truncated, _ = self._sandbox.query(sql, cap, client=client)
         return SqlResult(table, truncated, time.perf_counter() - start)
 
+    def joined(self, want: pa.Table, sql: str) -> pa.Table:
+        """Trusted: `sql` run with the Arrow table `want` registered as `_want`, so a lookup of a
+        few keys or ids is a join in DuckDB, never a Python dict over every row; SqlError."""
+        con = self.connection
+        with self._lock:
+            con.register("_want", want)
+            try:
+                return con.sql(sql).to_arrow_table()
+            except duckdb.Error as exc:
+                raise SqlError(one_line(exc)) from None
+            finally:
+                con.unregister("_want")
+
     def count(self, where: str = "TRUE") -> int:
         """Rows of `samples` satisfying a WHERE clause."""
         return int(

@@ -16,7 +16,7 @@ import numpy as np
 
 from collection import schema as S
 from curation import concept_probe as concepts, dedup, filters, knn, map as layout_map
-from curation.context import Context
+from curation.context import Context, intersect
 from curation.spec import SpecError, SpecSource
 
 Step = Callable[[Context, np.ndarray], np.ndarray]
@@ -52,7 +52,7 @@ def parse_where(value: Any, src: SpecSource) -> list[str]:
 
 def where_steps(conditions: list[str]) -> list[tuple[str, Step]]:
     def run(ctx: Context, ids: np.ndarray, sql: str) -> np.ndarray:
-        return np.intersect1d(ids, ctx.where_ids(sql, "where"), assume_unique=True)
+        return intersect(ids, ctx.where_ids(sql, "where"))
 
     return [(f"where {sql}", lambda ctx, ids, sql=sql: run(ctx, ids, sql)) for sql in conditions]
 
@@ -114,7 +114,7 @@ def filters_steps(doc: dict[str, Any]) -> list[tuple[str, Step]]:
             ValueError
         ) as exc:  # e.g. no calibrated similarity threshold for this collection's CLIP
             raise SpecError(f"{ctx.source}: filters: {exc}") from None
-        return np.intersect1d(ids, ctx.where_ids(sql, "filters"), assume_unique=True)
+        return intersect(ids, ctx.where_ids(sql, "filters"))
 
     return [(label, run)]
 

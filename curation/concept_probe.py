@@ -37,9 +37,10 @@ import pyarrow as pa
 from collection import schema as S
 from collection.parts import CollectionError, read_metadata
 from collection.storage import read_collection_json, read_json, url_to_fs, write_json
+from curation.catalog import TABLE, Catalog
 from curation.concept_fit import Signals, fit_stack, grade_fit, linear_scores
 from curation.labels import check_name as _check_name
-from curation.vectors import ids_of, open_store, write_table
+from curation.vectors import open_store, write_table
 from models.runtime import cores
 
 if TYPE_CHECKING:  # annotations only: torch loads when a concept is scored
@@ -106,11 +107,10 @@ def _features(
     ids: np.ndarray,
     modality: str,
     prompt_vec: np.ndarray | None,
-    columns: Sequence[str],
-    meta: pa.Table,
+    values: dict[str, np.ndarray],
 ) -> Signals:
-    """Some samples' embedding blocks, prompt similarities and score columns (missing values
-    are NaN here)."""
+    """Some samples' embedding blocks, prompt similarities and score columns (`values`: each
+    column's values of `ids`, missing ones NaN)."""
     blocks: dict[str, np.ndarray] = {}
     fixed: dict[str, np.ndarray] = {}
     for m in ("image", "text") if modality == "both" else (modality,):
@@ -118,11 +118,45 @@ def _features(
         blocks[m] = x
         if prompt_vec is not None:
             fixed[f"prompt_{m}"] = x @ prompt_vec
-    for col in columns:
-        if col in meta.column_names:
-            values = meta.column(col).take(pa.array(ids, pa.int64())).to_pylist()
-            fixed[f"column:{col}"] = np.array([np.nan if v is None else v for v in values], float)
+    for col, v in values.items():
+        fixed[f"column:{col}"] = v
     return Signals(blocks, fixed)
+
+
+def label_ids(catalog: Catalog, keys: Sequence[str], what: str) -> np.ndarray:
+    """Global ids of embedded `keys`, in order, by a join in DuckDB (the collection's keys never
+    come into Python); an unknown key is a ValueError naming it (and `what` they are)."""
+    want = pa.table({"k": pa.array(list(keys), pa.string()), "pos": np.arange(len(keys))})
+    got = catalog.joined(
+        want,
+        f"SELECT w.pos AS pos, min(s.{S.ID}) AS i FROM _want w LEFT JOIN {TABLE} s "
+        f"ON s.{S.KEY} = w.k AND s.{S.ID} IS NOT NULL GROUP BY w.pos ORDER BY w.pos",
+    )
+    found = got.column("i")
+    missing = [k for k, ok in zip(keys, found.is_valid().to_pylist()) if not ok]
+    if missing:
+        shown = ", ".join(map(str, missing[:5])) + (
+            f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        )
+        raise ValueError(f"{what}: unknown key{'s' if len(missing) > 1 else ''} {shown}")
+    return found.to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def column_values(
+    catalog: Catalog, ids: np.ndarray, columns: Sequence[str]
+) -> dict[str, np.ndarray]:
+    """The float values (NaN where missing) of `columns` the collection has, for `ids` in order:
+    one join in DuckDB, so a fit reads its few rows' scores, not every row's."""
+    present = [c for c in columns if c in catalog.columns]
+    if not present:
+        return {}
+    want = pa.table({"i": pa.array(ids, pa.int64()), "pos": np.arange(len(ids))})
+    cols = ", ".join(f"s.{c}::DOUBLE AS {c}" for c in present)
+    got = catalog.joined(
+        want,
+        f"SELECT w.pos, {cols} FROM _want w LEFT JOIN {TABLE} s ON s.{S.ID} = w.i ORDER BY w.pos",
+    )
+    return {c: got.column(c).to_numpy(zero_copy_only=False).astype(float) for c in present}
 
 
 def _usable_columns(lab: Signals, unl: Signals) -> tuple[Signals, Signals]:
@@ -140,11 +174,14 @@ def _usable_columns(lab: Signals, unl: Signals) -> tuple[Signals, Signals]:
 
 
 def _unlabelled_ids(n: int, labelled: np.ndarray, size: int, seed: int) -> np.ndarray:
-    """A random sample of the ids not labelled, sorted (memory-mapped reads in file order)."""
-    rest = np.setdiff1d(np.arange(n), labelled)
-    if len(rest) <= size:
-        return rest
-    return np.sort(np.random.default_rng(seed).choice(rest, size, replace=False))
+    """A random sample of the ids not labelled, sorted (memory-mapped reads in file order). Drawn
+    among `size` + labels ids (Floyd's method: no array of the collection's size), so its cost
+    does not grow with the collection."""
+    labelled = np.unique(np.asarray(labelled, dtype=np.int64))
+    if n - len(labelled) <= size:
+        return np.setdiff1d(np.arange(n), labelled)
+    drawn = np.random.default_rng(seed).choice(n, size + len(labelled), replace=False)
+    return np.sort(drawn[~np.isin(drawn, labelled)][:size])
 
 
 def _to_concept_weights(
@@ -213,15 +250,18 @@ def fit_concept(
         raise ValueError(f"unlabelled: a number of samples >= 0, got {unlabelled}")
     positives, negatives = list(dict.fromkeys(positives)), list(dict.fromkeys(negatives))
     check_examples(positives, negatives)
-    keys = read_metadata(collection, [S.KEY]).column(S.KEY)  # Arrow: no object per row
-    ids = ids_of(keys, positives + negatives, "concept examples")
-    y = np.array([1] * len(positives) + [0] * len(negatives))
-    meta = read_metadata(collection, [S.KEY, *columns])
-    prompt_vec = _prompt_vector(collection, prompt, clip)
-    others = _unlabelled_ids(len(keys), ids, unlabelled, seed)
+    # the labelled keys and the sampled rows' scores by joins in DuckDB, the embeddings of
+    # those rows alone: nothing read or held grows with the collection but the scan
+    with Catalog(collection) as catalog:
+        ids = label_ids(catalog, positives + negatives, "concept examples")
+        y = np.array([1] * len(positives) + [0] * len(negatives))
+        prompt_vec = _prompt_vector(collection, prompt, clip)
+        others = _unlabelled_ids(catalog.parts.ok_rows, ids, unlabelled, seed)
+        lab_values = column_values(catalog, ids, columns)
+        unl_values = column_values(catalog, others, columns)
     lab, unl = _usable_columns(
-        _features(collection, ids, modality, prompt_vec, columns, meta),
-        _features(collection, others, modality, prompt_vec, columns, meta),
+        _features(collection, ids, modality, prompt_vec, lab_values),
+        _features(collection, others, modality, prompt_vec, unl_values),
     )
     model, signals = fit_stack(lab, y, unl, seed)
     dim = next(iter(lab.blocks.values())).shape[1]
@@ -396,6 +436,38 @@ def suggest_rows(
         lambda rank: f"near the threshold {t:.3f}: the concept is least sure",
     )
     return rows
+
+
+def ranking(
+    collection: str,
+    concept: Concept,
+    scores: np.ndarray,
+    top: int = 20,
+    near: int = 10,
+) -> dict[str, Any]:
+    """What a page shows of the collection scored by `concept`, without the per-row scores:
+    rows, rows at or above the threshold, the `top` ids by score (ties by id, as a stable sort
+    gives them) and the `near` unlabelled ids closest to the threshold (`suggest`'s order),
+    each list as [(id, score)]. Partial sorts: the cost is one pass over `scores`."""
+    n = len(scores)
+    k = min(max(int(top), 0), n)
+    head = np.argpartition(-scores, k - 1)[:k] if 0 < k < n else np.arange(n)[:k]
+    head = head[np.lexsort((head, -scores[head]))]
+    with Catalog(collection) as catalog:
+        labelled = label_ids(catalog, concept.positives + concept.negatives, "concept examples")
+    t = min(max(concept.threshold, 1e-6), 1 - 1e-6)
+    logit = np.log(np.maximum(scores, 1e-9) / np.maximum(1 - scores, 1e-9))
+    margin = np.abs(logit - math.log(t / (1 - t)))
+    m = min(max(int(near), 0) + len(labelled), n)
+    close = np.argpartition(margin, m - 1)[:m] if 0 < m < n else np.arange(n)[:m]
+    close = close[np.lexsort((close, margin[close]))]
+    close = close[~np.isin(close, labelled)][: max(int(near), 0)]
+    return {
+        "rows": n,
+        "above": int(np.count_nonzero(scores >= concept.threshold)),
+        "top": [(int(i), float(scores[i])) for i in head],
+        "near": [(int(i), float(scores[i])) for i in close],
+    }
 
 
 def suggest(concept: Concept, keys: np.ndarray, scores: np.ndarray, n: int = 10) -> list[str]:

@@ -19,6 +19,7 @@ from collection import schema as S
 from collection.embeddings import EmbeddingStore
 from collection.parts import CollectionError, complete_parts
 from collection.sandbox import one_line
+from collection.sandbox_pool import POOL_WORKERS
 from collection.storage import read_collection_json
 from collection.takedown import Takedown
 from curation.catalog import Catalog, SqlError
@@ -37,9 +38,44 @@ WHERE_WINDOW = 4_000_000
 BATCH_ROWS = 1 << 18
 
 
+#: a set of ids spanning at most this many times its size is sorted through a bitmap (linear)
+DENSE = 64
+
+
+def _bitmap(values: np.ndarray) -> np.ndarray | None:
+    """A boolean mask over 0..max of non-negative `values` when they are dense enough for it to
+    be cheaper than a sort; None otherwise."""
+    if not len(values) or values.min() < 0 or values.max() >= DENSE * len(values) + 1024:
+        return None
+    mask = np.zeros(int(values.max()) + 1, dtype=bool)
+    mask[values] = True
+    return mask
+
+
 def ids_array(values: Any) -> np.ndarray:
-    """A sorted array of unique int64 ids (the form every clause takes and returns)."""
-    return np.unique(np.asarray(values, dtype=np.int64))
+    """A sorted array of unique int64 ids (the form every clause takes and returns); a dense set
+    (a where clause's millions of ids) through a bitmap, in one linear pass, not a sort."""
+    values = np.asarray(values, dtype=np.int64).reshape(-1)
+    mask = _bitmap(values)
+    return np.unique(values) if mask is None else np.flatnonzero(mask).astype(np.int64)
+
+
+def intersect(ids: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """The ids (sorted, unique) that are also in `other` (sorted, unique): what narrowing by a
+    clause is, linear through a bitmap of `other` when that is dense."""
+    mask = _bitmap(other)
+    if mask is None:
+        return np.intersect1d(ids, other, assume_unique=True)
+    inside = ids[ids < len(mask)]
+    return inside[mask[inside]]
+
+
+def sandbox_catalog(collection: str, workers: int = POOL_WORKERS) -> Catalog:
+    """A sandboxed catalog for a spec's own SQL, its row cap above every embedded row (the
+    parts' footers count them), so a where clause's ids are never cut short."""
+    catalog = Catalog(collection, untrusted=True, workers=workers)
+    catalog.row_cap = catalog.parts.ok_rows + 1
+    return catalog
 
 
 @dataclass
@@ -52,6 +88,9 @@ class Context:
     seed: int = 0
     untrusted: bool = False
     encoder: Clip | None = None
+    #: a sandboxed catalog the caller keeps between resolutions (its workers stay started);
+    #: None: one of this resolution's own, closed with it
+    sandbox: Catalog | None = None
     _catalog: Any = None
     _guarded: Any = None
     _ids: np.ndarray | None = None
@@ -88,10 +127,7 @@ class Context:
         if not self.untrusted:
             return ids_array(self.query(sql, what)[S.ID].to_numpy(zero_copy_only=False))
         if self._guarded is None:
-            # above every row the collection has (collection.json's count, else the embedded
-            # rows): an incremental resolve that starts from cached rows never reads `base`
-            rows = int(self.info.get("count") or 0) or len(self._visible())
-            self._guarded = Catalog(self.collection, untrusted=True, row_cap=rows + 1)
+            self._guarded = self.sandbox or sandbox_catalog(self.collection)
         # one query per window of ids: a 10M-row answer would pass the sandbox's result limit
         # (collection.sandbox.MAX_RESULT_BYTES); the last window is open-ended
         bound = self._guarded.row_cap
@@ -102,12 +138,6 @@ class Context:
                 result = self._guarded.query(f"{sql} AND {S.ID} >= {lo}{hi}")
             except SqlError as exc:
                 raise SpecError(f"{self.source}: {what}: {exc}") from None
-            if result.truncated and self.info.get("count"):  # a stale count: cap by the rows
-                self._guarded.close()
-                cap = len(self._visible()) + 1
-                self._guarded = Catalog(self.collection, untrusted=True, row_cap=cap)
-                self.info = {**self.info, "count": None}
-                return self.where_ids(where, what)
             if result.truncated:
                 raise SpecError(
                     f"{self.source}: {what}: more rows than the collection has embedded ones"
@@ -148,14 +178,10 @@ class Context:
     def _joined(self, want: pa.Table, sql: str, what: str) -> pa.Table:
         """`sql` run with `want` registered as table `_want` (a join in DuckDB, not a Python
         dict over the collection's keys)."""
-        con = self.catalog.connection
-        con.register("_want", want)
         try:
-            return con.sql(sql).to_arrow_table()
-        except duckdb.Error as exc:
-            raise SpecError(f"{self.source}: {what}: {one_line(exc)}") from None
-        finally:
-            con.unregister("_want")
+            return self.catalog.joined(want, sql)
+        except SqlError as exc:
+            raise SpecError(f"{self.source}: {what}: {exc}") from None
 
     @property
     def blocked(self) -> int:
@@ -255,6 +281,6 @@ class Context:
 
     def close(self) -> None:
         for cat in (self._catalog, self._guarded):
-            if cat is not None:
+            if cat is not None and cat is not self.sandbox:
                 cat.close()
         self._catalog = self._guarded = None

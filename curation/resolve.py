@@ -40,6 +40,7 @@ from curation.spec import (
 )
 
 if TYPE_CHECKING:  # annotations only: resolving loads no model unless a clause needs one
+    from curation.catalog import Catalog
     from models.clip import Clip
 
 log = logging.getLogger(__name__)
@@ -203,6 +204,7 @@ def resolve(
     cache: StepCache | None = None,
     version: Any = None,
     keys: bool = True,
+    sandbox: Catalog | None = None,
 ) -> Resolution:
     """The rows `spec` names on `collection`; SpecError (one line, naming spec and field) if
     it cannot.
@@ -212,7 +214,9 @@ def resolve(
     step as it finishes. `encoder` reuses a loaded CLIP model for text and image clauses.
     `cache` resumes from the longest prefix of steps it holds (see `StepCache`; `version`
     must change whenever the collection's takedown list, concepts, map or duplicates do);
-    `keys=False` leaves `Resolution.keys` empty (a dry run needs only the counts).
+    `keys=False` leaves `Resolution.keys` empty (a dry run needs only the counts). `sandbox`
+    (untrusted only: `curation.context.sandbox_catalog`, kept by the caller) runs the spec's SQL
+    on workers already started, instead of starting and stopping some per resolution.
     """
     parsed = spec if isinstance(spec, ParsedSpec) else parse_spec(spec, collection)
     ctx = Context(  # first: a missing or unreachable collection is a SpecError naming it
@@ -222,6 +226,7 @@ def resolve(
         parsed.meta[SEED],
         untrusted,
         encoder,
+        sandbox if untrusted else None,
     )
     cid = collection_id(collection)
     steps: list[Step] = []

@@ -32,12 +32,14 @@ from curation.stats_queries import (
     expression,
     failures,
     histogram,
+    histograms,
     status_counts,
 )
 from models.runtime import setup_logging
 
 __all__ = [
     "stats",
+    "overview",
     "render_text",
     "main",
     "HISTOGRAMS",
@@ -52,6 +54,7 @@ __all__ = [
     "expression",
     "failures",
     "histogram",
+    "histograms",
     "status_counts",
 ]
 
@@ -81,23 +84,31 @@ def stats(
     )  # DuckDB: imported after parsing, so --help answers at once
 
     with Catalog(collection, untrusted=untrusted) as catalog:
-        hists, skipped = [], []
-        for c in columns:
-            try:
-                expression(c, catalog.columns)
-            except (
-                ValueError
-            ) as exc:  # an unscored collection has no punsafe column, say: said, not plotted
-                skipped.append({"column": c, "why": str(exc)})
-                continue
-            hists.append(asdict(histogram(catalog, c, bins, where)))
-        return {
-            "collection": collection,
-            "status": status_counts(catalog),
-            "failures": failures(catalog),
-            "histograms": hists,
-            "skipped": skipped,
-        }
+        return {"collection": collection, **overview(catalog, columns, bins, where)}
+
+
+def overview(
+    catalog: Any,
+    columns: Sequence[str] = tuple(HISTOGRAMS),
+    bins: int = 30,
+    where: str | None = None,
+) -> dict[str, Any]:
+    """Rows by status, the commonest failures and the histograms of `columns` the collection
+    has (those it lacks listed under "skipped", with why): what the command prints and the
+    Explore page opens with, in four aggregate queries."""
+    present, skipped = [], []
+    for c in columns:
+        try:
+            expression(c, catalog.columns)
+            present.append(c)
+        except ValueError as exc:  # an unscored collection has no punsafe column, say
+            skipped.append({"column": c, "why": str(exc)})  # said, not plotted
+    return {
+        "status": status_counts(catalog),
+        "failures": failures(catalog),
+        "histograms": [asdict(h) for h in histograms(catalog, present, bins, where)],
+        "skipped": skipped,
+    }
 
 
 def _bar(n: int, most: int, width: int = 40) -> str:

@@ -7,16 +7,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
 from collection import schema as S
 from collection.parts import read_metadata
 from curation.catalog import Catalog
-from curation.concept_probe import saved_concepts
+from curation.concept_probe import load_concept, saved_concepts, score_collection
 from curation.labels import load_labels, save_labels
 from curation.resolve import resolve
 from curation.vectors import read_keys, write_table
@@ -71,6 +73,17 @@ def _labelled(coll: str, rows, wanted, name: str = CONCEPT) -> dict[str, int]:
     return labels
 
 
+def _scored(at):
+    """The page once the encoder process has scored the collection in the background (in a
+    browser, the waiting fragment reruns the page itself)."""
+    for _ in range(600):
+        if "Scoring the collection" not in messages(at):
+            return at
+        time.sleep(0.1)
+        at.run()
+    raise AssertionError("the collection's ranking never came")
+
+
 def test_a_concept_trains_from_saved_labels_and_is_saved(coll):
     at = run_app(coll, "pages/concepts.py")
     assert not at.exception and at.button(key="concept_train").disabled
@@ -98,15 +111,25 @@ def test_a_concept_trains_from_saved_labels_and_is_saved(coll):
         metrics["Quality"] in ("excellent", "good", "fair", "poor")
         and float(metrics["Threshold"]) > 0
     )
-    cards = results(at)  # the find grid, then the ranking, then the suggestions
+    cards = results(_scored(at))  # the find grid, then the ranking, then the suggestions
     ranked = [r for r in cards if "score" in r][:20]
     assert not any(n.endswith(".labels") for n in saved_concepts(coll))
     assert sum(r["color"] == "red" for r in ranked[:10]) >= 8
     assert [r["score"] for r in ranked] == sorted((r["score"] for r in ranked), reverse=True)
     assert not os.path.exists(S.InsightLayout(coll).concept(CONCEPT))
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Above threshold"].endswith(f" of {len(read_keys(coll)):,}")
     at.button(key="concept_save").click().run()
     assert os.path.exists(S.InsightLayout(coll).concept(CONCEPT)) and "Saved" in messages(at)
     assert "curation.concept" in " ".join(c.value for c in at.code)
+    # saved by the encoder process from the scores it ranked with: the collection's own scores
+    concept = load_concept(coll, CONCEPT)
+    saved = pq.read_table(S.InsightLayout(coll).concept_scores(CONCEPT))
+    scores = score_collection(coll, concept)
+    assert saved.column(S.KEY).to_pylist() == list(read_keys(coll))
+    assert np.allclose(saved.column(S.CONCEPT_SCORE).to_numpy(), scores)
+    above = int((scores >= concept.threshold).sum())
+    assert metrics["Above threshold"] == f"{above:,} of {len(scores):,}"
 
 
 def test_explore_map_selection_lists_samples_and_becomes_a_region(coll, tmp_path):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import posixpath
+import threading
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,9 @@ import streamlit as st
 
 from collection import schema as S
 from collection.storage import REMOTE_ERRORS, read_json, write_json
+from curation.catalog import Catalog, SqlError
 from curation.clauses import CLAUSES
+from curation.context import sandbox_catalog
 from curation.resolve import StepCache, parse_spec, resolve
 from curation.spec import SpecError
 from webui import state
@@ -92,6 +95,23 @@ def version(path: str) -> tuple:
     return (state.inspect(path).signature, state.insight_version(path))
 
 
+@st.cache_resource(max_entries=8, show_spinner=False)
+def _sandbox(path: str, signature: tuple) -> Catalog:
+    """The sandboxed catalog every dry run of a collection's version shares: its workers stay
+    started between clauses (a start costs a second or more, and grows with the parts). One
+    worker, started in the background as the page opens, before the first clause is added."""
+    catalog = sandbox_catalog(path, workers=1)
+    threading.Thread(target=_start, args=(catalog,), name="subset-sandbox", daemon=True).start()
+    return catalog
+
+
+def _start(catalog: Catalog) -> None:
+    try:
+        catalog.start()
+    except SqlError as exc:  # the first clause's query says it again, on the page
+        log.warning("%s: the SQL sandbox did not start: %s", catalog.root, exc)
+
+
 def dry_run(path: str, spec: dict[str, Any], name: str = "subset") -> dict[str, Any]:
     """The spec resolved as the CLI's dry run does (sandboxed SQL), incrementally: rows after
     each clause, the count, the spec hash and a seeded sample of ids. SpecError or ValueError
@@ -100,7 +120,14 @@ def dry_run(path: str, spec: dict[str, Any], name: str = "subset") -> dict[str, 
     # CLIP only when a kNN clause needs it: the app's encoder process, shared with search
     encoder = state.collection_encoder(path) if spec.get("knn") else None
     res = resolve(
-        path, doc, untrusted=True, encoder=encoder, cache=CACHE, version=version(path), keys=False
+        path,
+        doc,
+        untrusted=True,
+        encoder=encoder,
+        cache=CACHE,
+        version=version(path),
+        keys=False,
+        sandbox=_sandbox(path, state.inspect(path).signature),
     )
     rng = np.random.default_rng(0)
     n = len(res.ids)

@@ -14,6 +14,7 @@ The encoder process exits with the app.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import secrets
@@ -28,7 +29,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from curation.concept_probe import Concept, score_collection
+from curation.concept_probe import Concept, ranking, save_concept, score_collection
 from models.runtime import setup_logging
 
 log = logging.getLogger(__name__)
@@ -153,8 +154,66 @@ class EncoderClient:
         """`curation.concept_probe.score_collection`, run in the encoder process."""
         return self._ask(("score", (collection, concept)))
 
+    def _ask_apart(self, request: tuple[str, Any]) -> Any:
+        """`request` on a connection of its own: a pass over the whole collection never holds
+        up the searches' text encodes on the shared one."""
+        self.dim  # noqa: B018 - starts the process (again, if it died)
+        try:
+            with Client(self._socket, family="AF_UNIX", authkey=self._key) as conn:
+                conn.send(request)
+                ok, answer = conn.recv()
+        except (EOFError, OSError) as exc:
+            raise EncoderError(f"CLIP encoder {self.spec}: {exc} ({self._tail()})") from None
+        if not ok:
+            raise ValueError(answer)
+        return answer
+
+    def ranking(
+        self, collection: str, concept: Concept, top: int = 20, near: int = 10
+    ) -> dict[str, Any]:
+        """`curation.concept_probe.ranking` of the collection scored in the encoder process,
+        which keeps the scores for `save_concept`: the app holds no per-row array."""
+        return self._ask_apart(("rank", (collection, concept, top, near)))
+
+    def save_concept(self, collection: str, concept: Concept) -> str:
+        """`curation.concept_probe.save_concept` with the collection's scores, written by the
+        encoder process (from the scores `ranking` left there, else scored anew)."""
+        return self._ask_apart(("save", (collection, concept)))
+
 
 # ---- the encoder process -----------------------------------------------------------------
+class _Scores:
+    """The last concept's scores of a collection, kept for its Save; one pass at a time, so a
+    Save asked during the ranking's pass waits for it instead of scoring again."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._key: Any = None
+        self._scores: np.ndarray | None = None
+
+    def of(self, collection: str, concept: Concept) -> np.ndarray:
+        key = (collection, json.dumps(concept.to_json(), sort_keys=True, default=str))
+        with self._lock:
+            if self._key != key or self._scores is None:
+                self._key, self._scores = None, None  # the old array goes before the new one
+                self._scores, self._key = score_collection(collection, concept), key
+            return self._scores
+
+
+_SCORES = _Scores()
+
+
+def _scored(what: str, payload: Any) -> Any:
+    """Answers to the requests that score a whole collection (no model needed)."""
+    if what == "score":
+        return score_collection(*payload)
+    if what == "rank":
+        collection, concept, top, near = payload
+        return ranking(collection, concept, _SCORES.of(collection, concept), top, near)
+    collection, concept = payload
+    return save_concept(collection, concept, _SCORES.of(collection, concept))
+
+
 def _serve_one(conn: Connection, clip: Any, lock: threading.Lock) -> None:
     while True:
         try:
@@ -162,8 +221,8 @@ def _serve_one(conn: Connection, clip: Any, lock: threading.Lock) -> None:
         except (EOFError, OSError):
             return
         try:
-            if what == "score":  # no model: beside the encodes, not after them
-                conn.send((True, score_collection(*payload)))
+            if what in ("score", "rank", "save"):  # no model: beside the encodes, not after them
+                conn.send((True, _scored(what, payload)))
                 continue
             with lock:
                 if what == "dim":
@@ -176,7 +235,8 @@ def _serve_one(conn: Connection, clip: Any, lock: threading.Lock) -> None:
                     raise ValueError(f"unknown request {what!r}")
             conn.send((True, answer))
         except (ValueError, RuntimeError, TypeError, OSError) as exc:
-            conn.send((False, f"{exc}" if what == "score" else f"CLIP encoder: {exc}"))
+            scoring = what in ("score", "rank", "save")
+            conn.send((False, f"{exc}" if scoring else f"CLIP encoder: {exc}"))
 
 
 def _exit_with_parent(parent: int) -> None:

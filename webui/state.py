@@ -14,7 +14,7 @@ import logging
 import os
 import posixpath
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,6 +24,7 @@ from streamlit.runtime.scriptrunner import get_script_run_ctx
 
 from collection import schema as S
 from collection.storage import REMOTE_ERRORS, read_collection_json, url_to_fs
+from curation import stats
 from indices.local import signature
 from models.runtime import cores
 from models.specs import TINY_NAME
@@ -36,6 +37,9 @@ if TYPE_CHECKING:  # for annotations only: the modules themselves load in the lo
     from indices.search import Searcher
 
 log = logging.getLogger(__name__)
+
+#: the bins of Explore's histograms until the page's slider says otherwise
+EXPLORE_BINS = 30
 
 REPO = Path(__file__).resolve().parent.parent
 #: what `make demo` builds (DEMO=demo), opened when the app is started without --collection
@@ -264,11 +268,14 @@ def _close_cluster(cluster: Any) -> None:
 
 @dataclass
 class Loaded:
-    """One collection's searcher and sandboxed catalog, loading in the background from creation."""
+    """One collection's searcher and sandboxed catalog, loading in the background from creation,
+    and then Explore's opening figures (`curation.stats.overview`)."""
 
     health: Health
     _searcher: Future | None = None
     _catalog: Future | None = None
+    _overview: Future | None = None
+    _overview_version: tuple = ()
     _pool: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(2, thread_name_prefix="sieve-load")
     )
@@ -278,6 +285,26 @@ class Loaded:
             self._searcher = self._pool.submit(self._load_searcher)
         if self.health.queryable:
             self._catalog = self._pool.submit(self._load_catalog)
+            self._overview_version = insight_version(self.health.path)
+            self._overview = self._pool.submit(self._load_overview)
+
+    def _load_overview(self) -> dict[str, Any]:
+        """Explore's figures at its opening settings: two scans of the collection, made once
+        the index has loaded (not competing with it), so opening Explore reads no row."""
+        if self._searcher is not None:
+            wait([self._searcher])
+        return stats.overview(self.catalog(), bins=EXPLORE_BINS)
+
+    def overview(self, insight: tuple) -> dict[str, Any] | None:
+        """Explore's opening figures (waits for them) when made under `insight` (the takedown
+        list they hide rows by, `insight_version`); None when stale or they could not be made."""
+        if self._overview is None or insight != self._overview_version:
+            return None
+        try:
+            return self._overview.result()
+        except (ValueError, OSError) as exc:  # SqlError: the page asks again and says why
+            log.info("%s: Explore's figures not made in the background: %s", self.health.path, exc)
+            return None
 
     def _load_searcher(self) -> Searcher:
         from indices.search import (

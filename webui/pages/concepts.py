@@ -2,42 +2,35 @@
 threshold and the collection ranked by it, label the samples it suggests (those it is least
 sure of), and save the concept for the Subset page's concept clause.
 
-Training is `curation.concept_probe.fit_concept` + `score_collection`, saving `save_concept`, the
-suggestions `suggest`: the same as `python -m curation.concept COLLECTION NAME --pos ... --neg ...`.
+Training is `curation.concept_probe.fit_concept` (labels, the prompt and a bounded sample of
+unlabelled rows); the grade and threshold show at once, while the encoder process scores the
+whole collection in the background (`ranking`: the count above the threshold, the top and the
+suggestions, by id) and keeps the scores for Save (`save_concept`), so the app holds no per-row
+array. The same as `python -m curation.concept COLLECTION NAME --pos ... --neg ...`.
 """
 
 from __future__ import annotations
 
 import shlex
+from concurrent.futures import Future, ThreadPoolExecutor, TimeoutError as FutureTimeout
 from typing import Any
 
-import numpy as np
 import streamlit as st
 
-from curation.concept_probe import (
-    MODALITIES,
-    Concept,
-    fit_concept,
-    load_concept,
-    save_concept,
-    saved_concepts,
-    suggest,
-)
-from curation.vectors import read_keys
+from curation.concept_probe import MODALITIES, Concept, fit_concept, load_concept, saved_concepts
 from indices.query import query
 from webui import components, grid, labelling, state
 
-FIT = "concept_fit"  # {collection path: {"concept": Concept, "scores": array}}
+FIT = "concept_fit"  # {collection path: {"concept": Concept, "ranking": Future of a dict}}
 NOTE = "concept_note"
 UP, DOWN = ":material/thumb_up:", ":material/thumb_down:"
 SHOWN = 10
-
-
-@st.cache_resource(max_entries=8, show_spinner=False)
-def _keys(path: str, signature: tuple) -> np.ndarray:
-    """Every embedded row's key, in global-id order (a key's id is its position); shared, not
-    copied per rerun (a million keys)."""
-    return read_keys(path)
+#: seconds Train waits for the collection's scores before showing the fit without them
+WAIT_S = 1.0
+#: seconds between the page's looks at a ranking still being scored
+POLL_S = 1.0
+#: the background scoring passes (in the encoder process; these threads only wait on them)
+_RANKING = ThreadPoolExecutor(max_workers=2, thread_name_prefix="concept-ranking")
 
 
 def _clear(path: str) -> None:
@@ -92,13 +85,12 @@ def label_panel(
         grid.notice()
 
 
-def _rows(
-    cur: state.Current, ids: list[int], scores: np.ndarray | None = None
-) -> list[dict[str, Any]]:
-    rows = cur.searcher().records(ids)
-    if scores is not None:
-        for r in rows:
-            r["score"] = float(scores[r["id"]])
+def _rows(cur: state.Current, ranked: list[tuple[int, float]]) -> list[dict[str, Any]]:
+    """Grid rows of (id, score) pairs, in their order."""
+    score = dict(ranked)
+    rows = cur.searcher().records([i for i, _ in ranked])
+    for r in rows:
+        r["score"] = score[r["id"]]
     return rows
 
 
@@ -144,44 +136,67 @@ def train(cur: state.Current) -> bool:
     modality = st.session_state.get("concept_modality", MODALITIES[0])
     pos = [k for k, v in labels.items() if v == 1]
     neg = [k for k, v in labels.items() if v == 0]
+    clip = state.collection_encoder(cur.path)
     try:
-        with st.spinner("Training the probe and scoring the collection…"):
-            concept = fit_concept(
-                cur.path,
-                name,
-                pos,
-                neg,
-                prompt or None,
-                modality,
-                clip=state.collection_encoder(cur.path),
-            )
-            # in the encoder process: the app itself never loads torch or pages every embedding
-            scores = state.collection_encoder(cur.path).score_collection(cur.path, concept)
+        with st.spinner("Training the probe…"):
+            concept = fit_concept(cur.path, name, pos, neg, prompt or None, modality, clip=clip)
     except (
         ValueError,
         FileNotFoundError,
     ) as exc:  # too few labels, a bad name, a collection that cannot
         st.session_state[NOTE] = ("error", str(exc))
         return False
-    st.session_state.setdefault(FIT, {})[cur.path] = {"concept": concept, "scores": scores}
+    # the whole collection is scored in the encoder process, in the background: the fit shows
+    # now, the ranking when it is ready
+    job = _RANKING.submit(clip.ranking, cur.path, concept, SHOWN * 2, SHOWN)
+    try:
+        job.result(timeout=WAIT_S)
+    except FutureTimeout:
+        pass
+    except (ValueError, OSError):  # said where the ranking shows
+        pass
+    st.session_state.setdefault(FIT, {})[cur.path] = {"concept": concept, "ranking": job}
     return True
 
 
-def show_fit(cur: state.Current, concept: Concept, scores: np.ndarray) -> None:
+def _ranked(job: Future) -> dict[str, Any] | None:
+    """The finished ranking (None while scoring); its error shown on the page."""
+    if not job.done():
+        return None
+    try:
+        return job.result()
+    except (ValueError, OSError) as exc:
+        st.error(f"scoring the collection: {exc}")
+        return {"rows": 0, "above": 0, "top": [], "near": []}
+
+
+@st.fragment(run_every=POLL_S)
+def _wait(job: Future) -> None:
+    """While the collection is being scored: a note, and the page again once it is done."""
+    if job.done():
+        st.rerun(scope="app")
+    st.info("Scoring the collection with the concept… the ranking shows when it is done.")
+
+
+def show_fit(cur: state.Current, concept: Concept, job: Future) -> None:
     """Quality, threshold, the top of the ranking, the samples to label next, Save."""
-    keys = _keys(cur.path, cur.health.signature)
+    ranked = _ranked(job)
     q = concept.quality
     m1, m2, m3, m4 = st.columns(4)
     m1.metric("Quality", q.get("grade", "unknown"))
     m2.metric("CV AUROC", f"{q['cv_auroc']:.3f}" if "cv_auroc" in q else "n/a")
     m3.metric("Threshold", f"{concept.threshold:.3f}")
-    m4.metric("Above threshold", f"{int((scores >= concept.threshold).sum()):,} of {len(scores):,}")
+    if ranked is not None:
+        m4.metric("Above threshold", f"{ranked['above']:,} of {ranked['rows']:,}")
+    elif q.get("passed_fraction") is not None:
+        m4.metric("Above threshold", f"~{q['passed_fraction']:.1%}", help="of a random sample")
     if q.get("reason"):
         st.caption(q["reason"])
     c1, c2 = st.columns([1, 3], vertical_alignment="bottom")
     if c1.button(f"Save {concept.name}", key="concept_save", type="primary"):
         try:
-            path = save_concept(cur.path, concept, scores, keys)
+            with st.spinner("Saving the concept and its scores…"):
+                path = state.collection_encoder(cur.path).save_concept(cur.path, concept)
         except (OSError, ValueError) as exc:
             st.error(f"cannot save {concept.name}: {exc}")
         else:
@@ -196,16 +211,15 @@ def show_fit(cur: state.Current, concept: Concept, scores: np.ndarray) -> None:
         language="bash",
         wrap_lines=True,
     )
+    if ranked is None:
+        _wait(job)
+        return
     top, nxt = st.tabs(["Ranked by the concept", "Label next (least certain)"])
     with top:
-        order = np.argsort(-scores, kind="stable")[: SHOWN * 2]
-        label_panel(cur, _rows(cur, order.tolist(), scores), "concept-top")
+        label_panel(cur, _rows(cur, ranked["top"]), "concept-top")
     with nxt:
-        wanted = suggest(concept, keys, scores, SHOWN)
-        rank = {k: r for r, k in enumerate(wanted)}
-        ids = sorted(np.flatnonzero(np.isin(keys, wanted)).tolist(), key=lambda i: rank[keys[i]])
         st.caption("Label these and train again: each answer teaches the probe where it is unsure.")
-        label_panel(cur, _rows(cur, ids, scores), "concept-next")
+        label_panel(cur, _rows(cur, ranked["near"]), "concept-next")
 
 
 def render() -> None:
@@ -234,7 +248,7 @@ def render() -> None:
     fit = st.session_state.get(FIT, {}).get(cur.path)
     if fit:
         st.divider()
-        show_fit(cur, fit["concept"], fit["scores"])
+        show_fit(cur, fit["concept"], fit["ranking"])
 
 
 render()

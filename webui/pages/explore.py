@@ -1,8 +1,10 @@
 """Explore: rows and failures by status, histograms of the scores, sizes and caption length, and
 the embedding map.
 
-Every count and histogram is one aggregate query in DuckDB through the sandboxed catalog
-(`curation.stats`, also `python -m curation.stats`): no row is loaded into the page. The map
+Every count is one aggregate query in DuckDB through the sandboxed catalog, and the histograms
+two whatever their number (`curation.stats`, also `python -m curation.stats`): no row is
+loaded into the page. The figures at the page's opening settings are made in the background as
+the collection opens (`state.Loaded.overview`), so opening the page scans nothing. The map
 (`python -m curation.map`) is drawn from a sample of its points, coloured by a chosen column,
 less every point the takedown list names (checked on every rerun: the map file predates the
 list); a box or lasso selection lists the samples inside (`curation.map.region_mask`, over every
@@ -56,10 +58,12 @@ def _status(
 
 
 @st.cache_data(max_entries=256, show_spinner=False)
-def _histogram(
-    path: str, signature: tuple, insight: tuple, column: str, bins: int
-) -> dict[str, Any]:
-    return asdict(stats.histogram(state.loaded(path, signature).catalog(), column, bins))
+def _histograms(
+    path: str, signature: tuple, insight: tuple, columns: tuple[str, ...], bins: int
+) -> dict[str, dict[str, Any]]:
+    """The chosen columns' histograms, all in two scans of the collection (`stats.histograms`)."""
+    cat = state.loaded(path, signature).catalog()
+    return {h.column: asdict(h) for h in stats.histograms(cat, columns, bins)}
 
 
 @st.cache_data(max_entries=16, show_spinner=False)
@@ -270,8 +274,14 @@ def render() -> None:
         return
     sig, insight = cur.health.signature, state.insight_version(cur.path)
     with st.spinner("Counting…"):
+        # made in the background since the collection opened, at the page's opening settings
+        opening = cur.resources.overview(insight) if cur.resources is not None else None
         try:
-            counts, failed = _status(cur.path, sig, insight)
+            counts, failed = (
+                (opening["status"], opening["failures"])
+                if opening is not None
+                else _status(cur.path, sig, insight)
+            )
         except ValueError as exc:  # SqlError: the sandbox refused or timed out
             st.error(str(exc))
             return
@@ -299,17 +309,24 @@ def render() -> None:
             continue
     h1, h2 = st.columns([3, 1])
     chosen = h1.multiselect("Columns", available, default=available, key="explore_columns")
-    bins = h2.slider("Bins", 5, 100, 30, key="explore_bins")
+    bins = h2.slider("Bins", 5, 100, state.EXPLORE_BINS, key="explore_bins")
     missing = [n for n in stats.HISTOGRAMS if n not in available]
     if missing:
         st.caption(f"Not in this collection: {', '.join(missing)}")
     grid = st.columns(2)
-    for i, name in enumerate(chosen):
+    made = {h["column"]: h for h in opening["histograms"]} if opening is not None else {}
+    with st.spinner("Counting…"):
         try:
-            hist = _histogram(cur.path, sig, insight, name, bins)
-        except ValueError as exc:
-            grid[i % 2].error(f"{name}: {exc}")
-            continue
+            hists = (
+                {c: made[c] for c in chosen}
+                if bins == state.EXPLORE_BINS and all(c in made for c in chosen)
+                else _histograms(cur.path, sig, insight, tuple(chosen), bins)
+            )
+        except ValueError as exc:  # SqlError: the sandbox refused or timed out
+            st.error(f"histograms: {exc}")
+            hists = {}
+    for i, name in enumerate(c for c in chosen if c in hists):
+        hist = hists[name]
         with grid[i % 2]:
             if not hist["counts"]:
                 st.caption(f"{name}: no values")
