@@ -18,6 +18,7 @@ import faiss
 import numpy as np
 
 from collection.embeddings import EmbeddingStore
+from indices.tune import quantizer_ef
 
 #: scan exactly once the candidates needed reach this share of the vectors
 EXACT_SHARE = 0.25
@@ -101,7 +102,7 @@ class Planner:
             return None
         params = faiss.SearchParametersIVF(nprobe=p)
         if not self.flat_quantizer:
-            params.quantizer_params = faiss.SearchParametersHNSW(efSearch=max(2 * p, 16))
+            params.quantizer_params = faiss.SearchParametersHNSW(efSearch=quantizer_ef(p))
         if not self.direct:
             params = faiss.SearchParametersPreTransform(index_params=params)
         return Probe(want, params, self.flat_codes and p >= self.nlist)

@@ -17,7 +17,7 @@ from bench.synthetic import clustered_vectors, write_collection
 from bench.synthetic_scale import exact_truth, held_out_queries, write_scale_collection
 from collection import schema as S
 from collection.embeddings import EmbeddingStore
-from indices import build_parts, rows
+from indices import build_parts, exact, rows
 from indices.build import build_one, main as build_main
 from indices.search import Searcher
 from indices.select import (
@@ -27,7 +27,7 @@ from indices.select import (
     nlist_for,
     parse_bytes,
 )
-from indices.tune import exact_topk
+from indices.tune import QUANTIZER_EF_MIN, exact_topk, quantizer_ef, sweep_settings
 
 DIM = 16
 
@@ -168,3 +168,16 @@ def test_a_pass_over_every_part_leaves_no_mapped_pages_resident(tmp_path):
     np.testing.assert_array_equal(
         store.gather(ids), np.concatenate([x for _, x in store.iter_parts()])[ids]
     )
+
+
+def test_an_hnsw_quantizer_is_searched_wide_in_tuning_and_widened_probes():
+    """ef 2 x nprobe missed some of the nearest lists at 10M (recall capped near 0.94); the tuner
+    and the widened probe of large-k searches share one wider rule."""
+    settings = sweep_settings("IVF8192_HNSW32,PQ128x8", 8192, True)
+    assert settings and all(
+        s["quantizer_efSearch"] == quantizer_ef(s["nprobe"]) >= max(4 * s["nprobe"], 256)
+        for s in settings
+    )
+    assert QUANTIZER_EF_MIN == 256 and quantizer_ef(1) == 256 and quantizer_ef(128) == 512
+    assert exact.quantizer_ef is quantizer_ef
+    assert all("quantizer_efSearch" not in s for s in sweep_settings("IVF256,PQ16x8", 256, True))
