@@ -173,9 +173,10 @@ class SandboxPool:
             if not queue:
                 del self._waiting[key]
                 self._order.remove(key)
-            # a worker already up first: another's start would cost this query a second or more
+            # a worker already up first: another's start would cost this query a second or more;
+            # then the lowest index, so an idle pool's next query runs on its first worker (`pid`)
             self._free.sort(
-                key=lambda i: (self.workers[i].available_at(), self.workers[i].pid is None)
+                key=lambda i: (self.workers[i].available_at(), self.workers[i].pid is None, i)
             )
             ticket.worker = self._free.pop(0)
             self._running[key] += 1
