@@ -22,6 +22,18 @@ class CollectionError(ValueError):
     """The collection folder is missing a file or field this stage needs."""
 
 
+def unify_part_schemas(schemas: Sequence[pa.Schema], where: str) -> pa.Schema:
+    """One schema over every metadata part's (a column a part lacks is null there); parts that
+    disagree on a column's type are a one-line CollectionError naming `where`."""
+    try:
+        return pa.unify_schemas(list(schemas), promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CollectionError(
+            f"{where}: metadata parts disagree on a column's type: {first}"
+        ) from None
+
+
 def complete_parts(root: str) -> list[int]:
     """Part numbers with a `_done` marker, sorted: only those are indexed or served."""
     layout = S.CollectionLayout(root)

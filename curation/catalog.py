@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 
 from collection import schema as S, storage
-from collection.parts import CollectionError, complete_parts
+from collection.parts import CollectionError, complete_parts, unify_part_schemas
 from collection.sandbox import Limits, Source, SqlError, one_line
 from collection.sandbox_pool import POOL_WORKERS, PoolClosed, SandboxPool
 from collection.storage import read_collection_json
@@ -143,12 +143,7 @@ def read_parts(collection: str) -> Parts:
         total += _ok_rows(url, meta)
         files.append(storage.url_to_fs(url)[1] if local else url)  # DuckDB reads plain local paths
         schemas.append(meta.schema.to_arrow_schema())
-    try:
-        schema = pa.unify_schemas(schemas, promote_options="permissive")
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-        raise CollectionError(
-            f"{collection}: metadata parts disagree on a column's type: {one_line(exc)}"
-        ) from exc
+    schema = unify_part_schemas(schemas, collection)
     listed = ", ".join(str(offsets[n]) if n in offsets else "NULL" for n in range(max(parts) + 1))
     id_expr = f"CAST(([{listed}]::BIGINT[])[{S.PART} + 1] + {S.EMB_ROW} AS BIGINT)"
     return Parts(tuple(files), schema, id_expr, total)

@@ -36,6 +36,7 @@ from collection.parts import (
     complete_parts,
     part_offsets,
     read_part_metadata,
+    unify_part_schemas,
 )
 from collection.storage import atomic_path, is_local, url_to_fs
 from indices.local import cache_folder, signature as source_signature
@@ -74,12 +75,7 @@ def _write_ipc(root: str, path: str, parts: list[int], recorded: dict[str, Any])
             raise CollectionError(
                 f"{layout.metadata(n)}: unreadable metadata part: {exc}"
             ) from None
-    try:
-        schema = pa.unify_schemas(schemas, promote_options="permissive")
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-        raise CollectionError(
-            f"{root}: metadata parts disagree on a column's type: {exc}"
-        ) from None
+    schema = unify_part_schemas(schemas, root)
     schema = schema.with_metadata({_META_KEY: json.dumps(recorded).encode()})
     with atomic_path(path) as tmp:
         with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
