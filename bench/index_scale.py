@@ -30,7 +30,13 @@ from indices import rows as row_files
 from indices.build import build_one, load_index
 from indices.build_parts import build_distributed, parts_dir, trained_index
 from indices.rows import RowStore
-from indices.tune import ann_search, exact_topk, latency_ms, recall_at, set_search_params
+from indices.tune import (
+    ann_search,
+    exact_topk,
+    recall_at,
+    search_latency_ms,
+    set_search_params,
+)
 
 log = logging.getLogger("bench.index_scale")
 
@@ -129,7 +135,9 @@ def _step(out: dict[str, Any], name: str, fn: Callable[[], dict[str, Any]]) -> N
 
 
 def build_10m(root: str, workers: int, budget: str, max_query_ms: float = 10.0) -> dict[str, Any]:
-    """The distributed build of the image index, driver and worker RSS sampled meanwhile."""
+    """The distributed build of the image index, driver and worker RSS sampled meanwhile.
+    From nothing: a rerun would otherwise reuse the part indices an earlier build left."""
+    shutil.rmtree(parts_dir(root, S.MODALITY_IMAGE), ignore_errors=True)
     with RssSampler() as rss:
         doc = build_one(
             root,
@@ -175,8 +183,8 @@ def quality(root: str, n_queries: int = N_QUERIES) -> dict[str, Any]:
     t = time.perf_counter()
     truth = exact_topk(store, q, 10)
     truth_s = time.perf_counter() - t
-    _, found = ann_search(index, store, q, 10, depth)
-    lat = latency_ms(lambda x: ann_search(index, store, x, 10, depth), q, n_queries)
+    _, found = ann_search(index, store, q, 10, depth, mapped=False)
+    lat = search_latency_ms(index, store, q, 10, depth, n_queries)  # as the tuner measures
     # what deeper exact re-ranks would buy at the tuned nprobe: says whether the probe or the
     # codes lose the true neighbours (the tuner stops at indices.tune.RERANK_DEPTHS)
     sweep = []

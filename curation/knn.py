@@ -38,7 +38,8 @@ from collection.embeddings import EmbeddingStore
 from collection.storage import url_to_fs
 from curation.context import Context, ids_array
 from curation.spec import SpecError, SpecSource
-from indices.exact import EXACT_SHARE, Planner, exact_similarities, top, want_for
+from indices.exact import EXACT_SHARE, Planner, top, want_for
+from indices.rescore import exact_similarities
 from models.prompts import PromptError, WeightedPrompt, combine, parse_prompt, parse_prompts
 
 log = logging.getLogger(__name__)

@@ -6,7 +6,6 @@ one line that says which command makes it.
 from __future__ import annotations
 
 import io
-import os
 from typing import Any, Sequence
 
 import faiss
@@ -17,7 +16,7 @@ import pyarrow.parquet as pq
 
 from collection import schema as S
 from collection.embeddings import EmbeddingStore
-from collection.parts import CollectionError, by_part, complete_parts, read_metadata
+from collection.parts import CollectionError, complete_parts, read_metadata
 from collection.storage import is_local, read_json, url_to_fs, write_bytes
 from indices.build import load_index
 from indices.tune import set_search_params
@@ -44,26 +43,8 @@ def open_store(collection: str, modality: str = S.MODALITY_IMAGE) -> EmbeddingSt
 
 
 def read_rows(store: EmbeddingStore, ids: np.ndarray) -> np.ndarray:
-    """float32 vectors of `ids`, as `store.gather` gives them, but local parts are read with
-    pread, not through their memory maps: a driver sampling rows across the collection would
-    otherwise map, and count in its RSS, the pages the kernel reads ahead around each row."""
-    ids = np.asarray(ids, dtype=np.int64)
-    out = np.empty((len(ids), store.dim), np.float32)
-    for p, sel, rows in by_part(store.offsets, ids):
-        arr = store.arrays[p]
-        if not isinstance(arr, np.memmap) or not arr.flags.c_contiguous:
-            out[sel] = store.gather(ids[sel])
-            continue
-        size = arr.shape[1] * arr.dtype.itemsize
-        order = np.argsort(rows)  # in file order
-        buf = np.empty((len(rows), arr.shape[1]), arr.dtype)
-        with open(arr.filename, "rb") as fh:
-            for i, r in enumerate(rows[order]):
-                buf[i] = np.frombuffer(
-                    os.pread(fh.fileno(), size, arr.offset + int(r) * size), arr.dtype
-                )
-        out[sel[order]] = buf
-    return out
+    """float32 vectors of `ids` read without mapping them (`EmbeddingStore.read_rows`)."""
+    return store.read_rows(ids)
 
 
 def read_keys(collection: str) -> np.ndarray:

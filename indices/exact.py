@@ -17,7 +17,6 @@ from typing import Any
 import faiss
 import numpy as np
 
-from collection.embeddings import EmbeddingStore
 from indices.tune import quantizer_ef
 
 #: scan exactly once the candidates needed reach this share of the vectors
@@ -27,8 +26,6 @@ MOST_LISTS = 0.5
 #: deepest graph search of an HNSW index; a deeper one costs more than an exact scan of the few
 #: hundred thousand vectors such an index holds (`indices.select.HNSW_MAX`)
 HNSW_EF_MAX = 1 << 14
-#: rows gathered from the embeddings at a time by an exact scan (bounded memory)
-CHUNK = 1 << 16
 #: candidates asked for per row still wanted, over the filter's observed pass rate: PQ order
 #: and near-duplicate collapse lose some
 SLACK = 2.0
@@ -111,19 +108,6 @@ class Planner:
         """Candidate ids (valid ones only) of one query under a planned probe."""
         _, found = self.index.search(q.reshape(1, -1), probe.depth, params=probe.params)
         return found[0][found[0] >= 0]
-
-
-def exact_similarities(store: EmbeddingStore, ids: np.ndarray, q: np.ndarray) -> np.ndarray:
-    """q · embedding for each id, from the collection's own vectors, a chunk at a time.
-
-    einsum's own loop rather than BLAS: the same sum in the same order whatever the thread count.
-    """
-    out = np.empty(len(ids), dtype=np.float32)
-    for start in range(0, len(ids), CHUNK):
-        out[start : start + CHUNK] = np.einsum(
-            "ij,j->i", store.gather(ids[start : start + CHUNK]), q
-        )
-    return out
 
 
 def top(ids: np.ndarray, sims: np.ndarray, k: int) -> np.ndarray:

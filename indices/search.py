@@ -34,8 +34,9 @@ from collection.sandbox_pool import SandboxPool
 from collection.storage import is_local, read_collection_json
 from collection.takedown import TakedownWatch
 from indices.build import open_index
-from indices.exact import Planner, exact_similarities, top, want_for
+from indices.exact import Planner, top, want_for
 from indices.local import has_index
+from indices.rescore import exact_similarities
 from indices.rows import RowStore
 from indices.tune import set_search_params
 from models.prompts import PromptError, combine, parse_prompts
@@ -435,7 +436,7 @@ class Searcher:
             if depth < len(cand):
                 sims[depth:] = approx[keep][depth:]
             # exact, from the collection's embeddings: a bounded number of rows
-            sims[:depth] = store.gather(cand[:depth], merge_gap=0) @ q
+            sims[:depth] = exact_similarities(store, cand[:depth], q, merge_gap=0)
         else:
             sims = sims[keep]
         # the re-scored head first, then the rest in the index's order: compressed codes' scores

@@ -181,3 +181,36 @@ def test_an_hnsw_quantizer_is_searched_wide_in_tuning_and_widened_probes():
     assert QUANTIZER_EF_MIN == 256 and quantizer_ef(1) == 256 and quantizer_ef(128) == 512
     assert exact.quantizer_ef is quantizer_ef
     assert all("quantizer_efSearch" not in s for s in sweep_settings("IVF256,PQ16x8", 256, True))
+
+
+def test_sampled_rows_are_read_without_mapping_them_and_dropped_pages_are_released(tmp_path):
+    """A training sample of one row in 30 mapped (by fault-around) nearly every page at 10M;
+    rows read by pread are the same values and leave the maps untouched, and `drop_pages`
+    releases what a timed gather mapped."""
+    per, dim = 8192, 512
+    img = [clustered_vectors(per, dim, 10, seed=i) for i in range(8)]  # 64 MB of float16
+    root = write_collection(str(tmp_path / "c"), img, img)
+    store = EmbeddingStore.open(root, S.MODALITY_IMAGE)
+    before = _rss_file_kb()
+    ids, x = store.sample(len(img) * per // 30, seed=3)
+    assert (_rss_file_kb() - before) / 1024 < 4, "sampling mapped the parts' pages"
+    np.testing.assert_array_equal(x, store.gather(ids))  # the same rows, read through the maps
+    assert (_rss_file_kb() - before) / 1024 > 32, "the gather should have mapped pages"
+    store.drop_pages()
+    assert (_rss_file_kb() - before) / 1024 < 4, "drop_pages left the gathered pages mapped"
+
+
+def test_populate_maps_only_the_rows_asked_for(tmp_path):
+    """The tuner's latency measure maps one query's candidate rows before re-scoring them and
+    drops them after: the pages mapped are those rows' (not the parts'), and then none."""
+    per, dim = 8192, 512
+    img = [clustered_vectors(per, dim, 10, seed=i) for i in range(4)]  # 32 MB of float16
+    root = write_collection(str(tmp_path / "c"), img, img)
+    store = EmbeddingStore.open(root, S.MODALITY_IMAGE)
+    before = _rss_file_kb()
+    store.populate(np.arange(4) * per)  # each part's first row
+    grown_kb = _rss_file_kb() - before
+    # the kernel maps around each page it maps: 64 KB on a disk, a 2 MB huge page on tmpfs
+    assert 0 < grown_kb <= 4 * 2048 + 64, f"{grown_kb} KB of 32 MB mapped for 4 rows"
+    store.drop_pages()
+    assert _rss_file_kb() - before < 64
