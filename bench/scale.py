@@ -25,6 +25,7 @@ import datetime as dt
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -206,6 +207,8 @@ def run_stage(
     if left < 30:
         return {"rows": rows, "skipped": "not run: the --deadline had passed"}
     view_name = f"{label(rows)}-{'build' if stage == 'index_build' else 'view'}"
+    if stage == "index_build":  # from nothing: a rerun would reuse the parts a build left
+        shutil.rmtree(scratch / view_name / "indices", ignore_errors=True)
     view = make_view(source, scratch / view_name, with_indices=stage != "index_build")
     work = Path(tempfile.mkdtemp(prefix=f"{stage}-", dir=scratch))
     cmd = command(stage, view, work)

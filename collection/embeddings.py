@@ -133,6 +133,24 @@ def read_whole(arr: np.ndarray | RemoteNpy) -> np.ndarray:
     return np.asarray(arr)
 
 
+def read_block(arr: np.ndarray | RemoteNpy, lo: int, hi: int) -> np.ndarray:
+    """Rows lo..hi of one part in memory. A memory-mapped part is read with one pread instead of
+    through its mapping, as `read_whole` does, so a pass in blocks maps nothing either."""
+    if isinstance(arr, np.memmap) and arr.filename and arr.flags.c_contiguous:
+        hi = min(hi, arr.shape[0])
+        out = np.empty((max(hi - lo, 0), *arr.shape[1:]), arr.dtype)
+        view = memoryview(out.reshape(-1)).cast("B")
+        start, done = arr.offset + lo * (out.nbytes // max(len(out), 1)), 0
+        with open(arr.filename, "rb") as fh:
+            while done < len(view):  # one call reads at most ~2 GB
+                got = os.preadv(fh.fileno(), [view[done:]], start + done)
+                if not got:
+                    raise CollectionError(f"{arr.filename}: shorter than its .npy header says")
+                done += got
+        return out
+    return np.asarray(arr[lo:hi])
+
+
 @dataclass
 class EmbeddingStore:
     """Embeddings of one modality across parts, addressed by global id: memory-mapped when the

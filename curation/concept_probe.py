@@ -35,6 +35,7 @@ import numpy as np
 import pyarrow as pa
 
 from collection import schema as S
+from collection.embeddings import read_block
 from collection.parts import CollectionError, read_metadata
 from collection.storage import read_collection_json, read_json, url_to_fs, write_json
 from curation.catalog import TABLE, Catalog
@@ -114,7 +115,7 @@ def _features(
     blocks: dict[str, np.ndarray] = {}
     fixed: dict[str, np.ndarray] = {}
     for m in ("image", "text") if modality == "both" else (modality,):
-        x = open_store(collection, m).gather(ids).astype(np.float64)
+        x = open_store(collection, m).read_rows(ids).astype(np.float64)
         blocks[m] = x
         if prompt_vec is not None:
             fixed[f"prompt_{m}"] = x @ prompt_vec
@@ -348,9 +349,9 @@ def score_vectors(
     def run(job: tuple[int, int, int, int]) -> None:
         p, lo, hi, out = job
         if w_img is not None:
-            logit[out : out + hi - lo] += _half_dot(image[p][lo:hi], w_img)
+            logit[out : out + hi - lo] += _half_dot(read_block(image[p], lo, hi), w_img)
         if w_txt is not None:
-            logit[out : out + hi - lo] += _half_dot(text[p][lo:hi], w_txt)
+            logit[out : out + hi - lo] += _half_dot(read_block(text[p], lo, hi), w_txt)
 
     with ThreadPoolExecutor(threads or cores()) as pool:
         list(pool.map(run, jobs))

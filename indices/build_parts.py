@@ -18,7 +18,8 @@ import hashlib
 import logging
 import os
 import re
-from typing import Any, Sequence
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
 
 import faiss
 import numpy as np
@@ -229,14 +230,19 @@ def build_distributed(
             continue
         tasks.append((root, modality, parts, first_ids, trained, digest, out))
     log.info("%s: %d part indices, %d to build", modality, len(outs), len(tasks))
-    if tasks:
-        _run(tasks, client, scheduler, workers)
-    for out in outs:  # a part from another training is never merged
-        doc = read_json(_meta(out)) or {}
-        if doc.get("trained_checksum") != digest:
-            raise RuntimeError(f"{out}: added to another trained index; run the build again")
     path = url_to_fs(S.CollectionLayout(root).index(modality))[1]
-    ivfdata = merge_parts(root, modality, trained, outs, path)
+    with _cluster(client, scheduler, workers, len(tasks)) as on:
+        if tasks:
+            _add(tasks, on)
+        for out in outs:  # a part from another training is never merged
+            doc = read_json(_meta(out)) or {}
+            if doc.get("trained_checksum") != digest:
+                raise RuntimeError(f"{out}: added to another trained index; run the build again")
+        # one more task: the parts it maps and the lists it writes (twice the index's size)
+        # count in a worker's memory, and the driver's stays the training sample's
+        ivfdata = on.submit(
+            merge_parts, root, modality, trained, outs, path, pure=False, retries=0
+        ).result()
     _remove_stale(folder, outs)
     return path, {
         "on_disk": True,
@@ -256,26 +262,28 @@ def _remove_stale(folder: str, outs: list[str]) -> None:
             os.remove(os.path.join(folder, name))
 
 
-def _run(tasks: list[tuple], client: Any, scheduler: str | None, workers: int | None) -> None:
-    """Run `add_group` for every task on the client (or a cluster opened here); every task runs
-    to its end, then the first failure is raised: the finished part indices stay for a rerun."""
-    session = None
-    if client is None:
-        session = open_cluster(
-            scheduler,
-            workers or max(1, min(cores(), len(tasks))),
-            worker_env=BUILD_WORKER_ENV,
-        )
-        client = session.client
-    failed: list[tuple[str, BaseException]] = []
+@contextmanager
+def _cluster(client: Any, scheduler: str | None, workers: int | None, tasks: int) -> Iterator[Any]:
+    """The given client, or one on a cluster opened here (and closed on the way out)."""
+    if client is not None:
+        yield client
+        return
+    n = workers or max(1, min(cores(), tasks))
+    session = open_cluster(scheduler, n, worker_env=BUILD_WORKER_ENV)
     try:
-        for o in each_completed(client, add_group, tasks, "index-part"):
-            if o.error is not None:
-                failed.append((tasks[o.index][-1], o.error))
-                log.error("%s: %s", tasks[o.index][-1], o.error)
+        yield session.client
     finally:
-        if session is not None:
-            session.close()
+        session.close()
+
+
+def _add(tasks: list[tuple], client: Any) -> None:
+    """Run `add_group` for every task; every task runs to its end, then the first failure is
+    raised: the finished part indices stay for a rerun."""
+    failed: list[tuple[str, BaseException]] = []
+    for o in each_completed(client, add_group, tasks, "index-part"):
+        if o.error is not None:
+            failed.append((tasks[o.index][-1], o.error))
+            log.error("%s: %s", tasks[o.index][-1], o.error)
     if failed:
         out, exc = failed[0]
         raise RuntimeError(

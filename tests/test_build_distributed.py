@@ -132,7 +132,7 @@ def test_interrupted_merge_leaves_no_complete_index(tmp_path, client, small_grou
     def half_merge(*args, **kw):
         raise OSError("disk full half-way")
 
-    monkeypatch.setattr(merge, "merge_ondisk", half_merge)
+    monkeypatch.setattr(merge, "merge_lists", half_merge)
     with pytest.raises(OSError, match="half-way"):
         _build(root, client, modality="image")
     assert not has_index(root, "image")
@@ -170,3 +170,13 @@ def test_large_collection_goes_distributed_without_flags(tmp_path, monkeypatch, 
     few = write_collection(str(tmp_path / "few"), [clustered_vectors(PART, DIM, 20)])
     small = build_one(few, S.MODALITY_IMAGE, target_recall=0.0)
     assert "on_disk" not in small
+
+
+def test_a_merge_leaves_no_part_index_mapped(tmp_path, client, small_groups):
+    """faiss's merge_ondisk disowns the parts' lists, so every part index stayed mapped in the
+    driver for the rest of the build (2 GB of its RSS at 1M rows); ours releases them."""
+    root = _collection(str(tmp_path / "c"))
+    _build(root, client, modality="image")
+    with open("/proc/self/maps") as fh:
+        mapped = [line.split()[-1] for line in fh if ".parts/" in line]
+    assert not mapped, f"part indices still mapped after the merge: {sorted(set(mapped))}"

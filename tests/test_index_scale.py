@@ -16,7 +16,7 @@ import pytest
 from bench.synthetic import clustered_vectors, write_collection
 from bench.synthetic_scale import exact_truth, held_out_queries, write_scale_collection
 from collection import schema as S
-from collection.embeddings import EmbeddingStore
+from collection.embeddings import EmbeddingStore, read_block
 from indices import build_parts, exact, rows
 from indices.build import build_one, main as build_main
 from indices.search import Searcher
@@ -214,3 +214,17 @@ def test_populate_maps_only_the_rows_asked_for(tmp_path):
     assert 0 < grown_kb <= 4 * 2048 + 64, f"{grown_kb} KB of 32 MB mapped for 4 rows"
     store.drop_pages()
     assert _rss_file_kb() - before < 64
+
+
+def test_a_pass_in_blocks_reads_the_rows_without_mapping_them(tmp_path):
+    """Scoring a concept streams every part in blocks; through the maps that left 10 GB of the
+    10M collection resident in the driver."""
+    per, dim = 8192, 512
+    img = [clustered_vectors(per, dim, 10, seed=i) for i in range(4)]  # 32 MB of float16
+    root = write_collection(str(tmp_path / "c"), img, img)
+    store = EmbeddingStore.open(root, S.MODALITY_IMAGE)
+    before = _rss_file_kb()
+    blocks = [read_block(a, lo, lo + 3000) for a in store.arrays for lo in range(0, per, 3000)]
+    assert (_rss_file_kb() - before) / 1024 < 4, "the blocks were read through the maps"
+    whole = np.concatenate([x for _, x in store.iter_parts(S.EMB_DTYPE)])
+    np.testing.assert_array_equal(np.concatenate(blocks), whole)
