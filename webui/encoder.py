@@ -40,6 +40,8 @@ REPO = Path(__file__).resolve().parent.parent
 KEY_ENV = "SIEVE_ENCODER_KEY"
 #: seconds the encoder process may take to load its model and answer
 START_TIMEOUT = 300.0
+#: how much nicer than the encodes a ranking's pass runs (scored while the curator works on)
+NICER = 10
 
 
 class EncoderError(ValueError):
@@ -211,6 +213,17 @@ _SCORES = _Scores()
 SCORING = ("score", "rank", "save", "passing")
 
 
+def _background() -> None:
+    """Lower the calling thread's CPU priority: a ranking scored while the curator works on
+    must not slow the app's pages (Linux keeps a nice value per thread, and the scoring threads
+    it starts inherit it); the thread serves that one request."""
+    me = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, me, min(19, os.getpriority(os.PRIO_PROCESS, me) + NICER))
+    except OSError as exc:  # not allowed here: scored at the usual priority
+        log.info("background scoring at the usual priority: %s", exc)
+
+
 def _scored(what: str, payload: Any) -> Any:
     """Answers to the requests that score a whole collection (no model needed)."""
     if what == "score":
@@ -219,6 +232,7 @@ def _scored(what: str, payload: Any) -> Any:
         collection, concept, limit = payload
         return np.packbits(_SCORES.of(collection, concept) >= limit)
     if what == "rank":
+        _background()
         collection, concept, top, near = payload
         return ranking(collection, concept, _SCORES.of(collection, concept), top, near)
     collection, concept = payload
