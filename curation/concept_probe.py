@@ -258,8 +258,10 @@ def fit_concept(
         y = np.array([1] * len(positives) + [0] * len(negatives))
         prompt_vec = _prompt_vector(collection, prompt, clip)
         others = _unlabelled_ids(catalog.parts.ok_rows, ids, unlabelled, seed)
-        lab_values = column_values(catalog, ids, columns)
-        unl_values = column_values(catalog, others, columns)
+        # one join (one scan of the score columns) for the labelled and the sampled rows
+        values = column_values(catalog, np.concatenate([ids, others]), columns)
+    lab_values = {c: v[: len(ids)] for c, v in values.items()}
+    unl_values = {c: v[len(ids) :] for c, v in values.items()}
     lab, unl = _usable_columns(
         _features(collection, ids, modality, prompt_vec, lab_values),
         _features(collection, others, modality, prompt_vec, unl_values),
