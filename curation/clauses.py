@@ -15,7 +15,7 @@ from typing import Any, Callable
 import numpy as np
 
 from collection import schema as S
-from curation import concept_probe as concepts, dedup, filters, knn, map as layout_map
+from curation import concept_scores as concepts, dedup, filters, knn, map as layout_map
 from curation.context import Context, intersect
 from curation.spec import SpecError, SpecSource
 
@@ -160,7 +160,7 @@ def parse_concept(value: Any, src: SpecSource) -> list[dict[str, Any]]:
 def concept_steps(items: list[dict[str, Any]]) -> list[tuple[str, Step]]:
     def run(ctx: Context, ids: np.ndarray, name: str, score: float | None) -> np.ndarray:
         try:
-            return concepts.subset_clause(ctx.collection, ids, name, score)
+            return concepts.subset_clause(ctx.collection, ids, name, score, ctx.scorer)
         except (ValueError, FileNotFoundError) as exc:
             raise SpecError(f"{ctx.source}: concept {name}: {str(exc).splitlines()[0]}") from None
 

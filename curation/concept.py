@@ -78,10 +78,10 @@ def main(argv: list[str] | None = None) -> None:
         UNLABELLED_SAMPLE,
         fit_concept,
         load_concept,
-        save_concept,
         score_collection,
         suggest_rows,
     )  # noqa: E402
+    from curation.concept_scores import save_concept  # noqa: E402
     from curation.labels import load_labels  # noqa: E402
 
     try:

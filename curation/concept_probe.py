@@ -18,7 +18,8 @@ Everything is linear in the embeddings and columns, so the saved model is one we
 per modality plus column weights: scoring is one streaming pass over the memory-mapped
 float16 embeddings (`score_vectors`). The quality (grade, reasons, cross-validated AUROC beside
 the prompt's own, estimated precision and share of what passes the threshold) comes with the
-concept. `suggest_rows` returns the samples to label next as rows for a grid.
+concept. `suggest_rows` returns the samples to label next as rows for a grid. Saving a concept
+with its scores, and reading them back for a subset clause, is `curation.concept_scores`.
 """
 
 from __future__ import annotations
@@ -37,11 +38,11 @@ import pyarrow as pa
 from collection import schema as S
 from collection.embeddings import read_block
 from collection.parts import CollectionError, read_metadata
-from collection.storage import read_collection_json, read_json, url_to_fs, write_json
+from collection.storage import read_collection_json, read_json, url_to_fs
 from curation.catalog import TABLE, Catalog
 from curation.concept_fit import Signals, fit_stack, grade_fit, linear_scores
 from curation.labels import check_name as _check_name
-from curation.vectors import open_store, write_table
+from curation.vectors import open_store
 from models.runtime import cores
 
 if TYPE_CHECKING:  # annotations only: torch loads when a concept is scored
@@ -258,8 +259,10 @@ def fit_concept(
         y = np.array([1] * len(positives) + [0] * len(negatives))
         prompt_vec = _prompt_vector(collection, prompt, clip)
         others = _unlabelled_ids(catalog.parts.ok_rows, ids, unlabelled, seed)
-        lab_values = column_values(catalog, ids, columns)
-        unl_values = column_values(catalog, others, columns)
+        # one join (one scan of the score columns) for the labelled and the sampled rows
+        values = column_values(catalog, np.concatenate([ids, others]), columns)
+    lab_values = {c: v[: len(ids)] for c, v in values.items()}
+    unl_values = {c: v[len(ids) :] for c, v in values.items()}
     lab, unl = _usable_columns(
         _features(collection, ids, modality, prompt_vec, lab_values),
         _features(collection, others, modality, prompt_vec, unl_values),
@@ -477,34 +480,6 @@ def suggest(concept: Concept, keys: np.ndarray, scores: np.ndarray, n: int = 10)
     return [r["key"] for r in suggest_rows(concept, keys, scores, n, top=0)]
 
 
-def save_concept(
-    collection: str,
-    concept: Concept,
-    scores: np.ndarray | None = None,
-    keys: np.ndarray | None = None,
-) -> str:
-    """Write concepts/{name}.json (and, given scores, concepts/{name}.parquet: key, score);
-    return the json path."""
-    layout = S.InsightLayout(collection)
-    path = layout.concept(concept.name)
-    if scores is not None:  # first: the json is what lists a concept as saved
-        # the key column as Arrow reads it: no Python object per row
-        keys = read_metadata(collection, [S.KEY]).column(S.KEY) if keys is None else keys
-        write_table(
-            layout.concept_scores(concept.name),
-            pa.table(
-                {
-                    S.KEY: keys
-                    if isinstance(keys, pa.ChunkedArray)
-                    else pa.array(keys, pa.string()),
-                    S.CONCEPT_SCORE: pa.array(scores, pa.float32()),
-                }
-            ),
-        )
-    write_json(path, concept.to_json())
-    return path
-
-
 def load_concept(collection: str, name: str) -> Concept:
     """A saved concept (FileNotFoundError naming the command that makes one)."""
     _check_name(name)
@@ -530,17 +505,3 @@ def saved_concepts(collection: str) -> list[str]:
         and not n.startswith(".")
         and not n.endswith(S.CONCEPT_LABELS_SUFFIX)  # a label set, not a fitted concept
     )
-
-
-def subset_clause(
-    collection: str, ids: Sequence[int] | np.ndarray, name: str, min_score: float | None = None
-) -> np.ndarray:
-    """A subset spec's `concept: {name, min_score}` clause: the ids whose score is at least
-    min_score (default: the concept's cross-validated threshold)."""
-    concept = load_concept(collection, name)
-    limit = concept.threshold if min_score is None else float(min_score)
-    if not 0.0 <= limit <= 1.0:
-        raise ValueError(f"concept clause: min_score must be in [0, 1], got {min_score!r}")
-    ids = np.asarray(ids, dtype=np.int64)
-    scores = score_collection(collection, concept)
-    return ids[scores[ids] >= limit]

@@ -27,6 +27,7 @@ from curation.spec import SpecError
 from curation.vectors import load_collection_index
 
 if TYPE_CHECKING:  # annotations only: torch loads where a model is loaded
+    from curation.concept_scores import Scorer
     from models.clip import Clip
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,9 @@ class Context:
     #: a sandboxed catalog the caller keeps between resolutions (its workers stay started);
     #: None: one of this resolution's own, closed with it
     sandbox: Catalog | None = None
+    #: scores a concept clause's rows when its saved scores are not current (the web UI's
+    #: encoder process); None: scored in this process
+    scorer: Scorer | None = None
     _catalog: Any = None
     _guarded: Any = None
     _ids: np.ndarray | None = None

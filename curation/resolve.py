@@ -41,6 +41,7 @@ from curation.spec import (
 
 if TYPE_CHECKING:  # annotations only: resolving loads no model unless a clause needs one
     from curation.catalog import Catalog
+    from curation.concept_scores import Scorer
     from models.clip import Clip
 
 log = logging.getLogger(__name__)
@@ -205,6 +206,7 @@ def resolve(
     version: Any = None,
     keys: bool = True,
     sandbox: Catalog | None = None,
+    scorer: Scorer | None = None,
 ) -> Resolution:
     """The rows `spec` names on `collection`; SpecError (one line, naming spec and field) if
     it cannot.
@@ -217,6 +219,8 @@ def resolve(
     `keys=False` leaves `Resolution.keys` empty (a dry run needs only the counts). `sandbox`
     (untrusted only: `curation.context.sandbox_catalog`, kept by the caller) runs the spec's SQL
     on workers already started, instead of starting and stopping some per resolution.
+    `scorer` scores a concept clause's rows when the concept's saved scores are not current
+    (`curation.concept_scores`; the web UI's encoder process), instead of this process.
     """
     parsed = spec if isinstance(spec, ParsedSpec) else parse_spec(spec, collection)
     ctx = Context(  # first: a missing or unreachable collection is a SpecError naming it
@@ -227,6 +231,7 @@ def resolve(
         untrusted,
         encoder,
         sandbox if untrusted else None,
+        scorer,
     )
     cid = collection_id(collection)
     steps: list[Step] = []

@@ -17,12 +17,11 @@ from curation.concept_probe import (
     Concept,
     fit_concept,
     load_concept,
-    save_concept,
     score_collection,
     score_vectors,
-    subset_clause,
     suggest,
 )
+from curation.concept_scores import save_concept, subset_clause
 from curation.dedup import dedup, subset_clause as dedup_clause
 from curation.map import compute_map, region_clause
 from curation.resolve import resolve

@@ -25,8 +25,8 @@ from curation.concept_probe import (
     load_concept,
     saved_concepts,
     score_collection,
-    subset_clause as concept_clause,
 )
+from curation.concept_scores import subset_clause as concept_clause
 from curation.dedup import dedup, main as dedup_main, read_duplicates
 from curation.map import compute_map, read_map, region_clause
 from curation.resolve import resolve

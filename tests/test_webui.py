@@ -10,6 +10,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 from streamlit.testing.v1 import AppTest
 
@@ -296,6 +297,8 @@ def test_sql_results_with_keys_or_ids_become_the_grid(coll):
     rows = results(at)
     assert len(rows) == 5 and all(r["color"] == "red" for r in rows) and not at.error
     assert [r["key"] for r in rows] == sorted(r["key"] for r in rows)  # in the result's order
+    kept = at.session_state["sql_result"]  # what the page shows, not the result's table
+    assert not any(isinstance(v, pa.Table) for v in kept.values()) and len(kept["ids"]) == 5
     at.text_area(key="sql_text").input("SELECT 99999999 AS id").run()
     at.button(key="sql_run").click().run()
     assert "out of range" in messages(at) and not results(at) and not at.exception

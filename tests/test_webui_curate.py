@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 import time
 
 import numpy as np
@@ -23,6 +24,7 @@ from curation.labels import load_labels, save_labels
 from curation.resolve import resolve
 from curation.vectors import read_keys, write_table
 from tests.webui_app import grids, messages, results, run_app
+from webui import encoder
 from webui.roots import roots_of
 
 CONCEPT = "red"
@@ -226,3 +228,19 @@ def test_subset_page_counts_each_clause_saves_and_exports(coll, tmp_path):
     assert f"python -m hdit_train.train --data {out} --config" in code and "curation.export" in code
     at.button(key="subset_remove_knn_0").click().run()
     assert "changed since reds was saved" in messages(at) and not at.exception
+
+
+def test_a_ranking_is_scored_nicer_than_the_rest_of_the_encoder():
+    """Linux keeps a nice value per thread: the ranking's thread alone is lowered."""
+    before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    seen = []
+
+    def rank() -> None:
+        encoder._background()
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+
+    worker = threading.Thread(target=rank)
+    worker.start()
+    worker.join()
+    assert seen == [min(19, before + encoder.NICER)]
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before

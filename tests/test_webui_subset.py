@@ -18,6 +18,9 @@ import yaml
 
 from collection import schema as S
 from curation.catalog import Catalog
+from curation.concept_probe import fit_concept, load_concept, score_collection
+from curation.concept_scores import save_concept, saved_passing
+from curation.resolve import resolve
 from curation.vectors import read_keys, write_table
 from tests.webui_app import REPO, messages, run_app
 from webui.draft import draft_path
@@ -139,6 +142,44 @@ print(sorted(m for m in ("torch", "open_clip") if m in sys.modules))
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_concept_clause_resolves_in_the_app_without_torch(coll):
+    """From the scores saved with the concept, and through the encoder process for one saved
+    without them; the counts are the CLI's (which scores here when it must)."""
+    with Catalog(coll) as cat:
+        red = cat.query("SELECT key FROM samples WHERE color = 'red' LIMIT 6").table
+        other = cat.query("SELECT key FROM samples WHERE color <> 'red' LIMIT 6").table
+    pos, neg = red.column(S.KEY).to_pylist(), other.column(S.KEY).to_pylist()
+    expected = {}
+    for name, with_scores in (("reds-saved", True), ("reds-bare", False)):
+        concept = fit_concept(coll, name, pos, neg, seed=1)
+        save_concept(coll, concept, score_collection(coll, concept) if with_scores else None)
+        expected[name] = len(resolve(coll, {"name": "c", "concept": [{"name": name}]}, keys=False))
+    assert 0 < expected["reds-saved"] and os.path.exists(
+        S.InsightLayout(coll).concept_scores("reds-saved")
+    )
+    assert not os.path.exists(S.InsightLayout(coll).concept_scores("reds-bare"))
+    assert saved_passing(coll, load_concept(coll, "reds-saved"), 0.5) is not None
+    other_model = fit_concept(coll, "reds-saved", pos[:3], neg[:3], seed=2)
+    assert saved_passing(coll, other_model, 0.5) is None  # not the scores of this model
+    script = f"""
+import sys
+from tests.webui_app import messages, run_app
+for name in ("reds-saved", "reds-bare"):
+    spec = {{{coll!r}: {{"concept": [{{"name": name}}]}}}}
+    at = run_app({coll!r}, "pages/subset.py", subset_spec=spec)
+    assert not at.exception and not at.error, (at.exception, messages(at))
+    print(name, at.dataframe[0].value["rows"].tolist()[-1])
+print(sorted(m for m in ("torch", "open_clip") if m in sys.modules))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    *counts, loaded = done.stdout.strip().splitlines()[-3:]
+    assert loaded == "[]"
+    assert dict((n, int(c)) for n, c in (line.split() for line in counts)) == expected
 
 
 def test_a_long_region_clause_leaves_the_row_counts_in_view(coll):

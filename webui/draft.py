@@ -112,22 +112,30 @@ def _start(catalog: Catalog) -> None:
         log.warning("%s: the SQL sandbox did not start: %s", catalog.root, exc)
 
 
+def models(path: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """`resolve`'s encoder and concept scorer for `spec`: the app's encoder process (shared
+    with search), asked only by the clauses that need it (kNN; a concept without current saved
+    scores), so the app's own process never loads torch."""
+    if not (spec.get("knn") or spec.get("concept")):
+        return {}
+    client = state.collection_encoder(path)
+    return {"encoder": client if spec.get("knn") else None, "scorer": client.concept_passing}
+
+
 def dry_run(path: str, spec: dict[str, Any], name: str = "subset") -> dict[str, Any]:
     """The spec resolved as the CLI's dry run does (sandboxed SQL), incrementally: rows after
     each clause, the count, the spec hash and a seeded sample of ids. SpecError or ValueError
     (one line) when it does not run."""
     doc = {"name": name or "subset", **spec}
-    # CLIP only when a kNN clause needs it: the app's encoder process, shared with search
-    encoder = state.collection_encoder(path) if spec.get("knn") else None
     res = resolve(
         path,
         doc,
         untrusted=True,
-        encoder=encoder,
         cache=CACHE,
         version=version(path),
         keys=False,
         sandbox=_sandbox(path, state.inspect(path).signature),
+        **models(path, spec),
     )
     rng = np.random.default_rng(0)
     n = len(res.ids)

@@ -29,7 +29,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from curation.concept_probe import Concept, ranking, save_concept, score_collection
+from curation.concept_probe import Concept, ranking, score_collection
+from curation.concept_scores import save_concept
 from models.runtime import setup_logging
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,8 @@ REPO = Path(__file__).resolve().parent.parent
 KEY_ENV = "SIEVE_ENCODER_KEY"
 #: seconds the encoder process may take to load its model and answer
 START_TIMEOUT = 300.0
+#: how much nicer than the encodes a ranking's pass runs (scored while the curator works on)
+NICER = 10
 
 
 class EncoderError(ValueError):
@@ -180,6 +183,11 @@ class EncoderClient:
         encoder process (from the scores `ranking` left there, else scored anew)."""
         return self._ask_apart(("save", (collection, concept)))
 
+    def concept_passing(self, collection: str, concept: Concept, limit: float) -> np.ndarray:
+        """A `curation.concept_scores.Scorer`: `np.packbits` of score >= limit over the
+        collection, scored in the encoder process (an eighth of a byte a row comes back)."""
+        return self._ask_apart(("passing", (collection, concept, float(limit))))
+
 
 # ---- the encoder process -----------------------------------------------------------------
 class _Scores:
@@ -201,13 +209,30 @@ class _Scores:
 
 
 _SCORES = _Scores()
+#: the requests that score a whole collection: no model, answered beside the encodes
+SCORING = ("score", "rank", "save", "passing")
+
+
+def _background() -> None:
+    """Lower the calling thread's CPU priority: a ranking scored while the curator works on
+    must not slow the app's pages (Linux keeps a nice value per thread, and the scoring threads
+    it starts inherit it); the thread serves that one request."""
+    me = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, me, min(19, os.getpriority(os.PRIO_PROCESS, me) + NICER))
+    except OSError as exc:  # not allowed here: scored at the usual priority
+        log.info("background scoring at the usual priority: %s", exc)
 
 
 def _scored(what: str, payload: Any) -> Any:
     """Answers to the requests that score a whole collection (no model needed)."""
     if what == "score":
         return score_collection(*payload)
+    if what == "passing":
+        collection, concept, limit = payload
+        return np.packbits(_SCORES.of(collection, concept) >= limit)
     if what == "rank":
+        _background()
         collection, concept, top, near = payload
         return ranking(collection, concept, _SCORES.of(collection, concept), top, near)
     collection, concept = payload
@@ -221,7 +246,7 @@ def _serve_one(conn: Connection, clip: Any, lock: threading.Lock) -> None:
         except (EOFError, OSError):
             return
         try:
-            if what in ("score", "rank", "save"):  # no model: beside the encodes, not after them
+            if what in SCORING:  # no model: beside the encodes, not after them
                 conn.send((True, _scored(what, payload)))
                 continue
             with lock:
@@ -235,7 +260,7 @@ def _serve_one(conn: Connection, clip: Any, lock: threading.Lock) -> None:
                     raise ValueError(f"unknown request {what!r}")
             conn.send((True, answer))
         except (ValueError, RuntimeError, TypeError, OSError) as exc:
-            scoring = what in ("score", "rank", "save")
+            scoring = what in SCORING
             conn.send((False, f"{exc}" if scoring else f"CLIP encoder: {exc}"))
 
 

@@ -3,30 +3,30 @@ threshold and the collection ranked by it, label the samples it suggests (those 
 sure of), and save the concept for the Subset page's concept clause.
 
 Training is `curation.concept_probe.fit_concept` (labels, the prompt and a bounded sample of
-unlabelled rows); the grade and threshold show at once, while the encoder process scores the
-whole collection in the background (`ranking`: the count above the threshold, the top and the
-suggestions, by id) and keeps the scores for Save (`save_concept`), so the app holds no per-row
+unlabelled rows); the grade and threshold show at once (the examples' search is not run
+again), and once they are drawn the encoder process scores the whole collection in the
+background, at a lower priority (`ranking`: the count above the threshold, the top and the
+suggestions, by id), keeping the scores for Save (`save_concept`): the app holds no per-row
 array. The same as `python -m curation.concept COLLECTION NAME --pos ... --neg ...`.
 """
 
 from __future__ import annotations
 
 import shlex
-from concurrent.futures import Future, ThreadPoolExecutor, TimeoutError as FutureTimeout
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import streamlit as st
+from streamlit.runtime.scriptrunner import get_script_run_ctx
 
-from curation.concept_probe import MODALITIES, Concept, fit_concept, load_concept, saved_concepts
-from indices.query import query
-from webui import components, grid, labelling, state
+from collection import schema as S
+from curation.concept_probe import MODALITIES, fit_concept, load_concept, saved_concepts
+from webui import components, grid, labelling, searches, state
 
-FIT = "concept_fit"  # {collection path: {"concept": Concept, "ranking": Future of a dict}}
+FIT = "concept_fit"  # {collection path: {"concept": Concept, "ranking": Future | None}}
 NOTE = "concept_note"
 UP, DOWN = ":material/thumb_up:", ":material/thumb_down:"
 SHOWN = 10
-#: seconds Train waits for the collection's scores before showing the fit without them
-WAIT_S = 1.0
 #: seconds between the page's looks at a ranking still being scored
 POLL_S = 1.0
 #: the background scoring passes (in the encoder process; these threads only wait on them)
@@ -72,8 +72,8 @@ def label_panel(
             f"collection as `concepts/{labelling.name_of(cur.path)}.labels.json`"
         )
         if b2.button("Train", key="concept_train", type="primary", disabled=len(labels) < 2):
-            if train(cur):
-                st.rerun()  # the whole page: the fit's grade, ranking and suggestions
+            if train(cur) and _fragment_run():
+                st.rerun(scope="app")  # the fit shows below this panel, outside the fragment
         if b3.button("Clear labels", key="concept_clear"):
             _clear(cur.path)
             st.rerun()  # every grid on the page shows the cleared set
@@ -109,15 +109,18 @@ def find_examples(cur: state.Current) -> list[dict[str, Any]]:
             f"Search for samples, then mark each {UP} (shows the concept) or {DOWN} (does not)."
         )
         return []
-    try:
-        rows = query(
+    try:  # cached: Train and the labels rerun the page without searching again
+        rows = searches.search(
             cur.path,
-            text=text.strip(),
-            k=int(k),
-            safe_mode=False,
-            hide_watermarked=False,
-            deduplicate=False,
-            searcher=cur.searcher(),
+            searches.version(cur),
+            "text",
+            text.strip(),
+            int(k),
+            S.MODALITY_IMAGE,
+            "",
+            False,
+            False,
+            False,
         )
     except ValueError as exc:  # QueryError: a malformed prompt
         st.error(str(exc))
@@ -146,17 +149,15 @@ def train(cur: state.Current) -> bool:
     ) as exc:  # too few labels, a bad name, a collection that cannot
         st.session_state[NOTE] = ("error", str(exc))
         return False
-    # the whole collection is scored in the encoder process, in the background: the fit shows
-    # now, the ranking when it is ready
-    job = _RANKING.submit(clip.ranking, cur.path, concept, SHOWN * 2, SHOWN)
-    try:
-        job.result(timeout=WAIT_S)
-    except FutureTimeout:
-        pass
-    except (ValueError, OSError):  # said where the ranking shows
-        pass
-    st.session_state.setdefault(FIT, {})[cur.path] = {"concept": concept, "ranking": job}
+    # the collection's ranking is asked for once the fit is on the page (`_wait`)
+    st.session_state.setdefault(FIT, {})[cur.path] = {"concept": concept, "ranking": None}
     return True
+
+
+def _fragment_run() -> bool:
+    """Whether this run is a fragment's alone (a click in a panel), not the page's."""
+    ctx = get_script_run_ctx()
+    return bool(ctx is not None and ctx.fragment_ids_this_run)
 
 
 def _ranked(job: Future) -> dict[str, Any] | None:
@@ -178,9 +179,20 @@ def _wait(job: Future) -> None:
     st.info("Scoring the collection with the concept… the ranking shows when it is done.")
 
 
-def show_fit(cur: state.Current, concept: Concept, job: Future) -> None:
+def _ranking(cur: state.Current, fit: dict[str, Any]) -> Future:
+    """The collection's ranking by the fitted concept: scored in the encoder process, in the
+    background, asked for the first time the fit is drawn (after it, so the pass does not
+    compete with drawing it)."""
+    if fit["ranking"] is None:
+        clip = state.collection_encoder(cur.path)
+        fit["ranking"] = _RANKING.submit(clip.ranking, cur.path, fit["concept"], SHOWN * 2, SHOWN)
+    return fit["ranking"]
+
+
+def show_fit(cur: state.Current, fit: dict[str, Any]) -> None:
     """Quality, threshold, the top of the ranking, the samples to label next, Save."""
-    ranked = _ranked(job)
+    concept, job = fit["concept"], fit["ranking"]
+    ranked = None if job is None else _ranked(job)
     q = concept.quality
     m1, m2, m3, m4 = st.columns(4)
     m1.metric("Quality", q.get("grade", "unknown"))
@@ -212,7 +224,7 @@ def show_fit(cur: state.Current, concept: Concept, job: Future) -> None:
         wrap_lines=True,
     )
     if ranked is None:
-        _wait(job)
+        _wait(_ranking(cur, fit))
         return
     top, nxt = st.tabs(["Ranked by the concept", "Label next (least certain)"])
     with top:
@@ -248,7 +260,7 @@ def render() -> None:
     fit = st.session_state.get(FIT, {}).get(cur.path)
     if fit:
         st.divider()
-        show_fit(cur, fit["concept"], fit["ranking"])
+        show_fit(cur, fit)
 
 
 render()

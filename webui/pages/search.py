@@ -11,9 +11,9 @@ from typing import Any
 import streamlit as st
 
 from collection import schema as S
-from indices.query import APPROXIMATE_NOTE, MAX_RESULTS, query, results_json, results_parquet
+from indices.query import APPROXIMATE_NOTE, MAX_RESULTS, results_json, results_parquet
 from pipelines.decode import DEFAULT_MAX_PIXELS, decode_image
-from webui import components, grid, state
+from webui import components, grid, searches, state
 from webui.roots import read_image
 
 KIND = "search_kind"  # which input the user touched last: text / upload / path / like
@@ -74,35 +74,6 @@ def _input() -> tuple[str, Any] | None:
     return "image", data
 
 
-@st.cache_data(max_entries=64, show_spinner=False)
-def _search(
-    path: str,
-    version: tuple,
-    kind: str,
-    value: Any,
-    k: int,
-    modality: str,
-    filters: str,
-    safe: bool,
-    dedup: bool,
-    hide_wm: bool,
-) -> list[dict[str, Any]]:
-    """One search, cached on everything that decides its answer (the takedown version included)."""
-    searcher = state.loaded(path, version[0]).searcher()
-    args: dict[str, Any] = {"text": None, "image": None, "like": None, kind: value}
-    return query(
-        path,
-        k=k,
-        modality=modality,
-        filters=filters or None,
-        safe_mode=safe,
-        hide_watermarked=hide_wm,
-        deduplicate=dedup,
-        searcher=searcher,
-        **args,
-    )
-
-
 def _downloads(cur: state.Current, run: dict[str, Any], rows: list[dict[str, Any]]) -> None:
     """clip front's clipsubset.json and parquet of up to MAX_RESULTS results, made on click."""
     c1, c2, c3 = st.columns([2, 1, 1], vertical_alignment="bottom")
@@ -117,7 +88,7 @@ def _downloads(cur: state.Current, run: dict[str, Any], rows: list[dict[str, Any
         return [r for r, ok in zip(found, visible) if ok]
 
     def _fetch_more() -> list[dict[str, Any]]:
-        return _search(
+        return searches.search(
             cur.path,
             run["version"],
             run["kind"],
@@ -204,10 +175,8 @@ def render() -> None:
         st.caption("Type a query, upload an image, or give an image path.")
         return
     kind, value = chosen
-    searcher = cur.searcher()
-    searcher.refresh_takedown()
     run = {
-        "version": (cur.health.signature, searcher.takedown_version),
+        "version": searches.version(cur),
         "kind": kind,
         "value": value,
         "modality": modality,
@@ -217,7 +186,7 @@ def render() -> None:
         "hide_wm": hide_wm,
     }
     try:
-        rows = _search(
+        rows = searches.search(
             cur.path, run["version"], kind, value, int(k), modality, filters, safe, dedup, hide_wm
         )
     except (
@@ -233,7 +202,7 @@ def render() -> None:
     how = "" if getattr(rows, "exact", True) else f" · {APPROXIMATE_NOTE}"
     note = f"{len(rows)} results from the {modality} index{how}"
     if safe or dedup or hide_wm or filters:
-        unfiltered = _search(
+        unfiltered = searches.search(
             cur.path, run["version"], kind, value, int(k), modality, "", False, False, False
         )
         hidden = grid.hidden_counts(rows, unfiltered, safe, hide_wm)

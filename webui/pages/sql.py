@@ -2,18 +2,18 @@
 memory and row limits, taken-down rows invisible; errors are shown as they are. The result is
 converted for the page once, by `webui.tables.for_display` (row and byte caps counted before
 anything is converted, every DuckDB type shown or written as text), and is dropped when the
-takedown list changes after the query ran. The same query runs as
-`python -m curation.sql COLLECTION "..." --untrusted`."""
+takedown list changes after the query ran. The session keeps only what the page shows (those
+rows, and the ids of the first ones for the grid: a `key` column's by one sandboxed lookup of
+those keys, never the collection's keys); a download runs the query again. The same query runs
+as `python -m curation.sql COLLECTION "..." --untrusted`."""
 
 from __future__ import annotations
 
-import numpy as np
 import pyarrow as pa
 import streamlit as st
 
 from collection import schema as S
 from collection.takedown import list_signature
-from curation.vectors import read_keys
 from webui import components, grid, state, tables
 
 EXAMPLE = "SELECT status, count(*) AS n FROM samples GROUP BY status ORDER BY n DESC"
@@ -22,10 +22,19 @@ RESULT = "sql_result"
 GRID_ROWS = 200
 
 
-@st.cache_resource(max_entries=4, show_spinner=False)
-def _keys(path: str, signature: tuple) -> np.ndarray:
-    """Every embedded row's key in global-id order (a key's id is its position), shared."""
-    return read_keys(path)
+def _ids_of_keys(cur: state.Current, keys: list[str]) -> list[int]:
+    """The global ids of `keys`, in their order, by one sandboxed query: no key of the
+    collection comes into the app (a key that is not an embedded, visible row is left out)."""
+    wanted = [k for k in dict.fromkeys(keys) if "\x00" not in k]
+    if not wanted:
+        return []
+    listed = ", ".join("'" + k.replace("'", "''") + "'" for k in wanted)
+    found = cur.catalog().query(
+        f"SELECT {S.KEY}, {S.ID} FROM samples WHERE {S.ID} IS NOT NULL AND {S.KEY} IN ({listed})",
+        client=state.session_id(),
+    )
+    ids = dict(zip(found.table.column(0).to_pylist(), found.table.column(1).to_pylist()))
+    return [int(ids[k]) for k in wanted if k in ids]
 
 
 def result_ids(cur: state.Current, table: pa.Table) -> list[int]:
@@ -35,28 +44,41 @@ def result_ids(cur: state.Current, table: pa.Table) -> list[int]:
         ids = table.column("id").slice(0, GRID_ROWS).to_pylist()
         return [int(i) for i in ids if i is not None]
     if S.KEY in table.column_names:
-        wanted = [str(k) for k in table.column(S.KEY).slice(0, GRID_ROWS).to_pylist()]
-        keys = _keys(cur.path, cur.health.signature)
-        found = np.flatnonzero(np.isin(keys, wanted))
-        rank = {k: r for r, k in enumerate(wanted)}
-        return sorted(found.tolist(), key=lambda i: rank.get(keys[i], len(rank)))
+        keys = table.column(S.KEY).slice(0, GRID_ROWS).to_pylist()
+        return _ids_of_keys(cur, [str(k) for k in keys if k is not None])
     return []
 
 
 def _run(cur: state.Current, sql: str) -> None:
+    """Run `sql` and keep what the page shows of it (the converted rows, the note, the grid's
+    ids), not the result: a download runs the query again."""
     listed = list_signature(cur.path)  # before the query: a change during it drops the result
     try:
         result = cur.catalog().query(sql, client=state.session_id())
+        table = result.table
+        ids = result_ids(cur, table) if cur.health.searchable else []
     except ValueError as exc:  # SqlError: a refused or failed statement, one line
         st.session_state[RESULT] = {"path": cur.path, "sql": sql, "error": str(exc)}
         return
+    note = f"{table.num_rows:,} rows in {result.seconds * 1000:.0f} ms"
+    if result.truncated:
+        note += " (cut at the row cap: add a LIMIT or aggregate)"
     st.session_state[RESULT] = {
         "path": cur.path,
         "sql": sql,
-        "result": result,
-        "shown": tables.for_display(result.table),
+        "note": note,
+        "shown": tables.for_display(table),
+        "ids": ids,
+        "ids_from": "id" if "id" in table.column_names else S.KEY,
         "takedown": listed,
     }
+
+
+def _download(cur: state.Current, sql: str, fmt: str) -> bytes:
+    """The query's result as a file, run again when the download is asked for (outside the
+    page's run: no spinner)."""
+    assert cur.resources is not None
+    return tables.download(cur.resources.catalog().query(sql).table, fmt)
 
 
 def render() -> None:
@@ -85,19 +107,14 @@ def render() -> None:
         st.session_state.pop(RESULT, None)
         st.info("The takedown list changed since this query ran: run it again.")
         return
-    result = shown["result"]
-    table = result.table
-    note = f"{table.num_rows:,} rows in {result.seconds * 1000:.0f} ms"
-    if result.truncated:
-        note += " (cut at the row cap: add a LIMIT or aggregate)"
     view = shown["shown"]
-    st.caption("; ".join(n for n in (note, view.note()) if n))
+    st.caption("; ".join(n for n in (shown["note"], view.note()) if n))
     st.dataframe(view.frame, hide_index=True)
-    ids = result_ids(cur, table) if cur.health.searchable else []
+    ids = shown["ids"]
     if ids:
         st.caption(
-            f"The first {len(ids)} rows as thumbnails (from the result's "
-            f"`{'id' if 'id' in table.column_names else S.KEY}` column):"
+            f"The first {len(ids)} rows as thumbnails (from the result's `{shown['ids_from']}` "
+            "column):"
         )
         try:
             rows = cur.searcher().records(ids)
@@ -106,17 +123,18 @@ def render() -> None:
         else:
             grid.show(rows, key="sql-grid", path=cur.path, source="sql")
             grid.notice()
+    sql_run = shown["sql"]
     c1, c2 = st.columns(2)
     c1.download_button(
         "CSV",
-        data=lambda: tables.download(table, "csv"),
+        data=lambda: _download(cur, sql_run, "csv"),
         file_name="query.csv",
         mime="text/csv",
         key="sql_download_csv",
     )
     c2.download_button(
         "parquet",
-        data=lambda: tables.download(table, "parquet"),
+        data=lambda: _download(cur, sql_run, "parquet"),
         file_name="query.parquet",
         mime="application/octet-stream",
         key="sql_download_parquet",

@@ -406,17 +406,16 @@ def saved_resolution(
     cur: state.Current, name: str, clauses: dict[str, Any], description: str = ""
 ) -> Resolution:
     """The saved spec's rows for the export, resumed from the page's dry runs (the same clauses)
-    and with CLIP from the app's encoder process: `curation.export.export` takes no encoder, so
-    it would load CLIP into the app for a kNN clause."""
+    and with CLIP and concept scores from the app's encoder process (`draft.models`):
+    `curation.export.export` takes neither, so it would load torch into the app."""
     doc = {"name": name, **({"description": description} if description else {}), **clauses}
-    encoder = state.collection_encoder(cur.path) if clauses.get("knn") else None
     return resolve(
         cur.path,
         doc,
         untrusted=True,
-        encoder=encoder,
         cache=draft.CACHE,
         version=draft.version(cur.path),
+        **draft.models(cur.path, clauses),
     )
 
 
