@@ -69,6 +69,27 @@ def test_distinct_samples_are_not_copies(originals):
     assert not any(is_copy(images[i], images[j]) for i, j in pairs)
 
 
+def _shapes(ground: tuple[int, int, int], shift: int = 0) -> Image.Image:
+    """Three small outlined shapes on a flat ground, the last one moved `shift` pixels right."""
+    image = Image.new("RGB", (64, 64), ground)
+    draw = ImageDraw.Draw(image)
+    for n, (x, y) in enumerate([(14, 14), (44, 16), (28, 44)]):
+        x += shift if n == 2 else 0
+        draw.ellipse([x - 6, y - 6, x + 6, y + 6], fill=(220, 30, 30), outline=(0, 0, 0))
+    return _decoded(jpeg(image))
+
+
+@pytest.mark.parametrize("ground", [(245, 245, 245), (15, 15, 15), (30, 70, 220)])
+def test_one_small_object_moved_on_a_flat_ground_is_no_copy(ground):
+    # the two pictures agree on 98% of their pixels, the same shapes on the same ground: the
+    # structure along the moved one disagrees, which a re-encode, a crop or an overlay keep
+    a = _shapes(ground)
+    assert not is_copy(a, _shapes(ground, shift=3))
+    assert is_copy(a, _decoded(jpeg(a, 60)))
+    crop = a.crop((0, 0, 56, 58))
+    assert is_copy(a, crop) and is_copy(a, _lettered(crop, (235, 235, 235, 200)))
+
+
 def test_copy_verdict_checks_each_candidate_and_gates_on_similarity(originals):
     query = _decoded(originals[0])
     copy = _decoded(make_copy(originals[0], np.random.default_rng(1), "cropped")[0])
