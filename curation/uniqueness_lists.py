@@ -149,7 +149,7 @@ def assign_task(
         )
     index = faiss.deserialize_index(np.frombuffer(_read(_plan_file(folder, "assign")), np.uint8))
     if isinstance(index, faiss.IndexHNSW):
-        index.hnsw.efSearch = 128
+        index.hnsw.efSearch = 64
     labels = np.empty(rows, np.int64)
     arr = store.arrays[pos]
     for lo in range(0, rows, BATCH):
