@@ -140,7 +140,9 @@ def exact_kth(store: Any, q_ids: np.ndarray, k: int) -> np.ndarray:
         ids = np.arange(lo, min(store.count, lo + BATCH))
         sims = q @ read_rows(store, ids).T
         sims[q_ids[:, None] == ids[None, :]] = -np.inf
-        best = -np.sort(-np.concatenate([best, sims], axis=1), axis=1)[:, :k]
+        both = np.concatenate([best, sims], axis=1)
+        best = np.take_along_axis(both, np.argpartition(-both, k - 1, axis=1)[:, :k], axis=1)
+    best = -np.sort(-best, axis=1)
     return np.maximum(1.0 - best[:, k - 1], 0.0)
 
 
@@ -152,8 +154,11 @@ def _agreement(kth: np.ndarray, uniqueness: np.ndarray, exact: np.ndarray) -> di
     }
 
 
-def measure_lists(collection: str, ms: list[int], queries: int, k: int, seed: int) -> dict:
-    """The lists method at each m and the index method, against the exact k-th distances."""
+def measure_lists(
+    collection: str, ms: list[int], queries: int, k: int, seed: int, save: Any = print
+) -> dict:
+    """The index method, then the lists method at each m, against the exact k-th distances;
+    `save(doc)` after each (a whole run at 1M takes minutes)."""
     store = open_store(collection)
     n = store.count
     q_ids = np.sort(np.random.default_rng(seed).choice(n, size=min(n, queries), replace=False))
@@ -168,6 +173,8 @@ def measure_lists(collection: str, ms: list[int], queries: int, k: int, seed: in
         "kth_atol": KTH_ATOL,
         "workers": WORKERS,
     }
+    doc["index"] = _index_method(collection, store, q_ids, k, exact)
+    save(doc)
     path = S.InsightLayout(collection).uniqueness
     for m in ms:
         t0 = time.perf_counter()
@@ -185,8 +192,7 @@ def measure_lists(collection: str, ms: list[int], queries: int, k: int, seed: in
             "nan_kth": int(np.isnan(kth).sum()),
             **_agreement(kth, table.column(S.UNIQUENESS).to_numpy(), exact),
         }
-        print(doc[f"lists_m{m}"], flush=True)
-    doc["index"] = _index_method(collection, store, q_ids, k, exact)
+        save(doc)
     return doc
 
 
@@ -227,13 +233,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lists", default=None, help="comma-separated m: measure the lists method")
     a = p.parse_args(argv)
+    rest = (a.queries, a.k, a.seed)
     if a.lists:
-        ms = [int(m) for m in a.lists.split(",") if m]
-        doc = measure_lists(a.collection, ms, a.queries, a.k, a.seed)
-        key = "lists_1m" if doc["rows"] >= 10**6 else "lists_small"
-    else:
-        doc = measure(a.collection, a.group_size, a.queries, a.k, a.seed)
-        key = "1m" if doc["rows"] >= 10**6 else "small"
+
+        def save(doc: dict[str, Any]) -> None:
+            key = "lists_1m" if doc["rows"] >= 10**6 else "lists_small"
+            print(write_results("uniqueness_groups", {key: doc}, True), doc, flush=True)
+
+        measure_lists(a.collection, [int(m) for m in a.lists.split(",") if m], *rest, save)
+        return
+    doc = measure(a.collection, a.group_size, *rest)
+    key = "1m" if doc["rows"] >= 10**6 else "small"
     print(write_results("uniqueness_groups", {key: doc}, True), flush=True)
 
 
