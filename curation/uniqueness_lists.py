@@ -36,9 +36,10 @@ from curation.vectors import load_collection_index, open_store, read_rows
 
 log = logging.getLogger(__name__)
 
-#: the neighbour lists each row is compared against by default (its own included): the
-#: agreement with the exact k-th distance this buys at 1M rows is in bench/results
-NEIGHBOUR_LISTS = 8
+#: the neighbour lists each row is compared against by default (its own included): the fewest
+#: that agree with exact k-NN better than the index search did at 1M rows (k-th distance within
+#: 1e-3 for 98% of rows, against 85%; bench/results/uniqueness_groups.json `lists_1m`)
+NEIGHBOUR_LISTS = 4
 #: query rows per group task (the task also reads its lists' neighbours' rows)
 TASK_ROWS = 32768
 #: candidate rows per matrix product
