@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 #: the neighbour lists each row is compared against by default (its own included): the fewest
 #: that agree with exact k-NN better than the index search did at 1M rows (k-th distance within
-#: 1e-3 for 98% of rows, against 85%; bench/results/uniqueness_groups.json `lists_1m`)
+#: 1e-3 for 98% of rows, against 85%; bench/results/uniqueness_groups.json)
 NEIGHBOUR_LISTS = 4
 #: query rows per group task (the task also reads its lists' neighbours' rows)
 TASK_ROWS = 32768
