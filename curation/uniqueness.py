@@ -1,7 +1,13 @@
-"""How rare each sample is: the cosine distance to its k-th nearest neighbour, found through the
-collection's index, stored as a column table SQL can join (`uniqueness.parquet`).
+"""How rare each sample is: the cosine distance to its k-th nearest neighbour, stored as a column
+table SQL can join (`uniqueness.parquet`).
 
     python -m curation.uniqueness COLLECTION [--k 10] [--modality image]
+                                  [--method lists|index] [--neighbour-lists M]
+
+The `lists` method (default, `curation.uniqueness_lists`) compares each row exactly, by matrix
+products, with the rows of the M inverted lists nearest its own (the index's coarse centroids,
+or a k-means on a sample): bounded tasks, linear in the rows for a fixed list size. The `index`
+method searches every row through the collection's index (`curation.uniqueness_job`).
 
 Columns: `key`, `id` (the global vector id), `kth_distance` (1 − cosine to the k-th nearest
 other sample) and `uniqueness`, the sample's rank by kth_distance scaled to [0, 1] (1: the
@@ -24,12 +30,14 @@ from collection import schema as S
 from collection.cluster_options import add_cluster_options
 from collection.storage import write_json
 from curation.uniqueness_job import uniqueness_job
+from curation.uniqueness_lists import NEIGHBOUR_LISTS, TASK_ROWS, lists_job
 from curation.vectors import read_table
 from models.runtime import setup_logging
 
 log = logging.getLogger(__name__)
 
 DEFAULT_K = 10
+METHODS = ("lists", "index")
 
 
 def uniqueness_scores(kth_distance: np.ndarray) -> np.ndarray:
@@ -53,20 +61,33 @@ def compute_uniqueness(
     modality: str = S.MODALITY_IMAGE,
     scheduler: str | None = None,
     workers: int | None = None,
+    method: str = "lists",
+    neighbour_lists: int = NEIGHBOUR_LISTS,
+    task_rows: int = TASK_ROWS,
 ) -> dict[str, Any]:
-    """Compute and write uniqueness.parquet (one Dask task per part: a LocalCluster of `workers`
-    processes, the cluster at `scheduler`, or with `workers=0` this process); return a small
-    report."""
+    """Compute and write uniqueness.parquet by `method` (module doc) in Dask tasks: a
+    LocalCluster of `workers` processes, the cluster at `scheduler`, or with `workers=0` this
+    process; return a small report."""
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
+    if method not in METHODS:
+        raise ValueError(f"method: unknown {method!r}; expected one of {list(METHODS)}")
     started = time.time()
     path = S.InsightLayout(collection).uniqueness
-    done = uniqueness_job(collection, k, modality, path, scheduler, workers)
+    if method == "index":
+        done = uniqueness_job(collection, k, modality, path, scheduler, workers)
+    else:
+        done = lists_job(
+            collection, k, modality, path, scheduler, workers, neighbour_lists, task_rows
+        )
+    extra = {n: done[n] for n in ("lists", "centroids", "neighbour_lists") if n in done}
     report = {
         "path": path,
         "samples": done["samples"],
         "k": k,
         "modality": modality,
+        "method": method,
+        **extra,
         "median_kth_distance": done["median_kth_distance"],
         "tasks": done["tasks"],
         "tasks_run": done["tasks_run"],
@@ -103,11 +124,32 @@ def main(argv: list[str] | None = None) -> None:
         "--k", type=int, default=DEFAULT_K, help="which neighbour's distance measures rarity"
     )
     p.add_argument("--modality", default=S.MODALITY_IMAGE, choices=S.MODALITIES)
+    p.add_argument("--method", default="lists", choices=METHODS, help="see above")
+    p.add_argument(
+        "--neighbour-lists",
+        type=int,
+        default=NEIGHBOUR_LISTS,
+        metavar="M",
+        help=f"lists method: lists each row is compared with, its own included "
+        f"(default {NEIGHBOUR_LISTS})",
+    )
     add_cluster_options(p)
     a = p.parse_args(argv)
     setup_logging()
     try:
-        print(json.dumps(compute_uniqueness(a.collection, a.k, a.modality, a.scheduler, a.workers)))
+        print(
+            json.dumps(
+                compute_uniqueness(
+                    a.collection,
+                    a.k,
+                    a.modality,
+                    a.scheduler,
+                    a.workers,
+                    a.method,
+                    a.neighbour_lists,
+                )
+            )
+        )
     except (ValueError, FileNotFoundError) as exc:  # bad input: one line, no traceback
         p.error(str(exc))
 

@@ -1,6 +1,7 @@
-"""The uniqueness job: one task per part finds its vectors' k-th nearest neighbour through the
-collection's index and writes (key, id, kth_distance); the driver ranks every distance in DuckDB
-and streams `uniqueness.parquet` out in id order, holding no per-sample array itself.
+"""The uniqueness job's `index` method: one task per part finds its vectors' k-th nearest
+neighbour through the collection's index and writes (key, id, kth_distance); the driver ranks
+every distance in DuckDB and streams `uniqueness.parquet` out in id order, holding no per-sample
+array itself (`finish_job`, which the `lists` method, `curation.uniqueness_lists`, shares).
 """
 
 from __future__ import annotations
@@ -112,6 +113,22 @@ def _ranked(n: int) -> Any:
     )
 
 
+def finish_job(folder: TaskFolder, names: list[str], n: int, path: str) -> dict[str, Any]:
+    """The task outputs (key, id, kth_distance) of `n` rows ranked into `path` by DuckDB, the
+    task folder removed; the row count and median k-th distance."""
+    rows = stream_query(folder, names, _ranked(n), path, SCHEMA)
+    median = scalar(
+        folder,
+        names,
+        lambda files: (
+            f'SELECT median("{S.KTH_DISTANCE}") FROM read_parquet({files}) '
+            f'WHERE NOT isnan("{S.KTH_DISTANCE}")'
+        ),
+    )
+    folder.remove()
+    return {"samples": rows, "median_kth_distance": None if median is None else float(median)}
+
+
 def uniqueness_job(
     collection: str,
     k: int,
@@ -120,7 +137,8 @@ def uniqueness_job(
     scheduler: str | None = None,
     workers: int | None = None,
 ) -> dict[str, Any]:
-    """Write `path` (uniqueness.parquet) through one task per part; return counts for the report."""
+    """Write `path` (uniqueness.parquet) through one index search task per part (the `index`
+    method); return counts for the report."""
     check_parts(collection, modality)
     store = open_store(collection, modality)
     doc = check_index(collection, modality, store.count)
@@ -132,19 +150,10 @@ def uniqueness_job(
     args = [(collection, modality, k, pos, depth) for pos in range(len(store.parts))]
     with Runner(scheduler, workers) as runner:
         _, ran = runner.run(part_task, folder, names, args)
-    rows = stream_query(folder, names, _ranked(store.count), path, SCHEMA)
-    median = scalar(
-        folder,
-        names,
-        lambda files: (
-            f'SELECT median("{S.KTH_DISTANCE}") FROM read_parquet({files}) '
-            f'WHERE NOT isnan("{S.KTH_DISTANCE}")'
-        ),
-    )
-    folder.remove()
+    done = finish_job(folder, names, store.count, path)
     return {
-        "samples": rows,
-        "median_kth_distance": None if median is None else float(median),
+        **done,
+        "method": "index",
         "tasks": len(names),
         "tasks_run": ran,
     }

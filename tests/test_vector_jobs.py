@@ -18,7 +18,7 @@ from bench.synthetic import write_vector_collection
 from collection import schema as S
 from collection.cluster import open_cluster
 from collection.parts import CollectionError
-from curation import map_job, semdedup_job, uniqueness_job
+from curation import map_job, semdedup_job, uniqueness_job, uniqueness_lists
 from curation.dedup import dedup
 from curation.map import compute_map
 from curation.semdedup import SemanticParams
@@ -53,8 +53,14 @@ def _semantic(coll: str, **kw) -> dict:
 
 #: stage -> (run it, its output file, the job module and task whose failure simulates a kill)
 STAGES = {
+    # by lists: 2 of the 6 lists per row, 4 group tasks after the 4 assign tasks
     "uniqueness": (
-        lambda c, **kw: compute_uniqueness(c, k=5, **kw),
+        lambda c, **kw: compute_uniqueness(c, k=5, neighbour_lists=2, task_rows=400, **kw),
+        lambda c: S.InsightLayout(c).uniqueness,
+        (uniqueness_lists, "group_task"),
+    ),
+    "uniqueness_index": (
+        lambda c, **kw: compute_uniqueness(c, k=5, method="index", **kw),
         lambda c: S.InsightLayout(c).uniqueness,
         (uniqueness_job, "part_task"),
     ),
@@ -119,8 +125,9 @@ def test_a_killed_run_rerun_redoes_only_its_unfinished_tasks(coll, local, monkey
     monkeypatch.setattr(module, task, real)
     again = run(coll, workers=0)
     total, redone = _tasks(again)
-    # the kill left one task of its kind finished (and, for semantic, every part assigned)
-    assert redone == total - 1 - (4 if stage == "semantic" else 0)
+    # the kill left one task of its kind finished (and, for semantic and uniqueness by lists,
+    # every part assigned)
+    assert redone == total - 1 - (4 if stage in ("semantic", "uniqueness") else 0)
     assert pq.read_table(path(coll)).equals(local[stage][0])
 
 
@@ -145,7 +152,7 @@ def test_lost_task_outputs_are_redone_on_dask_and_the_output_is_identical(
 
 
 def test_changed_parameters_redo_every_task(coll, local):
-    report = compute_uniqueness(coll, k=3, workers=0)
+    report = compute_uniqueness(coll, k=3, neighbour_lists=2, task_rows=400, workers=0)
     assert _tasks(report)[1] == _tasks(report)[0]
     assert not pq.read_table(S.InsightLayout(coll).uniqueness).equals(local["uniqueness"][0])
 
@@ -183,7 +190,7 @@ print(json.dumps({"rss": rss, "anon": peak[0]}))
 def test_the_drivers_memory_does_not_grow_with_the_rows(tmp_path, scheduler):
     n = 6000
     roots = [_collection(str(tmp_path / str(rows)), rows, 128) for rows in (n, 4 * n)]
-    for stage in STAGES:
+    for stage in ("uniqueness", "map", "semantic"):
         peaks = []
         for root in roots:
             out = subprocess.run(
@@ -217,7 +224,9 @@ def test_a_damaged_collection_is_named_with_what_to_run(tmp_path):
     other = _collection(str(tmp_path / "other"), 400)
     shutil.rmtree(S.CollectionLayout(other).indices_dir)
     with pytest.raises(CollectionError, match="no image index.*indices.build"):
-        compute_uniqueness(other, workers=0)
+        compute_uniqueness(other, workers=0, method="index")
+    # by lists, a collection without an index is grouped by a k-means on a sample
+    assert compute_uniqueness(other, workers=0)["centroids"] == "kmeans"
 
 
 def test_semantic_alone_numbers_groups_by_their_kept_sample(local):

@@ -1,0 +1,325 @@
+"""Uniqueness by lists: every row's exact k nearest neighbours among the rows of the m inverted
+lists nearest its own, with matrix products instead of index searches, in bounded tasks.
+
+The driver plans from centroids alone (the collection's IVF coarse centroids, or a k-means on a
+sample where its index has none): it orders the lists so that nearby lists are adjacent, finds
+each list's m nearest lists (its own first) and cuts the order into groups of about `task_rows`
+rows. One task per part assigns its rows to lists and writes (list, id, key) sorted by list;
+one task per group of lists reads the rows of its lists and of their neighbours, computes the
+cosines of each list's rows against its neighbours' rows block by block (float32 GEMM) keeping
+the running top k, and writes (key, id, kth_distance). With m = the number of lists the result is
+the exact k-NN of every row; smaller m bounds each row's work (`bench.uniqueness_groups` measures
+what it costs in agreement). The driver holds centroids and per-list counts, nothing per row.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+from typing import Any
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+
+from collection import schema as S
+from collection.embeddings import EmbeddingStore
+from collection.parts import CollectionError, read_part_metadata
+from collection.storage import file_signature, read_json, url_to_fs, write_bytes
+from curation.semdedup import SemanticParams, kmeans
+from curation.uniqueness_job import finish_job
+from curation.vector_jobs import Runner, TaskFolder, check_parts, part_params, task_folder
+from curation.vectors import load_collection_index, open_store, read_rows
+
+log = logging.getLogger(__name__)
+
+#: the neighbour lists each row is compared against by default (its own included): the fewest
+#: that agree with exact k-NN better than the index search did at 1M rows (k-th distance within
+#: 1e-3 for 98% of rows, against 85%; bench/results/uniqueness_groups.json)
+NEIGHBOUR_LISTS = 4
+#: query rows per group task (the task also reads its lists' neighbours' rows)
+TASK_ROWS = 32768
+#: candidate rows per matrix product
+BLOCK = 8192
+#: above this many lists, rows are assigned through an HNSW graph over the centroids
+HNSW_MIN = 1024
+#: rows per list of the k-means fallback (a collection whose index has no IVF lists)
+LIST_ROWS = 256
+#: vectors assigned per search in an assign task
+BATCH = 65536
+LIST = "list"
+PLAN = "plan"
+
+
+def index_centroids(collection: str, modality: str) -> np.ndarray | None:
+    """The coarse centroids of the collection's IVF index; None when it has no IVF index."""
+    layout = S.CollectionLayout(collection)
+    fs, path = url_to_fs(layout.index(modality))
+    if read_json(layout.index_json(modality)) is None or not fs.exists(path):
+        return None
+    index, _ = load_collection_index(collection, modality)
+    try:
+        ivf = faiss.extract_index_ivf(index)
+    except RuntimeError:  # a flat or HNSW index: no lists
+        return None
+    return np.ascontiguousarray(ivf.quantizer.reconstruct_n(0, ivf.nlist), dtype=np.float32)
+
+
+def sample_centroids(store: EmbeddingStore, lists: int, seed: int = 0) -> np.ndarray:
+    """`lists` spherical k-means centroids trained on a sample of the store."""
+    params = SemanticParams(seed=seed)
+    rng = np.random.default_rng(seed)
+    size = min(store.count, lists * params.points_per_centroid)
+    sample = np.sort(rng.choice(store.count, size=size, replace=False))
+    return kmeans(read_rows(store, sample), lists, params)
+
+
+def plan_lists(
+    centroids: np.ndarray, m: int, groups: int, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(centroids reordered so that each group's lists are adjacent, each list's m nearest lists
+    in that order (its own first), each group's first list and the end): the whole plan."""
+    nlist = len(centroids)
+    groups = max(1, min(groups, nlist))
+    labels = np.zeros(nlist, np.int64)
+    if groups > 1:  # nearby lists in one task: their neighbour lists overlap
+        km = faiss.Kmeans(
+            centroids.shape[1], groups, niter=20, seed=seed, min_points_per_centroid=1
+        )
+        km.train(centroids)
+        labels = km.index.search(centroids, 1)[1][:, 0]
+    order = np.lexsort((np.arange(nlist), labels))
+    ordered = np.ascontiguousarray(centroids[order])
+    bounds = np.searchsorted(labels[order], np.unique(labels))
+    bounds = np.append(bounds, nlist).astype(np.int64)
+    m = min(m, nlist)
+    flat = faiss.IndexFlatL2(ordered.shape[1])
+    flat.add(ordered)
+    _, near = flat.search(ordered, m)
+    own = np.arange(nlist)
+    # a list is its own first neighbour even where a centroid repeats
+    near = np.where(near == own[:, None], -1, near)
+    rest = np.array([r[r >= 0][: m - 1] for r in near]).reshape(nlist, m - 1)
+    return ordered, np.concatenate([own[:, None], rest], axis=1).astype(np.int64), bounds
+
+
+def assigner(centroids: np.ndarray) -> bytes:
+    """The index that assigns rows to lists (nearest centroid by L2), serialized: flat, or an
+    HNSW graph over many centroids built on one thread so every run builds the same graph."""
+    d = centroids.shape[1]
+    if len(centroids) <= HNSW_MIN:
+        index = faiss.IndexFlatL2(d)
+        index.add(centroids)
+    else:
+        index = faiss.IndexHNSWFlat(d, 32)
+        index.hnsw.efConstruction = 80
+        threads = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(1)
+        try:
+            index.add(centroids)
+        finally:
+            faiss.omp_set_num_threads(threads)
+    return faiss.serialize_index(index).tobytes()
+
+
+def _read(url: str) -> bytes:
+    fs, p = url_to_fs(url)
+    with fs.open(p, "rb") as fh:
+        return fh.read()
+
+
+def _plan_file(folder: TaskFolder, what: str) -> str:
+    return folder.output(PLAN).removesuffix(".parquet") + f"_{what}"
+
+
+def assign_task(
+    folder: TaskFolder, name: str, collection: str, modality: str, pos: int
+) -> dict[str, Any]:
+    """One part's rows with their list (list, id, key), sorted by list; returns rows per list."""
+    store = EmbeddingStore.open(collection, modality)
+    part, start = store.parts[pos], int(store.offsets[pos])
+    rows = int(store.offsets[pos + 1]) - start
+    keys = read_part_metadata(collection, part, [S.KEY], ok_only=True).column(S.KEY)
+    if len(keys) != rows:
+        raise CollectionError(
+            f"{S.CollectionLayout(collection).metadata(part)}: {len(keys)} embedded rows but "
+            f"{rows} {modality} vectors"
+        )
+    index = faiss.deserialize_index(np.frombuffer(_read(_plan_file(folder, "assign")), np.uint8))
+    if isinstance(index, faiss.IndexHNSW):
+        index.hnsw.efSearch = 64
+    labels = np.empty(rows, np.int64)
+    arr = store.arrays[pos]
+    for lo in range(0, rows, BATCH):
+        x = np.ascontiguousarray(arr[lo : lo + BATCH], dtype=np.float32)
+        labels[lo : lo + len(x)] = index.search(x, 1)[1][:, 0]
+    order = np.argsort(labels, kind="stable")
+    folder.write(
+        name,
+        pa.table(
+            {
+                LIST: pa.array(labels[order], pa.int64()),
+                S.ID: pa.array(start + order, pa.int64()),
+                S.KEY: keys.cast(pa.string()).take(pa.array(order)),
+            }
+        ),
+    )
+    return {"rows": rows, "sizes": np.bincount(labels, minlength=index.ntotal).tolist()}
+
+
+def top_k(
+    q: np.ndarray, q_ids: np.ndarray, x: np.ndarray, x_ids: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each query's k most similar rows of `x` other than itself: (positions in x, cosines),
+    each (len(q), k), one matrix product per block of BLOCK rows of x; -1 / -inf where x holds
+    fewer than k others."""
+    best_s = np.full((len(q), k), -np.inf, np.float32)
+    best_i = np.full((len(q), k), -1, np.int64)
+    rows = np.arange(len(q))[:, None]
+    for lo in range(0, len(x), BLOCK):
+        s = q @ x[lo : lo + BLOCK].T
+        s[q_ids[:, None] == x_ids[None, lo : lo + BLOCK]] = -np.inf  # never one's own neighbour
+        idx = np.broadcast_to(np.arange(lo, lo + s.shape[1]), s.shape)
+        s, idx = np.concatenate([best_s, s], axis=1), np.concatenate([best_i, idx], axis=1)
+        keep = np.argpartition(-s, k - 1, axis=1)[:, :k]
+        best_s, best_i = s[rows, keep], idx[rows, keep]
+    best_i[~np.isfinite(best_s)] = -1
+    return best_i, best_s
+
+
+def group_task(
+    folder: TaskFolder,
+    name: str,
+    collection: str,
+    modality: str,
+    k: int,
+    first: int,
+    end: int,
+    parts: list[str],
+) -> dict[str, Any]:
+    """Lists first..end-1: each row's k-th distance among the rows of its list's neighbour lists
+    (key, id, kth_distance); returns the rows and how many had fewer than k candidates."""
+    near = np.load(io.BytesIO(_read(_plan_file(folder, "near.npy"))))[first:end]
+    needed = np.unique(near)
+    fs, _ = url_to_fs(folder.url)
+    dataset = ds.dataset([url_to_fs(folder.output(p))[1] for p in parts], filesystem=fs)
+    table = dataset.to_table(filter=ds.field(LIST).isin(pa.array(needed, pa.int64())))
+    table = table.take(pc.sort_indices(table, [(LIST, "ascending"), (S.ID, "ascending")]))
+    lists, ids = table.column(LIST).to_numpy(), table.column(S.ID).to_numpy()
+    x = read_rows(EmbeddingStore.open(collection, modality), ids)
+    lo = np.searchsorted(lists, np.arange(first, end + 1))
+    at = {int(c): (int(a), int(b)) for c, a, b in zip(needed, *_spans(lists, needed))}
+    kth = np.full(lo[-1] - lo[0], np.nan, np.float32)
+    short = 0
+    for i in range(end - first):
+        if lo[i] == lo[i + 1]:
+            continue
+        cand = np.concatenate([np.arange(*at[int(c)]) for c in near[i]])
+        q_rows = np.arange(lo[i], lo[i + 1])
+        pos, sims = top_k(x[q_rows], ids[q_rows], x[cand], ids[cand], k)
+        kth_pos = pos[np.arange(len(pos)), np.argmin(sims, axis=1)]
+        found = (pos >= 0).all(axis=1)
+        short += int((~found).sum())
+        # the k-th cosine recomputed row by row: the same value on any BLAS thread count
+        exact = np.einsum("qd,qd->q", x[q_rows[found]], x[cand[kth_pos[found]]])
+        kth[q_rows[found] - lo[0]] = np.maximum(1.0 - exact, 0.0)  # float16 copies exceed 1
+    mine = slice(int(lo[0]), int(lo[-1]))
+    folder.write(
+        name,
+        pa.table(
+            {
+                S.KEY: table.column(S.KEY).slice(mine.start, mine.stop - mine.start),
+                S.ID: pa.array(ids[mine], pa.int64()),
+                S.KTH_DISTANCE: pa.array(kth, pa.float32()),
+            }
+        ),
+    )
+    return {"rows": int(len(kth)), "fewer_than_k": short}
+
+
+def _spans(lists: np.ndarray, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where each wanted list's rows start and end in `lists` (sorted)."""
+    return np.searchsorted(lists, wanted, "left"), np.searchsorted(lists, wanted, "right")
+
+
+def _centroids(collection: str, modality: str, store: EmbeddingStore) -> tuple[np.ndarray, str]:
+    """The lists' centroids and where they came from."""
+    found = index_centroids(collection, modality)
+    if found is not None:
+        return found, "index"
+    lists = max(1, min(round(4 * math.sqrt(store.count)), store.count // LIST_ROWS))
+    log.info("%s: no IVF index; k-means of %d lists on a sample", collection, lists)
+    return sample_centroids(store, lists), "kmeans"
+
+
+def lists_job(
+    collection: str,
+    k: int,
+    modality: str,
+    path: str,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    m: int = NEIGHBOUR_LISTS,
+    task_rows: int = TASK_ROWS,
+) -> dict[str, Any]:
+    """Write `path` (uniqueness.parquet) by lists (module doc); return counts for the report."""
+    if m < 1 or task_rows < 1:
+        raise ValueError(f"neighbour lists and task rows must be at least 1, got {m}, {task_rows}")
+    check_parts(collection, modality)
+    store = open_store(collection, modality)
+    layout = S.CollectionLayout(collection)
+    params = {
+        "k": k,
+        "modality": modality,
+        "method": "lists",
+        "neighbour_lists": m,
+        "task_rows": task_rows,
+        "index": file_signature(layout.index(modality)),
+        **part_params(collection, np.diff(store.offsets)),
+    }
+    folder = task_folder(path, params)
+    plan = folder.result(PLAN)
+    if plan is None:
+        centroids, source = _centroids(collection, modality, store)
+        groups = math.ceil(store.count / task_rows)
+        ordered, near, bounds = plan_lists(centroids, m, groups)
+        buf = io.BytesIO()
+        np.save(buf, near)
+        write_bytes(_plan_file(folder, "near.npy"), buf.getvalue())
+        write_bytes(_plan_file(folder, "assign"), assigner(ordered))
+        plan = folder.finish(
+            PLAN, {"lists": len(ordered), "centroids": source, "bounds": bounds.tolist()}
+        )
+    bounds = plan["bounds"]
+    parts = [f"assign_{p:05d}" for p in store.parts]
+    with Runner(scheduler, workers) as runner:
+        runner_args = [(collection, modality, pos) for pos in range(len(parts))]
+        _, ran = runner.run(assign_task, folder, parts, runner_args)
+        names = [f"group_{g:05d}" for g in range(len(bounds) - 1)]
+        args = [
+            (collection, modality, k, bounds[g], bounds[g + 1], parts)
+            for g in range(len(bounds) - 1)
+        ]
+        results, ran_groups = runner.run(group_task, folder, names, args)
+    done = finish_job(folder, names, store.count, path)
+    log.info(
+        "%s: uniqueness by %d lists (%s centroids), %d neighbour lists, %d group tasks",
+        collection,
+        plan["lists"],
+        plan["centroids"],
+        m,
+        len(names),
+    )
+    return {
+        **done,
+        "method": "lists",
+        "lists": plan["lists"],
+        "centroids": plan["centroids"],
+        "neighbour_lists": min(m, plan["lists"]),
+        "fewer_than_k_candidates": sum(r["fewer_than_k"] for r in results),
+        "tasks": len(parts) + len(names),
+        "tasks_run": ran + ran_groups,
+    }

@@ -1,0 +1,102 @@
+"""Uniqueness by lists (`curation.uniqueness_lists`): with every list a neighbour of every list it
+is the exact k-NN of brute force, from an IVF index's centroids or a k-means of its own; fewer
+neighbour lists only ever find a farther k-th neighbour; the plan and the running top k hold
+their rules."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from bench.synthetic import write_vector_collection
+from collection import schema as S
+from curation import uniqueness_lists as U
+from curation.uniqueness import compute_uniqueness, uniqueness_scores
+from curation.vectors import open_store, read_rows
+from indices.build import build
+
+K = 5
+
+
+def _exact_kth(root: str, k: int) -> np.ndarray:
+    """1 - the cosine to each row's k-th nearest other row, by brute force over all rows."""
+    store = open_store(root)
+    x = read_rows(store, np.arange(store.count))
+    sims = x @ x.T
+    np.fill_diagonal(sims, -np.inf)
+    return np.maximum(1.0 - np.sort(sims, axis=1)[:, -k], 0.0)
+
+
+@pytest.fixture(scope="module")
+def coll(tmp_path_factory) -> str:
+    root = str(tmp_path_factory.mktemp("ulists") / "c")
+    write_vector_collection(root, 1200, 3, 24, n_clusters=12)
+    return root
+
+
+def _table(root: str):
+    return pq.read_table(S.InsightLayout(root).uniqueness).to_pandas()
+
+
+def test_every_list_as_a_neighbour_gives_the_exact_knn_of_brute_force(coll):
+    report = compute_uniqueness(coll, k=K, workers=0, neighbour_lists=1000, task_rows=300)
+    assert report["centroids"] == "kmeans" and report["lists"] > 1
+    assert report["tasks"] > 3 + 1  # the parts' assign tasks and several group tasks
+    table = _table(coll)
+    exact = _exact_kth(coll, K)
+    assert table[S.ID].tolist() == list(range(len(exact)))
+    np.testing.assert_allclose(table[S.KTH_DISTANCE], exact, atol=1e-6)
+    np.testing.assert_allclose(table[S.UNIQUENESS], uniqueness_scores(exact), atol=2 / len(exact))
+
+
+def test_an_ivf_index_lends_its_coarse_centroids_and_stays_exact_with_every_list(tmp_path):
+    root = str(tmp_path / "c")
+    write_vector_collection(root, 900, 3, 16, n_clusters=8)
+    build(root, modality="image", index_key="IVF8,Flat")
+    report = compute_uniqueness(root, k=K, workers=0, neighbour_lists=8, task_rows=300)
+    assert (report["centroids"], report["lists"]) == ("index", 8)
+    np.testing.assert_allclose(_table(root)[S.KTH_DISTANCE], _exact_kth(root, K), atol=1e-6)
+
+
+def test_fewer_neighbour_lists_only_find_farther_kth_neighbours(coll):
+    report = compute_uniqueness(coll, k=K, workers=0, neighbour_lists=1, task_rows=300)
+    assert report["neighbour_lists"] == 1
+    kth = _table(coll)[S.KTH_DISTANCE].to_numpy()
+    exact = _exact_kth(coll, K)
+    found = np.isfinite(kth)  # a list of fewer than k + 1 rows leaves its rows without one
+    assert (kth[found] >= exact[found] - 1e-6).all()
+    assert np.isclose(kth[found], exact[found], atol=1e-3).mean() < 1.0  # borders lose some
+
+
+def test_the_plan_puts_each_list_first_among_its_nearest_and_groups_cover_every_list():
+    rng = np.random.default_rng(0)
+    centroids = rng.normal(size=(40, 8)).astype(np.float32)
+    ordered, near, bounds = U.plan_lists(centroids, 4, 5)
+    assert sorted(map(tuple, ordered.tolist())) == sorted(map(tuple, centroids.tolist()))
+    assert (near[:, 0] == np.arange(40)).all()
+    dist = ((ordered[:, None] - ordered[None]) ** 2).sum(-1)
+    expect = np.sort(dist, axis=1)[:, :4]
+    np.testing.assert_allclose(np.take_along_axis(dist, near, axis=1), expect, rtol=1e-5)
+    assert bounds[0] == 0 and bounds[-1] == 40 and (np.diff(bounds) > 0).all()
+
+
+def test_the_running_top_k_over_blocks_matches_a_full_sort(monkeypatch):
+    monkeypatch.setattr(U, "BLOCK", 7)
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(50, 6)).astype(np.float32)
+    ids = np.arange(100, 150)
+    pos, sims = U.top_k(x[:20], ids[:20], x, ids, 4)
+    full = x[:20] @ x.T
+    full[np.arange(20), np.arange(20)] = -np.inf  # itself is never its own neighbour
+    np.testing.assert_allclose(np.sort(sims, axis=1), np.sort(full, axis=1)[:, -4:], rtol=1e-6)
+    assert not (pos == np.arange(20)[:, None]).any()
+    few, few_sims = U.top_k(x[:3], ids[:3], x[:3], ids[:3], 4)  # two others: no 3rd or 4th
+    assert ((few >= 0).sum(axis=1) == 2).all() and np.isinf(few_sims).sum() == 6
+
+
+def test_bad_neighbour_lists_are_refused_in_one_line(coll):
+    with pytest.raises(ValueError, match="neighbour lists"):
+        compute_uniqueness(coll, workers=0, neighbour_lists=0)
+    with pytest.raises(ValueError, match="method: unknown 'nearest'"):
+        compute_uniqueness(coll, workers=0, method="nearest")
