@@ -127,12 +127,12 @@ def test_uniqueness_is_a_joinable_table_and_copies_are_the_least_unique(insight_
     assert pq.read_table(S.InsightLayout(coll).uniqueness).num_rows == len(table)
 
 
-def test_uniqueness_ranks_ties_together_and_needs_an_index(tmp_path):
+def test_uniqueness_ranks_ties_together_and_its_index_method_needs_an_index(tmp_path):
     assert uniqueness_scores(np.array([0.1, 0.3, 0.1, np.nan])).tolist() == pytest.approx(
         [1 / 6, 2 / 3, 1 / 6, 1.0]
     )
     coll = write_collection(str(tmp_path / "c"), [clustered_vectors(30, 8, n_clusters=3)])
     with pytest.raises(CollectionError, match="no image index.*indices.build"):
-        compute_uniqueness(coll)
+        compute_uniqueness(coll, method="index", workers=0)
     with pytest.raises(ValueError, match="k must be at least 1"):
         compute_uniqueness(coll, k=0)
