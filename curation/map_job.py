@@ -22,13 +22,13 @@ import pyarrow as pa
 
 from collection import schema as S
 from collection.embeddings import EmbeddingStore
-from collection.parts import CollectionError, read_part_metadata
 from collection.storage import file_signature, url_to_fs, write_bytes
 from curation.vector_jobs import (
     Runner,
     TaskFolder,
     check_parts,
     concat_outputs,
+    part_keys,
     part_params,
     task_folder,
 )
@@ -204,14 +204,7 @@ def part_task(
     npz = _model_path(folder, ".npz")
     model = _model(npz, file_signature(npz))
     store = EmbeddingStore.open(collection, modality)
-    part, start = store.parts[pos], int(store.offsets[pos])
-    rows = int(store.offsets[pos + 1]) - start
-    keys = read_part_metadata(collection, part, [S.KEY], ok_only=True).column(S.KEY)
-    if len(keys) != rows:
-        raise CollectionError(
-            f"{S.CollectionLayout(collection).metadata(part)}: {len(keys)} embedded rows but "
-            f"{rows} {modality} vectors"
-        )
+    start, rows, keys = part_keys(collection, store, pos)
     sample_ids, sample_xy = model["sample_ids"], model["sample_xy"]
     reducer = None
     if place == "transform" and len(sample_ids) >= 3:

@@ -15,12 +15,13 @@ import pyarrow as pa
 
 from collection import schema as S
 from collection.embeddings import EmbeddingStore
-from collection.parts import CollectionError, read_part_metadata
+from collection.parts import CollectionError
 from collection.storage import file_signature
 from curation.vector_jobs import (
     Runner,
     TaskFolder,
     check_parts,
+    part_keys,
     part_params,
     scalar,
     stream_query,
@@ -67,13 +68,7 @@ def part_task(
             f"{collection}: the {modality} index holds {index.ntotal} vectors but the collection "
             f"{store.count}; rebuild it with `python -m indices.build {collection}`"
         )
-    part, start = store.parts[pos], int(store.offsets[pos])
-    rows = int(store.offsets[pos + 1]) - start
-    keys = read_part_metadata(collection, part, [S.KEY], ok_only=True).column(S.KEY)
-    if len(keys) != rows:
-        raise CollectionError(
-            f"{layout.metadata(part)}: {len(keys)} embedded rows but {rows} {modality} vectors"
-        )
+    start, rows, keys = part_keys(collection, store, pos)
     kth = np.empty(rows, np.float32)
     arr = store.arrays[pos]
     for lo in range(0, rows, BATCH):

@@ -27,11 +27,17 @@ import pyarrow.dataset as ds
 
 from collection import schema as S
 from collection.embeddings import EmbeddingStore
-from collection.parts import CollectionError, read_part_metadata
 from collection.storage import file_signature, read_json, url_to_fs, write_bytes
 from curation.semdedup import SemanticParams, kmeans
 from curation.uniqueness_job import finish_job
-from curation.vector_jobs import Runner, TaskFolder, check_parts, part_params, task_folder
+from curation.vector_jobs import (
+    Runner,
+    TaskFolder,
+    check_parts,
+    part_keys,
+    part_params,
+    task_folder,
+)
 from curation.vectors import load_collection_index, open_store, read_rows
 
 log = logging.getLogger(__name__)
@@ -140,14 +146,7 @@ def assign_task(
 ) -> dict[str, Any]:
     """One part's rows with their list (list, id, key), sorted by list; returns rows per list."""
     store = EmbeddingStore.open(collection, modality)
-    part, start = store.parts[pos], int(store.offsets[pos])
-    rows = int(store.offsets[pos + 1]) - start
-    keys = read_part_metadata(collection, part, [S.KEY], ok_only=True).column(S.KEY)
-    if len(keys) != rows:
-        raise CollectionError(
-            f"{S.CollectionLayout(collection).metadata(part)}: {len(keys)} embedded rows but "
-            f"{rows} {modality} vectors"
-        )
+    start, rows, keys = part_keys(collection, store, pos)
     index = faiss.deserialize_index(np.frombuffer(_read(_plan_file(folder, "assign")), np.uint8))
     if isinstance(index, faiss.IndexHNSW):
         index.hnsw.efSearch = 64

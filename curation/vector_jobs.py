@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from collection import schema as S
-from collection.parts import CollectionError, complete_parts
+from collection.parts import CollectionError, complete_parts, read_part_metadata
 from collection.storage import (
     REMOTE_ERRORS,
     atomic_open,
@@ -169,6 +169,20 @@ class Runner:
 def part_params(collection: str, counts: Sequence[int]) -> dict[str, Any]:
     """What ties task outputs to the collection's parts: their numbers and vector counts."""
     return {"parts": complete_parts(collection), "counts": [int(c) for c in counts]}
+
+
+def part_keys(collection: str, store: Any, pos: int) -> tuple[int, int, pa.ChunkedArray]:
+    """(first global id, rows, keys) of the store's part at `pos`; a CollectionError naming
+    the metadata file when its embedded rows and the part's vectors disagree."""
+    part, start = store.parts[pos], int(store.offsets[pos])
+    rows = int(store.offsets[pos + 1]) - start
+    keys = read_part_metadata(collection, part, [S.KEY], ok_only=True).column(S.KEY)
+    if len(keys) != rows:
+        raise CollectionError(
+            f"{S.CollectionLayout(collection).metadata(part)}: {len(keys)} embedded rows but "
+            f"{rows} {store.modality} vectors"
+        )
+    return start, rows, keys
 
 
 def check_parts(collection: str, modality: str) -> list[int]:
