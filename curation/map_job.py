@@ -50,9 +50,10 @@ PLACE_NEIGHBOURS = 5
 #: samples up to this size are searched exhaustively (at most this many dot products a placed
 #: row); larger ones through an IVF index of about 4·√sample lists
 PLACE_EXACT_MAX = 20_000
-#: IVF lists searched per placed row: placements agree with exhaustive search
-#: (bench/results/map_place.json agreement)
-PLACE_NPROBE = 16
+#: IVF lists searched per placed row: the fewest whose placements all agree with exhaustive
+#: search at 1M rows (every row within 1% of the layout's extent, the same 5 neighbours), at a
+#: third of 16's cost (bench/results/map_place.json)
+PLACE_NPROBE = 4
 
 
 def _umap(seed: int | None, n_neighbors: int, min_dist: float) -> Any:
