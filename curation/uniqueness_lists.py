@@ -1,8 +1,11 @@
 """Uniqueness by lists: every row's exact k nearest neighbours among the rows of the m inverted
 lists nearest its own, with matrix products instead of index searches, in bounded tasks.
 
-The driver plans from centroids alone (the collection's IVF coarse centroids, or a k-means on a
-sample where its index has none): it orders the lists so that nearby lists are adjacent, finds
+The driver plans from centroids alone: about one list per LIST_ROWS rows, so that a row's work
+does not grow with the collection. They come from the collection's IVF coarse centroids (or a
+k-means on a sample where its index has none), each split by a k-means of the sampled rows it
+holds where there are fewer coarse lists than that. It orders the lists so that nearby lists are
+adjacent, finds
 each list's m nearest lists (its own first) and cuts the order into groups of about `task_rows`
 rows. One task per part assigns its rows to lists and writes (list, id, key) sorted by list;
 one task per group of lists reads the rows of its lists and of their neighbours, computes the
@@ -23,7 +26,7 @@ import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 
 from collection import schema as S
 from collection.embeddings import EmbeddingStore
@@ -52,8 +55,11 @@ TASK_ROWS = 32768
 BLOCK = 8192
 #: above this many lists, rows are assigned through an HNSW graph over the centroids
 HNSW_MIN = 1024
-#: rows per list of the k-means fallback (a collection whose index has no IVF lists)
+#: rows per list: each row is compared with about NEIGHBOUR_LISTS * LIST_ROWS others, whatever
+#: the collection's size (at 10M rows an IVF8192 index holds ~1,220 rows a list)
 LIST_ROWS = 256
+#: sampled rows per list when lists are trained (FAISS's fewest points per centroid)
+TRAIN_ROWS = 39
 #: vectors assigned per search in an assign task
 BATCH = 65536
 LIST = "list"
@@ -81,6 +87,39 @@ def sample_centroids(store: EmbeddingStore, lists: int, seed: int = 0) -> np.nda
     size = min(store.count, lists * params.points_per_centroid)
     sample = np.sort(rng.choice(store.count, size=size, replace=False))
     return kmeans(read_rows(store, sample), lists, params)
+
+
+def list_count(rows: int) -> int:
+    """The lists for a collection of `rows`: one per LIST_ROWS rows."""
+    return max(1, rows // LIST_ROWS)
+
+
+def split_centroids(
+    store: EmbeddingStore, coarse: np.ndarray, lists: int, seed: int = 0
+) -> np.ndarray:
+    """About `lists` unit centroids: each coarse list split by a spherical k-means of the rows
+    of a sample (TRAIN_ROWS a list) that fall in it, in proportion to their number. Rows are
+    read cell by cell, so the driver holds one cell's rows and the sample's ids."""
+    rng = np.random.default_rng(seed)
+    size = min(store.count, lists * TRAIN_ROWS)
+    sample = np.sort(rng.choice(store.count, size=size, replace=False))
+    index = faiss.deserialize_index(np.frombuffer(assigner(coarse), np.uint8))
+    if isinstance(index, faiss.IndexHNSW):
+        index.hnsw.efSearch = 64
+    cells = np.empty(size, np.int64)
+    for lo in range(0, size, BATCH):
+        cells[lo : lo + BATCH] = index.search(read_rows(store, sample[lo : lo + BATCH]), 1)[1][:, 0]
+    order = np.argsort(cells, kind="stable")  # ids stay ascending within a cell: file order
+    starts, ends = _spans(cells[order], np.arange(len(coarse)))
+    wanted = np.maximum(1, np.rint((ends - starts) * lists / size)).astype(np.int64)
+    params = SemanticParams(seed=seed)
+    out = []
+    for c, (a, b, n) in enumerate(zip(starts.tolist(), ends.tolist(), wanted.tolist())):
+        if min(n, b - a) <= 1:  # one list (or no sampled row): the coarse centroid stays
+            out.append(coarse[c : c + 1] / max(float(np.linalg.norm(coarse[c])), 1e-12))
+            continue
+        out.append(kmeans(read_rows(store, sample[order[a:b]]), min(n, b - a), params))
+    return np.ascontiguousarray(np.concatenate(out), dtype=np.float32)
 
 
 def plan_lists(
@@ -156,6 +195,7 @@ def assign_task(
         x = np.ascontiguousarray(arr[lo : lo + BATCH], dtype=np.float32)
         labels[lo : lo + len(x)] = index.search(x, 1)[1][:, 0]
     order = np.argsort(labels, kind="stable")
+    bounds = np.asarray(folder.result(PLAN)["bounds"], np.int64)
     folder.write(
         name,
         pa.table(
@@ -165,6 +205,8 @@ def assign_task(
                 S.KEY: keys.cast(pa.string()).take(pa.array(order)),
             }
         ),
+        # one row group per group task's lists: a task reads only its own and its neighbours'
+        row_groups=np.searchsorted(labels[order], bounds[:-1]).tolist(),
     )
     return {"rows": rows, "sizes": np.bincount(labels, minlength=index.ntotal).tolist()}
 
@@ -203,9 +245,7 @@ def group_task(
     (key, id, kth_distance); returns the rows and how many had fewer than k candidates."""
     near = np.load(io.BytesIO(_read(_plan_file(folder, "near.npy"))))[first:end]
     needed = np.unique(near)
-    fs, _ = url_to_fs(folder.url)
-    dataset = ds.dataset([url_to_fs(folder.output(p))[1] for p in parts], filesystem=fs)
-    table = dataset.to_table(filter=ds.field(LIST).isin(pa.array(needed, pa.int64())))
+    table = pa.concat_tables([_rows_of_lists(folder.output(p), needed) for p in parts])
     table = table.take(pc.sort_indices(table, [(LIST, "ascending"), (S.ID, "ascending")]))
     lists, ids = table.column(LIST).to_numpy(), table.column(S.ID).to_numpy()
     x = read_rows(EmbeddingStore.open(collection, modality), ids)
@@ -239,19 +279,43 @@ def group_task(
     return {"rows": int(len(kth)), "fewer_than_k": short}
 
 
+def _rows_of_lists(url: str, needed: np.ndarray) -> pa.Table:
+    """The (list, id, key) rows of an assign task's output whose list is in `needed` (sorted),
+    reading only the row groups whose list range holds one: the whole output holds N rows."""
+    fs, path = url_to_fs(url)
+    with fs.open(path, "rb") as fh:
+        pf = pq.ParquetFile(fh)
+        col = pf.schema_arrow.get_field_index(LIST)
+        wanted = []
+        for g in range(pf.metadata.num_row_groups):
+            stats = pf.metadata.row_group(g).column(col).statistics
+            if stats is None or not stats.has_min_max:
+                wanted.append(g)
+                continue
+            at = np.searchsorted(needed, stats.min)
+            if at < len(needed) and needed[at] <= stats.max:
+                wanted.append(g)
+        table = pf.read_row_groups(wanted) if wanted else pf.schema_arrow.empty_table()
+    return table.filter(pc.is_in(table.column(LIST), pa.array(needed, pa.int64())))
+
+
 def _spans(lists: np.ndarray, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Where each wanted list's rows start and end in `lists` (sorted)."""
     return np.searchsorted(lists, wanted, "left"), np.searchsorted(lists, wanted, "right")
 
 
 def _centroids(collection: str, modality: str, store: EmbeddingStore) -> tuple[np.ndarray, str]:
-    """The lists' centroids and where they came from."""
-    found = index_centroids(collection, modality)
-    if found is not None:
-        return found, "index"
-    lists = max(1, min(round(4 * math.sqrt(store.count)), store.count // LIST_ROWS))
-    log.info("%s: no IVF index; k-means of %d lists on a sample", collection, lists)
-    return sample_centroids(store, lists), "kmeans"
+    """The lists' centroids (module doc) and where they came from."""
+    lists = list_count(store.count)
+    coarse, source = index_centroids(collection, modality), "index"
+    if coarse is None:
+        source = "kmeans"
+        log.info("%s: no IVF index; k-means of the lists on a sample", collection)
+        coarse = sample_centroids(store, min(lists, max(1, math.isqrt(lists))))
+    if len(coarse) >= lists:
+        return coarse, source
+    log.info("%s: %d %s lists split into about %d", collection, len(coarse), source, lists)
+    return split_centroids(store, coarse, lists), f"{source}+split"
 
 
 def lists_job(

@@ -70,10 +70,18 @@ class TaskFolder:
             return doc.get("result")
         return None
 
-    def write(self, name: str, table: pa.Table) -> None:
-        """A task's output table, written atomically."""
+    def write(self, name: str, table: pa.Table, row_groups: Sequence[int] = ()) -> None:
+        """A task's output table, written atomically; `row_groups`: the rows where row groups
+        begin, so that a reader can take one slice by the row groups' statistics."""
         buf = io.BytesIO()
-        pq.write_table(table, buf)
+        if not row_groups:
+            pq.write_table(table, buf)
+        else:
+            with pq.ParquetWriter(buf, table.schema) as writer:
+                ends = [*row_groups[1:], table.num_rows]
+                for lo, hi in zip(row_groups, ends):
+                    if hi > lo:
+                        writer.write_table(table.slice(lo, hi - lo))
         write_bytes(self.output(name), buf.getvalue())
 
     def finish(self, name: str, result: Any) -> Any:

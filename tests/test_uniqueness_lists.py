@@ -6,6 +6,7 @@ their rules."""
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -13,6 +14,7 @@ from bench.synthetic import write_vector_collection
 from collection import schema as S
 from curation import uniqueness_lists as U
 from curation.uniqueness import compute_uniqueness, uniqueness_scores
+from curation.vector_jobs import TaskFolder
 from curation.vectors import open_store, read_rows
 from indices.build import build
 
@@ -41,7 +43,8 @@ def _table(root: str):
 
 def test_every_list_as_a_neighbour_gives_the_exact_knn_of_brute_force(coll):
     report = compute_uniqueness(coll, k=K, workers=0, neighbour_lists=1000, task_rows=300)
-    assert report["centroids"] == "kmeans" and report["lists"] > 1
+    # 4 lists of ~256 rows: a k-means of 2 on a sample, each split in two
+    assert report["centroids"] == "kmeans+split" and report["lists"] > 1
     assert report["tasks"] > 3 + 1  # the parts' assign tasks and several group tasks
     table = _table(coll)
     exact = _exact_kth(coll, K)
@@ -57,6 +60,26 @@ def test_an_ivf_index_lends_its_coarse_centroids_and_stays_exact_with_every_list
     report = compute_uniqueness(root, k=K, workers=0, neighbour_lists=8, task_rows=300)
     assert (report["centroids"], report["lists"]) == ("index", 8)
     np.testing.assert_allclose(_table(root)[S.KTH_DISTANCE], _exact_kth(root, K), atol=1e-6)
+
+
+def test_an_index_with_fewer_lists_than_the_rows_call_for_has_them_split(tmp_path, monkeypatch):
+    monkeypatch.setattr(U, "LIST_ROWS", 60)  # 900 rows: 15 lists of ~60 rows, the index has 4
+    root = str(tmp_path / "c")
+    write_vector_collection(root, 900, 3, 16, n_clusters=8)
+    build(root, modality="image", index_key="IVF4,Flat")
+    report = compute_uniqueness(root, k=K, workers=0, neighbour_lists=1000, task_rows=200)
+    assert report["centroids"] == "index+split" and 10 <= report["lists"] <= 20
+    np.testing.assert_allclose(_table(root)[S.KTH_DISTANCE], _exact_kth(root, K), atol=1e-6)
+
+
+def test_a_group_task_reads_only_the_row_groups_holding_its_lists(tmp_path):
+    folder = TaskFolder(str(tmp_path), {})
+    lists = np.repeat(np.arange(6), 5)
+    table = pa.table({U.LIST: lists, S.ID: np.arange(30), S.KEY: [f"k{i}" for i in range(30)]})
+    folder.write("part", table, row_groups=[0, 10, 20])  # lists 0-1, 2-3, 4-5
+    assert pq.ParquetFile(folder.output("part")).metadata.num_row_groups == 3
+    got = U._rows_of_lists(folder.output("part"), np.array([1, 4]))
+    assert got.column(S.ID).to_pylist() == [5, 6, 7, 8, 9, 20, 21, 22, 23, 24]
 
 
 def test_fewer_neighbour_lists_only_find_farther_kth_neighbours(coll):
