@@ -312,6 +312,8 @@ def main(argv: list[str] | None = None) -> None:
                 entry = run_stage(
                     stage, rows, data, scratch / label(rows), deadline, Path(a.index_results)
                 )
+            # read again: another run may have written a stage while this one ran
+            doc = json.loads(path.read_text()) if path.exists() else {}
             before = doc.get(label(rows), {})
             if "skipped" in entry and "seconds" in before.get(stage, {}):
                 continue  # a stage not run now keeps what an earlier run measured
