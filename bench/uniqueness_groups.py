@@ -31,6 +31,7 @@ from scipy.stats import spearmanr
 
 from bench.common import write_results
 from collection import schema as S
+from collection.storage import read_json
 from curation.semdedup import SemanticParams, assign, kmeans
 from curation.uniqueness import compute_uniqueness
 from curation.vectors import (
@@ -175,7 +176,10 @@ def measure_lists(
         "kth_atol": KTH_ATOL,
         "workers": WORKERS,
     }
-    doc["index"] = _index_method(collection, store, q_ids, k, exact)
+    if read_json(S.CollectionLayout(collection).index_json(S.MODALITY_IMAGE)) is None:
+        doc["index"] = {"skipped": "the collection has no image index"}
+    else:
+        doc["index"] = _index_method(collection, store, q_ids, k, exact)
     save(doc)
     path = S.InsightLayout(collection).uniqueness
     for m in ms:
