@@ -235,7 +235,8 @@ def run_export(
             f"{collection}: {'; '.join(problems)}: finish them with `python -m pipelines.embed` "
             f"(it resumes unfinished parts) before exporting"
         )
-    res = resolution or resolve(collection, spec, untrusted=untrusted)
+    # the export needs only the ids: every key as a Python string was ~1 GB of the driver at 10M
+    res = resolution or resolve(collection, spec, untrusted=untrusted, keys=False)
     info = read_collection_json(collection)
     try:
         store = EmbeddingStore.open(collection, S.MODALITY_IMAGE)

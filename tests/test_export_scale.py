@@ -19,7 +19,9 @@ from bench.scale_probe import watch
 from bench.synthetic import write_vector_collection
 from collection import schema as S
 from collection.cluster import open_cluster
+from curation.context import Context
 from curation.export import export
+from curation.resolve import resolve
 
 REPO = Path(__file__).resolve().parent.parent
 #: a wide source column (as LAION's json fields can be): what a driver holding rows would hold
@@ -109,3 +111,17 @@ def test_unfinished_parts_are_named_with_what_to_run(tmp_path):
     (coll / "metadata").mkdir()  # nothing left but markers: collection.json still counts 3
     got = _cli(str(coll), _spec(tmp_path), tmp_path / "out", "--format", "urls")
     assert got.returncode == 1 and "where collection.json counts 3" in got.stderr
+
+
+def test_the_export_never_reads_the_resolved_keys(tmp_path, monkeypatch):
+    # the driver holds 8 bytes a resolved row: the keys as Python strings would be ~10x that
+    coll = _collection(tmp_path / "coll", 600, 2)
+
+    def no_keys(self, ids):
+        raise AssertionError("the export asked for the resolved keys")
+
+    monkeypatch.setattr(Context, "keys", no_keys)
+    manifest = export(coll, _spec(tmp_path), str(tmp_path / "out"), format="urls", workers=0)
+    rows = sum(pq.read_metadata(p).num_rows for p in (tmp_path / "out").glob("*.parquet"))
+    wanted = len(resolve(coll, _spec(tmp_path), keys=False).ids)
+    assert rows == wanted > 500 and manifest[S.MANIFEST_FORMAT] == "urls"
