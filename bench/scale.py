@@ -302,7 +302,11 @@ def main(argv: list[str] | None = None) -> None:
         if ready.exists():
             doc = json.loads(path.read_text()) if path.exists() else {}
             per_row = {**doc.get("storage_bytes_per_row", {})}
-            per_row[label(rows)] = storage_per_row(data / COLLECTIONS[rows], rows)
+            # a folder this collection lacks now (an index since deleted) keeps its figure
+            per_row[label(rows)] = {
+                **per_row.get(label(rows), {}),
+                **storage_per_row(data / COLLECTIONS[rows], rows),
+            }
             write_results("scale", {"storage_bytes_per_row": per_row}, merge=True)
         for stage in stages:
             doc = json.loads(path.read_text()) if path.exists() else {}

@@ -39,7 +39,8 @@ WHERE = {
     "subset_resolve": "driver: SQL ids, kNN clauses on the index, the resolved ids in memory",
     "export": "driver: resolved ids (8 B a row); one task per output shard reads its own rows",
     "concept": "driver: fit on the examples; scoring memory-maps each part",
-    "uniqueness": "one process: k-NN search of every vector through the index",
+    "uniqueness": "lists of ~256 rows (driver: a k-means on a sample); one task per part "
+    "assigns rows to lists, one per group of lists compares each row with 4 lists' rows",
     "dedup_semantic": "k-means on a sample (driver); one task per cluster group",
     "map": "UMAP on a 100k sample (driver); one task per part places its rows (IVF lists)",
 }
@@ -55,6 +56,12 @@ LABELS = {
     "map": "map (`curation.map`)",
 }
 SIZES = ("100k", "1m", "10m")
+#: drivers whose memory a setting bounds, not the rows: a slope between two sizes would
+#: extrapolate the setting's steps (the index's list count doubling with the rows)
+BOUNDED = {
+    "index_build": "the training sample, at most a quarter of `--max-index-memory` "
+    "(`indices.select`)",
+}
 #: a driver whose peak grew by less than this fraction of itself over the measured sizes is
 #: flat: at these sizes a Python process's peak moves that much with imports and allocator
 #: noise alone, and a linear extrapolation of noise to 5.85B rows would mean nothing
@@ -231,6 +238,8 @@ def projection(results: Path = RESULTS_DIR) -> str:
         per_row, basis = got
         core_h = per_row * TARGET_ROWS / 3600
         driver = _driver({s: e for s, e in per_size.items() if e})
+        if stage in BOUNDED:
+            driver = f"bounded by {BOUNDED[stage]}"
         lines.append(
             f"| {LABELS[stage]} | {basis} | {core_h:,.1f} | {core_h / cores:,.2f} | {driver} "
             f"| {WHERE[stage]} |"
@@ -256,10 +265,18 @@ def projection(results: Path = RESULTS_DIR) -> str:
             "|---|---|---|",
         ]
         total = 0.0
-        for name, b in per_row[size].items():
+        rows, note = dict(per_row[size]), ""
+        index = lookup(_load("index.json", results), "scale_10m") or {}
+        if "indices" not in rows and index.get("ivfdata_bytes"):
+            # the collection measured here had no index: the 10M build's own files
+            built = index.get("index_bytes", 0) + index["ivfdata_bytes"]
+            rows["indices"] = built / 10_000_000
+            note = "indices/: the 10M build's index and lists [index.json scale_10m]"
+        for name, b in rows.items():
             total += b * TARGET_ROWS
             lines.append(f"| {name}/ | {b:,.0f} | {b * TARGET_ROWS / 1e12:,.1f} TB |")
         lines.append(f"| all | | {total / 1e12:,.1f} TB |")
+        lines += ["", note] if note else []
     return "\n".join(lines)
 
 
