@@ -60,6 +60,8 @@ HNSW_MIN = 1024
 LIST_ROWS = 256
 #: sampled rows per list when lists are trained (FAISS's fewest points per centroid)
 TRAIN_ROWS = 39
+#: coarse lists whose splits a row is assigned among (lists split from coarse ones)
+ASSIGN_PROBES = 4
 #: vectors assigned per search in an assign task
 BATCH = 65536
 LIST = "list"
@@ -103,9 +105,7 @@ def split_centroids(
     rng = np.random.default_rng(seed)
     size = min(store.count, lists * TRAIN_ROWS)
     sample = np.sort(rng.choice(store.count, size=size, replace=False))
-    index = faiss.deserialize_index(np.frombuffer(assigner(coarse), np.uint8))
-    if isinstance(index, faiss.IndexHNSW):
-        index.hnsw.efSearch = 64
+    index = open_assigner(assigner(coarse))
     cells = np.empty(size, np.int64)
     for lo in range(0, size, BATCH):
         cells[lo : lo + BATCH] = index.search(read_rows(store, sample[lo : lo + BATCH]), 1)[1][:, 0]
@@ -151,11 +151,19 @@ def plan_lists(
     return ordered, np.concatenate([own[:, None], rest], axis=1).astype(np.int64), bounds
 
 
-def assigner(centroids: np.ndarray) -> bytes:
+def assigner(centroids: np.ndarray, coarse: np.ndarray | None = None) -> bytes:
     """The index that assigns rows to lists (nearest centroid by L2), serialized: flat, or an
-    HNSW graph over many centroids built on one thread so every run builds the same graph."""
+    HNSW graph over many centroids built on one thread so every run builds the same graph. With
+    `coarse` (the lists were split from them), an IVF index over the coarse centroids holding
+    the lists: a row meets its ASSIGN_PROBES nearest coarse lists' splits, not every list."""
     d = centroids.shape[1]
-    if len(centroids) <= HNSW_MIN:
+    if coarse is not None:
+        quantizer = faiss.deserialize_index(np.frombuffer(assigner(coarse), np.uint8))
+        index = faiss.IndexIVFFlat(quantizer, d, len(coarse), faiss.METRIC_L2)
+        index.is_trained = True
+        index.add_with_ids(centroids, np.arange(len(centroids), dtype=np.int64))
+        index.nprobe = min(ASSIGN_PROBES, len(coarse))
+    elif len(centroids) <= HNSW_MIN:
         index = faiss.IndexFlatL2(d)
         index.add(centroids)
     else:
@@ -168,6 +176,20 @@ def assigner(centroids: np.ndarray) -> bytes:
         finally:
             faiss.omp_set_num_threads(threads)
     return faiss.serialize_index(index).tobytes()
+
+
+def open_assigner(data: bytes) -> faiss.Index:
+    """An index `assigner` serialized, with its search settings."""
+    index = faiss.deserialize_index(np.frombuffer(data, np.uint8))
+    if isinstance(index, faiss.IndexHNSW):
+        index.hnsw.efSearch = 64
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        ivf.nprobe = min(ASSIGN_PROBES, ivf.nlist)
+        quantizer = faiss.downcast_index(ivf.quantizer)
+        if isinstance(quantizer, faiss.IndexHNSW):
+            quantizer.hnsw.efSearch = 64
+    return index
 
 
 def _read(url: str) -> bytes:
@@ -186,9 +208,7 @@ def assign_task(
     """One part's rows with their list (list, id, key), sorted by list; returns rows per list."""
     store = EmbeddingStore.open(collection, modality)
     start, rows, keys = part_keys(collection, store, pos)
-    index = faiss.deserialize_index(np.frombuffer(_read(_plan_file(folder, "assign")), np.uint8))
-    if isinstance(index, faiss.IndexHNSW):
-        index.hnsw.efSearch = 64
+    index = open_assigner(_read(_plan_file(folder, "assign")))
     labels = np.empty(rows, np.int64)
     arr = store.arrays[pos]
     for lo in range(0, rows, BATCH):
@@ -304,8 +324,11 @@ def _spans(lists: np.ndarray, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return np.searchsorted(lists, wanted, "left"), np.searchsorted(lists, wanted, "right")
 
 
-def _centroids(collection: str, modality: str, store: EmbeddingStore) -> tuple[np.ndarray, str]:
-    """The lists' centroids (module doc) and where they came from."""
+def _centroids(
+    collection: str, modality: str, store: EmbeddingStore
+) -> tuple[np.ndarray, str, np.ndarray | None]:
+    """The lists' centroids (module doc), where they came from, and the coarse centroids they
+    were split from (None when not split)."""
     lists = list_count(store.count)
     coarse, source = index_centroids(collection, modality), "index"
     if coarse is None:
@@ -313,9 +336,9 @@ def _centroids(collection: str, modality: str, store: EmbeddingStore) -> tuple[n
         log.info("%s: no IVF index; k-means of the lists on a sample", collection)
         coarse = sample_centroids(store, min(lists, max(1, math.isqrt(lists))))
     if len(coarse) >= lists:
-        return coarse, source
+        return coarse, source, None
     log.info("%s: %d %s lists split into about %d", collection, len(coarse), source, lists)
-    return split_centroids(store, coarse, lists), f"{source}+split"
+    return split_centroids(store, coarse, lists), f"{source}+split", coarse
 
 
 def lists_job(
@@ -346,13 +369,13 @@ def lists_job(
     folder = task_folder(path, params)
     plan = folder.result(PLAN)
     if plan is None:
-        centroids, source = _centroids(collection, modality, store)
+        centroids, source, coarse = _centroids(collection, modality, store)
         groups = math.ceil(store.count / task_rows)
         ordered, near, bounds = plan_lists(centroids, m, groups)
         buf = io.BytesIO()
         np.save(buf, near)
         write_bytes(_plan_file(folder, "near.npy"), buf.getvalue())
-        write_bytes(_plan_file(folder, "assign"), assigner(ordered))
+        write_bytes(_plan_file(folder, "assign"), assigner(ordered, coarse))
         plan = folder.finish(
             PLAN, {"lists": len(ordered), "centroids": source, "bounds": bounds.tolist()}
         )

@@ -5,6 +5,7 @@ their rules."""
 
 from __future__ import annotations
 
+import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -123,3 +124,15 @@ def test_bad_neighbour_lists_are_refused_in_one_line(coll):
         compute_uniqueness(coll, workers=0, neighbour_lists=0)
     with pytest.raises(ValueError, match="method: unknown 'nearest'"):
         compute_uniqueness(coll, workers=0, method="nearest")
+
+
+def test_lists_split_from_coarse_ones_are_assigned_through_them_as_the_nearest_list():
+    rng = np.random.default_rng(2)
+    coarse = rng.normal(size=(16, 8)).astype(np.float32)
+    subs = np.repeat(coarse, 4, axis=0) + 0.3 * rng.normal(size=(64, 8)).astype(np.float32)
+    rows = np.repeat(subs, 20, axis=0) + 0.1 * rng.normal(size=(1280, 8)).astype(np.float32)
+    index = U.open_assigner(U.assigner(subs, coarse))
+    assert isinstance(faiss.try_extract_index_ivf(index), faiss.IndexIVF)
+    got = index.search(rows, 1)[1][:, 0]
+    exact = ((rows[:, None] - subs[None]) ** 2).sum(-1).argmin(axis=1)
+    assert (got == exact).mean() > 0.95
