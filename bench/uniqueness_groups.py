@@ -9,7 +9,8 @@ random rows, how often the group's k-th neighbour is the collection's, the error
 distance, the rank correlation of the k-th distances (uniqueness is their rank); and the seconds
 one group's exhaustive self-search takes, per row.
 
-With --lists (key `lists_1m` or `lists_small`): `curation.uniqueness` run whole by lists with
+With --lists (key `lists_1m` or `lists_small`, `_no_index` appended for a collection without an
+index, whose lists are the default k-means ones): `curation.uniqueness` run whole by lists with
 each m of --lists neighbour lists (2 Dask workers), and the `index` method's search on the
 sampled rows alone (its whole-collection seconds projected from theirs): per method, the
 fraction of sampled rows whose k-th distance is the exact one within 1e-3, the Spearman
@@ -244,6 +245,8 @@ def main(argv: list[str] | None = None) -> None:
 
         def save(doc: dict[str, Any]) -> None:
             key = "lists_1m" if doc["rows"] >= MILLION else "lists_small"
+            # without an index the lists are the default k-means ones: a key of their own
+            key += "_no_index" if "skipped" in doc.get("index", {}) else ""
             print(write_results("uniqueness_groups", {key: doc}, True), doc, flush=True)
 
         measure_lists(a.collection, [int(m) for m in a.lists.split(",") if m], *rest, save)
