@@ -40,7 +40,7 @@ from collection.embeddings import read_block
 from collection.parts import CollectionError, read_metadata
 from collection.storage import read_collection_json, read_json, url_to_fs
 from curation.catalog import TABLE, Catalog
-from curation.concept_fit import Signals, fit_stack, grade_fit, linear_scores
+from curation.concept_fit import Signals, fit_stack, grade_fit, linear_scores, modality_of
 from curation.labels import check_name as _check_name
 from curation.vectors import open_store
 from models.runtime import cores
@@ -193,11 +193,11 @@ def _to_concept_weights(
     bias = model["bias"]
     weights = {m: np.zeros(dim) for m in ("image", "text")}
     used = set()
-    for b, (w, c) in model["blocks"].items():
-        s, mu, sd = model[b]
-        weights[b] += s / sd * w
+    for p, (w, c) in model["blocks"].items():
+        s, mu, sd = model[p]
+        weights[modality_of(p)] += s / sd * w
         bias += s * (c - mu) / sd
-        used.add(b)
+        used.add(modality_of(p))
     for m in ("image", "text"):
         if f"prompt_{m}" in model and prompt_vec is not None:
             s, mu, sd = model[f"prompt_{m}"]
