@@ -231,9 +231,10 @@ def _above(values: np.ndarray, cuts: np.ndarray) -> np.ndarray:
     return 1.0 - np.searchsorted(ordered, cuts, side="left") / max(len(ordered), 1)
 
 
-def calibrate(tails: np.ndarray) -> dict[str, float]:
+def calibrate(tails: np.ndarray, near_misses: np.ndarray | None = None) -> dict[str, float]:
     """Base rate, share to pass and its precision from the held-out positives' tail fractions
-    (the share of unlabelled samples scoring at least as high as each positive).
+    (the share of unlabelled samples scoring at least as high as each positive) and, where
+    given, the held-out negatives' (`near_misses`).
 
     A cut passing a share q of the collection keeps a share R(q) of the positives, so the
     collection holds at most q / R(q) positives: the smallest such bound over cuts keeping at
@@ -242,7 +243,9 @@ def calibrate(tails: np.ndarray) -> dict[str, float]:
     `PASS_RECALL` of the held-out positives: positives labelled from a search's first page are
     its easiest ones, so a cut that would drop some of them drops far more of the positives
     the search did not show. Its precision is then measured against the bound of the cuts at
-    least as wide, the narrowest ones being the most biased by those easiest positives.
+    least as wide, the narrowest ones being the most biased by those easiest positives, and
+    at most the share of positives among the held-out labels the cut passes: near misses that
+    pass are the false ones a page of what passes would show.
     """
     tails = np.sort(np.clip(tails, 1e-6, 1.0))
     recall = np.arange(1, len(tails) + 1) / len(tails)
@@ -256,10 +259,15 @@ def calibrate(tails: np.ndarray) -> dict[str, float]:
         best = wide
         base = max(base, float(np.min(tails[wide:] / recall[wide:])))
         precision = np.minimum(1.0, base * recall / tails)
+    estimate = float(precision[best])
+    if near_misses is not None and len(near_misses):
+        kept = recall[best] * len(tails)
+        missed = float(np.count_nonzero(near_misses <= tails[best]))
+        estimate = min(estimate, float(kept / (kept + missed)))
     return {
         "base_rate": base,
         "passed": float(tails[best]),
-        "precision": float(precision[best]),
+        "precision": estimate,
         "recall": float(recall[best]),
     }
 
@@ -342,7 +350,9 @@ def grade_fit(
         model, _ = fit_stack(lab.rows(train), y[train], unl, seed)
         held[test] = linear_scores(model, lab.rows(test))
         tails[test] = np.maximum(_above(linear_scores(model, unl), held[test]), 1.0 / len(unl))
-    cal = calibrate(tails[y == 1])
+    tested = np.zeros(len(y), dtype=bool)
+    tested[np.concatenate([test for _, test in split])] = True  # a lone negative never is
+    cal = calibrate(tails[y == 1], tails[(y == 0) & tested])
     ranked = np.sort(final)[::-1]
     k = max(1, min(len(ranked), int(round(cal["passed"] * len(ranked)))))
     threshold = float((ranked[k - 1] + ranked[k]) / 2) if k < len(ranked) else float(ranked[-1])

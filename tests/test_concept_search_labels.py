@@ -128,6 +128,19 @@ def test_the_threshold_keeps_most_of_a_search_pages_positives():
     assert cal["base_rate"] >= cal["passed"] * cal["precision"] - 1e-12
 
 
+def test_near_misses_that_pass_lower_the_estimated_precision():
+    """Positives and near misses interleaved (gradient backgrounds): the bound alone said 1.0
+    where half of what passed was false."""
+    tails = np.array([1e-3, 5e-3, 0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    alone = calibrate(tails)
+    mixed = calibrate(tails, np.array([2e-3, 0.02, 0.08, 0.15, 0.25, 0.35, 0.45, 0.55, 0.9]))
+    assert mixed["passed"] == alone["passed"]
+    assert mixed["precision"] == pytest.approx(9 / 16)
+    assert mixed["precision"] < alone["precision"]
+    # near misses that all rank below the cut leave the estimate as it was
+    assert calibrate(tails, np.array([0.95, 0.99]))["precision"] == alone["precision"]
+
+
 def test_the_centroid_probe_is_the_positives_mean_direction():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(12, 8))
