@@ -12,7 +12,9 @@ they lack:
   from nothing);
 - a calibrated threshold: the held-out positives' ranks among the unlabelled samples estimate
   the base rate (the smallest share of the collection that can hold the positives) and the
-  precision of what passes each threshold; the threshold is the one with the best estimated F1.
+  precision of what passes each threshold; the threshold is the one with the best estimated F1,
+  widened to pass at least 90% of the held-out positives (a search's easiest ones), and its
+  precision is bounded by the held-out near misses it passes.
 
 The grade is the cross-validated AUROC on the labels, capped where a held-out check fails: a
 concept that ranks the labels below its own prompt, passes most of the collection, or passes

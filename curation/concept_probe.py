@@ -3,7 +3,7 @@ linear probe that scores every sample of the collection, saved as `concepts/{nam
 
 The probe is stacked, because twenty labels cannot fit a few hundred weights at once:
 - block probes: a balanced logistic regression on the CLIP image embeddings, another on the
-  caption (text) embeddings;
+  caption (text) embeddings, and per block the positives' mean direction (a centroid);
 - fixed features: the prompt's CLIP similarity to the image and to the caption (the prior),
   and the collection's own per-sample scores (pwatermark, punsafe, ptoxic, clip_similarity)
   where the labelled samples have them;
