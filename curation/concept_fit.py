@@ -12,7 +12,9 @@ they lack:
   from nothing);
 - a calibrated threshold: the held-out positives' ranks among the unlabelled samples estimate
   the base rate (the smallest share of the collection that can hold the positives) and the
-  precision of what passes each threshold; the threshold is the one with the best estimated F1.
+  precision of what passes each threshold; the threshold is the one with the best estimated F1,
+  widened to pass at least 90% of the held-out positives (a search's easiest ones), and its
+  precision is bounded by the held-out near misses it passes.
 
 The grade is the cross-validated AUROC on the labels, capped where a held-out check fails: a
 concept that ranks the labels below its own prompt, passes most of the collection, or passes
@@ -42,6 +44,10 @@ STACK_C = 1.0
 PROMPT_PRIOR = 4.0
 #: labelled AUROC a score column needs to enter the probe (either sign)
 MIN_SIGNAL_AUROC = 0.75
+#: the suffix of a block's centroid probe (`block_probe`)
+CENTROID = "~centroid"
+#: the probes fitted per embedding block; the stacker weighs them by their held-out outputs
+BLOCK_PROBES: tuple[str, ...] = ("", CENTROID)
 #: cross-validation folds at most (fewer when a class has fewer labels)
 MAX_FOLDS = 5
 #: quality grades by cross-validated AUROC, best first
@@ -61,6 +67,8 @@ MIN_PRECISION = 0.5
 BASE_RATE_RECALL = 0.5
 #: positives all ranked within this top share of the prompt's own ranking come from one search
 SEARCH_TOP = 0.05
+#: share of the held-out positives the threshold keeps at least (`calibrate`)
+PASS_RECALL = 0.9
 #: positives below which a grade is at most CAPPED (the AUROC of so few is mostly chance)
 MIN_POSITIVES = 5
 
@@ -83,8 +91,15 @@ class Signals:
         return len(next(iter(self.blocks.values())))
 
 
-def block_probe(x: np.ndarray, y: np.ndarray, c: float = BLOCK_C) -> tuple[np.ndarray, float]:
-    """Balanced logistic regression on one embedding block -> (weights, bias)."""
+def block_probe(
+    x: np.ndarray, y: np.ndarray, kind: str = "", c: float = BLOCK_C
+) -> tuple[np.ndarray, float]:
+    """One probe of an embedding block -> (weights, bias): a balanced logistic regression
+    (`kind` ""), or the positives' mean direction (`CENTROID`: similarity to the examples, as
+    the prompt is similarity to a text; the near misses do not move it)."""
+    if kind == CENTROID:
+        w = x[y == 1].mean(axis=0)
+        return w / max(float(np.linalg.norm(w)), 1e-12), 0.0
     model = LogisticRegression(C=c, class_weight="balanced", max_iter=2000)
     model.fit(x, y)
     return model.coef_[0].astype(np.float64), float(model.intercept_[0])
@@ -137,6 +152,11 @@ def evident(values: np.ndarray, y: np.ndarray) -> bool:
     return max(auc, 1.0 - auc) >= MIN_SIGNAL_AUROC
 
 
+def modality_of(probe: str) -> str:
+    """The embedding block a block probe reads ("image" for "image" and "image~centroid")."""
+    return probe.partition("~")[0]
+
+
 def _agreement(a: np.ndarray, b: np.ndarray) -> float:
     if a.std() < 1e-12 or b.std() < 1e-12:
         return 0.0
@@ -150,20 +170,23 @@ def fit_stack(
     "bias"}, report {signal weights, prompt agreement}). `unl` (unlabelled samples) sets each
     signal's scale and the prompt prior; it is never given a label."""
     fixed = {f: v for f, v in lab.fixed.items() if f.startswith("prompt_") or evident(v, y)}
-    names = list(lab.blocks) + list(fixed)
+    probes = [b + kind for b in lab.blocks for kind in BLOCK_PROBES]
+    names = probes + list(fixed)
     train = np.zeros((len(y), len(names)))
     other = np.zeros((len(unl), len(names)))
     split = folds(y, seed)
-    blocks = {b: block_probe(x, y) for b, x in lab.blocks.items()}
-    for k, (b, x) in enumerate(lab.blocks.items()):
+    blocks = {}
+    for k, p in enumerate(probes):
+        x, kind = lab.blocks[modality_of(p)], p[len(modality_of(p)) :]
+        blocks[p] = block_probe(x, y, kind)
         if split:  # held-out outputs: a block that only memorised the labels earns no weight
             for tr, te in split:
-                w, c = block_probe(x[tr], y[tr])
+                w, c = block_probe(x[tr], y[tr], kind)
                 train[te, k] = x[te] @ w + c
         else:
-            train[:, k] = x @ blocks[b][0] + blocks[b][1]
-        other[:, k] = unl.blocks[b] @ blocks[b][0] + blocks[b][1]
-    for k, f in enumerate(fixed, start=len(lab.blocks)):
+            train[:, k] = x @ blocks[p][0] + blocks[p][1]
+        other[:, k] = unl.blocks[modality_of(p)] @ blocks[p][0] + blocks[p][1]
+    for k, f in enumerate(fixed, start=len(probes)):
         train[:, k], other[:, k] = fixed[f], unl.fixed[f]
     scale = other if len(unl) >= 10 else train  # the collection's scale where there is one
     mean, std = scale.mean(axis=0), scale.std(axis=0)
@@ -194,10 +217,9 @@ def fit_stack(
 def linear_scores(model: dict[str, Any], feats: Signals) -> np.ndarray:
     """Logits of a fitted stack on some samples' signals."""
     logit = np.full(len(feats), model["bias"])
-    for b, x in feats.blocks.items():
-        w, c = model["blocks"][b]
-        s, mu, sd = model[b]
-        logit += s * ((x @ w + c) - mu) / sd
+    for p, (w, c) in model["blocks"].items():
+        s, mu, sd = model[p]
+        logit += s * ((feats.blocks[modality_of(p)] @ w + c) - mu) / sd
     for f, v in feats.fixed.items():
         if f in model:  # a column without evidence was left out
             s, mu, sd = model[f]
@@ -211,16 +233,21 @@ def _above(values: np.ndarray, cuts: np.ndarray) -> np.ndarray:
     return 1.0 - np.searchsorted(ordered, cuts, side="left") / max(len(ordered), 1)
 
 
-def calibrate(tails: np.ndarray) -> dict[str, float]:
+def calibrate(tails: np.ndarray, near_misses: np.ndarray | None = None) -> dict[str, float]:
     """Base rate, share to pass and its precision from the held-out positives' tail fractions
-    (the share of unlabelled samples scoring at least as high as each positive).
+    (the share of unlabelled samples scoring at least as high as each positive) and, where
+    given, the held-out negatives' (`near_misses`).
 
     A cut passing a share q of the collection keeps a share R(q) of the positives, so the
     collection holds at most q / R(q) positives: the smallest such bound over cuts keeping at
     least half the positives is the base rate, and the precision at q is base rate × R(q) / q.
-    The share to pass is the one with the best estimated F1. Positives labelled from a search's
-    first page are its easiest ones, so the bound and the share lean low: the threshold errs
-    towards passing too few rather than too many.
+    The share to pass is the one with the best estimated F1, widened to keep at least
+    `PASS_RECALL` of the held-out positives: positives labelled from a search's first page are
+    its easiest ones, so a cut that would drop some of them drops far more of the positives
+    the search did not show. Its precision is then measured against the bound of the cuts at
+    least as wide, the narrowest ones being the most biased by those easiest positives, and
+    at most the share of positives among the held-out labels the cut passes: near misses that
+    pass are the false ones a page of what passes would show.
     """
     tails = np.sort(np.clip(tails, 1e-6, 1.0))
     recall = np.arange(1, len(tails) + 1) / len(tails)
@@ -229,10 +256,20 @@ def calibrate(tails: np.ndarray) -> dict[str, float]:
     precision = np.minimum(1.0, base * recall / tails)
     f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-9)
     best = int(np.argmax(f1))
+    wide = int(np.argmax(recall >= PASS_RECALL - 1e-9))
+    if wide > best:
+        best = wide
+        base = max(base, float(np.min(tails[wide:] / recall[wide:])))
+        precision = np.minimum(1.0, base * recall / tails)
+    estimate = float(precision[best])
+    if near_misses is not None and len(near_misses):
+        kept = recall[best] * len(tails)
+        missed = float(np.count_nonzero(near_misses <= tails[best]))
+        estimate = min(estimate, float(kept / (kept + missed)))
     return {
         "base_rate": base,
         "passed": float(tails[best]),
-        "precision": float(precision[best]),
+        "precision": estimate,
         "recall": float(recall[best]),
     }
 
@@ -315,7 +352,9 @@ def grade_fit(
         model, _ = fit_stack(lab.rows(train), y[train], unl, seed)
         held[test] = linear_scores(model, lab.rows(test))
         tails[test] = np.maximum(_above(linear_scores(model, unl), held[test]), 1.0 / len(unl))
-    cal = calibrate(tails[y == 1])
+    tested = np.zeros(len(y), dtype=bool)
+    tested[np.concatenate([test for _, test in split])] = True  # a lone negative never is
+    cal = calibrate(tails[y == 1], tails[(y == 0) & tested])
     ranked = np.sort(final)[::-1]
     k = max(1, min(len(ranked), int(round(cal["passed"] * len(ranked)))))
     threshold = float((ranked[k - 1] + ranked[k]) / 2) if k < len(ranked) else float(ranked[-1])

@@ -3,7 +3,7 @@ linear probe that scores every sample of the collection, saved as `concepts/{nam
 
 The probe is stacked, because twenty labels cannot fit a few hundred weights at once:
 - block probes: a balanced logistic regression on the CLIP image embeddings, another on the
-  caption (text) embeddings;
+  caption (text) embeddings, and per block the positives' mean direction (a centroid);
 - fixed features: the prompt's CLIP similarity to the image and to the caption (the prior),
   and the collection's own per-sample scores (pwatermark, punsafe, ptoxic, clip_similarity)
   where the labelled samples have them;
@@ -40,7 +40,7 @@ from collection.embeddings import read_block
 from collection.parts import CollectionError, read_metadata
 from collection.storage import read_collection_json, read_json, url_to_fs
 from curation.catalog import TABLE, Catalog
-from curation.concept_fit import Signals, fit_stack, grade_fit, linear_scores
+from curation.concept_fit import Signals, fit_stack, grade_fit, linear_scores, modality_of
 from curation.labels import check_name as _check_name
 from curation.vectors import open_store
 from models.runtime import cores
@@ -193,11 +193,11 @@ def _to_concept_weights(
     bias = model["bias"]
     weights = {m: np.zeros(dim) for m in ("image", "text")}
     used = set()
-    for b, (w, c) in model["blocks"].items():
-        s, mu, sd = model[b]
-        weights[b] += s / sd * w
+    for p, (w, c) in model["blocks"].items():
+        s, mu, sd = model[p]
+        weights[modality_of(p)] += s / sd * w
         bias += s * (c - mu) / sd
-        used.add(b)
+        used.add(modality_of(p))
     for m in ("image", "text"):
         if f"prompt_{m}" in model and prompt_vec is not None:
             s, mu, sd = model[f"prompt_{m}"]

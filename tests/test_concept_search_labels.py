@@ -12,7 +12,7 @@ from bench.insight_concepts import search_labels
 from collection import schema as S
 from collection.embeddings import EmbeddingStore
 from collection.parts import read_metadata
-from curation.concept_fit import calibrate, grade_quality
+from curation.concept_fit import CENTROID, PASS_RECALL, block_probe, calibrate, grade_quality
 from curation.concept_probe import fit_concept, score_collection, suggest_rows
 
 
@@ -113,6 +113,45 @@ def test_the_estimated_precision_matches_the_measured_one_when_positives_are_a_f
     measured = np.delete(truth, labelled)[kept].mean()
     assert abs(cal["precision"] - measured) <= 0.15
     assert abs(cal["base_rate"] - base) <= 0.5 * base + 0.02
+
+
+def test_the_threshold_keeps_most_of_a_search_pages_positives():
+    """Positives from a search's first page rank at the very top when held out: the best-F1 cut
+    alone kept half of them (and passed a tenth of the true share); at least PASS_RECALL pass."""
+    tails = np.array([2e-4, 2e-4, 2e-4, 2e-4, 2e-4, 5e-4, 5e-4, 1e-3, 4.4e-3, 9e-3])
+    cal = calibrate(tails)
+    assert cal["recall"] >= PASS_RECALL
+    assert (tails <= cal["passed"]).mean() >= PASS_RECALL
+    assert cal["passed"] == pytest.approx(4.4e-3)
+    # measured against the cuts at least that wide, not the narrowest ones
+    assert cal["precision"] >= 0.5
+    assert cal["base_rate"] >= cal["passed"] * cal["precision"] - 1e-12
+
+
+def test_near_misses_that_pass_lower_the_estimated_precision():
+    """Positives and near misses interleaved (gradient backgrounds): the bound alone said 1.0
+    where half of what passed was false."""
+    tails = np.array([1e-3, 5e-3, 0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    alone = calibrate(tails)
+    mixed = calibrate(tails, np.array([2e-3, 0.02, 0.08, 0.15, 0.25, 0.35, 0.45, 0.55, 0.9]))
+    assert mixed["passed"] == alone["passed"]
+    assert mixed["precision"] == pytest.approx(9 / 16)
+    assert mixed["precision"] < alone["precision"]
+    # near misses that all rank below the cut leave the estimate as it was
+    assert calibrate(tails, np.array([0.95, 0.99]))["precision"] == alone["precision"]
+
+
+def test_the_centroid_probe_is_the_positives_mean_direction():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(12, 8))
+    y = np.r_[np.ones(5), np.zeros(7)].astype(int)
+    w, b = block_probe(x, y, CENTROID)
+    mean = x[:5].mean(axis=0)
+    assert b == 0.0 and np.allclose(w, mean / np.linalg.norm(mean))
+    # near misses do not move it
+    x2 = x.copy()
+    x2[5:] += 3.0
+    assert np.allclose(block_probe(x2, y, CENTROID)[0], w)
 
 
 def test_the_estimated_precision_on_a_generated_set(generated):
