@@ -145,8 +145,18 @@ def measured(results: Path = RESULTS_DIR) -> str:
         "[embed_gpu.json pipeline_steady_samples_per_s] | all sizes as a curve |",
         f"| SQL, 10M rows, trusted | {_fmt(sql10, '{:.2f}')} s, catalog "
         f"{_fmt(sql_rss, '{:,.0f}')} MB [curation.json sql_10m_*] | 100k |",
-        f"| web UI search rerun, 1M rows | {_fmt(ui.get('rerun_ms'), '{:,.0f}')} ms, "
-        f"{_fmt(ui.get('rss_mb'), '{:,.0f}')} MB [webui.json 1m] | 100k, 10M |",
+        f"| web UI search rerun, 1M rows | {_fmt(ui.get('rerun_ms'), '{:,.0f}')} ms "
+        "[webui.json 1m] | 100k, 10M |",
+        f"| web UI memory, 1M rows, CLIP in its encoder process | idle "
+        f"{_fmt(webui.get('rss_mb_1m'), '{:,.0f}')} MB, peak over a scripted session "
+        f"{_fmt(webui.get('rss_mb_1m_peak'), '{:,.0f}')} MB [webui.json rss_mb_1m*] | 100k |",
+        "| web UI click to result, 10M rows | "
+        + ", ".join(
+            f"{k.replace('_', ' ')} {v:.1f} s"
+            for k, v in webui.get("action_s_10m", {}).items()
+            if isinstance(v, (int, float))
+        )
+        + " [webui.json action_s_10m] | 100k |",
     ]
     copies = scale.get("copies")
     if isinstance(copies, dict):
