@@ -54,6 +54,9 @@ PLACE_EXACT_MAX = 20_000
 #: search at 1M rows (every row within 1% of the layout's extent, the same 5 neighbours), at a
 #: third of 16's cost (bench/results/map_place.json)
 PLACE_NPROBE = 4
+#: ... and at least enough lists to hold this many sampled rows on average: a small sample's
+#: lists hold a few rows each, and 4 of them would leave a row too few neighbours to choose from
+PLACE_MIN_CANDIDATES = 300
 
 
 def _umap(seed: int | None, n_neighbors: int, min_dist: float) -> Any:
@@ -96,10 +99,11 @@ def place_lists(sample: int) -> int:
     return 0 if sample <= PLACE_EXACT_MAX else int(4 * math.sqrt(sample))
 
 
-def place_index(sample_x: np.ndarray, lists: np.ndarray, nprobe: int = PLACE_NPROBE) -> faiss.Index:
+def place_index(sample_x: np.ndarray, lists: np.ndarray, nprobe: int | None = None) -> faiss.Index:
     """An inner-product index of the sample: exhaustive without `lists` (centroids), else IVF over
-    them probing `nprobe` lists. Rows go to their list by exact search of the centroids, so every
-    worker builds the same index from the same model."""
+    them probing `nprobe` lists (default: PLACE_NPROBE, or more for a small sample). Rows go to
+    their list by exact search of the centroids, so every worker builds the same index from the
+    same model."""
     x = np.ascontiguousarray(sample_x, dtype=np.float32)
     if not len(lists):
         index = faiss.IndexFlatIP(x.shape[1])
@@ -108,6 +112,8 @@ def place_index(sample_x: np.ndarray, lists: np.ndarray, nprobe: int = PLACE_NPR
         quantizer.add(np.ascontiguousarray(lists, dtype=np.float32))
         index = faiss.IndexIVFFlat(quantizer, x.shape[1], len(lists), faiss.METRIC_INNER_PRODUCT)
         index.is_trained = True  # the lists are the driver's k-means centroids
+        if nprobe is None:
+            nprobe = max(PLACE_NPROBE, math.ceil(PLACE_MIN_CANDIDATES * len(lists) / len(x)))
         index.nprobe = min(nprobe, len(lists))
     index.add(x)
     return index
