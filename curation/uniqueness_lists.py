@@ -9,10 +9,11 @@ adjacent, finds
 each list's m nearest lists (its own first) and cuts the order into groups of about `task_rows`
 rows. One task per part assigns its rows to lists and writes (list, id, key) sorted by list;
 one task per group of lists reads the rows of its lists and of their neighbours, computes the
-cosines of each list's rows against its neighbours' rows block by block (float32 GEMM) keeping
-the running top k, and writes (key, id, kth_distance). With m = the number of lists the result is
-the exact k-NN of every row; smaller m bounds each row's work (`bench.uniqueness_groups` measures
-what it costs in agreement). The driver holds centroids and per-list counts, nothing per row.
+cosines of each list's rows against its neighbours' rows (at most `candidate_cap`, the nearest to
+the list) block by block (float32 GEMM) keeping the running top k, and writes (key, id,
+kth_distance). With m = the number of lists the result is the exact k-NN of every row; smaller m
+bounds each row's work (`bench.uniqueness_groups` measures what it costs in agreement). The
+driver holds centroids and per-list counts, nothing per row.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from __future__ import annotations
 import io
 import logging
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import faiss
 import numpy as np
@@ -89,6 +90,16 @@ def sample_centroids(store: EmbeddingStore, lists: int, seed: int = 0) -> np.nda
     size = min(store.count, lists * params.points_per_centroid)
     sample = np.sort(rng.choice(store.count, size=size, replace=False))
     return kmeans(read_rows(store, sample), lists, params)
+
+
+def candidate_cap(m: int) -> int:
+    """The most candidates a list's rows meet with m neighbour lists: m lists of LIST_ROWS.
+    k-means lists are uneven (at 4M generated rows the largest held 3,318 rows, the median 54,
+    the sum of squared sizes 3.7x an even split's), so without a cap a row's work grows with
+    the collection; the kept candidates are the nearest to the list's rows, which leaves the
+    k-th distance within ~2% where all of them give it within ~1.3% (one 10k-row blob split
+    39 ways, /work notes in bench.uniqueness_groups)."""
+    return m * LIST_ROWS
 
 
 def list_count(rows: int) -> int:
@@ -192,6 +203,59 @@ def open_assigner(data: bytes) -> faiss.Index:
     return index
 
 
+class Splits(NamedTuple):
+    """The split lists of an IVF assigner, by coarse list: their ids and centroids, and each
+    coarse list's ASSIGN_PROBES nearest coarse lists (its own first)."""
+
+    ids: list[np.ndarray]
+    vectors: list[np.ndarray]
+    near: np.ndarray
+
+
+def split_lists(index: faiss.Index) -> Splits | None:
+    """`index`'s split lists by coarse list (Splits); None when it does not split coarse ones."""
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None:
+        return None
+    ids, vectors = [], []
+    for c in range(ivf.nlist):
+        n = ivf.invlists.list_size(c)
+        ids.append(faiss.rev_swig_ptr(ivf.invlists.get_ids(c), n).astype(np.int64))
+        codes = faiss.rev_swig_ptr(ivf.invlists.get_codes(c), n * ivf.code_size)
+        vectors.append(np.frombuffer(codes.tobytes(), np.float32).reshape(n, ivf.d))
+    coarse = ivf.quantizer.reconstruct_n(0, ivf.nlist)
+    m = min(ASSIGN_PROBES, ivf.nlist)
+    near = ivf.quantizer.search(coarse, m)[1]
+    own = np.arange(ivf.nlist)
+    near = np.where(near == own[:, None], -1, near)  # its own first, even where centroids repeat
+    rest = np.array([r[r >= 0][: m - 1] for r in near]).reshape(ivf.nlist, m - 1)
+    return Splits(ids, vectors, np.concatenate([own[:, None], rest], axis=1))
+
+
+def assign_rows(index: faiss.Index, x: np.ndarray, splits: Splits | None) -> np.ndarray:
+    """Each row's list (its nearest centroid by L2, as `index` finds it). Where lists were split
+    from coarse ones, among the splits of the row's nearest coarse list and of that list's
+    ASSIGN_PROBES - 1 nearest: one matrix product for the rows of each coarse list, where an
+    IVF search would scan the probed lists row by row (4x the time at 10M rows, and growing)."""
+    if splits is None:
+        return index.search(x, 1)[1][:, 0]
+    ivf = faiss.extract_index_ivf(index)
+    top = ivf.quantizer.search(x, 1)[1][:, 0]
+    order = np.argsort(top, kind="stable")
+    cells = np.unique(top)
+    labels = np.empty(len(x), np.int64)
+    for c, a, b in zip(cells.tolist(), *_spans(top[order], cells)):
+        rows = order[a:b]
+        ids = np.concatenate([splits.ids[j] for j in splits.near[c]])
+        if not len(ids):  # no split near this coarse list: the index's own search
+            labels[rows] = index.search(x[rows], 1)[1][:, 0]
+            continue
+        vectors = np.concatenate([splits.vectors[j] for j in splits.near[c]])
+        dist = np.einsum("ij,ij->i", vectors, vectors)[None, :] - 2.0 * (x[rows] @ vectors.T)
+        labels[rows] = ids[np.argmin(dist, axis=1)]
+    return labels
+
+
 def _read(url: str) -> bytes:
     fs, p = url_to_fs(url)
     with fs.open(p, "rb") as fh:
@@ -209,11 +273,12 @@ def assign_task(
     store = EmbeddingStore.open(collection, modality)
     start, rows, keys = part_keys(collection, store, pos)
     index = open_assigner(_read(_plan_file(folder, "assign")))
+    splits = split_lists(index)
     labels = np.empty(rows, np.int64)
     arr = store.arrays[pos]
     for lo in range(0, rows, BATCH):
         x = np.ascontiguousarray(arr[lo : lo + BATCH], dtype=np.float32)
-        labels[lo : lo + len(x)] = index.search(x, 1)[1][:, 0]
+        labels[lo : lo + len(x)] = assign_rows(index, x, splits)
     order = np.argsort(labels, kind="stable")
     bounds = np.asarray(folder.result(PLAN)["bounds"], np.int64)
     folder.write(
@@ -273,12 +338,17 @@ def group_task(
     at = {int(c): (int(a), int(b)) for c, a, b in zip(needed, *_spans(lists, needed))}
     kth = np.full(lo[-1] - lo[0], np.nan, np.float32)
     short = 0
+    cap = candidate_cap(near.shape[1])
     for i in range(end - first):
         if lo[i] == lo[i + 1]:
             continue
         cand = np.concatenate([np.arange(*at[int(c)]) for c in near[i]])
         q_rows = np.arange(lo[i], lo[i + 1])
-        pos, sims = top_k(x[q_rows], ids[q_rows], x[cand], ids[cand], k)
+        xc = x[cand]
+        if len(cand) > cap:  # the candidates nearest the list's rows: bounded work per row
+            keep = np.sort(np.argpartition(-(xc @ x[q_rows].sum(axis=0)), cap - 1)[:cap])
+            cand, xc = cand[keep], xc[keep]
+        pos, sims = top_k(x[q_rows], ids[q_rows], xc, ids[cand], k)
         kth_pos = pos[np.arange(len(pos)), np.argmin(sims, axis=1)]
         found = (pos >= 0).all(axis=1)
         short += int((~found).sum())
@@ -363,6 +433,7 @@ def lists_job(
         "method": "lists",
         "neighbour_lists": m,
         "task_rows": task_rows,
+        "candidate_cap": candidate_cap(m),
         "index": file_signature(layout.index(modality)),
         **part_params(collection, np.diff(store.offsets)),
     }

@@ -133,6 +133,28 @@ def test_lists_split_from_coarse_ones_are_assigned_through_them_as_the_nearest_l
     rows = np.repeat(subs, 20, axis=0) + 0.1 * rng.normal(size=(1280, 8)).astype(np.float32)
     index = U.open_assigner(U.assigner(subs, coarse))
     assert isinstance(faiss.try_extract_index_ivf(index), faiss.IndexIVF)
-    got = index.search(rows, 1)[1][:, 0]
     exact = ((rows[:, None] - subs[None]) ** 2).sum(-1).argmin(axis=1)
-    assert (got == exact).mean() > 0.95
+    assert (index.search(rows, 1)[1][:, 0] == exact).mean() > 0.95
+    splits = U.split_lists(index)  # by matrix products per coarse list: the same lists
+    assert sorted(np.concatenate(splits.ids).tolist()) == list(range(64))
+    assert (splits.near[:, 0] == np.arange(16)).all()
+    assert (U.assign_rows(index, rows, splits) == exact).mean() > 0.95
+    flat = U.open_assigner(U.assigner(subs))
+    assert U.split_lists(flat) is None
+    np.testing.assert_array_equal(U.assign_rows(flat, rows, None), exact)
+
+
+def test_a_list_meets_at_most_the_cap_of_candidates_the_nearest_to_it(coll, monkeypatch):
+    """Uneven lists would make a row's work grow with the collection: capped, the k-th distance
+    is found among the candidates nearest the list, never nearer than the exact one."""
+    monkeypatch.setattr(U, "LIST_ROWS", 40)  # 1200 rows in ~30 lists; 2 neighbours: at most 80
+    seen = []
+    top_k = U.top_k
+    monkeypatch.setattr(
+        U, "top_k", lambda q, qi, x, xi, k: seen.append(len(x)) or top_k(q, qi, x, xi, k)
+    )
+    report = compute_uniqueness(coll, k=K, workers=0, neighbour_lists=2, task_rows=300)
+    assert report["lists"] > 20 and max(seen) == 80 and min(seen) < 80
+    kth = _table(coll)[S.KTH_DISTANCE].to_numpy()
+    exact = _exact_kth(coll, K)
+    assert (kth >= exact - 1e-6).all() and np.isclose(kth, exact, atol=1e-3).mean() > 0.5
