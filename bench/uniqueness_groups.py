@@ -9,12 +9,13 @@ random rows, how often the group's k-th neighbour is the collection's, the error
 distance, the rank correlation of the k-th distances (uniqueness is their rank); and the seconds
 one group's exhaustive self-search takes, per row.
 
-With --lists (key `lists_1m` or `lists_small`, `_no_index` appended for a collection without an
-index, whose lists are the default k-means ones): `curation.uniqueness` run whole by lists with
-each m of --lists neighbour lists (2 Dask workers), and the `index` method's search on the
-sampled rows alone (its whole-collection seconds projected from theirs): per method, the
-fraction of sampled rows whose k-th distance is the exact one within 1e-3, the Spearman
-correlation of their uniqueness with the exact k-th distance, and seconds.
+With --lists (key `lists_1m`, `lists_4m`, ... by millions of rows, or `lists_small`; `_no_index`
+appended for a collection without an index, whose lists are the default k-means ones):
+`curation.uniqueness` run whole by lists with each m of --lists neighbour lists (2 Dask workers),
+and the `index` method's search on the sampled rows alone (its whole-collection seconds
+projected from theirs): per method, the fraction of sampled rows whose k-th distance is the exact
+one within 1e-3, the Spearman correlation of their uniqueness with the exact k-th distance, and
+seconds.
 """
 
 from __future__ import annotations
@@ -244,7 +245,9 @@ def main(argv: list[str] | None = None) -> None:
     if a.lists:
 
         def save(doc: dict[str, Any]) -> None:
-            key = "lists_1m" if doc["rows"] >= MILLION else "lists_small"
+            # one key per size in millions, rounded down: the cap on candidates binds with size
+            size = doc["rows"] // MILLION
+            key = f"lists_{size}m" if size else "lists_small"
             # without an index the lists are the default k-means ones: a key of their own
             key += "_no_index" if "skipped" in doc.get("index", {}) else ""
             print(write_results("uniqueness_groups", {key: doc}, True), doc, flush=True)

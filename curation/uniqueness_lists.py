@@ -96,9 +96,9 @@ def candidate_cap(m: int) -> int:
     """The most candidates a list's rows meet with m neighbour lists: m lists of LIST_ROWS.
     k-means lists are uneven (at 4M generated rows the largest held 3,318 rows, the median 54,
     the sum of squared sizes 3.7x an even split's), so without a cap a row's work grows with
-    the collection; the kept candidates are the nearest to the list's rows, which leaves the
-    k-th distance within ~2% where all of them give it within ~1.3% (one 10k-row blob split
-    39 ways, /work notes in bench.uniqueness_groups)."""
+    the collection (1,189 candidates a row at 1M, 3,150 at 4M). The candidates kept are the
+    nearest to the list's rows; what that costs in agreement with the exact k-th distance:
+    `python -m bench.uniqueness_groups COLLECTION --lists 4` (keys `lists_1m`, `lists_4m`)."""
     return m * LIST_ROWS
 
 
@@ -342,13 +342,16 @@ def group_task(
     for i in range(end - first):
         if lo[i] == lo[i + 1]:
             continue
-        cand = np.concatenate([np.arange(*at[int(c)]) for c in near[i]])
+        spans = [at[int(c)] for c in near[i]]
+        cand = np.concatenate([np.arange(a, b) for a, b in spans])
         q_rows = np.arange(lo[i], lo[i + 1])
-        xc = x[cand]
         if len(cand) > cap:  # the candidates nearest the list's rows: bounded work per row
-            keep = np.sort(np.argpartition(-(xc @ x[q_rows].sum(axis=0)), cap - 1)[:cap])
-            cand, xc = cand[keep], xc[keep]
-        pos, sims = top_k(x[q_rows], ids[q_rows], xc, ids[cand], k)
+            centre = x[q_rows].sum(axis=0)
+            # scored list by list on slices: gathering every candidate of a crowded
+            # neighbourhood cost more than the search at 4M rows
+            central = np.concatenate([x[a:b] @ centre for a, b in spans])
+            cand = cand[np.sort(np.argpartition(-central, cap - 1)[:cap])]
+        pos, sims = top_k(x[q_rows], ids[q_rows], x[cand], ids[cand], k)
         kth_pos = pos[np.arange(len(pos)), np.argmin(sims, axis=1)]
         found = (pos >= 0).all(axis=1)
         short += int((~found).sum())
