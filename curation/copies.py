@@ -392,14 +392,17 @@ def _shifted(u: np.ndarray, v: np.ndarray) -> bool:
         return uniform_filter((d * d).sum(0), size=MOVE_WINDOW, mode="constant")
 
     d0 = window(v - fitted)
-    best = np.full_like(d0, np.inf)
+    large = d0 > MOVE_FLOOR
+    if not large.any():
+        return False
+    limit = MOVE_RATIO * d0
     for dy in range(-r, r + 1):
         for dx in range(-r, r + 1):
             if dy or dx:
-                np.minimum(
-                    best, window(v - up[:, r + dy : r + dy + h, r + dx : r + dx + w]), out=best
-                )
-    return bool(((d0 > MOVE_FLOOR) & (best < MOVE_RATIO * d0)).any())
+                shifted = window(v - up[:, r + dy : r + dy + h, r + dx : r + dx + w])
+                if (large & (shifted < limit)).any():
+                    return True
+    return False
 
 
 def is_copy(a: Any, b: Any) -> bool:
