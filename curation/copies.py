@@ -80,7 +80,7 @@ _NEAR = 0.2
 #: comparing after the colour fit lets the test see a one-pixel move of a low-contrast shape
 #: (a raw floor high enough for colour-shifted copies missed those) and spares colour-shifted
 #: copies. On the hard pairs of 20k generated samples it took precision from 0.961 to 0.985 at
-#: recall 0.979 (was 0.982; `python -m bench.copy_verdict_pairs`)
+#: recall 0.979 (was 0.982; bench/results/copy_verdict_pairs.json)
 MOVE_SHIFT = 3
 MOVE_WINDOW = 9
 MOVE_FLOOR = 200.0
