@@ -179,7 +179,7 @@ def _scene(ground: tuple[int, int, int], shift: int = 0, fill=(220, 30, 30)) -> 
 
 
 @pytest.mark.parametrize("ground", [(245, 245, 245), (120, 120, 120), (15, 15, 15)])
-def test_a_shape_moved_two_or_three_pixels_or_recoloured_is_no_copy_but_lettering_is(ground):
+def test_a_shape_moved_one_to_three_pixels_or_recoloured_is_no_copy_but_lettering_is(ground):
     # on a grey or dark ground a small move survived the smoothed second look unless the
     # content is seen to have moved (MOVE_*); a recoloured shape is a solid patch no overlay
     # explains
