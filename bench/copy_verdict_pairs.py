@@ -13,8 +13,9 @@ settings as `bench.insight.data`):
   false removals come from (one small shape moved, recoloured or added).
 
 The pair set is made once under --work (pictures decoded to arrays, pairs as parquet) and reused.
-Prints and writes (`--out`, JSON) recall per transform, false positives by kind (how the two
-scenes' descriptions differ) and precision over the pair set.
+Prints and writes (`--out`, JSON, with the command, cores and library versions) recall per
+transform, false positives by kind (how the two scenes' descriptions differ), precision over the
+pair set and the verdict's time per pair.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import io
 import json
 import logging
 import os
+import sys
 import tarfile
 import time
 from collections import Counter
@@ -33,6 +35,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from bench.common import environment, library_versions
 from curation.copies import is_copy
 from models.runtime import setup_logging
 from pipelines.generate import write_sample_dataset
@@ -144,6 +147,7 @@ def evaluate(pairs: dict[str, Any]) -> dict[str, Any]:
         "missed": [[int(a), int(b)] for a, b in pairs["positives"][~hit]],
         "false": [[int(a), int(b)] for a, b in pairs["negatives"][false]],
         "seconds": round(seconds, 1),
+        "ms_per_pair": round(1000 * seconds / max(len(hit) + len(false), 1), 2),
     }
 
 
@@ -166,6 +170,12 @@ def main(argv: list[str] | None = None) -> None:
     shown = {k: v for k, v in figures.items() if k not in ("missed", "false")}
     print(json.dumps(shown, indent=1))
     if a.out:
+        figures["run"] = {
+            "command": "python -m bench.copy_verdict_pairs " + " ".join(sys.argv[1:]),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "environment": environment(),
+            "versions": library_versions(),
+        }
         with open(a.out, "w") as fh:
             json.dump(figures, fh, indent=1)
 
