@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import time
 from typing import Any, NamedTuple
 
 import faiss
@@ -61,8 +62,12 @@ HNSW_MIN = 1024
 LIST_ROWS = 256
 #: sampled rows per list when lists are trained (FAISS's fewest points per centroid)
 TRAIN_ROWS = 39
-#: coarse lists whose splits a row is assigned among (lists split from coarse ones)
-ASSIGN_PROBES = 4
+#: coarse lists whose splits a row is assigned among (lists split from coarse ones); with C
+#: coarse lists of L a row costs C + ASSIGN_PROBES * L / C products, least at C = sqrt(PROBES L)
+ASSIGN_PROBES = 2
+#: k-means iterations of a coarse list's split (39 sampled rows a list settle in fewer than
+#: the 20 of SemanticParams; the splits cost O(L^1.5) in all)
+SPLIT_ITERATIONS = 10
 #: vectors assigned per search in an assign task
 BATCH = 65536
 LIST = "list"
@@ -123,7 +128,7 @@ def split_centroids(
     order = np.argsort(cells, kind="stable")  # ids stay ascending within a cell: file order
     starts, ends = _spans(cells[order], np.arange(len(coarse)))
     wanted = np.maximum(1, np.rint((ends - starts) * lists / size)).astype(np.int64)
-    params = SemanticParams(seed=seed)
+    params = SemanticParams(seed=seed, niter=SPLIT_ITERATIONS)
     out = []
     for c, (a, b, n) in enumerate(zip(starts.tolist(), ends.tolist(), wanted.tolist())):
         if min(n, b - a) <= 1:  # one list (or no sampled row): the coarse centroid stays
@@ -270,6 +275,7 @@ def assign_task(
     folder: TaskFolder, name: str, collection: str, modality: str, pos: int
 ) -> dict[str, Any]:
     """One part's rows with their list (list, id, key), sorted by list; returns rows per list."""
+    t0 = time.process_time()
     store = EmbeddingStore.open(collection, modality)
     start, rows, keys = part_keys(collection, store, pos)
     index = open_assigner(_read(_plan_file(folder, "assign")))
@@ -293,7 +299,11 @@ def assign_task(
         # one row group per group task's lists: a task reads only its own and its neighbours'
         row_groups=np.searchsorted(labels[order], bounds[:-1]).tolist(),
     )
-    return {"rows": rows, "sizes": np.bincount(labels, minlength=index.ntotal).tolist()}
+    return {
+        "rows": rows,
+        "sizes": np.bincount(labels, minlength=index.ntotal).tolist(),
+        "cpu_seconds": {"assign": round(time.process_time() - t0, 3)},
+    }
 
 
 def top_k(
@@ -328,12 +338,15 @@ def group_task(
 ) -> dict[str, Any]:
     """Lists first..end-1: each row's k-th distance among the rows of its list's neighbour lists
     (key, id, kth_distance); returns the rows and how many had fewer than k candidates."""
+    t0 = time.process_time()
     near = np.load(io.BytesIO(_read(_plan_file(folder, "near.npy"))))[first:end]
     needed = np.unique(near)
     table = pa.concat_tables([_rows_of_lists(folder.output(p), needed) for p in parts])
     table = table.take(pc.sort_indices(table, [(LIST, "ascending"), (S.ID, "ascending")]))
     lists, ids = table.column(LIST).to_numpy(), table.column(S.ID).to_numpy()
+    t1 = time.process_time()
     x = read_rows(EmbeddingStore.open(collection, modality), ids)
+    t2 = time.process_time()
     lo = np.searchsorted(lists, np.arange(first, end + 1))
     at = {int(c): (int(a), int(b)) for c, a, b in zip(needed, *_spans(lists, needed))}
     kth = np.full(lo[-1] - lo[0], np.nan, np.float32)
@@ -358,6 +371,7 @@ def group_task(
         # the k-th cosine recomputed row by row: the same value on any BLAS thread count
         exact = np.einsum("qd,qd->q", x[q_rows[found]], x[cand[kth_pos[found]]])
         kth[q_rows[found] - lo[0]] = np.maximum(1.0 - exact, 0.0)  # float16 copies exceed 1
+    t3 = time.process_time()
     mine = slice(int(lo[0]), int(lo[-1]))
     folder.write(
         name,
@@ -369,7 +383,12 @@ def group_task(
             }
         ),
     )
-    return {"rows": int(len(kth)), "fewer_than_k": short}
+    cpu = {"lists": t1 - t0, "rows": t2 - t1, "search": t3 - t2, "write": time.process_time() - t3}
+    return {
+        "rows": int(len(kth)),
+        "fewer_than_k": short,
+        "cpu_seconds": {k: round(v, 3) for k, v in cpu.items()},
+    }
 
 
 def _rows_of_lists(url: str, needed: np.ndarray) -> pa.Table:
@@ -407,7 +426,7 @@ def _centroids(
     if coarse is None:
         source = "kmeans"
         log.info("%s: no IVF index; k-means of the lists on a sample", collection)
-        coarse = sample_centroids(store, min(lists, max(1, math.isqrt(lists))))
+        coarse = sample_centroids(store, min(lists, max(1, math.isqrt(ASSIGN_PROBES * lists))))
     if len(coarse) >= lists:
         return coarse, source, None
     log.info("%s: %d %s lists split into about %d", collection, len(coarse), source, lists)
@@ -443,6 +462,7 @@ def lists_job(
     folder = task_folder(path, params)
     plan = folder.result(PLAN)
     if plan is None:
+        t0 = time.process_time()
         centroids, source, coarse = _centroids(collection, modality, store)
         groups = math.ceil(store.count / task_rows)
         ordered, near, bounds = plan_lists(centroids, m, groups)
@@ -451,27 +471,41 @@ def lists_job(
         write_bytes(_plan_file(folder, "near.npy"), buf.getvalue())
         write_bytes(_plan_file(folder, "assign"), assigner(ordered, coarse))
         plan = folder.finish(
-            PLAN, {"lists": len(ordered), "centroids": source, "bounds": bounds.tolist()}
+            PLAN,
+            {
+                "lists": len(ordered),
+                "centroids": source,
+                "bounds": bounds.tolist(),
+                "cpu_seconds": round(time.process_time() - t0, 1),
+            },
         )
     bounds = plan["bounds"]
     parts = [f"assign_{p:05d}" for p in store.parts]
     with Runner(scheduler, workers) as runner:
         runner_args = [(collection, modality, pos) for pos in range(len(parts))]
-        _, ran = runner.run(assign_task, folder, parts, runner_args)
+        assigned, ran = runner.run(assign_task, folder, parts, runner_args)
         names = [f"group_{g:05d}" for g in range(len(bounds) - 1)]
         args = [
             (collection, modality, k, bounds[g], bounds[g + 1], parts)
             for g in range(len(bounds) - 1)
         ]
         results, ran_groups = runner.run(group_task, folder, names, args)
+    # where the workers' time went (process CPU seconds of each task, summed): the plan's cost
+    # ratios at 1M and 10M rows come from these
+    cpu: dict[str, float] = {"plan": plan.get("cpu_seconds", 0.0)}
+    for r in [*assigned, *results]:
+        for key, value in r.get("cpu_seconds", {}).items():
+            cpu[key] = round(cpu.get(key, 0.0) + value, 1)
     done = finish_job(folder, names, store.count, path)
     log.info(
-        "%s: uniqueness by %d lists (%s centroids), %d neighbour lists, %d group tasks",
+        "%s: uniqueness by %d lists (%s centroids), %d neighbour lists, %d group tasks; "
+        "CPU seconds of the tasks by phase: %s",
         collection,
         plan["lists"],
         plan["centroids"],
         m,
         len(names),
+        cpu,
     )
     return {
         **done,
@@ -482,4 +516,5 @@ def lists_job(
         "fewer_than_k_candidates": sum(r["fewer_than_k"] for r in results),
         "tasks": len(parts) + len(names),
         "tasks_run": ran + ran_groups,
+        "task_cpu_seconds": cpu,
     }
