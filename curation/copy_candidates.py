@@ -47,22 +47,25 @@ log = logging.getLogger(__name__)
 #: neighbours carry those): `python -m bench.scale_copies`, key `copies.by_rows.*.planted`
 PHASH_MAX_DISTANCE = 7
 #: each row keeps, per band, its PHASH_PER_ROW nearest partners within the distance (Hamming,
-#: then id): generated pictures crowd a few band values (the largest shared by 900 of 20k rows),
-#: and every pair of a crowd within 7 bits was a candidate: 6.3 pairs per row at 20k, 1.5 with
-#: 4 per row, the planted pairs among all candidates 0.9933 -> 0.9924 (one overlay)
+#: then id). Generated pictures crowd a few band values (the largest shared by 1,078 of 20k
+#: rows, 5,051 of 100k; over 100 rows with one phash) and every pair of a crowd within 7 bits
+#: was a candidate: 6.3 phash pairs per row at 20k, 33.8 at 100k (quadratic); 1.5 and 2.4 with
+#: 4 per row. With 8 / 16 per row, 100k kept 0.0002 / 0.0009 more of the planted pairs
 #: (`python -m bench.copy_candidates`, key `by_rows.*.by_source.phash`)
 PHASH_PER_ROW = 4
 #: band values shared by more rows than this are left to the other bands (a pair within the
-#: distance agrees on at least one band): bounds a band's join at this many comparisons per
-#: row, which a crowd would otherwise make quadratic
+#: distance agrees on at least one band): a band's join makes at most this many comparisons
+#: per row, which a crowd would otherwise make quadratic (at 100k the largest value of 5 of
+#: the 8 bands went over)
 PHASH_MAX_SHARED = 4096
 #: image-embedding neighbours of each sample proposed as candidates. Crops and overlays are
-#: what sieve-tiny ranks lowest: among 20k generated samples the original was within a planted
-#: copy's 10 / 20 / 30 nearest for 81 / 85 / 88% of crops and 71 / 75 / 77% of overlays, and
-#: the candidates (with the phash bands) held 94 / 95 / 96% of the planted pairs; each
-#: neighbour more costs a pixel check per sample (`python -m bench.scale_copies`, key
-#: `copies.by_rows.*.planted.among_candidates`)
-COPY_NEIGHBOURS = 20
+#: what sieve-tiny ranks lowest, and more so as the collection grows: among 20k generated
+#: samples the original was within a planted crop's 20 nearest for 85%, among 100k for 71%.
+#: At 100k, with the phash and local bounds below, the planted pairs among all candidates were
+#: 0.9785 / 0.9794 / 0.9808 / 0.9834 with 20 / 25 / 30 / 40 neighbours (exact ranks); each
+#: neighbour more costs up to a pixel check per sample (`python -m bench.copy_candidates`,
+#: key `by_rows.*.planted`)
+COPY_NEIGHBOURS = 30
 #: and their cosine floor: the 1% quantile of the planted copies' cosine to their originals
 #: (0.587 at 20k generated samples, sieve-tiny; `python -m bench.scale_copies`, key
 #: `copies.by_rows.*.planted.cosine_quantiles`), rounded down
@@ -73,7 +76,8 @@ COPY_MIN_COSINE = 0.55
 #: planted crops and 99% of the overlays that one shared hash finds, and 25% of the pairs
 LOCAL_MAX_SHARED = 8
 #: and each picture keeps, per partition, the LOCAL_PER_ROW partners sharing the most hashes
-#: (then the lowest id): at 20k it kept every planted pair the local hashes found
+#: (then the lowest id): local pairs per row grew from 2.3 at 20k to 3.7 at 100k (more hashes
+#: shared by 2-8 pictures); 3.3 with 4, which at 100k lost one planted crop (0.9459 -> 0.9448)
 LOCAL_PER_ROW = 4
 #: partitions of the local-hash join (one task each, by the hash's low bits: a power of 2)
 LOCAL_PARTITIONS = 8
