@@ -5,13 +5,17 @@ Three sources propose pairs; none decides (the pixel check of `curation.copies` 
 - a banded perceptual-hash index: the 64-bit phash split into PHASH_MAX_DISTANCE + 1 bands, so
   that two hashes within PHASH_MAX_DISTANCE bits agree exactly on at least one band
   (pigeonhole); one task per band joins the rows on that band's value (DuckDB) and keeps the
-  pairs within the distance;
+  pairs within the distance, each row's PHASH_PER_ROW nearest;
 - the image index's COPY_NEIGHBOURS nearest neighbours at cosine >= COPY_MIN_COSINE: one task
   per embedding part searches the collection's index for that part's vectors;
 - shared local hashes (`curation.copy_sketch`: what survives a crop or an overlay): sketch tasks
   (`curation.pictures.sketch_rows`) read SKETCH_ROWS pictures each and write their hashes, then
   one task per hash partition joins them, leaving out hashes that more than LOCAL_MAX_SHARED
-  pictures share.
+  pictures share and keeping each picture's LOCAL_PER_ROW partners sharing the most.
+
+Each source proposes a bounded number of pairs per row, so the pixel checks grow as N, not N^2:
+pictures alike (a crowd of generated scenes, a flat ground) would otherwise pair with each
+other.
 
 Every task reads its inputs from the run's work folder (`rows.parquet`: id, alive, phash and
 where each picture sits) and writes a parquet file; `plan_pairs` then writes the distinct pairs,
@@ -42,13 +46,26 @@ log = logging.getLogger(__name__)
 #: (crops: 6%, overlays: 49%, whatever the distance that keeps bands selective; the embedding
 #: neighbours carry those): `python -m bench.scale_copies`, key `copies.by_rows.*.planted`
 PHASH_MAX_DISTANCE = 7
+#: each row keeps, per band, its PHASH_PER_ROW nearest partners within the distance (Hamming,
+#: then id). Generated pictures crowd a few band values (the largest shared by 1,078 of 20k
+#: rows, 5,051 of 100k; over 100 rows with one phash) and every pair of a crowd within 7 bits
+#: was a candidate: 6.3 phash pairs per row at 20k, 33.8 at 100k (quadratic); 1.5 and 2.4 with
+#: 4 per row. With 8 / 16 per row, 100k kept 0.0002 / 0.0009 more of the planted pairs
+#: (`python -m bench.copy_candidates`, key `by_rows.*.by_source.phash`)
+PHASH_PER_ROW = 4
+#: band values shared by more rows than this are left to the other bands (a pair within the
+#: distance agrees on at least one band): a band's join makes at most this many comparisons
+#: per row, which a crowd would otherwise make quadratic (at 100k the largest value of 5 of
+#: the 8 bands went over)
+PHASH_MAX_SHARED = 4096
 #: image-embedding neighbours of each sample proposed as candidates. Crops and overlays are
-#: what sieve-tiny ranks lowest: among 20k generated samples the original was within a planted
-#: copy's 10 / 20 / 30 nearest for 81 / 85 / 88% of crops and 71 / 75 / 77% of overlays, and
-#: the candidates (with the phash bands) held 94 / 95 / 96% of the planted pairs; each
-#: neighbour more costs a pixel check per sample (`python -m bench.scale_copies`, key
-#: `copies.by_rows.*.planted.among_candidates`)
-COPY_NEIGHBOURS = 20
+#: what sieve-tiny ranks lowest, and more so as the collection grows: among 20k generated
+#: samples the original was within a planted crop's 20 nearest for 85%, among 100k for 71%.
+#: At 100k, with the phash and local bounds below, the planted pairs among all candidates were
+#: 0.9785 / 0.9794 / 0.9808 / 0.9834 with 20 / 25 / 30 / 40 neighbours (exact ranks); each
+#: neighbour more costs up to a pixel check per sample (`python -m bench.copy_candidates`,
+#: key `by_rows.*.planted`)
+COPY_NEIGHBOURS = 30
 #: and their cosine floor: the 1% quantile of the planted copies' cosine to their originals
 #: (0.587 at 20k generated samples, sieve-tiny; `python -m bench.scale_copies`, key
 #: `copies.by_rows.*.planted.cosine_quantiles`), rounded down
@@ -58,10 +75,16 @@ COPY_MIN_COSINE = 0.55
 #: stay under its hashes x LOCAL_MAX_SHARED. At 20k generated samples a cap of 8 kept 98% of the
 #: planted crops and 99% of the overlays that one shared hash finds, and 25% of the pairs
 LOCAL_MAX_SHARED = 8
+#: and each picture keeps, per partition, the LOCAL_PER_ROW partners sharing the most hashes
+#: (then the lowest id): local pairs per row grew from 2.3 at 20k to 3.7 at 100k (more hashes
+#: shared by 2-8 pictures); 3.3 with 4, which at 100k lost one planted crop (0.9459 -> 0.9448)
+LOCAL_PER_ROW = 4
 #: partitions of the local-hash join (one task each, by the hash's low bits: a power of 2)
 LOCAL_PARTITIONS = 8
 #: rows per sketch task (each reads its rows' pictures)
 SKETCH_ROWS = 5000
+#: the candidate sources, as `curation.dedup_stages.candidate_stage` names their pair files
+SOURCE_PHASH, SOURCE_KNN, SOURCE_LOCAL = "phash", "knn", "local"
 #: candidate pairs per verdict task
 PAIRS_PER_TASK = 4000
 #: the columns of the rows table that say where a picture is (`collection.images.COLUMNS`)
@@ -112,26 +135,62 @@ def _read(path: str, columns: list[str] | None = None) -> pa.Table:
         return pq.read_table(fh, columns=columns)
 
 
-def band_pairs(rows_path: str, out: str, shift: int, width: int, max_distance: int) -> int:
+def band_pairs(
+    rows_path: str,
+    out: str,
+    shift: int,
+    width: int,
+    max_distance: int,
+    per_row: int | None = None,
+    max_shared: int | None = None,
+) -> int:
     """One band's task: pairs (i < j) of alive rows equal on the band and within max_distance
-    bits, written to `out`; returns how many."""
+    bits, written to `out`; returns how many. With `per_row`, a pair is kept only when one of
+    its rows has the other among its `per_row` nearest in the band (Hamming distance, then id);
+    with `max_shared`, band values more rows than that share are left to the other bands."""
     rows = _read(rows_path, ["id", "alive", "phash"])
     con = _connect()
     con.register("rows", rows)
     mask = (1 << width) - 1
+    shared = f"HAVING count(*) <= {int(max_shared)}" if max_shared else ""
     table = con.sql(
         f"""
         WITH t AS (
             SELECT id, phash, (phash >> {shift}) & {mask}::UBIGINT AS v
             FROM rows WHERE alive AND phash IS NOT NULL
-        )
-        SELECT a.id AS i, b.id AS j FROM t a JOIN t b ON a.v = b.v AND a.id < b.id
-        WHERE bit_count(xor(a.phash, b.phash)) <= {int(max_distance)}
+        ),
+        ok AS (SELECT v FROM t GROUP BY v {shared}),
+        u AS (SELECT t.* FROM t JOIN ok USING (v))
+        SELECT a.id AS i, b.id AS j, bit_count(xor(a.phash, b.phash)) AS d
+        FROM u a JOIN u b ON a.v = b.v AND a.id < b.id
+        WHERE d <= {int(max_distance)}
         """
-    ).to_arrow_table()
+    )
+    if per_row:
+        table = nearest_per_row(con, table, "d", int(per_row))
+    table = table.select("i, j").to_arrow_table()
     con.close()
     write_table(out, table)
     return table.num_rows
+
+
+def nearest_per_row(
+    con: duckdb.DuckDBPyConnection, pairs: duckdb.DuckDBPyRelation, key: str, per_row: int
+) -> duckdb.DuckDBPyRelation:
+    """The pairs (i < j) of `pairs` where one row has the other among its `per_row` first
+    partners by `key` (ascending, then the partner's id): at most per_row pairs per row, and a
+    row's nearest partners kept however many others are near."""
+    con.register("_pairs", pairs.select(f"i, j, {key} AS k").to_arrow_table())
+    return con.sql(
+        f"""
+        WITH q AS (SELECT i AS a, j AS b, k FROM _pairs UNION ALL SELECT j, i, k FROM _pairs),
+        kept AS (
+            SELECT a, b FROM q
+            QUALIFY row_number() OVER (PARTITION BY a ORDER BY k, b) <= {per_row}
+        )
+        SELECT DISTINCT least(a, b) AS i, greatest(a, b) AS j FROM kept
+        """
+    )
 
 
 def knn_pairs(
@@ -162,23 +221,35 @@ def knn_pairs(
     return len(i)
 
 
-def local_pairs(sketch_files: list[str], out: str, part: int, parts: int, max_shared: int) -> int:
+def local_pairs(
+    sketch_files: list[str],
+    out: str,
+    part: int,
+    parts: int,
+    max_shared: int,
+    per_row: int | None = None,
+) -> int:
     """One partition's task: pairs (i < j) of pictures sharing a local hash (of those whose low
     bits say `part` of `parts`) that at most max_shared pictures have, written to `out`; returns
-    how many."""
+    how many. With `per_row`, a pair is kept only when one of its pictures has the other among
+    its `per_row` partners sharing the most of these hashes (then the lowest id)."""
     tables = [_read(f, ["id", "h"]) for f in sketch_files]
     empty = pa.table({"id": pa.array([], pa.int64()), "h": pa.array([], pa.int64())})
     sketch = pa.concat_tables(tables) if tables else empty
     con = _connect()
     con.register("sketch", sketch)
-    table = con.sql(
+    pairs = con.sql(
         f"""
         WITH s AS (SELECT DISTINCT id, h FROM sketch WHERE (h & {parts - 1}) = {part}),
         ok AS (SELECT h FROM s GROUP BY h HAVING count(*) <= {int(max_shared)}),
         t AS (SELECT s.id, s.h FROM s JOIN ok USING (h))
-        SELECT DISTINCT a.id AS i, b.id AS j FROM t a JOIN t b ON a.h = b.h AND a.id < b.id
+        SELECT a.id AS i, b.id AS j, -count(*) AS d
+        FROM t a JOIN t b ON a.h = b.h AND a.id < b.id GROUP BY a.id, b.id
         """
-    ).to_arrow_table()
+    )
+    if per_row:
+        pairs = nearest_per_row(con, pairs, "d", int(per_row))
+    table = pairs.select("i, j").to_arrow_table()
     con.close()
     write_table(out, table)
     return table.num_rows

@@ -158,61 +158,10 @@ def copies_stage(
     Candidates, the plan and the verdicts are tasks writing parquet under `work`; a file already
     there from an interrupted run with the same inputs is kept, so a rerun does only the tasks
     that did not finish and gives the same output."""
-    if S.SOURCE_SHARD not in meta.column_names:
-        raise CollectionError(
-            f"{collection}: metadata has no {S.SOURCE_SHARD!r} column; the copies level re-reads "
-            "pictures from the source shards"
-        )
-    check_phashes(collection, meta)
-    matching_index(collection, store)  # no index, or a stale one: said before any task runs
-    done = _open_work(work, links.alive, meta.num_rows)
-    rows_path = posixpath.join(work, "rows.parquet")
-    if "rows.parquet" not in done:
-        write_table(rows_path, C.rows_table(meta, links.alive))
-    band_args = [
-        (
-            rows_path,
-            posixpath.join(work, f"phash-{b:02d}.parquet"),
-            shift,
-            width,
-            C.PHASH_MAX_DISTANCE,
-        )
-        for b, (shift, width) in enumerate(C.bands())
-    ]
-    knn_args = [
-        (
-            collection,
-            rows_path,
-            posixpath.join(work, f"knn-{p:05d}.parquet"),
-            p,
-            C.COPY_NEIGHBOURS,
-            C.COPY_MIN_COSINE,
-        )
-        for p, arr in enumerate(store.arrays)
-        if arr.shape[0]
-    ]
-    sketch_args = [
-        (rows_path, posixpath.join(work, f"sketch-{t:05d}.parquet"), lo, lo + C.SKETCH_ROWS)
-        for t, lo in enumerate(range(0, meta.num_rows, C.SKETCH_ROWS))
-    ]
-    sketch_files = [a[1] for a in sketch_args]
-    local_args = [
-        (sketch_files, posixpath.join(work, f"local-{b:02d}.parquet"), b, C.LOCAL_PARTITIONS)
-        + (C.LOCAL_MAX_SHARED,)
-        for b in range(C.LOCAL_PARTITIONS)
-    ]
-    _run_missing(run, C.band_pairs, band_args, done, 1)
-    _run_missing(run, C.knn_pairs, knn_args, done, 2)
-    try:
-        _run_missing(run, sketch_rows, sketch_args, done, 1)
-    except ShardOpenError as exc:
-        raise CollectionError(
-            f"{collection}: the copies level re-reads pictures from the source shards: {exc}"
-        ) from exc
-    _run_missing(run, C.local_pairs, local_args, done, 1)
+    done, files = candidate_stage(collection, meta, links.alive, store, run, work)
     if "plan.json" not in done:
-        files = [a[1] for a in band_args] + [a[2] for a in knn_args] + [a[1] for a in local_args]
-        run(C.plan_pairs, [(work, files, C.PAIRS_PER_TASK)])
+        every = [f for source in files.values() for f in source]
+        run(C.plan_pairs, [(work, every, C.PAIRS_PER_TASK)])
     plan = read_json(posixpath.join(work, "plan.json"))
     verdict_args = [(work, t) for t in range(plan["tasks"])]
     todo = [a for a in verdict_args if posixpath.basename(C.verdict_file(*a)) not in done]
@@ -240,6 +189,74 @@ def copies_stage(
     }
 
 
+def candidate_stage(
+    collection: str, meta: pa.Table, alive: np.ndarray, store: Any, run: Runner, work: str
+) -> tuple[set[str], dict[str, list[str]]]:
+    """The copies level's candidate tasks (phash bands, embedding neighbours, local hashes), each
+    writing its pairs under `work` unless an interrupted run with the same inputs left them:
+    (the files found there at the start, each source's pair files)."""
+    if S.SOURCE_SHARD not in meta.column_names:
+        raise CollectionError(
+            f"{collection}: metadata has no {S.SOURCE_SHARD!r} column; the copies level re-reads "
+            "pictures from the source shards"
+        )
+    check_phashes(collection, meta)
+    matching_index(collection, store)  # no index, or a stale one: said before any task runs
+    done = _open_work(work, alive, meta.num_rows)
+    rows_path = posixpath.join(work, "rows.parquet")
+    if "rows.parquet" not in done:
+        write_table(rows_path, C.rows_table(meta, alive))
+    band_args = [
+        (
+            rows_path,
+            posixpath.join(work, f"phash-{b:02d}.parquet"),
+            shift,
+            width,
+            C.PHASH_MAX_DISTANCE,
+            C.PHASH_PER_ROW,
+            C.PHASH_MAX_SHARED,
+        )
+        for b, (shift, width) in enumerate(C.bands())
+    ]
+    knn_args = [
+        (
+            collection,
+            rows_path,
+            posixpath.join(work, f"knn-{p:05d}.parquet"),
+            p,
+            C.COPY_NEIGHBOURS,
+            C.COPY_MIN_COSINE,
+        )
+        for p, arr in enumerate(store.arrays)
+        if arr.shape[0]
+    ]
+    sketch_args = [
+        (rows_path, posixpath.join(work, f"sketch-{t:05d}.parquet"), lo, lo + C.SKETCH_ROWS)
+        for t, lo in enumerate(range(0, meta.num_rows, C.SKETCH_ROWS))
+    ]
+    sketch_files = [a[1] for a in sketch_args]
+    local_args = [
+        (sketch_files, posixpath.join(work, f"local-{b:02d}.parquet"), b, C.LOCAL_PARTITIONS)
+        + (C.LOCAL_MAX_SHARED, C.LOCAL_PER_ROW)
+        for b in range(C.LOCAL_PARTITIONS)
+    ]
+    _run_missing(run, C.band_pairs, band_args, done, 1)
+    _run_missing(run, C.knn_pairs, knn_args, done, 2)
+    try:
+        _run_missing(run, sketch_rows, sketch_args, done, 1)
+    except ShardOpenError as exc:
+        raise CollectionError(
+            f"{collection}: the copies level re-reads pictures from the source shards: {exc}"
+        ) from exc
+    _run_missing(run, C.local_pairs, local_args, done, 1)
+    files = {
+        C.SOURCE_PHASH: [a[1] for a in band_args],
+        C.SOURCE_KNN: [a[2] for a in knn_args],
+        C.SOURCE_LOCAL: [a[1] for a in local_args],
+    }
+    return done, files
+
+
 def _open_work(work: str, alive: np.ndarray, n: int) -> set[str]:
     """Names of the files already in the work folder when it was made for these inputs (the
     alive rows, the collection size, the candidate and task parameters); otherwise the folder
@@ -248,12 +265,14 @@ def _open_work(work: str, alive: np.ndarray, n: int) -> set[str]:
         "samples": n,
         "alive_sha256": hashlib.sha256(np.asarray(alive, np.int64).tobytes()).hexdigest(),
         "phash_max_distance": C.PHASH_MAX_DISTANCE,
+        "phash_bound": [C.PHASH_PER_ROW, C.PHASH_MAX_SHARED],
         "neighbours": C.COPY_NEIGHBOURS,
         "min_cosine": C.COPY_MIN_COSINE,
         "pairs_per_task": C.PAIRS_PER_TASK,
         "local": [K.KEYPOINTS, K.PATCH_RADIUS, list(K.DOG_SIGMAS), K.MIN_RESPONSE, K.CELL_GRID],
         "local_cell_min_std": K.CELL_MIN_STD,
         "local_max_shared": C.LOCAL_MAX_SHARED,
+        "local_per_row": C.LOCAL_PER_ROW,
         "sketch_rows": C.SKETCH_ROWS,
     }
     fs, path = url_to_fs(work)
