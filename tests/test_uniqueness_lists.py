@@ -13,6 +13,7 @@ import pytest
 
 from bench.synthetic import write_vector_collection
 from collection import schema as S
+from collection.parts import CollectionError
 from curation import uniqueness_lists as U
 from curation.uniqueness import compute_uniqueness, uniqueness_scores
 from curation.vector_jobs import TaskFolder
@@ -73,14 +74,25 @@ def test_an_index_with_fewer_lists_than_the_rows_call_for_has_them_split(tmp_pat
     np.testing.assert_allclose(_table(root)[S.KTH_DISTANCE], _exact_kth(root, K), atol=1e-6)
 
 
-def test_a_group_task_reads_only_the_row_groups_holding_its_lists(tmp_path):
+def test_a_group_task_reads_only_the_row_groups_holding_its_lists(tmp_path, monkeypatch):
     folder = TaskFolder(str(tmp_path), {})
     lists = np.repeat(np.arange(6), 5)
     table = pa.table({U.LIST: lists, S.ID: np.arange(30), S.KEY: [f"k{i}" for i in range(30)]})
-    folder.write("part", table, row_groups=[0, 10, 20])  # lists 0-1, 2-3, 4-5
+    U.write_by_lists(folder, "part", table, np.array([0, 10, 20]))  # lists 0-1, 2-3, 4-5
     assert pq.ParquetFile(folder.output("part")).metadata.num_row_groups == 3
     got = U._rows_of_lists(folder.output("part"), np.array([1, 4]))
     assert got.column(S.ID).to_pylist() == [5, 6, 7, 8, 9, 20, 21, 22, 23, 24]
+    read = []
+    monkeypatch.setattr(
+        pq.ParquetFile,
+        "read_row_groups",
+        lambda self, groups, **kw: read.append(groups) or pq.read_table(folder.output("part")),
+    )
+    U._rows_of_lists(folder.output("part"), np.array([2, 3]))
+    assert read == [[1]]  # lists 2-3: the middle row group alone
+    folder.write("old", table)  # written without the row groups' lists: refused, not misread
+    with pytest.raises(CollectionError, match="old.parquet: no sieve_first_lists"):
+        U._rows_of_lists(folder.output("old"), np.array([1]))
 
 
 def test_fewer_neighbour_lists_only_find_farther_kth_neighbours(coll):
@@ -158,3 +170,16 @@ def test_a_list_meets_at_most_the_cap_of_candidates_the_nearest_to_it(coll, monk
     kth = _table(coll)[S.KTH_DISTANCE].to_numpy()
     exact = _exact_kth(coll, K)
     assert (kth >= exact - 1e-6).all() and np.isclose(kth, exact, atol=1e-3).mean() > 0.5
+
+
+def test_many_lists_find_their_nearest_lists_through_an_ivf(monkeypatch):
+    """All pairs of centroids grow with the square of the collection: past EXACT_NEAR_MAX the
+    nearest lists come from an IVF over the centroids, and agree with all pairs."""
+    rng = np.random.default_rng(3)
+    centres = rng.normal(size=(20, 16)).astype(np.float32)
+    centroids = np.repeat(centres, 30, axis=0) + 0.2 * rng.normal(size=(600, 16)).astype(np.float32)
+    exact = U.nearest_centroids(centroids, 4)[1]
+    monkeypatch.setattr(U, "EXACT_NEAR_MAX", 100)
+    got = U.nearest_centroids(centroids, 4)[1]
+    found = np.mean([len(set(a) & set(b)) / 4 for a, b in zip(got, exact)])
+    assert found > 0.95
