@@ -9,7 +9,7 @@ import tarfile
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageEnhance
 
 from curation.copies import copy_score, copy_verdict, is_copy, phash_bits, phash_distance, thumbnail
 from models.scenes import available_fonts, load_font, make_sample
@@ -202,3 +202,36 @@ def test_a_one_pixel_move_is_seen_after_the_colour_fit_both_ways(originals):
     # lettering's edges can look shifted one way only; a move must be seen both ways
     lettered = _lettered(a, (235, 235, 235, 200))
     assert is_copy(a, lettered) and is_copy(lettered, a)
+
+
+def _grounded(ground: tuple[int, int, int], ramp: bool, crosses: int = 1) -> Image.Image:
+    """Black crosses on a flat ground, or on the generator's gradient of it (a dark ground fades
+    toward a grey across the frame)."""
+    base = np.array(ground, np.float32)
+    t = np.linspace(0.55, 1.0, 64, dtype=np.float32)[None, :, None] if ramp else 1.0
+    arr = np.broadcast_to(base * t + (1 - t) * 0.35 * 255 * (base.mean() < 128), (64, 64, 3))
+    image = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(image)
+    for x, y in [(44, 16), (16, 44), (44, 44)][:crosses]:
+        draw.rectangle([x - 7, y - 2, x + 7, y + 2], fill=(15, 15, 15))
+        draw.rectangle([x - 2, y - 7, x + 2, y + 7], fill=(15, 15, 15))
+    return _decoded(jpeg(image))
+
+
+@pytest.mark.parametrize("ground", [(30, 160, 50), (30, 70, 220), (130, 40, 180)])
+def test_a_shaded_ground_against_a_flat_one_is_no_copy_but_a_colour_shift_of_it_is(ground):
+    # a colour change scales a ramp across the frame, it never makes or flattens one; the fading
+    # rule alone had explained the shading as an overlay of a dark grey
+    flat, shaded = _grounded(ground, ramp=False), _grounded(ground, ramp=True)
+    assert not is_copy(flat, shaded) and not is_copy(shaded, flat)
+    brighter = ImageEnhance.Contrast(ImageEnhance.Brightness(shaded).enhance(1.15)).enhance(0.85)
+    assert is_copy(shaded, brighter) and is_copy(flat, _decoded(jpeg(flat, 50)))
+
+
+@pytest.mark.parametrize("ground", [(130, 40, 180), (245, 245, 245)])
+def test_solid_achromatic_objects_added_are_no_overlay_but_lettering_is(ground):
+    # black is any colour faded to a dark grey, so two crosses more had passed as an overlay;
+    # an overlay is strokes, which erosion removes
+    one, three = _grounded(ground, ramp=False), _grounded(ground, ramp=False, crosses=3)
+    assert not is_copy(one, three) and not is_copy(three, one)
+    assert is_copy(one, _lettered(one, (20, 20, 20, 200)))
