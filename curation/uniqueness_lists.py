@@ -426,6 +426,34 @@ def group_task(
     }
 
 
+#: each assign output's parsed footer and row groups' first lists, by URL with its signature:
+#: a worker runs many group tasks and each reads every part's output, so parsing the footers
+#: again in each task grew with parts x tasks (at 10M rows a quarter of the reading's CPU)
+_FOOTERS: dict[str, tuple[tuple | None, Any, np.ndarray]] = {}
+
+
+def _footer(url: str, fh: Any) -> tuple[Any, np.ndarray]:
+    """(parquet metadata, each row group's first list) of the assign output `url`, open as
+    `fh`, parsed once per process while the file stays the same."""
+    signature = file_signature(url)
+    got = _FOOTERS.get(url)
+    if got is not None and got[0] == signature:
+        return got[1], got[2]
+    pf = pq.ParquetFile(fh)
+    meta = pf.schema_arrow.metadata or {}
+    if FIRST_LISTS.encode() not in meta:
+        raise CollectionError(f"{url}: no {FIRST_LISTS} metadata; rerun the stage")
+    first = np.frombuffer(bytes.fromhex(meta[FIRST_LISTS.encode()].decode()), np.int64)
+    if len(_FOOTERS) >= _FOOTERS_MAX:
+        _FOOTERS.clear()
+    _FOOTERS[url] = (signature, pf.metadata, first)
+    return pf.metadata, first
+
+
+#: footers kept per process (an assign output's footer is ~100 kB at 300 row groups)
+_FOOTERS_MAX = 4096
+
+
 def _rows_of_lists(url: str, needed: np.ndarray) -> pa.Table:
     """The (list, id, key) rows of an assign task's output whose list is in `needed` (sorted),
     reading only the row groups whose list range holds one: the whole output holds N rows. The
@@ -434,11 +462,8 @@ def _rows_of_lists(url: str, needed: np.ndarray) -> pa.Table:
     85 s of CPU there."""
     fs, path = url_to_fs(url)
     with fs.open(path, "rb") as fh:
-        pf = pq.ParquetFile(fh)
-        meta = pf.schema_arrow.metadata or {}
-        if FIRST_LISTS.encode() not in meta:
-            raise CollectionError(f"{url}: no {FIRST_LISTS} metadata; rerun the stage")
-        first = np.frombuffer(bytes.fromhex(meta[FIRST_LISTS.encode()].decode()), np.int64)
+        metadata, first = _footer(url, fh)
+        pf = pq.ParquetFile(fh, metadata=metadata)
         # row group r holds lists first[r] up to first[r + 1] (row groups end between lists)
         end = np.append(first[1:], np.iinfo(np.int64).max)
         at = np.minimum(np.searchsorted(needed, first), len(needed) - 1)
