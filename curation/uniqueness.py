@@ -80,7 +80,8 @@ def compute_uniqueness(
         done = lists_job(
             collection, k, modality, path, scheduler, workers, neighbour_lists, task_rows
         )
-    extra = {n: done[n] for n in ("lists", "centroids", "neighbour_lists") if n in done}
+    shown = ("lists", "centroids", "neighbour_lists", "candidates_per_row", "task_cpu_seconds")
+    extra = {n: done[n] for n in shown if n in done}
     report = {
         "path": path,
         "samples": done["samples"],

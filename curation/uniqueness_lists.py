@@ -385,7 +385,7 @@ def group_task(
     lo = np.searchsorted(lists, np.arange(first, end + 1))
     at = {int(c): (int(a), int(b)) for c, a, b in zip(needed, *_spans(lists, needed))}
     kth = np.full(lo[-1] - lo[0], np.nan, np.float32)
-    short = 0
+    short = pairs = 0
     cap = candidate_cap(near.shape[1])
     for i in range(end - first):
         if lo[i] == lo[i + 1]:
@@ -399,6 +399,7 @@ def group_task(
             # neighbourhood cost more than the search at 4M rows
             central = np.concatenate([x[a:b] @ centre for a, b in spans])
             cand = cand[np.sort(np.argpartition(-central, cap - 1)[:cap])]
+        pairs += len(q_rows) * len(cand)
         pos, sims = top_k(x[q_rows], ids[q_rows], x[cand], ids[cand], k)
         kth_pos = pos[np.arange(len(pos)), np.argmin(sims, axis=1)]
         found = (pos >= 0).all(axis=1)
@@ -422,6 +423,7 @@ def group_task(
     return {
         "rows": int(len(kth)),
         "fewer_than_k": short,
+        "pairs": pairs,
         "cpu_seconds": {k: round(v, 3) for k, v in cpu.items()},
     }
 
@@ -563,12 +565,13 @@ def lists_job(
     done = finish_job(folder, names, store.count, path)
     log.info(
         "%s: uniqueness by %d lists (%s centroids), %d neighbour lists, %d group tasks; "
-        "CPU seconds of the tasks by phase: %s",
+        "%.0f candidates a row; CPU seconds of the tasks by phase: %s",
         collection,
         plan["lists"],
         plan["centroids"],
         m,
         len(names),
+        sum(r.get("pairs", 0) for r in results) / max(store.count, 1),
         cpu,
     )
     return {
@@ -578,6 +581,10 @@ def lists_job(
         "centroids": plan["centroids"],
         "neighbour_lists": min(m, plan["lists"]),
         "fewer_than_k_candidates": sum(r["fewer_than_k"] for r in results),
+        # the search's work per row (at most candidate_cap): what its CPU grows with
+        "candidates_per_row": round(
+            sum(r.get("pairs", 0) for r in results) / max(store.count, 1), 1
+        ),
         "tasks": len(parts) + len(names),
         "tasks_run": ran + ran_groups,
         "task_cpu_seconds": cpu,
