@@ -90,6 +90,11 @@ def test_a_group_task_reads_only_the_row_groups_holding_its_lists(tmp_path, monk
     )
     U._rows_of_lists(folder.output("part"), np.array([2, 3]))
     assert read == [[1]]  # lists 2-3: the middle row group alone
+    monkeypatch.undo()
+    # its footer is kept per process, but a rewritten file is read anew, not from the old one
+    U.write_by_lists(folder, "part", table.slice(10), np.array([0, 10]))  # lists 2-3, 4-5
+    got = U._rows_of_lists(folder.output("part"), np.array([1, 2, 4]))
+    assert got.column(S.ID).to_pylist() == [10, 11, 12, 13, 14, 20, 21, 22, 23, 24]
     folder.write("old", table)  # written without the row groups' lists: refused, not misread
     with pytest.raises(CollectionError, match="old.parquet: no sieve_first_lists"):
         U._rows_of_lists(folder.output("old"), np.array([1]))
@@ -167,6 +172,7 @@ def test_a_list_meets_at_most_the_cap_of_candidates_the_nearest_to_it(coll, monk
     )
     report = compute_uniqueness(coll, k=K, workers=0, neighbour_lists=2, task_rows=300)
     assert report["lists"] > 20 and max(seen) == 80 and min(seen) < 80
+    assert 0 < report["candidates_per_row"] <= 80
     kth = _table(coll)[S.KTH_DISTANCE].to_numpy()
     exact = _exact_kth(coll, K)
     assert (kth >= exact - 1e-6).all() and np.isclose(kth, exact, atol=1e-3).mean() > 0.5
