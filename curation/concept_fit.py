@@ -10,11 +10,12 @@ they lack:
   labels adjust, scaled by how well the labels' own direction agrees with the prompt over the
   unlabelled sample (a prompt the labels contradict, e.g. one whose top is near misses, starts
   from nothing);
-- a calibrated threshold: the held-out positives' ranks among the unlabelled samples estimate
-  the base rate (the smallest share of the collection that can hold the positives) and the
-  precision of what passes each threshold; the threshold is the one with the best estimated F1,
-  widened to pass at least 90% of the held-out positives (a search's easiest ones), and its
-  precision is bounded by the held-out near misses it passes.
+- a calibrated threshold: the held-out positives' ranks among the unlabelled samples (pooled
+  over `CAL_REPEATS` splits of the labels) estimate the base rate (the smallest share of the
+  collection that can hold the positives) and the precision of what passes each threshold; the
+  threshold is the one with the best estimated F1, widened to the positives' 90% quantile (a
+  search's easiest ones), its precision bounded by the held-out near misses it passes; one
+  short of `TARGET_PRECISION` narrows to one that reaches it, or the grade says none does.
 
 The grade is the cross-validated AUROC on the labels, capped where a held-out check fails: a
 concept that ranks the labels below its own prompt, passes most of the collection, or passes
