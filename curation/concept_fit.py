@@ -10,11 +10,12 @@ they lack:
   labels adjust, scaled by how well the labels' own direction agrees with the prompt over the
   unlabelled sample (a prompt the labels contradict, e.g. one whose top is near misses, starts
   from nothing);
-- a calibrated threshold: the held-out positives' ranks among the unlabelled samples estimate
-  the base rate (the smallest share of the collection that can hold the positives) and the
-  precision of what passes each threshold; the threshold is the one with the best estimated F1,
-  widened to pass at least 90% of the held-out positives (a search's easiest ones), and its
-  precision is bounded by the held-out near misses it passes.
+- a calibrated threshold: the held-out positives' ranks among the unlabelled samples (pooled
+  over `CAL_REPEATS` splits of the labels) estimate the base rate (the smallest share of the
+  collection that can hold the positives) and the precision of what passes each threshold; the
+  threshold is the one with the best estimated F1, widened to the positives' 90% quantile (a
+  search's easiest ones), its precision bounded by the held-out near misses it passes; one
+  short of `TARGET_PRECISION` narrows to one that reaches it, or the grade says none does.
 
 The grade is the cross-validated AUROC on the labels, capped where a held-out check fails: a
 concept that ranks the labels below its own prompt, passes most of the collection, or passes
@@ -69,6 +70,12 @@ BASE_RATE_RECALL = 0.5
 SEARCH_TOP = 0.05
 #: share of the held-out positives the threshold keeps at least (`calibrate`)
 PASS_RECALL = 0.9
+#: the estimated precision a threshold aims at: a margin over the 0.8 people expect of what
+#: passes, as the estimate moves with the labels held out (`calibrate`)
+TARGET_PRECISION = 0.9
+#: repeated cross-validation splits whose held-out ranks the calibration pools: one split's
+#: threshold moved with which labels it held out
+CAL_REPEATS = 3
 #: positives below which a grade is at most CAPPED (the AUROC of so few is mostly chance)
 MIN_POSITIVES = 5
 
@@ -233,48 +240,100 @@ def _above(values: np.ndarray, cuts: np.ndarray) -> np.ndarray:
     return 1.0 - np.searchsorted(ordered, cuts, side="left") / max(len(ordered), 1)
 
 
-def calibrate(tails: np.ndarray, near_misses: np.ndarray | None = None) -> dict[str, float]:
+def _precision(
+    tails: np.ndarray, recall: np.ndarray, base: float, near: np.ndarray | None
+) -> np.ndarray:
+    """Per cut (each sorted positive tail) the estimated precision under a base rate, at most
+    the share of positives among the held-out labels it passes (`near`: near misses' tails)."""
+    precision = np.minimum(1.0, base * recall / tails)
+    if near is not None and len(near):
+        kept = recall * len(tails)
+        missed = np.searchsorted(np.sort(near), tails, side="right")
+        precision = np.minimum(precision, kept / (kept + missed))
+    return precision
+
+
+def calibrate(
+    tails: np.ndarray, near_misses: np.ndarray | None = None, target: float | None = None
+) -> dict[str, Any]:
     """Base rate, share to pass and its precision from the held-out positives' tail fractions
-    (the share of unlabelled samples scoring at least as high as each positive) and, where
-    given, the held-out negatives' (`near_misses`).
+    (the share of unlabelled samples scoring at least as high as each positive: one row per
+    split of the labels, each positive once per row, pooled) and, where given, the held-out
+    negatives' (`near_misses`, pooled likewise).
 
     A cut passing a share q of the collection keeps a share R(q) of the positives, so the
     collection holds at most q / R(q) positives: the smallest such bound over cuts keeping at
     least half the positives is the base rate, and the precision at q is base rate × R(q) / q.
-    The share to pass is the one with the best estimated F1, widened to keep at least
-    `PASS_RECALL` of the held-out positives: positives labelled from a search's first page are
-    its easiest ones, so a cut that would drop some of them drops far more of the positives
-    the search did not show. Its precision is then measured against the bound of the cuts at
-    least as wide, the narrowest ones being the most biased by those easiest positives, and
-    at most the share of positives among the held-out labels the cut passes: near misses that
-    pass are the false ones a page of what passes would show.
+    The share to pass is the one with the best estimated F1, widened to the positives'
+    `PASS_RECALL` quantile (interpolated between the two positives around it, so one outlying
+    positive does not set the cut; the median over splits): positives labelled from a search's
+    first page are its easiest ones, so a cut that would drop some of them drops far more of
+    the positives the search did not show. Its precision is then measured against the bound of
+    the cuts at least as wide, the narrowest ones being the most biased by those easiest
+    positives, and at most the share of positives among the held-out labels the cut passes:
+    near misses that pass are the false ones a page of what passes would show.
+
+    With a `target` precision, a cut whose estimate falls short narrows to the widest cut
+    (keeping `BASE_RATE_RECALL` of the positives) whose estimate, under the smallest bound,
+    reaches it; where none does, to the narrowest such cut, and "reached" says so.
     """
-    tails = np.sort(np.clip(tails, 1e-6, 1.0))
+    splits = np.clip(np.atleast_2d(tails), 1e-6, 1.0)
+    tails = np.sort(splits.ravel())
     recall = np.arange(1, len(tails) + 1) / len(tails)
     ok = recall >= BASE_RATE_RECALL
-    base = float(np.min(tails[ok] / recall[ok]))
-    precision = np.minimum(1.0, base * recall / tails)
-    f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-9)
+    bound = np.where(ok, tails / recall, np.inf)
+    first = float(np.min(bound))
+    f1_precision = _precision(tails, recall, first, None)
+    f1 = 2 * f1_precision * recall / np.maximum(f1_precision + recall, 1e-9)
     best = int(np.argmax(f1))
-    wide = int(np.argmax(recall >= PASS_RECALL - 1e-9))
-    if wide > best:
-        best = wide
-        base = max(base, float(np.min(tails[wide:] / recall[wide:])))
-        precision = np.minimum(1.0, base * recall / tails)
-    estimate = float(precision[best])
+    cut, kept, base = float(tails[best]), float(recall[best]), first
+    # each split's PASS_RECALL quantile of its positives' tails, interpolated between the
+    # positive below it and the one reaching it (one outlying positive does not set the cut),
+    # and the median over splits
+    wide = float(
+        np.median(
+            [np.quantile(row, PASS_RECALL, method="interpolated_inverted_cdf") for row in splits]
+        )
+    )
+    if wide > cut and recall[best] < PASS_RECALL:
+        cut, kept = wide, PASS_RECALL
+        at = min(int(np.searchsorted(tails, wide)), len(tails) - 1)
+        base = max(first, min(float(np.min(bound[at:])), cut / kept))
+    estimate = min(1.0, base * kept / cut)
     if near_misses is not None and len(near_misses):
-        kept = recall[best] * len(tails)
-        missed = float(np.count_nonzero(near_misses <= tails[best]))
-        estimate = min(estimate, float(kept / (kept + missed)))
+        missed = float(np.count_nonzero(near_misses <= cut))
+        estimate = min(estimate, kept * len(tails) / (kept * len(tails) + missed))
+    reached = target is None or estimate >= target
+    if not reached:
+        assert target is not None
+        precision = _precision(tails, recall, first, near_misses)
+        narrower = ok & (tails <= cut)
+        fits = np.nonzero(narrower & (precision >= target))[0]
+        # none reaches it: the narrowest cut that still keeps half the positives, so what
+        # passes is the least mixed the labels can show
+        k = int(fits[-1]) if len(fits) else int(np.argmax(ok))
+        reached = bool(len(fits))
+        cut, kept, base = float(tails[k]), float(recall[k]), first
+        estimate = float(precision[k])
     return {
         "base_rate": base,
-        "passed": float(tails[best]),
+        "passed": cut,
         "precision": estimate,
-        "recall": float(recall[best]),
+        "recall": kept,
+        "reached": reached,
     }
 
 
+def short_of_target(quality: dict[str, Any]) -> str:
+    """Why a threshold claims less than its target: no cut's estimated precision reached it."""
+    return (
+        f"no threshold's estimated precision reaches {quality['target_precision']:.0%} "
+        f"(at best {quality['estimated_precision']:.0%}): what passes is mixed"
+    )
+
+
 def grade_quality(quality: dict[str, Any]) -> tuple[str, list[str]]:
+    """The grade by cross-validated AUROC, at most `CAPPED` with a reason per failed check."""
     grade = next(g for limit, g in GRADES if quality["cv_auroc"] >= limit)
     reasons = []
     prompt = quality.get("prompt_auroc")
@@ -289,6 +348,8 @@ def grade_quality(quality: dict[str, Any]) -> tuple[str, list[str]]:
         reasons.append(
             f"estimated precision of what passes is {quality['estimated_precision']:.0%}"
         )
+    if quality.get("target_reached") is False:
+        reasons.append(short_of_target(quality))
     if quality["n_positive"] < MIN_POSITIVES:
         reasons.append(f"only {quality['n_positive']} positive labels: label more")
     order = [g for _, g in GRADES]
@@ -346,15 +407,23 @@ def grade_fit(
             "reasons": [reason],
             **counts,
         }
-    held = np.zeros(len(y))
-    tails = np.ones(len(y))
-    for train, test in split:
-        model, _ = fit_stack(lab.rows(train), y[train], unl, seed)
-        held[test] = linear_scores(model, lab.rows(test))
-        tails[test] = np.maximum(_above(linear_scores(model, unl), held[test]), 1.0 / len(unl))
-    tested = np.zeros(len(y), dtype=bool)
-    tested[np.concatenate([test for _, test in split])] = True  # a lone negative never is
-    cal = calibrate(tails[y == 1], tails[(y == 0) & tested])
+    again = [
+        folds(y, seed + 1 + r) or _positive_folds(y, seed + 1 + r) for r in range(1, CAL_REPEATS)
+    ]
+    pos_tails, neg_tails = [], []
+    for r, splits in enumerate([split, *again]):
+        scores, tails = np.zeros(len(y)), np.ones(len(y))
+        for train, test in splits:
+            model, _ = fit_stack(lab.rows(train), y[train], unl, seed)
+            scores[test] = linear_scores(model, lab.rows(test))
+            tails[test] = np.maximum(_above(linear_scores(model, unl), scores[test]), 1 / len(unl))
+        tested = np.zeros(len(y), dtype=bool)
+        tested[np.concatenate([test for _, test in splits])] = True  # a lone negative never is
+        if r == 0:  # the grade's AUROC: the first split's held-out scores
+            held = scores
+        pos_tails.append(tails[y == 1])
+        neg_tails.append(tails[(y == 0) & tested])
+    cal = calibrate(np.stack(pos_tails), np.concatenate(neg_tails), TARGET_PRECISION)
     ranked = np.sort(final)[::-1]
     k = max(1, min(len(ranked), int(round(cal["passed"] * len(ranked)))))
     threshold = float((ranked[k - 1] + ranked[k]) / 2) if k < len(ranked) else float(ranked[-1])
@@ -365,6 +434,8 @@ def grade_fit(
         "estimated_precision": round(cal["precision"], 4),
         "estimated_recall": round(cal["recall"], 4),
         "estimated_base_rate": round(cal["base_rate"], 4),
+        "target_precision": TARGET_PRECISION,
+        "target_reached": cal["reached"],
         "passed_fraction": round(float((final >= threshold).mean()), 4),
         "unlabelled_sample": len(unl),
         **counts,
@@ -379,5 +450,7 @@ def grade_fit(
             f"label a near miss or two"
         )
         q["reasons"] = [q["reason"]]
+        if not cal["reached"]:
+            q["reasons"].append(short_of_target(q))
     q["notes"] = _notes(lab, y, unl)
     return threshold, q

@@ -12,7 +12,13 @@ from bench.insight_concepts import search_labels
 from collection import schema as S
 from collection.embeddings import EmbeddingStore
 from collection.parts import read_metadata
-from curation.concept_fit import CENTROID, PASS_RECALL, block_probe, calibrate, grade_quality
+from curation.concept_fit import (
+    CENTROID,
+    PASS_RECALL,
+    block_probe,
+    calibrate,
+    grade_quality,
+)
 from curation.concept_probe import fit_concept, score_collection, suggest_rows
 
 
@@ -139,6 +145,47 @@ def test_near_misses_that_pass_lower_the_estimated_precision():
     assert mixed["precision"] < alone["precision"]
     # near misses that all rank below the cut leave the estimate as it was
     assert calibrate(tails, np.array([0.95, 0.99]))["precision"] == alone["precision"]
+
+
+def test_one_outlying_positive_does_not_set_the_cut():
+    """Nine positives, the last held out far below the rest (a watermark the probe missed):
+    keeping 90% of nine meant keeping all nine, so that one positive's rank set a cut passing
+    8% of the collection where the others all ranked in the top 1.3%."""
+    tails = np.array([2e-4, 2e-4, 7e-4, 4.2e-3, 4.2e-3, 5.6e-3, 0.0122, 0.0134, 0.0815])
+    cal = calibrate(tails)
+    # the positives' 90% quantile, a tenth of the way from the eighth to the ninth
+    assert cal["passed"] == pytest.approx(0.0134 + 0.1 * (0.0815 - 0.0134))
+    assert cal["recall"] == pytest.approx(PASS_RECALL)
+    # over repeated splits the median split's cut: one split's outlier does not move it
+    splits = np.stack([tails, tails * 1.1, np.r_[tails[:-1], 0.5]])
+    assert calibrate(splits)["passed"] == pytest.approx(1.1 * cal["passed"])
+
+
+def test_a_threshold_short_of_the_target_precision_narrows_to_one_that_reaches_it():
+    """Near misses passing the widest cut put its estimated precision at 2/3: the cut narrows
+    to the widest one estimated at the target, and says so."""
+    tails = np.array([0.01] * 5 + [0.02] * 5)
+    near = np.array([0.015] * 5 + [0.5] * 5)
+    assert calibrate(tails, near)["precision"] == pytest.approx(10 / 15)
+    cal = calibrate(tails, near, target=0.9)
+    assert cal["reached"] and cal["passed"] == 0.01 and cal["precision"] >= 0.9
+
+
+def test_a_threshold_no_cut_of_which_reaches_the_target_says_so_and_passes_little():
+    """Positives and near misses interleaved (gradient backgrounds): no cut is estimated at
+    90%, so the threshold keeps to the narrowest that holds half the positives, and the grade
+    gives the reason."""
+    tails = np.array([1e-3, 5e-3, 0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    near = np.array([2e-3, 0.02, 0.08, 0.15, 0.25, 0.35, 0.45, 0.55, 0.9])
+    cal = calibrate(tails, near, target=0.9)
+    assert not cal["reached"]
+    assert cal["passed"] == 0.1 and cal["recall"] == 0.5
+    assert cal["precision"] == pytest.approx(5 / 8)
+    grade, reasons = grade_quality(
+        _quality(target_reached=False, target_precision=0.9, estimated_precision=0.6)
+    )
+    assert grade == "fair" and "reaches 90% (at best 60%)" in reasons[0]
+    assert grade_quality(_quality(target_reached=True, target_precision=0.9)) == ("good", [])
 
 
 def test_the_centroid_probe_is_the_positives_mean_direction():
