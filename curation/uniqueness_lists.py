@@ -66,9 +66,13 @@ TRAIN_ROWS = 39
 #: coarse lists whose splits a row is assigned among (lists split from coarse ones); with C
 #: coarse lists of L a row costs C + ASSIGN_PROBES * L / C products, least at C = sqrt(PROBES L)
 ASSIGN_PROBES = 2
-#: k-means iterations of a coarse list's split (39 sampled rows a list settle in fewer than
-#: the 20 of SemanticParams; the splits cost O(L^1.5) in all)
-SPLIT_ITERATIONS = 10
+#: k-means iterations of a coarse list's split: 39 sampled rows a list settle in few (the splits
+#: cost O(L^1.5) in all: 30 of the plan's 68 CPU seconds at 10M rows with 10 iterations); the
+#: agreement with exact k-NN this keeps: `bench.uniqueness_groups` (key `lists_1m_no_index`)
+SPLIT_ITERATIONS = 5
+#: k-means iterations that group nearby lists into tasks (their order only: results do not
+#: depend on it; 300 groups of 38k lists at 10M rows)
+GROUP_ITERATIONS = 10
 #: vectors assigned per search in an assign task
 BATCH = 65536
 LIST = "list"
@@ -177,7 +181,7 @@ def plan_lists(
     labels = np.zeros(nlist, np.int64)
     if groups > 1:  # nearby lists in one task: their neighbour lists overlap
         km = faiss.Kmeans(
-            centroids.shape[1], groups, niter=20, seed=seed, min_points_per_centroid=1
+            centroids.shape[1], groups, niter=GROUP_ITERATIONS, seed=seed, min_points_per_centroid=1
         )
         km.train(centroids)
         labels = km.index.search(centroids, 1)[1][:, 0]
