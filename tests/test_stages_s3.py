@@ -40,7 +40,15 @@ from pipelines.embed import embed
 from pipelines.generate import write_sample_dataset
 
 #: report fields that differ between two runs of the same work (where and when, not what)
-_RUN_FIELDS = {"collection", "seconds", "finished", "path", "layout_seconds", "place_seconds"}
+_RUN_FIELDS = {
+    "collection",
+    "seconds",
+    "finished",
+    "path",
+    "layout_seconds",
+    "place_seconds",
+    "task_cpu_seconds",
+}
 
 
 @pytest.fixture(scope="module")
