@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from bench.common import RESULTS_DIR, write_results
 from bench.insight import data
-from bench.scale_copies import planted
+from bench.scale_copies import WORK, planted
 from collection import schema as S
 from collection.parts import read_metadata
 from curation import copy_candidates as C, copy_sketch as K
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n", type=int, nargs="+", default=[20_000, 100_000], help="sample counts")
     p.add_argument(
         "--work",
-        default="/work/bench_data/scale-copies",
+        default=WORK,
         help="generated data (one folder per --n, shared with bench.scale_copies) and task files",
     )
     p.add_argument("--copy-fraction", type=float, default=0.05, help="planted copies")

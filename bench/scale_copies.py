@@ -48,6 +48,8 @@ from models.runtime import setup_logging
 log = logging.getLogger("bench.scale_copies")
 
 RUN = "bench-scale-copies"
+#: generated data and collections, one folder per sample count (bench.copy_candidates too)
+WORK = "/work/bench_data/scale-copies"
 QUANTILES = (0.001, 0.005, 0.01, 0.05, 0.5)
 
 
@@ -204,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n", type=int, default=100_000, help="generated samples")
     p.add_argument(
         "--work",
-        default="/work/bench_data/scale-copies",
+        default=WORK,
         help="generated data and collections, reused between runs (one folder per --n)",
     )
     p.add_argument("--copy-fraction", type=float, default=0.05, help="planted copies")

@@ -436,6 +436,8 @@ def group_task(
 #: a worker runs many group tasks and each reads every part's output, so parsing the footers
 #: again in each task grew with parts x tasks (at 10M rows a quarter of the reading's CPU)
 _FOOTERS: dict[str, tuple[tuple | None, Any, np.ndarray]] = {}
+#: footers kept per process (an assign output's footer is ~100 kB at 300 row groups)
+_FOOTERS_MAX = 4096
 
 
 def _footer(url: str, fh: Any) -> tuple[Any, np.ndarray]:
@@ -454,10 +456,6 @@ def _footer(url: str, fh: Any) -> tuple[Any, np.ndarray]:
         _FOOTERS.clear()
     _FOOTERS[url] = (signature, pf.metadata, first)
     return pf.metadata, first
-
-
-#: footers kept per process (an assign output's footer is ~100 kB at 300 row groups)
-_FOOTERS_MAX = 4096
 
 
 def _rows_of_lists(url: str, needed: np.ndarray) -> pa.Table:
@@ -567,6 +565,7 @@ def lists_job(
         for key, value in r.get("cpu_seconds", {}).items():
             cpu[key] = round(cpu.get(key, 0.0) + value, 1)
     done = finish_job(folder, names, store.count, path)
+    per_row = sum(r.get("pairs", 0) for r in results) / max(store.count, 1)
     log.info(
         "%s: uniqueness by %d lists (%s centroids), %d neighbour lists, %d group tasks; "
         "%.0f candidates a row; CPU seconds of the tasks by phase: %s",
@@ -575,7 +574,7 @@ def lists_job(
         plan["centroids"],
         m,
         len(names),
-        sum(r.get("pairs", 0) for r in results) / max(store.count, 1),
+        per_row,
         cpu,
     )
     return {
@@ -586,9 +585,7 @@ def lists_job(
         "neighbour_lists": min(m, plan["lists"]),
         "fewer_than_k_candidates": sum(r["fewer_than_k"] for r in results),
         # the search's work per row (at most candidate_cap): what its CPU grows with
-        "candidates_per_row": round(
-            sum(r.get("pairs", 0) for r in results) / max(store.count, 1), 1
-        ),
+        "candidates_per_row": round(per_row, 1),
         "tasks": len(parts) + len(names),
         "tasks_run": ran + ran_groups,
         "task_cpu_seconds": cpu,
